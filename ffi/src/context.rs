@@ -1,0 +1,174 @@
+//! An inference context: the KV cache and decode state over one model.
+
+use std::ffi::c_void;
+use std::ptr::NonNull;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use llama_cpp_sys_2 as sys;
+
+use crate::{Batch, Error, Model, Pos, Result, SeqId};
+
+/// How to create a context.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ContextParams {
+    /// Total KV cache size in tokens, shared by all sequences.
+    pub n_ctx: u32,
+    /// Most tokens one `decode` call may submit.
+    pub n_batch: u32,
+    /// Most sequences alive at once.
+    pub n_seq_max: u32,
+    /// Threads for single-token decode steps.
+    pub n_threads: i32,
+    /// Threads for prompt (batch) processing.
+    pub n_threads_batch: i32,
+}
+
+impl Default for ContextParams {
+    fn default() -> Self {
+        Self { n_ctx: 4096, n_batch: 512, n_seq_max: 8, n_threads: 2, n_threads_batch: 2 }
+    }
+}
+
+/// An inference context. Owned by one thread at a time (`Send`, not `Sync`).
+#[derive(Debug)]
+pub struct Context {
+    ptr: NonNull<sys::llama_context>,
+    params: ContextParams,
+    // Boxed inside an Arc so the pointer given to llama.cpp's abort callback stays valid for
+    // the context's whole life, whoever else holds the flag.
+    abort: Arc<AtomicBool>,
+    model: Arc<Model>,
+}
+
+// SAFETY: a llama_context may be used from any thread as long as only one thread uses it at
+// a time; `Context` is not `Sync`, and every method that touches it takes `&mut self` or is a
+// read-only query.
+unsafe impl Send for Context {}
+
+unsafe extern "C" fn abort_requested(data: *mut c_void) -> bool {
+    // SAFETY: `data` is the address of the AtomicBool inside the context's Arc, which outlives
+    // the llama_context (dropped after llama_free).
+    let flag = unsafe { &*data.cast::<AtomicBool>() };
+    flag.load(Ordering::Relaxed)
+}
+
+impl Context {
+    /// Creates a context with a unified KV cache: any sequence may use all `n_ctx` cells.
+    pub fn new(model: Arc<Model>, params: ContextParams) -> Result<Self> {
+        // SAFETY: returns a plain struct of defaults.
+        let mut cp = unsafe { sys::llama_context_default_params() };
+        cp.n_ctx = params.n_ctx;
+        cp.n_batch = params.n_batch;
+        cp.n_ubatch = params.n_batch;
+        cp.n_seq_max = params.n_seq_max;
+        cp.n_threads = params.n_threads;
+        cp.n_threads_batch = params.n_threads_batch;
+        cp.kv_unified = true;
+        cp.no_perf = true;
+        let abort = Arc::new(AtomicBool::new(false));
+        cp.abort_callback = Some(abort_requested);
+        cp.abort_callback_data = Arc::as_ptr(&abort).cast_mut().cast::<c_void>();
+        // SAFETY: the model is valid and kept alive by the Arc stored in the returned Context;
+        // the abort data pointer stays valid for as long as the context (see `abort`).
+        let raw = unsafe { sys::llama_init_from_model(model.as_ptr(), cp) };
+        let ptr = NonNull::new(raw).ok_or(Error::ContextCreate { n_ctx: params.n_ctx, n_seq_max: params.n_seq_max })?;
+        Ok(Self { ptr, params, abort, model })
+    }
+
+    /// The model this context runs.
+    pub fn model(&self) -> &Arc<Model> {
+        &self.model
+    }
+
+    /// The parameters it was created with (threads reflect the latest `set_threads`).
+    pub fn params(&self) -> ContextParams {
+        self.params
+    }
+
+    pub(crate) fn as_ptr(&mut self) -> *mut sys::llama_context {
+        self.ptr.as_ptr()
+    }
+
+    /// The actual KV size in tokens (llama.cpp may round `n_ctx` up).
+    pub fn n_ctx(&self) -> u32 {
+        // SAFETY: plain query on a valid context.
+        unsafe { sys::llama_n_ctx(self.ptr.as_ptr()) }
+    }
+
+    /// Changes the thread counts for decode and batch processing.
+    pub fn set_threads(&mut self, n_threads: i32, n_threads_batch: i32) {
+        // SAFETY: valid context, exclusively borrowed.
+        unsafe { sys::llama_set_n_threads(self.as_ptr(), n_threads, n_threads_batch) };
+        self.params.n_threads = n_threads;
+        self.params.n_threads_batch = n_threads_batch;
+    }
+
+    /// A flag that, once set, makes the running and every later `decode` return
+    /// [`Error::Aborted`] until it is cleared. Safe to set from any thread.
+    pub fn abort_flag(&self) -> Arc<AtomicBool> {
+        Arc::clone(&self.abort)
+    }
+
+    /// Decodes a batch: appends its tokens to their sequences' KV and computes logits for the
+    /// entries that asked for them.
+    pub fn decode(&mut self, batch: &Batch) -> Result<()> {
+        if batch.is_empty() {
+            return Ok(());
+        }
+        // SAFETY: the context is valid and exclusively borrowed; the batch's arrays are valid
+        // for `batch.len()` entries for the duration of the call.
+        let rc = unsafe { sys::llama_decode(self.as_ptr(), batch.raw()) };
+        match rc {
+            0 => Ok(()),
+            1 => Err(Error::NoKvSlot),
+            2 => Err(Error::Aborted),
+            rc => Err(Error::Decode(rc)),
+        }
+    }
+
+    /// Removes a whole sequence from the KV cache, freeing its cells at once.
+    pub fn remove_sequence(&mut self, seq: SeqId) {
+        // SAFETY: valid context; removing a whole sequence (p0 = p1 = -1) never fails.
+        unsafe {
+            let mem = sys::llama_get_memory(self.as_ptr());
+            sys::llama_memory_seq_rm(mem, seq, -1, -1);
+        }
+    }
+
+    /// Removes the tokens of `seq` at positions `>= from`, keeping the prefix. Returns false
+    /// if the cache cannot drop part of a sequence (then nothing changed).
+    pub fn truncate_sequence(&mut self, seq: SeqId, from: Pos) -> bool {
+        // SAFETY: valid context, exclusively borrowed.
+        unsafe {
+            let mem = sys::llama_get_memory(self.as_ptr());
+            sys::llama_memory_seq_rm(mem, seq, from, -1)
+        }
+    }
+
+    /// The highest position stored for `seq`, or -1 when it holds nothing.
+    pub fn sequence_max_pos(&mut self, seq: SeqId) -> Pos {
+        // SAFETY: valid context, exclusively borrowed.
+        unsafe {
+            let mem = sys::llama_get_memory(self.as_ptr());
+            sys::llama_memory_seq_pos_max(mem, seq)
+        }
+    }
+
+    /// Empties the whole KV cache.
+    pub fn clear(&mut self) {
+        // SAFETY: valid context, exclusively borrowed.
+        unsafe {
+            let mem = sys::llama_get_memory(self.as_ptr());
+            sys::llama_memory_clear(mem, true);
+        }
+    }
+}
+
+impl Drop for Context {
+    fn drop(&mut self) {
+        // SAFETY: `ptr` came from llama_init_from_model and is freed exactly once; the model
+        // (Arc) and the abort flag (Arc) are dropped only after this, as fields drop after.
+        unsafe { sys::llama_free(self.ptr.as_ptr()) };
+    }
+}

@@ -1,0 +1,44 @@
+//! The one error type of hearth-ffi.
+
+use std::path::PathBuf;
+
+/// Errors from the llama.cpp layer. Each message says what failed and with which input.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A path or string handed to C contained an interior NUL byte.
+    #[error("{what} contains a NUL byte")]
+    InteriorNul { what: &'static str },
+    /// llama.cpp refused to load the model file.
+    #[error("llama.cpp could not load model {path}")]
+    ModelLoad { path: PathBuf },
+    /// llama.cpp could not create an inference context (usually: out of memory).
+    #[error("llama.cpp could not create a context (n_ctx={n_ctx}, n_seq_max={n_seq_max})")]
+    ContextCreate { n_ctx: u32, n_seq_max: u32 },
+    /// Tokenization failed or the text is too long to tokenize.
+    #[error("tokenization failed for a text of {len} bytes")]
+    Tokenize { len: usize },
+    /// The model has no chat template, or llama.cpp does not support it.
+    #[error("the model's chat template is missing or unsupported")]
+    ChatTemplate,
+    /// A batch was filled beyond the capacity it was created with.
+    #[error("batch is full (capacity {capacity} tokens)")]
+    BatchFull { capacity: usize },
+    /// More sequence ids were given for one token than the batch supports.
+    #[error("a token was given {given} sequence ids, the batch supports {max}")]
+    TooManySeqIds { given: usize, max: usize },
+    /// The KV cache has no room for the batch.
+    #[error("no KV cache slot for the batch (context full)")]
+    NoKvSlot,
+    /// Decoding was aborted through the context's abort flag.
+    #[error("decode aborted")]
+    Aborted,
+    /// llama_decode failed with the given status.
+    #[error("llama_decode failed with status {0}")]
+    Decode(i32),
+    /// A sampler index referred to a batch position that produced no logits.
+    #[error("batch position {0} has no logits")]
+    NoLogits(i32),
+}
+
+/// Result alias for hearth-ffi.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
