@@ -1,0 +1,202 @@
+//! Daemon configuration: defaults in code, then the vendor file, then the admin's overrides
+//! (or exactly one `--config` file on top of the defaults). Unknown keys are errors.
+
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+/// Vendor defaults shipped with the package.
+pub const VENDOR_CONFIG: &str = "/usr/share/hearth/hearthd.toml";
+/// Admin overrides.
+pub const ADMIN_CONFIG: &str = "/etc/hearth/hearthd.toml";
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file exists but cannot be read.
+    #[error("cannot read config {path}: {source}")]
+    Read { path: PathBuf, source: std::io::Error },
+    /// The file is not valid TOML or has unknown/mistyped keys.
+    #[error("invalid config {path}: {source}")]
+    Parse { path: PathBuf, source: toml::de::Error },
+    /// A value is out of its range.
+    #[error("invalid config: {0}")]
+    Invalid(String),
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    pub models: ModelsConfig,
+    pub engine: EngineConfig,
+    pub limits: LimitsConfig,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct ModelsConfig {
+    /// Directories holding model manifests (`*.toml`) and their files, searched in order.
+    pub dirs: Vec<PathBuf>,
+    /// The model used when a request names none; loaded at start.
+    pub default: String,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct EngineConfig {
+    /// Compute threads; 0 means one per available CPU.
+    pub threads: u32,
+    /// KV cache size in tokens, shared by all running requests.
+    pub context_length: u32,
+    /// Most tokens per decode step (prompt chunks + one token per running request).
+    pub batch_size: u32,
+    /// Most requests decoded together.
+    pub max_sequences: u32,
+    /// Layers offloaded to an accelerator (0: CPU only, -1: all).
+    pub gpu_layers: i32,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct LimitsConfig {
+    /// Most requests waiting for a free slot; beyond it callers get `Busy`.
+    pub queue_capacity: u32,
+    /// `max_tokens` of a request that gives none.
+    pub default_max_tokens: u32,
+}
+
+impl Default for ModelsConfig {
+    fn default() -> Self {
+        Self {
+            dirs: vec![PathBuf::from("/usr/share/hearth/models"), PathBuf::from("/var/lib/hearth/models")],
+            default: "smollm2-135m-instruct".to_owned(),
+        }
+    }
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        Self { threads: 0, context_length: 4096, batch_size: 512, max_sequences: 8, gpu_layers: 0 }
+    }
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        Self { queue_capacity: 32, default_max_tokens: 256 }
+    }
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self { models: ModelsConfig::default(), engine: EngineConfig::default(), limits: LimitsConfig::default() }
+    }
+}
+
+impl Config {
+    /// Loads the configuration: `explicit` alone on top of the defaults when given, else the
+    /// vendor then the admin file, each where it exists. Tables merge key by key.
+    pub fn load(explicit: Option<&Path>) -> Result<Self, ConfigError> {
+        let files: Vec<PathBuf> = match explicit {
+            Some(p) => vec![p.to_owned()],
+            None => [VENDOR_CONFIG, ADMIN_CONFIG].iter().map(PathBuf::from).filter(|p| p.exists()).collect(),
+        };
+        let mut merged = toml::Table::new();
+        for path in &files {
+            let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.clone(), source })?;
+            let table: toml::Table = toml::from_str(&text).map_err(|source| ConfigError::Parse { path: path.clone(), source })?;
+            merge(&mut merged, table);
+        }
+        let label = files.last().cloned().unwrap_or_else(|| PathBuf::from("<defaults>"));
+        let config: Config =
+            toml::Value::Table(merged).try_into().map_err(|source| ConfigError::Parse { path: label, source })?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        let e = &self.engine;
+        if e.context_length < 64 {
+            return Err(ConfigError::Invalid(format!("engine.context_length {} is below 64", e.context_length)));
+        }
+        if e.batch_size == 0 || e.max_sequences == 0 {
+            return Err(ConfigError::Invalid("engine.batch_size and engine.max_sequences must be at least 1".into()));
+        }
+        if e.batch_size < e.max_sequences {
+            return Err(ConfigError::Invalid(format!(
+                "engine.batch_size {} must be at least engine.max_sequences {} (every running request decodes one token per step)",
+                e.batch_size, e.max_sequences
+            )));
+        }
+        if e.max_sequences > 256 {
+            return Err(ConfigError::Invalid(format!("engine.max_sequences {} is above 256", e.max_sequences)));
+        }
+        if self.limits.default_max_tokens == 0 {
+            return Err(ConfigError::Invalid("limits.default_max_tokens must be at least 1".into()));
+        }
+        if self.models.dirs.is_empty() {
+            return Err(ConfigError::Invalid("models.dirs is empty".into()));
+        }
+        Ok(())
+    }
+
+    /// The thread count to use: the configured one, or one per available CPU.
+    pub fn threads(&self) -> i32 {
+        let n = if self.engine.threads == 0 {
+            std::thread::available_parallelism().map_or(1, |n| n.get() as u32)
+        } else {
+            self.engine.threads
+        };
+        i32::try_from(n).unwrap_or(i32::MAX)
+    }
+}
+
+fn merge(into: &mut toml::Table, from: toml::Table) {
+    for (key, value) in from {
+        match (into.get_mut(&key), value) {
+            (Some(toml::Value::Table(dst)), toml::Value::Table(src)) => merge(dst, src),
+            (_, value) => {
+                into.insert(key, value);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
+        let p = dir.join(name);
+        std::fs::write(&p, text).unwrap();
+        p
+    }
+
+    #[test]
+    fn defaults_apply_under_a_partial_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = write(dir.path(), "a.toml", "[engine]\nthreads = 3\n");
+        let c = Config::load(Some(&p)).unwrap();
+        assert_eq!(c.engine.threads, 3);
+        assert_eq!(c.engine.context_length, 4096);
+        assert_eq!(c.models, ModelsConfig::default());
+    }
+
+    #[test]
+    fn unknown_keys_and_bad_values_are_errors() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = write(dir.path(), "a.toml", "[engine]\nthread = 3\n");
+        let err = Config::load(Some(&p)).unwrap_err().to_string();
+        assert!(err.contains("unknown field"), "{err}");
+        let p = write(dir.path(), "b.toml", "[engine]\ncontext_length = 8\n");
+        assert!(matches!(Config::load(Some(&p)), Err(ConfigError::Invalid(_))));
+        let p = write(dir.path(), "c.toml", "[limits]\nqueue_capacity = \"many\"\n");
+        assert!(matches!(Config::load(Some(&p)), Err(ConfigError::Parse { .. })));
+    }
+
+    #[test]
+    fn tables_merge_key_by_key() {
+        let mut a: toml::Table = toml::from_str("[engine]\nthreads = 1\nbatch_size = 64\n").unwrap();
+        merge(&mut a, toml::from_str("[engine]\nthreads = 2\n").unwrap());
+        let c: Config = toml::Value::Table(a).try_into().unwrap();
+        assert_eq!((c.engine.threads, c.engine.batch_size), (2, 64));
+    }
+}

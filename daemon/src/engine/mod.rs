@@ -1,0 +1,264 @@
+//! The engine actor. One dedicated OS thread owns the llama model and context; everything
+//! else talks to it through a bounded channel of [`Command`]s and hears back through
+//! per-request event channels and a `watch` of [`EngineStatus`].
+//!
+//! This module must never let another thread touch llama state, and never block the tokio
+//! runtime: the only blocking call, `blocking_recv`, runs on the engine's own thread.
+
+mod sequence;
+mod worker;
+
+use std::collections::BTreeSet;
+use std::fmt;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::time::Duration;
+
+use hearth_dbus::FinishReason;
+use hearth_ffi::{Backend, ChatMessage, Context, ContextParams, Model, ModelParams, SamplerParams, Token};
+use tokio::sync::{mpsc, oneshot, watch};
+
+use crate::config::Config;
+use crate::error::Error;
+use crate::models::{self, Catalog};
+
+/// A validated generation request, as the D-Bus layer hands it to the engine.
+#[derive(Debug, Clone, PartialEq)]
+pub struct GenerateRequest {
+    pub messages: Vec<ChatMessage>,
+    /// None: the default model.
+    pub model: Option<String>,
+    pub max_tokens: u32,
+    pub sampling: SamplerParams,
+}
+
+/// Why a request was cancelled.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CancelReason {
+    /// Its caller called Cancel.
+    Caller,
+    /// hearthd is stopping.
+    Shutdown,
+    /// Nobody is listening for the result any more.
+    Disconnected,
+}
+
+impl fmt::Display for CancelReason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Caller => "cancelled by the caller",
+            Self::Shutdown => "cancelled: hearthd is shutting down",
+            Self::Disconnected => "cancelled: the caller went away",
+        })
+    }
+}
+
+impl CancelReason {
+    fn code(self) -> u8 {
+        match self {
+            Self::Caller => 1,
+            Self::Shutdown => 2,
+            Self::Disconnected => 3,
+        }
+    }
+
+    fn from_code(code: u8) -> Option<Self> {
+        match code {
+            1 => Some(Self::Caller),
+            2 => Some(Self::Shutdown),
+            3 => Some(Self::Disconnected),
+            _ => None,
+        }
+    }
+}
+
+/// Shared cancellation state of one request: set from any thread, polled by the engine at
+/// every token boundary. The first reason wins.
+#[derive(Debug, Clone, Default)]
+pub struct CancelToken(Arc<AtomicU8>);
+
+impl CancelToken {
+    pub fn cancel(&self, reason: CancelReason) {
+        let _ = self.0.compare_exchange(0, reason.code(), Ordering::AcqRel, Ordering::Acquire);
+    }
+
+    pub fn reason(&self) -> Option<CancelReason> {
+        CancelReason::from_code(self.0.load(Ordering::Acquire))
+    }
+}
+
+/// What the engine streams back for one request.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Event {
+    /// One generated token and the text it completes (may be empty mid-character).
+    Token { index: u32, id: Token, text: String },
+    /// The end; always the last event.
+    Finished(Outcome),
+}
+
+/// The result of a generation.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Outcome {
+    pub reason: FinishReason,
+    pub text: String,
+    pub token_ids: Vec<Token>,
+    pub prompt_tokens: u32,
+    pub model: String,
+    pub prefill: Duration,
+    pub decode: Duration,
+    /// Set when `reason` is Cancelled or Error.
+    pub error: Option<Error>,
+}
+
+/// The engine's verdict on a submitted request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Accepted {
+    pub id: u64,
+    pub prompt_tokens: u32,
+}
+
+/// An accepted request and its event stream.
+#[derive(Debug)]
+pub struct Submission {
+    pub accepted: Accepted,
+    pub events: mpsc::UnboundedReceiver<Event>,
+}
+
+/// Commands to the engine thread.
+#[derive(Debug)]
+enum Command {
+    /// Validate and queue a generation; the verdict goes to `reply`, the stream to `events`.
+    Submit {
+        request: GenerateRequest,
+        cancel: CancelToken,
+        events: mpsc::UnboundedSender<Event>,
+        reply: oneshot::Sender<Result<Accepted, Error>>,
+    },
+    /// Finish every request as Cancelled and stop the thread.
+    Shutdown,
+}
+
+/// Load and queue state, published after every engine step.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct EngineStatus {
+    /// Requests decoding now.
+    pub running: u32,
+    /// Requests accepted and waiting for a slot.
+    pub waiting: u32,
+    /// Names of the models in memory.
+    pub loaded_models: Vec<String>,
+}
+
+impl EngineStatus {
+    pub fn queue_depth(&self) -> u32 {
+        self.running + self.waiting
+    }
+}
+
+/// Static facts about the loaded model.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LoadedModelInfo {
+    pub name: String,
+    pub description: String,
+    pub n_params: u64,
+    pub size_bytes: u64,
+    pub trained_context: u32,
+    pub context_length: u32,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("default model {0:?} is not installed in any models directory")]
+    DefaultModelMissing(String),
+    #[error(transparent)]
+    Catalog(#[from] models::CatalogError),
+    #[error(transparent)]
+    Ffi(#[from] hearth_ffi::Error),
+    #[error("cannot start the engine thread: {0}")]
+    Thread(std::io::Error),
+}
+
+/// The handle the rest of the daemon holds: a command sender and a status receiver.
+#[derive(Debug, Clone)]
+pub struct EngineHandle {
+    tx: mpsc::Sender<Command>,
+    status: watch::Receiver<EngineStatus>,
+    model: Arc<LoadedModelInfo>,
+}
+
+/// Capacity of the command channel; submitters wait (briefly) when it is full.
+const COMMAND_QUEUE: usize = 64;
+
+impl EngineHandle {
+    /// Verifies and loads the default model, creates the context and starts the engine thread.
+    pub fn start(config: &Config, catalog: &Catalog) -> Result<(Self, std::thread::JoinHandle<()>), StartError> {
+        let name = &config.models.default;
+        let entry = catalog.get(name).ok_or_else(|| StartError::DefaultModelMissing(name.clone()))?;
+        let started = std::time::Instant::now();
+        models::verify(&entry.path, &entry.manifest.sha256)?;
+        tracing::info!(model = %name, path = %entry.path.display(), elapsed_ms = started.elapsed().as_millis() as u64, "model file verified");
+        let backend = Backend::init();
+        let model = Arc::new(Model::load(
+            backend,
+            &entry.path,
+            ModelParams { n_gpu_layers: config.engine.gpu_layers, use_mmap: true },
+        )?);
+        let threads = config.threads();
+        let params = ContextParams {
+            n_ctx: config.engine.context_length,
+            n_batch: config.engine.batch_size,
+            n_seq_max: config.engine.max_sequences,
+            n_threads: threads,
+            n_threads_batch: threads,
+        };
+        let ctx = Context::new(Arc::clone(&model), params)?;
+        let info = Arc::new(LoadedModelInfo {
+            name: name.clone(),
+            description: model.description(),
+            n_params: model.n_params(),
+            size_bytes: model.size_bytes(),
+            trained_context: model.n_ctx_train(),
+            context_length: ctx.n_ctx(),
+        });
+        tracing::info!(
+            model = %name, params = info.n_params, bytes = info.size_bytes, context = info.context_length,
+            threads, elapsed_ms = started.elapsed().as_millis() as u64, "model loaded"
+        );
+        let installed: BTreeSet<String> = catalog.iter().map(|e| e.manifest.name.clone()).collect();
+        let (tx, rx) = mpsc::channel(COMMAND_QUEUE);
+        let status = EngineStatus { loaded_models: vec![name.clone()], ..EngineStatus::default() };
+        let (status_tx, status_rx) = watch::channel(status);
+        let worker = worker::Worker::new(ctx, name.clone(), installed, rx, status_tx, config);
+        let join = std::thread::Builder::new()
+            .name("hearth-engine".into())
+            .spawn(move || worker.run())
+            .map_err(StartError::Thread)?;
+        Ok((Self { tx, status: status_rx, model: info }, join))
+    }
+
+    /// Submits a request. Returns once the engine has validated and queued it (or refused).
+    /// `cancel` is the request's switch, which the caller may already have handed out.
+    pub async fn submit(&self, request: GenerateRequest, cancel: CancelToken) -> Result<Submission, Error> {
+        let (events_tx, events) = mpsc::unbounded_channel();
+        let (reply, verdict) = oneshot::channel();
+        let cmd = Command::Submit { request, cancel: cancel.clone(), events: events_tx, reply };
+        self.tx.send(cmd).await.map_err(|_| Error::Cancelled(CancelReason::Shutdown))?;
+        let accepted = verdict.await.map_err(|_| Error::Cancelled(CancelReason::Shutdown))??;
+        Ok(Submission { accepted, events })
+    }
+
+    /// Asks the engine to cancel everything and stop. Returns at once; join the thread to wait.
+    pub async fn shutdown(&self) {
+        let _ = self.tx.send(Command::Shutdown).await;
+    }
+
+    /// A receiver of the engine's status.
+    pub fn status(&self) -> watch::Receiver<EngineStatus> {
+        self.status.clone()
+    }
+
+    /// Facts about the loaded model.
+    pub fn model(&self) -> &LoadedModelInfo {
+        &self.model
+    }
+}

@@ -1,0 +1,147 @@
+//! The state of one generation inside the engine thread.
+
+use std::time::{Duration, Instant};
+
+use hearth_dbus::FinishReason;
+use hearth_ffi::{Detokenizer, Model, Pos, Sampler, SeqId, Token};
+use tokio::sync::mpsc;
+
+use super::{CancelReason, CancelToken, Event, Outcome};
+use crate::error::Error;
+
+/// A request accepted by the engine and waiting for a sequence slot.
+#[derive(Debug)]
+pub(super) struct Waiting {
+    pub id: u64,
+    pub prompt: Vec<Token>,
+    pub max_tokens: u32,
+    pub sampler: Sampler,
+    pub cancel: CancelToken,
+    pub events: mpsc::UnboundedSender<Event>,
+}
+
+impl Waiting {
+    /// KV cells this request may need at most.
+    pub fn kv_need(&self) -> u32 {
+        self.prompt.len() as u32 + self.max_tokens
+    }
+}
+
+/// A request that owns a sequence id (and its KV cells) and is being prefilled or decoded.
+#[derive(Debug)]
+pub(super) struct Sequence {
+    pub id: u64,
+    pub seq: SeqId,
+    pub prompt: Vec<Token>,
+    /// Prompt tokens already in the KV cache.
+    pub prefilled: usize,
+    /// The token to feed next (the last sampled one), once prefill is done.
+    pub next_token: Option<Token>,
+    /// Position of `next_token`.
+    pub pos: Pos,
+    /// Index in the current batch whose logits belong to this sequence, if any.
+    pub logits_index: Option<i32>,
+    pub max_tokens: u32,
+    pub kv_reserved: u32,
+    pub sampler: Sampler,
+    pub detok: Detokenizer,
+    pub generated: Vec<Token>,
+    pub text: String,
+    pub cancel: CancelToken,
+    pub events: mpsc::UnboundedSender<Event>,
+    pub started: Instant,
+    pub first_token_at: Option<Instant>,
+    pub last_token_at: Option<Instant>,
+    /// Set once the sequence is done; it is retired after the step.
+    pub finished: Option<(FinishReason, Option<Error>)>,
+}
+
+impl Sequence {
+    pub fn start(w: Waiting, seq: SeqId) -> Self {
+        let kv_reserved = w.kv_need();
+        Self {
+            id: w.id,
+            seq,
+            pos: w.prompt.len() as Pos,
+            prompt: w.prompt,
+            prefilled: 0,
+            next_token: None,
+            logits_index: None,
+            max_tokens: w.max_tokens,
+            kv_reserved,
+            sampler: w.sampler,
+            detok: Detokenizer::new(),
+            generated: Vec::new(),
+            text: String::new(),
+            cancel: w.cancel,
+            events: w.events,
+            started: Instant::now(),
+            first_token_at: None,
+            last_token_at: None,
+            finished: None,
+        }
+    }
+
+    pub fn in_prefill(&self) -> bool {
+        self.prefilled < self.prompt.len()
+    }
+
+    /// Takes a sampled token: streams it, or ends the sequence.
+    pub fn accept(&mut self, model: &Model, token: Token) {
+        let now = Instant::now();
+        self.first_token_at.get_or_insert(now);
+        if model.is_eog(token) {
+            self.finished = Some((FinishReason::Stop, None));
+            return;
+        }
+        self.last_token_at = Some(now);
+        let text = self.detok.push(&model.token_to_piece(token, false));
+        self.text.push_str(&text);
+        let index = self.generated.len() as u32;
+        self.generated.push(token);
+        if self.events.send(Event::Token { index, id: token, text }).is_err() {
+            self.finish_cancelled(CancelReason::Disconnected);
+            return;
+        }
+        if self.generated.len() >= self.max_tokens as usize {
+            self.finished = Some((FinishReason::Length, None));
+        } else {
+            self.next_token = Some(token);
+        }
+    }
+
+    pub fn finish_cancelled(&mut self, reason: CancelReason) {
+        self.finished = Some((FinishReason::Cancelled, Some(Error::Cancelled(reason))));
+    }
+
+    /// The final event. An incomplete UTF-8 sequence left at the very end can never become a
+    /// character and is dropped, so the streamed pieces always add up to `text`.
+    pub fn outcome(&mut self, model_name: &str) -> Outcome {
+        let (reason, error) = self.finished.clone().unwrap_or((FinishReason::Error, Some(Error::Internal("sequence retired unfinished".into()))));
+        let first = self.first_token_at.unwrap_or_else(Instant::now);
+        Outcome {
+            reason,
+            text: std::mem::take(&mut self.text),
+            token_ids: std::mem::take(&mut self.generated),
+            prompt_tokens: self.prompt.len() as u32,
+            model: model_name.to_owned(),
+            prefill: first.saturating_duration_since(self.started),
+            decode: self.last_token_at.map_or(Duration::ZERO, |l| l.saturating_duration_since(first)),
+            error,
+        }
+    }
+}
+
+/// The outcome of a request that never got a sequence.
+pub(super) fn unstarted_outcome(w: &Waiting, model_name: &str, reason: FinishReason, error: Error) -> Outcome {
+    Outcome {
+        reason,
+        text: String::new(),
+        token_ids: Vec::new(),
+        prompt_tokens: w.prompt.len() as u32,
+        model: model_name.to_owned(),
+        prefill: Duration::ZERO,
+        decode: Duration::ZERO,
+        error: Some(error),
+    }
+}

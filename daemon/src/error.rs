@@ -1,0 +1,55 @@
+//! The daemon's error enum, and the one place that maps it to the stable D-Bus error names.
+
+use hearth_dbus::Error as BusError;
+
+use crate::engine::CancelReason;
+
+#[derive(Debug, Clone, thiserror::Error, PartialEq)]
+pub enum Error {
+    /// A request is malformed.
+    #[error("{0}")]
+    InvalidArgs(String),
+    /// The prompt does not fit the context.
+    #[error("the prompt has {prompt} tokens; the context holds {context} (and needs room for at least one generated token)")]
+    ContextLengthExceeded { prompt: usize, context: u32 },
+    /// No such model is installed.
+    #[error("no model named {0:?} is installed")]
+    ModelNotFound(String),
+    /// The model is installed but cannot serve.
+    #[error("model {name:?} is unavailable: {reason}")]
+    ModelUnavailable { name: String, reason: String },
+    /// Admission control refused the request.
+    #[error("hearthd is busy: {waiting} requests are waiting (limit {limit}); retry in about {retry_after_ms} ms")]
+    Busy { waiting: usize, limit: usize, retry_after_ms: u64 },
+    /// The request was cancelled.
+    #[error("{0}")]
+    Cancelled(CancelReason),
+    /// The caller may not do this.
+    #[error("{0}")]
+    NotAuthorized(String),
+    /// A failure inside hearthd.
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+impl From<Error> for BusError {
+    fn from(e: Error) -> Self {
+        let msg = e.to_string();
+        match e {
+            Error::InvalidArgs(_) => BusError::InvalidArgs(msg),
+            Error::ContextLengthExceeded { .. } => BusError::ContextLengthExceeded(msg),
+            Error::ModelNotFound(_) => BusError::ModelNotFound(msg),
+            Error::ModelUnavailable { .. } => BusError::ModelUnavailable(msg),
+            Error::Busy { .. } => BusError::Busy(msg),
+            Error::Cancelled(_) => BusError::Cancelled(msg),
+            Error::NotAuthorized(_) => BusError::NotAuthorized(msg),
+            Error::Internal(_) => BusError::Internal(msg),
+        }
+    }
+}
+
+impl From<hearth_ffi::Error> for Error {
+    fn from(e: hearth_ffi::Error) -> Self {
+        Error::Internal(e.to_string())
+    }
+}

@@ -1,0 +1,243 @@
+//! Parsing and validation of the `a{sv}` request dictionary of Generate and Complete.
+//! Every rejection is an `InvalidArgs` that names the key and what was wrong with it.
+
+use std::collections::HashMap;
+
+use hearth_dbus::request_key as key;
+use hearth_ffi::{ChatMessage, SamplerParams};
+use zbus::zvariant::{OwnedValue, Value};
+
+use crate::engine::GenerateRequest;
+use crate::error::Error;
+
+/// Most messages in one request.
+const MAX_MESSAGES: usize = 1024;
+/// Most bytes of all message contents together (the context bounds tokens later).
+const MAX_CONTENT_BYTES: usize = 1 << 20;
+
+/// Which method the request came from (Generate accepts a handle token, Complete does not).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Method {
+    Generate,
+    Complete,
+}
+
+/// A parsed request.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Parsed {
+    pub request: GenerateRequest,
+    pub handle_token: Option<String>,
+}
+
+fn invalid(msg: impl Into<String>) -> Error {
+    Error::InvalidArgs(msg.into())
+}
+
+/// Strips variant wrappers (`v` inside `v`) that some bindings add.
+fn unwrap_variant<'a>(v: &'a Value<'a>) -> &'a Value<'a> {
+    match v {
+        Value::Value(inner) => unwrap_variant(inner),
+        v => v,
+    }
+}
+
+fn as_str<'a>(k: &str, v: &'a Value<'a>) -> Result<&'a str, Error> {
+    match unwrap_variant(v) {
+        Value::Str(s) => Ok(s.as_str()),
+        other => Err(invalid(format!("{k} must be a string (s), got {}", other.value_signature()))),
+    }
+}
+
+fn as_u64(k: &str, v: &Value<'_>) -> Result<u64, Error> {
+    let n: i128 = match unwrap_variant(v) {
+        Value::U8(n) => (*n).into(),
+        Value::U16(n) => (*n).into(),
+        Value::U32(n) => (*n).into(),
+        Value::U64(n) => (*n).into(),
+        Value::I16(n) => (*n).into(),
+        Value::I32(n) => (*n).into(),
+        Value::I64(n) => (*n).into(),
+        other => return Err(invalid(format!("{k} must be an integer (u), got {}", other.value_signature()))),
+    };
+    u64::try_from(n).map_err(|_| invalid(format!("{k} must not be negative, got {n}")))
+}
+
+fn as_f64(k: &str, v: &Value<'_>) -> Result<f64, Error> {
+    let x = match unwrap_variant(v) {
+        Value::F64(x) => *x,
+        Value::U32(n) => (*n).into(),
+        Value::I32(n) => (*n).into(),
+        other => return Err(invalid(format!("{k} must be a number (d), got {}", other.value_signature()))),
+    };
+    if x.is_finite() { Ok(x) } else { Err(invalid(format!("{k} must be finite"))) }
+}
+
+fn parse_messages(v: &Value<'_>) -> Result<Vec<ChatMessage>, Error> {
+    let Value::Array(array) = unwrap_variant(v) else {
+        return Err(invalid(format!("messages must be an array of dictionaries (aa{{sv}}), got {}", v.value_signature())));
+    };
+    if array.is_empty() {
+        return Err(invalid("messages is empty: give at least one message"));
+    }
+    if array.len() > MAX_MESSAGES {
+        return Err(invalid(format!("messages has {} entries; at most {MAX_MESSAGES}", array.len())));
+    }
+    let mut total = 0usize;
+    let mut out = Vec::with_capacity(array.len());
+    for (i, item) in array.inner().iter().enumerate() {
+        let Value::Dict(dict) = unwrap_variant(item) else {
+            return Err(invalid(format!("messages[{i}] must be a dictionary (a{{sv}}), got {}", item.value_signature())));
+        };
+        let (mut role, mut content) = (None, None);
+        for (k, v) in dict.iter() {
+            let Value::Str(k) = k else {
+                return Err(invalid(format!("messages[{i}] keys must be strings")));
+            };
+            match k.as_str() {
+                key::ROLE => role = Some(as_str(&format!("messages[{i}].role"), v)?.to_owned()),
+                key::CONTENT => content = Some(as_str(&format!("messages[{i}].content"), v)?.to_owned()),
+                other => return Err(invalid(format!("messages[{i}] has unknown key {other:?}"))),
+            }
+        }
+        let role = role.ok_or_else(|| invalid(format!("messages[{i}] has no role")))?;
+        if !matches!(role.as_str(), "system" | "user" | "assistant") {
+            return Err(invalid(format!("messages[{i}].role {role:?} is not one of system, user, assistant")));
+        }
+        let content = content.ok_or_else(|| invalid(format!("messages[{i}] has no content")))?;
+        total += content.len();
+        if total > MAX_CONTENT_BYTES {
+            return Err(invalid(format!("message contents exceed {MAX_CONTENT_BYTES} bytes")));
+        }
+        out.push(ChatMessage { role, content });
+    }
+    Ok(out)
+}
+
+/// Parses a request dictionary. `default_max_tokens` applies when the key is absent.
+pub fn parse(dict: &HashMap<String, OwnedValue>, method: Method, default_max_tokens: u32) -> Result<Parsed, Error> {
+    let mut messages = None;
+    let mut model = None;
+    let mut max_tokens = u64::from(default_max_tokens);
+    let mut sampling = SamplerParams::default();
+    let mut handle_token = None;
+    for (k, v) in dict {
+        let v: &Value<'_> = v;
+        match k.as_str() {
+            key::MESSAGES => messages = Some(parse_messages(v)?),
+            key::MODEL => {
+                let name = as_str(k, v)?;
+                if name.is_empty() {
+                    return Err(invalid("model must not be empty"));
+                }
+                model = Some(name.to_owned());
+            }
+            key::MAX_TOKENS => max_tokens = as_u64(k, v)?,
+            key::TEMPERATURE => {
+                let t = as_f64(k, v)?;
+                if !(0.0..=2.0).contains(&t) {
+                    return Err(invalid(format!("temperature must be within 0..=2, got {t}")));
+                }
+                sampling.temperature = t as f32;
+            }
+            key::TOP_P => {
+                let p = as_f64(k, v)?;
+                if !(p > 0.0 && p <= 1.0) {
+                    return Err(invalid(format!("top_p must be within (0, 1], got {p}")));
+                }
+                sampling.top_p = p as f32;
+            }
+            key::TOP_K => {
+                let n = as_u64(k, v)?;
+                sampling.top_k = i32::try_from(n).map_err(|_| invalid(format!("top_k {n} is too large")))?;
+            }
+            key::SEED => {
+                let n = as_u64(k, v)?;
+                sampling.seed = u32::try_from(n).map_err(|_| invalid(format!("seed must fit in 32 bits, got {n}")))?;
+            }
+            key::HANDLE_TOKEN if method == Method::Generate => {
+                let t = as_str(k, v)?;
+                if !hearth_dbus::is_valid_handle_token(t) {
+                    return Err(invalid("handle_token must be 1-64 ASCII letters, digits or '_'"));
+                }
+                handle_token = Some(t.to_owned());
+            }
+            key::HANDLE_TOKEN => return Err(invalid("handle_token applies to Generate only")),
+            other => return Err(invalid(format!("unknown request key {other:?}"))),
+        }
+    }
+    let messages = messages.ok_or_else(|| invalid("messages is missing"))?;
+    if max_tokens == 0 {
+        return Err(invalid("max_tokens must be at least 1"));
+    }
+    let max_tokens = u32::try_from(max_tokens).map_err(|_| invalid(format!("max_tokens {max_tokens} is absurdly large")))?;
+    Ok(Parsed { request: GenerateRequest { messages, model, max_tokens, sampling }, handle_token })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ov(v: Value<'_>) -> OwnedValue {
+        v.try_to_owned().unwrap()
+    }
+
+    fn message(role: &str, content: &str) -> HashMap<String, OwnedValue> {
+        HashMap::from([("role".to_owned(), ov(Value::from(role))), ("content".to_owned(), ov(Value::from(content)))])
+    }
+
+    fn req(extra: Vec<(&str, Value<'_>)>) -> HashMap<String, OwnedValue> {
+        let mut d = HashMap::from([("messages".to_owned(), ov(Value::from(vec![message("user", "hi")])))]);
+        for (k, v) in extra {
+            d.insert(k.to_owned(), ov(v));
+        }
+        d
+    }
+
+    #[test]
+    fn accepts_a_full_request() {
+        let p = parse(
+            &req(vec![
+                ("model", Value::from("m")),
+                ("max_tokens", Value::from(7i32)),
+                ("temperature", Value::from(0.5f64)),
+                ("top_p", Value::from(0.9f64)),
+                ("top_k", Value::from(10u32)),
+                ("seed", Value::from(42u64)),
+                ("handle_token", Value::from("t1")),
+            ]),
+            Method::Generate,
+            256,
+        )
+        .unwrap();
+        assert_eq!(p.request.max_tokens, 7);
+        assert_eq!(p.request.model.as_deref(), Some("m"));
+        assert_eq!(p.request.sampling, SamplerParams { temperature: 0.5, top_k: 10, top_p: 0.9, seed: 42 });
+        assert_eq!(p.handle_token.as_deref(), Some("t1"));
+        assert_eq!(p.request.messages[0], ChatMessage { role: "user".into(), content: "hi".into() });
+    }
+
+    #[test]
+    fn rejects_bad_requests_with_a_reason() {
+        let cases: Vec<(HashMap<String, OwnedValue>, &str)> = vec![
+            (HashMap::new(), "messages is missing"),
+            (req(vec![("messages", Value::from(Vec::<HashMap<String, OwnedValue>>::new()))]), "messages is empty"),
+            (req(vec![("messages", Value::from("hi"))]), "messages must be an array"),
+            (req(vec![("max_tokens", Value::from(0u32))]), "at least 1"),
+            (req(vec![("max_tokens", Value::from(-3i32))]), "must not be negative"),
+            (req(vec![("max_tokens", Value::from(u64::MAX))]), "absurdly large"),
+            (req(vec![("max_tokens", Value::from("ten"))]), "must be an integer"),
+            (req(vec![("temperature", Value::from(9.0f64))]), "temperature"),
+            (req(vec![("top_p", Value::from(0.0f64))]), "top_p"),
+            (req(vec![("bogus", Value::from(1u32))]), "unknown request key"),
+            (req(vec![("handle_token", Value::from("a/b"))]), "handle_token"),
+            (req(vec![("messages", Value::from(vec![message("robot", "x")]))]), "is not one of"),
+        ];
+        for (d, expect) in cases {
+            match parse(&d, Method::Generate, 256) {
+                Err(Error::InvalidArgs(m)) => assert!(m.contains(expect), "{m:?} should contain {expect:?}"),
+                other => panic!("expected InvalidArgs containing {expect:?}, got {other:?}"),
+            }
+        }
+        assert!(parse(&req(vec![("handle_token", Value::from("t"))]), Method::Complete, 256).is_err());
+    }
+}

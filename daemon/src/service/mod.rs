@@ -1,0 +1,220 @@
+//! The D-Bus interface layer: thin `#[interface]` impls that parse, call the engine through
+//! its handle, and turn results into replies and signals. No inference state lives here.
+
+mod in_flight;
+mod request_object;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use hearth_dbus::{Error as BusError, FinishReason, result_key};
+use zbus::message::Header;
+use zbus::object_server::SignalEmitter;
+use zbus::zvariant::{OwnedObjectPath, OwnedValue, Value};
+use zbus::{Connection, interface};
+
+pub use in_flight::InFlight;
+use request_object::RequestObject;
+
+use crate::engine::{CancelToken, EngineHandle, EngineStatus, Event, Outcome};
+use crate::error::Error;
+use crate::models::Catalog;
+use crate::request::{Method, parse};
+
+/// `org.hearth.Hearth1` at `/org/hearth/Hearth1`.
+#[derive(Debug)]
+pub struct HearthService {
+    engine: EngineHandle,
+    catalog: Arc<Catalog>,
+    default_max_tokens: u32,
+    next_request: AtomicU64,
+    in_flight: InFlight,
+}
+
+impl HearthService {
+    pub fn new(engine: EngineHandle, catalog: Arc<Catalog>, default_max_tokens: u32, in_flight: InFlight) -> Self {
+        Self { engine, catalog, default_max_tokens, next_request: AtomicU64::new(1), in_flight }
+    }
+}
+
+fn owned(v: Value<'_>) -> OwnedValue {
+    // Only values holding file descriptors can fail to convert; ours never do.
+    v.try_to_owned().expect("value without file descriptors")
+}
+
+/// The result dictionary of Complete and Request.Finished.
+pub(crate) fn outcome_dict(o: &Outcome) -> HashMap<String, OwnedValue> {
+    let mut d = HashMap::from([
+        (result_key::FINISH_REASON.to_owned(), owned(Value::from(o.reason.as_str()))),
+        (result_key::TEXT.to_owned(), owned(Value::from(o.text.as_str()))),
+        (result_key::TOKENS.to_owned(), owned(Value::from(o.token_ids.len() as u32))),
+        (result_key::TOKEN_IDS.to_owned(), owned(Value::from(o.token_ids.clone()))),
+        (result_key::PROMPT_TOKENS.to_owned(), owned(Value::from(o.prompt_tokens))),
+        (result_key::MODEL.to_owned(), owned(Value::from(o.model.as_str()))),
+        (result_key::PREFILL_US.to_owned(), owned(Value::from(o.prefill.as_micros() as u64))),
+        (result_key::DECODE_US.to_owned(), owned(Value::from(o.decode.as_micros() as u64))),
+    ]);
+    if let Some(e) = &o.error {
+        let bus = BusError::from(e.clone());
+        d.insert(result_key::ERROR_NAME.to_owned(), owned(Value::from(bus.dbus_name())));
+        d.insert(result_key::ERROR_MESSAGE.to_owned(), owned(Value::from(bus.message())));
+    }
+    d
+}
+
+fn caller(header: &Header<'_>) -> Result<zbus::names::OwnedUniqueName, BusError> {
+    header
+        .sender()
+        .map(|s| s.to_owned().into())
+        .ok_or_else(|| BusError::InvalidArgs("the call has no sender".into()))
+}
+
+#[interface(name = "org.hearth.Hearth1")]
+impl HearthService {
+    /// Starts a generation; see org.hearth.Hearth1.xml.
+    #[zbus(out_args("handle"))]
+    async fn generate(
+        &self,
+        #[zbus(header)] header: Header<'_>,
+        #[zbus(connection)] conn: &Connection,
+        request: HashMap<String, OwnedValue>,
+    ) -> Result<OwnedObjectPath, BusError> {
+        let sender = caller(&header)?;
+        let parsed = parse(&request, Method::Generate, self.default_max_tokens)?;
+        let cancel = CancelToken::default();
+        let server = conn.object_server();
+        // Claim the request path first, so the caller's early subscription can never see
+        // someone else's object, and a duplicate handle token is refused.
+        let path = loop {
+            let token = match &parsed.handle_token {
+                Some(t) => t.clone(),
+                None => format!("r{}", self.next_request.fetch_add(1, Ordering::Relaxed)),
+            };
+            let path = hearth_dbus::request_path(sender.as_str(), &token)
+                .ok_or_else(|| BusError::Internal(format!("cannot build a request path for {sender}")))?;
+            let object = RequestObject::new(sender.clone(), cancel.clone());
+            if server.at(&path, object).await? {
+                break path;
+            }
+            if parsed.handle_token.is_some() {
+                return Err(BusError::InvalidArgs(format!("handle_token {token:?} is already in use")));
+            }
+        };
+        let guard = self.in_flight.enter();
+        match self.engine.submit(parsed.request, cancel).await {
+            Ok(submission) => {
+                tracing::info!(id = submission.accepted.id, caller = %sender, path = %path.as_str(), prompt_tokens = submission.accepted.prompt_tokens, "generate");
+                let conn = conn.clone();
+                let out_path = path.clone();
+                tokio::spawn(async move {
+                    request_object::forward(&conn, path, sender, submission.events).await;
+                    drop(guard);
+                });
+                Ok(out_path)
+            }
+            Err(e) => {
+                let _ = server.remove::<RequestObject, _>(&path).await;
+                tracing::info!(caller = %sender, error = %e, "generate refused");
+                Err(e.into())
+            }
+        }
+    }
+
+    /// Generates and returns the whole result; see org.hearth.Hearth1.xml.
+    #[zbus(out_args("result"))]
+    async fn complete(
+        &self,
+        #[zbus(header)] header: Header<'_>,
+        request: HashMap<String, OwnedValue>,
+    ) -> Result<HashMap<String, OwnedValue>, BusError> {
+        let sender = caller(&header)?;
+        let parsed = parse(&request, Method::Complete, self.default_max_tokens)?;
+        let _guard = self.in_flight.enter();
+        let mut submission = self.engine.submit(parsed.request, CancelToken::default()).await.inspect_err(|e| {
+            tracing::info!(caller = %sender, error = %e, "complete refused");
+        })?;
+        tracing::info!(id = submission.accepted.id, caller = %sender, "complete");
+        while let Some(event) = submission.events.recv().await {
+            if let Event::Finished(outcome) = event {
+                return match (outcome.reason, outcome.error.clone()) {
+                    (FinishReason::Cancelled | FinishReason::Error, Some(e)) => Err(e.into()),
+                    _ => Ok(outcome_dict(&outcome)),
+                };
+            }
+        }
+        Err(Error::Internal("the engine stopped without finishing the request".into()).into())
+    }
+
+    /// The installed models; see org.hearth.Hearth1.xml.
+    #[zbus(out_args("models"))]
+    async fn list_models(&self) -> Result<Vec<HashMap<String, OwnedValue>>, BusError> {
+        let loaded = self.engine.model();
+        Ok(self
+            .catalog
+            .iter()
+            .map(|entry| {
+                let name = &entry.manifest.name;
+                let is_loaded = name == &loaded.name;
+                let mut d = HashMap::from([
+                    ("name".to_owned(), owned(Value::from(name.as_str()))),
+                    ("file".to_owned(), owned(Value::from(entry.path.display().to_string()))),
+                    ("sha256".to_owned(), owned(Value::from(entry.manifest.sha256.as_str()))),
+                    ("loaded".to_owned(), owned(Value::from(is_loaded))),
+                    ("default".to_owned(), owned(Value::from(is_loaded))),
+                ]);
+                if is_loaded {
+                    d.insert("n_params".to_owned(), owned(Value::from(loaded.n_params)));
+                    d.insert("size_bytes".to_owned(), owned(Value::from(loaded.size_bytes)));
+                    d.insert("context_length".to_owned(), owned(Value::from(loaded.context_length)));
+                    d.insert("trained_context".to_owned(), owned(Value::from(loaded.trained_context)));
+                    d.insert("description".to_owned(), owned(Value::from(loaded.description.as_str())));
+                }
+                d
+            })
+            .collect())
+    }
+
+    #[zbus(property)]
+    async fn version(&self) -> String {
+        env!("CARGO_PKG_VERSION").to_owned()
+    }
+
+    #[zbus(property)]
+    async fn loaded_models(&self) -> Vec<String> {
+        self.engine.status().borrow().loaded_models.clone()
+    }
+
+    #[zbus(property)]
+    async fn queue_depth(&self) -> u32 {
+        self.engine.status().borrow().queue_depth()
+    }
+}
+
+/// Emits PropertiesChanged for QueueDepth and LoadedModels whenever the engine's status moves.
+pub async fn publish_status_changes(conn: Connection, mut status: tokio::sync::watch::Receiver<EngineStatus>) {
+    let iface = match conn.object_server().interface::<_, HearthService>(hearth_dbus::OBJECT_PATH).await {
+        Ok(i) => i,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot watch engine status");
+            return;
+        }
+    };
+    let mut last = status.borrow().clone();
+    while status.changed().await.is_ok() {
+        let now = status.borrow_and_update().clone();
+        let emitter: &SignalEmitter<'_> = iface.signal_emitter();
+        let service = iface.get().await;
+        if now.queue_depth() != last.queue_depth() {
+            if let Err(e) = service.queue_depth_changed(emitter).await {
+                tracing::warn!(error = %e, "cannot emit QueueDepth change");
+            }
+        }
+        if now.loaded_models != last.loaded_models {
+            if let Err(e) = service.loaded_models_changed(emitter).await {
+                tracing::warn!(error = %e, "cannot emit LoadedModels change");
+            }
+        }
+        last = now;
+    }
+}

@@ -1,0 +1,85 @@
+//! `org.hearth.Hearth1.Request`: one object per Generate call, at a path derived from the
+//! caller's unique name. Its signals go to that caller only (unicast), and only that caller
+//! may cancel it.
+
+use std::collections::HashMap;
+
+use hearth_dbus::Error as BusError;
+use zbus::message::Header;
+use zbus::names::{BusName, OwnedUniqueName};
+use zbus::object_server::SignalEmitter;
+use zbus::zvariant::{OwnedObjectPath, OwnedValue};
+use zbus::{Connection, interface};
+
+use super::outcome_dict;
+use crate::engine::{CancelReason, CancelToken, Event};
+
+#[derive(Debug)]
+pub struct RequestObject {
+    owner: OwnedUniqueName,
+    cancel: CancelToken,
+}
+
+impl RequestObject {
+    pub fn new(owner: OwnedUniqueName, cancel: CancelToken) -> Self {
+        Self { owner, cancel }
+    }
+}
+
+#[interface(name = "org.hearth.Hearth1.Request")]
+impl RequestObject {
+    /// Cancels the generation; only its creator may.
+    async fn cancel(&self, #[zbus(header)] header: Header<'_>) -> Result<(), BusError> {
+        match header.sender() {
+            Some(sender) if sender.as_str() == self.owner.as_str() => {
+                self.cancel.cancel(CancelReason::Caller);
+                Ok(())
+            }
+            other => {
+                tracing::warn!(owner = %self.owner, caller = ?other.map(|s| s.as_str()), "Cancel refused: not the request's owner");
+                Err(BusError::NotAuthorized("only the connection that started this request may cancel it".into()))
+            }
+        }
+    }
+
+    #[zbus(signal)]
+    async fn token(emitter: &SignalEmitter<'_>, index: u32, token_id: i32, text: &str) -> zbus::Result<()>;
+
+    #[zbus(signal)]
+    async fn finished(emitter: &SignalEmitter<'_>, result: &HashMap<String, OwnedValue>) -> zbus::Result<()>;
+}
+
+/// Streams a request's events as unicast signals to `owner`, then removes the object.
+pub async fn forward(
+    conn: &Connection,
+    path: OwnedObjectPath,
+    owner: OwnedUniqueName,
+    mut events: tokio::sync::mpsc::UnboundedReceiver<Event>,
+) {
+    let emitter = match SignalEmitter::new(conn, path.clone()) {
+        Ok(e) => e.set_destination(BusName::Unique(owner.clone().into_inner())),
+        Err(e) => {
+            tracing::error!(error = %e, path = %path.as_str(), "cannot create signal emitter");
+            return;
+        }
+    };
+    while let Some(event) = events.recv().await {
+        match event {
+            Event::Token { index, id, text } => {
+                if let Err(e) = RequestObject::token(&emitter, index, id, &text).await {
+                    tracing::warn!(error = %e, "cannot emit Token");
+                }
+            }
+            Event::Finished(outcome) => {
+                tracing::info!(path = %path.as_str(), reason = outcome.reason.as_str(), tokens = outcome.token_ids.len(), "finished");
+                if let Err(e) = RequestObject::finished(&emitter, &outcome_dict(&outcome)).await {
+                    tracing::warn!(error = %e, "cannot emit Finished");
+                }
+                break;
+            }
+        }
+    }
+    if let Err(e) = conn.object_server().remove::<RequestObject, _>(&path).await {
+        tracing::warn!(error = %e, path = %path.as_str(), "cannot remove request object");
+    }
+}

@@ -1,0 +1,46 @@
+//! The error enum of the D-Bus API. Each variant is a stable D-Bus error name
+//! `org.hearth.Hearth1.Error.<Variant>`; the String is a human-readable message.
+
+use zbus::DBusError;
+
+/// Errors returned by hearthd, as seen on the bus. Clients match on the name
+/// (the variant), never on the message text.
+#[derive(Debug, DBusError)]
+#[zbus(prefix = "org.hearth.Hearth1.Error")]
+pub enum Error {
+    /// A transport-level error of zbus itself (not a hearthd error name).
+    #[zbus(error)]
+    ZBus(zbus::Error),
+    /// A request key is missing, unknown, of the wrong type, or out of range.
+    InvalidArgs(String),
+    /// The prompt does not fit the model's context.
+    ContextLengthExceeded(String),
+    /// No model of that name is installed.
+    ModelNotFound(String),
+    /// The model exists but cannot be used now.
+    ModelUnavailable(String),
+    /// The queue is full; the message carries a retry hint.
+    Busy(String),
+    /// The request was cancelled by its caller or because the daemon is stopping.
+    Cancelled(String),
+    /// The caller may not do this.
+    NotAuthorized(String),
+    /// Serving the request would break a privacy scope.
+    PrivacyViolation(String),
+    /// The cloud route is not available.
+    CloudUnavailable(String),
+    /// A failure inside hearthd.
+    Internal(String),
+}
+
+impl Error {
+    /// The full D-Bus error name, e.g. `org.hearth.Hearth1.Error.Busy`.
+    pub fn dbus_name(&self) -> String {
+        zbus::DBusError::name(self).to_string()
+    }
+
+    /// The human-readable message.
+    pub fn message(&self) -> String {
+        zbus::DBusError::description(self).unwrap_or_default().to_owned()
+    }
+}

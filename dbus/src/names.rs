@@ -1,0 +1,122 @@
+//! Names, paths and dictionary keys of the API.
+
+use zbus::zvariant::{ObjectPath, OwnedObjectPath};
+
+/// The well-known bus name.
+pub const BUS_NAME: &str = "org.hearth.Hearth1";
+/// The main object.
+pub const OBJECT_PATH: &str = "/org/hearth/Hearth1";
+/// The main interface.
+pub const INTERFACE: &str = "org.hearth.Hearth1";
+/// The interface of request objects.
+pub const REQUEST_INTERFACE: &str = "org.hearth.Hearth1.Request";
+/// Parent of all request objects.
+pub const REQUEST_PATH_PREFIX: &str = "/org/hearth/Hearth1/request";
+/// Prefix of every error name.
+pub const ERROR_PREFIX: &str = "org.hearth.Hearth1.Error";
+
+/// Keys of the request dictionary.
+pub mod request_key {
+    pub const MESSAGES: &str = "messages";
+    pub const MODEL: &str = "model";
+    pub const MAX_TOKENS: &str = "max_tokens";
+    pub const TEMPERATURE: &str = "temperature";
+    pub const TOP_P: &str = "top_p";
+    pub const TOP_K: &str = "top_k";
+    pub const SEED: &str = "seed";
+    pub const HANDLE_TOKEN: &str = "handle_token";
+    /// Keys of one message dictionary.
+    pub const ROLE: &str = "role";
+    pub const CONTENT: &str = "content";
+}
+
+/// Keys of the result dictionary (Complete's reply and Request.Finished).
+pub mod result_key {
+    pub const FINISH_REASON: &str = "finish_reason";
+    pub const TEXT: &str = "text";
+    pub const TOKENS: &str = "tokens";
+    pub const TOKEN_IDS: &str = "token_ids";
+    pub const PROMPT_TOKENS: &str = "prompt_tokens";
+    pub const MODEL: &str = "model";
+    pub const PREFILL_US: &str = "prefill_us";
+    pub const DECODE_US: &str = "decode_us";
+    pub const ERROR_NAME: &str = "error_name";
+    pub const ERROR_MESSAGE: &str = "error_message";
+}
+
+/// Why a generation ended, as the `finish_reason` string.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FinishReason {
+    /// The model produced an end-of-generation token.
+    Stop,
+    /// `max_tokens` was reached, or the context is full.
+    Length,
+    /// Cancelled by the caller or by shutdown.
+    Cancelled,
+    /// Failed inside hearthd.
+    Error,
+}
+
+impl FinishReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Stop => "stop",
+            Self::Length => "length",
+            Self::Cancelled => "cancelled",
+            Self::Error => "error",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        Some(match s {
+            "stop" => Self::Stop,
+            "length" => Self::Length,
+            "cancelled" => Self::Cancelled,
+            "error" => Self::Error,
+            _ => return None,
+        })
+    }
+}
+
+/// Whether `token` may be used as a `handle_token`: 1–64 ASCII letters, digits or '_'.
+pub fn is_valid_handle_token(token: &str) -> bool {
+    (1..=64).contains(&token.len()) && token.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')
+}
+
+/// The path of the request object that a caller with unique name `sender` (":1.42") gets for
+/// `handle_token`, as in xdg-desktop-portal. Returns None for an invalid token or sender.
+pub fn request_path(sender: &str, handle_token: &str) -> Option<OwnedObjectPath> {
+    if !is_valid_handle_token(handle_token) {
+        return None;
+    }
+    let sender: String = sender
+        .trim_start_matches(':')
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() { c } else { '_' })
+        .collect();
+    if sender.is_empty() {
+        return None;
+    }
+    ObjectPath::try_from(format!("{REQUEST_PATH_PREFIX}/{sender}/{handle_token}")).ok().map(Into::into)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn request_paths_follow_the_portal_scheme() {
+        assert_eq!(request_path(":1.42", "abc_1").unwrap().as_str(), "/org/hearth/Hearth1/request/1_42/abc_1");
+        assert!(request_path(":1.42", "a-b").is_none());
+        assert!(request_path(":1.42", "").is_none());
+        assert!(request_path("", "x").is_none());
+        assert!(request_path(":1.2", &"x".repeat(65)).is_none());
+    }
+
+    #[test]
+    fn finish_reasons_round_trip() {
+        for r in [FinishReason::Stop, FinishReason::Length, FinishReason::Cancelled, FinishReason::Error] {
+            assert_eq!(FinishReason::parse(r.as_str()), Some(r));
+        }
+    }
+}

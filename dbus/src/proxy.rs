@@ -1,0 +1,38 @@
+//! zbus client proxies for hearthctl, the tests and any Rust app.
+
+use std::collections::HashMap;
+
+use zbus::proxy;
+use zbus::zvariant::{OwnedObjectPath, OwnedValue, Value};
+
+use crate::Error;
+
+/// Client side of `org.hearth.Hearth1`.
+#[proxy(interface = "org.hearth.Hearth1", default_service = "org.hearth.Hearth1", default_path = "/org/hearth/Hearth1")]
+pub trait Hearth1 {
+    /// Starts a generation; tokens arrive on the returned request object.
+    fn generate(&self, request: HashMap<&str, Value<'_>>) -> Result<OwnedObjectPath, Error>;
+    /// Generates and returns the whole result.
+    fn complete(&self, request: HashMap<&str, Value<'_>>) -> Result<HashMap<String, OwnedValue>, Error>;
+    /// The installed models.
+    fn list_models(&self) -> Result<Vec<HashMap<String, OwnedValue>>, Error>;
+    #[zbus(property)]
+    fn version(&self) -> zbus::Result<String>;
+    #[zbus(property)]
+    fn loaded_models(&self) -> zbus::Result<Vec<String>>;
+    #[zbus(property)]
+    fn queue_depth(&self) -> zbus::Result<u32>;
+}
+
+/// Client side of `org.hearth.Hearth1.Request`.
+#[proxy(interface = "org.hearth.Hearth1.Request", default_service = "org.hearth.Hearth1")]
+pub trait Request {
+    /// Cancels the generation.
+    fn cancel(&self) -> Result<(), Error>;
+    /// One generated token.
+    #[zbus(signal)]
+    fn token(&self, index: u32, token_id: i32, text: String) -> zbus::Result<()>;
+    /// The end of the generation.
+    #[zbus(signal)]
+    fn finished(&self, result: HashMap<String, OwnedValue>) -> zbus::Result<()>;
+}
