@@ -6,10 +6,12 @@
 
 #![forbid(unsafe_code)]
 
+mod client;
 mod error;
 mod names;
 mod proxy;
 
+pub use client::{Generation, StreamEvent, messages_value};
 pub use error::Error;
 pub use names::*;
 pub use proxy::{Hearth1Proxy, RequestProxy};

@@ -108,7 +108,9 @@ impl Worker {
         reply: oneshot::Sender<Result<Accepted, Error>>,
     ) {
         let verdict = self.prepare(&request).and_then(|prompt| {
-            if self.waiting.len() >= self.queue_capacity {
+            let need = prompt.len() as u32 + request.max_tokens.min(self.n_ctx - prompt.len() as u32);
+            let starts_now = self.waiting.is_empty() && !self.free_seqs.is_empty() && self.kv_reserved + need <= self.n_ctx;
+            if !starts_now && self.waiting.len() >= self.queue_capacity {
                 return Err(Error::Busy { waiting: self.waiting.len(), limit: self.queue_capacity, retry_after_ms: self.retry_hint_ms() });
             }
             Ok(prompt)

@@ -1,0 +1,265 @@
+//! hearthctl: talk to hearthd from a shell. `status`, `models`, `generate "…"`.
+//! Streams tokens as they arrive; `--json` prints machine-readable output instead.
+
+#![forbid(unsafe_code)]
+
+use std::collections::HashMap;
+use std::io::Write;
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+use clap::{Parser, Subcommand};
+use hearth_dbus::{Error, Generation, Hearth1Proxy, StreamEvent, messages_value, request_key, result_key};
+use serde_json::{Value as Json, json};
+use zbus::Connection;
+use zbus::zvariant::{OwnedValue, Value};
+
+#[derive(Debug, Parser)]
+#[command(name = "hearthctl", version, about = "Client of the Hearth on-device AI service")]
+struct Cli {
+    /// D-Bus address of the bus hearthd is on (default: the system bus).
+    #[arg(long, global = true, value_name = "ADDRESS")]
+    bus_address: Option<String>,
+    /// Machine-readable output (JSON; JSON Lines for generate).
+    #[arg(long, global = true)]
+    json: bool,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Version, loaded models and queue depth of the running daemon.
+    Status,
+    /// The installed models.
+    Models,
+    /// Ask the model; tokens are printed as they arrive.
+    Generate {
+        /// The user's message.
+        prompt: String,
+        /// A system message to put first.
+        #[arg(long)]
+        system: Option<String>,
+        /// Model name (default: the daemon's default model).
+        #[arg(long)]
+        model: Option<String>,
+        #[arg(long)]
+        max_tokens: Option<u32>,
+        /// 0 is greedy.
+        #[arg(long)]
+        temperature: Option<f64>,
+        #[arg(long)]
+        top_p: Option<f64>,
+        #[arg(long)]
+        top_k: Option<u32>,
+        #[arg(long)]
+        seed: Option<u32>,
+    },
+}
+
+#[derive(Debug)]
+enum CliError {
+    Bus(Error),
+    Io(std::io::Error),
+}
+
+impl From<Error> for CliError {
+    fn from(e: Error) -> Self {
+        Self::Bus(e)
+    }
+}
+
+impl From<zbus::Error> for CliError {
+    fn from(e: zbus::Error) -> Self {
+        Self::Bus(e.into())
+    }
+}
+
+impl From<std::io::Error> for CliError {
+    fn from(e: std::io::Error) -> Self {
+        Self::Io(e)
+    }
+}
+
+impl std::fmt::Display for CliError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Bus(Error::ZBus(e)) => write!(f, "D-Bus: {e}"),
+            Self::Bus(e) => write!(f, "{}: {}", e.dbus_name(), e.message()),
+            Self::Io(e) => write!(f, "{e}"),
+        }
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("hearthctl: cannot start runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(cli)) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("hearthctl: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn connect(address: Option<&str>) -> Result<Connection, CliError> {
+    Ok(match address {
+        Some(a) => zbus::connection::Builder::address(a)?.build().await?,
+        None => Connection::system().await?,
+    })
+}
+
+/// Converts a D-Bus value into JSON for `--json`.
+fn to_json(v: &Value<'_>) -> Json {
+    match v {
+        Value::U8(n) => json!(n),
+        Value::Bool(b) => json!(b),
+        Value::I16(n) => json!(n),
+        Value::U16(n) => json!(n),
+        Value::I32(n) => json!(n),
+        Value::U32(n) => json!(n),
+        Value::I64(n) => json!(n),
+        Value::U64(n) => json!(n),
+        Value::F64(n) => json!(n),
+        Value::Str(s) => json!(s.as_str()),
+        Value::ObjectPath(p) => json!(p.as_str()),
+        Value::Value(inner) => to_json(inner),
+        Value::Array(a) => Json::Array(a.inner().iter().map(to_json).collect()),
+        Value::Dict(d) => Json::Object(
+            d.iter()
+                .map(|(k, v)| {
+                    let key = match k {
+                        Value::Str(s) => s.as_str().to_owned(),
+                        other => to_json(other).to_string(),
+                    };
+                    (key, to_json(v))
+                })
+                .collect(),
+        ),
+        other => json!(other.to_string()),
+    }
+}
+
+fn dict_json(d: &HashMap<String, OwnedValue>) -> Json {
+    Json::Object(d.iter().map(|(k, v)| (k.clone(), to_json(v))).collect())
+}
+
+async fn run(cli: Cli) -> Result<ExitCode, CliError> {
+    let conn = connect(cli.bus_address.as_deref()).await?;
+    let proxy = Hearth1Proxy::new(&conn).await?;
+    match cli.command {
+        Command::Status => {
+            let (version, models, depth) = (proxy.version().await?, proxy.loaded_models().await?, proxy.queue_depth().await?);
+            if cli.json {
+                println!("{}", json!({ "version": version, "loaded_models": models, "queue_depth": depth }));
+            } else {
+                println!("version:       {version}\nloaded models: {}\nqueue depth:   {depth}", models.join(", "));
+            }
+        }
+        Command::Models => {
+            let models = proxy.list_models().await?;
+            if cli.json {
+                println!("{}", Json::Array(models.iter().map(dict_json).collect()));
+            } else {
+                for m in &models {
+                    let get = |k: &str| m.get(k).map(|v| to_json(v)).unwrap_or(Json::Null);
+                    let loaded = if get("loaded") == json!(true) { "loaded" } else { "installed" };
+                    println!("{}\t{loaded}\t{}", get("name").as_str().unwrap_or("?"), get("file").as_str().unwrap_or("?"));
+                }
+            }
+        }
+        Command::Generate { prompt, system, model, max_tokens, temperature, top_p, top_k, seed } => {
+            let mut messages: Vec<(&str, &str)> = Vec::new();
+            if let Some(s) = &system {
+                messages.push(("system", s));
+            }
+            messages.push(("user", &prompt));
+            let mut request: HashMap<&str, Value<'_>> = HashMap::from([(request_key::MESSAGES, messages_value(&messages))]);
+            if let Some(m) = &model {
+                request.insert(request_key::MODEL, Value::from(m.as_str()));
+            }
+            if let Some(n) = max_tokens {
+                request.insert(request_key::MAX_TOKENS, Value::from(n));
+            }
+            if let Some(t) = temperature {
+                request.insert(request_key::TEMPERATURE, Value::from(t));
+            }
+            if let Some(p) = top_p {
+                request.insert(request_key::TOP_P, Value::from(p));
+            }
+            if let Some(k) = top_k {
+                request.insert(request_key::TOP_K, Value::from(k));
+            }
+            if let Some(s) = seed {
+                request.insert(request_key::SEED, Value::from(s));
+            }
+            return generate(&conn, request, cli.json).await;
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn generate(conn: &Connection, request: HashMap<&str, Value<'_>>, json_out: bool) -> Result<ExitCode, CliError> {
+    let token = format!("hearthctl_{}", std::process::id());
+    let started = Instant::now();
+    let mut generation = Generation::start(conn, request, &token).await?;
+    let mut first_token: Option<Instant> = None;
+    let mut last_token = started;
+    let mut stdout = std::io::stdout();
+    let mut cancel_sent = false;
+    loop {
+        let event = tokio::select! {
+            e = generation.next() => e,
+            _ = tokio::signal::ctrl_c(), if !cancel_sent => {
+                cancel_sent = true;
+                generation.cancel().await?;
+                continue;
+            }
+        };
+        let Some(event) = event else { break };
+        match event? {
+            StreamEvent::Token { index, token_id, text } => {
+                let now = Instant::now();
+                first_token.get_or_insert(now);
+                last_token = now;
+                if json_out {
+                    writeln!(stdout, "{}", json!({ "index": index, "token_id": token_id, "text": text }))?;
+                } else {
+                    write!(stdout, "{text}")?;
+                }
+                stdout.flush()?;
+            }
+            StreamEvent::Finished(result) => {
+                let tokens = result.get(result_key::TOKENS).and_then(|v| u32::try_from(v).ok()).unwrap_or(0);
+                let reason = result.get(result_key::FINISH_REASON).and_then(|v| <&str>::try_from(v).ok()).unwrap_or("?").to_owned();
+                // Decode rate as the client sees it: tokens after the first, over the time they took.
+                let decode = first_token.map_or(Duration::ZERO, |f| last_token - f);
+                let tok_s = if tokens > 1 && !decode.is_zero() { f64::from(tokens - 1) / decode.as_secs_f64() } else { 0.0 };
+                if json_out {
+                    let mut j = dict_json(&result);
+                    j["client_tok_per_s"] = json!(tok_s);
+                    j["client_elapsed_ms"] = json!(started.elapsed().as_millis() as u64);
+                    writeln!(stdout, "{}", json!({ "finished": j }))?;
+                } else {
+                    writeln!(stdout)?;
+                    eprintln!("[{tokens} tokens, {tok_s:.1} tok/s, finish: {reason}]");
+                }
+                if let Some(name) = result.get(result_key::ERROR_NAME).and_then(|v| <&str>::try_from(v).ok()) {
+                    let msg = result.get(result_key::ERROR_MESSAGE).and_then(|v| <&str>::try_from(v).ok()).unwrap_or("");
+                    eprintln!("hearthctl: {name}: {msg}");
+                    return Ok(ExitCode::FAILURE);
+                }
+                return Ok(ExitCode::SUCCESS);
+            }
+        }
+    }
+    eprintln!("hearthctl: the request ended without a Finished signal");
+    Ok(ExitCode::FAILURE)
+}

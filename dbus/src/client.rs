@@ -1,0 +1,105 @@
+//! A streaming client for Generate: subscribes to the request object's signals *before*
+//! calling (portal-style handle token), then yields Token and Finished in bus order.
+
+use std::collections::HashMap;
+
+use futures_util::StreamExt;
+use zbus::fdo::DBusProxy;
+use zbus::message::Type as MessageType;
+use zbus::names::BusName;
+use zbus::zvariant::{OwnedObjectPath, OwnedValue, Value};
+use zbus::{Connection, MatchRule, MessageStream};
+
+use crate::{BUS_NAME, Error, Hearth1Proxy, REQUEST_INTERFACE, RequestProxy, request_key, request_path};
+
+/// One event of a running generation.
+#[derive(Debug, Clone, PartialEq)]
+pub enum StreamEvent {
+    Token { index: u32, token_id: i32, text: String },
+    Finished(HashMap<String, OwnedValue>),
+}
+
+/// A generation in progress.
+#[derive(Debug)]
+pub struct Generation {
+    conn: Connection,
+    path: OwnedObjectPath,
+    stream: MessageStream,
+    done: bool,
+}
+
+impl Generation {
+    /// Subscribes to the request object that `handle_token` names, then calls Generate with
+    /// `request` (the handle token is added to it). No token can be missed.
+    pub async fn start(conn: &Connection, mut request: HashMap<&str, Value<'_>>, handle_token: &str) -> Result<Self, Error> {
+        let unique = conn.unique_name().ok_or_else(|| Error::InvalidArgs("connection has no unique name".into()))?;
+        let path = request_path(unique.as_str(), handle_token)
+            .ok_or_else(|| Error::InvalidArgs(format!("invalid handle token {handle_token:?}")))?;
+        // Match on the service's unique name: signals carry the unique sender.
+        let owner = DBusProxy::new(conn).await?.get_name_owner(BusName::try_from(BUS_NAME).map_err(zbus::Error::from)?).await.map_err(zbus::Error::from)?;
+        let rule = MatchRule::builder()
+            .msg_type(MessageType::Signal)
+            .sender(owner.as_str())?
+            .path(path.as_str())?
+            .interface(REQUEST_INTERFACE)?
+            .build();
+        let stream = MessageStream::for_match_rule(rule, conn, None).await?;
+        request.insert(request_key::HANDLE_TOKEN, Value::from(handle_token));
+        let returned = Hearth1Proxy::new(conn).await?.generate(request).await?;
+        if returned != path {
+            return Err(Error::Internal(format!("hearthd returned {} instead of {}", returned.as_str(), path.as_str())));
+        }
+        Ok(Self { conn: conn.clone(), path, stream, done: false })
+    }
+
+    /// The request object.
+    pub fn path(&self) -> &OwnedObjectPath {
+        &self.path
+    }
+
+    /// The next event; None after Finished.
+    pub async fn next(&mut self) -> Option<Result<StreamEvent, Error>> {
+        if self.done {
+            return None;
+        }
+        while let Some(msg) = self.stream.next().await {
+            let msg = match msg {
+                Ok(m) => m,
+                Err(e) => return Some(Err(e.into())),
+            };
+            let header = msg.header();
+            let event = match header.member().map(|m| m.as_str()) {
+                Some("Token") => msg
+                    .body()
+                    .deserialize::<(u32, i32, String)>()
+                    .map(|(index, token_id, text)| StreamEvent::Token { index, token_id, text }),
+                Some("Finished") => msg.body().deserialize::<HashMap<String, OwnedValue>>().map(StreamEvent::Finished),
+                _ => continue,
+            };
+            if matches!(event, Ok(StreamEvent::Finished(_))) {
+                self.done = true;
+            }
+            return Some(event.map_err(|e| Error::ZBus(e.into())));
+        }
+        None
+    }
+
+    /// Asks hearthd to cancel; Finished (with finish_reason "cancelled") follows.
+    pub async fn cancel(&self) -> Result<(), Error> {
+        RequestProxy::builder(&self.conn).path(self.path.clone())?.build().await?.cancel().await
+    }
+}
+
+/// The `messages` value (aa{sv}) for `(role, content)` pairs.
+pub fn messages_value(messages: &[(&str, &str)]) -> Value<'static> {
+    let list: Vec<HashMap<String, Value<'static>>> = messages
+        .iter()
+        .map(|(role, content)| {
+            HashMap::from([
+                (request_key::ROLE.to_owned(), Value::from(role.to_string())),
+                (request_key::CONTENT.to_owned(), Value::from(content.to_string())),
+            ])
+        })
+        .collect();
+    Value::from(list)
+}
