@@ -23,7 +23,7 @@ pub enum ConfigError {
     Invalid(String),
 }
 
-#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
     pub models: ModelsConfig,
@@ -82,12 +82,6 @@ impl Default for EngineConfig {
 impl Default for LimitsConfig {
     fn default() -> Self {
         Self { queue_capacity: 32, default_max_tokens: 256 }
-    }
-}
-
-impl Default for Config {
-    fn default() -> Self {
-        Self { models: ModelsConfig::default(), engine: EngineConfig::default(), limits: LimitsConfig::default() }
     }
 }
 

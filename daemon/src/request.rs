@@ -178,7 +178,7 @@ mod tests {
     use super::*;
 
     fn ov(v: Value<'_>) -> OwnedValue {
-        v.try_to_owned().unwrap()
+        OwnedValue::try_from(v).unwrap()
     }
 
     fn message(role: &str, content: &str) -> HashMap<String, OwnedValue> {

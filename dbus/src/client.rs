@@ -79,7 +79,7 @@ impl Generation {
             if matches!(event, Ok(StreamEvent::Finished(_))) {
                 self.done = true;
             }
-            return Some(event.map_err(|e| Error::ZBus(e.into())));
+            return Some(event.map_err(Error::ZBus));
         }
         None
     }

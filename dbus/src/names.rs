@@ -84,7 +84,10 @@ pub fn is_valid_handle_token(token: &str) -> bool {
 }
 
 /// The path of the request object that a caller with unique name `sender` (":1.42") gets for
-/// `handle_token`, as in xdg-desktop-portal. Returns None for an invalid token or sender.
+/// `handle_token`, in the spirit of xdg-desktop-portal but flat:
+/// `/org/hearth/Hearth1/request/1_42_TOKEN`. One path level only, so removing a finished
+/// request leaves no empty intermediate node behind in the daemon (zbus prunes only leaves).
+/// Returns None for an invalid token or sender.
 pub fn request_path(sender: &str, handle_token: &str) -> Option<OwnedObjectPath> {
     if !is_valid_handle_token(handle_token) {
         return None;
@@ -97,7 +100,7 @@ pub fn request_path(sender: &str, handle_token: &str) -> Option<OwnedObjectPath>
     if sender.is_empty() {
         return None;
     }
-    ObjectPath::try_from(format!("{REQUEST_PATH_PREFIX}/{sender}/{handle_token}")).ok().map(Into::into)
+    ObjectPath::try_from(format!("{REQUEST_PATH_PREFIX}/{sender}_{handle_token}")).ok().map(Into::into)
 }
 
 #[cfg(test)]
@@ -106,7 +109,7 @@ mod tests {
 
     #[test]
     fn request_paths_follow_the_portal_scheme() {
-        assert_eq!(request_path(":1.42", "abc_1").unwrap().as_str(), "/org/hearth/Hearth1/request/1_42/abc_1");
+        assert_eq!(request_path(":1.42", "abc_1").unwrap().as_str(), "/org/hearth/Hearth1/request/1_42_abc_1");
         assert!(request_path(":1.42", "a-b").is_none());
         assert!(request_path(":1.42", "").is_none());
         assert!(request_path("", "x").is_none());

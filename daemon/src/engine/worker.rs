@@ -70,14 +70,14 @@ impl Worker {
         loop {
             if self.running.is_empty() && self.waiting.is_empty() {
                 match self.rx.blocking_recv() {
-                    Some(Command::Submit { request, cancel, events, reply }) => self.submit(request, cancel, events, reply),
+                    Some(Command::Submit { request, cancel, events, reply }) => self.submit(&request, cancel, events, reply),
                     Some(Command::Shutdown) | None => break,
                 }
             }
             let mut stop = false;
             loop {
                 match self.rx.try_recv() {
-                    Ok(Command::Submit { request, cancel, events, reply }) => self.submit(request, cancel, events, reply),
+                    Ok(Command::Submit { request, cancel, events, reply }) => self.submit(&request, cancel, events, reply),
                     Ok(Command::Shutdown) | Err(TryRecvError::Disconnected) => {
                         stop = true;
                         break;
@@ -102,12 +102,12 @@ impl Worker {
 
     fn submit(
         &mut self,
-        request: GenerateRequest,
+        request: &GenerateRequest,
         cancel: CancelToken,
         events: mpsc::UnboundedSender<Event>,
         reply: oneshot::Sender<Result<Accepted, Error>>,
     ) {
-        let verdict = self.prepare(&request).and_then(|prompt| {
+        let verdict = self.prepare(request).and_then(|prompt| {
             let need = prompt.len() as u32 + request.max_tokens.min(self.n_ctx - prompt.len() as u32);
             let starts_now = self.waiting.is_empty() && !self.free_seqs.is_empty() && self.kv_reserved + need <= self.n_ctx;
             if !starts_now && self.waiting.len() >= self.queue_capacity {

@@ -40,7 +40,7 @@ impl HearthService {
 
 fn owned(v: Value<'_>) -> OwnedValue {
     // Only values holding file descriptors can fail to convert; ours never do.
-    v.try_to_owned().expect("value without file descriptors")
+    OwnedValue::try_from(v).expect("value without file descriptors")
 }
 
 /// The result dictionary of Complete and Request.Finished.

@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# Runs every check of the project on a fresh Debian 12 machine: installs what is needed,
+# fetches and verifies the default model, builds, lints (clippy -D warnings), runs all unit
+# and integration tests (the real hearthd on a private system-like bus with the real model),
+# and smoke-runs the benchmark so it cannot rot.
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "$0")/.." && pwd)"
+cd "$ROOT"
+
+./scripts/setup-deps.sh
+[ -d "$HOME/.cargo/bin" ] && export PATH="$HOME/.cargo/bin:$PATH"
+./scripts/fetch-model.sh "$ROOT/models"
+
+export CARGO_TERM_COLOR="${CARGO_TERM_COLOR:-never}"
+export RUST_BACKTRACE=1
+
+echo "test: formatting check of shell scripts and build"
+bash -n scripts/*.sh .ci/run
+
+echo "test: building (integration tests run the built hearthd and hearthctl binaries)"
+cargo build --workspace --bins --tests
+
+echo "test: clippy -D warnings"
+cargo clippy --workspace --all-targets --quiet -- -D warnings
+
+echo "test: unit and integration tests"
+cargo test --workspace --quiet
+
+echo "test: benchmark smoke run"
+./target/debug/hearth-bench --quick
+
+echo "test: all passed"

@@ -1,0 +1,310 @@
+//! Test harness: a private `dbus-daemon` configured like the system bus (deny-by-default,
+//! Hearth's real policy file included), the real `hearthd` binary on it, the real default
+//! model, and a direct hearth-ffi reference run. When a test panics, the daemon's log is
+//! printed so the failure can be read without rerunning.
+
+#![forbid(unsafe_code)]
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
+
+use hearth_ffi::{Backend, Batch, ChatMessage, Context, ContextParams, Model, ModelParams, Sampler, SamplerParams, Token};
+use zbus::Connection;
+use zbus::zvariant::Value;
+
+/// Default compute threads of both the daemon under test and the direct reference run.
+pub const DEFAULT_THREADS: i32 = 2;
+
+static THREADS: OnceLock<i32> = OnceLock::new();
+
+/// Sets the compute threads for this process's daemons and direct runs (once, before use).
+pub fn set_threads(n: i32) {
+    let _ = THREADS.set(n.max(1));
+}
+
+/// Compute threads used by both the daemon under test and the direct reference run.
+pub fn threads() -> i32 {
+    *THREADS.get_or_init(|| DEFAULT_THREADS)
+}
+/// Context size used by both.
+pub const CONTEXT: u32 = 4096;
+/// Batch size used by both.
+pub const BATCH: u32 = 512;
+/// Sequences of the daemon's context.
+pub const SEQUENCES: u32 = 8;
+
+/// The repository root.
+pub fn workspace_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).parent().expect("workspace root").to_owned()
+}
+
+/// The directory with the default model and its manifest (scripts/fetch-model.sh).
+pub fn models_dir() -> PathBuf {
+    std::env::var_os("HEARTH_MODELS_DIR").map(PathBuf::from).unwrap_or_else(|| workspace_root().join("models"))
+}
+
+/// The default model file.
+pub fn model_path() -> PathBuf {
+    let p = models_dir().join("SmolLM2-135M-Instruct.Q4_1.gguf");
+    assert!(p.exists(), "{} is missing: run scripts/fetch-model.sh", p.display());
+    p
+}
+
+/// A binary of this workspace, built next to the running test or bench executable.
+pub fn workspace_bin(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("current exe");
+    let mut dir = exe.parent().expect("exe dir").to_owned();
+    if dir.ends_with("deps") {
+        dir.pop();
+    }
+    let p = dir.join(name);
+    assert!(p.exists(), "{} is missing: run `cargo build --bins` first", p.display());
+    p
+}
+
+/// A private bus with the system bus's policy.
+#[derive(Debug)]
+pub struct Bus {
+    child: Child,
+    address: String,
+    _dir: tempfile::TempDir,
+}
+
+impl Bus {
+    pub fn start() -> Self {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let template = std::fs::read_to_string(workspace_root().join("tests/data/system-bus.conf.in")).expect("bus template");
+        let socket = dir.path().join("bus");
+        let user = nix::unistd::User::from_uid(nix::unistd::getuid()).ok().flatten().map_or_else(|| "root".to_owned(), |u| u.name);
+        let conf = template
+            .replace("@SOCKET@", &socket.display().to_string())
+            .replace("@POLICY@", &workspace_root().join("dbus/data/org.hearth.Hearth1.conf").display().to_string())
+            .replace("@TEST_USER@", &user);
+        let conf_path = dir.path().join("bus.conf");
+        std::fs::write(&conf_path, conf).expect("write bus conf");
+        let child = Command::new("dbus-daemon")
+            .arg(format!("--config-file={}", conf_path.display()))
+            .arg("--nofork")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("dbus-daemon (install dbus-daemon: scripts/setup-deps.sh)");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !socket.exists() {
+            assert!(Instant::now() < deadline, "dbus-daemon did not create its socket");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Self { child, address: format!("unix:path={}", socket.display()), _dir: dir }
+    }
+
+    pub fn address(&self) -> &str {
+        &self.address
+    }
+
+    /// A new client connection.
+    pub async fn connect(&self) -> Connection {
+        zbus::connection::Builder::address(self.address.as_str()).expect("address").build().await.expect("connect to test bus")
+    }
+}
+
+impl Drop for Bus {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The real hearthd on a [`Bus`].
+#[derive(Debug)]
+pub struct Daemon {
+    child: Child,
+    dir: tempfile::TempDir,
+    exited: Option<ExitStatus>,
+}
+
+impl Daemon {
+    /// Starts hearthd with the test configuration and waits until it owns its name.
+    pub async fn start(bus: &Bus) -> Self {
+        Self::start_with(bus, "").await
+    }
+
+    /// Like [`Daemon::start`], with extra TOML appended to the `[engine]`/`[limits]` config.
+    pub async fn start_with(bus: &Bus, extra_limits: &str) -> Self {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let config = format!(
+            "[models]\ndirs = [\"{}\"]\n\n[engine]\nthreads = {}\ncontext_length = {CONTEXT}\nbatch_size = {BATCH}\nmax_sequences = {SEQUENCES}\n\n[limits]\n{extra_limits}\n",
+            models_dir().display(),
+            threads()
+        );
+        let config_path = dir.path().join("hearthd.toml");
+        std::fs::write(&config_path, config).expect("write config");
+        let log = std::fs::File::create(dir.path().join("hearthd.log")).expect("log file");
+        let child = Command::new(workspace_bin("hearthd"))
+            .arg("--config")
+            .arg(&config_path)
+            .arg("--bus-address")
+            .arg(bus.address())
+            .env("HEARTH_LOG", "debug,zbus=info")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("spawn hearthd");
+        let mut daemon = Self { child, dir, exited: None };
+        let conn = bus.connect().await;
+        let dbus = zbus::fdo::DBusProxy::new(&conn).await.expect("DBus proxy");
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let name = zbus::names::BusName::try_from(hearth_dbus::BUS_NAME).expect("name");
+            if dbus.name_has_owner(name).await.unwrap_or(false) {
+                break;
+            }
+            if let Some(status) = daemon.try_exit() {
+                panic!("hearthd exited during start with {status}:\n{}", daemon.log());
+            }
+            assert!(Instant::now() < deadline, "hearthd did not take its name within 60 s:\n{}", daemon.log());
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        daemon
+    }
+
+    pub fn pid(&self) -> nix::unistd::Pid {
+        nix::unistd::Pid::from_raw(self.child.id() as i32)
+    }
+
+    /// The daemon's log so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("hearthd.log")).unwrap_or_default()
+    }
+
+    /// The exit status, if it has exited.
+    pub fn try_exit(&mut self) -> Option<ExitStatus> {
+        if self.exited.is_none() {
+            self.exited = self.child.try_wait().ok().flatten();
+        }
+        self.exited
+    }
+
+    /// Sends SIGTERM.
+    pub fn terminate(&self) {
+        nix::sys::signal::kill(self.pid(), nix::sys::signal::Signal::SIGTERM).expect("SIGTERM");
+    }
+
+    /// Waits for the process to exit, up to `limit`.
+    pub async fn wait_exit(&mut self, limit: Duration) -> ExitStatus {
+        let deadline = Instant::now() + limit;
+        loop {
+            if let Some(s) = self.try_exit() {
+                return s;
+            }
+            assert!(Instant::now() < deadline, "hearthd did not exit within {limit:?}:\n{}", self.log());
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!("----- hearthd log -----\n{}\n----- end of hearthd log -----", self.log());
+        }
+        if self.try_exit().is_none() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// A chat request dictionary for the given user message.
+pub fn chat_request(user: &str, max_tokens: u32) -> HashMap<&'static str, Value<'static>> {
+    HashMap::from([
+        (hearth_dbus::request_key::MESSAGES, hearth_dbus::messages_value(&[("user", user)])),
+        (hearth_dbus::request_key::MAX_TOKENS, Value::from(max_tokens)),
+    ])
+}
+
+/// The model, loaded once per test process for direct reference runs.
+pub fn reference_model() -> Arc<Model> {
+    static MODEL: OnceLock<Arc<Model>> = OnceLock::new();
+    MODEL
+        .get_or_init(|| Arc::new(Model::load(Backend::init(), &model_path(), ModelParams::default()).expect("load model")))
+        .clone()
+}
+
+/// Timings of a direct run, measured the same way the benchmark measures the daemon.
+#[derive(Debug, Clone)]
+pub struct DirectRun {
+    pub prompt_tokens: usize,
+    pub tokens: Vec<Token>,
+    pub text: String,
+    /// From the start of prefill to the first sampled token.
+    pub prefill: Duration,
+    /// From the first to the last generated token.
+    pub decode: Duration,
+}
+
+/// Runs `messages` through hearth-ffi directly, exactly as hearthd prepares a request (chat
+/// template, tokenization with special tokens, same context parameters, one sequence, prompt
+/// in chunks of the batch size, then one token per decode), with greedy or seeded sampling.
+pub fn direct_run(messages: &[(&str, &str)], sampling: SamplerParams, max_tokens: usize) -> DirectRun {
+    let model = reference_model();
+    let chat: Vec<ChatMessage> =
+        messages.iter().map(|(r, c)| ChatMessage { role: (*r).to_owned(), content: (*c).to_owned() }).collect();
+    let text = model.apply_chat_template(&chat, true).expect("template");
+    let prompt = model.tokenize(&text, true, true).expect("tokenize");
+    let mut ctx = Context::new(
+        Arc::clone(&model),
+        ContextParams { n_ctx: CONTEXT, n_batch: BATCH, n_seq_max: SEQUENCES, n_threads: threads(), n_threads_batch: threads() },
+    )
+    .expect("context");
+    let mut sampler = Sampler::new(sampling);
+    let mut batch = Batch::new(BATCH as usize, 1);
+    let started = Instant::now();
+    let mut idx = 0;
+    for chunk_start in (0..prompt.len()).step_by(BATCH as usize) {
+        batch.clear();
+        let end = (chunk_start + BATCH as usize).min(prompt.len());
+        for (k, &t) in prompt.iter().enumerate().take(end).skip(chunk_start) {
+            idx = batch.push(t, k as i32, &[0], k + 1 == prompt.len()).expect("push");
+        }
+        ctx.decode(&batch).expect("prefill");
+    }
+    let mut tokens = Vec::new();
+    let mut detok = hearth_ffi::Detokenizer::new();
+    let mut out = String::new();
+    let mut pos = prompt.len() as i32;
+    let mut first = None;
+    let mut last = started;
+    loop {
+        let t = sampler.sample(&mut ctx, idx).expect("sample");
+        let now = Instant::now();
+        first.get_or_insert(now);
+        if model.is_eog(t) {
+            break;
+        }
+        last = now;
+        tokens.push(t);
+        out.push_str(&detok.push(&model.token_to_piece(t, false)));
+        if tokens.len() >= max_tokens {
+            break;
+        }
+        batch.clear();
+        idx = batch.push(t, pos, &[0], true).expect("push");
+        pos += 1;
+        ctx.decode(&batch).expect("decode");
+    }
+    let first = first.unwrap_or(started);
+    DirectRun { prompt_tokens: prompt.len(), tokens, text: out, prefill: first - started, decode: last.saturating_duration_since(first) }
+}
+
+/// Greedy sampling, as hearthd does with temperature 0.
+pub fn greedy() -> SamplerParams {
+    SamplerParams { temperature: 0.0, ..SamplerParams::default() }
+}
+
+/// Path of a file inside the repository.
+pub fn repo_file(rel: impl AsRef<Path>) -> PathBuf {
+    workspace_root().join(rel)
+}

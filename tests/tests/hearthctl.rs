@@ -1,0 +1,49 @@
+//! hearthctl against the real daemon: status, models, and a streamed generation.
+
+use std::process::Command;
+
+use hearth_tests::{Bus, Daemon, direct_run, greedy, workspace_bin};
+
+fn hearthctl(bus: &Bus, args: &[&str]) -> std::process::Output {
+    Command::new(workspace_bin("hearthctl")).arg("--bus-address").arg(bus.address()).args(args).output().expect("run hearthctl")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hearthctl_status_models_and_generate() {
+    let bus = Bus::start();
+    let _daemon = Daemon::start(&bus).await;
+
+    let out = hearthctl(&bus, &["--json", "status"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let status: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(status["loaded_models"][0], "smollm2-135m-instruct");
+    assert_eq!(status["queue_depth"], 0);
+
+    let out = hearthctl(&bus, &["--json", "models"]);
+    let models: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(models[0]["name"], "smollm2-135m-instruct");
+    assert_eq!(models[0]["loaded"], true);
+
+    let prompt = "What is the capital of France?";
+    let direct = direct_run(&[("user", prompt)], greedy(), 24);
+    let out = hearthctl(&bus, &["--json", "generate", "--max-tokens", "24", prompt]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let lines: Vec<serde_json::Value> =
+        String::from_utf8(out.stdout).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let (tokens, finished) = lines.split_at(lines.len() - 1);
+    let ids: Vec<i64> = tokens.iter().map(|t| t["token_id"].as_i64().unwrap()).collect();
+    assert_eq!(ids, direct.tokens.iter().map(|&t| i64::from(t)).collect::<Vec<_>>());
+    assert_eq!(finished[0]["finished"]["text"], direct.text.as_str());
+
+    // Plain output streams the text and ends with a summary on stderr.
+    let out = hearthctl(&bus, &["generate", "--max-tokens", "24", prompt]);
+    assert!(out.status.success());
+    assert_eq!(String::from_utf8(out.stdout).unwrap().trim_end(), direct.text.trim_end());
+    let summary = String::from_utf8(out.stderr).unwrap();
+    assert!(summary.contains("tokens") && summary.contains("tok/s"), "{summary}");
+
+    // Errors come out by name, with a failing exit code.
+    let out = hearthctl(&bus, &["generate", "--model", "nope", "hi"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("org.hearth.Hearth1.Error.ModelNotFound"));
+}

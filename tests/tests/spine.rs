@@ -1,0 +1,282 @@
+//! The spine, end to end: the real hearthd on a private system-like bus, the real model.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use hearth_dbus::{Error, Generation, Hearth1Proxy, RequestProxy, StreamEvent, messages_value, request_key, result_key};
+use hearth_tests::{Bus, Daemon, chat_request, direct_run, greedy};
+use zbus::MatchRule;
+use zbus::message::Type as MessageType;
+use zbus::zvariant::{OwnedValue, Value};
+
+const PROMPTS: [&str; 2] = ["What is the capital of France?", "Write a haiku about a phone that keeps secrets."];
+
+fn get_str(d: &HashMap<String, OwnedValue>, k: &str) -> String {
+    <&str>::try_from(d.get(k).unwrap_or_else(|| panic!("result has no {k}: {d:?}"))).unwrap().to_owned()
+}
+
+fn get_u32(d: &HashMap<String, OwnedValue>, k: &str) -> u32 {
+    u32::try_from(d.get(k).unwrap_or_else(|| panic!("result has no {k}: {d:?}"))).unwrap()
+}
+
+fn get_ids(d: &HashMap<String, OwnedValue>) -> Vec<i32> {
+    Vec::<i32>::try_from(d.get(result_key::TOKEN_IDS).unwrap().try_clone().unwrap()).unwrap()
+}
+
+/// Collects a generation's events until Finished.
+async fn collect(mut g: Generation) -> (Vec<(u32, i32, String)>, HashMap<String, OwnedValue>) {
+    let mut tokens = Vec::new();
+    while let Some(ev) = tokio::time::timeout(Duration::from_secs(120), g.next()).await.expect("event within 120 s") {
+        match ev.expect("event") {
+            StreamEvent::Token { index, token_id, text } => tokens.push((index, token_id, text)),
+            StreamEvent::Finished(result) => return (tokens, result),
+        }
+    }
+    panic!("stream ended without Finished");
+}
+
+fn error_name(e: &Error) -> String {
+    e.dbus_name()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn complete_and_generate_give_exactly_the_direct_ffi_tokens() {
+    let bus = Bus::start();
+    let _daemon = Daemon::start(&bus).await;
+    let conn = bus.connect().await;
+    let proxy = Hearth1Proxy::new(&conn).await.unwrap();
+    for (i, prompt) in PROMPTS.iter().enumerate() {
+        let direct = direct_run(&[("user", prompt)], greedy(), 48);
+        assert!(!direct.tokens.is_empty());
+
+        let result = proxy.complete(chat_request(prompt, 48)).await.expect("Complete");
+        assert_eq!(get_ids(&result), direct.tokens, "Complete tokens for {prompt:?}");
+        assert_eq!(get_str(&result, result_key::TEXT), direct.text);
+        assert_eq!(get_u32(&result, result_key::PROMPT_TOKENS) as usize, direct.prompt_tokens);
+        let expect_reason = if direct.tokens.len() == 48 { "length" } else { "stop" };
+        assert_eq!(get_str(&result, result_key::FINISH_REASON), expect_reason);
+
+        let g = Generation::start(&conn, chat_request(prompt, 48), &format!("exact{i}")).await.expect("Generate");
+        let (tokens, finished) = collect(g).await;
+        let ids: Vec<i32> = tokens.iter().map(|t| t.1).collect();
+        assert_eq!(ids, direct.tokens, "Generate tokens for {prompt:?}");
+        assert_eq!(get_ids(&finished), direct.tokens);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tokens_stream_in_order_to_the_caller_only() {
+    let bus = Bus::start();
+    let _daemon = Daemon::start(&bus).await;
+    let caller = bus.connect().await;
+    let snoop = bus.connect().await;
+    // The unrelated connection asks for every signal it may receive, and tries to eavesdrop.
+    let all_signals = MatchRule::builder().msg_type(MessageType::Signal).build();
+    let mut snooped = zbus::MessageStream::for_match_rule(all_signals, &snoop, Some(10_000)).await.unwrap();
+    // zbus has no eavesdrop key in its match rules; ask the bus directly. A system bus
+    // refuses or ignores it, which is the point.
+    let _ = snoop
+        .call_method(Some("org.freedesktop.DBus"), "/org/freedesktop/DBus", Some("org.freedesktop.DBus"), "AddMatch", &("type='signal',eavesdrop='true'",))
+        .await;
+
+    let g = Generation::start(&caller, chat_request(PROMPTS[1], 40), "stream").await.expect("Generate");
+    let (tokens, finished) = collect(g).await;
+    assert!(tokens.len() > 3, "got {} tokens", tokens.len());
+    for (i, t) in tokens.iter().enumerate() {
+        assert_eq!(t.0 as usize, i, "tokens arrive in order");
+    }
+    let joined: String = tokens.iter().map(|t| t.2.as_str()).collect();
+    assert_eq!(joined, get_str(&finished, result_key::TEXT));
+    assert_eq!(get_u32(&finished, result_key::TOKENS) as usize, tokens.len());
+
+    // Let anything in flight arrive, then look at what the snooper got.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let mut saw_queue_depth_change = false;
+    while let Ok(Some(Ok(msg))) = tokio::time::timeout(Duration::from_millis(100), snooped.next()).await {
+        let h = msg.header();
+        let iface = h.interface().map(|i| i.to_string()).unwrap_or_default();
+        assert_ne!(iface, hearth_dbus::REQUEST_INTERFACE, "an unrelated connection received {:?}", h.member());
+        if h.member().is_some_and(|m| m.as_str() == "PropertiesChanged") && h.path().is_some_and(|p| p.as_str() == hearth_dbus::OBJECT_PATH) {
+            saw_queue_depth_change = true;
+        }
+    }
+    // Proof that the snooper was listening: it did get the public, broadcast property change.
+    assert!(saw_queue_depth_change, "the snooper should see QueueDepth PropertiesChanged");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancel_ends_the_stream_at_once_and_only_the_owner_may_cancel() {
+    let bus = Bus::start();
+    let _daemon = Daemon::start(&bus).await;
+    let conn = bus.connect().await;
+    let other = bus.connect().await;
+    let mut g = Generation::start(&conn, chat_request("Write a very long story about the sea.", 2000), "long").await.unwrap();
+    let path = g.path().clone();
+    let mut seen = 0;
+    while seen < 3 {
+        if let Some(Ok(StreamEvent::Token { .. })) = g.next().await {
+            seen += 1;
+        }
+    }
+    // Another connection may not cancel it.
+    let foreign = RequestProxy::builder(&other).path(path.clone()).unwrap().build().await.unwrap();
+    let err = foreign.cancel().await.expect_err("foreign Cancel must fail");
+    assert_eq!(error_name(&err), "org.hearth.Hearth1.Error.NotAuthorized");
+    // Still streaming.
+    assert!(matches!(g.next().await, Some(Ok(StreamEvent::Token { .. }))));
+
+    g.cancel().await.expect("owner Cancel");
+    let mut after = 0;
+    let finished = loop {
+        match tokio::time::timeout(Duration::from_secs(5), g.next()).await.expect("Finished within 5 s") {
+            Some(Ok(StreamEvent::Token { .. })) => after += 1,
+            Some(Ok(StreamEvent::Finished(r))) => break r,
+            other => panic!("unexpected {other:?}"),
+        }
+    };
+    assert!(after <= 3, "{after} tokens arrived after Cancel returned");
+    assert_eq!(get_str(&finished, result_key::FINISH_REASON), "cancelled");
+    assert_eq!(get_str(&finished, result_key::ERROR_NAME), "org.hearth.Hearth1.Error.Cancelled");
+
+    // The daemon keeps serving, and the queue is empty again.
+    let proxy = Hearth1Proxy::new(&conn).await.unwrap();
+    let r = proxy.complete(chat_request("Say hello.", 8)).await.expect("Complete after cancel");
+    assert!(get_u32(&r, result_key::TOKENS) > 0);
+    assert_eq!(proxy.queue_depth().await.unwrap(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_input_gets_the_right_error_name_and_the_daemon_keeps_serving() {
+    let bus = Bus::start();
+    let _daemon = Daemon::start(&bus).await;
+    let conn = bus.connect().await;
+    let proxy = Hearth1Proxy::new(&conn).await.unwrap();
+    let huge = "word ".repeat(6000);
+    let base = || chat_request("hi", 8);
+    let with = |k: &'static str, v: Value<'static>| {
+        let mut r = base();
+        r.insert(k, v);
+        r
+    };
+    let mut no_messages = base();
+    no_messages.remove(request_key::MESSAGES);
+    let cases: Vec<(&str, HashMap<&'static str, Value<'static>>, &str)> = vec![
+        ("no messages", no_messages, "InvalidArgs"),
+        ("empty messages", with(request_key::MESSAGES, messages_value(&[])), "InvalidArgs"),
+        ("messages of the wrong type", with(request_key::MESSAGES, Value::from("hello")), "InvalidArgs"),
+        ("max_tokens of the wrong type", with(request_key::MAX_TOKENS, Value::from("ten")), "InvalidArgs"),
+        ("temperature of the wrong type", with(request_key::TEMPERATURE, Value::from("hot")), "InvalidArgs"),
+        ("max_tokens 0", with(request_key::MAX_TOKENS, Value::from(0u32)), "InvalidArgs"),
+        ("absurd max_tokens", with(request_key::MAX_TOKENS, Value::from(1_000_000_000u32)), "InvalidArgs"),
+        ("unknown key", with("bogus", Value::from(1u32)), "InvalidArgs"),
+        ("prompt longer than the context", chat_request(&huge, 8), "ContextLengthExceeded"),
+        ("unknown model", with(request_key::MODEL, Value::from("no-such-model")), "ModelNotFound"),
+    ];
+    for (what, request, expected) in cases {
+        let expected = format!("org.hearth.Hearth1.Error.{expected}");
+        let err = proxy.complete(request.clone()).await.expect_err(what);
+        assert_eq!(error_name(&err), expected, "Complete with {what}: {err}");
+        assert!(!err.message().is_empty(), "{what}: the error explains itself");
+        let err = proxy.generate(request).await.expect_err(what);
+        assert_eq!(error_name(&err), expected, "Generate with {what}: {err}");
+    }
+    // A call with the wrong D-Bus signature altogether is refused by the bus layer.
+    let reply = conn
+        .call_method(Some(hearth_dbus::BUS_NAME), hearth_dbus::OBJECT_PATH, Some(hearth_dbus::INTERFACE), "Complete", &("not a dict",))
+        .await;
+    assert!(reply.is_err(), "wrong signature must fail");
+    // Refused Generate calls leave no request objects behind.
+    let xml = zbus::fdo::IntrospectableProxy::builder(&conn)
+        .destination(hearth_dbus::BUS_NAME)
+        .unwrap()
+        .path(hearth_dbus::REQUEST_PATH_PREFIX)
+        .unwrap()
+        .build()
+        .await
+        .unwrap()
+        .introspect()
+        .await
+        .unwrap_or_default();
+    assert!(!xml.contains("<node name="), "leftover request objects: {xml}");
+    // And the daemon still answers.
+    let r = proxy.complete(chat_request("Say hello.", 8)).await.expect("Complete after bad input");
+    assert!(get_u32(&r, result_key::TOKENS) > 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_queue_answers_busy_at_once() {
+    let bus = Bus::start();
+    let _daemon = Daemon::start_with(&bus, "queue_capacity = 0").await;
+    let conn = bus.connect().await;
+    let proxy = Hearth1Proxy::new(&conn).await.unwrap();
+    // Reserve nearly the whole KV cache (4096) for one request so the next one cannot start.
+    let mut g = Generation::start(&conn, chat_request("Write a very long story.", 4080), "hog").await.unwrap();
+    let started = std::time::Instant::now();
+    let err = proxy.complete(chat_request("hi", 8)).await.expect_err("must be Busy");
+    assert_eq!(error_name(&err), "org.hearth.Hearth1.Error.Busy");
+    assert!(err.message().contains("retry"), "Busy carries a retry hint: {}", err.message());
+    assert!(started.elapsed() < Duration::from_secs(2), "Busy comes at once");
+    g.cancel().await.unwrap();
+    while let Some(ev) = g.next().await {
+        if let Ok(StreamEvent::Finished(_)) = ev {
+            break;
+        }
+    }
+    proxy.complete(chat_request("hi", 8)).await.expect("served once the queue has room");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_during_a_stream_cancels_it_and_exits_zero() {
+    let bus = Bus::start();
+    let mut daemon = Daemon::start(&bus).await;
+    let conn = bus.connect().await;
+    let mut g = Generation::start(&conn, chat_request("Write a very long story about mountains.", 2000), "term").await.unwrap();
+    let blocking_conn = bus.connect().await;
+    let blocking = tokio::spawn(async move {
+        let proxy = Hearth1Proxy::new(&blocking_conn).await.unwrap();
+        proxy.complete(chat_request("Write a very long story about rivers.", 2000)).await
+    });
+    let mut seen = 0;
+    while seen < 2 {
+        if let Some(Ok(StreamEvent::Token { .. })) = g.next().await {
+            seen += 1;
+        }
+    }
+    daemon.terminate();
+    let finished = loop {
+        match tokio::time::timeout(Duration::from_secs(10), g.next()).await.expect("Finished within 10 s") {
+            Some(Ok(StreamEvent::Token { .. })) => {}
+            Some(Ok(StreamEvent::Finished(r))) => break r,
+            other => panic!("unexpected {other:?}"),
+        }
+    };
+    assert_eq!(get_str(&finished, result_key::FINISH_REASON), "cancelled");
+    assert_eq!(get_str(&finished, result_key::ERROR_NAME), "org.hearth.Hearth1.Error.Cancelled");
+    let err = blocking.await.unwrap().expect_err("the blocking Complete is cancelled too");
+    assert_eq!(error_name(&err), "org.hearth.Hearth1.Error.Cancelled");
+    let status = daemon.wait_exit(Duration::from_secs(20)).await;
+    assert!(status.success(), "hearthd exit status {status}");
+    let dbus = zbus::fdo::DBusProxy::new(&conn).await.unwrap();
+    let name = zbus::names::BusName::try_from(hearth_dbus::BUS_NAME).unwrap();
+    assert!(!dbus.name_has_owner(name).await.unwrap(), "the name is released");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn list_models_and_properties_describe_the_daemon() {
+    let bus = Bus::start();
+    let _daemon = Daemon::start(&bus).await;
+    let conn = bus.connect().await;
+    let proxy = Hearth1Proxy::new(&conn).await.unwrap();
+    assert_eq!(proxy.version().await.unwrap(), env!("CARGO_PKG_VERSION"));
+    assert_eq!(proxy.loaded_models().await.unwrap(), vec!["smollm2-135m-instruct".to_owned()]);
+    assert_eq!(proxy.queue_depth().await.unwrap(), 0);
+    let models = proxy.list_models().await.unwrap();
+    assert_eq!(models.len(), 1);
+    let m = &models[0];
+    assert_eq!(get_str(m, "name"), "smollm2-135m-instruct");
+    assert_eq!(get_str(m, "sha256"), "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53");
+    assert!(bool::try_from(m.get("loaded").unwrap()).unwrap());
+    assert_eq!(get_u32(m, "context_length"), hearth_tests::CONTEXT);
+    assert_eq!(get_u32(m, "trained_context"), 8192);
+}
