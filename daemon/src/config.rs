@@ -49,8 +49,13 @@ pub struct EngineConfig {
     pub context_length: u32,
     /// Most tokens per decode step (prompt chunks + one token per running request).
     pub batch_size: u32,
-    /// Most requests decoded together.
+    /// Most normal and background requests decoded together.
     pub max_sequences: u32,
+    /// Extra sequences only interactive requests may use, so a flood of other work never
+    /// keeps them waiting for a slot.
+    pub interactive_sequences: u32,
+    /// KV cache tokens only interactive requests may reserve.
+    pub interactive_kv: u32,
     /// Layers offloaded to an accelerator (0: CPU only, -1: all).
     pub gpu_layers: i32,
 }
@@ -60,6 +65,8 @@ pub struct EngineConfig {
 pub struct LimitsConfig {
     /// Most requests waiting for a free slot; beyond it callers get `Busy`.
     pub queue_capacity: u32,
+    /// Most requests one app may have waiting; beyond it that app gets `Busy`.
+    pub queue_per_app: u32,
     /// `max_tokens` of a request that gives none.
     pub default_max_tokens: u32,
 }
@@ -75,13 +82,21 @@ impl Default for ModelsConfig {
 
 impl Default for EngineConfig {
     fn default() -> Self {
-        Self { threads: 0, context_length: 4096, batch_size: 512, max_sequences: 8, gpu_layers: 0 }
+        Self {
+            threads: 0,
+            context_length: 4096,
+            batch_size: 512,
+            max_sequences: 8,
+            interactive_sequences: 2,
+            interactive_kv: 1024,
+            gpu_layers: 0,
+        }
     }
 }
 
 impl Default for LimitsConfig {
     fn default() -> Self {
-        Self { queue_capacity: 32, default_max_tokens: 256 }
+        Self { queue_capacity: 32, queue_per_app: 8, default_max_tokens: 256 }
     }
 }
 
@@ -114,14 +129,24 @@ impl Config {
         if e.batch_size == 0 || e.max_sequences == 0 {
             return Err(ConfigError::Invalid("engine.batch_size and engine.max_sequences must be at least 1".into()));
         }
-        if e.batch_size < e.max_sequences {
+        if e.batch_size < e.max_sequences + e.interactive_sequences {
             return Err(ConfigError::Invalid(format!(
-                "engine.batch_size {} must be at least engine.max_sequences {} (every running request decodes one token per step)",
-                e.batch_size, e.max_sequences
+                "engine.batch_size {} must be at least engine.max_sequences + engine.interactive_sequences = {} (every running request decodes one token per step)",
+                e.batch_size,
+                e.max_sequences + e.interactive_sequences
             )));
         }
-        if e.max_sequences > 256 {
-            return Err(ConfigError::Invalid(format!("engine.max_sequences {} is above 256", e.max_sequences)));
+        if e.interactive_kv >= e.context_length {
+            return Err(ConfigError::Invalid(format!(
+                "engine.interactive_kv {} must be below engine.context_length {}",
+                e.interactive_kv, e.context_length
+            )));
+        }
+        if e.max_sequences + e.interactive_sequences > 256 {
+            return Err(ConfigError::Invalid(format!(
+                "engine.max_sequences + engine.interactive_sequences = {} is above 256",
+                e.max_sequences + e.interactive_sequences
+            )));
         }
         if self.limits.default_max_tokens == 0 {
             return Err(ConfigError::Invalid("limits.default_max_tokens must be at least 1".into()));

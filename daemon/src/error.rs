@@ -19,8 +19,8 @@ pub enum Error {
     #[error("model {name:?} is unavailable: {reason}")]
     ModelUnavailable { name: String, reason: String },
     /// Admission control refused the request.
-    #[error("hearthd is busy: {waiting} requests are waiting (limit {limit}); retry in about {retry_after_ms} ms")]
-    Busy { waiting: usize, limit: usize, retry_after_ms: u64 },
+    #[error("hearthd is busy: {waiting} requests are waiting {scope} (limit {limit}); retry in about {retry_after_ms} ms")]
+    Busy { scope: String, waiting: usize, limit: usize, retry_after_ms: u64 },
     /// The request was cancelled.
     #[error("{0}")]
     Cancelled(CancelReason),

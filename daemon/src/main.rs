@@ -113,6 +113,7 @@ async fn serve(args: Args, config: &Config, catalog: Arc<Catalog>, engine: Engin
     let conn = builder.serve_at(hearth_dbus::OBJECT_PATH, service)?.name(hearth_dbus::BUS_NAME)?.build().await?;
     tracing::info!(name = hearth_dbus::BUS_NAME, unique = ?conn.unique_name().map(|n| n.as_str()), "serving");
     let status_task = tokio::spawn(service::publish_status_changes(conn.clone(), engine.status()));
+    let disconnect_task = tokio::spawn(service::watch_disconnects(conn.clone(), engine.clone()));
 
     let signal = signals.next().await;
     tracing::info!(signal = ?signal, "stopping: cancelling in-flight requests");
@@ -121,6 +122,7 @@ async fn serve(args: Args, config: &Config, catalog: Arc<Catalog>, engine: Engin
         tracing::warn!("some callers did not get their final message within {DRAIN_LIMIT:?}");
     }
     status_task.abort();
+    disconnect_task.abort();
     // Let the final replies queued on the connection go out before leaving the bus.
     tokio::task::yield_now().await;
     if let Err(e) = conn.release_name(hearth_dbus::BUS_NAME).await {

@@ -7,13 +7,16 @@ use hearth_dbus::request_key as key;
 use hearth_ffi::{ChatMessage, SamplerParams};
 use zbus::zvariant::{OwnedValue, Value};
 
-use crate::engine::GenerateRequest;
+use crate::engine::{GenerateRequest, Priority};
 use crate::error::Error;
 
 /// Most messages in one request.
 const MAX_MESSAGES: usize = 1024;
 /// Most bytes of all message contents together (the context bounds tokens later).
 const MAX_CONTENT_BYTES: usize = 1 << 20;
+
+/// Longest deadline accepted: one day.
+const MAX_DEADLINE_MS: u64 = 86_400_000;
 
 /// Which method the request came from (Generate accepts a handle token, Complete does not).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -120,6 +123,8 @@ pub fn parse(dict: &HashMap<String, OwnedValue>, method: Method, default_max_tok
     let mut max_tokens = u64::from(default_max_tokens);
     let mut sampling = SamplerParams::default();
     let mut handle_token = None;
+    let mut priority = Priority::Normal;
+    let mut deadline = None;
     for (k, v) in dict {
         let v: &Value<'_> = v;
         match k.as_str() {
@@ -154,6 +159,18 @@ pub fn parse(dict: &HashMap<String, OwnedValue>, method: Method, default_max_tok
                 let n = as_u64(k, v)?;
                 sampling.seed = u32::try_from(n).map_err(|_| invalid(format!("seed must fit in 32 bits, got {n}")))?;
             }
+            key::PRIORITY => {
+                let p = as_str(k, v)?;
+                priority = Priority::parse(p)
+                    .ok_or_else(|| invalid(format!("priority {p:?} is not one of interactive, normal, background")))?;
+            }
+            key::DEADLINE_MS => {
+                let ms = as_u64(k, v)?;
+                if ms == 0 || ms > MAX_DEADLINE_MS {
+                    return Err(invalid(format!("deadline_ms must be within 1..={MAX_DEADLINE_MS}, got {ms}")));
+                }
+                deadline = Some(std::time::Duration::from_millis(ms));
+            }
             key::HANDLE_TOKEN if method == Method::Generate => {
                 let t = as_str(k, v)?;
                 if !hearth_dbus::is_valid_handle_token(t) {
@@ -170,7 +187,7 @@ pub fn parse(dict: &HashMap<String, OwnedValue>, method: Method, default_max_tok
         return Err(invalid("max_tokens must be at least 1"));
     }
     let max_tokens = u32::try_from(max_tokens).map_err(|_| invalid(format!("max_tokens {max_tokens} is absurdly large")))?;
-    Ok(Parsed { request: GenerateRequest { messages, model, max_tokens, sampling }, handle_token })
+    Ok(Parsed { request: GenerateRequest { messages, model, max_tokens, sampling, priority, deadline }, handle_token })
 }
 
 #[cfg(test)]
@@ -204,6 +221,8 @@ mod tests {
                 ("top_k", Value::from(10u32)),
                 ("seed", Value::from(42u64)),
                 ("handle_token", Value::from("t1")),
+                ("priority", Value::from("interactive")),
+                ("deadline_ms", Value::from(1500u32)),
             ]),
             Method::Generate,
             256,
@@ -213,6 +232,8 @@ mod tests {
         assert_eq!(p.request.model.as_deref(), Some("m"));
         assert_eq!(p.request.sampling, SamplerParams { temperature: 0.5, top_k: 10, top_p: 0.9, seed: 42 });
         assert_eq!(p.handle_token.as_deref(), Some("t1"));
+        assert_eq!(p.request.priority, Priority::Interactive);
+        assert_eq!(p.request.deadline, Some(std::time::Duration::from_millis(1500)));
         assert_eq!(p.request.messages[0], ChatMessage { role: "user".into(), content: "hi".into() });
     }
 
@@ -230,6 +251,8 @@ mod tests {
             (req(vec![("top_p", Value::from(0.0f64))]), "top_p"),
             (req(vec![("bogus", Value::from(1u32))]), "unknown request key"),
             (req(vec![("handle_token", Value::from("a/b"))]), "handle_token"),
+            (req(vec![("priority", Value::from("urgent"))]), "is not one of interactive"),
+            (req(vec![("deadline_ms", Value::from(0u32))]), "deadline_ms"),
             (req(vec![("messages", Value::from(vec![message("robot", "x")]))]), "is not one of"),
         ];
         for (d, expect) in cases {

@@ -25,6 +25,8 @@ pub mod request_key {
     pub const TOP_K: &str = "top_k";
     pub const SEED: &str = "seed";
     pub const HANDLE_TOKEN: &str = "handle_token";
+    pub const PRIORITY: &str = "priority";
+    pub const DEADLINE_MS: &str = "deadline_ms";
     /// Keys of one message dictionary.
     pub const ROLE: &str = "role";
     pub const CONTENT: &str = "content";

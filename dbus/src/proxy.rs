@@ -22,6 +22,10 @@ pub trait Hearth1 {
     fn loaded_models(&self) -> zbus::Result<Vec<String>>;
     #[zbus(property)]
     fn queue_depth(&self) -> zbus::Result<u32>;
+    #[zbus(property)]
+    fn queue_by_priority(&self) -> zbus::Result<HashMap<String, u32>>;
+    #[zbus(property(emits_changed_signal = "false"))]
+    fn kv_cache(&self) -> zbus::Result<HashMap<String, u32>>;
 }
 
 /// Client side of `org.hearth.Hearth1.Request`.

@@ -5,13 +5,14 @@
 //! This module must never let another thread touch llama state, and never block the tokio
 //! runtime: the only blocking call, `blocking_recv`, runs on the engine's own thread.
 
+mod scheduler;
 mod sequence;
 mod worker;
 
 use std::collections::BTreeSet;
 use std::fmt;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::atomic::{AtomicU8, AtomicU32, Ordering};
 use std::time::Duration;
 
 use hearth_dbus::FinishReason;
@@ -30,6 +31,53 @@ pub struct GenerateRequest {
     pub model: Option<String>,
     pub max_tokens: u32,
     pub sampling: SamplerParams,
+    pub priority: Priority,
+    /// The request is cancelled if it has not finished this long after it was submitted.
+    pub deadline: Option<Duration>,
+}
+
+/// Scheduling priority of a request. Ordered: `Background < Normal < Interactive`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Priority {
+    /// Work nobody waits for (summaries, indexing).
+    Background,
+    /// The default.
+    Normal,
+    /// A person is waiting (keyboard suggestions, chat).
+    Interactive,
+}
+
+impl Priority {
+    pub const ALL: [Priority; 3] = [Priority::Interactive, Priority::Normal, Priority::Background];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Background => "background",
+            Self::Normal => "normal",
+            Self::Interactive => "interactive",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|p| p.as_str() == s)
+    }
+
+    fn index(self) -> usize {
+        match self {
+            Self::Interactive => 0,
+            Self::Normal => 1,
+            Self::Background => 2,
+        }
+    }
+}
+
+/// Who is asking, as the bus says (never as the caller claims).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Caller {
+    /// The caller's unique connection name; its requests end when it disconnects.
+    pub connection: String,
+    /// The fair-share identity: for now uid + process of the connection.
+    pub app: String,
 }
 
 /// Why a request was cancelled.
@@ -41,6 +89,8 @@ pub enum CancelReason {
     Shutdown,
     /// Nobody is listening for the result any more.
     Disconnected,
+    /// Its `deadline_ms` passed before it finished.
+    Deadline,
 }
 
 impl fmt::Display for CancelReason {
@@ -49,6 +99,7 @@ impl fmt::Display for CancelReason {
             Self::Caller => "cancelled by the caller",
             Self::Shutdown => "cancelled: hearthd is shutting down",
             Self::Disconnected => "cancelled: the caller went away",
+            Self::Deadline => "cancelled: its deadline_ms passed before it finished",
         })
     }
 }
@@ -59,6 +110,7 @@ impl CancelReason {
             Self::Caller => 1,
             Self::Shutdown => 2,
             Self::Disconnected => 3,
+            Self::Deadline => 4,
         }
     }
 
@@ -67,6 +119,7 @@ impl CancelReason {
             1 => Some(Self::Caller),
             2 => Some(Self::Shutdown),
             3 => Some(Self::Disconnected),
+            4 => Some(Self::Deadline),
             _ => None,
         }
     }
@@ -130,21 +183,26 @@ enum Command {
     /// Validate and queue a generation; the verdict goes to `reply`, the stream to `events`.
     Submit {
         request: GenerateRequest,
+        caller: Caller,
         cancel: CancelToken,
         events: mpsc::UnboundedSender<Event>,
         reply: oneshot::Sender<Result<Accepted, Error>>,
     },
+    /// A bus connection went away: cancel its requests and free their KV.
+    ConnectionClosed(String),
     /// Finish every request as Cancelled and stop the thread.
     Shutdown,
 }
 
-/// Load and queue state, published after every engine step.
+/// Queue state, published when it changes (admission, finish), never per token.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct EngineStatus {
     /// Requests decoding now.
     pub running: u32,
     /// Requests accepted and waiting for a slot.
     pub waiting: u32,
+    /// Requests waiting or running, per priority (interactive, normal, background).
+    pub by_priority: [u32; 3],
     /// Names of the models in memory.
     pub loaded_models: Vec<String>,
 }
@@ -153,6 +211,22 @@ impl EngineStatus {
     pub fn queue_depth(&self) -> u32 {
         self.running + self.waiting
     }
+
+    /// Requests waiting or running with `priority`.
+    pub fn count(&self, priority: Priority) -> u32 {
+        self.by_priority[priority.index()]
+    }
+}
+
+/// KV cache gauges, updated by the engine every step without waking anyone; read on demand.
+#[derive(Debug, Default)]
+pub struct KvGauges {
+    /// Tokens held in the cache by live sequences.
+    pub used: AtomicU32,
+    /// Tokens reserved by admitted requests (prompt + max_tokens).
+    pub reserved: AtomicU32,
+    /// Cache size in tokens.
+    pub size: AtomicU32,
 }
 
 /// Static facts about the loaded model.
@@ -183,6 +257,7 @@ pub enum StartError {
 pub struct EngineHandle {
     tx: mpsc::Sender<Command>,
     status: watch::Receiver<EngineStatus>,
+    kv: Arc<KvGauges>,
     model: Arc<LoadedModelInfo>,
 }
 
@@ -207,7 +282,7 @@ impl EngineHandle {
         let params = ContextParams {
             n_ctx: config.engine.context_length,
             n_batch: config.engine.batch_size,
-            n_seq_max: config.engine.max_sequences,
+            n_seq_max: config.engine.max_sequences + config.engine.interactive_sequences,
             n_threads: threads,
             n_threads_batch: threads,
         };
@@ -228,23 +303,35 @@ impl EngineHandle {
         let (tx, rx) = mpsc::channel(COMMAND_QUEUE);
         let status = EngineStatus { loaded_models: vec![name.clone()], ..EngineStatus::default() };
         let (status_tx, status_rx) = watch::channel(status);
-        let worker = worker::Worker::new(ctx, name.clone(), installed, rx, status_tx, config);
+        let kv = Arc::new(KvGauges::default());
+        kv.size.store(ctx.n_ctx(), Ordering::Relaxed);
+        let worker = worker::Worker::new(ctx, name.clone(), installed, rx, status_tx, Arc::clone(&kv), config);
         let join = std::thread::Builder::new()
             .name("hearth-engine".into())
             .spawn(move || worker.run())
             .map_err(StartError::Thread)?;
-        Ok((Self { tx, status: status_rx, model: info }, join))
+        Ok((Self { tx, status: status_rx, kv, model: info }, join))
     }
 
     /// Submits a request. Returns once the engine has validated and queued it (or refused).
     /// `cancel` is the request's switch, which the caller may already have handed out.
-    pub async fn submit(&self, request: GenerateRequest, cancel: CancelToken) -> Result<Submission, Error> {
+    pub async fn submit(&self, request: GenerateRequest, caller: Caller, cancel: CancelToken) -> Result<Submission, Error> {
         let (events_tx, events) = mpsc::unbounded_channel();
         let (reply, verdict) = oneshot::channel();
-        let cmd = Command::Submit { request, cancel: cancel.clone(), events: events_tx, reply };
+        let cmd = Command::Submit { request, caller, cancel: cancel.clone(), events: events_tx, reply };
         self.tx.send(cmd).await.map_err(|_| Error::Cancelled(CancelReason::Shutdown))?;
         let accepted = verdict.await.map_err(|_| Error::Cancelled(CancelReason::Shutdown))??;
         Ok(Submission { accepted, events })
+    }
+
+    /// Tells the engine that a bus connection is gone, so its requests end and free their KV.
+    pub async fn connection_closed(&self, connection: String) {
+        let _ = self.tx.send(Command::ConnectionClosed(connection)).await;
+    }
+
+    /// KV cache gauges.
+    pub fn kv(&self) -> &KvGauges {
+        &self.kv
     }
 
     /// Asks the engine to cancel everything and stop. Returns at once; join the thread to wait.

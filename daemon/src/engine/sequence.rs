@@ -6,13 +6,17 @@ use hearth_dbus::FinishReason;
 use hearth_ffi::{Detokenizer, Model, Pos, Sampler, SeqId, Token};
 use tokio::sync::mpsc;
 
-use super::{CancelReason, CancelToken, Event, Outcome};
+use super::{CancelReason, CancelToken, Caller, Event, Outcome, Priority};
 use crate::error::Error;
 
 /// A request accepted by the engine and waiting for a sequence slot.
 #[derive(Debug)]
 pub(super) struct Waiting {
     pub id: u64,
+    pub caller: Caller,
+    pub priority: Priority,
+    /// When the request is cancelled unless finished.
+    pub deadline: Option<Instant>,
     pub prompt: Vec<Token>,
     pub max_tokens: u32,
     pub sampler: Sampler,
@@ -31,6 +35,9 @@ impl Waiting {
 #[derive(Debug)]
 pub(super) struct Sequence {
     pub id: u64,
+    pub caller: Caller,
+    pub priority: Priority,
+    pub deadline: Option<Instant>,
     pub seq: SeqId,
     pub prompt: Vec<Token>,
     /// Prompt tokens already in the KV cache.
@@ -61,6 +68,9 @@ impl Sequence {
         let kv_reserved = w.kv_need();
         Self {
             id: w.id,
+            caller: w.caller,
+            priority: w.priority,
+            deadline: w.deadline,
             seq,
             pos: w.prompt.len() as Pos,
             prompt: w.prompt,
@@ -84,6 +94,16 @@ impl Sequence {
 
     pub fn in_prefill(&self) -> bool {
         self.prefilled < self.prompt.len()
+    }
+
+    /// Tokens this sequence holds in the KV cache.
+    pub fn kv_used(&self) -> u32 {
+        if self.in_prefill() { self.prefilled as u32 } else { self.pos as u32 }
+    }
+
+    /// Why it must stop now, if it must (cancelled, caller gone, deadline passed).
+    pub fn stop_reason(&self, now: Instant) -> Option<CancelReason> {
+        stop_reason(&self.cancel, &self.events, self.deadline, now)
     }
 
     /// Takes a sampled token: streams it, or ends the sequence.
@@ -130,6 +150,19 @@ impl Sequence {
             error,
         }
     }
+}
+
+/// Why a request must stop now, if it must.
+pub(super) fn stop_reason(
+    cancel: &CancelToken,
+    events: &mpsc::UnboundedSender<Event>,
+    deadline: Option<Instant>,
+    now: Instant,
+) -> Option<CancelReason> {
+    cancel
+        .reason()
+        .or_else(|| events.is_closed().then_some(CancelReason::Disconnected))
+        .or_else(|| deadline.is_some_and(|d| now >= d).then_some(CancelReason::Deadline))
 }
 
 /// The outcome of a request that never got a sequence.

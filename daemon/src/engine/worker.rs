@@ -2,18 +2,23 @@
 //!
 //! Every running sequence contributes to each step: one token if it is decoding, or a chunk
 //! of its prompt if it is still prefilling, so a new request joins between steps and a long
-//! prompt never holds the others for more than one batch.
+//! prompt never holds the others for more than one batch. Preemption happens at token
+//! boundaries: while a higher-priority request is prefilling, lower-priority sequences skip
+//! their decode steps (their KV stays, so they resume without recomputation).
 
-use std::collections::{BTreeSet, VecDeque};
+use std::collections::BTreeSet;
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Instant;
 
 use hearth_dbus::FinishReason;
-use hearth_ffi::{Batch, Context, Model, Sampler, SeqId};
+use hearth_ffi::{Batch, Context, Model, Sampler};
 use tokio::sync::mpsc::error::TryRecvError;
 use tokio::sync::{mpsc, oneshot, watch};
 
-use super::sequence::{Sequence, Waiting, unstarted_outcome};
-use super::{Accepted, CancelReason, CancelToken, Command, EngineStatus, Event, GenerateRequest};
+use super::scheduler::{COST_PER_GENERATED, COST_PER_PROMPT, Limits, Scheduler};
+use super::sequence::{Sequence, Waiting, stop_reason, unstarted_outcome};
+use super::{Accepted, CancelReason, CancelToken, Caller, Command, EngineStatus, Event, GenerateRequest, KvGauges, Priority};
 use crate::config::Config;
 use crate::error::Error;
 
@@ -24,13 +29,11 @@ pub(super) struct Worker {
     installed: BTreeSet<String>,
     rx: mpsc::Receiver<Command>,
     status: watch::Sender<EngineStatus>,
+    kv: Arc<KvGauges>,
     batch: Batch,
-    free_seqs: Vec<SeqId>,
-    waiting: VecDeque<Waiting>,
+    scheduler: Scheduler,
     running: Vec<Sequence>,
-    queue_capacity: usize,
     n_ctx: u32,
-    kv_reserved: u32,
     next_id: u64,
 }
 
@@ -41,11 +44,18 @@ impl Worker {
         installed: BTreeSet<String>,
         rx: mpsc::Receiver<Command>,
         status: watch::Sender<EngineStatus>,
+        kv: Arc<KvGauges>,
         config: &Config,
     ) -> Self {
-        let n_seq = config.engine.max_sequences as usize;
-        let batch = Batch::new(config.engine.batch_size as usize, 1);
         let n_ctx = ctx.n_ctx();
+        let limits = Limits {
+            shared_sequences: config.engine.max_sequences as usize,
+            interactive_sequences: config.engine.interactive_sequences as usize,
+            n_ctx,
+            interactive_kv: config.engine.interactive_kv.min(n_ctx.saturating_sub(1)),
+            queue_capacity: config.limits.queue_capacity as usize,
+            queue_per_app: config.limits.queue_per_app as usize,
+        };
         Self {
             model: Arc::clone(ctx.model()),
             ctx,
@@ -53,14 +63,11 @@ impl Worker {
             installed,
             rx,
             status,
-            batch,
-            // Popped from the end: lowest ids first.
-            free_seqs: (0..n_seq as SeqId).rev().collect(),
-            waiting: VecDeque::new(),
+            kv,
+            batch: Batch::new(config.engine.batch_size as usize, 1),
+            scheduler: Scheduler::new(limits),
             running: Vec::new(),
-            queue_capacity: config.limits.queue_capacity as usize,
             n_ctx,
-            kv_reserved: 0,
             next_id: 1,
         }
     }
@@ -68,27 +75,27 @@ impl Worker {
     pub fn run(mut self) {
         tracing::debug!("engine thread running");
         loop {
-            if self.running.is_empty() && self.waiting.is_empty() {
+            if self.running.is_empty() && self.scheduler.waiting().is_empty() {
                 match self.rx.blocking_recv() {
-                    Some(Command::Submit { request, cancel, events, reply }) => self.submit(&request, cancel, events, reply),
+                    Some(cmd @ (Command::Submit { .. } | Command::ConnectionClosed(_))) => self.handle(cmd),
                     Some(Command::Shutdown) | None => break,
                 }
             }
             let mut stop = false;
             loop {
                 match self.rx.try_recv() {
-                    Ok(Command::Submit { request, cancel, events, reply }) => self.submit(&request, cancel, events, reply),
                     Ok(Command::Shutdown) | Err(TryRecvError::Disconnected) => {
                         stop = true;
                         break;
                     }
+                    Ok(cmd) => self.handle(cmd),
                     Err(TryRecvError::Empty) => break,
                 }
             }
             if stop {
                 break;
             }
-            self.reap_cancelled();
+            self.reap_stopped();
             self.admit();
             if !self.running.is_empty() {
                 self.step();
@@ -100,23 +107,43 @@ impl Worker {
         tracing::debug!("engine thread stopped");
     }
 
+    fn handle(&mut self, cmd: Command) {
+        match cmd {
+            Command::Submit { request, caller, cancel, events, reply } => self.submit(&request, caller, cancel, events, reply),
+            Command::ConnectionClosed(connection) => {
+                let mut n = 0;
+                let owned = |c: &Caller| c.connection == connection;
+                for s in self.running.iter().filter(|s| owned(&s.caller)) {
+                    s.cancel.cancel(CancelReason::Disconnected);
+                    n += 1;
+                }
+                for w in self.scheduler.waiting().iter().filter(|w| owned(&w.caller)) {
+                    w.cancel.cancel(CancelReason::Disconnected);
+                    n += 1;
+                }
+                if n > 0 {
+                    tracing::info!(connection, requests = n, "caller disconnected: cancelling its requests");
+                }
+            }
+            Command::Shutdown => {}
+        }
+    }
+
     fn submit(
         &mut self,
         request: &GenerateRequest,
+        caller: Caller,
         cancel: CancelToken,
         events: mpsc::UnboundedSender<Event>,
         reply: oneshot::Sender<Result<Accepted, Error>>,
     ) {
         let verdict = self.prepare(request).and_then(|prompt| {
-            let need = prompt.len() as u32 + request.max_tokens.min(self.n_ctx - prompt.len() as u32);
-            let starts_now = self.waiting.is_empty() && !self.free_seqs.is_empty() && self.kv_reserved + need <= self.n_ctx;
-            if !starts_now && self.waiting.len() >= self.queue_capacity {
-                return Err(Error::Busy { waiting: self.waiting.len(), limit: self.queue_capacity, retry_after_ms: self.retry_hint_ms() });
-            }
-            Ok(prompt)
+            let max_tokens = request.max_tokens.min(self.scheduler.kv_limit(request.priority) - prompt.len() as u32);
+            self.scheduler.check_admission(&caller.app, request.priority, prompt.len() as u32 + max_tokens)?;
+            Ok((prompt, max_tokens))
         });
-        let prompt = match verdict {
-            Ok(p) => p,
+        let (prompt, max_tokens) = match verdict {
+            Ok(v) => v,
             Err(e) => {
                 let _ = reply.send(Err(e));
                 return;
@@ -124,13 +151,21 @@ impl Worker {
         };
         let id = self.next_id;
         self.next_id += 1;
-        let max_tokens = request.max_tokens.min(self.n_ctx - prompt.len() as u32);
-        let accepted = Accepted { id, prompt_tokens: prompt.len() as u32 };
-        if reply.send(Ok(accepted)).is_err() {
+        if reply.send(Ok(Accepted { id, prompt_tokens: prompt.len() as u32 })).is_err() {
             return; // the submitter is gone: nothing to serve
         }
-        tracing::debug!(id, prompt_tokens = prompt.len(), max_tokens, "request queued");
-        self.waiting.push_back(Waiting { id, prompt, max_tokens, sampler: Sampler::new(request.sampling), cancel, events });
+        tracing::debug!(id, app = %caller.app, priority = request.priority.as_str(), prompt_tokens = prompt.len(), max_tokens, "request queued");
+        self.scheduler.push(Waiting {
+            id,
+            caller,
+            priority: request.priority,
+            deadline: request.deadline.map(|d| Instant::now() + d),
+            prompt,
+            max_tokens,
+            sampler: Sampler::new(request.sampling),
+            cancel,
+            events,
+        });
     }
 
     /// Checks the request against the model and renders + tokenizes its prompt.
@@ -158,66 +193,63 @@ impl Worker {
             e => Error::Internal(e.to_string()),
         })?;
         let prompt = self.model.tokenize(&text, true, true)?;
-        if prompt.len() >= self.n_ctx as usize {
-            return Err(Error::ContextLengthExceeded { prompt: prompt.len(), context: self.n_ctx });
+        // Room for the prompt and at least one generated token, within this priority's share.
+        let limit = self.scheduler.kv_limit(request.priority);
+        if prompt.len() >= limit as usize {
+            return Err(Error::ContextLengthExceeded { prompt: prompt.len(), context: limit });
         }
         Ok(prompt)
     }
 
-    /// A rough wait until a slot frees: the queue ahead times a typical request.
-    fn retry_hint_ms(&self) -> u64 {
-        250 * (1 + self.waiting.len() as u64 / self.free_seqs.len().max(1) as u64)
-    }
-
-    fn reap_cancelled(&mut self) {
+    /// Ends requests that were cancelled, lost their caller, or ran past their deadline.
+    fn reap_stopped(&mut self) {
+        let now = Instant::now();
         for s in &mut self.running {
             if s.finished.is_none() {
-                if let Some(reason) = s.cancel.reason() {
+                if let Some(reason) = s.stop_reason(now) {
                     s.finish_cancelled(reason);
-                } else if s.events.is_closed() {
-                    s.finish_cancelled(CancelReason::Disconnected);
                 }
             }
         }
-        let model_name = &self.model_name;
-        self.waiting.retain(|w| {
-            let reason = w.cancel.reason().or_else(|| w.events.is_closed().then_some(CancelReason::Disconnected));
-            match reason {
-                Some(reason) => {
-                    tracing::debug!(id = w.id, %reason, "waiting request cancelled");
-                    let outcome = unstarted_outcome(w, model_name, FinishReason::Cancelled, Error::Cancelled(reason));
-                    let _ = w.events.send(Event::Finished(outcome));
-                    false
-                }
-                None => true,
-            }
-        });
+        let mut i = 0;
+        while i < self.scheduler.waiting().len() {
+            let w = &self.scheduler.waiting()[i];
+            let Some(reason) = stop_reason(&w.cancel, &w.events, w.deadline, now) else {
+                i += 1;
+                continue;
+            };
+            let w = self.scheduler.remove_waiting(i);
+            tracing::debug!(id = w.id, %reason, "waiting request ended");
+            let outcome = unstarted_outcome(&w, &self.model_name, FinishReason::Cancelled, Error::Cancelled(reason));
+            let _ = w.events.send(Event::Finished(outcome));
+        }
     }
 
-    /// Moves waiting requests into free sequences while their KV need fits, in order.
+    /// Starts waiting requests while the scheduler's best candidate fits.
     fn admit(&mut self) {
-        while let Some(front) = self.waiting.front() {
-            let need = front.kv_need();
-            if self.free_seqs.is_empty() || self.kv_reserved + need > self.n_ctx {
-                break;
-            }
-            let Some(w) = self.waiting.pop_front() else { break };
-            let Some(seq) = self.free_seqs.pop() else { break };
-            self.kv_reserved += need;
-            tracing::debug!(id = w.id, seq, "request started");
+        while let Some((w, seq)) = self.scheduler.pop_next() {
+            tracing::debug!(id = w.id, seq, priority = w.priority.as_str(), "request started");
             self.running.push(Sequence::start(w, seq));
         }
     }
 
-    /// Builds one batch from all running sequences, decodes it and samples.
+    /// Builds one batch from the running sequences, decodes it and samples.
     fn step(&mut self) {
         self.batch.clear();
+        // While a request prefills, lower-priority sequences pause (no decode step): the
+        // newcomer's prompt and first token come first.
+        let prefill_priority =
+            self.running.iter().filter(|s| s.finished.is_none() && s.in_prefill()).map(|s| s.priority).max();
         let mut push_failed = None;
         for s in self.running.iter_mut().filter(|s| s.finished.is_none()) {
             s.logits_index = None;
-            if let Some(token) = s.next_token.take() {
+            if prefill_priority.is_some_and(|p| p > s.priority) {
+                continue;
+            }
+            if let Some(token) = s.next_token {
                 match self.batch.push(token, s.pos, &[s.seq], true) {
                     Ok(i) => {
+                        s.next_token = None;
                         s.logits_index = Some(i);
                         s.pos += 1;
                     }
@@ -225,7 +257,12 @@ impl Worker {
                 }
             }
         }
-        for s in self.running.iter_mut().filter(|s| s.finished.is_none() && s.in_prefill()) {
+        // Prompt chunks, highest priority first, then oldest first.
+        let mut order: Vec<usize> =
+            (0..self.running.len()).filter(|&i| self.running[i].finished.is_none() && self.running[i].in_prefill()).collect();
+        order.sort_by_key(|&i| (std::cmp::Reverse(self.running[i].priority), self.running[i].id));
+        for i in order {
+            let s = &mut self.running[i];
             let n = (s.prompt.len() - s.prefilled).min(self.batch.remaining());
             for k in s.prefilled..s.prefilled + n {
                 let last = k + 1 == s.prompt.len();
@@ -236,9 +273,10 @@ impl Worker {
                 }
             }
             s.prefilled += n;
+            self.scheduler.charge(&s.caller.app, n as u64 * COST_PER_PROMPT);
         }
         if let Some(e) = push_failed {
-            // Cannot happen with the capacities above; fail loudly rather than decode garbage.
+            // Cannot happen with the capacities checked at start; fail loudly, not silently.
             self.fail_batch(&Error::Internal(format!("batch construction: {e}")));
             return;
         }
@@ -250,14 +288,17 @@ impl Worker {
         for s in self.running.iter_mut() {
             let Some(i) = s.logits_index.take() else { continue };
             match s.sampler.sample(&mut self.ctx, i) {
-                Ok(token) => s.accept(&self.model, token),
+                Ok(token) => {
+                    s.accept(&self.model, token);
+                    self.scheduler.charge(&s.caller.app, COST_PER_GENERATED);
+                }
                 Err(e) => s.finished = Some((FinishReason::Error, Some(Error::Internal(e.to_string())))),
             }
         }
     }
 
     fn fail_batch(&mut self, error: &Error) {
-        for s in self.running.iter_mut().filter(|s| s.finished.is_none()) {
+        for s in self.running.iter_mut().filter(|s| s.finished.is_none() && (s.logits_index.is_some() || s.in_prefill())) {
             s.finished = Some((FinishReason::Error, Some(error.clone())));
         }
     }
@@ -272,8 +313,7 @@ impl Worker {
             }
             let mut s = self.running.swap_remove(i);
             self.ctx.remove_sequence(s.seq);
-            self.free_seqs.push(s.seq);
-            self.kv_reserved -= s.kv_reserved;
+            self.scheduler.release(&s.caller.app, s.priority, s.seq, s.kv_reserved);
             let outcome = s.outcome(&self.model_name);
             tracing::debug!(id = s.id, reason = outcome.reason.as_str(), tokens = outcome.token_ids.len(), "request finished");
             let _ = s.events.send(Event::Finished(outcome));
@@ -283,12 +323,21 @@ impl Worker {
     }
 
     fn publish_status(&self) {
+        let used: u32 = self.running.iter().map(Sequence::kv_used).sum();
+        self.kv.used.store(used, Ordering::Relaxed);
+        self.kv.reserved.store(self.scheduler.kv_reserved(), Ordering::Relaxed);
+        let mut by_priority = [0u32; 3];
+        let priorities = self.running.iter().map(|s| s.priority).chain(self.scheduler.waiting().iter().map(|w| w.priority));
+        for p in priorities {
+            by_priority[Priority::ALL.iter().position(|&q| q == p).unwrap_or(0)] += 1;
+        }
         let running = self.running.len() as u32;
-        let waiting = self.waiting.len() as u32;
+        let waiting = self.scheduler.waiting().len() as u32;
         self.status.send_if_modified(|st| {
-            let changed = st.running != running || st.waiting != waiting;
+            let changed = st.running != running || st.waiting != waiting || st.by_priority != by_priority;
             st.running = running;
             st.waiting = waiting;
+            st.by_priority = by_priority;
             changed
         });
     }
@@ -301,7 +350,8 @@ impl Worker {
             }
         }
         self.retire();
-        for w in self.waiting.drain(..) {
+        while !self.scheduler.waiting().is_empty() {
+            let w = self.scheduler.remove_waiting(0);
             let outcome = unstarted_outcome(&w, &self.model_name, FinishReason::Cancelled, Error::Cancelled(CancelReason::Shutdown));
             let _ = w.events.send(Event::Finished(outcome));
         }

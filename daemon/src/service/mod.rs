@@ -17,7 +17,7 @@ use zbus::{Connection, interface};
 pub use in_flight::InFlight;
 use request_object::RequestObject;
 
-use crate::engine::{CancelToken, EngineHandle, EngineStatus, Event, Outcome};
+use crate::engine::{CancelToken, Caller, EngineHandle, EngineStatus, Event, Outcome, Priority};
 use crate::error::Error;
 use crate::models::Catalog;
 use crate::request::{Method, parse};
@@ -70,6 +70,19 @@ fn caller(header: &Header<'_>) -> Result<zbus::names::OwnedUniqueName, BusError>
         .ok_or_else(|| BusError::InvalidArgs("the call has no sender".into()))
 }
 
+/// Who the caller is, as the bus daemon vouches for it (never what the caller claims).
+async fn identify(conn: &Connection, sender: &zbus::names::OwnedUniqueName) -> Result<Caller, BusError> {
+    let dbus = zbus::fdo::DBusProxy::new(conn).await?;
+    let creds = dbus
+        .get_connection_credentials(zbus::names::BusName::Unique(sender.as_ref()))
+        .await
+        .map_err(|e| BusError::Internal(format!("cannot get the caller's credentials: {e}")))?;
+    let (Some(uid), Some(pid)) = (creds.unix_user_id(), creds.process_id()) else {
+        return Err(BusError::NotAuthorized("the bus did not vouch for the caller's uid and pid".into()));
+    };
+    Ok(Caller { connection: sender.to_string(), app: format!("uid:{uid}/pid:{pid}") })
+}
+
 #[interface(name = "org.hearth.Hearth1")]
 impl HearthService {
     /// Starts a generation; see org.hearth.Hearth1.xml.
@@ -82,6 +95,7 @@ impl HearthService {
     ) -> Result<OwnedObjectPath, BusError> {
         let sender = caller(&header)?;
         let parsed = parse(&request, Method::Generate, self.default_max_tokens)?;
+        let who = identify(conn, &sender).await?;
         let cancel = CancelToken::default();
         let server = conn.object_server();
         // Claim the request path first, so the caller's early subscription can never see
@@ -102,7 +116,7 @@ impl HearthService {
             }
         };
         let guard = self.in_flight.enter();
-        match self.engine.submit(parsed.request, cancel).await {
+        match self.engine.submit(parsed.request, who, cancel).await {
             Ok(submission) => {
                 tracing::info!(id = submission.accepted.id, caller = %sender, path = %path.as_str(), prompt_tokens = submission.accepted.prompt_tokens, "generate");
                 let conn = conn.clone();
@@ -126,12 +140,14 @@ impl HearthService {
     async fn complete(
         &self,
         #[zbus(header)] header: Header<'_>,
+        #[zbus(connection)] conn: &Connection,
         request: HashMap<String, OwnedValue>,
     ) -> Result<HashMap<String, OwnedValue>, BusError> {
         let sender = caller(&header)?;
         let parsed = parse(&request, Method::Complete, self.default_max_tokens)?;
+        let who = identify(conn, &sender).await?;
         let _guard = self.in_flight.enter();
-        let mut submission = self.engine.submit(parsed.request, CancelToken::default()).await.inspect_err(|e| {
+        let mut submission = self.engine.submit(parsed.request, who, CancelToken::default()).await.inspect_err(|e| {
             tracing::info!(caller = %sender, error = %e, "complete refused");
         })?;
         tracing::info!(id = submission.accepted.id, caller = %sender, "complete");
@@ -189,6 +205,24 @@ impl HearthService {
     async fn queue_depth(&self) -> u32 {
         self.engine.status().borrow().queue_depth()
     }
+
+    #[zbus(property)]
+    async fn queue_by_priority(&self) -> HashMap<String, u32> {
+        let status = self.engine.status().borrow().clone();
+        Priority::ALL.iter().map(|&p| (p.as_str().to_owned(), status.count(p))).collect()
+    }
+
+    /// Changes every token, so it is read on demand and never signalled.
+    #[zbus(property(emits_changed_signal = "false"))]
+    async fn kv_cache(&self) -> HashMap<String, u32> {
+        let kv = self.engine.kv();
+        let load = |a: &std::sync::atomic::AtomicU32| a.load(Ordering::Relaxed);
+        HashMap::from([
+            ("size".to_owned(), load(&kv.size)),
+            ("reserved".to_owned(), load(&kv.reserved)),
+            ("used".to_owned(), load(&kv.used)),
+        ])
+    }
 }
 
 /// Emits PropertiesChanged for QueueDepth and LoadedModels whenever the engine's status moves.
@@ -210,11 +244,39 @@ pub async fn publish_status_changes(conn: Connection, mut status: tokio::sync::w
                 tracing::warn!(error = %e, "cannot emit QueueDepth change");
             }
         }
+        if now.by_priority != last.by_priority {
+            if let Err(e) = service.queue_by_priority_changed(emitter).await {
+                tracing::warn!(error = %e, "cannot emit QueueByPriority change");
+            }
+        }
         if now.loaded_models != last.loaded_models {
             if let Err(e) = service.loaded_models_changed(emitter).await {
                 tracing::warn!(error = %e, "cannot emit LoadedModels change");
             }
         }
         last = now;
+    }
+}
+
+/// Cancels the requests of every connection that leaves the bus, freeing their KV at once.
+pub async fn watch_disconnects(conn: Connection, engine: EngineHandle) {
+    let stream = async {
+        let dbus = zbus::fdo::DBusProxy::new(&conn).await?;
+        dbus.receive_name_owner_changed().await
+    };
+    let mut changes = match stream.await {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot watch for disconnecting callers");
+            return;
+        }
+    };
+    use futures_util::StreamExt;
+    while let Some(signal) = changes.next().await {
+        let Ok(args) = signal.args() else { continue };
+        // A unique name losing its owner is a connection that closed.
+        if args.name().starts_with(':') && args.new_owner().is_none() {
+            engine.connection_closed(args.name().to_string()).await;
+        }
     }
 }

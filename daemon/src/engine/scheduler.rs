@@ -1,0 +1,280 @@
+//! Admission policy: which waiting request gets the next sequence slot, and when a caller must
+//! hear `Busy` instead of waiting.
+//!
+//! - Priorities: `interactive` > `normal` > `background`. A few sequence slots and part of the
+//!   KV cache are reserved for interactive requests, so a flood of lower-priority work can never
+//!   keep the keyboard waiting for a slot.
+//! - Fair share: among waiting requests of the same priority, the app that has been served
+//!   the fewest tokens goes first (weighted fair queuing by tokens; all weights 1 for now).
+//!   An app that becomes active starts at the least-served active app's count, so idle time
+//!   is not banked into a later burst.
+//! - Bounds: a waiting queue per app and overall; KV reservations never exceed the cache.
+//!
+//! This module holds no llama state; it is plain data, tested on its own.
+
+use std::collections::HashMap;
+
+use hearth_ffi::SeqId;
+
+use super::Priority;
+use super::sequence::Waiting;
+use crate::error::Error;
+
+/// Cost units charged to an app: per generated token, and per prompt token (prefill is
+/// batched and about four times cheaper per token than decoding).
+pub(super) const COST_PER_GENERATED: u64 = 4;
+pub(super) const COST_PER_PROMPT: u64 = 1;
+
+/// Scheduling limits, from the configuration.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Limits {
+    /// Sequences that normal and background requests may hold together.
+    pub shared_sequences: usize,
+    /// Extra sequences only interactive requests may use.
+    pub interactive_sequences: usize,
+    /// KV cache size in tokens.
+    pub n_ctx: u32,
+    /// KV tokens only interactive requests may reserve.
+    pub interactive_kv: u32,
+    /// Most waiting requests overall.
+    pub queue_capacity: usize,
+    /// Most waiting requests per app.
+    pub queue_per_app: usize,
+}
+
+#[derive(Debug, Default)]
+struct AppState {
+    /// Cost units served so far (the app's virtual time).
+    served: u64,
+    /// Requests waiting.
+    waiting: usize,
+    /// Requests waiting or running.
+    active: usize,
+}
+
+#[derive(Debug)]
+pub(super) struct Scheduler {
+    limits: Limits,
+    waiting: Vec<Waiting>,
+    apps: HashMap<String, AppState>,
+    free_seqs: Vec<SeqId>,
+    /// Running non-interactive sequences.
+    shared_running: usize,
+    kv_reserved: u32,
+}
+
+impl Scheduler {
+    pub fn new(limits: Limits) -> Self {
+        let total = (limits.shared_sequences + limits.interactive_sequences) as SeqId;
+        Self {
+            limits,
+            waiting: Vec::new(),
+            apps: HashMap::new(),
+            // Popped from the end: lowest ids first.
+            free_seqs: (0..total).rev().collect(),
+            shared_running: 0,
+            kv_reserved: 0,
+        }
+    }
+
+    /// KV tokens a request of `priority` may use at most.
+    pub fn kv_limit(&self, priority: Priority) -> u32 {
+        match priority {
+            Priority::Interactive => self.limits.n_ctx,
+            _ => self.limits.n_ctx - self.limits.interactive_kv,
+        }
+    }
+
+    pub fn kv_reserved(&self) -> u32 {
+        self.kv_reserved
+    }
+
+    pub fn waiting(&self) -> &[Waiting] {
+        &self.waiting
+    }
+
+    fn fits(&self, priority: Priority, need: u32) -> bool {
+        let slot = !self.free_seqs.is_empty()
+            && (priority == Priority::Interactive || self.shared_running < self.limits.shared_sequences);
+        slot && self.kv_reserved + need <= self.kv_limit(priority)
+    }
+
+    /// Refuses a new request with `Busy` when it would have to wait and the queues are full.
+    pub fn check_admission(&self, app: &str, priority: Priority, need: u32) -> Result<(), Error> {
+        let nothing_ahead = self.waiting.iter().all(|w| w.priority < priority);
+        if nothing_ahead && self.fits(priority, need) {
+            return Ok(());
+        }
+        let app_waiting = self.apps.get(app).map_or(0, |a| a.waiting);
+        let busy = |waiting: usize, limit: usize, scope: &str| Error::Busy {
+            scope: scope.to_owned(),
+            waiting,
+            limit,
+            retry_after_ms: 200 * (1 + waiting as u64),
+        };
+        if self.waiting.len() >= self.limits.queue_capacity {
+            return Err(busy(self.waiting.len(), self.limits.queue_capacity, "in the queue"));
+        }
+        if app_waiting >= self.limits.queue_per_app {
+            return Err(busy(app_waiting, self.limits.queue_per_app, "from this app"));
+        }
+        Ok(())
+    }
+
+    /// Queues an accepted request.
+    pub fn push(&mut self, w: Waiting) {
+        let floor = self.apps.values().filter(|a| a.active > 0).map(|a| a.served).min();
+        let app = self.apps.entry(w.caller.app.clone()).or_default();
+        if app.active == 0 {
+            // Returning from idle: start level with the least-served active app.
+            app.served = app.served.max(floor.unwrap_or(0));
+        }
+        app.active += 1;
+        app.waiting += 1;
+        self.waiting.push(w);
+    }
+
+    /// The next request to start, with its sequence id, if the best candidate fits now.
+    pub fn pop_next(&mut self) -> Option<(Waiting, SeqId)> {
+        let served = |app: &str| self.apps.get(app).map_or(0, |a| a.served);
+        let best = self
+            .waiting
+            .iter()
+            .enumerate()
+            .max_by(|(_, a), (_, b)| {
+                a.priority
+                    .cmp(&b.priority)
+                    .then(served(&b.caller.app).cmp(&served(&a.caller.app)))
+                    .then(b.id.cmp(&a.id))
+            })
+            .map(|(i, _)| i)?;
+        let (priority, need) = (self.waiting[best].priority, self.waiting[best].kv_need());
+        if !self.fits(priority, need) {
+            return None;
+        }
+        let w = self.waiting.swap_remove(best);
+        let seq = self.free_seqs.pop()?;
+        if priority != Priority::Interactive {
+            self.shared_running += 1;
+        }
+        self.kv_reserved += need;
+        if let Some(app) = self.apps.get_mut(&w.caller.app) {
+            app.waiting -= 1;
+        }
+        Some((w, seq))
+    }
+
+    /// Takes a waiting request out of the queue (cancelled before it started).
+    pub fn remove_waiting(&mut self, index: usize) -> Waiting {
+        let w = self.waiting.swap_remove(index);
+        self.forget(&w.caller.app, true);
+        w
+    }
+
+    /// Returns a finished sequence's slot and KV reservation.
+    pub fn release(&mut self, app: &str, priority: Priority, seq: SeqId, kv_reserved: u32) {
+        self.free_seqs.push(seq);
+        if priority != Priority::Interactive {
+            self.shared_running -= 1;
+        }
+        self.kv_reserved -= kv_reserved;
+        self.forget(app, false);
+    }
+
+    fn forget(&mut self, app: &str, was_waiting: bool) {
+        if let Some(a) = self.apps.get_mut(app) {
+            a.active -= 1;
+            if was_waiting {
+                a.waiting -= 1;
+            }
+            if a.active == 0 {
+                // Idle apps keep no state: on return they start level with the active ones.
+                self.apps.remove(app);
+            }
+        }
+    }
+
+    /// Charges served work to an app.
+    pub fn charge(&mut self, app: &str, units: u64) {
+        if let Some(a) = self.apps.get_mut(app) {
+            a.served += units;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::engine::{CancelToken, Caller};
+    use hearth_ffi::{Sampler, SamplerParams};
+
+    fn limits() -> Limits {
+        Limits { shared_sequences: 2, interactive_sequences: 1, n_ctx: 1000, interactive_kv: 200, queue_capacity: 4, queue_per_app: 2 }
+    }
+
+    fn waiting(id: u64, app: &str, priority: Priority, need: u32) -> Waiting {
+        Waiting {
+            id,
+            caller: Caller { connection: format!(":1.{id}"), app: app.to_owned() },
+            priority,
+            deadline: None,
+            prompt: vec![1; need as usize / 2],
+            max_tokens: need - need / 2,
+            sampler: Sampler::new(SamplerParams::default()),
+            cancel: CancelToken::default(),
+            events: tokio::sync::mpsc::unbounded_channel().0,
+        }
+    }
+
+    #[test]
+    fn interactive_keeps_a_slot_and_kv_of_its_own() {
+        let mut s = Scheduler::new(limits());
+        for id in 0..3 {
+            s.push(waiting(id, "bg", Priority::Background, 100));
+        }
+        assert!(s.pop_next().is_some());
+        assert!(s.pop_next().is_some());
+        assert!(s.pop_next().is_none(), "the third background request must wait: shared slots are full");
+        s.push(waiting(9, "kbd", Priority::Interactive, 100));
+        let (w, _) = s.pop_next().expect("interactive takes the reserved slot");
+        assert_eq!(w.id, 9);
+        // KV: shared requests may reserve only n_ctx - interactive_kv.
+        assert_eq!(s.kv_limit(Priority::Normal), 800);
+    }
+
+    #[test]
+    fn same_priority_apps_alternate_by_served_tokens() {
+        let mut s = Scheduler::new(Limits { queue_capacity: 100, queue_per_app: 100, ..limits() });
+        for id in 0..4 {
+            s.push(waiting(id, "a", Priority::Normal, 10));
+        }
+        for id in 4..8 {
+            s.push(waiting(id, "b", Priority::Normal, 10));
+        }
+        let mut order = Vec::new();
+        while let Some((w, seq)) = s.pop_next() {
+            order.push(w.caller.app.clone());
+            s.charge(&w.caller.app, 100);
+            s.release(&w.caller.app, w.priority, seq, w.kv_need());
+        }
+        assert_eq!(order, ["a", "b", "a", "b", "a", "b", "a", "b"]);
+    }
+
+    #[test]
+    fn full_queues_answer_busy() {
+        let mut s = Scheduler::new(limits());
+        s.push(waiting(0, "a", Priority::Normal, 900)); // cannot fit: waits forever in this test
+        assert!(s.pop_next().is_none());
+        s.push(waiting(1, "a", Priority::Normal, 10));
+        let err = s.check_admission("a", Priority::Normal, 10).unwrap_err();
+        assert!(matches!(err, Error::Busy { ref scope, .. } if scope == "from this app"), "{err:?}");
+        s.push(waiting(2, "b", Priority::Normal, 10));
+        s.push(waiting(3, "c", Priority::Normal, 10));
+        let err = s.check_admission("d", Priority::Normal, 10).unwrap_err();
+        assert!(matches!(err, Error::Busy { ref scope, .. } if scope == "in the queue"), "{err:?}");
+        // Removing a waiting request frees its place.
+        let w = s.remove_waiting(0);
+        assert_eq!(w.id, 0);
+        assert!(s.check_admission("d", Priority::Normal, 10).is_ok());
+    }
+}
