@@ -45,7 +45,9 @@ pub struct ModelsConfig {
 pub struct EngineConfig {
     /// Compute threads; 0 means one per available CPU.
     pub threads: u32,
-    /// KV cache size in tokens, shared by all running requests.
+    /// Context of one request in tokens (prompt + generated). Every sequence slot has a KV
+    /// stream of this size, so the KV cache holds context_length × (max_sequences +
+    /// interactive_sequences) tokens.
     pub context_length: u32,
     /// Most tokens per decode step (prompt chunks + one token per running request).
     pub batch_size: u32,
@@ -54,10 +56,11 @@ pub struct EngineConfig {
     /// Extra sequences only interactive requests may use, so a flood of other work never
     /// keeps them waiting for a slot.
     pub interactive_sequences: u32,
-    /// KV cache tokens only interactive requests may reserve.
-    pub interactive_kv: u32,
     /// Layers offloaded to an accelerator (0: CPU only, -1: all).
     pub gpu_layers: i32,
+    /// Flash attention. On by default: it keeps each request's output independent of what
+    /// else is batched with it (without it, batching changes greedy outputs).
+    pub flash_attn: bool,
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq)]
@@ -84,12 +87,12 @@ impl Default for EngineConfig {
     fn default() -> Self {
         Self {
             threads: 0,
-            context_length: 4096,
+            context_length: 2048,
             batch_size: 512,
-            max_sequences: 8,
+            max_sequences: 4,
             interactive_sequences: 2,
-            interactive_kv: 1024,
             gpu_layers: 0,
+            flash_attn: true,
         }
     }
 }
@@ -134,12 +137,6 @@ impl Config {
                 "engine.batch_size {} must be at least engine.max_sequences + engine.interactive_sequences = {} (every running request decodes one token per step)",
                 e.batch_size,
                 e.max_sequences + e.interactive_sequences
-            )));
-        }
-        if e.interactive_kv >= e.context_length {
-            return Err(ConfigError::Invalid(format!(
-                "engine.interactive_kv {} must be below engine.context_length {}",
-                e.interactive_kv, e.context_length
             )));
         }
         if e.max_sequences + e.interactive_sequences > 256 {
@@ -195,7 +192,7 @@ mod tests {
         let p = write(dir.path(), "a.toml", "[engine]\nthreads = 3\n");
         let c = Config::load(Some(&p)).unwrap();
         assert_eq!(c.engine.threads, 3);
-        assert_eq!(c.engine.context_length, 4096);
+        assert_eq!(c.engine.context_length, 2048);
         assert_eq!(c.models, ModelsConfig::default());
     }
 

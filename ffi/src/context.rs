@@ -12,7 +12,8 @@ use crate::{Batch, Error, Model, Pos, Result, SeqId};
 /// How to create a context.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ContextParams {
-    /// Total KV cache size in tokens, shared by all sequences.
+    /// Total KV cache size in tokens. Without `kv_unified` every sequence gets an equal
+    /// stream of `n_ctx / n_seq_max` cells.
     pub n_ctx: u32,
     /// Most tokens one `decode` call may submit.
     pub n_batch: u32,
@@ -22,11 +23,18 @@ pub struct ContextParams {
     pub n_threads: i32,
     /// Threads for prompt (batch) processing.
     pub n_threads_batch: i32,
+    /// Flash attention: None lets llama.cpp decide per device. Hearth turns it on: with it,
+    /// a sequence's results do not depend on what else shares the batch and the KV cache.
+    pub flash_attn: Option<bool>,
+    /// One KV buffer shared by all sequences. Off (per-sequence streams) keeps every
+    /// sequence's cells contiguous and in position order, exactly as in a solo run, so
+    /// batching cannot change results; on lets one long sequence use the whole cache.
+    pub kv_unified: bool,
 }
 
 impl Default for ContextParams {
     fn default() -> Self {
-        Self { n_ctx: 4096, n_batch: 512, n_seq_max: 8, n_threads: 2, n_threads_batch: 2 }
+        Self { n_ctx: 4096, n_batch: 512, n_seq_max: 8, n_threads: 2, n_threads_batch: 2, flash_attn: Some(true), kv_unified: false }
     }
 }
 
@@ -54,7 +62,7 @@ unsafe extern "C" fn abort_requested(data: *mut c_void) -> bool {
 }
 
 impl Context {
-    /// Creates a context with a unified KV cache: any sequence may use all `n_ctx` cells.
+    /// Creates a context.
     pub fn new(model: Arc<Model>, params: ContextParams) -> Result<Self> {
         // SAFETY: returns a plain struct of defaults.
         let mut cp = unsafe { sys::llama_context_default_params() };
@@ -64,7 +72,12 @@ impl Context {
         cp.n_seq_max = params.n_seq_max;
         cp.n_threads = params.n_threads;
         cp.n_threads_batch = params.n_threads_batch;
-        cp.kv_unified = true;
+        cp.kv_unified = params.kv_unified;
+        cp.flash_attn_type = match params.flash_attn {
+            None => sys::LLAMA_FLASH_ATTN_TYPE_AUTO,
+            Some(true) => sys::LLAMA_FLASH_ATTN_TYPE_ENABLED,
+            Some(false) => sys::LLAMA_FLASH_ATTN_TYPE_DISABLED,
+        };
         cp.no_perf = true;
         let abort = Arc::new(AtomicBool::new(false));
         cp.abort_callback = Some(abort_requested);
@@ -94,6 +107,12 @@ impl Context {
     pub fn n_ctx(&self) -> u32 {
         // SAFETY: plain query on a valid context.
         unsafe { sys::llama_n_ctx(self.ptr.as_ptr()) }
+    }
+
+    /// KV cells one sequence can hold (`n_ctx`, or its share of it without `kv_unified`).
+    pub fn n_ctx_seq(&self) -> u32 {
+        // SAFETY: plain query on a valid context.
+        unsafe { sys::llama_n_ctx_seq(self.ptr.as_ptr()) }
     }
 
     /// Changes the thread counts for decode and batch processing.

@@ -19,7 +19,7 @@ fn model() -> Arc<Model> {
 }
 
 fn context(n_seq_max: u32) -> Context {
-    Context::new(model(), ContextParams { n_ctx: 2048, n_batch: 512, n_seq_max, n_threads: 2, n_threads_batch: 2 })
+    Context::new(model(), ContextParams { n_ctx: 2048, n_batch: 512, n_seq_max, n_threads: 2, n_threads_batch: 2, flash_attn: Some(true), kv_unified: false })
         .expect("context")
 }
 

@@ -29,8 +29,8 @@ pub fn set_threads(n: i32) {
 pub fn threads() -> i32 {
     *THREADS.get_or_init(|| DEFAULT_THREADS)
 }
-/// Context size used by both.
-pub const CONTEXT: u32 = 4096;
+/// Context of one request (one sequence's KV stream), used by both.
+pub const CONTEXT: u32 = 1024;
 /// Batch size used by both.
 pub const BATCH: u32 = 512;
 /// Sequences of the daemon's context.
@@ -117,6 +117,17 @@ impl Drop for Bus {
     }
 }
 
+/// Overrides of the test configuration.
+#[derive(Debug, Clone, Default)]
+pub struct Settings {
+    /// `engine.max_sequences` (default [`SEQUENCES`]).
+    pub max_sequences: Option<u32>,
+    /// `engine.interactive_sequences` (default 2).
+    pub interactive_sequences: Option<u32>,
+    /// Extra lines for the `[limits]` table.
+    pub limits: String,
+}
+
 /// The real hearthd on a [`Bus`].
 #[derive(Debug)]
 pub struct Daemon {
@@ -131,13 +142,21 @@ impl Daemon {
         Self::start_with(bus, "").await
     }
 
-    /// Like [`Daemon::start`], with extra TOML appended to the `[engine]`/`[limits]` config.
+    /// Like [`Daemon::start`], with extra TOML lines for the `[limits]` table.
     pub async fn start_with(bus: &Bus, extra_limits: &str) -> Self {
+        Self::start_configured(bus, &Settings { limits: extra_limits.to_owned(), ..Settings::default() }).await
+    }
+
+    /// Starts hearthd with `settings` over the test configuration.
+    pub async fn start_configured(bus: &Bus, settings: &Settings) -> Self {
         let dir = tempfile::tempdir().expect("tempdir");
         let config = format!(
-            "[models]\ndirs = [\"{}\"]\n\n[engine]\nthreads = {}\ncontext_length = {CONTEXT}\nbatch_size = {BATCH}\nmax_sequences = {SEQUENCES}\n\n[limits]\n{extra_limits}\n",
+            "[models]\ndirs = [\"{}\"]\n\n[engine]\nthreads = {}\ncontext_length = {CONTEXT}\nbatch_size = {BATCH}\nmax_sequences = {}\ninteractive_sequences = {}\n\n[limits]\n{}\n",
             models_dir().display(),
-            threads()
+            threads(),
+            settings.max_sequences.unwrap_or(SEQUENCES),
+            settings.interactive_sequences.unwrap_or(2),
+            settings.limits,
         );
         let config_path = dir.path().join("hearthd.toml");
         std::fs::write(&config_path, config).expect("write config");
@@ -217,6 +236,16 @@ impl Drop for Daemon {
     }
 }
 
+/// A proxy of the service that reads properties from the daemon on every call (no cache that
+/// PropertiesChanged signals update later), so tests see the current value.
+pub async fn hearth(conn: &Connection) -> hearth_dbus::Hearth1Proxy<'static> {
+    hearth_dbus::Hearth1Proxy::builder(conn)
+        .cache_properties(zbus::proxy::CacheProperties::No)
+        .build()
+        .await
+        .expect("Hearth1 proxy")
+}
+
 /// A chat request dictionary for the given user message.
 pub fn chat_request(user: &str, max_tokens: u32) -> HashMap<&'static str, Value<'static>> {
     HashMap::from([
@@ -256,7 +285,8 @@ pub fn direct_run(messages: &[(&str, &str)], sampling: SamplerParams, max_tokens
     let prompt = model.tokenize(&text, true, true).expect("tokenize");
     let mut ctx = Context::new(
         Arc::clone(&model),
-        ContextParams { n_ctx: CONTEXT, n_batch: BATCH, n_seq_max: SEQUENCES, n_threads: threads(), n_threads_batch: threads() },
+        // hearthd gives every sequence its own KV stream of CONTEXT cells: one stream here.
+        ContextParams { n_ctx: CONTEXT, n_batch: BATCH, n_seq_max: 1, n_threads: threads(), n_threads_batch: threads(), flash_attn: Some(true), kv_unified: false },
     )
     .expect("context");
     let mut sampler = Sampler::new(sampling);

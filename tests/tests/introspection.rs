@@ -87,7 +87,7 @@ async fn live_introspection_equals_the_xml() {
     };
     let mut live = shapes(&introspect(hearth_dbus::OBJECT_PATH.to_owned()).await);
 
-    let mut g = Generation::start(&conn, chat_request("Write a long story.", 2000), "introspect").await.unwrap();
+    let mut g = Generation::start(&conn, chat_request("Write a long story.", 900), "introspect").await.unwrap();
     live.extend(shapes(&introspect(g.path().as_str().to_owned()).await));
     g.cancel().await.unwrap();
     while let Some(ev) = g.next().await {

@@ -4,8 +4,8 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use futures_util::StreamExt;
-use hearth_dbus::{Error, Generation, Hearth1Proxy, RequestProxy, StreamEvent, messages_value, request_key, result_key};
-use hearth_tests::{Bus, Daemon, chat_request, direct_run, greedy};
+use hearth_dbus::{Error, Generation, RequestProxy, StreamEvent, messages_value, request_key, result_key};
+use hearth_tests::{Bus, Daemon, Settings, chat_request, direct_run, greedy};
 use zbus::MatchRule;
 use zbus::message::Type as MessageType;
 use zbus::zvariant::{OwnedValue, Value};
@@ -45,7 +45,7 @@ async fn complete_and_generate_give_exactly_the_direct_ffi_tokens() {
     let bus = Bus::start();
     let _daemon = Daemon::start(&bus).await;
     let conn = bus.connect().await;
-    let proxy = Hearth1Proxy::new(&conn).await.unwrap();
+    let proxy = hearth_tests::hearth(&conn).await;
     for (i, prompt) in PROMPTS.iter().enumerate() {
         let direct = direct_run(&[("user", prompt)], greedy(), 48);
         assert!(!direct.tokens.is_empty());
@@ -111,7 +111,7 @@ async fn cancel_ends_the_stream_at_once_and_only_the_owner_may_cancel() {
     let _daemon = Daemon::start(&bus).await;
     let conn = bus.connect().await;
     let other = bus.connect().await;
-    let mut g = Generation::start(&conn, chat_request("Write a very long story about the sea.", 2000), "long").await.unwrap();
+    let mut g = Generation::start(&conn, chat_request("Write a very long story about the sea.", 900), "long").await.unwrap();
     let path = g.path().clone();
     let mut seen = 0;
     while seen < 3 {
@@ -140,7 +140,7 @@ async fn cancel_ends_the_stream_at_once_and_only_the_owner_may_cancel() {
     assert_eq!(get_str(&finished, result_key::ERROR_NAME), "org.hearth.Hearth1.Error.Cancelled");
 
     // The daemon keeps serving, and the queue is empty again.
-    let proxy = Hearth1Proxy::new(&conn).await.unwrap();
+    let proxy = hearth_tests::hearth(&conn).await;
     let r = proxy.complete(chat_request("Say hello.", 8)).await.expect("Complete after cancel");
     assert!(get_u32(&r, result_key::TOKENS) > 0);
     assert_eq!(proxy.queue_depth().await.unwrap(), 0);
@@ -151,8 +151,8 @@ async fn bad_input_gets_the_right_error_name_and_the_daemon_keeps_serving() {
     let bus = Bus::start();
     let _daemon = Daemon::start(&bus).await;
     let conn = bus.connect().await;
-    let proxy = Hearth1Proxy::new(&conn).await.unwrap();
-    let huge = "word ".repeat(6000);
+    let proxy = hearth_tests::hearth(&conn).await;
+    let huge = "word ".repeat(3000);
     let base = || chat_request("hi", 8);
     let with = |k: &'static str, v: Value<'static>| {
         let mut r = base();
@@ -207,11 +207,12 @@ async fn bad_input_gets_the_right_error_name_and_the_daemon_keeps_serving() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_queue_answers_busy_at_once() {
     let bus = Bus::start();
-    let _daemon = Daemon::start_with(&bus, "queue_capacity = 0").await;
+    let settings = Settings { max_sequences: Some(1), interactive_sequences: Some(0), limits: "queue_capacity = 0".into() };
+    let _daemon = Daemon::start_configured(&bus, &settings).await;
     let conn = bus.connect().await;
-    let proxy = Hearth1Proxy::new(&conn).await.unwrap();
-    // Reserve nearly the whole KV cache (4096) for one request so the next one cannot start.
-    let mut g = Generation::start(&conn, chat_request("Write a very long story.", 4080), "hog").await.unwrap();
+    let proxy = hearth_tests::hearth(&conn).await;
+    // The only sequence slot is taken and nothing may wait.
+    let mut g = Generation::start(&conn, chat_request("Write a very long story.", 900), "hog").await.unwrap();
     let started = std::time::Instant::now();
     let err = proxy.complete(chat_request("hi", 8)).await.expect_err("must be Busy");
     assert_eq!(error_name(&err), "org.hearth.Hearth1.Error.Busy");
@@ -223,7 +224,7 @@ async fn a_full_queue_answers_busy_at_once() {
             break;
         }
     }
-    proxy.complete(chat_request("hi", 8)).await.expect("served once the queue has room");
+    proxy.complete(chat_request("hi", 8)).await.expect("served once the slot is free");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -231,11 +232,11 @@ async fn sigterm_during_a_stream_cancels_it_and_exits_zero() {
     let bus = Bus::start();
     let mut daemon = Daemon::start(&bus).await;
     let conn = bus.connect().await;
-    let mut g = Generation::start(&conn, chat_request("Write a very long story about mountains.", 2000), "term").await.unwrap();
+    let mut g = Generation::start(&conn, chat_request("Write a very long story about mountains.", 900), "term").await.unwrap();
     let blocking_conn = bus.connect().await;
     let blocking = tokio::spawn(async move {
-        let proxy = Hearth1Proxy::new(&blocking_conn).await.unwrap();
-        proxy.complete(chat_request("Write a very long story about rivers.", 2000)).await
+        let proxy = hearth_tests::hearth(&blocking_conn).await;
+        proxy.complete(chat_request("Write a very long story about rivers.", 900)).await
     });
     let mut seen = 0;
     while seen < 2 {
@@ -267,7 +268,7 @@ async fn list_models_and_properties_describe_the_daemon() {
     let bus = Bus::start();
     let _daemon = Daemon::start(&bus).await;
     let conn = bus.connect().await;
-    let proxy = Hearth1Proxy::new(&conn).await.unwrap();
+    let proxy = hearth_tests::hearth(&conn).await;
     assert_eq!(proxy.version().await.unwrap(), env!("CARGO_PKG_VERSION"));
     assert_eq!(proxy.loaded_models().await.unwrap(), vec!["smollm2-135m-instruct".to_owned()]);
     assert_eq!(proxy.queue_depth().await.unwrap(), 0);

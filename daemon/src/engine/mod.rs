@@ -279,12 +279,15 @@ impl EngineHandle {
             ModelParams { n_gpu_layers: config.engine.gpu_layers, use_mmap: true },
         )?);
         let threads = config.threads();
+        let sequences = config.engine.max_sequences + config.engine.interactive_sequences;
         let params = ContextParams {
-            n_ctx: config.engine.context_length,
+            n_ctx: config.engine.context_length * sequences,
             n_batch: config.engine.batch_size,
-            n_seq_max: config.engine.max_sequences + config.engine.interactive_sequences,
+            n_seq_max: sequences,
             n_threads: threads,
             n_threads_batch: threads,
+            flash_attn: Some(config.engine.flash_attn),
+            kv_unified: false,
         };
         let ctx = Context::new(Arc::clone(&model), params)?;
         let info = Arc::new(LoadedModelInfo {
@@ -293,7 +296,7 @@ impl EngineHandle {
             n_params: model.n_params(),
             size_bytes: model.size_bytes(),
             trained_context: model.n_ctx_train(),
-            context_length: ctx.n_ctx(),
+            context_length: ctx.n_ctx_seq(),
         });
         tracing::info!(
             model = %name, params = info.n_params, bytes = info.size_bytes, context = info.context_length,

@@ -1,14 +1,15 @@
 //! Admission policy: which waiting request gets the next sequence slot, and when a caller must
 //! hear `Busy` instead of waiting.
 //!
-//! - Priorities: `interactive` > `normal` > `background`. A few sequence slots and part of the
-//!   KV cache are reserved for interactive requests, so a flood of lower-priority work can never
-//!   keep the keyboard waiting for a slot.
+//! - Priorities: `interactive` > `normal` > `background`. A few sequence slots (each with its
+//!   own KV stream) are reserved for interactive requests, so a flood of lower-priority work
+//!   can never keep the keyboard waiting for a slot.
 //! - Fair share: among waiting requests of the same priority, the app that has been served
 //!   the fewest tokens goes first (weighted fair queuing by tokens; all weights 1 for now).
 //!   An app that becomes active starts at the least-served active app's count, so idle time
 //!   is not banked into a later burst.
-//! - Bounds: a waiting queue per app and overall; KV reservations never exceed the cache.
+//! - Bounds: a waiting queue per app and overall; a request's prompt + max_tokens never
+//!   exceeds its sequence's KV stream.
 //!
 //! This module holds no llama state; it is plain data, tested on its own.
 
@@ -32,10 +33,6 @@ pub(super) struct Limits {
     pub shared_sequences: usize,
     /// Extra sequences only interactive requests may use.
     pub interactive_sequences: usize,
-    /// KV cache size in tokens.
-    pub n_ctx: u32,
-    /// KV tokens only interactive requests may reserve.
-    pub interactive_kv: u32,
     /// Most waiting requests overall.
     pub queue_capacity: usize,
     /// Most waiting requests per app.
@@ -77,14 +74,6 @@ impl Scheduler {
         }
     }
 
-    /// KV tokens a request of `priority` may use at most.
-    pub fn kv_limit(&self, priority: Priority) -> u32 {
-        match priority {
-            Priority::Interactive => self.limits.n_ctx,
-            _ => self.limits.n_ctx - self.limits.interactive_kv,
-        }
-    }
-
     pub fn kv_reserved(&self) -> u32 {
         self.kv_reserved
     }
@@ -93,16 +82,14 @@ impl Scheduler {
         &self.waiting
     }
 
-    fn fits(&self, priority: Priority, need: u32) -> bool {
-        let slot = !self.free_seqs.is_empty()
-            && (priority == Priority::Interactive || self.shared_running < self.limits.shared_sequences);
-        slot && self.kv_reserved + need <= self.kv_limit(priority)
+    fn fits(&self, priority: Priority) -> bool {
+        !self.free_seqs.is_empty() && (priority == Priority::Interactive || self.shared_running < self.limits.shared_sequences)
     }
 
     /// Refuses a new request with `Busy` when it would have to wait and the queues are full.
-    pub fn check_admission(&self, app: &str, priority: Priority, need: u32) -> Result<(), Error> {
+    pub fn check_admission(&self, app: &str, priority: Priority) -> Result<(), Error> {
         let nothing_ahead = self.waiting.iter().all(|w| w.priority < priority);
-        if nothing_ahead && self.fits(priority, need) {
+        if nothing_ahead && self.fits(priority) {
             return Ok(());
         }
         let app_waiting = self.apps.get(app).map_or(0, |a| a.waiting);
@@ -149,7 +136,7 @@ impl Scheduler {
             })
             .map(|(i, _)| i)?;
         let (priority, need) = (self.waiting[best].priority, self.waiting[best].kv_need());
-        if !self.fits(priority, need) {
+        if !self.fits(priority) {
             return None;
         }
         let w = self.waiting.swap_remove(best);
@@ -209,7 +196,7 @@ mod tests {
     use hearth_ffi::{Sampler, SamplerParams};
 
     fn limits() -> Limits {
-        Limits { shared_sequences: 2, interactive_sequences: 1, n_ctx: 1000, interactive_kv: 200, queue_capacity: 4, queue_per_app: 2 }
+        Limits { shared_sequences: 2, interactive_sequences: 1, queue_capacity: 4, queue_per_app: 2 }
     }
 
     fn waiting(id: u64, app: &str, priority: Priority, need: u32) -> Waiting {
@@ -227,7 +214,7 @@ mod tests {
     }
 
     #[test]
-    fn interactive_keeps_a_slot_and_kv_of_its_own() {
+    fn interactive_keeps_a_slot_of_its_own() {
         let mut s = Scheduler::new(limits());
         for id in 0..3 {
             s.push(waiting(id, "bg", Priority::Background, 100));
@@ -238,8 +225,8 @@ mod tests {
         s.push(waiting(9, "kbd", Priority::Interactive, 100));
         let (w, _) = s.pop_next().expect("interactive takes the reserved slot");
         assert_eq!(w.id, 9);
-        // KV: shared requests may reserve only n_ctx - interactive_kv.
-        assert_eq!(s.kv_limit(Priority::Normal), 800);
+        s.push(waiting(10, "kbd", Priority::Interactive, 100));
+        assert!(s.pop_next().is_none(), "all slots taken");
     }
 
     #[test]
@@ -263,18 +250,21 @@ mod tests {
     #[test]
     fn full_queues_answer_busy() {
         let mut s = Scheduler::new(limits());
-        s.push(waiting(0, "a", Priority::Normal, 900)); // cannot fit: waits forever in this test
-        assert!(s.pop_next().is_none());
+        s.pop_next().map(|_| ()).unwrap_or_default();
+        s.push(waiting(90, "x", Priority::Normal, 10));
+        s.push(waiting(91, "y", Priority::Normal, 10));
+        assert!(s.pop_next().is_some() && s.pop_next().is_some() && s.pop_next().is_none(), "two shared slots");
+        s.push(waiting(0, "a", Priority::Normal, 10));
         s.push(waiting(1, "a", Priority::Normal, 10));
-        let err = s.check_admission("a", Priority::Normal, 10).unwrap_err();
+        let err = s.check_admission("a", Priority::Normal).unwrap_err();
         assert!(matches!(err, Error::Busy { ref scope, .. } if scope == "from this app"), "{err:?}");
         s.push(waiting(2, "b", Priority::Normal, 10));
         s.push(waiting(3, "c", Priority::Normal, 10));
-        let err = s.check_admission("d", Priority::Normal, 10).unwrap_err();
+        let err = s.check_admission("d", Priority::Normal).unwrap_err();
         assert!(matches!(err, Error::Busy { ref scope, .. } if scope == "in the queue"), "{err:?}");
         // Removing a waiting request frees its place.
         let w = s.remove_waiting(0);
         assert_eq!(w.id, 0);
-        assert!(s.check_admission("d", Priority::Normal, 10).is_ok());
+        assert!(s.check_admission("d", Priority::Normal).is_ok());
     }
 }

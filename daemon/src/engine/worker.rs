@@ -47,12 +47,10 @@ impl Worker {
         kv: Arc<KvGauges>,
         config: &Config,
     ) -> Self {
-        let n_ctx = ctx.n_ctx();
+        let n_ctx = ctx.n_ctx_seq();
         let limits = Limits {
             shared_sequences: config.engine.max_sequences as usize,
             interactive_sequences: config.engine.interactive_sequences as usize,
-            n_ctx,
-            interactive_kv: config.engine.interactive_kv.min(n_ctx.saturating_sub(1)),
             queue_capacity: config.limits.queue_capacity as usize,
             queue_per_app: config.limits.queue_per_app as usize,
         };
@@ -138,8 +136,8 @@ impl Worker {
         reply: oneshot::Sender<Result<Accepted, Error>>,
     ) {
         let verdict = self.prepare(request).and_then(|prompt| {
-            let max_tokens = request.max_tokens.min(self.scheduler.kv_limit(request.priority) - prompt.len() as u32);
-            self.scheduler.check_admission(&caller.app, request.priority, prompt.len() as u32 + max_tokens)?;
+            let max_tokens = request.max_tokens.min(self.n_ctx - prompt.len() as u32);
+            self.scheduler.check_admission(&caller.app, request.priority)?;
             Ok((prompt, max_tokens))
         });
         let (prompt, max_tokens) = match verdict {
@@ -193,10 +191,9 @@ impl Worker {
             e => Error::Internal(e.to_string()),
         })?;
         let prompt = self.model.tokenize(&text, true, true)?;
-        // Room for the prompt and at least one generated token, within this priority's share.
-        let limit = self.scheduler.kv_limit(request.priority);
-        if prompt.len() >= limit as usize {
-            return Err(Error::ContextLengthExceeded { prompt: prompt.len(), context: limit });
+        // Room for the prompt and at least one generated token.
+        if prompt.len() >= self.n_ctx as usize {
+            return Err(Error::ContextLengthExceeded { prompt: prompt.len(), context: self.n_ctx });
         }
         Ok(prompt)
     }
@@ -257,11 +254,13 @@ impl Worker {
                 }
             }
         }
-        // Prompt chunks, highest priority first, then oldest first.
-        let mut order: Vec<usize> =
-            (0..self.running.len()).filter(|&i| self.running[i].finished.is_none() && self.running[i].in_prefill()).collect();
-        order.sort_by_key(|&i| (std::cmp::Reverse(self.running[i].priority), self.running[i].id));
-        for i in order {
+        // One prompt chunk per step: the highest-priority, oldest prefilling sequence's. Two
+        // prompts in one batch change llama.cpp's numerics (tested in hearth-ffi's
+        // batch_exactness), and batching must never change a request's output.
+        let next_prefill = (0..self.running.len())
+            .filter(|&i| self.running[i].finished.is_none() && self.running[i].in_prefill())
+            .min_by_key(|&i| (std::cmp::Reverse(self.running[i].priority), self.running[i].id));
+        if let Some(i) = next_prefill {
             let s = &mut self.running[i];
             let n = (s.prompt.len() - s.prefilled).min(self.batch.remaining());
             for k in s.prefilled..s.prefilled + n {

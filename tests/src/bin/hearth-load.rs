@@ -1,0 +1,71 @@
+//! hearth-load: one app (one process, one connection) running N concurrent streamed
+//! generations against hearthd. Prints one JSON line per finished stream, with times in ms
+//! since the Unix epoch so several processes' lines can be merged. Used by the scheduler
+//! tests and the benchmark to play "another app".
+
+#![forbid(unsafe_code)]
+
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use clap::Parser;
+use hearth_dbus::{Generation, StreamEvent, request_key, result_key};
+use hearth_tests::chat_request;
+use zbus::zvariant::Value;
+
+#[derive(Debug, Parser)]
+struct Args {
+    #[arg(long)]
+    bus_address: String,
+    #[arg(long, default_value_t = 1)]
+    streams: usize,
+    #[arg(long, default_value_t = 16)]
+    max_tokens: u32,
+    #[arg(long, default_value = "normal")]
+    priority: String,
+    #[arg(long, default_value = "Write a long story about a lighthouse keeper.")]
+    prompt: String,
+}
+
+fn now_ms() -> u128 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis())
+}
+
+#[tokio::main(flavor = "current_thread")]
+async fn main() {
+    let args = Args::parse();
+    let conn = zbus::connection::Builder::address(args.bus_address.as_str()).expect("address").build().await.expect("connect");
+    let mut tasks = Vec::new();
+    for i in 0..args.streams {
+        let mut request = chat_request(&args.prompt, args.max_tokens);
+        request.insert(request_key::PRIORITY, Value::from(args.priority.clone()));
+        let generation = Generation::start(&conn, request, &format!("load{i}")).await;
+        tasks.push(tokio::spawn(async move {
+            let started = now_ms();
+            let mut g = match generation {
+                Ok(g) => g,
+                Err(e) => return serde_json::json!({ "stream": i, "error": e.dbus_name() }),
+            };
+            let (mut first, mut tokens) = (None, 0u32);
+            while let Some(ev) = g.next().await {
+                match ev {
+                    Ok(StreamEvent::Token { .. }) => {
+                        first.get_or_insert_with(now_ms);
+                        tokens += 1;
+                    }
+                    Ok(StreamEvent::Finished(r)) => {
+                        let reason = r.get(result_key::FINISH_REASON).and_then(|v| <&str>::try_from(v).ok()).unwrap_or("?").to_owned();
+                        return serde_json::json!({
+                            "stream": i, "tokens": tokens, "finish_reason": reason,
+                            "start_ms": started as u64, "first_ms": first.map(|f| f as u64), "end_ms": now_ms() as u64,
+                        });
+                    }
+                    Err(e) => return serde_json::json!({ "stream": i, "error": e.to_string() }),
+                }
+            }
+            serde_json::json!({ "stream": i, "error": "no Finished" })
+        }));
+    }
+    for t in tasks {
+        println!("{}", t.await.expect("stream task"));
+    }
+}

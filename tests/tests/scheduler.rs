@@ -1,0 +1,233 @@
+//! The scheduler with the real daemon and model: batching changes no output, foreground
+//! first, fair share between apps, bounds, deadlines, and disconnects freeing KV.
+
+use std::collections::HashMap;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use futures_util::StreamExt;
+use hearth_dbus::{Generation, StreamEvent, request_key, result_key};
+use hearth_tests::{Bus, Daemon, Settings, chat_request, direct_run, greedy, workspace_bin};
+use zbus::MatchRule;
+use zbus::message::Type as MessageType;
+use zbus::zvariant::Value;
+
+fn with_priority(prompt: &str, max_tokens: u32, priority: &str) -> HashMap<&'static str, Value<'static>> {
+    let mut r = chat_request(prompt, max_tokens);
+    r.insert(request_key::PRIORITY, Value::from(priority.to_owned()));
+    r
+}
+
+async fn finish(mut g: Generation) -> (Vec<i32>, HashMap<String, zbus::zvariant::OwnedValue>) {
+    let mut ids = Vec::new();
+    while let Some(ev) = tokio::time::timeout(Duration::from_secs(180), g.next()).await.expect("event in time") {
+        match ev.expect("event") {
+            StreamEvent::Token { token_id, .. } => ids.push(token_id),
+            StreamEvent::Finished(r) => return (ids, r),
+        }
+    }
+    panic!("no Finished");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_clients_get_exactly_their_solo_tokens() {
+    let prompts = [
+        "What is the capital of France?",
+        "Name three colors.",
+        "Write a haiku about rain.",
+        "Who wrote Hamlet?",
+        "What is 2+2?",
+        "Give me a tip for sleeping well.",
+    ];
+    let solo: Vec<Vec<i32>> = prompts.iter().map(|p| direct_run(&[("user", p)], greedy(), 32).tokens).collect();
+    let bus = Bus::start();
+    let _daemon = Daemon::start(&bus).await;
+    let mut conns = Vec::new();
+    for _ in prompts {
+        conns.push(bus.connect().await);
+    }
+    let mut gens = Vec::new();
+    for (i, (conn, p)) in conns.iter().zip(prompts).enumerate() {
+        gens.push(Generation::start(conn, chat_request(p, 32), &format!("c{i}")).await.expect("Generate"));
+    }
+    let results = futures_util::future::join_all(gens.into_iter().map(finish)).await;
+    for (i, (ids, finished)) in results.iter().enumerate() {
+        assert_eq!(ids, &solo[i], "client {i} ({:?}) got different tokens when batched", prompts[i]);
+        let reason = <&str>::try_from(finished.get(result_key::FINISH_REASON).unwrap()).unwrap();
+        assert!(reason == "stop" || reason == "length", "client {i} finished with {reason}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_interactive_request_gets_its_first_token_before_background_streams_move_on() {
+    let bus = Bus::start();
+    let _daemon = Daemon::start(&bus).await;
+    let conn = bus.connect().await;
+    // All request signals of this connection, in bus order, on one stream.
+    let owner = zbus::fdo::DBusProxy::new(&conn)
+        .await
+        .unwrap()
+        .get_name_owner(zbus::names::BusName::try_from(hearth_dbus::BUS_NAME).unwrap())
+        .await
+        .unwrap();
+    let rule = MatchRule::builder()
+        .msg_type(MessageType::Signal)
+        .sender(owner.as_str())
+        .unwrap()
+        .path_namespace(hearth_dbus::REQUEST_PATH_PREFIX)
+        .unwrap()
+        .build();
+    let mut all = zbus::MessageStream::for_match_rule(rule, &conn, Some(100_000)).await.unwrap();
+    let mut background = Vec::new();
+    for i in 0..8 {
+        let g = Generation::start(&conn, with_priority("Write a long story about the ocean.", 300, "background"), &format!("bg{i}")).await.unwrap();
+        background.push(g.path().as_str().to_owned());
+    }
+    let mut counts: HashMap<String, usize> = HashMap::new();
+    // Wait until every background stream is decoding.
+    while background.iter().any(|p| counts.get(p).copied().unwrap_or(0) < 3) {
+        let msg = tokio::time::timeout(Duration::from_secs(60), all.next()).await.expect("tokens").unwrap().unwrap();
+        if msg.header().member().is_some_and(|m| m.as_str() == "Token") {
+            *counts.entry(msg.header().path().unwrap().to_string()).or_default() += 1;
+        }
+    }
+    let proxy = hearth_tests::hearth(&conn).await;
+    let by_priority = proxy.queue_by_priority().await.unwrap();
+    assert_eq!(by_priority.get("background"), Some(&8), "{by_priority:?}");
+
+    let at_request = counts.clone();
+    let fg = Generation::start(&conn, with_priority("What is the capital of France?", 16, "interactive"), "fg").await.unwrap();
+    let fg_path = fg.path().as_str().to_owned();
+    loop {
+        let msg = tokio::time::timeout(Duration::from_secs(60), all.next()).await.expect("tokens").unwrap().unwrap();
+        let h = msg.header();
+        if h.member().is_none_or(|m| m.as_str() != "Token") {
+            continue;
+        }
+        let path = h.path().unwrap().to_string();
+        if path == fg_path {
+            break;
+        }
+        *counts.entry(path).or_default() += 1;
+    }
+    for p in &background {
+        let further = counts[p] - at_request[p];
+        assert!(further <= 3, "background stream {p} got {further} tokens before the interactive request's first");
+    }
+    drop(fg);
+}
+
+/// Runs `hearth-load` as a separate app (its own process, so its own uid/pid identity).
+fn load_app(bus: &Bus, streams: usize, max_tokens: u32) -> std::process::Child {
+    Command::new(workspace_bin("hearth-load"))
+        .args(["--bus-address", bus.address(), "--streams", &streams.to_string(), "--max-tokens", &max_tokens.to_string()])
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("hearth-load")
+}
+
+fn load_results(child: std::process::Child) -> Vec<serde_json::Value> {
+    let out = child.wait_with_output().expect("hearth-load output");
+    assert!(out.status.success());
+    String::from_utf8(out.stdout).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_flooding_apps_of_the_same_priority_share_fairly() {
+    let bus = Bus::start();
+    let _daemon = Daemon::start_configured(&bus, &Settings { max_sequences: Some(2), ..Settings::default() }).await;
+    // App A floods first; app B arrives a moment later with as many requests.
+    let a = load_app(&bus, 8, 16);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let b = load_app(&bus, 8, 16);
+    let (a, b) = (load_results(a), load_results(b));
+    let mut ends: Vec<(u64, char)> = a
+        .iter()
+        .map(|r| (r["end_ms"].as_u64().expect("A finished"), 'A'))
+        .chain(b.iter().map(|r| (r["end_ms"].as_u64().expect("B finished"), 'B')))
+        .collect();
+    ends.sort();
+    // Over the time both apps were waiting, completions alternate. FIFO would have finished
+    // all of A's 8 before any of B's (but the one or two of A already running).
+    let first_half: String = ends.iter().take(8).map(|e| e.1).collect();
+    let b_share = first_half.chars().filter(|&c| c == 'B').count();
+    assert!((3..=5).contains(&b_share), "completion order {first_half}: B got {b_share} of the first 8 (tolerance 3..=5)");
+    assert!(a.iter().chain(&b).all(|r| r["tokens"] == 16), "every request got its 16 tokens");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn over_the_bounds_busy_comes_at_once_and_kv_stays_in_budget() {
+    let bus = Bus::start();
+    let settings = Settings { max_sequences: Some(1), interactive_sequences: Some(0), limits: "queue_per_app = 1\nqueue_capacity = 4".into() };
+    let _daemon = Daemon::start_configured(&bus, &settings).await;
+    let conn = bus.connect().await;
+    let proxy = hearth_tests::hearth(&conn).await;
+    let running = Generation::start(&conn, chat_request("Write a long story.", 300), "run").await.unwrap();
+    let waiting = Generation::start(&conn, chat_request("Write a long story.", 300), "wait").await.unwrap();
+    let t = Instant::now();
+    let err = proxy.complete(chat_request("hi", 8)).await.expect_err("third request of the app");
+    assert_eq!(err.dbus_name(), "org.hearth.Hearth1.Error.Busy");
+    assert!(err.message().contains("from this app"), "{}", err.message());
+    // "At once": well before the running request could finish, even on a loaded machine.
+    assert!(t.elapsed() < Duration::from_secs(3), "Busy came after {:?}", t.elapsed());
+    let kv = proxy.kv_cache().await.unwrap();
+    assert!(kv["reserved"] <= kv["size"] && kv["used"] <= kv["reserved"], "{kv:?}");
+    assert_eq!(proxy.queue_depth().await.unwrap(), 2);
+    running.cancel().await.unwrap();
+    waiting.cancel().await.unwrap();
+    let (_, r1) = finish(running).await;
+    let (_, r2) = finish(waiting).await;
+    for r in [r1, r2] {
+        assert_eq!(<&str>::try_from(r.get(result_key::FINISH_REASON).unwrap()).unwrap(), "cancelled");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deadline_cancels_with_a_clear_reason() {
+    let bus = Bus::start();
+    let _daemon = Daemon::start(&bus).await;
+    let conn = bus.connect().await;
+    let proxy = hearth_tests::hearth(&conn).await;
+    let mut r = chat_request("Write a very long story about the sea.", 900);
+    r.insert(request_key::DEADLINE_MS, Value::from(400u32));
+    let t = Instant::now();
+    let err = proxy.complete(r).await.expect_err("deadline");
+    assert_eq!(err.dbus_name(), "org.hearth.Hearth1.Error.Cancelled");
+    assert!(err.message().contains("deadline"), "{}", err.message());
+    assert!(t.elapsed() < Duration::from_secs(5));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_disconnects_mid_stream_frees_its_kv() {
+    let bus = Bus::start();
+    let daemon = Daemon::start(&bus).await;
+    let conn = bus.connect().await;
+    let proxy = hearth_tests::hearth(&conn).await;
+    let mut client = Command::new(workspace_bin("hearthctl"))
+        .args(["--bus-address", bus.address(), "generate", "--max-tokens", "900", "Write a very long story about the sea."])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Wait until it is generating and holds KV.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let kv = proxy.kv_cache().await.unwrap();
+        if kv["used"] > 40 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the client never started generating: {kv:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    client.kill().unwrap();
+    client.wait().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let kv = proxy.kv_cache().await.unwrap();
+        if kv["used"] == 0 && kv["reserved"] == 0 && proxy.queue_depth().await.unwrap() == 0 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "KV not freed after the client died: {kv:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(daemon.log().contains("caller disconnected"), "the daemon noticed the disconnect");
+}
