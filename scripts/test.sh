@@ -25,7 +25,9 @@ echo "test: clippy -D warnings"
 cargo clippy --workspace --all-targets --quiet -- -D warnings
 
 echo "test: unit and integration tests"
-cargo test --workspace --quiet
+# One test at a time: every test runs hearthd or llama.cpp with as many compute threads as
+# there are cores, and ggml threads spin-wait, so parallel tests slow each other down 20x.
+cargo test --workspace --quiet -- --test-threads=1
 
 echo "test: benchmark smoke run"
 ./target/debug/hearth-bench --quick

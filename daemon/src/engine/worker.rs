@@ -95,6 +95,8 @@ impl Worker {
             }
             self.reap_stopped();
             self.admit();
+            // Publish before decoding, so a caller that was just accepted sees itself counted.
+            self.publish_status();
             if !self.running.is_empty() {
                 self.step();
             }
