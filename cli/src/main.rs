@@ -54,6 +54,12 @@ enum Command {
         top_k: Option<u32>,
         #[arg(long)]
         seed: Option<u32>,
+        /// interactive, normal (default) or background.
+        #[arg(long)]
+        priority: Option<String>,
+        /// Cancel the request if it has not finished after this many milliseconds.
+        #[arg(long)]
+        deadline_ms: Option<u32>,
     },
 }
 
@@ -175,7 +181,7 @@ async fn run(cli: Cli) -> Result<ExitCode, CliError> {
                 }
             }
         }
-        Command::Generate { prompt, system, model, max_tokens, temperature, top_p, top_k, seed } => {
+        Command::Generate { prompt, system, model, max_tokens, temperature, top_p, top_k, seed, priority, deadline_ms } => {
             let mut messages: Vec<(&str, &str)> = Vec::new();
             if let Some(s) = &system {
                 messages.push(("system", s));
@@ -199,6 +205,12 @@ async fn run(cli: Cli) -> Result<ExitCode, CliError> {
             }
             if let Some(s) = seed {
                 request.insert(request_key::SEED, Value::from(s));
+            }
+            if let Some(p) = &priority {
+                request.insert(request_key::PRIORITY, Value::from(p.as_str()));
+            }
+            if let Some(d) = deadline_ms {
+                request.insert(request_key::DEADLINE_MS, Value::from(d));
             }
             return generate(&conn, request, cli.json).await;
         }

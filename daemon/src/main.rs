@@ -26,7 +26,7 @@ use tracing_subscriber::util::SubscriberInitExt;
 use crate::config::Config;
 use crate::engine::EngineHandle;
 use crate::models::Catalog;
-use crate::service::{HearthService, InFlight};
+use crate::service::{CallerCache, HearthService, InFlight};
 
 /// How long shutdown waits for callers to receive their final messages.
 const DRAIN_LIMIT: Duration = Duration::from_secs(10);
@@ -105,7 +105,9 @@ fn run(args: Args) -> Result<(), MainError> {
 async fn serve(args: Args, config: &Config, catalog: Arc<Catalog>, engine: EngineHandle) -> Result<(), MainError> {
     let mut signals = signal_hook_tokio::Signals::new([SIGTERM, SIGINT])?;
     let in_flight = InFlight::default();
-    let service = HearthService::new(engine.clone(), catalog, config.limits.default_max_tokens, in_flight.clone());
+    let callers = CallerCache::default();
+    let service =
+        HearthService::new(engine.clone(), catalog, config.limits.default_max_tokens, in_flight.clone(), callers.clone());
     let builder = match &args.bus_address {
         Some(address) => zbus::connection::Builder::address(address.as_str())?,
         None => zbus::connection::Builder::system()?,
@@ -113,7 +115,7 @@ async fn serve(args: Args, config: &Config, catalog: Arc<Catalog>, engine: Engin
     let conn = builder.serve_at(hearth_dbus::OBJECT_PATH, service)?.name(hearth_dbus::BUS_NAME)?.build().await?;
     tracing::info!(name = hearth_dbus::BUS_NAME, unique = ?conn.unique_name().map(|n| n.as_str()), "serving");
     let status_task = tokio::spawn(service::publish_status_changes(conn.clone(), engine.status()));
-    let disconnect_task = tokio::spawn(service::watch_disconnects(conn.clone(), engine.clone()));
+    let disconnect_task = tokio::spawn(service::watch_disconnects(conn.clone(), engine.clone(), callers));
 
     let signal = signals.next().await;
     tracing::info!(signal = ?signal, "stopping: cancelling in-flight requests");

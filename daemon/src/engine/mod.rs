@@ -256,6 +256,9 @@ pub enum StartError {
 #[derive(Debug, Clone)]
 pub struct EngineHandle {
     tx: mpsc::Sender<Command>,
+    /// The context's abort flag: set when an interactive request arrives, so the decode step
+    /// in flight (lower-priority work) stops at once and the newcomer goes first.
+    preempt: Arc<std::sync::atomic::AtomicBool>,
     status: watch::Receiver<EngineStatus>,
     kv: Arc<KvGauges>,
     model: Arc<LoadedModelInfo>,
@@ -306,6 +309,7 @@ impl EngineHandle {
         let (tx, rx) = mpsc::channel(COMMAND_QUEUE);
         let status = EngineStatus { loaded_models: vec![name.clone()], ..EngineStatus::default() };
         let (status_tx, status_rx) = watch::channel(status);
+        let preempt = ctx.abort_flag();
         let kv = Arc::new(KvGauges::default());
         kv.size.store(ctx.n_ctx(), Ordering::Relaxed);
         let worker = worker::Worker::new(ctx, name.clone(), installed, rx, status_tx, Arc::clone(&kv), config);
@@ -313,7 +317,7 @@ impl EngineHandle {
             .name("hearth-engine".into())
             .spawn(move || worker.run())
             .map_err(StartError::Thread)?;
-        Ok((Self { tx, status: status_rx, kv, model: info }, join))
+        Ok((Self { tx, preempt, status: status_rx, kv, model: info }, join))
     }
 
     /// Submits a request. Returns once the engine has validated and queued it (or refused).
@@ -321,8 +325,13 @@ impl EngineHandle {
     pub async fn submit(&self, request: GenerateRequest, caller: Caller, cancel: CancelToken) -> Result<Submission, Error> {
         let (events_tx, events) = mpsc::unbounded_channel();
         let (reply, verdict) = oneshot::channel();
+        let interactive = request.priority == Priority::Interactive;
         let cmd = Command::Submit { request, caller, cancel: cancel.clone(), events: events_tx, reply };
         self.tx.send(cmd).await.map_err(|_| Error::Cancelled(CancelReason::Shutdown))?;
+        if interactive {
+            // After the send, so the aborted step's next intake finds the request.
+            self.preempt.store(true, Ordering::Release);
+        }
         let accepted = verdict.await.map_err(|_| Error::Cancelled(CancelReason::Shutdown))??;
         Ok(Submission { accepted, events })
     }

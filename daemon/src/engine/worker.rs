@@ -31,6 +31,9 @@ pub(super) struct Worker {
     status: watch::Sender<EngineStatus>,
     kv: Arc<KvGauges>,
     batch: Batch,
+    /// Set by the handle when an interactive request arrives; aborts a decode step that
+    /// holds only lower-priority work.
+    preempt: Arc<std::sync::atomic::AtomicBool>,
     scheduler: Scheduler,
     running: Vec<Sequence>,
     n_ctx: u32,
@@ -56,6 +59,7 @@ impl Worker {
         };
         Self {
             model: Arc::clone(ctx.model()),
+            preempt: ctx.abort_flag(),
             ctx,
             model_name,
             installed,
@@ -240,17 +244,21 @@ impl Worker {
         let prefill_priority =
             self.running.iter().filter(|s| s.finished.is_none() && s.in_prefill()).map(|s| s.priority).max();
         let mut push_failed = None;
-        for s in self.running.iter_mut().filter(|s| s.finished.is_none()) {
+        // What this step takes from each sequence, to put back if the step is preempted.
+        let mut taken: Vec<(usize, hearth_ffi::Token)> = Vec::new();
+        let mut prefill_taken: Option<(usize, usize)> = None;
+        for (i, s) in self.running.iter_mut().enumerate().filter(|(_, s)| s.finished.is_none()) {
             s.logits_index = None;
             if prefill_priority.is_some_and(|p| p > s.priority) {
                 continue;
             }
             if let Some(token) = s.next_token {
                 match self.batch.push(token, s.pos, &[s.seq], true) {
-                    Ok(i) => {
+                    Ok(j) => {
                         s.next_token = None;
-                        s.logits_index = Some(i);
+                        s.logits_index = Some(j);
                         s.pos += 1;
+                        taken.push((i, token));
                     }
                     Err(e) => push_failed = Some(e),
                 }
@@ -274,17 +282,45 @@ impl Worker {
                 }
             }
             s.prefilled += n;
-            self.scheduler.charge(&s.caller.app, n as u64 * COST_PER_PROMPT);
+            prefill_taken = Some((i, n));
         }
         if let Some(e) = push_failed {
             // Cannot happen with the capacities checked at start; fail loudly, not silently.
             self.fail_batch(&Error::Internal(format!("batch construction: {e}")));
             return;
         }
-        if let Err(e) = self.ctx.decode(&self.batch) {
-            tracing::error!(error = %e, tokens = self.batch.len(), "decode failed");
-            self.fail_batch(&Error::Internal(e.to_string()));
-            return;
+        // A pending preemption may abort this step only if it holds no interactive work.
+        if self.running.iter().any(|s| s.priority == Priority::Interactive && (s.logits_index.is_some() || s.in_prefill())) {
+            self.preempt.store(false, Ordering::Release);
+        }
+        match self.ctx.decode(&self.batch) {
+            Ok(()) => {}
+            Err(hearth_ffi::Error::Aborted) => {
+                // llama.cpp dropped the step's KV entries; put the work back and go admit
+                // the interactive request first. Nothing was sampled, so nothing is lost.
+                self.preempt.store(false, Ordering::Release);
+                for (i, token) in taken {
+                    let s = &mut self.running[i];
+                    s.next_token = Some(token);
+                    s.pos -= 1;
+                    s.logits_index = None;
+                }
+                if let Some((i, n)) = prefill_taken {
+                    self.running[i].prefilled -= n;
+                    self.running[i].logits_index = None;
+                }
+                tracing::debug!(tokens = self.batch.len(), "decode step preempted by an interactive request");
+                return;
+            }
+            Err(e) => {
+                tracing::error!(error = %e, tokens = self.batch.len(), "decode failed");
+                self.fail_batch(&Error::Internal(e.to_string()));
+                return;
+            }
+        }
+        if let Some((i, n)) = prefill_taken {
+            let app = self.running[i].caller.app.clone();
+            self.scheduler.charge(&app, n as u64 * COST_PER_PROMPT);
         }
         for s in self.running.iter_mut() {
             let Some(i) = s.logits_index.take() else { continue };

@@ -30,11 +30,18 @@ pub struct HearthService {
     default_max_tokens: u32,
     next_request: AtomicU64,
     in_flight: InFlight,
+    callers: CallerCache,
 }
 
 impl HearthService {
-    pub fn new(engine: EngineHandle, catalog: Arc<Catalog>, default_max_tokens: u32, in_flight: InFlight) -> Self {
-        Self { engine, catalog, default_max_tokens, next_request: AtomicU64::new(1), in_flight }
+    pub fn new(
+        engine: EngineHandle,
+        catalog: Arc<Catalog>,
+        default_max_tokens: u32,
+        in_flight: InFlight,
+        callers: CallerCache,
+    ) -> Self {
+        Self { engine, catalog, default_max_tokens, next_request: AtomicU64::new(1), in_flight, callers }
     }
 }
 
@@ -70,8 +77,40 @@ fn caller(header: &Header<'_>) -> Result<zbus::names::OwnedUniqueName, BusError>
         .ok_or_else(|| BusError::InvalidArgs("the call has no sender".into()))
 }
 
+/// Callers already identified, by unique name. Unique names are never reused on a bus, so an
+/// entry stays true until the connection closes (then `watch_disconnects` drops it).
+#[derive(Debug, Clone, Default)]
+pub struct CallerCache(Arc<std::sync::Mutex<HashMap<String, Caller>>>);
+
+impl CallerCache {
+    fn get(&self, name: &str) -> Option<Caller> {
+        self.0.lock().ok()?.get(name).cloned()
+    }
+
+    fn insert(&self, caller: Caller) {
+        if let Ok(mut map) = self.0.lock() {
+            map.insert(caller.connection.clone(), caller);
+        }
+    }
+
+    fn remove(&self, name: &str) {
+        if let Ok(mut map) = self.0.lock() {
+            map.remove(name);
+        }
+    }
+}
+
 /// Who the caller is, as the bus daemon vouches for it (never what the caller claims).
-async fn identify(conn: &Connection, sender: &zbus::names::OwnedUniqueName) -> Result<Caller, BusError> {
+async fn identify(conn: &Connection, cache: &CallerCache, sender: &zbus::names::OwnedUniqueName) -> Result<Caller, BusError> {
+    if let Some(caller) = cache.get(sender.as_str()) {
+        return Ok(caller);
+    }
+    let caller = identify_uncached(conn, sender).await?;
+    cache.insert(caller.clone());
+    Ok(caller)
+}
+
+async fn identify_uncached(conn: &Connection, sender: &zbus::names::OwnedUniqueName) -> Result<Caller, BusError> {
     let dbus = zbus::fdo::DBusProxy::new(conn).await?;
     let creds = dbus
         .get_connection_credentials(zbus::names::BusName::Unique(sender.as_ref()))
@@ -95,7 +134,7 @@ impl HearthService {
     ) -> Result<OwnedObjectPath, BusError> {
         let sender = caller(&header)?;
         let parsed = parse(&request, Method::Generate, self.default_max_tokens)?;
-        let who = identify(conn, &sender).await?;
+        let who = identify(conn, &self.callers, &sender).await?;
         let cancel = CancelToken::default();
         let server = conn.object_server();
         // Claim the request path first, so the caller's early subscription can never see
@@ -145,7 +184,7 @@ impl HearthService {
     ) -> Result<HashMap<String, OwnedValue>, BusError> {
         let sender = caller(&header)?;
         let parsed = parse(&request, Method::Complete, self.default_max_tokens)?;
-        let who = identify(conn, &sender).await?;
+        let who = identify(conn, &self.callers, &sender).await?;
         let _guard = self.in_flight.enter();
         let mut submission = self.engine.submit(parsed.request, who, CancelToken::default()).await.inspect_err(|e| {
             tracing::info!(caller = %sender, error = %e, "complete refused");
@@ -259,7 +298,7 @@ pub async fn publish_status_changes(conn: Connection, mut status: tokio::sync::w
 }
 
 /// Cancels the requests of every connection that leaves the bus, freeing their KV at once.
-pub async fn watch_disconnects(conn: Connection, engine: EngineHandle) {
+pub async fn watch_disconnects(conn: Connection, engine: EngineHandle, callers: CallerCache) {
     let stream = async {
         let dbus = zbus::fdo::DBusProxy::new(&conn).await?;
         dbus.receive_name_owner_changed().await
@@ -276,6 +315,7 @@ pub async fn watch_disconnects(conn: Connection, engine: EngineHandle) {
         let Ok(args) = signal.args() else { continue };
         // A unique name losing its owner is a connection that closed.
         if args.name().starts_with(':') && args.new_owner().is_none() {
+            callers.remove(args.name());
             engine.connection_closed(args.name().to_string()).await;
         }
     }

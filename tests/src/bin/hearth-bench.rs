@@ -2,6 +2,11 @@
 //! private bus, timed by the client) against hearth-ffi directly (same model, threads,
 //! context, prompt, greedy), in one run, alternating the two so drift hits both alike.
 //! Prints the medians and the ratios. Targets: decode ≥ 0.99, prefill ≥ 0.98 of direct.
+//!
+//! Under load (scheduler): aggregate tok/s of 8 concurrent streams through D-Bus against the
+//! best static batch (1, 2, 4 or 8 sequences decoded in lock-step through hearth-ffi), and an
+//! interactive request's time to first token under 8 background streams divided by its idle
+//! time to first token. Targets: aggregate ≥ 0.9 of the best static batch, TTFT ratio ≤ 2.
 
 #![forbid(unsafe_code)]
 
@@ -9,7 +14,12 @@ use std::time::{Duration, Instant};
 
 use clap::Parser;
 use hearth_dbus::{Generation, StreamEvent, result_key};
-use hearth_tests::{Bus, Daemon, chat_request, direct_run, greedy, set_threads, threads};
+use std::sync::Arc;
+
+use hearth_dbus::request_key;
+use hearth_ffi::{Batch, Context, ContextParams, Sampler, Token};
+use hearth_tests::{BATCH, Bus, CONTEXT, Daemon, chat_request, direct_run, greedy, reference_model, set_threads, threads};
+use zbus::zvariant::Value;
 
 #[derive(Debug, Parser)]
 #[command(about = "Decode and prefill tok/s: hearthd over D-Bus vs hearth-ffi direct")]
@@ -26,6 +36,12 @@ struct Args {
     /// Compute threads for both paths.
     #[arg(long, default_value_t = hearth_tests::DEFAULT_THREADS)]
     threads: i32,
+    /// Concurrent streams of the load measurements.
+    #[arg(long, default_value_t = 8)]
+    streams: usize,
+    /// Tokens per stream in the aggregate measurement.
+    #[arg(long, default_value_t = 96)]
+    stream_tokens: u32,
     /// Print one JSON object instead of the table.
     #[arg(long)]
     json: bool,
@@ -113,6 +129,8 @@ async fn main() {
     if args.quick {
         args.reps = 1;
         args.decode_tokens = 16;
+        args.streams = 2;
+        args.stream_tokens = 8;
     }
     set_threads(args.threads);
     let bus = Bus::start();
@@ -154,6 +172,7 @@ async fn main() {
         .tokenize(&hearth_tests::reference_model().apply_chat_template(&[hearth_ffi::ChatMessage { role: "user".into(), content: long_prompt.clone() }], true).expect("template"), true, true)
         .expect("tokenize")
         .len();
+    let load = under_load(&conn, args.streams, args.stream_tokens, args.reps.min(3)).await;
     if args.json {
         println!(
             "{}",
@@ -162,6 +181,12 @@ async fn main() {
                 "dbus": { "decode_tok_s": bd, "prefill_tok_s": bp, "engine_decode_tok_s": sd },
                 "direct": { "decode_tok_s": fd, "prefill_tok_s": fp },
                 "ratio": { "decode": bd / fd, "prefill": bp / fp },
+                "load": {
+                    "streams": args.streams, "stream_tokens": args.stream_tokens,
+                    "dbus_aggregate_tok_s": load.aggregate, "static_batch_tok_s": load.static_best, "best_static_batch": load.static_best_b,
+                    "aggregate_ratio": load.aggregate / load.static_best,
+                    "ttft_idle_ms": load.ttft_idle_ms, "ttft_loaded_ms": load.ttft_loaded_ms, "ttft_ratio": load.ttft_loaded_ms / load.ttft_idle_ms,
+                },
             })
         );
     } else {
@@ -170,9 +195,174 @@ async fn main() {
         println!("decode  tok/s ({:>3}) {bd:>12.1} {fd:>12.1} {:>8.3}", decode_tokens.0, bd / fd);
         println!("prefill tok/s ({prompt_tokens:>3}) {bp:>12.1} {fp:>12.1} {:>8.3}", bp / fp);
         println!("(hearthd's own decode timing: {sd:.1} tok/s)");
+        println!(
+            "aggregate tok/s, {} streams × {} tokens: D-Bus {:.1}, best static batch ({}) {:.1}, ratio {:.3}",
+            args.streams, args.stream_tokens, load.aggregate, load.static_best_b, load.static_best, load.aggregate / load.static_best
+        );
+        println!(
+            "interactive TTFT: idle {:.1} ms, under {} background streams {:.1} ms, ratio {:.2}",
+            load.ttft_idle_ms, args.streams, load.ttft_loaded_ms, load.ttft_loaded_ms / load.ttft_idle_ms
+        );
         if decode_tokens.0 != decode_tokens.1 {
             println!("warning: the two paths generated different token counts ({} vs {})", decode_tokens.0, decode_tokens.1);
         }
     }
     drop(daemon);
+}
+
+/// Prompts that keep the model talking (no early end of generation within ~400 tokens).
+const STREAM_TOPICS: [&str; 8] = ["the ocean", "a lighthouse", "mountains", "a city at night", "a forest", "the moon", "a train", "a library"];
+
+fn stream_prompt(i: usize) -> String {
+    format!("Write a long story about {}.", STREAM_TOPICS[i % STREAM_TOPICS.len()])
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Load {
+    aggregate: f64,
+    static_best: f64,
+    static_best_b: usize,
+    ttft_idle_ms: f64,
+    ttft_loaded_ms: f64,
+}
+
+fn priority(mut r: std::collections::HashMap<&'static str, Value<'static>>, p: &str) -> std::collections::HashMap<&'static str, Value<'static>> {
+    r.insert(request_key::PRIORITY, Value::from(p.to_owned()));
+    r
+}
+
+/// Time from the Generate call to the first Token.
+async fn ttft(conn: &zbus::Connection, tag: &str) -> f64 {
+    let started = Instant::now();
+    let mut g = Generation::start(conn, priority(chat_request("What is the capital of France?", 4), "interactive"), tag).await.expect("Generate");
+    let mut first = None;
+    while let Some(ev) = g.next().await {
+        match ev.expect("event") {
+            StreamEvent::Token { .. } => {
+                first.get_or_insert_with(|| started.elapsed());
+            }
+            StreamEvent::Finished(_) => break,
+        }
+    }
+    first.expect("a token").as_secs_f64() * 1e3
+}
+
+async fn under_load(conn: &zbus::Connection, streams: usize, tokens: u32, reps: usize) -> Load {
+    // Aggregate through D-Bus: all streams at once, wall time from first call to last Finished.
+    let started = Instant::now();
+    // All streams start at once, as independent apps would.
+    let gens = futures_util::future::join_all(
+        (0..streams).map(|i| async move { Generation::start(conn, chat_request(&stream_prompt(i), tokens), &format!("agg{i}")).await }),
+    )
+    .await
+    .into_iter()
+    .map(|g| g.expect("Generate"))
+    .collect::<Vec<_>>();
+    let counts = futures_util::future::join_all(gens.into_iter().map(|mut g| async move {
+        let mut n = 0usize;
+        while let Some(ev) = g.next().await {
+            match ev.expect("event") {
+                StreamEvent::Token { .. } => n += 1,
+                StreamEvent::Finished(_) => break,
+            }
+        }
+        n
+    }))
+    .await;
+    let aggregate = counts.iter().sum::<usize>() as f64 / started.elapsed().as_secs_f64();
+
+    // The best static batch through hearth-ffi: groups of b sequences in lock-step.
+    let (mut static_best, mut static_best_b) = (0.0, 1);
+    for b in [1, 2, 4, 8].into_iter().filter(|&b| b <= streams) {
+        let rate = static_batches(streams, b, tokens as usize);
+        if rate > static_best {
+            (static_best, static_best_b) = (rate, b);
+        }
+    }
+
+    // TTFT of an interactive request, idle and under `streams` background streams.
+    let mut idle = Vec::new();
+    for r in 0..reps {
+        idle.push(ttft(conn, &format!("idle{r}")).await);
+    }
+    let mut background = Vec::new();
+    for i in 0..streams {
+        let g = Generation::start(conn, priority(chat_request(&stream_prompt(i), 800), "background"), &format!("bg{i}")).await.expect("Generate");
+        background.push(g);
+    }
+    // Let every background stream reach its decode phase.
+    for g in &mut background {
+        while let Some(ev) = g.next().await {
+            if matches!(ev.expect("event"), StreamEvent::Token { .. }) {
+                break;
+            }
+        }
+    }
+    let mut loaded = Vec::new();
+    for r in 0..reps {
+        loaded.push(ttft(conn, &format!("loaded{r}")).await);
+    }
+    for g in &background {
+        g.cancel().await.expect("cancel");
+    }
+    drop(background);
+    Load { aggregate, static_best, static_best_b, ttft_idle_ms: median(idle), ttft_loaded_ms: median(loaded) }
+}
+
+/// Decodes `streams` prompts in groups of `b` sequences, each group prefilled one prompt per
+/// batch and then decoded in lock-step for `tokens` steps. Returns generated tokens per second.
+fn static_batches(streams: usize, b: usize, tokens: usize) -> f64 {
+    let model = reference_model();
+    let prompts: Vec<Vec<Token>> = (0..streams)
+        .map(|i| {
+            let text = model
+                .apply_chat_template(&[hearth_ffi::ChatMessage { role: "user".into(), content: stream_prompt(i) }], true)
+                .expect("template");
+            model.tokenize(&text, true, true).expect("tokenize")
+        })
+        .collect();
+    let started = Instant::now();
+    let mut generated = 0usize;
+    for group in prompts.chunks(b) {
+        let params = ContextParams {
+            n_ctx: CONTEXT * group.len() as u32,
+            n_batch: BATCH,
+            n_seq_max: group.len() as u32,
+            n_threads: threads(),
+            n_threads_batch: threads(),
+            flash_attn: Some(true),
+            kv_unified: false,
+        };
+        let mut ctx = Context::new(Arc::clone(&model), params).expect("context");
+        let mut batch = Batch::new(BATCH as usize, 1);
+        let mut samplers: Vec<Sampler> = group.iter().map(|_| Sampler::new(greedy())).collect();
+        let mut next: Vec<Token> = Vec::with_capacity(group.len());
+        // Prefill one prompt per batch (as hearthd does), sampling each first token at once.
+        for (s, p) in group.iter().enumerate() {
+            batch.clear();
+            let mut last = 0;
+            for (k, &t) in p.iter().enumerate() {
+                last = batch.push(t, k as i32, &[s as i32], k + 1 == p.len()).expect("push");
+            }
+            ctx.decode(&batch).expect("prefill");
+            next.push(samplers[s].sample(&mut ctx, last).expect("sample"));
+            generated += 1;
+        }
+        // Then one token of every sequence per batch, in lock-step.
+        let mut pos: Vec<i32> = group.iter().map(|p| p.len() as i32).collect();
+        let mut idx = vec![0; group.len()];
+        for _ in 1..tokens {
+            batch.clear();
+            for (s, &t) in next.iter().enumerate() {
+                idx[s] = batch.push(t, pos[s], &[s as i32], true).expect("push");
+                pos[s] += 1;
+            }
+            ctx.decode(&batch).expect("decode");
+            for s in 0..group.len() {
+                next[s] = samplers[s].sample(&mut ctx, idx[s]).expect("sample");
+                generated += 1;
+            }
+        }
+    }
+    generated as f64 / started.elapsed().as_secs_f64()
 }
