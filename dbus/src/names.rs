@@ -39,6 +39,7 @@ pub mod result_key {
     pub const TOKENS: &str = "tokens";
     pub const TOKEN_IDS: &str = "token_ids";
     pub const PROMPT_TOKENS: &str = "prompt_tokens";
+    pub const CACHED_TOKENS: &str = "cached_tokens";
     pub const MODEL: &str = "model";
     pub const PREFILL_US: &str = "prefill_us";
     pub const DECODE_US: &str = "decode_us";

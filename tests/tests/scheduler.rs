@@ -232,3 +232,50 @@ async fn a_client_that_disconnects_mid_stream_frees_its_kv() {
     }
     assert!(daemon.log().contains("caller disconnected"), "the daemon noticed the disconnect");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shared_prefix_is_reused_within_an_app_only_and_changes_no_output() {
+    let prompt = "What is the capital of France?";
+    let direct = direct_run(&[("user", prompt)], greedy(), 24);
+    let bus = Bus::start();
+    let _daemon = Daemon::start(&bus).await;
+    let conn = bus.connect().await;
+    let proxy = hearth_tests::hearth(&conn).await;
+    let u32_of = |r: &HashMap<String, zbus::zvariant::OwnedValue>, k: &str| u32::try_from(r.get(k).unwrap()).unwrap();
+    let ids_of = |r: &HashMap<String, zbus::zvariant::OwnedValue>| Vec::<i32>::try_from(r.get(result_key::TOKEN_IDS).unwrap().try_clone().unwrap()).unwrap();
+
+    let first = proxy.complete(chat_request(prompt, 24)).await.unwrap();
+    assert_eq!(u32_of(&first, result_key::CACHED_TOKENS), 0);
+    assert_eq!(ids_of(&first), direct.tokens);
+
+    // The same app asks again: all but the last prompt token come from the cache, and the
+    // answer is still exactly the solo answer.
+    let again = proxy.complete(chat_request(prompt, 24)).await.unwrap();
+    assert_eq!(u32_of(&again, result_key::CACHED_TOKENS), u32_of(&again, result_key::PROMPT_TOKENS) - 1);
+    assert_eq!(ids_of(&again), direct.tokens);
+
+    // A follow-up turn reuses the whole first exchange.
+    let answer = <&str>::try_from(first.get(result_key::TEXT).unwrap()).unwrap().to_owned();
+    let mut follow_up = chat_request("", 8);
+    follow_up.insert(
+        request_key::MESSAGES,
+        hearth_dbus::messages_value(&[("user", prompt), ("assistant", &answer), ("user", "And of Italy?")]),
+    );
+    let turn = proxy.complete(follow_up).await.unwrap();
+    assert!(
+        u32_of(&turn, result_key::CACHED_TOKENS) >= u32_of(&first, result_key::PROMPT_TOKENS),
+        "follow-up reused {} tokens",
+        u32_of(&turn, result_key::CACHED_TOKENS)
+    );
+
+    // Another app (its own process) with the very same prompt gets no cache hit.
+    let out = Command::new(workspace_bin("hearthctl"))
+        .args(["--bus-address", bus.address(), "--json", "generate", "--max-tokens", "24", prompt])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let last: serde_json::Value = serde_json::from_str(String::from_utf8(out.stdout).unwrap().lines().last().unwrap()).unwrap();
+    assert_eq!(last["finished"]["cached_tokens"], 0, "another app must not hit this app's cache");
+    let kv = proxy.kv_cache().await.unwrap();
+    assert!(kv["cached"] > 0, "{kv:?}");
+}

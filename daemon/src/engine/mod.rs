@@ -156,6 +156,8 @@ pub struct Outcome {
     pub text: String,
     pub token_ids: Vec<Token>,
     pub prompt_tokens: u32,
+    /// Prompt tokens whose KV was reused from the same app's earlier request.
+    pub cached_tokens: u32,
     pub model: String,
     pub prefill: Duration,
     pub decode: Duration,
@@ -227,6 +229,8 @@ pub struct KvGauges {
     pub reserved: AtomicU32,
     /// Cache size in tokens.
     pub size: AtomicU32,
+    /// Tokens kept in free slots for prefix reuse by the same app.
+    pub cached: AtomicU32,
 }
 
 /// Static facts about the loaded model.

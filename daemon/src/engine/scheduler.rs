@@ -11,11 +11,16 @@
 //! - Bounds: a waiting queue per app and overall; a request's prompt + max_tokens never
 //!   exceeds its sequence's KV stream.
 //!
+//! - Prefix reuse: a finished request's KV stays in its free slot, tagged with its app and
+//!   tokens. A new request of the *same app* whose prompt shares a prefix with it gets that
+//!   slot and skips prefilling the shared part. Never across apps: that would leak one app's
+//!   prompt to another through timing. Cold slots are used before warm ones are evicted.
+//!
 //! This module holds no llama state; it is plain data, tested on its own.
 
 use std::collections::HashMap;
 
-use hearth_ffi::SeqId;
+use hearth_ffi::{SeqId, Token};
 
 use super::Priority;
 use super::sequence::Waiting;
@@ -49,12 +54,37 @@ struct AppState {
     active: usize,
 }
 
+/// Shortest shared prefix worth reusing.
+const MIN_REUSE: usize = 4;
+
+/// KV left in a free slot by a finished request.
+#[derive(Debug)]
+struct Warm {
+    app: String,
+    /// The tokens the slot's KV holds, in position order.
+    tokens: Vec<Token>,
+    /// When it was freed (the scheduler's release counter), for least-recently-used eviction.
+    freed_at: u64,
+}
+
+/// The slot a starting request gets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) struct Slot {
+    pub seq: SeqId,
+    /// Prompt tokens already in the slot's KV (drop everything after them).
+    pub reuse: usize,
+    /// The slot holds another request's KV that must be dropped first.
+    pub evict: bool,
+}
+
 #[derive(Debug)]
 pub(super) struct Scheduler {
     limits: Limits,
     waiting: Vec<Waiting>,
     apps: HashMap<String, AppState>,
     free_seqs: Vec<SeqId>,
+    warm: HashMap<SeqId, Warm>,
+    releases: u64,
     /// Running non-interactive sequences.
     shared_running: usize,
     kv_reserved: u32,
@@ -69,6 +99,8 @@ impl Scheduler {
             apps: HashMap::new(),
             // Popped from the end: lowest ids first.
             free_seqs: (0..total).rev().collect(),
+            warm: HashMap::new(),
+            releases: 0,
             shared_running: 0,
             kv_reserved: 0,
         }
@@ -121,8 +153,39 @@ impl Scheduler {
         self.waiting.push(w);
     }
 
-    /// The next request to start, with its sequence id, if the best candidate fits now.
-    pub fn pop_next(&mut self) -> Option<(Waiting, SeqId)> {
+    /// Tokens held by warm (free, reusable) slots.
+    pub fn cached_tokens(&self) -> u32 {
+        self.warm.values().map(|w| w.tokens.len() as u32).sum()
+    }
+
+    /// Picks a free slot for a prompt of `app`: its own warm slot with the longest shared
+    /// prefix, else a cold slot, else the least recently freed warm slot.
+    fn pick_slot(&mut self, app: &str, prompt: &[Token]) -> Option<Slot> {
+        let longest = prompt.len().saturating_sub(1); // the last prompt token must be decoded
+        let own = self
+            .free_seqs
+            .iter()
+            .filter_map(|seq| {
+                let w = self.warm.get(seq).filter(|w| w.app == app)?;
+                let shared = w.tokens.iter().zip(prompt).take_while(|(a, b)| a == b).count().min(longest);
+                (shared >= MIN_REUSE).then_some((*seq, shared))
+            })
+            .max_by_key(|&(_, shared)| shared);
+        let (seq, reuse, evict) = if let Some((seq, shared)) = own {
+            (seq, shared, false)
+        } else if let Some(&seq) = self.free_seqs.iter().find(|s| !self.warm.contains_key(s)) {
+            (seq, 0, false)
+        } else {
+            let (&seq, _) = self.warm.iter().filter(|(s, _)| self.free_seqs.contains(s)).min_by_key(|(_, w)| w.freed_at)?;
+            (seq, 0, true)
+        };
+        self.free_seqs.retain(|&s| s != seq);
+        self.warm.remove(&seq);
+        Some(Slot { seq, reuse, evict })
+    }
+
+    /// The next request to start, with its slot, if the best candidate fits now.
+    pub fn pop_next(&mut self) -> Option<(Waiting, Slot)> {
         let served = |app: &str| self.apps.get(app).map_or(0, |a| a.served);
         let best = self
             .waiting
@@ -140,7 +203,10 @@ impl Scheduler {
             return None;
         }
         let w = self.waiting.swap_remove(best);
-        let seq = self.free_seqs.pop()?;
+        let Some(slot) = self.pick_slot(&w.caller.app, &w.prompt) else {
+            self.waiting.push(w);
+            return None;
+        };
         if priority != Priority::Interactive {
             self.shared_running += 1;
         }
@@ -148,7 +214,7 @@ impl Scheduler {
         if let Some(app) = self.apps.get_mut(&w.caller.app) {
             app.waiting -= 1;
         }
-        Some((w, seq))
+        Some((w, slot))
     }
 
     /// Takes a waiting request out of the queue (cancelled before it started).
@@ -158,9 +224,14 @@ impl Scheduler {
         w
     }
 
-    /// Returns a finished sequence's slot and KV reservation.
-    pub fn release(&mut self, app: &str, priority: Priority, seq: SeqId, kv_reserved: u32) {
+    /// Returns a finished sequence's slot and KV reservation. `kept`: the tokens its KV still
+    /// holds, for reuse by the same app (None when the KV was dropped).
+    pub fn release(&mut self, app: &str, priority: Priority, seq: SeqId, kv_reserved: u32, kept: Option<Vec<Token>>) {
         self.free_seqs.push(seq);
+        self.releases += 1;
+        if let Some(tokens) = kept.filter(|t| !t.is_empty()) {
+            self.warm.insert(seq, Warm { app: app.to_owned(), tokens, freed_at: self.releases });
+        }
         if priority != Priority::Interactive {
             self.shared_running -= 1;
         }
@@ -239,12 +310,37 @@ mod tests {
             s.push(waiting(id, "b", Priority::Normal, 10));
         }
         let mut order = Vec::new();
-        while let Some((w, seq)) = s.pop_next() {
+        while let Some((w, slot)) = s.pop_next() {
             order.push(w.caller.app.clone());
             s.charge(&w.caller.app, 100);
-            s.release(&w.caller.app, w.priority, seq, w.kv_need());
+            s.release(&w.caller.app, w.priority, slot.seq, w.kv_need(), None);
         }
         assert_eq!(order, ["a", "b", "a", "b", "a", "b", "a", "b"]);
+    }
+
+    #[test]
+    fn prefixes_are_reused_within_an_app_only() {
+        let mut s = Scheduler::new(Limits { shared_sequences: 1, interactive_sequences: 0, queue_capacity: 9, queue_per_app: 9 });
+        let mut a = waiting(1, "a", Priority::Normal, 20);
+        a.prompt = vec![1, 2, 3, 4, 5, 6, 7, 8];
+        s.push(a);
+        let (w, slot) = s.pop_next().unwrap();
+        assert_eq!(slot, Slot { seq: 0, reuse: 0, evict: false });
+        s.release("a", w.priority, slot.seq, w.kv_need(), Some(vec![1, 2, 3, 4, 5, 6, 7, 8, 9, 10]));
+        assert_eq!(s.cached_tokens(), 10);
+        // Another app with the same prompt: no reuse, the warm slot is evicted.
+        let mut b = waiting(2, "b", Priority::Normal, 20);
+        b.prompt = vec![1, 2, 3, 4, 5, 6, 7, 8];
+        s.push(b);
+        let (w, slot) = s.pop_next().unwrap();
+        assert_eq!(slot, Slot { seq: 0, reuse: 0, evict: true });
+        s.release("b", w.priority, slot.seq, w.kv_need(), Some(vec![1, 2, 3, 4, 5, 6, 7, 8, 42]));
+        // The same app again: reuse up to the shared prefix, keeping the last prompt token.
+        let mut b2 = waiting(3, "b", Priority::Normal, 20);
+        b2.prompt = vec![1, 2, 3, 4, 5, 6, 7, 8];
+        s.push(b2);
+        let (_, slot) = s.pop_next().unwrap();
+        assert_eq!(slot, Slot { seq: 0, reuse: 7, evict: false });
     }
 
     #[test]

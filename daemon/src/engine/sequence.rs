@@ -42,6 +42,8 @@ pub(super) struct Sequence {
     pub prompt: Vec<Token>,
     /// Prompt tokens already in the KV cache.
     pub prefilled: usize,
+    /// Prompt tokens that were already in the slot's KV (prefix reuse).
+    pub cached: usize,
     /// The token to feed next (the last sampled one), once prefill is done.
     pub next_token: Option<Token>,
     /// Position of `next_token`.
@@ -64,7 +66,8 @@ pub(super) struct Sequence {
 }
 
 impl Sequence {
-    pub fn start(w: Waiting, seq: SeqId) -> Self {
+    /// Starts `w` in slot `seq`, whose KV already holds the first `reuse` prompt tokens.
+    pub fn start(w: Waiting, seq: SeqId, reuse: usize) -> Self {
         let kv_reserved = w.kv_need();
         Self {
             id: w.id,
@@ -74,7 +77,8 @@ impl Sequence {
             seq,
             pos: w.prompt.len() as Pos,
             prompt: w.prompt,
-            prefilled: 0,
+            prefilled: reuse,
+            cached: reuse,
             next_token: None,
             logits_index: None,
             max_tokens: w.max_tokens,
@@ -94,6 +98,12 @@ impl Sequence {
 
     pub fn in_prefill(&self) -> bool {
         self.prefilled < self.prompt.len()
+    }
+
+    /// The tokens its KV holds, in position order: the prompt and the generated tokens that
+    /// were fed back (the last sampled one never is).
+    pub fn kv_tokens(&self) -> Vec<hearth_ffi::Token> {
+        self.prompt.iter().chain(&self.generated).take(self.kv_used() as usize).copied().collect()
     }
 
     /// Tokens this sequence holds in the KV cache.
@@ -144,6 +154,7 @@ impl Sequence {
             text: std::mem::take(&mut self.text),
             token_ids: std::mem::take(&mut self.generated),
             prompt_tokens: self.prompt.len() as u32,
+            cached_tokens: self.cached as u32,
             model: model_name.to_owned(),
             prefill: first.saturating_duration_since(self.started),
             decode: self.last_token_at.map_or(Duration::ZERO, |l| l.saturating_duration_since(first)),
@@ -172,6 +183,7 @@ pub(super) fn unstarted_outcome(w: &Waiting, model_name: &str, reason: FinishRea
         text: String::new(),
         token_ids: Vec::new(),
         prompt_tokens: w.prompt.len() as u32,
+        cached_tokens: 0,
         model: model_name.to_owned(),
         prefill: Duration::ZERO,
         decode: Duration::ZERO,

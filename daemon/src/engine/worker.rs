@@ -230,9 +230,16 @@ impl Worker {
 
     /// Starts waiting requests while the scheduler's best candidate fits.
     fn admit(&mut self) {
-        while let Some((w, seq)) = self.scheduler.pop_next() {
-            tracing::debug!(id = w.id, seq, priority = w.priority.as_str(), "request started");
-            self.running.push(Sequence::start(w, seq));
+        while let Some((w, slot)) = self.scheduler.pop_next() {
+            let mut reuse = slot.reuse;
+            if slot.evict {
+                self.ctx.remove_sequence(slot.seq);
+            } else if !self.ctx.truncate_sequence(slot.seq, reuse as i32) {
+                self.ctx.remove_sequence(slot.seq);
+                reuse = 0;
+            }
+            tracing::debug!(id = w.id, seq = slot.seq, reuse, priority = w.priority.as_str(), "request started");
+            self.running.push(Sequence::start(w, slot.seq, reuse));
         }
     }
 
@@ -349,8 +356,16 @@ impl Worker {
                 continue;
             }
             let mut s = self.running.swap_remove(i);
-            self.ctx.remove_sequence(s.seq);
-            self.scheduler.release(&s.caller.app, s.priority, s.seq, s.kv_reserved);
+            // A request that ended normally leaves its KV for the same app's next prompt;
+            // cancelled and failed ones free it at once.
+            let kept = match s.finished {
+                Some((FinishReason::Stop | FinishReason::Length, _)) => Some(s.kv_tokens()),
+                _ => None,
+            };
+            if kept.is_none() {
+                self.ctx.remove_sequence(s.seq);
+            }
+            self.scheduler.release(&s.caller.app, s.priority, s.seq, s.kv_reserved, kept);
             let outcome = s.outcome(&self.model_name);
             tracing::debug!(id = s.id, reason = outcome.reason.as_str(), tokens = outcome.token_ids.len(), "request finished");
             let _ = s.events.send(Event::Finished(outcome));
@@ -363,6 +378,7 @@ impl Worker {
         let used: u32 = self.running.iter().map(Sequence::kv_used).sum();
         self.kv.used.store(used, Ordering::Relaxed);
         self.kv.reserved.store(self.scheduler.kv_reserved(), Ordering::Relaxed);
+        self.kv.cached.store(self.scheduler.cached_tokens(), Ordering::Relaxed);
         let mut by_priority = [0u32; 3];
         let priorities = self.running.iter().map(|s| s.priority).chain(self.scheduler.waiting().iter().map(|w| w.priority));
         for p in priorities {

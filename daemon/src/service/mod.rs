@@ -58,6 +58,7 @@ pub(crate) fn outcome_dict(o: &Outcome) -> HashMap<String, OwnedValue> {
         (result_key::TOKENS.to_owned(), owned(Value::from(o.token_ids.len() as u32))),
         (result_key::TOKEN_IDS.to_owned(), owned(Value::from(o.token_ids.clone()))),
         (result_key::PROMPT_TOKENS.to_owned(), owned(Value::from(o.prompt_tokens))),
+        (result_key::CACHED_TOKENS.to_owned(), owned(Value::from(o.cached_tokens))),
         (result_key::MODEL.to_owned(), owned(Value::from(o.model.as_str()))),
         (result_key::PREFILL_US.to_owned(), owned(Value::from(o.prefill.as_micros() as u64))),
         (result_key::DECODE_US.to_owned(), owned(Value::from(o.decode.as_micros() as u64))),
@@ -260,6 +261,7 @@ impl HearthService {
             ("size".to_owned(), load(&kv.size)),
             ("reserved".to_owned(), load(&kv.reserved)),
             ("used".to_owned(), load(&kv.used)),
+            ("cached".to_owned(), load(&kv.cached)),
         ])
     }
 }
