@@ -124,6 +124,8 @@ pub struct Settings {
     pub max_sequences: Option<u32>,
     /// `engine.interactive_sequences` (default 2).
     pub interactive_sequences: Option<u32>,
+    /// Extra lines for the `[engine]` table.
+    pub engine: String,
     /// Extra lines for the `[limits]` table.
     pub limits: String,
 }
@@ -151,11 +153,12 @@ impl Daemon {
     pub async fn start_configured(bus: &Bus, settings: &Settings) -> Self {
         let dir = tempfile::tempdir().expect("tempdir");
         let config = format!(
-            "[models]\ndirs = [\"{}\"]\n\n[engine]\nthreads = {}\ncontext_length = {CONTEXT}\nbatch_size = {BATCH}\nmax_sequences = {}\ninteractive_sequences = {}\n\n[limits]\n{}\n",
+            "[models]\ndirs = [\"{}\"]\n\n[engine]\nthreads = {}\ncontext_length = {CONTEXT}\nbatch_size = {BATCH}\nmax_sequences = {}\ninteractive_sequences = {}\n{}\n\n[limits]\n{}\n",
             models_dir().display(),
             threads(),
             settings.max_sequences.unwrap_or(SEQUENCES),
             settings.interactive_sequences.unwrap_or(2),
+            settings.engine,
             settings.limits,
         );
         let config_path = dir.path().join("hearthd.toml");
@@ -244,6 +247,12 @@ pub async fn hearth(conn: &Connection) -> hearth_dbus::Hearth1Proxy<'static> {
         .build()
         .await
         .expect("Hearth1 proxy")
+}
+
+/// The live introspection XML of hearthd's object at `path`.
+pub async fn introspect(conn: &Connection, path: &str) -> zbus::Result<String> {
+    let proxy = zbus::fdo::IntrospectableProxy::builder(conn).destination(hearth_dbus::BUS_NAME)?.path(path.to_owned())?.build().await?;
+    Ok(proxy.introspect().await?)
 }
 
 /// A chat request dictionary for the given user message.

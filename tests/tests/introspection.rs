@@ -4,7 +4,7 @@
 use std::collections::BTreeMap;
 
 use hearth_dbus::{Generation, INTROSPECTION_XML, StreamEvent};
-use hearth_tests::{Bus, Daemon, chat_request};
+use hearth_tests::{Bus, Daemon, chat_request, introspect};
 
 type Args = Vec<(String, String, String)>;
 
@@ -69,26 +69,10 @@ async fn live_introspection_equals_the_xml() {
     let bus = Bus::start();
     let _daemon = Daemon::start(&bus).await;
     let conn = bus.connect().await;
-    let introspect = |path: String| {
-        let conn = conn.clone();
-        async move {
-            zbus::fdo::IntrospectableProxy::builder(&conn)
-                .destination(hearth_dbus::BUS_NAME)
-                .unwrap()
-                .path(path)
-                .unwrap()
-                .build()
-                .await
-                .unwrap()
-                .introspect()
-                .await
-                .unwrap()
-        }
-    };
-    let mut live = shapes(&introspect(hearth_dbus::OBJECT_PATH.to_owned()).await);
+    let mut live = shapes(&introspect(&conn, hearth_dbus::OBJECT_PATH).await.unwrap());
 
     let mut g = Generation::start(&conn, chat_request("Write a long story.", 900), "introspect").await.unwrap();
-    live.extend(shapes(&introspect(g.path().as_str().to_owned()).await));
+    live.extend(shapes(&introspect(&conn, g.path().as_str()).await.unwrap()));
     g.cancel().await.unwrap();
     while let Some(ev) = g.next().await {
         if let Ok(StreamEvent::Finished(_)) = ev {

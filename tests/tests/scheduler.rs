@@ -159,7 +159,12 @@ async fn two_flooding_apps_of_the_same_priority_share_fairly() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn over_the_bounds_busy_comes_at_once_and_kv_stays_in_budget() {
     let bus = Bus::start();
-    let settings = Settings { max_sequences: Some(1), interactive_sequences: Some(0), limits: "queue_per_app = 1\nqueue_capacity = 4".into() };
+    let settings = Settings {
+        max_sequences: Some(1),
+        interactive_sequences: Some(0),
+        limits: "queue_per_app = 1\nqueue_capacity = 4".into(),
+        ..Settings::default()
+    };
     let _daemon = Daemon::start_configured(&bus, &settings).await;
     let conn = bus.connect().await;
     let proxy = hearth_tests::hearth(&conn).await;
@@ -238,7 +243,7 @@ async fn a_shared_prefix_is_reused_within_an_app_only_and_changes_no_output() {
     let prompt = "What is the capital of France?";
     let direct = direct_run(&[("user", prompt)], greedy(), 24);
     let bus = Bus::start();
-    let _daemon = Daemon::start(&bus).await;
+    let _daemon = Daemon::start_configured(&bus, &Settings { engine: "prefix_cache = true".into(), ..Settings::default() }).await;
     let conn = bus.connect().await;
     let proxy = hearth_tests::hearth(&conn).await;
     let u32_of = |r: &HashMap<String, zbus::zvariant::OwnedValue>, k: &str| u32::try_from(r.get(k).unwrap()).unwrap();

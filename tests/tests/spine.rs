@@ -187,17 +187,7 @@ async fn bad_input_gets_the_right_error_name_and_the_daemon_keeps_serving() {
         .await;
     assert!(reply.is_err(), "wrong signature must fail");
     // Refused Generate calls leave no request objects behind.
-    let xml = zbus::fdo::IntrospectableProxy::builder(&conn)
-        .destination(hearth_dbus::BUS_NAME)
-        .unwrap()
-        .path(hearth_dbus::REQUEST_PATH_PREFIX)
-        .unwrap()
-        .build()
-        .await
-        .unwrap()
-        .introspect()
-        .await
-        .unwrap_or_default();
+    let xml = hearth_tests::introspect(&conn, hearth_dbus::REQUEST_PATH_PREFIX).await.unwrap_or_default();
     assert!(!xml.contains("<node name="), "leftover request objects: {xml}");
     // And the daemon still answers.
     let r = proxy.complete(chat_request("Say hello.", 8)).await.expect("Complete after bad input");
@@ -207,7 +197,8 @@ async fn bad_input_gets_the_right_error_name_and_the_daemon_keeps_serving() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_queue_answers_busy_at_once() {
     let bus = Bus::start();
-    let settings = Settings { max_sequences: Some(1), interactive_sequences: Some(0), limits: "queue_capacity = 0".into() };
+    let settings =
+        Settings { max_sequences: Some(1), interactive_sequences: Some(0), limits: "queue_capacity = 0".into(), ..Settings::default() };
     let _daemon = Daemon::start_configured(&bus, &settings).await;
     let conn = bus.connect().await;
     let proxy = hearth_tests::hearth(&conn).await;

@@ -56,6 +56,9 @@ struct AppState {
 
 /// Shortest shared prefix worth reusing.
 const MIN_REUSE: usize = 4;
+/// Most slots that keep a finished request's KV: a kept prefix serves one app talking in
+/// turns, and a kept slot is one fewer cold slot for everyone else.
+const MAX_WARM: usize = 1;
 
 /// KV left in a free slot by a finished request.
 #[derive(Debug)]
@@ -158,6 +161,11 @@ impl Scheduler {
         self.warm.values().map(|w| w.tokens.len() as u32).sum()
     }
 
+    /// Forgets every warm slot and returns their ids, so the caller can drop their KV.
+    pub fn drain_warm(&mut self) -> Vec<SeqId> {
+        self.warm.drain().map(|(seq, _)| seq).collect()
+    }
+
     /// Picks a free slot for a prompt of `app`: its own warm slot with the longest shared
     /// prefix, else a cold slot, else the least recently freed warm slot.
     fn pick_slot(&mut self, app: &str, prompt: &[Token]) -> Option<Slot> {
@@ -173,7 +181,9 @@ impl Scheduler {
             .max_by_key(|&(_, shared)| shared);
         let (seq, reuse, evict) = if let Some((seq, shared)) = own {
             (seq, shared, false)
-        } else if let Some(&seq) = self.free_seqs.iter().find(|s| !self.warm.contains_key(s)) {
+        } else if let Some(&seq) = self.free_seqs.iter().filter(|s| !self.warm.contains_key(s)).min() {
+            // The lowest cold slot: running sequences stay packed at low ids, and llama.cpp
+            // computes attention over every stream between the lowest and highest in a batch.
             (seq, 0, false)
         } else {
             let (&seq, _) = self.warm.iter().filter(|(s, _)| self.free_seqs.contains(s)).min_by_key(|(_, w)| w.freed_at)?;
@@ -226,17 +236,25 @@ impl Scheduler {
 
     /// Returns a finished sequence's slot and KV reservation. `kept`: the tokens its KV still
     /// holds, for reuse by the same app (None when the KV was dropped).
-    pub fn release(&mut self, app: &str, priority: Priority, seq: SeqId, kv_reserved: u32, kept: Option<Vec<Token>>) {
+    /// Returns the slots whose kept KV must now be dropped (at most `MAX_WARM` are kept).
+    pub fn release(&mut self, app: &str, priority: Priority, seq: SeqId, kv_reserved: u32, kept: Option<Vec<Token>>) -> Vec<SeqId> {
         self.free_seqs.push(seq);
         self.releases += 1;
+        let mut dropped = Vec::new();
         if let Some(tokens) = kept.filter(|t| !t.is_empty()) {
             self.warm.insert(seq, Warm { app: app.to_owned(), tokens, freed_at: self.releases });
+            while self.warm.len() > MAX_WARM {
+                let Some((&oldest, _)) = self.warm.iter().min_by_key(|(_, w)| w.freed_at) else { break };
+                self.warm.remove(&oldest);
+                dropped.push(oldest);
+            }
         }
         if priority != Priority::Interactive {
             self.shared_running -= 1;
         }
         self.kv_reserved -= kv_reserved;
         self.forget(app, false);
+        dropped
     }
 
     fn forget(&mut self, app: &str, was_waiting: bool) {
@@ -313,7 +331,7 @@ mod tests {
         while let Some((w, slot)) = s.pop_next() {
             order.push(w.caller.app.clone());
             s.charge(&w.caller.app, 100);
-            s.release(&w.caller.app, w.priority, slot.seq, w.kv_need(), None);
+            let _ = s.release(&w.caller.app, w.priority, slot.seq, w.kv_need(), None);
         }
         assert_eq!(order, ["a", "b", "a", "b", "a", "b", "a", "b"]);
     }
@@ -326,7 +344,7 @@ mod tests {
         s.push(a);
         let (w, slot) = s.pop_next().unwrap();
         assert_eq!(slot, Slot { seq: 0, reuse: 0, evict: false });
-        s.release("a", w.priority, slot.seq, w.kv_need(), Some(vec![1, 2, 3, 4, 5, 6, 7, 8, 9, 10]));
+        assert!(s.release("a", w.priority, slot.seq, w.kv_need(), Some(vec![1, 2, 3, 4, 5, 6, 7, 8, 9, 10])).is_empty());
         assert_eq!(s.cached_tokens(), 10);
         // Another app with the same prompt: no reuse, the warm slot is evicted.
         let mut b = waiting(2, "b", Priority::Normal, 20);
@@ -334,7 +352,7 @@ mod tests {
         s.push(b);
         let (w, slot) = s.pop_next().unwrap();
         assert_eq!(slot, Slot { seq: 0, reuse: 0, evict: true });
-        s.release("b", w.priority, slot.seq, w.kv_need(), Some(vec![1, 2, 3, 4, 5, 6, 7, 8, 42]));
+        let _ = s.release("b", w.priority, slot.seq, w.kv_need(), Some(vec![1, 2, 3, 4, 5, 6, 7, 8, 42]));
         // The same app again: reuse up to the shared prefix, keeping the last prompt token.
         let mut b2 = waiting(3, "b", Priority::Normal, 20);
         b2.prompt = vec![1, 2, 3, 4, 5, 6, 7, 8];

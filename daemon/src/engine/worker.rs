@@ -38,6 +38,7 @@ pub(super) struct Worker {
     running: Vec<Sequence>,
     n_ctx: u32,
     next_id: u64,
+    prefix_cache: bool,
 }
 
 impl Worker {
@@ -71,6 +72,7 @@ impl Worker {
             running: Vec::new(),
             n_ctx,
             next_id: 1,
+            prefix_cache: config.engine.prefix_cache,
         }
     }
 
@@ -241,6 +243,14 @@ impl Worker {
             tracing::debug!(id = w.id, seq = slot.seq, reuse, priority = w.priority.as_str(), "request started");
             self.running.push(Sequence::start(w, slot.seq, reuse));
         }
+        // Kept prefixes pay off for one app talking in turns; once several requests run, the
+        // slots are worth more cold (llama.cpp attends over every KV stream between the lowest
+        // and highest one in a batch), so kept KV is dropped.
+        if self.running.len() > 1 {
+            for seq in self.scheduler.drain_warm() {
+                self.ctx.remove_sequence(seq);
+            }
+        }
     }
 
     /// Builds one batch from the running sequences, decodes it and samples.
@@ -359,13 +369,15 @@ impl Worker {
             // A request that ended normally leaves its KV for the same app's next prompt;
             // cancelled and failed ones free it at once.
             let kept = match s.finished {
-                Some((FinishReason::Stop | FinishReason::Length, _)) => Some(s.kv_tokens()),
+                Some((FinishReason::Stop | FinishReason::Length, _)) if self.prefix_cache => Some(s.kv_tokens()),
                 _ => None,
             };
             if kept.is_none() {
                 self.ctx.remove_sequence(s.seq);
             }
-            self.scheduler.release(&s.caller.app, s.priority, s.seq, s.kv_reserved, kept);
+            for seq in self.scheduler.release(&s.caller.app, s.priority, s.seq, s.kv_reserved, kept) {
+                self.ctx.remove_sequence(seq);
+            }
             let outcome = s.outcome(&self.model_name);
             tracing::debug!(id = s.id, reason = outcome.reason.as_str(), tokens = outcome.token_ids.len(), "request finished");
             let _ = s.events.send(Event::Finished(outcome));

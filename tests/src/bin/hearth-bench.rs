@@ -146,18 +146,23 @@ async fn main() {
     let mut server_decode = vec![];
     let mut decode_tokens = (0, 0);
     for i in 0..args.reps {
+        // Every repetition gets its own prompts, starting with a different word, so hearthd's
+        // prefix cache (same app) never turns a measurement into a cache hit.
+        let asker = ASKERS[(i + 8) % ASKERS.len()];
+        let decode_prompt = format!("{asker} asks: {DECODE_PROMPT}");
+        let long = format!("{asker} asks: {long_prompt}");
         // Alternate which path goes first, so neither always runs on a warmer machine.
         let (d_bus, d_ffi, p_bus, p_ffi);
         if i % 2 == 0 {
-            d_bus = over_dbus(&conn, DECODE_PROMPT, args.decode_tokens, &format!("d{i}")).await;
-            d_ffi = direct(DECODE_PROMPT, args.decode_tokens);
-            p_bus = over_dbus(&conn, &long_prompt, 1, &format!("p{i}")).await;
-            p_ffi = direct(&long_prompt, 1);
+            d_bus = over_dbus(&conn, &decode_prompt, args.decode_tokens, &format!("d{i}")).await;
+            d_ffi = direct(&decode_prompt, args.decode_tokens);
+            p_bus = over_dbus(&conn, &long, 1, &format!("p{i}")).await;
+            p_ffi = direct(&long, 1);
         } else {
-            d_ffi = direct(DECODE_PROMPT, args.decode_tokens);
-            d_bus = over_dbus(&conn, DECODE_PROMPT, args.decode_tokens, &format!("d{i}")).await;
-            p_ffi = direct(&long_prompt, 1);
-            p_bus = over_dbus(&conn, &long_prompt, 1, &format!("p{i}")).await;
+            d_ffi = direct(&decode_prompt, args.decode_tokens);
+            d_bus = over_dbus(&conn, &decode_prompt, args.decode_tokens, &format!("d{i}")).await;
+            p_ffi = direct(&long, 1);
+            p_bus = over_dbus(&conn, &long, 1, &format!("p{i}")).await;
         }
         decode_tokens = (d_bus.tokens, d_ffi.tokens);
         bus_decode.push(d_bus.decode_tps);
@@ -231,10 +236,18 @@ fn priority(mut r: std::collections::HashMap<&'static str, Value<'static>>, p: &
     r
 }
 
-/// Time from the Generate call to the first Token.
-async fn ttft(conn: &zbus::Connection, tag: &str) -> f64 {
+/// First words that make every TTFT prompt differ right after the chat template's opening,
+/// so no measurement gets a prefix-cache hit from an earlier one (same app).
+const ASKERS: [&str; 16] = [
+    "Alice", "Bob", "Carol", "Dave", "Erin", "Frank", "Grace", "Heidi", "Ivan", "Judy", "Mallory", "Niaj", "Olivia", "Peggy",
+    "Rupert", "Sybil",
+];
+
+/// Time from the Generate call to the first Token, for an interactive request.
+async fn ttft(conn: &zbus::Connection, n: usize) -> f64 {
     let started = Instant::now();
-    let mut g = Generation::start(conn, priority(chat_request("What is the capital of France?", 4), "interactive"), tag).await.expect("Generate");
+    let prompt = format!("{} asks: what is the capital of France?", ASKERS[n % ASKERS.len()]);
+    let mut g = Generation::start(conn, priority(chat_request(&prompt, 4), "interactive"), &format!("ttft{n}")).await.expect("Generate");
     let mut first = None;
     while let Some(ev) = g.next().await {
         match ev.expect("event") {
@@ -283,7 +296,7 @@ async fn under_load(conn: &zbus::Connection, streams: usize, tokens: u32, reps: 
     // TTFT of an interactive request, idle and under `streams` background streams.
     let mut idle = Vec::new();
     for r in 0..reps {
-        idle.push(ttft(conn, &format!("idle{r}")).await);
+        idle.push(ttft(conn, r).await);
     }
     let mut background = Vec::new();
     for i in 0..streams {
@@ -300,7 +313,7 @@ async fn under_load(conn: &zbus::Connection, streams: usize, tokens: u32, reps: 
     }
     let mut loaded = Vec::new();
     for r in 0..reps {
-        loaded.push(ttft(conn, &format!("loaded{r}")).await);
+        loaded.push(ttft(conn, reps + r).await);
     }
     for g in &background {
         g.cancel().await.expect("cancel");
