@@ -59,8 +59,9 @@ pub struct EngineConfig {
     /// Layers offloaded to an accelerator (0: CPU only, -1: all).
     pub gpu_layers: i32,
     /// Keep a finished request's KV in its free slot for the same app's next prompt (prefix
-    /// reuse). Off by default: with it on, hearth-bench measured 8 concurrent streams at
-    /// 0.62-0.73 of a static batch (1.0 with it off), for reasons not yet understood.
+    /// reuse). Off by default: a kept slot pushes later requests to higher stream ids, and
+    /// hearth-bench measured 8 concurrent streams at 0.62-0.85 of a static batch with it on
+    /// (1.0 off); streams at high ids decode slower in llama.cpp (0.65 in slots 2..9).
     pub prefix_cache: bool,
     /// Flash attention. On by default: it keeps each request's output independent of what
     /// else is batched with it (without it, batching changes greedy outputs).

