@@ -168,8 +168,10 @@ async fn over_the_bounds_busy_comes_at_once_and_kv_stays_in_budget() {
     let _daemon = Daemon::start_configured(&bus, &settings).await;
     let conn = bus.connect().await;
     let proxy = hearth_tests::hearth(&conn).await;
-    let running = Generation::start(&conn, chat_request("Write a long story.", 300), "run").await.unwrap();
-    let waiting = Generation::start(&conn, chat_request("Write a long story.", 300), "wait").await.unwrap();
+    // A prompt the model answers at length (no end of generation within 400 tokens), so the
+    // running request is still running when the queue is inspected, however slow the machine.
+    let running = Generation::start(&conn, chat_request("Write a long story about the ocean.", 300), "run").await.unwrap();
+    let waiting = Generation::start(&conn, chat_request("Write a long story about the ocean.", 300), "wait").await.unwrap();
     let t = Instant::now();
     let err = proxy.complete(chat_request("hi", 8)).await.expect_err("third request of the app");
     assert_eq!(err.dbus_name(), "org.hearth.Hearth1.Error.Busy");
