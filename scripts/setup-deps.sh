@@ -47,4 +47,7 @@ fi
 if ! cargo clippy --version >/dev/null 2>&1; then
     rustup component add clippy
 fi
+if ! cargo fmt --version >/dev/null 2>&1; then
+    rustup component add rustfmt
+fi
 echo "setup-deps: $(cargo --version)"

@@ -15,8 +15,9 @@ cd "$ROOT"
 export CARGO_TERM_COLOR="${CARGO_TERM_COLOR:-never}"
 export RUST_BACKTRACE=1
 
-echo "test: formatting check of shell scripts and build"
+echo "test: syntax of the shell scripts, formatting of the Rust code"
 bash -n scripts/*.sh .ci/run
+cargo fmt --all --check
 
 echo "test: building (integration tests run the built hearthd and hearthctl binaries)"
 cargo build --workspace --bins --tests

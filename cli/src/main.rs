@@ -162,7 +162,8 @@ async fn run(cli: Cli) -> Result<ExitCode, CliError> {
     let proxy = Hearth1Proxy::new(&conn).await?;
     match cli.command {
         Command::Status => {
-            let (version, models, depth) = (proxy.version().await?, proxy.loaded_models().await?, proxy.queue_depth().await?);
+            let (version, models, depth) =
+                (proxy.version().await?, proxy.loaded_models().await?, proxy.queue_depth().await?);
             if cli.json {
                 println!("{}", json!({ "version": version, "loaded_models": models, "queue_depth": depth }));
             } else {
@@ -177,17 +178,33 @@ async fn run(cli: Cli) -> Result<ExitCode, CliError> {
                 for m in &models {
                     let get = |k: &str| m.get(k).map(|v| to_json(v)).unwrap_or(Json::Null);
                     let loaded = if get("loaded") == json!(true) { "loaded" } else { "installed" };
-                    println!("{}\t{loaded}\t{}", get("name").as_str().unwrap_or("?"), get("file").as_str().unwrap_or("?"));
+                    println!(
+                        "{}\t{loaded}\t{}",
+                        get("name").as_str().unwrap_or("?"),
+                        get("file").as_str().unwrap_or("?")
+                    );
                 }
             }
         }
-        Command::Generate { prompt, system, model, max_tokens, temperature, top_p, top_k, seed, priority, deadline_ms } => {
+        Command::Generate {
+            prompt,
+            system,
+            model,
+            max_tokens,
+            temperature,
+            top_p,
+            top_k,
+            seed,
+            priority,
+            deadline_ms,
+        } => {
             let mut messages: Vec<(&str, &str)> = Vec::new();
             if let Some(s) = &system {
                 messages.push(("system", s));
             }
             messages.push(("user", &prompt));
-            let mut request: HashMap<&str, Value<'_>> = HashMap::from([(request_key::MESSAGES, messages_value(&messages))]);
+            let mut request: HashMap<&str, Value<'_>> =
+                HashMap::from([(request_key::MESSAGES, messages_value(&messages))]);
             if let Some(m) = &model {
                 request.insert(request_key::MODEL, Value::from(m.as_str()));
             }
@@ -250,10 +267,15 @@ async fn generate(conn: &Connection, request: HashMap<&str, Value<'_>>, json_out
             }
             StreamEvent::Finished(result) => {
                 let tokens = result.get(result_key::TOKENS).and_then(|v| u32::try_from(v).ok()).unwrap_or(0);
-                let reason = result.get(result_key::FINISH_REASON).and_then(|v| <&str>::try_from(v).ok()).unwrap_or("?").to_owned();
+                let reason = result
+                    .get(result_key::FINISH_REASON)
+                    .and_then(|v| <&str>::try_from(v).ok())
+                    .unwrap_or("?")
+                    .to_owned();
                 // Decode rate as the client sees it: tokens after the first, over the time they took.
                 let decode = first_token.map_or(Duration::ZERO, |f| last_token - f);
-                let tok_s = if tokens > 1 && !decode.is_zero() { f64::from(tokens - 1) / decode.as_secs_f64() } else { 0.0 };
+                let tok_s =
+                    if tokens > 1 && !decode.is_zero() { f64::from(tokens - 1) / decode.as_secs_f64() } else { 0.0 };
                 if json_out {
                     let mut j = dict_json(&result);
                     j["client_tok_per_s"] = json!(tok_s);
@@ -264,7 +286,8 @@ async fn generate(conn: &Connection, request: HashMap<&str, Value<'_>>, json_out
                     eprintln!("[{tokens} tokens, {tok_s:.1} tok/s, finish: {reason}]");
                 }
                 if let Some(name) = result.get(result_key::ERROR_NAME).and_then(|v| <&str>::try_from(v).ok()) {
-                    let msg = result.get(result_key::ERROR_MESSAGE).and_then(|v| <&str>::try_from(v).ok()).unwrap_or("");
+                    let msg =
+                        result.get(result_key::ERROR_MESSAGE).and_then(|v| <&str>::try_from(v).ok()).unwrap_or("");
                     eprintln!("hearthctl: {name}: {msg}");
                     return Ok(ExitCode::FAILURE);
                 }

@@ -119,8 +119,10 @@ impl Config {
         };
         let mut merged = toml::Table::new();
         for path in &files {
-            let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.clone(), source })?;
-            let table: toml::Table = toml::from_str(&text).map_err(|source| ConfigError::Parse { path: path.clone(), source })?;
+            let text =
+                std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.clone(), source })?;
+            let table: toml::Table =
+                toml::from_str(&text).map_err(|source| ConfigError::Parse { path: path.clone(), source })?;
             merge(&mut merged, table);
         }
         let label = files.last().cloned().unwrap_or_else(|| PathBuf::from("<defaults>"));

@@ -10,7 +10,9 @@ pub enum Error {
     #[error("{0}")]
     InvalidArgs(String),
     /// The prompt does not fit the context.
-    #[error("the prompt has {prompt} tokens; the context holds {context} (and needs room for at least one generated token)")]
+    #[error(
+        "the prompt has {prompt} tokens; the context holds {context} (and needs room for at least one generated token)"
+    )]
     ContextLengthExceeded { prompt: usize, context: u32 },
     /// No such model is installed.
     #[error("no model named {0:?} is installed")]
@@ -19,7 +21,9 @@ pub enum Error {
     #[error("model {name:?} is unavailable: {reason}")]
     ModelUnavailable { name: String, reason: String },
     /// Admission control refused the request.
-    #[error("hearthd is busy: {waiting} requests are waiting {scope} (limit {limit}); retry in about {retry_after_ms} ms")]
+    #[error(
+        "hearthd is busy: {waiting} requests are waiting {scope} (limit {limit}); retry in about {retry_after_ms} ms"
+    )]
     Busy { scope: String, waiting: usize, limit: usize, retry_after_ms: u64 },
     /// The request was cancelled.
     #[error("{0}")]

@@ -106,8 +106,13 @@ async fn serve(args: Args, config: &Config, catalog: Arc<Catalog>, engine: Engin
     let mut signals = signal_hook_tokio::Signals::new([SIGTERM, SIGINT])?;
     let in_flight = InFlight::default();
     let callers = CallerCache::default();
-    let service =
-        HearthService::new(engine.clone(), catalog, config.limits.default_max_tokens, in_flight.clone(), callers.clone());
+    let service = HearthService::new(
+        engine.clone(),
+        catalog,
+        config.limits.default_max_tokens,
+        in_flight.clone(),
+        callers.clone(),
+    );
     let builder = match &args.bus_address {
         Some(address) => zbus::connection::Builder::address(address.as_str())?,
         None => zbus::connection::Builder::system()?,

@@ -94,11 +94,15 @@ fn read_manifest(path: &Path) -> Result<ModelEntry, CatalogError> {
     if manifest.name.is_empty() || manifest.name.len() > 128 || manifest.name.chars().any(char::is_control) {
         return Err(bad(format!("invalid model name {:?}", manifest.name)));
     }
-    if manifest.sha256.len() != 64 || !manifest.sha256.bytes().all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase()) {
+    if manifest.sha256.len() != 64 || !manifest.sha256.bytes().all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase())
+    {
         return Err(bad("sha256 must be 64 lower-case hex digits".into()));
     }
     if manifest.file.is_absolute() || manifest.file.components().any(|c| matches!(c, std::path::Component::ParentDir)) {
-        return Err(bad(format!("file {} must be a plain path inside the manifest's directory", manifest.file.display())));
+        return Err(bad(format!(
+            "file {} must be a plain path inside the manifest's directory",
+            manifest.file.display()
+        )));
     }
     let dir = path.parent().unwrap_or(Path::new("."));
     let file_path = dir.join(&manifest.file);
@@ -136,7 +140,11 @@ mod tests {
     fn scans_manifests_and_verifies_files() {
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(dir.path().join("m.gguf"), b"").unwrap();
-        std::fs::write(dir.path().join("m.toml"), format!("name = \"m\"\nfile = \"m.gguf\"\nsha256 = \"{EMPTY_SHA256}\"\n")).unwrap();
+        std::fs::write(
+            dir.path().join("m.toml"),
+            format!("name = \"m\"\nfile = \"m.gguf\"\nsha256 = \"{EMPTY_SHA256}\"\n"),
+        )
+        .unwrap();
         let cat = Catalog::scan(&[dir.path().to_owned(), PathBuf::from("/nonexistent")]).unwrap();
         let m = cat.get("m").unwrap();
         assert_eq!(m.path, dir.path().join("m.gguf"));

@@ -77,7 +77,10 @@ fn as_f64(k: &str, v: &Value<'_>) -> Result<f64, Error> {
 
 fn parse_messages(v: &Value<'_>) -> Result<Vec<ChatMessage>, Error> {
     let Value::Array(array) = unwrap_variant(v) else {
-        return Err(invalid(format!("messages must be an array of dictionaries (aa{{sv}}), got {}", v.value_signature())));
+        return Err(invalid(format!(
+            "messages must be an array of dictionaries (aa{{sv}}), got {}",
+            v.value_signature()
+        )));
     };
     if array.is_empty() {
         return Err(invalid("messages is empty: give at least one message"));
@@ -89,7 +92,10 @@ fn parse_messages(v: &Value<'_>) -> Result<Vec<ChatMessage>, Error> {
     let mut out = Vec::with_capacity(array.len());
     for (i, item) in array.inner().iter().enumerate() {
         let Value::Dict(dict) = unwrap_variant(item) else {
-            return Err(invalid(format!("messages[{i}] must be a dictionary (a{{sv}}), got {}", item.value_signature())));
+            return Err(invalid(format!(
+                "messages[{i}] must be a dictionary (a{{sv}}), got {}",
+                item.value_signature()
+            )));
         };
         let (mut role, mut content) = (None, None);
         for (k, v) in dict.iter() {
@@ -186,7 +192,8 @@ pub fn parse(dict: &HashMap<String, OwnedValue>, method: Method, default_max_tok
     if max_tokens == 0 {
         return Err(invalid("max_tokens must be at least 1"));
     }
-    let max_tokens = u32::try_from(max_tokens).map_err(|_| invalid(format!("max_tokens {max_tokens} is absurdly large")))?;
+    let max_tokens =
+        u32::try_from(max_tokens).map_err(|_| invalid(format!("max_tokens {max_tokens} is absurdly large")))?;
     Ok(Parsed { request: GenerateRequest { messages, model, max_tokens, sampling, priority, deadline }, handle_token })
 }
 

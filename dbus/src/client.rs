@@ -31,12 +31,20 @@ pub struct Generation {
 impl Generation {
     /// Subscribes to the request object that `handle_token` names, then calls Generate with
     /// `request` (the handle token is added to it). No token can be missed.
-    pub async fn start(conn: &Connection, mut request: HashMap<&str, Value<'_>>, handle_token: &str) -> Result<Self, Error> {
+    pub async fn start(
+        conn: &Connection,
+        mut request: HashMap<&str, Value<'_>>,
+        handle_token: &str,
+    ) -> Result<Self, Error> {
         let unique = conn.unique_name().ok_or_else(|| Error::InvalidArgs("connection has no unique name".into()))?;
         let path = request_path(unique.as_str(), handle_token)
             .ok_or_else(|| Error::InvalidArgs(format!("invalid handle token {handle_token:?}")))?;
         // Match on the service's unique name: signals carry the unique sender.
-        let owner = DBusProxy::new(conn).await?.get_name_owner(BusName::try_from(BUS_NAME).map_err(zbus::Error::from)?).await.map_err(zbus::Error::from)?;
+        let owner = DBusProxy::new(conn)
+            .await?
+            .get_name_owner(BusName::try_from(BUS_NAME).map_err(zbus::Error::from)?)
+            .await
+            .map_err(zbus::Error::from)?;
         let rule = MatchRule::builder()
             .msg_type(MessageType::Signal)
             .sender(owner.as_str())?
@@ -47,7 +55,11 @@ impl Generation {
         request.insert(request_key::HANDLE_TOKEN, Value::from(handle_token));
         let returned = Hearth1Proxy::new(conn).await?.generate(request).await?;
         if returned != path {
-            return Err(Error::Internal(format!("hearthd returned {} instead of {}", returned.as_str(), path.as_str())));
+            return Err(Error::Internal(format!(
+                "hearthd returned {} instead of {}",
+                returned.as_str(),
+                path.as_str()
+            )));
         }
         Ok(Self { conn: conn.clone(), path, stream, done: false })
     }

@@ -95,11 +95,8 @@ pub fn request_path(sender: &str, handle_token: &str) -> Option<OwnedObjectPath>
     if !is_valid_handle_token(handle_token) {
         return None;
     }
-    let sender: String = sender
-        .trim_start_matches(':')
-        .chars()
-        .map(|c| if c.is_ascii_alphanumeric() { c } else { '_' })
-        .collect();
+    let sender: String =
+        sender.trim_start_matches(':').chars().map(|c| if c.is_ascii_alphanumeric() { c } else { '_' }).collect();
     if sender.is_empty() {
         return None;
     }

@@ -109,13 +109,7 @@ impl Backend {
             let (mut free, mut total) = (0usize, 0usize);
             // SAFETY: `dev` is valid and both out-pointers point to live locals.
             unsafe { sys::ggml_backend_dev_memory(dev, &mut free, &mut total) };
-            out.push(DeviceInfo {
-                name,
-                description,
-                kind,
-                memory_free: free as u64,
-                memory_total: total as u64,
-            });
+            out.push(DeviceInfo { name, description, kind, memory_free: free as u64, memory_total: total as u64 });
         }
         out
     }

@@ -34,7 +34,15 @@ pub struct ContextParams {
 
 impl Default for ContextParams {
     fn default() -> Self {
-        Self { n_ctx: 4096, n_batch: 512, n_seq_max: 8, n_threads: 2, n_threads_batch: 2, flash_attn: Some(true), kv_unified: false }
+        Self {
+            n_ctx: 4096,
+            n_batch: 512,
+            n_seq_max: 8,
+            n_threads: 2,
+            n_threads_batch: 2,
+            flash_attn: Some(true),
+            kv_unified: false,
+        }
     }
 }
 

@@ -50,8 +50,8 @@ impl Model {
     /// Loads a GGUF file. The caller is responsible for having verified the file's bytes
     /// (Hearth checks a sha256 from the manifest first): llama.cpp's parser trusts its input.
     pub fn load(backend: Backend, path: &Path, params: ModelParams) -> Result<Self> {
-        let c_path = CString::new(path.as_os_str().as_encoded_bytes())
-            .map_err(|_| Error::InteriorNul { what: "model path" })?;
+        let c_path =
+            CString::new(path.as_os_str().as_encoded_bytes()).map_err(|_| Error::InteriorNul { what: "model path" })?;
         // SAFETY: returns a plain struct of defaults.
         let mut mp = unsafe { sys::llama_model_default_params() };
         mp.n_gpu_layers = params.n_gpu_layers;
@@ -86,7 +86,12 @@ impl Model {
             // SAFETY: the model and key are valid; `buf` is writable for `buf.len()` bytes and
             // llama.cpp writes at most that many, NUL-terminated.
             let n = unsafe {
-                sys::llama_model_meta_val_str(self.as_ptr(), c_key.as_ptr(), buf.as_mut_ptr().cast::<c_char>(), buf.len())
+                sys::llama_model_meta_val_str(
+                    self.as_ptr(),
+                    c_key.as_ptr(),
+                    buf.as_mut_ptr().cast::<c_char>(),
+                    buf.len(),
+                )
             };
             let n = usize::try_from(n).ok()?;
             if n < buf.len() {
@@ -242,7 +247,14 @@ impl Model {
             // `chat.len()` messages whose strings live in `owned` for the whole call; `buf` is
             // writable for `cap` bytes.
             let n = unsafe {
-                sys::llama_chat_apply_template(tmpl, chat.as_ptr(), chat.len(), add_assistant, buf.as_mut_ptr().cast::<c_char>(), cap)
+                sys::llama_chat_apply_template(
+                    tmpl,
+                    chat.as_ptr(),
+                    chat.len(),
+                    add_assistant,
+                    buf.as_mut_ptr().cast::<c_char>(),
+                    cap,
+                )
             };
             let n = usize::try_from(n).map_err(|_| Error::ChatTemplate)?;
             if n <= buf.len() {

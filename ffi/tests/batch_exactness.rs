@@ -5,7 +5,9 @@
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use hearth_ffi::{Backend, Batch, ChatMessage, Context, ContextParams, Model, ModelParams, Sampler, SamplerParams, Token};
+use hearth_ffi::{
+    Backend, Batch, ChatMessage, Context, ContextParams, Model, ModelParams, Sampler, SamplerParams, Token,
+};
 
 fn model() -> Arc<Model> {
     let path = std::env::var_os("HEARTH_TEST_MODEL")
@@ -20,7 +22,15 @@ fn prompt(m: &Model, text: &str) -> Vec<Token> {
 }
 
 fn params(flash_attn: Option<bool>) -> ContextParams {
-    ContextParams { n_ctx: 4096, n_batch: 512, n_seq_max: 8, n_threads: 2, n_threads_batch: 2, flash_attn, kv_unified: false }
+    ContextParams {
+        n_ctx: 4096,
+        n_batch: 512,
+        n_seq_max: 8,
+        n_threads: 2,
+        n_threads_batch: 2,
+        flash_attn,
+        kv_unified: false,
+    }
 }
 
 fn solo(m: &Arc<Model>, p: &[Token], steps: usize, fa: Option<bool>) -> Vec<Token> {
@@ -93,7 +103,14 @@ fn staggered(m: &Arc<Model>, prompts: &[Vec<Token>], steps: usize, fa: Option<bo
 #[test]
 fn batched_greedy_equals_solo_greedy() {
     let m = model();
-    let texts = ["What is the capital of France?", "Name three colors.", "Write a haiku about rain.", "Who wrote Hamlet?", "What is 2+2?", "Give me a tip for sleeping well."];
+    let texts = [
+        "What is the capital of France?",
+        "Name three colors.",
+        "Write a haiku about rain.",
+        "Who wrote Hamlet?",
+        "What is 2+2?",
+        "Give me a tip for sleeping well.",
+    ];
     let prompts: Vec<Vec<Token>> = texts.iter().map(|t| prompt(&m, t)).collect();
     let steps = 32;
     // Flash attention makes each sequence's attention independent of where its cells sit in

@@ -3,7 +3,9 @@
 use std::path::PathBuf;
 use std::sync::{Arc, OnceLock};
 
-use hearth_ffi::{Backend, Batch, ChatMessage, Context, ContextParams, Detokenizer, Model, ModelParams, Sampler, SamplerParams, Token};
+use hearth_ffi::{
+    Backend, Batch, ChatMessage, Context, ContextParams, Detokenizer, Model, ModelParams, Sampler, SamplerParams, Token,
+};
 
 fn model() -> Arc<Model> {
     static MODEL: OnceLock<Arc<Model>> = OnceLock::new();
@@ -19,15 +21,25 @@ fn model() -> Arc<Model> {
 }
 
 fn context(n_seq_max: u32) -> Context {
-    Context::new(model(), ContextParams { n_ctx: 2048, n_batch: 512, n_seq_max, n_threads: 2, n_threads_batch: 2, flash_attn: Some(true), kv_unified: false })
-        .expect("context")
+    Context::new(
+        model(),
+        ContextParams {
+            n_ctx: 2048,
+            n_batch: 512,
+            n_seq_max,
+            n_threads: 2,
+            n_threads_batch: 2,
+            flash_attn: Some(true),
+            kv_unified: false,
+        },
+    )
+    .expect("context")
 }
 
 fn chat_prompt(text: &str) -> Vec<Token> {
     let m = model();
-    let prompt = m
-        .apply_chat_template(&[ChatMessage { role: "user".into(), content: text.into() }], true)
-        .expect("template");
+    let prompt =
+        m.apply_chat_template(&[ChatMessage { role: "user".into(), content: text.into() }], true).expect("template");
     m.tokenize(&prompt, false, true).expect("tokenize")
 }
 
@@ -111,7 +123,8 @@ fn greedy_generation_is_deterministic_and_stops_at_end_of_generation() {
     let b = generate(&mut ctx, 0, &prompt, SamplerParams::default(), 64);
     assert!(!a.is_empty());
     assert_eq!(a, b);
-    let text: String = a.iter().map(|&t| String::from_utf8_lossy(&model().token_to_piece(t, false)).into_owned()).collect();
+    let text: String =
+        a.iter().map(|&t| String::from_utf8_lossy(&model().token_to_piece(t, false)).into_owned()).collect();
     assert!(text.contains("Paris"), "answer: {text}");
     assert!(a.len() < 64, "generation ended with an end-of-generation token");
 }

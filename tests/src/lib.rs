@@ -11,7 +11,9 @@ use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
-use hearth_ffi::{Backend, Batch, ChatMessage, Context, ContextParams, Model, ModelParams, Sampler, SamplerParams, Token};
+use hearth_ffi::{
+    Backend, Batch, ChatMessage, Context, ContextParams, Model, ModelParams, Sampler, SamplerParams, Token,
+};
 use zbus::Connection;
 use zbus::zvariant::Value;
 
@@ -76,9 +78,13 @@ pub struct Bus {
 impl Bus {
     pub fn start() -> Self {
         let dir = tempfile::tempdir().expect("tempdir");
-        let template = std::fs::read_to_string(workspace_root().join("tests/data/system-bus.conf.in")).expect("bus template");
+        let template =
+            std::fs::read_to_string(workspace_root().join("tests/data/system-bus.conf.in")).expect("bus template");
         let socket = dir.path().join("bus");
-        let user = nix::unistd::User::from_uid(nix::unistd::getuid()).ok().flatten().map_or_else(|| "root".to_owned(), |u| u.name);
+        let user = nix::unistd::User::from_uid(nix::unistd::getuid())
+            .ok()
+            .flatten()
+            .map_or_else(|| "root".to_owned(), |u| u.name);
         let conf = template
             .replace("@SOCKET@", &socket.display().to_string())
             .replace("@POLICY@", &workspace_root().join("dbus/data/org.hearth.Hearth1.conf").display().to_string())
@@ -106,7 +112,11 @@ impl Bus {
 
     /// A new client connection.
     pub async fn connect(&self) -> Connection {
-        zbus::connection::Builder::address(self.address.as_str()).expect("address").build().await.expect("connect to test bus")
+        zbus::connection::Builder::address(self.address.as_str())
+            .expect("address")
+            .build()
+            .await
+            .expect("connect to test bus")
     }
 }
 
@@ -251,7 +261,11 @@ pub async fn hearth(conn: &Connection) -> hearth_dbus::Hearth1Proxy<'static> {
 
 /// The live introspection XML of hearthd's object at `path`.
 pub async fn introspect(conn: &Connection, path: &str) -> zbus::Result<String> {
-    let proxy = zbus::fdo::IntrospectableProxy::builder(conn).destination(hearth_dbus::BUS_NAME)?.path(path.to_owned())?.build().await?;
+    let proxy = zbus::fdo::IntrospectableProxy::builder(conn)
+        .destination(hearth_dbus::BUS_NAME)?
+        .path(path.to_owned())?
+        .build()
+        .await?;
     Ok(proxy.introspect().await?)
 }
 
@@ -267,7 +281,9 @@ pub fn chat_request(user: &str, max_tokens: u32) -> HashMap<&'static str, Value<
 pub fn reference_model() -> Arc<Model> {
     static MODEL: OnceLock<Arc<Model>> = OnceLock::new();
     MODEL
-        .get_or_init(|| Arc::new(Model::load(Backend::init(), &model_path(), ModelParams::default()).expect("load model")))
+        .get_or_init(|| {
+            Arc::new(Model::load(Backend::init(), &model_path(), ModelParams::default()).expect("load model"))
+        })
         .clone()
 }
 
@@ -295,7 +311,15 @@ pub fn direct_run(messages: &[(&str, &str)], sampling: SamplerParams, max_tokens
     let mut ctx = Context::new(
         Arc::clone(&model),
         // hearthd gives every sequence its own KV stream of CONTEXT cells: one stream here.
-        ContextParams { n_ctx: CONTEXT, n_batch: BATCH, n_seq_max: 1, n_threads: threads(), n_threads_batch: threads(), flash_attn: Some(true), kv_unified: false },
+        ContextParams {
+            n_ctx: CONTEXT,
+            n_batch: BATCH,
+            n_seq_max: 1,
+            n_threads: threads(),
+            n_threads_batch: threads(),
+            flash_attn: Some(true),
+            kv_unified: false,
+        },
     )
     .expect("context");
     let mut sampler = Sampler::new(sampling);
@@ -335,7 +359,13 @@ pub fn direct_run(messages: &[(&str, &str)], sampling: SamplerParams, max_tokens
         ctx.decode(&batch).expect("decode");
     }
     let first = first.unwrap_or(started);
-    DirectRun { prompt_tokens: prompt.len(), tokens, text: out, prefill: first - started, decode: last.saturating_duration_since(first) }
+    DirectRun {
+        prompt_tokens: prompt.len(),
+        tokens,
+        text: out,
+        prefill: first - started,
+        decode: last.saturating_duration_since(first),
+    }
 }
 
 /// Greedy sampling, as hearthd does with temperature 0.

@@ -5,7 +5,12 @@ use std::process::Command;
 use hearth_tests::{Bus, Daemon, direct_run, greedy, workspace_bin};
 
 fn hearthctl(bus: &Bus, args: &[&str]) -> std::process::Output {
-    Command::new(workspace_bin("hearthctl")).arg("--bus-address").arg(bus.address()).args(args).output().expect("run hearthctl")
+    Command::new(workspace_bin("hearthctl"))
+        .arg("--bus-address")
+        .arg(bus.address())
+        .args(args)
+        .output()
+        .expect("run hearthctl")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

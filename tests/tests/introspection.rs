@@ -17,8 +17,11 @@ struct Shape {
 }
 
 fn shapes(xml: &str) -> BTreeMap<String, Shape> {
-    let doc = roxmltree::Document::parse_with_options(xml, roxmltree::ParsingOptions { allow_dtd: true, ..Default::default() })
-        .expect("valid introspection XML");
+    let doc = roxmltree::Document::parse_with_options(
+        xml,
+        roxmltree::ParsingOptions { allow_dtd: true, ..Default::default() },
+    )
+    .expect("valid introspection XML");
     let mut out = BTreeMap::new();
     for iface in doc.descendants().filter(|n| n.has_tag_name("interface")) {
         let name = iface.attribute("name").unwrap_or_default().to_owned();

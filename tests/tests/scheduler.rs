@@ -80,7 +80,13 @@ async fn an_interactive_request_gets_its_first_token_before_background_streams_m
     let mut all = zbus::MessageStream::for_match_rule(rule, &conn, Some(100_000)).await.unwrap();
     let mut background = Vec::new();
     for i in 0..8 {
-        let g = Generation::start(&conn, with_priority("Write a long story about the ocean.", 300, "background"), &format!("bg{i}")).await.unwrap();
+        let g = Generation::start(
+            &conn,
+            with_priority("Write a long story about the ocean.", 300, "background"),
+            &format!("bg{i}"),
+        )
+        .await
+        .unwrap();
         background.push(g.path().as_str().to_owned());
     }
     let mut counts: HashMap<String, usize> = HashMap::new();
@@ -96,7 +102,9 @@ async fn an_interactive_request_gets_its_first_token_before_background_streams_m
     assert_eq!(by_priority.get("background"), Some(&8), "{by_priority:?}");
 
     let at_request = counts.clone();
-    let fg = Generation::start(&conn, with_priority("What is the capital of France?", 16, "interactive"), "fg").await.unwrap();
+    let fg = Generation::start(&conn, with_priority("What is the capital of France?", 16, "interactive"), "fg")
+        .await
+        .unwrap();
     let fg_path = fg.path().as_str().to_owned();
     loop {
         let msg = tokio::time::timeout(Duration::from_secs(60), all.next()).await.expect("tokens").unwrap().unwrap();
@@ -120,7 +128,14 @@ async fn an_interactive_request_gets_its_first_token_before_background_streams_m
 /// Runs `hearth-load` as a separate app (its own process, so its own uid/pid identity).
 fn load_app(bus: &Bus, streams: usize, max_tokens: u32) -> std::process::Child {
     Command::new(workspace_bin("hearth-load"))
-        .args(["--bus-address", bus.address(), "--streams", &streams.to_string(), "--max-tokens", &max_tokens.to_string()])
+        .args([
+            "--bus-address",
+            bus.address(),
+            "--streams",
+            &streams.to_string(),
+            "--max-tokens",
+            &max_tokens.to_string(),
+        ])
         .stdout(Stdio::piped())
         .spawn()
         .expect("hearth-load")
@@ -143,7 +158,8 @@ async fn two_flooding_apps_of_the_same_priority_share_fairly() {
     let b = load_app(&bus, 12, 16);
     let (a, b) = (load_results(a), load_results(b));
     assert!(a.iter().chain(&b).all(|r| r["tokens"] == 16), "every request got its 16 tokens: {a:?} {b:?}");
-    let ends = |rs: &[serde_json::Value]| -> Vec<u64> { rs.iter().map(|r| r["end_ms"].as_u64().expect("finished")).collect() };
+    let ends =
+        |rs: &[serde_json::Value]| -> Vec<u64> { rs.iter().map(|r| r["end_ms"].as_u64().expect("finished")).collect() };
     let (a_ends, b_ends) = (ends(&a), ends(&b));
     // The window in which both apps had requests waiting: from B's arrival until either app
     // is done. FIFO would finish A's whole backlog there before any of B's.
@@ -153,7 +169,10 @@ async fn two_flooding_apps_of_the_same_priority_share_fairly() {
     let (na, nb) = (a_ends.iter().filter(in_window).count(), b_ends.iter().filter(in_window).count());
     let share = nb as f64 / (na + nb).max(1) as f64;
     assert!(na + nb >= 8, "window too small to judge: A {na}, B {nb}");
-    assert!((0.35..=0.65).contains(&share), "B's share of completions while both waited: {share:.2} (A {na}, B {nb}); tolerance 0.35..=0.65");
+    assert!(
+        (0.35..=0.65).contains(&share),
+        "B's share of completions while both waited: {share:.2} (A {na}, B {nb}); tolerance 0.35..=0.65"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -170,8 +189,10 @@ async fn over_the_bounds_busy_comes_at_once_and_kv_stays_in_budget() {
     let proxy = hearth_tests::hearth(&conn).await;
     // A prompt the model answers at length (no end of generation within 400 tokens), so the
     // running request is still running when the queue is inspected, however slow the machine.
-    let running = Generation::start(&conn, chat_request("Write a long story about the ocean.", 300), "run").await.unwrap();
-    let waiting = Generation::start(&conn, chat_request("Write a long story about the ocean.", 300), "wait").await.unwrap();
+    let running =
+        Generation::start(&conn, chat_request("Write a long story about the ocean.", 300), "run").await.unwrap();
+    let waiting =
+        Generation::start(&conn, chat_request("Write a long story about the ocean.", 300), "wait").await.unwrap();
     let t = Instant::now();
     let err = proxy.complete(chat_request("hi", 8)).await.expect_err("third request of the app");
     assert_eq!(err.dbus_name(), "org.hearth.Hearth1.Error.Busy");
@@ -212,7 +233,14 @@ async fn a_client_that_disconnects_mid_stream_frees_its_kv() {
     let conn = bus.connect().await;
     let proxy = hearth_tests::hearth(&conn).await;
     let mut client = Command::new(workspace_bin("hearthctl"))
-        .args(["--bus-address", bus.address(), "generate", "--max-tokens", "900", "Write a very long story about the sea."])
+        .args([
+            "--bus-address",
+            bus.address(),
+            "generate",
+            "--max-tokens",
+            "900",
+            "Write a very long story about the sea.",
+        ])
         .stdout(Stdio::piped())
         .spawn()
         .unwrap();
@@ -245,11 +273,14 @@ async fn a_shared_prefix_is_reused_within_an_app_only_and_changes_no_output() {
     let prompt = "What is the capital of France?";
     let direct = direct_run(&[("user", prompt)], greedy(), 24);
     let bus = Bus::start();
-    let _daemon = Daemon::start_configured(&bus, &Settings { engine: "prefix_cache = true".into(), ..Settings::default() }).await;
+    let _daemon =
+        Daemon::start_configured(&bus, &Settings { engine: "prefix_cache = true".into(), ..Settings::default() }).await;
     let conn = bus.connect().await;
     let proxy = hearth_tests::hearth(&conn).await;
     let u32_of = |r: &HashMap<String, zbus::zvariant::OwnedValue>, k: &str| u32::try_from(r.get(k).unwrap()).unwrap();
-    let ids_of = |r: &HashMap<String, zbus::zvariant::OwnedValue>| Vec::<i32>::try_from(r.get(result_key::TOKEN_IDS).unwrap().try_clone().unwrap()).unwrap();
+    let ids_of = |r: &HashMap<String, zbus::zvariant::OwnedValue>| {
+        Vec::<i32>::try_from(r.get(result_key::TOKEN_IDS).unwrap().try_clone().unwrap()).unwrap()
+    };
 
     let first = proxy.complete(chat_request(prompt, 24)).await.unwrap();
     assert_eq!(u32_of(&first, result_key::CACHED_TOKENS), 0);
@@ -281,7 +312,8 @@ async fn a_shared_prefix_is_reused_within_an_app_only_and_changes_no_output() {
         .output()
         .unwrap();
     assert!(out.status.success());
-    let last: serde_json::Value = serde_json::from_str(String::from_utf8(out.stdout).unwrap().lines().last().unwrap()).unwrap();
+    let last: serde_json::Value =
+        serde_json::from_str(String::from_utf8(out.stdout).unwrap().lines().last().unwrap()).unwrap();
     assert_eq!(last["finished"]["cached_tokens"], 0, "another app must not hit this app's cache");
     let kv = proxy.kv_cache().await.unwrap();
     assert!(kv["cached"] > 0, "{kv:?}");

@@ -77,7 +77,13 @@ async fn tokens_stream_in_order_to_the_caller_only() {
     // zbus has no eavesdrop key in its match rules; ask the bus directly. A system bus
     // refuses or ignores it, which is the point.
     let _ = snoop
-        .call_method(Some("org.freedesktop.DBus"), "/org/freedesktop/DBus", Some("org.freedesktop.DBus"), "AddMatch", &("type='signal',eavesdrop='true'",))
+        .call_method(
+            Some("org.freedesktop.DBus"),
+            "/org/freedesktop/DBus",
+            Some("org.freedesktop.DBus"),
+            "AddMatch",
+            &("type='signal',eavesdrop='true'",),
+        )
         .await;
 
     let g = Generation::start(&caller, chat_request(PROMPTS[1], 40), "stream").await.expect("Generate");
@@ -97,7 +103,9 @@ async fn tokens_stream_in_order_to_the_caller_only() {
         let h = msg.header();
         let iface = h.interface().map(|i| i.to_string()).unwrap_or_default();
         assert_ne!(iface, hearth_dbus::REQUEST_INTERFACE, "an unrelated connection received {:?}", h.member());
-        if h.member().is_some_and(|m| m.as_str() == "PropertiesChanged") && h.path().is_some_and(|p| p.as_str() == hearth_dbus::OBJECT_PATH) {
+        if h.member().is_some_and(|m| m.as_str() == "PropertiesChanged")
+            && h.path().is_some_and(|p| p.as_str() == hearth_dbus::OBJECT_PATH)
+        {
             saw_queue_depth_change = true;
         }
     }
@@ -111,7 +119,8 @@ async fn cancel_ends_the_stream_at_once_and_only_the_owner_may_cancel() {
     let _daemon = Daemon::start(&bus).await;
     let conn = bus.connect().await;
     let other = bus.connect().await;
-    let mut g = Generation::start(&conn, chat_request("Write a very long story about the sea.", 900), "long").await.unwrap();
+    let mut g =
+        Generation::start(&conn, chat_request("Write a very long story about the sea.", 900), "long").await.unwrap();
     let path = g.path().clone();
     let mut seen = 0;
     while seen < 3 {
@@ -183,7 +192,13 @@ async fn bad_input_gets_the_right_error_name_and_the_daemon_keeps_serving() {
     }
     // A call with the wrong D-Bus signature altogether is refused by the bus layer.
     let reply = conn
-        .call_method(Some(hearth_dbus::BUS_NAME), hearth_dbus::OBJECT_PATH, Some(hearth_dbus::INTERFACE), "Complete", &("not a dict",))
+        .call_method(
+            Some(hearth_dbus::BUS_NAME),
+            hearth_dbus::OBJECT_PATH,
+            Some(hearth_dbus::INTERFACE),
+            "Complete",
+            &("not a dict",),
+        )
         .await;
     assert!(reply.is_err(), "wrong signature must fail");
     // Refused Generate calls leave no request objects behind.
@@ -197,8 +212,12 @@ async fn bad_input_gets_the_right_error_name_and_the_daemon_keeps_serving() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_queue_answers_busy_at_once() {
     let bus = Bus::start();
-    let settings =
-        Settings { max_sequences: Some(1), interactive_sequences: Some(0), limits: "queue_capacity = 0".into(), ..Settings::default() };
+    let settings = Settings {
+        max_sequences: Some(1),
+        interactive_sequences: Some(0),
+        limits: "queue_capacity = 0".into(),
+        ..Settings::default()
+    };
     let _daemon = Daemon::start_configured(&bus, &settings).await;
     let conn = bus.connect().await;
     let proxy = hearth_tests::hearth(&conn).await;
@@ -223,7 +242,8 @@ async fn sigterm_during_a_stream_cancels_it_and_exits_zero() {
     let bus = Bus::start();
     let mut daemon = Daemon::start(&bus).await;
     let conn = bus.connect().await;
-    let mut g = Generation::start(&conn, chat_request("Write a very long story about mountains.", 900), "term").await.unwrap();
+    let mut g =
+        Generation::start(&conn, chat_request("Write a very long story about mountains.", 900), "term").await.unwrap();
     let blocking_conn = bus.connect().await;
     let blocking = tokio::spawn(async move {
         let proxy = hearth_tests::hearth(&blocking_conn).await;

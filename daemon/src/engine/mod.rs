@@ -326,7 +326,12 @@ impl EngineHandle {
 
     /// Submits a request. Returns once the engine has validated and queued it (or refused).
     /// `cancel` is the request's switch, which the caller may already have handed out.
-    pub async fn submit(&self, request: GenerateRequest, caller: Caller, cancel: CancelToken) -> Result<Submission, Error> {
+    pub async fn submit(
+        &self,
+        request: GenerateRequest,
+        caller: Caller,
+        cancel: CancelToken,
+    ) -> Result<Submission, Error> {
         let (events_tx, events) = mpsc::unbounded_channel();
         let (reply, verdict) = oneshot::channel();
         let interactive = request.priority == Priority::Interactive;

@@ -118,7 +118,8 @@ impl Scheduler {
     }
 
     fn fits(&self, priority: Priority) -> bool {
-        !self.free_seqs.is_empty() && (priority == Priority::Interactive || self.shared_running < self.limits.shared_sequences)
+        !self.free_seqs.is_empty()
+            && (priority == Priority::Interactive || self.shared_running < self.limits.shared_sequences)
     }
 
     /// Refuses a new request with `Busy` when it would have to wait and the queues are full.
@@ -187,7 +188,8 @@ impl Scheduler {
             // 0..7 at 1.0 (llama.cpp attends over the stream range of a batch).
             (seq, 0, false)
         } else {
-            let (&seq, _) = self.warm.iter().filter(|(s, _)| self.free_seqs.contains(s)).min_by_key(|(_, w)| w.freed_at)?;
+            let (&seq, _) =
+                self.warm.iter().filter(|(s, _)| self.free_seqs.contains(s)).min_by_key(|(_, w)| w.freed_at)?;
             (seq, 0, true)
         };
         self.free_seqs.retain(|&s| s != seq);
@@ -238,7 +240,14 @@ impl Scheduler {
     /// Returns a finished sequence's slot and KV reservation. `kept`: the tokens its KV still
     /// holds, for reuse by the same app (None when the KV was dropped).
     /// Returns the slots whose kept KV must now be dropped (at most `MAX_WARM` are kept).
-    pub fn release(&mut self, app: &str, priority: Priority, seq: SeqId, kv_reserved: u32, kept: Option<Vec<Token>>) -> Vec<SeqId> {
+    pub fn release(
+        &mut self,
+        app: &str,
+        priority: Priority,
+        seq: SeqId,
+        kv_reserved: u32,
+        kept: Option<Vec<Token>>,
+    ) -> Vec<SeqId> {
         self.free_seqs.push(seq);
         self.releases += 1;
         let mut dropped = Vec::new();
@@ -282,7 +291,7 @@ impl Scheduler {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::engine::{CancelToken, Caller};
+    use crate::engine::{Caller, CancelToken};
     use hearth_ffi::{Sampler, SamplerParams};
 
     fn limits() -> Limits {
@@ -339,13 +348,20 @@ mod tests {
 
     #[test]
     fn prefixes_are_reused_within_an_app_only() {
-        let mut s = Scheduler::new(Limits { shared_sequences: 1, interactive_sequences: 0, queue_capacity: 9, queue_per_app: 9 });
+        let mut s = Scheduler::new(Limits {
+            shared_sequences: 1,
+            interactive_sequences: 0,
+            queue_capacity: 9,
+            queue_per_app: 9,
+        });
         let mut a = waiting(1, "a", Priority::Normal, 20);
         a.prompt = vec![1, 2, 3, 4, 5, 6, 7, 8];
         s.push(a);
         let (w, slot) = s.pop_next().unwrap();
         assert_eq!(slot, Slot { seq: 0, reuse: 0, evict: false });
-        assert!(s.release("a", w.priority, slot.seq, w.kv_need(), Some(vec![1, 2, 3, 4, 5, 6, 7, 8, 9, 10])).is_empty());
+        assert!(
+            s.release("a", w.priority, slot.seq, w.kv_need(), Some(vec![1, 2, 3, 4, 5, 6, 7, 8, 9, 10])).is_empty()
+        );
         assert_eq!(s.cached_tokens(), 10);
         // Another app with the same prompt: no reuse, the warm slot is evicted.
         let mut b = waiting(2, "b", Priority::Normal, 20);

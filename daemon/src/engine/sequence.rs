@@ -6,7 +6,7 @@ use hearth_dbus::FinishReason;
 use hearth_ffi::{Detokenizer, Model, Pos, Sampler, SeqId, Token};
 use tokio::sync::mpsc;
 
-use super::{CancelReason, CancelToken, Caller, Event, Outcome, Priority};
+use super::{Caller, CancelReason, CancelToken, Event, Outcome, Priority};
 use crate::error::Error;
 
 /// A request accepted by the engine and waiting for a sequence slot.
@@ -147,7 +147,10 @@ impl Sequence {
     /// The final event. An incomplete UTF-8 sequence left at the very end can never become a
     /// character and is dropped, so the streamed pieces always add up to `text`.
     pub fn outcome(&mut self, model_name: &str) -> Outcome {
-        let (reason, error) = self.finished.clone().unwrap_or((FinishReason::Error, Some(Error::Internal("sequence retired unfinished".into()))));
+        let (reason, error) = self
+            .finished
+            .clone()
+            .unwrap_or((FinishReason::Error, Some(Error::Internal("sequence retired unfinished".into()))));
         let first = self.first_token_at.unwrap_or_else(Instant::now);
         Outcome {
             reason,

@@ -18,7 +18,9 @@ use tokio::sync::{mpsc, oneshot, watch};
 
 use super::scheduler::{COST_PER_GENERATED, COST_PER_PROMPT, Limits, Scheduler};
 use super::sequence::{Sequence, Waiting, stop_reason, unstarted_outcome};
-use super::{Accepted, CancelReason, CancelToken, Caller, Command, EngineStatus, Event, GenerateRequest, KvGauges, Priority};
+use super::{
+    Accepted, Caller, CancelReason, CancelToken, Command, EngineStatus, Event, GenerateRequest, KvGauges, Priority,
+};
 use crate::config::Config;
 use crate::error::Error;
 
@@ -115,7 +117,9 @@ impl Worker {
 
     fn handle(&mut self, cmd: Command) {
         match cmd {
-            Command::Submit { request, caller, cancel, events, reply } => self.submit(&request, caller, cancel, events, reply),
+            Command::Submit { request, caller, cancel, events, reply } => {
+                self.submit(&request, caller, cancel, events, reply)
+            }
             Command::ConnectionClosed(connection) => {
                 let mut n = 0;
                 let owned = |c: &Caller| c.connection == connection;
@@ -307,7 +311,11 @@ impl Worker {
             return;
         }
         // A pending preemption may abort this step only if it holds no interactive work.
-        if self.running.iter().any(|s| s.priority == Priority::Interactive && (s.logits_index.is_some() || s.in_prefill())) {
+        if self
+            .running
+            .iter()
+            .any(|s| s.priority == Priority::Interactive && (s.logits_index.is_some() || s.in_prefill()))
+        {
             self.preempt.store(false, Ordering::Release);
         }
         match self.ctx.decode(&self.batch) {
@@ -352,7 +360,9 @@ impl Worker {
     }
 
     fn fail_batch(&mut self, error: &Error) {
-        for s in self.running.iter_mut().filter(|s| s.finished.is_none() && (s.logits_index.is_some() || s.in_prefill())) {
+        for s in
+            self.running.iter_mut().filter(|s| s.finished.is_none() && (s.logits_index.is_some() || s.in_prefill()))
+        {
             s.finished = Some((FinishReason::Error, Some(error.clone())));
         }
     }
@@ -379,7 +389,12 @@ impl Worker {
                 self.ctx.remove_sequence(seq);
             }
             let outcome = s.outcome(&self.model_name);
-            tracing::debug!(id = s.id, reason = outcome.reason.as_str(), tokens = outcome.token_ids.len(), "request finished");
+            tracing::debug!(
+                id = s.id,
+                reason = outcome.reason.as_str(),
+                tokens = outcome.token_ids.len(),
+                "request finished"
+            );
             let _ = s.events.send(Event::Finished(outcome));
         }
         // Keep admission order stable for the next step (swap_remove reorders).
@@ -392,7 +407,8 @@ impl Worker {
         self.kv.reserved.store(self.scheduler.kv_reserved(), Ordering::Relaxed);
         self.kv.cached.store(self.scheduler.cached_tokens(), Ordering::Relaxed);
         let mut by_priority = [0u32; 3];
-        let priorities = self.running.iter().map(|s| s.priority).chain(self.scheduler.waiting().iter().map(|w| w.priority));
+        let priorities =
+            self.running.iter().map(|s| s.priority).chain(self.scheduler.waiting().iter().map(|w| w.priority));
         for p in priorities {
             by_priority[Priority::ALL.iter().position(|&q| q == p).unwrap_or(0)] += 1;
         }
@@ -417,7 +433,12 @@ impl Worker {
         self.retire();
         while !self.scheduler.waiting().is_empty() {
             let w = self.scheduler.remove_waiting(0);
-            let outcome = unstarted_outcome(&w, &self.model_name, FinishReason::Cancelled, Error::Cancelled(CancelReason::Shutdown));
+            let outcome = unstarted_outcome(
+                &w,
+                &self.model_name,
+                FinishReason::Cancelled,
+                Error::Cancelled(CancelReason::Shutdown),
+            );
             let _ = w.events.send(Event::Finished(outcome));
         }
         self.rx.close();

@@ -17,7 +17,7 @@ use zbus::{Connection, interface};
 pub use in_flight::InFlight;
 use request_object::RequestObject;
 
-use crate::engine::{CancelToken, Caller, EngineHandle, EngineStatus, Event, Outcome, Priority};
+use crate::engine::{Caller, CancelToken, EngineHandle, EngineStatus, Event, Outcome, Priority};
 use crate::error::Error;
 use crate::models::Catalog;
 use crate::request::{Method, parse};
@@ -72,10 +72,7 @@ pub(crate) fn outcome_dict(o: &Outcome) -> HashMap<String, OwnedValue> {
 }
 
 fn caller(header: &Header<'_>) -> Result<zbus::names::OwnedUniqueName, BusError> {
-    header
-        .sender()
-        .map(|s| s.to_owned().into())
-        .ok_or_else(|| BusError::InvalidArgs("the call has no sender".into()))
+    header.sender().map(|s| s.to_owned().into()).ok_or_else(|| BusError::InvalidArgs("the call has no sender".into()))
 }
 
 /// Callers already identified, by unique name. Unique names are never reused on a bus, so an
@@ -102,7 +99,11 @@ impl CallerCache {
 }
 
 /// Who the caller is, as the bus daemon vouches for it (never what the caller claims).
-async fn identify(conn: &Connection, cache: &CallerCache, sender: &zbus::names::OwnedUniqueName) -> Result<Caller, BusError> {
+async fn identify(
+    conn: &Connection,
+    cache: &CallerCache,
+    sender: &zbus::names::OwnedUniqueName,
+) -> Result<Caller, BusError> {
     if let Some(caller) = cache.get(sender.as_str()) {
         return Ok(caller);
     }
@@ -187,9 +188,10 @@ impl HearthService {
         let parsed = parse(&request, Method::Complete, self.default_max_tokens)?;
         let who = identify(conn, &self.callers, &sender).await?;
         let _guard = self.in_flight.enter();
-        let mut submission = self.engine.submit(parsed.request, who, CancelToken::default()).await.inspect_err(|e| {
-            tracing::info!(caller = %sender, error = %e, "complete refused");
-        })?;
+        let mut submission =
+            self.engine.submit(parsed.request, who, CancelToken::default()).await.inspect_err(|e| {
+                tracing::info!(caller = %sender, error = %e, "complete refused");
+            })?;
         tracing::info!(id = submission.accepted.id, caller = %sender, "complete");
         while let Some(event) = submission.events.recv().await {
             if let Event::Finished(outcome) = event {

@@ -18,7 +18,9 @@ use std::sync::Arc;
 
 use hearth_dbus::request_key;
 use hearth_ffi::{Batch, Context, ContextParams, Sampler, Token};
-use hearth_tests::{BATCH, Bus, CONTEXT, Daemon, chat_request, direct_run, greedy, reference_model, set_threads, threads};
+use hearth_tests::{
+    BATCH, Bus, CONTEXT, Daemon, chat_request, direct_run, greedy, reference_model, set_threads, threads,
+};
 use zbus::zvariant::Value;
 
 #[derive(Debug, Parser)]
@@ -90,7 +92,7 @@ async fn over_dbus(conn: &zbus::Connection, prompt: &str, max_tokens: u32, tag: 
     let started = Instant::now();
     let mut g = Generation::start(conn, chat_request(prompt, max_tokens), tag).await.expect("Generate");
     let (mut first, mut last, mut n) = (None, started, 0usize);
-        let (prompt_tokens, server_decode_us) = loop {
+    let (prompt_tokens, server_decode_us) = loop {
         match g.next().await.expect("event").expect("event") {
             StreamEvent::Token { .. } => {
                 let now = Instant::now();
@@ -100,7 +102,8 @@ async fn over_dbus(conn: &zbus::Connection, prompt: &str, max_tokens: u32, tag: 
             }
             StreamEvent::Finished(r) => {
                 let decode_us = u64::try_from(r.get(result_key::DECODE_US).expect("decode_us")).expect("u64");
-                let prompt = u32::try_from(r.get(result_key::PROMPT_TOKENS).expect("prompt_tokens")).expect("u32") as usize;
+                let prompt =
+                    u32::try_from(r.get(result_key::PROMPT_TOKENS).expect("prompt_tokens")).expect("u32") as usize;
                 break (prompt, decode_us);
             }
         }
@@ -174,7 +177,16 @@ async fn main() {
     let (bd, fd, bp, fp) = (median(bus_decode), median(ffi_decode), median(bus_prefill), median(ffi_prefill));
     let sd = median(server_decode);
     let prompt_tokens = hearth_tests::reference_model()
-        .tokenize(&hearth_tests::reference_model().apply_chat_template(&[hearth_ffi::ChatMessage { role: "user".into(), content: long_prompt.clone() }], true).expect("template"), true, true)
+        .tokenize(
+            &hearth_tests::reference_model()
+                .apply_chat_template(
+                    &[hearth_ffi::ChatMessage { role: "user".into(), content: long_prompt.clone() }],
+                    true,
+                )
+                .expect("template"),
+            true,
+            true,
+        )
         .expect("tokenize")
         .len();
     let load = under_load(&conn, args.streams, args.stream_tokens, args.reps.min(3)).await;
@@ -195,28 +207,44 @@ async fn main() {
             })
         );
     } else {
-        println!("hearth-bench: SmolLM2-135M-Instruct Q4_1, {} threads, greedy, median of {} runs", threads(), args.reps);
+        println!(
+            "hearth-bench: SmolLM2-135M-Instruct Q4_1, {} threads, greedy, median of {} runs",
+            threads(),
+            args.reps
+        );
         println!("                     {:>12} {:>12} {:>8}", "D-Bus", "direct", "ratio");
         println!("decode  tok/s ({:>3}) {bd:>12.1} {fd:>12.1} {:>8.3}", decode_tokens.0, bd / fd);
         println!("prefill tok/s ({prompt_tokens:>3}) {bp:>12.1} {fp:>12.1} {:>8.3}", bp / fp);
         println!("(hearthd's own decode timing: {sd:.1} tok/s)");
         println!(
             "aggregate tok/s, {} streams × {} tokens: D-Bus {:.1}, best static batch ({}) {:.1}, ratio {:.3}",
-            args.streams, args.stream_tokens, load.aggregate, load.static_best_b, load.static_best, load.aggregate / load.static_best
+            args.streams,
+            args.stream_tokens,
+            load.aggregate,
+            load.static_best_b,
+            load.static_best,
+            load.aggregate / load.static_best
         );
         println!(
             "interactive TTFT: idle {:.1} ms, under {} background streams {:.1} ms, ratio {:.2}",
-            load.ttft_idle_ms, args.streams, load.ttft_loaded_ms, load.ttft_loaded_ms / load.ttft_idle_ms
+            load.ttft_idle_ms,
+            args.streams,
+            load.ttft_loaded_ms,
+            load.ttft_loaded_ms / load.ttft_idle_ms
         );
         if decode_tokens.0 != decode_tokens.1 {
-            println!("warning: the two paths generated different token counts ({} vs {})", decode_tokens.0, decode_tokens.1);
+            println!(
+                "warning: the two paths generated different token counts ({} vs {})",
+                decode_tokens.0, decode_tokens.1
+            );
         }
     }
     drop(daemon);
 }
 
 /// Prompts that keep the model talking (no early end of generation within ~400 tokens).
-const STREAM_TOPICS: [&str; 8] = ["the ocean", "a lighthouse", "mountains", "a city at night", "a forest", "the moon", "a train", "a library"];
+const STREAM_TOPICS: [&str; 8] =
+    ["the ocean", "a lighthouse", "mountains", "a city at night", "a forest", "the moon", "a train", "a library"];
 
 fn stream_prompt(i: usize) -> String {
     format!("Write a long story about {}.", STREAM_TOPICS[i % STREAM_TOPICS.len()])
@@ -231,7 +259,10 @@ struct Load {
     ttft_loaded_ms: f64,
 }
 
-fn priority(mut r: std::collections::HashMap<&'static str, Value<'static>>, p: &str) -> std::collections::HashMap<&'static str, Value<'static>> {
+fn priority(
+    mut r: std::collections::HashMap<&'static str, Value<'static>>,
+    p: &str,
+) -> std::collections::HashMap<&'static str, Value<'static>> {
     r.insert(request_key::PRIORITY, Value::from(p.to_owned()));
     r
 }
@@ -239,15 +270,17 @@ fn priority(mut r: std::collections::HashMap<&'static str, Value<'static>>, p: &
 /// First words that make every TTFT prompt differ right after the chat template's opening,
 /// so no measurement gets a prefix-cache hit from an earlier one (same app).
 const ASKERS: [&str; 16] = [
-    "Alice", "Bob", "Carol", "Dave", "Erin", "Frank", "Grace", "Heidi", "Ivan", "Judy", "Mallory", "Niaj", "Olivia", "Peggy",
-    "Rupert", "Sybil",
+    "Alice", "Bob", "Carol", "Dave", "Erin", "Frank", "Grace", "Heidi", "Ivan", "Judy", "Mallory", "Niaj", "Olivia",
+    "Peggy", "Rupert", "Sybil",
 ];
 
 /// Time from the Generate call to the first Token, for an interactive request.
 async fn ttft(conn: &zbus::Connection, n: usize) -> f64 {
     let started = Instant::now();
     let prompt = format!("{} asks: what is the capital of France?", ASKERS[n % ASKERS.len()]);
-    let mut g = Generation::start(conn, priority(chat_request(&prompt, 4), "interactive"), &format!("ttft{n}")).await.expect("Generate");
+    let mut g = Generation::start(conn, priority(chat_request(&prompt, 4), "interactive"), &format!("ttft{n}"))
+        .await
+        .expect("Generate");
     let mut first = None;
     while let Some(ev) = g.next().await {
         match ev.expect("event") {
@@ -264,9 +297,9 @@ async fn under_load(conn: &zbus::Connection, streams: usize, tokens: u32, reps: 
     // Aggregate through D-Bus: all streams at once, wall time from first call to last Finished.
     let started = Instant::now();
     // All streams start at once, as independent apps would.
-    let gens = futures_util::future::join_all(
-        (0..streams).map(|i| async move { Generation::start(conn, chat_request(&stream_prompt(i), tokens), &format!("agg{i}")).await }),
-    )
+    let gens = futures_util::future::join_all((0..streams).map(|i| async move {
+        Generation::start(conn, chat_request(&stream_prompt(i), tokens), &format!("agg{i}")).await
+    }))
     .await
     .into_iter()
     .map(|g| g.expect("Generate"))
@@ -300,7 +333,10 @@ async fn under_load(conn: &zbus::Connection, streams: usize, tokens: u32, reps: 
     }
     let mut background = Vec::new();
     for i in 0..streams {
-        let g = Generation::start(conn, priority(chat_request(&stream_prompt(i), 800), "background"), &format!("bg{i}")).await.expect("Generate");
+        let g =
+            Generation::start(conn, priority(chat_request(&stream_prompt(i), 800), "background"), &format!("bg{i}"))
+                .await
+                .expect("Generate");
         background.push(g);
     }
     // Let every background stream reach its decode phase.
@@ -329,7 +365,10 @@ fn static_batches(streams: usize, b: usize, tokens: usize) -> f64 {
     let prompts: Vec<Vec<Token>> = (0..streams)
         .map(|i| {
             let text = model
-                .apply_chat_template(&[hearth_ffi::ChatMessage { role: "user".into(), content: stream_prompt(i) }], true)
+                .apply_chat_template(
+                    &[hearth_ffi::ChatMessage { role: "user".into(), content: stream_prompt(i) }],
+                    true,
+                )
                 .expect("template");
             model.tokenize(&text, true, true).expect("tokenize")
         })

@@ -33,7 +33,8 @@ fn now_ms() -> u128 {
 #[tokio::main(flavor = "current_thread")]
 async fn main() {
     let args = Args::parse();
-    let conn = zbus::connection::Builder::address(args.bus_address.as_str()).expect("address").build().await.expect("connect");
+    let conn =
+        zbus::connection::Builder::address(args.bus_address.as_str()).expect("address").build().await.expect("connect");
     let mut tasks = Vec::new();
     for i in 0..args.streams {
         let mut request = chat_request(&args.prompt, args.max_tokens);
@@ -53,7 +54,11 @@ async fn main() {
                         tokens += 1;
                     }
                     Ok(StreamEvent::Finished(r)) => {
-                        let reason = r.get(result_key::FINISH_REASON).and_then(|v| <&str>::try_from(v).ok()).unwrap_or("?").to_owned();
+                        let reason = r
+                            .get(result_key::FINISH_REASON)
+                            .and_then(|v| <&str>::try_from(v).ok())
+                            .unwrap_or("?")
+                            .to_owned();
                         return serde_json::json!({
                             "stream": i, "tokens": tokens, "finish_reason": reason,
                             "start_ms": started as u64, "first_ms": first.map(|f| f as u64), "end_ms": now_ms() as u64,
