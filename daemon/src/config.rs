@@ -58,10 +58,11 @@ pub struct EngineConfig {
     pub interactive_sequences: u32,
     /// Layers offloaded to an accelerator (0: CPU only, -1: all).
     pub gpu_layers: i32,
-    /// Keep a finished request's KV in its free slot for the same app's next prompt (prefix
-    /// reuse). Off by default: a kept slot pushes later requests to higher stream ids, and
-    /// hearth-bench measured 8 concurrent streams at 0.62-0.85 of a static batch with it on
-    /// (1.0 off); streams at high ids decode slower in llama.cpp (0.65 in slots 2..9).
+    /// Keep a finished request's KV for the same app's next prompt (prefix reuse). The kept
+    /// KV is parked in the highest free slot and copied down when reused, because llama.cpp
+    /// decodes requests in high KV streams measurably slower (hearth-bench: 8 streams in
+    /// slots 2..9 at 0.65 of a static batch, in 0..7 at 1.0). Each park and reuse copies one
+    /// KV stream (context_length tokens).
     pub prefix_cache: bool,
     /// Flash attention. On by default: it keeps each request's output independent of what
     /// else is batched with it (without it, batching changes greedy outputs).
@@ -98,7 +99,7 @@ impl Default for EngineConfig {
             interactive_sequences: 2,
             gpu_layers: 0,
             flash_attn: true,
-            prefix_cache: false,
+            prefix_cache: true,
         }
     }
 }

@@ -163,6 +163,17 @@ impl Context {
         }
     }
 
+    /// Copies all of `src`'s KV into `dst` (which must be empty). Across KV streams llama.cpp
+    /// copies the whole stream buffer at the start of the next decode.
+    pub fn copy_sequence(&mut self, src: SeqId, dst: SeqId) {
+        // SAFETY: valid context, exclusively borrowed; p0 = p1 = -1 selects the whole sequence,
+        // the only range llama.cpp supports across streams.
+        unsafe {
+            let mem = sys::llama_get_memory(self.as_ptr());
+            sys::llama_memory_seq_cp(mem, src, dst, -1, -1);
+        }
+    }
+
     /// Removes the tokens of `seq` at positions `>= from`, keeping the prefix. Returns false
     /// if the cache cannot drop part of a sequence (then nothing changed).
     pub fn truncate_sequence(&mut self, seq: SeqId, from: Pos) -> bool {

@@ -78,6 +78,19 @@ pub(super) struct Slot {
     pub reuse: usize,
     /// The slot holds another request's KV that must be dropped first.
     pub evict: bool,
+    /// Copy this slot's kept KV into `seq` first (then drop it there): reuse runs in the
+    /// lowest slot, as every running request should.
+    pub copy_from: Option<SeqId>,
+}
+
+/// What the engine must do with KV after a release.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub(super) struct Released {
+    /// Slots whose kept KV must be dropped.
+    pub dropped: Vec<SeqId>,
+    /// Kept KV to move (copy, then drop the source) to a higher slot, out of the way of the
+    /// low slots running requests take.
+    pub moved: Option<(SeqId, SeqId)>,
 }
 
 #[derive(Debug)]
@@ -180,21 +193,30 @@ impl Scheduler {
                 (shared >= MIN_REUSE).then_some((*seq, shared))
             })
             .max_by_key(|&(_, shared)| shared);
-        let (seq, reuse, evict) = if let Some((seq, shared)) = own {
-            (seq, shared, false)
-        } else if let Some(&seq) = self.free_seqs.iter().filter(|s| !self.warm.contains_key(s)).min() {
+        let lowest_cold =
+            |except: SeqId| self.free_seqs.iter().copied().filter(|s| *s != except && !self.warm.contains_key(s)).min();
+        let (seq, reuse, evict, copy_from) = if let Some((warm_seq, shared)) = own {
+            match lowest_cold(warm_seq) {
+                Some(cold) if cold < warm_seq => (cold, shared, false, Some(warm_seq)),
+                _ => (warm_seq, shared, false, None),
+            }
+        } else if let Some(seq) = lowest_cold(SeqId::MAX) {
             // The lowest cold slot: running sequences stay packed at low ids. Measured with
             // hearth-bench: 8 streams in slots 2..9 decode at 0.65 of a static batch, in slots
             // 0..7 at 1.0 (llama.cpp attends over the stream range of a batch).
-            (seq, 0, false)
+            (seq, 0, false, None)
         } else {
             let (&seq, _) =
                 self.warm.iter().filter(|(s, _)| self.free_seqs.contains(s)).min_by_key(|(_, w)| w.freed_at)?;
-            (seq, 0, true)
+            (seq, 0, true, None)
         };
         self.free_seqs.retain(|&s| s != seq);
         self.warm.remove(&seq);
-        Some(Slot { seq, reuse, evict })
+        if let Some(src) = copy_from {
+            // Its KV moves to `seq`; the source slot is cold from now on.
+            self.warm.remove(&src);
+        }
+        Some(Slot { seq, reuse, evict, copy_from })
     }
 
     /// The next request to start, with its slot, if the best candidate fits now.
@@ -247,16 +269,24 @@ impl Scheduler {
         seq: SeqId,
         kv_reserved: u32,
         kept: Option<Vec<Token>>,
-    ) -> Vec<SeqId> {
+    ) -> Released {
         self.free_seqs.push(seq);
         self.releases += 1;
-        let mut dropped = Vec::new();
+        let mut released = Released::default();
         if let Some(tokens) = kept.filter(|t| !t.is_empty()) {
             self.warm.insert(seq, Warm { app: app.to_owned(), tokens, freed_at: self.releases });
             while self.warm.len() > MAX_WARM {
                 let Some((&oldest, _)) = self.warm.iter().min_by_key(|(_, w)| w.freed_at) else { break };
                 self.warm.remove(&oldest);
-                dropped.push(oldest);
+                released.dropped.push(oldest);
+            }
+            // Park the kept KV in the highest cold slot, so new requests keep the low ones.
+            let highest = self.free_seqs.iter().copied().filter(|s| !self.warm.contains_key(s)).max();
+            if let Some(to) = highest.filter(|&h| h > seq) {
+                if let Some(w) = self.warm.remove(&seq) {
+                    self.warm.insert(to, w);
+                    released.moved = Some((seq, to));
+                }
             }
         }
         if priority != Priority::Interactive {
@@ -264,7 +294,7 @@ impl Scheduler {
         }
         self.kv_reserved -= kv_reserved;
         self.forget(app, false);
-        dropped
+        released
     }
 
     fn forget(&mut self, app: &str, was_waiting: bool) {
@@ -358,24 +388,45 @@ mod tests {
         a.prompt = vec![1, 2, 3, 4, 5, 6, 7, 8];
         s.push(a);
         let (w, slot) = s.pop_next().unwrap();
-        assert_eq!(slot, Slot { seq: 0, reuse: 0, evict: false });
-        assert!(
-            s.release("a", w.priority, slot.seq, w.kv_need(), Some(vec![1, 2, 3, 4, 5, 6, 7, 8, 9, 10])).is_empty()
-        );
+        assert_eq!(slot, Slot { seq: 0, reuse: 0, evict: false, copy_from: None });
+        let released = s.release("a", w.priority, slot.seq, w.kv_need(), Some(vec![1, 2, 3, 4, 5, 6, 7, 8, 9, 10]));
+        assert_eq!(released, Released { dropped: vec![], moved: None }, "the only slot: kept in place");
         assert_eq!(s.cached_tokens(), 10);
         // Another app with the same prompt: no reuse, the warm slot is evicted.
         let mut b = waiting(2, "b", Priority::Normal, 20);
         b.prompt = vec![1, 2, 3, 4, 5, 6, 7, 8];
         s.push(b);
         let (w, slot) = s.pop_next().unwrap();
-        assert_eq!(slot, Slot { seq: 0, reuse: 0, evict: true });
+        assert_eq!(slot, Slot { seq: 0, reuse: 0, evict: true, copy_from: None });
         let _ = s.release("b", w.priority, slot.seq, w.kv_need(), Some(vec![1, 2, 3, 4, 5, 6, 7, 8, 42]));
         // The same app again: reuse up to the shared prefix, keeping the last prompt token.
         let mut b2 = waiting(3, "b", Priority::Normal, 20);
         b2.prompt = vec![1, 2, 3, 4, 5, 6, 7, 8];
         s.push(b2);
         let (_, slot) = s.pop_next().unwrap();
-        assert_eq!(slot, Slot { seq: 0, reuse: 7, evict: false });
+        assert_eq!(slot, Slot { seq: 0, reuse: 7, evict: false, copy_from: None });
+    }
+
+    #[test]
+    fn kept_kv_parks_high_and_reuse_runs_low() {
+        let mut s = Scheduler::new(Limits {
+            shared_sequences: 3,
+            interactive_sequences: 0,
+            queue_capacity: 9,
+            queue_per_app: 9,
+        });
+        let mut a = waiting(1, "a", Priority::Normal, 20);
+        a.prompt = vec![1, 2, 3, 4, 5, 6, 7, 8];
+        s.push(a);
+        let (w, slot) = s.pop_next().unwrap();
+        assert_eq!(slot.seq, 0, "lowest cold slot");
+        let released = s.release("a", w.priority, slot.seq, w.kv_need(), Some(vec![1, 2, 3, 4, 5, 6, 7, 8, 9]));
+        assert_eq!(released.moved, Some((0, 2)), "kept KV parks in the highest slot");
+        let mut again = waiting(2, "a", Priority::Normal, 20);
+        again.prompt = vec![1, 2, 3, 4, 5, 6, 7, 8];
+        s.push(again);
+        let (_, slot) = s.pop_next().unwrap();
+        assert_eq!(slot, Slot { seq: 0, reuse: 7, evict: false, copy_from: Some(2) }, "reuse is copied down to slot 0");
     }
 
     #[test]

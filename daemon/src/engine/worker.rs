@@ -238,6 +238,10 @@ impl Worker {
     fn admit(&mut self) {
         while let Some((w, slot)) = self.scheduler.pop_next() {
             let mut reuse = slot.reuse;
+            if let Some(src) = slot.copy_from {
+                self.ctx.copy_sequence(src, slot.seq);
+                self.ctx.remove_sequence(src);
+            }
             if slot.evict {
                 self.ctx.remove_sequence(slot.seq);
             } else if !self.ctx.truncate_sequence(slot.seq, reuse as i32) {
@@ -385,8 +389,13 @@ impl Worker {
             if kept.is_none() {
                 self.ctx.remove_sequence(s.seq);
             }
-            for seq in self.scheduler.release(&s.caller.app, s.priority, s.seq, s.kv_reserved, kept) {
+            let released = self.scheduler.release(&s.caller.app, s.priority, s.seq, s.kv_reserved, kept);
+            for seq in released.dropped {
                 self.ctx.remove_sequence(seq);
+            }
+            if let Some((from, to)) = released.moved {
+                self.ctx.copy_sequence(from, to);
+                self.ctx.remove_sequence(from);
             }
             let outcome = s.outcome(&self.model_name);
             tracing::debug!(
