@@ -376,55 +376,52 @@ mod tests {
         assert_eq!(order, ["a", "b", "a", "b", "a", "b", "a", "b"]);
     }
 
-    #[test]
-    fn prefixes_are_reused_within_an_app_only() {
+    /// A scheduler with `slots` shared slots, holding one queued request of app "a" whose
+    /// prompt is the tokens 1..=8.
+    fn one_app_queued(slots: usize) -> Scheduler {
         let mut s = Scheduler::new(Limits {
-            shared_sequences: 1,
+            shared_sequences: slots,
             interactive_sequences: 0,
             queue_capacity: 9,
             queue_per_app: 9,
         });
-        let mut a = waiting(1, "a", Priority::Normal, 20);
-        a.prompt = vec![1, 2, 3, 4, 5, 6, 7, 8];
-        s.push(a);
+        s.push(prompted(1, "a"));
+        s
+    }
+
+    fn prompted(id: u64, app: &str) -> Waiting {
+        let mut w = waiting(id, app, Priority::Normal, 20);
+        w.prompt = vec![1, 2, 3, 4, 5, 6, 7, 8];
+        w
+    }
+
+    #[test]
+    fn prefixes_are_reused_within_an_app_only() {
+        let mut s = one_app_queued(1);
         let (w, slot) = s.pop_next().unwrap();
         assert_eq!(slot, Slot { seq: 0, reuse: 0, evict: false, copy_from: None });
         let released = s.release("a", w.priority, slot.seq, w.kv_need(), Some(vec![1, 2, 3, 4, 5, 6, 7, 8, 9, 10]));
         assert_eq!(released, Released { dropped: vec![], moved: None }, "the only slot: kept in place");
         assert_eq!(s.cached_tokens(), 10);
         // Another app with the same prompt: no reuse, the warm slot is evicted.
-        let mut b = waiting(2, "b", Priority::Normal, 20);
-        b.prompt = vec![1, 2, 3, 4, 5, 6, 7, 8];
-        s.push(b);
+        s.push(prompted(2, "b"));
         let (w, slot) = s.pop_next().unwrap();
         assert_eq!(slot, Slot { seq: 0, reuse: 0, evict: true, copy_from: None });
         let _ = s.release("b", w.priority, slot.seq, w.kv_need(), Some(vec![1, 2, 3, 4, 5, 6, 7, 8, 42]));
         // The same app again: reuse up to the shared prefix, keeping the last prompt token.
-        let mut b2 = waiting(3, "b", Priority::Normal, 20);
-        b2.prompt = vec![1, 2, 3, 4, 5, 6, 7, 8];
-        s.push(b2);
+        s.push(prompted(3, "b"));
         let (_, slot) = s.pop_next().unwrap();
         assert_eq!(slot, Slot { seq: 0, reuse: 7, evict: false, copy_from: None });
     }
 
     #[test]
     fn kept_kv_parks_high_and_reuse_runs_low() {
-        let mut s = Scheduler::new(Limits {
-            shared_sequences: 3,
-            interactive_sequences: 0,
-            queue_capacity: 9,
-            queue_per_app: 9,
-        });
-        let mut a = waiting(1, "a", Priority::Normal, 20);
-        a.prompt = vec![1, 2, 3, 4, 5, 6, 7, 8];
-        s.push(a);
+        let mut s = one_app_queued(3);
         let (w, slot) = s.pop_next().unwrap();
         assert_eq!(slot.seq, 0, "lowest cold slot");
         let released = s.release("a", w.priority, slot.seq, w.kv_need(), Some(vec![1, 2, 3, 4, 5, 6, 7, 8, 9]));
         assert_eq!(released.moved, Some((0, 2)), "kept KV parks in the highest slot");
-        let mut again = waiting(2, "a", Priority::Normal, 20);
-        again.prompt = vec![1, 2, 3, 4, 5, 6, 7, 8];
-        s.push(again);
+        s.push(prompted(2, "a"));
         let (_, slot) = s.pop_next().unwrap();
         assert_eq!(slot, Slot { seq: 0, reuse: 7, evict: false, copy_from: Some(2) }, "reuse is copied down to slot 0");
     }
