@@ -11,11 +11,12 @@ use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
+use hearth_dbus::{Generation, StreamEvent, result_key};
 use hearth_ffi::{
     Backend, Batch, ChatMessage, Context, ContextParams, Model, ModelParams, Sampler, SamplerParams, Token,
 };
 use zbus::Connection;
-use zbus::zvariant::Value;
+use zbus::zvariant::{OwnedValue, Value};
 
 /// Default compute threads of both the daemon under test and the direct reference run.
 pub const DEFAULT_THREADS: i32 = 2;
@@ -275,6 +276,48 @@ pub fn chat_request(user: &str, max_tokens: u32) -> HashMap<&'static str, Value<
         (hearth_dbus::request_key::MESSAGES, hearth_dbus::messages_value(&[("user", user)])),
         (hearth_dbus::request_key::MAX_TOKENS, Value::from(max_tokens)),
     ])
+}
+
+/// [`chat_request`] with a `priority` ("interactive", "normal" or "background").
+pub fn with_priority(user: &str, max_tokens: u32, priority: &str) -> HashMap<&'static str, Value<'static>> {
+    let mut r = chat_request(user, max_tokens);
+    r.insert(hearth_dbus::request_key::PRIORITY, Value::from(priority.to_owned()));
+    r
+}
+
+/// A result dictionary (Complete's reply, Finished's argument).
+pub type ResultDict = HashMap<String, OwnedValue>;
+
+fn result_value<'d>(d: &'d ResultDict, k: &str) -> &'d OwnedValue {
+    d.get(k).unwrap_or_else(|| panic!("result has no {k}: {d:?}"))
+}
+
+/// A string entry of a result dictionary.
+pub fn result_str(d: &ResultDict, k: &str) -> String {
+    <&str>::try_from(result_value(d, k)).expect("a string").to_owned()
+}
+
+/// A `u` entry of a result dictionary.
+pub fn result_u32(d: &ResultDict, k: &str) -> u32 {
+    u32::try_from(result_value(d, k)).expect("a u32")
+}
+
+/// The generated token ids of a result dictionary.
+pub fn result_ids(d: &ResultDict) -> Vec<i32> {
+    Vec::<i32>::try_from(result_value(d, result_key::TOKEN_IDS).try_clone().expect("no fds")).expect("an ai")
+}
+
+/// Collects a generation's events until Finished: (index, token id, text) per token, and the
+/// result. Each event must arrive within `per_event`.
+pub async fn collect(mut g: Generation, per_event: Duration) -> (Vec<(u32, i32, String)>, ResultDict) {
+    let mut tokens = Vec::new();
+    while let Some(ev) = tokio::time::timeout(per_event, g.next()).await.expect("event in time") {
+        match ev.expect("event") {
+            StreamEvent::Token { index, token_id, text } => tokens.push((index, token_id, text)),
+            StreamEvent::Finished(result) => return (tokens, result),
+        }
+    }
+    panic!("stream ended without Finished");
 }
 
 /// The model, loaded once per test process for direct reference runs.

@@ -6,27 +6,18 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
-use hearth_dbus::{Generation, StreamEvent, request_key, result_key};
-use hearth_tests::{Bus, Daemon, Settings, chat_request, direct_run, greedy, workspace_bin};
+use hearth_dbus::{Generation, request_key, result_key};
+use hearth_tests::{
+    Bus, Daemon, Settings, chat_request, direct_run, greedy, result_ids, result_u32, with_priority, workspace_bin,
+};
 use zbus::MatchRule;
 use zbus::message::Type as MessageType;
 use zbus::zvariant::Value;
 
-fn with_priority(prompt: &str, max_tokens: u32, priority: &str) -> HashMap<&'static str, Value<'static>> {
-    let mut r = chat_request(prompt, max_tokens);
-    r.insert(request_key::PRIORITY, Value::from(priority.to_owned()));
-    r
-}
-
-async fn finish(mut g: Generation) -> (Vec<i32>, HashMap<String, zbus::zvariant::OwnedValue>) {
-    let mut ids = Vec::new();
-    while let Some(ev) = tokio::time::timeout(Duration::from_secs(180), g.next()).await.expect("event in time") {
-        match ev.expect("event") {
-            StreamEvent::Token { token_id, .. } => ids.push(token_id),
-            StreamEvent::Finished(r) => return (ids, r),
-        }
-    }
-    panic!("no Finished");
+/// Collects a generation's token ids and result.
+async fn finish(g: Generation) -> (Vec<i32>, HashMap<String, zbus::zvariant::OwnedValue>) {
+    let (tokens, result) = hearth_tests::collect(g, Duration::from_secs(180)).await;
+    (tokens.into_iter().map(|t| t.1).collect(), result)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -277,20 +268,16 @@ async fn a_shared_prefix_is_reused_within_an_app_only_and_changes_no_output() {
         Daemon::start_configured(&bus, &Settings { engine: "prefix_cache = true".into(), ..Settings::default() }).await;
     let conn = bus.connect().await;
     let proxy = hearth_tests::hearth(&conn).await;
-    let u32_of = |r: &HashMap<String, zbus::zvariant::OwnedValue>, k: &str| u32::try_from(r.get(k).unwrap()).unwrap();
-    let ids_of = |r: &HashMap<String, zbus::zvariant::OwnedValue>| {
-        Vec::<i32>::try_from(r.get(result_key::TOKEN_IDS).unwrap().try_clone().unwrap()).unwrap()
-    };
 
     let first = proxy.complete(chat_request(prompt, 24)).await.unwrap();
-    assert_eq!(u32_of(&first, result_key::CACHED_TOKENS), 0);
-    assert_eq!(ids_of(&first), direct.tokens);
+    assert_eq!(result_u32(&first, result_key::CACHED_TOKENS), 0);
+    assert_eq!(result_ids(&first), direct.tokens);
 
     // The same app asks again: all but the last prompt token come from the cache, and the
     // answer is still exactly the solo answer.
     let again = proxy.complete(chat_request(prompt, 24)).await.unwrap();
-    assert_eq!(u32_of(&again, result_key::CACHED_TOKENS), u32_of(&again, result_key::PROMPT_TOKENS) - 1);
-    assert_eq!(ids_of(&again), direct.tokens);
+    assert_eq!(result_u32(&again, result_key::CACHED_TOKENS), result_u32(&again, result_key::PROMPT_TOKENS) - 1);
+    assert_eq!(result_ids(&again), direct.tokens);
 
     // A follow-up turn reuses the whole first exchange.
     let answer = <&str>::try_from(first.get(result_key::TEXT).unwrap()).unwrap().to_owned();
@@ -301,9 +288,9 @@ async fn a_shared_prefix_is_reused_within_an_app_only_and_changes_no_output() {
     );
     let turn = proxy.complete(follow_up).await.unwrap();
     assert!(
-        u32_of(&turn, result_key::CACHED_TOKENS) >= u32_of(&first, result_key::PROMPT_TOKENS),
+        result_u32(&turn, result_key::CACHED_TOKENS) >= result_u32(&first, result_key::PROMPT_TOKENS),
         "follow-up reused {} tokens",
-        u32_of(&turn, result_key::CACHED_TOKENS)
+        result_u32(&turn, result_key::CACHED_TOKENS)
     );
 
     // Another app (its own process) with the very same prompt gets no cache hit.

@@ -5,35 +5,16 @@ use std::time::Duration;
 
 use futures_util::StreamExt;
 use hearth_dbus::{Error, Generation, RequestProxy, StreamEvent, messages_value, request_key, result_key};
-use hearth_tests::{Bus, Daemon, Settings, chat_request, direct_run, greedy};
+use hearth_tests::{Bus, Daemon, Settings, chat_request, direct_run, greedy, result_ids, result_str, result_u32};
 use zbus::MatchRule;
 use zbus::message::Type as MessageType;
 use zbus::zvariant::{OwnedValue, Value};
 
 const PROMPTS: [&str; 2] = ["What is the capital of France?", "Write a haiku about a phone that keeps secrets."];
 
-fn get_str(d: &HashMap<String, OwnedValue>, k: &str) -> String {
-    <&str>::try_from(d.get(k).unwrap_or_else(|| panic!("result has no {k}: {d:?}"))).unwrap().to_owned()
-}
-
-fn get_u32(d: &HashMap<String, OwnedValue>, k: &str) -> u32 {
-    u32::try_from(d.get(k).unwrap_or_else(|| panic!("result has no {k}: {d:?}"))).unwrap()
-}
-
-fn get_ids(d: &HashMap<String, OwnedValue>) -> Vec<i32> {
-    Vec::<i32>::try_from(d.get(result_key::TOKEN_IDS).unwrap().try_clone().unwrap()).unwrap()
-}
-
 /// Collects a generation's events until Finished.
-async fn collect(mut g: Generation) -> (Vec<(u32, i32, String)>, HashMap<String, OwnedValue>) {
-    let mut tokens = Vec::new();
-    while let Some(ev) = tokio::time::timeout(Duration::from_secs(120), g.next()).await.expect("event within 120 s") {
-        match ev.expect("event") {
-            StreamEvent::Token { index, token_id, text } => tokens.push((index, token_id, text)),
-            StreamEvent::Finished(result) => return (tokens, result),
-        }
-    }
-    panic!("stream ended without Finished");
+async fn collect(g: Generation) -> (Vec<(u32, i32, String)>, HashMap<String, OwnedValue>) {
+    hearth_tests::collect(g, Duration::from_secs(120)).await
 }
 
 fn error_name(e: &Error) -> String {
@@ -51,17 +32,17 @@ async fn complete_and_generate_give_exactly_the_direct_ffi_tokens() {
         assert!(!direct.tokens.is_empty());
 
         let result = proxy.complete(chat_request(prompt, 48)).await.expect("Complete");
-        assert_eq!(get_ids(&result), direct.tokens, "Complete tokens for {prompt:?}");
-        assert_eq!(get_str(&result, result_key::TEXT), direct.text);
-        assert_eq!(get_u32(&result, result_key::PROMPT_TOKENS) as usize, direct.prompt_tokens);
+        assert_eq!(result_ids(&result), direct.tokens, "Complete tokens for {prompt:?}");
+        assert_eq!(result_str(&result, result_key::TEXT), direct.text);
+        assert_eq!(result_u32(&result, result_key::PROMPT_TOKENS) as usize, direct.prompt_tokens);
         let expect_reason = if direct.tokens.len() == 48 { "length" } else { "stop" };
-        assert_eq!(get_str(&result, result_key::FINISH_REASON), expect_reason);
+        assert_eq!(result_str(&result, result_key::FINISH_REASON), expect_reason);
 
         let g = Generation::start(&conn, chat_request(prompt, 48), &format!("exact{i}")).await.expect("Generate");
         let (tokens, finished) = collect(g).await;
         let ids: Vec<i32> = tokens.iter().map(|t| t.1).collect();
         assert_eq!(ids, direct.tokens, "Generate tokens for {prompt:?}");
-        assert_eq!(get_ids(&finished), direct.tokens);
+        assert_eq!(result_ids(&finished), direct.tokens);
     }
 }
 
@@ -93,8 +74,8 @@ async fn tokens_stream_in_order_to_the_caller_only() {
         assert_eq!(t.0 as usize, i, "tokens arrive in order");
     }
     let joined: String = tokens.iter().map(|t| t.2.as_str()).collect();
-    assert_eq!(joined, get_str(&finished, result_key::TEXT));
-    assert_eq!(get_u32(&finished, result_key::TOKENS) as usize, tokens.len());
+    assert_eq!(joined, result_str(&finished, result_key::TEXT));
+    assert_eq!(result_u32(&finished, result_key::TOKENS) as usize, tokens.len());
 
     // Let anything in flight arrive, then look at what the snooper got.
     tokio::time::sleep(Duration::from_millis(300)).await;
@@ -145,13 +126,13 @@ async fn cancel_ends_the_stream_at_once_and_only_the_owner_may_cancel() {
         }
     };
     assert!(after <= 3, "{after} tokens arrived after Cancel returned");
-    assert_eq!(get_str(&finished, result_key::FINISH_REASON), "cancelled");
-    assert_eq!(get_str(&finished, result_key::ERROR_NAME), "org.hearth.Hearth1.Error.Cancelled");
+    assert_eq!(result_str(&finished, result_key::FINISH_REASON), "cancelled");
+    assert_eq!(result_str(&finished, result_key::ERROR_NAME), "org.hearth.Hearth1.Error.Cancelled");
 
     // The daemon keeps serving, and the queue is empty again.
     let proxy = hearth_tests::hearth(&conn).await;
     let r = proxy.complete(chat_request("Say hello.", 8)).await.expect("Complete after cancel");
-    assert!(get_u32(&r, result_key::TOKENS) > 0);
+    assert!(result_u32(&r, result_key::TOKENS) > 0);
     assert_eq!(proxy.queue_depth().await.unwrap(), 0);
 }
 
@@ -206,7 +187,7 @@ async fn bad_input_gets_the_right_error_name_and_the_daemon_keeps_serving() {
     assert!(!xml.contains("<node name="), "leftover request objects: {xml}");
     // And the daemon still answers.
     let r = proxy.complete(chat_request("Say hello.", 8)).await.expect("Complete after bad input");
-    assert!(get_u32(&r, result_key::TOKENS) > 0);
+    assert!(result_u32(&r, result_key::TOKENS) > 0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -263,8 +244,8 @@ async fn sigterm_during_a_stream_cancels_it_and_exits_zero() {
             other => panic!("unexpected {other:?}"),
         }
     };
-    assert_eq!(get_str(&finished, result_key::FINISH_REASON), "cancelled");
-    assert_eq!(get_str(&finished, result_key::ERROR_NAME), "org.hearth.Hearth1.Error.Cancelled");
+    assert_eq!(result_str(&finished, result_key::FINISH_REASON), "cancelled");
+    assert_eq!(result_str(&finished, result_key::ERROR_NAME), "org.hearth.Hearth1.Error.Cancelled");
     let err = blocking.await.unwrap().expect_err("the blocking Complete is cancelled too");
     assert_eq!(error_name(&err), "org.hearth.Hearth1.Error.Cancelled");
     let status = daemon.wait_exit(Duration::from_secs(20)).await;
@@ -286,9 +267,9 @@ async fn list_models_and_properties_describe_the_daemon() {
     let models = proxy.list_models().await.unwrap();
     assert_eq!(models.len(), 1);
     let m = &models[0];
-    assert_eq!(get_str(m, "name"), "smollm2-135m-instruct");
-    assert_eq!(get_str(m, "sha256"), "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53");
+    assert_eq!(result_str(m, "name"), "smollm2-135m-instruct");
+    assert_eq!(result_str(m, "sha256"), "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53");
     assert!(bool::try_from(m.get("loaded").unwrap()).unwrap());
-    assert_eq!(get_u32(m, "context_length"), hearth_tests::CONTEXT);
-    assert_eq!(get_u32(m, "trained_context"), 8192);
+    assert_eq!(result_u32(m, "context_length"), hearth_tests::CONTEXT);
+    assert_eq!(result_u32(m, "trained_context"), 8192);
 }

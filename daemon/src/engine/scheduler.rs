@@ -11,10 +11,11 @@
 //! - Bounds: a waiting queue per app and overall; a request's prompt + max_tokens never
 //!   exceeds its sequence's KV stream.
 //!
-//! - Prefix reuse: a finished request's KV stays in its free slot, tagged with its app and
-//!   tokens. A new request of the *same app* whose prompt shares a prefix with it gets that
-//!   slot and skips prefilling the shared part. Never across apps: that would leak one app's
-//!   prompt to another through timing. Cold slots are used before warm ones are evicted.
+//! - Prefix reuse: a finished request's KV is kept (parked in the highest free slot), tagged
+//!   with its app and tokens. A new request of the *same app* whose prompt shares a prefix
+//!   with it gets that KV (copied down to the lowest cold slot) and skips prefilling the shared
+//!   part. Never across apps: that would leak one app's prompt to another through timing.
+//!   Cold slots are used before kept KV is evicted.
 //!
 //! This module holds no llama state; it is plain data, tested on its own.
 
@@ -113,8 +114,7 @@ impl Scheduler {
             limits,
             waiting: Vec::new(),
             apps: HashMap::new(),
-            // Popped from the end: lowest ids first.
-            free_seqs: (0..total).rev().collect(),
+            free_seqs: (0..total).collect(),
             warm: HashMap::new(),
             releases: 0,
             shared_running: 0,

@@ -16,12 +16,10 @@ use clap::Parser;
 use hearth_dbus::{Generation, StreamEvent, result_key};
 use std::sync::Arc;
 
-use hearth_dbus::request_key;
 use hearth_ffi::{Batch, Context, ContextParams, Sampler, Token};
 use hearth_tests::{
-    BATCH, Bus, CONTEXT, Daemon, chat_request, direct_run, greedy, reference_model, set_threads, threads,
+    BATCH, Bus, CONTEXT, Daemon, chat_request, direct_run, greedy, reference_model, set_threads, threads, with_priority,
 };
-use zbus::zvariant::Value;
 
 #[derive(Debug, Parser)]
 #[command(about = "Decode and prefill tok/s: hearthd over D-Bus vs hearth-ffi direct")]
@@ -259,14 +257,6 @@ struct Load {
     ttft_loaded_ms: f64,
 }
 
-fn priority(
-    mut r: std::collections::HashMap<&'static str, Value<'static>>,
-    p: &str,
-) -> std::collections::HashMap<&'static str, Value<'static>> {
-    r.insert(request_key::PRIORITY, Value::from(p.to_owned()));
-    r
-}
-
 /// First words that make every TTFT prompt differ right after the chat template's opening,
 /// so no measurement gets a prefix-cache hit from an earlier one (same app).
 const ASKERS: [&str; 16] = [
@@ -278,9 +268,8 @@ const ASKERS: [&str; 16] = [
 async fn ttft(conn: &zbus::Connection, n: usize) -> f64 {
     let started = Instant::now();
     let prompt = format!("{} asks: what is the capital of France?", ASKERS[n % ASKERS.len()]);
-    let mut g = Generation::start(conn, priority(chat_request(&prompt, 4), "interactive"), &format!("ttft{n}"))
-        .await
-        .expect("Generate");
+    let mut g =
+        Generation::start(conn, with_priority(&prompt, 4, "interactive"), &format!("ttft{n}")).await.expect("Generate");
     let mut first = None;
     while let Some(ev) = g.next().await {
         match ev.expect("event") {
@@ -333,10 +322,9 @@ async fn under_load(conn: &zbus::Connection, streams: usize, tokens: u32, reps: 
     }
     let mut background = Vec::new();
     for i in 0..streams {
-        let g =
-            Generation::start(conn, priority(chat_request(&stream_prompt(i), 800), "background"), &format!("bg{i}"))
-                .await
-                .expect("Generate");
+        let g = Generation::start(conn, with_priority(&stream_prompt(i), 800, "background"), &format!("bg{i}"))
+            .await
+            .expect("Generate");
         background.push(g);
     }
     // Let every background stream reach its decode phase.
