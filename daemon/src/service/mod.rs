@@ -71,6 +71,12 @@ pub(crate) fn outcome_dict(o: &Outcome) -> HashMap<String, OwnedValue> {
     d
 }
 
+/// A failure of the bus layer itself, as a named `Internal` error: a reply must always carry
+/// an org.hearth.Hearth1.Error name, never zbus's own.
+fn internal(what: &str, e: &dyn std::fmt::Display) -> BusError {
+    BusError::Internal(format!("{what}: {e}"))
+}
+
 fn caller(header: &Header<'_>) -> Result<zbus::names::OwnedUniqueName, BusError> {
     header.sender().map(|s| s.to_owned().into()).ok_or_else(|| BusError::InvalidArgs("the call has no sender".into()))
 }
@@ -113,11 +119,12 @@ async fn identify(
 }
 
 async fn identify_uncached(conn: &Connection, sender: &zbus::names::OwnedUniqueName) -> Result<Caller, BusError> {
-    let dbus = zbus::fdo::DBusProxy::new(conn).await?;
+    let dbus =
+        zbus::fdo::DBusProxy::new(conn).await.map_err(|e| internal("cannot ask the bus about the caller", &e))?;
     let creds = dbus
         .get_connection_credentials(zbus::names::BusName::Unique(sender.as_ref()))
         .await
-        .map_err(|e| BusError::Internal(format!("cannot get the caller's credentials: {e}")))?;
+        .map_err(|e| internal("cannot get the caller's credentials", &e))?;
     let (Some(uid), Some(pid)) = (creds.unix_user_id(), creds.process_id()) else {
         return Err(BusError::NotAuthorized("the bus did not vouch for the caller's uid and pid".into()));
     };
@@ -149,7 +156,7 @@ impl HearthService {
             let path = hearth_dbus::request_path(sender.as_str(), &token)
                 .ok_or_else(|| BusError::Internal(format!("cannot build a request path for {sender}")))?;
             let object = RequestObject::new(sender.clone(), cancel.clone());
-            if server.at(&path, object).await? {
+            if server.at(&path, object).await.map_err(|e| internal("cannot export the request object", &e))? {
                 break path;
             }
             if parsed.handle_token.is_some() {
