@@ -1,4 +1,4 @@
-//! hearthctl: talk to hearthd from a shell. `status`, `models`, `generate "…"`.
+//! hearthctl: talk to hearthd from a shell. `status`, `models`, `generate "…"`, `load`, `unload`.
 //! Streams tokens as they arrive; `--json` prints machine-readable output instead.
 
 #![forbid(unsafe_code)]
@@ -29,10 +29,19 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
-    /// Version, loaded models and queue depth of the running daemon.
+    /// Version, loaded models, queue, memory and compute devices of the running daemon.
     Status,
     /// The installed models.
     Models,
+    /// Load a model now (root or the hearth user).
+    Load {
+        name: String,
+        /// Keep it loaded until `hearthctl unload`.
+        #[arg(long)]
+        pin: bool,
+    },
+    /// Unload a model now (root or the hearth user).
+    Unload { name: String },
     /// Ask the model; tokens are printed as they arrive.
     Generate {
         /// The user's message.
@@ -164,11 +173,39 @@ async fn run(cli: Cli) -> Result<ExitCode, CliError> {
         Command::Status => {
             let (version, models, depth) =
                 (proxy.version().await?, proxy.loaded_models().await?, proxy.queue_depth().await?);
+            let memory = dict_json(&proxy.memory().await?);
+            let backends: Vec<Json> = proxy.backends().await?.iter().map(dict_json).collect();
             if cli.json {
-                println!("{}", json!({ "version": version, "loaded_models": models, "queue_depth": depth }));
+                println!(
+                    "{}",
+                    json!({ "version": version, "loaded_models": models, "queue_depth": depth,
+                            "memory": memory, "backends": backends })
+                );
             } else {
+                let mib = |k: &str| memory[k].as_u64().unwrap_or(0) as f64 / f64::from(1u32 << 20);
                 println!("version:       {version}\nloaded models: {}\nqueue depth:   {depth}", models.join(", "));
+                println!(
+                    "memory:        {:.0} of {:.0} MiB{}",
+                    mib("used_bytes"),
+                    mib("budget_bytes"),
+                    if memory["pressure"] == json!(true) { " (under pressure)" } else { "" }
+                );
+                for b in &backends {
+                    println!(
+                        "device:        {} ({}, {}){}",
+                        b["name"].as_str().unwrap_or("?"),
+                        b["kind"].as_str().unwrap_or("?"),
+                        b["description"].as_str().unwrap_or(""),
+                        if b["owned"] == json!(true) { "" } else { " not used" }
+                    );
+                }
             }
+        }
+        Command::Load { name, pin } => {
+            proxy.load_model(&name, HashMap::from([("pin", Value::from(pin))])).await?;
+        }
+        Command::Unload { name } => {
+            proxy.unload_model(&name).await?;
         }
         Command::Models => {
             let models = proxy.list_models().await?;
@@ -178,8 +215,10 @@ async fn run(cli: Cli) -> Result<ExitCode, CliError> {
                 for m in &models {
                     let get = |k: &str| m.get(k).map(|v| to_json(v)).unwrap_or(Json::Null);
                     let loaded = if get("loaded") == json!(true) { "loaded" } else { "installed" };
+                    let pinned = if get("pinned") == json!(true) { ",pinned" } else { "" };
+                    let error = get("error").as_str().map(|e| format!("\terror: {e}")).unwrap_or_default();
                     println!(
-                        "{}\t{loaded}\t{}",
+                        "{}\t{loaded}{pinned}\t{}{error}",
                         get("name").as_str().unwrap_or("?"),
                         get("file").as_str().unwrap_or("?")
                     );

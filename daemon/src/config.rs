@@ -26,9 +26,55 @@ pub enum ConfigError {
 #[derive(Debug, Clone, Default, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
+    pub daemon: DaemonConfig,
     pub models: ModelsConfig,
     pub engine: EngineConfig,
     pub limits: LimitsConfig,
+    pub memory: MemoryConfig,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct DaemonConfig {
+    /// hearthd's private state (model hash cache; later the sealing key). Created 0700 when
+    /// missing; systemd's `StateDirectory=` creates it on a device.
+    pub state_dir: PathBuf,
+}
+
+impl Default for DaemonConfig {
+    fn default() -> Self {
+        Self { state_dir: PathBuf::from("/var/lib/hearth") }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct MemoryConfig {
+    /// Most bytes all loaded models (weights + KV caches) may take, in MiB; 0: half of the
+    /// memory the service may use (its cgroup's memory.max, else MemTotal).
+    pub budget_mib: u64,
+    /// A PSI file (`/proc/pressure/memory` format) to watch; empty: the service cgroup's
+    /// `memory.pressure`, else `/proc/pressure/memory`.
+    pub pressure_file: PathBuf,
+    /// How often the pressure file is read, in milliseconds.
+    pub pressure_interval_ms: u64,
+    /// `some avg10` (percent of time stalled on memory) at or above which memory is tight.
+    pub pressure_some_avg10: f64,
+    /// Consecutive readings at or above the threshold before hearthd acts (and below half of
+    /// it before it stands down).
+    pub pressure_readings: u32,
+}
+
+impl Default for MemoryConfig {
+    fn default() -> Self {
+        Self {
+            budget_mib: 0,
+            pressure_file: PathBuf::new(),
+            pressure_interval_ms: 1000,
+            pressure_some_avg10: 10.0,
+            pressure_readings: 3,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq)]
@@ -36,8 +82,14 @@ pub struct Config {
 pub struct ModelsConfig {
     /// Directories holding model manifests (`*.toml`) and their files, searched in order.
     pub dirs: Vec<PathBuf>,
-    /// The model used when a request names none; loaded at start.
+    /// The model used when a request names none.
     pub default: String,
+    /// Seconds an unpinned model stays loaded after its last request (a manifest's
+    /// `keep_alive_s` overrides it).
+    pub keep_alive_s: u64,
+    /// Models loaded at start and never unloaded for idleness or to make room (a manifest's
+    /// `pinned = true` also pins).
+    pub pinned: Vec<String>,
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq)]
@@ -58,6 +110,9 @@ pub struct EngineConfig {
     pub interactive_sequences: u32,
     /// Layers offloaded to an accelerator (0: CPU only, -1: all).
     pub gpu_layers: i32,
+    /// ggml devices hearthd owns and offloads to, by name (the `Backends` property lists
+    /// them); empty: every GPU/accelerator present. Naming a missing device stops the start.
+    pub devices: Vec<String>,
     /// Keep a finished request's KV for the same app's next prompt (prefix reuse). The kept
     /// KV is parked in the highest free slot and copied down when reused, because llama.cpp
     /// decodes requests in high KV streams measurably slower (hearth-bench: 8 streams in
@@ -85,6 +140,8 @@ impl Default for ModelsConfig {
         Self {
             dirs: vec![PathBuf::from("/usr/share/hearth/models"), PathBuf::from("/var/lib/hearth/models")],
             default: "smollm2-135m-instruct".to_owned(),
+            keep_alive_s: 300,
+            pinned: Vec::new(),
         }
     }
 }
@@ -98,6 +155,7 @@ impl Default for EngineConfig {
             max_sequences: 4,
             interactive_sequences: 2,
             gpu_layers: 0,
+            devices: Vec::new(),
             flash_attn: true,
             prefix_cache: true,
         }
@@ -159,6 +217,18 @@ impl Config {
         }
         if self.models.dirs.is_empty() {
             return Err(ConfigError::Invalid("models.dirs is empty".into()));
+        }
+        let m = &self.memory;
+        if m.pressure_interval_ms < 10 || m.pressure_readings == 0 {
+            return Err(ConfigError::Invalid(
+                "memory.pressure_interval_ms must be at least 10 and memory.pressure_readings at least 1".into(),
+            ));
+        }
+        if !(m.pressure_some_avg10 > 0.0 && m.pressure_some_avg10 <= 100.0) {
+            return Err(ConfigError::Invalid(format!(
+                "memory.pressure_some_avg10 {} is not in (0, 100]",
+                m.pressure_some_avg10
+            )));
         }
         Ok(())
     }

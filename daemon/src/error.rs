@@ -28,6 +28,9 @@ pub enum Error {
     /// The request was cancelled.
     #[error("{0}")]
     Cancelled(CancelReason),
+    /// The model is serving requests, so it cannot be unloaded now.
+    #[error("model {name:?} is serving {requests} request(s); retry when they finish")]
+    InUse { name: String, requests: u32 },
     /// The caller may not do this.
     #[error("{0}")]
     NotAuthorized(String),
@@ -44,7 +47,7 @@ impl From<Error> for BusError {
             Error::ContextLengthExceeded { .. } => BusError::ContextLengthExceeded(msg),
             Error::ModelNotFound(_) => BusError::ModelNotFound(msg),
             Error::ModelUnavailable { .. } => BusError::ModelUnavailable(msg),
-            Error::Busy { .. } => BusError::Busy(msg),
+            Error::Busy { .. } | Error::InUse { .. } => BusError::Busy(msg),
             Error::Cancelled(_) => BusError::Cancelled(msg),
             Error::NotAuthorized(_) => BusError::NotAuthorized(msg),
             Error::Internal(_) => BusError::Internal(msg),

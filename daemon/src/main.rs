@@ -7,6 +7,8 @@
 mod config;
 mod engine;
 mod error;
+mod manager;
+mod memory;
 mod models;
 mod request;
 mod service;
@@ -24,7 +26,7 @@ use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
 
 use crate::config::Config;
-use crate::engine::EngineHandle;
+use crate::manager::ModelManager;
 use crate::models::Catalog;
 use crate::service::{CallerCache, HearthService, InFlight};
 
@@ -47,9 +49,7 @@ enum MainError {
     #[error(transparent)]
     Config(#[from] config::ConfigError),
     #[error(transparent)]
-    Catalog(#[from] models::CatalogError),
-    #[error("cannot start the engine: {0}")]
-    Engine(#[from] engine::StartError),
+    Models(#[from] manager::ManagerError),
     #[error("D-Bus: {0}")]
     Bus(#[from] zbus::Error),
     #[error("cannot set up the runtime or signals: {0}")]
@@ -63,7 +63,13 @@ fn init_logging() {
     let registry = tracing_subscriber::registry().with(filter);
     match journald {
         Some(layer) => registry.with(layer).init(),
-        None => registry.with(tracing_subscriber::fmt::layer().with_writer(std::io::stderr)).init(),
+        None => registry
+            .with(
+                tracing_subscriber::fmt::layer()
+                    .with_writer(std::io::stderr)
+                    .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr())),
+            )
+            .init(),
     }
 }
 
@@ -82,54 +88,64 @@ fn main() -> ExitCode {
 
 fn run(args: Args) -> Result<(), MainError> {
     let config = Config::load(args.config.as_deref())?;
-    let catalog = Arc::new(Catalog::scan(&config.models.dirs)?);
-    tracing::info!(version = env!("CARGO_PKG_VERSION"), models = catalog.len(), "hearthd starting");
+    let catalog = Arc::new(Catalog::scan(&config.models.dirs));
+    tracing::info!(
+        version = env!("CARGO_PKG_VERSION"),
+        models = catalog.len(),
+        rejected = catalog.rejected().len(),
+        "hearthd starting"
+    );
     if catalog.is_empty() {
-        tracing::warn!(dirs = ?config.models.dirs, "no model manifests found");
+        tracing::warn!(dirs = ?config.models.dirs, "no usable model manifests found");
     }
-    let (engine, engine_thread) = EngineHandle::start(&config, &catalog)?;
-    // The engine thread does the compute; D-Bus work is I/O and fits one runtime thread,
-    // which also keeps it from competing with the compute threads for cores.
+    let budget = memory::budget(&config.memory);
+    let models = ModelManager::new(config.clone(), catalog, budget)?;
+    for (d, owned) in models.backends() {
+        tracing::info!(device = %d.name, kind = d.kind.as_str(), memory_total = d.memory_total, owned, "compute device");
+    }
+    tracing::info!(budget_mib = budget >> 20, "memory budget for models");
+    // The engines do the compute on their own threads; D-Bus work is I/O and fits one
+    // runtime thread, which also keeps it from competing with the compute threads for cores.
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
-    let served = runtime.block_on(serve(args, &config, catalog, engine.clone()));
-    // Whatever happened on the bus, stop the engine before leaving.
-    runtime.block_on(engine.shutdown());
-    drop(engine);
-    if engine_thread.join().is_err() {
-        tracing::error!("engine thread panicked");
-    }
+    let served = runtime.block_on(serve(args, &config, models.clone()));
+    // Whatever happened on the bus, stop the engines before leaving.
+    runtime.block_on(models.shutdown());
     tracing::info!("hearthd stopped");
     served
 }
 
-async fn serve(args: Args, config: &Config, catalog: Arc<Catalog>, engine: EngineHandle) -> Result<(), MainError> {
+async fn serve(args: Args, config: &Config, models: ModelManager) -> Result<(), MainError> {
     let mut signals = signal_hook_tokio::Signals::new([SIGTERM, SIGINT])?;
     let in_flight = InFlight::default();
     let callers = CallerCache::default();
-    let service = HearthService::new(
-        engine.clone(),
-        catalog,
-        config.limits.default_max_tokens,
-        in_flight.clone(),
-        callers.clone(),
-    );
+    let service =
+        HearthService::new(models.clone(), config.limits.default_max_tokens, in_flight.clone(), callers.clone());
     let builder = match &args.bus_address {
         Some(address) => zbus::connection::Builder::address(address.as_str())?,
         None => zbus::connection::Builder::system()?,
     };
     let conn = builder.serve_at(hearth_dbus::OBJECT_PATH, service)?.name(hearth_dbus::BUS_NAME)?.build().await?;
     tracing::info!(name = hearth_dbus::BUS_NAME, unique = ?conn.unique_name().map(|n| n.as_str()), "serving");
-    let status_task = tokio::spawn(service::publish_status_changes(conn.clone(), engine.status()));
-    let disconnect_task = tokio::spawn(service::watch_disconnects(conn.clone(), engine.clone(), callers));
+    let tasks = [
+        tokio::spawn(service::publish_status_changes(conn.clone(), models.status())),
+        tokio::spawn(service::watch_disconnects(conn.clone(), models.clone(), callers)),
+        tokio::spawn(expire_idle_models(models.clone())),
+        tokio::spawn(watch_memory_pressure(models.clone(), config.memory.clone())),
+        tokio::spawn({
+            let models = models.clone();
+            async move { models.preload_pinned().await }
+        }),
+    ];
 
     let signal = signals.next().await;
     tracing::info!(signal = ?signal, "stopping: cancelling in-flight requests");
-    engine.shutdown().await;
+    for task in &tasks {
+        task.abort();
+    }
+    models.shutdown().await;
     if !in_flight.drained(DRAIN_LIMIT).await {
         tracing::warn!("some callers did not get their final message within {DRAIN_LIMIT:?}");
     }
-    status_task.abort();
-    disconnect_task.abort();
     // Let the final replies queued on the connection go out before leaving the bus.
     tokio::task::yield_now().await;
     if let Err(e) = conn.release_name(hearth_dbus::BUS_NAME).await {
@@ -137,4 +153,42 @@ async fn serve(args: Args, config: &Config, catalog: Arc<Catalog>, engine: Engin
     }
     signals.handle().close();
     Ok(())
+}
+
+/// Unloads models whose keep-alive ran out.
+async fn expire_idle_models(models: ModelManager) {
+    let mut tick = tokio::time::interval(Duration::from_millis(250));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        models.expire_idle().await;
+    }
+}
+
+/// Samples memory pressure (PSI) and lets the model manager act on sustained pressure.
+async fn watch_memory_pressure(models: ModelManager, config: config::MemoryConfig) {
+    let Some(path) = memory::pressure_file(&config) else {
+        tracing::info!("no memory pressure information (PSI) on this system: pressure is not watched");
+        return;
+    };
+    tracing::info!(file = %path.display(), "watching memory pressure");
+    let mut detector = memory::PressureDetector::new(&config);
+    let mut tick = tokio::time::interval(memory::interval(&config));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut failing = false;
+    loop {
+        tick.tick().await;
+        match memory::read_pressure(&path) {
+            Ok(reading) => {
+                failing = false;
+                let sustained = detector.update(reading);
+                models.on_pressure(reading, sustained).await;
+            }
+            Err(e) if !failing => {
+                failing = true;
+                tracing::warn!(file = %path.display(), error = %e, "cannot read memory pressure");
+            }
+            Err(_) => {}
+        }
+    }
 }

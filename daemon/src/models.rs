@@ -1,14 +1,22 @@
-//! The model catalog: manifests in the configured directories, and verification of a model
-//! file against its manifest's sha256 before llama.cpp ever parses it.
+//! The model registry: manifests in the configured directories, the trust checks on their
+//! files, and verification of every model (and adapter) file against its manifest's sha256
+//! before llama.cpp ever parses it.
 //!
 //! Must never hand an unverified path to the loader: crafted GGUF files have repeatedly been
-//! memory-corruption bugs in llama.cpp, so only bytes that hash to the manifest are parsed.
+//! memory-corruption bugs in llama.cpp, so only bytes that hash to the manifest are parsed. The
+//! file is opened once, checked and hashed through that descriptor, and llama.cpp reads the
+//! same descriptor (`/proc/self/fd/N`), so a rename between the check and the load cannot
+//! swap the bytes.
 
 use std::collections::BTreeMap;
+use std::fs::File;
 use std::io::Read;
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
+use std::sync::Mutex;
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 #[derive(Debug, thiserror::Error)]
@@ -22,10 +30,55 @@ pub enum CatalogError {
     /// The model file does not match its manifest.
     #[error("model file {path} has sha256 {actual}, its manifest says {expected}")]
     HashMismatch { path: PathBuf, expected: String, actual: String },
+    /// A file or directory could be changed by someone other than root (or hearthd itself).
+    #[error("refusing {path}: {reason}")]
+    Untrusted { path: PathBuf, reason: String },
+}
+
+/// What a model can do. Generate and Complete need `chat`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Capability {
+    Chat,
+    Embed,
+    Tools,
+    Vision,
+}
+
+impl Capability {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Chat => "chat",
+            Self::Embed => "embed",
+            Self::Tools => "tools",
+            Self::Vision => "vision",
+        }
+    }
+}
+
+fn default_capabilities() -> Vec<Capability> {
+    vec![Capability::Chat]
+}
+
+fn default_scale() -> f32 {
+    1.0
+}
+
+/// A LoRA adapter applied whenever its model is loaded.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct AdapterManifest {
+    /// The adapter GGUF, relative to the manifest's directory.
+    pub file: PathBuf,
+    /// Lower-case hex sha256 of the file.
+    pub sha256: String,
+    /// Strength of the adapter (1.0: as trained).
+    #[serde(default = "default_scale")]
+    pub scale: f32,
 }
 
 /// A model manifest (`<dir>/<anything>.toml`).
-#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct Manifest {
     /// The name requests use.
@@ -34,27 +87,61 @@ pub struct Manifest {
     pub file: PathBuf,
     /// Lower-case hex sha256 of the file.
     pub sha256: String,
+    /// Context of one request in tokens; default: the engine's `context_length`.
+    #[serde(default)]
+    pub context_length: Option<u32>,
+    /// What the model can do; default: chat.
+    #[serde(default = "default_capabilities")]
+    pub capabilities: Vec<Capability>,
+    /// Seconds the model stays loaded after its last request; default: `models.keep_alive_s`.
+    #[serde(default)]
+    pub keep_alive_s: Option<u64>,
+    /// Never unload for idleness or to make room.
+    #[serde(default)]
+    pub pinned: bool,
+    /// LoRA adapters applied on load, in order.
+    #[serde(default)]
+    pub adapters: Vec<AdapterManifest>,
 }
 
 /// One installed model.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct ModelEntry {
     pub manifest: Manifest,
+    /// The manifest file.
+    pub manifest_path: PathBuf,
     /// Absolute path of the model file.
     pub path: PathBuf,
+    /// Size of the model file, when it could be read at scan time.
+    pub file_size: Option<u64>,
+}
+
+impl ModelEntry {
+    /// Absolute paths of the adapter files.
+    pub fn adapter_paths(&self) -> Vec<PathBuf> {
+        let dir = self.manifest_path.parent().unwrap_or(Path::new("."));
+        self.manifest.adapters.iter().map(|a| dir.join(&a.file)).collect()
+    }
+
+    pub fn has(&self, capability: Capability) -> bool {
+        self.manifest.capabilities.contains(&capability)
+    }
 }
 
 /// All installed models by name. The first directory that defines a name wins.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Default)]
 pub struct Catalog {
     models: BTreeMap<String, ModelEntry>,
+    /// Manifests that were skipped, and why.
+    rejected: Vec<CatalogError>,
 }
 
 impl Catalog {
-    /// Scans `dirs` for manifests. Missing directories are skipped; a broken manifest is an
-    /// error, so a typo never makes a model silently disappear.
-    pub fn scan(dirs: &[PathBuf]) -> Result<Self, CatalogError> {
+    /// Scans `dirs` for manifests. Missing directories are skipped; a broken or untrusted
+    /// manifest is logged and left out (one bad file never takes the others down).
+    pub fn scan(dirs: &[PathBuf]) -> Self {
         let mut models = BTreeMap::new();
+        let mut rejected = Vec::new();
         for dir in dirs {
             let Ok(entries) = std::fs::read_dir(dir) else { continue };
             let mut paths: Vec<PathBuf> = entries
@@ -63,11 +150,18 @@ impl Catalog {
                 .collect();
             paths.sort();
             for path in paths {
-                let entry = read_manifest(&path)?;
-                models.entry(entry.manifest.name.clone()).or_insert(entry);
+                match read_manifest(&path) {
+                    Ok(entry) => {
+                        models.entry(entry.manifest.name.clone()).or_insert(entry);
+                    }
+                    Err(e) => {
+                        tracing::error!(error = %e, "model manifest skipped");
+                        rejected.push(e);
+                    }
+                }
             }
         }
-        Ok(Self { models })
+        Self { models, rejected }
     }
 
     pub fn get(&self, name: &str) -> Option<&ModelEntry> {
@@ -85,81 +179,322 @@ impl Catalog {
     pub fn is_empty(&self) -> bool {
         self.models.is_empty()
     }
+
+    /// Manifests left out at scan time.
+    pub fn rejected(&self) -> &[CatalogError] {
+        &self.rejected
+    }
+}
+
+fn check_sha256(s: &str) -> bool {
+    s.len() == 64 && s.bytes().all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase())
+}
+
+fn check_relative(file: &Path) -> bool {
+    !file.is_absolute()
+        && file.components().all(|c| matches!(c, std::path::Component::Normal(_)))
+        && file.components().next().is_some()
 }
 
 fn read_manifest(path: &Path) -> Result<ModelEntry, CatalogError> {
     let bad = |reason: String| CatalogError::Manifest { path: path.to_owned(), reason };
-    let text = std::fs::read_to_string(path).map_err(|e| bad(e.to_string()))?;
+    let mut file = File::open(path).map_err(|e| bad(e.to_string()))?;
+    check_trusted(path, &file.metadata().map_err(|e| bad(e.to_string()))?)?;
+    let dir = path.parent().unwrap_or(Path::new("."));
+    check_trusted(dir, &std::fs::metadata(dir).map_err(|e| bad(e.to_string()))?)?;
+    let mut text = String::new();
+    file.read_to_string(&mut text).map_err(|e| bad(e.to_string()))?;
     let manifest: Manifest = toml::from_str(&text).map_err(|e| bad(e.to_string()))?;
     if manifest.name.is_empty() || manifest.name.len() > 128 || manifest.name.chars().any(char::is_control) {
         return Err(bad(format!("invalid model name {:?}", manifest.name)));
     }
-    if manifest.sha256.len() != 64 || !manifest.sha256.bytes().all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase())
-    {
-        return Err(bad("sha256 must be 64 lower-case hex digits".into()));
+    let files = std::iter::once((&manifest.file, &manifest.sha256))
+        .chain(manifest.adapters.iter().map(|a| (&a.file, &a.sha256)));
+    for (file, sha256) in files {
+        if !check_sha256(sha256) {
+            return Err(bad(format!("sha256 of {} must be 64 lower-case hex digits", file.display())));
+        }
+        if !check_relative(file) {
+            return Err(bad(format!("file {} must be a plain path inside the manifest's directory", file.display())));
+        }
     }
-    if manifest.file.is_absolute() || manifest.file.components().any(|c| matches!(c, std::path::Component::ParentDir)) {
-        return Err(bad(format!(
-            "file {} must be a plain path inside the manifest's directory",
-            manifest.file.display()
-        )));
+    if manifest.context_length.is_some_and(|n| n < 64) {
+        return Err(bad("context_length must be at least 64".into()));
     }
-    let dir = path.parent().unwrap_or(Path::new("."));
+    if manifest.capabilities.is_empty() {
+        return Err(bad("capabilities is empty".into()));
+    }
+    if manifest.adapters.iter().any(|a| !a.scale.is_finite()) {
+        return Err(bad("adapter scale must be a finite number".into()));
+    }
     let file_path = dir.join(&manifest.file);
-    Ok(ModelEntry { manifest, path: file_path })
+    let file_size = std::fs::metadata(&file_path).ok().map(|m| m.len());
+    Ok(ModelEntry { manifest, manifest_path: path.to_owned(), path: file_path, file_size })
 }
 
-/// Hashes `path` and compares it with `expected` (lower-case hex).
-pub fn verify(path: &Path, expected: &str) -> Result<(), CatalogError> {
+/// Refuses a file or directory that anyone but root or hearthd's own user could change:
+/// another owner, or group/other write permission.
+pub fn check_trusted(path: &Path, meta: &std::fs::Metadata) -> Result<(), CatalogError> {
+    let untrusted = |reason: String| CatalogError::Untrusted { path: path.to_owned(), reason };
+    let me = nix::unistd::geteuid().as_raw();
+    if meta.uid() != 0 && meta.uid() != me {
+        return Err(untrusted(format!("it is owned by uid {}, not root (or hearthd's uid {me})", meta.uid())));
+    }
+    if meta.mode() & 0o022 != 0 {
+        return Err(untrusted(format!(
+            "its mode {:04o} lets {} write it",
+            meta.mode() & 0o7777,
+            if meta.mode() & 0o002 != 0 { "everyone" } else { "its group" }
+        )));
+    }
+    Ok(())
+}
+
+/// A model or adapter file that passed the trust checks and whose bytes hash to the manifest.
+/// llama.cpp must read it through [`VerifiedFile::path`] while this value is alive.
+#[derive(Debug)]
+pub struct VerifiedFile {
+    file: File,
+    /// Where it was found (for messages).
+    pub origin: PathBuf,
+    pub size: u64,
+    /// True when the hash came from the cache (the file's identity had not changed).
+    pub cached: bool,
+}
+
+impl VerifiedFile {
+    /// A path naming exactly the verified open file.
+    pub fn path(&self) -> PathBuf {
+        PathBuf::from(format!("/proc/self/fd/{}", self.file.as_raw_fd()))
+    }
+}
+
+/// Identity of a file's content as far as the kernel tells: if none of these changed, the
+/// bytes did not either (ctime moves on every write or metadata change and cannot be set).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+struct FileKey {
+    dev: u64,
+    ino: u64,
+    size: u64,
+    mtime_ns: i128,
+    ctime_ns: i128,
+}
+
+impl FileKey {
+    fn of(meta: &std::fs::Metadata) -> Self {
+        let ns = |s: i64, n: i64| i128::from(s) * 1_000_000_000 + i128::from(n);
+        Self {
+            dev: meta.dev(),
+            ino: meta.ino(),
+            size: meta.size(),
+            mtime_ns: ns(meta.mtime(), meta.mtime_nsec()),
+            ctime_ns: ns(meta.ctime(), meta.ctime_nsec()),
+        }
+    }
+}
+
+#[derive(Debug, Default, Serialize, Deserialize)]
+struct HashCacheFile {
+    #[serde(default)]
+    file: Vec<HashCacheEntry>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct HashCacheEntry {
+    #[serde(flatten)]
+    key: FileKey,
+    sha256: String,
+}
+
+/// sha256 of files already hashed, by file identity, kept in the state directory so that a
+/// restart does not rehash every model.
+#[derive(Debug)]
+pub struct HashCache {
+    path: Option<PathBuf>,
+    entries: Mutex<BTreeMap<FileKey, String>>,
+}
+
+impl HashCache {
+    /// Opens the cache at `path` (None: in memory only). A missing, unreadable or corrupt
+    /// cache file only costs rehashing.
+    pub fn open(path: Option<PathBuf>) -> Self {
+        let mut entries = BTreeMap::new();
+        if let Some(p) = &path {
+            let parsed = File::open(p)
+                .and_then(|f| {
+                    check_trusted(p, &f.metadata()?).map_err(std::io::Error::other)?;
+                    Ok(f)
+                })
+                .and_then(|mut f| {
+                    let mut s = String::new();
+                    f.read_to_string(&mut s)?;
+                    toml::from_str::<HashCacheFile>(&s).map_err(std::io::Error::other)
+                });
+            match parsed {
+                Ok(c) => entries.extend(c.file.into_iter().map(|e| (e.key, e.sha256))),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => tracing::warn!(path = %p.display(), error = %e, "model hash cache ignored"),
+            }
+        }
+        Self { path, entries: Mutex::new(entries) }
+    }
+
+    fn get(&self, key: &FileKey) -> Option<String> {
+        self.entries.lock().ok()?.get(key).cloned()
+    }
+
+    fn insert(&self, key: FileKey, sha256: String) {
+        let Ok(mut entries) = self.entries.lock() else { return };
+        entries.insert(key, sha256);
+        let Some(path) = &self.path else { return };
+        let file = HashCacheFile {
+            file: entries.iter().map(|(k, v)| HashCacheEntry { key: *k, sha256: v.clone() }).collect(),
+        };
+        if let Err(e) = write_private(path, &toml::to_string(&file).unwrap_or_default()) {
+            tracing::warn!(path = %path.display(), error = %e, "cannot save the model hash cache");
+        }
+    }
+}
+
+/// Writes `text` to `path` atomically (temporary file + rename), readable by its owner only.
+pub fn write_private(path: &Path, text: &str) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let tmp = path.with_extension("tmp");
+    let mut f = std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(&tmp)?;
+    f.write_all(text.as_bytes())?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, path)
+}
+
+/// Opens `path`, checks it and its directory are trusted, and checks its bytes hash to
+/// `expected`, reporting the hashed fraction to `progress`. The hash is taken from `cache`
+/// when the file's identity matches an earlier verification.
+pub fn open_verified(
+    path: &Path,
+    expected: &str,
+    cache: &HashCache,
+    progress: &mut dyn FnMut(f64),
+) -> Result<VerifiedFile, CatalogError> {
     let read_err = |source| CatalogError::Read { path: path.to_owned(), source };
-    let mut file = std::fs::File::open(path).map_err(read_err)?;
+    let dir = path.parent().unwrap_or(Path::new("."));
+    check_trusted(dir, &std::fs::metadata(dir).map_err(read_err)?)?;
+    let mut file = File::open(path).map_err(read_err)?;
+    let meta = file.metadata().map_err(read_err)?;
+    if !meta.is_file() {
+        return Err(CatalogError::Untrusted { path: path.to_owned(), reason: "it is not a regular file".into() });
+    }
+    check_trusted(path, &meta)?;
+    let key = FileKey::of(&meta);
+    let (actual, cached) = match cache.get(&key) {
+        Some(h) => (h, true),
+        None => (hash(&mut file, meta.size(), progress).map_err(read_err)?, false),
+    };
+    if actual != expected {
+        return Err(CatalogError::HashMismatch { path: path.to_owned(), expected: expected.to_owned(), actual });
+    }
+    if !cached {
+        cache.insert(key, actual);
+    }
+    progress(1.0);
+    Ok(VerifiedFile { file, origin: path.to_owned(), size: meta.size(), cached })
+}
+
+fn hash(file: &mut File, size: u64, progress: &mut dyn FnMut(f64)) -> std::io::Result<String> {
     let mut hasher = Sha256::new();
     let mut buf = vec![0u8; 1 << 20];
+    let mut done = 0u64;
     loop {
-        let n = file.read(&mut buf).map_err(read_err)?;
+        let n = file.read(&mut buf)?;
         if n == 0 {
             break;
         }
         hasher.update(&buf[..n]);
+        done += n as u64;
+        progress(done as f64 / size.max(1) as f64);
     }
-    let actual = hex::encode(hasher.finalize());
-    if actual == expected {
-        Ok(())
-    } else {
-        Err(CatalogError::HashMismatch { path: path.to_owned(), expected: expected.to_owned(), actual })
-    }
+    Ok(hex::encode(hasher.finalize()))
 }
 
 #[cfg(test)]
 mod tests {
+    use std::os::unix::fs::PermissionsExt;
+
     use super::*;
 
     const EMPTY_SHA256: &str = "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855";
 
+    fn private_dir() -> tempfile::TempDir {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+        dir
+    }
+
     #[test]
     fn scans_manifests_and_verifies_files() {
-        let dir = tempfile::tempdir().unwrap();
+        let dir = private_dir();
         std::fs::write(dir.path().join("m.gguf"), b"").unwrap();
         std::fs::write(
             dir.path().join("m.toml"),
             format!("name = \"m\"\nfile = \"m.gguf\"\nsha256 = \"{EMPTY_SHA256}\"\n"),
         )
         .unwrap();
-        let cat = Catalog::scan(&[dir.path().to_owned(), PathBuf::from("/nonexistent")]).unwrap();
+        let cat = Catalog::scan(&[dir.path().to_owned(), PathBuf::from("/nonexistent")]);
         let m = cat.get("m").unwrap();
         assert_eq!(m.path, dir.path().join("m.gguf"));
-        verify(&m.path, &m.manifest.sha256).unwrap();
+        assert_eq!(m.manifest.capabilities, vec![Capability::Chat]);
+        let cache = HashCache::open(None);
+        let v = open_verified(&m.path, &m.manifest.sha256, &cache, &mut |_| {}).unwrap();
+        assert!(!v.cached);
+        assert!(open_verified(&m.path, &m.manifest.sha256, &cache, &mut |_| {}).unwrap().cached);
         std::fs::write(dir.path().join("m.gguf"), b"tampered").unwrap();
-        assert!(matches!(verify(&m.path, &m.manifest.sha256), Err(CatalogError::HashMismatch { .. })));
+        let err = open_verified(&m.path, &m.manifest.sha256, &cache, &mut |_| {}).unwrap_err();
+        assert!(matches!(err, CatalogError::HashMismatch { .. }), "{err}");
+    }
+
+    #[test]
+    fn hash_cache_survives_a_restart_and_notices_changes() {
+        let dir = private_dir();
+        let model = dir.path().join("m.gguf");
+        std::fs::write(&model, b"").unwrap();
+        let cache_path = dir.path().join("hashes.toml");
+        open_verified(&model, EMPTY_SHA256, &HashCache::open(Some(cache_path.clone())), &mut |_| {}).unwrap();
+        let mode = std::fs::metadata(&cache_path).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+        let reopened = HashCache::open(Some(cache_path.clone()));
+        assert!(open_verified(&model, EMPTY_SHA256, &reopened, &mut |_| {}).unwrap().cached);
+        // Any change to the file (here its mode, which moves ctime) means hashing again.
+        std::fs::set_permissions(&model, std::fs::Permissions::from_mode(0o600)).unwrap();
+        assert!(!open_verified(&model, EMPTY_SHA256, &reopened, &mut |_| {}).unwrap().cached);
+    }
+
+    #[test]
+    fn refuses_files_others_can_write() {
+        let dir = private_dir();
+        let model = dir.path().join("m.gguf");
+        std::fs::write(&model, b"").unwrap();
+        let cache = HashCache::open(None);
+        for mode in [0o666, 0o620] {
+            std::fs::set_permissions(&model, std::fs::Permissions::from_mode(mode)).unwrap();
+            let err = open_verified(&model, EMPTY_SHA256, &cache, &mut |_| {}).unwrap_err();
+            assert!(matches!(err, CatalogError::Untrusted { .. }), "{err}");
+            assert!(err.to_string().contains("lets"), "{err}");
+        }
+        std::fs::set_permissions(&model, std::fs::Permissions::from_mode(0o644)).unwrap();
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o777)).unwrap();
+        let err = open_verified(&model, EMPTY_SHA256, &cache, &mut |_| {}).unwrap_err();
+        assert!(err.to_string().contains("everyone"), "{err}");
     }
 
     #[test]
     fn rejects_bad_manifests() {
-        let dir = tempfile::tempdir().unwrap();
+        let dir = private_dir();
         for (i, body) in [
             "name = \"m\"\nfile = \"../x.gguf\"\nsha256 = \"{H}\"\n",
             "name = \"m\"\nfile = \"x.gguf\"\nsha256 = \"ABC\"\n",
             "name = \"m\"\nfile = \"x.gguf\"\nsha256 = \"{H}\"\nextra = 1\n",
+            "name = \"m\"\nfile = \"x.gguf\"\nsha256 = \"{H}\"\ncapabilities = [\"telepathy\"]\n",
+            "name = \"m\"\nfile = \"x.gguf\"\nsha256 = \"{H}\"\n[[adapters]]\nfile = \"a.gguf\"\nsha256 = \"x\"\n",
         ]
         .iter()
         .enumerate()
@@ -167,7 +502,9 @@ mod tests {
             let sub = dir.path().join(i.to_string());
             std::fs::create_dir(&sub).unwrap();
             std::fs::write(sub.join("m.toml"), body.replace("{H}", EMPTY_SHA256)).unwrap();
-            assert!(matches!(Catalog::scan(&[sub]), Err(CatalogError::Manifest { .. })), "case {i}");
+            let cat = Catalog::scan(&[sub]);
+            assert!(cat.is_empty(), "case {i}");
+            assert!(matches!(cat.rejected(), [CatalogError::Manifest { .. }]), "case {i}: {:?}", cat.rejected());
         }
     }
 }

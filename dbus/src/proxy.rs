@@ -16,6 +16,10 @@ pub trait Hearth1 {
     fn complete(&self, request: HashMap<&str, Value<'_>>) -> Result<HashMap<String, OwnedValue>, Error>;
     /// The installed models.
     fn list_models(&self) -> Result<Vec<HashMap<String, OwnedValue>>, Error>;
+    /// Admin: loads a model now (`pin` (b) option keeps it loaded).
+    fn load_model(&self, name: &str, options: HashMap<&str, Value<'_>>) -> Result<(), Error>;
+    /// Admin: unloads a model.
+    fn unload_model(&self, name: &str) -> Result<(), Error>;
     #[zbus(property)]
     fn version(&self) -> zbus::Result<String>;
     #[zbus(property)]
@@ -26,6 +30,12 @@ pub trait Hearth1 {
     fn queue_by_priority(&self) -> zbus::Result<HashMap<String, u32>>;
     #[zbus(property(emits_changed_signal = "false"))]
     fn kv_cache(&self) -> zbus::Result<HashMap<String, u32>>;
+    #[zbus(property)]
+    fn load_progress(&self) -> zbus::Result<HashMap<String, (String, f64)>>;
+    #[zbus(property)]
+    fn memory(&self) -> zbus::Result<HashMap<String, OwnedValue>>;
+    #[zbus(property(emits_changed_signal = "const"))]
+    fn backends(&self) -> zbus::Result<Vec<HashMap<String, OwnedValue>>>;
 }
 
 /// Client side of `org.hearth.Hearth1.Request`.

@@ -94,7 +94,20 @@ impl Context {
         // the abort data pointer stays valid for as long as the context (see `abort`).
         let raw = unsafe { sys::llama_init_from_model(model.as_ptr(), cp) };
         let ptr = NonNull::new(raw).ok_or(Error::ContextCreate { n_ctx: params.n_ctx, n_seq_max: params.n_seq_max })?;
-        Ok(Self { ptr, params, abort, model })
+        let mut ctx = Self { ptr, params, abort, model };
+        let (mut adapters, mut scales) = ctx.model.lora_table();
+        if !adapters.is_empty() {
+            // SAFETY: the context is valid and exclusively owned; `adapters` and `scales` hold
+            // `adapters.len()` entries each for the call, and every adapter belongs to this
+            // context's model, which the context keeps alive.
+            let rc = unsafe {
+                sys::llama_set_adapters_lora(ctx.as_ptr(), adapters.as_mut_ptr(), adapters.len(), scales.as_mut_ptr())
+            };
+            if rc != 0 {
+                return Err(Error::LoraApply);
+            }
+        }
+        Ok(ctx)
     }
 
     /// The model this context runs.

@@ -11,6 +11,15 @@ pub enum Error {
     /// llama.cpp refused to load the model file.
     #[error("llama.cpp could not load model {path}")]
     ModelLoad { path: PathBuf },
+    /// llama.cpp refused to load a LoRA adapter for the model.
+    #[error("llama.cpp could not load LoRA adapter {path}")]
+    LoraLoad { path: PathBuf },
+    /// llama.cpp could not apply the model's LoRA adapters to a context.
+    #[error("llama.cpp could not apply the model's LoRA adapters")]
+    LoraApply,
+    /// No ggml backend device has this name.
+    #[error("no compute device named {name:?}")]
+    NoSuchDevice { name: String },
     /// llama.cpp could not create an inference context (usually: out of memory).
     #[error("llama.cpp could not create a context (n_ctx={n_ctx}, n_seq_max={n_seq_max})")]
     ContextCreate { n_ctx: u32, n_seq_max: u32 },

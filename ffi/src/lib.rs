@@ -25,7 +25,7 @@ pub use batch::Batch;
 pub use context::{Context, ContextParams};
 pub use detokenizer::Detokenizer;
 pub use error::{Error, Result};
-pub use model::{ChatMessage, Model, ModelParams};
+pub use model::{ChatMessage, KvGeometry, Model, ModelParams};
 pub use sampler::{Sampler, SamplerParams};
 
 /// A token id of the model's vocabulary.

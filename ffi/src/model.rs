@@ -1,6 +1,6 @@
 //! A loaded GGUF model: weights (mmap'd), vocabulary, metadata, tokenizer, chat template.
 
-use std::ffi::{CString, c_char};
+use std::ffi::{CString, c_char, c_void};
 use std::path::Path;
 use std::ptr::NonNull;
 
@@ -10,18 +10,54 @@ use crate::backend::{Backend, cstr_or_empty};
 use crate::{Error, Result, Token};
 
 /// How to load a model.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct ModelParams {
     /// Layers to offload to the accelerator; 0 keeps everything on the CPU, -1 offloads all.
     pub n_gpu_layers: i32,
     /// Map the file instead of reading it into anonymous memory (shared, evictable pages).
     pub use_mmap: bool,
+    /// ggml device names (see [`Backend::devices`]) the model may use; empty lets llama.cpp
+    /// use every GPU/accelerator it finds.
+    pub devices: Vec<String>,
 }
 
 impl Default for ModelParams {
     fn default() -> Self {
-        Self { n_gpu_layers: 0, use_mmap: true }
+        Self { n_gpu_layers: 0, use_mmap: true, devices: Vec::new() }
     }
+}
+
+/// The shape of a model's KV cache, enough to size a context before creating it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct KvGeometry {
+    pub n_layer: u32,
+    /// Key + value width per token per layer (`2 * n_embd / n_head * n_head_kv`).
+    pub kv_width: u64,
+}
+
+impl KvGeometry {
+    /// Bytes of an f16 KV cache holding `tokens` tokens.
+    pub fn bytes(&self, tokens: u32) -> u64 {
+        u64::from(self.n_layer) * self.kv_width * u64::from(tokens) * 2
+    }
+}
+
+/// The progress callback's user data: a thin pointer to the caller's closure.
+type ProgressFn<'a> = &'a mut dyn FnMut(f32);
+
+unsafe extern "C" fn report_progress(progress: f32, data: *mut c_void) -> bool {
+    // SAFETY: `data` is the address of a `ProgressFn` on `Model::load_with_progress`'s stack,
+    // which outlives the llama_model_load_from_file call that invokes this callback.
+    let f = unsafe { &mut *data.cast::<ProgressFn<'_>>() };
+    f(progress);
+    true
+}
+
+/// A LoRA adapter applied to every context of its model.
+#[derive(Debug)]
+struct Lora {
+    ptr: NonNull<sys::llama_adapter_lora>,
+    scale: f32,
 }
 
 /// One chat turn handed to the model's chat template.
@@ -36,6 +72,7 @@ pub struct ChatMessage {
 pub struct Model {
     ptr: NonNull<sys::llama_model>,
     vocab: NonNull<sys::llama_vocab>,
+    loras: Vec<Lora>,
     _backend: Backend,
 }
 
@@ -49,15 +86,44 @@ unsafe impl Sync for Model {}
 impl Model {
     /// Loads a GGUF file. The caller is responsible for having verified the file's bytes
     /// (Hearth checks a sha256 from the manifest first): llama.cpp's parser trusts its input.
-    pub fn load(backend: Backend, path: &Path, params: ModelParams) -> Result<Self> {
+    pub fn load(backend: Backend, path: &Path, params: &ModelParams) -> Result<Self> {
+        Self::load_with_progress(backend, path, params, &mut |_| {})
+    }
+
+    /// Like [`Model::load`], calling `progress` with the loaded fraction (0..=1) as it goes.
+    pub fn load_with_progress(
+        backend: Backend,
+        path: &Path,
+        params: &ModelParams,
+        mut progress: ProgressFn<'_>,
+    ) -> Result<Self> {
         let c_path =
             CString::new(path.as_os_str().as_encoded_bytes()).map_err(|_| Error::InteriorNul { what: "model path" })?;
+        let mut devices = Vec::with_capacity(params.devices.len() + 1);
+        for name in &params.devices {
+            let c_name = CString::new(name.as_str()).map_err(|_| Error::InteriorNul { what: "device name" })?;
+            // SAFETY: the backend is initialised; `c_name` is a valid C string for the call; the
+            // returned device (or null) is owned by ggml's registry for the whole process.
+            let dev = unsafe { sys::ggml_backend_dev_by_name(c_name.as_ptr()) };
+            if dev.is_null() {
+                return Err(Error::NoSuchDevice { name: name.clone() });
+            }
+            devices.push(dev);
+        }
+        devices.push(std::ptr::null_mut());
         // SAFETY: returns a plain struct of defaults.
         let mut mp = unsafe { sys::llama_model_default_params() };
         mp.n_gpu_layers = params.n_gpu_layers;
         mp.load_mode = if params.use_mmap { sys::LLAMA_LOAD_MODE_MMAP } else { sys::LLAMA_LOAD_MODE_NONE };
+        if !params.devices.is_empty() {
+            mp.devices = devices.as_mut_ptr();
+        }
+        mp.progress_callback = Some(report_progress);
+        mp.progress_callback_user_data = (&raw mut progress).cast::<c_void>();
         // SAFETY: `c_path` is a valid NUL-terminated string for the duration of the call; the
-        // params struct is fully initialised from llama's defaults; backend is initialised.
+        // params struct is initialised from llama's defaults; `devices` (null-terminated) and
+        // `progress` outlive the call, which is the only time llama.cpp reads them; backend is
+        // initialised.
         let raw = unsafe { sys::llama_model_load_from_file(c_path.as_ptr(), mp) };
         let ptr = NonNull::new(raw).ok_or_else(|| Error::ModelLoad { path: path.to_owned() })?;
         // SAFETY: `ptr` is a valid model; the vocab it returns lives as long as the model.
@@ -67,7 +133,48 @@ impl Model {
             unsafe { sys::llama_model_free(ptr.as_ptr()) };
             return Err(Error::ModelLoad { path: path.to_owned() });
         };
-        Ok(Self { ptr, vocab, _backend: backend })
+        Ok(Self { ptr, vocab, loras: Vec::new(), _backend: backend })
+    }
+
+    /// Loads a LoRA adapter that every context created from this model afterwards applies with
+    /// `scale`. As with the model, the caller must have verified the file's bytes.
+    pub fn attach_lora(&mut self, path: &Path, scale: f32) -> Result<()> {
+        let c_path = CString::new(path.as_os_str().as_encoded_bytes())
+            .map_err(|_| Error::InteriorNul { what: "adapter path" })?;
+        // SAFETY: the model is valid and exclusively borrowed; `c_path` is a valid C string.
+        let raw = unsafe { sys::llama_adapter_lora_init(self.as_ptr(), c_path.as_ptr()) };
+        let ptr = NonNull::new(raw).ok_or_else(|| Error::LoraLoad { path: path.to_owned() })?;
+        self.loras.push(Lora { ptr, scale });
+        Ok(())
+    }
+
+    /// The adapters and scales contexts apply (pointers stay valid as long as the model).
+    pub(crate) fn lora_table(&self) -> (Vec<*mut sys::llama_adapter_lora>, Vec<f32>) {
+        self.loras.iter().map(|l| (l.ptr.as_ptr(), l.scale)).unzip()
+    }
+
+    /// Number of LoRA adapters attached.
+    pub fn lora_count(&self) -> usize {
+        self.loras.len()
+    }
+
+    /// The KV cache shape, to size contexts before creating them.
+    pub fn kv_geometry(&self) -> KvGeometry {
+        // SAFETY: plain queries on a valid model.
+        let (n_layer, n_embd, n_head, n_head_kv) = unsafe {
+            (
+                sys::llama_model_n_layer(self.as_ptr()),
+                sys::llama_model_n_embd(self.as_ptr()),
+                sys::llama_model_n_head(self.as_ptr()),
+                sys::llama_model_n_head_kv(self.as_ptr()),
+            )
+        };
+        let n_head = u64::try_from(n_head.max(1)).unwrap_or(1);
+        let per_head = u64::try_from(n_embd.max(0)).unwrap_or(0) / n_head;
+        KvGeometry {
+            n_layer: u32::try_from(n_layer.max(0)).unwrap_or(0),
+            kv_width: 2 * per_head * u64::try_from(n_head_kv.max(0)).unwrap_or(0),
+        }
     }
 
     pub(crate) fn as_ptr(&self) -> *mut sys::llama_model {
@@ -268,6 +375,11 @@ impl Model {
 
 impl Drop for Model {
     fn drop(&mut self) {
+        for lora in self.loras.drain(..) {
+            // SAFETY: each adapter came from llama_adapter_lora_init on this model, is owned only
+            // by this value, and no context outlives the model (each holds an Arc<Model>).
+            unsafe { sys::llama_adapter_lora_free(lora.ptr.as_ptr()) };
+        }
         // SAFETY: `ptr` came from llama_model_load_from_file, is owned only by this value, and
         // every Context holds an Arc<Model>, so no context outlives it.
         unsafe { sys::llama_model_free(self.ptr.as_ptr()) };

@@ -13,7 +13,7 @@ fn model() -> Arc<Model> {
     let path = std::env::var_os("HEARTH_TEST_MODEL")
         .map(PathBuf::from)
         .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../models/SmolLM2-135M-Instruct.Q4_1.gguf"));
-    Arc::new(Model::load(Backend::init(), &path, ModelParams::default()).expect("load model"))
+    Arc::new(Model::load(Backend::init(), &path, &ModelParams::default()).expect("load model"))
 }
 
 fn prompt(m: &Model, text: &str) -> Vec<Token> {

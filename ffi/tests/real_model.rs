@@ -15,7 +15,7 @@ fn model() -> Arc<Model> {
                 PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../models/SmolLM2-135M-Instruct.Q4_1.gguf")
             });
             assert!(path.exists(), "{} is missing: run scripts/fetch-model.sh", path.display());
-            Arc::new(Model::load(Backend::init(), &path, ModelParams::default()).expect("load model"))
+            Arc::new(Model::load(Backend::init(), &path, &ModelParams::default()).expect("load model"))
         })
         .clone()
 }

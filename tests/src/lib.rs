@@ -111,6 +111,12 @@ impl Bus {
         &self.address
     }
 
+    /// Lets other users reach the bus socket (for tests that connect under another uid).
+    pub fn open_to_all_users(&self) {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(self._dir.path(), std::fs::Permissions::from_mode(0o755)).expect("chmod bus dir");
+    }
+
     /// A new client connection.
     pub async fn connect(&self) -> Connection {
         zbus::connection::Builder::address(self.address.as_str())
@@ -139,6 +145,12 @@ pub struct Settings {
     pub engine: String,
     /// Extra lines for the `[limits]` table.
     pub limits: String,
+    /// Model directories instead of [`models_dir`].
+    pub models_dirs: Option<Vec<PathBuf>>,
+    /// Extra lines for the `[models]` table.
+    pub models: String,
+    /// Extra lines for the `[memory]` table.
+    pub memory: String,
 }
 
 /// The real hearthd on a [`Bus`].
@@ -163,9 +175,14 @@ impl Daemon {
     /// Starts hearthd with `settings` over the test configuration.
     pub async fn start_configured(bus: &Bus, settings: &Settings) -> Self {
         let dir = tempfile::tempdir().expect("tempdir");
+        let dirs = settings.models_dirs.clone().unwrap_or_else(|| vec![models_dir()]);
+        let dirs: Vec<String> = dirs.iter().map(|d| format!("{:?}", d.display().to_string())).collect();
         let config = format!(
-            "[models]\ndirs = [\"{}\"]\n\n[engine]\nthreads = {}\ncontext_length = {CONTEXT}\nbatch_size = {BATCH}\nmax_sequences = {}\ninteractive_sequences = {}\n{}\n\n[limits]\n{}\n",
-            models_dir().display(),
+            "[daemon]\nstate_dir = {:?}\n\n[models]\ndirs = [{}]\n{}\n\n[memory]\n{}\n\n[engine]\nthreads = {}\ncontext_length = {CONTEXT}\nbatch_size = {BATCH}\nmax_sequences = {}\ninteractive_sequences = {}\n{}\n\n[limits]\n{}\n",
+            dir.path().join("state").display().to_string(),
+            dirs.join(", "),
+            settings.models,
+            settings.memory,
             threads(),
             settings.max_sequences.unwrap_or(SEQUENCES),
             settings.interactive_sequences.unwrap_or(2),
@@ -325,7 +342,7 @@ pub fn reference_model() -> Arc<Model> {
     static MODEL: OnceLock<Arc<Model>> = OnceLock::new();
     MODEL
         .get_or_init(|| {
-            Arc::new(Model::load(Backend::init(), &model_path(), ModelParams::default()).expect("load model"))
+            Arc::new(Model::load(Backend::init(), &model_path(), &ModelParams::default()).expect("load model"))
         })
         .clone()
 }
@@ -419,4 +436,95 @@ pub fn greedy() -> SamplerParams {
 /// Path of a file inside the repository.
 pub fn repo_file(rel: impl AsRef<Path>) -> PathBuf {
     workspace_root().join(rel)
+}
+
+/// A models directory made for one test: the real default model under other names, and
+/// broken or untrusted files, each with a manifest.
+#[derive(Debug)]
+pub struct ModelDir {
+    dir: tempfile::TempDir,
+}
+
+impl Default for ModelDir {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl ModelDir {
+    /// An empty directory (mode 0755, owned by the test's user), on the checkout's file
+    /// system so the real model can be hard-linked instead of copied.
+    pub fn new() -> Self {
+        use std::os::unix::fs::PermissionsExt;
+        let base = workspace_root().join("target/test-models");
+        std::fs::create_dir_all(&base).expect("create target/test-models");
+        let dir = tempfile::tempdir_in(&base).expect("tempdir");
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).expect("chmod");
+        Self { dir }
+    }
+
+    pub fn path(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// The real default model as `file` (hard link, or a copy across file systems).
+    pub fn link_default_model(&self, file: &str) -> PathBuf {
+        let dst = self.path().join(file);
+        if !dst.exists() && std::fs::hard_link(model_path(), &dst).is_err() {
+            std::fs::copy(model_path(), &dst).expect("copy model");
+        }
+        dst
+    }
+
+    /// Writes `bytes` as `file` with `mode`.
+    pub fn write_file(&self, file: &str, bytes: &[u8], mode: u32) -> PathBuf {
+        use std::os::unix::fs::PermissionsExt;
+        let p = self.path().join(file);
+        std::fs::write(&p, bytes).expect("write file");
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(mode)).expect("chmod");
+        p
+    }
+
+    /// Writes the manifest `<name>.toml` for `file` with its sha256 (of the bytes there now, or
+    /// `sha256` when given) and `extra` TOML lines.
+    pub fn manifest(&self, name: &str, file: &str, sha256: Option<&str>, extra: &str) -> PathBuf {
+        let sha = sha256.map_or_else(|| sha256_file(&self.path().join(file)), str::to_owned);
+        let text = format!("name = {name:?}\nfile = {file:?}\nsha256 = {sha:?}\n{extra}\n");
+        self.write_file(&format!("{name}.toml"), text.as_bytes(), 0o644)
+    }
+}
+
+/// Lower-case hex sha256 of a file.
+pub fn sha256_file(path: &Path) -> String {
+    use sha2::Digest;
+    let mut hasher = sha2::Sha256::new();
+    let mut f = std::fs::File::open(path).expect("open for hashing");
+    std::io::copy(&mut f, &mut hasher).expect("hash");
+    hex::encode(hasher.finalize())
+}
+
+/// Resident memory of a process in KiB (VmRSS).
+pub fn rss_kib(pid: nix::unistd::Pid) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or(0)
+}
+
+/// Polls `check` every 50 ms until it returns Some or `limit` passes.
+pub async fn wait_for<T, F, Fut>(limit: Duration, what: &str, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Some(v) = check().await {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "timed out after {limit:?} waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }

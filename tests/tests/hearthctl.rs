@@ -21,13 +21,24 @@ async fn hearthctl_status_models_and_generate() {
     let out = hearthctl(&bus, &["--json", "status"]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let status: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    assert_eq!(status["loaded_models"][0], "smollm2-135m-instruct");
+    // Models load on first use.
+    assert_eq!(status["loaded_models"], serde_json::json!([]));
     assert_eq!(status["queue_depth"], 0);
+    assert!(status["memory"]["budget_bytes"].as_u64().unwrap() > 0, "{status}");
+    assert!(status["backends"].as_array().unwrap().iter().any(|b| b["kind"] == "cpu"), "{status}");
 
+    let out = hearthctl(&bus, &["load", "--pin", "smollm2-135m-instruct"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let out = hearthctl(&bus, &["--json", "models"]);
     let models: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(models[0]["name"], "smollm2-135m-instruct");
     assert_eq!(models[0]["loaded"], true);
+    assert_eq!(models[0]["pinned"], true);
+    assert_eq!(models[0]["verified"], true);
+    assert_eq!(models[0]["capabilities"], serde_json::json!(["chat"]));
+    let out = hearthctl(&bus, &["status"]);
+    let text = String::from_utf8(out.stdout).unwrap();
+    assert!(text.contains("loaded models: smollm2-135m-instruct") && text.contains("MiB"), "{text}");
 
     let prompt = "What is the capital of France?";
     let direct = direct_run(&[("user", prompt)], greedy(), 24);

@@ -262,8 +262,14 @@ async fn list_models_and_properties_describe_the_daemon() {
     let conn = bus.connect().await;
     let proxy = hearth_tests::hearth(&conn).await;
     assert_eq!(proxy.version().await.unwrap(), env!("CARGO_PKG_VERSION"));
-    assert_eq!(proxy.loaded_models().await.unwrap(), vec!["smollm2-135m-instruct".to_owned()]);
+    // Nothing is loaded until a request needs it.
+    assert!(proxy.loaded_models().await.unwrap().is_empty());
     assert_eq!(proxy.queue_depth().await.unwrap(), 0);
+    let models = proxy.list_models().await.unwrap();
+    assert!(!bool::try_from(models[0].get("loaded").unwrap()).unwrap());
+    assert!(!bool::try_from(models[0].get("verified").unwrap()).unwrap());
+    proxy.complete(hearth_tests::chat_request("Hi", 1)).await.unwrap();
+    assert_eq!(proxy.loaded_models().await.unwrap(), vec!["smollm2-135m-instruct".to_owned()]);
     let models = proxy.list_models().await.unwrap();
     assert_eq!(models.len(), 1);
     let m = &models[0];
@@ -272,4 +278,10 @@ async fn list_models_and_properties_describe_the_daemon() {
     assert!(bool::try_from(m.get("loaded").unwrap()).unwrap());
     assert_eq!(result_u32(m, "context_length"), hearth_tests::CONTEXT);
     assert_eq!(result_u32(m, "trained_context"), 8192);
+    assert!(bool::try_from(m.get("verified").unwrap()).unwrap());
+    let backends = proxy.backends().await.unwrap();
+    assert!(backends.iter().any(|b| result_str(b, "kind") == "cpu"), "{backends:?}");
+    let memory = proxy.memory().await.unwrap();
+    let used = u64::try_from(memory.get("used_bytes").unwrap()).unwrap();
+    assert!(used > 50 << 20 && used <= u64::try_from(memory.get("budget_bytes").unwrap()).unwrap(), "{memory:?}");
 }

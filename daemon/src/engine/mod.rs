@@ -9,25 +9,23 @@ mod scheduler;
 mod sequence;
 mod worker;
 
-use std::collections::BTreeSet;
 use std::fmt;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU8, AtomicU32, Ordering};
 use std::time::Duration;
 
 use hearth_dbus::FinishReason;
-use hearth_ffi::{Backend, ChatMessage, Context, ContextParams, Model, ModelParams, SamplerParams, Token};
+use hearth_ffi::{ChatMessage, Context, ContextParams, Model, SamplerParams, Token};
 use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::config::Config;
 use crate::error::Error;
-use crate::models::{self, Catalog};
 
 /// A validated generation request, as the D-Bus layer hands it to the engine.
 #[derive(Debug, Clone, PartialEq)]
 pub struct GenerateRequest {
     pub messages: Vec<ChatMessage>,
-    /// None: the default model.
+    /// None: the default model. The model manager routes the request to its engine.
     pub model: Option<String>,
     pub max_tokens: u32,
     pub sampling: SamplerParams,
@@ -78,6 +76,8 @@ pub struct Caller {
     pub connection: String,
     /// The fair-share identity: for now uid + process of the connection.
     pub app: String,
+    /// The connection's Unix user, as the bus vouches.
+    pub uid: u32,
 }
 
 /// Why a request was cancelled.
@@ -205,8 +205,6 @@ pub struct EngineStatus {
     pub waiting: u32,
     /// Requests waiting or running, per priority (interactive, normal, background).
     pub by_priority: [u32; 3],
-    /// Names of the models in memory.
-    pub loaded_models: Vec<String>,
 }
 
 impl EngineStatus {
@@ -233,7 +231,7 @@ pub struct KvGauges {
     pub cached: AtomicU32,
 }
 
-/// Static facts about the loaded model.
+/// Static facts about a loaded model.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LoadedModelInfo {
     pub name: String,
@@ -244,12 +242,56 @@ pub struct LoadedModelInfo {
     pub context_length: u32,
 }
 
+/// How one model's engine runs: its context shape and queue limits.
+#[derive(Debug, Clone, PartialEq)]
+pub struct EngineSettings {
+    /// Context of one request (one KV stream) in tokens.
+    pub context_length: u32,
+    pub batch_size: u32,
+    pub max_sequences: u32,
+    pub interactive_sequences: u32,
+    pub threads: i32,
+    pub flash_attn: bool,
+    pub prefix_cache: bool,
+    pub queue_capacity: u32,
+    pub queue_per_app: u32,
+}
+
+impl EngineSettings {
+    /// The configured engine, with `context_length` per request.
+    pub fn from_config(config: &Config, context_length: u32) -> Self {
+        Self {
+            context_length,
+            batch_size: config.engine.batch_size,
+            max_sequences: config.engine.max_sequences,
+            interactive_sequences: config.engine.interactive_sequences,
+            threads: config.threads(),
+            flash_attn: config.engine.flash_attn,
+            prefix_cache: config.engine.prefix_cache,
+            queue_capacity: config.limits.queue_capacity,
+            queue_per_app: config.limits.queue_per_app,
+        }
+    }
+
+    /// The same engine with its KV cache cut to one shared and one interactive slot (memory
+    /// pressure): requests still run, fewer at a time.
+    pub fn shrunk(&self) -> Self {
+        Self { max_sequences: 1, interactive_sequences: self.interactive_sequences.min(1), ..self.clone() }
+    }
+
+    /// Sequence slots of the context.
+    pub fn sequences(&self) -> u32 {
+        self.max_sequences + self.interactive_sequences
+    }
+
+    /// Tokens the KV cache holds.
+    pub fn kv_tokens(&self) -> u32 {
+        self.context_length * self.sequences()
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
-    #[error("default model {0:?} is not installed in any models directory")]
-    DefaultModelMissing(String),
-    #[error(transparent)]
-    Catalog(#[from] models::CatalogError),
     #[error(transparent)]
     Ffi(#[from] hearth_ffi::Error),
     #[error("cannot start the engine thread: {0}")]
@@ -272,55 +314,42 @@ pub struct EngineHandle {
 const COMMAND_QUEUE: usize = 64;
 
 impl EngineHandle {
-    /// Verifies and loads the default model, creates the context and starts the engine thread.
-    pub fn start(config: &Config, catalog: &Catalog) -> Result<(Self, std::thread::JoinHandle<()>), StartError> {
-        let name = &config.models.default;
-        let entry = catalog.get(name).ok_or_else(|| StartError::DefaultModelMissing(name.clone()))?;
-        let started = std::time::Instant::now();
-        models::verify(&entry.path, &entry.manifest.sha256)?;
-        tracing::info!(model = %name, path = %entry.path.display(), elapsed_ms = started.elapsed().as_millis() as u64, "model file verified");
-        let backend = Backend::init();
-        let model = Arc::new(Model::load(
-            backend,
-            &entry.path,
-            ModelParams { n_gpu_layers: config.engine.gpu_layers, use_mmap: true },
-        )?);
-        let threads = config.threads();
-        let sequences = config.engine.max_sequences + config.engine.interactive_sequences;
+    /// Creates `model`'s context and starts its engine thread.
+    pub fn start(
+        model: &Arc<Model>,
+        name: &str,
+        settings: &EngineSettings,
+    ) -> Result<(Self, std::thread::JoinHandle<()>), StartError> {
+        let sequences = settings.sequences();
         let params = ContextParams {
-            n_ctx: config.engine.context_length * sequences,
-            n_batch: config.engine.batch_size,
+            n_ctx: settings.kv_tokens(),
+            n_batch: settings.batch_size,
             n_seq_max: sequences,
-            n_threads: threads,
-            n_threads_batch: threads,
-            flash_attn: Some(config.engine.flash_attn),
+            n_threads: settings.threads,
+            n_threads_batch: settings.threads,
+            flash_attn: Some(settings.flash_attn),
             kv_unified: false,
         };
-        let ctx = Context::new(Arc::clone(&model), params)?;
+        let ctx = Context::new(Arc::clone(model), params)?;
         let info = Arc::new(LoadedModelInfo {
-            name: name.clone(),
+            name: name.to_owned(),
             description: model.description(),
             n_params: model.n_params(),
             size_bytes: model.size_bytes(),
             trained_context: model.n_ctx_train(),
             context_length: ctx.n_ctx_seq(),
         });
-        tracing::info!(
-            model = %name, params = info.n_params, bytes = info.size_bytes, context = info.context_length,
-            threads, elapsed_ms = started.elapsed().as_millis() as u64, "model loaded"
-        );
-        let installed: BTreeSet<String> = catalog.iter().map(|e| e.manifest.name.clone()).collect();
         let (tx, rx) = mpsc::channel(COMMAND_QUEUE);
-        let status = EngineStatus { loaded_models: vec![name.clone()], ..EngineStatus::default() };
-        let (status_tx, status_rx) = watch::channel(status);
+        let (status_tx, status_rx) = watch::channel(EngineStatus::default());
         let preempt = ctx.abort_flag();
         let kv = Arc::new(KvGauges::default());
         kv.size.store(ctx.n_ctx(), Ordering::Relaxed);
-        let worker = worker::Worker::new(ctx, name.clone(), installed, rx, status_tx, Arc::clone(&kv), config);
+        let worker = worker::Worker::new(ctx, name.to_owned(), rx, status_tx, Arc::clone(&kv), settings);
         let join = std::thread::Builder::new()
-            .name("hearth-engine".into())
+            .name(format!("engine:{}", name.chars().take(8).collect::<String>()))
             .spawn(move || worker.run())
             .map_err(StartError::Thread)?;
+        tracing::debug!(model = %name, sequences, kv_tokens = settings.kv_tokens(), "engine started");
         Ok((Self { tx, preempt, status: status_rx, kv, model: info }, join))
     }
 

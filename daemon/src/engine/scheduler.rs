@@ -331,7 +331,7 @@ mod tests {
     fn waiting(id: u64, app: &str, priority: Priority, need: u32) -> Waiting {
         Waiting {
             id,
-            caller: Caller { connection: format!(":1.{id}"), app: app.to_owned() },
+            caller: Caller { connection: format!(":1.{id}"), app: app.to_owned(), uid: 0 },
             priority,
             deadline: None,
             prompt: vec![1; need as usize / 2],

@@ -6,7 +6,6 @@
 //! boundaries: while a higher-priority request is prefilling, lower-priority sequences skip
 //! their decode steps (their KV stays, so they resume without recomputation).
 
-use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Instant;
@@ -19,16 +18,15 @@ use tokio::sync::{mpsc, oneshot, watch};
 use super::scheduler::{COST_PER_GENERATED, COST_PER_PROMPT, Limits, Scheduler};
 use super::sequence::{Sequence, Waiting, stop_reason, unstarted_outcome};
 use super::{
-    Accepted, Caller, CancelReason, CancelToken, Command, EngineStatus, Event, GenerateRequest, KvGauges, Priority,
+    Accepted, Caller, CancelReason, CancelToken, Command, EngineSettings, EngineStatus, Event, GenerateRequest,
+    KvGauges, Priority,
 };
-use crate::config::Config;
 use crate::error::Error;
 
 pub(super) struct Worker {
     ctx: Context,
     model: Arc<Model>,
     model_name: String,
-    installed: BTreeSet<String>,
     rx: mpsc::Receiver<Command>,
     status: watch::Sender<EngineStatus>,
     kv: Arc<KvGauges>,
@@ -47,34 +45,32 @@ impl Worker {
     pub fn new(
         ctx: Context,
         model_name: String,
-        installed: BTreeSet<String>,
         rx: mpsc::Receiver<Command>,
         status: watch::Sender<EngineStatus>,
         kv: Arc<KvGauges>,
-        config: &Config,
+        settings: &EngineSettings,
     ) -> Self {
         let n_ctx = ctx.n_ctx_seq();
         let limits = Limits {
-            shared_sequences: config.engine.max_sequences as usize,
-            interactive_sequences: config.engine.interactive_sequences as usize,
-            queue_capacity: config.limits.queue_capacity as usize,
-            queue_per_app: config.limits.queue_per_app as usize,
+            shared_sequences: settings.max_sequences as usize,
+            interactive_sequences: settings.interactive_sequences as usize,
+            queue_capacity: settings.queue_capacity as usize,
+            queue_per_app: settings.queue_per_app as usize,
         };
         Self {
             model: Arc::clone(ctx.model()),
             preempt: ctx.abort_flag(),
             ctx,
             model_name,
-            installed,
             rx,
             status,
             kv,
-            batch: Batch::new(config.engine.batch_size as usize, 1),
+            batch: Batch::new(settings.batch_size as usize, 1),
             scheduler: Scheduler::new(limits),
             running: Vec::new(),
             n_ctx,
             next_id: 1,
-            prefix_cache: config.engine.prefix_cache,
+            prefix_cache: settings.prefix_cache,
         }
     }
 
@@ -180,18 +176,6 @@ impl Worker {
 
     /// Checks the request against the model and renders + tokenizes its prompt.
     fn prepare(&self, request: &GenerateRequest) -> Result<Vec<hearth_ffi::Token>, Error> {
-        if let Some(name) = &request.model {
-            if name != &self.model_name {
-                return Err(if self.installed.contains(name) {
-                    Error::ModelUnavailable {
-                        name: name.clone(),
-                        reason: format!("hearthd serves only its default model {:?} for now", self.model_name),
-                    }
-                } else {
-                    Error::ModelNotFound(name.clone())
-                });
-            }
-        }
         if request.max_tokens > self.n_ctx {
             return Err(Error::InvalidArgs(format!(
                 "max_tokens {} exceeds the context length {} of model {:?}",

@@ -17,16 +17,15 @@ use zbus::{Connection, interface};
 pub use in_flight::InFlight;
 use request_object::RequestObject;
 
-use crate::engine::{Caller, CancelToken, EngineHandle, EngineStatus, Event, Outcome, Priority};
+use crate::engine::{Caller, CancelToken, Event, Outcome, Priority};
 use crate::error::Error;
-use crate::models::Catalog;
+use crate::manager::{ManagerStatus, ModelManager, ModelReport};
 use crate::request::{Method, parse};
 
 /// `org.hearth.Hearth1` at `/org/hearth/Hearth1`.
 #[derive(Debug)]
 pub struct HearthService {
-    engine: EngineHandle,
-    catalog: Arc<Catalog>,
+    models: ModelManager,
     default_max_tokens: u32,
     next_request: AtomicU64,
     in_flight: InFlight,
@@ -34,14 +33,32 @@ pub struct HearthService {
 }
 
 impl HearthService {
-    pub fn new(
-        engine: EngineHandle,
-        catalog: Arc<Catalog>,
-        default_max_tokens: u32,
-        in_flight: InFlight,
-        callers: CallerCache,
-    ) -> Self {
-        Self { engine, catalog, default_max_tokens, next_request: AtomicU64::new(1), in_flight, callers }
+    pub fn new(models: ModelManager, default_max_tokens: u32, in_flight: InFlight, callers: CallerCache) -> Self {
+        Self { models, default_max_tokens, next_request: AtomicU64::new(1), in_flight, callers }
+    }
+}
+
+/// Admin methods are for root and hearthd's own user until polkit decides (privacy issue).
+fn require_admin(caller: &Caller, what: &str) -> Result<(), BusError> {
+    let me = nix::unistd::geteuid().as_raw();
+    if caller.uid == 0 || caller.uid == me {
+        Ok(())
+    } else {
+        tracing::warn!(uid = caller.uid, app = %caller.app, what, "admin call refused");
+        Err(BusError::NotAuthorized(format!("{what} is for root and hearthd's own user (uid {me})")))
+    }
+}
+
+fn options_bool(options: &HashMap<String, OwnedValue>, key: &str, allowed: &[&str]) -> Result<bool, BusError> {
+    if let Some(unknown) = options.keys().find(|k| !allowed.contains(&k.as_str())) {
+        return Err(BusError::InvalidArgs(format!("unknown option {unknown:?} (known: {allowed:?})")));
+    }
+    match options.get(key).map(|v| &**v) {
+        None => Ok(false),
+        Some(Value::Bool(b)) => Ok(*b),
+        Some(other) => {
+            Err(BusError::InvalidArgs(format!("{key} must be a boolean (b), got {}", other.value_signature())))
+        }
     }
 }
 
@@ -128,7 +145,7 @@ async fn identify_uncached(conn: &Connection, sender: &zbus::names::OwnedUniqueN
     let (Some(uid), Some(pid)) = (creds.unix_user_id(), creds.process_id()) else {
         return Err(BusError::NotAuthorized("the bus did not vouch for the caller's uid and pid".into()));
     };
-    Ok(Caller { connection: sender.to_string(), app: format!("uid:{uid}/pid:{pid}") })
+    Ok(Caller { connection: sender.to_string(), app: format!("uid:{uid}/pid:{pid}"), uid })
 }
 
 #[interface(name = "org.hearth.Hearth1")]
@@ -164,13 +181,22 @@ impl HearthService {
             }
         };
         let guard = self.in_flight.enter();
-        match self.engine.submit(parsed.request, who, cancel).await {
+        let lease = match self.models.acquire(parsed.request.model.as_deref()).await {
+            Ok(lease) => lease,
+            Err(e) => {
+                let _ = server.remove::<RequestObject, _>(&path).await;
+                tracing::info!(caller = %sender, error = %e, "generate refused");
+                return Err(e.into());
+            }
+        };
+        match lease.engine.submit(parsed.request, who, cancel).await {
             Ok(submission) => {
                 tracing::info!(id = submission.accepted.id, caller = %sender, path = %path.as_str(), prompt_tokens = submission.accepted.prompt_tokens, "generate");
                 let conn = conn.clone();
                 let out_path = path.clone();
                 tokio::spawn(async move {
                     request_object::forward(&conn, path, sender, submission.events).await;
+                    drop(lease);
                     drop(guard);
                 });
                 Ok(out_path)
@@ -195,10 +221,10 @@ impl HearthService {
         let parsed = parse(&request, Method::Complete, self.default_max_tokens)?;
         let who = identify(conn, &self.callers, &sender).await?;
         let _guard = self.in_flight.enter();
+        let refused = |e: &Error| tracing::info!(caller = %sender, error = %e, "complete refused");
+        let lease = self.models.acquire(parsed.request.model.as_deref()).await.inspect_err(refused)?;
         let mut submission =
-            self.engine.submit(parsed.request, who, CancelToken::default()).await.inspect_err(|e| {
-                tracing::info!(caller = %sender, error = %e, "complete refused");
-            })?;
+            lease.engine.submit(parsed.request, who, CancelToken::default()).await.inspect_err(refused)?;
         tracing::info!(id = submission.accepted.id, caller = %sender, "complete");
         while let Some(event) = submission.events.recv().await {
             if let Event::Finished(outcome) = event {
@@ -214,30 +240,38 @@ impl HearthService {
     /// The installed models; see org.hearth.Hearth1.xml.
     #[zbus(out_args("models"))]
     async fn list_models(&self) -> Result<Vec<HashMap<String, OwnedValue>>, BusError> {
-        let loaded = self.engine.model();
-        Ok(self
-            .catalog
-            .iter()
-            .map(|entry| {
-                let name = &entry.manifest.name;
-                let is_loaded = name == &loaded.name;
-                let mut d = HashMap::from([
-                    ("name".to_owned(), owned(Value::from(name.as_str()))),
-                    ("file".to_owned(), owned(Value::from(entry.path.display().to_string()))),
-                    ("sha256".to_owned(), owned(Value::from(entry.manifest.sha256.as_str()))),
-                    ("loaded".to_owned(), owned(Value::from(is_loaded))),
-                    ("default".to_owned(), owned(Value::from(is_loaded))),
-                ]);
-                if is_loaded {
-                    d.insert("n_params".to_owned(), owned(Value::from(loaded.n_params)));
-                    d.insert("size_bytes".to_owned(), owned(Value::from(loaded.size_bytes)));
-                    d.insert("context_length".to_owned(), owned(Value::from(loaded.context_length)));
-                    d.insert("trained_context".to_owned(), owned(Value::from(loaded.trained_context)));
-                    d.insert("description".to_owned(), owned(Value::from(loaded.description.as_str())));
-                }
-                d
-            })
-            .collect())
+        let default = self.models.default_model().to_owned();
+        Ok(self.models.report().into_iter().map(|r| model_dict(&r, &default)).collect())
+    }
+
+    /// Loads a model now (admin); see org.hearth.Hearth1.xml.
+    async fn load_model(
+        &self,
+        #[zbus(header)] header: Header<'_>,
+        #[zbus(connection)] conn: &Connection,
+        name: String,
+        options: HashMap<String, OwnedValue>,
+    ) -> Result<(), BusError> {
+        let sender = caller(&header)?;
+        let who = identify(conn, &self.callers, &sender).await?;
+        require_admin(&who, "LoadModel")?;
+        let pin = options_bool(&options, "pin", &["pin"])?;
+        tracing::info!(caller = %sender, model = %name, pin, "LoadModel");
+        Ok(self.models.load_model(&name, pin).await?)
+    }
+
+    /// Unloads a model now (admin); see org.hearth.Hearth1.xml.
+    async fn unload_model(
+        &self,
+        #[zbus(header)] header: Header<'_>,
+        #[zbus(connection)] conn: &Connection,
+        name: String,
+    ) -> Result<(), BusError> {
+        let sender = caller(&header)?;
+        let who = identify(conn, &self.callers, &sender).await?;
+        require_admin(&who, "UnloadModel")?;
+        tracing::info!(caller = %sender, model = %name, "UnloadModel");
+        Ok(self.models.unload_model(&name).await?)
     }
 
     #[zbus(property)]
@@ -247,36 +281,112 @@ impl HearthService {
 
     #[zbus(property)]
     async fn loaded_models(&self) -> Vec<String> {
-        self.engine.status().borrow().loaded_models.clone()
+        self.models.status().borrow().loaded.clone()
     }
 
     #[zbus(property)]
     async fn queue_depth(&self) -> u32 {
-        self.engine.status().borrow().queue_depth()
+        self.models.status().borrow().queue_depth()
     }
 
     #[zbus(property)]
     async fn queue_by_priority(&self) -> HashMap<String, u32> {
-        let status = self.engine.status().borrow().clone();
+        let status = self.models.status().borrow().clone();
         Priority::ALL.iter().map(|&p| (p.as_str().to_owned(), status.count(p))).collect()
     }
 
     /// Changes every token, so it is read on demand and never signalled.
     #[zbus(property(emits_changed_signal = "false"))]
     async fn kv_cache(&self) -> HashMap<String, u32> {
-        let kv = self.engine.kv();
-        let load = |a: &std::sync::atomic::AtomicU32| a.load(Ordering::Relaxed);
+        let [size, reserved, used, cached] = self.models.kv_totals();
         HashMap::from([
-            ("size".to_owned(), load(&kv.size)),
-            ("reserved".to_owned(), load(&kv.reserved)),
-            ("used".to_owned(), load(&kv.used)),
-            ("cached".to_owned(), load(&kv.cached)),
+            ("size".to_owned(), size),
+            ("reserved".to_owned(), reserved),
+            ("used".to_owned(), used),
+            ("cached".to_owned(), cached),
         ])
+    }
+
+    /// Loads in progress: model name → (phase, fraction of the phase done).
+    #[zbus(property)]
+    async fn load_progress(&self) -> HashMap<String, (String, f64)> {
+        let status = self.models.status().borrow().clone();
+        status.loading.iter().map(|(n, p)| (n.clone(), (p.phase.as_str().to_owned(), p.fraction))).collect()
+    }
+
+    /// Memory budget, use and pressure; see org.hearth.Hearth1.xml.
+    #[zbus(property)]
+    async fn memory(&self) -> HashMap<String, OwnedValue> {
+        let m = self.models.status().borrow().memory.clone();
+        HashMap::from([
+            ("budget_bytes".to_owned(), owned(Value::from(m.budget))),
+            ("used_bytes".to_owned(), owned(Value::from(m.used))),
+            ("pressure".to_owned(), owned(Value::from(m.pressure))),
+            ("some_avg10".to_owned(), owned(Value::from(m.reading.some_avg10))),
+            ("full_avg10".to_owned(), owned(Value::from(m.reading.full_avg10))),
+            ("evicted".to_owned(), owned(Value::from(m.evicted))),
+            ("expired".to_owned(), owned(Value::from(m.expired))),
+            ("pressure_unloads".to_owned(), owned(Value::from(m.pressure_unloads))),
+            ("pressure_shrinks".to_owned(), owned(Value::from(m.pressure_shrinks))),
+        ])
+    }
+
+    /// The compute devices ggml found; see org.hearth.Hearth1.xml.
+    #[zbus(property(emits_changed_signal = "const"))]
+    async fn backends(&self) -> Vec<HashMap<String, OwnedValue>> {
+        self.models
+            .backends()
+            .into_iter()
+            .map(|(d, owned_by_us)| {
+                HashMap::from([
+                    ("name".to_owned(), owned(Value::from(d.name))),
+                    ("description".to_owned(), owned(Value::from(d.description))),
+                    ("kind".to_owned(), owned(Value::from(d.kind.as_str()))),
+                    ("memory_total".to_owned(), owned(Value::from(d.memory_total))),
+                    ("memory_free".to_owned(), owned(Value::from(d.memory_free))),
+                    ("owned".to_owned(), owned(Value::from(owned_by_us))),
+                ])
+            })
+            .collect()
     }
 }
 
-/// Emits PropertiesChanged for QueueDepth and LoadedModels whenever the engine's status moves.
-pub async fn publish_status_changes(conn: Connection, mut status: tokio::sync::watch::Receiver<EngineStatus>) {
+/// One ListModels entry.
+fn model_dict(r: &ModelReport, default: &str) -> HashMap<String, OwnedValue> {
+    let m = &r.entry.manifest;
+    let caps: Vec<&str> = m.capabilities.iter().map(|c| c.as_str()).collect();
+    let mut d = HashMap::from([
+        ("name".to_owned(), owned(Value::from(m.name.as_str()))),
+        ("file".to_owned(), owned(Value::from(r.entry.path.display().to_string()))),
+        ("sha256".to_owned(), owned(Value::from(m.sha256.as_str()))),
+        ("loaded".to_owned(), owned(Value::from(r.info.is_some()))),
+        ("default".to_owned(), owned(Value::from(m.name == default))),
+        ("pinned".to_owned(), owned(Value::from(r.pinned))),
+        ("verified".to_owned(), owned(Value::from(r.verified))),
+        ("capabilities".to_owned(), owned(Value::from(caps))),
+        ("adapters".to_owned(), owned(Value::from(m.adapters.len() as u32))),
+        ("file_size".to_owned(), owned(Value::from(r.entry.file_size.unwrap_or(0)))),
+    ]);
+    if let Some(n) = m.context_length {
+        d.insert("context_length".to_owned(), owned(Value::from(n)));
+    }
+    if let Some(info) = &r.info {
+        d.insert("n_params".to_owned(), owned(Value::from(info.n_params)));
+        d.insert("size_bytes".to_owned(), owned(Value::from(info.size_bytes)));
+        d.insert("context_length".to_owned(), owned(Value::from(info.context_length)));
+        d.insert("trained_context".to_owned(), owned(Value::from(info.trained_context)));
+        d.insert("description".to_owned(), owned(Value::from(info.description.as_str())));
+        d.insert("memory_bytes".to_owned(), owned(Value::from(r.memory)));
+        d.insert("kv_shrunk".to_owned(), owned(Value::from(r.shrunk)));
+    }
+    if let Some(e) = &r.last_error {
+        d.insert("error".to_owned(), owned(Value::from(e.as_str())));
+    }
+    d
+}
+
+/// Emits PropertiesChanged for the queue, model and memory properties whenever they move.
+pub async fn publish_status_changes(conn: Connection, mut status: tokio::sync::watch::Receiver<ManagerStatus>) {
     let iface = match conn.object_server().interface::<_, HearthService>(hearth_dbus::OBJECT_PATH).await {
         Ok(i) => i,
         Err(e) => {
@@ -289,19 +399,29 @@ pub async fn publish_status_changes(conn: Connection, mut status: tokio::sync::w
         let now = status.borrow_and_update().clone();
         let emitter: &SignalEmitter<'_> = iface.signal_emitter();
         let service = iface.get().await;
+        let mut results = Vec::new();
         if now.queue_depth() != last.queue_depth() {
-            if let Err(e) = service.queue_depth_changed(emitter).await {
-                tracing::warn!(error = %e, "cannot emit QueueDepth change");
-            }
+            results.push(("QueueDepth", service.queue_depth_changed(emitter).await));
         }
-        if now.by_priority != last.by_priority {
-            if let Err(e) = service.queue_by_priority_changed(emitter).await {
-                tracing::warn!(error = %e, "cannot emit QueueByPriority change");
-            }
+        if Priority::ALL.iter().any(|&p| now.count(p) != last.count(p)) {
+            results.push(("QueueByPriority", service.queue_by_priority_changed(emitter).await));
         }
-        if now.loaded_models != last.loaded_models {
-            if let Err(e) = service.loaded_models_changed(emitter).await {
-                tracing::warn!(error = %e, "cannot emit LoadedModels change");
+        if now.loaded != last.loaded {
+            results.push(("LoadedModels", service.loaded_models_changed(emitter).await));
+        }
+        if now.loading != last.loading {
+            results.push(("LoadProgress", service.load_progress_changed(emitter).await));
+        }
+        // Readings alone change every interval; they are read on demand.
+        let memory_moved = |m: &crate::manager::MemoryStatus| {
+            (m.used, m.pressure, m.evicted, m.expired, m.pressure_unloads, m.pressure_shrinks)
+        };
+        if memory_moved(&now.memory) != memory_moved(&last.memory) {
+            results.push(("Memory", service.memory_changed(emitter).await));
+        }
+        for (property, result) in results {
+            if let Err(e) = result {
+                tracing::warn!(error = %e, property, "cannot emit a property change");
             }
         }
         last = now;
@@ -309,7 +429,7 @@ pub async fn publish_status_changes(conn: Connection, mut status: tokio::sync::w
 }
 
 /// Cancels the requests of every connection that leaves the bus, freeing their KV at once.
-pub async fn watch_disconnects(conn: Connection, engine: EngineHandle, callers: CallerCache) {
+pub async fn watch_disconnects(conn: Connection, models: ModelManager, callers: CallerCache) {
     let stream = async {
         let dbus = zbus::fdo::DBusProxy::new(&conn).await?;
         dbus.receive_name_owner_changed().await
@@ -327,7 +447,7 @@ pub async fn watch_disconnects(conn: Connection, engine: EngineHandle, callers: 
         // A unique name losing its owner is a connection that closed.
         if args.name().starts_with(':') && args.new_owner().is_none() {
             callers.remove(args.name());
-            engine.connection_closed(args.name().to_string()).await;
+            models.connection_closed(args.name()).await;
         }
     }
 }

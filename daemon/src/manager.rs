@@ -1,0 +1,833 @@
+//! The model manager: which models are in memory, under what budget, for how long.
+//!
+//! Each loaded model has its own engine (thread + context). Requests take a [`Lease`] on the
+//! model they need; a model with leases is never unloaded. Loads are serialised (one at a
+//! time: a phone's storage and memory bandwidth are the limit) and make room first by
+//! unloading idle, unpinned models, least recently used first. Idle models go after their
+//! keep-alive; under sustained memory pressure idle models are unloaded and pinned ones keep
+//! their weights but shrink their KV cache.
+//!
+//! Locking: `state` is a plain mutex, never held across an await; `load_lock` (async)
+//! serialises loads and restarts.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use hearth_ffi::{Backend, DeviceInfo, Model, ModelParams};
+use tokio::sync::watch;
+
+use crate::config::Config;
+use crate::engine::{EngineHandle, EngineSettings, EngineStatus, LoadedModelInfo, Priority};
+use crate::error::Error;
+use crate::memory::PressureReading;
+use crate::models::{Capability, Catalog, HashCache, ModelEntry, open_verified};
+
+const MIB: u64 = 1 << 20;
+
+/// Where a model load is.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct LoadProgress {
+    pub phase: LoadPhase,
+    /// 0..=1 within the phase.
+    pub fraction: f64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LoadPhase {
+    /// Hashing the file against its manifest.
+    Verifying,
+    /// llama.cpp mapping the weights.
+    Loading,
+    /// Creating the context (KV cache).
+    Starting,
+}
+
+impl LoadPhase {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Verifying => "verifying",
+            Self::Loading => "loading",
+            Self::Starting => "starting",
+        }
+    }
+}
+
+/// Memory accounting and pressure, as published.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct MemoryStatus {
+    pub budget: u64,
+    /// Weights + KV of the loaded models.
+    pub used: u64,
+    /// Sustained pressure now.
+    pub pressure: bool,
+    pub reading: PressureReading,
+    /// Models unloaded since start: to make room, for idleness, for pressure.
+    pub evicted: u32,
+    pub expired: u32,
+    pub pressure_unloads: u32,
+    /// KV caches shrunk for pressure.
+    pub pressure_shrinks: u32,
+}
+
+/// Everything the D-Bus layer publishes about models and queues.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct ManagerStatus {
+    /// Queue state of each loaded model's engine.
+    pub engines: BTreeMap<String, (u64, EngineStatus)>,
+    /// Loaded model names.
+    pub loaded: Vec<String>,
+    /// Loads in progress.
+    pub loading: BTreeMap<String, LoadProgress>,
+    pub memory: MemoryStatus,
+}
+
+impl ManagerStatus {
+    pub fn queue_depth(&self) -> u32 {
+        self.engines.values().map(|(_, s)| s.queue_depth()).sum()
+    }
+
+    pub fn count(&self, priority: Priority) -> u32 {
+        self.engines.values().map(|(_, s)| s.count(priority)).sum()
+    }
+}
+
+/// Requests using a model, and when it was last used.
+#[derive(Debug)]
+struct Activity {
+    active: AtomicU32,
+    last_used_ms: AtomicU64,
+}
+
+/// A request's hold on a loaded model: while it lives, the model stays.
+#[derive(Debug)]
+pub struct Lease {
+    pub engine: EngineHandle,
+    activity: Arc<Activity>,
+    epoch: Instant,
+}
+
+impl Drop for Lease {
+    fn drop(&mut self) {
+        self.activity.last_used_ms.store(self.epoch.elapsed().as_millis() as u64, Ordering::Release);
+        self.activity.active.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+#[derive(Debug)]
+struct Loaded {
+    generation: u64,
+    model: Arc<Model>,
+    engine: EngineHandle,
+    thread: std::thread::JoinHandle<()>,
+    settings: EngineSettings,
+    shrunk: bool,
+    activity: Arc<Activity>,
+    pinned: bool,
+    keep_alive: Duration,
+    weights: u64,
+    kv: u64,
+}
+
+impl Loaded {
+    fn bytes(&self) -> u64 {
+        self.weights + self.kv
+    }
+
+    fn idle(&self) -> bool {
+        self.activity.active.load(Ordering::Acquire) == 0
+    }
+
+    fn last_used_ms(&self) -> u64 {
+        self.activity.last_used_ms.load(Ordering::Acquire)
+    }
+}
+
+/// What ListModels reports of one model.
+#[derive(Debug, Clone)]
+pub struct ModelReport {
+    pub entry: ModelEntry,
+    pub info: Option<LoadedModelInfo>,
+    pub pinned: bool,
+    pub verified: bool,
+    pub shrunk: bool,
+    pub memory: u64,
+    pub last_error: Option<String>,
+}
+
+#[derive(Debug, Default)]
+struct State {
+    loaded: BTreeMap<String, Loaded>,
+    /// Pinned by LoadModel at run time.
+    pinned: std::collections::BTreeSet<String>,
+    /// Why the last load of a model failed.
+    errors: BTreeMap<String, String>,
+    /// Models whose file was verified in this run.
+    verified: std::collections::BTreeSet<String>,
+    next_generation: u64,
+}
+
+#[derive(Debug)]
+struct Inner {
+    config: Config,
+    catalog: Arc<Catalog>,
+    backend: Backend,
+    devices: Vec<DeviceInfo>,
+    hashes: HashCache,
+    state: Mutex<State>,
+    load_lock: tokio::sync::Mutex<()>,
+    status: watch::Sender<ManagerStatus>,
+    epoch: Instant,
+}
+
+/// The handle; cheap to clone.
+#[derive(Debug, Clone)]
+pub struct ModelManager {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ManagerError {
+    #[error("default model {0:?} is not installed in any models directory")]
+    DefaultModelMissing(String),
+    #[error("pinned model {0:?} is not installed in any models directory")]
+    PinnedModelMissing(String),
+    #[error("engine.devices names {missing:?}, but the devices present are {present:?}")]
+    NoSuchDevice { missing: String, present: Vec<String> },
+}
+
+fn unavailable(name: &str, reason: impl Into<String>) -> Error {
+    Error::ModelUnavailable { name: name.to_owned(), reason: reason.into() }
+}
+
+fn mib(bytes: u64) -> String {
+    format!("{:.1} MiB", bytes as f64 / MIB as f64)
+}
+
+impl ModelManager {
+    pub fn new(config: Config, catalog: Arc<Catalog>, budget: u64) -> Result<Self, ManagerError> {
+        if catalog.get(&config.models.default).is_none() {
+            return Err(ManagerError::DefaultModelMissing(config.models.default.clone()));
+        }
+        if let Some(p) = config.models.pinned.iter().find(|p| catalog.get(p).is_none()) {
+            return Err(ManagerError::PinnedModelMissing(p.clone()));
+        }
+        let backend = Backend::init();
+        let devices = backend.devices();
+        if let Some(missing) = config.engine.devices.iter().find(|d| !devices.iter().any(|x| &&x.name == d)) {
+            return Err(ManagerError::NoSuchDevice {
+                missing: missing.clone(),
+                present: devices.iter().map(|d| d.name.clone()).collect(),
+            });
+        }
+        let cache_path = prepare_state_dir(&config.daemon.state_dir).map(|d| d.join("model-hashes.toml"));
+        let status =
+            ManagerStatus { memory: MemoryStatus { budget, ..MemoryStatus::default() }, ..ManagerStatus::default() };
+        let (status, _) = watch::channel(status);
+        Ok(Self {
+            inner: Arc::new(Inner {
+                config,
+                catalog,
+                backend,
+                devices,
+                hashes: HashCache::open(cache_path),
+                state: Mutex::new(State::default()),
+                load_lock: tokio::sync::Mutex::new(()),
+                status,
+                epoch: Instant::now(),
+            }),
+        })
+    }
+
+    pub fn status(&self) -> watch::Receiver<ManagerStatus> {
+        self.inner.status.subscribe()
+    }
+
+    pub fn default_model(&self) -> &str {
+        &self.inner.config.models.default
+    }
+
+    /// The compute devices ggml found, and whether hearthd owns (may offload to) each.
+    pub fn backends(&self) -> Vec<(DeviceInfo, bool)> {
+        let owned = &self.inner.config.engine.devices;
+        self.inner
+            .devices
+            .iter()
+            .map(|d| {
+                let mine = d.kind == hearth_ffi::DeviceKind::Cpu || owned.is_empty() || owned.contains(&d.name);
+                (d.clone(), mine)
+            })
+            .collect()
+    }
+
+    fn state(&self) -> std::sync::MutexGuard<'_, State> {
+        // A panic while holding the lock cannot leave State half-updated in a way that matters
+        // more than refusing service would, so a poisoned lock is taken over.
+        self.inner.state.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn now_ms(&self) -> u64 {
+        self.inner.epoch.elapsed().as_millis() as u64
+    }
+
+    fn pinned(&self, state: &State, entry: &ModelEntry) -> bool {
+        entry.manifest.pinned
+            || self.inner.config.models.pinned.contains(&entry.manifest.name)
+            || state.pinned.contains(&entry.manifest.name)
+    }
+
+    /// A lease on the model `name` (None: the default), loading it first if needed.
+    pub async fn acquire(&self, name: Option<&str>) -> Result<Lease, Error> {
+        let name = name.unwrap_or(&self.inner.config.models.default).to_owned();
+        let entry = self.inner.catalog.get(&name).ok_or_else(|| Error::ModelNotFound(name.clone()))?;
+        if !entry.has(Capability::Chat) {
+            let caps: Vec<_> = entry.manifest.capabilities.iter().map(|c| c.as_str()).collect();
+            return Err(unavailable(&name, format!("it cannot chat (capabilities: {})", caps.join(", "))));
+        }
+        for _ in 0..3 {
+            if let Some(lease) = self.try_lease(&name, false) {
+                return Ok(lease);
+            }
+            self.ensure_loaded(&name).await?;
+            if let Some(lease) = self.try_lease(&name, true) {
+                return Ok(lease);
+            }
+        }
+        Err(unavailable(&name, "it was unloaded again while being loaded (memory is too tight)"))
+    }
+
+    /// A lease when the model is loaded and ready as it should be; with `any`, however it is.
+    fn try_lease(&self, name: &str, any: bool) -> Option<Lease> {
+        let state = self.state();
+        let pressure = self.inner.status.borrow().memory.pressure;
+        let l = state.loaded.get(name)?;
+        // A KV cache shrunk under pressure grows back at the next request that finds the
+        // pressure gone and the model idle.
+        if !any && l.shrunk && !pressure && l.idle() {
+            return None;
+        }
+        l.activity.active.fetch_add(1, Ordering::AcqRel);
+        Some(Lease { engine: l.engine.clone(), activity: Arc::clone(&l.activity), epoch: self.inner.epoch })
+    }
+
+    /// Loads `name` (or regrows its shrunk KV), one load at a time.
+    pub async fn ensure_loaded(&self, name: &str) -> Result<(), Error> {
+        let _serial = self.inner.load_lock.lock().await;
+        let pressure = self.inner.status.borrow().memory.pressure;
+        let regrow = {
+            let state = self.state();
+            match state.loaded.get(name) {
+                Some(l) if l.shrunk && !pressure && l.idle() => true,
+                Some(_) => return Ok(()),
+                None => false,
+            }
+        };
+        if regrow {
+            return self.restart(name, false).await;
+        }
+        let result = self.load(name, pressure).await;
+        let mut state = self.state();
+        match &result {
+            Ok(()) => {
+                state.errors.remove(name);
+            }
+            Err(e) => {
+                state.errors.insert(name.to_owned(), e.to_string());
+            }
+        }
+        drop(state);
+        self.inner.status.send_modify(|s| {
+            s.loading.remove(name);
+        });
+        result
+    }
+
+    fn set_progress(&self, name: &str, phase: LoadPhase, fraction: f64) {
+        let fraction = fraction.clamp(0.0, 1.0);
+        self.inner.status.send_if_modified(|s| {
+            let p = LoadProgress { phase, fraction };
+            // Publish whole percent steps only: a load reports thousands of fractions.
+            let changed = s
+                .loading
+                .get(name)
+                .is_none_or(|old| old.phase != phase || (old.fraction * 100.0).floor() != (fraction * 100.0).floor());
+            if changed {
+                s.loading.insert(name.to_owned(), p);
+            }
+            changed
+        });
+    }
+
+    async fn load(&self, name: &str, shrunk: bool) -> Result<(), Error> {
+        let entry = self.inner.catalog.get(name).ok_or_else(|| Error::ModelNotFound(name.to_owned()))?.clone();
+        let started = Instant::now();
+        self.set_progress(name, LoadPhase::Verifying, 0.0);
+        // Room for the weights first, so reading them does not push others out of memory.
+        let file_size = std::fs::metadata(&entry.path).map(|m| m.len()).unwrap_or(0);
+        self.make_room(name, file_size).await?;
+
+        let this = self.clone();
+        let params = ModelParams {
+            n_gpu_layers: self.inner.config.engine.gpu_layers,
+            use_mmap: true,
+            devices: self.inner.config.engine.devices.clone(),
+        };
+        let entry2 = entry.clone();
+        let model = tokio::task::spawn_blocking(move || this.read_model(&entry2, &params))
+            .await
+            .map_err(|e| Error::Internal(format!("model loader: {e}")))??;
+        let verified_at = started.elapsed();
+
+        let context_length = entry.manifest.context_length.unwrap_or(self.inner.config.engine.context_length);
+        let full = EngineSettings::from_config(&self.inner.config, context_length);
+        let settings = if shrunk { full.shrunk() } else { full.clone() };
+        let weights = model.size_bytes();
+        let kv = model.kv_geometry().bytes(settings.kv_tokens());
+        self.make_room(name, weights + kv).await?;
+
+        self.set_progress(name, LoadPhase::Starting, 0.0);
+        let m = Arc::clone(&model);
+        let (n, s) = (name.to_owned(), settings.clone());
+        let (engine, thread) = tokio::task::spawn_blocking(move || EngineHandle::start(&m, &n, &s))
+            .await
+            .map_err(|e| Error::Internal(format!("engine start: {e}")))?
+            .map_err(|e| unavailable(name, e.to_string()))?;
+
+        let mut state = self.state();
+        let pinned = self.pinned(&state, &entry);
+        let keep_alive =
+            Duration::from_secs(entry.manifest.keep_alive_s.unwrap_or(self.inner.config.models.keep_alive_s));
+        state.next_generation += 1;
+        let generation = state.next_generation;
+        state.verified.insert(name.to_owned());
+        let activity = Arc::new(Activity { active: AtomicU32::new(0), last_used_ms: AtomicU64::new(self.now_ms()) });
+        let status_rx = engine.status();
+        state.loaded.insert(
+            name.to_owned(),
+            Loaded {
+                generation,
+                model,
+                engine,
+                thread,
+                settings: full,
+                shrunk,
+                activity,
+                pinned,
+                keep_alive,
+                weights,
+                kv,
+            },
+        );
+        self.publish_loaded(&state);
+        drop(state);
+        tokio::spawn(forward_engine_status(self.inner.status.clone(), name.to_owned(), generation, status_rx));
+        tracing::info!(
+            model = %name, weights = %mib(weights), kv = %mib(kv), shrunk, pinned,
+            verify_ms = verified_at.as_millis() as u64, load_ms = started.elapsed().as_millis() as u64,
+            "model loaded"
+        );
+        Ok(())
+    }
+
+    /// Verifies and loads the model file and its adapters (blocking).
+    fn read_model(&self, entry: &ModelEntry, params: &ModelParams) -> Result<Arc<Model>, Error> {
+        let name = entry.manifest.name.as_str();
+        let refuse = |e: crate::models::CatalogError| {
+            tracing::error!(model = %name, error = %e, "model refused");
+            unavailable(name, e.to_string())
+        };
+        let file = open_verified(&entry.path, &entry.manifest.sha256, &self.inner.hashes, &mut |f| {
+            self.set_progress(name, LoadPhase::Verifying, f);
+        })
+        .map_err(refuse)?;
+        let mut adapters = Vec::new();
+        for (path, a) in entry.adapter_paths().iter().zip(&entry.manifest.adapters) {
+            adapters.push((open_verified(path, &a.sha256, &self.inner.hashes, &mut |_| {}).map_err(refuse)?, a.scale));
+        }
+        tracing::info!(model = %name, bytes = file.size, cached = file.cached, "model file verified");
+        self.set_progress(name, LoadPhase::Loading, 0.0);
+        let mut model = Model::load_with_progress(self.inner.backend, &file.path(), params, &mut |f| {
+            self.set_progress(name, LoadPhase::Loading, f64::from(f));
+        })
+        .map_err(|e| {
+            unavailable(name, format!("{} passed its checks but llama.cpp cannot load it: {e}", file.origin.display()))
+        })?;
+        for (adapter, scale) in &adapters {
+            model.attach_lora(&adapter.path(), *scale).map_err(|e| unavailable(name, e.to_string()))?;
+        }
+        Ok(Arc::new(model))
+    }
+
+    /// Unloads idle, unpinned models (least recently used first) until `need` more bytes fit
+    /// the budget. Unloads nothing when even that would not be enough.
+    async fn make_room(&self, name: &str, need: u64) -> Result<(), Error> {
+        let budget = self.inner.status.borrow().memory.budget;
+        let victims = {
+            let state = self.state();
+            let used: u64 = state.loaded.values().map(Loaded::bytes).sum();
+            if used + need <= budget {
+                return Ok(());
+            }
+            let mut idle: Vec<(&String, &Loaded)> =
+                state.loaded.iter().filter(|(n, l)| n.as_str() != name && !l.pinned && l.idle()).collect();
+            idle.sort_by_key(|(_, l)| l.last_used_ms());
+            let mut freed = 0;
+            let mut victims = Vec::new();
+            for (n, l) in idle {
+                if used - freed + need <= budget {
+                    break;
+                }
+                freed += l.bytes();
+                victims.push(n.clone());
+            }
+            if used - freed + need > budget {
+                let held: Vec<String> = state
+                    .loaded
+                    .iter()
+                    .map(|(n, l)| {
+                        let why = if l.pinned {
+                            "pinned"
+                        } else if l.idle() {
+                            "idle"
+                        } else {
+                            "in use"
+                        };
+                        format!("{n} {} ({why})", mib(l.bytes()))
+                    })
+                    .collect();
+                return Err(unavailable(
+                    name,
+                    format!(
+                        "it needs {} but the memory budget is {} with {} in use by models that cannot be unloaded: [{}]",
+                        mib(need),
+                        mib(budget),
+                        mib(used),
+                        held.join(", ")
+                    ),
+                ));
+            }
+            victims
+        };
+        for victim in victims {
+            tracing::info!(model = %victim, for_model = %name, "unloading an idle model to make room");
+            if self.unload_if_idle(&victim).await {
+                self.inner.status.send_modify(|s| s.memory.evicted += 1);
+            }
+        }
+        Ok(())
+    }
+
+    /// Removes `name` if it is loaded and idle, and stops its engine. Returns whether it did.
+    async fn unload_if_idle(&self, name: &str) -> bool {
+        let removed = {
+            let mut state = self.state();
+            let idle = state.loaded.get(name).is_some_and(Loaded::idle);
+            let removed = if idle { state.loaded.remove(name) } else { None };
+            if removed.is_some() {
+                self.publish_loaded(&state);
+            }
+            removed
+        };
+        match removed {
+            Some(l) => {
+                stop(l).await;
+                tracing::info!(model = %name, "model unloaded");
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Restarts `name`'s engine with its KV cache shrunk or back at full size (model idle).
+    async fn restart(&self, name: &str, shrink: bool) -> Result<(), Error> {
+        let old = {
+            let mut state = self.state();
+            match state.loaded.get(name) {
+                Some(l) if l.idle() && l.shrunk != shrink => state.loaded.remove(name),
+                _ => None,
+            }
+        };
+        let Some(old) = old else { return Ok(()) };
+        let settings = if shrink { old.settings.shrunk() } else { old.settings.clone() };
+        let kv = old.model.kv_geometry().bytes(settings.kv_tokens());
+        let model = Arc::clone(&old.model);
+        let Loaded { engine, thread, settings: full, activity, pinned, keep_alive, weights, .. } = old;
+        engine.shutdown().await;
+        drop(engine);
+        let _ = tokio::task::spawn_blocking(move || thread.join()).await;
+        let (n, s) = (name.to_owned(), settings.clone());
+        let started = tokio::task::spawn_blocking(move || EngineHandle::start(&model, &n, &s).map(|e| (e, model)))
+            .await
+            .map_err(|e| Error::Internal(format!("engine restart: {e}")))?;
+        let ((engine, thread), model) = match started {
+            Ok(v) => v,
+            Err(e) => {
+                self.publish_loaded(&self.state());
+                return Err(unavailable(name, format!("cannot recreate its context: {e}")));
+            }
+        };
+        let mut state = self.state();
+        state.next_generation += 1;
+        let generation = state.next_generation;
+        let status_rx = engine.status();
+        state.loaded.insert(
+            name.to_owned(),
+            Loaded {
+                generation,
+                model,
+                engine,
+                thread,
+                settings: full,
+                shrunk: shrink,
+                activity,
+                pinned,
+                keep_alive,
+                weights,
+                kv,
+            },
+        );
+        self.publish_loaded(&state);
+        drop(state);
+        tokio::spawn(forward_engine_status(self.inner.status.clone(), name.to_owned(), generation, status_rx));
+        tracing::info!(model = %name, kv = %mib(kv), shrunk = shrink, "model KV cache resized");
+        Ok(())
+    }
+
+    fn publish_loaded(&self, state: &State) {
+        let loaded: Vec<String> = state.loaded.keys().cloned().collect();
+        let used: u64 = state.loaded.values().map(Loaded::bytes).sum();
+        let live: BTreeMap<&String, u64> = state.loaded.iter().map(|(n, l)| (n, l.generation)).collect();
+        self.inner.status.send_if_modified(|s| {
+            let before = (s.loaded.clone(), s.memory.used, s.engines.len());
+            s.loaded = loaded;
+            s.memory.used = used;
+            s.engines.retain(|n, (g, _)| live.get(n) == Some(g));
+            before != (s.loaded.clone(), s.memory.used, s.engines.len())
+        });
+    }
+
+    /// Admin: loads `name` now, and pins it when `pin` is set.
+    pub async fn load_model(&self, name: &str, pin: bool) -> Result<(), Error> {
+        let entry = self.inner.catalog.get(name).ok_or_else(|| Error::ModelNotFound(name.to_owned()))?;
+        if pin {
+            let mut state = self.state();
+            state.pinned.insert(name.to_owned());
+            if let Some(l) = state.loaded.get_mut(name) {
+                l.pinned = true;
+            }
+        }
+        let _ = entry;
+        self.ensure_loaded(name).await
+    }
+
+    /// Admin: unloads `name` (pinned or not) unless it is serving requests.
+    pub async fn unload_model(&self, name: &str) -> Result<(), Error> {
+        if self.inner.catalog.get(name).is_none() {
+            return Err(Error::ModelNotFound(name.to_owned()));
+        }
+        let _serial = self.inner.load_lock.lock().await;
+        {
+            let mut state = self.state();
+            state.pinned.remove(name);
+            match state.loaded.get(name) {
+                None => return Err(unavailable(name, "it is not loaded")),
+                Some(l) if !l.idle() => {
+                    return Err(Error::InUse {
+                        name: name.to_owned(),
+                        requests: l.activity.active.load(Ordering::Acquire),
+                    });
+                }
+                Some(_) => {}
+            }
+        }
+        if self.unload_if_idle(name).await { Ok(()) } else { Err(Error::InUse { name: name.to_owned(), requests: 1 }) }
+    }
+
+    /// Unloads unpinned models idle for longer than their keep-alive.
+    pub async fn expire_idle(&self) {
+        let now = self.now_ms();
+        let expired: Vec<String> = self
+            .state()
+            .loaded
+            .iter()
+            .filter(|(_, l)| {
+                !l.pinned && l.idle() && now.saturating_sub(l.last_used_ms()) >= l.keep_alive.as_millis() as u64
+            })
+            .map(|(n, _)| n.clone())
+            .collect();
+        for name in expired {
+            let _serial = self.inner.load_lock.lock().await;
+            if self.unload_if_idle(&name).await {
+                tracing::info!(model = %name, "keep-alive ran out");
+                self.inner.status.send_modify(|s| s.memory.expired += 1);
+            }
+        }
+    }
+
+    /// Feeds a pressure reading. Under sustained pressure, idle unpinned models are unloaded
+    /// and idle pinned ones shrink their KV cache; a caller that finds the pressure gone
+    /// regrows it.
+    pub async fn on_pressure(&self, reading: PressureReading, sustained: bool) {
+        let was = self.inner.status.borrow().memory.pressure;
+        self.inner.status.send_if_modified(|s| {
+            let changed = s.memory.pressure != sustained;
+            s.memory.reading = reading;
+            s.memory.pressure = sustained;
+            changed
+        });
+        if sustained != was {
+            if sustained {
+                tracing::warn!(
+                    some_avg10 = reading.some_avg10,
+                    full_avg10 = reading.full_avg10,
+                    "memory pressure: releasing idle models"
+                );
+            } else {
+                tracing::info!(some_avg10 = reading.some_avg10, "memory pressure over");
+            }
+        }
+        if !sustained {
+            return;
+        }
+        let (unload, shrink): (Vec<String>, Vec<String>) = {
+            let state = self.state();
+            let idle = state.loaded.iter().filter(|(_, l)| l.idle());
+            let unload = idle.clone().filter(|(_, l)| !l.pinned).map(|(n, _)| n.clone()).collect();
+            let shrink = idle.filter(|(_, l)| l.pinned && !l.shrunk).map(|(n, _)| n.clone()).collect();
+            (unload, shrink)
+        };
+        for name in unload {
+            let _serial = self.inner.load_lock.lock().await;
+            if self.unload_if_idle(&name).await {
+                self.inner.status.send_modify(|s| s.memory.pressure_unloads += 1);
+            }
+        }
+        for name in shrink {
+            let _serial = self.inner.load_lock.lock().await;
+            match self.restart(&name, true).await {
+                Ok(()) => self.inner.status.send_modify(|s| s.memory.pressure_shrinks += 1),
+                Err(e) => tracing::error!(model = %name, error = %e, "cannot shrink the KV cache"),
+            }
+        }
+    }
+
+    /// A bus connection closed: every engine cancels its requests.
+    pub async fn connection_closed(&self, connection: &str) {
+        let engines: Vec<EngineHandle> = self.state().loaded.values().map(|l| l.engine.clone()).collect();
+        for e in engines {
+            e.connection_closed(connection.to_owned()).await;
+        }
+    }
+
+    /// KV gauges summed over the loaded models: (size, reserved, used, cached).
+    pub fn kv_totals(&self) -> [u32; 4] {
+        let state = self.state();
+        let mut t = [0u32; 4];
+        for l in state.loaded.values() {
+            let kv = l.engine.kv();
+            for (slot, g) in t.iter_mut().zip([&kv.size, &kv.reserved, &kv.used, &kv.cached]) {
+                *slot += g.load(Ordering::Relaxed);
+            }
+        }
+        t
+    }
+
+    /// Every installed model, as ListModels reports it.
+    pub fn report(&self) -> Vec<ModelReport> {
+        let state = self.state();
+        self.inner
+            .catalog
+            .iter()
+            .map(|entry| {
+                let l = state.loaded.get(&entry.manifest.name);
+                ModelReport {
+                    entry: entry.clone(),
+                    info: l.map(|l| l.engine.model().clone()),
+                    pinned: self.pinned(&state, entry),
+                    verified: state.verified.contains(&entry.manifest.name),
+                    shrunk: l.is_some_and(|l| l.shrunk),
+                    memory: l.map_or(0, Loaded::bytes),
+                    last_error: state.errors.get(&entry.manifest.name).cloned(),
+                }
+            })
+            .collect()
+    }
+
+    /// Loads the pinned models (at start). Failures are logged and reported by ListModels.
+    pub async fn preload_pinned(&self) {
+        let pinned: Vec<String> = {
+            let state = self.state();
+            self.inner.catalog.iter().filter(|e| self.pinned(&state, e)).map(|e| e.manifest.name.clone()).collect()
+        };
+        for name in pinned {
+            if let Err(e) = self.ensure_loaded(&name).await {
+                tracing::error!(model = %name, error = %e, "cannot load a pinned model");
+            }
+        }
+    }
+
+    /// Stops every engine: their requests end Cancelled. Waits for the threads.
+    pub async fn shutdown(&self) {
+        let all: Vec<Loaded> = {
+            let mut state = self.state();
+            let all = std::mem::take(&mut state.loaded).into_values().collect();
+            self.publish_loaded(&state);
+            all
+        };
+        for l in all {
+            stop(l).await;
+        }
+    }
+}
+
+/// Stops a removed model's engine and waits for its thread; the weights go with the last Arc.
+async fn stop(l: Loaded) {
+    let Loaded { engine, thread, .. } = l;
+    engine.shutdown().await;
+    drop(engine);
+    if tokio::task::spawn_blocking(move || thread.join()).await.map_or(true, |r| r.is_err()) {
+        tracing::error!("engine thread panicked");
+    }
+}
+
+/// Copies one engine's status into the manager's until the engine stops.
+async fn forward_engine_status(
+    status: watch::Sender<ManagerStatus>,
+    name: String,
+    generation: u64,
+    mut rx: watch::Receiver<EngineStatus>,
+) {
+    loop {
+        let now = rx.borrow_and_update().clone();
+        status.send_if_modified(|s| {
+            if !s.loaded.contains(&name) {
+                return false;
+            }
+            match s.engines.get(&name) {
+                Some((g, old)) if *g > generation || (*g == generation && *old == now) => false,
+                _ => {
+                    s.engines.insert(name.clone(), (generation, now));
+                    true
+                }
+            }
+        });
+        if rx.changed().await.is_err() {
+            break;
+        }
+    }
+}
+
+/// Creates the state directory (0700) if missing. None when it cannot be used: then the
+/// hash cache lives in memory only.
+fn prepare_state_dir(dir: &std::path::Path) -> Option<PathBuf> {
+    use std::os::unix::fs::DirBuilderExt;
+    if !dir.is_dir() {
+        if let Err(e) = std::fs::DirBuilder::new().recursive(true).mode(0o700).create(dir) {
+            tracing::warn!(dir = %dir.display(), error = %e, "no state directory: model hashes are not cached across restarts");
+            return None;
+        }
+    }
+    Some(dir.to_owned())
+}

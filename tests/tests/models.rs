@@ -1,0 +1,367 @@
+//! The model manager against the real daemon: verification before parsing, trust checks,
+//! the memory budget, keep-alive, memory pressure, admin methods and devices.
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use hearth_dbus::Generation;
+use hearth_tests::{Bus, Daemon, ModelDir, Settings, chat_request, hearth, result_str, wait_for};
+use zbus::zvariant::{OwnedValue, Value};
+
+/// Per-request context and slots small enough that one model is ~170 MiB (weights + KV).
+fn small_engine(dir: &ModelDir) -> Settings {
+    Settings {
+        models_dirs: Some(vec![dir.path().to_owned()]),
+        max_sequences: Some(2),
+        interactive_sequences: Some(1),
+        ..Settings::default()
+    }
+}
+
+fn memory_u32(m: &HashMap<String, OwnedValue>, k: &str) -> u32 {
+    u32::try_from(m.get(k).unwrap_or_else(|| panic!("Memory has no {k}"))).unwrap()
+}
+
+fn entry<'a>(models: &'a [HashMap<String, OwnedValue>], name: &str) -> &'a HashMap<String, OwnedValue> {
+    models.iter().find(|m| result_str(m, "name") == name).unwrap_or_else(|| panic!("{name} not listed"))
+}
+
+fn flag(m: &HashMap<String, OwnedValue>, k: &str) -> bool {
+    bool::try_from(m.get(k).unwrap_or_else(|| panic!("no {k} in {m:?}"))).unwrap()
+}
+
+async fn refused(proxy: &hearth_dbus::Hearth1Proxy<'_>, model: &str) -> (String, String) {
+    let mut r = chat_request("Hi", 4);
+    r.insert("model", Value::from(model));
+    let e = proxy.complete(r).await.expect_err("the request must be refused");
+    (e.dbus_name(), e.message())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unverified_or_untrusted_files_are_refused_before_parsing() {
+    let dir = ModelDir::new();
+    dir.link_default_model("good.gguf");
+    dir.manifest("smollm2-135m-instruct", "good.gguf", None, "");
+    // Bytes that do not match the manifest: the real model's hash over other bytes.
+    let real = hearth_tests::sha256_file(&hearth_tests::model_path());
+    dir.write_file("tampered.gguf", b"GGUF not really", 0o644);
+    dir.manifest("tampered", "tampered.gguf", Some(&real), "");
+    // Verified bytes that are not a usable GGUF: truncated, and garbage.
+    let model = std::fs::read(hearth_tests::model_path()).unwrap();
+    dir.write_file("truncated.gguf", &model[..1 << 20], 0o644);
+    dir.manifest("truncated", "truncated.gguf", None, "");
+    dir.write_file("garbage.gguf", &[0x5a; 4096], 0o644);
+    dir.manifest("garbage", "garbage.gguf", None, "");
+    // Files others could change.
+    dir.write_file("writable.gguf", b"x", 0o666);
+    dir.manifest("writable", "writable.gguf", None, "");
+    let foreign = dir.write_file("foreign.gguf", b"x", 0o644);
+    let as_root = nix::unistd::geteuid().is_root();
+    if as_root {
+        std::os::unix::fs::chown(&foreign, Some(65534), None).unwrap();
+    }
+    dir.manifest("foreign", "foreign.gguf", None, "");
+    let group_writable = dir.manifest("group-writable-manifest", "good.gguf", None, "");
+    std::fs::set_permissions(&group_writable, std::os::unix::fs::PermissionsExt::from_mode(0o664)).unwrap();
+
+    let bus = Bus::start();
+    let mut daemon = Daemon::start_configured(&bus, &small_engine(&dir)).await;
+    let conn = bus.connect().await;
+    let proxy = hearth(&conn).await;
+    let unavailable = "org.hearth.Hearth1.Error.ModelUnavailable";
+
+    let (name, msg) = refused(&proxy, "tampered").await;
+    assert_eq!(name, unavailable);
+    assert!(msg.contains("has sha256") && msg.contains(&real), "{msg}");
+    for bad in ["truncated", "garbage"] {
+        let (name, msg) = refused(&proxy, bad).await;
+        assert_eq!(name, unavailable, "{bad}");
+        assert!(msg.contains("llama.cpp cannot load it"), "{bad}: {msg}");
+    }
+    let (name, msg) = refused(&proxy, "writable").await;
+    assert_eq!(name, unavailable);
+    assert!(msg.contains("lets everyone write it"), "{msg}");
+    if as_root {
+        let (name, msg) = refused(&proxy, "foreign").await;
+        assert_eq!(name, unavailable);
+        assert!(msg.contains("owned by uid 65534"), "{msg}");
+    } else {
+        eprintln!("not root: the foreign-owner case needs chown and was skipped");
+    }
+    // A manifest others could change is not installed at all; the log says why.
+    let (name, _) = refused(&proxy, "group-writable-manifest").await;
+    assert_eq!(name, "org.hearth.Hearth1.Error.ModelNotFound");
+    assert!(daemon.log().contains("lets its group write it"), "{}", daemon.log());
+    // The tampered file was never handed to llama.cpp: nothing but the good model was parsed.
+    assert!(!daemon.log().contains("tampered.gguf passed"), "{}", daemon.log());
+
+    // ListModels says what went wrong, and the daemon still serves.
+    let models = proxy.list_models().await.unwrap();
+    let t = entry(&models, "tampered");
+    assert!(!flag(t, "verified") && !flag(t, "loaded"));
+    assert!(result_str(t, "error").contains("sha256"));
+    let ok = proxy.complete(chat_request("Hi", 4)).await.unwrap();
+    assert_eq!(result_str(&ok, "model"), "smollm2-135m-instruct");
+    assert!(daemon.try_exit().is_none());
+}
+
+/// Starts a generation that runs for a while (the model writes a long list greedily).
+async fn long_generation(conn: &zbus::Connection, model: &str, token: &str) -> Generation {
+    let mut r = chat_request("List the numbers from 1 to 300, one per line.", 600);
+    r.insert("model", Value::from(model.to_owned()));
+    Generation::start(conn, r, token).await.unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_budget_for_one_model_evicts_the_idle_one_and_never_an_active_one() {
+    let dir = ModelDir::new();
+    dir.link_default_model("m.gguf");
+    dir.manifest("smollm2-135m-instruct", "m.gguf", None, "");
+    dir.manifest("second", "m.gguf", None, "");
+    let settings = Settings { memory: "budget_mib = 250\n".into(), ..small_engine(&dir) };
+    let bus = Bus::start();
+    let _daemon = Daemon::start_configured(&bus, &settings).await;
+    let conn = bus.connect().await;
+    let proxy = hearth(&conn).await;
+
+    let mut second = chat_request("Hi", 2);
+    second.insert("model", Value::from("second"));
+    proxy.complete(chat_request("Hi", 2)).await.unwrap();
+    proxy.complete(second.clone()).await.unwrap();
+    assert_eq!(proxy.loaded_models().await.unwrap(), vec!["second".to_owned()], "the idle default was evicted");
+    assert_eq!(memory_u32(&proxy.memory().await.unwrap(), "evicted"), 1);
+
+    // While "second" is generating, the default model cannot have its memory.
+    let mut long = long_generation(&conn, "second", "long").await;
+    let (name, msg) = refused(&proxy, "smollm2-135m-instruct").await;
+    assert_eq!(name, "org.hearth.Hearth1.Error.ModelUnavailable");
+    assert!(msg.contains("memory budget is 250.0 MiB") && msg.contains("second") && msg.contains("in use"), "{msg}");
+    assert_eq!(proxy.loaded_models().await.unwrap(), vec!["second".to_owned()]);
+    let mut tokens = 0;
+    let result = loop {
+        match long.next().await.expect("stream").expect("event") {
+            hearth_dbus::StreamEvent::Token { .. } => tokens += 1,
+            hearth_dbus::StreamEvent::Finished(r) => break r,
+        }
+    };
+    let reason = result_str(&result, "finish_reason");
+    assert!(reason == "length" || reason == "stop", "the active model kept serving: {reason} after {tokens} tokens");
+    // Idle again, so it gives way.
+    proxy.complete(chat_request("Hi", 2)).await.unwrap();
+    assert_eq!(proxy.loaded_models().await.unwrap(), vec!["smollm2-135m-instruct".to_owned()]);
+    assert_eq!(memory_u32(&proxy.memory().await.unwrap(), "evicted"), 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keep_alive_unloads_an_idle_model_and_the_next_request_reloads_it() {
+    let dir = ModelDir::new();
+    dir.link_default_model("m.gguf");
+    dir.manifest("smollm2-135m-instruct", "m.gguf", None, "keep_alive_s = 1");
+    let bus = Bus::start();
+    let daemon = Daemon::start_configured(&bus, &small_engine(&dir)).await;
+    let conn = bus.connect().await;
+    let proxy = hearth(&conn).await;
+    let rss_idle = hearth_tests::rss_kib(daemon.pid());
+
+    let t = Instant::now();
+    let first = proxy.complete(chat_request("What is the capital of France?", 8)).await.unwrap();
+    let cold = t.elapsed();
+    let rss_loaded = hearth_tests::rss_kib(daemon.pid());
+    assert_eq!(proxy.loaded_models().await.unwrap().len(), 1);
+    let unloaded_after = Instant::now();
+    wait_for(Duration::from_secs(10), "the keep-alive unload", || async {
+        proxy.loaded_models().await.unwrap().is_empty().then_some(())
+    })
+    .await;
+    let idle_for = unloaded_after.elapsed();
+    assert!(idle_for >= Duration::from_millis(800), "unloaded after {idle_for:?}, keep_alive_s is 1");
+    assert_eq!(memory_u32(&proxy.memory().await.unwrap(), "expired"), 1);
+    let rss_unloaded = hearth_tests::rss_kib(daemon.pid());
+
+    let t = Instant::now();
+    let again = proxy.complete(chat_request("What is the capital of France?", 8)).await.unwrap();
+    let warm = t.elapsed();
+    assert_eq!(result_str(&first, "text"), result_str(&again, "text"));
+    // The second load found the file unchanged and skipped hashing.
+    assert!(daemon.log().contains("cached=true"), "{}", daemon.log());
+    eprintln!(
+        "first request (hash + load) {cold:?}, after keep-alive unload (cached hash) {warm:?}; \
+         RSS idle {rss_idle} KiB, loaded {rss_loaded} KiB, unloaded {rss_unloaded} KiB"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sustained_memory_pressure_unloads_idle_models_and_shrinks_pinned_ones() {
+    let dir = ModelDir::new();
+    dir.link_default_model("m.gguf");
+    dir.manifest("smollm2-135m-instruct", "m.gguf", None, "pinned = true");
+    dir.manifest("second", "m.gguf", None, "");
+    let psi = dir.write_file("memory.pressure", b"", 0o644);
+    let calm = "some avg10=0.00 avg60=0.00 avg300=0.00 total=0\nfull avg10=0.00 avg60=0.00 avg300=0.00 total=0\n";
+    let tight = "some avg10=42.00 avg60=20.00 avg300=5.00 total=9000000\nfull avg10=12.00 avg60=6.00 avg300=1.00 total=3000000\n";
+    std::fs::write(&psi, calm).unwrap();
+    let settings = Settings {
+        memory: format!(
+            "pressure_file = {:?}\npressure_interval_ms = 50\npressure_readings = 3\n",
+            psi.display().to_string()
+        ),
+        ..small_engine(&dir)
+    };
+    let bus = Bus::start();
+    let _daemon = Daemon::start_configured(&bus, &settings).await;
+    let conn = bus.connect().await;
+    let proxy = hearth(&conn).await;
+    // The pinned model loads at start.
+    wait_for(Duration::from_secs(30), "the pinned model", || async {
+        (proxy.loaded_models().await.unwrap() == ["smollm2-135m-instruct"]).then_some(())
+    })
+    .await;
+    let full_kv = proxy.kv_cache().await.unwrap()["size"];
+    let mut second = chat_request("Hi", 2);
+    second.insert("model", Value::from("second"));
+    proxy.complete(second).await.unwrap();
+
+    std::fs::write(&psi, tight).unwrap();
+    let memory = wait_for(Duration::from_secs(10), "the pressure response", || async {
+        let m = proxy.memory().await.unwrap();
+        (memory_u32(&m, "pressure_shrinks") == 1 && memory_u32(&m, "pressure_unloads") == 1).then_some(m)
+    })
+    .await;
+    assert!(flag(&memory, "pressure"));
+    assert_eq!(f64::try_from(memory.get("some_avg10").unwrap()).unwrap(), 42.0);
+    assert_eq!(proxy.loaded_models().await.unwrap(), vec!["smollm2-135m-instruct".to_owned()]);
+    let models = proxy.list_models().await.unwrap();
+    assert!(flag(entry(&models, "smollm2-135m-instruct"), "kv_shrunk"));
+    let shrunk_kv = proxy.kv_cache().await.unwrap()["size"];
+    assert!(shrunk_kv < full_kv, "KV {full_kv} -> {shrunk_kv} tokens");
+    // The shrunk model still serves.
+    proxy.complete(chat_request("Hi", 2)).await.unwrap();
+
+    std::fs::write(&psi, calm).unwrap();
+    wait_for(Duration::from_secs(10), "the pressure to clear", || async {
+        (!flag(&proxy.memory().await.unwrap(), "pressure")).then_some(())
+    })
+    .await;
+    // The next request regrows the KV cache.
+    proxy.complete(chat_request("Hi", 2)).await.unwrap();
+    assert_eq!(proxy.kv_cache().await.unwrap()["size"], full_kv);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admin_methods_report_progress_and_refuse_other_users() {
+    let bus = Bus::start();
+    bus.open_to_all_users();
+    let _daemon = Daemon::start(&bus).await;
+    let conn = bus.connect().await;
+    let proxy = hearth_dbus::Hearth1Proxy::new(&conn).await.unwrap();
+
+    // Watch LoadProgress while an admin loads the model.
+    let mut changes = proxy.receive_load_progress_changed().await;
+    let watcher = tokio::spawn(async move {
+        use futures_util::StreamExt;
+        let mut seen = Vec::new();
+        while let Ok(Some(change)) = tokio::time::timeout(Duration::from_secs(1), changes.next()).await {
+            if let Ok(v) = change.get().await {
+                seen.extend(v.into_values());
+            }
+        }
+        seen
+    });
+    proxy.load_model("smollm2-135m-instruct", HashMap::from([("pin", Value::from(true))])).await.unwrap();
+    let seen = watcher.await.unwrap();
+    // PropertiesChanged carries the latest value, not every step: phases may be skipped, but
+    // those seen come in order and every fraction is in 0..=1.
+    let order = |p: &str| ["verifying", "loading", "starting"].iter().position(|q| *q == p).expect("known phase");
+    assert!(!seen.is_empty(), "no LoadProgress change during a load");
+    assert!(seen.windows(2).all(|w| order(&w[0].0) <= order(&w[1].0)), "{seen:?}");
+    assert!(seen.iter().all(|(_, f)| (0.0..=1.0).contains(f)), "{seen:?}");
+    assert!(proxy.load_progress().await.unwrap().is_empty());
+
+    let e = proxy.load_model("nope", HashMap::new()).await.unwrap_err();
+    assert_eq!(e.dbus_name(), "org.hearth.Hearth1.Error.ModelNotFound");
+    let e = proxy.load_model("smollm2-135m-instruct", HashMap::from([("pinn", Value::from(true))])).await.unwrap_err();
+    assert_eq!(e.dbus_name(), "org.hearth.Hearth1.Error.InvalidArgs");
+
+    // Another user may neither load nor unload.
+    if nix::unistd::geteuid().is_root() {
+        for args in [&["load", "smollm2-135m-instruct"][..], &["unload", "smollm2-135m-instruct"][..]] {
+            let out = std::process::Command::new("setpriv")
+                .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+                .arg(hearth_tests::workspace_bin("hearthctl"))
+                .args(["--bus-address", bus.address()])
+                .args(args)
+                .output()
+                .expect("setpriv");
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            assert!(!out.status.success() && stderr.contains("org.hearth.Hearth1.Error.NotAuthorized"), "{stderr}");
+        }
+    } else {
+        eprintln!("not root: the other-user case needs setpriv as root and was skipped");
+    }
+
+    // A model serving a request is not unloaded; once idle it is, pinned or not.
+    let mut long = long_generation(&conn, "smollm2-135m-instruct", "busy").await;
+    let e = proxy.unload_model("smollm2-135m-instruct").await.unwrap_err();
+    assert_eq!(e.dbus_name(), "org.hearth.Hearth1.Error.Busy");
+    long.cancel().await.unwrap();
+    while let Some(ev) = long.next().await {
+        if matches!(ev.unwrap(), hearth_dbus::StreamEvent::Finished(_)) {
+            break;
+        }
+    }
+    wait_for(Duration::from_secs(10), "the unload", || async {
+        proxy.unload_model("smollm2-135m-instruct").await.ok()
+    })
+    .await;
+    assert!(proxy.loaded_models().await.unwrap().is_empty());
+    let e = proxy.unload_model("smollm2-135m-instruct").await.unwrap_err();
+    assert_eq!(e.dbus_name(), "org.hearth.Hearth1.Error.ModelUnavailable");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn devices_are_listed_and_a_missing_one_stops_the_start() {
+    let bus = Bus::start();
+    let settings = Settings { engine: "devices = [\"NoSuchGPU7\"]\n".into(), ..Settings::default() };
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("hearthd.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[models]\ndirs = [{:?}]\n[engine]\n{}",
+            hearth_tests::models_dir().display().to_string(),
+            settings.engine
+        ),
+    )
+    .unwrap();
+    let out = std::process::Command::new(hearth_tests::workspace_bin("hearthd"))
+        .arg("--config")
+        .arg(&config)
+        .args(["--bus-address", bus.address()])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("NoSuchGPU7") && stderr.contains("CPU"), "{stderr}");
+}
+
+/// Offloads every layer where a GPU (or NPU) device exists; on a CPU-only machine there is
+/// nothing to offload to, and the test says so.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gpu_offload_where_a_gpu_exists() {
+    let devices = hearth_ffi::Backend::init().devices();
+    let Some(gpu) = devices.iter().find(|d| d.kind != hearth_ffi::DeviceKind::Cpu) else {
+        eprintln!("no GPU/accelerator device in this build or machine ({devices:?}): offload not exercised");
+        return;
+    };
+    let bus = Bus::start();
+    let settings = Settings { engine: format!("gpu_layers = -1\ndevices = [{:?}]\n", gpu.name), ..Settings::default() };
+    let daemon = Daemon::start_configured(&bus, &settings).await;
+    let conn = bus.connect().await;
+    let proxy = hearth(&conn).await;
+    let direct = hearth_tests::direct_run(&[("user", "What is the capital of France?")], hearth_tests::greedy(), 8);
+    let r = proxy.complete(chat_request("What is the capital of France?", 8)).await.unwrap();
+    assert!(!result_str(&r, "text").is_empty());
+    let log = daemon.log();
+    assert!(log.contains("offloaded"), "{log}");
+    eprintln!("GPU run: {:?}, CPU reference: {:?}", result_str(&r, "text"), direct.text);
+}
