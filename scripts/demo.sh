@@ -35,6 +35,9 @@ ADDRESS="$(head -n1 "$RUN/address")"
 [ -n "$ADDRESS" ] || { echo "demo: dbus-daemon did not start:"; cat "$RUN/bus.log"; exit 1; }
 
 cat > "$RUN/hearthd.toml" <<TOML
+[daemon]
+state_dir = "$RUN/state"
+
 [models]
 dirs = ["$ROOT/models"]
 TOML

@@ -51,3 +51,18 @@ if ! cargo fmt --version >/dev/null 2>&1; then
     rustup component add rustfmt
 fi
 echo "setup-deps: $(cargo --version)"
+
+# Python tools the tests use, in the checkout's own venv (nothing installed system-wide):
+# gguf-py, the GGUF library maintained in llama.cpp's repository, writes test LoRA adapters.
+PY_PACKAGES=(gguf==0.19.0)
+VENV="$(cd "$(dirname "$0")/.." && pwd)/.venv"
+if [ ! -x "$VENV/bin/python" ]; then
+    python3 -m venv "$VENV"
+fi
+if ! "$VENV/bin/python" -m pip show --quiet "${PY_PACKAGES[@]%%==*}" >/dev/null 2>&1 \
+    || [ "$("$VENV/bin/python" -c 'import importlib.metadata as m; print(m.version("gguf"))' 2>/dev/null)" != "0.19.0" ]; then
+    echo "setup-deps: installing ${PY_PACKAGES[*]} into $VENV"
+    "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check "${PY_PACKAGES[@]}"
+else
+    echo "setup-deps: python packages present"
+fi

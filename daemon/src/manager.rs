@@ -94,6 +94,15 @@ impl ManagerStatus {
     }
 }
 
+/// Why a model is unloaded (counted in [`MemoryStatus`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Unload {
+    Evicted,
+    Expired,
+    Pressure,
+    Admin,
+}
+
 /// Requests using a model, and when it was last used.
 #[derive(Debug)]
 struct Activity {
@@ -512,20 +521,25 @@ impl ModelManager {
         };
         for victim in victims {
             tracing::info!(model = %victim, for_model = %name, "unloading an idle model to make room");
-            if self.unload_if_idle(&victim).await {
-                self.inner.status.send_modify(|s| s.memory.evicted += 1);
-            }
+            self.unload_if_idle(&victim, Unload::Evicted).await;
         }
         Ok(())
     }
 
-    /// Removes `name` if it is loaded and idle, and stops its engine. Returns whether it did.
-    async fn unload_if_idle(&self, name: &str) -> bool {
+    /// Removes `name` if it is loaded and idle, counts why, and stops its engine. Returns
+    /// whether it did.
+    async fn unload_if_idle(&self, name: &str, why: Unload) -> bool {
         let removed = {
             let mut state = self.state();
             let idle = state.loaded.get(name).is_some_and(Loaded::idle);
             let removed = if idle { state.loaded.remove(name) } else { None };
             if removed.is_some() {
+                self.inner.status.send_modify(|s| match why {
+                    Unload::Evicted => s.memory.evicted += 1,
+                    Unload::Expired => s.memory.expired += 1,
+                    Unload::Pressure => s.memory.pressure_unloads += 1,
+                    Unload::Admin => {}
+                });
                 self.publish_loaded(&state);
             }
             removed
@@ -642,7 +656,11 @@ impl ModelManager {
                 Some(_) => {}
             }
         }
-        if self.unload_if_idle(name).await { Ok(()) } else { Err(Error::InUse { name: name.to_owned(), requests: 1 }) }
+        if self.unload_if_idle(name, Unload::Admin).await {
+            Ok(())
+        } else {
+            Err(Error::InUse { name: name.to_owned(), requests: 1 })
+        }
     }
 
     /// Unloads unpinned models idle for longer than their keep-alive.
@@ -659,9 +677,8 @@ impl ModelManager {
             .collect();
         for name in expired {
             let _serial = self.inner.load_lock.lock().await;
-            if self.unload_if_idle(&name).await {
+            if self.unload_if_idle(&name, Unload::Expired).await {
                 tracing::info!(model = %name, "keep-alive ran out");
-                self.inner.status.send_modify(|s| s.memory.expired += 1);
             }
         }
     }
@@ -700,9 +717,7 @@ impl ModelManager {
         };
         for name in unload {
             let _serial = self.inner.load_lock.lock().await;
-            if self.unload_if_idle(&name).await {
-                self.inner.status.send_modify(|s| s.memory.pressure_unloads += 1);
-            }
+            self.unload_if_idle(&name, Unload::Pressure).await;
         }
         for name in shrink {
             let _serial = self.inner.load_lock.lock().await;

@@ -276,13 +276,13 @@ struct FileKey {
     dev: u64,
     ino: u64,
     size: u64,
-    mtime_ns: i128,
-    ctime_ns: i128,
+    mtime_ns: i64,
+    ctime_ns: i64,
 }
 
 impl FileKey {
     fn of(meta: &std::fs::Metadata) -> Self {
-        let ns = |s: i64, n: i64| i128::from(s) * 1_000_000_000 + i128::from(n);
+        let ns = |s: i64, n: i64| s.saturating_mul(1_000_000_000).saturating_add(n);
         Self {
             dev: meta.dev(),
             ino: meta.ino(),
@@ -308,11 +308,19 @@ struct HashCacheEntry {
 
 /// sha256 of files already hashed, by file identity, kept in the state directory so that a
 /// restart does not rehash every model.
+///
+/// File timestamps are only as fine as the kernel's clock tick, so a file changed within the
+/// same tick as it was hashed could keep its key. As in git's "racy" check, a hash is only
+/// cached once the file's last change (ctime) is `settle` in the past.
 #[derive(Debug)]
 pub struct HashCache {
     path: Option<PathBuf>,
     entries: Mutex<BTreeMap<FileKey, String>>,
+    settle: std::time::Duration,
 }
+
+/// How long after its last change a file's hash may be cached.
+const SETTLE: std::time::Duration = std::time::Duration::from_secs(2);
 
 impl HashCache {
     /// Opens the cache at `path` (None: in memory only). A missing, unreadable or corrupt
@@ -336,7 +344,19 @@ impl HashCache {
                 Err(e) => tracing::warn!(path = %p.display(), error = %e, "model hash cache ignored"),
             }
         }
-        Self { path, entries: Mutex::new(entries) }
+        Self { path, entries: Mutex::new(entries), settle: SETTLE }
+    }
+
+    #[cfg(test)]
+    fn with_settle(mut self, settle: std::time::Duration) -> Self {
+        self.settle = settle;
+        self
+    }
+
+    /// Whether a file whose ctime is `ctime_ns` changed long enough ago to cache its hash.
+    fn settled(&self, ctime_ns: i64) -> bool {
+        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+        i128::try_from(now.as_nanos()).unwrap_or(i128::MAX) - i128::from(ctime_ns) > self.settle.as_nanos() as i128
     }
 
     fn get(&self, key: &FileKey) -> Option<String> {
@@ -350,7 +370,8 @@ impl HashCache {
         let file = HashCacheFile {
             file: entries.iter().map(|(k, v)| HashCacheEntry { key: *k, sha256: v.clone() }).collect(),
         };
-        if let Err(e) = write_private(path, &toml::to_string(&file).unwrap_or_default()) {
+        let saved = toml::to_string(&file).map_err(std::io::Error::other).and_then(|text| write_private(path, &text));
+        if let Err(e) = saved {
             tracing::warn!(path = %path.display(), error = %e, "cannot save the model hash cache");
         }
     }
@@ -393,7 +414,7 @@ pub fn open_verified(
     if actual != expected {
         return Err(CatalogError::HashMismatch { path: path.to_owned(), expected: expected.to_owned(), actual });
     }
-    if !cached {
+    if !cached && cache.settled(key.ctime_ns) {
         cache.insert(key, actual);
     }
     progress(1.0);
@@ -443,7 +464,7 @@ mod tests {
         let m = cat.get("m").unwrap();
         assert_eq!(m.path, dir.path().join("m.gguf"));
         assert_eq!(m.manifest.capabilities, vec![Capability::Chat]);
-        let cache = HashCache::open(None);
+        let cache = HashCache::open(None).with_settle(std::time::Duration::ZERO);
         let v = open_verified(&m.path, &m.manifest.sha256, &cache, &mut |_| {}).unwrap();
         assert!(!v.cached);
         assert!(open_verified(&m.path, &m.manifest.sha256, &cache, &mut |_| {}).unwrap().cached);
@@ -458,10 +479,23 @@ mod tests {
         let model = dir.path().join("m.gguf");
         std::fs::write(&model, b"").unwrap();
         let cache_path = dir.path().join("hashes.toml");
-        open_verified(&model, EMPTY_SHA256, &HashCache::open(Some(cache_path.clone())), &mut |_| {}).unwrap();
+        // A file changed just now is hashed but not cached: its timestamps could still repeat.
+        let fresh = HashCache::open(Some(cache_path.clone()));
+        open_verified(&model, EMPTY_SHA256, &fresh, &mut |_| {}).unwrap();
+        assert!(!open_verified(&model, EMPTY_SHA256, &fresh, &mut |_| {}).unwrap().cached);
+        assert!(!cache_path.exists());
+        let settle = std::time::Duration::from_millis(30);
+        std::thread::sleep(settle * 2);
+        open_verified(
+            &model,
+            EMPTY_SHA256,
+            &HashCache::open(Some(cache_path.clone())).with_settle(settle),
+            &mut |_| {},
+        )
+        .unwrap();
         let mode = std::fs::metadata(&cache_path).unwrap().permissions().mode() & 0o777;
         assert_eq!(mode, 0o600);
-        let reopened = HashCache::open(Some(cache_path.clone()));
+        let reopened = HashCache::open(Some(cache_path.clone())).with_settle(settle);
         assert!(open_verified(&model, EMPTY_SHA256, &reopened, &mut |_| {}).unwrap().cached);
         // Any change to the file (here its mode, which moves ctime) means hashing again.
         std::fs::set_permissions(&model, std::fs::Permissions::from_mode(0o600)).unwrap();

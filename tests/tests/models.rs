@@ -157,6 +157,9 @@ async fn keep_alive_unloads_an_idle_model_and_the_next_request_reloads_it() {
     let dir = ModelDir::new();
     dir.link_default_model("m.gguf");
     dir.manifest("smollm2-135m-instruct", "m.gguf", None, "keep_alive_s = 1");
+    // hearthd caches a hash only once the file has been unchanged for 2 s (timestamps are
+    // coarse); the link just changed its ctime.
+    std::thread::sleep(Duration::from_millis(2100));
     let bus = Bus::start();
     let daemon = Daemon::start_configured(&bus, &small_engine(&dir)).await;
     let conn = bus.connect().await;
@@ -166,15 +169,16 @@ async fn keep_alive_unloads_an_idle_model_and_the_next_request_reloads_it() {
     let t = Instant::now();
     let first = proxy.complete(chat_request("What is the capital of France?", 8)).await.unwrap();
     let cold = t.elapsed();
+    let unloaded_after = Instant::now();
     let rss_loaded = hearth_tests::rss_kib(daemon.pid());
     assert_eq!(proxy.loaded_models().await.unwrap().len(), 1);
-    let unloaded_after = Instant::now();
     wait_for(Duration::from_secs(10), "the keep-alive unload", || async {
         proxy.loaded_models().await.unwrap().is_empty().then_some(())
     })
     .await;
     let idle_for = unloaded_after.elapsed();
-    assert!(idle_for >= Duration::from_millis(800), "unloaded after {idle_for:?}, keep_alive_s is 1");
+    // The keep-alive counts from the end of the request, which is just before its reply.
+    assert!(idle_for >= Duration::from_millis(900), "unloaded after {idle_for:?}, keep_alive_s is 1");
     assert_eq!(memory_u32(&proxy.memory().await.unwrap(), "expired"), 1);
     let rss_unloaded = hearth_tests::rss_kib(daemon.pid());
 
@@ -364,4 +368,52 @@ async fn gpu_offload_where_a_gpu_exists() {
     let log = daemon.log();
     assert!(log.contains("offloaded"), "{log}");
     eprintln!("GPU run: {:?}, CPU reference: {:?}", result_str(&r, "text"), direct.text);
+}
+
+/// Writes a LoRA adapter for the default model with tests/tools/make-lora.py (gguf-py).
+fn make_lora(dir: &ModelDir, file: &str, extra: &[&str]) {
+    let python = hearth_tests::workspace_root().join(".venv/bin/python");
+    assert!(python.exists(), "{} is missing: run scripts/setup-deps.sh", python.display());
+    let out = std::process::Command::new(python)
+        .arg(hearth_tests::workspace_root().join("tests/tools/make-lora.py"))
+        .arg(hearth_tests::model_path())
+        .arg(dir.path().join(file))
+        .args(extra)
+        .output()
+        .expect("run make-lora.py");
+    assert!(out.status.success(), "make-lora.py: {}", String::from_utf8_lossy(&out.stderr));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lora_adapters_are_verified_and_applied() {
+    let dir = ModelDir::new();
+    dir.link_default_model("m.gguf");
+    dir.manifest("smollm2-135m-instruct", "m.gguf", None, "");
+    make_lora(&dir, "lora.gguf", &[]);
+    make_lora(&dir, "zero.gguf", &["--zero"]);
+    let adapter = |file: &str, sha: Option<&str>| {
+        let sha = sha.map_or_else(|| hearth_tests::sha256_file(&dir.path().join(file)), str::to_owned);
+        format!("[[adapters]]\nfile = {file:?}\nsha256 = {sha:?}\n")
+    };
+    dir.manifest("tuned", "m.gguf", None, &adapter("lora.gguf", None));
+    dir.manifest("tuned-zero", "m.gguf", None, &adapter("zero.gguf", None));
+    dir.manifest("tuned-tampered", "m.gguf", None, &adapter("lora.gguf", Some(&"0".repeat(64))));
+    let bus = Bus::start();
+    let _daemon = Daemon::start_configured(&bus, &small_engine(&dir)).await;
+    let conn = bus.connect().await;
+    let proxy = hearth(&conn).await;
+    let ids = |model: &str| {
+        let mut r = chat_request("Name three colours.", 16);
+        r.insert("model", Value::from(model.to_owned()));
+        let proxy = proxy.clone();
+        async move { hearth_tests::result_ids(&proxy.complete(r).await.unwrap()) }
+    };
+    let base = ids("smollm2-135m-instruct").await;
+    assert_ne!(ids("tuned").await, base, "the adapter changes the output");
+    assert_eq!(ids("tuned-zero").await, base, "an adapter with B = 0 changes nothing");
+    let (name, msg) = refused(&proxy, "tuned-tampered").await;
+    assert_eq!(name, "org.hearth.Hearth1.Error.ModelUnavailable");
+    assert!(msg.contains("lora.gguf has sha256"), "{msg}");
+    let models = proxy.list_models().await.unwrap();
+    assert_eq!(u32::try_from(entry(&models, "tuned").get("adapters").unwrap()).unwrap(), 1);
 }
