@@ -130,7 +130,9 @@ struct Loaded {
     generation: u64,
     model: Arc<Model>,
     engine: EngineHandle,
-    thread: std::thread::JoinHandle<()>,
+    /// None only while the engine is being replaced.
+    thread: Option<std::thread::JoinHandle<()>>,
+    /// Full-size settings (the KV cache may run shrunk).
     settings: EngineSettings,
     shrunk: bool,
     activity: Arc<Activity>,
@@ -404,22 +406,19 @@ impl ModelManager {
             .map_err(|e| Error::Internal(format!("engine start: {e}")))?
             .map_err(|e| unavailable(name, e.to_string()))?;
 
-        let mut state = self.state();
-        let pinned = self.pinned(&state, &entry);
-        let keep_alive =
-            Duration::from_secs(entry.manifest.keep_alive_s.unwrap_or(self.inner.config.models.keep_alive_s));
-        state.next_generation += 1;
-        let generation = state.next_generation;
-        state.verified.insert(name.to_owned());
+        let (pinned, keep_alive) = {
+            let state = self.state();
+            let keep_alive = entry.manifest.keep_alive_s.unwrap_or(self.inner.config.models.keep_alive_s);
+            (self.pinned(&state, &entry), Duration::from_secs(keep_alive))
+        };
         let activity = Arc::new(Activity { active: AtomicU32::new(0), last_used_ms: AtomicU64::new(self.now_ms()) });
-        let status_rx = engine.status();
-        state.loaded.insert(
-            name.to_owned(),
+        self.install(
+            name,
             Loaded {
-                generation,
+                generation: 0,
                 model,
                 engine,
-                thread,
+                thread: Some(thread),
                 settings: full,
                 shrunk,
                 activity,
@@ -429,9 +428,6 @@ impl ModelManager {
                 kv,
             },
         );
-        self.publish_loaded(&state);
-        drop(state);
-        tokio::spawn(forward_engine_status(self.inner.status.clone(), name.to_owned(), generation, status_rx));
         tracing::info!(
             model = %name, weights = %mib(weights), kv = %mib(kv), shrunk, pinned,
             verify_ms = verified_at.as_millis() as u64, load_ms = started.elapsed().as_millis() as u64,
@@ -563,50 +559,39 @@ impl ModelManager {
                 _ => None,
             }
         };
-        let Some(old) = old else { return Ok(()) };
-        let settings = if shrink { old.settings.shrunk() } else { old.settings.clone() };
-        let kv = old.model.kv_geometry().bytes(settings.kv_tokens());
-        let model = Arc::clone(&old.model);
-        let Loaded { engine, thread, settings: full, activity, pinned, keep_alive, weights, .. } = old;
-        engine.shutdown().await;
-        drop(engine);
-        let _ = tokio::task::spawn_blocking(move || thread.join()).await;
-        let (n, s) = (name.to_owned(), settings.clone());
-        let started = tokio::task::spawn_blocking(move || EngineHandle::start(&model, &n, &s).map(|e| (e, model)))
+        let Some(mut l) = old else { return Ok(()) };
+        let settings = if shrink { l.settings.shrunk() } else { l.settings.clone() };
+        let kv = l.model.kv_geometry().bytes(settings.kv_tokens());
+        stop_engine(&l.engine, l.thread.take()).await;
+        let (model, n) = (Arc::clone(&l.model), name.to_owned());
+        let started = tokio::task::spawn_blocking(move || EngineHandle::start(&model, &n, &settings))
             .await
             .map_err(|e| Error::Internal(format!("engine restart: {e}")))?;
-        let ((engine, thread), model) = match started {
+        let (engine, thread) = match started {
             Ok(v) => v,
             Err(e) => {
                 self.publish_loaded(&self.state());
                 return Err(unavailable(name, format!("cannot recreate its context: {e}")));
             }
         };
+        (l.engine, l.thread, l.shrunk, l.kv) = (engine, Some(thread), shrink, kv);
+        self.install(name, l);
+        tracing::info!(model = %name, kv = %mib(kv), shrunk = shrink, "model KV cache resized");
+        Ok(())
+    }
+
+    /// Puts a started engine in the table under a new generation, publishes it, and starts
+    /// forwarding its queue status.
+    fn install(&self, name: &str, mut loaded: Loaded) {
         let mut state = self.state();
         state.next_generation += 1;
-        let generation = state.next_generation;
-        let status_rx = engine.status();
-        state.loaded.insert(
-            name.to_owned(),
-            Loaded {
-                generation,
-                model,
-                engine,
-                thread,
-                settings: full,
-                shrunk: shrink,
-                activity,
-                pinned,
-                keep_alive,
-                weights,
-                kv,
-            },
-        );
+        loaded.generation = state.next_generation;
+        let (generation, status_rx) = (loaded.generation, loaded.engine.status());
+        state.verified.insert(name.to_owned());
+        state.loaded.insert(name.to_owned(), loaded);
         self.publish_loaded(&state);
         drop(state);
         tokio::spawn(forward_engine_status(self.inner.status.clone(), name.to_owned(), generation, status_rx));
-        tracing::info!(model = %name, kv = %mib(kv), shrunk = shrink, "model KV cache resized");
-        Ok(())
     }
 
     fn publish_loaded(&self, state: &State) {
@@ -798,10 +783,14 @@ impl ModelManager {
 }
 
 /// Stops a removed model's engine and waits for its thread; the weights go with the last Arc.
-async fn stop(l: Loaded) {
-    let Loaded { engine, thread, .. } = l;
+async fn stop(mut l: Loaded) {
+    stop_engine(&l.engine, l.thread.take()).await;
+}
+
+/// Ends an engine's requests (Cancelled) and waits for its thread to free the context.
+async fn stop_engine(engine: &EngineHandle, thread: Option<std::thread::JoinHandle<()>>) {
     engine.shutdown().await;
-    drop(engine);
+    let Some(thread) = thread else { return };
     if tokio::task::spawn_blocking(move || thread.join()).await.map_or(true, |r| r.is_err()) {
         tracing::error!("engine thread panicked");
     }
