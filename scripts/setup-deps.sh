@@ -15,6 +15,14 @@ APT_PACKAGES=(
     python3-venv
     ca-certificates
     curl
+    systemd             # systemd-analyze verify/security of the unit
+    libxml2-utils       # xmllint: the polkit policy against its DTD
+    polkitd             # polkit's policyconfig DTD and pkaction
+    selinux-policy-dev  # refpolicy devel Makefile and interfaces for the SELinux module
+    selinux-policy-default  # the distribution base policy the module is linked against
+    checkpolicy         # checkmodule
+    semodule-utils      # semodule_package, semodule_link, semodule_expand
+    setools             # sesearch
 )
 
 sudo_if_needed() {

@@ -2,7 +2,8 @@
 # Runs every check of the project on a fresh Debian 12 machine: installs what is needed,
 # fetches and verifies the default model, builds, lints (clippy -D warnings), runs all unit
 # and integration tests (the real hearthd on a private system-like bus with the real model),
-# and smoke-runs the benchmark so it cannot rot.
+# smoke-runs the benchmark so it cannot rot, and checks the deployment files (systemd,
+# D-Bus, polkit, SELinux).
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
@@ -32,5 +33,8 @@ cargo test --workspace --quiet -- --test-threads=1
 
 echo "test: benchmark smoke run"
 ./target/debug/hearth-bench --quick
+
+echo "test: deployment (install tree, systemd unit verify + exposure, polkit, SELinux)"
+./scripts/deploy-check.sh
 
 echo "test: all passed"

@@ -1,7 +1,7 @@
 //! Daemon configuration: defaults in code, then the vendor file, then the admin's overrides
 //! (or exactly one `--config` file on top of the defaults). Unknown keys are errors.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use serde::Deserialize;
 
@@ -169,12 +169,14 @@ impl Default for LimitsConfig {
 }
 
 impl Config {
-    /// Loads the configuration: `explicit` alone on top of the defaults when given, else the
-    /// vendor then the admin file, each where it exists. Tables merge key by key.
-    pub fn load(explicit: Option<&Path>) -> Result<Self, ConfigError> {
-        let files: Vec<PathBuf> = match explicit {
-            Some(p) => vec![p.to_owned()],
-            None => [VENDOR_CONFIG, ADMIN_CONFIG].iter().map(PathBuf::from).filter(|p| p.exists()).collect(),
+    /// Loads the configuration: the `explicit` files in order on top of the defaults when any
+    /// are given, else the vendor then the admin file, each where it exists. Tables merge key
+    /// by key.
+    pub fn load(explicit: &[PathBuf]) -> Result<Self, ConfigError> {
+        let files: Vec<PathBuf> = if explicit.is_empty() {
+            [VENDOR_CONFIG, ADMIN_CONFIG].iter().map(PathBuf::from).filter(|p| p.exists()).collect()
+        } else {
+            explicit.to_vec()
         };
         let mut merged = toml::Table::new();
         for path in &files {
@@ -257,6 +259,8 @@ fn merge(into: &mut toml::Table, from: toml::Table) {
 
 #[cfg(test)]
 mod tests {
+    use std::path::Path;
+
     use super::*;
 
     fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
@@ -269,7 +273,7 @@ mod tests {
     fn defaults_apply_under_a_partial_file() {
         let dir = tempfile::tempdir().unwrap();
         let p = write(dir.path(), "a.toml", "[engine]\nthreads = 3\n");
-        let c = Config::load(Some(&p)).unwrap();
+        let c = Config::load(std::slice::from_ref(&p)).unwrap();
         assert_eq!(c.engine.threads, 3);
         assert_eq!(c.engine.context_length, 2048);
         assert_eq!(c.models, ModelsConfig::default());
@@ -279,12 +283,18 @@ mod tests {
     fn unknown_keys_and_bad_values_are_errors() {
         let dir = tempfile::tempdir().unwrap();
         let p = write(dir.path(), "a.toml", "[engine]\nthread = 3\n");
-        let err = Config::load(Some(&p)).unwrap_err().to_string();
+        let err = Config::load(std::slice::from_ref(&p)).unwrap_err().to_string();
         assert!(err.contains("unknown field"), "{err}");
         let p = write(dir.path(), "b.toml", "[engine]\ncontext_length = 8\n");
-        assert!(matches!(Config::load(Some(&p)), Err(ConfigError::Invalid(_))));
+        assert!(matches!(Config::load(std::slice::from_ref(&p)), Err(ConfigError::Invalid(_))));
         let p = write(dir.path(), "c.toml", "[limits]\nqueue_capacity = \"many\"\n");
-        assert!(matches!(Config::load(Some(&p)), Err(ConfigError::Parse { .. })));
+        assert!(matches!(Config::load(std::slice::from_ref(&p)), Err(ConfigError::Parse { .. })));
+    }
+
+    #[test]
+    fn the_shipped_vendor_file_states_the_defaults() {
+        let vendor = Path::new(env!("CARGO_MANIFEST_DIR")).join("data/hearthd.toml");
+        assert_eq!(Config::load(&[vendor]).unwrap(), Config::default());
     }
 
     #[test]

@@ -20,7 +20,7 @@ use std::time::Duration;
 
 use clap::Parser;
 use futures_util::StreamExt;
-use signal_hook::consts::{SIGINT, SIGTERM};
+use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
 use tracing_subscriber::EnvFilter;
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
@@ -36,9 +36,10 @@ const DRAIN_LIMIT: Duration = Duration::from_secs(10);
 #[derive(Debug, Parser)]
 #[command(name = "hearthd", version, about = "Hearth: the phone's own AI service")]
 struct Args {
-    /// Configuration file (instead of /usr/share/hearth/hearthd.toml + /etc/hearth/hearthd.toml).
+    /// Configuration file, instead of /usr/share/hearth/hearthd.toml + /etc/hearth/hearthd.toml;
+    /// repeat it to layer several (later files override earlier ones key by key).
     #[arg(long, value_name = "PATH")]
-    config: Option<PathBuf>,
+    config: Vec<PathBuf>,
     /// D-Bus address to serve on instead of the system bus (tests, demos).
     #[arg(long, value_name = "ADDRESS")]
     bus_address: Option<String>,
@@ -87,7 +88,7 @@ fn main() -> ExitCode {
 }
 
 fn run(args: Args) -> Result<(), MainError> {
-    let config = Config::load(args.config.as_deref())?;
+    let config = Config::load(&args.config)?;
     let catalog = Arc::new(Catalog::scan(&config.models.dirs));
     tracing::info!(
         version = env!("CARGO_PKG_VERSION"),
@@ -115,11 +116,10 @@ fn run(args: Args) -> Result<(), MainError> {
 }
 
 async fn serve(args: Args, config: &Config, models: ModelManager) -> Result<(), MainError> {
-    let mut signals = signal_hook_tokio::Signals::new([SIGTERM, SIGINT])?;
+    let mut signals = signal_hook_tokio::Signals::new([SIGTERM, SIGINT, SIGHUP])?;
     let in_flight = InFlight::default();
     let callers = CallerCache::default();
-    let service =
-        HearthService::new(models.clone(), config.limits.default_max_tokens, in_flight.clone(), callers.clone());
+    let service = HearthService::new(models.clone(), in_flight.clone(), callers.clone());
     let builder = match &args.bus_address {
         Some(address) => zbus::connection::Builder::address(address.as_str())?,
         None => zbus::connection::Builder::system()?,
@@ -135,10 +135,18 @@ async fn serve(args: Args, config: &Config, models: ModelManager) -> Result<(), 
             let models = models.clone();
             async move { models.preload_pinned().await }
         }),
+        tokio::spawn(ping_watchdog(models.clone())),
     ];
+    notify(&[sd_notify::NotifyState::Ready, sd_notify::NotifyState::Status("serving")]);
 
-    let signal = signals.next().await;
+    let signal = loop {
+        match signals.next().await {
+            Some(SIGHUP) => reload(&args, &models),
+            other => break other,
+        }
+    };
     tracing::info!(signal = ?signal, "stopping: cancelling in-flight requests");
+    notify(&[sd_notify::NotifyState::Stopping]);
     for task in &tasks {
         task.abort();
     }
@@ -153,6 +161,48 @@ async fn serve(args: Args, config: &Config, models: ModelManager) -> Result<(), 
     }
     signals.handle().close();
     Ok(())
+}
+
+/// Tells the service manager (systemd, Type=notify) about a state change; a no-op when not
+/// started by one.
+fn notify(states: &[sd_notify::NotifyState<'_>]) {
+    if let Err(e) = sd_notify::notify(states) {
+        tracing::warn!(error = %e, "cannot notify the service manager");
+    }
+}
+
+/// SIGHUP: reads the configuration and the model directories again and puts them in force.
+/// Streams in flight and loaded models carry on; a bad configuration is refused, loudly, and
+/// the running one stays.
+fn reload(args: &Args, models: &ModelManager) {
+    notify(&[sd_notify::NotifyState::Reloading]);
+    let result = Config::load(&args.config).map_err(|e| e.to_string()).and_then(|config| {
+        let catalog = Catalog::scan(&config.models.dirs);
+        let installed = catalog.len();
+        models.reload(config, catalog).map_err(|e| e.to_string()).map(|()| installed)
+    });
+    match result {
+        Ok(installed) => tracing::info!(models = installed, "configuration reloaded"),
+        Err(e) => tracing::error!(error = %e, "configuration not reloaded; the running one stays"),
+    }
+    notify(&[sd_notify::NotifyState::Ready]);
+}
+
+/// Pings the systemd watchdog (WatchdogSec=) while every loaded engine's loop answers, so a
+/// stuck engine gets hearthd restarted. Does nothing unless systemd asked for pings.
+async fn ping_watchdog(models: ModelManager) {
+    let Some(period) = sd_notify::watchdog_enabled() else { return };
+    let every = period / 2;
+    tracing::info!(period_ms = period.as_millis() as u64, "pinging the systemd watchdog");
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        match models.stalled_engine(every).await {
+            None => notify(&[sd_notify::NotifyState::Watchdog]),
+            Some(name) => tracing::error!(model = %name, "engine does not answer: withholding the watchdog ping"),
+        }
+    }
 }
 
 /// Unloads models whose keep-alive ran out.
@@ -172,12 +222,17 @@ async fn watch_memory_pressure(models: ModelManager, config: config::MemoryConfi
         return;
     };
     tracing::info!(file = %path.display(), "watching memory pressure");
+    let mut config = config;
     let mut detector = memory::PressureDetector::new(&config);
-    let mut tick = tokio::time::interval(memory::interval(&config));
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut failing = false;
     loop {
-        tick.tick().await;
+        tokio::time::sleep(memory::interval(&config)).await;
+        // Thresholds follow a reload (SIGHUP); the file stays the one chosen at start.
+        let now = models.config().memory.clone();
+        if now != config {
+            detector = memory::PressureDetector::new(&now);
+            config = now;
+        }
         match memory::read_pressure(&path) {
             Ok(reading) => {
                 failing = false;

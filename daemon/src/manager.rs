@@ -13,7 +13,7 @@
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use hearth_ffi::{Backend, DeviceInfo, Model, ModelParams};
@@ -182,8 +182,9 @@ struct State {
 
 #[derive(Debug)]
 struct Inner {
-    config: Config,
-    catalog: Arc<Catalog>,
+    /// Replaced as a whole on reload (SIGHUP); engines already running keep their settings.
+    config: RwLock<Arc<Config>>,
+    catalog: RwLock<Arc<Catalog>>,
     backend: Backend,
     devices: Vec<DeviceInfo>,
     hashes: HashCache,
@@ -207,6 +208,25 @@ pub enum ManagerError {
     PinnedModelMissing(String),
     #[error("engine.devices names {missing:?}, but the devices present are {present:?}")]
     NoSuchDevice { missing: String, present: Vec<String> },
+    #[error("engine.devices cannot change while hearthd runs (restart it)")]
+    DevicesChanged,
+}
+
+/// The checks a configuration must pass against the installed models and present devices.
+fn check(config: &Config, catalog: &Catalog, devices: &[DeviceInfo]) -> Result<(), ManagerError> {
+    if catalog.get(&config.models.default).is_none() {
+        return Err(ManagerError::DefaultModelMissing(config.models.default.clone()));
+    }
+    if let Some(p) = config.models.pinned.iter().find(|p| catalog.get(p).is_none()) {
+        return Err(ManagerError::PinnedModelMissing(p.clone()));
+    }
+    if let Some(missing) = config.engine.devices.iter().find(|d| !devices.iter().any(|x| &&x.name == d)) {
+        return Err(ManagerError::NoSuchDevice {
+            missing: missing.clone(),
+            present: devices.iter().map(|d| d.name.clone()).collect(),
+        });
+    }
+    Ok(())
 }
 
 fn unavailable(name: &str, reason: impl Into<String>) -> Error {
@@ -219,28 +239,17 @@ fn mib(bytes: u64) -> String {
 
 impl ModelManager {
     pub fn new(config: Config, catalog: Arc<Catalog>, budget: u64) -> Result<Self, ManagerError> {
-        if catalog.get(&config.models.default).is_none() {
-            return Err(ManagerError::DefaultModelMissing(config.models.default.clone()));
-        }
-        if let Some(p) = config.models.pinned.iter().find(|p| catalog.get(p).is_none()) {
-            return Err(ManagerError::PinnedModelMissing(p.clone()));
-        }
         let backend = Backend::init();
         let devices = backend.devices();
-        if let Some(missing) = config.engine.devices.iter().find(|d| !devices.iter().any(|x| &&x.name == d)) {
-            return Err(ManagerError::NoSuchDevice {
-                missing: missing.clone(),
-                present: devices.iter().map(|d| d.name.clone()).collect(),
-            });
-        }
+        check(&config, &catalog, &devices)?;
         let cache_path = prepare_state_dir(&config.daemon.state_dir).map(|d| d.join("model-hashes.toml"));
         let status =
             ManagerStatus { memory: MemoryStatus { budget, ..MemoryStatus::default() }, ..ManagerStatus::default() };
         let (status, _) = watch::channel(status);
         Ok(Self {
             inner: Arc::new(Inner {
-                config,
-                catalog,
+                config: RwLock::new(Arc::new(config)),
+                catalog: RwLock::new(catalog),
                 backend,
                 devices,
                 hashes: HashCache::open(cache_path),
@@ -256,13 +265,52 @@ impl ModelManager {
         self.inner.status.subscribe()
     }
 
-    pub fn default_model(&self) -> &str {
-        &self.inner.config.models.default
+    pub fn default_model(&self) -> String {
+        self.config().models.default.clone()
+    }
+
+    /// The configuration in force.
+    pub fn config(&self) -> Arc<Config> {
+        Arc::clone(&self.inner.config.read().unwrap_or_else(std::sync::PoisonError::into_inner))
+    }
+
+    fn catalog(&self) -> Arc<Catalog> {
+        Arc::clone(&self.inner.catalog.read().unwrap_or_else(std::sync::PoisonError::into_inner))
+    }
+
+    /// Puts a new configuration and model catalog in force (SIGHUP). Running engines and their
+    /// requests are untouched; new settings apply to the next load of each model. A config
+    /// that fails the start checks is refused and the old one stays.
+    pub fn reload(&self, config: Config, catalog: Catalog) -> Result<(), ManagerError> {
+        check(&config, &catalog, &self.inner.devices)?;
+        if config.engine.devices != self.config().engine.devices {
+            return Err(ManagerError::DevicesChanged);
+        }
+        let mut guard = self.state();
+        let state = &mut *guard;
+        for l in state.loaded.values_mut() {
+            if let Some(entry) = catalog.get(&l.engine.model().name) {
+                l.pinned = entry.manifest.pinned
+                    || config.models.pinned.contains(&entry.manifest.name)
+                    || state.pinned.contains(&entry.manifest.name);
+                l.keep_alive = Duration::from_secs(entry.manifest.keep_alive_s.unwrap_or(config.models.keep_alive_s));
+            } else {
+                // Gone from the catalog: no new requests; unloaded once idle.
+                l.pinned = false;
+                l.keep_alive = Duration::ZERO;
+            }
+        }
+        drop(guard);
+        let budget = crate::memory::budget(&config.memory);
+        self.inner.status.send_modify(|s| s.memory.budget = budget);
+        *self.inner.catalog.write().unwrap_or_else(std::sync::PoisonError::into_inner) = Arc::new(catalog);
+        *self.inner.config.write().unwrap_or_else(std::sync::PoisonError::into_inner) = Arc::new(config);
+        Ok(())
     }
 
     /// The compute devices ggml found, and whether hearthd owns (may offload to) each.
     pub fn backends(&self) -> Vec<(DeviceInfo, bool)> {
-        let owned = &self.inner.config.engine.devices;
+        let owned = &self.config().engine.devices;
         self.inner
             .devices
             .iter()
@@ -285,14 +333,15 @@ impl ModelManager {
 
     fn pinned(&self, state: &State, entry: &ModelEntry) -> bool {
         entry.manifest.pinned
-            || self.inner.config.models.pinned.contains(&entry.manifest.name)
+            || self.config().models.pinned.contains(&entry.manifest.name)
             || state.pinned.contains(&entry.manifest.name)
     }
 
     /// A lease on the model `name` (None: the default), loading it first if needed.
     pub async fn acquire(&self, name: Option<&str>) -> Result<Lease, Error> {
-        let name = name.unwrap_or(&self.inner.config.models.default).to_owned();
-        let entry = self.inner.catalog.get(&name).ok_or_else(|| Error::ModelNotFound(name.clone()))?;
+        let name = name.map_or_else(|| self.default_model(), str::to_owned);
+        let catalog = self.catalog();
+        let entry = catalog.get(&name).ok_or_else(|| Error::ModelNotFound(name.clone()))?;
         if !entry.has(Capability::Chat) {
             let caps: Vec<_> = entry.manifest.capabilities.iter().map(|c| c.as_str()).collect();
             return Err(unavailable(&name, format!("it cannot chat (capabilities: {})", caps.join(", "))));
@@ -372,7 +421,8 @@ impl ModelManager {
     }
 
     async fn load(&self, name: &str, shrunk: bool) -> Result<(), Error> {
-        let entry = self.inner.catalog.get(name).ok_or_else(|| Error::ModelNotFound(name.to_owned()))?.clone();
+        let entry = self.catalog().get(name).ok_or_else(|| Error::ModelNotFound(name.to_owned()))?.clone();
+        let config = self.config();
         let started = Instant::now();
         self.set_progress(name, LoadPhase::Verifying, 0.0);
         // Room for the weights first, so reading them does not push others out of memory.
@@ -381,9 +431,9 @@ impl ModelManager {
 
         let this = self.clone();
         let params = ModelParams {
-            n_gpu_layers: self.inner.config.engine.gpu_layers,
+            n_gpu_layers: config.engine.gpu_layers,
             use_mmap: true,
-            devices: self.inner.config.engine.devices.clone(),
+            devices: config.engine.devices.clone(),
         };
         let entry2 = entry.clone();
         let model = tokio::task::spawn_blocking(move || this.read_model(&entry2, &params))
@@ -391,8 +441,8 @@ impl ModelManager {
             .map_err(|e| Error::Internal(format!("model loader: {e}")))??;
         let verified_at = started.elapsed();
 
-        let context_length = entry.manifest.context_length.unwrap_or(self.inner.config.engine.context_length);
-        let full = EngineSettings::from_config(&self.inner.config, context_length);
+        let context_length = entry.manifest.context_length.unwrap_or(config.engine.context_length);
+        let full = EngineSettings::from_config(&config, context_length);
         let settings = if shrunk { full.shrunk() } else { full.clone() };
         let weights = model.size_bytes();
         let kv = model.kv_geometry().bytes(settings.kv_tokens());
@@ -408,7 +458,7 @@ impl ModelManager {
 
         let (pinned, keep_alive) = {
             let state = self.state();
-            let keep_alive = entry.manifest.keep_alive_s.unwrap_or(self.inner.config.models.keep_alive_s);
+            let keep_alive = entry.manifest.keep_alive_s.unwrap_or(config.models.keep_alive_s);
             (self.pinned(&state, &entry), Duration::from_secs(keep_alive))
         };
         let activity = Arc::new(Activity { active: AtomicU32::new(0), last_used_ms: AtomicU64::new(self.now_ms()) });
@@ -609,7 +659,9 @@ impl ModelManager {
 
     /// Admin: loads `name` now, and pins it when `pin` is set.
     pub async fn load_model(&self, name: &str, pin: bool) -> Result<(), Error> {
-        let entry = self.inner.catalog.get(name).ok_or_else(|| Error::ModelNotFound(name.to_owned()))?;
+        if self.catalog().get(name).is_none() {
+            return Err(Error::ModelNotFound(name.to_owned()));
+        }
         if pin {
             let mut state = self.state();
             state.pinned.insert(name.to_owned());
@@ -617,15 +669,11 @@ impl ModelManager {
                 l.pinned = true;
             }
         }
-        let _ = entry;
         self.ensure_loaded(name).await
     }
 
     /// Admin: unloads `name` (pinned or not) unless it is serving requests.
     pub async fn unload_model(&self, name: &str) -> Result<(), Error> {
-        if self.inner.catalog.get(name).is_none() {
-            return Err(Error::ModelNotFound(name.to_owned()));
-        }
         let _serial = self.inner.load_lock.lock().await;
         {
             let mut state = self.state();
@@ -713,6 +761,18 @@ impl ModelManager {
         }
     }
 
+    /// The first loaded model whose engine does not answer a ping within `limit`.
+    pub async fn stalled_engine(&self, limit: Duration) -> Option<String> {
+        let engines: Vec<(String, EngineHandle)> =
+            self.state().loaded.iter().map(|(n, l)| (n.clone(), l.engine.clone())).collect();
+        for (name, engine) in engines {
+            if !engine.ping(limit).await {
+                return Some(name);
+            }
+        }
+        None
+    }
+
     /// A bus connection closed: every engine cancels its requests.
     pub async fn connection_closed(&self, connection: &str) {
         let engines: Vec<EngineHandle> = self.state().loaded.values().map(|l| l.engine.clone()).collect();
@@ -737,8 +797,7 @@ impl ModelManager {
     /// Every installed model, as ListModels reports it.
     pub fn report(&self) -> Vec<ModelReport> {
         let state = self.state();
-        self.inner
-            .catalog
+        self.catalog()
             .iter()
             .map(|entry| {
                 let l = state.loaded.get(&entry.manifest.name);
@@ -759,7 +818,7 @@ impl ModelManager {
     pub async fn preload_pinned(&self) {
         let pinned: Vec<String> = {
             let state = self.state();
-            self.inner.catalog.iter().filter(|e| self.pinned(&state, e)).map(|e| e.manifest.name.clone()).collect()
+            self.catalog().iter().filter(|e| self.pinned(&state, e)).map(|e| e.manifest.name.clone()).collect()
         };
         for name in pinned {
             if let Err(e) = self.ensure_loaded(&name).await {

@@ -5,7 +5,7 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use procfs::{Current, FromRead};
+use procfs::FromRead;
 
 use crate::config::MemoryConfig;
 
@@ -42,9 +42,10 @@ pub fn pressure_file(config: &MemoryConfig) -> Option<PathBuf> {
         .or_else(|| Some(PathBuf::from("/proc/pressure/memory")).filter(|p| read_pressure(p).is_ok()))
 }
 
-/// Bytes the service may use: its cgroup's memory.max, capped by MemTotal.
+/// Bytes the service may use: its cgroup's memory.max, capped by the RAM size (sysinfo(2),
+/// which works under systemd's ProcSubset=pid where /proc/meminfo is hidden).
 fn memory_limit() -> u64 {
-    let total = procfs::Meminfo::current().map(|m| m.mem_total).unwrap_or(u64::MAX);
+    let total = nix::sys::sysinfo::sysinfo().map(|i| i.ram_total()).unwrap_or(u64::MAX);
     let cgroup = own_cgroup_dir()
         .and_then(|d| std::fs::read_to_string(d.join("memory.max")).ok())
         .and_then(|s| s.trim().parse::<u64>().ok())

@@ -78,6 +78,11 @@ pub struct Bus {
 
 impl Bus {
     pub fn start() -> Self {
+        Self::start_with_policy(&workspace_root().join("dbus/data/org.hearth.Hearth1.conf"))
+    }
+
+    /// A bus that includes `policy` as Hearth's bus policy (e.g. an installed copy).
+    pub fn start_with_policy(policy: &Path) -> Self {
         let dir = tempfile::tempdir().expect("tempdir");
         let template =
             std::fs::read_to_string(workspace_root().join("tests/data/system-bus.conf.in")).expect("bus template");
@@ -88,7 +93,7 @@ impl Bus {
             .map_or_else(|| "root".to_owned(), |u| u.name);
         let conf = template
             .replace("@SOCKET@", &socket.display().to_string())
-            .replace("@POLICY@", &workspace_root().join("dbus/data/org.hearth.Hearth1.conf").display().to_string())
+            .replace("@POLICY@", &policy.display().to_string())
             .replace("@TEST_USER@", &user);
         let conf_path = dir.path().join("bus.conf");
         std::fs::write(&conf_path, conf).expect("write bus conf");
@@ -151,6 +156,8 @@ pub struct Settings {
     pub models: String,
     /// Extra lines for the `[memory]` table.
     pub memory: String,
+    /// Extra environment of the daemon.
+    pub env: Vec<(String, String)>,
 }
 
 /// The real hearthd on a [`Bus`].
@@ -175,29 +182,30 @@ impl Daemon {
     /// Starts hearthd with `settings` over the test configuration.
     pub async fn start_configured(bus: &Bus, settings: &Settings) -> Self {
         let dir = tempfile::tempdir().expect("tempdir");
-        let dirs = settings.models_dirs.clone().unwrap_or_else(|| vec![models_dir()]);
-        let dirs: Vec<String> = dirs.iter().map(|d| format!("{:?}", d.display().to_string())).collect();
-        let config = format!(
-            "[daemon]\nstate_dir = {:?}\n\n[models]\ndirs = [{}]\n{}\n\n[memory]\n{}\n\n[engine]\nthreads = {}\ncontext_length = {CONTEXT}\nbatch_size = {BATCH}\nmax_sequences = {}\ninteractive_sequences = {}\n{}\n\n[limits]\n{}\n",
-            dir.path().join("state").display().to_string(),
-            dirs.join(", "),
-            settings.models,
-            settings.memory,
-            threads(),
-            settings.max_sequences.unwrap_or(SEQUENCES),
-            settings.interactive_sequences.unwrap_or(2),
-            settings.engine,
-            settings.limits,
-        );
         let config_path = dir.path().join("hearthd.toml");
-        std::fs::write(&config_path, config).expect("write config");
+        std::fs::write(&config_path, config_text(settings, dir.path())).expect("write config");
+        Self::spawn(bus, &workspace_bin("hearthd"), &[config_path], &settings.env, dir).await
+    }
+
+    /// Starts `exe` (e.g. an installed hearthd) with `configs` layered in order, and waits until
+    /// it owns its name. `dir` holds its log and lives as long as the daemon.
+    pub async fn spawn(
+        bus: &Bus,
+        exe: &Path,
+        configs: &[PathBuf],
+        env: &[(String, String)],
+        dir: tempfile::TempDir,
+    ) -> Self {
         let log = std::fs::File::create(dir.path().join("hearthd.log")).expect("log file");
-        let child = Command::new(workspace_bin("hearthd"))
-            .arg("--config")
-            .arg(&config_path)
+        let mut cmd = Command::new(exe);
+        for c in configs {
+            cmd.arg("--config").arg(c);
+        }
+        let child = cmd
             .arg("--bus-address")
             .arg(bus.address())
             .env("HEARTH_LOG", "debug,zbus=info")
+            .envs(env.iter().map(|(k, v)| (k, v)))
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
@@ -218,6 +226,21 @@ impl Daemon {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         daemon
+    }
+
+    /// The test configuration file (start_configured); rewrite it and send SIGHUP to reload.
+    pub fn config_path(&self) -> PathBuf {
+        self.dir.path().join("hearthd.toml")
+    }
+
+    /// Writes `settings` as the daemon's configuration file (takes effect on SIGHUP).
+    pub fn write_config(&self, settings: &Settings) {
+        std::fs::write(self.config_path(), config_text(settings, self.dir.path())).expect("write config");
+    }
+
+    /// Sends a signal to the daemon.
+    pub fn signal(&self, signal: nix::sys::signal::Signal) {
+        nix::sys::signal::kill(self.pid(), signal).expect("signal hearthd");
     }
 
     pub fn pid(&self) -> nix::unistd::Pid {
@@ -265,6 +288,24 @@ impl Drop for Daemon {
             let _ = self.child.wait();
         }
     }
+}
+
+/// The test configuration for `settings`, with state under `dir`.
+fn config_text(settings: &Settings, dir: &Path) -> String {
+    let dirs = settings.models_dirs.clone().unwrap_or_else(|| vec![models_dir()]);
+    let dirs: Vec<String> = dirs.iter().map(|d| format!("{:?}", d.display().to_string())).collect();
+    format!(
+        "[daemon]\nstate_dir = {:?}\n\n[models]\ndirs = [{}]\n{}\n\n[memory]\n{}\n\n[engine]\nthreads = {}\ncontext_length = {CONTEXT}\nbatch_size = {BATCH}\nmax_sequences = {}\ninteractive_sequences = {}\n{}\n\n[limits]\n{}\n",
+        dir.join("state").display().to_string(),
+        dirs.join(", "),
+        settings.models,
+        settings.memory,
+        threads(),
+        settings.max_sequences.unwrap_or(SEQUENCES),
+        settings.interactive_sequences.unwrap_or(2),
+        settings.engine,
+        settings.limits,
+    )
 }
 
 /// A proxy of the service that reads properties from the daemon on every call (no cache that

@@ -192,6 +192,8 @@ enum Command {
     },
     /// A bus connection went away: cancel its requests and free their KV.
     ConnectionClosed(String),
+    /// Liveness check: the engine loop answers between decode steps.
+    Ping(oneshot::Sender<()>),
     /// Finish every request as Cancelled and stop the thread.
     Shutdown,
 }
@@ -372,6 +374,17 @@ impl EngineHandle {
         }
         let accepted = verdict.await.map_err(|_| Error::Cancelled(CancelReason::Shutdown))??;
         Ok(Submission { accepted, events })
+    }
+
+    /// Whether the engine loop answers within `limit` (it answers between decode steps, so a
+    /// loop stuck in one step or deadlocked does not).
+    pub async fn ping(&self, limit: Duration) -> bool {
+        let (tx, rx) = oneshot::channel();
+        let answered = async {
+            self.tx.send(Command::Ping(tx)).await.ok()?;
+            rx.await.ok()
+        };
+        matches!(tokio::time::timeout(limit, answered).await, Ok(Some(())))
     }
 
     /// Tells the engine that a bus connection is gone, so its requests end and free their KV.

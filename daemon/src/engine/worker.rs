@@ -39,6 +39,9 @@ pub(super) struct Worker {
     n_ctx: u32,
     next_id: u64,
     prefix_cache: bool,
+    /// Debug builds only: with HEARTH_DEBUG_STALL_ENGINE set, the first decode step hangs, so
+    /// tests can watch the systemd watchdog ping stop.
+    stall: bool,
 }
 
 impl Worker {
@@ -71,6 +74,7 @@ impl Worker {
             n_ctx,
             next_id: 1,
             prefix_cache: settings.prefix_cache,
+            stall: cfg!(debug_assertions) && std::env::var_os("HEARTH_DEBUG_STALL_ENGINE").is_some(),
         }
     }
 
@@ -79,7 +83,9 @@ impl Worker {
         loop {
             if self.running.is_empty() && self.scheduler.waiting().is_empty() {
                 match self.rx.blocking_recv() {
-                    Some(cmd @ (Command::Submit { .. } | Command::ConnectionClosed(_))) => self.handle(cmd),
+                    Some(cmd @ (Command::Submit { .. } | Command::ConnectionClosed(_) | Command::Ping(_))) => {
+                        self.handle(cmd)
+                    }
                     Some(Command::Shutdown) | None => break,
                 }
             }
@@ -130,6 +136,9 @@ impl Worker {
                 if n > 0 {
                     tracing::info!(connection, requests = n, "caller disconnected: cancelling its requests");
                 }
+            }
+            Command::Ping(reply) => {
+                let _ = reply.send(());
             }
             Command::Shutdown => {}
         }
@@ -247,6 +256,12 @@ impl Worker {
 
     /// Builds one batch from the running sequences, decodes it and samples.
     fn step(&mut self) {
+        if self.stall {
+            tracing::warn!("HEARTH_DEBUG_STALL_ENGINE: the engine hangs here on purpose");
+            loop {
+                std::thread::park();
+            }
+        }
         self.batch.clear();
         // While a request prefills, lower-priority sequences pause (no decode step): the
         // newcomer's prompt and first token come first.

@@ -26,15 +26,14 @@ use crate::request::{Method, parse};
 #[derive(Debug)]
 pub struct HearthService {
     models: ModelManager,
-    default_max_tokens: u32,
     next_request: AtomicU64,
     in_flight: InFlight,
     callers: CallerCache,
 }
 
 impl HearthService {
-    pub fn new(models: ModelManager, default_max_tokens: u32, in_flight: InFlight, callers: CallerCache) -> Self {
-        Self { models, default_max_tokens, next_request: AtomicU64::new(1), in_flight, callers }
+    pub fn new(models: ModelManager, in_flight: InFlight, callers: CallerCache) -> Self {
+        Self { models, next_request: AtomicU64::new(1), in_flight, callers }
     }
 }
 
@@ -159,7 +158,7 @@ impl HearthService {
         request: HashMap<String, OwnedValue>,
     ) -> Result<OwnedObjectPath, BusError> {
         let sender = caller(&header)?;
-        let parsed = parse(&request, Method::Generate, self.default_max_tokens)?;
+        let parsed = parse(&request, Method::Generate, self.models.config().limits.default_max_tokens)?;
         let who = identify(conn, &self.callers, &sender).await?;
         let cancel = CancelToken::default();
         let server = conn.object_server();
@@ -218,7 +217,7 @@ impl HearthService {
         request: HashMap<String, OwnedValue>,
     ) -> Result<HashMap<String, OwnedValue>, BusError> {
         let sender = caller(&header)?;
-        let parsed = parse(&request, Method::Complete, self.default_max_tokens)?;
+        let parsed = parse(&request, Method::Complete, self.models.config().limits.default_max_tokens)?;
         let who = identify(conn, &self.callers, &sender).await?;
         let _guard = self.in_flight.enter();
         let refused = |e: &Error| tracing::info!(caller = %sender, error = %e, "complete refused");
@@ -240,7 +239,7 @@ impl HearthService {
     /// The installed models; see org.hearth.Hearth1.xml.
     #[zbus(out_args("models"))]
     async fn list_models(&self) -> Result<Vec<HashMap<String, OwnedValue>>, BusError> {
-        let default = self.models.default_model().to_owned();
+        let default = self.models.default_model();
         Ok(self.models.report().into_iter().map(|r| model_dict(&r, &default)).collect())
     }
 

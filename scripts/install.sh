@@ -1,0 +1,68 @@
+#!/usr/bin/env bash
+# Installs Hearth into a root file system tree, as a distribution package would:
+#
+#   scripts/install.sh [--destdir DIR] [--prefix /usr] [--profile release|debug] [--with-model]
+#
+# DESTDIR (default: none, i.e. /) is the staging root; PREFIX is where /usr goes. The binaries
+# come from target/<profile> (build them first: `make` does). --with-model also installs the
+# default model from ./models into PREFIX/share/hearth/models (scripts/fetch-model.sh first).
+# Modes follow "Files on a device" in ARCHITECTURE.md: everything root-owned and read-only to
+# the service; /var/lib/hearth comes from systemd (StateDirectory=, tmpfiles.d).
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "$0")/.." && pwd)"
+DESTDIR="${DESTDIR:-}"
+PREFIX="${PREFIX:-/usr}"
+PROFILE="${PROFILE:-release}"
+WITH_MODEL=0
+while [ $# -gt 0 ]; do
+    case "$1" in
+        --destdir) DESTDIR="$2"; shift 2 ;;
+        --prefix) PREFIX="$2"; shift 2 ;;
+        --profile) PROFILE="$2"; shift 2 ;;
+        --with-model) WITH_MODEL=1; shift ;;
+        *) echo "install: unknown argument $1" >&2; exit 2 ;;
+    esac
+done
+BIN="$ROOT/target/$PROFILE"
+for b in hearthd hearthctl; do
+    [ -x "$BIN/$b" ] || { echo "install: $BIN/$b is missing: build it first (make, or cargo build --profile $PROFILE)" >&2; exit 1; }
+done
+
+# install(1) with an explicit mode and root ownership where we may set it.
+own=()
+[ "$(id -u)" -eq 0 ] && own=(-o root -g root)
+put() { # mode source destination
+    install -D -m "$1" "${own[@]}" "$2" "$DESTDIR$3"
+}
+dir() { # mode directory
+    install -d -m "$1" "${own[@]}" "$DESTDIR$2"
+}
+
+put 0755 "$BIN/hearthd"                                 "$PREFIX/libexec/hearthd"
+put 0755 "$BIN/hearthctl"                               "$PREFIX/bin/hearthctl"
+put 0644 "$ROOT/daemon/data/hearthd.toml"               "$PREFIX/share/hearth/hearthd.toml"
+dir 0755                                                "$PREFIX/share/hearth/models"
+put 0644 "$ROOT/dbus/data/org.hearth.Hearth1.conf"      "$PREFIX/share/dbus-1/system.d/org.hearth.Hearth1.conf"
+put 0644 "$ROOT/dbus/data/org.hearth.Hearth1.service"   "$PREFIX/share/dbus-1/system-services/org.hearth.Hearth1.service"
+put 0644 "$ROOT/dbus/data/org.hearth.Hearth1.xml"       "$PREFIX/share/dbus-1/interfaces/org.hearth.Hearth1.xml"
+put 0644 "$ROOT/dbus/data/org.hearth.Hearth1.policy"    "$PREFIX/share/polkit-1/actions/org.hearth.Hearth1.policy"
+put 0644 "$ROOT/systemd/hearthd.service"                "$PREFIX/lib/systemd/system/hearthd.service"
+put 0644 "$ROOT/systemd/hearth.sysusers"                "$PREFIX/lib/sysusers.d/hearth.conf"
+put 0644 "$ROOT/systemd/hearth.tmpfiles"                "$PREFIX/lib/tmpfiles.d/hearth.conf"
+put 0644 "$ROOT/systemd/hearthd-cloud.conf.example"     "$PREFIX/share/doc/hearth/hearthd-cloud.conf.example"
+put 0644 "$ROOT/README.md"                              "$PREFIX/share/doc/hearth/README.md"
+for f in hearthd.te hearthd.fc hearthd.if; do
+    put 0644 "$ROOT/selinux/$f"                         "$PREFIX/share/selinux/devel/include/contrib/$f"
+done
+if [ -f "$ROOT/target/selinux/hearthd.pp" ]; then
+    put 0644 "$ROOT/target/selinux/hearthd.pp"          "$PREFIX/share/selinux/packages/hearthd.pp"
+fi
+dir 0755 /etc/hearth
+dir 0755 /etc/hearth/apps.d
+if [ "$WITH_MODEL" -eq 1 ]; then
+    for f in "$ROOT"/models/*.toml "$ROOT"/models/*.gguf; do
+        put 0644 "$f" "$PREFIX/share/hearth/models/$(basename "$f")"
+    done
+fi
+echo "install: Hearth installed into ${DESTDIR:-/} (prefix $PREFIX, $PROFILE binaries)"
