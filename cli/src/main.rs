@@ -9,7 +9,7 @@ use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 use clap::{Parser, Subcommand};
-use hearth_dbus::{Error, Generation, Hearth1Proxy, StreamEvent, messages_value, request_key, result_key};
+use hearth_dbus::{Error, Generation, Hearth1Proxy, StreamEvent, request_key, result_key};
 use serde_json::{Value as Json, json};
 use zbus::Connection;
 use zbus::zvariant::{OwnedValue, Value};
@@ -42,34 +42,52 @@ enum Command {
     },
     /// Unload a model now (root or the hearth user).
     Unload { name: String },
+    /// Who hearthd takes this program to be (app id, uid, policy).
+    Whoami,
+    /// Seal text from stdin with the device key; the blob goes to stdout.
+    Seal,
+    /// Reload hearthd's configuration, models and app policies (admin).
+    Reload,
     /// Ask the model; tokens are printed as they arrive.
-    Generate {
-        /// The user's message.
-        prompt: String,
-        /// A system message to put first.
-        #[arg(long)]
-        system: Option<String>,
-        /// Model name (default: the daemon's default model).
-        #[arg(long)]
-        model: Option<String>,
-        #[arg(long)]
-        max_tokens: Option<u32>,
-        /// 0 is greedy.
-        #[arg(long)]
-        temperature: Option<f64>,
-        #[arg(long)]
-        top_p: Option<f64>,
-        #[arg(long)]
-        top_k: Option<u32>,
-        #[arg(long)]
-        seed: Option<u32>,
-        /// interactive, normal (default) or background.
-        #[arg(long)]
-        priority: Option<String>,
-        /// Cancel the request if it has not finished after this many milliseconds.
-        #[arg(long)]
-        deadline_ms: Option<u32>,
-    },
+    Generate(Box<GenerateArgs>),
+}
+
+#[derive(Debug, clap::Args)]
+struct GenerateArgs {
+    /// The user's message.
+    prompt: String,
+    /// A system message to put first.
+    #[arg(long)]
+    system: Option<String>,
+    /// Model name (default: the daemon's default model).
+    #[arg(long)]
+    model: Option<String>,
+    #[arg(long)]
+    max_tokens: Option<u32>,
+    /// 0 is greedy.
+    #[arg(long)]
+    temperature: Option<f64>,
+    #[arg(long)]
+    top_p: Option<f64>,
+    #[arg(long)]
+    top_k: Option<u32>,
+    #[arg(long)]
+    seed: Option<u32>,
+    /// interactive, normal (default) or background.
+    #[arg(long)]
+    priority: Option<String>,
+    /// Cancel the request if it has not finished after this many milliseconds.
+    #[arg(long)]
+    deadline_ms: Option<u32>,
+    /// Privacy scope of the prompt: public, personal (default) or local.
+    #[arg(long)]
+    scope: Option<String>,
+    /// auto (default), local or cloud.
+    #[arg(long)]
+    route: Option<String>,
+    /// A sealed blob (from `hearthctl seal`) sent as a message before the prompt.
+    #[arg(long, value_name = "FILE")]
+    sealed: Option<std::path::PathBuf>,
 }
 
 #[derive(Debug)]
@@ -207,6 +225,25 @@ async fn run(cli: Cli) -> Result<ExitCode, CliError> {
         Command::Unload { name } => {
             proxy.unload_model(&name).await?;
         }
+        Command::Whoami => {
+            let info = dict_json(&proxy.caller_info().await?);
+            if cli.json {
+                println!("{info}");
+            } else if let Json::Object(map) = info {
+                for (k, v) in map {
+                    println!("{k}: {v}");
+                }
+            }
+        }
+        Command::Seal => {
+            let mut data = Vec::new();
+            std::io::Read::read_to_end(&mut std::io::stdin(), &mut data)?;
+            let blob = proxy.seal(&data, HashMap::new()).await?;
+            std::io::stdout().write_all(&blob)?;
+        }
+        Command::Reload => {
+            proxy.reload().await?;
+        }
         Command::Models => {
             let models = proxy.list_models().await?;
             if cli.json {
@@ -225,25 +262,48 @@ async fn run(cli: Cli) -> Result<ExitCode, CliError> {
                 }
             }
         }
-        Command::Generate {
-            prompt,
-            system,
-            model,
-            max_tokens,
-            temperature,
-            top_p,
-            top_k,
-            seed,
-            priority,
-            deadline_ms,
-        } => {
-            let mut messages: Vec<(&str, &str)> = Vec::new();
+        Command::Generate(args) => {
+            let GenerateArgs {
+                prompt,
+                system,
+                model,
+                max_tokens,
+                temperature,
+                top_p,
+                top_k,
+                seed,
+                priority,
+                deadline_ms,
+                scope,
+                route,
+                sealed,
+            } = *args;
+            let text = |role: &str, content: &str, scope: Option<&str>| {
+                let mut m = HashMap::from([
+                    (request_key::ROLE.to_owned(), Value::from(role.to_owned())),
+                    (request_key::CONTENT.to_owned(), Value::from(content.to_owned())),
+                ]);
+                if let Some(s) = scope {
+                    m.insert(request_key::SCOPE.to_owned(), Value::from(s.to_owned()));
+                }
+                m
+            };
+            let mut messages = Vec::new();
             if let Some(s) = &system {
-                messages.push(("system", s));
+                messages.push(text("system", s, None));
             }
-            messages.push(("user", &prompt));
-            let mut request: HashMap<&str, Value<'_>> =
-                HashMap::from([(request_key::MESSAGES, messages_value(&messages))]);
+            if let Some(path) = &sealed {
+                let blob = std::fs::read(path)?;
+                messages.push(HashMap::from([
+                    (request_key::ROLE.to_owned(), Value::from("user")),
+                    (request_key::SEALED.to_owned(), Value::from(blob)),
+                ]));
+            }
+            messages.push(text("user", &prompt, scope.as_deref()));
+            let mut request: HashMap<&str, Value<'_>> = HashMap::from([(request_key::MESSAGES, Value::from(messages))]);
+            if let Some(r) = &route {
+                request.insert(request_key::ROUTE, Value::from(r.as_str()));
+            }
             if let Some(m) = &model {
                 request.insert(request_key::MODEL, Value::from(m.as_str()));
             }

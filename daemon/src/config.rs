@@ -31,6 +31,25 @@ pub struct Config {
     pub engine: EngineConfig,
     pub limits: LimitsConfig,
     pub memory: MemoryConfig,
+    pub apps: AppsConfig,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct AppsConfig {
+    /// Per-app policy files (`*.toml`), vendor first; a later file for the same app wins.
+    pub dirs: Vec<PathBuf>,
+    /// The policy of apps without a file.
+    pub default: crate::policy::AppPolicy,
+}
+
+impl Default for AppsConfig {
+    fn default() -> Self {
+        Self {
+            dirs: vec![PathBuf::from("/usr/share/hearth/apps.d"), PathBuf::from("/etc/hearth/apps.d")],
+            default: crate::policy::AppPolicy::default(),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq)]

@@ -34,6 +34,12 @@ pub enum Error {
     /// The caller may not do this.
     #[error("{0}")]
     NotAuthorized(String),
+    /// Serving the request would send data somewhere its scope forbids.
+    #[error("{0}")]
+    PrivacyViolation(String),
+    /// The cloud route was asked for and cannot be used.
+    #[error("the cloud route is unavailable: {0}")]
+    CloudUnavailable(String),
     /// A failure inside hearthd.
     #[error("internal error: {0}")]
     Internal(String),
@@ -50,6 +56,8 @@ impl From<Error> for BusError {
             Error::Busy { .. } | Error::InUse { .. } => BusError::Busy(msg),
             Error::Cancelled(_) => BusError::Cancelled(msg),
             Error::NotAuthorized(_) => BusError::NotAuthorized(msg),
+            Error::PrivacyViolation(_) => BusError::PrivacyViolation(msg),
+            Error::CloudUnavailable(_) => BusError::CloudUnavailable(msg),
             Error::Internal(_) => BusError::Internal(msg),
         }
     }

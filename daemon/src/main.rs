@@ -7,10 +7,16 @@
 mod config;
 mod engine;
 mod error;
+mod gate;
+mod identity;
 mod manager;
 mod memory;
 mod models;
+mod policy;
+mod polkit;
+mod privacy;
 mod request;
+mod seal;
 mod service;
 
 use std::path::PathBuf;
@@ -26,6 +32,7 @@ use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
 
 use crate::config::Config;
+use crate::gate::Gate;
 use crate::manager::ModelManager;
 use crate::models::Catalog;
 use crate::service::{CallerCache, HearthService, InFlight};
@@ -51,6 +58,8 @@ enum MainError {
     Config(#[from] config::ConfigError),
     #[error(transparent)]
     Models(#[from] manager::ManagerError),
+    #[error(transparent)]
+    Gate(#[from] gate::GateError),
     #[error("D-Bus: {0}")]
     Bus(#[from] zbus::Error),
     #[error("cannot set up the runtime or signals: {0}")]
@@ -99,6 +108,7 @@ fn run(args: Args) -> Result<(), MainError> {
     if catalog.is_empty() {
         tracing::warn!(dirs = ?config.models.dirs, "no usable model manifests found");
     }
+    let gate = Arc::new(Gate::new(&config)?);
     let budget = memory::budget(&config.memory);
     let models = ModelManager::new(config.clone(), catalog, budget)?;
     for (d, owned) in models.backends() {
@@ -108,18 +118,19 @@ fn run(args: Args) -> Result<(), MainError> {
     // The engines do the compute on their own threads; D-Bus work is I/O and fits one
     // runtime thread, which also keeps it from competing with the compute threads for cores.
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
-    let served = runtime.block_on(serve(args, &config, models.clone()));
+    let served = runtime.block_on(serve(args, &config, models.clone(), gate));
     // Whatever happened on the bus, stop the engines before leaving.
     runtime.block_on(models.shutdown());
     tracing::info!("hearthd stopped");
     served
 }
 
-async fn serve(args: Args, config: &Config, models: ModelManager) -> Result<(), MainError> {
+async fn serve(args: Args, config: &Config, models: ModelManager, gate: Arc<Gate>) -> Result<(), MainError> {
     let mut signals = signal_hook_tokio::Signals::new([SIGTERM, SIGINT, SIGHUP])?;
     let in_flight = InFlight::default();
     let callers = CallerCache::default();
-    let service = HearthService::new(models.clone(), in_flight.clone(), callers.clone());
+    let service =
+        HearthService::new(models.clone(), Arc::clone(&gate), args.config.clone(), in_flight.clone(), callers.clone());
     let builder = match &args.bus_address {
         Some(address) => zbus::connection::Builder::address(address.as_str())?,
         None => zbus::connection::Builder::system()?,
@@ -141,7 +152,7 @@ async fn serve(args: Args, config: &Config, models: ModelManager) -> Result<(), 
 
     let signal = loop {
         match signals.next().await {
-            Some(SIGHUP) => reload(&args, &models),
+            Some(SIGHUP) => reload(&args, &models, &gate),
             other => break other,
         }
     };
@@ -174,18 +185,32 @@ fn notify(states: &[sd_notify::NotifyState<'_>]) {
 /// SIGHUP: reads the configuration and the model directories again and puts them in force.
 /// Streams in flight and loaded models carry on; a bad configuration is refused, loudly, and
 /// the running one stays.
-fn reload(args: &Args, models: &ModelManager) {
+fn reload(args: &Args, models: &ModelManager, gate: &Gate) {
     notify(&[sd_notify::NotifyState::Reloading]);
-    let result = Config::load(&args.config).map_err(|e| e.to_string()).and_then(|config| {
+    let _ = reload_all(&args.config, models, gate);
+    notify(&[sd_notify::NotifyState::Ready]);
+}
+
+/// Reads the configuration, the model directories and the app policies again and puts them
+/// in force, all or nothing; the error says why when the running configuration stays.
+pub(crate) fn reload_all(paths: &[PathBuf], models: &ModelManager, gate: &Gate) -> Result<(), String> {
+    let result = Config::load(paths).map_err(|e| e.to_string()).and_then(|config| {
+        // Policies first: they can fail on a bad file, and nothing has changed yet then.
+        let apps = gate.reload(&config).map_err(|e| e.to_string())?;
         let catalog = Catalog::scan(&config.models.dirs);
         let installed = catalog.len();
-        models.reload(config, catalog).map_err(|e| e.to_string()).map(|()| installed)
+        models.reload(config, catalog).map_err(|e| e.to_string()).map(|()| (installed, apps))
     });
     match result {
-        Ok(installed) => tracing::info!(models = installed, "configuration reloaded"),
-        Err(e) => tracing::error!(error = %e, "configuration not reloaded; the running one stays"),
+        Ok((installed, apps)) => {
+            tracing::info!(models = installed, apps, "configuration reloaded");
+            Ok(())
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "configuration not reloaded; the running one stays");
+            Err(format!("configuration not reloaded: {e}"))
+        }
     }
-    notify(&[sd_notify::NotifyState::Ready]);
 }
 
 /// Pings the systemd watchdog (WatchdogSec=) while every loaded engine's loop answers, so a

@@ -4,11 +4,12 @@
 use std::collections::HashMap;
 
 use hearth_dbus::request_key as key;
-use hearth_ffi::{ChatMessage, SamplerParams};
+use hearth_ffi::SamplerParams;
 use zbus::zvariant::{OwnedValue, Value};
 
 use crate::engine::{GenerateRequest, Priority};
 use crate::error::Error;
+use crate::privacy::{Content, Part, RouteRequest, Scope};
 
 /// Most messages in one request.
 const MAX_MESSAGES: usize = 1024;
@@ -25,10 +26,13 @@ pub enum Method {
     Complete,
 }
 
-/// A parsed request.
+/// A parsed request. `request.messages` is empty until the privacy gate has unsealed
+/// `parts` and admitted them.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Parsed {
     pub request: GenerateRequest,
+    pub parts: Vec<Part>,
+    pub route: RouteRequest,
     pub handle_token: Option<String>,
 }
 
@@ -75,7 +79,7 @@ fn as_f64(k: &str, v: &Value<'_>) -> Result<f64, Error> {
     if x.is_finite() { Ok(x) } else { Err(invalid(format!("{k} must be finite"))) }
 }
 
-fn parse_messages(v: &Value<'_>) -> Result<Vec<ChatMessage>, Error> {
+fn parse_messages(v: &Value<'_>) -> Result<Vec<Part>, Error> {
     let Value::Array(array) = unwrap_variant(v) else {
         return Err(invalid(format!(
             "messages must be an array of dictionaries (aa{{sv}}), got {}",
@@ -97,14 +101,29 @@ fn parse_messages(v: &Value<'_>) -> Result<Vec<ChatMessage>, Error> {
                 item.value_signature()
             )));
         };
-        let (mut role, mut content) = (None, None);
+        let (mut role, mut content, mut scope) = (None, None, None);
         for (k, v) in dict.iter() {
             let Value::Str(k) = k else {
                 return Err(invalid(format!("messages[{i}] keys must be strings")));
             };
+            let set = |content: &mut Option<Content>, c: Content| {
+                if content.replace(c).is_some() {
+                    return Err(invalid(format!("messages[{i}] has both content and sealed")));
+                }
+                Ok(())
+            };
             match k.as_str() {
                 key::ROLE => role = Some(as_str(&format!("messages[{i}].role"), v)?.to_owned()),
-                key::CONTENT => content = Some(as_str(&format!("messages[{i}].content"), v)?.to_owned()),
+                key::CONTENT => {
+                    set(&mut content, Content::Text(as_str(&format!("messages[{i}].content"), v)?.to_owned()))?
+                }
+                key::SEALED => set(&mut content, Content::Sealed(as_bytes(&format!("messages[{i}].sealed"), v)?))?,
+                key::SCOPE => {
+                    let s = as_str(&format!("messages[{i}].scope"), v)?;
+                    scope = Some(Scope::parse(s).ok_or_else(|| {
+                        invalid(format!("messages[{i}].scope {s:?} is not one of public, personal, local"))
+                    })?);
+                }
                 other => return Err(invalid(format!("messages[{i}] has unknown key {other:?}"))),
             }
         }
@@ -112,14 +131,39 @@ fn parse_messages(v: &Value<'_>) -> Result<Vec<ChatMessage>, Error> {
         if !matches!(role.as_str(), "system" | "user" | "assistant") {
             return Err(invalid(format!("messages[{i}].role {role:?} is not one of system, user, assistant")));
         }
-        let content = content.ok_or_else(|| invalid(format!("messages[{i}] has no content")))?;
-        total += content.len();
+        let content = content.ok_or_else(|| invalid(format!("messages[{i}] has no content (or sealed)")))?;
+        total += match &content {
+            Content::Text(t) => t.len(),
+            Content::Sealed(b) => b.len(),
+        };
         if total > MAX_CONTENT_BYTES {
             return Err(invalid(format!("message contents exceed {MAX_CONTENT_BYTES} bytes")));
         }
-        out.push(ChatMessage { role, content });
+        // Sealed data is local by definition; unlabelled text is personal.
+        let scope = match (&content, scope) {
+            (Content::Sealed(_), Some(s)) if s != Scope::Local => {
+                return Err(invalid(format!("messages[{i}] is sealed, so its scope is local, not {}", s.as_str())));
+            }
+            (Content::Sealed(_), _) => Scope::Local,
+            (Content::Text(_), s) => s.unwrap_or(Scope::Personal),
+        };
+        out.push(Part { role, content, scope });
     }
     Ok(out)
+}
+
+fn as_bytes(k: &str, v: &Value<'_>) -> Result<Vec<u8>, Error> {
+    match unwrap_variant(v) {
+        Value::Array(a) if a.element_signature() == &zbus::zvariant::Signature::U8 => a
+            .inner()
+            .iter()
+            .map(|b| match b {
+                Value::U8(b) => Ok(*b),
+                _ => Err(invalid(format!("{k} must be bytes (ay)"))),
+            })
+            .collect(),
+        other => Err(invalid(format!("{k} must be bytes (ay), got {}", other.value_signature()))),
+    }
 }
 
 /// Parses a request dictionary. `default_max_tokens` applies when the key is absent.
@@ -131,6 +175,7 @@ pub fn parse(dict: &HashMap<String, OwnedValue>, method: Method, default_max_tok
     let mut handle_token = None;
     let mut priority = Priority::Normal;
     let mut deadline = None;
+    let mut route = RouteRequest::Auto;
     for (k, v) in dict {
         let v: &Value<'_> = v;
         match k.as_str() {
@@ -177,6 +222,11 @@ pub fn parse(dict: &HashMap<String, OwnedValue>, method: Method, default_max_tok
                 }
                 deadline = Some(std::time::Duration::from_millis(ms));
             }
+            key::ROUTE => {
+                let r = as_str(k, v)?;
+                route = RouteRequest::parse(r)
+                    .ok_or_else(|| invalid(format!("route {r:?} is not one of auto, local, cloud")))?;
+            }
             key::HANDLE_TOKEN if method == Method::Generate => {
                 let t = as_str(k, v)?;
                 if !hearth_dbus::is_valid_handle_token(t) {
@@ -188,13 +238,14 @@ pub fn parse(dict: &HashMap<String, OwnedValue>, method: Method, default_max_tok
             other => return Err(invalid(format!("unknown request key {other:?}"))),
         }
     }
-    let messages = messages.ok_or_else(|| invalid("messages is missing"))?;
+    let parts = messages.ok_or_else(|| invalid("messages is missing"))?;
     if max_tokens == 0 {
         return Err(invalid("max_tokens must be at least 1"));
     }
     let max_tokens =
         u32::try_from(max_tokens).map_err(|_| invalid(format!("max_tokens {max_tokens} is absurdly large")))?;
-    Ok(Parsed { request: GenerateRequest { messages, model, max_tokens, sampling, priority, deadline }, handle_token })
+    let request = GenerateRequest { messages: Vec::new(), model, max_tokens, sampling, priority, deadline };
+    Ok(Parsed { request, parts, route, handle_token })
 }
 
 #[cfg(test)]
@@ -207,6 +258,34 @@ mod tests {
 
     fn message(role: &str, content: &str) -> HashMap<String, OwnedValue> {
         HashMap::from([("role".to_owned(), ov(Value::from(role))), ("content".to_owned(), ov(Value::from(content)))])
+    }
+
+    fn with(mut m: HashMap<String, OwnedValue>, k: &str, v: Value<'_>) -> HashMap<String, OwnedValue> {
+        m.insert(k.to_owned(), ov(v));
+        m
+    }
+
+    fn sealed() -> HashMap<String, OwnedValue> {
+        HashMap::from([
+            ("role".to_owned(), ov(Value::from("user"))),
+            ("sealed".to_owned(), ov(Value::from(vec![7u8; 64]))),
+        ])
+    }
+
+    #[test]
+    fn scopes_default_to_personal_and_sealed_parts_are_local() {
+        let d = req(vec![(
+            "messages",
+            Value::from(vec![
+                message("user", "a"),
+                with(message("user", "b"), "scope", Value::from("public")),
+                sealed(),
+            ]),
+        )]);
+        let p = parse(&d, Method::Complete, 16).unwrap();
+        let scopes: Vec<Scope> = p.parts.iter().map(|p| p.scope).collect();
+        assert_eq!(scopes, [Scope::Personal, Scope::Public, Scope::Local]);
+        assert_eq!(p.parts[2].content, Content::Sealed(vec![7u8; 64]));
     }
 
     fn req(extra: Vec<(&str, Value<'_>)>) -> HashMap<String, OwnedValue> {
@@ -241,7 +320,11 @@ mod tests {
         assert_eq!(p.handle_token.as_deref(), Some("t1"));
         assert_eq!(p.request.priority, Priority::Interactive);
         assert_eq!(p.request.deadline, Some(std::time::Duration::from_millis(1500)));
-        assert_eq!(p.request.messages[0], ChatMessage { role: "user".into(), content: "hi".into() });
+        assert_eq!(
+            p.parts[0],
+            Part { role: "user".into(), content: Content::Text("hi".into()), scope: Scope::Personal }
+        );
+        assert_eq!(p.route, RouteRequest::Auto);
     }
 
     #[test]
@@ -261,6 +344,27 @@ mod tests {
             (req(vec![("priority", Value::from("urgent"))]), "is not one of interactive"),
             (req(vec![("deadline_ms", Value::from(0u32))]), "deadline_ms"),
             (req(vec![("messages", Value::from(vec![message("robot", "x")]))]), "is not one of"),
+            (req(vec![("route", Value::from("moon"))]), "route"),
+            (
+                req(vec![("messages", Value::from(vec![with(message("user", "x"), "scope", Value::from("secret"))]))]),
+                "public, personal, local",
+            ),
+            (
+                req(vec![(
+                    "messages",
+                    Value::from(vec![with(message("user", "x"), "sealed", Value::from(vec![1u8, 2]))]),
+                )]),
+                "both content and sealed",
+            ),
+            (
+                req(vec![("messages", Value::from(vec![with(sealed(), "scope", Value::from("public"))]))]),
+                "scope is local",
+            ),
+            (
+                req(vec![("messages", Value::from(vec![with(sealed(), "sealed", Value::from("text"))]))]),
+                "must be bytes",
+            ),
+            (req(vec![("app_id", Value::from("org.bank.App"))]), "unknown request key"),
         ];
         for (d, expect) in cases {
             match parse(&d, Method::Generate, 256) {

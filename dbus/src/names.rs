@@ -27,9 +27,12 @@ pub mod request_key {
     pub const HANDLE_TOKEN: &str = "handle_token";
     pub const PRIORITY: &str = "priority";
     pub const DEADLINE_MS: &str = "deadline_ms";
+    pub const ROUTE: &str = "route";
     /// Keys of one message dictionary.
     pub const ROLE: &str = "role";
     pub const CONTENT: &str = "content";
+    pub const SEALED: &str = "sealed";
+    pub const SCOPE: &str = "scope";
 }
 
 /// Keys of the result dictionary (Complete's reply and Request.Finished).
@@ -45,6 +48,8 @@ pub mod result_key {
     pub const DECODE_US: &str = "decode_us";
     pub const ERROR_NAME: &str = "error_name";
     pub const ERROR_MESSAGE: &str = "error_message";
+    pub const ROUTE: &str = "route";
+    pub const ROUTE_REASON: &str = "route_reason";
 }
 
 /// Why a generation ended, as the `finish_reason` string.

@@ -20,6 +20,12 @@ pub trait Hearth1 {
     fn load_model(&self, name: &str, options: HashMap<&str, Value<'_>>) -> Result<(), Error>;
     /// Admin: unloads a model.
     fn unload_model(&self, name: &str) -> Result<(), Error>;
+    /// Admin: reloads configuration, models and app policies.
+    fn reload(&self) -> Result<(), Error>;
+    /// Encrypts data for the calling app with the device key.
+    fn seal(&self, data: &[u8], options: HashMap<&str, Value<'_>>) -> Result<Vec<u8>, Error>;
+    /// Who hearthd takes the caller to be.
+    fn caller_info(&self) -> Result<HashMap<String, OwnedValue>, Error>;
     #[zbus(property)]
     fn version(&self) -> zbus::Result<String>;
     #[zbus(property)]

@@ -158,6 +158,8 @@ pub struct Settings {
     pub memory: String,
     /// Extra environment of the daemon.
     pub env: Vec<(String, String)>,
+    /// Extra lines for the `[apps]` table (per-app policy).
+    pub apps: String,
 }
 
 /// The real hearthd on a [`Bus`].
@@ -295,7 +297,7 @@ fn config_text(settings: &Settings, dir: &Path) -> String {
     let dirs = settings.models_dirs.clone().unwrap_or_else(|| vec![models_dir()]);
     let dirs: Vec<String> = dirs.iter().map(|d| format!("{:?}", d.display().to_string())).collect();
     format!(
-        "[daemon]\nstate_dir = {:?}\n\n[models]\ndirs = [{}]\n{}\n\n[memory]\n{}\n\n[engine]\nthreads = {}\ncontext_length = {CONTEXT}\nbatch_size = {BATCH}\nmax_sequences = {}\ninteractive_sequences = {}\n{}\n\n[limits]\n{}\n",
+        "[daemon]\nstate_dir = {:?}\n\n[models]\ndirs = [{}]\n{}\n\n[memory]\n{}\n\n[engine]\nthreads = {}\ncontext_length = {CONTEXT}\nbatch_size = {BATCH}\nmax_sequences = {}\ninteractive_sequences = {}\n{}\n\n[limits]\n{}\n\n[apps]\n{}\n",
         dir.join("state").display().to_string(),
         dirs.join(", "),
         settings.models,
@@ -305,6 +307,7 @@ fn config_text(settings: &Settings, dir: &Path) -> String {
         settings.interactive_sequences.unwrap_or(2),
         settings.engine,
         settings.limits,
+        settings.apps,
     )
 }
 

@@ -116,9 +116,10 @@ async fn an_interactive_request_gets_its_first_token_before_background_streams_m
     drop(fg);
 }
 
-/// Runs `hearth-load` as a separate app (its own process, so its own uid/pid identity).
-fn load_app(bus: &Bus, streams: usize, max_tokens: u32) -> std::process::Child {
-    Command::new(workspace_bin("hearth-load"))
+/// Runs `hearth-load` from `exe` as a separate app. Outside a sandbox or app unit hearthd
+/// knows an app by uid and executable, so a copy of the binary elsewhere is another app.
+fn load_app(bus: &Bus, exe: &std::path::Path, streams: usize, max_tokens: u32) -> std::process::Child {
+    Command::new(exe)
         .args([
             "--bus-address",
             bus.address(),
@@ -144,9 +145,12 @@ async fn two_flooding_apps_of_the_same_priority_share_fairly() {
     let settings = Settings { max_sequences: Some(2), limits: "queue_per_app = 16".into(), ..Settings::default() };
     let _daemon = Daemon::start_configured(&bus, &settings).await;
     // App A floods first; app B arrives a moment later with as many requests.
-    let a = load_app(&bus, 12, 16);
+    let other = tempfile::tempdir().unwrap();
+    let exe_b = other.path().join("hearth-load-b");
+    std::fs::copy(workspace_bin("hearth-load"), &exe_b).unwrap();
+    let a = load_app(&bus, &workspace_bin("hearth-load"), 12, 16);
     tokio::time::sleep(Duration::from_millis(300)).await;
-    let b = load_app(&bus, 12, 16);
+    let b = load_app(&bus, &exe_b, 12, 16);
     let (a, b) = (load_results(a), load_results(b));
     assert!(a.iter().chain(&b).all(|r| r["tokens"] == 16), "every request got its 16 tokens: {a:?} {b:?}");
     let ends =

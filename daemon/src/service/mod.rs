@@ -17,34 +17,79 @@ use zbus::{Connection, interface};
 pub use in_flight::InFlight;
 use request_object::RequestObject;
 
-use crate::engine::{Caller, CancelToken, Event, Outcome, Priority};
+use crate::engine::{Caller, CancelToken, Event, GenerateRequest, Outcome, Priority};
 use crate::error::Error;
+use crate::gate::Gate;
+use crate::identity::{self, Identity};
 use crate::manager::{ManagerStatus, ModelManager, ModelReport};
+use crate::polkit;
+use crate::privacy::{Decision, Part, RouteRequest};
 use crate::request::{Method, parse};
 
 /// `org.hearth.Hearth1` at `/org/hearth/Hearth1`.
 #[derive(Debug)]
 pub struct HearthService {
     models: ModelManager,
+    gate: Arc<Gate>,
+    /// The configuration files hearthd was started with (Reload reads them again).
+    config_paths: Vec<std::path::PathBuf>,
     next_request: AtomicU64,
     in_flight: InFlight,
     callers: CallerCache,
 }
 
 impl HearthService {
-    pub fn new(models: ModelManager, in_flight: InFlight, callers: CallerCache) -> Self {
-        Self { models, next_request: AtomicU64::new(1), in_flight, callers }
+    pub fn new(
+        models: ModelManager,
+        gate: Arc<Gate>,
+        config_paths: Vec<std::path::PathBuf>,
+        in_flight: InFlight,
+        callers: CallerCache,
+    ) -> Self {
+        Self { models, gate, config_paths, next_request: AtomicU64::new(1), in_flight, callers }
     }
-}
 
-/// Admin methods are for root and hearthd's own user until polkit decides (privacy issue).
-fn require_admin(caller: &Caller, what: &str) -> Result<(), BusError> {
-    let me = nix::unistd::geteuid().as_raw();
-    if caller.uid == 0 || caller.uid == me {
-        Ok(())
-    } else {
-        tracing::warn!(uid = caller.uid, app = %caller.app, what, "admin call refused");
-        Err(BusError::NotAuthorized(format!("{what} is for root and hearthd's own user (uid {me})")))
+    /// Applies the caller's policy and the privacy rules: the request with its messages
+    /// unsealed, and where it runs.
+    fn admit(
+        &self,
+        who: &Caller,
+        mut request: GenerateRequest,
+        parts: Vec<Part>,
+        route: RouteRequest,
+    ) -> Result<(GenerateRequest, Decision), BusError> {
+        let admitted = self
+            .gate
+            .admit(&who.app, &request, &self.models.default_model(), parts, route)
+            .inspect_err(|e| tracing::info!(caller = %who.connection, app = %who.app, error = %e, "request refused"))?;
+        request.messages = admitted.messages;
+        Ok((request, admitted.decision))
+    }
+
+    /// Asks polkit whether the caller may do `action`, with the caller's bus name as the
+    /// subject. Fails closed: no answer is a refusal.
+    async fn authorize(
+        &self,
+        conn: &Connection,
+        header: &Header<'_>,
+        who: &Caller,
+        action: polkit::Action,
+    ) -> Result<(), BusError> {
+        let interactive = header.primary().flags().contains(zbus::message::Flags::AllowInteractiveAuth);
+        let verdict = polkit::check(conn, &who.connection, who.uid, action, interactive).await;
+        tracing::info!(target: "hearth::audit", app = %who.app, uid = who.uid, action = action.id(), verdict = ?verdict, "authorization");
+        match verdict {
+            Ok(polkit::Verdict::Authorized | polkit::Verdict::NoPolkitRoot) => Ok(()),
+            Ok(polkit::Verdict::Denied { challenge }) => Err(BusError::NotAuthorized(format!(
+                "polkit does not authorize {}{}",
+                action.id(),
+                if challenge { " without authentication (call with ALLOW_INTERACTIVE_AUTHORIZATION)" } else { "" }
+            ))),
+            Ok(polkit::Verdict::NoPolkit) => {
+                Err(BusError::NotAuthorized(format!("polkit is not running, so only root may {}", action.id())))
+            }
+            Err(e) => Err(BusError::NotAuthorized(format!("cannot ask polkit about {}: {e}", action.id()))),
+        }
     }
 }
 
@@ -67,7 +112,7 @@ fn owned(v: Value<'_>) -> OwnedValue {
 }
 
 /// The result dictionary of Complete and Request.Finished.
-pub(crate) fn outcome_dict(o: &Outcome) -> HashMap<String, OwnedValue> {
+pub(crate) fn outcome_dict(o: &Outcome, decision: &Decision) -> HashMap<String, OwnedValue> {
     let mut d = HashMap::from([
         (result_key::FINISH_REASON.to_owned(), owned(Value::from(o.reason.as_str()))),
         (result_key::TEXT.to_owned(), owned(Value::from(o.text.as_str()))),
@@ -78,6 +123,8 @@ pub(crate) fn outcome_dict(o: &Outcome) -> HashMap<String, OwnedValue> {
         (result_key::MODEL.to_owned(), owned(Value::from(o.model.as_str()))),
         (result_key::PREFILL_US.to_owned(), owned(Value::from(o.prefill.as_micros() as u64))),
         (result_key::DECODE_US.to_owned(), owned(Value::from(o.decode.as_micros() as u64))),
+        (result_key::ROUTE.to_owned(), owned(Value::from(decision.route.as_str()))),
+        (result_key::ROUTE_REASON.to_owned(), owned(Value::from(decision.reason))),
     ]);
     if let Some(e) = &o.error {
         let bus = BusError::from(e.clone());
@@ -100,16 +147,16 @@ fn caller(header: &Header<'_>) -> Result<zbus::names::OwnedUniqueName, BusError>
 /// Callers already identified, by unique name. Unique names are never reused on a bus, so an
 /// entry stays true until the connection closes (then `watch_disconnects` drops it).
 #[derive(Debug, Clone, Default)]
-pub struct CallerCache(Arc<std::sync::Mutex<HashMap<String, Caller>>>);
+pub struct CallerCache(Arc<std::sync::Mutex<HashMap<String, (Caller, Identity)>>>);
 
 impl CallerCache {
-    fn get(&self, name: &str) -> Option<Caller> {
+    fn get(&self, name: &str) -> Option<(Caller, Identity)> {
         self.0.lock().ok()?.get(name).cloned()
     }
 
-    fn insert(&self, caller: Caller) {
+    fn insert(&self, caller: Caller, identity: Identity) {
         if let Ok(mut map) = self.0.lock() {
-            map.insert(caller.connection.clone(), caller);
+            map.insert(caller.connection.clone(), (caller, identity));
         }
     }
 
@@ -120,31 +167,45 @@ impl CallerCache {
     }
 }
 
-/// Who the caller is, as the bus daemon vouches for it (never what the caller claims).
+/// Who the caller is, as the bus daemon and the kernel vouch for it (never what the caller
+/// claims). Fails closed: any error is NotAuthorized.
 async fn identify(
     conn: &Connection,
     cache: &CallerCache,
     sender: &zbus::names::OwnedUniqueName,
-) -> Result<Caller, BusError> {
-    if let Some(caller) = cache.get(sender.as_str()) {
-        return Ok(caller);
+) -> Result<(Caller, Identity), BusError> {
+    if let Some(found) = cache.get(sender.as_str()) {
+        return Ok(found);
     }
-    let caller = identify_uncached(conn, sender).await?;
-    cache.insert(caller.clone());
-    Ok(caller)
+    let identity = identify_uncached(conn, sender).await.map_err(|reason| {
+        tracing::warn!(caller = %sender, reason, "caller not identified");
+        BusError::NotAuthorized(format!("hearthd could not identify the caller: {reason}"))
+    })?;
+    let caller = Caller { connection: sender.to_string(), app: identity.app_id.clone(), uid: identity.uid };
+    tracing::info!(target: "hearth::audit", caller = %sender, app = %identity.app_id, kind = identity.kind.as_str(), uid = identity.uid, pid = identity.pid, label = ?identity.label, "caller identified");
+    cache.insert(caller.clone(), identity.clone());
+    Ok((caller, identity))
 }
 
-async fn identify_uncached(conn: &Connection, sender: &zbus::names::OwnedUniqueName) -> Result<Caller, BusError> {
-    let dbus =
-        zbus::fdo::DBusProxy::new(conn).await.map_err(|e| internal("cannot ask the bus about the caller", &e))?;
+async fn identify_uncached(conn: &Connection, sender: &zbus::names::OwnedUniqueName) -> Result<Identity, String> {
+    let dbus = zbus::fdo::DBusProxy::new(conn).await.map_err(|e| format!("cannot ask the bus: {e}"))?;
     let creds = dbus
         .get_connection_credentials(zbus::names::BusName::Unique(sender.as_ref()))
         .await
-        .map_err(|e| internal("cannot get the caller's credentials", &e))?;
+        .map_err(|e| format!("cannot get the caller's credentials: {e}"))?;
     let (Some(uid), Some(pid)) = (creds.unix_user_id(), creds.process_id()) else {
-        return Err(BusError::NotAuthorized("the bus did not vouch for the caller's uid and pid".into()));
+        return Err("the bus did not vouch for the caller's uid and pid".into());
     };
-    Ok(Caller { connection: sender.to_string(), app: format!("uid:{uid}/pid:{pid}"), uid })
+    let pidfd = match creds.process_fd() {
+        Some(fd) => Some(
+            std::os::fd::AsFd::as_fd(fd)
+                .try_clone_to_owned()
+                .map_err(|e| format!("cannot keep the caller's ProcessFD: {e}"))?,
+        ),
+        None => None,
+    };
+    let label = creds.linux_security_label().map(|l| String::from_utf8_lossy(l).trim_end_matches('\0').to_owned());
+    identity::resolve(uid, pid, pidfd, label, std::path::Path::new("/proc"))
 }
 
 #[interface(name = "org.hearth.Hearth1")]
@@ -159,7 +220,8 @@ impl HearthService {
     ) -> Result<OwnedObjectPath, BusError> {
         let sender = caller(&header)?;
         let parsed = parse(&request, Method::Generate, self.models.config().limits.default_max_tokens)?;
-        let who = identify(conn, &self.callers, &sender).await?;
+        let (who, _) = identify(conn, &self.callers, &sender).await?;
+        let (request, decision) = self.admit(&who, parsed.request, parsed.parts, parsed.route)?;
         let cancel = CancelToken::default();
         let server = conn.object_server();
         // Claim the request path first, so the caller's early subscription can never see
@@ -180,7 +242,7 @@ impl HearthService {
             }
         };
         let guard = self.in_flight.enter();
-        let lease = match self.models.acquire(parsed.request.model.as_deref()).await {
+        let lease = match self.models.acquire(request.model.as_deref()).await {
             Ok(lease) => lease,
             Err(e) => {
                 let _ = server.remove::<RequestObject, _>(&path).await;
@@ -188,13 +250,13 @@ impl HearthService {
                 return Err(e.into());
             }
         };
-        match lease.engine.submit(parsed.request, who, cancel).await {
+        match lease.engine.submit(request, who, cancel).await {
             Ok(submission) => {
                 tracing::info!(id = submission.accepted.id, caller = %sender, path = %path.as_str(), prompt_tokens = submission.accepted.prompt_tokens, "generate");
                 let conn = conn.clone();
                 let out_path = path.clone();
                 tokio::spawn(async move {
-                    request_object::forward(&conn, path, sender, submission.events).await;
+                    request_object::forward(&conn, path, sender, submission.events, decision).await;
                     drop(lease);
                     drop(guard);
                 });
@@ -218,18 +280,18 @@ impl HearthService {
     ) -> Result<HashMap<String, OwnedValue>, BusError> {
         let sender = caller(&header)?;
         let parsed = parse(&request, Method::Complete, self.models.config().limits.default_max_tokens)?;
-        let who = identify(conn, &self.callers, &sender).await?;
+        let (who, _) = identify(conn, &self.callers, &sender).await?;
+        let (request, decision) = self.admit(&who, parsed.request, parsed.parts, parsed.route)?;
         let _guard = self.in_flight.enter();
         let refused = |e: &Error| tracing::info!(caller = %sender, error = %e, "complete refused");
-        let lease = self.models.acquire(parsed.request.model.as_deref()).await.inspect_err(refused)?;
-        let mut submission =
-            lease.engine.submit(parsed.request, who, CancelToken::default()).await.inspect_err(refused)?;
+        let lease = self.models.acquire(request.model.as_deref()).await.inspect_err(refused)?;
+        let mut submission = lease.engine.submit(request, who, CancelToken::default()).await.inspect_err(refused)?;
         tracing::info!(id = submission.accepted.id, caller = %sender, "complete");
         while let Some(event) = submission.events.recv().await {
             if let Event::Finished(outcome) = event {
                 return match (outcome.reason, outcome.error.clone()) {
                     (FinishReason::Cancelled | FinishReason::Error, Some(e)) => Err(e.into()),
-                    _ => Ok(outcome_dict(&outcome)),
+                    _ => Ok(outcome_dict(&outcome, &decision)),
                 };
             }
         }
@@ -252,8 +314,8 @@ impl HearthService {
         options: HashMap<String, OwnedValue>,
     ) -> Result<(), BusError> {
         let sender = caller(&header)?;
-        let who = identify(conn, &self.callers, &sender).await?;
-        require_admin(&who, "LoadModel")?;
+        let (who, _) = identify(conn, &self.callers, &sender).await?;
+        self.authorize(conn, &header, &who, polkit::Action::ManageModels).await?;
         let pin = options_bool(&options, "pin", &["pin"])?;
         tracing::info!(caller = %sender, model = %name, pin, "LoadModel");
         Ok(self.models.load_model(&name, pin).await?)
@@ -267,10 +329,80 @@ impl HearthService {
         name: String,
     ) -> Result<(), BusError> {
         let sender = caller(&header)?;
-        let who = identify(conn, &self.callers, &sender).await?;
-        require_admin(&who, "UnloadModel")?;
+        let (who, _) = identify(conn, &self.callers, &sender).await?;
+        self.authorize(conn, &header, &who, polkit::Action::ManageModels).await?;
         tracing::info!(caller = %sender, model = %name, "UnloadModel");
         Ok(self.models.unload_model(&name).await?)
+    }
+
+    /// Reads the configuration, model directories and app policies again (admin); see
+    /// org.hearth.Hearth1.xml.
+    async fn reload(
+        &self,
+        #[zbus(header)] header: Header<'_>,
+        #[zbus(connection)] conn: &Connection,
+    ) -> Result<(), BusError> {
+        let sender = caller(&header)?;
+        let (who, _) = identify(conn, &self.callers, &sender).await?;
+        self.authorize(conn, &header, &who, polkit::Action::Reload).await?;
+        crate::reload_all(&self.config_paths, &self.models, &self.gate).map_err(BusError::InvalidArgs)?;
+        Ok(())
+    }
+
+    /// Encrypts data for the caller with the device key; see org.hearth.Hearth1.xml.
+    #[zbus(out_args("sealed"))]
+    async fn seal(
+        &self,
+        #[zbus(header)] header: Header<'_>,
+        #[zbus(connection)] conn: &Connection,
+        data: Vec<u8>,
+        options: HashMap<String, OwnedValue>,
+    ) -> Result<Vec<u8>, BusError> {
+        if let Some(k) = options.keys().next() {
+            return Err(BusError::InvalidArgs(format!("Seal has no options; got {k:?}")));
+        }
+        if data.len() > crate::seal::MAX_PLAINTEXT {
+            return Err(BusError::InvalidArgs(format!(
+                "Seal takes at most {} bytes, got {}",
+                crate::seal::MAX_PLAINTEXT,
+                data.len()
+            )));
+        }
+        if std::str::from_utf8(&data).is_err() {
+            return Err(BusError::InvalidArgs("Seal takes UTF-8 text (it becomes a message's content)".into()));
+        }
+        let sender = caller(&header)?;
+        let (who, _) = identify(conn, &self.callers, &sender).await?;
+        let blob = self.gate.sealer().seal(&who.app, &data).map_err(|e| BusError::Internal(e.to_string()))?;
+        tracing::info!(target: "hearth::audit", app = %who.app, bytes = data.len(), "sealed");
+        Ok(blob)
+    }
+
+    /// Who hearthd takes the caller to be, and its policy; see org.hearth.Hearth1.xml.
+    #[zbus(out_args("info"))]
+    async fn caller_info(
+        &self,
+        #[zbus(header)] header: Header<'_>,
+        #[zbus(connection)] conn: &Connection,
+    ) -> Result<HashMap<String, OwnedValue>, BusError> {
+        let sender = caller(&header)?;
+        let (who, id) = identify(conn, &self.callers, &sender).await?;
+        let policy = self.gate.policy(&who.app);
+        let scopes: Vec<&str> = policy.cloud_scopes.iter().map(|s| s.as_str()).collect();
+        let mut d = HashMap::from([
+            ("app_id".to_owned(), owned(Value::from(id.app_id.as_str()))),
+            ("app_kind".to_owned(), owned(Value::from(id.kind.as_str()))),
+            ("uid".to_owned(), owned(Value::from(id.uid))),
+            ("pid".to_owned(), owned(Value::from(id.pid))),
+            ("models".to_owned(), owned(Value::from(policy.models.clone()))),
+            ("max_priority".to_owned(), owned(Value::from(policy.max_priority.as_str()))),
+            ("cloud".to_owned(), owned(Value::from(policy.cloud))),
+            ("cloud_scopes".to_owned(), owned(Value::from(scopes))),
+        ]);
+        if let Some(label) = &id.label {
+            d.insert("label".to_owned(), owned(Value::from(label.as_str())));
+        }
+        Ok(d)
     }
 
     #[zbus(property)]

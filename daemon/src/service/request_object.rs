@@ -13,6 +13,7 @@ use zbus::{Connection, interface};
 
 use super::outcome_dict;
 use crate::engine::{CancelReason, CancelToken, Event};
+use crate::privacy::Decision;
 
 #[derive(Debug)]
 pub struct RequestObject {
@@ -55,6 +56,7 @@ pub async fn forward(
     path: OwnedObjectPath,
     owner: OwnedUniqueName,
     mut events: tokio::sync::mpsc::UnboundedReceiver<Event>,
+    decision: Decision,
 ) {
     let emitter = match SignalEmitter::new(conn, path.clone()) {
         Ok(e) => e.set_destination(BusName::Unique(owner.clone().into_inner())),
@@ -72,7 +74,7 @@ pub async fn forward(
             }
             Event::Finished(outcome) => {
                 tracing::info!(path = %path.as_str(), reason = outcome.reason.as_str(), tokens = outcome.token_ids.len(), "finished");
-                if let Err(e) = RequestObject::finished(&emitter, &outcome_dict(&outcome)).await {
+                if let Err(e) = RequestObject::finished(&emitter, &outcome_dict(&outcome, &decision)).await {
                     tracing::warn!(error = %e, "cannot emit Finished");
                 }
                 break;

@@ -1,0 +1,119 @@
+//! The gate every request passes: the caller's app policy (models, priority, tokens, quota),
+//! sealed data, and the routing decision (privacy.rs). Holds the app policies (reloaded on
+//! SIGHUP) and the device sealing key.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
+
+use crate::config::Config;
+use crate::engine::GenerateRequest;
+use crate::error::Error;
+use crate::policy::{AppPolicy, Policies, PolicyError};
+use crate::privacy::{self, Admitted, Part, RouteRequest};
+use crate::seal::Sealer;
+
+#[derive(Debug, thiserror::Error)]
+pub enum GateError {
+    #[error(transparent)]
+    Policy(#[from] PolicyError),
+    #[error("cannot set up the state directory {dir} or the sealing key in it: {source}")]
+    Key { dir: String, source: std::io::Error },
+}
+
+#[derive(Debug)]
+pub struct Gate {
+    policies: RwLock<Arc<Policies>>,
+    sealer: Sealer,
+    /// Request times of the last minute, per app with a requests_per_minute quota.
+    recent: Mutex<HashMap<String, VecDeque<Instant>>>,
+}
+
+impl Gate {
+    pub fn new(config: &Config) -> Result<Self, GateError> {
+        use std::os::unix::fs::DirBuilderExt;
+        let dir = &config.daemon.state_dir;
+        let key_err = |source| GateError::Key { dir: dir.display().to_string(), source };
+        std::fs::DirBuilder::new().recursive(true).mode(0o700).create(dir).map_err(key_err)?;
+        let sealer = Sealer::open(dir).map_err(key_err)?;
+        tracing::info!(key = %sealer.source, "sealing key ready");
+        let policies = Policies::load(&config.apps.dirs, config.apps.default.clone())?;
+        tracing::info!(apps = policies.len(), "app policies loaded");
+        Ok(Self { policies: RwLock::new(Arc::new(policies)), sealer, recent: Mutex::new(HashMap::new()) })
+    }
+
+    /// Re-reads the app policies (SIGHUP). On error the old ones stay.
+    pub fn reload(&self, config: &Config) -> Result<usize, PolicyError> {
+        let policies = Policies::load(&config.apps.dirs, config.apps.default.clone())?;
+        let n = policies.len();
+        *self.policies.write().unwrap_or_else(std::sync::PoisonError::into_inner) = Arc::new(policies);
+        Ok(n)
+    }
+
+    fn policies(&self) -> Arc<Policies> {
+        Arc::clone(&self.policies.read().unwrap_or_else(std::sync::PoisonError::into_inner))
+    }
+
+    pub fn policy(&self, app_id: &str) -> Arc<AppPolicy> {
+        self.policies().get(app_id)
+    }
+
+    pub fn sealer(&self) -> &Sealer {
+        &self.sealer
+    }
+
+    /// Checks `request` against `app_id`'s policy, unseals its parts and decides its route.
+    pub fn admit(
+        &self,
+        app_id: &str,
+        request: &GenerateRequest,
+        default_model: &str,
+        parts: Vec<Part>,
+        route: RouteRequest,
+    ) -> Result<Admitted, Error> {
+        let policies = self.policies();
+        let policy = policies.get(app_id);
+        let model = request.model.as_deref().unwrap_or(default_model);
+        if !policy.allows_model(model) {
+            return Err(Error::NotAuthorized(format!("this app's policy does not allow model {model:?}")));
+        }
+        if request.priority > policy.max_priority {
+            return Err(Error::NotAuthorized(format!(
+                "this app's policy allows priority up to {}",
+                policy.max_priority.as_str()
+            )));
+        }
+        if policy.max_tokens > 0 && request.max_tokens > policy.max_tokens {
+            return Err(Error::NotAuthorized(format!(
+                "this app's policy allows max_tokens up to {}",
+                policy.max_tokens
+            )));
+        }
+        self.take_quota(app_id, policy.requests_per_minute)?;
+        // No cloud forwarder in this build yet: the cloud route is never ready.
+        privacy::admit(app_id, &policy, &policies, &self.sealer, parts, route, false)
+    }
+
+    fn take_quota(&self, app_id: &str, per_minute: u32) -> Result<(), Error> {
+        if per_minute == 0 {
+            return Ok(());
+        }
+        let now = Instant::now();
+        let mut recent = self.recent.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let times = recent.entry(app_id.to_owned()).or_default();
+        while times.front().is_some_and(|t| now.duration_since(*t) >= Duration::from_secs(60)) {
+            times.pop_front();
+        }
+        if times.len() >= per_minute as usize {
+            let retry = Duration::from_secs(60).saturating_sub(now.duration_since(times[0]));
+            return Err(Error::Busy {
+                scope: "for this app's requests_per_minute quota".into(),
+                waiting: times.len(),
+                limit: per_minute as usize,
+                retry_after_ms: retry.as_millis() as u64,
+            });
+        }
+        times.push_back(now);
+        Ok(())
+    }
+}

@@ -1,0 +1,170 @@
+//! Per-app policy: what each app may do, from `apps.d/*.toml` files (vendor, then admin:
+//! a later directory's file for the same app replaces an earlier one) and a default for apps
+//! without a file.
+//!
+//! ```toml
+//! app = "org.example.Notes"        # the app id hearthd derives (see identity.rs)
+//! models = ["*"]                   # models it may use ("*": all)
+//! max_priority = "interactive"     # highest priority it may ask for
+//! cloud = false                    # may its requests go to the cloud model at all
+//! cloud_scopes = ["public"]        # scopes it lets go there ("public", "personal")
+//! share_sealed_with = []           # apps that may use the data it sealed
+//! requests_per_minute = 0          # quota (0: none)
+//! max_tokens = 0                   # most tokens per request (0: the context)
+//! ```
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use serde::Deserialize;
+
+use crate::engine::Priority;
+use crate::models::check_trusted;
+use crate::privacy::Scope;
+
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AppPolicy {
+    pub models: Vec<String>,
+    #[serde(deserialize_with = "priority")]
+    pub max_priority: Priority,
+    pub cloud: bool,
+    pub cloud_scopes: Vec<Scope>,
+    pub share_sealed_with: Vec<String>,
+    pub requests_per_minute: u32,
+    pub max_tokens: u32,
+}
+
+fn priority<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Priority, D::Error> {
+    let s = String::deserialize(d)?;
+    Priority::parse(&s).ok_or_else(|| serde::de::Error::custom(format!("unknown priority {s:?}")))
+}
+
+impl Default for AppPolicy {
+    /// Apps without a policy file: every model, any priority, on-device only.
+    fn default() -> Self {
+        Self {
+            models: vec!["*".to_owned()],
+            max_priority: Priority::Interactive,
+            cloud: false,
+            cloud_scopes: vec![Scope::Public],
+            share_sealed_with: Vec::new(),
+            requests_per_minute: 0,
+            max_tokens: 0,
+        }
+    }
+}
+
+impl AppPolicy {
+    pub fn allows_model(&self, name: &str) -> bool {
+        self.models.iter().any(|m| m == "*" || m == name)
+    }
+
+    /// Whether data of `scope` may leave the device for this app.
+    pub fn cloud_allows(&self, scope: Scope) -> bool {
+        self.cloud && scope != Scope::Local && self.cloud_scopes.contains(&scope)
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PolicyFile {
+    app: String,
+    #[serde(flatten)]
+    policy: AppPolicy,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("bad app policy {path}: {reason}")]
+pub struct PolicyError {
+    pub path: PathBuf,
+    pub reason: String,
+}
+
+/// All app policies by app id, and the default.
+#[derive(Debug, Clone, Default)]
+pub struct Policies {
+    apps: BTreeMap<String, Arc<AppPolicy>>,
+    default: Arc<AppPolicy>,
+}
+
+impl Policies {
+    /// Reads `dirs` in order (missing ones skipped). A broken or untrusted file is an error:
+    /// a policy that silently fell back to the default could grant more than intended.
+    pub fn load(dirs: &[PathBuf], default: AppPolicy) -> Result<Self, PolicyError> {
+        let mut apps = BTreeMap::new();
+        for dir in dirs {
+            let Ok(entries) = std::fs::read_dir(dir) else { continue };
+            let mut paths: Vec<PathBuf> = entries
+                .filter_map(|e| e.ok().map(|e| e.path()))
+                .filter(|p| p.extension().is_some_and(|e| e == "toml"))
+                .collect();
+            paths.sort();
+            for path in paths {
+                let file = read(&path)?;
+                apps.insert(file.app, Arc::new(file.policy));
+            }
+        }
+        Ok(Self { apps, default: Arc::new(default) })
+    }
+
+    pub fn get(&self, app_id: &str) -> Arc<AppPolicy> {
+        Arc::clone(self.apps.get(app_id).unwrap_or(&self.default))
+    }
+
+    pub fn len(&self) -> usize {
+        self.apps.len()
+    }
+}
+
+fn read(path: &Path) -> Result<PolicyFile, PolicyError> {
+    let bad = |reason: String| PolicyError { path: path.to_owned(), reason };
+    let meta = std::fs::metadata(path).map_err(|e| bad(e.to_string()))?;
+    check_trusted(path, &meta).map_err(|e| bad(e.to_string()))?;
+    let text = std::fs::read_to_string(path).map_err(|e| bad(e.to_string()))?;
+    let file: PolicyFile = toml::from_str(&text).map_err(|e| bad(e.to_string()))?;
+    if file.app.is_empty() {
+        return Err(bad("app is empty".into()));
+    }
+    if file.policy.cloud_scopes.contains(&Scope::Local) {
+        return Err(bad("cloud_scopes cannot contain \"local\": local data never leaves the device".into()));
+    }
+    Ok(file)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn later_directories_override_and_unknown_apps_get_the_default() {
+        let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        std::fs::write(a.path().join("notes.toml"), "app = \"org.example.Notes\"\ncloud = true\n").unwrap();
+        std::fs::write(
+            b.path().join("notes.toml"),
+            "app = \"org.example.Notes\"\nmax_priority = \"normal\"\nmodels = [\"m\"]\n",
+        )
+        .unwrap();
+        let p = Policies::load(&[a.path().to_owned(), b.path().to_owned()], AppPolicy::default()).unwrap();
+        let notes = p.get("org.example.Notes");
+        assert!(!notes.cloud, "the admin file replaced the vendor one");
+        assert_eq!(notes.max_priority, Priority::Normal);
+        assert!(notes.allows_model("m") && !notes.allows_model("other"));
+        assert_eq!(*p.get("org.unknown.App"), AppPolicy::default());
+    }
+
+    #[test]
+    fn bad_files_are_errors() {
+        for body in [
+            "app = \"x\"\ncloud_scopes = [\"local\"]\n",
+            "app = \"x\"\nmax_priority = \"urgent\"\n",
+            "app = \"x\"\ncloud = \"yes\"\n",
+            "cloud = true\n",
+        ] {
+            let d = tempfile::tempdir().unwrap();
+            std::fs::write(d.path().join("a.toml"), body).unwrap();
+            assert!(Policies::load(&[d.path().to_owned()], AppPolicy::default()).is_err(), "{body}");
+        }
+    }
+}

@@ -1,0 +1,235 @@
+//! Privacy scopes and the routing decision: which data may leave the device, and where a
+//! request runs.
+//!
+//! Every message part has a scope: `public` (may go to the cloud), `personal` (to the cloud
+//! only if the app's policy allows personal data there; the default for unlabelled parts),
+//! `local` (never leaves the device). Sealed parts are `local`. A request containing any local
+//! part is local (taint). `route = "cloud"` with data that may not leave fails with
+//! PrivacyViolation; `auto` runs locally. Nothing is ever forwarded silently.
+//!
+//! Every decision is written to the journal (target `hearth::audit`) with the app, the scopes
+//! present, the route and the reason — never content: log and error texts here name scopes,
+//! indices and counts only.
+
+use std::collections::BTreeSet;
+
+use hearth_ffi::ChatMessage;
+use serde::Deserialize;
+
+use crate::error::Error;
+use crate::policy::{AppPolicy, Policies};
+use crate::seal::{SealError, Sealer};
+
+/// Where a message part may go. Ordered by how private it is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Scope {
+    Public,
+    Personal,
+    Local,
+}
+
+impl Scope {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Public => "public",
+            Self::Personal => "personal",
+            Self::Local => "local",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        [Self::Public, Self::Personal, Self::Local].into_iter().find(|x| x.as_str() == s)
+    }
+}
+
+/// The route a request asks for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RouteRequest {
+    /// hearthd decides (on the device unless the data and policy allow the cloud and the
+    /// governors prefer it).
+    Auto,
+    Local,
+    Cloud,
+}
+
+impl RouteRequest {
+    pub fn parse(s: &str) -> Option<Self> {
+        Some(match s {
+            "auto" => Self::Auto,
+            "local" => Self::Local,
+            "cloud" => Self::Cloud,
+            _ => return None,
+        })
+    }
+}
+
+/// Where a request runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Route {
+    Local,
+    Cloud,
+}
+
+impl Route {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Local => "local",
+            Self::Cloud => "cloud",
+        }
+    }
+}
+
+/// A message part's content: text, or bytes sealed by [`Sealer`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Content {
+    Text(String),
+    Sealed(Vec<u8>),
+}
+
+/// One message of a request, before unsealing.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Part {
+    pub role: String,
+    pub content: Content,
+    pub scope: Scope,
+}
+
+/// The routing decision for one request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Decision {
+    pub route: Route,
+    pub reason: &'static str,
+    /// The most private scope present.
+    pub taint: Scope,
+}
+
+/// What a request may do, decided from the caller's identity and policy.
+#[derive(Debug)]
+pub struct Admitted {
+    pub messages: Vec<ChatMessage>,
+    pub decision: Decision,
+}
+
+/// Checks a request against the caller's policy, unseals its sealed parts (only the sealing
+/// app, or apps it shares with, may use them), and decides the route. `cloud_ready` says
+/// whether a cloud model is configured and reachable.
+pub fn admit(
+    app_id: &str,
+    policy: &AppPolicy,
+    policies: &Policies,
+    sealer: &Sealer,
+    parts: Vec<Part>,
+    route: RouteRequest,
+    cloud_ready: bool,
+) -> Result<Admitted, Error> {
+    let scopes: BTreeSet<Scope> = parts.iter().map(|p| p.scope).collect();
+    let sealed = parts.iter().filter(|p| matches!(p.content, Content::Sealed(_))).count();
+    let mut messages = Vec::with_capacity(parts.len());
+    for (i, part) in parts.into_iter().enumerate() {
+        let content = match part.content {
+            Content::Text(t) => t,
+            Content::Sealed(blob) => unseal(app_id, policies, sealer, &blob, i)?,
+        };
+        messages.push(ChatMessage { role: part.role, content });
+    }
+    let taint = scopes.iter().copied().max().unwrap_or(Scope::Personal);
+    let outcome = decide(policy, &scopes, route, cloud_ready);
+    let scope_list: Vec<&str> = scopes.iter().map(|s| s.as_str()).collect();
+    match &outcome {
+        Ok(d) => tracing::info!(
+            target: "hearth::audit", app = app_id, scopes = %scope_list.join(","), sealed_parts = sealed,
+            requested = ?route, route = d.route.as_str(), reason = d.reason, "routing decision"
+        ),
+        Err(e) => tracing::info!(
+            target: "hearth::audit", app = app_id, scopes = %scope_list.join(","), sealed_parts = sealed,
+            requested = ?route, route = "refused", reason = %e, "routing decision"
+        ),
+    }
+    outcome.map(|route| Admitted { messages, decision: Decision { taint, ..route } })
+}
+
+fn unseal(app_id: &str, policies: &Policies, sealer: &Sealer, blob: &[u8], i: usize) -> Result<String, Error> {
+    let at = |e: SealError| match e {
+        SealError::Malformed(_) => Error::InvalidArgs(format!("messages[{i}].sealed: {e}")),
+        SealError::Forged => Error::NotAuthorized(format!("messages[{i}].sealed: {e}")),
+    };
+    let owner = Sealer::sealer_of(blob).map_err(at)?;
+    if owner != app_id && !policies.get(&owner).share_sealed_with.iter().any(|a| a == app_id) {
+        return Err(Error::NotAuthorized(format!(
+            "messages[{i}].sealed was sealed by another app that does not share it with this one"
+        )));
+    }
+    let (_, plain) = sealer.open_blob(blob).map_err(at)?;
+    String::from_utf8(plain).map_err(|_| Error::InvalidArgs(format!("messages[{i}].sealed does not hold UTF-8 text")))
+}
+
+fn decide(
+    policy: &AppPolicy,
+    scopes: &BTreeSet<Scope>,
+    route: RouteRequest,
+    cloud_ready: bool,
+) -> Result<Decision, Error> {
+    let taint = scopes.iter().copied().max().unwrap_or(Scope::Personal);
+    let local = |reason| Ok(Decision { route: Route::Local, reason, taint });
+    match route {
+        RouteRequest::Local => local("the caller asked for the device"),
+        RouteRequest::Auto if taint == Scope::Local => local("local or sealed data stays on the device"),
+        RouteRequest::Auto => local("on-device by default"),
+        RouteRequest::Cloud => {
+            if !policy.cloud {
+                return Err(Error::NotAuthorized("this app's policy does not allow the cloud route".into()));
+            }
+            if let Some(s) = scopes.iter().rev().find(|s| !policy.cloud_allows(**s)) {
+                return Err(Error::PrivacyViolation(format!(
+                    "the request holds {} data, which this app's policy keeps on the device; it was not sent",
+                    s.as_str()
+                )));
+            }
+            if !cloud_ready {
+                return Err(Error::CloudUnavailable("no cloud model is configured".into()));
+            }
+            Ok(Decision { route: Route::Cloud, reason: "the caller asked for the cloud and the data may go", taint })
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn set(s: &[Scope]) -> BTreeSet<Scope> {
+        s.iter().copied().collect()
+    }
+
+    #[test]
+    fn local_and_sealed_data_never_take_the_cloud_route() {
+        let open =
+            AppPolicy { cloud: true, cloud_scopes: vec![Scope::Public, Scope::Personal], ..AppPolicy::default() };
+        let public_only = AppPolicy { cloud: true, ..AppPolicy::default() };
+        let closed = AppPolicy::default();
+        type Case<'a> = (&'a AppPolicy, &'a [Scope], RouteRequest, Result<Route, &'a str>);
+        let cases: Vec<Case<'_>> = vec![
+            (&open, &[Scope::Public], RouteRequest::Cloud, Ok(Route::Cloud)),
+            (&open, &[Scope::Personal], RouteRequest::Cloud, Ok(Route::Cloud)),
+            (&open, &[Scope::Public, Scope::Local], RouteRequest::Cloud, Err("PrivacyViolation")),
+            (&public_only, &[Scope::Personal], RouteRequest::Cloud, Err("PrivacyViolation")),
+            (&closed, &[Scope::Public], RouteRequest::Cloud, Err("NotAuthorized")),
+            (&open, &[Scope::Local], RouteRequest::Auto, Ok(Route::Local)),
+            (&open, &[Scope::Public], RouteRequest::Auto, Ok(Route::Local)),
+            (&open, &[Scope::Public], RouteRequest::Local, Ok(Route::Local)),
+        ];
+        for (policy, scopes, route, want) in cases {
+            let got = decide(policy, &set(scopes), route, true);
+            match (got, want) {
+                (Ok(d), Ok(r)) => assert_eq!(d.route, r, "{scopes:?} {route:?}"),
+                (Err(e), Err(name)) => assert!(format!("{e:?}").starts_with(name), "{e:?} vs {name}"),
+                (got, want) => panic!("{scopes:?} {route:?}: got {got:?}, want {want:?}"),
+            }
+        }
+        assert!(matches!(
+            decide(&open, &set(&[Scope::Public]), RouteRequest::Cloud, false),
+            Err(Error::CloudUnavailable(_))
+        ));
+    }
+}

@@ -1,0 +1,177 @@
+//! Sealed data: bytes an app hands hearthd encrypted with a key only hearthd holds, so it can
+//! keep personal data on disk that only the on-device model will ever read in the clear.
+//!
+//! XChaCha20-Poly1305 (RustCrypto's `chacha20poly1305`) with a random 192-bit nonce; the
+//! sealing app's id is carried in the blob and bound as associated data, so a blob re-labelled
+//! for another app fails authentication. Blob: `HSL1 | u16 app id length | app id | nonce |
+//! ciphertext+tag`. The 256-bit key comes from a systemd credential (`hearth-seal-key` in
+//! $CREDENTIALS_DIRECTORY, e.g. LoadCredentialEncrypted=) or is created 0600 in the state dir.
+
+use std::io::Write;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::Path;
+
+use chacha20poly1305::aead::{Aead, AeadCore, KeyInit, OsRng, Payload};
+use chacha20poly1305::{XChaCha20Poly1305, XNonce};
+
+const MAGIC: &[u8; 4] = b"HSL1";
+const NONCE_LEN: usize = 24;
+const TAG_LEN: usize = 16;
+/// Largest plaintext Seal accepts.
+pub const MAX_PLAINTEXT: usize = 1 << 20;
+/// The systemd credential name of the key.
+pub const CREDENTIAL: &str = "hearth-seal-key";
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SealError {
+    /// Not a sealed blob, or cut short.
+    #[error("the sealed data is malformed ({0})")]
+    Malformed(&'static str),
+    /// The blob does not authenticate: tampered with, or sealed under another key or app.
+    #[error("the sealed data does not authenticate (tampered with, or not sealed by this device for this app)")]
+    Forged,
+}
+
+/// Holds the device key.
+pub struct Sealer {
+    cipher: XChaCha20Poly1305,
+    /// Where the key came from, for the log.
+    pub source: String,
+}
+
+impl std::fmt::Debug for Sealer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Sealer").field("source", &self.source).finish_non_exhaustive()
+    }
+}
+
+fn associated_data(app_id: &str) -> Vec<u8> {
+    [b"hearth-seal-v1\0".as_slice(), app_id.as_bytes()].concat()
+}
+
+impl Sealer {
+    /// The key from the systemd credential when present, else `state_dir/seal.key` (created
+    /// with 32 random bytes, 0600, when missing).
+    pub fn open(state_dir: &Path) -> std::io::Result<Self> {
+        if let Some(dir) = std::env::var_os("CREDENTIALS_DIRECTORY") {
+            let path = Path::new(&dir).join(CREDENTIAL);
+            if path.exists() {
+                return Self::from_file(&path);
+            }
+        }
+        let path = state_dir.join("seal.key");
+        match std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(&path) {
+            Ok(mut f) => {
+                let key = XChaCha20Poly1305::generate_key(&mut OsRng);
+                f.write_all(&key)?;
+                f.sync_all()?;
+                tracing::info!(path = %path.display(), "created the device sealing key");
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+            Err(e) => return Err(e),
+        }
+        Self::from_file(&path)
+    }
+
+    fn from_file(path: &Path) -> std::io::Result<Self> {
+        use std::os::unix::fs::MetadataExt;
+        let meta = std::fs::metadata(path)?;
+        if meta.mode() & 0o077 != 0 {
+            return Err(std::io::Error::other(format!(
+                "{} has mode {:04o}: the sealing key must be readable by hearthd only",
+                path.display(),
+                meta.mode() & 0o7777
+            )));
+        }
+        let key = std::fs::read(path)?;
+        let cipher = XChaCha20Poly1305::new_from_slice(&key)
+            .map_err(|_| std::io::Error::other(format!("{} does not hold a 32-byte key", path.display())))?;
+        Ok(Self { cipher, source: path.display().to_string() })
+    }
+
+    /// Seals `data` for `app_id`.
+    pub fn seal(&self, app_id: &str, data: &[u8]) -> Result<Vec<u8>, SealError> {
+        let id = app_id.as_bytes();
+        let id_len = u16::try_from(id.len()).map_err(|_| SealError::Malformed("app id too long"))?;
+        let nonce = XChaCha20Poly1305::generate_nonce(&mut OsRng);
+        let aad = associated_data(app_id);
+        let sealed = self
+            .cipher
+            .encrypt(&nonce, Payload { msg: data, aad: &aad })
+            .map_err(|_| SealError::Malformed("encryption failed"))?;
+        Ok([MAGIC.as_slice(), &id_len.to_be_bytes(), id, &nonce, &sealed].concat())
+    }
+
+    /// The app that sealed `blob` (unauthenticated until [`Sealer::open_blob`] succeeds).
+    pub fn sealer_of(blob: &[u8]) -> Result<String, SealError> {
+        Ok(split(blob)?.0.to_owned())
+    }
+
+    /// Authenticates and decrypts `blob`; returns the sealing app and the plaintext.
+    pub fn open_blob(&self, blob: &[u8]) -> Result<(String, Vec<u8>), SealError> {
+        let (app_id, nonce, sealed) = split(blob)?;
+        let aad = associated_data(app_id);
+        let plain = self
+            .cipher
+            .decrypt(XNonce::from_slice(nonce), Payload { msg: sealed, aad: &aad })
+            .map_err(|_| SealError::Forged)?;
+        Ok((app_id.to_owned(), plain))
+    }
+}
+
+fn split(blob: &[u8]) -> Result<(&str, &[u8], &[u8]), SealError> {
+    let rest = blob.strip_prefix(MAGIC.as_slice()).ok_or(SealError::Malformed("not a Hearth sealed blob"))?;
+    let (len, rest) = rest.split_at_checked(2).ok_or(SealError::Malformed("truncated"))?;
+    let len = usize::from(u16::from_be_bytes([len[0], len[1]]));
+    let (id, rest) = rest.split_at_checked(len).ok_or(SealError::Malformed("truncated"))?;
+    let id = std::str::from_utf8(id).map_err(|_| SealError::Malformed("app id is not UTF-8"))?;
+    let (nonce, sealed) = rest.split_at_checked(NONCE_LEN).ok_or(SealError::Malformed("truncated"))?;
+    if sealed.len() < TAG_LEN {
+        return Err(SealError::Malformed("truncated"));
+    }
+    Ok((id, nonce, sealed))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::fs::PermissionsExt;
+
+    use super::*;
+
+    #[test]
+    fn round_trip_and_every_forgery_fails() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Sealer::open(dir.path()).unwrap();
+        let mode = std::fs::metadata(dir.path().join("seal.key")).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+        let blob = s.seal("org.example.Notes", b"my diary").unwrap();
+        assert!(!blob.windows(8).any(|w| w == b"my diary"));
+        assert_eq!(s.open_blob(&blob).unwrap(), ("org.example.Notes".to_owned(), b"my diary".to_vec()));
+        // The same key after a restart.
+        assert_eq!(Sealer::open(dir.path()).unwrap().open_blob(&blob).unwrap().1, b"my diary");
+        // A flipped ciphertext bit.
+        let mut t = blob.clone();
+        *t.last_mut().unwrap() ^= 1;
+        assert_eq!(s.open_blob(&t), Err(SealError::Forged));
+        // Relabelled for another app of the same length.
+        let mut r = blob.clone();
+        r[6..23].copy_from_slice(b"org.example.Evil!");
+        assert_eq!(Sealer::sealer_of(&r).unwrap(), "org.example.Evil!");
+        assert_eq!(s.open_blob(&r), Err(SealError::Forged));
+        // Truncated anywhere.
+        for n in [0, 3, 5, 20, 40, blob.len() - 1] {
+            assert!(s.open_blob(&blob[..n]).is_err(), "length {n}");
+        }
+        // Another device's key.
+        let other = Sealer::open(tempfile::tempdir().unwrap().path()).unwrap();
+        assert_eq!(other.open_blob(&blob), Err(SealError::Forged));
+    }
+
+    #[test]
+    fn a_readable_key_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        Sealer::open(dir.path()).unwrap();
+        std::fs::set_permissions(dir.path().join("seal.key"), std::fs::Permissions::from_mode(0o644)).unwrap();
+        assert!(Sealer::open(dir.path()).unwrap_err().to_string().contains("readable by hearthd only"));
+    }
+}
