@@ -781,6 +781,22 @@ impl ModelManager {
         }
     }
 
+    /// Queue state summed over the loaded engines, read from them now (the published status
+    /// follows a moment later).
+    pub fn queue(&self) -> EngineStatus {
+        let state = self.state();
+        let mut total = EngineStatus::default();
+        for l in state.loaded.values() {
+            let s = l.engine.status().borrow().clone();
+            total.running += s.running;
+            total.waiting += s.waiting;
+            for (t, n) in total.by_priority.iter_mut().zip(s.by_priority) {
+                *t += n;
+            }
+        }
+        total
+    }
+
     /// KV gauges summed over the loaded models: (size, reserved, used, cached).
     pub fn kv_totals(&self) -> [u32; 4] {
         let state = self.state();

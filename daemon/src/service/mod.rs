@@ -417,12 +417,12 @@ impl HearthService {
 
     #[zbus(property)]
     async fn queue_depth(&self) -> u32 {
-        self.models.status().borrow().queue_depth()
+        self.models.queue().queue_depth()
     }
 
     #[zbus(property)]
     async fn queue_by_priority(&self) -> HashMap<String, u32> {
-        let status = self.models.status().borrow().clone();
+        let status = self.models.queue();
         Priority::ALL.iter().map(|&p| (p.as_str().to_owned(), status.count(p))).collect()
     }
 
