@@ -142,22 +142,14 @@ impl Catalog {
     pub fn scan(dirs: &[PathBuf]) -> Self {
         let mut models = BTreeMap::new();
         let mut rejected = Vec::new();
-        for dir in dirs {
-            let Ok(entries) = std::fs::read_dir(dir) else { continue };
-            let mut paths: Vec<PathBuf> = entries
-                .filter_map(|e| e.ok().map(|e| e.path()))
-                .filter(|p| p.extension().is_some_and(|e| e == "toml"))
-                .collect();
-            paths.sort();
-            for path in paths {
-                match read_manifest(&path) {
-                    Ok(entry) => {
-                        models.entry(entry.manifest.name.clone()).or_insert(entry);
-                    }
-                    Err(e) => {
-                        tracing::error!(error = %e, "model manifest skipped");
-                        rejected.push(e);
-                    }
+        for path in toml_files(dirs) {
+            match read_manifest(&path) {
+                Ok(entry) => {
+                    models.entry(entry.manifest.name.clone()).or_insert(entry);
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "model manifest skipped");
+                    rejected.push(e);
                 }
             }
         }
@@ -184,6 +176,22 @@ impl Catalog {
     pub fn rejected(&self) -> &[CatalogError] {
         &self.rejected
     }
+}
+
+/// The `*.toml` files of `dirs`, directory by directory in order, sorted by name within each;
+/// missing directories are skipped.
+pub fn toml_files(dirs: &[PathBuf]) -> Vec<PathBuf> {
+    let mut all = Vec::new();
+    for dir in dirs {
+        let Ok(entries) = std::fs::read_dir(dir) else { continue };
+        let mut paths: Vec<PathBuf> = entries
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.extension().is_some_and(|e| e == "toml"))
+            .collect();
+        paths.sort();
+        all.extend(paths);
+    }
+    all
 }
 
 fn check_sha256(s: &str) -> bool {

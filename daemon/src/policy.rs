@@ -20,7 +20,7 @@ use std::sync::Arc;
 use serde::Deserialize;
 
 use crate::engine::Priority;
-use crate::models::check_trusted;
+use crate::models::{check_trusted, toml_files};
 use crate::privacy::Scope;
 
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
@@ -94,17 +94,9 @@ impl Policies {
     /// a policy that silently fell back to the default could grant more than intended.
     pub fn load(dirs: &[PathBuf], default: AppPolicy) -> Result<Self, PolicyError> {
         let mut apps = BTreeMap::new();
-        for dir in dirs {
-            let Ok(entries) = std::fs::read_dir(dir) else { continue };
-            let mut paths: Vec<PathBuf> = entries
-                .filter_map(|e| e.ok().map(|e| e.path()))
-                .filter(|p| p.extension().is_some_and(|e| e == "toml"))
-                .collect();
-            paths.sort();
-            for path in paths {
-                let file = read(&path)?;
-                apps.insert(file.app, Arc::new(file.policy));
-            }
+        for path in toml_files(dirs) {
+            let file = read(&path)?;
+            apps.insert(file.app, Arc::new(file.policy));
         }
         Ok(Self { apps, default: Arc::new(default) })
     }
