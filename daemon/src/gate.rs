@@ -3,6 +3,7 @@
 //! SIGHUP) and the device sealing key.
 
 use std::collections::{HashMap, VecDeque};
+use std::os::unix::fs::DirBuilderExt;
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
@@ -24,6 +25,9 @@ pub enum GateError {
 #[derive(Debug)]
 pub struct Gate {
     policies: RwLock<Arc<Policies>>,
+    /// Policies set at run time (SetAppPolicy), kept in the state directory; they override
+    /// the files of `apps.dirs`.
+    runtime_dir: std::path::PathBuf,
     sealer: Sealer,
     /// Request times of the last minute, per app with a requests_per_minute quota.
     recent: Mutex<HashMap<String, VecDeque<Instant>>>,
@@ -31,23 +35,52 @@ pub struct Gate {
 
 impl Gate {
     pub fn new(config: &Config) -> Result<Self, GateError> {
-        use std::os::unix::fs::DirBuilderExt;
         let dir = &config.daemon.state_dir;
         let key_err = |source| GateError::Key { dir: dir.display().to_string(), source };
         std::fs::DirBuilder::new().recursive(true).mode(0o700).create(dir).map_err(key_err)?;
         let sealer = Sealer::open(dir).map_err(key_err)?;
         tracing::info!(key = %sealer.source, "sealing key ready");
-        let policies = Policies::load(&config.apps.dirs, config.apps.default.clone())?;
-        tracing::info!(apps = policies.len(), "app policies loaded");
-        Ok(Self { policies: RwLock::new(Arc::new(policies)), sealer, recent: Mutex::new(HashMap::new()) })
+        let runtime_dir = dir.join("apps.d");
+        std::fs::DirBuilder::new()
+            .mode(0o700)
+            .create(&runtime_dir)
+            .or_else(|e| if e.kind() == std::io::ErrorKind::AlreadyExists { Ok(()) } else { Err(key_err(e)) })?;
+        let gate = Self {
+            policies: RwLock::new(Arc::new(Policies::default())),
+            runtime_dir,
+            sealer,
+            recent: Mutex::new(HashMap::new()),
+        };
+        let n = gate.reload(config)?;
+        tracing::info!(apps = n, "app policies loaded");
+        Ok(gate)
     }
 
     /// Re-reads the app policies (SIGHUP). On error the old ones stay.
     pub fn reload(&self, config: &Config) -> Result<usize, PolicyError> {
-        let policies = Policies::load(&config.apps.dirs, config.apps.default.clone())?;
+        let mut dirs = config.apps.dirs.clone();
+        dirs.push(self.runtime_dir.clone());
+        let policies = Policies::load(&dirs, config.apps.default.clone())?;
         let n = policies.len();
         *self.policies.write().unwrap_or_else(std::sync::PoisonError::into_inner) = Arc::new(policies);
         Ok(n)
+    }
+
+    /// Admin: sets `app_id`'s policy at run time (None: removes the run-time policy, so the
+    /// files decide again), persisted in the state directory, and puts it in force.
+    pub fn set_app_policy(&self, config: &Config, app_id: &str, policy: Option<&AppPolicy>) -> Result<(), Error> {
+        use sha2::Digest;
+        let name = format!("{}.toml", hex::encode(sha2::Sha256::digest(app_id.as_bytes())));
+        let path = self.runtime_dir.join(name);
+        let io = |e: std::io::Error| Error::Internal(format!("cannot store the app policy: {e}"));
+        match policy {
+            Some(p) => crate::models::write_private(&path, &p.to_toml(app_id)).map_err(io)?,
+            None => match std::fs::remove_file(&path) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(io(e)),
+                _ => {}
+            },
+        }
+        self.reload(config).map(|_| ()).map_err(|e| Error::InvalidArgs(e.to_string()))
     }
 
     fn policies(&self) -> Arc<Policies> {

@@ -57,6 +57,53 @@ impl Default for AppPolicy {
 }
 
 impl AppPolicy {
+    /// The policy file for `app_id` (what SetAppPolicy stores).
+    pub fn to_toml(&self, app_id: &str) -> String {
+        let list = |v: &[String]| v.iter().map(|s| format!("{s:?}")).collect::<Vec<_>>().join(", ");
+        let scopes: Vec<String> = self.cloud_scopes.iter().map(|s| s.as_str().to_owned()).collect();
+        format!(
+            "app = {app_id:?}\nmodels = [{}]\nmax_priority = {:?}\ncloud = {}\ncloud_scopes = [{}]\nshare_sealed_with = [{}]\nrequests_per_minute = {}\nmax_tokens = {}\n",
+            list(&self.models),
+            self.max_priority.as_str(),
+            self.cloud,
+            list(&scopes),
+            list(&self.share_sealed_with),
+            self.requests_per_minute,
+            self.max_tokens,
+        )
+    }
+
+    /// A policy from SetAppPolicy's dictionary: the keys of a policy file, missing ones at
+    /// the default policy's values.
+    pub fn from_dict(d: &std::collections::HashMap<String, zbus::zvariant::OwnedValue>) -> Result<Self, String> {
+        use zbus::zvariant::Value;
+        let mut table = toml::Table::new();
+        for (k, v) in d {
+            let v: &Value<'_> = v;
+            let item = match v {
+                Value::Bool(b) => toml::Value::Boolean(*b),
+                Value::Str(s) => toml::Value::String(s.to_string()),
+                Value::U32(n) => toml::Value::Integer(i64::from(*n)),
+                Value::Array(a) => toml::Value::Array(
+                    a.inner()
+                        .iter()
+                        .map(|x| match x {
+                            Value::Str(s) => Ok(toml::Value::String(s.to_string())),
+                            _ => Err(format!("{k} must be a list of strings (as)")),
+                        })
+                        .collect::<Result<_, _>>()?,
+                ),
+                other => return Err(format!("{k} has an unsupported type {}", other.value_signature())),
+            };
+            table.insert(k.clone(), item);
+        }
+        let policy: AppPolicy = toml::Value::Table(table).try_into().map_err(|e: toml::de::Error| e.to_string())?;
+        if policy.cloud_scopes.contains(&Scope::Local) {
+            return Err("cloud_scopes cannot contain \"local\"".into());
+        }
+        Ok(policy)
+    }
+
     pub fn allows_model(&self, name: &str) -> bool {
         self.models.iter().any(|m| m == "*" || m == name)
     }

@@ -34,6 +34,7 @@ trait Authority {
 pub enum Action {
     ManageModels,
     Reload,
+    SetAppPolicy,
 }
 
 impl Action {
@@ -41,6 +42,7 @@ impl Action {
         match self {
             Self::ManageModels => "org.hearth.Hearth1.manage-models",
             Self::Reload => "org.hearth.Hearth1.reload",
+            Self::SetAppPolicy => "org.hearth.Hearth1.set-app-policy",
         }
     }
 }

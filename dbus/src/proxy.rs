@@ -20,6 +20,8 @@ pub trait Hearth1 {
     fn load_model(&self, name: &str, options: HashMap<&str, Value<'_>>) -> Result<(), Error>;
     /// Admin: unloads a model.
     fn unload_model(&self, name: &str) -> Result<(), Error>;
+    /// Admin: sets (or, with an empty dictionary, removes) an app's run-time policy.
+    fn set_app_policy(&self, app_id: &str, policy: HashMap<&str, Value<'_>>) -> Result<(), Error>;
     /// Admin: reloads configuration, models and app policies.
     fn reload(&self) -> Result<(), Error>;
     /// Encrypts data for the calling app with the device key.

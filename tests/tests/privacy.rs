@@ -176,8 +176,28 @@ async fn polkit_decides_admin_calls_about_the_callers_bus_name() {
     let polkit = Polkit::start(&bus, "allow");
     proxy.load_model("smollm2-135m-instruct", HashMap::new()).await.unwrap();
     proxy.reload().await.unwrap();
-    assert_eq!(polkit.calls().len(), 2);
     assert_eq!(proxy.loaded_models().await.unwrap(), vec!["smollm2-135m-instruct".to_owned()]);
+
+    // An app policy set at run time applies to the app's next request.
+    let me_app = this_app();
+    let e = proxy.set_app_policy(&me_app, HashMap::from([("max_priority", Value::from("urgent"))])).await.unwrap_err();
+    assert_eq!(e.dbus_name(), "org.hearth.Hearth1.Error.InvalidArgs");
+    proxy.set_app_policy(&me_app, HashMap::from([("models", Value::from(vec!["other-model"]))])).await.unwrap();
+    let e = proxy.complete(chat_request("Hi", 2)).await.unwrap_err();
+    assert_eq!(e.dbus_name(), "org.hearth.Hearth1.Error.NotAuthorized");
+    proxy.set_app_policy(&me_app, HashMap::new()).await.unwrap();
+    proxy.complete(chat_request("Hi", 2)).await.unwrap();
+    let actions: Vec<String> = polkit.calls().iter().map(|c| c["action"].as_str().unwrap().to_owned()).collect();
+    // The invalid policy was refused before polkit was asked.
+    assert_eq!(
+        actions,
+        [
+            "org.hearth.Hearth1.manage-models",
+            "org.hearth.Hearth1.reload",
+            "org.hearth.Hearth1.set-app-policy",
+            "org.hearth.Hearth1.set-app-policy"
+        ]
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -349,6 +349,33 @@ impl HearthService {
         Ok(())
     }
 
+    /// Sets an app's policy at run time (admin); see org.hearth.Hearth1.xml.
+    async fn set_app_policy(
+        &self,
+        #[zbus(header)] header: Header<'_>,
+        #[zbus(connection)] conn: &Connection,
+        app_id: String,
+        policy: HashMap<String, OwnedValue>,
+    ) -> Result<(), BusError> {
+        if app_id.is_empty() || app_id.len() > 4096 || app_id.chars().any(char::is_control) {
+            return Err(BusError::InvalidArgs("app_id must be 1-4096 printable characters".into()));
+        }
+        let parsed = if policy.is_empty() {
+            None
+        } else {
+            Some(
+                crate::policy::AppPolicy::from_dict(&policy)
+                    .map_err(|e| BusError::InvalidArgs(format!("policy: {e}")))?,
+            )
+        };
+        let sender = caller(&header)?;
+        let (who, _) = identify(conn, &self.callers, &sender).await?;
+        self.authorize(conn, &header, &who, polkit::Action::SetAppPolicy).await?;
+        self.gate.set_app_policy(&self.models.config(), &app_id, parsed.as_ref())?;
+        tracing::info!(target: "hearth::audit", by = %who.app, app = %app_id, removed = parsed.is_none(), "app policy set");
+        Ok(())
+    }
+
     /// Encrypts data for the caller with the device key; see org.hearth.Hearth1.xml.
     #[zbus(out_args("sealed"))]
     async fn seal(
