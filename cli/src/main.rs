@@ -193,11 +193,14 @@ async fn run(cli: Cli) -> Result<ExitCode, CliError> {
                 (proxy.version().await?, proxy.loaded_models().await?, proxy.queue_depth().await?);
             let memory = dict_json(&proxy.memory().await?);
             let backends: Vec<Json> = proxy.backends().await?.iter().map(dict_json).collect();
+            let (thermal, power) = (proxy.thermal_state().await?, proxy.power_state().await?);
+            let throttle = dict_json(&proxy.throttle().await?);
             if cli.json {
                 println!(
                     "{}",
                     json!({ "version": version, "loaded_models": models, "queue_depth": depth,
-                            "memory": memory, "backends": backends })
+                            "memory": memory, "backends": backends, "thermal_state": thermal,
+                            "power_state": power, "throttle": throttle })
                 );
             } else {
                 let mib = |k: &str| memory[k].as_u64().unwrap_or(0) as f64 / f64::from(1u32 << 20);
@@ -207,6 +210,14 @@ async fn run(cli: Cli) -> Result<ExitCode, CliError> {
                     mib("used_bytes"),
                     mib("budget_bytes"),
                     if memory["pressure"] == json!(true) { " (under pressure)" } else { "" }
+                );
+                let cap = throttle["rate_cap_tps"].as_f64().unwrap_or(0.0);
+                println!(
+                    "thermal:       {thermal}{}\npower:         {power}{}\nthrottle:      {}{}",
+                    throttle["temperature_c"].as_f64().map(|t| format!(" ({t:.1} °C)")).unwrap_or_default(),
+                    throttle["battery_pct"].as_u64().map(|b| format!(" ({b}%)")).unwrap_or_default(),
+                    if cap > 0.0 { format!("{cap:.1} tok/s cap") } else { "none".to_owned() },
+                    if throttle["defer_background"] == json!(true) { ", background deferred" } else { "" }
                 );
                 for b in &backends {
                     println!(

@@ -32,6 +32,7 @@ pub struct Config {
     pub limits: LimitsConfig,
     pub memory: MemoryConfig,
     pub apps: AppsConfig,
+    pub governor: crate::governor::GovernorConfig,
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq)]

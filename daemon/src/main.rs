@@ -8,6 +8,7 @@ mod config;
 mod engine;
 mod error;
 mod gate;
+mod governor;
 mod identity;
 mod manager;
 mod memory;
@@ -110,7 +111,9 @@ fn run(args: Args) -> Result<(), MainError> {
     }
     let gate = Arc::new(Gate::new(&config)?);
     let budget = memory::budget(&config.memory);
-    let models = ModelManager::new(config.clone(), catalog, budget)?;
+    let throttle = Arc::new(engine::Throttle::default());
+    let models = ModelManager::new(config.clone(), catalog, budget, Arc::clone(&throttle))?;
+    let governor = governor::Governor::new(config.governor.clone(), throttle, config.threads().max(1) as u32);
     for (d, owned) in models.backends() {
         tracing::info!(device = %d.name, kind = d.kind.as_str(), memory_total = d.memory_total, owned, "compute device");
     }
@@ -118,19 +121,32 @@ fn run(args: Args) -> Result<(), MainError> {
     // The engines do the compute on their own threads; D-Bus work is I/O and fits one
     // runtime thread, which also keeps it from competing with the compute threads for cores.
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
-    let served = runtime.block_on(serve(args, &config, models.clone(), gate));
+    let served = runtime.block_on(serve(args, &config, models.clone(), gate, governor));
     // Whatever happened on the bus, stop the engines before leaving.
     runtime.block_on(models.shutdown());
     tracing::info!("hearthd stopped");
     served
 }
 
-async fn serve(args: Args, config: &Config, models: ModelManager, gate: Arc<Gate>) -> Result<(), MainError> {
+async fn serve(
+    args: Args,
+    config: &Config,
+    models: ModelManager,
+    gate: Arc<Gate>,
+    governor: governor::Governor,
+) -> Result<(), MainError> {
     let mut signals = signal_hook_tokio::Signals::new([SIGTERM, SIGINT, SIGHUP])?;
     let in_flight = InFlight::default();
     let callers = CallerCache::default();
-    let service =
-        HearthService::new(models.clone(), Arc::clone(&gate), args.config.clone(), in_flight.clone(), callers.clone());
+    let governor_status = governor.status();
+    let service = HearthService::new(
+        models.clone(),
+        Arc::clone(&gate),
+        governor_status.clone(),
+        args.config.clone(),
+        in_flight.clone(),
+        callers.clone(),
+    );
     let builder = match &args.bus_address {
         Some(address) => zbus::connection::Builder::address(address.as_str())?,
         None => zbus::connection::Builder::system()?,
@@ -147,6 +163,8 @@ async fn serve(args: Args, config: &Config, models: ModelManager, gate: Arc<Gate
             async move { models.preload_pinned().await }
         }),
         tokio::spawn(ping_watchdog(models.clone())),
+        tokio::spawn(run_governor(governor, conn.clone(), config.governor.enabled)),
+        tokio::spawn(service::publish_governor_changes(conn.clone(), governor_status)),
     ];
     notify(&[sd_notify::NotifyState::Ready, sd_notify::NotifyState::Status("serving")]);
 
@@ -227,6 +245,27 @@ async fn ping_watchdog(models: ModelManager) {
             None => notify(&[sd_notify::NotifyState::Watchdog]),
             Some(name) => tracing::error!(model = %name, "engine does not answer: withholding the watchdog ping"),
         }
+    }
+}
+
+/// Runs the power and thermal governors (when enabled), reading power-profiles-daemon's
+/// profile every few seconds when it is on the bus.
+async fn run_governor(mut governor: governor::Governor, conn: zbus::Connection, enabled: bool) {
+    if !enabled {
+        tracing::info!("governors disabled by configuration");
+        return;
+    }
+    let mut tick = tokio::time::interval(governor.interval());
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut power_saver = false;
+    let mut next_profile = std::time::Instant::now();
+    loop {
+        tick.tick().await;
+        if governor.follows_power_profiles() && std::time::Instant::now() >= next_profile {
+            next_profile = std::time::Instant::now() + Duration::from_secs(5);
+            power_saver = governor::active_power_profile(&conn).await.as_deref() == Some("power-saver");
+        }
+        governor.tick(power_saver);
     }
 }
 

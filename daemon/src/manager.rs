@@ -192,6 +192,7 @@ struct Inner {
     load_lock: tokio::sync::Mutex<()>,
     status: watch::Sender<ManagerStatus>,
     epoch: Instant,
+    throttle: Arc<crate::engine::Throttle>,
 }
 
 /// The handle; cheap to clone.
@@ -238,7 +239,12 @@ fn mib(bytes: u64) -> String {
 }
 
 impl ModelManager {
-    pub fn new(config: Config, catalog: Arc<Catalog>, budget: u64) -> Result<Self, ManagerError> {
+    pub fn new(
+        config: Config,
+        catalog: Arc<Catalog>,
+        budget: u64,
+        throttle: Arc<crate::engine::Throttle>,
+    ) -> Result<Self, ManagerError> {
         let backend = Backend::init();
         let devices = backend.devices();
         check(&config, &catalog, &devices)?;
@@ -257,6 +263,7 @@ impl ModelManager {
                 load_lock: tokio::sync::Mutex::new(()),
                 status,
                 epoch: Instant::now(),
+                throttle,
             }),
         })
     }
@@ -442,7 +449,7 @@ impl ModelManager {
         let verified_at = started.elapsed();
 
         let context_length = entry.manifest.context_length.unwrap_or(config.engine.context_length);
-        let full = EngineSettings::from_config(&config, context_length);
+        let full = EngineSettings::from_config(&config, context_length, Arc::clone(&self.inner.throttle));
         let settings = if shrunk { full.shrunk() } else { full.clone() };
         let weights = model.size_bytes();
         let kv = model.kv_geometry().bytes(settings.kv_tokens());

@@ -42,6 +42,12 @@ pub trait Hearth1 {
     fn load_progress(&self) -> zbus::Result<HashMap<String, (String, f64)>>;
     #[zbus(property)]
     fn memory(&self) -> zbus::Result<HashMap<String, OwnedValue>>;
+    #[zbus(property)]
+    fn thermal_state(&self) -> zbus::Result<String>;
+    #[zbus(property)]
+    fn power_state(&self) -> zbus::Result<String>;
+    #[zbus(property)]
+    fn throttle(&self) -> zbus::Result<HashMap<String, OwnedValue>>;
     #[zbus(property(emits_changed_signal = "const"))]
     fn backends(&self) -> zbus::Result<Vec<HashMap<String, OwnedValue>>>;
 }

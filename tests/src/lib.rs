@@ -160,6 +160,9 @@ pub struct Settings {
     pub env: Vec<(String, String)>,
     /// Extra lines for the `[apps]` table (per-app policy).
     pub apps: String,
+    /// Extra lines for the `[governor]` table. Unless they set `sysfs_root`, the governors
+    /// read an empty tree, so the host's own sensors never throttle a test.
+    pub governor: String,
 }
 
 /// The real hearthd on a [`Bus`].
@@ -297,7 +300,7 @@ fn config_text(settings: &Settings, dir: &Path) -> String {
     let dirs = settings.models_dirs.clone().unwrap_or_else(|| vec![models_dir()]);
     let dirs: Vec<String> = dirs.iter().map(|d| format!("{:?}", d.display().to_string())).collect();
     format!(
-        "[daemon]\nstate_dir = {:?}\n\n[models]\ndirs = [{}]\n{}\n\n[memory]\n{}\n\n[engine]\nthreads = {}\ncontext_length = {CONTEXT}\nbatch_size = {BATCH}\nmax_sequences = {}\ninteractive_sequences = {}\n{}\n\n[limits]\n{}\n\n[apps]\n{}\n",
+        "[daemon]\nstate_dir = {:?}\n\n[models]\ndirs = [{}]\n{}\n\n[memory]\n{}\n\n[engine]\nthreads = {}\ncontext_length = {CONTEXT}\nbatch_size = {BATCH}\nmax_sequences = {}\ninteractive_sequences = {}\n{}\n\n[limits]\n{}\n\n[apps]\n{}\n\n[governor]\n{}{}\n",
         dir.join("state").display().to_string(),
         dirs.join(", "),
         settings.models,
@@ -308,6 +311,12 @@ fn config_text(settings: &Settings, dir: &Path) -> String {
         settings.engine,
         settings.limits,
         settings.apps,
+        if settings.governor.contains("sysfs_root") {
+            String::new()
+        } else {
+            format!("sysfs_root = {:?}\n", dir.join("no-sysfs").display().to_string())
+        },
+        settings.governor,
     )
 }
 

@@ -11,7 +11,7 @@ mod worker;
 
 use std::fmt;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU8, AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU32, AtomicU64, Ordering};
 use std::time::Duration;
 
 use hearth_dbus::FinishReason;
@@ -233,6 +233,29 @@ pub struct KvGauges {
     pub cached: AtomicU32,
 }
 
+/// What the governors ask of every engine, read before each decode step.
+#[derive(Debug, Default)]
+pub struct Throttle {
+    /// Decode token-rate cap per engine, in milli-tokens per second (0: none).
+    pub rate_cap_mtps: AtomicU64,
+    /// Compute threads (0: as configured).
+    pub threads: AtomicU32,
+    /// Keep background requests queued.
+    pub defer_background: AtomicBool,
+    /// What the engines could do uncapped: tokens per second of decode-step time (EWMA, of the
+    /// busiest engine), in milli-tokens per second. The governor maps its cap onto this.
+    pub potential_mtps: AtomicU64,
+}
+
+impl Throttle {
+    pub fn rate_cap(&self) -> Option<f64> {
+        match self.rate_cap_mtps.load(Ordering::Relaxed) {
+            0 => None,
+            m => Some(m as f64 / 1000.0),
+        }
+    }
+}
+
 /// Static facts about a loaded model.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LoadedModelInfo {
@@ -245,7 +268,7 @@ pub struct LoadedModelInfo {
 }
 
 /// How one model's engine runs: its context shape and queue limits.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone)]
 pub struct EngineSettings {
     /// Context of one request (one KV stream) in tokens.
     pub context_length: u32,
@@ -257,11 +280,13 @@ pub struct EngineSettings {
     pub prefix_cache: bool,
     pub queue_capacity: u32,
     pub queue_per_app: u32,
+    /// The governors' current demands, shared by all engines.
+    pub throttle: Arc<Throttle>,
 }
 
 impl EngineSettings {
     /// The configured engine, with `context_length` per request.
-    pub fn from_config(config: &Config, context_length: u32) -> Self {
+    pub fn from_config(config: &Config, context_length: u32, throttle: Arc<Throttle>) -> Self {
         Self {
             context_length,
             batch_size: config.engine.batch_size,
@@ -272,6 +297,7 @@ impl EngineSettings {
             prefix_cache: config.engine.prefix_cache,
             queue_capacity: config.limits.queue_capacity,
             queue_per_app: config.limits.queue_per_app,
+            throttle,
         }
     }
 

@@ -105,6 +105,8 @@ pub(super) struct Scheduler {
     /// Running non-interactive sequences.
     shared_running: usize,
     kv_reserved: u32,
+    /// Background requests stay queued (governors: hot or low on battery).
+    defer_background: bool,
 }
 
 impl Scheduler {
@@ -119,7 +121,18 @@ impl Scheduler {
             releases: 0,
             shared_running: 0,
             kv_reserved: 0,
+            defer_background: false,
         }
+    }
+
+    /// Holds background requests in the queue (true) or lets them start again.
+    pub fn set_defer_background(&mut self, defer: bool) {
+        self.defer_background = defer;
+    }
+
+    /// Whether every waiting request is held back by the deferral.
+    pub fn only_deferred_waiting(&self) -> bool {
+        self.defer_background && self.waiting.iter().all(|w| w.priority == Priority::Background)
     }
 
     pub fn kv_reserved(&self) -> u32 {
@@ -222,10 +235,12 @@ impl Scheduler {
     /// The next request to start, with its slot, if the best candidate fits now.
     pub fn pop_next(&mut self) -> Option<(Waiting, Slot)> {
         let served = |app: &str| self.apps.get(app).map_or(0, |a| a.served);
+        let defer = self.defer_background;
         let best = self
             .waiting
             .iter()
             .enumerate()
+            .filter(|(_, w)| !(defer && w.priority == Priority::Background))
             .max_by(|(_, a), (_, b)| {
                 a.priority
                     .cmp(&b.priority)

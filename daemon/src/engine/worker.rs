@@ -42,6 +42,9 @@ pub(super) struct Worker {
     /// Debug builds only: with HEARTH_DEBUG_STALL_ENGINE set, the first decode step hangs, so
     /// tests can watch the systemd watchdog ping stop.
     stall: bool,
+    throttle: Arc<super::Throttle>,
+    /// Configured compute threads, and the count in force.
+    threads: (i32, i32),
 }
 
 impl Worker {
@@ -75,6 +78,8 @@ impl Worker {
             next_id: 1,
             prefix_cache: settings.prefix_cache,
             stall: cfg!(debug_assertions) && std::env::var_os("HEARTH_DEBUG_STALL_ENGINE").is_some(),
+            throttle: Arc::clone(&settings.throttle),
+            threads: (settings.threads, settings.threads),
         }
     }
 
@@ -108,7 +113,14 @@ impl Worker {
             // Publish before decoding, so a caller that was just accepted sees itself counted.
             self.publish_status();
             if !self.running.is_empty() {
-                self.step();
+                self.apply_throttle();
+                let started = Instant::now();
+                let tokens = self.step();
+                self.pace(tokens, started);
+            } else if self.scheduler.only_deferred_waiting() {
+                // Only deferred background work: look again shortly (commands wake us too).
+                self.apply_throttle();
+                std::thread::sleep(std::time::Duration::from_millis(50));
             }
             self.retire();
             self.publish_status();
@@ -254,8 +266,42 @@ impl Worker {
         }
     }
 
-    /// Builds one batch from the running sequences, decodes it and samples.
-    fn step(&mut self) {
+    /// Takes the governors' thread count and background deferral.
+    fn apply_throttle(&mut self) {
+        let wanted = match self.throttle.threads.load(Ordering::Relaxed) {
+            0 => self.threads.0,
+            n => (n as i32).min(self.threads.0),
+        };
+        if wanted != self.threads.1 {
+            self.ctx.set_threads(wanted, wanted);
+            self.threads.1 = wanted;
+            tracing::debug!(threads = wanted, "compute threads changed by the governor");
+        }
+        self.scheduler.set_defer_background(self.throttle.defer_background.load(Ordering::Relaxed));
+    }
+
+    /// Keeps decoding under the governors' token-rate cap: after a step that produced
+    /// `tokens`, waits until they are due at the capped rate. Also records the uncapped rate.
+    fn pace(&self, tokens: usize, started: Instant) {
+        if tokens == 0 {
+            return;
+        }
+        let took = started.elapsed();
+        let potential = tokens as f64 / took.as_secs_f64().max(1e-6);
+        let old = self.throttle.potential_mtps.load(Ordering::Relaxed) as f64 / 1000.0;
+        let ewma = if old == 0.0 { potential } else { 0.9 * old + 0.1 * potential };
+        self.throttle.potential_mtps.store((ewma * 1000.0) as u64, Ordering::Relaxed);
+        if let Some(cap) = self.throttle.rate_cap() {
+            let due = std::time::Duration::from_secs_f64(tokens as f64 / cap.max(0.01));
+            if due > took {
+                std::thread::sleep((due - took).min(std::time::Duration::from_secs(2)));
+            }
+        }
+    }
+
+    /// Builds one batch from the running sequences, decodes it and samples. Returns the
+    /// number of tokens generated.
+    fn step(&mut self) -> usize {
         if self.stall {
             tracing::warn!("HEARTH_DEBUG_STALL_ENGINE: the engine hangs here on purpose");
             loop {
@@ -311,7 +357,7 @@ impl Worker {
         if let Some(e) = push_failed {
             // Cannot happen with the capacities checked at start; fail loudly, not silently.
             self.fail_batch(&Error::Internal(format!("batch construction: {e}")));
-            return;
+            return 0;
         }
         // A pending preemption may abort this step only if it holds no interactive work.
         if self
@@ -338,28 +384,31 @@ impl Worker {
                     self.running[i].logits_index = None;
                 }
                 tracing::debug!(tokens = self.batch.len(), "decode step preempted by an interactive request");
-                return;
+                return 0;
             }
             Err(e) => {
                 tracing::error!(error = %e, tokens = self.batch.len(), "decode failed");
                 self.fail_batch(&Error::Internal(e.to_string()));
-                return;
+                return 0;
             }
         }
         if let Some((i, n)) = prefill_taken {
             let app = self.running[i].caller.app.clone();
             self.scheduler.charge(&app, n as u64 * COST_PER_PROMPT);
         }
+        let mut generated = 0;
         for s in self.running.iter_mut() {
             let Some(i) = s.logits_index.take() else { continue };
             match s.sampler.sample(&mut self.ctx, i) {
                 Ok(token) => {
                     s.accept(&self.model, token);
                     self.scheduler.charge(&s.caller.app, COST_PER_GENERATED);
+                    generated += 1;
                 }
                 Err(e) => s.finished = Some((FinishReason::Error, Some(Error::Internal(e.to_string())))),
             }
         }
+        generated
     }
 
     fn fail_batch(&mut self, error: &Error) {

@@ -20,6 +20,7 @@ use request_object::RequestObject;
 use crate::engine::{Caller, CancelToken, Event, GenerateRequest, Outcome, Priority};
 use crate::error::Error;
 use crate::gate::Gate;
+use crate::governor::GovernorStatus;
 use crate::identity::{self, Identity};
 use crate::manager::{ManagerStatus, ModelManager, ModelReport};
 use crate::polkit;
@@ -31,6 +32,7 @@ use crate::request::{Method, parse};
 pub struct HearthService {
     models: ModelManager,
     gate: Arc<Gate>,
+    governor: tokio::sync::watch::Receiver<GovernorStatus>,
     /// The configuration files hearthd was started with (Reload reads them again).
     config_paths: Vec<std::path::PathBuf>,
     next_request: AtomicU64,
@@ -42,11 +44,12 @@ impl HearthService {
     pub fn new(
         models: ModelManager,
         gate: Arc<Gate>,
+        governor: tokio::sync::watch::Receiver<GovernorStatus>,
         config_paths: Vec<std::path::PathBuf>,
         in_flight: InFlight,
         callers: CallerCache,
     ) -> Self {
-        Self { models, gate, config_paths, next_request: AtomicU64::new(1), in_flight, callers }
+        Self { models, gate, governor, config_paths, next_request: AtomicU64::new(1), in_flight, callers }
     }
 
     /// Applies the caller's policy and the privacy rules: the request with its messages
@@ -489,6 +492,41 @@ impl HearthService {
         ])
     }
 
+    /// The thermal state; see org.hearth.Hearth1.xml.
+    #[zbus(property)]
+    async fn thermal_state(&self) -> String {
+        self.governor.borrow().thermal.as_str().to_owned()
+    }
+
+    /// The power state; see org.hearth.Hearth1.xml.
+    #[zbus(property)]
+    async fn power_state(&self) -> String {
+        self.governor.borrow().power.as_str().to_owned()
+    }
+
+    /// What the governors ask of the engines now; see org.hearth.Hearth1.xml.
+    #[zbus(property)]
+    async fn throttle(&self) -> HashMap<String, OwnedValue> {
+        let g = self.governor.borrow().clone();
+        let mut d = HashMap::from([
+            ("rate_cap_tps".to_owned(), owned(Value::from(g.rate_cap_tps.unwrap_or(0.0)))),
+            ("potential_tps".to_owned(), owned(Value::from(g.potential_tps))),
+            ("threads".to_owned(), owned(Value::from(g.threads))),
+            ("defer_background".to_owned(), owned(Value::from(g.defer_background))),
+            ("prefer_cloud".to_owned(), owned(Value::from(g.prefer_cloud))),
+            ("power_saver".to_owned(), owned(Value::from(g.power_saver))),
+        ]);
+        for (k, v) in [("temperature_c", g.temperature_c), ("trip_c", g.trip_c)] {
+            if let Some(v) = v {
+                d.insert(k.to_owned(), owned(Value::from(v)));
+            }
+        }
+        if let Some(b) = g.battery_pct {
+            d.insert("battery_pct".to_owned(), owned(Value::from(b)));
+        }
+        d
+    }
+
     /// The compute devices ggml found; see org.hearth.Hearth1.xml.
     #[zbus(property(emits_changed_signal = "const"))]
     async fn backends(&self) -> Vec<HashMap<String, OwnedValue>> {
@@ -583,6 +621,47 @@ pub async fn publish_status_changes(conn: Connection, mut status: tokio::sync::w
             }
         }
         last = now;
+    }
+}
+
+/// Emits PropertiesChanged for ThermalState, PowerState and Throttle when they move (the cap
+/// only when it moves by 5% or more, the temperature alone never: read it on demand).
+pub async fn publish_governor_changes(conn: Connection, mut status: tokio::sync::watch::Receiver<GovernorStatus>) {
+    let Ok(iface) = conn.object_server().interface::<_, HearthService>(hearth_dbus::OBJECT_PATH).await else {
+        return;
+    };
+    let mut last = status.borrow().clone();
+    let moved = |a: Option<f64>, b: Option<f64>| match (a, b) {
+        (Some(a), Some(b)) => (a - b).abs() > 0.05 * a.max(b),
+        (a, b) => a.is_some() != b.is_some(),
+    };
+    while status.changed().await.is_ok() {
+        let now = status.borrow_and_update().clone();
+        let emitter: &SignalEmitter<'_> = iface.signal_emitter();
+        let service = iface.get().await;
+        let mut results = Vec::new();
+        if now.thermal != last.thermal {
+            results.push(("ThermalState", service.thermal_state_changed(emitter).await));
+        }
+        if now.power != last.power {
+            results.push(("PowerState", service.power_state_changed(emitter).await));
+        }
+        let flags = |g: &GovernorStatus| (g.threads, g.defer_background, g.prefer_cloud, g.power_saver);
+        if flags(&now) != flags(&last) || moved(now.rate_cap_tps, last.rate_cap_tps) {
+            results.push(("Throttle", service.throttle_changed(emitter).await));
+        }
+        for (property, result) in results {
+            if let Err(e) = result {
+                tracing::warn!(error = %e, property, "cannot emit a property change");
+            }
+        }
+        if flags(&now) != flags(&last)
+            || moved(now.rate_cap_tps, last.rate_cap_tps)
+            || now.thermal != last.thermal
+            || now.power != last.power
+        {
+            last = now;
+        }
     }
 }
 
