@@ -5,6 +5,8 @@
 
 #![forbid(unsafe_code)]
 
+pub mod soc;
+
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};

@@ -109,17 +109,17 @@ impl Worker {
                 break;
             }
             self.reap_stopped();
+            // The governors' demands before admission: a deferred request must not start.
+            self.apply_throttle();
             self.admit();
             // Publish before decoding, so a caller that was just accepted sees itself counted.
             self.publish_status();
             if !self.running.is_empty() {
-                self.apply_throttle();
                 let started = Instant::now();
                 let tokens = self.step();
                 self.pace(tokens, started);
             } else if self.scheduler.only_deferred_waiting() {
                 // Only deferred background work: look again shortly (commands wake us too).
-                self.apply_throttle();
                 std::thread::sleep(std::time::Duration::from_millis(50));
             }
             self.retire();

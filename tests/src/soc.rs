@@ -1,0 +1,140 @@
+//! A simulated phone SoC for closed-loop governor tests: a real-format sysfs tree
+//! (`class/thermal/thermal_zone0`, `class/power_supply/{battery,ac}`) that a background thread
+//! updates every 100 ms from a first-order RC thermal model driven by the daemon's actual CPU
+//! use (utime + stime from `/proc/<pid>/stat`), and a battery that drains with it.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// Parameters of the simulated phone.
+#[derive(Debug, Clone, Copy)]
+pub struct SocParams {
+    pub ambient_c: f64,
+    pub start_c: f64,
+    /// Steady-state rise per core the daemon keeps busy, °C.
+    pub c_per_core: f64,
+    /// Thermal time constant, seconds.
+    pub tau_s: f64,
+    /// The zone's passive and critical trips, °C.
+    pub passive_trip_c: f64,
+    pub critical_trip_c: f64,
+    /// Battery at start, percent, and how fast a busy core drains it, percent per second.
+    pub battery_pct: f64,
+    pub drain_pct_per_core_s: f64,
+}
+
+/// One sample of the simulation.
+#[derive(Debug, Clone, Copy)]
+pub struct SocSample {
+    pub t_s: f64,
+    pub temp_c: f64,
+    pub cores: f64,
+}
+
+/// The simulation; stops when dropped.
+#[derive(Debug)]
+pub struct Soc {
+    root: tempfile::TempDir,
+    params: SocParams,
+    stop: Arc<AtomicBool>,
+    samples: Arc<Mutex<Vec<SocSample>>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+fn write(p: &Path, v: impl std::fmt::Display) {
+    // Write-then-rename, as sysfs reads are atomic: a reader never sees half a number.
+    let tmp = p.with_extension("new");
+    std::fs::write(&tmp, format!("{v}\n")).expect("write sysfs file");
+    std::fs::rename(&tmp, p).expect("rename sysfs file");
+}
+
+impl Soc {
+    /// Creates the sysfs tree (before the daemon starts, so it finds its sensors).
+    pub fn new(params: SocParams) -> Self {
+        let root = tempfile::tempdir().expect("tempdir");
+        let zone = root.path().join("class/thermal/thermal_zone0");
+        std::fs::create_dir_all(&zone).unwrap();
+        write(&zone.join("type"), "cpu-thermal");
+        write(&zone.join("temp"), (params.start_c * 1000.0) as i64);
+        write(&zone.join("trip_point_0_type"), "passive");
+        write(&zone.join("trip_point_0_temp"), (params.passive_trip_c * 1000.0) as i64);
+        write(&zone.join("trip_point_1_type"), "critical");
+        write(&zone.join("trip_point_1_temp"), (params.critical_trip_c * 1000.0) as i64);
+        let battery = root.path().join("class/power_supply/battery");
+        std::fs::create_dir_all(&battery).unwrap();
+        write(&battery.join("type"), "Battery");
+        write(&battery.join("capacity"), params.battery_pct.round() as u32);
+        write(&battery.join("status"), "Discharging");
+        let ac = root.path().join("class/power_supply/ac");
+        std::fs::create_dir_all(&ac).unwrap();
+        write(&ac.join("type"), "Mains");
+        write(&ac.join("online"), 0);
+        Self { root, params, stop: Arc::default(), samples: Arc::default(), thread: None }
+    }
+
+    /// The sysfs root to give the daemon (`governor.sysfs_root`).
+    pub fn sysfs_root(&self) -> PathBuf {
+        self.root.path().to_owned()
+    }
+
+    /// Plugs the charger in or out.
+    pub fn set_charging(&self, charging: bool) {
+        let ps = self.root.path().join("class/power_supply");
+        write(&ps.join("ac/online"), u8::from(charging));
+        write(&ps.join("battery/status"), if charging { "Charging" } else { "Discharging" });
+    }
+
+    /// Starts heating with the CPU use of process `pid`.
+    pub fn run(&mut self, pid: u32) {
+        let (stop, samples, params, root) =
+            (Arc::clone(&self.stop), Arc::clone(&self.samples), self.params, self.root.path().to_owned());
+        self.thread = Some(std::thread::spawn(move || {
+            let tick = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK).ok().flatten().unwrap_or(100) as f64;
+            let cpu = || -> Option<f64> {
+                let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+                let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
+                let (utime, stime): (f64, f64) = (fields.get(11)?.parse().ok()?, fields.get(12)?.parse().ok()?);
+                Some((utime + stime) / tick)
+            };
+            let temp_file = root.join("class/thermal/thermal_zone0/temp");
+            let cap_file = root.join("class/power_supply/battery/capacity");
+            let start = Instant::now();
+            let (mut temp, mut battery) = (params.start_c, params.battery_pct);
+            let (mut last_cpu, mut last_t) = (cpu().unwrap_or(0.0), Instant::now());
+            while !stop.load(Ordering::Relaxed) {
+                std::thread::sleep(Duration::from_millis(100));
+                let now = Instant::now();
+                let dt = now.duration_since(last_t).as_secs_f64();
+                let Some(c) = cpu() else { break };
+                let cores = ((c - last_cpu) / dt).max(0.0);
+                (last_cpu, last_t) = (c, now);
+                let target = params.ambient_c + params.c_per_core * cores;
+                temp += (target - temp) * (1.0 - (-dt / params.tau_s).exp());
+                battery = (battery - params.drain_pct_per_core_s * cores * dt).max(0.0);
+                write(&temp_file, (temp * 1000.0) as i64);
+                write(&cap_file, battery.round() as u32);
+                samples.lock().unwrap().push(SocSample {
+                    t_s: now.duration_since(start).as_secs_f64(),
+                    temp_c: temp,
+                    cores,
+                });
+            }
+        }));
+    }
+
+    /// Samples so far.
+    pub fn samples(&self) -> Vec<SocSample> {
+        self.samples.lock().unwrap().clone()
+    }
+}
+
+impl Drop for Soc {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
