@@ -375,6 +375,13 @@ async fn generate(conn: &Connection, request: HashMap<&str, Value<'_>>, json_out
                 }
                 stdout.flush()?;
             }
+            StreamEvent::Migrated { from, to, index } => {
+                if json_out {
+                    writeln!(stdout, "{}", json!({ "migrated": { "from": from, "to": to, "index": index } }))?;
+                } else {
+                    eprintln!("\n[moved from {from} to {to} at token {index}]");
+                }
+            }
             StreamEvent::Finished(result) => {
                 let tokens = result.get(result_key::TOKENS).and_then(|v| u32::try_from(v).ok()).unwrap_or(0);
                 let reason = result

@@ -33,6 +33,7 @@ pub struct Config {
     pub memory: MemoryConfig,
     pub apps: AppsConfig,
     pub governor: crate::governor::GovernorConfig,
+    pub cloud: crate::cloud::CloudConfig,
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq)]

@@ -11,7 +11,7 @@ use crate::config::Config;
 use crate::engine::GenerateRequest;
 use crate::error::Error;
 use crate::policy::{AppPolicy, Policies, PolicyError};
-use crate::privacy::{self, Admitted, Part, RouteRequest};
+use crate::privacy::{self, Admitted, CloudView, Part, RouteRequest};
 use crate::seal::Sealer;
 
 #[derive(Debug, thiserror::Error)]
@@ -103,6 +103,7 @@ impl Gate {
         default_model: &str,
         parts: Vec<Part>,
         route: RouteRequest,
+        cloud: CloudView,
     ) -> Result<Admitted, Error> {
         let policies = self.policies();
         let policy = policies.get(app_id);
@@ -123,8 +124,7 @@ impl Gate {
             )));
         }
         self.take_quota(app_id, policy.requests_per_minute)?;
-        // No cloud forwarder in this build yet: the cloud route is never ready.
-        privacy::admit(app_id, &policy, &policies, &self.sealer, parts, route, false)
+        privacy::admit(app_id, &policy, &policies, &self.sealer, parts, route, cloud)
     }
 
     fn take_quota(&self, app_id: &str, per_minute: u32) -> Result<(), Error> {

@@ -4,6 +4,7 @@
 
 #![forbid(unsafe_code)]
 
+mod cloud;
 mod config;
 mod engine;
 mod error;
@@ -61,6 +62,8 @@ enum MainError {
     Models(#[from] manager::ManagerError),
     #[error(transparent)]
     Gate(#[from] gate::GateError),
+    #[error("cloud: {0}")]
+    Cloud(String),
     #[error("D-Bus: {0}")]
     Bus(#[from] zbus::Error),
     #[error("cannot set up the runtime or signals: {0}")]
@@ -139,10 +142,12 @@ async fn serve(
     let in_flight = InFlight::default();
     let callers = CallerCache::default();
     let governor_status = governor.status();
+    let cloud = cloud::Cloud::new(&config.cloud).map_err(MainError::Cloud)?.map(Arc::new);
     let service = HearthService::new(
         models.clone(),
         Arc::clone(&gate),
         governor_status.clone(),
+        cloud.clone(),
         args.config.clone(),
         in_flight.clone(),
         callers.clone(),
@@ -165,6 +170,7 @@ async fn serve(
         tokio::spawn(ping_watchdog(models.clone())),
         tokio::spawn(run_governor(governor, conn.clone(), config.governor.enabled)),
         tokio::spawn(service::publish_governor_changes(conn.clone(), governor_status)),
+        tokio::spawn(service::publish_cloud_changes(conn.clone(), cloud.as_ref().map(|c| c.available_watch()))),
     ];
     notify(&[sd_notify::NotifyState::Ready, sd_notify::NotifyState::Status("serving")]);
 

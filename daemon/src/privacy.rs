@@ -64,6 +64,17 @@ impl RouteRequest {
     }
 }
 
+/// What the router knows about the cloud for one request.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct CloudView {
+    /// A cloud endpoint is configured.
+    pub configured: bool,
+    /// Its circuit breaker lets requests through.
+    pub available: bool,
+    /// Why `auto` would rather use it (heat, battery, queue, size), if it would.
+    pub prefer: Option<&'static str>,
+}
+
 /// Where a request runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Route {
@@ -113,7 +124,7 @@ pub struct Admitted {
 
 /// Checks a request against the caller's policy, unseals its sealed parts (only the sealing
 /// app, or apps it shares with, may use them), and decides the route. `cloud_ready` says
-/// whether a cloud model is configured and reachable.
+/// what the router knows about the cloud.
 pub fn admit(
     app_id: &str,
     policy: &AppPolicy,
@@ -121,7 +132,7 @@ pub fn admit(
     sealer: &Sealer,
     parts: Vec<Part>,
     route: RouteRequest,
-    cloud_ready: bool,
+    cloud: CloudView,
 ) -> Result<Admitted, Error> {
     let scopes: BTreeSet<Scope> = parts.iter().map(|p| p.scope).collect();
     let sealed = parts.iter().filter(|p| matches!(p.content, Content::Sealed(_))).count();
@@ -134,7 +145,7 @@ pub fn admit(
         messages.push(ChatMessage { role: part.role, content });
     }
     let taint = scopes.iter().copied().max().unwrap_or(Scope::Personal);
-    let outcome = decide(policy, &scopes, route, cloud_ready);
+    let outcome = decide(policy, &scopes, route, cloud);
     let scope_list: Vec<&str> = scopes.iter().map(|s| s.as_str()).collect();
     match &outcome {
         Ok(d) => tracing::info!(
@@ -168,14 +179,22 @@ fn decide(
     policy: &AppPolicy,
     scopes: &BTreeSet<Scope>,
     route: RouteRequest,
-    cloud_ready: bool,
+    cloud: CloudView,
 ) -> Result<Decision, Error> {
     let taint = scopes.iter().copied().max().unwrap_or(Scope::Personal);
     let local = |reason| Ok(Decision { route: Route::Local, reason, taint });
+    let may_leave = policy.cloud && scopes.iter().all(|s| policy.cloud_allows(*s));
     match route {
         RouteRequest::Local => local("the caller asked for the device"),
         RouteRequest::Auto if taint == Scope::Local => local("local or sealed data stays on the device"),
-        RouteRequest::Auto => local("on-device by default"),
+        RouteRequest::Auto => match cloud.prefer {
+            Some(why) if may_leave && cloud.configured && cloud.available => {
+                Ok(Decision { route: Route::Cloud, reason: why, taint })
+            }
+            Some(_) if !may_leave => local("the cloud would be preferred, but this data or app stays on the device"),
+            Some(_) => local("the cloud would be preferred, but it is not available"),
+            None => local("on-device by default"),
+        },
         RouteRequest::Cloud => {
             if !policy.cloud {
                 return Err(Error::NotAuthorized("this app's policy does not allow the cloud route".into()));
@@ -186,7 +205,7 @@ fn decide(
                     s.as_str()
                 )));
             }
-            if !cloud_ready {
+            if !cloud.configured {
                 return Err(Error::CloudUnavailable("no cloud model is configured".into()));
             }
             Ok(Decision { route: Route::Cloud, reason: "the caller asked for the cloud and the data may go", taint })
@@ -220,7 +239,8 @@ mod tests {
             (&open, &[Scope::Public], RouteRequest::Local, Ok(Route::Local)),
         ];
         for (policy, scopes, route, want) in cases {
-            let got = decide(policy, &set(scopes), route, true);
+            let view = CloudView { configured: true, available: true, prefer: None };
+            let got = decide(policy, &set(scopes), route, view);
             match (got, want) {
                 (Ok(d), Ok(r)) => assert_eq!(d.route, r, "{scopes:?} {route:?}"),
                 (Err(e), Err(name)) => assert!(format!("{e:?}").starts_with(name), "{e:?} vs {name}"),
@@ -228,8 +248,18 @@ mod tests {
             }
         }
         assert!(matches!(
-            decide(&open, &set(&[Scope::Public]), RouteRequest::Cloud, false),
+            decide(&open, &set(&[Scope::Public]), RouteRequest::Cloud, CloudView::default()),
             Err(Error::CloudUnavailable(_))
         ));
+        // auto follows a preference only where the data may go.
+        let hot = CloudView { configured: true, available: true, prefer: Some("hot") };
+        assert_eq!(decide(&open, &set(&[Scope::Public]), RouteRequest::Auto, hot).unwrap().route, Route::Cloud);
+        assert_eq!(decide(&open, &set(&[Scope::Local]), RouteRequest::Auto, hot).unwrap().route, Route::Local);
+        assert_eq!(
+            decide(&public_only, &set(&[Scope::Personal]), RouteRequest::Auto, hot).unwrap().route,
+            Route::Local
+        );
+        let down = CloudView { available: false, ..hot };
+        assert_eq!(decide(&open, &set(&[Scope::Public]), RouteRequest::Auto, down).unwrap().route, Route::Local);
     }
 }

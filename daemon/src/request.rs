@@ -244,7 +244,15 @@ pub fn parse(dict: &HashMap<String, OwnedValue>, method: Method, default_max_tok
     }
     let max_tokens =
         u32::try_from(max_tokens).map_err(|_| invalid(format!("max_tokens {max_tokens} is absurdly large")))?;
-    let request = GenerateRequest { messages: Vec::new(), model, max_tokens, sampling, priority, deadline };
+    let request = GenerateRequest {
+        messages: Vec::new(),
+        model,
+        max_tokens,
+        sampling,
+        priority,
+        deadline,
+        assistant_prefix: None,
+    };
     Ok(Parsed { request, parts, route, handle_token })
 }
 

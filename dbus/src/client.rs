@@ -15,7 +15,17 @@ use crate::{BUS_NAME, Error, Hearth1Proxy, REQUEST_INTERFACE, RequestProxy, requ
 /// One event of a running generation.
 #[derive(Debug, Clone, PartialEq)]
 pub enum StreamEvent {
-    Token { index: u32, token_id: i32, text: String },
+    Token {
+        index: u32,
+        token_id: i32,
+        text: String,
+    },
+    /// The stream moved (cloud → device) before token `index`.
+    Migrated {
+        from: String,
+        to: String,
+        index: u32,
+    },
     Finished(HashMap<String, OwnedValue>),
 }
 
@@ -85,6 +95,10 @@ impl Generation {
                     .body()
                     .deserialize::<(u32, i32, String)>()
                     .map(|(index, token_id, text)| StreamEvent::Token { index, token_id, text }),
+                Some("Migrated") => msg
+                    .body()
+                    .deserialize::<(String, String, u32)>()
+                    .map(|(from, to, index)| StreamEvent::Migrated { from, to, index }),
                 Some("Finished") => msg.body().deserialize::<HashMap<String, OwnedValue>>().map(StreamEvent::Finished),
                 _ => continue,
             };

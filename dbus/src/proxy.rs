@@ -43,6 +43,8 @@ pub trait Hearth1 {
     #[zbus(property)]
     fn memory(&self) -> zbus::Result<HashMap<String, OwnedValue>>;
     #[zbus(property)]
+    fn cloud_available(&self) -> zbus::Result<bool>;
+    #[zbus(property)]
     fn thermal_state(&self) -> zbus::Result<String>;
     #[zbus(property)]
     fn power_state(&self) -> zbus::Result<String>;
@@ -60,6 +62,9 @@ pub trait Request {
     /// One generated token.
     #[zbus(signal)]
     fn token(&self, index: u32, token_id: i32, text: String) -> zbus::Result<()>;
+    /// The stream moved between the cloud and the device.
+    #[zbus(signal)]
+    fn migrated(&self, from: String, to: String, index: u32) -> zbus::Result<()>;
     /// The end of the generation.
     #[zbus(signal)]
     fn finished(&self, result: HashMap<String, OwnedValue>) -> zbus::Result<()>;

@@ -5,6 +5,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod cloud_standin;
 pub mod soc;
 
 use std::collections::HashMap;
@@ -162,6 +163,8 @@ pub struct Settings {
     pub env: Vec<(String, String)>,
     /// Extra lines for the `[apps]` table (per-app policy).
     pub apps: String,
+    /// Extra lines for the `[cloud]` table.
+    pub cloud: String,
     /// Extra lines for the `[governor]` table. Unless they set `sysfs_root`, the governors
     /// read an empty tree, so the host's own sensors never throttle a test.
     pub governor: String,
@@ -302,7 +305,7 @@ fn config_text(settings: &Settings, dir: &Path) -> String {
     let dirs = settings.models_dirs.clone().unwrap_or_else(|| vec![models_dir()]);
     let dirs: Vec<String> = dirs.iter().map(|d| format!("{:?}", d.display().to_string())).collect();
     format!(
-        "[daemon]\nstate_dir = {:?}\n\n[models]\ndirs = [{}]\n{}\n\n[memory]\n{}\n\n[engine]\nthreads = {}\ncontext_length = {CONTEXT}\nbatch_size = {BATCH}\nmax_sequences = {}\ninteractive_sequences = {}\n{}\n\n[limits]\n{}\n\n[apps]\n{}\n\n[governor]\n{}{}\n",
+        "[daemon]\nstate_dir = {:?}\n\n[models]\ndirs = [{}]\n{}\n\n[memory]\n{}\n\n[engine]\nthreads = {}\ncontext_length = {CONTEXT}\nbatch_size = {BATCH}\nmax_sequences = {}\ninteractive_sequences = {}\n{}\n\n[limits]\n{}\n\n[apps]\n{}\n\n[cloud]\n{}\n\n[governor]\n{}{}\n",
         dir.join("state").display().to_string(),
         dirs.join(", "),
         settings.models,
@@ -313,6 +316,7 @@ fn config_text(settings: &Settings, dir: &Path) -> String {
         settings.engine,
         settings.limits,
         settings.apps,
+        settings.cloud,
         if settings.governor.contains("sysfs_root") {
             String::new()
         } else {
@@ -387,6 +391,7 @@ pub async fn collect(mut g: Generation, per_event: Duration) -> (Vec<(u32, i32, 
         match ev.expect("event") {
             StreamEvent::Token { index, token_id, text } => tokens.push((index, token_id, text)),
             StreamEvent::Finished(result) => return (tokens, result),
+            StreamEvent::Migrated { .. } => {}
         }
     }
     panic!("stream ended without Finished");
@@ -418,10 +423,21 @@ pub struct DirectRun {
 /// template, tokenization with special tokens, same context parameters, one sequence, prompt
 /// in chunks of the batch size, then one token per decode), with greedy or seeded sampling.
 pub fn direct_run(messages: &[(&str, &str)], sampling: SamplerParams, max_tokens: usize) -> DirectRun {
+    direct_run_continuing(messages, "", sampling, max_tokens)
+}
+
+/// [`direct_run`] with the assistant's turn already begun with `prefix` (as hearthd continues
+/// a cloud stream that broke off).
+pub fn direct_run_continuing(
+    messages: &[(&str, &str)],
+    prefix: &str,
+    sampling: SamplerParams,
+    max_tokens: usize,
+) -> DirectRun {
     let model = reference_model();
     let chat: Vec<ChatMessage> =
         messages.iter().map(|(r, c)| ChatMessage { role: (*r).to_owned(), content: (*c).to_owned() }).collect();
-    let text = model.apply_chat_template(&chat, true).expect("template");
+    let text = model.apply_chat_template(&chat, true).expect("template") + prefix;
     let prompt = model.tokenize(&text, true, true).expect("tokenize");
     let mut ctx = Context::new(
         Arc::clone(&model),

@@ -150,6 +150,7 @@ async fn sighup_reloads_config_and_models_without_dropping_streams() {
     let result = loop {
         match stream.next().await.expect("stream").expect("event") {
             StreamEvent::Token { .. } => tokens += 1,
+            StreamEvent::Migrated { .. } => {}
             StreamEvent::Finished(r) => break r,
         }
     };

@@ -73,6 +73,7 @@ async fn run(label: &str, governor: &str) -> RunResult {
                         StreamEvent::Token { .. } => {
                             let _ = g.cancel().await;
                         }
+                        StreamEvent::Migrated { .. } => {}
                         StreamEvent::Finished(_) => break,
                     }
                 }

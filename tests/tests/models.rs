@@ -141,6 +141,7 @@ async fn a_budget_for_one_model_evicts_the_idle_one_and_never_an_active_one() {
     let result = loop {
         match long.next().await.expect("stream").expect("event") {
             hearth_dbus::StreamEvent::Token { .. } => tokens += 1,
+            hearth_dbus::StreamEvent::Migrated { .. } => {}
             hearth_dbus::StreamEvent::Finished(r) => break r,
         }
     };

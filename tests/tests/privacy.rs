@@ -299,8 +299,8 @@ async fn canaries_in_private_parts_never_leave_and_never_reach_logs_or_errors() 
     // This app may use the cloud, for public data only.
     let apps = apps_dir(&[("me.toml", format!("app = {:?}\ncloud = true\ncloud_scopes = [\"public\"]\n", this_app()))]);
     let bus = Bus::start();
-    // hearthd has no cloud forwarder yet (the cloud issue adds it and points it here); the
-    // endpoint stands ready all the same, and must stay silent.
+    // No cloud is configured here, so nothing may be sent anywhere; tests/tests/cloud.rs runs
+    // the same kind of canaries through the real forwarder. The endpoint must stay silent.
     let _ = endpoint.addr;
     let settings = Settings { apps: apps_setting(apps.path()), ..Settings::default() };
     let daemon = Daemon::start_configured(&bus, &settings).await;
@@ -355,7 +355,7 @@ async fn canaries_in_private_parts_never_leave_and_never_reach_logs_or_errors() 
         assert_eq!(e.dbus_name(), "org.hearth.Hearth1.Error.PrivacyViolation");
         replies.push(e.message());
     }
-    // Public data the app may send: the router would use the cloud, which this build lacks.
+    // Public data the app may send: the router would use the cloud, which is not configured.
     let public = HashMap::from([
         (
             "messages",

@@ -32,6 +32,9 @@ pub struct GenerateRequest {
     pub priority: Priority,
     /// The request is cancelled if it has not finished this long after it was submitted.
     pub deadline: Option<Duration>,
+    /// Text the assistant has already said (a cloud stream that broke off): the model
+    /// continues the assistant's turn from exactly here.
+    pub assistant_prefix: Option<String>,
 }
 
 /// Scheduling priority of a request. Ordered: `Background < Normal < Interactive`.
@@ -145,6 +148,8 @@ impl CancelToken {
 pub enum Event {
     /// One generated token and the text it completes (may be empty mid-character).
     Token { index: u32, id: Token, text: String },
+    /// The stream moved between the cloud and the device at token `index`.
+    Migrated { from: &'static str, to: &'static str, index: u32 },
     /// The end; always the last event.
     Finished(Outcome),
 }
@@ -163,6 +168,9 @@ pub struct Outcome {
     pub decode: Duration,
     /// Set when `reason` is Cancelled or Error.
     pub error: Option<Error>,
+    /// Where it ran and why, when that differs from the routing decision (cloud fallback,
+    /// migration).
+    pub route: Option<(String, String)>,
 }
 
 /// The engine's verdict on a submitted request.

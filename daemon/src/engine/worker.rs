@@ -203,10 +203,13 @@ impl Worker {
                 request.max_tokens, self.n_ctx, self.model_name
             )));
         }
-        let text = self.model.apply_chat_template(&request.messages, true).map_err(|e| match e {
+        let mut text = self.model.apply_chat_template(&request.messages, true).map_err(|e| match e {
             hearth_ffi::Error::InteriorNul { what } => Error::InvalidArgs(format!("{what} contains a NUL character")),
             e => Error::Internal(e.to_string()),
         })?;
+        if let Some(prefix) = &request.assistant_prefix {
+            text.push_str(prefix);
+        }
         let prompt = self.model.tokenize(&text, true, true)?;
         // Room for the prompt and at least one generated token.
         if prompt.len() >= self.n_ctx as usize {

@@ -1,6 +1,7 @@
 //! The D-Bus interface layer: thin `#[interface]` impls that parse, call the engine through
 //! its handle, and turn results into replies and signals. No inference state lives here.
 
+mod driver;
 mod in_flight;
 mod request_object;
 
@@ -17,6 +18,7 @@ use zbus::{Connection, interface};
 pub use in_flight::InFlight;
 use request_object::RequestObject;
 
+use crate::cloud::Cloud;
 use crate::engine::{Caller, CancelToken, Event, GenerateRequest, Outcome, Priority};
 use crate::error::Error;
 use crate::gate::Gate;
@@ -24,7 +26,7 @@ use crate::governor::GovernorStatus;
 use crate::identity::{self, Identity};
 use crate::manager::{ManagerStatus, ModelManager, ModelReport};
 use crate::polkit;
-use crate::privacy::{Decision, Part, RouteRequest};
+use crate::privacy::{CloudView, Decision, Part, RouteRequest};
 use crate::request::{Method, parse};
 
 /// `org.hearth.Hearth1` at `/org/hearth/Hearth1`.
@@ -33,6 +35,7 @@ pub struct HearthService {
     models: ModelManager,
     gate: Arc<Gate>,
     governor: tokio::sync::watch::Receiver<GovernorStatus>,
+    cloud: Option<Arc<Cloud>>,
     /// The configuration files hearthd was started with (Reload reads them again).
     config_paths: Vec<std::path::PathBuf>,
     next_request: AtomicU64,
@@ -45,11 +48,37 @@ impl HearthService {
         models: ModelManager,
         gate: Arc<Gate>,
         governor: tokio::sync::watch::Receiver<GovernorStatus>,
+        cloud: Option<Arc<Cloud>>,
         config_paths: Vec<std::path::PathBuf>,
         in_flight: InFlight,
         callers: CallerCache,
     ) -> Self {
-        Self { models, gate, governor, config_paths, next_request: AtomicU64::new(1), in_flight, callers }
+        Self { models, gate, governor, cloud, config_paths, next_request: AtomicU64::new(1), in_flight, callers }
+    }
+
+    /// What the router should know about the cloud for `request`: the documented cost rule
+    /// for `auto` — the device hot or low on battery, a deep local queue, or a request too
+    /// long for the local context (estimated at 3 bytes a token) prefer the cloud.
+    fn cloud_view(&self, request: &GenerateRequest, parts: &[Part]) -> CloudView {
+        let Some(cloud) = &self.cloud else { return CloudView::default() };
+        let config = self.models.config();
+        let bytes: usize = parts
+            .iter()
+            .map(|p| match &p.content {
+                crate::privacy::Content::Text(t) => t.len(),
+                crate::privacy::Content::Sealed(b) => b.len(),
+            })
+            .sum();
+        let prefer = if self.governor.borrow().prefer_cloud {
+            Some("the device is hot, saving power, or low on battery")
+        } else if cloud.queue_depth() > 0 && self.models.queue().queue_depth() >= cloud.queue_depth() {
+            Some("the device's queue is deep")
+        } else if (bytes / 3) as u64 + u64::from(request.max_tokens) > u64::from(config.engine.context_length) {
+            Some("the request is too long for the device's context")
+        } else {
+            None
+        };
+        CloudView { configured: true, available: cloud.available(), prefer }
     }
 
     /// Applies the caller's policy and the privacy rules: the request with its messages
@@ -61,9 +90,10 @@ impl HearthService {
         parts: Vec<Part>,
         route: RouteRequest,
     ) -> Result<(GenerateRequest, Decision), BusError> {
+        let cloud = self.cloud_view(&request, &parts);
         let admitted = self
             .gate
-            .admit(&who.app, &request, &self.models.default_model(), parts, route)
+            .admit(&who.app, &request, &self.models.default_model(), parts, route, cloud)
             .inspect_err(|e| tracing::info!(caller = %who.connection, app = %who.app, error = %e, "request refused"))?;
         request.messages = admitted.messages;
         Ok((request, admitted.decision))
@@ -126,9 +156,13 @@ pub(crate) fn outcome_dict(o: &Outcome, decision: &Decision) -> HashMap<String, 
         (result_key::MODEL.to_owned(), owned(Value::from(o.model.as_str()))),
         (result_key::PREFILL_US.to_owned(), owned(Value::from(o.prefill.as_micros() as u64))),
         (result_key::DECODE_US.to_owned(), owned(Value::from(o.decode.as_micros() as u64))),
-        (result_key::ROUTE.to_owned(), owned(Value::from(decision.route.as_str()))),
-        (result_key::ROUTE_REASON.to_owned(), owned(Value::from(decision.reason))),
     ]);
+    let (route, reason) = match &o.route {
+        Some((route, reason)) => (route.clone(), reason.clone()),
+        None => (decision.route.as_str().to_owned(), decision.reason.to_owned()),
+    };
+    d.insert(result_key::ROUTE.to_owned(), owned(Value::from(route)));
+    d.insert(result_key::ROUTE_REASON.to_owned(), owned(Value::from(reason)));
     if let Some(e) = &o.error {
         let bus = BusError::from(e.clone());
         d.insert(result_key::ERROR_NAME.to_owned(), owned(Value::from(bus.dbus_name())));
@@ -245,21 +279,14 @@ impl HearthService {
             }
         };
         let guard = self.in_flight.enter();
-        let lease = match self.models.acquire(request.model.as_deref()).await {
-            Ok(lease) => lease,
-            Err(e) => {
-                let _ = server.remove::<RequestObject, _>(&path).await;
-                tracing::info!(caller = %sender, error = %e, "generate refused");
-                return Err(e.into());
-            }
-        };
-        match lease.engine.submit(request, who, cancel).await {
-            Ok(submission) => {
-                tracing::info!(id = submission.accepted.id, caller = %sender, path = %path.as_str(), prompt_tokens = submission.accepted.prompt_tokens, "generate");
+        match driver::start(&self.models, self.cloud.as_ref(), request, who, cancel, &decision).await {
+            Ok(running) => {
+                tracing::info!(caller = %sender, path = %path.as_str(), route = decision.route.as_str(), "generate");
                 let conn = conn.clone();
                 let out_path = path.clone();
                 tokio::spawn(async move {
-                    request_object::forward(&conn, path, sender, submission.events, decision).await;
+                    let driver::Running { events, _lease: lease } = running;
+                    request_object::forward(&conn, path, sender, events, decision).await;
                     drop(lease);
                     drop(guard);
                 });
@@ -287,10 +314,12 @@ impl HearthService {
         let (request, decision) = self.admit(&who, parsed.request, parsed.parts, parsed.route)?;
         let _guard = self.in_flight.enter();
         let refused = |e: &Error| tracing::info!(caller = %sender, error = %e, "complete refused");
-        let lease = self.models.acquire(request.model.as_deref()).await.inspect_err(refused)?;
-        let mut submission = lease.engine.submit(request, who, CancelToken::default()).await.inspect_err(refused)?;
-        tracing::info!(id = submission.accepted.id, caller = %sender, "complete");
-        while let Some(event) = submission.events.recv().await {
+        let mut running =
+            driver::start(&self.models, self.cloud.as_ref(), request, who, CancelToken::default(), &decision)
+                .await
+                .inspect_err(refused)?;
+        tracing::info!(caller = %sender, route = decision.route.as_str(), "complete");
+        while let Some(event) = running.events.recv().await {
             if let Event::Finished(outcome) = event {
                 return match (outcome.reason, outcome.error.clone()) {
                     (FinishReason::Cancelled | FinishReason::Error, Some(e)) => Err(e.into()),
@@ -492,6 +521,12 @@ impl HearthService {
         ])
     }
 
+    /// Whether the cloud leg may be used now; see org.hearth.Hearth1.xml.
+    #[zbus(property)]
+    async fn cloud_available(&self) -> bool {
+        self.cloud.as_ref().is_some_and(|c| c.available())
+    }
+
     /// The thermal state; see org.hearth.Hearth1.xml.
     #[zbus(property)]
     async fn thermal_state(&self) -> String {
@@ -685,6 +720,19 @@ pub async fn watch_disconnects(conn: Connection, models: ModelManager, callers: 
         if args.name().starts_with(':') && args.new_owner().is_none() {
             callers.remove(args.name());
             models.connection_closed(args.name()).await;
+        }
+    }
+}
+
+/// Emits PropertiesChanged for CloudAvailable when the circuit breaker opens or closes.
+pub async fn publish_cloud_changes(conn: Connection, available: Option<tokio::sync::watch::Receiver<bool>>) {
+    let Some(mut available) = available else { return };
+    let Ok(iface) = conn.object_server().interface::<_, HearthService>(hearth_dbus::OBJECT_PATH).await else {
+        return;
+    };
+    while available.changed().await.is_ok() {
+        if let Err(e) = iface.get().await.cloud_available_changed(iface.signal_emitter()).await {
+            tracing::warn!(error = %e, "cannot emit CloudAvailable change");
         }
     }
 }

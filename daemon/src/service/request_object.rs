@@ -47,6 +47,9 @@ impl RequestObject {
     async fn token(emitter: &SignalEmitter<'_>, index: u32, token_id: i32, text: &str) -> zbus::Result<()>;
 
     #[zbus(signal)]
+    async fn migrated(emitter: &SignalEmitter<'_>, from: &str, to: &str, index: u32) -> zbus::Result<()>;
+
+    #[zbus(signal)]
     async fn finished(emitter: &SignalEmitter<'_>, result: &HashMap<String, OwnedValue>) -> zbus::Result<()>;
 }
 
@@ -70,6 +73,12 @@ pub async fn forward(
             Event::Token { index, id, text } => {
                 if let Err(e) = RequestObject::token(&emitter, index, id, &text).await {
                     tracing::warn!(error = %e, "cannot emit Token");
+                }
+            }
+            Event::Migrated { from, to, index } => {
+                tracing::info!(path = %path.as_str(), from, to, index, "stream migrated");
+                if let Err(e) = RequestObject::migrated(&emitter, from, to, index).await {
+                    tracing::warn!(error = %e, "cannot emit Migrated");
                 }
             }
             Event::Finished(outcome) => {

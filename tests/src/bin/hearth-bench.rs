@@ -98,6 +98,7 @@ async fn over_dbus(conn: &zbus::Connection, prompt: &str, max_tokens: u32, tag: 
                 last = now;
                 n += 1;
             }
+            StreamEvent::Migrated { .. } => {}
             StreamEvent::Finished(r) => {
                 let decode_us = u64::try_from(r.get(result_key::DECODE_US).expect("decode_us")).expect("u64");
                 let prompt =
@@ -276,6 +277,7 @@ async fn ttft(conn: &zbus::Connection, n: usize) -> f64 {
             StreamEvent::Token { .. } => {
                 first.get_or_insert_with(|| started.elapsed());
             }
+            StreamEvent::Migrated { .. } => {}
             StreamEvent::Finished(_) => break,
         }
     }
@@ -298,6 +300,7 @@ async fn under_load(conn: &zbus::Connection, streams: usize, tokens: u32, reps: 
         while let Some(ev) = g.next().await {
             match ev.expect("event") {
                 StreamEvent::Token { .. } => n += 1,
+                StreamEvent::Migrated { .. } => {}
                 StreamEvent::Finished(_) => break,
             }
         }

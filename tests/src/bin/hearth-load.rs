@@ -53,6 +53,7 @@ async fn main() {
                         first.get_or_insert_with(now_ms);
                         tokens += 1;
                     }
+                    Ok(StreamEvent::Migrated { .. }) => {}
                     Ok(StreamEvent::Finished(r)) => {
                         let reason = r
                             .get(result_key::FINISH_REASON)

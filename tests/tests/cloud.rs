@@ -1,0 +1,338 @@
+//! The cloud leg against an OpenAI-compatible stand-in with fault injection: streaming,
+//! fallback to the device, live migration mid-stream, the circuit breaker, privacy, and the
+//! API key that never shows.
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use hearth_dbus::{Generation, StreamEvent};
+use hearth_tests::cloud_standin::{CloudStandIn, Fault, WORDS};
+use hearth_tests::{Bus, Daemon, Settings, hearth, result_str, result_u32, workspace_bin};
+use zbus::zvariant::{OwnedValue, Value};
+
+const QUESTION: &str = "What is the capital of France?";
+
+struct Setup {
+    standin: CloudStandIn,
+    bus: Bus,
+    daemon: Daemon,
+    key: String,
+    _dirs: Vec<tempfile::TempDir>,
+}
+
+/// hearthd with the stand-in as its cloud, an API key in a 0600 file, and this test process
+/// allowed to send public data to the cloud.
+async fn setup(endpoint: Option<String>, breaker_failures: u32) -> Setup {
+    setup_with(endpoint, breaker_failures, String::new()).await
+}
+
+async fn setup_with(endpoint: Option<String>, breaker_failures: u32, governor: String) -> Setup {
+    use std::os::unix::fs::PermissionsExt;
+    let standin = CloudStandIn::start().await;
+    let secrets = tempfile::tempdir().unwrap();
+    let key = format!("sk-hearth-test-{:x}", u64::from(std::process::id()) * 7919 + 17);
+    let key_file = secrets.path().join("cloud.key");
+    std::fs::write(&key_file, &key).unwrap();
+    std::fs::set_permissions(&key_file, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let apps = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(apps.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let me = format!("uid:0:{}", std::fs::read_link("/proc/self/exe").unwrap().display());
+    let hearthctl = format!("uid:0:{}", workspace_bin("hearthctl").display());
+    for (i, app) in [me, hearthctl].iter().enumerate() {
+        std::fs::write(
+            apps.path().join(format!("{i}.toml")),
+            format!("app = {app:?}\ncloud = true\ncloud_scopes = [\"public\"]\n"),
+        )
+        .unwrap();
+    }
+    let bus = Bus::start();
+    let settings = Settings {
+        apps: format!("dirs = [{:?}]\n", apps.path().display().to_string()),
+        cloud: format!(
+            "enabled = true\nendpoint = {:?}\nmodel = \"standin-1\"\napi_key_file = {:?}\nretries = 1\nfirst_byte_timeout_ms = 800\nidle_timeout_ms = 800\nbreaker_failures = {breaker_failures}\n",
+            endpoint.unwrap_or_else(|| standin.endpoint()),
+            key_file.display().to_string()
+        ),
+        governor,
+        ..Settings::default()
+    };
+    let daemon = Daemon::start_configured(&bus, &settings).await;
+    Setup { standin, bus, daemon, key, _dirs: vec![secrets, apps] }
+}
+
+fn public_request(text: &str, route: &str, max_tokens: u32) -> HashMap<&'static str, Value<'static>> {
+    let part = HashMap::from([
+        ("role".to_owned(), Value::from("user")),
+        ("content".to_owned(), Value::from(text.to_owned())),
+        ("scope".to_owned(), Value::from("public")),
+    ]);
+    HashMap::from([
+        ("messages", Value::from(vec![part])),
+        ("route", Value::from(route.to_owned())),
+        ("max_tokens", Value::from(max_tokens)),
+    ])
+}
+
+fn dict_u32(d: &HashMap<String, OwnedValue>, k: &str) -> u32 {
+    result_u32(d, k)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn public_requests_stream_from_the_cloud_and_the_key_never_shows() {
+    let s = setup(None, 2).await;
+    let conn = s.bus.connect().await;
+    let proxy = hearth(&conn).await;
+    assert!(proxy.cloud_available().await.unwrap());
+    let r = proxy.complete(public_request(QUESTION, "cloud", 64)).await.unwrap();
+    assert_eq!(result_str(&r, "route"), "cloud");
+    assert_eq!(result_str(&r, "text"), WORDS.concat());
+    assert_eq!(result_str(&r, "model"), "standin-1");
+    assert_eq!(dict_u32(&r, "tokens"), 0, "no local token ids for cloud text");
+    let recorded = s.standin.requests();
+    assert_eq!(recorded.len(), 1);
+    assert_eq!(recorded[0].authorization.as_deref(), Some(format!("Bearer {}", s.key).as_str()));
+    let body: serde_json::Value = serde_json::from_str(&recorded[0].body).unwrap();
+    assert_eq!(body["messages"][0]["content"], QUESTION, "public data does reach the cloud");
+    assert_eq!((body["model"].as_str(), body["stream"].as_bool()), (Some("standin-1"), Some(true)));
+
+    // Streamed as Token signals (token_id -1) through hearthctl; no key anywhere.
+    let out = std::process::Command::new(workspace_bin("hearthctl"))
+        .args([
+            "--bus-address",
+            s.bus.address(),
+            "--json",
+            "generate",
+            "--route",
+            "cloud",
+            "--scope",
+            "public",
+            QUESTION,
+        ])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(stdout.lines().filter(|l| l.contains("\"token_id\":-1")).count(), WORDS.len());
+    for text in [stdout, String::from_utf8_lossy(&out.stderr).into_owned(), s.daemon.log()] {
+        assert!(!text.contains(&s.key), "the API key leaked");
+    }
+
+    // Added latency of the cloud leg: time to first token through hearthd vs straight from
+    // the stand-in, with a 100 ms first byte as a real endpoint would have.
+    s.standin.set_fault(Fault::DelayFirstByte(Duration::from_millis(100)));
+    let mut via = Vec::new();
+    let mut direct = Vec::new();
+    for i in 0..5 {
+        let t = Instant::now();
+        let mut g = Generation::start(&conn, public_request(QUESTION, "cloud", 64), &format!("lat{i}")).await.unwrap();
+        while let Some(ev) = g.next().await {
+            if matches!(ev.unwrap(), StreamEvent::Token { .. }) {
+                via.push(t.elapsed().as_secs_f64() * 1e3);
+                break;
+            }
+        }
+        while let Some(ev) = g.next().await {
+            if matches!(ev.unwrap(), StreamEvent::Finished(_)) {
+                break;
+            }
+        }
+        direct.push(direct_first_chunk_ms(&s.standin.endpoint()).await);
+    }
+    via.sort_by(f64::total_cmp);
+    direct.sort_by(f64::total_cmp);
+    eprintln!(
+        "cloud TTFT: via hearthd {:.1} ms, straight from the stand-in {:.1} ms (medians), ratio {:.3}",
+        via[2],
+        direct[2],
+        via[2] / direct[2]
+    );
+}
+
+/// Milliseconds to the first SSE chunk when asking the stand-in directly over plain HTTP.
+async fn direct_first_chunk_ms(endpoint: &str) -> f64 {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let addr = endpoint.trim_start_matches("http://").trim_end_matches("/v1").to_owned();
+    let body = serde_json::json!({"model": "standin-1", "stream": true,
+        "messages": [{"role": "user", "content": QUESTION}]})
+    .to_string();
+    let t = Instant::now();
+    let mut tcp = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    let req = format!(
+        "POST /v1/chat/completions HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    tcp.write_all(req.as_bytes()).await.unwrap();
+    let mut buf = vec![0u8; 4096];
+    let mut seen = Vec::new();
+    loop {
+        let n = tcp.read(&mut buf).await.unwrap();
+        seen.extend_from_slice(&buf[..n]);
+        if seen.windows(6).any(|w| w == b"data: ") || n == 0 {
+            return t.elapsed().as_secs_f64() * 1e3;
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cloud_stream_that_breaks_off_continues_on_the_device() {
+    let s = setup(None, 2).await;
+    s.standin.set_fault(Fault::DropAfter(4));
+    let conn = s.bus.connect().await;
+    // The device model loaded, as on a phone that uses it (the gap then is the switch itself).
+    hearth(&conn).await.complete(hearth_tests::chat_request("Hi", 1)).await.unwrap();
+    let mut g = Generation::start(&conn, public_request(QUESTION, "cloud", 24), "mig").await.unwrap();
+    let (mut cloud, mut local, mut migrated_at) = (Vec::new(), Vec::new(), None);
+    let (mut last_cloud, mut first_local) = (None, None);
+    let result = loop {
+        match g.next().await.unwrap().unwrap() {
+            StreamEvent::Token { index, token_id, text } if migrated_at.is_none() => {
+                assert_eq!((index as usize, token_id), (cloud.len(), -1));
+                cloud.push(text);
+                last_cloud = Some(Instant::now());
+            }
+            StreamEvent::Token { index, token_id, text } => {
+                assert_eq!(index as usize, cloud.len() + local.len(), "indices continue without a gap");
+                assert!(token_id >= 0);
+                first_local.get_or_insert_with(Instant::now);
+                local.push(text);
+            }
+            StreamEvent::Migrated { from, to, index } => {
+                assert_eq!((from.as_str(), to.as_str(), index), ("cloud", "local", 4));
+                migrated_at = Some(index);
+            }
+            StreamEvent::Finished(r) => break r,
+        }
+    };
+    assert_eq!(cloud.concat(), WORDS[..4].concat(), "the cloud's tokens, once each");
+    assert!(!local.is_empty());
+    assert_eq!(result_str(&result, "route"), "cloud+local");
+    assert_eq!(result_str(&result, "text"), format!("{}{}", cloud.concat(), local.concat()));
+    // The device was given exactly the prompt and the text so far.
+    let direct = hearth_tests::direct_run_continuing(
+        &[("user", QUESTION)],
+        &cloud.concat(),
+        hearth_tests::greedy(),
+        local.len(),
+    );
+    assert_eq!(local.concat(), direct.text);
+    let gap = first_local.unwrap().duration_since(last_cloud.unwrap());
+    eprintln!(
+        "migration gap: {:.1} ms between the last cloud token and the first device token",
+        gap.as_secs_f64() * 1e3
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failures_before_the_first_token_fall_back_to_the_device() {
+    let s = setup(None, 100).await;
+    let conn = s.bus.connect().await;
+    let proxy = hearth(&conn).await;
+    let local = hearth_tests::direct_run(&[("user", QUESTION)], hearth_tests::greedy(), 8);
+    for fault in
+        [Fault::Status(500), Fault::Status(429), Fault::Malformed, Fault::DelayFirstByte(Duration::from_millis(1500))]
+    {
+        s.standin.set_fault(fault.clone());
+        let r = proxy.complete(public_request(QUESTION, "cloud", 8)).await.unwrap();
+        assert_eq!(result_str(&r, "route"), "local", "{fault:?}");
+        assert!(result_str(&r, "route_reason").contains("the cloud failed before the first token"), "{fault:?}");
+        assert_eq!(result_str(&r, "text"), local.text, "{fault:?}");
+    }
+    // A slow drip within the idle timeout is still a stream.
+    s.standin.set_fault(Fault::SlowDrip(Duration::from_millis(100)));
+    let r = proxy.complete(public_request(QUESTION, "cloud", 64)).await.unwrap();
+    assert_eq!((result_str(&r, "route").as_str(), result_str(&r, "text")), ("cloud", WORDS.concat()));
+    // 500, 429 and the first-byte timeout were retried once each (retries = 1); a malformed
+    // stream is not retried: 2 + 2 + 1 + 2 + 1 requests.
+    assert_eq!(s.standin.requests().len(), 8);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_network_opens_the_breaker_with_one_log_line() {
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let endpoint = format!("http://{}/v1", closed.local_addr().unwrap());
+    drop(closed);
+    let s = setup(Some(endpoint), 2).await;
+    let conn = s.bus.connect().await;
+    let proxy = hearth(&conn).await;
+    for _ in 0..4 {
+        let r = proxy.complete(public_request(QUESTION, "cloud", 4)).await.unwrap();
+        assert_eq!(result_str(&r, "route"), "local");
+    }
+    assert!(!proxy.cloud_available().await.unwrap(), "the breaker is open");
+    let log = s.daemon.log();
+    assert_eq!(log.matches("cloud unreachable").count(), 1, "one line, not a storm:\n{log}");
+    // auto never picks an unavailable cloud.
+    let r = proxy.complete(public_request(QUESTION, "auto", 4)).await.unwrap();
+    assert_eq!(result_str(&r, "route"), "local");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn canaries_never_reach_the_real_forwarder_and_public_data_does() {
+    let s = setup(None, 2).await;
+    let conn = s.bus.connect().await;
+    let proxy = hearth(&conn).await;
+    let canary =
+        format!("CANARY{:x}", std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos());
+    for (scope, route) in [("local", "cloud"), ("personal", "cloud"), ("local", "auto"), ("personal", "auto")] {
+        let part = HashMap::from([
+            ("role".to_owned(), Value::from("user")),
+            ("content".to_owned(), Value::from(format!("Send this to the cloud: {canary}"))),
+            ("scope".to_owned(), Value::from(scope)),
+        ]);
+        let public = HashMap::from([
+            ("role".to_owned(), Value::from("user")),
+            ("content".to_owned(), Value::from("Public question for the cloud.")),
+            ("scope".to_owned(), Value::from("public")),
+        ]);
+        let req = HashMap::from([
+            ("messages", Value::from(vec![public, part])),
+            ("route", Value::from(route)),
+            ("max_tokens", Value::from(4u32)),
+        ]);
+        match proxy.complete(req).await {
+            Ok(r) => assert_eq!((route, result_str(&r, "route").as_str()), ("auto", "local")),
+            Err(e) => {
+                assert_eq!((route, e.dbus_name().as_str()), ("cloud", "org.hearth.Hearth1.Error.PrivacyViolation"));
+                assert!(!e.message().contains(&canary));
+            }
+        }
+    }
+    proxy.complete(public_request("Only public words here.", "cloud", 4)).await.unwrap();
+    let bodies: Vec<String> = s.standin.requests().into_iter().map(|r| r.body).collect();
+    assert_eq!(bodies.len(), 1, "only the public request went out");
+    assert!(bodies[0].contains("Only public words here."));
+    assert!(!bodies.iter().any(|b| b.contains(&canary)));
+    assert!(!s.daemon.log().contains(&canary));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn auto_sends_public_work_to_the_cloud_when_the_device_is_hot() {
+    let soc = hearth_tests::soc::Soc::new(hearth_tests::soc::SocParams {
+        ambient_c: 35.0,
+        start_c: 66.0,
+        c_per_core: 20.0,
+        tau_s: 2.0,
+        passive_trip_c: 65.0,
+        critical_trip_c: 90.0,
+        battery_pct: 80.0,
+        drain_pct_per_core_s: 0.0,
+    });
+    let governor = format!("sysfs_root = {:?}\ninterval_ms = 100\n", soc.sysfs_root().display().to_string());
+    let s = setup_with(None, 2, governor).await;
+    let conn = s.bus.connect().await;
+    let proxy = hearth(&conn).await;
+    hearth_tests::wait_for(Duration::from_secs(10), "the hot state", || async {
+        (proxy.thermal_state().await.unwrap() == "critical").then_some(())
+    })
+    .await;
+    let r = proxy.complete(public_request(QUESTION, "auto", 32)).await.unwrap();
+    assert_eq!(result_str(&r, "route"), "cloud");
+    assert!(result_str(&r, "route_reason").contains("hot"), "{}", result_str(&r, "route_reason"));
+    // Personal data stays, however hot the device.
+    let personal = HashMap::from([
+        ("messages", hearth_dbus::messages_value(&[("user", QUESTION)])),
+        ("route", Value::from("auto")),
+        ("max_tokens", Value::from(2u32)),
+    ]);
+    assert_eq!(result_str(&proxy.complete(personal).await.unwrap(), "route"), "local");
+}
