@@ -245,3 +245,47 @@ fn rate_series(r: &RunResult) -> Vec<(f64, f64)> {
     }
     bins.iter().enumerate().map(|(i, n)| (i as f64 + 0.5, *n as f64)).collect()
 }
+
+/// power-profiles-daemon's interface, as much of it as hearthd reads.
+struct PowerProfiles(String);
+
+#[zbus::interface(name = "net.hadess.PowerProfiles")]
+impl PowerProfiles {
+    #[zbus(property)]
+    fn active_profile(&self) -> String {
+        self.0.clone()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_power_saver_profile_halves_the_threads() {
+    let soc = Soc::new(PARAMS);
+    let bus = Bus::start();
+    let _ppd = zbus::connection::Builder::address(bus.address())
+        .unwrap()
+        .serve_at("/net/hadess/PowerProfiles", PowerProfiles("power-saver".into()))
+        .unwrap()
+        .name("net.hadess.PowerProfiles")
+        .unwrap()
+        .build()
+        .await
+        .unwrap();
+    let settings = Settings {
+        governor: format!("sysfs_root = {:?}\ninterval_ms = 100\n", soc.sysfs_root().display().to_string()),
+        ..Settings::default()
+    };
+    let _daemon = Daemon::start_configured(&bus, &settings).await;
+    let conn = bus.connect().await;
+    let proxy = hearth(&conn).await;
+    let throttle = hearth_tests::wait_for(Duration::from_secs(10), "power-saver to be seen", || async {
+        let t = proxy.throttle().await.unwrap();
+        bool::try_from(t.get("power_saver").unwrap()).unwrap().then_some(t)
+    })
+    .await;
+    let threads = u32::try_from(throttle.get("threads").unwrap()).unwrap();
+    let configured = hearth_tests::threads() as u32;
+    assert_eq!(threads, if configured > 1 { configured / 2 } else { 0 });
+    assert!(bool::try_from(throttle.get("prefer_cloud").unwrap()).unwrap());
+    // Generation still works with the governor's thread count.
+    proxy.complete(chat_request("Hi", 2)).await.unwrap();
+}
