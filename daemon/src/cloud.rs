@@ -224,6 +224,7 @@ impl Cloud {
         &self,
         remote_model: &str,
         messages: &[ChatMessage],
+        assistant_prefix: Option<&str>,
         max_tokens: u32,
         sampling: SamplerParams,
         mut on_text: impl FnMut(&str) -> bool,
@@ -233,7 +234,7 @@ impl Cloud {
         }
         let mut attempt = 0;
         loop {
-            match self.attempt(remote_model, messages, max_tokens, sampling, &mut on_text).await {
+            match self.attempt(remote_model, messages, assistant_prefix, max_tokens, sampling, &mut on_text).await {
                 Ok(done) => {
                     self.record(true, "");
                     return Ok(done);
@@ -256,20 +257,30 @@ impl Cloud {
         &self,
         remote_model: &str,
         messages: &[ChatMessage],
+        assistant_prefix: Option<&str>,
         max_tokens: u32,
         sampling: SamplerParams,
         on_text: &mut impl FnMut(&str) -> bool,
     ) -> Result<CloudFinish, (CloudError, bool)> {
         let before = |why: String, retry: bool| (CloudError::BeforeFirstToken(why), retry);
-        let body = serde_json::json!({
+        let mut turns: Vec<serde_json::Value> =
+            messages.iter().map(|m| serde_json::json!({"role": m.role, "content": m.content})).collect();
+        let mut body = serde_json::json!({
             "model": remote_model,
-            "messages": messages.iter().map(|m| serde_json::json!({"role": m.role, "content": m.content})).collect::<Vec<_>>(),
             "max_tokens": max_tokens,
             "temperature": sampling.temperature,
             "top_p": sampling.top_p,
             "seed": sampling.seed,
             "stream": true,
         });
+        if let Some(prefix) = assistant_prefix {
+            // Continue the assistant's turn from the text so far: a final assistant message,
+            // with the flags vLLM and llama-server read to extend it rather than start anew.
+            turns.push(serde_json::json!({"role": "assistant", "content": prefix}));
+            body["continue_final_message"] = serde_json::json!(true);
+            body["add_generation_prompt"] = serde_json::json!(false);
+        }
+        body["messages"] = serde_json::Value::Array(turns);
         let url = format!("{}/chat/completions", self.config.endpoint.trim_end_matches('/'));
         let mut req = self.client.post(&url).json(&body);
         if let Some(key) = &self.key {

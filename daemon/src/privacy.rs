@@ -113,6 +113,9 @@ pub struct Decision {
     pub reason: &'static str,
     /// The most private scope present.
     pub taint: Scope,
+    /// The data and the app's policy would let it run in the cloud (a local request may move
+    /// there mid-generation when the device turns critical).
+    pub cloud_eligible: bool,
 }
 
 /// What a request may do, decided from the caller's identity and policy.
@@ -182,14 +185,15 @@ fn decide(
     cloud: CloudView,
 ) -> Result<Decision, Error> {
     let taint = scopes.iter().copied().max().unwrap_or(Scope::Personal);
-    let local = |reason| Ok(Decision { route: Route::Local, reason, taint });
     let may_leave = policy.cloud && scopes.iter().all(|s| policy.cloud_allows(*s));
+    let cloud_eligible = may_leave && cloud.configured;
+    let local = |reason| Ok(Decision { route: Route::Local, reason, taint, cloud_eligible });
     match route {
         RouteRequest::Local => local("the caller asked for the device"),
         RouteRequest::Auto if taint == Scope::Local => local("local or sealed data stays on the device"),
         RouteRequest::Auto => match cloud.prefer {
             Some(why) if may_leave && cloud.configured && cloud.available => {
-                Ok(Decision { route: Route::Cloud, reason: why, taint })
+                Ok(Decision { route: Route::Cloud, reason: why, taint, cloud_eligible })
             }
             Some(_) if !may_leave => local("the cloud would be preferred, but this data or app stays on the device"),
             Some(_) => local("the cloud would be preferred, but it is not available"),
@@ -208,7 +212,12 @@ fn decide(
             if !cloud.configured {
                 return Err(Error::CloudUnavailable("no cloud model is configured".into()));
             }
-            Ok(Decision { route: Route::Cloud, reason: "the caller asked for the cloud and the data may go", taint })
+            Ok(Decision {
+                route: Route::Cloud,
+                reason: "the caller asked for the cloud and the data may go",
+                taint,
+                cloud_eligible,
+            })
         }
     }
 }

@@ -79,6 +79,11 @@ impl Soc {
         self.root.path().to_owned()
     }
 
+    /// Sets the zone's temperature by hand (for a simulation that is not running).
+    pub fn set_temp(&self, celsius: f64) {
+        write(&self.root.path().join("class/thermal/thermal_zone0/temp"), (celsius * 1000.0) as i64);
+    }
+
     /// Plugs the charger in or out.
     pub fn set_charging(&self, charging: bool) {
         let ps = self.root.path().join("class/power_supply");

@@ -305,18 +305,65 @@ async fn canaries_never_reach_the_real_forwarder_and_public_data_does() {
     assert!(!s.daemon.log().contains(&canary));
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn auto_sends_public_work_to_the_cloud_when_the_device_is_hot() {
-    let soc = hearth_tests::soc::Soc::new(hearth_tests::soc::SocParams {
+fn phone(start_c: f64) -> hearth_tests::soc::Soc {
+    hearth_tests::soc::Soc::new(hearth_tests::soc::SocParams {
         ambient_c: 35.0,
-        start_c: 66.0,
+        start_c,
         c_per_core: 20.0,
         tau_s: 2.0,
         passive_trip_c: 65.0,
         critical_trip_c: 90.0,
         battery_pct: 80.0,
         drain_pct_per_core_s: 0.0,
-    });
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_local_stream_moves_to_the_cloud_when_the_device_turns_critical() {
+    let soc = phone(45.0);
+    let governor = format!("sysfs_root = {:?}\ninterval_ms = 100\n", soc.sysfs_root().display().to_string());
+    let s = setup_with(None, 2, governor).await;
+    let conn = s.bus.connect().await;
+    let mut g =
+        Generation::start(&conn, public_request("List the numbers from 1 to 300, one per line.", "auto", 300), "up")
+            .await
+            .unwrap();
+    let (mut local, mut cloud, mut moved) = (Vec::new(), Vec::new(), None);
+    let result = loop {
+        match g.next().await.unwrap().unwrap() {
+            StreamEvent::Token { index, token_id, text } if moved.is_none() => {
+                assert!(token_id >= 0 && index as usize == local.len());
+                local.push(text);
+                if local.len() == 5 {
+                    soc.set_temp(70.0); // past the 65 °C trip: critical
+                }
+            }
+            StreamEvent::Token { index, token_id, text } => {
+                assert_eq!((index as usize, token_id), (local.len() + cloud.len(), -1));
+                cloud.push(text);
+            }
+            StreamEvent::Migrated { from, to, index } => {
+                assert_eq!((from.as_str(), to.as_str(), index as usize), ("local", "cloud", local.len()));
+                moved = Some(index);
+            }
+            StreamEvent::Finished(r) => break r,
+        }
+    };
+    assert!(moved.is_some(), "the stream moved to the cloud");
+    assert_eq!(cloud.concat(), WORDS.concat());
+    assert_eq!(result_str(&result, "route"), "local+cloud");
+    assert_eq!(result_str(&result, "text"), format!("{}{}", local.concat(), cloud.concat()));
+    // The cloud was asked to continue the assistant's turn from exactly the device's text.
+    let body: serde_json::Value = serde_json::from_str(&s.standin.requests()[0].body).unwrap();
+    let turns = body["messages"].as_array().unwrap();
+    assert_eq!(turns.last().unwrap()["role"], "assistant");
+    assert_eq!(turns.last().unwrap()["content"], local.concat().as_str());
+    assert_eq!(body["continue_final_message"], true);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn auto_sends_public_work_to_the_cloud_when_the_device_is_hot() {
+    let soc = phone(66.0);
     let governor = format!("sysfs_root = {:?}\ninterval_ms = 100\n", soc.sysfs_root().display().to_string());
     let s = setup_with(None, 2, governor).await;
     let conn = s.bus.connect().await;

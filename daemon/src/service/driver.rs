@@ -7,11 +7,12 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use hearth_dbus::FinishReason;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 
 use crate::cloud::{Cloud, CloudError};
-use crate::engine::{Caller, CancelToken, Event, GenerateRequest, Outcome};
+use crate::engine::{Caller, CancelReason, CancelToken, Event, GenerateRequest, Outcome};
 use crate::error::Error;
+use crate::governor::{GovernorStatus, ThermalState};
 use crate::manager::{Lease, ModelManager};
 use crate::privacy::{Decision, Route};
 
@@ -27,12 +28,25 @@ pub struct Running {
 pub async fn start(
     models: &ModelManager,
     cloud: Option<&Arc<Cloud>>,
+    governor: &watch::Receiver<GovernorStatus>,
     request: GenerateRequest,
     who: Caller,
     cancel: CancelToken,
     decision: &Decision,
 ) -> Result<Running, Error> {
     match (decision.route, cloud) {
+        // A local request whose data may go to the cloud: watched, so it can move there if
+        // the device turns critical mid-generation.
+        (Route::Local, Some(cloud)) if decision.cloud_eligible => {
+            let lease = models.acquire(request.model.as_deref()).await?;
+            let engine_cancel = CancelToken::default();
+            let submission = lease.engine.submit(request.clone(), who, engine_cancel.clone()).await?;
+            let (tx, events) = mpsc::unbounded_channel();
+            let watch =
+                LocalWatch { cloud: Arc::clone(cloud), governor: governor.clone(), user: cancel, engine_cancel };
+            tokio::spawn(watch.run(request, submission.events, tx));
+            Ok(Running { events, _lease: Some(lease) })
+        }
         (Route::Cloud, Some(cloud)) => {
             let (tx, events) = mpsc::unbounded_channel();
             tokio::spawn(drive_cloud(models.clone(), Arc::clone(cloud), request, who, cancel, tx));
@@ -83,21 +97,7 @@ async fn drive_cloud(
         return run_local(&models, request, who, cancel, &tx, String::new(), 0, ("local".into(), why)).await;
     };
     let started = Instant::now();
-    let mut first = None;
-    let mut text = String::new();
-    let mut index = 0u32;
-    let result = cloud
-        .stream(&remote, &request.messages, request.max_tokens, request.sampling, |chunk| {
-            if cancel.reason().is_some() || tx.is_closed() {
-                return false;
-            }
-            first.get_or_insert_with(Instant::now);
-            let _ = tx.send(Event::Token { index, id: -1, text: chunk.to_owned() });
-            text.push_str(chunk);
-            index += 1;
-            true
-        })
-        .await;
+    let (result, text, index, first) = stream_cloud(&cloud, &remote, &request, None, 0, &tx, &cancel).await;
     if let Some(reason) = cancel.reason() {
         let mut o = cloud_outcome(text, &remote, FinishReason::Cancelled, started, first);
         o.error = Some(Error::Cancelled(reason));
@@ -126,6 +126,121 @@ async fn drive_cloud(
             rest.assistant_prefix = Some(text.clone());
             run_local(&models, rest, who, cancel, &tx, text, index, route).await;
         }
+    }
+}
+
+/// Streams `request` from the cloud as Token events numbered from `offset`, continuing after
+/// `prefix` when given. Returns the result, the cloud's text, the next index and the time of
+/// the first chunk.
+async fn stream_cloud(
+    cloud: &Cloud,
+    remote: &str,
+    request: &GenerateRequest,
+    prefix: Option<&str>,
+    offset: u32,
+    tx: &mpsc::UnboundedSender<Event>,
+    cancel: &CancelToken,
+) -> (Result<crate::cloud::CloudFinish, CloudError>, String, u32, Option<Instant>) {
+    let mut first = None;
+    let mut text = String::new();
+    let mut index = offset;
+    let result = cloud
+        .stream(remote, &request.messages, prefix, request.max_tokens, request.sampling, |chunk| {
+            if cancel.reason().is_some() || tx.is_closed() {
+                return false;
+            }
+            first.get_or_insert_with(Instant::now);
+            let _ = tx.send(Event::Token { index, id: -1, text: chunk.to_owned() });
+            text.push_str(chunk);
+            index += 1;
+            true
+        })
+        .await;
+    (result, text, index, first)
+}
+
+/// A local request that may move to the cloud: forwards the engine's events and, when the
+/// device turns critical while the cloud is available, stops the local sequence and goes on
+/// in the cloud from the text so far.
+struct LocalWatch {
+    cloud: Arc<Cloud>,
+    governor: watch::Receiver<GovernorStatus>,
+    /// The caller's switch (Cancel, deadline are the engine's own).
+    user: CancelToken,
+    /// The engine's switch: the caller's cancel, or a migration.
+    engine_cancel: CancelToken,
+}
+
+impl LocalWatch {
+    async fn run(
+        mut self,
+        request: GenerateRequest,
+        mut events: mpsc::UnboundedReceiver<Event>,
+        tx: mpsc::UnboundedSender<Event>,
+    ) {
+        let mut tick = tokio::time::interval(Duration::from_millis(100));
+        let mut count = 0u32;
+        let outcome = loop {
+            tokio::select! {
+                event = events.recv() => match event {
+                    Some(Event::Finished(o)) => break o,
+                    Some(e) => {
+                        if matches!(e, Event::Token { .. }) {
+                            count += 1;
+                        }
+                        if tx.send(e).is_err() {
+                            self.engine_cancel.cancel(CancelReason::Disconnected);
+                        }
+                    }
+                    None => return,
+                },
+                _ = tick.tick() => {
+                    if let Some(r) = self.user.reason() {
+                        self.engine_cancel.cancel(r);
+                    }
+                }
+                _ = self.governor.changed() => {
+                    let critical = self.governor.borrow().thermal == ThermalState::Critical;
+                    if critical && self.cloud.available() && self.user.reason().is_none() {
+                        tracing::info!(at = count, "the device turned critical: moving the request to the cloud");
+                        self.engine_cancel.cancel(CancelReason::Migrating);
+                    }
+                }
+            }
+        };
+        if outcome.error != Some(Error::Cancelled(CancelReason::Migrating)) {
+            let _ = tx.send(Event::Finished(outcome));
+            return;
+        }
+        // Moved: the cloud continues the assistant's turn from exactly the device's text.
+        let before = outcome.text;
+        let _ = tx.send(Event::Migrated { from: "local", to: "cloud", index: count });
+        let local_name = request.model.clone().unwrap_or_default();
+        let remote = self.cloud.remote_model(&local_name).unwrap_or_default().to_owned();
+        let mut rest = request;
+        rest.max_tokens = rest.max_tokens.saturating_sub(count).max(1);
+        let started = Instant::now();
+        let (result, text, _, first) =
+            stream_cloud(&self.cloud, &remote, &rest, Some(&before), count, &tx, &self.user).await;
+        let mut o = cloud_outcome(format!("{before}{text}"), &remote, FinishReason::Stop, started, first);
+        o.route = Some((
+            "local+cloud".into(),
+            format!("the device turned critical after {count} tokens; the cloud continued from there"),
+        ));
+        match result {
+            Ok(done) if done.reason == "length" => o.reason = FinishReason::Length,
+            Ok(done) if done.reason == "cancelled" => {
+                o.reason = FinishReason::Cancelled;
+                o.error = self.user.reason().map(Error::Cancelled);
+            }
+            Ok(_) => {}
+            Err(e) => {
+                o.reason = FinishReason::Error;
+                o.error =
+                    Some(Error::CloudUnavailable(format!("the cloud failed after the move from the device: {e}")));
+            }
+        }
+        let _ = tx.send(Event::Finished(o));
     }
 }
 

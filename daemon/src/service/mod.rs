@@ -279,7 +279,7 @@ impl HearthService {
             }
         };
         let guard = self.in_flight.enter();
-        match driver::start(&self.models, self.cloud.as_ref(), request, who, cancel, &decision).await {
+        match driver::start(&self.models, self.cloud.as_ref(), &self.governor, request, who, cancel, &decision).await {
             Ok(running) => {
                 tracing::info!(caller = %sender, path = %path.as_str(), route = decision.route.as_str(), "generate");
                 let conn = conn.clone();
@@ -314,10 +314,17 @@ impl HearthService {
         let (request, decision) = self.admit(&who, parsed.request, parsed.parts, parsed.route)?;
         let _guard = self.in_flight.enter();
         let refused = |e: &Error| tracing::info!(caller = %sender, error = %e, "complete refused");
-        let mut running =
-            driver::start(&self.models, self.cloud.as_ref(), request, who, CancelToken::default(), &decision)
-                .await
-                .inspect_err(refused)?;
+        let mut running = driver::start(
+            &self.models,
+            self.cloud.as_ref(),
+            &self.governor,
+            request,
+            who,
+            CancelToken::default(),
+            &decision,
+        )
+        .await
+        .inspect_err(refused)?;
         tracing::info!(caller = %sender, route = decision.route.as_str(), "complete");
         while let Some(event) = running.events.recv().await {
             if let Event::Finished(outcome) = event {
