@@ -97,6 +97,35 @@ pub struct Cloud {
     available: watch::Sender<bool>,
 }
 
+/// The chat-completions request: the conversation, and when `assistant_prefix` is given, the
+/// assistant's turn begun with it and the flags vLLM and llama-server read to extend it
+/// rather than start a new one.
+fn request_body(
+    remote_model: &str,
+    messages: &[ChatMessage],
+    assistant_prefix: Option<&str>,
+    max_tokens: u32,
+    sampling: SamplerParams,
+) -> serde_json::Value {
+    let mut turns: Vec<serde_json::Value> =
+        messages.iter().map(|m| serde_json::json!({"role": m.role, "content": m.content})).collect();
+    let mut body = serde_json::json!({
+        "model": remote_model,
+        "max_tokens": max_tokens,
+        "temperature": sampling.temperature,
+        "top_p": sampling.top_p,
+        "seed": sampling.seed,
+        "stream": true,
+    });
+    if let Some(prefix) = assistant_prefix {
+        turns.push(serde_json::json!({"role": "assistant", "content": prefix}));
+        body["continue_final_message"] = serde_json::json!(true);
+        body["add_generation_prompt"] = serde_json::json!(false);
+    }
+    body["messages"] = serde_json::Value::Array(turns);
+    body
+}
+
 #[derive(Debug, Deserialize)]
 struct Chunk {
     #[serde(default)]
@@ -232,9 +261,10 @@ impl Cloud {
         if !self.available() {
             return Err(CloudError::BeforeFirstToken("the cloud circuit breaker is open".into()));
         }
+        let body = request_body(remote_model, messages, assistant_prefix, max_tokens, sampling);
         let mut attempt = 0;
         loop {
-            match self.attempt(remote_model, messages, assistant_prefix, max_tokens, sampling, &mut on_text).await {
+            match self.attempt(&body, remote_model, &mut on_text).await {
                 Ok(done) => {
                     self.record(true, "");
                     return Ok(done);
@@ -252,37 +282,17 @@ impl Cloud {
         }
     }
 
-    /// One request. The bool says whether a failure before the first token may be retried.
+    /// One request of `body`. The bool says whether a failure before the first token may be
+    /// retried.
     async fn attempt(
         &self,
+        body: &serde_json::Value,
         remote_model: &str,
-        messages: &[ChatMessage],
-        assistant_prefix: Option<&str>,
-        max_tokens: u32,
-        sampling: SamplerParams,
         on_text: &mut impl FnMut(&str) -> bool,
     ) -> Result<CloudFinish, (CloudError, bool)> {
         let before = |why: String, retry: bool| (CloudError::BeforeFirstToken(why), retry);
-        let mut turns: Vec<serde_json::Value> =
-            messages.iter().map(|m| serde_json::json!({"role": m.role, "content": m.content})).collect();
-        let mut body = serde_json::json!({
-            "model": remote_model,
-            "max_tokens": max_tokens,
-            "temperature": sampling.temperature,
-            "top_p": sampling.top_p,
-            "seed": sampling.seed,
-            "stream": true,
-        });
-        if let Some(prefix) = assistant_prefix {
-            // Continue the assistant's turn from the text so far: a final assistant message,
-            // with the flags vLLM and llama-server read to extend it rather than start anew.
-            turns.push(serde_json::json!({"role": "assistant", "content": prefix}));
-            body["continue_final_message"] = serde_json::json!(true);
-            body["add_generation_prompt"] = serde_json::json!(false);
-        }
-        body["messages"] = serde_json::Value::Array(turns);
         let url = format!("{}/chat/completions", self.config.endpoint.trim_end_matches('/'));
-        let mut req = self.client.post(&url).json(&body);
+        let mut req = self.client.post(&url).json(body);
         if let Some(key) = &self.key {
             req = req.bearer_auth(key);
         }

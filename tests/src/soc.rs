@@ -79,6 +79,11 @@ impl Soc {
         self.root.path().to_owned()
     }
 
+    /// `[governor]` lines that point hearthd at this phone, sampling every `interval_ms`.
+    pub fn governor_settings(&self, interval_ms: u64) -> String {
+        format!("sysfs_root = {:?}\ninterval_ms = {interval_ms}\n", self.sysfs_root().display().to_string())
+    }
+
     /// Sets the zone's temperature by hand (for a simulation that is not running).
     pub fn set_temp(&self, celsius: f64) {
         write(&self.root.path().join("class/thermal/thermal_zone0/temp"), (celsius * 1000.0) as i64);

@@ -321,7 +321,7 @@ fn phone(start_c: f64) -> hearth_tests::soc::Soc {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_local_stream_moves_to_the_cloud_when_the_device_turns_critical() {
     let soc = phone(45.0);
-    let governor = format!("sysfs_root = {:?}\ninterval_ms = 100\n", soc.sysfs_root().display().to_string());
+    let governor = soc.governor_settings(100);
     let s = setup_with(None, 2, governor).await;
     let conn = s.bus.connect().await;
     let mut g =
@@ -364,7 +364,7 @@ async fn a_local_stream_moves_to_the_cloud_when_the_device_turns_critical() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn auto_sends_public_work_to_the_cloud_when_the_device_is_hot() {
     let soc = phone(66.0);
-    let governor = format!("sysfs_root = {:?}\ninterval_ms = 100\n", soc.sysfs_root().display().to_string());
+    let governor = soc.governor_settings(100);
     let s = setup_with(None, 2, governor).await;
     let conn = s.bus.connect().await;
     let proxy = hearth(&conn).await;

@@ -46,10 +46,7 @@ impl RunResult {
 async fn run(label: &str, governor: &str) -> RunResult {
     let mut soc = Soc::new(PARAMS);
     let bus = Bus::start();
-    let settings = Settings {
-        governor: format!("sysfs_root = {:?}\ninterval_ms = 200\n{governor}", soc.sysfs_root().display().to_string()),
-        ..Settings::default()
-    };
+    let settings = Settings { governor: format!("{}{governor}", soc.governor_settings(200)), ..Settings::default() };
     let daemon = Daemon::start_configured(&bus, &settings).await;
     let conn = bus.connect().await;
     hearth(&conn).await.complete(chat_request("Hi", 1)).await.unwrap(); // load the model
@@ -132,10 +129,7 @@ async fn the_governor_holds_the_trip_with_most_of_the_best_static_throughput() {
 async fn background_work_waits_for_the_charger_on_a_low_battery() {
     let soc = Soc::new(SocParams { battery_pct: 15.0, ..PARAMS });
     let bus = Bus::start();
-    let settings = Settings {
-        governor: format!("sysfs_root = {:?}\ninterval_ms = 100\n", soc.sysfs_root().display().to_string()),
-        ..Settings::default()
-    };
+    let settings = Settings { governor: soc.governor_settings(100), ..Settings::default() };
     let _daemon = Daemon::start_configured(&bus, &settings).await;
     let conn = bus.connect().await;
     let proxy = hearth(&conn).await;
@@ -270,10 +264,7 @@ async fn the_power_saver_profile_halves_the_threads() {
         .build()
         .await
         .unwrap();
-    let settings = Settings {
-        governor: format!("sysfs_root = {:?}\ninterval_ms = 100\n", soc.sysfs_root().display().to_string()),
-        ..Settings::default()
-    };
+    let settings = Settings { governor: soc.governor_settings(100), ..Settings::default() };
     let _daemon = Daemon::start_configured(&bus, &settings).await;
     let conn = bus.connect().await;
     let proxy = hearth(&conn).await;

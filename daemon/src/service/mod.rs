@@ -99,20 +99,21 @@ impl HearthService {
         Ok((request, admitted.decision))
     }
 
-    /// Asks polkit whether the caller may do `action`, with the caller's bus name as the
-    /// subject. Fails closed: no answer is a refusal.
+    /// Identifies the caller of an admin method and asks polkit whether it may do `action`,
+    /// with the caller's bus name as the subject. Fails closed: no answer is a refusal.
     async fn authorize(
         &self,
         conn: &Connection,
         header: &Header<'_>,
-        who: &Caller,
         action: polkit::Action,
-    ) -> Result<(), BusError> {
+    ) -> Result<Caller, BusError> {
+        let sender = caller(header)?;
+        let (who, _) = identify(conn, &self.callers, &sender).await?;
         let interactive = header.primary().flags().contains(zbus::message::Flags::AllowInteractiveAuth);
         let verdict = polkit::check(conn, &who.connection, who.uid, action, interactive).await;
         tracing::info!(target: "hearth::audit", app = %who.app, uid = who.uid, action = action.id(), verdict = ?verdict, "authorization");
         match verdict {
-            Ok(polkit::Verdict::Authorized | polkit::Verdict::NoPolkitRoot) => Ok(()),
+            Ok(polkit::Verdict::Authorized | polkit::Verdict::NoPolkitRoot) => Ok(who),
             Ok(polkit::Verdict::Denied { challenge }) => Err(BusError::NotAuthorized(format!(
                 "polkit does not authorize {}{}",
                 action.id(),
@@ -352,11 +353,9 @@ impl HearthService {
         name: String,
         options: HashMap<String, OwnedValue>,
     ) -> Result<(), BusError> {
-        let sender = caller(&header)?;
-        let (who, _) = identify(conn, &self.callers, &sender).await?;
-        self.authorize(conn, &header, &who, polkit::Action::ManageModels).await?;
+        let who = self.authorize(conn, &header, polkit::Action::ManageModels).await?;
         let pin = options_bool(&options, "pin", &["pin"])?;
-        tracing::info!(caller = %sender, model = %name, pin, "LoadModel");
+        tracing::info!(caller = %who.connection, model = %name, pin, "LoadModel");
         Ok(self.models.load_model(&name, pin).await?)
     }
 
@@ -367,10 +366,8 @@ impl HearthService {
         #[zbus(connection)] conn: &Connection,
         name: String,
     ) -> Result<(), BusError> {
-        let sender = caller(&header)?;
-        let (who, _) = identify(conn, &self.callers, &sender).await?;
-        self.authorize(conn, &header, &who, polkit::Action::ManageModels).await?;
-        tracing::info!(caller = %sender, model = %name, "UnloadModel");
+        let who = self.authorize(conn, &header, polkit::Action::ManageModels).await?;
+        tracing::info!(caller = %who.connection, model = %name, "UnloadModel");
         Ok(self.models.unload_model(&name).await?)
     }
 
@@ -381,9 +378,7 @@ impl HearthService {
         #[zbus(header)] header: Header<'_>,
         #[zbus(connection)] conn: &Connection,
     ) -> Result<(), BusError> {
-        let sender = caller(&header)?;
-        let (who, _) = identify(conn, &self.callers, &sender).await?;
-        self.authorize(conn, &header, &who, polkit::Action::Reload).await?;
+        self.authorize(conn, &header, polkit::Action::Reload).await?;
         crate::reload_all(&self.config_paths, &self.models, &self.gate).map_err(BusError::InvalidArgs)?;
         Ok(())
     }
@@ -407,9 +402,7 @@ impl HearthService {
                     .map_err(|e| BusError::InvalidArgs(format!("policy: {e}")))?,
             )
         };
-        let sender = caller(&header)?;
-        let (who, _) = identify(conn, &self.callers, &sender).await?;
-        self.authorize(conn, &header, &who, polkit::Action::SetAppPolicy).await?;
+        let who = self.authorize(conn, &header, polkit::Action::SetAppPolicy).await?;
         self.gate.set_app_policy(&self.models.config(), &app_id, parsed.as_ref())?;
         tracing::info!(target: "hearth::audit", by = %who.app, app = %app_id, removed = parsed.is_none(), "app policy set");
         Ok(())
