@@ -1,10 +1,13 @@
 #!/usr/bin/env bash
 # Installs Hearth into a root file system tree, as a distribution package would:
 #
-#   scripts/install.sh [--destdir DIR] [--prefix /usr] [--profile release|debug] [--with-model]
+#   scripts/install.sh [--destdir DIR] [--prefix /usr] [--profile release|debug]
+#                      [--target TRIPLE] [--strip] [--with-model]
 #
 # DESTDIR (default: none, i.e. /) is the staging root; PREFIX is where /usr goes. The binaries
-# come from target/<profile> (build them first: `make` does). --with-model also installs the
+# come from target/<profile> (build them first: `make` does), or target/TRIPLE/<profile> for a
+# cross-built image (tests/qemu/build.sh installs aarch64 builds this way). --strip drops the
+# binaries' symbols and debug lines, with $STRIP (default strip; a cross image sets its own). --with-model also installs the
 # default model from ./models into PREFIX/share/hearth/models (scripts/fetch-model.sh first).
 # Modes follow "Files on a device" in ARCHITECTURE.md: everything root-owned and read-only to
 # the service; /var/lib/hearth comes from systemd (StateDirectory=, tmpfiles.d).
@@ -14,17 +17,21 @@ ROOT="$(cd "$(dirname "$0")/.." && pwd)"
 DESTDIR="${DESTDIR:-}"
 PREFIX="${PREFIX:-/usr}"
 PROFILE="${PROFILE:-release}"
+TARGET=""
+STRIP_BIN=0
 WITH_MODEL=0
 while [ $# -gt 0 ]; do
     case "$1" in
         --destdir) DESTDIR="$2"; shift 2 ;;
         --prefix) PREFIX="$2"; shift 2 ;;
         --profile) PROFILE="$2"; shift 2 ;;
+        --target) TARGET="$2"; shift 2 ;;
+        --strip) STRIP_BIN=1; shift ;;
         --with-model) WITH_MODEL=1; shift ;;
         *) echo "install: unknown argument $1" >&2; exit 2 ;;
     esac
 done
-BIN="$ROOT/target/$PROFILE"
+BIN="$ROOT/target/${TARGET:+$TARGET/}$PROFILE"
 for b in hearthd hearthctl; do
     [ -x "$BIN/$b" ] || { echo "install: $BIN/$b is missing: build it first (make, or cargo build --profile $PROFILE)" >&2; exit 1; }
 done
@@ -41,6 +48,9 @@ dir() { # mode directory
 
 put 0755 "$BIN/hearthd"                                 "$PREFIX/libexec/hearthd"
 put 0755 "$BIN/hearthctl"                               "$PREFIX/bin/hearthctl"
+if [ "$STRIP_BIN" -eq 1 ]; then
+    "${STRIP:-strip}" "$DESTDIR$PREFIX/libexec/hearthd" "$DESTDIR$PREFIX/bin/hearthctl"
+fi
 put 0644 "$ROOT/daemon/data/hearthd.toml"               "$PREFIX/share/hearth/hearthd.toml"
 dir 0755                                                "$PREFIX/share/hearth/models"
 put 0644 "$ROOT/dbus/data/org.hearth.Hearth1.conf"      "$PREFIX/share/dbus-1/system.d/org.hearth.Hearth1.conf"

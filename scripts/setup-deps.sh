@@ -23,6 +23,16 @@ APT_PACKAGES=(
     checkpolicy         # checkmodule
     semodule-utils      # semodule_package, semodule_link, semodule_expand
     setools             # sesearch
+    # The QEMU aarch64 tests (tests/qemu): cross toolchain for llama.cpp and the link, the
+    # emulator, Debian arm64 packages unpacked without emulation, image tools.
+    gcc-aarch64-linux-gnu
+    g++-aarch64-linux-gnu
+    qemu-system-arm     # qemu-system-aarch64
+    mmdebstrap
+    cpio
+    e2fsprogs           # mkfs.ext4 -d: the tier 2 disk without mounting anything
+    kmod                # depmod for the image's kernel modules
+    binutils            # readelf: the ELF NEEDED walk
 )
 
 sudo_if_needed() {
@@ -57,6 +67,9 @@ if ! cargo clippy --version >/dev/null 2>&1; then
 fi
 if ! cargo fmt --version >/dev/null 2>&1; then
     rustup component add rustfmt
+fi
+if ! rustup target list --installed 2>/dev/null | grep -qx aarch64-unknown-linux-gnu; then
+    rustup target add aarch64-unknown-linux-gnu
 fi
 echo "setup-deps: $(cargo --version)"
 

@@ -50,27 +50,34 @@ fn write(p: &Path, v: impl std::fmt::Display) {
     std::fs::rename(&tmp, p).expect("rename sysfs file");
 }
 
+/// Writes the phone's sysfs tree at its state at start (`class/thermal/thermal_zone0` with a
+/// passive and a critical trip, `class/power_supply/{battery,ac}`) under `root`: what the
+/// simulation starts from, and what the QEMU images carry (the `virt` machine has no sensors).
+pub fn write_tree(root: &Path, params: &SocParams) {
+    let zone = root.join("class/thermal/thermal_zone0");
+    std::fs::create_dir_all(&zone).unwrap();
+    write(&zone.join("type"), "cpu-thermal");
+    write(&zone.join("temp"), (params.start_c * 1000.0) as i64);
+    write(&zone.join("trip_point_0_type"), "passive");
+    write(&zone.join("trip_point_0_temp"), (params.passive_trip_c * 1000.0) as i64);
+    write(&zone.join("trip_point_1_type"), "critical");
+    write(&zone.join("trip_point_1_temp"), (params.critical_trip_c * 1000.0) as i64);
+    let battery = root.join("class/power_supply/battery");
+    std::fs::create_dir_all(&battery).unwrap();
+    write(&battery.join("type"), "Battery");
+    write(&battery.join("capacity"), params.battery_pct.round() as u32);
+    write(&battery.join("status"), "Discharging");
+    let ac = root.join("class/power_supply/ac");
+    std::fs::create_dir_all(&ac).unwrap();
+    write(&ac.join("type"), "Mains");
+    write(&ac.join("online"), 0);
+}
+
 impl Soc {
     /// Creates the sysfs tree (before the daemon starts, so it finds its sensors).
     pub fn new(params: SocParams) -> Self {
         let root = tempfile::tempdir().expect("tempdir");
-        let zone = root.path().join("class/thermal/thermal_zone0");
-        std::fs::create_dir_all(&zone).unwrap();
-        write(&zone.join("type"), "cpu-thermal");
-        write(&zone.join("temp"), (params.start_c * 1000.0) as i64);
-        write(&zone.join("trip_point_0_type"), "passive");
-        write(&zone.join("trip_point_0_temp"), (params.passive_trip_c * 1000.0) as i64);
-        write(&zone.join("trip_point_1_type"), "critical");
-        write(&zone.join("trip_point_1_temp"), (params.critical_trip_c * 1000.0) as i64);
-        let battery = root.path().join("class/power_supply/battery");
-        std::fs::create_dir_all(&battery).unwrap();
-        write(&battery.join("type"), "Battery");
-        write(&battery.join("capacity"), params.battery_pct.round() as u32);
-        write(&battery.join("status"), "Discharging");
-        let ac = root.path().join("class/power_supply/ac");
-        std::fs::create_dir_all(&ac).unwrap();
-        write(&ac.join("type"), "Mains");
-        write(&ac.join("online"), 0);
+        write_tree(root.path(), &params);
         Self { root, params, stop: Arc::default(), samples: Arc::default(), thread: None }
     }
 
