@@ -50,6 +50,16 @@ enum Command {
     Reload,
     /// Ask the model; tokens are printed as they arrive.
     Generate(Box<GenerateArgs>),
+    /// Embeddings of texts (one JSON array of numbers per line), computed on the device.
+    Embed {
+        #[arg(required = true)]
+        texts: Vec<String>,
+        #[arg(long)]
+        model: Option<String>,
+        /// public, personal (default) or local.
+        #[arg(long)]
+        scope: Option<String>,
+    },
 }
 
 #[derive(Debug, clap::Args)]
@@ -88,6 +98,18 @@ struct GenerateArgs {
     /// A sealed blob (from `hearthctl seal`) sent as a message before the prompt.
     #[arg(long, value_name = "FILE")]
     sealed: Option<std::path::PathBuf>,
+    /// The answer must be JSON valid against the JSON Schema in FILE.
+    #[arg(long, value_name = "FILE")]
+    json_schema: Option<std::path::PathBuf>,
+    /// The answer must follow the GBNF grammar in FILE.
+    #[arg(long, value_name = "FILE")]
+    grammar: Option<std::path::PathBuf>,
+    /// OpenAI-style tools (a JSON array) in FILE; a call is printed as JSON.
+    #[arg(long, value_name = "FILE")]
+    tools: Option<std::path::PathBuf>,
+    /// With --tools: auto (default), required or none.
+    #[arg(long)]
+    tool_choice: Option<String>,
 }
 
 #[derive(Debug)]
@@ -288,6 +310,10 @@ async fn run(cli: Cli) -> Result<ExitCode, CliError> {
                 scope,
                 route,
                 sealed,
+                json_schema,
+                grammar,
+                tools,
+                tool_choice,
             } = *args;
             let text = |role: &str, content: &str, scope: Option<&str>| {
                 let mut m = HashMap::from([
@@ -339,7 +365,29 @@ async fn run(cli: Cli) -> Result<ExitCode, CliError> {
             if let Some(d) = deadline_ms {
                 request.insert(request_key::DEADLINE_MS, Value::from(d));
             }
+            for (key, file) in
+                [(request_key::JSON_SCHEMA, json_schema), (request_key::GRAMMAR, grammar), (request_key::TOOLS, tools)]
+            {
+                if let Some(path) = file {
+                    request.insert(key, Value::from(std::fs::read_to_string(path)?));
+                }
+            }
+            if let Some(c) = tool_choice {
+                request.insert(request_key::TOOL_CHOICE, Value::from(c));
+            }
             return generate(&conn, request, cli.json).await;
+        }
+        Command::Embed { texts, model, scope } => {
+            let mut request: HashMap<&str, Value<'_>> = HashMap::from([(request_key::TEXTS, Value::from(texts))]);
+            if let Some(m) = model {
+                request.insert(request_key::MODEL, Value::from(m));
+            }
+            if let Some(s) = scope {
+                request.insert(request_key::SCOPE, Value::from(s));
+            }
+            for v in proxy.embed(request).await? {
+                println!("{}", json!(v));
+            }
         }
     }
     Ok(ExitCode::SUCCESS)
@@ -400,6 +448,9 @@ async fn generate(conn: &Connection, request: HashMap<&str, Value<'_>>, json_out
                     writeln!(stdout, "{}", json!({ "finished": j }))?;
                 } else {
                     writeln!(stdout)?;
+                    if let Some(calls) = result.get(result_key::TOOL_CALLS) {
+                        println!("tool calls: {}", to_json(calls));
+                    }
                     eprintln!("[{tokens} tokens, {tok_s:.1} tok/s, finish: {reason}]");
                 }
                 if let Some(name) = result.get(result_key::ERROR_NAME).and_then(|v| <&str>::try_from(v).ok()) {

@@ -20,6 +20,7 @@ mod privacy;
 mod request;
 mod seal;
 mod service;
+mod structured;
 
 use std::path::PathBuf;
 use std::process::ExitCode;

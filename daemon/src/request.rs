@@ -10,6 +10,7 @@ use zbus::zvariant::{OwnedValue, Value};
 use crate::engine::{GenerateRequest, Priority};
 use crate::error::Error;
 use crate::privacy::{Content, Part, RouteRequest, Scope};
+use crate::structured::Structure;
 
 /// Most messages in one request.
 const MAX_MESSAGES: usize = 1024;
@@ -128,8 +129,8 @@ fn parse_messages(v: &Value<'_>) -> Result<Vec<Part>, Error> {
             }
         }
         let role = role.ok_or_else(|| invalid(format!("messages[{i}] has no role")))?;
-        if !matches!(role.as_str(), "system" | "user" | "assistant") {
-            return Err(invalid(format!("messages[{i}].role {role:?} is not one of system, user, assistant")));
+        if !matches!(role.as_str(), "system" | "user" | "assistant" | "tool") {
+            return Err(invalid(format!("messages[{i}].role {role:?} is not one of system, user, assistant, tool")));
         }
         let content = content.ok_or_else(|| invalid(format!("messages[{i}] has no content (or sealed)")))?;
         total += match &content {
@@ -166,6 +167,59 @@ fn as_bytes(k: &str, v: &Value<'_>) -> Result<Vec<u8>, Error> {
     }
 }
 
+/// Most texts in one Embed call.
+const MAX_TEXTS: usize = 256;
+
+/// A parsed Embed request.
+#[derive(Debug, Clone, PartialEq)]
+pub struct EmbedRequest {
+    pub texts: Vec<String>,
+    pub model: Option<String>,
+    /// The texts' scope (default personal); embeddings of local text are local too, and every
+    /// embedding is computed on the device.
+    pub scope: Scope,
+}
+
+/// Parses Embed's dictionary: `texts` (as), optional `model` (s) and `scope` (s).
+pub fn parse_embed(dict: &HashMap<String, OwnedValue>) -> Result<EmbedRequest, Error> {
+    let (mut texts, mut model, mut scope) = (None, None, Scope::Personal);
+    for (k, v) in dict {
+        let v: &Value<'_> = v;
+        match k.as_str() {
+            key::TEXTS => {
+                let Value::Array(a) = unwrap_variant(v) else {
+                    return Err(invalid(format!(
+                        "texts must be an array of strings (as), got {}",
+                        v.value_signature()
+                    )));
+                };
+                let list: Vec<String> = a
+                    .inner()
+                    .iter()
+                    .enumerate()
+                    .map(|(i, t)| as_str(&format!("texts[{i}]"), t).map(str::to_owned))
+                    .collect::<Result<_, _>>()?;
+                texts = Some(list);
+            }
+            key::MODEL => model = Some(as_str(k, v)?.to_owned()).filter(|m| !m.is_empty()),
+            key::SCOPE => {
+                let s = as_str(k, v)?;
+                scope = Scope::parse(s)
+                    .ok_or_else(|| invalid(format!("scope {s:?} is not one of public, personal, local")))?;
+            }
+            other => return Err(invalid(format!("unknown Embed key {other:?} (known: texts, model, scope)"))),
+        }
+    }
+    let texts = texts.ok_or_else(|| invalid("texts is missing"))?;
+    if texts.is_empty() || texts.len() > MAX_TEXTS {
+        return Err(invalid(format!("texts must hold 1 to {MAX_TEXTS} strings, got {}", texts.len())));
+    }
+    if texts.iter().map(String::len).sum::<usize>() > MAX_CONTENT_BYTES {
+        return Err(invalid(format!("texts exceed {MAX_CONTENT_BYTES} bytes")));
+    }
+    Ok(EmbedRequest { texts, model, scope })
+}
+
 /// Parses a request dictionary. `default_max_tokens` applies when the key is absent.
 pub fn parse(dict: &HashMap<String, OwnedValue>, method: Method, default_max_tokens: u32) -> Result<Parsed, Error> {
     let mut messages = None;
@@ -176,6 +230,7 @@ pub fn parse(dict: &HashMap<String, OwnedValue>, method: Method, default_max_tok
     let mut priority = Priority::Normal;
     let mut deadline = None;
     let mut route = RouteRequest::Auto;
+    let (mut json_schema, mut grammar, mut tools, mut tool_choice) = (None, None, None, None);
     for (k, v) in dict {
         let v: &Value<'_> = v;
         match k.as_str() {
@@ -227,6 +282,10 @@ pub fn parse(dict: &HashMap<String, OwnedValue>, method: Method, default_max_tok
                 route = RouteRequest::parse(r)
                     .ok_or_else(|| invalid(format!("route {r:?} is not one of auto, local, cloud")))?;
             }
+            key::JSON_SCHEMA => json_schema = Some(as_str(k, v)?),
+            key::GRAMMAR => grammar = Some(as_str(k, v)?),
+            key::TOOLS => tools = Some(as_str(k, v)?),
+            key::TOOL_CHOICE => tool_choice = Some(as_str(k, v)?),
             key::HANDLE_TOKEN if method == Method::Generate => {
                 let t = as_str(k, v)?;
                 if !hearth_dbus::is_valid_handle_token(t) {
@@ -244,6 +303,17 @@ pub fn parse(dict: &HashMap<String, OwnedValue>, method: Method, default_max_tok
     }
     let max_tokens =
         u32::try_from(max_tokens).map_err(|_| invalid(format!("max_tokens {max_tokens} is absurdly large")))?;
+    let structure = Structure::parse(json_schema, grammar, tools, tool_choice)?.map(std::sync::Arc::new);
+    if structure.is_some() {
+        // Grammars are applied by the on-device sampler; the cloud leg has no equivalent that
+        // guarantees the same output, so structured requests stay on the device.
+        route = match route {
+            RouteRequest::Cloud => {
+                return Err(invalid("json_schema, grammar and tools run on the device: route cannot be cloud"));
+            }
+            _ => RouteRequest::Local,
+        };
+    }
     let request = GenerateRequest {
         messages: Vec::new(),
         model,
@@ -252,6 +322,7 @@ pub fn parse(dict: &HashMap<String, OwnedValue>, method: Method, default_max_tok
         priority,
         deadline,
         assistant_prefix: None,
+        structure,
     };
     Ok(Parsed { request, parts, route, handle_token })
 }

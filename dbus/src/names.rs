@@ -28,6 +28,16 @@ pub mod request_key {
     pub const PRIORITY: &str = "priority";
     pub const DEADLINE_MS: &str = "deadline_ms";
     pub const ROUTE: &str = "route";
+    /// A JSON Schema (JSON text) the output must follow.
+    pub const JSON_SCHEMA: &str = "json_schema";
+    /// A GBNF grammar (start rule `root`) the output must follow.
+    pub const GRAMMAR: &str = "grammar";
+    /// OpenAI-style function tools (JSON text of the `tools` array).
+    pub const TOOLS: &str = "tools";
+    /// auto (default), required or none.
+    pub const TOOL_CHOICE: &str = "tool_choice";
+    /// Keys of Embed's request.
+    pub const TEXTS: &str = "texts";
     /// Keys of one message dictionary.
     pub const ROLE: &str = "role";
     pub const CONTENT: &str = "content";
@@ -50,7 +60,15 @@ pub mod result_key {
     pub const ERROR_MESSAGE: &str = "error_message";
     pub const ROUTE: &str = "route";
     pub const ROUTE_REASON: &str = "route_reason";
+    /// The model's tool calls (aa{sv}: id, name, arguments as JSON text); `finish_reason` is
+    /// then "tool_calls".
+    pub const TOOL_CALLS: &str = "tool_calls";
+    /// With json_schema: whether the text validates against it (false only when cut short).
+    pub const SCHEMA_VALID: &str = "schema_valid";
 }
+
+/// `finish_reason` of an answer that is a tool call.
+pub const FINISH_TOOL_CALLS: &str = "tool_calls";
 
 /// Why a generation ended, as the `finish_reason` string.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

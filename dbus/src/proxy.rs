@@ -14,6 +14,8 @@ pub trait Hearth1 {
     fn generate(&self, request: HashMap<&str, Value<'_>>) -> Result<OwnedObjectPath, Error>;
     /// Generates and returns the whole result.
     fn complete(&self, request: HashMap<&str, Value<'_>>) -> Result<HashMap<String, OwnedValue>, Error>;
+    /// Unit-length embeddings of `texts` (request: texts, model, scope), computed on the device.
+    fn embed(&self, request: HashMap<&str, Value<'_>>) -> Result<Vec<Vec<f64>>, Error>;
     /// The installed models.
     fn list_models(&self) -> Result<Vec<HashMap<String, OwnedValue>>, Error>;
     /// Admin: loads a model now (`pin` (b) option keeps it loaded).

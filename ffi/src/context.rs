@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use llama_cpp_sys_2 as sys;
 
-use crate::{Batch, Error, Model, Pos, Result, SeqId};
+use crate::{Batch, Error, Model, Pos, Result, SeqId, Token};
 
 /// How to create a context.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -30,6 +30,8 @@ pub struct ContextParams {
     /// sequence's cells contiguous and in position order, exactly as in a solo run, so
     /// batching cannot change results; on lets one long sequence use the whole cache.
     pub kv_unified: bool,
+    /// A context for [`Context::embed`]: mean-pooled, per-sequence embeddings instead of logits.
+    pub embeddings: bool,
 }
 
 impl Default for ContextParams {
@@ -42,6 +44,7 @@ impl Default for ContextParams {
             n_threads_batch: 2,
             flash_attn: Some(true),
             kv_unified: false,
+            embeddings: false,
         }
     }
 }
@@ -87,6 +90,10 @@ impl Context {
             Some(false) => sys::LLAMA_FLASH_ATTN_TYPE_DISABLED,
         };
         cp.no_perf = true;
+        if params.embeddings {
+            cp.embeddings = true;
+            cp.pooling_type = sys::LLAMA_POOLING_TYPE_MEAN;
+        }
         let abort = Arc::new(AtomicBool::new(false));
         cp.abort_callback = Some(abort_requested);
         cp.abort_callback_data = Arc::as_ptr(&abort).cast_mut().cast::<c_void>();
@@ -204,6 +211,37 @@ impl Context {
             let mem = sys::llama_get_memory(self.as_ptr());
             sys::llama_memory_seq_pos_max(mem, seq)
         }
+    }
+
+    /// The embedding of `tokens`: the mean of the model's last hidden states over them, scaled
+    /// to unit length. Needs a context made with `embeddings`; uses (and clears) sequence 0.
+    pub fn embed(&mut self, tokens: &[Token]) -> Result<Vec<f32>> {
+        if !self.params.embeddings {
+            return Err(Error::NoEmbedding);
+        }
+        let mut batch = Batch::new(tokens.len().max(1), 1);
+        for (i, &t) in tokens.iter().enumerate() {
+            batch.push(t, i as Pos, &[0], true)?;
+        }
+        self.clear();
+        self.decode(&batch)?;
+        let n_embd = self.model.n_embd();
+        // SAFETY: valid context; with mean pooling llama.cpp keeps one vector of `n_embd`
+        // floats per sequence of the last decode, valid until the next decode, and returns
+        // null for a sequence it has none for.
+        let ptr = unsafe { sys::llama_get_embeddings_seq(self.as_ptr(), 0) };
+        if ptr.is_null() {
+            return Err(Error::NoEmbedding);
+        }
+        // SAFETY: checked non-null above; `n_embd` floats are readable (see above), copied
+        // out before anything else touches the context.
+        let mut v = unsafe { std::slice::from_raw_parts(ptr, n_embd) }.to_vec();
+        self.clear();
+        let norm = v.iter().map(|x| f64::from(*x) * f64::from(*x)).sum::<f64>().sqrt();
+        if norm > 0.0 {
+            v.iter_mut().for_each(|x| *x = (f64::from(*x) / norm) as f32);
+        }
+        Ok(v)
     }
 
     /// Empties the whole KV cache.

@@ -14,6 +14,15 @@ pub enum Error {
     /// llama.cpp refused to load a LoRA adapter for the model.
     #[error("llama.cpp could not load LoRA adapter {path}")]
     LoraLoad { path: PathBuf },
+    /// llama.cpp's JSON Schema converter refused the schema.
+    #[error("llama.cpp's JSON Schema converter could not turn the schema into a grammar")]
+    SchemaConversion,
+    /// The GBNF grammar does not parse (or has no `root` rule).
+    #[error("the grammar does not parse as GBNF with a `root` rule")]
+    Grammar,
+    /// A context made for embeddings returned none for a sequence.
+    #[error("llama.cpp returned no embedding")]
+    NoEmbedding,
     /// llama.cpp could not apply the model's LoRA adapters to a context.
     #[error("llama.cpp could not apply the model's LoRA adapters")]
     LoraApply,

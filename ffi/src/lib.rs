@@ -26,7 +26,7 @@ pub use context::{Context, ContextParams};
 pub use detokenizer::Detokenizer;
 pub use error::{Error, Result};
 pub use model::{ChatMessage, KvGeometry, Model, ModelParams};
-pub use sampler::{Sampler, SamplerParams};
+pub use sampler::{Sampler, SamplerParams, json_schema_to_grammar};
 
 /// A token id of the model's vocabulary.
 pub type Token = i32;

@@ -153,6 +153,17 @@ impl Model {
         self.loras.iter().map(|l| (l.ptr.as_ptr(), l.scale)).unzip()
     }
 
+    pub(crate) fn vocab_ptr(&self) -> *const sys::llama_vocab {
+        self.vocab.as_ptr()
+    }
+
+    /// Width of the model's hidden state (the length of its embeddings).
+    pub fn n_embd(&self) -> usize {
+        // SAFETY: plain query on a valid model.
+        let n = unsafe { sys::llama_model_n_embd(self.as_ptr()) };
+        usize::try_from(n).unwrap_or(0)
+    }
+
     /// Number of LoRA adapters attached.
     pub fn lora_count(&self) -> usize {
         self.loras.len()

@@ -1,10 +1,35 @@
-//! Token samplers: greedy, or top-k → top-p → temperature → seeded draw.
+//! Token samplers: greedy, or top-k → top-p → temperature → seeded draw, optionally behind a
+//! grammar (GBNF) that masks every token the grammar does not allow next.
 
+use std::ffi::{CStr, CString};
 use std::ptr::NonNull;
 
 use llama_cpp_sys_2 as sys;
 
-use crate::{Context, Error, Result, Token};
+use crate::{Context, Error, Model, Result, Token};
+
+/// Converts a JSON Schema into a GBNF grammar with llama.cpp's own converter
+/// (`common/json-schema-to-grammar`): objects, arrays, enums, const, oneOf/anyOf, $ref,
+/// string formats and patterns. Fails on malformed JSON or a construct it cannot express.
+pub fn json_schema_to_grammar(schema: &str) -> Result<String> {
+    let c_schema = CString::new(schema).map_err(|_| Error::InteriorNul { what: "the JSON schema" })?;
+    let mut out: *mut std::ffi::c_char = std::ptr::null_mut();
+    // SAFETY: `c_schema` is a valid NUL-terminated string for the call; `out` is a valid
+    // place for the result pointer, which is either left null or set to a malloc'ed string.
+    let status = unsafe { sys::llama_rs_json_schema_to_grammar(c_schema.as_ptr(), true, &mut out) };
+    if status != sys::LLAMA_RS_STATUS_OK || out.is_null() {
+        if !out.is_null() {
+            // SAFETY: `out` came from the converter's allocator and is freed once.
+            unsafe { sys::llama_rs_string_free(out) };
+        }
+        return Err(Error::SchemaConversion);
+    }
+    // SAFETY: `out` is a valid NUL-terminated string owned by us until freed below.
+    let grammar = unsafe { CStr::from_ptr(out) }.to_string_lossy().into_owned();
+    // SAFETY: as above; freed exactly once, after the copy.
+    unsafe { sys::llama_rs_string_free(out) };
+    Ok(grammar)
+}
 
 /// Sampling settings of one generation.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -43,15 +68,43 @@ pub struct Sampler {
 unsafe impl Send for Sampler {}
 
 impl Sampler {
-    /// Builds the chain for `params`.
-    pub fn new(params: SamplerParams) -> Self {
+    /// Builds the chain for `params`, with `grammar` (GBNF, start rule `root`) first when given:
+    /// the draw then only ever sees tokens the grammar allows, so the output parses.
+    pub fn with_grammar(model: &Model, params: SamplerParams, grammar: Option<&str>) -> Result<Self> {
+        let Some(grammar) = grammar else { return Ok(Self::new(params)) };
+        let c_grammar = CString::new(grammar).map_err(|_| Error::InteriorNul { what: "the grammar" })?;
+        // SAFETY: the vocab belongs to `model`, which outlives this call (the sampler keeps no
+        // pointer to the grammar text; it copies the parsed rules). Returns null when the
+        // grammar does not parse.
+        let g = unsafe { sys::llama_sampler_init_grammar(model.vocab_ptr(), c_grammar.as_ptr(), c"root".as_ptr()) };
+        if g.is_null() {
+            return Err(Error::Grammar);
+        }
+        let sampler = Self::empty();
+        sampler.add(g);
+        sampler.add_draw(params);
+        Ok(sampler)
+    }
+
+    fn empty() -> Self {
         // SAFETY: returns a plain struct of defaults.
         let mut cp = unsafe { sys::llama_sampler_chain_default_params() };
         cp.no_perf = true;
         // SAFETY: creates a new, empty chain that we own.
         let chain = unsafe { sys::llama_sampler_chain_init(cp) };
         let ptr = NonNull::new(chain).expect("llama_sampler_chain_init returned null (out of memory)");
-        let sampler = Self { ptr };
+        Self { ptr }
+    }
+
+    /// Builds the chain for `params`.
+    pub fn new(params: SamplerParams) -> Self {
+        let sampler = Self::empty();
+        sampler.add_draw(params);
+        sampler
+    }
+
+    fn add_draw(&self, params: SamplerParams) {
+        let sampler = self;
         if params.is_greedy() {
             // SAFETY: greedy init returns a new sampler whose ownership passes to the chain.
             sampler.add(unsafe { sys::llama_sampler_init_greedy() });
@@ -69,7 +122,6 @@ impl Sampler {
             // SAFETY: as above.
             sampler.add(unsafe { sys::llama_sampler_init_dist(params.seed) });
         }
-        sampler
     }
 
     fn add(&self, smpl: *mut sys::llama_sampler) {

@@ -30,6 +30,7 @@ fn params(flash_attn: Option<bool>) -> ContextParams {
         n_threads_batch: 2,
         flash_attn,
         kv_unified: false,
+        embeddings: false,
     }
 }
 

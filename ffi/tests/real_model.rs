@@ -31,6 +31,7 @@ fn context(n_seq_max: u32) -> Context {
             n_threads_batch: 2,
             flash_attn: Some(true),
             kv_unified: false,
+            embeddings: false,
         },
     )
     .expect("context")

@@ -450,6 +450,7 @@ pub fn direct_run_continuing(
             n_threads_batch: threads(),
             flash_attn: Some(true),
             kv_unified: false,
+            embeddings: false,
         },
     )
     .expect("context");

@@ -35,6 +35,8 @@ pub struct GenerateRequest {
     /// Text the assistant has already said (a cloud stream that broke off): the model
     /// continues the assistant's turn from exactly here.
     pub assistant_prefix: Option<String>,
+    /// Grammar, JSON Schema or tools the output follows (on-device only).
+    pub structure: Option<std::sync::Arc<crate::structured::Structure>>,
 }
 
 /// Scheduling priority of a request. Ordered: `Background < Normal < Interactive`.
@@ -207,6 +209,8 @@ enum Command {
     ConnectionClosed(String),
     /// Liveness check: the engine loop answers between decode steps.
     Ping(oneshot::Sender<()>),
+    /// Embeddings of texts, between decode steps.
+    Embed { texts: Vec<String>, reply: oneshot::Sender<Result<Vec<Vec<f32>>, Error>> },
     /// Finish every request as Cancelled and stop the thread.
     Shutdown,
 }
@@ -370,6 +374,7 @@ impl EngineHandle {
             n_threads_batch: settings.threads,
             flash_attn: Some(settings.flash_attn),
             kv_unified: false,
+            embeddings: false,
         };
         let ctx = Context::new(Arc::clone(model), params)?;
         let info = Arc::new(LoadedModelInfo {
@@ -424,6 +429,14 @@ impl EngineHandle {
             rx.await.ok()
         };
         matches!(tokio::time::timeout(limit, answered).await, Ok(Some(())))
+    }
+
+    /// Mean-pooled, unit-length embeddings of `texts`, computed on the engine thread between
+    /// decode steps (in a small context of their own, so running generations keep their KV).
+    pub async fn embed(&self, texts: Vec<String>) -> Result<Vec<Vec<f32>>, Error> {
+        let (reply, answer) = oneshot::channel();
+        self.tx.send(Command::Embed { texts, reply }).await.map_err(|_| Error::Cancelled(CancelReason::Shutdown))?;
+        answer.await.map_err(|_| Error::Cancelled(CancelReason::Shutdown))?
     }
 
     /// Tells the engine that a bus connection is gone, so its requests end and free their KV.

@@ -45,7 +45,12 @@ pub(super) struct Worker {
     throttle: Arc<super::Throttle>,
     /// Configured compute threads, and the count in force.
     threads: (i32, i32),
+    /// The context Embed runs in, made on first use.
+    embedder: Option<Context>,
 }
+
+/// Most tokens of one text to embed (the embedding context's size).
+const EMBED_TOKENS: u32 = 512;
 
 impl Worker {
     pub fn new(
@@ -80,6 +85,7 @@ impl Worker {
             stall: cfg!(debug_assertions) && std::env::var_os("HEARTH_DEBUG_STALL_ENGINE").is_some(),
             throttle: Arc::clone(&settings.throttle),
             threads: (settings.threads, settings.threads),
+            embedder: None,
         }
     }
 
@@ -88,9 +94,12 @@ impl Worker {
         loop {
             if self.running.is_empty() && self.scheduler.waiting().is_empty() {
                 match self.rx.blocking_recv() {
-                    Some(cmd @ (Command::Submit { .. } | Command::ConnectionClosed(_) | Command::Ping(_))) => {
-                        self.handle(cmd)
-                    }
+                    Some(
+                        cmd @ (Command::Submit { .. }
+                        | Command::ConnectionClosed(_)
+                        | Command::Ping(_)
+                        | Command::Embed { .. }),
+                    ) => self.handle(cmd),
                     Some(Command::Shutdown) | None => break,
                 }
             }
@@ -152,6 +161,9 @@ impl Worker {
             Command::Ping(reply) => {
                 let _ = reply.send(());
             }
+            Command::Embed { texts, reply } => {
+                let _ = reply.send(self.embed(&texts));
+            }
             Command::Shutdown => {}
         }
     }
@@ -166,10 +178,20 @@ impl Worker {
     ) {
         let verdict = self.prepare(request).and_then(|prompt| {
             let max_tokens = request.max_tokens.min(self.n_ctx - prompt.len() as u32);
+            let grammar = request.structure.as_ref().and_then(|s| s.grammar());
+            let sampler = Sampler::with_grammar(&self.model, request.sampling, grammar).map_err(|e| match e {
+                hearth_ffi::Error::Grammar => Error::InvalidArgs(
+                    "grammar does not parse as GBNF with a root rule (llama.cpp's log names the spot)".into(),
+                ),
+                hearth_ffi::Error::InteriorNul { what } => {
+                    Error::InvalidArgs(format!("{what} contains a NUL character"))
+                }
+                e => Error::Internal(e.to_string()),
+            })?;
             self.scheduler.check_admission(&caller.app, request.priority)?;
-            Ok((prompt, max_tokens))
+            Ok((prompt, max_tokens, sampler))
         });
-        let (prompt, max_tokens) = match verdict {
+        let (prompt, max_tokens, sampler) = match verdict {
             Ok(v) => v,
             Err(e) => {
                 let _ = reply.send(Err(e));
@@ -189,10 +211,44 @@ impl Worker {
             deadline: request.deadline.map(|d| Instant::now() + d),
             prompt,
             max_tokens,
-            sampler: Sampler::new(request.sampling),
+            sampler,
             cancel,
             events,
         });
+    }
+
+    fn embed(&mut self, texts: &[String]) -> Result<Vec<Vec<f32>>, Error> {
+        if self.embedder.is_none() {
+            let params = hearth_ffi::ContextParams {
+                n_ctx: EMBED_TOKENS,
+                n_batch: EMBED_TOKENS,
+                n_seq_max: 1,
+                n_threads: self.threads.1,
+                n_threads_batch: self.threads.1,
+                flash_attn: Some(true),
+                kv_unified: false,
+                embeddings: true,
+            };
+            let ctx = Context::new(Arc::clone(&self.model), params).map_err(|e| Error::Internal(e.to_string()))?;
+            tracing::info!(model = %self.model_name, tokens = EMBED_TOKENS, "embedding context created");
+            self.embedder = Some(ctx);
+        }
+        let ctx = self.embedder.as_mut().expect("created above");
+        let mut out = Vec::with_capacity(texts.len());
+        for (i, text) in texts.iter().enumerate() {
+            let tokens = self.model.tokenize(text, true, false)?;
+            if tokens.len() > EMBED_TOKENS as usize {
+                return Err(Error::InvalidArgs(format!(
+                    "texts[{i}] is {} tokens; embeddings take at most {EMBED_TOKENS}",
+                    tokens.len()
+                )));
+            }
+            if tokens.is_empty() {
+                return Err(Error::InvalidArgs(format!("texts[{i}] has no tokens")));
+            }
+            out.push(ctx.embed(&tokens).map_err(|e| Error::Internal(e.to_string()))?);
+        }
+        Ok(out)
     }
 
     /// Checks the request against the model and renders + tokenizes its prompt.
@@ -203,7 +259,11 @@ impl Worker {
                 request.max_tokens, self.n_ctx, self.model_name
             )));
         }
-        let mut text = self.model.apply_chat_template(&request.messages, true).map_err(|e| match e {
+        let messages = match &request.structure {
+            Some(s) => s.messages(&request.messages),
+            None => request.messages.clone(),
+        };
+        let mut text = self.model.apply_chat_template(&messages, true).map_err(|e| match e {
             hearth_ffi::Error::InteriorNul { what } => Error::InvalidArgs(format!("{what} contains a NUL character")),
             e => Error::Internal(e.to_string()),
         })?;

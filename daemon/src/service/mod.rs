@@ -26,8 +26,9 @@ use crate::governor::GovernorStatus;
 use crate::identity::{self, Identity};
 use crate::manager::{ManagerStatus, ModelManager, ModelReport};
 use crate::polkit;
-use crate::privacy::{CloudView, Decision, Part, RouteRequest};
-use crate::request::{Method, parse};
+use crate::privacy::{CloudView, Content, Decision, Part, RouteRequest};
+use crate::request::{Method, parse, parse_embed};
+use crate::structured::Structure;
 
 /// `org.hearth.Hearth1` at `/org/hearth/Hearth1`.
 #[derive(Debug)]
@@ -146,7 +147,11 @@ fn owned(v: Value<'_>) -> OwnedValue {
 }
 
 /// The result dictionary of Complete and Request.Finished.
-pub(crate) fn outcome_dict(o: &Outcome, decision: &Decision) -> HashMap<String, OwnedValue> {
+pub(crate) fn outcome_dict(
+    o: &Outcome,
+    decision: &Decision,
+    structure: Option<&Structure>,
+) -> HashMap<String, OwnedValue> {
     let mut d = HashMap::from([
         (result_key::FINISH_REASON.to_owned(), owned(Value::from(o.reason.as_str()))),
         (result_key::TEXT.to_owned(), owned(Value::from(o.text.as_str()))),
@@ -164,6 +169,26 @@ pub(crate) fn outcome_dict(o: &Outcome, decision: &Decision) -> HashMap<String, 
     };
     d.insert(result_key::ROUTE.to_owned(), owned(Value::from(route)));
     d.insert(result_key::ROUTE_REASON.to_owned(), owned(Value::from(reason)));
+    if let Some(s) = structure.filter(|_| o.error.is_none()) {
+        if let Some(valid) = s.schema_valid(&o.text) {
+            d.insert(result_key::SCHEMA_VALID.to_owned(), owned(Value::from(valid)));
+        }
+        let calls = s.tool_calls(&o.text);
+        if !calls.is_empty() {
+            let calls: Vec<HashMap<&str, Value<'_>>> = calls
+                .into_iter()
+                .map(|c| {
+                    HashMap::from([
+                        ("id", Value::from(c.id)),
+                        ("name", Value::from(c.name)),
+                        ("arguments", Value::from(c.arguments)),
+                    ])
+                })
+                .collect();
+            d.insert(result_key::TOOL_CALLS.to_owned(), owned(Value::from(calls)));
+            d.insert(result_key::FINISH_REASON.to_owned(), owned(Value::from(hearth_dbus::FINISH_TOOL_CALLS)));
+        }
+    }
     if let Some(e) = &o.error {
         let bus = BusError::from(e.clone());
         d.insert(result_key::ERROR_NAME.to_owned(), owned(Value::from(bus.dbus_name())));
@@ -260,6 +285,7 @@ impl HearthService {
         let parsed = parse(&request, Method::Generate, self.models.config().limits.default_max_tokens)?;
         let (who, _) = identify(conn, &self.callers, &sender).await?;
         let (request, decision) = self.admit(&who, parsed.request, parsed.parts, parsed.route)?;
+        let structure = request.structure.clone();
         let cancel = CancelToken::default();
         let server = conn.object_server();
         // Claim the request path first, so the caller's early subscription can never see
@@ -287,7 +313,7 @@ impl HearthService {
                 let out_path = path.clone();
                 tokio::spawn(async move {
                     let driver::Running { events, _lease: lease } = running;
-                    request_object::forward(&conn, path, sender, events, decision).await;
+                    request_object::forward(&conn, path, sender, events, decision, structure).await;
                     drop(lease);
                     drop(guard);
                 });
@@ -313,6 +339,7 @@ impl HearthService {
         let parsed = parse(&request, Method::Complete, self.models.config().limits.default_max_tokens)?;
         let (who, _) = identify(conn, &self.callers, &sender).await?;
         let (request, decision) = self.admit(&who, parsed.request, parsed.parts, parsed.route)?;
+        let structure = request.structure.clone();
         let _guard = self.in_flight.enter();
         let refused = |e: &Error| tracing::info!(caller = %sender, error = %e, "complete refused");
         let mut running = driver::start(
@@ -331,11 +358,49 @@ impl HearthService {
             if let Event::Finished(outcome) = event {
                 return match (outcome.reason, outcome.error.clone()) {
                     (FinishReason::Cancelled | FinishReason::Error, Some(e)) => Err(e.into()),
-                    _ => Ok(outcome_dict(&outcome, &decision)),
+                    _ => Ok(outcome_dict(&outcome, &decision, structure.as_deref())),
                 };
             }
         }
         Err(Error::Internal("the engine stopped without finishing the request".into()).into())
+    }
+
+    /// Embeddings of texts, computed on the device; see org.hearth.Hearth1.xml.
+    #[zbus(out_args("embeddings"))]
+    async fn embed(
+        &self,
+        #[zbus(header)] header: Header<'_>,
+        #[zbus(connection)] conn: &Connection,
+        request: HashMap<String, OwnedValue>,
+    ) -> Result<Vec<Vec<f64>>, BusError> {
+        let sender = caller(&header)?;
+        let parsed = parse_embed(&request)?;
+        let (who, _) = identify(conn, &self.callers, &sender).await?;
+        // The app's policy (models, quota) applies as to a generation; the route is the device.
+        let probe = GenerateRequest {
+            messages: Vec::new(),
+            model: parsed.model.clone(),
+            max_tokens: 1,
+            sampling: hearth_ffi::SamplerParams::default(),
+            priority: Priority::Normal,
+            deadline: None,
+            assistant_prefix: None,
+            structure: None,
+        };
+        let parts = parsed
+            .texts
+            .iter()
+            .map(|t| Part { role: "user".into(), content: Content::Text(t.clone()), scope: parsed.scope })
+            .collect();
+        self.admit(&who, probe, parts, RouteRequest::Local)?;
+        let _guard = self.in_flight.enter();
+        let lease = self.models.acquire(parsed.model.as_deref()).await?;
+        let n = parsed.texts.len();
+        let vectors = lease.engine.embed(parsed.texts).await.inspect_err(|e| {
+            tracing::info!(caller = %sender, error = %e, "embed refused");
+        })?;
+        tracing::info!(target: "hearth::audit", app = %who.app, texts = n, scope = parsed.scope.as_str(), "embed on the device");
+        Ok(vectors.into_iter().map(|v| v.into_iter().map(f64::from).collect()).collect())
     }
 
     /// The installed models; see org.hearth.Hearth1.xml.

@@ -60,6 +60,7 @@ pub async fn forward(
     owner: OwnedUniqueName,
     mut events: tokio::sync::mpsc::UnboundedReceiver<Event>,
     decision: Decision,
+    structure: Option<std::sync::Arc<crate::structured::Structure>>,
 ) {
     let emitter = match SignalEmitter::new(conn, path.clone()) {
         Ok(e) => e.set_destination(BusName::Unique(owner.clone().into_inner())),
@@ -83,7 +84,9 @@ pub async fn forward(
             }
             Event::Finished(outcome) => {
                 tracing::info!(path = %path.as_str(), reason = outcome.reason.as_str(), tokens = outcome.token_ids.len(), "finished");
-                if let Err(e) = RequestObject::finished(&emitter, &outcome_dict(&outcome, &decision)).await {
+                if let Err(e) =
+                    RequestObject::finished(&emitter, &outcome_dict(&outcome, &decision, structure.as_deref())).await
+                {
                     tracing::warn!(error = %e, "cannot emit Finished");
                 }
                 break;

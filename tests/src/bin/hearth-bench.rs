@@ -375,6 +375,7 @@ fn static_batches(streams: usize, b: usize, tokens: usize) -> f64 {
             n_threads_batch: threads(),
             flash_attn: Some(true),
             kv_unified: false,
+            embeddings: false,
         };
         let mut ctx = Context::new(Arc::clone(&model), params).expect("context");
         let mut batch = Batch::new(BATCH as usize, 1);
