@@ -33,8 +33,7 @@ export CC_aarch64_unknown_linux_gnu=aarch64-linux-gnu-gcc
 export CXX_aarch64_unknown_linux_gnu=aarch64-linux-gnu-g++
 export AR_aarch64_unknown_linux_gnu=aarch64-linux-gnu-ar
 export STRIP=aarch64-linux-gnu-strip  # install.sh --strip
-(cd "$ROOT" && cargo build --quiet --release --target "$TRIPLE" -p hearthd -p hearthctl)
-XBIN="$ROOT/target/$TRIPLE/release"
+(cd "$ROOT" && cargo build --quiet --profile image --target "$TRIPLE" -p hearthd -p hearthctl)
 
 # --- 2. Debian arm64 packages --------------------------------------------------------------
 mapfile -t PACKAGES < <(sed -e 's/#.*//' -e '/^[[:space:]]*$/d' -e 's/[[:space:]]//g' "$HERE/packages")
@@ -123,14 +122,14 @@ EOF
 }
 
 SOC_TREE="$ROOT/target/debug/hearth-soc-tree"
-[ -x "$SOC_TREE" ] || (cd "$ROOT" && cargo build --quiet -p hearth-tests --bin hearth-soc-tree)
+[ -x "$SOC_TREE" ] || (cd "$ROOT" && cargo build --quiet --workspace --bins)
 
 # --- 3. tier 1 initramfs -------------------------------------------------------------------
 log "assembling the tier 1 initramfs"
 T1="$OUT/tier1"
 rm -rf "$T1" && mkdir -p "$T1"/{bin,sbin,usr/bin,usr/sbin,proc,sys,dev,run,tmp,var/lib,etc/hearth}
 ln -s ../run "$T1/var/run"
-"$ROOT/scripts/install.sh" --destdir "$T1" --target "$TRIPLE" --strip --with-model > /dev/null
+"$ROOT/scripts/install.sh" --destdir "$T1" --target "$TRIPLE" --profile image --strip --with-model > /dev/null
 copy_elf "$T1" "$T1/usr/libexec/hearthd" /usr/libexec/hearthd
 copy_elf "$T1" "$T1/usr/bin/hearthctl" /usr/bin/hearthctl
 copy_elf "$T1" "$DEB/bin/busybox" /bin/busybox
@@ -157,7 +156,7 @@ cp "$T2/usr/share/base-passwd/group.master" "$T2/etc/group"
 echo 'root::0:0:99999:7:::' > "$T2/etc/shadow"
 : > "$T2/etc/machine-id"
 echo hearth-phone > "$T2/etc/hostname"
-"$ROOT/scripts/install.sh" --destdir "$T2" --target "$TRIPLE" --strip --with-model > /dev/null
+"$ROOT/scripts/install.sh" --destdir "$T2" --target "$TRIPLE" --profile image --strip --with-model > /dev/null
 "$SOC_TREE" "$T2/usr/share/hearth-qemu/sysfs"
 install -m 0644 "$HERE/hearthd-vm.toml" "$T2/etc/hearth/hearthd.toml"
 install -D -m 0755 "$HERE/scenario.sh" "$T2/usr/share/hearth-qemu/scenario.sh"

@@ -8,5 +8,5 @@ start=$(date +%s)
 "$ROOT/tests/qemu/build.sh"
 built=$(date +%s)
 cd "$ROOT"
-cargo test --quiet -p hearth-tests --test qemu -- --ignored --test-threads=1 --nocapture
+cargo test --quiet --workspace --test qemu -- --ignored --test-threads=1 --nocapture
 echo "qemu: images built in $((built - start)) s, both tiers booted and checked in $(( $(date +%s) - built )) s"

@@ -200,9 +200,7 @@ impl Worker {
         };
         let id = self.next_id;
         self.next_id += 1;
-        if reply.send(Ok(Accepted { id, prompt_tokens: prompt.len() as u32 })).is_err() {
-            return; // the submitter is gone: nothing to serve
-        }
+        let accepted = Accepted { id, prompt_tokens: prompt.len() as u32 };
         tracing::debug!(id, app = %caller.app, priority = request.priority.as_str(), prompt_tokens = prompt.len(), max_tokens, "request queued");
         self.scheduler.push(Waiting {
             id,
@@ -212,9 +210,16 @@ impl Worker {
             prompt,
             max_tokens,
             sampler,
-            cancel,
+            cancel: cancel.clone(),
             events,
         });
+        // Counted in the published queue before the submitter hears it was accepted, so a
+        // caller that reads QueueDepth right after its Generate returned sees itself.
+        self.publish_status();
+        if reply.send(Ok(accepted)).is_err() {
+            // The submitter is gone: nothing to serve; reaped before the next admission.
+            cancel.cancel(CancelReason::Disconnected);
+        }
     }
 
     fn embed(&mut self, texts: &[String]) -> Result<Vec<Vec<f32>>, Error> {
