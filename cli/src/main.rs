@@ -1,4 +1,5 @@
-//! hearthctl: talk to hearthd from a shell. `status`, `models`, `generate "…"`, `load`, `unload`.
+//! hearthctl: talk to hearthd from a shell. `status`, `models`, `generate "…"`, `chat`, `embed`,
+//! `load`, `unload`.
 //! Streams tokens as they arrive; `--json` prints machine-readable output instead.
 
 #![forbid(unsafe_code)]
@@ -50,6 +51,9 @@ enum Command {
     Reload,
     /// Ask the model; tokens are printed as they arrive.
     Generate(Box<GenerateArgs>),
+    /// A conversation in a session: each line on stdin is a turn; the answers stream to
+    /// stdout. The session keeps the conversation's KV cache between turns.
+    Chat(Conversation),
     /// Embeddings of texts (one JSON array of numbers per line), computed on the device.
     Embed {
         #[arg(required = true)]
@@ -62,18 +66,26 @@ enum Command {
     },
 }
 
+/// What `generate` and `chat` both take.
 #[derive(Debug, clap::Args)]
-struct GenerateArgs {
-    /// The user's message.
-    prompt: String,
+struct Conversation {
     /// A system message to put first.
     #[arg(long)]
     system: Option<String>,
     /// Model name (default: the daemon's default model).
     #[arg(long)]
     model: Option<String>,
+    /// Most tokens of an answer.
     #[arg(long)]
     max_tokens: Option<u32>,
+}
+
+#[derive(Debug, clap::Args)]
+struct GenerateArgs {
+    /// The user's message.
+    prompt: String,
+    #[command(flatten)]
+    conversation: Conversation,
     /// 0 is greedy.
     #[arg(long)]
     temperature: Option<f64>,
@@ -110,6 +122,10 @@ struct GenerateArgs {
     /// With --tools: auto (default), required or none.
     #[arg(long)]
     tool_choice: Option<String>,
+    /// A LoRA adapter of the model at a scale, NAME=SCALE (repeatable); without it, the
+    /// model's adapters at their manifest scales.
+    #[arg(long = "adapter", value_name = "NAME=SCALE")]
+    adapters: Vec<String>,
 }
 
 #[derive(Debug)]
@@ -298,9 +314,7 @@ async fn run(cli: Cli) -> Result<ExitCode, CliError> {
         Command::Generate(args) => {
             let GenerateArgs {
                 prompt,
-                system,
-                model,
-                max_tokens,
+                conversation: Conversation { system, model, max_tokens },
                 temperature,
                 top_p,
                 top_k,
@@ -314,6 +328,7 @@ async fn run(cli: Cli) -> Result<ExitCode, CliError> {
                 grammar,
                 tools,
                 tool_choice,
+                adapters,
             } = *args;
             let text = |role: &str, content: &str, scope: Option<&str>| {
                 let mut m = HashMap::from([
@@ -375,7 +390,55 @@ async fn run(cli: Cli) -> Result<ExitCode, CliError> {
             if let Some(c) = tool_choice {
                 request.insert(request_key::TOOL_CHOICE, Value::from(c));
             }
-            return generate(&conn, request, cli.json).await;
+            if !adapters.is_empty() {
+                let mut scales = HashMap::new();
+                for a in &adapters {
+                    let parsed = a.split_once('=').and_then(|(n, x)| Some((n.to_owned(), x.parse::<f64>().ok()?)));
+                    let Some((name, scale)) = parsed else {
+                        eprintln!("hearthctl: --adapter takes NAME=SCALE, got {a:?}");
+                        return Ok(ExitCode::from(2));
+                    };
+                    scales.insert(name, scale);
+                }
+                request.insert(request_key::ADAPTERS, Value::from(scales));
+            }
+            return generate(&conn, None, request, cli.json).await;
+        }
+        Command::Chat(Conversation { system, model, max_tokens }) => {
+            let mut options: HashMap<&str, Value<'_>> = HashMap::new();
+            if let Some(m) = &model {
+                options.insert(request_key::MODEL, Value::from(m.as_str()));
+            }
+            let session = proxy.open_session(options).await?;
+            let mut system = system;
+            let mut status = ExitCode::SUCCESS;
+            for line in std::io::stdin().lines() {
+                let line = line?;
+                if line.trim().is_empty() {
+                    continue;
+                }
+                let mut turn: Vec<(&str, &str)> = Vec::new();
+                let first = system.take();
+                if let Some(s) = &first {
+                    turn.push(("system", s));
+                }
+                turn.push(("user", &line));
+                let mut request: HashMap<&str, Value<'_>> =
+                    HashMap::from([(request_key::MESSAGES, hearth_dbus::messages_value(&turn))]);
+                if let Some(n) = max_tokens {
+                    request.insert(request_key::MAX_TOKENS, Value::from(n));
+                }
+                // A failed turn (too long, busy) leaves the session as it was: say so, go on.
+                status = match generate(&conn, Some(&session), request, cli.json).await {
+                    Err(CliError::Bus(e)) => {
+                        eprintln!("hearthctl: {}: {}", e.dbus_name(), e.message());
+                        ExitCode::FAILURE
+                    }
+                    other => other?,
+                };
+            }
+            hearth_dbus::SessionProxy::builder(&conn).path(session)?.build().await?.close().await?;
+            return Ok(status);
         }
         Command::Embed { texts, model, scope } => {
             let mut request: HashMap<&str, Value<'_>> = HashMap::from([(request_key::TEXTS, Value::from(texts))]);
@@ -393,10 +456,21 @@ async fn run(cli: Cli) -> Result<ExitCode, CliError> {
     Ok(ExitCode::SUCCESS)
 }
 
-async fn generate(conn: &Connection, request: HashMap<&str, Value<'_>>, json_out: bool) -> Result<ExitCode, CliError> {
-    let token = format!("hearthctl_{}", std::process::id());
+/// Runs one generation (or a session's next turn) and streams it to stdout.
+async fn generate(
+    conn: &Connection,
+    session: Option<&zbus::zvariant::OwnedObjectPath>,
+    request: HashMap<&str, Value<'_>>,
+    json_out: bool,
+) -> Result<ExitCode, CliError> {
+    static TURN: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let n = TURN.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let token = format!("hearthctl_{}_{n}", std::process::id());
     let started = Instant::now();
-    let mut generation = Generation::start(conn, request, &token).await?;
+    let mut generation = match session {
+        Some(path) => Generation::start_turn(conn, path, request, &token).await?,
+        None => Generation::start(conn, request, &token).await?,
+    };
     let mut first_token: Option<Instant> = None;
     let mut last_token = started;
     let mut stdout = std::io::stdout();

@@ -28,7 +28,7 @@ pub struct Gate {
     /// Policies set at run time (SetAppPolicy), kept in the state directory; they override
     /// the files of `apps.dirs`.
     runtime_dir: std::path::PathBuf,
-    sealer: Sealer,
+    sealer: Arc<Sealer>,
     /// Request times of the last minute, per app with a requests_per_minute quota.
     recent: Mutex<HashMap<String, VecDeque<Instant>>>,
 }
@@ -48,7 +48,7 @@ impl Gate {
         let gate = Self {
             policies: RwLock::new(Arc::new(Policies::default())),
             runtime_dir,
-            sealer,
+            sealer: Arc::new(sealer),
             recent: Mutex::new(HashMap::new()),
         };
         let n = gate.reload(config)?;
@@ -91,7 +91,7 @@ impl Gate {
         self.policies().get(app_id)
     }
 
-    pub fn sealer(&self) -> &Sealer {
+    pub fn sealer(&self) -> &Arc<Sealer> {
         &self.sealer
     }
 

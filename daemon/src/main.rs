@@ -67,6 +67,8 @@ enum MainError {
     Cloud(String),
     #[error("D-Bus: {0}")]
     Bus(#[from] zbus::Error),
+    #[error("cannot prepare the sessions directory in the state directory: {0}")]
+    Sessions(std::io::Error),
     #[error("cannot set up the runtime or signals: {0}")]
     Io(#[from] std::io::Error),
 }
@@ -116,7 +118,9 @@ fn run(args: Args) -> Result<(), MainError> {
     let gate = Arc::new(Gate::new(&config)?);
     let budget = memory::budget(&config.memory);
     let throttle = Arc::new(engine::Throttle::default());
-    let models = ModelManager::new(config.clone(), catalog, budget, Arc::clone(&throttle))?;
+    let sessions =
+        engine::SessionStore::new(&config.daemon.state_dir, Arc::clone(gate.sealer())).map_err(MainError::Sessions)?;
+    let models = ModelManager::new(config.clone(), catalog, budget, Arc::clone(&throttle), Arc::new(sessions))?;
     let governor = governor::Governor::new(config.governor.clone(), throttle, config.threads().max(1) as u32);
     for (d, owned) in models.backends() {
         tracing::info!(device = %d.name, kind = d.kind.as_str(), memory_total = d.memory_total, owned, "compute device");
@@ -153,6 +157,7 @@ async fn serve(
         in_flight.clone(),
         callers.clone(),
     );
+    let sessions = service.sessions();
     let builder = match &args.bus_address {
         Some(address) => zbus::connection::Builder::address(address.as_str())?,
         None => zbus::connection::Builder::system()?,
@@ -161,7 +166,7 @@ async fn serve(
     tracing::info!(name = hearth_dbus::BUS_NAME, unique = ?conn.unique_name().map(|n| n.as_str()), "serving");
     let tasks = [
         tokio::spawn(service::publish_status_changes(conn.clone(), models.status())),
-        tokio::spawn(service::watch_disconnects(conn.clone(), models.clone(), callers)),
+        tokio::spawn(service::watch_disconnects(conn.clone(), models.clone(), callers, sessions)),
         tokio::spawn(expire_idle_models(models.clone())),
         tokio::spawn(watch_memory_pressure(models.clone(), config.memory.clone())),
         tokio::spawn({

@@ -20,7 +20,7 @@ use hearth_ffi::{Backend, DeviceInfo, Model, ModelParams};
 use tokio::sync::watch;
 
 use crate::config::Config;
-use crate::engine::{EngineHandle, EngineSettings, EngineStatus, LoadedModelInfo, Priority};
+use crate::engine::{EngineHandle, EngineSettings, EngineStatus, LoadedModelInfo, Priority, SessionStore};
 use crate::error::Error;
 use crate::memory::PressureReading;
 use crate::models::{Capability, Catalog, HashCache, ModelEntry, open_verified};
@@ -193,6 +193,7 @@ struct Inner {
     status: watch::Sender<ManagerStatus>,
     epoch: Instant,
     throttle: Arc<crate::engine::Throttle>,
+    sessions: Arc<SessionStore>,
 }
 
 /// The handle; cheap to clone.
@@ -244,6 +245,7 @@ impl ModelManager {
         catalog: Arc<Catalog>,
         budget: u64,
         throttle: Arc<crate::engine::Throttle>,
+        sessions: Arc<SessionStore>,
     ) -> Result<Self, ManagerError> {
         let backend = Backend::init();
         let devices = backend.devices();
@@ -264,8 +266,22 @@ impl ModelManager {
                 status,
                 epoch: Instant::now(),
                 throttle,
+                sessions,
             }),
         })
+    }
+
+    /// Open sessions and their parked KV.
+    pub fn sessions(&self) -> &Arc<SessionStore> {
+        &self.inner.sessions
+    }
+
+    /// Tells the engine of `model`, if it is loaded, that session `id` closed.
+    pub async fn close_session(&self, model: &str, id: u64) {
+        let engine = self.state().loaded.get(model).map(|l| l.engine.clone());
+        if let Some(e) = engine {
+            e.close_session(id).await;
+        }
     }
 
     pub fn status(&self) -> watch::Receiver<ManagerStatus> {
@@ -279,6 +295,11 @@ impl ModelManager {
     /// The configuration in force.
     pub fn config(&self) -> Arc<Config> {
         Arc::clone(&self.inner.config.read().unwrap_or_else(std::sync::PoisonError::into_inner))
+    }
+
+    /// Whether a model of this name is installed.
+    pub fn is_installed(&self, name: &str) -> bool {
+        self.catalog().get(name).is_some()
     }
 
     fn catalog(&self) -> Arc<Catalog> {
@@ -449,7 +470,12 @@ impl ModelManager {
         let verified_at = started.elapsed();
 
         let context_length = entry.manifest.context_length.unwrap_or(config.engine.context_length);
-        let full = EngineSettings::from_config(&config, context_length, Arc::clone(&self.inner.throttle));
+        let full = EngineSettings::from_config(
+            &config,
+            context_length,
+            Arc::clone(&self.inner.throttle),
+            Arc::clone(&self.inner.sessions),
+        );
         let settings = if shrunk { full.shrunk() } else { full.clone() };
         let weights = model.size_bytes();
         let kv = model.kv_geometry().bytes(settings.kv_tokens());
@@ -506,7 +532,7 @@ impl ModelManager {
         .map_err(refuse)?;
         let mut adapters = Vec::new();
         for (path, a) in entry.adapter_paths().iter().zip(&entry.manifest.adapters) {
-            adapters.push((open_verified(path, &a.sha256, &self.inner.hashes, &mut |_| {}).map_err(refuse)?, a.scale));
+            adapters.push((open_verified(path, &a.sha256, &self.inner.hashes, &mut |_| {}).map_err(refuse)?, a));
         }
         tracing::info!(model = %name, bytes = file.size, cached = file.cached, "model file verified");
         self.set_progress(name, LoadPhase::Loading, 0.0);
@@ -516,8 +542,8 @@ impl ModelManager {
         .map_err(|e| {
             unavailable(name, format!("{} passed its checks but llama.cpp cannot load it: {e}", file.origin.display()))
         })?;
-        for (adapter, scale) in &adapters {
-            model.attach_lora(&adapter.path(), *scale).map_err(|e| unavailable(name, e.to_string()))?;
+        for (adapter, a) in &adapters {
+            model.attach_lora(&adapter.path(), &a.name(), a.scale).map_err(|e| unavailable(name, e.to_string()))?;
         }
         Ok(Arc::new(model))
     }

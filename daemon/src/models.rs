@@ -64,17 +64,31 @@ fn default_scale() -> f32 {
     1.0
 }
 
-/// A LoRA adapter applied whenever its model is loaded.
+/// A LoRA adapter of a model, loaded with it. Requests pick adapters by name (request key
+/// `adapters`, name → scale); a request that names none gets each at its `scale`.
 #[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct AdapterManifest {
+    /// The name requests use; default: the file name without `.gguf`.
+    #[serde(default)]
+    pub name: Option<String>,
     /// The adapter GGUF, relative to the manifest's directory.
     pub file: PathBuf,
     /// Lower-case hex sha256 of the file.
     pub sha256: String,
-    /// Strength of the adapter (1.0: as trained).
+    /// Strength for requests that name no adapters (1.0: as trained; 0: only on request).
     #[serde(default = "default_scale")]
     pub scale: f32,
+}
+
+impl AdapterManifest {
+    /// The name requests use.
+    pub fn name(&self) -> String {
+        self.name.clone().unwrap_or_else(|| {
+            let file = self.file.file_name().map(|f| f.to_string_lossy().into_owned()).unwrap_or_default();
+            file.strip_suffix(".gguf").map(str::to_owned).unwrap_or(file)
+        })
+    }
 }
 
 /// A model manifest (`<dir>/<anything>.toml`).
@@ -234,6 +248,15 @@ fn read_manifest(path: &Path) -> Result<ModelEntry, CatalogError> {
     }
     if manifest.adapters.iter().any(|a| !a.scale.is_finite()) {
         return Err(bad("adapter scale must be a finite number".into()));
+    }
+    let mut names = std::collections::BTreeSet::new();
+    for name in manifest.adapters.iter().map(AdapterManifest::name) {
+        if name.is_empty() || name.len() > 128 || name.chars().any(char::is_control) {
+            return Err(bad(format!("invalid adapter name {name:?}")));
+        }
+        if !names.insert(name.clone()) {
+            return Err(bad(format!("two adapters are named {name:?}")));
+        }
     }
     let file_path = dir.join(&manifest.file);
     let file_size = std::fs::metadata(&file_path).ok().map(|m| m.len());

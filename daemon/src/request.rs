@@ -17,6 +17,10 @@ const MAX_MESSAGES: usize = 1024;
 /// Most bytes of all message contents together (the context bounds tokens later).
 const MAX_CONTENT_BYTES: usize = 1 << 20;
 
+/// Most adapters one request may name, and the largest scale magnitude.
+const MAX_ADAPTERS: usize = 16;
+const MAX_ADAPTER_SCALE: f64 = 8.0;
+
 /// Longest deadline accepted: one day.
 const MAX_DEADLINE_MS: u64 = 86_400_000;
 
@@ -78,6 +82,36 @@ fn as_f64(k: &str, v: &Value<'_>) -> Result<f64, Error> {
         other => return Err(invalid(format!("{k} must be a number (d), got {}", other.value_signature()))),
     };
     if x.is_finite() { Ok(x) } else { Err(invalid(format!("{k} must be finite"))) }
+}
+
+/// `adapters`: a{sd}, adapter name → scale. Whether the names exist is the engine's to say
+/// (it knows the model's adapters).
+fn parse_adapters(v: &Value<'_>) -> Result<std::collections::BTreeMap<String, f32>, Error> {
+    let Value::Dict(dict) = unwrap_variant(v) else {
+        return Err(invalid(format!(
+            "adapters must be a dictionary of name → scale (a{{sd}}), got {}",
+            v.value_signature()
+        )));
+    };
+    let mut out = std::collections::BTreeMap::new();
+    for (name, scale) in dict.iter() {
+        let name = as_str("an adapter name", name)?;
+        if name.is_empty() || name.len() > 128 {
+            return Err(invalid("adapter names are 1-128 bytes"));
+        }
+        let what = format!("adapters[{name:?}]");
+        let scale = as_f64(&what, scale)?;
+        if scale.abs() > MAX_ADAPTER_SCALE {
+            return Err(invalid(format!(
+                "{what} must be within -{MAX_ADAPTER_SCALE}..={MAX_ADAPTER_SCALE}, got {scale}"
+            )));
+        }
+        out.insert(name.to_owned(), scale as f32);
+    }
+    if out.len() > MAX_ADAPTERS {
+        return Err(invalid(format!("adapters names {} adapters; at most {MAX_ADAPTERS}", out.len())));
+    }
+    Ok(out)
 }
 
 fn parse_messages(v: &Value<'_>) -> Result<Vec<Part>, Error> {
@@ -231,6 +265,7 @@ pub fn parse(dict: &HashMap<String, OwnedValue>, method: Method, default_max_tok
     let mut deadline = None;
     let mut route = RouteRequest::Auto;
     let (mut json_schema, mut grammar, mut tools, mut tool_choice) = (None, None, None, None);
+    let mut adapters = None;
     for (k, v) in dict {
         let v: &Value<'_> = v;
         match k.as_str() {
@@ -286,6 +321,7 @@ pub fn parse(dict: &HashMap<String, OwnedValue>, method: Method, default_max_tok
             key::GRAMMAR => grammar = Some(as_str(k, v)?),
             key::TOOLS => tools = Some(as_str(k, v)?),
             key::TOOL_CHOICE => tool_choice = Some(as_str(k, v)?),
+            key::ADAPTERS => adapters = Some(parse_adapters(v)?),
             key::HANDLE_TOKEN if method == Method::Generate => {
                 let t = as_str(k, v)?;
                 if !hearth_dbus::is_valid_handle_token(t) {
@@ -304,12 +340,15 @@ pub fn parse(dict: &HashMap<String, OwnedValue>, method: Method, default_max_tok
     let max_tokens =
         u32::try_from(max_tokens).map_err(|_| invalid(format!("max_tokens {max_tokens} is absurdly large")))?;
     let structure = Structure::parse(json_schema, grammar, tools, tool_choice)?.map(std::sync::Arc::new);
-    if structure.is_some() {
-        // Grammars are applied by the on-device sampler; the cloud leg has no equivalent that
-        // guarantees the same output, so structured requests stay on the device.
+    if structure.is_some() || adapters.is_some() {
+        // Grammars are applied by the on-device sampler and adapters by the on-device model;
+        // the cloud leg has no equivalent that guarantees the same output, so such requests
+        // stay on the device.
         route = match route {
             RouteRequest::Cloud => {
-                return Err(invalid("json_schema, grammar and tools run on the device: route cannot be cloud"));
+                return Err(invalid(
+                    "json_schema, grammar, tools and adapters run on the device: route cannot be cloud",
+                ));
             }
             _ => RouteRequest::Local,
         };
@@ -323,6 +362,8 @@ pub fn parse(dict: &HashMap<String, OwnedValue>, method: Method, default_max_tok
         deadline,
         assistant_prefix: None,
         structure,
+        adapters,
+        session: None,
     };
     Ok(Parsed { request, parts, route, handle_token })
 }

@@ -45,8 +45,20 @@ impl std::fmt::Debug for Sealer {
     }
 }
 
-fn associated_data(app_id: &str) -> Vec<u8> {
-    [b"hearth-seal-v1\0".as_slice(), app_id.as_bytes()].concat()
+/// What a blob is for, bound into its associated data so that one kind never opens as
+/// another: data apps sealed with Seal, and the KV cache hearthd parks for sessions.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Purpose {
+    Message,
+    SessionKv,
+}
+
+fn associated_data(purpose: Purpose, app_id: &str) -> Vec<u8> {
+    let domain: &[u8] = match purpose {
+        Purpose::Message => b"hearth-seal-v1\0",
+        Purpose::SessionKv => b"hearth-session-kv-v1\0",
+    };
+    [domain, app_id.as_bytes()].concat()
 }
 
 impl Sealer {
@@ -89,12 +101,17 @@ impl Sealer {
         Ok(Self { cipher, source: path.display().to_string() })
     }
 
-    /// Seals `data` for `app_id`.
+    /// Seals `data` (a message's content) for `app_id`.
     pub fn seal(&self, app_id: &str, data: &[u8]) -> Result<Vec<u8>, SealError> {
+        self.seal_for(Purpose::Message, app_id, data)
+    }
+
+    /// Seals `data` for `app_id` and `purpose`.
+    pub fn seal_for(&self, purpose: Purpose, app_id: &str, data: &[u8]) -> Result<Vec<u8>, SealError> {
         let id = app_id.as_bytes();
         let id_len = u16::try_from(id.len()).map_err(|_| SealError::Malformed("app id too long"))?;
         let nonce = XChaCha20Poly1305::generate_nonce(&mut OsRng);
-        let aad = associated_data(app_id);
+        let aad = associated_data(purpose, app_id);
         let sealed = self
             .cipher
             .encrypt(&nonce, Payload { msg: data, aad: &aad })
@@ -107,10 +124,16 @@ impl Sealer {
         Ok(split(blob)?.0.to_owned())
     }
 
-    /// Authenticates and decrypts `blob`; returns the sealing app and the plaintext.
+    /// Authenticates and decrypts `blob` (a message's content); returns the sealing app and
+    /// the plaintext.
     pub fn open_blob(&self, blob: &[u8]) -> Result<(String, Vec<u8>), SealError> {
+        self.open_for(Purpose::Message, blob)
+    }
+
+    /// Authenticates and decrypts a blob sealed for `purpose`.
+    pub fn open_for(&self, purpose: Purpose, blob: &[u8]) -> Result<(String, Vec<u8>), SealError> {
         let (app_id, nonce, sealed) = split(blob)?;
-        let aad = associated_data(app_id);
+        let aad = associated_data(purpose, app_id);
         let plain = self
             .cipher
             .decrypt(XNonce::from_slice(nonce), Payload { msg: sealed, aad: &aad })

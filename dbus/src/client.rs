@@ -10,7 +10,7 @@ use zbus::names::BusName;
 use zbus::zvariant::{OwnedObjectPath, OwnedValue, Value};
 use zbus::{Connection, MatchRule, MessageStream};
 
-use crate::{BUS_NAME, Error, Hearth1Proxy, REQUEST_INTERFACE, RequestProxy, request_key, request_path};
+use crate::{BUS_NAME, Error, Hearth1Proxy, REQUEST_INTERFACE, RequestProxy, SessionProxy, request_key, request_path};
 
 /// One event of a running generation.
 #[derive(Debug, Clone, PartialEq)]
@@ -43,6 +43,26 @@ impl Generation {
     /// `request` (the handle token is added to it). No token can be missed.
     pub async fn start(
         conn: &Connection,
+        request: HashMap<&str, Value<'_>>,
+        handle_token: &str,
+    ) -> Result<Self, Error> {
+        Self::start_via(conn, None, request, handle_token).await
+    }
+
+    /// Like [`Generation::start`], for the next turn of the session at `session` (the
+    /// request's messages are the turn's new ones).
+    pub async fn start_turn(
+        conn: &Connection,
+        session: &OwnedObjectPath,
+        request: HashMap<&str, Value<'_>>,
+        handle_token: &str,
+    ) -> Result<Self, Error> {
+        Self::start_via(conn, Some(session), request, handle_token).await
+    }
+
+    async fn start_via(
+        conn: &Connection,
+        session: Option<&OwnedObjectPath>,
         mut request: HashMap<&str, Value<'_>>,
         handle_token: &str,
     ) -> Result<Self, Error> {
@@ -63,7 +83,10 @@ impl Generation {
             .build();
         let stream = MessageStream::for_match_rule(rule, conn, None).await?;
         request.insert(request_key::HANDLE_TOKEN, Value::from(handle_token));
-        let returned = Hearth1Proxy::new(conn).await?.generate(request).await?;
+        let returned = match session {
+            None => Hearth1Proxy::new(conn).await?.generate(request).await?,
+            Some(p) => SessionProxy::builder(conn).path(p.clone())?.build().await?.generate(request).await?,
+        };
         if returned != path {
             return Err(Error::Internal(format!(
                 "hearthd returned {} instead of {}",

@@ -14,7 +14,7 @@ mod proxy;
 pub use client::{Generation, StreamEvent, messages_value};
 pub use error::Error;
 pub use names::*;
-pub use proxy::{Hearth1Proxy, RequestProxy};
+pub use proxy::{Hearth1Proxy, RequestProxy, SessionProxy};
 
 /// The introspection XML of the service, as installed in
 /// `/usr/share/dbus-1/interfaces/org.hearth.Hearth1.xml`.

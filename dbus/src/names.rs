@@ -36,6 +36,9 @@ pub mod request_key {
     pub const TOOLS: &str = "tools";
     /// auto (default), required or none.
     pub const TOOL_CHOICE: &str = "tool_choice";
+    /// a{sd}: LoRA adapters of the model by name → scale (on-device only). Without it, each
+    /// adapter at its manifest scale; with it, exactly these.
+    pub const ADAPTERS: &str = "adapters";
     /// Keys of Embed's request.
     pub const TEXTS: &str = "texts";
     /// Keys of one message dictionary.

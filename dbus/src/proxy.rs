@@ -14,6 +14,8 @@ pub trait Hearth1 {
     fn generate(&self, request: HashMap<&str, Value<'_>>) -> Result<OwnedObjectPath, Error>;
     /// Generates and returns the whole result.
     fn complete(&self, request: HashMap<&str, Value<'_>>) -> Result<HashMap<String, OwnedValue>, Error>;
+    /// Opens a multi-turn session (options: `model`); turns go to the returned object.
+    fn open_session(&self, options: HashMap<&str, Value<'_>>) -> Result<OwnedObjectPath, Error>;
     /// Unit-length embeddings of `texts` (request: texts, model, scope), computed on the device.
     fn embed(&self, request: HashMap<&str, Value<'_>>) -> Result<Vec<Vec<f64>>, Error>;
     /// The installed models.
@@ -70,4 +72,24 @@ pub trait Request {
     /// The end of the generation.
     #[zbus(signal)]
     fn finished(&self, result: HashMap<String, OwnedValue>) -> zbus::Result<()>;
+}
+
+/// Client side of `org.hearth.Hearth1.Session`.
+#[proxy(interface = "org.hearth.Hearth1.Session", default_service = "org.hearth.Hearth1")]
+pub trait Session {
+    /// Starts the next turn (the request's messages are the new ones); tokens arrive on the
+    /// returned request object.
+    fn generate(&self, request: HashMap<&str, Value<'_>>) -> Result<OwnedObjectPath, Error>;
+    /// Runs the next turn and returns its result.
+    fn complete(&self, request: HashMap<&str, Value<'_>>) -> Result<HashMap<String, OwnedValue>, Error>;
+    /// Ends the session and frees what it holds.
+    fn close(&self) -> Result<(), Error>;
+    /// Tokens of the conversation so far.
+    #[zbus(property(emits_changed_signal = "false"))]
+    fn tokens(&self) -> zbus::Result<u32>;
+    #[zbus(property(emits_changed_signal = "const"))]
+    fn model(&self) -> zbus::Result<String>;
+    /// The most private scope the session has seen.
+    #[zbus(property(emits_changed_signal = "false"))]
+    fn taint(&self) -> zbus::Result<String>;
 }

@@ -102,19 +102,56 @@ impl Context {
         let raw = unsafe { sys::llama_init_from_model(model.as_ptr(), cp) };
         let ptr = NonNull::new(raw).ok_or(Error::ContextCreate { n_ctx: params.n_ctx, n_seq_max: params.n_seq_max })?;
         let mut ctx = Self { ptr, params, abort, model };
-        let (mut adapters, mut scales) = ctx.model.lora_table();
-        if !adapters.is_empty() {
-            // SAFETY: the context is valid and exclusively owned; `adapters` and `scales` hold
-            // `adapters.len()` entries each for the call, and every adapter belongs to this
-            // context's model, which the context keeps alive.
-            let rc = unsafe {
-                sys::llama_set_adapters_lora(ctx.as_ptr(), adapters.as_mut_ptr(), adapters.len(), scales.as_mut_ptr())
-            };
-            if rc != 0 {
-                return Err(Error::LoraApply);
-            }
+        if ctx.model.lora_count() > 0 {
+            let defaults = ctx.model.lora_default_scales();
+            ctx.set_lora_scales(&defaults)?;
         }
         Ok(ctx)
+    }
+
+    /// Sets the scale of each of the model's adapters (in attachment order; 0 leaves one
+    /// out) for the decodes that follow. The whole batch of a decode shares one adapter set,
+    /// and KV computed under one set is not valid under another. A no-op when unchanged.
+    pub fn set_lora_scales(&mut self, scales: &[f32]) -> Result<()> {
+        let (mut adapters, _) = self.model.lora_table();
+        if scales.len() != adapters.len() || scales.iter().any(|s| !s.is_finite()) {
+            return Err(Error::LoraApply);
+        }
+        let mut scales = scales.to_vec();
+        // SAFETY: the context is valid and exclusively borrowed; `adapters` and `scales` hold
+        // `adapters.len()` entries each for the call (llama.cpp copies what it keeps), and
+        // every adapter belongs to this context's model, which the context keeps alive.
+        let rc = unsafe {
+            sys::llama_set_adapters_lora(self.as_ptr(), adapters.as_mut_ptr(), adapters.len(), scales.as_mut_ptr())
+        };
+        if rc != 0 {
+            return Err(Error::LoraApply);
+        }
+        Ok(())
+    }
+
+    /// The KV state of one sequence as bytes (llama.cpp's sequence state format), to be put
+    /// back later with [`Context::restore_sequence`] in a context of the same model and shape.
+    pub fn save_sequence(&mut self, seq: SeqId) -> Vec<u8> {
+        // SAFETY: valid context, exclusively borrowed; a size query only.
+        let size = unsafe { sys::llama_state_seq_get_size(self.as_ptr(), seq) };
+        let mut buf = vec![0u8; size];
+        // SAFETY: `buf` has `size` writable bytes, the size llama.cpp asked for just above,
+        // with nothing run on the context in between.
+        let written = unsafe { sys::llama_state_seq_get_data(self.as_ptr(), buf.as_mut_ptr(), buf.len(), seq) };
+        buf.truncate(written);
+        buf
+    }
+
+    /// Loads `state` (from [`Context::save_sequence`]) into the empty sequence `seq`.
+    pub fn restore_sequence(&mut self, seq: SeqId, state: &[u8]) -> Result<()> {
+        // SAFETY: valid context, exclusively borrowed; `state` is readable for its length.
+        // llama.cpp validates the bytes (format, sizes, cell room) and returns 0 on failure.
+        let read = unsafe { sys::llama_state_seq_set_data(self.as_ptr(), state.as_ptr(), state.len(), seq) };
+        if read == 0 {
+            return Err(Error::StateRestore { bytes: state.len() });
+        }
+        Ok(())
     }
 
     /// The model this context runs.

@@ -26,6 +26,9 @@ pub enum Error {
     /// llama.cpp could not apply the model's LoRA adapters to a context.
     #[error("llama.cpp could not apply the model's LoRA adapters")]
     LoraApply,
+    /// llama.cpp refused a saved sequence state (other model or shape, or no room).
+    #[error("llama.cpp could not restore a sequence state of {bytes} bytes")]
+    StateRestore { bytes: usize },
     /// No ggml backend device has this name.
     #[error("no compute device named {name:?}")]
     NoSuchDevice { name: String },

@@ -53,10 +53,12 @@ unsafe extern "C" fn report_progress(progress: f32, data: *mut c_void) -> bool {
     true
 }
 
-/// A LoRA adapter applied to every context of its model.
+/// A LoRA adapter of the model: contexts apply it with `scale` unless told otherwise
+/// ([`crate::Context::set_lora_scales`]).
 #[derive(Debug)]
 struct Lora {
     ptr: NonNull<sys::llama_adapter_lora>,
+    name: String,
     scale: f32,
 }
 
@@ -136,15 +138,16 @@ impl Model {
         Ok(Self { ptr, vocab, loras: Vec::new(), _backend: backend })
     }
 
-    /// Loads a LoRA adapter that every context created from this model afterwards applies with
-    /// `scale`. As with the model, the caller must have verified the file's bytes.
-    pub fn attach_lora(&mut self, path: &Path, scale: f32) -> Result<()> {
+    /// Loads a LoRA adapter called `name` that every context created from this model
+    /// afterwards applies with `scale` by default (0: only when a context asks for it). As
+    /// with the model, the caller must have verified the file's bytes.
+    pub fn attach_lora(&mut self, path: &Path, name: &str, scale: f32) -> Result<()> {
         let c_path = CString::new(path.as_os_str().as_encoded_bytes())
             .map_err(|_| Error::InteriorNul { what: "adapter path" })?;
         // SAFETY: the model is valid and exclusively borrowed; `c_path` is a valid C string.
         let raw = unsafe { sys::llama_adapter_lora_init(self.as_ptr(), c_path.as_ptr()) };
         let ptr = NonNull::new(raw).ok_or_else(|| Error::LoraLoad { path: path.to_owned() })?;
-        self.loras.push(Lora { ptr, scale });
+        self.loras.push(Lora { ptr, name: name.to_owned(), scale });
         Ok(())
     }
 
@@ -167,6 +170,16 @@ impl Model {
     /// Number of LoRA adapters attached.
     pub fn lora_count(&self) -> usize {
         self.loras.len()
+    }
+
+    /// The attached adapters' names, in attachment order (the order of a scale table).
+    pub fn lora_names(&self) -> impl Iterator<Item = &str> {
+        self.loras.iter().map(|l| l.name.as_str())
+    }
+
+    /// The scale of each adapter that contexts apply by default, in attachment order.
+    pub fn lora_default_scales(&self) -> Vec<f32> {
+        self.loras.iter().map(|l| l.scale).collect()
     }
 
     /// The KV cache shape, to size contexts before creating them.

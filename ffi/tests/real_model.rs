@@ -46,15 +46,27 @@ fn chat_prompt(text: &str) -> Vec<Token> {
 
 /// Greedy/sampled generation of one sequence, the plain way.
 fn generate(ctx: &mut Context, seq: i32, prompt: &[Token], params: SamplerParams, max: usize) -> Vec<Token> {
+    generate_at(ctx, seq, prompt, 0, params, max)
+}
+
+/// Generation after `prompt` decoded at positions `start..` (the KV holds what came before).
+fn generate_at(
+    ctx: &mut Context,
+    seq: i32,
+    prompt: &[Token],
+    start: usize,
+    params: SamplerParams,
+    max: usize,
+) -> Vec<Token> {
     let mut batch = Batch::new(512, 1);
     for (i, &t) in prompt.iter().enumerate() {
-        batch.push(t, i as i32, &[seq], i + 1 == prompt.len()).unwrap();
+        batch.push(t, (start + i) as i32, &[seq], i + 1 == prompt.len()).unwrap();
     }
     ctx.decode(&batch).unwrap();
     let mut sampler = Sampler::new(params);
     let mut idx = batch.len() as i32 - 1;
     let mut out = Vec::new();
-    let mut pos = prompt.len() as i32;
+    let mut pos = (start + prompt.len()) as i32;
     while out.len() < max {
         let t = sampler.sample(ctx, idx).unwrap();
         if ctx.model().is_eog(t) {
@@ -193,4 +205,31 @@ fn batch_bounds_are_enforced() {
     assert!(b.push(3, 2, &[0], false).is_err());
     b.clear();
     assert!(b.push(1, 0, &[0, 1], false).is_err(), "more seq ids than the batch supports");
+}
+
+#[test]
+fn a_saved_sequence_restores_into_another_slot_and_continues_identically() {
+    let mut ctx = context(2);
+    let prompt = chat_prompt("Name three colors of the rainbow.");
+    let fresh = generate(&mut ctx, 0, &prompt, SamplerParams::default(), 24);
+    ctx.clear();
+    // The prompt but its last token goes into slot 0, is saved, and slot 0 is emptied.
+    let (head, last) = prompt.split_at(prompt.len() - 1);
+    let mut batch = Batch::new(512, 1);
+    for (i, &t) in head.iter().enumerate() {
+        batch.push(t, i as i32, &[0], false).unwrap();
+    }
+    ctx.decode(&batch).unwrap();
+    let state = ctx.save_sequence(0);
+    assert!(state.len() > head.len() * 1000, "{} bytes for {} tokens", state.len(), head.len());
+    ctx.remove_sequence(0);
+    assert_eq!(ctx.sequence_max_pos(0), -1);
+    ctx.restore_sequence(1, &state).expect("restore into slot 1");
+    assert_eq!(ctx.sequence_max_pos(1), head.len() as i32 - 1);
+    let resumed = generate_at(&mut ctx, 1, last, head.len(), SamplerParams::default(), 24);
+    assert_eq!(resumed, fresh, "the restored KV continues exactly as the original");
+    // Bytes that are not a sequence state are refused, and the slot stays usable.
+    ctx.remove_sequence(1);
+    assert!(ctx.restore_sequence(1, &state[..state.len() / 2]).is_err());
+    assert!(ctx.restore_sequence(1, b"not a state").is_err());
 }

@@ -239,6 +239,11 @@ impl Daemon {
     }
 
     /// The test configuration file (start_configured); rewrite it and send SIGHUP to reload.
+    /// The daemon's state directory (sealing key, parked session KV).
+    pub fn state_dir(&self) -> PathBuf {
+        self.dir.path().join("state")
+    }
+
     pub fn config_path(&self) -> PathBuf {
         self.dir.path().join("hearthd.toml")
     }
@@ -599,4 +604,30 @@ where
         assert!(Instant::now() < deadline, "timed out after {limit:?} waiting for {what}");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+}
+
+/// The app id hearthd derives for a plain process (no sandbox, no app unit).
+pub fn process_app(uid: u32, exe: &Path) -> String {
+    format!("uid:{uid}:{}", exe.display())
+}
+
+/// The app id hearthd gives this test process.
+pub fn this_app() -> String {
+    process_app(nix::unistd::geteuid().as_raw(), &std::fs::read_link("/proc/self/exe").expect("/proc/self/exe"))
+}
+
+/// A directory of app policy files, readable by everyone (the daemon checks ownership).
+pub fn apps_dir(files: &[(&str, String)]) -> tempfile::TempDir {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().expect("tempdir");
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    for (name, body) in files {
+        std::fs::write(dir.path().join(name), body).expect("write policy");
+    }
+    dir
+}
+
+/// The `[apps]` setting that reads policies from `dir`.
+pub fn apps_setting(dir: &Path) -> String {
+    format!("dirs = [{:?}]\n", dir.display().to_string())
 }

@@ -67,7 +67,10 @@ fn shapes(xml: &str) -> BTreeMap<String, Shape> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn live_introspection_equals_the_xml() {
     let golden = shapes(INTROSPECTION_XML);
-    assert_eq!(golden.keys().collect::<Vec<_>>(), ["org.hearth.Hearth1", "org.hearth.Hearth1.Request"]);
+    assert_eq!(
+        golden.keys().collect::<Vec<_>>(),
+        ["org.hearth.Hearth1", "org.hearth.Hearth1.Request", "org.hearth.Hearth1.Session"]
+    );
 
     let bus = Bus::start();
     let _daemon = Daemon::start(&bus).await;
@@ -76,6 +79,8 @@ async fn live_introspection_equals_the_xml() {
 
     let mut g = Generation::start(&conn, chat_request("Write a long story.", 900), "introspect").await.unwrap();
     live.extend(shapes(&introspect(&conn, g.path().as_str()).await.unwrap()));
+    let session = hearth_tests::hearth(&conn).await.open_session(std::collections::HashMap::new()).await.unwrap();
+    live.extend(shapes(&introspect(&conn, session.as_str()).await.unwrap()));
     g.cancel().await.unwrap();
     while let Some(ev) = g.next().await {
         if let Ok(StreamEvent::Finished(_)) = ev {

@@ -3,11 +3,14 @@
 
 use std::collections::HashMap;
 use std::io::Read;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use hearth_tests::{Bus, Daemon, Settings, chat_request, hearth, result_str, workspace_bin};
+use hearth_tests::{
+    Bus, Daemon, Settings, apps_dir, apps_setting, chat_request, hearth, process_app, result_str, this_app,
+    workspace_bin,
+};
 use zbus::zvariant::{OwnedValue, Value};
 
 const NOBODY: u32 = 65534;
@@ -29,30 +32,6 @@ fn require_root() -> bool {
     }
     eprintln!("not root: this test drops privileges to another uid and was skipped");
     false
-}
-
-/// The app id hearthd derives for a plain process (no sandbox, no app unit).
-fn process_app(uid: u32, exe: &Path) -> String {
-    format!("uid:{uid}:{}", exe.display())
-}
-
-fn this_app() -> String {
-    process_app(0, &std::fs::read_link("/proc/self/exe").unwrap())
-}
-
-/// A directory of app policy files, readable by everyone (the daemon checks ownership).
-fn apps_dir(files: &[(&str, String)]) -> tempfile::TempDir {
-    use std::os::unix::fs::PermissionsExt;
-    let dir = tempfile::tempdir().unwrap();
-    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
-    for (name, body) in files {
-        std::fs::write(dir.path().join(name), body).unwrap();
-    }
-    dir
-}
-
-fn apps_setting(dir: &Path) -> String {
-    format!("dirs = [{:?}]\n", dir.display().to_string())
 }
 
 fn str_of(d: &HashMap<String, OwnedValue>, k: &str) -> String {

@@ -7,6 +7,7 @@
 
 mod scheduler;
 mod sequence;
+pub mod session;
 mod worker;
 
 use std::fmt;
@@ -20,6 +21,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::config::Config;
 use crate::error::Error;
+pub use session::SessionStore;
 
 /// A validated generation request, as the D-Bus layer hands it to the engine.
 #[derive(Debug, Clone, PartialEq)]
@@ -37,6 +39,27 @@ pub struct GenerateRequest {
     pub assistant_prefix: Option<String>,
     /// Grammar, JSON Schema or tools the output follows (on-device only).
     pub structure: Option<std::sync::Arc<crate::structured::Structure>>,
+    /// LoRA adapters by name → scale (on-device only); None: the manifest's scales.
+    pub adapters: Option<std::collections::BTreeMap<String, f32>>,
+    /// The session whose turn this is: its KV is reused, and kept for the next turn.
+    pub session: Option<u64>,
+}
+
+/// The LoRA adapter scales a sequence runs with, one per adapter of the model in manifest
+/// order (0: left out). One decode step runs one set, and KV computed under one set is only
+/// reused under the same set.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash)]
+pub struct AdapterSet(Vec<u32>);
+
+impl AdapterSet {
+    pub fn new(scales: &[f32]) -> Self {
+        // +0.0 and -0.0 are the same scale (adapter left out).
+        Self(scales.iter().map(|s| if *s == 0.0 { 0 } else { s.to_bits() }).collect())
+    }
+
+    pub fn scales(&self) -> Vec<f32> {
+        self.0.iter().map(|b| f32::from_bits(*b)).collect()
+    }
 }
 
 /// Scheduling priority of a request. Ordered: `Background < Normal < Interactive`.
@@ -199,7 +222,7 @@ pub struct Submission {
 enum Command {
     /// Validate and queue a generation; the verdict goes to `reply`, the stream to `events`.
     Submit {
-        request: GenerateRequest,
+        request: Box<GenerateRequest>,
         caller: Caller,
         cancel: CancelToken,
         events: mpsc::UnboundedSender<Event>,
@@ -211,6 +234,8 @@ enum Command {
     Ping(oneshot::Sender<()>),
     /// Embeddings of texts, between decode steps.
     Embed { texts: Vec<String>, reply: oneshot::Sender<Result<Vec<Vec<f32>>, Error>> },
+    /// A session closed: drop its resident KV.
+    CloseSession(u64),
     /// Finish every request as Cancelled and stop the thread.
     Shutdown,
 }
@@ -299,11 +324,18 @@ pub struct EngineSettings {
     pub queue_per_app: u32,
     /// The governors' current demands, shared by all engines.
     pub throttle: Arc<Throttle>,
+    /// Open sessions and their parked KV, shared by all engines.
+    pub sessions: Arc<SessionStore>,
 }
 
 impl EngineSettings {
     /// The configured engine, with `context_length` per request.
-    pub fn from_config(config: &Config, context_length: u32, throttle: Arc<Throttle>) -> Self {
+    pub fn from_config(
+        config: &Config,
+        context_length: u32,
+        throttle: Arc<Throttle>,
+        sessions: Arc<SessionStore>,
+    ) -> Self {
         Self {
             context_length,
             batch_size: config.engine.batch_size,
@@ -315,6 +347,7 @@ impl EngineSettings {
             queue_capacity: config.limits.queue_capacity,
             queue_per_app: config.limits.queue_per_app,
             throttle,
+            sessions,
         }
     }
 
@@ -410,7 +443,8 @@ impl EngineHandle {
         let (events_tx, events) = mpsc::unbounded_channel();
         let (reply, verdict) = oneshot::channel();
         let interactive = request.priority == Priority::Interactive;
-        let cmd = Command::Submit { request, caller, cancel: cancel.clone(), events: events_tx, reply };
+        let cmd =
+            Command::Submit { request: Box::new(request), caller, cancel: cancel.clone(), events: events_tx, reply };
         self.tx.send(cmd).await.map_err(|_| Error::Cancelled(CancelReason::Shutdown))?;
         if interactive {
             // After the send, so the aborted step's next intake finds the request.
@@ -437,6 +471,11 @@ impl EngineHandle {
         let (reply, answer) = oneshot::channel();
         self.tx.send(Command::Embed { texts, reply }).await.map_err(|_| Error::Cancelled(CancelReason::Shutdown))?;
         answer.await.map_err(|_| Error::Cancelled(CancelReason::Shutdown))?
+    }
+
+    /// Tells the engine that a session closed, so its resident KV is dropped.
+    pub async fn close_session(&self, id: u64) {
+        let _ = self.tx.send(Command::CloseSession(id)).await;
     }
 
     /// Tells the engine that a bus connection is gone, so its requests end and free their KV.

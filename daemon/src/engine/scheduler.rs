@@ -15,7 +15,11 @@
 //!   with its app and tokens. A new request of the *same app* whose prompt shares a prefix
 //!   with it gets that KV (copied down to the lowest cold slot) and skips prefilling the shared
 //!   part. Never across apps: that would leak one app's prompt to another through timing.
-//!   Cold slots are used before kept KV is evicted.
+//!   Cold slots are used before kept KV is evicted. KV is reused only under the adapter set
+//!   it was computed with.
+//! - Sessions: an idle session's KV stays in its slot, pinned: only the session's next turn
+//!   takes that slot. When a waiting request finds no free slot but pinned ones, the least
+//!   recently used session's KV is parked (by the engine, see `session`) to free its slot.
 //!
 //! This module holds no llama state; it is plain data, tested on its own.
 
@@ -23,8 +27,8 @@ use std::collections::HashMap;
 
 use hearth_ffi::{SeqId, Token};
 
-use super::Priority;
 use super::sequence::Waiting;
+use super::{AdapterSet, Priority};
 use crate::error::Error;
 
 /// Cost units charged to an app: per generated token, and per prompt token (prefill is
@@ -67,8 +71,31 @@ struct Warm {
     app: String,
     /// The tokens the slot's KV holds, in position order.
     tokens: Vec<Token>,
+    adapters: AdapterSet,
     /// When it was freed (the scheduler's release counter), for least-recently-used eviction.
     freed_at: u64,
+}
+
+/// An idle session's KV, resident in a slot that only the session's next turn takes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) struct Pinned {
+    pub session: u64,
+    /// The tokens the slot's KV holds, in position order.
+    pub tokens: Vec<Token>,
+    pub adapters: AdapterSet,
+    /// When its last turn ended (the release counter), for least-recently-used parking.
+    used_at: u64,
+}
+
+/// What a finished sequence leaves in its slot.
+#[derive(Debug)]
+pub(super) enum Keep {
+    /// Nothing: the KV was dropped.
+    Nothing,
+    /// Its KV over these tokens, for the same app's next prompt.
+    Prefix(Vec<Token>, AdapterSet),
+    /// Its KV over these tokens, for this session's next turn only.
+    Session(u64, Vec<Token>, AdapterSet),
 }
 
 /// The slot a starting request gets.
@@ -101,6 +128,8 @@ pub(super) struct Scheduler {
     apps: HashMap<String, AppState>,
     free_seqs: Vec<SeqId>,
     warm: HashMap<SeqId, Warm>,
+    /// Slots held by idle sessions (not in `free_seqs`).
+    pinned: HashMap<SeqId, Pinned>,
     releases: u64,
     /// Running non-interactive sequences.
     shared_running: usize,
@@ -118,6 +147,7 @@ impl Scheduler {
             apps: HashMap::new(),
             free_seqs: (0..total).collect(),
             warm: HashMap::new(),
+            pinned: HashMap::new(),
             releases: 0,
             shared_running: 0,
             kv_reserved: 0,
@@ -143,9 +173,20 @@ impl Scheduler {
         &self.waiting
     }
 
+    /// Whether a request of `priority` is within the running limits.
+    fn within_limits(&self, priority: Priority) -> bool {
+        priority == Priority::Interactive || self.shared_running < self.limits.shared_sequences
+    }
+
+    /// Whether a new request of `priority` could start now (a pinned slot counts: its session
+    /// is parked to make room).
     fn fits(&self, priority: Priority) -> bool {
-        !self.free_seqs.is_empty()
-            && (priority == Priority::Interactive || self.shared_running < self.limits.shared_sequences)
+        (!self.free_seqs.is_empty() || !self.pinned.is_empty()) && self.within_limits(priority)
+    }
+
+    /// The slot session `id`'s KV is resident in, if it is.
+    pub fn resident(&self, id: u64) -> Option<SeqId> {
+        self.pinned.iter().find(|(_, p)| p.session == id).map(|(seq, _)| *seq)
     }
 
     /// Refuses a new request with `Busy` when it would have to wait and the queues are full.
@@ -183,9 +224,37 @@ impl Scheduler {
         self.waiting.push(w);
     }
 
-    /// Tokens held by warm (free, reusable) slots.
+    /// Tokens held by warm (free, reusable) slots and idle sessions.
     pub fn cached_tokens(&self) -> u32 {
-        self.warm.values().map(|w| w.tokens.len() as u32).sum()
+        let warm: u32 = self.warm.values().map(|w| w.tokens.len() as u32).sum();
+        warm + self.pinned.values().map(|p| p.tokens.len() as u32).sum::<u32>()
+    }
+
+    /// The slot whose session should be parked so the best waiting request can start: when
+    /// that request is within its limits but every slot is free of nothing but pins. The
+    /// least recently used session goes.
+    pub fn slot_to_unpin(&self) -> Option<SeqId> {
+        if !self.free_seqs.is_empty() || self.pinned.is_empty() {
+            return None;
+        }
+        let w = &self.waiting[self.best()?];
+        if !self.within_limits(w.priority) || w.session.is_some_and(|id| self.resident(id).is_some()) {
+            return None;
+        }
+        self.pinned.iter().min_by_key(|(_, p)| p.used_at).map(|(seq, _)| *seq)
+    }
+
+    /// Takes the pin off `seq` (its KV was parked or dropped); the slot is free again.
+    pub fn unpin(&mut self, seq: SeqId) -> Option<Pinned> {
+        let p = self.pinned.remove(&seq)?;
+        self.free_seqs.push(seq);
+        Some(p)
+    }
+
+    /// Every pinned slot, unpinned (the engine is stopping: their KV is parked).
+    pub fn unpin_all(&mut self) -> Vec<(SeqId, Pinned)> {
+        let seqs: Vec<SeqId> = self.pinned.keys().copied().collect();
+        seqs.into_iter().filter_map(|seq| Some((seq, self.unpin(seq)?))).collect()
     }
 
     /// Forgets every warm slot and returns their ids, so the caller can drop their KV.
@@ -193,16 +262,24 @@ impl Scheduler {
         self.warm.drain().map(|(seq, _)| seq).collect()
     }
 
-    /// Picks a free slot for a prompt of `app`: its own warm slot with the longest shared
-    /// prefix, else a cold slot, else the least recently freed warm slot.
-    fn pick_slot(&mut self, app: &str, prompt: &[Token]) -> Option<Slot> {
+    /// Picks a slot for `w`: its session's pinned slot; else its app's own warm slot with the
+    /// longest shared prefix under the same adapters; else a cold slot; else the least
+    /// recently freed warm slot.
+    fn pick_slot(&mut self, w: &Waiting) -> Option<Slot> {
+        let (app, prompt, adapters) = (w.caller.app.as_str(), w.prompt.as_slice(), &w.adapters);
         let longest = prompt.len().saturating_sub(1); // the last prompt token must be decoded
+        if let Some(seq) = w.session.and_then(|id| self.resident(id)) {
+            let pin = self.pinned.remove(&seq)?;
+            let reuse = if pin.adapters == *adapters { shared_prefix(&pin.tokens, prompt).min(longest) } else { 0 };
+            return Some(Slot { seq, reuse, evict: false, copy_from: None });
+        }
         let own = self
             .free_seqs
             .iter()
+            .filter(|_| w.session.is_none())
             .filter_map(|seq| {
-                let w = self.warm.get(seq).filter(|w| w.app == app)?;
-                let shared = w.tokens.iter().zip(prompt).take_while(|(a, b)| a == b).count().min(longest);
+                let w = self.warm.get(seq).filter(|w| w.app == app && w.adapters == *adapters)?;
+                let shared = shared_prefix(&w.tokens, prompt).min(longest);
                 (shared >= MIN_REUSE).then_some((*seq, shared))
             })
             .max_by_key(|&(_, shared)| shared);
@@ -232,12 +309,12 @@ impl Scheduler {
         Some(Slot { seq, reuse, evict, copy_from })
     }
 
-    /// The next request to start, with its slot, if the best candidate fits now.
-    pub fn pop_next(&mut self) -> Option<(Waiting, Slot)> {
+    /// The waiting request that goes next: highest priority, then least served app, then
+    /// oldest (deferred background requests not at all).
+    fn best(&self) -> Option<usize> {
         let served = |app: &str| self.apps.get(app).map_or(0, |a| a.served);
         let defer = self.defer_background;
-        let best = self
-            .waiting
+        self.waiting
             .iter()
             .enumerate()
             .filter(|(_, w)| !(defer && w.priority == Priority::Background))
@@ -247,13 +324,20 @@ impl Scheduler {
                     .then(served(&b.caller.app).cmp(&served(&a.caller.app)))
                     .then(b.id.cmp(&a.id))
             })
-            .map(|(i, _)| i)?;
-        let (priority, need) = (self.waiting[best].priority, self.waiting[best].kv_need());
-        if !self.fits(priority) {
+            .map(|(i, _)| i)
+    }
+
+    /// The next request to start, with its slot, if the best candidate fits now.
+    pub fn pop_next(&mut self) -> Option<(Waiting, Slot)> {
+        let best = self.best()?;
+        let w = &self.waiting[best];
+        let (priority, need) = (w.priority, w.kv_need());
+        let resident = w.session.is_some_and(|id| self.resident(id).is_some());
+        if !self.within_limits(priority) || (self.free_seqs.is_empty() && !resident) {
             return None;
         }
         let w = self.waiting.swap_remove(best);
-        let Some(slot) = self.pick_slot(&w.caller.app, &w.prompt) else {
+        let Some(slot) = self.pick_slot(&w) else {
             self.waiting.push(w);
             return None;
         };
@@ -274,34 +358,20 @@ impl Scheduler {
         w
     }
 
-    /// Returns a finished sequence's slot and KV reservation. `kept`: the tokens its KV still
-    /// holds, for reuse by the same app (None when the KV was dropped).
-    /// Returns the slots whose kept KV must now be dropped (at most `MAX_WARM` are kept).
-    pub fn release(
-        &mut self,
-        app: &str,
-        priority: Priority,
-        seq: SeqId,
-        kv_reserved: u32,
-        kept: Option<Vec<Token>>,
-    ) -> Released {
-        self.free_seqs.push(seq);
+    /// Returns a finished sequence's slot and KV reservation; `keep` says what its KV is kept
+    /// for. Returns the slots whose kept KV must now be dropped (at most `MAX_WARM` are kept).
+    pub fn release(&mut self, app: &str, priority: Priority, seq: SeqId, kv_reserved: u32, keep: Keep) -> Released {
         self.releases += 1;
         let mut released = Released::default();
-        if let Some(tokens) = kept.filter(|t| !t.is_empty()) {
-            self.warm.insert(seq, Warm { app: app.to_owned(), tokens, freed_at: self.releases });
-            while self.warm.len() > MAX_WARM {
-                let Some((&oldest, _)) = self.warm.iter().min_by_key(|(_, w)| w.freed_at) else { break };
-                self.warm.remove(&oldest);
-                released.dropped.push(oldest);
+        match keep {
+            Keep::Session(session, tokens, adapters) => {
+                self.pinned.insert(seq, Pinned { session, tokens, adapters, used_at: self.releases });
             }
-            // Park the kept KV in the highest cold slot, so new requests keep the low ones.
-            let highest = self.free_seqs.iter().copied().filter(|s| !self.warm.contains_key(s)).max();
-            if let Some(to) = highest.filter(|&h| h > seq) {
-                if let Some(w) = self.warm.remove(&seq) {
-                    self.warm.insert(to, w);
-                    released.moved = Some((seq, to));
-                }
+            Keep::Nothing => self.free_seqs.push(seq),
+            Keep::Prefix(tokens, _) if tokens.is_empty() => self.free_seqs.push(seq),
+            Keep::Prefix(tokens, adapters) => {
+                self.free_seqs.push(seq);
+                self.keep_warm(app, seq, tokens, adapters, &mut released);
             }
         }
         if priority != Priority::Interactive {
@@ -310,6 +380,24 @@ impl Scheduler {
         self.kv_reserved -= kv_reserved;
         self.forget(app, false);
         released
+    }
+
+    /// Keeps a released slot's KV for its app's next prompt (dropping the oldest beyond
+    /// `MAX_WARM`), moved to the highest cold slot so new requests keep the low ones.
+    fn keep_warm(&mut self, app: &str, seq: SeqId, tokens: Vec<Token>, adapters: AdapterSet, released: &mut Released) {
+        self.warm.insert(seq, Warm { app: app.to_owned(), tokens, adapters, freed_at: self.releases });
+        while self.warm.len() > MAX_WARM {
+            let Some((&oldest, _)) = self.warm.iter().min_by_key(|(_, w)| w.freed_at) else { break };
+            self.warm.remove(&oldest);
+            released.dropped.push(oldest);
+        }
+        let highest = self.free_seqs.iter().copied().filter(|s| !self.warm.contains_key(s)).max();
+        if let Some(to) = highest.filter(|&h| h > seq) {
+            if let Some(w) = self.warm.remove(&seq) {
+                self.warm.insert(to, w);
+                released.moved = Some((seq, to));
+            }
+        }
     }
 
     fn forget(&mut self, app: &str, was_waiting: bool) {
@@ -333,6 +421,11 @@ impl Scheduler {
     }
 }
 
+/// How many leading tokens `a` and `b` share.
+pub(super) fn shared_prefix(a: &[Token], b: &[Token]) -> usize {
+    a.iter().zip(b).take_while(|(x, y)| x == y).count()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -352,6 +445,8 @@ mod tests {
             prompt: vec![1; need as usize / 2],
             max_tokens: need - need / 2,
             sampler: Sampler::new(SamplerParams::default()),
+            adapters: AdapterSet::default(),
+            session: None,
             cancel: CancelToken::default(),
             events: tokio::sync::mpsc::unbounded_channel().0,
         }
@@ -386,7 +481,7 @@ mod tests {
         while let Some((w, slot)) = s.pop_next() {
             order.push(w.caller.app.clone());
             s.charge(&w.caller.app, 100);
-            let _ = s.release(&w.caller.app, w.priority, slot.seq, w.kv_need(), None);
+            let _ = s.release(&w.caller.app, w.priority, slot.seq, w.kv_need(), Keep::Nothing);
         }
         assert_eq!(order, ["a", "b", "a", "b", "a", "b", "a", "b"]);
     }
@@ -415,14 +510,26 @@ mod tests {
         let mut s = one_app_queued(1);
         let (w, slot) = s.pop_next().unwrap();
         assert_eq!(slot, Slot { seq: 0, reuse: 0, evict: false, copy_from: None });
-        let released = s.release("a", w.priority, slot.seq, w.kv_need(), Some(vec![1, 2, 3, 4, 5, 6, 7, 8, 9, 10]));
+        let released = s.release(
+            "a",
+            w.priority,
+            slot.seq,
+            w.kv_need(),
+            Keep::Prefix(vec![1, 2, 3, 4, 5, 6, 7, 8, 9, 10], AdapterSet::default()),
+        );
         assert_eq!(released, Released { dropped: vec![], moved: None }, "the only slot: kept in place");
         assert_eq!(s.cached_tokens(), 10);
         // Another app with the same prompt: no reuse, the warm slot is evicted.
         s.push(prompted(2, "b"));
         let (w, slot) = s.pop_next().unwrap();
         assert_eq!(slot, Slot { seq: 0, reuse: 0, evict: true, copy_from: None });
-        let _ = s.release("b", w.priority, slot.seq, w.kv_need(), Some(vec![1, 2, 3, 4, 5, 6, 7, 8, 42]));
+        let _ = s.release(
+            "b",
+            w.priority,
+            slot.seq,
+            w.kv_need(),
+            Keep::Prefix(vec![1, 2, 3, 4, 5, 6, 7, 8, 42], AdapterSet::default()),
+        );
         // The same app again: reuse up to the shared prefix, keeping the last prompt token.
         s.push(prompted(3, "b"));
         let (_, slot) = s.pop_next().unwrap();
@@ -434,11 +541,67 @@ mod tests {
         let mut s = one_app_queued(3);
         let (w, slot) = s.pop_next().unwrap();
         assert_eq!(slot.seq, 0, "lowest cold slot");
-        let released = s.release("a", w.priority, slot.seq, w.kv_need(), Some(vec![1, 2, 3, 4, 5, 6, 7, 8, 9]));
+        let released = s.release(
+            "a",
+            w.priority,
+            slot.seq,
+            w.kv_need(),
+            Keep::Prefix(vec![1, 2, 3, 4, 5, 6, 7, 8, 9], AdapterSet::default()),
+        );
         assert_eq!(released.moved, Some((0, 2)), "kept KV parks in the highest slot");
         s.push(prompted(2, "a"));
         let (_, slot) = s.pop_next().unwrap();
         assert_eq!(slot, Slot { seq: 0, reuse: 7, evict: false, copy_from: Some(2) }, "reuse is copied down to slot 0");
+    }
+
+    fn session_turn(id: u64, session: u64) -> Waiting {
+        let mut w = prompted(id, "a");
+        w.session = Some(session);
+        w
+    }
+
+    const KV: [Token; 9] = [1, 2, 3, 4, 5, 6, 7, 8, 9];
+
+    #[test]
+    fn an_idle_session_keeps_its_slot_until_another_request_needs_it() {
+        let mut s = one_app_queued(1);
+        let _ = s.remove_waiting(0);
+        s.push(session_turn(1, 7));
+        let (w, slot) = s.pop_next().unwrap();
+        let _ = s.release("a", w.priority, slot.seq, w.kv_need(), Keep::Session(7, KV.to_vec(), AdapterSet::default()));
+        assert_eq!((s.resident(7), s.cached_tokens()), (Some(slot.seq), 9));
+        // The session's next turn takes its pinned slot and reuses the shared prefix.
+        s.push(session_turn(2, 7));
+        let (w, next) = s.pop_next().unwrap();
+        assert_eq!(next, Slot { seq: slot.seq, reuse: 7, evict: false, copy_from: None });
+        let _ = s.release("a", w.priority, next.seq, w.kv_need(), Keep::Session(7, KV.to_vec(), AdapterSet::default()));
+        // Another request (even of the same app) finds only the pinned slot: the session is
+        // parked first, then the request starts in the freed slot.
+        s.push(prompted(3, "a"));
+        assert!(s.pop_next().is_none());
+        assert_eq!(s.slot_to_unpin(), Some(slot.seq));
+        assert_eq!(s.unpin(slot.seq).map(|p| p.session), Some(7));
+        assert_eq!(s.resident(7), None);
+        let (w, _) = s.pop_next().unwrap();
+        assert_eq!(w.id, 3);
+        assert_eq!(s.slot_to_unpin(), None);
+    }
+
+    #[test]
+    fn kv_is_reused_only_under_the_adapters_it_was_computed_with() {
+        let mut s = one_app_queued(1);
+        let tuned = AdapterSet::new(&[0.5]);
+        let (w, slot) = s.pop_next().unwrap();
+        let _ = s.release("a", w.priority, slot.seq, w.kv_need(), Keep::Prefix(KV.to_vec(), tuned.clone()));
+        s.push(prompted(2, "a"));
+        let (w, slot) = s.pop_next().unwrap();
+        assert_eq!(slot, Slot { seq: 0, reuse: 0, evict: true, copy_from: None }, "base request: no reuse of tuned KV");
+        let _ = s.release("a", w.priority, slot.seq, w.kv_need(), Keep::Prefix(KV.to_vec(), tuned.clone()));
+        let mut w3 = prompted(3, "a");
+        w3.adapters = tuned;
+        s.push(w3);
+        let (_, slot) = s.pop_next().unwrap();
+        assert_eq!(slot.reuse, 7, "the same adapters reuse it");
     }
 
     #[test]

@@ -6,7 +6,7 @@ use hearth_dbus::FinishReason;
 use hearth_ffi::{Detokenizer, Model, Pos, Sampler, SeqId, Token};
 use tokio::sync::mpsc;
 
-use super::{Caller, CancelReason, CancelToken, Event, Outcome, Priority};
+use super::{AdapterSet, Caller, CancelReason, CancelToken, Event, Outcome, Priority};
 use crate::error::Error;
 
 /// A request accepted by the engine and waiting for a sequence slot.
@@ -20,6 +20,9 @@ pub(super) struct Waiting {
     pub prompt: Vec<Token>,
     pub max_tokens: u32,
     pub sampler: Sampler,
+    pub adapters: AdapterSet,
+    /// The session whose turn this is.
+    pub session: Option<u64>,
     pub cancel: CancelToken,
     pub events: mpsc::UnboundedSender<Event>,
 }
@@ -53,6 +56,8 @@ pub(super) struct Sequence {
     pub max_tokens: u32,
     pub kv_reserved: u32,
     pub sampler: Sampler,
+    pub adapters: AdapterSet,
+    pub session: Option<u64>,
     pub detok: Detokenizer,
     pub generated: Vec<Token>,
     pub text: String,
@@ -84,6 +89,8 @@ impl Sequence {
             max_tokens: w.max_tokens,
             kv_reserved,
             sampler: w.sampler,
+            adapters: w.adapters,
+            session: w.session,
             detok: Detokenizer::new(),
             generated: Vec::new(),
             text: String::new(),

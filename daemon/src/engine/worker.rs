@@ -5,6 +5,9 @@
 //! prompt never holds the others for more than one batch. Preemption happens at token
 //! boundaries: while a higher-priority request is prefilling, lower-priority sequences skip
 //! their decode steps (their KV stays, so they resume without recomputation).
+//!
+//! LoRA: the whole batch of a decode shares the context's adapter set, so a step takes only
+//! the sequences of one set; when sequences need different sets, the sets take turns.
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -15,11 +18,14 @@ use hearth_ffi::{Batch, Context, Model, Sampler};
 use tokio::sync::mpsc::error::TryRecvError;
 use tokio::sync::{mpsc, oneshot, watch};
 
-use super::scheduler::{COST_PER_GENERATED, COST_PER_PROMPT, Limits, Scheduler};
+mod kv;
+
+use super::scheduler::{COST_PER_GENERATED, COST_PER_PROMPT, Keep, Limits, Scheduler};
 use super::sequence::{Sequence, Waiting, stop_reason, unstarted_outcome};
+use super::session::SessionStore;
 use super::{
-    Accepted, Caller, CancelReason, CancelToken, Command, EngineSettings, EngineStatus, Event, GenerateRequest,
-    KvGauges, Priority,
+    Accepted, AdapterSet, Caller, CancelReason, CancelToken, Command, EngineSettings, EngineStatus, Event,
+    GenerateRequest, KvGauges, Priority,
 };
 use crate::error::Error;
 
@@ -47,6 +53,10 @@ pub(super) struct Worker {
     threads: (i32, i32),
     /// The context Embed runs in, made on first use.
     embedder: Option<Context>,
+    sessions: Arc<SessionStore>,
+    /// The adapter set the context has now, and the one the last step served.
+    adapters_set: Option<AdapterSet>,
+    last_group: Option<AdapterSet>,
 }
 
 /// Most tokens of one text to embed (the embedding context's size).
@@ -86,6 +96,9 @@ impl Worker {
             throttle: Arc::clone(&settings.throttle),
             threads: (settings.threads, settings.threads),
             embedder: None,
+            sessions: Arc::clone(&settings.sessions),
+            adapters_set: None,
+            last_group: None,
         }
     }
 
@@ -98,7 +111,8 @@ impl Worker {
                         cmd @ (Command::Submit { .. }
                         | Command::ConnectionClosed(_)
                         | Command::Ping(_)
-                        | Command::Embed { .. }),
+                        | Command::Embed { .. }
+                        | Command::CloseSession(_)),
                     ) => self.handle(cmd),
                     Some(Command::Shutdown) | None => break,
                 }
@@ -164,6 +178,13 @@ impl Worker {
             Command::Embed { texts, reply } => {
                 let _ = reply.send(self.embed(&texts));
             }
+            Command::CloseSession(id) => {
+                if let Some(seq) = self.scheduler.resident(id) {
+                    self.scheduler.unpin(seq);
+                    self.ctx.remove_sequence(seq);
+                    tracing::debug!(session = id, seq, "closed session's KV dropped");
+                }
+            }
             Command::Shutdown => {}
         }
     }
@@ -177,6 +198,12 @@ impl Worker {
         reply: oneshot::Sender<Result<Accepted, Error>>,
     ) {
         let verdict = self.prepare(request).and_then(|prompt| {
+            let adapters = self.adapter_set(request.adapters.as_ref())?;
+            if let Some(id) = request.session {
+                if !self.sessions.owns(id, &caller.app, &self.model_name) {
+                    return Err(Error::NotAuthorized(format!("session {id} is not this app's session on this model")));
+                }
+            }
             let max_tokens = request.max_tokens.min(self.n_ctx - prompt.len() as u32);
             let grammar = request.structure.as_ref().and_then(|s| s.grammar());
             let sampler = Sampler::with_grammar(&self.model, request.sampling, grammar).map_err(|e| match e {
@@ -189,9 +216,9 @@ impl Worker {
                 e => Error::Internal(e.to_string()),
             })?;
             self.scheduler.check_admission(&caller.app, request.priority)?;
-            Ok((prompt, max_tokens, sampler))
+            Ok((prompt, max_tokens, sampler, adapters))
         });
-        let (prompt, max_tokens, sampler) = match verdict {
+        let (prompt, max_tokens, sampler, adapters) = match verdict {
             Ok(v) => v,
             Err(e) => {
                 let _ = reply.send(Err(e));
@@ -201,6 +228,7 @@ impl Worker {
         let id = self.next_id;
         self.next_id += 1;
         let accepted = Accepted { id, prompt_tokens: prompt.len() as u32 };
+        let on_refusal = cancel.clone();
         tracing::debug!(id, app = %caller.app, priority = request.priority.as_str(), prompt_tokens = prompt.len(), max_tokens, "request queued");
         self.scheduler.push(Waiting {
             id,
@@ -210,7 +238,9 @@ impl Worker {
             prompt,
             max_tokens,
             sampler,
-            cancel: cancel.clone(),
+            adapters,
+            session: request.session,
+            cancel,
             events,
         });
         // Counted in the published queue before the submitter hears it was accepted, so a
@@ -218,42 +248,8 @@ impl Worker {
         self.publish_status();
         if reply.send(Ok(accepted)).is_err() {
             // The submitter is gone: nothing to serve; reaped before the next admission.
-            cancel.cancel(CancelReason::Disconnected);
+            on_refusal.cancel(CancelReason::Disconnected);
         }
-    }
-
-    fn embed(&mut self, texts: &[String]) -> Result<Vec<Vec<f32>>, Error> {
-        if self.embedder.is_none() {
-            let params = hearth_ffi::ContextParams {
-                n_ctx: EMBED_TOKENS,
-                n_batch: EMBED_TOKENS,
-                n_seq_max: 1,
-                n_threads: self.threads.1,
-                n_threads_batch: self.threads.1,
-                flash_attn: Some(true),
-                kv_unified: false,
-                embeddings: true,
-            };
-            let ctx = Context::new(Arc::clone(&self.model), params).map_err(|e| Error::Internal(e.to_string()))?;
-            tracing::info!(model = %self.model_name, tokens = EMBED_TOKENS, "embedding context created");
-            self.embedder = Some(ctx);
-        }
-        let ctx = self.embedder.as_mut().expect("created above");
-        let mut out = Vec::with_capacity(texts.len());
-        for (i, text) in texts.iter().enumerate() {
-            let tokens = self.model.tokenize(text, true, false)?;
-            if tokens.len() > EMBED_TOKENS as usize {
-                return Err(Error::InvalidArgs(format!(
-                    "texts[{i}] is {} tokens; embeddings take at most {EMBED_TOKENS}",
-                    tokens.len()
-                )));
-            }
-            if tokens.is_empty() {
-                return Err(Error::InvalidArgs(format!("texts[{i}] has no tokens")));
-            }
-            out.push(ctx.embed(&tokens).map_err(|e| Error::Internal(e.to_string()))?);
-        }
-        Ok(out)
     }
 
     /// Checks the request against the model and renders + tokenizes its prompt.
@@ -307,22 +303,19 @@ impl Worker {
         }
     }
 
-    /// Starts waiting requests while the scheduler's best candidate fits.
+    /// Starts waiting requests while the scheduler's best candidate fits, parking idle
+    /// sessions' KV when only their pinned slots are left.
     fn admit(&mut self) {
-        while let Some((w, slot)) = self.scheduler.pop_next() {
-            let mut reuse = slot.reuse;
-            if let Some(src) = slot.copy_from {
-                self.ctx.copy_sequence(src, slot.seq);
-                self.ctx.remove_sequence(src);
+        loop {
+            if let Some((w, slot)) = self.scheduler.pop_next() {
+                self.start(w, slot);
+            } else if let Some(seq) = self.scheduler.slot_to_unpin() {
+                if let Some(pin) = self.scheduler.unpin(seq) {
+                    self.park(seq, pin);
+                }
+            } else {
+                break;
             }
-            if slot.evict {
-                self.ctx.remove_sequence(slot.seq);
-            } else if !self.ctx.truncate_sequence(slot.seq, reuse as i32) {
-                self.ctx.remove_sequence(slot.seq);
-                reuse = 0;
-            }
-            tracing::debug!(id = w.id, seq = slot.seq, reuse, priority = w.priority.as_str(), "request started");
-            self.running.push(Sequence::start(w, slot.seq, reuse));
         }
         // Kept prefixes pay off for one app talking in turns; once several requests run, the
         // slots are worth more cold (llama.cpp attends over every KV stream between the lowest
@@ -381,13 +374,14 @@ impl Worker {
         // newcomer's prompt and first token come first.
         let prefill_priority =
             self.running.iter().filter(|s| s.finished.is_none() && s.in_prefill()).map(|s| s.priority).max();
+        let group = self.step_group(prefill_priority);
         let mut push_failed = None;
         // What this step takes from each sequence, to put back if the step is preempted.
         let mut taken: Vec<(usize, hearth_ffi::Token)> = Vec::new();
         let mut prefill_taken: Option<(usize, usize)> = None;
         for (i, s) in self.running.iter_mut().enumerate().filter(|(_, s)| s.finished.is_none()) {
             s.logits_index = None;
-            if prefill_priority.is_some_and(|p| p > s.priority) {
+            if prefill_priority.is_some_and(|p| p > s.priority) || group.as_ref().is_some_and(|g| *g != s.adapters) {
                 continue;
             }
             if let Some(token) = s.next_token {
@@ -405,8 +399,11 @@ impl Worker {
         // One prompt chunk per step: the highest-priority, oldest prefilling sequence's. Two
         // prompts in one batch change llama.cpp's numerics (tested in hearth-ffi's
         // batch_exactness), and batching must never change a request's output.
+        let in_group = |s: &Sequence| group.as_ref().is_none_or(|g| *g == s.adapters);
         let next_prefill = (0..self.running.len())
-            .filter(|&i| self.running[i].finished.is_none() && self.running[i].in_prefill())
+            .filter(|&i| {
+                self.running[i].finished.is_none() && self.running[i].in_prefill() && in_group(&self.running[i])
+            })
             .min_by_key(|&i| (std::cmp::Reverse(self.running[i].priority), self.running[i].id));
         if let Some(i) = next_prefill {
             let s = &mut self.running[i];
@@ -427,6 +424,14 @@ impl Worker {
             self.fail_batch(&Error::Internal(format!("batch construction: {e}")));
             return 0;
         }
+        if let Some(g) = group.as_ref().filter(|g| self.adapters_set.as_ref() != Some(*g)) {
+            if let Err(e) = self.ctx.set_lora_scales(&g.scales()) {
+                self.fail_batch(&Error::Internal(e.to_string()));
+                return 0;
+            }
+            self.adapters_set = Some(g.clone());
+        }
+        self.last_group = group;
         // A pending preemption may abort this step only if it holds no interactive work.
         if self
             .running
@@ -496,16 +501,20 @@ impl Worker {
                 continue;
             }
             let mut s = self.running.swap_remove(i);
-            // A request that ended normally leaves its KV for the same app's next prompt;
-            // cancelled and failed ones free it at once.
-            let kept = match s.finished {
-                Some((FinishReason::Stop | FinishReason::Length, _)) if self.prefix_cache => Some(s.kv_tokens()),
-                _ => None,
+            // A request that ended normally leaves its KV for its session's next turn, or for
+            // the same app's next prompt; cancelled and failed ones free it at once.
+            let ended_well = matches!(s.finished, Some((FinishReason::Stop | FinishReason::Length, _)));
+            let keep = match s.session {
+                Some(id) if ended_well && self.sessions.owns(id, &s.caller.app, &self.model_name) => {
+                    Keep::Session(id, s.kv_tokens(), s.adapters.clone())
+                }
+                None if ended_well && self.prefix_cache => Keep::Prefix(s.kv_tokens(), s.adapters.clone()),
+                _ => Keep::Nothing,
             };
-            if kept.is_none() {
+            if matches!(keep, Keep::Nothing) {
                 self.ctx.remove_sequence(s.seq);
             }
-            let released = self.scheduler.release(&s.caller.app, s.priority, s.seq, s.kv_reserved, kept);
+            let released = self.scheduler.release(&s.caller.app, s.priority, s.seq, s.kv_reserved, keep);
             for seq in released.dropped {
                 self.ctx.remove_sequence(seq);
             }
@@ -550,6 +559,10 @@ impl Worker {
 
     /// Ends every request as Cancelled, refuses late submissions, and publishes an empty queue.
     fn shutdown(&mut self) {
+        // Idle sessions' KV outlives this engine (unloaded, or restarted with a smaller cache).
+        for (seq, pin) in self.scheduler.unpin_all() {
+            self.park(seq, pin);
+        }
         for s in &mut self.running {
             if s.finished.is_none() {
                 s.finish_cancelled(CancelReason::Shutdown);

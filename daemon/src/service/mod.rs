@@ -4,34 +4,40 @@
 mod driver;
 mod in_flight;
 mod request_object;
+mod result;
+mod run;
+mod session;
+mod watch;
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::AtomicU64;
 
-use hearth_dbus::{Error as BusError, FinishReason, result_key};
+use hearth_dbus::Error as BusError;
 use zbus::message::Header;
-use zbus::object_server::SignalEmitter;
 use zbus::zvariant::{OwnedObjectPath, OwnedValue, Value};
 use zbus::{Connection, interface};
 
 pub use in_flight::InFlight;
-use request_object::RequestObject;
+use result::model_dict;
+pub(crate) use result::{outcome_dict, owned};
+pub(crate) use run::OnFinish;
+pub use session::Sessions;
+pub use watch::{publish_cloud_changes, publish_governor_changes, publish_status_changes, watch_disconnects};
 
 use crate::cloud::Cloud;
-use crate::engine::{Caller, CancelToken, Event, GenerateRequest, Outcome, Priority};
+use crate::engine::{Caller, CancelToken, GenerateRequest, Priority};
 use crate::error::Error;
 use crate::gate::Gate;
 use crate::governor::GovernorStatus;
 use crate::identity::{self, Identity};
-use crate::manager::{ManagerStatus, ModelManager, ModelReport};
+use crate::manager::ModelManager;
 use crate::polkit;
 use crate::privacy::{CloudView, Content, Decision, Part, RouteRequest};
 use crate::request::{Method, parse, parse_embed};
-use crate::structured::Structure;
 
-/// `org.hearth.Hearth1` at `/org/hearth/Hearth1`.
-#[derive(Debug)]
+/// `org.hearth.Hearth1` at `/org/hearth/Hearth1`. Cheap to clone: session objects hold one.
+#[derive(Debug, Clone)]
 pub struct HearthService {
     models: ModelManager,
     gate: Arc<Gate>,
@@ -39,9 +45,10 @@ pub struct HearthService {
     cloud: Option<Arc<Cloud>>,
     /// The configuration files hearthd was started with (Reload reads them again).
     config_paths: Vec<std::path::PathBuf>,
-    next_request: AtomicU64,
+    next_request: Arc<AtomicU64>,
     in_flight: InFlight,
     callers: CallerCache,
+    sessions: Sessions,
 }
 
 impl HearthService {
@@ -54,7 +61,14 @@ impl HearthService {
         in_flight: InFlight,
         callers: CallerCache,
     ) -> Self {
-        Self { models, gate, governor, cloud, config_paths, next_request: AtomicU64::new(1), in_flight, callers }
+        let next_request = Arc::new(AtomicU64::new(1));
+        let sessions = Sessions::default();
+        Self { models, gate, governor, cloud, config_paths, next_request, in_flight, callers, sessions }
+    }
+
+    /// The open sessions (the disconnect watcher closes those of connections that leave).
+    pub fn sessions(&self) -> Sessions {
+        self.sessions.clone()
     }
 
     /// What the router should know about the cloud for `request`: the documented cost rule
@@ -139,62 +153,6 @@ fn options_bool(options: &HashMap<String, OwnedValue>, key: &str, allowed: &[&st
             Err(BusError::InvalidArgs(format!("{key} must be a boolean (b), got {}", other.value_signature())))
         }
     }
-}
-
-fn owned(v: Value<'_>) -> OwnedValue {
-    // Only values holding file descriptors can fail to convert; ours never do.
-    OwnedValue::try_from(v).expect("value without file descriptors")
-}
-
-/// The result dictionary of Complete and Request.Finished.
-pub(crate) fn outcome_dict(
-    o: &Outcome,
-    decision: &Decision,
-    structure: Option<&Structure>,
-) -> HashMap<String, OwnedValue> {
-    let mut d = HashMap::from([
-        (result_key::FINISH_REASON.to_owned(), owned(Value::from(o.reason.as_str()))),
-        (result_key::TEXT.to_owned(), owned(Value::from(o.text.as_str()))),
-        (result_key::TOKENS.to_owned(), owned(Value::from(o.token_ids.len() as u32))),
-        (result_key::TOKEN_IDS.to_owned(), owned(Value::from(o.token_ids.clone()))),
-        (result_key::PROMPT_TOKENS.to_owned(), owned(Value::from(o.prompt_tokens))),
-        (result_key::CACHED_TOKENS.to_owned(), owned(Value::from(o.cached_tokens))),
-        (result_key::MODEL.to_owned(), owned(Value::from(o.model.as_str()))),
-        (result_key::PREFILL_US.to_owned(), owned(Value::from(o.prefill.as_micros() as u64))),
-        (result_key::DECODE_US.to_owned(), owned(Value::from(o.decode.as_micros() as u64))),
-    ]);
-    let (route, reason) = match &o.route {
-        Some((route, reason)) => (route.clone(), reason.clone()),
-        None => (decision.route.as_str().to_owned(), decision.reason.to_owned()),
-    };
-    d.insert(result_key::ROUTE.to_owned(), owned(Value::from(route)));
-    d.insert(result_key::ROUTE_REASON.to_owned(), owned(Value::from(reason)));
-    if let Some(s) = structure.filter(|_| o.error.is_none()) {
-        if let Some(valid) = s.schema_valid(&o.text) {
-            d.insert(result_key::SCHEMA_VALID.to_owned(), owned(Value::from(valid)));
-        }
-        let calls = s.tool_calls(&o.text);
-        if !calls.is_empty() {
-            let calls: Vec<HashMap<&str, Value<'_>>> = calls
-                .into_iter()
-                .map(|c| {
-                    HashMap::from([
-                        ("id", Value::from(c.id)),
-                        ("name", Value::from(c.name)),
-                        ("arguments", Value::from(c.arguments)),
-                    ])
-                })
-                .collect();
-            d.insert(result_key::TOOL_CALLS.to_owned(), owned(Value::from(calls)));
-            d.insert(result_key::FINISH_REASON.to_owned(), owned(Value::from(hearth_dbus::FINISH_TOOL_CALLS)));
-        }
-    }
-    if let Some(e) = &o.error {
-        let bus = BusError::from(e.clone());
-        d.insert(result_key::ERROR_NAME.to_owned(), owned(Value::from(bus.dbus_name())));
-        d.insert(result_key::ERROR_MESSAGE.to_owned(), owned(Value::from(bus.message())));
-    }
-    d
 }
 
 /// A failure of the bus layer itself, as a named `Internal` error: a reply must always carry
@@ -285,46 +243,8 @@ impl HearthService {
         let parsed = parse(&request, Method::Generate, self.models.config().limits.default_max_tokens)?;
         let (who, _) = identify(conn, &self.callers, &sender).await?;
         let (request, decision) = self.admit(&who, parsed.request, parsed.parts, parsed.route)?;
-        let structure = request.structure.clone();
-        let cancel = CancelToken::default();
-        let server = conn.object_server();
-        // Claim the request path first, so the caller's early subscription can never see
-        // someone else's object, and a duplicate handle token is refused.
-        let path = loop {
-            let token = match &parsed.handle_token {
-                Some(t) => t.clone(),
-                None => format!("r{}", self.next_request.fetch_add(1, Ordering::Relaxed)),
-            };
-            let path = hearth_dbus::request_path(sender.as_str(), &token)
-                .ok_or_else(|| BusError::Internal(format!("cannot build a request path for {sender}")))?;
-            let object = RequestObject::new(sender.clone(), cancel.clone());
-            if server.at(&path, object).await.map_err(|e| internal("cannot export the request object", &e))? {
-                break path;
-            }
-            if parsed.handle_token.is_some() {
-                return Err(BusError::InvalidArgs(format!("handle_token {token:?} is already in use")));
-            }
-        };
-        let guard = self.in_flight.enter();
-        match driver::start(&self.models, self.cloud.as_ref(), &self.governor, request, who, cancel, &decision).await {
-            Ok(running) => {
-                tracing::info!(caller = %sender, path = %path.as_str(), route = decision.route.as_str(), "generate");
-                let conn = conn.clone();
-                let out_path = path.clone();
-                tokio::spawn(async move {
-                    let driver::Running { events, _lease: lease } = running;
-                    request_object::forward(&conn, path, sender, events, decision, structure).await;
-                    drop(lease);
-                    drop(guard);
-                });
-                Ok(out_path)
-            }
-            Err(e) => {
-                let _ = server.remove::<RequestObject, _>(&path).await;
-                tracing::info!(caller = %sender, error = %e, "generate refused");
-                Err(e.into())
-            }
-        }
+        self.start_generation(conn, sender, who, request, decision, parsed.handle_token, CancelToken::default(), None)
+            .await
     }
 
     /// Generates and returns the whole result; see org.hearth.Hearth1.xml.
@@ -339,30 +259,28 @@ impl HearthService {
         let parsed = parse(&request, Method::Complete, self.models.config().limits.default_max_tokens)?;
         let (who, _) = identify(conn, &self.callers, &sender).await?;
         let (request, decision) = self.admit(&who, parsed.request, parsed.parts, parsed.route)?;
-        let structure = request.structure.clone();
-        let _guard = self.in_flight.enter();
-        let refused = |e: &Error| tracing::info!(caller = %sender, error = %e, "complete refused");
-        let mut running = driver::start(
-            &self.models,
-            self.cloud.as_ref(),
-            &self.governor,
-            request,
-            who,
-            CancelToken::default(),
-            &decision,
-        )
-        .await
-        .inspect_err(refused)?;
-        tracing::info!(caller = %sender, route = decision.route.as_str(), "complete");
-        while let Some(event) = running.events.recv().await {
-            if let Event::Finished(outcome) = event {
-                return match (outcome.reason, outcome.error.clone()) {
-                    (FinishReason::Cancelled | FinishReason::Error, Some(e)) => Err(e.into()),
-                    _ => Ok(outcome_dict(&outcome, &decision, structure.as_deref())),
-                };
-            }
+        self.complete_generation(&sender, who, request, decision, CancelToken::default(), None).await
+    }
+
+    /// Opens a multi-turn session whose KV cache stays between turns; see
+    /// org.hearth.Hearth1.xml.
+    #[zbus(out_args("session"))]
+    async fn open_session(
+        &self,
+        #[zbus(header)] header: Header<'_>,
+        #[zbus(connection)] conn: &Connection,
+        options: HashMap<String, OwnedValue>,
+    ) -> Result<OwnedObjectPath, BusError> {
+        let sender = caller(&header)?;
+        let model = session::parse_options(&options)?.unwrap_or_else(|| self.models.default_model());
+        let (who, _) = identify(conn, &self.callers, &sender).await?;
+        if !self.models.is_installed(&model) {
+            return Err(Error::ModelNotFound(model).into());
         }
-        Err(Error::Internal("the engine stopped without finishing the request".into()).into())
+        if !self.gate.policy(&who.app).allows_model(&model) {
+            return Err(BusError::NotAuthorized(format!("this app's policy does not allow model {model:?}")));
+        }
+        self.sessions.open(conn, self, &sender, &who.app, model).await
     }
 
     /// Embeddings of texts, computed on the device; see org.hearth.Hearth1.xml.
@@ -386,6 +304,8 @@ impl HearthService {
             deadline: None,
             assistant_prefix: None,
             structure: None,
+            adapters: None,
+            session: None,
         };
         let parts = parsed
             .texts
@@ -554,11 +474,17 @@ impl HearthService {
     #[zbus(property(emits_changed_signal = "false"))]
     async fn kv_cache(&self) -> HashMap<String, u32> {
         let [size, reserved, used, cached] = self.models.kv_totals();
+        let store = self.models.sessions();
+        let (parked, parked_bytes) = store.parked();
+        let kib = u32::try_from(parked_bytes.div_ceil(1024)).unwrap_or(u32::MAX);
         HashMap::from([
             ("size".to_owned(), size),
             ("reserved".to_owned(), reserved),
             ("used".to_owned(), used),
             ("cached".to_owned(), cached),
+            ("sessions".to_owned(), store.len() as u32),
+            ("parked_sessions".to_owned(), parked as u32),
+            ("parked_kib".to_owned(), kib),
         ])
     }
 
@@ -644,160 +570,5 @@ impl HearthService {
                 ])
             })
             .collect()
-    }
-}
-
-/// One ListModels entry.
-fn model_dict(r: &ModelReport, default: &str) -> HashMap<String, OwnedValue> {
-    let m = &r.entry.manifest;
-    let caps: Vec<&str> = m.capabilities.iter().map(|c| c.as_str()).collect();
-    let mut d = HashMap::from([
-        ("name".to_owned(), owned(Value::from(m.name.as_str()))),
-        ("file".to_owned(), owned(Value::from(r.entry.path.display().to_string()))),
-        ("sha256".to_owned(), owned(Value::from(m.sha256.as_str()))),
-        ("loaded".to_owned(), owned(Value::from(r.info.is_some()))),
-        ("default".to_owned(), owned(Value::from(m.name == default))),
-        ("pinned".to_owned(), owned(Value::from(r.pinned))),
-        ("verified".to_owned(), owned(Value::from(r.verified))),
-        ("capabilities".to_owned(), owned(Value::from(caps))),
-        ("adapters".to_owned(), owned(Value::from(m.adapters.len() as u32))),
-        ("file_size".to_owned(), owned(Value::from(r.entry.file_size.unwrap_or(0)))),
-    ]);
-    if let Some(n) = m.context_length {
-        d.insert("context_length".to_owned(), owned(Value::from(n)));
-    }
-    if let Some(info) = &r.info {
-        d.insert("n_params".to_owned(), owned(Value::from(info.n_params)));
-        d.insert("size_bytes".to_owned(), owned(Value::from(info.size_bytes)));
-        d.insert("context_length".to_owned(), owned(Value::from(info.context_length)));
-        d.insert("trained_context".to_owned(), owned(Value::from(info.trained_context)));
-        d.insert("description".to_owned(), owned(Value::from(info.description.as_str())));
-        d.insert("memory_bytes".to_owned(), owned(Value::from(r.memory)));
-        d.insert("kv_shrunk".to_owned(), owned(Value::from(r.shrunk)));
-    }
-    if let Some(e) = &r.last_error {
-        d.insert("error".to_owned(), owned(Value::from(e.as_str())));
-    }
-    d
-}
-
-/// Emits PropertiesChanged for the queue, model and memory properties whenever they move.
-pub async fn publish_status_changes(conn: Connection, mut status: tokio::sync::watch::Receiver<ManagerStatus>) {
-    let iface = match conn.object_server().interface::<_, HearthService>(hearth_dbus::OBJECT_PATH).await {
-        Ok(i) => i,
-        Err(e) => {
-            tracing::error!(error = %e, "cannot watch engine status");
-            return;
-        }
-    };
-    let mut last = status.borrow().clone();
-    while status.changed().await.is_ok() {
-        let now = status.borrow_and_update().clone();
-        let emitter: &SignalEmitter<'_> = iface.signal_emitter();
-        let service = iface.get().await;
-        let mut results = Vec::new();
-        if now.queue_depth() != last.queue_depth() {
-            results.push(("QueueDepth", service.queue_depth_changed(emitter).await));
-        }
-        if Priority::ALL.iter().any(|&p| now.count(p) != last.count(p)) {
-            results.push(("QueueByPriority", service.queue_by_priority_changed(emitter).await));
-        }
-        if now.loaded != last.loaded {
-            results.push(("LoadedModels", service.loaded_models_changed(emitter).await));
-        }
-        if now.loading != last.loading {
-            results.push(("LoadProgress", service.load_progress_changed(emitter).await));
-        }
-        // Readings alone change every interval; they are read on demand.
-        let memory_moved = |m: &crate::manager::MemoryStatus| {
-            (m.used, m.pressure, m.evicted, m.expired, m.pressure_unloads, m.pressure_shrinks)
-        };
-        if memory_moved(&now.memory) != memory_moved(&last.memory) {
-            results.push(("Memory", service.memory_changed(emitter).await));
-        }
-        for (property, result) in results {
-            if let Err(e) = result {
-                tracing::warn!(error = %e, property, "cannot emit a property change");
-            }
-        }
-        last = now;
-    }
-}
-
-/// Emits PropertiesChanged for ThermalState, PowerState and Throttle when they move (the cap
-/// only when it moves by 5% or more, the temperature alone never: read it on demand).
-pub async fn publish_governor_changes(conn: Connection, mut status: tokio::sync::watch::Receiver<GovernorStatus>) {
-    let Ok(iface) = conn.object_server().interface::<_, HearthService>(hearth_dbus::OBJECT_PATH).await else {
-        return;
-    };
-    let mut last = status.borrow().clone();
-    let moved = |a: Option<f64>, b: Option<f64>| match (a, b) {
-        (Some(a), Some(b)) => (a - b).abs() > 0.05 * a.max(b),
-        (a, b) => a.is_some() != b.is_some(),
-    };
-    while status.changed().await.is_ok() {
-        let now = status.borrow_and_update().clone();
-        let emitter: &SignalEmitter<'_> = iface.signal_emitter();
-        let service = iface.get().await;
-        let mut results = Vec::new();
-        if now.thermal != last.thermal {
-            results.push(("ThermalState", service.thermal_state_changed(emitter).await));
-        }
-        if now.power != last.power {
-            results.push(("PowerState", service.power_state_changed(emitter).await));
-        }
-        let flags = |g: &GovernorStatus| (g.threads, g.defer_background, g.prefer_cloud, g.power_saver);
-        if flags(&now) != flags(&last) || moved(now.rate_cap_tps, last.rate_cap_tps) {
-            results.push(("Throttle", service.throttle_changed(emitter).await));
-        }
-        for (property, result) in results {
-            if let Err(e) = result {
-                tracing::warn!(error = %e, property, "cannot emit a property change");
-            }
-        }
-        if flags(&now) != flags(&last)
-            || moved(now.rate_cap_tps, last.rate_cap_tps)
-            || now.thermal != last.thermal
-            || now.power != last.power
-        {
-            last = now;
-        }
-    }
-}
-
-/// Cancels the requests of every connection that leaves the bus, freeing their KV at once.
-pub async fn watch_disconnects(conn: Connection, models: ModelManager, callers: CallerCache) {
-    let stream = async {
-        let dbus = zbus::fdo::DBusProxy::new(&conn).await?;
-        dbus.receive_name_owner_changed().await
-    };
-    let mut changes = match stream.await {
-        Ok(s) => s,
-        Err(e) => {
-            tracing::error!(error = %e, "cannot watch for disconnecting callers");
-            return;
-        }
-    };
-    use futures_util::StreamExt;
-    while let Some(signal) = changes.next().await {
-        let Ok(args) = signal.args() else { continue };
-        // A unique name losing its owner is a connection that closed.
-        if args.name().starts_with(':') && args.new_owner().is_none() {
-            callers.remove(args.name());
-            models.connection_closed(args.name()).await;
-        }
-    }
-}
-
-/// Emits PropertiesChanged for CloudAvailable when the circuit breaker opens or closes.
-pub async fn publish_cloud_changes(conn: Connection, available: Option<tokio::sync::watch::Receiver<bool>>) {
-    let Some(mut available) = available else { return };
-    let Ok(iface) = conn.object_server().interface::<_, HearthService>(hearth_dbus::OBJECT_PATH).await else {
-        return;
-    };
-    while available.changed().await.is_ok() {
-        if let Err(e) = iface.get().await.cloud_available_changed(iface.signal_emitter()).await {
-            tracing::warn!(error = %e, "cannot emit CloudAvailable change");
-        }
     }
 }

@@ -7,6 +7,12 @@
 //! best static batch (1, 2, 4 or 8 sequences decoded in lock-step through hearth-ffi), and an
 //! interactive request's time to first token under 8 background streams divided by its idle
 //! time to first token. Targets: aggregate ≥ 0.9 of the best static batch, TTFT ratio ≤ 2.
+//!
+//! Sessions: the latency of turn N of a conversation in a session, against re-sending the
+//! whole transcript to Complete, with another app's request between turns (as on a phone,
+//! where the per-app prefix cache does not survive other work); and with a single sequence
+//! slot, so the session's KV is parked and restored every turn, with the daemon's own
+//! park and restore times.
 
 #![forbid(unsafe_code)]
 
@@ -18,7 +24,8 @@ use std::sync::Arc;
 
 use hearth_ffi::{Batch, Context, ContextParams, Sampler, Token};
 use hearth_tests::{
-    BATCH, Bus, CONTEXT, Daemon, chat_request, direct_run, greedy, reference_model, set_threads, threads, with_priority,
+    BATCH, Bus, CONTEXT, Daemon, Settings, chat_request, direct_run, greedy, reference_model, set_threads, threads,
+    with_priority,
 };
 
 #[derive(Debug, Parser)]
@@ -42,6 +49,9 @@ struct Args {
     /// Tokens per stream in the aggregate measurement.
     #[arg(long, default_value_t = 96)]
     stream_tokens: u32,
+    /// Turns of the session conversation.
+    #[arg(long, default_value_t = 6)]
+    turns: usize,
     /// Print one JSON object instead of the table.
     #[arg(long)]
     json: bool,
@@ -133,6 +143,7 @@ async fn main() {
         args.decode_tokens = 16;
         args.streams = 2;
         args.stream_tokens = 8;
+        args.turns = 2;
     }
     set_threads(args.threads);
     let bus = Bus::start();
@@ -189,6 +200,26 @@ async fn main() {
         .expect("tokenize")
         .len();
     let load = under_load(&conn, args.streams, args.stream_tokens, args.reps.min(3)).await;
+    let reps = args.reps.min(3);
+    let (mut resident, mut resend) = (vec![], vec![]);
+    for _ in 0..reps {
+        resident.push(conversation(&conn, true, args.turns).await);
+        resend.push(conversation(&conn, false, args.turns).await);
+    }
+    // One slot: the session is parked by the request between turns and restored by its turn.
+    let one_slot = Settings { max_sequences: Some(1), interactive_sequences: Some(0), ..Settings::default() };
+    let bus1 = Bus::start();
+    let parking = Daemon::start_configured(&bus1, &one_slot).await;
+    let conn1 = bus1.connect().await;
+    let mut parked = Vec::new();
+    for _ in 0..reps {
+        parked.push(conversation(&conn1, true, args.turns).await);
+    }
+    let (park_ms, restore_ms, parked_bytes) = park_times(&parking.log());
+    drop(parking);
+    let last = |v: &[Turns]| median(v.iter().map(|t| t.last_ms).collect());
+    let (s_ms, r_ms, p_ms) = (last(&resident), last(&resend), last(&parked));
+    let turn_n_tokens = resident[0].last_prompt_tokens;
     if args.json {
         println!(
             "{}",
@@ -202,6 +233,11 @@ async fn main() {
                     "dbus_aggregate_tok_s": load.aggregate, "static_batch_tok_s": load.static_best, "best_static_batch": load.static_best_b,
                     "aggregate_ratio": load.aggregate / load.static_best,
                     "ttft_idle_ms": load.ttft_idle_ms, "ttft_loaded_ms": load.ttft_loaded_ms, "ttft_ratio": load.ttft_loaded_ms / load.ttft_idle_ms,
+                },
+                "sessions": {
+                    "turns": args.turns, "turn_n_prompt_tokens": turn_n_tokens,
+                    "turn_n_session_ms": s_ms, "turn_n_resend_ms": r_ms, "resend_over_session": r_ms / s_ms,
+                    "turn_n_parked_session_ms": p_ms, "park_ms": park_ms, "restore_ms": restore_ms, "parked_state_bytes": parked_bytes,
                 },
             })
         );
@@ -230,6 +266,13 @@ async fn main() {
             args.streams,
             load.ttft_loaded_ms,
             load.ttft_loaded_ms / load.ttft_idle_ms
+        );
+        println!(
+            "session turn {} ({turn_n_tokens} prompt tokens): session {s_ms:.1} ms, re-sent transcript {r_ms:.1} ms \
+             (ratio {:.2}); parked each turn {p_ms:.1} ms (park {park_ms:.2} ms, restore {restore_ms:.2} ms, \
+             {parked_bytes} bytes of KV state)",
+            args.turns,
+            r_ms / s_ms
         );
         if decode_tokens.0 != decode_tokens.1 {
             println!(
@@ -409,4 +452,81 @@ fn static_batches(streams: usize, b: usize, tokens: usize) -> f64 {
         }
     }
     generated as f64 / started.elapsed().as_secs_f64()
+}
+
+/// What the user says in each turn of the session conversation.
+const TURNS: [&str; 8] = [
+    "I am planning a trip to Lisbon in May with two friends. What should we pack?",
+    "We like food markets and old neighbourhoods. Which ones should we visit?",
+    "One of us is vegetarian. Suggest three dishes she can try there.",
+    "How do we get from the airport to the city centre cheaply?",
+    "Plan a relaxed first day for us, from breakfast to dinner.",
+    "What is a good day trip from the city by train?",
+    "Remind me what we said about the vegetarian dishes.",
+    "Summarise our whole plan in three sentences.",
+];
+
+/// One conversation's turn N.
+#[derive(Debug, Clone, Copy)]
+struct Turns {
+    /// Wall time of the last turn's Complete, ms.
+    last_ms: f64,
+    last_prompt_tokens: u32,
+}
+
+/// Runs a conversation of `turns` turns (32 tokens per answer, greedy), in a session or by
+/// re-sending the transcript; before every turn another conversation's request runs.
+async fn conversation(conn: &zbus::Connection, in_session: bool, turns: usize) -> Turns {
+    let proxy = hearth_tests::hearth(conn).await;
+    let session = if in_session {
+        let path = proxy.open_session(std::collections::HashMap::new()).await.expect("OpenSession");
+        Some(hearth_dbus::SessionProxy::builder(conn).path(path).expect("path").build().await.expect("proxy"))
+    } else {
+        None
+    };
+    let mut transcript: Vec<(String, String)> = Vec::new();
+    let mut last = Turns { last_ms: 0.0, last_prompt_tokens: 0 };
+    for (i, user) in TURNS.iter().cycle().take(turns).enumerate() {
+        proxy.complete(chat_request(&stream_prompt(i), 8)).await.expect("the other app's request");
+        transcript.push(("user".into(), (*user).into()));
+        let started = Instant::now();
+        let result = match &session {
+            Some(s) => s.complete(chat_request(user, 32)).await,
+            None => {
+                let messages: Vec<(&str, &str)> = transcript.iter().map(|(r, c)| (r.as_str(), c.as_str())).collect();
+                let mut r = chat_request("", 32);
+                r.insert(hearth_dbus::request_key::MESSAGES, hearth_dbus::messages_value(&messages));
+                proxy.complete(r).await
+            }
+        }
+        .expect("turn");
+        last.last_ms = started.elapsed().as_secs_f64() * 1e3;
+        last.last_prompt_tokens =
+            u32::try_from(result.get(result_key::PROMPT_TOKENS).expect("prompt_tokens")).expect("u");
+        let text = <&str>::try_from(result.get(result_key::TEXT).expect("text")).expect("s").to_owned();
+        transcript.push(("assistant".into(), text));
+    }
+    if let Some(s) = session {
+        s.close().await.expect("Close");
+    }
+    last
+}
+
+/// Median park and restore times (ms) and sealed bytes, from hearthd's log lines.
+fn park_times(log: &str) -> (f64, f64, u64) {
+    let field = |line: &str, key: &str| -> Option<f64> {
+        let rest = &line[line.find(&format!(" {key}="))? + key.len() + 2..];
+        rest.split_whitespace().next()?.parse().ok()
+    };
+    let (mut park, mut restore, mut bytes) = (vec![], vec![], vec![]);
+    for line in log.lines() {
+        if line.contains("session KV parked") {
+            park.extend(field(line, "ms"));
+            bytes.extend(field(line, "bytes"));
+        } else if line.contains("session KV restored") {
+            restore.extend(field(line, "ms"));
+        }
+    }
+    let med = |v: Vec<f64>| if v.is_empty() { 0.0 } else { median(v) };
+    (med(park), med(restore), med(bytes) as u64)
 }

@@ -1,0 +1,211 @@
+//! Sessions' KV cache between turns.
+//!
+//! While a session is idle its KV stays in its sequence slot (the scheduler pins the slot),
+//! so the next turn prefills only what is new. When the slot is wanted by another request,
+//! or the engine stops (model unloaded or its KV cache shrunk under memory pressure), the KV
+//! is *parked*: saved with llama.cpp's sequence state API, sealed with the device key for the
+//! session's app (XChaCha20-Poly1305, the app id as associated data, the session id and model
+//! inside), and written to the state directory. The next turn restores it into whichever slot
+//! it gets, and decodes exactly as if it had never left.
+//!
+//! The store outlives engines: it is the registry of open sessions and their parked KV.
+
+use std::collections::HashMap;
+use std::io::Write;
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use hearth_ffi::Token;
+
+use super::AdapterSet;
+use crate::seal::{Purpose, Sealer};
+
+/// What a parked session's KV covers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ParkedKv {
+    /// The tokens the saved KV holds, in position order.
+    pub tokens: Vec<Token>,
+    /// The adapter set the KV was computed under.
+    pub adapters: AdapterSet,
+    /// Size of the sealed file.
+    pub bytes: u64,
+    file: PathBuf,
+}
+
+#[derive(Debug)]
+struct Entry {
+    app: String,
+    model: String,
+    parked: Option<ParkedKv>,
+}
+
+/// The open sessions, and where their parked KV is.
+#[derive(Debug)]
+pub struct SessionStore {
+    dir: PathBuf,
+    sealer: Arc<Sealer>,
+    open: Mutex<HashMap<u64, Entry>>,
+    next_id: AtomicU64,
+}
+
+impl SessionStore {
+    /// A store parking into `<state_dir>/sessions` (made 0700). Files left by an earlier
+    /// run are removed: sessions do not outlive the daemon.
+    pub fn new(state_dir: &Path, sealer: Arc<Sealer>) -> std::io::Result<Self> {
+        let dir = state_dir.join("sessions");
+        std::fs::DirBuilder::new().recursive(true).mode(0o700).create(&dir)?;
+        for entry in std::fs::read_dir(&dir)? {
+            let path = entry?.path();
+            if path.extension().is_some_and(|e| e == "kv") {
+                std::fs::remove_file(&path)?;
+            }
+        }
+        Ok(Self { dir, sealer, open: Mutex::new(HashMap::new()), next_id: AtomicU64::new(1) })
+    }
+
+    fn entries(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Entry>> {
+        self.open.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Registers a new session of `app` on `model`; returns its id.
+    pub fn open(&self, app: &str, model: &str) -> u64 {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        self.entries().insert(id, Entry { app: app.to_owned(), model: model.to_owned(), parked: None });
+        id
+    }
+
+    /// Forgets a session and deletes its parked KV. Engines drop its resident KV on their
+    /// own (`EngineHandle::close_session`).
+    pub fn close(&self, id: u64) {
+        let entry = self.entries().remove(&id);
+        if let Some(p) = entry.and_then(|e| e.parked) {
+            remove_quietly(&p.file);
+        }
+    }
+
+    /// Open sessions.
+    pub fn len(&self) -> usize {
+        self.entries().len()
+    }
+
+    /// Sessions whose KV is parked, and the bytes their files take.
+    pub fn parked(&self) -> (usize, u64) {
+        let entries = self.entries();
+        let parked: Vec<&ParkedKv> = entries.values().filter_map(|e| e.parked.as_ref()).collect();
+        (parked.len(), parked.iter().map(|p| p.bytes).sum())
+    }
+
+    /// Whether session `id` is open, belongs to `app` and runs `model`.
+    pub fn owns(&self, id: u64, app: &str, model: &str) -> bool {
+        self.entries().get(&id).is_some_and(|e| e.app == app && e.model == model)
+    }
+
+    /// Parks `state` (the session's KV over `tokens`). Returns Ok(false), writing nothing,
+    /// when the session was closed meanwhile.
+    pub fn park(&self, id: u64, tokens: Vec<Token>, adapters: AdapterSet, state: &[u8]) -> Result<bool, String> {
+        let mut entries = self.entries();
+        let Some(entry) = entries.get_mut(&id) else { return Ok(false) };
+        let plain = [header(id, &entry.model).as_slice(), state].concat();
+        let sealed = self
+            .sealer
+            .seal_for(Purpose::SessionKv, &entry.app, &plain)
+            .map_err(|e| format!("cannot seal session KV: {e}"))?;
+        let file = self.dir.join(format!("{id}.kv"));
+        write_private(&file, &sealed).map_err(|e| format!("cannot write {}: {e}", file.display()))?;
+        if let Some(old) = entry.parked.replace(ParkedKv { tokens, adapters, bytes: sealed.len() as u64, file }) {
+            tracing::warn!(session = id, "session parked twice; the older state is replaced");
+            drop(old);
+        }
+        Ok(true)
+    }
+
+    /// Takes session `id`'s parked KV, if it has any: reads the file, checks that it was
+    /// sealed by this device for the session's app, session and model, and deletes it.
+    /// Returns the KV's description and the llama.cpp state bytes.
+    pub fn unpark(&self, id: u64) -> Option<Result<(ParkedKv, Vec<u8>), String>> {
+        let (parked, app, model) = {
+            let mut entries = self.entries();
+            let entry = entries.get_mut(&id)?;
+            (entry.parked.take()?, entry.app.clone(), entry.model.clone())
+        };
+        let read = std::fs::read(&parked.file);
+        remove_quietly(&parked.file);
+        let sealed = match read {
+            Ok(b) => b,
+            Err(e) => return Some(Err(format!("cannot read {}: {e}", parked.file.display()))),
+        };
+        let opened = match self.sealer.open_for(Purpose::SessionKv, &sealed) {
+            Ok(o) => o,
+            Err(e) => return Some(Err(format!("parked KV does not open: {e}"))),
+        };
+        let (sealed_for, plain) = opened;
+        if sealed_for != app {
+            return Some(Err("parked KV was sealed for another app".into()));
+        }
+        let Some(state) = plain.strip_prefix(header(id, &model).as_slice()) else {
+            return Some(Err("parked KV belongs to another session or model".into()));
+        };
+        Some(Ok((parked, state.to_vec())))
+    }
+}
+
+/// What the sealed plaintext starts with: binds the KV to its session and model (the app is
+/// bound by the seal's associated data).
+fn header(id: u64, model: &str) -> Vec<u8> {
+    [b"hearth-session-kv\0".as_slice(), &id.to_be_bytes(), model.as_bytes(), b"\0"].concat()
+}
+
+fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    let mut f = std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(path)?;
+    f.write_all(bytes)
+}
+
+fn remove_quietly(path: &Path) {
+    if let Err(e) = std::fs::remove_file(path) {
+        if e.kind() != std::io::ErrorKind::NotFound {
+            tracing::warn!(file = %path.display(), error = %e, "cannot remove parked session KV");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn store(dir: &Path) -> SessionStore {
+        let sealer = Arc::new(Sealer::open(dir).unwrap());
+        SessionStore::new(dir, sealer).unwrap()
+    }
+
+    #[test]
+    fn parked_kv_round_trips_sealed_and_bound_to_its_session() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = store(dir.path());
+        let a = s.open("app.a", "m");
+        let b = s.open("app.a", "m");
+        let set = AdapterSet::default();
+        assert!(s.park(a, vec![1, 2, 3], set.clone(), b"the kv bytes").unwrap());
+        let file = dir.path().join(format!("sessions/{a}.kv"));
+        let on_disk = std::fs::read(&file).unwrap();
+        assert!(!on_disk.windows(12).any(|w| w == b"the kv bytes"), "parked KV is encrypted");
+        assert_eq!(s.parked(), (1, on_disk.len() as u64));
+        // Another session's file swapped in does not open as this one's.
+        assert!(s.park(b, vec![9], set.clone(), b"other").unwrap());
+        std::fs::copy(dir.path().join(format!("sessions/{b}.kv")), &file).unwrap();
+        let err = s.unpark(a).unwrap().unwrap_err();
+        assert!(err.contains("another session"), "{err}");
+        assert!(!file.exists(), "taken files are deleted");
+        // Parked KV never opens as a message an app sealed, nor the other way round.
+        let sealer = Sealer::open(dir.path()).unwrap();
+        assert!(sealer.open_blob(&on_disk).is_err());
+        let (kv, state) = s.unpark(b).unwrap().unwrap();
+        assert_eq!((kv.tokens, state.as_slice()), (vec![9], b"other".as_slice()));
+        assert!(s.unpark(b).is_none(), "taken once");
+        // A closed session parks nothing.
+        s.close(a);
+        assert!(!s.park(a, vec![1], set, b"x").unwrap());
+        assert_eq!(s.len(), 1);
+    }
+}

@@ -1,0 +1,173 @@
+//! Where a sequence's KV comes from and which adapters it runs under: slot preparation
+//! (prefix reuse, a session's parked KV), parking idle sessions, the adapter set of a request
+//! and of a decode step, and the embedding context.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use hearth_ffi::Context;
+
+use super::super::scheduler::{Pinned, Slot, shared_prefix};
+use super::super::sequence::{Sequence, Waiting};
+use super::super::{AdapterSet, Priority};
+use super::{EMBED_TOKENS, Worker};
+use crate::error::Error;
+
+impl Worker {
+    /// The adapter scales a request asks for: exactly the named adapters, or without names the
+    /// manifest's scales.
+    pub(super) fn adapter_set(
+        &self,
+        wanted: Option<&std::collections::BTreeMap<String, f32>>,
+    ) -> Result<AdapterSet, Error> {
+        let Some(wanted) = wanted else { return Ok(AdapterSet::new(&self.model.lora_default_scales())) };
+        let names: Vec<&str> = self.model.lora_names().collect();
+        if let Some(unknown) = wanted.keys().find(|k| !names.contains(&k.as_str())) {
+            return Err(Error::InvalidArgs(format!(
+                "model {:?} has no adapter {unknown:?} (its adapters: {names:?})",
+                self.model_name
+            )));
+        }
+        let scales: Vec<f32> = names.iter().map(|n| wanted.get(*n).copied().unwrap_or(0.0)).collect();
+        Ok(AdapterSet::new(&scales))
+    }
+
+    pub(super) fn embed(&mut self, texts: &[String]) -> Result<Vec<Vec<f32>>, Error> {
+        if self.embedder.is_none() {
+            let params = hearth_ffi::ContextParams {
+                n_ctx: EMBED_TOKENS,
+                n_batch: EMBED_TOKENS,
+                n_seq_max: 1,
+                n_threads: self.threads.1,
+                n_threads_batch: self.threads.1,
+                flash_attn: Some(true),
+                kv_unified: false,
+                embeddings: true,
+            };
+            let ctx = Context::new(Arc::clone(&self.model), params).map_err(|e| Error::Internal(e.to_string()))?;
+            tracing::info!(model = %self.model_name, tokens = EMBED_TOKENS, "embedding context created");
+            self.embedder = Some(ctx);
+        }
+        let ctx = self.embedder.as_mut().expect("created above");
+        let mut out = Vec::with_capacity(texts.len());
+        for (i, text) in texts.iter().enumerate() {
+            let tokens = self.model.tokenize(text, true, false)?;
+            if tokens.len() > EMBED_TOKENS as usize {
+                return Err(Error::InvalidArgs(format!(
+                    "texts[{i}] is {} tokens; embeddings take at most {EMBED_TOKENS}",
+                    tokens.len()
+                )));
+            }
+            if tokens.is_empty() {
+                return Err(Error::InvalidArgs(format!("texts[{i}] has no tokens")));
+            }
+            out.push(ctx.embed(&tokens).map_err(|e| Error::Internal(e.to_string()))?);
+        }
+        Ok(out)
+    }
+
+    /// Prepares `slot`'s KV for `w` (prefix reuse, or a session's parked KV) and runs it.
+    pub(super) fn start(&mut self, w: Waiting, slot: Slot) {
+        let mut reuse = slot.reuse;
+        if let Some(src) = slot.copy_from {
+            self.ctx.copy_sequence(src, slot.seq);
+            self.ctx.remove_sequence(src);
+        }
+        if slot.evict {
+            self.ctx.remove_sequence(slot.seq);
+        } else if !self.ctx.truncate_sequence(slot.seq, reuse as i32) {
+            self.ctx.remove_sequence(slot.seq);
+            reuse = 0;
+        }
+        if let Some(id) = w.session {
+            if let Some(restored) = self.restore(id, slot.seq, &w) {
+                reuse = restored;
+            }
+        }
+        tracing::debug!(id = w.id, seq = slot.seq, reuse, priority = w.priority.as_str(), "request started");
+        self.running.push(Sequence::start(w, slot.seq, reuse));
+    }
+
+    /// Saves an idle session's KV from `seq` into the session store (sealed, on disk) and
+    /// empties the slot.
+    pub(super) fn park(&mut self, seq: hearth_ffi::SeqId, pin: Pinned) {
+        let started = Instant::now();
+        let state = self.ctx.save_sequence(seq);
+        self.ctx.remove_sequence(seq);
+        let tokens = pin.tokens.len();
+        match self.sessions.park(pin.session, pin.tokens, pin.adapters, &state) {
+            Ok(true) => tracing::info!(
+                session = pin.session,
+                tokens,
+                bytes = state.len(),
+                ms = started.elapsed().as_secs_f64() * 1e3,
+                "session KV parked"
+            ),
+            Ok(false) => tracing::debug!(session = pin.session, "session closed while parking: KV dropped"),
+            Err(e) => {
+                tracing::warn!(session = pin.session, error = %e, "cannot park session KV: its next turn recomputes it")
+            }
+        }
+    }
+
+    /// Restores session `id`'s parked KV into the empty slot `seq`, if it has any; returns the
+    /// prompt tokens of `w` it covers. A state that does not open or load is dropped (the
+    /// turn then prefills the whole transcript: slower, never wrong).
+    fn restore(&mut self, id: u64, seq: hearth_ffi::SeqId, w: &Waiting) -> Option<usize> {
+        let started = Instant::now();
+        let restored = self.sessions.unpark(id)?.and_then(|(kv, state)| {
+            self.ctx.remove_sequence(seq);
+            self.ctx.restore_sequence(seq, &state).map_err(|e| e.to_string())?;
+            Ok((kv, state.len()))
+        });
+        match restored {
+            Ok((kv, bytes)) => {
+                let longest = w.prompt.len().saturating_sub(1);
+                let mut reuse =
+                    if kv.adapters == w.adapters { shared_prefix(&kv.tokens, &w.prompt).min(longest) } else { 0 };
+                if !self.ctx.truncate_sequence(seq, reuse as i32) {
+                    self.ctx.remove_sequence(seq);
+                    reuse = 0;
+                }
+                tracing::info!(
+                    session = id,
+                    tokens = kv.tokens.len(),
+                    reuse,
+                    bytes,
+                    ms = started.elapsed().as_secs_f64() * 1e3,
+                    "session KV restored"
+                );
+                Some(reuse)
+            }
+            Err(e) => {
+                self.ctx.remove_sequence(seq);
+                tracing::warn!(session = id, error = %e, "parked session KV refused: the turn recomputes it");
+                Some(0)
+            }
+        }
+    }
+
+    /// The adapter set this step serves: None when the model has no adapters; else, of the
+    /// sets the sequences with work want, the one after the set served last (round robin).
+    pub(super) fn step_group(&self, prefill_priority: Option<Priority>) -> Option<AdapterSet> {
+        if self.model.lora_count() == 0 {
+            return None;
+        }
+        let mut sets: Vec<&AdapterSet> = Vec::new();
+        let with_work = self.running.iter().filter(|s| {
+            s.finished.is_none()
+                && prefill_priority.is_none_or(|p| p <= s.priority)
+                && (s.next_token.is_some() || s.in_prefill())
+        });
+        for s in with_work {
+            if !sets.contains(&&s.adapters) {
+                sets.push(&s.adapters);
+            }
+        }
+        let after_last = match &self.last_group {
+            Some(last) if sets.len() > 1 => sets.iter().position(|s| *s == last).map_or(0, |i| (i + 1) % sets.len()),
+            _ => 0,
+        };
+        sets.get(after_last).map(|s| (*s).clone())
+    }
+}

@@ -1,0 +1,157 @@
+//! Running an admitted request: the request object and its signals (Generate), or the whole
+//! result (Complete); shared by the service and its sessions.
+
+use std::collections::HashMap;
+use std::sync::atomic::Ordering;
+
+use hearth_dbus::{Error as BusError, FinishReason};
+use zbus::Connection;
+use zbus::zvariant::{OwnedObjectPath, OwnedValue};
+
+use super::request_object::{self, RequestObject};
+use super::{HearthService, driver, internal, outcome_dict};
+use crate::engine::{Caller, CancelToken, Event, GenerateRequest, Outcome};
+use crate::error::Error;
+use crate::privacy::Decision;
+
+/// Called once when a generation ends: with its outcome, or None when it never started or
+/// its stream broke off. Sessions record their turns with it.
+pub(crate) type OnFinish = Box<dyn FnOnce(Option<&Outcome>) + Send>;
+
+/// Passes `events` through, calling `on_finish` with the Finished outcome before it goes on.
+fn tap(
+    mut events: tokio::sync::mpsc::UnboundedReceiver<Event>,
+    on_finish: OnFinish,
+) -> tokio::sync::mpsc::UnboundedReceiver<Event> {
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        let mut on_finish = Some(on_finish);
+        while let Some(event) = events.recv().await {
+            if let Event::Finished(outcome) = &event {
+                if let Some(f) = on_finish.take() {
+                    f(Some(outcome));
+                }
+            }
+            if tx.send(event).is_err() {
+                break; // nobody listens: dropping `events` cancels the generation
+            }
+        }
+        if let Some(f) = on_finish {
+            f(None);
+        }
+    });
+    rx
+}
+
+impl HearthService {
+    /// Exports a request object for an admitted request and starts it (Generate, and a
+    /// session's Generate).
+    #[allow(clippy::too_many_arguments)]
+    pub(super) async fn start_generation(
+        &self,
+        conn: &Connection,
+        sender: zbus::names::OwnedUniqueName,
+        who: Caller,
+        request: GenerateRequest,
+        decision: Decision,
+        handle_token: Option<String>,
+        cancel: CancelToken,
+        on_finish: Option<OnFinish>,
+    ) -> Result<OwnedObjectPath, BusError> {
+        let structure = request.structure.clone();
+        let server = conn.object_server();
+        let refused = |on_finish: Option<OnFinish>| on_finish.map(|f| f(None));
+        // Claim the request path first, so the caller's early subscription can never see
+        // someone else's object, and a duplicate handle token is refused.
+        let path = loop {
+            let token = match &handle_token {
+                Some(t) => t.clone(),
+                None => format!("r{}", self.next_request.fetch_add(1, Ordering::Relaxed)),
+            };
+            let Some(path) = hearth_dbus::request_path(sender.as_str(), &token) else {
+                refused(on_finish);
+                return Err(BusError::Internal(format!("cannot build a request path for {sender}")));
+            };
+            let object = RequestObject::new(sender.clone(), cancel.clone());
+            match server.at(&path, object).await {
+                Ok(true) => break path,
+                Ok(false) if handle_token.is_none() => {}
+                Ok(false) => {
+                    refused(on_finish);
+                    return Err(BusError::InvalidArgs(format!("handle_token {token:?} is already in use")));
+                }
+                Err(e) => {
+                    refused(on_finish);
+                    return Err(internal("cannot export the request object", &e));
+                }
+            }
+        };
+        let guard = self.in_flight.enter();
+        match driver::start(&self.models, self.cloud.as_ref(), &self.governor, request, who, cancel, &decision).await {
+            Ok(running) => {
+                tracing::info!(caller = %sender, path = %path.as_str(), route = decision.route.as_str(), "generate");
+                let conn = conn.clone();
+                let out_path = path.clone();
+                tokio::spawn(async move {
+                    let driver::Running { events, _lease: lease } = running;
+                    let events = match on_finish {
+                        Some(f) => tap(events, f),
+                        None => events,
+                    };
+                    request_object::forward(&conn, path, sender, events, decision, structure).await;
+                    drop(lease);
+                    drop(guard);
+                });
+                Ok(out_path)
+            }
+            Err(e) => {
+                let _ = server.remove::<RequestObject, _>(&path).await;
+                tracing::info!(caller = %sender, error = %e, "generate refused");
+                refused(on_finish);
+                Err(e.into())
+            }
+        }
+    }
+
+    /// Runs an admitted request to its end and returns the result (Complete, and a session's
+    /// Complete).
+    pub(super) async fn complete_generation(
+        &self,
+        sender: &zbus::names::OwnedUniqueName,
+        who: Caller,
+        request: GenerateRequest,
+        decision: Decision,
+        cancel: CancelToken,
+        on_finish: Option<OnFinish>,
+    ) -> Result<HashMap<String, OwnedValue>, BusError> {
+        let structure = request.structure.clone();
+        let _guard = self.in_flight.enter();
+        let started =
+            driver::start(&self.models, self.cloud.as_ref(), &self.governor, request, who, cancel, &decision).await;
+        let running = match started {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::info!(caller = %sender, error = %e, "complete refused");
+                if let Some(f) = on_finish {
+                    f(None);
+                }
+                return Err(e.into());
+            }
+        };
+        tracing::info!(caller = %sender, route = decision.route.as_str(), "complete");
+        let driver::Running { events, _lease } = running;
+        let mut events = match on_finish {
+            Some(f) => tap(events, f),
+            None => events,
+        };
+        while let Some(event) = events.recv().await {
+            if let Event::Finished(outcome) = event {
+                return match (outcome.reason, outcome.error.clone()) {
+                    (FinishReason::Cancelled | FinishReason::Error, Some(e)) => Err(e.into()),
+                    _ => Ok(outcome_dict(&outcome, &decision, structure.as_deref())),
+                };
+            }
+        }
+        Err(Error::Internal("the engine stopped without finishing the request".into()).into())
+    }
+}

@@ -1,0 +1,320 @@
+//! Sessions: `OpenSession(a{sv}) -> o` exports one `org.hearth.Hearth1.Session` object per
+//! conversation, with `Generate`, `Complete`, `Close` and a `Tokens` property.
+//!
+//! A session keeps its transcript here (message parts with their scopes, sealed parts still
+//! sealed) and its KV cache in the engine, so a turn sends only its new messages and the
+//! engine prefills only what the KV does not hold yet (see `engine::session`). Each turn is
+//! admitted like any request over the whole transcript, so a session that saw `local` data
+//! stays local (taint). Only the connection that opened a session may use it; it is closed,
+//! and everything it holds freed, by `Close` or when that connection leaves the bus.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use hearth_dbus::{Error as BusError, request_key as key};
+use zbus::message::Header;
+use zbus::names::OwnedUniqueName;
+use zbus::zvariant::{OwnedObjectPath, OwnedValue, Value};
+use zbus::{Connection, interface};
+
+use super::{HearthService, OnFinish, caller, identify};
+use crate::engine::{CancelReason, CancelToken, GenerateRequest, Outcome};
+use crate::manager::ModelManager;
+use crate::privacy::{Content, Decision, Part, Scope};
+use crate::request::{Method, parse};
+
+/// Most sessions one app may hold open at once.
+pub const MAX_SESSIONS_PER_APP: usize = 8;
+
+/// Where session objects live.
+const SESSION_PATH: &str = "/org/hearth/Hearth1/session";
+
+/// The open sessions, by id.
+#[derive(Debug, Clone, Default)]
+pub struct Sessions(Arc<Mutex<HashMap<u64, Open>>>);
+
+#[derive(Debug)]
+struct Open {
+    owner: String,
+    app: String,
+    model: String,
+    path: OwnedObjectPath,
+    state: Arc<Mutex<State>>,
+}
+
+/// What a session remembers between turns.
+#[derive(Debug, Default)]
+struct State {
+    /// The transcript: every turn's messages and the assistant's answers, with scopes.
+    history: Vec<Part>,
+    /// Tokens of the transcript after the last turn (prompt + answer).
+    tokens: u32,
+    /// The running turn, if one runs (one at a time).
+    turn: Option<CancelToken>,
+    closed: bool,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+impl Sessions {
+    /// Opens a session of `owner` (app `app`) on `model` and exports its object.
+    pub(super) async fn open(
+        &self,
+        conn: &Connection,
+        svc: &HearthService,
+        owner: &OwnedUniqueName,
+        app: &str,
+        model: String,
+    ) -> Result<OwnedObjectPath, BusError> {
+        let state = Arc::new(Mutex::new(State::default()));
+        let (id, path) = {
+            let mut open = lock(&self.0);
+            let held = open.values().filter(|o| o.app == app).count();
+            if held >= MAX_SESSIONS_PER_APP {
+                return Err(BusError::Busy(format!(
+                    "this app holds {held} open sessions (limit {MAX_SESSIONS_PER_APP}); close one first"
+                )));
+            }
+            let id = svc.models.sessions().open(app, &model);
+            let path = OwnedObjectPath::try_from(format!("{SESSION_PATH}/s{id}"))
+                .map_err(|e| BusError::Internal(format!("session path: {e}")))?;
+            let entry = Open {
+                owner: owner.to_string(),
+                app: app.to_owned(),
+                model: model.clone(),
+                path: path.clone(),
+                state: Arc::clone(&state),
+            };
+            open.insert(id, entry);
+            (id, path)
+        };
+        let object = SessionObject { id, owner: owner.clone(), model: model.clone(), state, svc: svc.clone() };
+        if let Err(e) = conn.object_server().at(&path, object).await {
+            self.close(conn, &svc.models, id, "export failed").await;
+            return Err(BusError::Internal(format!("cannot export the session object: {e}")));
+        }
+        tracing::info!(target: "hearth::audit", app, session = id, model = %model, "session opened");
+        Ok(path)
+    }
+
+    /// Closes session `id`: stops its running turn, drops its transcript, its resident and
+    /// parked KV, and its object.
+    pub async fn close(&self, conn: &Connection, models: &ModelManager, id: u64, why: &str) {
+        let Some(open) = lock(&self.0).remove(&id) else { return };
+        {
+            let mut state = lock(&open.state);
+            state.closed = true;
+            state.history.clear();
+            if let Some(turn) = state.turn.take() {
+                turn.cancel(CancelReason::Caller);
+            }
+        }
+        models.sessions().close(id);
+        models.close_session(&open.model, id).await;
+        let _ = conn.object_server().remove::<SessionObject, _>(&open.path).await;
+        tracing::info!(target: "hearth::audit", app = %open.app, session = id, why, "session closed");
+    }
+
+    /// Closes every session a connection that left the bus had open.
+    pub async fn connection_closed(&self, conn: &Connection, models: &ModelManager, connection: &str) {
+        let ids: Vec<u64> = lock(&self.0).iter().filter(|(_, o)| o.owner == connection).map(|(id, _)| *id).collect();
+        for id in ids {
+            self.close(conn, models, id, "its connection left the bus").await;
+        }
+    }
+}
+
+/// `OpenSession`'s options: `model` only.
+pub(super) fn parse_options(options: &HashMap<String, OwnedValue>) -> Result<Option<String>, BusError> {
+    let mut model = None;
+    for (k, v) in options {
+        match (k.as_str(), &**v) {
+            (key::MODEL, Value::Str(s)) if !s.is_empty() => model = Some(s.to_string()),
+            (key::MODEL, other) => {
+                return Err(BusError::InvalidArgs(format!(
+                    "model must be a non-empty string (s), got {}",
+                    other.value_signature()
+                )));
+            }
+            (other, _) => {
+                return Err(BusError::InvalidArgs(format!("unknown session option {other:?} (known: model)")));
+            }
+        }
+    }
+    Ok(model)
+}
+
+/// `org.hearth.Hearth1.Session`.
+#[derive(Debug)]
+pub struct SessionObject {
+    id: u64,
+    owner: OwnedUniqueName,
+    model: String,
+    state: Arc<Mutex<State>>,
+    svc: HearthService,
+}
+
+/// A turn that was admitted and may start.
+struct Turn {
+    who: crate::engine::Caller,
+    request: GenerateRequest,
+    decision: Decision,
+    handle_token: Option<String>,
+    cancel: CancelToken,
+    on_finish: OnFinish,
+}
+
+impl SessionObject {
+    fn check_owner(&self, sender: &OwnedUniqueName) -> Result<(), BusError> {
+        if sender.as_str() == self.owner.as_str() {
+            return Ok(());
+        }
+        tracing::warn!(target: "hearth::audit", session = self.id, caller = %sender, "session refused: not its owner");
+        Err(BusError::NotAuthorized("only the connection that opened this session may use it".into()))
+    }
+
+    /// Admits a turn: the transcript plus the new messages, as one request on the session's
+    /// model, and the bookkeeping that records the turn when it ends well.
+    async fn begin(
+        &self,
+        header: &Header<'_>,
+        conn: &Connection,
+        dict: &HashMap<String, OwnedValue>,
+        method: Method,
+    ) -> Result<Turn, BusError> {
+        let sender = caller(header)?;
+        self.check_owner(&sender)?;
+        let svc = &self.svc;
+        let parsed = parse(dict, method, svc.models.config().limits.default_max_tokens)?;
+        if parsed.request.model.as_ref().is_some_and(|m| *m != self.model) {
+            return Err(BusError::InvalidArgs(format!(
+                "this session runs model {:?}; open another for another",
+                self.model
+            )));
+        }
+        let (who, _) = identify(conn, &svc.callers, &sender).await?;
+        let cancel = CancelToken::default();
+        let history = {
+            let mut state = lock(&self.state);
+            if state.closed {
+                return Err(BusError::InvalidArgs("the session is closed".into()));
+            }
+            if state.turn.is_some() {
+                return Err(BusError::Busy("a turn of this session is running; one at a time".into()));
+            }
+            state.turn = Some(cancel.clone());
+            state.history.clone()
+        };
+        let new_parts = parsed.parts.clone();
+        let mut request = parsed.request;
+        request.model = Some(self.model.clone());
+        request.session = Some(self.id);
+        let parts = history.into_iter().chain(parsed.parts).collect();
+        let (request, decision) = match svc.admit(&who, request, parts, parsed.route) {
+            Ok(admitted) => admitted,
+            Err(e) => {
+                lock(&self.state).turn = None;
+                return Err(e);
+            }
+        };
+        let state = Arc::clone(&self.state);
+        let taint = decision.taint;
+        let on_finish: OnFinish = Box::new(move |outcome: Option<&Outcome>| {
+            let mut state = lock(&state);
+            state.turn = None;
+            if let Some(o) = outcome.filter(|o| o.error.is_none() && !state.closed) {
+                state.history.extend(new_parts);
+                state.history.push(Part {
+                    role: "assistant".into(),
+                    content: Content::Text(o.text.clone()),
+                    scope: taint,
+                });
+                state.tokens = o.prompt_tokens + o.token_ids.len() as u32;
+            }
+        });
+        Ok(Turn { who, request, decision, handle_token: parsed.handle_token, cancel, on_finish })
+    }
+
+    fn owner_only(&self, header: Option<Header<'_>>) -> zbus::fdo::Result<()> {
+        match header.and_then(|h| h.sender().map(|s| s.as_str() == self.owner.as_str())) {
+            Some(true) => Ok(()),
+            _ => Err(zbus::fdo::Error::AccessDenied("only the connection that opened this session may read it".into())),
+        }
+    }
+}
+
+#[interface(name = "org.hearth.Hearth1.Session")]
+impl SessionObject {
+    /// Starts the next turn and streams it through a request object; see
+    /// org.hearth.Hearth1.xml.
+    #[zbus(out_args("handle"))]
+    async fn generate(
+        &self,
+        #[zbus(header)] header: Header<'_>,
+        #[zbus(connection)] conn: &Connection,
+        request: HashMap<String, OwnedValue>,
+    ) -> Result<OwnedObjectPath, BusError> {
+        let turn = self.begin(&header, conn, &request, Method::Generate).await?;
+        let svc = &self.svc;
+        svc.start_generation(
+            conn,
+            self.owner.clone(),
+            turn.who,
+            turn.request,
+            turn.decision,
+            turn.handle_token,
+            turn.cancel,
+            Some(turn.on_finish),
+        )
+        .await
+    }
+
+    /// Runs the next turn and returns its result; see org.hearth.Hearth1.xml.
+    #[zbus(out_args("result"))]
+    async fn complete(
+        &self,
+        #[zbus(header)] header: Header<'_>,
+        #[zbus(connection)] conn: &Connection,
+        request: HashMap<String, OwnedValue>,
+    ) -> Result<HashMap<String, OwnedValue>, BusError> {
+        let turn = self.begin(&header, conn, &request, Method::Complete).await?;
+        self.svc
+            .complete_generation(&self.owner, turn.who, turn.request, turn.decision, turn.cancel, Some(turn.on_finish))
+            .await
+    }
+
+    /// Ends the session and frees everything it holds; see org.hearth.Hearth1.xml.
+    async fn close(
+        &self,
+        #[zbus(header)] header: Header<'_>,
+        #[zbus(connection)] conn: &Connection,
+    ) -> Result<(), BusError> {
+        self.check_owner(&caller(&header)?)?;
+        self.svc.sessions.close(conn, &self.svc.models, self.id, "closed by its owner").await;
+        Ok(())
+    }
+
+    /// Tokens of the conversation so far (what the next turn does not prefill again).
+    #[zbus(property(emits_changed_signal = "false"))]
+    async fn tokens(&self, #[zbus(header)] header: Option<Header<'_>>) -> zbus::fdo::Result<u32> {
+        self.owner_only(header)?;
+        Ok(lock(&self.state).tokens)
+    }
+
+    /// The model the session runs.
+    #[zbus(property(emits_changed_signal = "const"))]
+    async fn model(&self, #[zbus(header)] header: Option<Header<'_>>) -> zbus::fdo::Result<String> {
+        self.owner_only(header)?;
+        Ok(self.model.clone())
+    }
+
+    /// The most private scope the session has seen (`local`: it never leaves the device).
+    #[zbus(property(emits_changed_signal = "false"))]
+    async fn taint(&self, #[zbus(header)] header: Option<Header<'_>>) -> zbus::fdo::Result<String> {
+        self.owner_only(header)?;
+        let state = lock(&self.state);
+        Ok(state.history.iter().map(|p| p.scope).max().unwrap_or(Scope::Public).as_str().to_owned())
+    }
+}
