@@ -20,79 +20,17 @@ use hearth_ffi::{Backend, DeviceInfo, Model, ModelParams};
 use tokio::sync::watch;
 
 use crate::config::Config;
-use crate::engine::{EngineHandle, EngineSettings, EngineStatus, LoadedModelInfo, Priority, SessionStore};
+use crate::engine::{EngineHandle, EngineSettings, EngineStatus, SessionStore};
 use crate::error::Error;
 use crate::memory::PressureReading;
 use crate::models::{Capability, Catalog, HashCache, ModelEntry, open_verified};
 
+mod memory;
+mod status;
+
+pub use status::{LoadPhase, LoadProgress, ManagerStatus, MemoryStatus, ModelReport};
+
 const MIB: u64 = 1 << 20;
-
-/// Where a model load is.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct LoadProgress {
-    pub phase: LoadPhase,
-    /// 0..=1 within the phase.
-    pub fraction: f64,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum LoadPhase {
-    /// Hashing the file against its manifest.
-    Verifying,
-    /// llama.cpp mapping the weights.
-    Loading,
-    /// Creating the context (KV cache).
-    Starting,
-}
-
-impl LoadPhase {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Verifying => "verifying",
-            Self::Loading => "loading",
-            Self::Starting => "starting",
-        }
-    }
-}
-
-/// Memory accounting and pressure, as published.
-#[derive(Debug, Clone, Default, PartialEq)]
-pub struct MemoryStatus {
-    pub budget: u64,
-    /// Weights + KV of the loaded models.
-    pub used: u64,
-    /// Sustained pressure now.
-    pub pressure: bool,
-    pub reading: PressureReading,
-    /// Models unloaded since start: to make room, for idleness, for pressure.
-    pub evicted: u32,
-    pub expired: u32,
-    pub pressure_unloads: u32,
-    /// KV caches shrunk for pressure.
-    pub pressure_shrinks: u32,
-}
-
-/// Everything the D-Bus layer publishes about models and queues.
-#[derive(Debug, Clone, Default, PartialEq)]
-pub struct ManagerStatus {
-    /// Queue state of each loaded model's engine.
-    pub engines: BTreeMap<String, (u64, EngineStatus)>,
-    /// Loaded model names.
-    pub loaded: Vec<String>,
-    /// Loads in progress.
-    pub loading: BTreeMap<String, LoadProgress>,
-    pub memory: MemoryStatus,
-}
-
-impl ManagerStatus {
-    pub fn queue_depth(&self) -> u32 {
-        self.engines.values().map(|(_, s)| s.queue_depth()).sum()
-    }
-
-    pub fn count(&self, priority: Priority) -> u32 {
-        self.engines.values().map(|(_, s)| s.count(priority)).sum()
-    }
-}
 
 /// Why a model is unloaded (counted in [`MemoryStatus`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -154,18 +92,6 @@ impl Loaded {
     fn last_used_ms(&self) -> u64 {
         self.activity.last_used_ms.load(Ordering::Acquire)
     }
-}
-
-/// What ListModels reports of one model.
-#[derive(Debug, Clone)]
-pub struct ModelReport {
-    pub entry: ModelEntry,
-    pub info: Option<LoadedModelInfo>,
-    pub pinned: bool,
-    pub verified: bool,
-    pub shrunk: bool,
-    pub memory: u64,
-    pub last_error: Option<String>,
 }
 
 #[derive(Debug, Default)]
@@ -548,121 +474,6 @@ impl ModelManager {
         Ok(Arc::new(model))
     }
 
-    /// Unloads idle, unpinned models (least recently used first) until `need` more bytes fit
-    /// the budget. Unloads nothing when even that would not be enough.
-    async fn make_room(&self, name: &str, need: u64) -> Result<(), Error> {
-        let budget = self.inner.status.borrow().memory.budget;
-        let victims = {
-            let state = self.state();
-            let used: u64 = state.loaded.values().map(Loaded::bytes).sum();
-            if used + need <= budget {
-                return Ok(());
-            }
-            let mut idle: Vec<(&String, &Loaded)> =
-                state.loaded.iter().filter(|(n, l)| n.as_str() != name && !l.pinned && l.idle()).collect();
-            idle.sort_by_key(|(_, l)| l.last_used_ms());
-            let mut freed = 0;
-            let mut victims = Vec::new();
-            for (n, l) in idle {
-                if used - freed + need <= budget {
-                    break;
-                }
-                freed += l.bytes();
-                victims.push(n.clone());
-            }
-            if used - freed + need > budget {
-                let held: Vec<String> = state
-                    .loaded
-                    .iter()
-                    .map(|(n, l)| {
-                        let why = if l.pinned {
-                            "pinned"
-                        } else if l.idle() {
-                            "idle"
-                        } else {
-                            "in use"
-                        };
-                        format!("{n} {} ({why})", mib(l.bytes()))
-                    })
-                    .collect();
-                return Err(unavailable(
-                    name,
-                    format!(
-                        "it needs {} but the memory budget is {} with {} in use by models that cannot be unloaded: [{}]",
-                        mib(need),
-                        mib(budget),
-                        mib(used),
-                        held.join(", ")
-                    ),
-                ));
-            }
-            victims
-        };
-        for victim in victims {
-            tracing::info!(model = %victim, for_model = %name, "unloading an idle model to make room");
-            self.unload_if_idle(&victim, Unload::Evicted).await;
-        }
-        Ok(())
-    }
-
-    /// Removes `name` if it is loaded and idle, counts why, and stops its engine. Returns
-    /// whether it did.
-    async fn unload_if_idle(&self, name: &str, why: Unload) -> bool {
-        let removed = {
-            let mut state = self.state();
-            let idle = state.loaded.get(name).is_some_and(Loaded::idle);
-            let removed = if idle { state.loaded.remove(name) } else { None };
-            if removed.is_some() {
-                self.inner.status.send_modify(|s| match why {
-                    Unload::Evicted => s.memory.evicted += 1,
-                    Unload::Expired => s.memory.expired += 1,
-                    Unload::Pressure => s.memory.pressure_unloads += 1,
-                    Unload::Admin => {}
-                });
-                self.publish_loaded(&state);
-            }
-            removed
-        };
-        match removed {
-            Some(l) => {
-                stop(l).await;
-                tracing::info!(model = %name, "model unloaded");
-                true
-            }
-            None => false,
-        }
-    }
-
-    /// Restarts `name`'s engine with its KV cache shrunk or back at full size (model idle).
-    async fn restart(&self, name: &str, shrink: bool) -> Result<(), Error> {
-        let old = {
-            let mut state = self.state();
-            match state.loaded.get(name) {
-                Some(l) if l.idle() && l.shrunk != shrink => state.loaded.remove(name),
-                _ => None,
-            }
-        };
-        let Some(mut l) = old else { return Ok(()) };
-        let settings = if shrink { l.settings.shrunk() } else { l.settings.clone() };
-        let kv = l.model.kv_geometry().bytes(settings.kv_tokens());
-        stop_engine(&l.engine, l.thread.take()).await;
-        let (model, n) = (Arc::clone(&l.model), name.to_owned());
-        let started = tokio::task::spawn_blocking(move || EngineHandle::start(&model, &n, &settings))
-            .await
-            .map_err(|e| Error::Internal(format!("engine restart: {e}")))?;
-        let (engine, thread) = match started {
-            Ok(v) => v,
-            Err(e) => {
-                self.publish_loaded(&self.state());
-                return Err(unavailable(name, format!("cannot recreate its context: {e}")));
-            }
-        };
-        (l.engine, l.thread, l.shrunk, l.kv) = (engine, Some(thread), shrink, kv);
-        self.install(name, l);
-        tracing::info!(model = %name, kv = %mib(kv), shrunk = shrink, "model KV cache resized");
-        Ok(())
-    }
-
     /// Puts a started engine in the table under a new generation, publishes it, and starts
     /// forwarding its queue status.
     fn install(&self, name: &str, mut loaded: Loaded) {
@@ -726,71 +537,6 @@ impl ModelManager {
             Ok(())
         } else {
             Err(Error::InUse { name: name.to_owned(), requests: 1 })
-        }
-    }
-
-    /// Unloads unpinned models idle for longer than their keep-alive.
-    pub async fn expire_idle(&self) {
-        let now = self.now_ms();
-        let expired: Vec<String> = self
-            .state()
-            .loaded
-            .iter()
-            .filter(|(_, l)| {
-                !l.pinned && l.idle() && now.saturating_sub(l.last_used_ms()) >= l.keep_alive.as_millis() as u64
-            })
-            .map(|(n, _)| n.clone())
-            .collect();
-        for name in expired {
-            let _serial = self.inner.load_lock.lock().await;
-            if self.unload_if_idle(&name, Unload::Expired).await {
-                tracing::info!(model = %name, "keep-alive ran out");
-            }
-        }
-    }
-
-    /// Feeds a pressure reading. Under sustained pressure, idle unpinned models are unloaded
-    /// and idle pinned ones shrink their KV cache; a caller that finds the pressure gone
-    /// regrows it.
-    pub async fn on_pressure(&self, reading: PressureReading, sustained: bool) {
-        let was = self.inner.status.borrow().memory.pressure;
-        self.inner.status.send_if_modified(|s| {
-            let changed = s.memory.pressure != sustained;
-            s.memory.reading = reading;
-            s.memory.pressure = sustained;
-            changed
-        });
-        if sustained != was {
-            if sustained {
-                tracing::warn!(
-                    some_avg10 = reading.some_avg10,
-                    full_avg10 = reading.full_avg10,
-                    "memory pressure: releasing idle models"
-                );
-            } else {
-                tracing::info!(some_avg10 = reading.some_avg10, "memory pressure over");
-            }
-        }
-        if !sustained {
-            return;
-        }
-        let (unload, shrink): (Vec<String>, Vec<String>) = {
-            let state = self.state();
-            let idle = state.loaded.iter().filter(|(_, l)| l.idle());
-            let unload = idle.clone().filter(|(_, l)| !l.pinned).map(|(n, _)| n.clone()).collect();
-            let shrink = idle.filter(|(_, l)| l.pinned && !l.shrunk).map(|(n, _)| n.clone()).collect();
-            (unload, shrink)
-        };
-        for name in unload {
-            let _serial = self.inner.load_lock.lock().await;
-            self.unload_if_idle(&name, Unload::Pressure).await;
-        }
-        for name in shrink {
-            let _serial = self.inner.load_lock.lock().await;
-            match self.restart(&name, true).await {
-                Ok(()) => self.inner.status.send_modify(|s| s.memory.pressure_shrinks += 1),
-                Err(e) => tracing::error!(model = %name, error = %e, "cannot shrink the KV cache"),
-            }
         }
     }
 

@@ -25,6 +25,23 @@ pub struct SocParams {
     pub drain_pct_per_core_s: f64,
 }
 
+impl SocParams {
+    /// A phone at rest: `temp_c` and `battery_pct` held still (no heating, no drain), with
+    /// trips at 65 °C (passive) and 90 °C (critical). What the QEMU images carry.
+    pub fn at_rest(temp_c: f64, battery_pct: f64) -> Self {
+        Self {
+            ambient_c: temp_c,
+            start_c: temp_c,
+            c_per_core: 0.0,
+            tau_s: 1.0,
+            passive_trip_c: 65.0,
+            critical_trip_c: 90.0,
+            battery_pct,
+            drain_pct_per_core_s: 0.0,
+        }
+    }
+}
+
 /// One sample of the simulation.
 #[derive(Debug, Clone, Copy)]
 pub struct SocSample {

@@ -154,17 +154,8 @@ async fn host_greedy_tokens(prompt: &str, max_tokens: &str) -> Vec<u64> {
     let bus = Bus::start();
     let dir = tempfile::tempdir().unwrap();
     let sysfs = dir.path().join("sysfs");
-    let soc = SocParams {
-        ambient_c: 41.0,
-        start_c: 41.0,
-        c_per_core: 0.0,
-        tau_s: 1.0,
-        passive_trip_c: 65.0,
-        critical_trip_c: 90.0,
-        battery_pct: 80.0,
-        drain_pct_per_core_s: 0.0,
-    };
-    write_tree(&sysfs, &soc);
+    // The image's phone (hearth-soc-tree's defaults).
+    write_tree(&sysfs, &SocParams::at_rest(41.0, 80.0));
     let overlay = dir.path().join("host.toml");
     std::fs::write(
         &overlay,

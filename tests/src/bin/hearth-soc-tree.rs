@@ -25,14 +25,9 @@ struct Args {
 fn main() {
     let a = Args::parse();
     let params = SocParams {
-        ambient_c: a.temp_c,
-        start_c: a.temp_c,
-        c_per_core: 0.0,
-        tau_s: 1.0,
         passive_trip_c: a.passive_trip_c,
         critical_trip_c: a.critical_trip_c,
-        battery_pct: a.battery_pct,
-        drain_pct_per_core_s: 0.0,
+        ..SocParams::at_rest(a.temp_c, a.battery_pct)
     };
     write_tree(&a.root, &params);
 }

@@ -1,0 +1,187 @@
+//! Memory: making room for a load under the budget, unloading idle models after their
+//! keep-alive, and what sustained memory pressure does (idle models unloaded, pinned ones
+//! restarted with a smaller KV cache; sessions' KV is parked when an engine stops).
+
+use super::*;
+
+impl ModelManager {
+    /// Unloads idle, unpinned models (least recently used first) until `need` more bytes fit
+    /// the budget. Unloads nothing when even that would not be enough.
+    pub(super) async fn make_room(&self, name: &str, need: u64) -> Result<(), Error> {
+        let budget = self.inner.status.borrow().memory.budget;
+        let victims = {
+            let state = self.state();
+            let used: u64 = state.loaded.values().map(Loaded::bytes).sum();
+            if used + need <= budget {
+                return Ok(());
+            }
+            let mut idle: Vec<(&String, &Loaded)> =
+                state.loaded.iter().filter(|(n, l)| n.as_str() != name && !l.pinned && l.idle()).collect();
+            idle.sort_by_key(|(_, l)| l.last_used_ms());
+            let mut freed = 0;
+            let mut victims = Vec::new();
+            for (n, l) in idle {
+                if used - freed + need <= budget {
+                    break;
+                }
+                freed += l.bytes();
+                victims.push(n.clone());
+            }
+            if used - freed + need > budget {
+                let held: Vec<String> = state
+                    .loaded
+                    .iter()
+                    .map(|(n, l)| {
+                        let why = if l.pinned {
+                            "pinned"
+                        } else if l.idle() {
+                            "idle"
+                        } else {
+                            "in use"
+                        };
+                        format!("{n} {} ({why})", mib(l.bytes()))
+                    })
+                    .collect();
+                return Err(unavailable(
+                    name,
+                    format!(
+                        "it needs {} but the memory budget is {} with {} in use by models that cannot be unloaded: [{}]",
+                        mib(need),
+                        mib(budget),
+                        mib(used),
+                        held.join(", ")
+                    ),
+                ));
+            }
+            victims
+        };
+        for victim in victims {
+            tracing::info!(model = %victim, for_model = %name, "unloading an idle model to make room");
+            self.unload_if_idle(&victim, Unload::Evicted).await;
+        }
+        Ok(())
+    }
+
+    /// Removes `name` if it is loaded and idle, counts why, and stops its engine. Returns
+    /// whether it did.
+    pub(super) async fn unload_if_idle(&self, name: &str, why: Unload) -> bool {
+        let removed = {
+            let mut state = self.state();
+            let idle = state.loaded.get(name).is_some_and(Loaded::idle);
+            let removed = if idle { state.loaded.remove(name) } else { None };
+            if removed.is_some() {
+                self.inner.status.send_modify(|s| match why {
+                    Unload::Evicted => s.memory.evicted += 1,
+                    Unload::Expired => s.memory.expired += 1,
+                    Unload::Pressure => s.memory.pressure_unloads += 1,
+                    Unload::Admin => {}
+                });
+                self.publish_loaded(&state);
+            }
+            removed
+        };
+        match removed {
+            Some(l) => {
+                stop(l).await;
+                tracing::info!(model = %name, "model unloaded");
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Restarts `name`'s engine with its KV cache shrunk or back at full size (model idle).
+    pub(super) async fn restart(&self, name: &str, shrink: bool) -> Result<(), Error> {
+        let old = {
+            let mut state = self.state();
+            match state.loaded.get(name) {
+                Some(l) if l.idle() && l.shrunk != shrink => state.loaded.remove(name),
+                _ => None,
+            }
+        };
+        let Some(mut l) = old else { return Ok(()) };
+        let settings = if shrink { l.settings.shrunk() } else { l.settings.clone() };
+        let kv = l.model.kv_geometry().bytes(settings.kv_tokens());
+        stop_engine(&l.engine, l.thread.take()).await;
+        let (model, n) = (Arc::clone(&l.model), name.to_owned());
+        let started = tokio::task::spawn_blocking(move || EngineHandle::start(&model, &n, &settings))
+            .await
+            .map_err(|e| Error::Internal(format!("engine restart: {e}")))?;
+        let (engine, thread) = match started {
+            Ok(v) => v,
+            Err(e) => {
+                self.publish_loaded(&self.state());
+                return Err(unavailable(name, format!("cannot recreate its context: {e}")));
+            }
+        };
+        (l.engine, l.thread, l.shrunk, l.kv) = (engine, Some(thread), shrink, kv);
+        self.install(name, l);
+        tracing::info!(model = %name, kv = %mib(kv), shrunk = shrink, "model KV cache resized");
+        Ok(())
+    }
+
+    /// Unloads unpinned models idle for longer than their keep-alive.
+    pub async fn expire_idle(&self) {
+        let now = self.now_ms();
+        let expired: Vec<String> = self
+            .state()
+            .loaded
+            .iter()
+            .filter(|(_, l)| {
+                !l.pinned && l.idle() && now.saturating_sub(l.last_used_ms()) >= l.keep_alive.as_millis() as u64
+            })
+            .map(|(n, _)| n.clone())
+            .collect();
+        for name in expired {
+            let _serial = self.inner.load_lock.lock().await;
+            if self.unload_if_idle(&name, Unload::Expired).await {
+                tracing::info!(model = %name, "keep-alive ran out");
+            }
+        }
+    }
+
+    /// Feeds a pressure reading. Under sustained pressure, idle unpinned models are unloaded
+    /// and idle pinned ones shrink their KV cache; a caller that finds the pressure gone
+    /// regrows it.
+    pub async fn on_pressure(&self, reading: PressureReading, sustained: bool) {
+        let was = self.inner.status.borrow().memory.pressure;
+        self.inner.status.send_if_modified(|s| {
+            let changed = s.memory.pressure != sustained;
+            s.memory.reading = reading;
+            s.memory.pressure = sustained;
+            changed
+        });
+        if sustained != was {
+            if sustained {
+                tracing::warn!(
+                    some_avg10 = reading.some_avg10,
+                    full_avg10 = reading.full_avg10,
+                    "memory pressure: releasing idle models"
+                );
+            } else {
+                tracing::info!(some_avg10 = reading.some_avg10, "memory pressure over");
+            }
+        }
+        if !sustained {
+            return;
+        }
+        let (unload, shrink): (Vec<String>, Vec<String>) = {
+            let state = self.state();
+            let idle = state.loaded.iter().filter(|(_, l)| l.idle());
+            let unload = idle.clone().filter(|(_, l)| !l.pinned).map(|(n, _)| n.clone()).collect();
+            let shrink = idle.filter(|(_, l)| l.pinned && !l.shrunk).map(|(n, _)| n.clone()).collect();
+            (unload, shrink)
+        };
+        for name in unload {
+            let _serial = self.inner.load_lock.lock().await;
+            self.unload_if_idle(&name, Unload::Pressure).await;
+        }
+        for name in shrink {
+            let _serial = self.inner.load_lock.lock().await;
+            match self.restart(&name, true).await {
+                Ok(()) => self.inner.status.send_modify(|s| s.memory.pressure_shrinks += 1),
+                Err(e) => tracing::error!(model = %name, error = %e, "cannot shrink the KV cache"),
+            }
+        }
+    }
+}

@@ -1,0 +1,86 @@
+//! What the model manager publishes: load progress, memory, queues, and ListModels' report.
+
+use std::collections::BTreeMap;
+
+use crate::engine::{EngineStatus, LoadedModelInfo, Priority};
+use crate::memory::PressureReading;
+use crate::models::ModelEntry;
+
+/// Where a model load is.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct LoadProgress {
+    pub phase: LoadPhase,
+    /// 0..=1 within the phase.
+    pub fraction: f64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LoadPhase {
+    /// Hashing the file against its manifest.
+    Verifying,
+    /// llama.cpp mapping the weights.
+    Loading,
+    /// Creating the context (KV cache).
+    Starting,
+}
+
+impl LoadPhase {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Verifying => "verifying",
+            Self::Loading => "loading",
+            Self::Starting => "starting",
+        }
+    }
+}
+
+/// Memory accounting and pressure, as published.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct MemoryStatus {
+    pub budget: u64,
+    /// Weights + KV of the loaded models.
+    pub used: u64,
+    /// Sustained pressure now.
+    pub pressure: bool,
+    pub reading: PressureReading,
+    /// Models unloaded since start: to make room, for idleness, for pressure.
+    pub evicted: u32,
+    pub expired: u32,
+    pub pressure_unloads: u32,
+    /// KV caches shrunk for pressure.
+    pub pressure_shrinks: u32,
+}
+
+/// Everything the D-Bus layer publishes about models and queues.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct ManagerStatus {
+    /// Queue state of each loaded model's engine.
+    pub engines: BTreeMap<String, (u64, EngineStatus)>,
+    /// Loaded model names.
+    pub loaded: Vec<String>,
+    /// Loads in progress.
+    pub loading: BTreeMap<String, LoadProgress>,
+    pub memory: MemoryStatus,
+}
+
+impl ManagerStatus {
+    pub fn queue_depth(&self) -> u32 {
+        self.engines.values().map(|(_, s)| s.queue_depth()).sum()
+    }
+
+    pub fn count(&self, priority: Priority) -> u32 {
+        self.engines.values().map(|(_, s)| s.count(priority)).sum()
+    }
+}
+
+/// What ListModels reports of one model.
+#[derive(Debug, Clone)]
+pub struct ModelReport {
+    pub entry: ModelEntry,
+    pub info: Option<LoadedModelInfo>,
+    pub pinned: bool,
+    pub verified: bool,
+    pub shrunk: bool,
+    pub memory: u64,
+    pub last_error: Option<String>,
+}
