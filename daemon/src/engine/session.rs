@@ -102,22 +102,28 @@ impl SessionStore {
         self.entries().get(&id).is_some_and(|e| e.app == app && e.model == model)
     }
 
-    /// Parks `state` (the session's KV over `tokens`). Returns Ok(false), writing nothing,
-    /// when the session was closed meanwhile.
+    /// Parks `state` (the session's KV over `tokens`). Returns Ok(false), keeping nothing,
+    /// when the session is closed. Sealing and writing run outside the lock, so a close or a
+    /// `KvCache` read never waits for the disk.
     pub fn park(&self, id: u64, tokens: Vec<Token>, adapters: AdapterSet, state: &[u8]) -> Result<bool, String> {
-        let mut entries = self.entries();
-        let Some(entry) = entries.get_mut(&id) else { return Ok(false) };
-        let plain = [header(id, &entry.model).as_slice(), state].concat();
+        let Some((app, model)) = self.entries().get(&id).map(|e| (e.app.clone(), e.model.clone())) else {
+            return Ok(false);
+        };
+        let plain = [header(id, &model).as_slice(), state].concat();
         let sealed = self
             .sealer
-            .seal_for(Purpose::SessionKv, &entry.app, &plain)
+            .seal_for(Purpose::SessionKv, &app, &plain)
             .map_err(|e| format!("cannot seal session KV: {e}"))?;
         let file = self.dir.join(format!("{id}.kv"));
         write_private(&file, &sealed).map_err(|e| format!("cannot write {}: {e}", file.display()))?;
-        if let Some(old) = entry.parked.replace(ParkedKv { tokens, adapters, bytes: sealed.len() as u64, file }) {
-            tracing::warn!(session = id, "session parked twice; the older state is replaced");
-            drop(old);
-        }
+        let mut entries = self.entries();
+        let Some(entry) = entries.get_mut(&id) else {
+            // Closed while the file was written: the close found nothing parked to delete.
+            drop(entries);
+            remove_quietly(&file);
+            return Ok(false);
+        };
+        entry.parked = Some(ParkedKv { tokens, adapters, bytes: sealed.len() as u64, file });
         Ok(true)
     }
 
