@@ -254,7 +254,11 @@ async fn run(cli: Cli) -> Result<ExitCode, CliError> {
                     "thermal:       {thermal}{}\npower:         {power}{}\nthrottle:      {}{}",
                     throttle["temperature_c"].as_f64().map(|t| format!(" ({t:.1} °C)")).unwrap_or_default(),
                     throttle["battery_pct"].as_u64().map(|b| format!(" ({b}%)")).unwrap_or_default(),
-                    if cap > 0.0 { format!("{cap:.1} tok/s cap") } else { "none".to_owned() },
+                    match throttle["duty"].as_f64().filter(|d| *d < 1.0) {
+                        Some(d) => format!("{:.0}% duty, ~{cap:.1} tok/s", 100.0 * d),
+                        None if cap > 0.0 => format!("{cap:.1} tok/s cap"),
+                        None => "none".to_owned(),
+                    },
                     if throttle["defer_background"] == json!(true) { ", background deferred" } else { "" }
                 );
                 for b in &backends {

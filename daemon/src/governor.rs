@@ -5,8 +5,9 @@
 //! root, follows power-profiles-daemon's `ActiveProfile` when it is on the bus, maps them to
 //! states with hysteresis, and drives the engines through a shared [`Throttle`]:
 //!
-//! - a PI controller on the decode token-rate cap holds the hottest zone at a setpoint just
-//!   under the passive trip while keeping as much throughput as it can;
+//! - a PI controller on the engines' duty cycle (the share of wall time they may spend
+//!   decoding) holds the hottest zone at a setpoint just under the passive trip while keeping
+//!   as much throughput as it can;
 //! - background requests stay queued when it is hot or the battery is low (until charging or
 //!   cool), never failed;
 //! - power-saver and a low battery halve the compute threads;
@@ -43,10 +44,10 @@ pub struct GovernorConfig {
     pub serious_margin_c: f64,
     /// A state is left only this far below where it was entered.
     pub hysteresis_c: f64,
-    /// PI gains on the rate fraction (0..1) per °C of error, and per °C·s.
+    /// PI gains on the duty cycle (0..1) per °C of error, and per °C·s.
     pub kp: f64,
     pub ki: f64,
-    /// The cap never goes below this, tokens/s.
+    /// The controller never slows decoding below this, tokens/s (at the uncapped rate).
     pub min_rate_tps: f64,
     /// A fixed cap in tokens/s instead of the controller (benchmarks); 0: the controller.
     pub static_rate_tps: f64,
@@ -244,8 +245,11 @@ pub fn thermal_state(prev: ThermalState, temp: f64, trip: f64, c: &GovernorConfi
     s
 }
 
+/// The smallest duty cycle the controller asks for.
+const MIN_DUTY: f64 = 0.01;
+
 /// PI controller (velocity form, so the output never winds up past its limits) on the
-/// fraction of the engines' potential rate that may be used.
+/// engines' duty cycle.
 #[derive(Debug, Clone)]
 pub struct Pi {
     pub output: f64,
@@ -277,8 +281,11 @@ pub struct GovernorStatus {
     pub temperature_c: Option<f64>,
     pub trip_c: Option<f64>,
     pub battery_pct: Option<u32>,
-    /// Current cap, tokens/s (None: uncapped).
+    /// Current cap, tokens/s (None: uncapped): the fixed cap, or the duty cycle's worth of
+    /// the uncapped rate.
     pub rate_cap_tps: Option<f64>,
+    /// Current duty cycle, 0..1 (None: no limit).
+    pub duty: Option<f64>,
     pub potential_tps: f64,
     /// Compute threads asked for (0: as configured).
     pub threads: u32,
@@ -296,6 +303,7 @@ impl Default for GovernorStatus {
             trip_c: None,
             battery_pct: None,
             rate_cap_tps: None,
+            duty: None,
             potential_tps: 0.0,
             threads: 0,
             defer_background: false,
@@ -365,8 +373,8 @@ impl Governor {
         let power_state = power_state(&power, &c);
         let trip = thermal.as_ref().and_then(|t| if c.trip_c > 0.0 { Some(c.trip_c) } else { t.passive_trip_c });
         let potential = self.throttle.potential_mtps.load(Ordering::Relaxed) as f64 / 1000.0;
-        let cap = match (&thermal, trip) {
-            _ if c.static_rate_tps > 0.0 => Some(c.static_rate_tps),
+        let (cap, duty) = match (&thermal, trip) {
+            _ if c.static_rate_tps > 0.0 => (Some(c.static_rate_tps), None),
             (Some(t), Some(trip)) => {
                 self.thermal = thermal_state(self.thermal, t.temp_c, trip, &c);
                 let fraction = if t.temp_c >= trip {
@@ -376,19 +384,24 @@ impl Governor {
                 } else {
                     self.pi.update(trip - c.setpoint_margin_c - t.temp_c, dt, &c)
                 };
-                (fraction < 0.999 && potential > 0.0)
-                    .then(|| (c.min_rate_tps + fraction * (potential - c.min_rate_tps)).max(c.min_rate_tps))
+                let floor = if potential > 0.0 { c.min_rate_tps / potential } else { 0.0 };
+                // In the engines' unit, thousandths, so what is published is what is applied.
+                let duty =
+                    (fraction < 0.999).then(|| (fraction.max(floor).clamp(MIN_DUTY, 0.999) * 1000.0).round() / 1000.0);
+                (duty.filter(|_| potential > 0.0).map(|d| d * potential), duty)
             }
             _ => {
                 self.thermal = ThermalState::Nominal;
-                None
+                (None, None)
             }
         };
         let hot = self.thermal >= ThermalState::Serious;
         let low = matches!(power_state, PowerState::Low | PowerState::Critical);
         let defer_background = hot || low;
         let threads = if (power_saver || low) && self.configured_threads > 1 { self.configured_threads / 2 } else { 0 };
-        self.throttle.rate_cap_mtps.store(cap.map_or(0, |r| (r * 1000.0) as u64), Ordering::Relaxed);
+        let static_cap = cap.filter(|_| duty.is_none());
+        self.throttle.rate_cap_mtps.store(static_cap.map_or(0, |r| (r * 1000.0) as u64), Ordering::Relaxed);
+        self.throttle.duty_milli.store(duty.map_or(0, |d| (d * 1000.0).round() as u32), Ordering::Relaxed);
         self.throttle.threads.store(threads, Ordering::Relaxed);
         self.throttle.defer_background.store(defer_background, Ordering::Relaxed);
         let status = GovernorStatus {
@@ -399,6 +412,7 @@ impl Governor {
             trip_c: trip,
             battery_pct: power.battery.as_ref().map(|b| b.0),
             rate_cap_tps: cap,
+            duty,
             potential_tps: potential,
             threads,
             defer_background,
@@ -559,5 +573,36 @@ mod tests {
         assert_eq!((s.thermal, s.power, s.rate_cap_tps), (ThermalState::Nominal, PowerState::Charging, None));
         assert_eq!(s.threads, 2, "power-saver halves the threads");
         assert!(s.prefer_cloud);
+    }
+
+    #[test]
+    fn the_controller_limits_the_duty_cycle_and_a_fixed_cap_the_rate() {
+        let root = tempfile::tempdir().unwrap();
+        zone(root.path(), 0, "cpu-thermal", Some("50000"), &[("passive", 65000)]);
+        let throttle = Arc::new(Throttle::default());
+        throttle.potential_mtps.store(100_000, Ordering::Relaxed);
+        let config = GovernorConfig { sysfs_root: root.path().to_owned(), ..GovernorConfig::default() };
+        let mut g = Governor::new(config.clone(), Arc::clone(&throttle), 4);
+        g.tick(false);
+        assert_eq!((throttle.duty(), throttle.rate_cap()), (None, None), "cool: no limit");
+        // Hotter than the setpoint: the duty cycle comes down, the rate cap stays unset, and
+        // the published cap is the duty cycle's worth of the uncapped rate.
+        zone(root.path(), 0, "cpu-thermal", Some("64500"), &[("passive", 65000)]);
+        std::thread::sleep(Duration::from_millis(20));
+        g.tick(false);
+        let duty = throttle.duty().expect("a duty cycle under the setpoint's heat");
+        assert!(duty < 1.0 && throttle.rate_cap().is_none());
+        let s = g.status().borrow().clone();
+        assert_eq!(s.duty, Some(duty));
+        assert!((s.rate_cap_tps.unwrap() - 100.0 * duty).abs() < 1e-9);
+        // Past the trip: the floor at once (min_rate_tps of the uncapped rate).
+        zone(root.path(), 0, "cpu-thermal", Some("66000"), &[("passive", 65000)]);
+        g.tick(false);
+        assert_eq!(throttle.duty(), Some(0.01));
+        // A fixed cap limits the rate, not the duty cycle.
+        let fixed = GovernorConfig { static_rate_tps: 42.0, ..config };
+        let mut g = Governor::new(fixed, Arc::clone(&throttle), 4);
+        g.tick(false);
+        assert_eq!((throttle.duty(), throttle.rate_cap()), (None, Some(42.0)));
     }
 }

@@ -278,14 +278,20 @@ pub struct KvGauges {
 /// What the governors ask of every engine, read before each decode step.
 #[derive(Debug, Default)]
 pub struct Throttle {
-    /// Decode token-rate cap per engine, in milli-tokens per second (0: none).
+    /// Decode token-rate cap per engine, in milli-tokens per second (0: none). A fixed cap
+    /// (`static_rate_tps`) is set here.
     pub rate_cap_mtps: AtomicU64,
+    /// Share of wall time an engine may spend in decode steps, in thousandths (0: no limit).
+    /// The thermal controller drives this one: heat follows compute time, and a step's time
+    /// does not depend on how many sequences share it, while its token count does.
+    pub duty_milli: AtomicU32,
     /// Compute threads (0: as configured).
     pub threads: AtomicU32,
     /// Keep background requests queued.
     pub defer_background: AtomicBool,
-    /// What the engines could do uncapped: tokens per second of decode-step time (EWMA, of the
-    /// busiest engine), in milli-tokens per second. The governor maps its cap onto this.
+    /// What the engines could do uncapped: tokens per second of decode-step time (EWMA over
+    /// steps without a prompt chunk), in milli-tokens per second. Shown as the duty cycle's
+    /// equivalent rate cap.
     pub potential_mtps: AtomicU64,
 }
 
@@ -294,6 +300,14 @@ impl Throttle {
         match self.rate_cap_mtps.load(Ordering::Relaxed) {
             0 => None,
             m => Some(m as f64 / 1000.0),
+        }
+    }
+
+    /// The duty cycle asked for, in (0, 1); None: no limit.
+    pub fn duty(&self) -> Option<f64> {
+        match self.duty_milli.load(Ordering::Relaxed) {
+            0 | 1000.. => None,
+            m => Some(f64::from(m) / 1000.0),
         }
     }
 }

@@ -11,7 +11,7 @@
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use hearth_dbus::FinishReason;
 use hearth_ffi::{Batch, Context, Model, Sampler};
@@ -139,11 +139,11 @@ impl Worker {
             self.publish_status();
             if !self.running.is_empty() {
                 let started = Instant::now();
-                let tokens = self.step();
-                self.pace(tokens, started);
+                let (tokens, prefilled) = self.step();
+                self.pace(tokens, prefilled, started);
             } else if self.scheduler.only_deferred_waiting() {
                 // Only deferred background work: look again shortly (commands wake us too).
-                std::thread::sleep(std::time::Duration::from_millis(50));
+                std::thread::sleep(Duration::from_millis(50));
             }
             self.retire();
             self.publish_status();
@@ -341,28 +341,32 @@ impl Worker {
         self.scheduler.set_defer_background(self.throttle.defer_background.load(Ordering::Relaxed));
     }
 
-    /// Keeps decoding under the governors' token-rate cap: after a step that produced
-    /// `tokens`, waits until they are due at the capped rate. Also records the uncapped rate.
-    fn pace(&self, tokens: usize, started: Instant) {
-        if tokens == 0 {
-            return;
-        }
+    /// Keeps decoding under the governors' limits: after a step that took from `started` and
+    /// produced `tokens`, waits until the step is due under the token-rate cap and the duty
+    /// cycle. Also records the uncapped rate, from steps that carried no prompt chunk.
+    fn pace(&self, tokens: usize, prefilled: bool, started: Instant) {
         let took = started.elapsed();
-        let potential = tokens as f64 / took.as_secs_f64().max(1e-6);
-        let old = self.throttle.potential_mtps.load(Ordering::Relaxed) as f64 / 1000.0;
-        let ewma = if old == 0.0 { potential } else { 0.9 * old + 0.1 * potential };
-        self.throttle.potential_mtps.store((ewma * 1000.0) as u64, Ordering::Relaxed);
-        if let Some(cap) = self.throttle.rate_cap() {
-            let due = std::time::Duration::from_secs_f64(tokens as f64 / cap.max(0.01));
-            if due > took {
-                std::thread::sleep((due - took).min(std::time::Duration::from_secs(2)));
-            }
+        if tokens > 0 && !prefilled {
+            let potential = tokens as f64 / took.as_secs_f64().max(1e-6);
+            let old = self.throttle.potential_mtps.load(Ordering::Relaxed) as f64 / 1000.0;
+            let ewma = if old == 0.0 { potential } else { 0.9 * old + 0.1 * potential };
+            self.throttle.potential_mtps.store((ewma * 1000.0) as u64, Ordering::Relaxed);
+        }
+        let mut due = Duration::ZERO;
+        if let Some(cap) = self.throttle.rate_cap().filter(|_| tokens > 0) {
+            due = Duration::from_secs_f64(tokens as f64 / cap.max(0.01));
+        }
+        if let Some(duty) = self.throttle.duty() {
+            due = due.max(took.div_f64(duty.max(0.01)));
+        }
+        if due > took {
+            std::thread::sleep((due - took).min(Duration::from_secs(2)));
         }
     }
 
     /// Builds one batch from the running sequences, decodes it and samples. Returns the
-    /// number of tokens generated.
-    fn step(&mut self) -> usize {
+    /// number of tokens generated and whether the batch carried a prompt chunk.
+    fn step(&mut self) -> (usize, bool) {
         if self.stall {
             tracing::warn!("HEARTH_DEBUG_STALL_ENGINE: the engine hangs here on purpose");
             loop {
@@ -422,12 +426,12 @@ impl Worker {
         if let Some(e) = push_failed {
             // Cannot happen with the capacities checked at start; fail loudly, not silently.
             self.fail_batch(&Error::Internal(format!("batch construction: {e}")));
-            return 0;
+            return (0, false);
         }
         if let Some(g) = group.as_ref().filter(|g| self.adapters_set.as_ref() != Some(*g)) {
             if let Err(e) = self.ctx.set_lora_scales(&g.scales()) {
                 self.fail_batch(&Error::Internal(e.to_string()));
-                return 0;
+                return (0, false);
             }
             self.adapters_set = Some(g.clone());
         }
@@ -457,12 +461,12 @@ impl Worker {
                     self.running[i].logits_index = None;
                 }
                 tracing::debug!(tokens = self.batch.len(), "decode step preempted by an interactive request");
-                return 0;
+                return (0, false);
             }
             Err(e) => {
                 tracing::error!(error = %e, tokens = self.batch.len(), "decode failed");
                 self.fail_batch(&Error::Internal(e.to_string()));
-                return 0;
+                return (0, false);
             }
         }
         if let Some((i, n)) = prefill_taken {
@@ -481,7 +485,7 @@ impl Worker {
                 Err(e) => s.finished = Some((FinishReason::Error, Some(Error::Internal(e.to_string())))),
             }
         }
-        generated
+        (generated, prefill_taken.is_some())
     }
 
     fn fail_batch(&mut self, error: &Error) {

@@ -536,6 +536,7 @@ impl HearthService {
         let g = self.governor.borrow().clone();
         let mut d = HashMap::from([
             ("rate_cap_tps".to_owned(), owned(Value::from(g.rate_cap_tps.unwrap_or(0.0)))),
+            ("duty".to_owned(), owned(Value::from(g.duty.unwrap_or(1.0)))),
             ("potential_tps".to_owned(), owned(Value::from(g.potential_tps))),
             ("threads".to_owned(), owned(Value::from(g.threads))),
             ("defer_background".to_owned(), owned(Value::from(g.defer_background))),
