@@ -154,6 +154,9 @@ pub struct LimitsConfig {
     pub queue_per_app: u32,
     /// `max_tokens` of a request that gives none.
     pub default_max_tokens: u32,
+    /// Disk the parked KV of idle sessions may take in the state directory, MiB. Past it the
+    /// KV parked longest ago is dropped; that session's next turn recomputes it.
+    pub parked_sessions_mib: u64,
 }
 
 impl Default for ModelsConfig {
@@ -185,7 +188,7 @@ impl Default for EngineConfig {
 
 impl Default for LimitsConfig {
     fn default() -> Self {
-        Self { queue_capacity: 32, queue_per_app: 8, default_max_tokens: 256 }
+        Self { queue_capacity: 32, queue_per_app: 8, default_max_tokens: 256, parked_sessions_mib: 512 }
     }
 }
 

@@ -118,8 +118,12 @@ fn run(args: Args) -> Result<(), MainError> {
     let gate = Arc::new(Gate::new(&config)?);
     let budget = memory::budget(&config.memory);
     let throttle = Arc::new(engine::Throttle::default());
-    let sessions =
-        engine::SessionStore::new(&config.daemon.state_dir, Arc::clone(gate.sealer())).map_err(MainError::Sessions)?;
+    let sessions = engine::SessionStore::new(
+        &config.daemon.state_dir,
+        Arc::clone(gate.sealer()),
+        config.limits.parked_sessions_mib << 20,
+    )
+    .map_err(MainError::Sessions)?;
     let models = ModelManager::new(config.clone(), catalog, budget, Arc::clone(&throttle), Arc::new(sessions))?;
     let governor = governor::Governor::new(config.governor.clone(), throttle, config.threads().max(1) as u32);
     for (d, owned) in models.backends() {

@@ -258,6 +258,7 @@ impl ModelManager {
         drop(guard);
         let budget = crate::memory::budget(&config.memory);
         self.inner.status.send_modify(|s| s.memory.budget = budget);
+        self.inner.sessions.set_budget(config.limits.parked_sessions_mib << 20);
         *self.inner.catalog.write().unwrap_or_else(std::sync::PoisonError::into_inner) = Arc::new(catalog);
         *self.inner.config.write().unwrap_or_else(std::sync::PoisonError::into_inner) = Arc::new(config);
         Ok(())

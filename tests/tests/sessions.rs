@@ -104,6 +104,40 @@ async fn an_idle_session_is_parked_for_another_request_and_restored_identically(
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn parked_kv_keeps_to_its_disk_budget_and_a_dropped_session_still_answers_right() {
+    let bus = Bus::start();
+    let settings = Settings { max_sequences: Some(1), interactive_sequences: Some(0), ..Settings::default() };
+    let daemon = Daemon::start_configured(&bus, &settings).await;
+    let conn = bus.connect().await;
+    let proxy = hearth(&conn).await;
+    let (a, b) = (open(&conn).await, open(&conn).await);
+    let (a, b) = (session(&conn, &a).await, session(&conn, &b).await);
+    let r1 = a.complete(turn(FIRST, 48)).await.expect("A, turn 1");
+    b.complete(turn(FIRST, 48)).await.expect("B, turn 1"); // parks A
+    let one = proxy.kv_cache().await.unwrap()["parked_kib"];
+    assert!(one >= 1024, "one parked KV is {one} KiB: too small to size a MiB budget between one and two");
+    // A budget that holds one parked KV of this size, not two; put in force with SIGHUP.
+    let mib = one.div_ceil(1024);
+    daemon.write_config(&Settings { limits: format!("parked_sessions_mib = {mib}\n"), ..settings.clone() });
+    daemon.signal(nix::sys::signal::Signal::SIGHUP);
+    hearth_tests::wait_for(Duration::from_secs(10), "the reload", || async {
+        daemon.log().contains("configuration reloaded").then_some(())
+    })
+    .await;
+    // Another request parks B: A's KV, parked longest ago, is dropped for the budget.
+    proxy.complete(hearth_tests::chat_request("Count to five.", 8)).await.expect("other request");
+    let kv = proxy.kv_cache().await.unwrap();
+    assert_eq!((kv["sessions"], kv["parked_sessions"], kv["parked_dropped"]), (2, 1, 1), "{kv:?}");
+    assert!(kv["parked_kib"] <= mib as u32 * 1024, "{kv:?}");
+    assert_eq!(std::fs::read_dir(daemon.state_dir().join("sessions")).unwrap().count(), 1);
+    assert!(daemon.log().contains("dropped for the disk budget"), "{}", daemon.log());
+    // A's next turn recomputes its transcript and answers exactly as a fresh run.
+    let r2 = a.complete(turn(SECOND, 24)).await.expect("A, turn 2");
+    assert!(result_u32(&r2, result_key::CACHED_TOKENS) < result_u32(&r1, result_key::PROMPT_TOKENS), "{r2:?}");
+    assert_eq!(result_ids(&r2), fresh_second_turn(&result_str(&r1, result_key::TEXT), 24));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_session_that_saw_local_data_stays_local() {
     // This app may send public data to the cloud (none is configured: such a turn would
     // fail with CloudUnavailable, not PrivacyViolation).

@@ -8,7 +8,10 @@
 //! inside), and written to the state directory. The next turn restores it into whichever slot
 //! it gets, and decodes exactly as if it had never left.
 //!
-//! The store outlives engines: it is the registry of open sessions and their parked KV.
+//! The store outlives engines: it is the registry of open sessions and their parked KV. Parked
+//! KV has a disk budget (`limits.parked_sessions_mib`): past it, the KV parked longest ago is
+//! dropped, and that session's next turn recomputes it from the transcript (slower, never
+//! wrong).
 
 use std::collections::HashMap;
 use std::io::Write;
@@ -39,6 +42,8 @@ struct Entry {
     app: String,
     model: String,
     parked: Option<ParkedKv>,
+    /// When it was parked, in park order (the oldest is dropped first).
+    parked_seq: u64,
 }
 
 /// The open sessions, and where their parked KV is.
@@ -48,12 +53,17 @@ pub struct SessionStore {
     sealer: Arc<Sealer>,
     open: Mutex<HashMap<u64, Entry>>,
     next_id: AtomicU64,
+    next_park: AtomicU64,
+    /// Bytes parked KV may take on disk.
+    budget: AtomicU64,
+    /// Parked KV dropped for the budget since start.
+    dropped: AtomicU64,
 }
 
 impl SessionStore {
-    /// A store parking into `<state_dir>/sessions` (made 0700). Files left by an earlier
-    /// run are removed: sessions do not outlive the daemon.
-    pub fn new(state_dir: &Path, sealer: Arc<Sealer>) -> std::io::Result<Self> {
+    /// A store parking into `<state_dir>/sessions` (made 0700), at most `budget` bytes. Files
+    /// left by an earlier run are removed: sessions do not outlive the daemon.
+    pub fn new(state_dir: &Path, sealer: Arc<Sealer>, budget: u64) -> std::io::Result<Self> {
         let dir = state_dir.join("sessions");
         std::fs::DirBuilder::new().recursive(true).mode(0o700).create(&dir)?;
         for entry in std::fs::read_dir(&dir)? {
@@ -62,7 +72,25 @@ impl SessionStore {
                 std::fs::remove_file(&path)?;
             }
         }
-        Ok(Self { dir, sealer, open: Mutex::new(HashMap::new()), next_id: AtomicU64::new(1) })
+        Ok(Self {
+            dir,
+            sealer,
+            open: Mutex::new(HashMap::new()),
+            next_id: AtomicU64::new(1),
+            next_park: AtomicU64::new(1),
+            budget: AtomicU64::new(budget),
+            dropped: AtomicU64::new(0),
+        })
+    }
+
+    /// A new disk budget (SIGHUP); it applies from the next park.
+    pub fn set_budget(&self, bytes: u64) {
+        self.budget.store(bytes, Ordering::Relaxed);
+    }
+
+    /// Parked KV dropped for the disk budget since start.
+    pub fn dropped(&self) -> u64 {
+        self.dropped.load(Ordering::Relaxed)
     }
 
     fn entries(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Entry>> {
@@ -72,7 +100,7 @@ impl SessionStore {
     /// Registers a new session of `app` on `model`; returns its id.
     pub fn open(&self, app: &str, model: &str) -> u64 {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        self.entries().insert(id, Entry { app: app.to_owned(), model: model.to_owned(), parked: None });
+        self.entries().insert(id, Entry { app: app.to_owned(), model: model.to_owned(), parked: None, parked_seq: 0 });
         id
     }
 
@@ -104,7 +132,8 @@ impl SessionStore {
 
     /// Parks `state` (the session's KV over `tokens`). Returns Ok(false), keeping nothing,
     /// when the session is closed. Sealing and writing run outside the lock, so a close or a
-    /// `KvCache` read never waits for the disk.
+    /// `KvCache` read never waits for the disk. To stay in the budget, the KV parked longest
+    /// ago is dropped; KV larger than the whole budget is refused.
     pub fn park(&self, id: u64, tokens: Vec<Token>, adapters: AdapterSet, state: &[u8]) -> Result<bool, String> {
         let Some((app, model)) = self.entries().get(&id).map(|e| (e.app.clone(), e.model.clone())) else {
             return Ok(false);
@@ -114,6 +143,14 @@ impl SessionStore {
             .sealer
             .seal_for(Purpose::SessionKv, &app, &plain)
             .map_err(|e| format!("cannot seal session KV: {e}"))?;
+        let budget = self.budget.load(Ordering::Relaxed);
+        if sealed.len() as u64 > budget {
+            return Err(format!(
+                "{} KiB of KV is more than the parked-session budget ({} KiB, limits.parked_sessions_mib)",
+                sealed.len() / 1024,
+                budget / 1024
+            ));
+        }
         let file = self.dir.join(format!("{id}.kv"));
         write_private(&file, &sealed).map_err(|e| format!("cannot write {}: {e}", file.display()))?;
         let mut entries = self.entries();
@@ -124,6 +161,30 @@ impl SessionStore {
             return Ok(false);
         };
         entry.parked = Some(ParkedKv { tokens, adapters, bytes: sealed.len() as u64, file });
+        entry.parked_seq = self.next_park.fetch_add(1, Ordering::Relaxed);
+        let mut used: u64 = entries.values().filter_map(|e| e.parked.as_ref()).map(|p| p.bytes).sum();
+        let mut evicted = Vec::new();
+        while used > budget {
+            let Some((&oldest, _)) =
+                entries.iter().filter(|(k, e)| **k != id && e.parked.is_some()).min_by_key(|(_, e)| e.parked_seq)
+            else {
+                break;
+            };
+            let p = entries.get_mut(&oldest).and_then(|e| e.parked.take()).expect("chosen for its parked KV");
+            used -= p.bytes;
+            evicted.push((oldest, p));
+        }
+        drop(entries);
+        for (session, p) in evicted {
+            self.dropped.fetch_add(1, Ordering::Relaxed);
+            remove_quietly(&p.file);
+            tracing::info!(
+                session,
+                bytes = p.bytes,
+                budget,
+                "parked session KV dropped for the disk budget: its next turn recomputes it"
+            );
+        }
         Ok(true)
     }
 
@@ -182,7 +243,7 @@ mod tests {
 
     fn store(dir: &Path) -> SessionStore {
         let sealer = Arc::new(Sealer::open(dir).unwrap());
-        SessionStore::new(dir, sealer).unwrap()
+        SessionStore::new(dir, sealer, 1 << 20).unwrap()
     }
 
     #[test]
@@ -213,5 +274,31 @@ mod tests {
         s.close(a);
         assert!(!s.park(a, vec![1], set, b"x").unwrap());
         assert_eq!(s.len(), 1);
+    }
+
+    #[test]
+    fn parked_kv_stays_in_its_disk_budget_dropping_the_oldest() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = store(dir.path());
+        let set = AdapterSet::default();
+        let kv = vec![7u8; 1000];
+        let ids: Vec<u64> = (0..3).map(|_| s.open("app.a", "m")).collect();
+        assert!(s.park(ids[0], vec![1], set.clone(), &kv).unwrap());
+        let one = s.parked().1;
+        s.set_budget(2 * one + one / 2);
+        assert!(s.park(ids[1], vec![1], set.clone(), &kv).unwrap());
+        assert_eq!((s.parked().0, s.dropped()), (2, 0));
+        // A third does not fit: the one parked longest ago goes, file and all.
+        assert!(s.park(ids[2], vec![1], set.clone(), &kv).unwrap());
+        assert_eq!((s.parked(), s.dropped()), ((2, 2 * one), 1));
+        assert!(s.unpark(ids[0]).is_none(), "dropped: the next turn recomputes it");
+        assert!(!dir.path().join(format!("sessions/{}.kv", ids[0])).exists());
+        assert!(s.unpark(ids[1]).unwrap().is_ok() && s.unpark(ids[2]).unwrap().is_ok());
+        // KV larger than the whole budget is refused, and nothing else is dropped for it.
+        assert!(s.park(ids[1], vec![1], set.clone(), &kv).unwrap());
+        s.set_budget(one / 2);
+        let err = s.park(ids[2], vec![1], set, &kv).unwrap_err();
+        assert!(err.contains("parked-session budget"), "{err}");
+        assert_eq!(s.parked(), (1, one));
     }
 }

@@ -485,6 +485,7 @@ impl HearthService {
             ("sessions".to_owned(), store.len() as u32),
             ("parked_sessions".to_owned(), parked as u32),
             ("parked_kib".to_owned(), kib),
+            ("parked_dropped".to_owned(), u32::try_from(store.dropped()).unwrap_or(u32::MAX)),
         ])
     }
 
