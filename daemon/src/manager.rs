@@ -464,6 +464,8 @@ impl ModelManager {
 
     /// Stops every engine: their requests end Cancelled. Waits for the threads.
     pub async fn shutdown(&self) {
+        // Sessions end with the daemon: their KV is dropped, not parked to disk.
+        self.inner.sessions.close_all();
         let all: Vec<Loaded> = {
             let mut state = self.state();
             let all = std::mem::take(&mut state.loaded).into_values().collect();

@@ -101,6 +101,12 @@ async fn an_idle_session_is_parked_for_another_request_and_restored_identically(
     assert_eq!(std::fs::read_dir(daemon.state_dir().join("sessions")).unwrap().count(), 0, "restored files go");
     let log = daemon.log();
     assert!(log.contains("session KV parked") && log.contains("session KV restored"), "{log}");
+    // The daemon stops with the session's KV resident: it is dropped, not written to disk.
+    let mut daemon = daemon;
+    daemon.terminate();
+    assert!(daemon.wait_exit(Duration::from_secs(20)).await.success());
+    assert_eq!(daemon.log().matches("session KV parked").count(), 1, "{}", daemon.log());
+    assert_eq!(std::fs::read_dir(daemon.state_dir().join("sessions")).unwrap().count(), 0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -113,6 +113,21 @@ impl SessionStore {
         }
     }
 
+    /// Forgets every session and deletes all parked KV: the daemon is stopping, and sessions
+    /// do not outlive it. Engines stopped after this drop their sessions' KV instead of
+    /// writing it to disk.
+    pub fn close_all(&self) {
+        let all: Vec<Entry> = self.entries().drain().map(|(_, e)| e).collect();
+        for p in all.into_iter().filter_map(|e| e.parked) {
+            remove_quietly(&p.file);
+        }
+    }
+
+    /// Whether session `id` is open.
+    pub fn is_open(&self, id: u64) -> bool {
+        self.entries().contains_key(&id)
+    }
+
     /// Open sessions.
     pub fn len(&self) -> usize {
         self.entries().len()
@@ -272,8 +287,13 @@ mod tests {
         assert!(s.unpark(b).is_none(), "taken once");
         // A closed session parks nothing.
         s.close(a);
-        assert!(!s.park(a, vec![1], set, b"x").unwrap());
+        assert!(!s.park(a, vec![1], set.clone(), b"x").unwrap());
         assert_eq!(s.len(), 1);
+        // At daemon stop every session goes, with its parked KV.
+        assert!(s.park(b, vec![9], set, b"other").unwrap());
+        s.close_all();
+        assert_eq!((s.len(), s.parked(), s.is_open(b)), (0, (0, 0), false));
+        assert_eq!(std::fs::read_dir(dir.path().join("sessions")).unwrap().count(), 0);
     }
 
     #[test]

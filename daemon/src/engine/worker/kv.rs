@@ -91,6 +91,11 @@ impl Worker {
     /// Saves an idle session's KV from `seq` into the session store (sealed, on disk) and
     /// empties the slot.
     pub(super) fn park(&mut self, seq: hearth_ffi::SeqId, pin: Pinned) {
+        if !self.sessions.is_open(pin.session) {
+            // Closed meanwhile, or the daemon is stopping: nothing to keep.
+            self.ctx.remove_sequence(seq);
+            return;
+        }
         let started = Instant::now();
         let state = self.ctx.save_sequence(seq);
         self.ctx.remove_sequence(seq);
