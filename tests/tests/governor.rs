@@ -226,7 +226,11 @@ fn plot_svg(runs: &[&RunResult]) -> String {
         "<line x1=\"{pad}\" x2=\"{}\" y1=\"{trip_y}\" y2=\"{trip_y}\" stroke=\"black\" stroke-dasharray=\"4\"/>",
         w - pad
     );
-    let _ = writeln!(svg, "<text x=\"{pad}\" y=\"{}\">tokens/s (1 s windows) over {t_max:.0} s</text>", h + 24.0);
+    let _ = writeln!(
+        svg,
+        "<text x=\"{pad}\" y=\"{}\">tokens/s (1 s windows; dotted: the published cap) over {t_max:.0} s</text>",
+        h + 24.0
+    );
     for c in (t_lo as i64..=t_hi as i64).step_by(10) {
         let _ = writeln!(svg, "<text x=\"4\" y=\"{:.1}\">{c}</text>", y_temp(c as f64) + 4.0);
     }
@@ -249,6 +253,17 @@ fn plot_svg(runs: &[&RunResult]) -> String {
                 "<polyline fill=\"none\" stroke=\"{}\" stroke-width=\"1.5\" points=\"{}\"/>",
                 colors[i % 3],
                 points.join(" ")
+            );
+        }
+        // The cap the governor published (the controller's duty cycle in tokens/s), dotted.
+        let caps: Vec<String> =
+            r.caps.iter().filter(|c| c.1 > 0.0).map(|c| format!("{:.1},{:.1}", x(c.0), y_rate(c.1))).collect();
+        if !caps.is_empty() {
+            let _ = writeln!(
+                svg,
+                "<polyline fill=\"none\" stroke=\"{}\" stroke-width=\"1\" stroke-dasharray=\"2 3\" points=\"{}\"/>",
+                colors[i % 3],
+                caps.join(" ")
             );
         }
         let _ = writeln!(
