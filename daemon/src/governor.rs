@@ -373,35 +373,37 @@ impl Governor {
         let power_state = power_state(&power, &c);
         let trip = thermal.as_ref().and_then(|t| if c.trip_c > 0.0 { Some(c.trip_c) } else { t.passive_trip_c });
         let potential = self.throttle.potential_mtps.load(Ordering::Relaxed) as f64 / 1000.0;
-        let (cap, duty) = match (&thermal, trip) {
+        // The controller's output is a duty cycle in the engines' unit, thousandths, so what
+        // is published is what is applied.
+        let (static_cap, duty_milli) = match (&thermal, trip) {
             _ if c.static_rate_tps > 0.0 => (Some(c.static_rate_tps), None),
             (Some(t), Some(trip)) => {
                 self.thermal = thermal_state(self.thermal, t.temp_c, trip, &c);
                 let fraction = if t.temp_c >= trip {
-                    // Past the trip: floor the rate at once, the integrator follows.
+                    // Past the trip: floor the duty cycle at once, the integrator follows.
                     self.pi.output = 0.0;
                     0.0
                 } else {
                     self.pi.update(trip - c.setpoint_margin_c - t.temp_c, dt, &c)
                 };
                 let floor = if potential > 0.0 { c.min_rate_tps / potential } else { 0.0 };
-                // In the engines' unit, thousandths, so what is published is what is applied.
-                let duty =
-                    (fraction < 0.999).then(|| (fraction.max(floor).clamp(MIN_DUTY, 0.999) * 1000.0).round() / 1000.0);
-                (duty.filter(|_| potential > 0.0).map(|d| d * potential), duty)
+                let duty_milli =
+                    (fraction < 0.999).then(|| (fraction.max(floor).clamp(MIN_DUTY, 0.999) * 1000.0).round() as u32);
+                (None, duty_milli)
             }
             _ => {
                 self.thermal = ThermalState::Nominal;
                 (None, None)
             }
         };
+        let duty = duty_milli.map(|m| f64::from(m) / 1000.0);
+        let cap = static_cap.or_else(|| duty.filter(|_| potential > 0.0).map(|d| d * potential));
         let hot = self.thermal >= ThermalState::Serious;
         let low = matches!(power_state, PowerState::Low | PowerState::Critical);
         let defer_background = hot || low;
         let threads = if (power_saver || low) && self.configured_threads > 1 { self.configured_threads / 2 } else { 0 };
-        let static_cap = cap.filter(|_| duty.is_none());
         self.throttle.rate_cap_mtps.store(static_cap.map_or(0, |r| (r * 1000.0) as u64), Ordering::Relaxed);
-        self.throttle.duty_milli.store(duty.map_or(0, |d| (d * 1000.0).round() as u32), Ordering::Relaxed);
+        self.throttle.duty_milli.store(duty_milli.unwrap_or(0), Ordering::Relaxed);
         self.throttle.threads.store(threads, Ordering::Relaxed);
         self.throttle.defer_background.store(defer_background, Ordering::Relaxed);
         let status = GovernorStatus {
