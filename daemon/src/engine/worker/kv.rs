@@ -66,19 +66,29 @@ impl Worker {
         Ok(out)
     }
 
+    /// Keeps the first `keep` KV entries of `seq` and drops the rest; where llama.cpp cannot
+    /// cut there, empties the sequence. Returns how many entries are kept.
+    fn keep_prefix(&mut self, seq: hearth_ffi::SeqId, keep: usize) -> usize {
+        if self.ctx.truncate_sequence(seq, keep as i32) {
+            keep
+        } else {
+            self.ctx.remove_sequence(seq);
+            0
+        }
+    }
+
     /// Prepares `slot`'s KV for `w` (prefix reuse, or a session's parked KV) and runs it.
     pub(super) fn start(&mut self, w: Waiting, slot: Slot) {
-        let mut reuse = slot.reuse;
         if let Some(src) = slot.copy_from {
             self.ctx.copy_sequence(src, slot.seq);
             self.ctx.remove_sequence(src);
         }
-        if slot.evict {
+        let mut reuse = if slot.evict {
             self.ctx.remove_sequence(slot.seq);
-        } else if !self.ctx.truncate_sequence(slot.seq, reuse as i32) {
-            self.ctx.remove_sequence(slot.seq);
-            reuse = 0;
-        }
+            0
+        } else {
+            self.keep_prefix(slot.seq, slot.reuse)
+        };
         if let Some(id) = w.session {
             if let Some(restored) = self.restore(id, slot.seq, &w) {
                 reuse = restored;
@@ -128,12 +138,9 @@ impl Worker {
         match restored {
             Ok((kv, bytes)) => {
                 let longest = w.prompt.len().saturating_sub(1);
-                let mut reuse =
+                let shared =
                     if kv.adapters == w.adapters { shared_prefix(&kv.tokens, &w.prompt).min(longest) } else { 0 };
-                if !self.ctx.truncate_sequence(seq, reuse as i32) {
-                    self.ctx.remove_sequence(seq);
-                    reuse = 0;
-                }
+                let reuse = self.keep_prefix(seq, shared);
                 tracing::info!(
                     session = id,
                     tokens = kv.tokens.len(),
