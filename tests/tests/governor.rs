@@ -112,10 +112,11 @@ async fn the_governor_holds_the_trip_with_most_of_the_best_static_throughput() {
         let cap = full * fraction;
         statics.push(run(&format!("static cap {cap:.0} tok/s"), &format!("static_rate_tps = {cap}\n")).await);
     }
-    // This phone's sensor is clean and its trip sharp, so the controller may hold 1 °C under it.
+    // This phone's sensor is clean and its trip sharp, so the controller may hold 1.5 °C under
+    // it (with 1 °C, a CI run's oscillation once reached 65.3 °C).
     // Gains for its 2 s thermal time constant: integral time ≈ τ; kp ≈ 1.6 / (the ~40 °C a full
     // duty cycle adds), so the rise from 50 °C meets the setpoint without crossing the trip.
-    let pi = run("PI controller", "kp = 0.04\nki = 0.03\nsetpoint_margin_c = 1.0\n").await;
+    let pi = run("PI controller", "kp = 0.04\nki = 0.03\nsetpoint_margin_c = 1.5\n").await;
 
     let mut table = String::from("run                      tok/s   max °C   time above trip\n");
     for r in std::iter::once(&off).chain(&statics).chain(std::iter::once(&pi)) {

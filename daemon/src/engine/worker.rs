@@ -59,6 +59,11 @@ pub(super) struct Worker {
     last_group: Option<AdapterSet>,
 }
 
+/// The longest one step is held back by the governors' limits.
+const MAX_PACE: Duration = Duration::from_secs(2);
+/// How often a held-back step reads the limits again.
+const PACE_SLICE: Duration = Duration::from_millis(20);
+
 /// Most tokens of one text to embed (the embedding context's size).
 const EMBED_TOKENS: u32 = 512;
 
@@ -352,15 +357,21 @@ impl Worker {
             let ewma = if old == 0.0 { potential } else { 0.9 * old + 0.1 * potential };
             self.throttle.potential_mtps.store((ewma * 1000.0) as u64, Ordering::Relaxed);
         }
-        let mut due = Duration::ZERO;
-        if let Some(cap) = self.throttle.rate_cap().filter(|_| tokens > 0) {
-            due = Duration::from_secs_f64(tokens as f64 / cap.max(0.01));
-        }
-        if let Some(duty) = self.throttle.duty() {
-            due = due.max(took.div_f64(duty.max(0.01)));
-        }
-        if due > took {
-            std::thread::sleep((due - took).min(Duration::from_secs(2)));
+        // Sleep in short slices, reading the limits again after each: when the governor lifts
+        // them (the phone cooled), decoding resumes within a slice, not after a long sleep.
+        loop {
+            let mut due = Duration::ZERO;
+            if let Some(cap) = self.throttle.rate_cap().filter(|_| tokens > 0) {
+                due = Duration::from_secs_f64(tokens as f64 / cap.max(0.01));
+            }
+            if let Some(duty) = self.throttle.duty() {
+                due = due.max(took.div_f64(duty.max(0.01)));
+            }
+            let waited = started.elapsed();
+            if waited >= due.min(took + MAX_PACE) {
+                break;
+            }
+            std::thread::sleep((due - waited).min(PACE_SLICE));
         }
     }
 
