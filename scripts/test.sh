@@ -15,6 +15,15 @@ cd "$ROOT"
 
 export CARGO_TERM_COLOR="${CARGO_TERM_COLOR:-never}"
 export RUST_BACKTRACE=1
+# A clean checkout builds everything once: cargo's incremental caches (about 2 GB here) would
+# only take disk. Local runs keep them, so a rerun after an edit stays quick.
+if [ "${CI:-}" = true ]; then export CARGO_INCREMENTAL=0; fi
+# Free disk where the build goes, at each step: a full run needs about 5 GB in target/ (the
+# host build, the aarch64 cross build of llama.cpp, the QEMU images) and a compiler that runs
+# out of space fails far from the cause.
+disk() { echo "test: disk: $(df -h --output=avail "$ROOT/target" 2>/dev/null | tail -1 | tr -d ' ') free, target/ $(du -sh "$ROOT/target" 2>/dev/null | cut -f1)"; }
+mkdir -p "$ROOT/target"
+disk
 
 echo "test: syntax of the shell scripts, formatting of the Rust code"
 bash -n scripts/*.sh tests/qemu/*.sh .ci/run
@@ -23,6 +32,7 @@ cargo fmt --all --check
 echo "test: building (integration tests run the built hearthd and hearthctl binaries)"
 cargo build --workspace --bins --tests
 
+disk
 echo "test: clippy -D warnings"
 cargo clippy --workspace --all-targets --quiet -- -D warnings
 
@@ -31,13 +41,17 @@ echo "test: unit and integration tests"
 # there are cores, and ggml threads spin-wait, so parallel tests slow each other down 20x.
 cargo test --workspace --quiet -- --test-threads=1
 
+disk
 echo "test: benchmark smoke run"
 ./target/debug/hearth-bench --quick
 
+disk
 echo "test: deployment (install tree, systemd unit verify + exposure, polkit, SELinux)"
 ./scripts/deploy-check.sh
 
+disk
 echo "test: QEMU aarch64 (cross-build, busybox initramfs tier, systemd tier)"
 ./tests/qemu/run.sh
 
+disk
 echo "test: all passed"

@@ -38,11 +38,12 @@ export STRIP=aarch64-linux-gnu-strip  # install.sh --strip
 # --- 2. Debian arm64 packages --------------------------------------------------------------
 mapfile -t PACKAGES < <(sed -e 's/#.*//' -e '/^[[:space:]]*$/d' -e 's/[[:space:]]//g' "$HERE/packages")
 KEY="$(printf '%s\n' merged-usr "$SUITE" "$MIRROR" "${PACKAGES[@]}" | sha256sum | cut -c1-16)"
-DEBS_TAR="$OUT/debian-arm64-$KEY.tar"
 DEB="$OUT/debian-arm64"
-if [ ! -f "$DEBS_TAR" ]; then
+# The unpacked tree is the cache (keyed by DEB.key); the tarball mmdebstrap writes is streamed
+# into it, never kept (it would take another 450 MB).
+if [ "$(cat "$DEB.key" 2>/dev/null)" != "$KEY" ]; then
     log "fetching Debian $SUITE arm64 packages with mmdebstrap: ${PACKAGES[*]}"
-    rm -f "$OUT"/debian-arm64-*.tar
+    rm -rf "$DEB" "$DEB.key" "$DEB.part" "$OUT"/debian-arm64-*.tar && mkdir -p "$DEB.part"
     # extract: packages (and what they depend on) are unpacked, no maintainer script runs, so
     # no arm64 emulation is needed on the host; what the scripts would do is done below.
     # setup00.sh makes /bin, /lib, /sbin links into /usr first (merged /usr, as bookworm has).
@@ -51,14 +52,10 @@ if [ ! -f "$DEBS_TAR" ]; then
         --include="$(IFS=,; echo "${PACKAGES[*]}")" \
         --dpkgopt='path-exclude=/usr/share/man/*' --dpkgopt='path-exclude=/usr/share/locale/*' \
         --dpkgopt='path-exclude=/usr/share/doc/*' \
-        "$SUITE" "$DEBS_TAR.part" "$MIRROR"
-    mv "$DEBS_TAR.part" "$DEBS_TAR"
-fi
-if [ "$(cat "$DEB.key" 2>/dev/null)" != "$KEY" ]; then
-    rm -rf "$DEB" && mkdir -p "$DEB"
-    tar -xf "$DEBS_TAR" -C "$DEB" --exclude='./dev/*'
+        "$SUITE" - "$MIRROR" | tar -x -C "$DEB.part" --exclude='./dev/*'
     # The kernel package's postinst would have run depmod: modules.dep for modprobe.
-    /sbin/depmod -b "$DEB" "$(basename "$(ls -d "$DEB"/lib/modules/*)")"
+    /sbin/depmod -b "$DEB.part" "$(basename "$(ls -d "$DEB.part"/lib/modules/*)")"
+    mv "$DEB.part" "$DEB"
     echo "$KEY" > "$DEB.key"
 fi
 KVER="$(basename "$(ls -d "$DEB"/lib/modules/*)")"
@@ -143,6 +140,7 @@ install -m 0644 "$HERE/hearthd-vm.toml" "$T1/etc/hearth/hearthd.toml"
 install -m 0755 "$HERE/tier1-init.sh" "$T1/init"
 install -m 0755 "$HERE/scenario.sh" "$T1/usr/share/hearth-qemu/scenario.sh"
 cpio_of "$T1" "$OUT/tier1.cpio"
+rm -rf "$T1"  # the archive is what boots
 
 # --- 4. tier 2 root file system and its initramfs -------------------------------------------
 log "assembling the tier 2 root file system"
@@ -175,6 +173,7 @@ systemctl --root="$T2" --quiet enable dbus.socket hearth-qemu-check.service
 systemctl --root="$T2" --quiet mask serial-getty@ttyAMA0.service getty@tty1.service
 rm -f "$OUT/tier2.img"
 mkfs.ext4 -q -F -L hearth-root -E root_owner=0:0 -d "$T2" "$OUT/tier2.img" 1536M
+rm -rf "$T2"  # the image is what boots
 
 log "assembling the tier 2 initramfs (modules for the virtio disk and ext4)"
 I2="$OUT/tier2-initrd"
@@ -196,5 +195,6 @@ for m in "${ROOT_MODULES[@]}"; do
 done
 install -m 0755 "$HERE/tier2-initrd.sh" "$I2/init"
 cpio_of "$I2" "$OUT/tier2-initrd.cpio"
+rm -rf "$I2"
 echo "$KVER" > "$OUT/kernel-version"
 log "done: $(du -sh "$OUT/tier1.cpio" | cut -f1) tier 1 initramfs, $(du -sh --apparent-size "$OUT/tier2.img" | cut -f1) tier 2 disk, kernel $KVER"
