@@ -18,7 +18,7 @@ export RUST_BACKTRACE=1
 # A clean checkout builds everything once: cargo's incremental caches (about 2 GB here) would
 # only take disk. Local runs keep them, so a rerun after an edit stays quick.
 if [ "${CI:-}" = true ]; then export CARGO_INCREMENTAL=0; fi
-# Free disk where the build goes, at each step: a full run needs about 5 GB in target/ (the
+# Free disk where the build goes, at each step: a full run takes up to ~4.2 GB in target/ (the
 # host build, the aarch64 cross build of llama.cpp, the QEMU images) and a compiler that runs
 # out of space fails far from the cause.
 disk() { echo "test: disk: $(df -h --output=avail "$ROOT/target" 2>/dev/null | tail -1 | tr -d ' ') free, target/ $(du -sh "$ROOT/target" 2>/dev/null | cut -f1)"; }
