@@ -139,6 +139,7 @@ write_accounts "$T1"
 install -m 0644 "$HERE/hearthd-vm.toml" "$T1/etc/hearth/hearthd.toml"
 install -m 0755 "$HERE/tier1-init.sh" "$T1/init"
 install -m 0755 "$HERE/scenario.sh" "$T1/usr/share/hearth-qemu/scenario.sh"
+install -m 0644 "$HERE/report.sh" "$T1/usr/share/hearth-qemu/report.sh"
 cpio_of "$T1" "$OUT/tier1.cpio"
 rm -rf "$T1"  # the archive is what boots
 
@@ -158,6 +159,7 @@ echo hearth-phone > "$T2/etc/hostname"
 "$SOC_TREE" "$T2/usr/share/hearth-qemu/sysfs"
 install -m 0644 "$HERE/hearthd-vm.toml" "$T2/etc/hearth/hearthd.toml"
 install -D -m 0755 "$HERE/scenario.sh" "$T2/usr/share/hearth-qemu/scenario.sh"
+install -m 0644 "$HERE/report.sh" "$T2/usr/share/hearth-qemu/report.sh"
 install -D -m 0755 "$HERE/tier2-check.sh" "$T2/usr/share/hearth-qemu/tier2-check.sh"
 install -D -m 0644 "$HERE/hearth-qemu-check.service" "$T2/etc/systemd/system/hearth-qemu-check.service"
 # The app the scenario runs as (systemd-sysusers creates it at boot).

@@ -19,12 +19,7 @@ as_app() {
         systemd-run --quiet --scope --uid=app --gid=app --unit="app-org.hearth.QemuCheck-$n.scope" -- "$@"
     fi
 }
-# step NAME CMD...: CMD's stdout and stderr, each line prefixed, then its exit status.
-step() {
-    name="$1"
-    shift
-    { "$@" 2>&1; echo "rc=$?"; } | while IFS= read -r line; do echo "@@hearth $name $line"; done
-}
+. /usr/share/hearth-qemu/report.sh  # step
 uptime_s() { cut -d' ' -f1 /proc/uptime; }
 
 # The first call may find the name not yet owned (tier 1) or activate hearthd (tier 2).

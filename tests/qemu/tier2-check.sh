@@ -3,11 +3,7 @@
 # running yet; the scenario's first call D-Bus-activates it; then what systemd knows of it
 # (state, watchdog, user, journal, its private /dev), and power off.
 set -u
-step() {
-    name="$1"
-    shift
-    { "$@" 2>&1; echo "rc=$?"; } | while IFS= read -r line; do echo "@@hearth $name $line"; done
-}
+. /usr/share/hearth-qemu/report.sh  # step
 echo "@@hearth boot uptime=$(cut -d' ' -f1 /proc/uptime)"
 step before systemctl is-active hearthd.service
 HEARTH_TIER=2 /usr/share/hearth-qemu/scenario.sh
