@@ -13,7 +13,7 @@ use clap::{Parser, Subcommand};
 use hearth_dbus::{Error, Generation, Hearth1Proxy, StreamEvent, request_key, result_key};
 use serde_json::{Value as Json, json};
 use zbus::Connection;
-use zbus::zvariant::{OwnedValue, Value};
+use zbus::{OwnedVariant, Variant};
 
 #[derive(Debug, Parser)]
 #[command(name = "hearthctl", version, about = "Client of the Hearth on-device AI service")]
@@ -182,32 +182,32 @@ fn main() -> ExitCode {
 
 async fn connect(address: Option<&str>) -> Result<Connection, CliError> {
     Ok(match address {
-        Some(a) => zbus::connection::Builder::address(a)?.build().await?,
+        Some(a) => zbus::connection::Builder::address(a).build().await?,
         None => Connection::system().await?,
     })
 }
 
 /// Converts a D-Bus value into JSON for `--json`.
-fn to_json(v: &Value<'_>) -> Json {
+fn to_json(v: &Variant<'_>) -> Json {
     match v {
-        Value::U8(n) => json!(n),
-        Value::Bool(b) => json!(b),
-        Value::I16(n) => json!(n),
-        Value::U16(n) => json!(n),
-        Value::I32(n) => json!(n),
-        Value::U32(n) => json!(n),
-        Value::I64(n) => json!(n),
-        Value::U64(n) => json!(n),
-        Value::F64(n) => json!(n),
-        Value::Str(s) => json!(s.as_str()),
-        Value::ObjectPath(p) => json!(p.as_str()),
-        Value::Value(inner) => to_json(inner),
-        Value::Array(a) => Json::Array(a.inner().iter().map(to_json).collect()),
-        Value::Dict(d) => Json::Object(
+        Variant::U8(n) => json!(n),
+        Variant::Bool(b) => json!(b),
+        Variant::I16(n) => json!(n),
+        Variant::U16(n) => json!(n),
+        Variant::I32(n) => json!(n),
+        Variant::U32(n) => json!(n),
+        Variant::I64(n) => json!(n),
+        Variant::U64(n) => json!(n),
+        Variant::F64(n) => json!(n),
+        Variant::Str(s) => json!(s.as_str()),
+        Variant::ObjectPath(p) => json!(p.as_str()),
+        Variant::Variant(inner) => to_json(inner),
+        Variant::Array(a) => Json::Array(a.inner().iter().map(to_json).collect()),
+        Variant::Dict(d) => Json::Object(
             d.iter()
                 .map(|(k, v)| {
                     let key = match k {
-                        Value::Str(s) => s.as_str().to_owned(),
+                        Variant::Str(s) => s.as_str().to_owned(),
                         other => to_json(other).to_string(),
                     };
                     (key, to_json(v))
@@ -218,7 +218,7 @@ fn to_json(v: &Value<'_>) -> Json {
     }
 }
 
-fn dict_json(d: &HashMap<String, OwnedValue>) -> Json {
+fn dict_json(d: &HashMap<String, OwnedVariant>) -> Json {
     Json::Object(d.iter().map(|(k, v)| (k.clone(), to_json(v))).collect())
 }
 
@@ -273,7 +273,7 @@ async fn run(cli: Cli) -> Result<ExitCode, CliError> {
             }
         }
         Command::Load { name, pin } => {
-            proxy.load_model(&name, HashMap::from([("pin", Value::from(pin))])).await?;
+            proxy.load_model(&name, HashMap::from([("pin", Variant::from(pin))])).await?;
         }
         Command::Unload { name } => {
             proxy.unload_model(&name).await?;
@@ -336,11 +336,11 @@ async fn run(cli: Cli) -> Result<ExitCode, CliError> {
             } = *args;
             let text = |role: &str, content: &str, scope: Option<&str>| {
                 let mut m = HashMap::from([
-                    (request_key::ROLE.to_owned(), Value::from(role.to_owned())),
-                    (request_key::CONTENT.to_owned(), Value::from(content.to_owned())),
+                    (request_key::ROLE.to_owned(), Variant::from(role.to_owned())),
+                    (request_key::CONTENT.to_owned(), Variant::from(content.to_owned())),
                 ]);
                 if let Some(s) = scope {
-                    m.insert(request_key::SCOPE.to_owned(), Value::from(s.to_owned()));
+                    m.insert(request_key::SCOPE.to_owned(), Variant::from(s.to_owned()));
                 }
                 m
             };
@@ -351,48 +351,49 @@ async fn run(cli: Cli) -> Result<ExitCode, CliError> {
             if let Some(path) = &sealed {
                 let blob = std::fs::read(path)?;
                 messages.push(HashMap::from([
-                    (request_key::ROLE.to_owned(), Value::from("user")),
-                    (request_key::SEALED.to_owned(), Value::from(blob)),
+                    (request_key::ROLE.to_owned(), Variant::from("user")),
+                    (request_key::SEALED.to_owned(), Variant::from(blob)),
                 ]));
             }
             messages.push(text("user", &prompt, scope.as_deref()));
-            let mut request: HashMap<&str, Value<'_>> = HashMap::from([(request_key::MESSAGES, Value::from(messages))]);
+            let mut request: HashMap<&str, Variant<'_>> =
+                HashMap::from([(request_key::MESSAGES, Variant::from(messages))]);
             if let Some(r) = &route {
-                request.insert(request_key::ROUTE, Value::from(r.as_str()));
+                request.insert(request_key::ROUTE, Variant::from(r.as_str()));
             }
             if let Some(m) = &model {
-                request.insert(request_key::MODEL, Value::from(m.as_str()));
+                request.insert(request_key::MODEL, Variant::from(m.as_str()));
             }
             if let Some(n) = max_tokens {
-                request.insert(request_key::MAX_TOKENS, Value::from(n));
+                request.insert(request_key::MAX_TOKENS, Variant::from(n));
             }
             if let Some(t) = temperature {
-                request.insert(request_key::TEMPERATURE, Value::from(t));
+                request.insert(request_key::TEMPERATURE, Variant::from(t));
             }
             if let Some(p) = top_p {
-                request.insert(request_key::TOP_P, Value::from(p));
+                request.insert(request_key::TOP_P, Variant::from(p));
             }
             if let Some(k) = top_k {
-                request.insert(request_key::TOP_K, Value::from(k));
+                request.insert(request_key::TOP_K, Variant::from(k));
             }
             if let Some(s) = seed {
-                request.insert(request_key::SEED, Value::from(s));
+                request.insert(request_key::SEED, Variant::from(s));
             }
             if let Some(p) = &priority {
-                request.insert(request_key::PRIORITY, Value::from(p.as_str()));
+                request.insert(request_key::PRIORITY, Variant::from(p.as_str()));
             }
             if let Some(d) = deadline_ms {
-                request.insert(request_key::DEADLINE_MS, Value::from(d));
+                request.insert(request_key::DEADLINE_MS, Variant::from(d));
             }
             for (key, file) in
                 [(request_key::JSON_SCHEMA, json_schema), (request_key::GRAMMAR, grammar), (request_key::TOOLS, tools)]
             {
                 if let Some(path) = file {
-                    request.insert(key, Value::from(std::fs::read_to_string(path)?));
+                    request.insert(key, Variant::from(std::fs::read_to_string(path)?));
                 }
             }
             if let Some(c) = tool_choice {
-                request.insert(request_key::TOOL_CHOICE, Value::from(c));
+                request.insert(request_key::TOOL_CHOICE, Variant::from(c));
             }
             if !adapters.is_empty() {
                 let mut scales = HashMap::new();
@@ -404,14 +405,14 @@ async fn run(cli: Cli) -> Result<ExitCode, CliError> {
                     };
                     scales.insert(name, scale);
                 }
-                request.insert(request_key::ADAPTERS, Value::from(scales));
+                request.insert(request_key::ADAPTERS, Variant::from(scales));
             }
             return generate(&conn, None, request, cli.json).await;
         }
         Command::Chat(Conversation { system, model, max_tokens }) => {
-            let mut options: HashMap<&str, Value<'_>> = HashMap::new();
+            let mut options: HashMap<&str, Variant<'_>> = HashMap::new();
             if let Some(m) = &model {
-                options.insert(request_key::MODEL, Value::from(m.as_str()));
+                options.insert(request_key::MODEL, Variant::from(m.as_str()));
             }
             let session = proxy.open_session(options).await?;
             let mut system = system;
@@ -427,10 +428,10 @@ async fn run(cli: Cli) -> Result<ExitCode, CliError> {
                     turn.push(("system", s));
                 }
                 turn.push(("user", &line));
-                let mut request: HashMap<&str, Value<'_>> =
+                let mut request: HashMap<&str, Variant<'_>> =
                     HashMap::from([(request_key::MESSAGES, hearth_dbus::messages_value(&turn))]);
                 if let Some(n) = max_tokens {
-                    request.insert(request_key::MAX_TOKENS, Value::from(n));
+                    request.insert(request_key::MAX_TOKENS, Variant::from(n));
                 }
                 // A failed turn (too long, busy) leaves the session as it was: say so, go on.
                 status = match generate(&conn, Some(&session), request, cli.json).await {
@@ -441,16 +442,16 @@ async fn run(cli: Cli) -> Result<ExitCode, CliError> {
                     other => other?,
                 };
             }
-            hearth_dbus::SessionProxy::builder(&conn).path(session)?.build().await?.close().await?;
+            hearth_dbus::SessionProxy::builder(&conn).path(session).build().await?.close().await?;
             return Ok(status);
         }
         Command::Embed { texts, model, scope } => {
-            let mut request: HashMap<&str, Value<'_>> = HashMap::from([(request_key::TEXTS, Value::from(texts))]);
+            let mut request: HashMap<&str, Variant<'_>> = HashMap::from([(request_key::TEXTS, Variant::from(texts))]);
             if let Some(m) = model {
-                request.insert(request_key::MODEL, Value::from(m));
+                request.insert(request_key::MODEL, Variant::from(m));
             }
             if let Some(s) = scope {
-                request.insert(request_key::SCOPE, Value::from(s));
+                request.insert(request_key::SCOPE, Variant::from(s));
             }
             for v in proxy.embed(request).await? {
                 println!("{}", json!(v));
@@ -463,8 +464,8 @@ async fn run(cli: Cli) -> Result<ExitCode, CliError> {
 /// Runs one generation (or a session's next turn) and streams it to stdout.
 async fn generate(
     conn: &Connection,
-    session: Option<&zbus::zvariant::OwnedObjectPath>,
-    request: HashMap<&str, Value<'_>>,
+    session: Option<&zbus::OwnedObjectPath>,
+    request: HashMap<&str, Variant<'_>>,
     json_out: bool,
 ) -> Result<ExitCode, CliError> {
     static TURN: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);

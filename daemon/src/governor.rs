@@ -446,9 +446,7 @@ pub async fn active_power_profile(conn: &zbus::Connection) -> Option<String> {
         ),
         ("net.hadess.PowerProfiles", "/net/hadess/PowerProfiles", "net.hadess.PowerProfiles"),
     ] {
-        let Ok(proxy) =
-            zbus::fdo::PropertiesProxy::builder(conn).destination(dest).ok()?.path(path).ok()?.build().await
-        else {
+        let Ok(proxy) = zbus::fdo::PropertiesProxy::builder(conn).destination(dest).path(path).build().await else {
             continue;
         };
         let iface = zbus::names::InterfaceName::try_from(iface).ok()?;

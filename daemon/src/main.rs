@@ -163,10 +163,10 @@ async fn serve(
     );
     let sessions = service.sessions();
     let builder = match &args.bus_address {
-        Some(address) => zbus::connection::Builder::address(address.as_str())?,
-        None => zbus::connection::Builder::system()?,
+        Some(address) => zbus::connection::Builder::address(address.as_str()),
+        None => zbus::connection::Builder::system(),
     };
-    let conn = builder.serve_at(hearth_dbus::OBJECT_PATH, service)?.name(hearth_dbus::BUS_NAME)?.build().await?;
+    let conn = builder.serve_at(hearth_dbus::OBJECT_PATH, service).name(hearth_dbus::BUS_NAME).build().await?;
     tracing::info!(name = hearth_dbus::BUS_NAME, unique = ?conn.unique_name().map(|n| n.as_str()), "serving");
     let tasks = [
         tokio::spawn(service::publish_status_changes(conn.clone(), models.status())),

@@ -75,20 +75,20 @@ impl AppPolicy {
 
     /// A policy from SetAppPolicy's dictionary: the keys of a policy file, missing ones at
     /// the default policy's values.
-    pub fn from_dict(d: &std::collections::HashMap<String, zbus::zvariant::OwnedValue>) -> Result<Self, String> {
-        use zbus::zvariant::Value;
+    pub fn from_dict(d: &std::collections::HashMap<String, zbus::OwnedVariant>) -> Result<Self, String> {
+        use zbus::Variant;
         let mut table = toml::Table::new();
         for (k, v) in d {
-            let v: &Value<'_> = v;
+            let v: &Variant<'_> = v;
             let item = match v {
-                Value::Bool(b) => toml::Value::Boolean(*b),
-                Value::Str(s) => toml::Value::String(s.to_string()),
-                Value::U32(n) => toml::Value::Integer(i64::from(*n)),
-                Value::Array(a) => toml::Value::Array(
+                Variant::Bool(b) => toml::Value::Boolean(*b),
+                Variant::Str(s) => toml::Value::String(s.to_string()),
+                Variant::U32(n) => toml::Value::Integer(i64::from(*n)),
+                Variant::Array(a) => toml::Value::Array(
                     a.inner()
                         .iter()
                         .map(|x| match x {
-                            Value::Str(s) => Ok(toml::Value::String(s.to_string())),
+                            Variant::Str(s) => Ok(toml::Value::String(s.to_string())),
                             _ => Err(format!("{k} must be a list of strings (as)")),
                         })
                         .collect::<Result<_, _>>()?,

@@ -7,8 +7,8 @@
 
 use std::collections::HashMap;
 
+use zbus::Variant;
 use zbus::proxy;
-use zbus::zvariant::Value;
 
 /// polkit's CheckAuthorization flag: the caller allows an interactive authentication dialog.
 const ALLOW_USER_INTERACTION: u32 = 1;
@@ -21,7 +21,7 @@ const ALLOW_USER_INTERACTION: u32 = 1;
 trait Authority {
     fn check_authorization(
         &self,
-        subject: &(&str, HashMap<&str, Value<'_>>),
+        subject: &(&str, HashMap<&str, Variant<'_>>),
         action_id: &str,
         details: HashMap<&str, &str>,
         flags: u32,
@@ -70,14 +70,14 @@ pub async fn check(
     interactive: bool,
 ) -> Result<Verdict, String> {
     let authority = AuthorityProxy::new(conn).await.map_err(|e| e.to_string())?;
-    let subject = ("system-bus-name", HashMap::from([("name", Value::from(sender))]));
+    let subject = ("system-bus-name", HashMap::from([("name", Variant::from(sender))]));
     let flags = if interactive { ALLOW_USER_INTERACTION } else { 0 };
     match authority.check_authorization(&subject, action.id(), HashMap::new(), flags, "").await {
         Ok((true, _, _)) => Ok(Verdict::Authorized),
         Ok((false, challenge, _)) => Ok(Verdict::Denied { challenge }),
-        Err(zbus::Error::MethodError(name, _, _))
-            if name.as_str() == "org.freedesktop.DBus.Error.ServiceUnknown"
-                || name.as_str() == "org.freedesktop.DBus.Error.NameHasNoOwner" =>
+        // zbus reports the bus's standard error replies as fdo::Error.
+        Err(zbus::Error::FDO(e))
+            if matches!(*e, zbus::fdo::Error::ServiceUnknown(_) | zbus::fdo::Error::NameHasNoOwner(_)) =>
         {
             Ok(if uid == 0 { Verdict::NoPolkitRoot } else { Verdict::NoPolkit })
         }

@@ -5,7 +5,7 @@ use std::collections::HashMap;
 
 use hearth_dbus::request_key as key;
 use hearth_ffi::SamplerParams;
-use zbus::zvariant::{OwnedValue, Value};
+use zbus::{OwnedVariant, Variant};
 
 use crate::engine::{GenerateRequest, Priority};
 use crate::error::Error;
@@ -46,39 +46,39 @@ fn invalid(msg: impl Into<String>) -> Error {
 }
 
 /// Strips variant wrappers (`v` inside `v`) that some bindings add.
-fn unwrap_variant<'a>(v: &'a Value<'a>) -> &'a Value<'a> {
+fn unwrap_variant<'a>(v: &'a Variant<'a>) -> &'a Variant<'a> {
     match v {
-        Value::Value(inner) => unwrap_variant(inner),
+        Variant::Variant(inner) => unwrap_variant(inner),
         v => v,
     }
 }
 
-fn as_str<'a>(k: &str, v: &'a Value<'a>) -> Result<&'a str, Error> {
+fn as_str<'a>(k: &str, v: &'a Variant<'a>) -> Result<&'a str, Error> {
     match unwrap_variant(v) {
-        Value::Str(s) => Ok(s.as_str()),
+        Variant::Str(s) => Ok(s.as_str()),
         other => Err(invalid(format!("{k} must be a string (s), got {}", other.value_signature()))),
     }
 }
 
-fn as_u64(k: &str, v: &Value<'_>) -> Result<u64, Error> {
+fn as_u64(k: &str, v: &Variant<'_>) -> Result<u64, Error> {
     let n: i128 = match unwrap_variant(v) {
-        Value::U8(n) => (*n).into(),
-        Value::U16(n) => (*n).into(),
-        Value::U32(n) => (*n).into(),
-        Value::U64(n) => (*n).into(),
-        Value::I16(n) => (*n).into(),
-        Value::I32(n) => (*n).into(),
-        Value::I64(n) => (*n).into(),
+        Variant::U8(n) => (*n).into(),
+        Variant::U16(n) => (*n).into(),
+        Variant::U32(n) => (*n).into(),
+        Variant::U64(n) => (*n).into(),
+        Variant::I16(n) => (*n).into(),
+        Variant::I32(n) => (*n).into(),
+        Variant::I64(n) => (*n).into(),
         other => return Err(invalid(format!("{k} must be an integer (u), got {}", other.value_signature()))),
     };
     u64::try_from(n).map_err(|_| invalid(format!("{k} must not be negative, got {n}")))
 }
 
-fn as_f64(k: &str, v: &Value<'_>) -> Result<f64, Error> {
+fn as_f64(k: &str, v: &Variant<'_>) -> Result<f64, Error> {
     let x = match unwrap_variant(v) {
-        Value::F64(x) => *x,
-        Value::U32(n) => (*n).into(),
-        Value::I32(n) => (*n).into(),
+        Variant::F64(x) => *x,
+        Variant::U32(n) => (*n).into(),
+        Variant::I32(n) => (*n).into(),
         other => return Err(invalid(format!("{k} must be a number (d), got {}", other.value_signature()))),
     };
     if x.is_finite() { Ok(x) } else { Err(invalid(format!("{k} must be finite"))) }
@@ -86,8 +86,8 @@ fn as_f64(k: &str, v: &Value<'_>) -> Result<f64, Error> {
 
 /// `adapters`: a{sd}, adapter name → scale. Whether the names exist is the engine's to say
 /// (it knows the model's adapters).
-fn parse_adapters(v: &Value<'_>) -> Result<std::collections::BTreeMap<String, f32>, Error> {
-    let Value::Dict(dict) = unwrap_variant(v) else {
+fn parse_adapters(v: &Variant<'_>) -> Result<std::collections::BTreeMap<String, f32>, Error> {
+    let Variant::Dict(dict) = unwrap_variant(v) else {
         return Err(invalid(format!(
             "adapters must be a dictionary of name → scale (a{{sd}}), got {}",
             v.value_signature()
@@ -114,8 +114,8 @@ fn parse_adapters(v: &Value<'_>) -> Result<std::collections::BTreeMap<String, f3
     Ok(out)
 }
 
-fn parse_messages(v: &Value<'_>) -> Result<Vec<Part>, Error> {
-    let Value::Array(array) = unwrap_variant(v) else {
+fn parse_messages(v: &Variant<'_>) -> Result<Vec<Part>, Error> {
+    let Variant::Array(array) = unwrap_variant(v) else {
         return Err(invalid(format!(
             "messages must be an array of dictionaries (aa{{sv}}), got {}",
             v.value_signature()
@@ -130,7 +130,7 @@ fn parse_messages(v: &Value<'_>) -> Result<Vec<Part>, Error> {
     let mut total = 0usize;
     let mut out = Vec::with_capacity(array.len());
     for (i, item) in array.inner().iter().enumerate() {
-        let Value::Dict(dict) = unwrap_variant(item) else {
+        let Variant::Dict(dict) = unwrap_variant(item) else {
             return Err(invalid(format!(
                 "messages[{i}] must be a dictionary (a{{sv}}), got {}",
                 item.value_signature()
@@ -138,7 +138,7 @@ fn parse_messages(v: &Value<'_>) -> Result<Vec<Part>, Error> {
         };
         let (mut role, mut content, mut scope) = (None, None, None);
         for (k, v) in dict.iter() {
-            let Value::Str(k) = k else {
+            let Variant::Str(k) = k else {
                 return Err(invalid(format!("messages[{i}] keys must be strings")));
             };
             let set = |content: &mut Option<Content>, c: Content| {
@@ -187,13 +187,13 @@ fn parse_messages(v: &Value<'_>) -> Result<Vec<Part>, Error> {
     Ok(out)
 }
 
-fn as_bytes(k: &str, v: &Value<'_>) -> Result<Vec<u8>, Error> {
+fn as_bytes(k: &str, v: &Variant<'_>) -> Result<Vec<u8>, Error> {
     match unwrap_variant(v) {
-        Value::Array(a) if a.element_signature() == &zbus::zvariant::Signature::U8 => a
+        Variant::Array(a) if a.element_signature() == &zbus::Signature::U8 => a
             .inner()
             .iter()
             .map(|b| match b {
-                Value::U8(b) => Ok(*b),
+                Variant::U8(b) => Ok(*b),
                 _ => Err(invalid(format!("{k} must be bytes (ay)"))),
             })
             .collect(),
@@ -215,13 +215,13 @@ pub struct EmbedRequest {
 }
 
 /// Parses Embed's dictionary: `texts` (as), optional `model` (s) and `scope` (s).
-pub fn parse_embed(dict: &HashMap<String, OwnedValue>) -> Result<EmbedRequest, Error> {
+pub fn parse_embed(dict: &HashMap<String, OwnedVariant>) -> Result<EmbedRequest, Error> {
     let (mut texts, mut model, mut scope) = (None, None, Scope::Personal);
     for (k, v) in dict {
-        let v: &Value<'_> = v;
+        let v: &Variant<'_> = v;
         match k.as_str() {
             key::TEXTS => {
-                let Value::Array(a) = unwrap_variant(v) else {
+                let Variant::Array(a) = unwrap_variant(v) else {
                     return Err(invalid(format!(
                         "texts must be an array of strings (as), got {}",
                         v.value_signature()
@@ -255,7 +255,7 @@ pub fn parse_embed(dict: &HashMap<String, OwnedValue>) -> Result<EmbedRequest, E
 }
 
 /// Parses a request dictionary. `default_max_tokens` applies when the key is absent.
-pub fn parse(dict: &HashMap<String, OwnedValue>, method: Method, default_max_tokens: u32) -> Result<Parsed, Error> {
+pub fn parse(dict: &HashMap<String, OwnedVariant>, method: Method, default_max_tokens: u32) -> Result<Parsed, Error> {
     let mut messages = None;
     let mut model = None;
     let mut max_tokens = u64::from(default_max_tokens);
@@ -267,7 +267,7 @@ pub fn parse(dict: &HashMap<String, OwnedValue>, method: Method, default_max_tok
     let (mut json_schema, mut grammar, mut tools, mut tool_choice) = (None, None, None, None);
     let mut adapters = None;
     for (k, v) in dict {
-        let v: &Value<'_> = v;
+        let v: &Variant<'_> = v;
         match k.as_str() {
             key::MESSAGES => messages = Some(parse_messages(v)?),
             key::MODEL => {
@@ -372,23 +372,26 @@ pub fn parse(dict: &HashMap<String, OwnedValue>, method: Method, default_max_tok
 mod tests {
     use super::*;
 
-    fn ov(v: Value<'_>) -> OwnedValue {
-        OwnedValue::try_from(v).unwrap()
+    fn ov(v: Variant<'_>) -> OwnedVariant {
+        OwnedVariant::try_from(v).unwrap()
     }
 
-    fn message(role: &str, content: &str) -> HashMap<String, OwnedValue> {
-        HashMap::from([("role".to_owned(), ov(Value::from(role))), ("content".to_owned(), ov(Value::from(content)))])
+    fn message(role: &str, content: &str) -> HashMap<String, OwnedVariant> {
+        HashMap::from([
+            ("role".to_owned(), ov(Variant::from(role))),
+            ("content".to_owned(), ov(Variant::from(content))),
+        ])
     }
 
-    fn with(mut m: HashMap<String, OwnedValue>, k: &str, v: Value<'_>) -> HashMap<String, OwnedValue> {
+    fn with(mut m: HashMap<String, OwnedVariant>, k: &str, v: Variant<'_>) -> HashMap<String, OwnedVariant> {
         m.insert(k.to_owned(), ov(v));
         m
     }
 
-    fn sealed() -> HashMap<String, OwnedValue> {
+    fn sealed() -> HashMap<String, OwnedVariant> {
         HashMap::from([
-            ("role".to_owned(), ov(Value::from("user"))),
-            ("sealed".to_owned(), ov(Value::from(vec![7u8; 64]))),
+            ("role".to_owned(), ov(Variant::from("user"))),
+            ("sealed".to_owned(), ov(Variant::from(vec![7u8; 64]))),
         ])
     }
 
@@ -396,9 +399,9 @@ mod tests {
     fn scopes_default_to_personal_and_sealed_parts_are_local() {
         let d = req(vec![(
             "messages",
-            Value::from(vec![
+            Variant::from(vec![
                 message("user", "a"),
-                with(message("user", "b"), "scope", Value::from("public")),
+                with(message("user", "b"), "scope", Variant::from("public")),
                 sealed(),
             ]),
         )]);
@@ -408,8 +411,8 @@ mod tests {
         assert_eq!(p.parts[2].content, Content::Sealed(vec![7u8; 64]));
     }
 
-    fn req(extra: Vec<(&str, Value<'_>)>) -> HashMap<String, OwnedValue> {
-        let mut d = HashMap::from([("messages".to_owned(), ov(Value::from(vec![message("user", "hi")])))]);
+    fn req(extra: Vec<(&str, Variant<'_>)>) -> HashMap<String, OwnedVariant> {
+        let mut d = HashMap::from([("messages".to_owned(), ov(Variant::from(vec![message("user", "hi")])))]);
         for (k, v) in extra {
             d.insert(k.to_owned(), ov(v));
         }
@@ -420,15 +423,15 @@ mod tests {
     fn accepts_a_full_request() {
         let p = parse(
             &req(vec![
-                ("model", Value::from("m")),
-                ("max_tokens", Value::from(7i32)),
-                ("temperature", Value::from(0.5f64)),
-                ("top_p", Value::from(0.9f64)),
-                ("top_k", Value::from(10u32)),
-                ("seed", Value::from(42u64)),
-                ("handle_token", Value::from("t1")),
-                ("priority", Value::from("interactive")),
-                ("deadline_ms", Value::from(1500u32)),
+                ("model", Variant::from("m")),
+                ("max_tokens", Variant::from(7i32)),
+                ("temperature", Variant::from(0.5f64)),
+                ("top_p", Variant::from(0.9f64)),
+                ("top_k", Variant::from(10u32)),
+                ("seed", Variant::from(42u64)),
+                ("handle_token", Variant::from("t1")),
+                ("priority", Variant::from("interactive")),
+                ("deadline_ms", Variant::from(1500u32)),
             ]),
             Method::Generate,
             256,
@@ -449,42 +452,45 @@ mod tests {
 
     #[test]
     fn rejects_bad_requests_with_a_reason() {
-        let cases: Vec<(HashMap<String, OwnedValue>, &str)> = vec![
+        let cases: Vec<(HashMap<String, OwnedVariant>, &str)> = vec![
             (HashMap::new(), "messages is missing"),
-            (req(vec![("messages", Value::from(Vec::<HashMap<String, OwnedValue>>::new()))]), "messages is empty"),
-            (req(vec![("messages", Value::from("hi"))]), "messages must be an array"),
-            (req(vec![("max_tokens", Value::from(0u32))]), "at least 1"),
-            (req(vec![("max_tokens", Value::from(-3i32))]), "must not be negative"),
-            (req(vec![("max_tokens", Value::from(u64::MAX))]), "absurdly large"),
-            (req(vec![("max_tokens", Value::from("ten"))]), "must be an integer"),
-            (req(vec![("temperature", Value::from(9.0f64))]), "temperature"),
-            (req(vec![("top_p", Value::from(0.0f64))]), "top_p"),
-            (req(vec![("bogus", Value::from(1u32))]), "unknown request key"),
-            (req(vec![("handle_token", Value::from("a/b"))]), "handle_token"),
-            (req(vec![("priority", Value::from("urgent"))]), "is not one of interactive"),
-            (req(vec![("deadline_ms", Value::from(0u32))]), "deadline_ms"),
-            (req(vec![("messages", Value::from(vec![message("robot", "x")]))]), "is not one of"),
-            (req(vec![("route", Value::from("moon"))]), "route"),
+            (req(vec![("messages", Variant::from(Vec::<HashMap<String, OwnedVariant>>::new()))]), "messages is empty"),
+            (req(vec![("messages", Variant::from("hi"))]), "messages must be an array"),
+            (req(vec![("max_tokens", Variant::from(0u32))]), "at least 1"),
+            (req(vec![("max_tokens", Variant::from(-3i32))]), "must not be negative"),
+            (req(vec![("max_tokens", Variant::from(u64::MAX))]), "absurdly large"),
+            (req(vec![("max_tokens", Variant::from("ten"))]), "must be an integer"),
+            (req(vec![("temperature", Variant::from(9.0f64))]), "temperature"),
+            (req(vec![("top_p", Variant::from(0.0f64))]), "top_p"),
+            (req(vec![("bogus", Variant::from(1u32))]), "unknown request key"),
+            (req(vec![("handle_token", Variant::from("a/b"))]), "handle_token"),
+            (req(vec![("priority", Variant::from("urgent"))]), "is not one of interactive"),
+            (req(vec![("deadline_ms", Variant::from(0u32))]), "deadline_ms"),
+            (req(vec![("messages", Variant::from(vec![message("robot", "x")]))]), "is not one of"),
+            (req(vec![("route", Variant::from("moon"))]), "route"),
             (
-                req(vec![("messages", Value::from(vec![with(message("user", "x"), "scope", Value::from("secret"))]))]),
+                req(vec![(
+                    "messages",
+                    Variant::from(vec![with(message("user", "x"), "scope", Variant::from("secret"))]),
+                )]),
                 "public, personal, local",
             ),
             (
                 req(vec![(
                     "messages",
-                    Value::from(vec![with(message("user", "x"), "sealed", Value::from(vec![1u8, 2]))]),
+                    Variant::from(vec![with(message("user", "x"), "sealed", Variant::from(vec![1u8, 2]))]),
                 )]),
                 "both content and sealed",
             ),
             (
-                req(vec![("messages", Value::from(vec![with(sealed(), "scope", Value::from("public"))]))]),
+                req(vec![("messages", Variant::from(vec![with(sealed(), "scope", Variant::from("public"))]))]),
                 "scope is local",
             ),
             (
-                req(vec![("messages", Value::from(vec![with(sealed(), "sealed", Value::from("text"))]))]),
+                req(vec![("messages", Variant::from(vec![with(sealed(), "sealed", Variant::from("text"))]))]),
                 "must be bytes",
             ),
-            (req(vec![("app_id", Value::from("org.bank.App"))]), "unknown request key"),
+            (req(vec![("app_id", Variant::from("org.bank.App"))]), "unknown request key"),
         ];
         for (d, expect) in cases {
             match parse(&d, Method::Generate, 256) {
@@ -492,6 +498,6 @@ mod tests {
                 other => panic!("expected InvalidArgs containing {expect:?}, got {other:?}"),
             }
         }
-        assert!(parse(&req(vec![("handle_token", Value::from("t"))]), Method::Complete, 256).is_err());
+        assert!(parse(&req(vec![("handle_token", Variant::from("t"))]), Method::Complete, 256).is_err());
     }
 }

@@ -7,8 +7,8 @@ use futures_util::StreamExt;
 use zbus::fdo::DBusProxy;
 use zbus::message::Type as MessageType;
 use zbus::names::BusName;
-use zbus::zvariant::{OwnedObjectPath, OwnedValue, Value};
 use zbus::{Connection, MatchRule, MessageStream};
+use zbus::{OwnedObjectPath, OwnedVariant, Variant};
 
 use crate::{BUS_NAME, Error, Hearth1Proxy, REQUEST_INTERFACE, RequestProxy, SessionProxy, request_key, request_path};
 
@@ -26,7 +26,7 @@ pub enum StreamEvent {
         to: String,
         index: u32,
     },
-    Finished(HashMap<String, OwnedValue>),
+    Finished(HashMap<String, OwnedVariant>),
 }
 
 /// A generation in progress.
@@ -43,7 +43,7 @@ impl Generation {
     /// `request` (the handle token is added to it). No token can be missed.
     pub async fn start(
         conn: &Connection,
-        request: HashMap<&str, Value<'_>>,
+        request: HashMap<&str, Variant<'_>>,
         handle_token: &str,
     ) -> Result<Self, Error> {
         Self::start_via(conn, None, request, handle_token).await
@@ -54,7 +54,7 @@ impl Generation {
     pub async fn start_turn(
         conn: &Connection,
         session: &OwnedObjectPath,
-        request: HashMap<&str, Value<'_>>,
+        request: HashMap<&str, Variant<'_>>,
         handle_token: &str,
     ) -> Result<Self, Error> {
         Self::start_via(conn, Some(session), request, handle_token).await
@@ -63,7 +63,7 @@ impl Generation {
     async fn start_via(
         conn: &Connection,
         session: Option<&OwnedObjectPath>,
-        mut request: HashMap<&str, Value<'_>>,
+        mut request: HashMap<&str, Variant<'_>>,
         handle_token: &str,
     ) -> Result<Self, Error> {
         let unique = conn.unique_name().ok_or_else(|| Error::InvalidArgs("connection has no unique name".into()))?;
@@ -72,20 +72,20 @@ impl Generation {
         // Match on the service's unique name: signals carry the unique sender.
         let owner = DBusProxy::new(conn)
             .await?
-            .get_name_owner(BusName::try_from(BUS_NAME).map_err(zbus::Error::from)?)
+            .get_name_owner(BusName::try_from(BUS_NAME)?)
             .await
             .map_err(zbus::Error::from)?;
         let rule = MatchRule::builder()
             .msg_type(MessageType::Signal)
-            .sender(owner.as_str())?
-            .path(path.as_str())?
-            .interface(REQUEST_INTERFACE)?
-            .build();
+            .sender(owner.as_str())
+            .path(path.as_str())
+            .interface(REQUEST_INTERFACE)
+            .build()?;
         let stream = MessageStream::for_match_rule(rule, conn, None).await?;
-        request.insert(request_key::HANDLE_TOKEN, Value::from(handle_token));
+        request.insert(request_key::HANDLE_TOKEN, Variant::from(handle_token));
         let returned = match session {
             None => Hearth1Proxy::new(conn).await?.generate(request).await?,
-            Some(p) => SessionProxy::builder(conn).path(p.clone())?.build().await?.generate(request).await?,
+            Some(p) => SessionProxy::builder(conn).path(p.clone()).build().await?.generate(request).await?,
         };
         if returned != path {
             return Err(Error::Internal(format!(
@@ -122,7 +122,9 @@ impl Generation {
                     .body()
                     .deserialize::<(String, String, u32)>()
                     .map(|(from, to, index)| StreamEvent::Migrated { from, to, index }),
-                Some("Finished") => msg.body().deserialize::<HashMap<String, OwnedValue>>().map(StreamEvent::Finished),
+                Some("Finished") => {
+                    msg.body().deserialize::<HashMap<String, OwnedVariant>>().map(StreamEvent::Finished)
+                }
                 _ => continue,
             };
             if matches!(event, Ok(StreamEvent::Finished(_))) {
@@ -135,20 +137,20 @@ impl Generation {
 
     /// Asks hearthd to cancel; Finished (with finish_reason "cancelled") follows.
     pub async fn cancel(&self) -> Result<(), Error> {
-        RequestProxy::builder(&self.conn).path(self.path.clone())?.build().await?.cancel().await
+        RequestProxy::builder(&self.conn).path(self.path.clone()).build().await?.cancel().await
     }
 }
 
 /// The `messages` value (aa{sv}) for `(role, content)` pairs.
-pub fn messages_value(messages: &[(&str, &str)]) -> Value<'static> {
-    let list: Vec<HashMap<String, Value<'static>>> = messages
+pub fn messages_value(messages: &[(&str, &str)]) -> Variant<'static> {
+    let list: Vec<HashMap<String, Variant<'static>>> = messages
         .iter()
         .map(|(role, content)| {
             HashMap::from([
-                (request_key::ROLE.to_owned(), Value::from(role.to_string())),
-                (request_key::CONTENT.to_owned(), Value::from(content.to_string())),
+                (request_key::ROLE.to_owned(), Variant::from(role.to_string())),
+                (request_key::CONTENT.to_owned(), Variant::from(content.to_string())),
             ])
         })
         .collect();
-    Value::from(list)
+    Variant::from(list)
 }

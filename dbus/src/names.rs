@@ -1,6 +1,6 @@
 //! Names, paths and dictionary keys of the API.
 
-use zbus::zvariant::{ObjectPath, OwnedObjectPath};
+use zbus::{ObjectPath, OwnedObjectPath};
 
 /// The well-known bus name.
 pub const BUS_NAME: &str = "org.hearth.Hearth1";

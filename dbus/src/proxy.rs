@@ -3,7 +3,7 @@
 use std::collections::HashMap;
 
 use zbus::proxy;
-use zbus::zvariant::{OwnedObjectPath, OwnedValue, Value};
+use zbus::{OwnedObjectPath, OwnedVariant, Variant};
 
 use crate::Error;
 
@@ -11,27 +11,27 @@ use crate::Error;
 #[proxy(interface = "org.hearth.Hearth1", default_service = "org.hearth.Hearth1", default_path = "/org/hearth/Hearth1")]
 pub trait Hearth1 {
     /// Starts a generation; tokens arrive on the returned request object.
-    fn generate(&self, request: HashMap<&str, Value<'_>>) -> Result<OwnedObjectPath, Error>;
+    fn generate(&self, request: HashMap<&str, Variant<'_>>) -> Result<OwnedObjectPath, Error>;
     /// Generates and returns the whole result.
-    fn complete(&self, request: HashMap<&str, Value<'_>>) -> Result<HashMap<String, OwnedValue>, Error>;
+    fn complete(&self, request: HashMap<&str, Variant<'_>>) -> Result<HashMap<String, OwnedVariant>, Error>;
     /// Opens a multi-turn session (options: `model`); turns go to the returned object.
-    fn open_session(&self, options: HashMap<&str, Value<'_>>) -> Result<OwnedObjectPath, Error>;
+    fn open_session(&self, options: HashMap<&str, Variant<'_>>) -> Result<OwnedObjectPath, Error>;
     /// Unit-length embeddings of `texts` (request: texts, model, scope), computed on the device.
-    fn embed(&self, request: HashMap<&str, Value<'_>>) -> Result<Vec<Vec<f64>>, Error>;
+    fn embed(&self, request: HashMap<&str, Variant<'_>>) -> Result<Vec<Vec<f64>>, Error>;
     /// The installed models.
-    fn list_models(&self) -> Result<Vec<HashMap<String, OwnedValue>>, Error>;
+    fn list_models(&self) -> Result<Vec<HashMap<String, OwnedVariant>>, Error>;
     /// Admin: loads a model now (`pin` (b) option keeps it loaded).
-    fn load_model(&self, name: &str, options: HashMap<&str, Value<'_>>) -> Result<(), Error>;
+    fn load_model(&self, name: &str, options: HashMap<&str, Variant<'_>>) -> Result<(), Error>;
     /// Admin: unloads a model.
     fn unload_model(&self, name: &str) -> Result<(), Error>;
     /// Admin: sets (or, with an empty dictionary, removes) an app's run-time policy.
-    fn set_app_policy(&self, app_id: &str, policy: HashMap<&str, Value<'_>>) -> Result<(), Error>;
+    fn set_app_policy(&self, app_id: &str, policy: HashMap<&str, Variant<'_>>) -> Result<(), Error>;
     /// Admin: reloads configuration, models and app policies.
     fn reload(&self) -> Result<(), Error>;
     /// Encrypts data for the calling app with the device key.
-    fn seal(&self, data: &[u8], options: HashMap<&str, Value<'_>>) -> Result<Vec<u8>, Error>;
+    fn seal(&self, data: &[u8], options: HashMap<&str, Variant<'_>>) -> Result<Vec<u8>, Error>;
     /// Who hearthd takes the caller to be.
-    fn caller_info(&self) -> Result<HashMap<String, OwnedValue>, Error>;
+    fn caller_info(&self) -> Result<HashMap<String, OwnedVariant>, Error>;
     #[zbus(property)]
     fn version(&self) -> zbus::Result<String>;
     #[zbus(property)]
@@ -45,7 +45,7 @@ pub trait Hearth1 {
     #[zbus(property)]
     fn load_progress(&self) -> zbus::Result<HashMap<String, (String, f64)>>;
     #[zbus(property)]
-    fn memory(&self) -> zbus::Result<HashMap<String, OwnedValue>>;
+    fn memory(&self) -> zbus::Result<HashMap<String, OwnedVariant>>;
     #[zbus(property)]
     fn cloud_available(&self) -> zbus::Result<bool>;
     #[zbus(property)]
@@ -53,9 +53,9 @@ pub trait Hearth1 {
     #[zbus(property)]
     fn power_state(&self) -> zbus::Result<String>;
     #[zbus(property)]
-    fn throttle(&self) -> zbus::Result<HashMap<String, OwnedValue>>;
+    fn throttle(&self) -> zbus::Result<HashMap<String, OwnedVariant>>;
     #[zbus(property(emits_changed_signal = "const"))]
-    fn backends(&self) -> zbus::Result<Vec<HashMap<String, OwnedValue>>>;
+    fn backends(&self) -> zbus::Result<Vec<HashMap<String, OwnedVariant>>>;
 }
 
 /// Client side of `org.hearth.Hearth1.Request`.
@@ -71,7 +71,7 @@ pub trait Request {
     fn migrated(&self, from: String, to: String, index: u32) -> zbus::Result<()>;
     /// The end of the generation.
     #[zbus(signal)]
-    fn finished(&self, result: HashMap<String, OwnedValue>) -> zbus::Result<()>;
+    fn finished(&self, result: HashMap<String, OwnedVariant>) -> zbus::Result<()>;
 }
 
 /// Client side of `org.hearth.Hearth1.Session`.
@@ -79,9 +79,9 @@ pub trait Request {
 pub trait Session {
     /// Starts the next turn (the request's messages are the new ones); tokens arrive on the
     /// returned request object.
-    fn generate(&self, request: HashMap<&str, Value<'_>>) -> Result<OwnedObjectPath, Error>;
+    fn generate(&self, request: HashMap<&str, Variant<'_>>) -> Result<OwnedObjectPath, Error>;
     /// Runs the next turn and returns its result.
-    fn complete(&self, request: HashMap<&str, Value<'_>>) -> Result<HashMap<String, OwnedValue>, Error>;
+    fn complete(&self, request: HashMap<&str, Variant<'_>>) -> Result<HashMap<String, OwnedVariant>, Error>;
     /// Ends the session and frees what it holds.
     fn close(&self) -> Result<(), Error>;
     /// Tokens of the conversation so far.

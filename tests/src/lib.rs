@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 
 use hearth_dbus::{Generation, StreamEvent, result_key};
 use zbus::Connection;
-use zbus::zvariant::{OwnedValue, Value};
+use zbus::{OwnedVariant, Variant};
 
 /// Default compute threads of both the daemon under test and the direct reference run.
 pub const DEFAULT_THREADS: i32 = 2;
@@ -127,11 +127,7 @@ impl Bus {
 
     /// A new client connection.
     pub async fn connect(&self) -> Connection {
-        zbus::connection::Builder::address(self.address.as_str())
-            .expect("address")
-            .build()
-            .await
-            .expect("connect to test bus")
+        zbus::connection::Builder::address(self.address.as_str()).build().await.expect("connect to test bus")
     }
 }
 
@@ -344,32 +340,32 @@ pub async fn hearth(conn: &Connection) -> hearth_dbus::Hearth1Proxy<'static> {
 /// The live introspection XML of hearthd's object at `path`.
 pub async fn introspect(conn: &Connection, path: &str) -> zbus::Result<String> {
     let proxy = zbus::fdo::IntrospectableProxy::builder(conn)
-        .destination(hearth_dbus::BUS_NAME)?
-        .path(path.to_owned())?
+        .destination(hearth_dbus::BUS_NAME)
+        .path(path.to_owned())
         .build()
         .await?;
     Ok(proxy.introspect().await?)
 }
 
 /// A chat request dictionary for the given user message.
-pub fn chat_request(user: &str, max_tokens: u32) -> HashMap<&'static str, Value<'static>> {
+pub fn chat_request(user: &str, max_tokens: u32) -> HashMap<&'static str, Variant<'static>> {
     HashMap::from([
         (hearth_dbus::request_key::MESSAGES, hearth_dbus::messages_value(&[("user", user)])),
-        (hearth_dbus::request_key::MAX_TOKENS, Value::from(max_tokens)),
+        (hearth_dbus::request_key::MAX_TOKENS, Variant::from(max_tokens)),
     ])
 }
 
 /// [`chat_request`] with a `priority` ("interactive", "normal" or "background").
-pub fn with_priority(user: &str, max_tokens: u32, priority: &str) -> HashMap<&'static str, Value<'static>> {
+pub fn with_priority(user: &str, max_tokens: u32, priority: &str) -> HashMap<&'static str, Variant<'static>> {
     let mut r = chat_request(user, max_tokens);
-    r.insert(hearth_dbus::request_key::PRIORITY, Value::from(priority.to_owned()));
+    r.insert(hearth_dbus::request_key::PRIORITY, Variant::from(priority.to_owned()));
     r
 }
 
 /// A result dictionary (Complete's reply, Finished's argument).
-pub type ResultDict = HashMap<String, OwnedValue>;
+pub type ResultDict = HashMap<String, OwnedVariant>;
 
-fn result_value<'d>(d: &'d ResultDict, k: &str) -> &'d OwnedValue {
+fn result_value<'d>(d: &'d ResultDict, k: &str) -> &'d OwnedVariant {
     d.get(k).unwrap_or_else(|| panic!("result has no {k}: {d:?}"))
 }
 

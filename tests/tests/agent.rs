@@ -7,7 +7,7 @@ use std::time::Duration;
 use hearth_dbus::{Generation, messages_value, request_key as key, result_key};
 use hearth_tests::{Bus, Daemon, ResultDict, chat_request, collect, hearth, result_str};
 use serde_json::{Value as Json, json};
-use zbus::zvariant::{OwnedValue, Value};
+use zbus::{OwnedVariant, Variant};
 
 const PERSON: &str = r#"{
   "type": "object",
@@ -31,8 +31,8 @@ const TOOLS: &str = r#"[
                   "required": ["hour", "minute"], "additionalProperties": false}}}
 ]"#;
 
-fn with<'a>(mut r: HashMap<&'a str, Value<'a>>, k: &'a str, v: &str) -> HashMap<&'a str, Value<'a>> {
-    r.insert(k, Value::from(v.to_owned()));
+fn with<'a>(mut r: HashMap<&'a str, Variant<'a>>, k: &'a str, v: &str) -> HashMap<&'a str, Variant<'a>> {
+    r.insert(k, Variant::from(v.to_owned()));
     r
 }
 
@@ -40,14 +40,14 @@ fn error_name(e: &hearth_dbus::Error) -> String {
     e.dbus_name()
 }
 
-fn tool_calls(result: &ResultDict) -> Vec<HashMap<String, OwnedValue>> {
+fn tool_calls(result: &ResultDict) -> Vec<HashMap<String, OwnedVariant>> {
     result
         .get(result_key::TOOL_CALLS)
-        .map(|v| Vec::<HashMap<String, OwnedValue>>::try_from(v.try_clone().unwrap()).expect("aa{sv}"))
+        .map(|v| Vec::<HashMap<String, OwnedVariant>>::try_from(v.try_clone().unwrap()).expect("aa{sv}"))
         .unwrap_or_default()
 }
 
-fn s(d: &HashMap<String, OwnedValue>, k: &str) -> String {
+fn s(d: &HashMap<String, OwnedVariant>, k: &str) -> String {
     <&str>::try_from(d.get(k).unwrap_or_else(|| panic!("no {k}"))).unwrap().to_owned()
 }
 
@@ -135,9 +135,9 @@ async fn tool_call_round_trip() {
         ("assistant", &call_text),
         ("tool", r#"{"temperature_c": 18, "sky": "light rain"}"#),
     ]);
-    let mut r = HashMap::from([(key::MESSAGES, messages), (key::MAX_TOKENS, Value::from(48u32))]);
-    r.insert(key::TOOLS, Value::from(TOOLS));
-    r.insert(key::TOOL_CHOICE, Value::from("none"));
+    let mut r = HashMap::from([(key::MESSAGES, messages), (key::MAX_TOKENS, Variant::from(48u32))]);
+    r.insert(key::TOOLS, Variant::from(TOOLS));
+    r.insert(key::TOOL_CHOICE, Variant::from("none"));
     let proxy = hearth(&conn).await;
     let result = proxy.complete(r).await.unwrap();
     assert!(tool_calls(&result).is_empty(), "{result:?}");
@@ -172,8 +172,8 @@ async fn embeddings_are_deterministic_unit_vectors_that_rank_similar_texts_close
     ];
     let request = |scope: &str| {
         HashMap::from([
-            (key::TEXTS, Value::from(texts.iter().map(|t| t.to_string()).collect::<Vec<_>>())),
-            (key::SCOPE, Value::from(scope.to_owned())),
+            (key::TEXTS, Variant::from(texts.iter().map(|t| t.to_string()).collect::<Vec<_>>())),
+            (key::SCOPE, Variant::from(scope.to_owned())),
         ])
     };
     let a = proxy.embed(request("local")).await.unwrap();
@@ -191,13 +191,14 @@ async fn embeddings_are_deterministic_unit_vectors_that_rank_similar_texts_close
 
     // Bad requests: named errors, still serving.
     let invalid = "org.hearth.Hearth1.Error.InvalidArgs";
-    let empty: HashMap<&str, Value<'_>> = HashMap::from([(key::TEXTS, Value::from(Vec::<String>::new()))]);
+    let empty: HashMap<&str, Variant<'_>> = HashMap::from([(key::TEXTS, Variant::from(Vec::<String>::new()))]);
     assert_eq!(error_name(&proxy.embed(empty).await.unwrap_err()), invalid);
     assert_eq!(error_name(&proxy.embed(HashMap::new()).await.unwrap_err()), invalid);
-    let long = HashMap::from([(key::TEXTS, Value::from(vec!["word ".repeat(2000)]))]);
+    let long = HashMap::from([(key::TEXTS, Variant::from(vec!["word ".repeat(2000)]))]);
     let e = proxy.embed(long).await.unwrap_err();
     assert_eq!(error_name(&e), invalid, "{e}");
-    let unknown = HashMap::from([(key::TEXTS, Value::from(vec!["x".to_owned()])), (key::MODEL, Value::from("nope"))]);
+    let unknown =
+        HashMap::from([(key::TEXTS, Variant::from(vec!["x".to_owned()])), (key::MODEL, Variant::from("nope"))]);
     assert_eq!(error_name(&proxy.embed(unknown).await.unwrap_err()), "org.hearth.Hearth1.Error.ModelNotFound");
     assert_eq!(proxy.embed(request("public")).await.unwrap(), a);
 }

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use hearth_dbus::{Generation, StreamEvent};
 use hearth_tests::cloud_standin::{CloudStandIn, Fault, WORDS};
 use hearth_tests::{Bus, Daemon, Settings, hearth, result_str, result_u32, workspace_bin};
-use zbus::zvariant::{OwnedValue, Value};
+use zbus::{OwnedVariant, Variant};
 
 const QUESTION: &str = "What is the capital of France?";
 
@@ -60,20 +60,20 @@ async fn setup_with(endpoint: Option<String>, breaker_failures: u32, governor: S
     Setup { standin, bus, daemon, key, _dirs: vec![secrets, apps] }
 }
 
-fn public_request(text: &str, route: &str, max_tokens: u32) -> HashMap<&'static str, Value<'static>> {
+fn public_request(text: &str, route: &str, max_tokens: u32) -> HashMap<&'static str, Variant<'static>> {
     let part = HashMap::from([
-        ("role".to_owned(), Value::from("user")),
-        ("content".to_owned(), Value::from(text.to_owned())),
-        ("scope".to_owned(), Value::from("public")),
+        ("role".to_owned(), Variant::from("user")),
+        ("content".to_owned(), Variant::from(text.to_owned())),
+        ("scope".to_owned(), Variant::from("public")),
     ]);
     HashMap::from([
-        ("messages", Value::from(vec![part])),
-        ("route", Value::from(route.to_owned())),
-        ("max_tokens", Value::from(max_tokens)),
+        ("messages", Variant::from(vec![part])),
+        ("route", Variant::from(route.to_owned())),
+        ("max_tokens", Variant::from(max_tokens)),
     ])
 }
 
-fn dict_u32(d: &HashMap<String, OwnedValue>, k: &str) -> u32 {
+fn dict_u32(d: &HashMap<String, OwnedVariant>, k: &str) -> u32 {
     result_u32(d, k)
 }
 
@@ -275,19 +275,19 @@ async fn canaries_never_reach_the_real_forwarder_and_public_data_does() {
         format!("CANARY{:x}", std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos());
     for (scope, route) in [("local", "cloud"), ("personal", "cloud"), ("local", "auto"), ("personal", "auto")] {
         let part = HashMap::from([
-            ("role".to_owned(), Value::from("user")),
-            ("content".to_owned(), Value::from(format!("Send this to the cloud: {canary}"))),
-            ("scope".to_owned(), Value::from(scope)),
+            ("role".to_owned(), Variant::from("user")),
+            ("content".to_owned(), Variant::from(format!("Send this to the cloud: {canary}"))),
+            ("scope".to_owned(), Variant::from(scope)),
         ]);
         let public = HashMap::from([
-            ("role".to_owned(), Value::from("user")),
-            ("content".to_owned(), Value::from("Public question for the cloud.")),
-            ("scope".to_owned(), Value::from("public")),
+            ("role".to_owned(), Variant::from("user")),
+            ("content".to_owned(), Variant::from("Public question for the cloud.")),
+            ("scope".to_owned(), Variant::from("public")),
         ]);
         let req = HashMap::from([
-            ("messages", Value::from(vec![public, part])),
-            ("route", Value::from(route)),
-            ("max_tokens", Value::from(4u32)),
+            ("messages", Variant::from(vec![public, part])),
+            ("route", Variant::from(route)),
+            ("max_tokens", Variant::from(4u32)),
         ]);
         match proxy.complete(req).await {
             Ok(r) => assert_eq!((route, result_str(&r, "route").as_str()), ("auto", "local")),
@@ -378,8 +378,8 @@ async fn auto_sends_public_work_to_the_cloud_when_the_device_is_hot() {
     // Personal data stays, however hot the device.
     let personal = HashMap::from([
         ("messages", hearth_dbus::messages_value(&[("user", QUESTION)])),
-        ("route", Value::from("auto")),
-        ("max_tokens", Value::from(2u32)),
+        ("route", Variant::from("auto")),
+        ("max_tokens", Variant::from(2u32)),
     ]);
     assert_eq!(result_str(&proxy.complete(personal).await.unwrap(), "route"), "local");
 }

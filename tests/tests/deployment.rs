@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use hearth_dbus::{Generation, StreamEvent};
 use hearth_tests::{Bus, Daemon, ModelDir, Settings, chat_request, hearth, result_str, result_u32, wait_for};
 use nix::sys::signal::Signal;
-use zbus::zvariant::Value;
+use zbus::Variant;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_installed_tree_serves_with_its_own_config_and_bus_policy() {
@@ -133,7 +133,7 @@ async fn sighup_reloads_config_and_models_without_dropping_streams() {
     let proxy = hearth(&conn).await;
 
     let mut long = chat_request("List the numbers from 1 to 300, one per line.", 300);
-    long.insert("model", Value::from("smollm2-135m-instruct"));
+    long.insert("model", Variant::from("smollm2-135m-instruct"));
     let mut stream = Generation::start(&conn, long, "long").await.unwrap();
     let first = stream.next().await.unwrap().unwrap();
     assert!(matches!(first, StreamEvent::Token { index: 0, .. }));
@@ -160,7 +160,7 @@ async fn sighup_reloads_config_and_models_without_dropping_streams() {
 
     let mut no_max = HashMap::from([("messages", hearth_dbus::messages_value(&[("user", "Hi")]))]);
     assert_eq!(result_u32(&proxy.complete(no_max.clone()).await.unwrap(), "tokens"), 3);
-    no_max.insert("model", Value::from("second"));
+    no_max.insert("model", Variant::from("second"));
     assert_eq!(result_str(&proxy.complete(no_max).await.unwrap(), "model"), "second");
 
     // A broken configuration is refused; the running one stays.

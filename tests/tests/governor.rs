@@ -308,11 +308,8 @@ async fn the_power_saver_profile_halves_the_threads() {
     let soc = Soc::new(PARAMS);
     let bus = Bus::start();
     let _ppd = zbus::connection::Builder::address(bus.address())
-        .unwrap()
         .serve_at("/net/hadess/PowerProfiles", PowerProfiles("power-saver".into()))
-        .unwrap()
         .name("net.hadess.PowerProfiles")
-        .unwrap()
         .build()
         .await
         .unwrap();

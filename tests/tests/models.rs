@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use hearth_dbus::Generation;
 use hearth_tests::{Bus, Daemon, ModelDir, Settings, chat_request, hearth, result_str, wait_for};
-use zbus::zvariant::{OwnedValue, Value};
+use zbus::{OwnedVariant, Variant};
 
 /// Per-request context and slots small enough that one model is ~170 MiB (weights + KV).
 fn small_engine(dir: &ModelDir) -> Settings {
@@ -18,21 +18,21 @@ fn small_engine(dir: &ModelDir) -> Settings {
     }
 }
 
-fn memory_u32(m: &HashMap<String, OwnedValue>, k: &str) -> u32 {
+fn memory_u32(m: &HashMap<String, OwnedVariant>, k: &str) -> u32 {
     u32::try_from(m.get(k).unwrap_or_else(|| panic!("Memory has no {k}"))).unwrap()
 }
 
-fn entry<'a>(models: &'a [HashMap<String, OwnedValue>], name: &str) -> &'a HashMap<String, OwnedValue> {
+fn entry<'a>(models: &'a [HashMap<String, OwnedVariant>], name: &str) -> &'a HashMap<String, OwnedVariant> {
     models.iter().find(|m| result_str(m, "name") == name).unwrap_or_else(|| panic!("{name} not listed"))
 }
 
-fn flag(m: &HashMap<String, OwnedValue>, k: &str) -> bool {
+fn flag(m: &HashMap<String, OwnedVariant>, k: &str) -> bool {
     bool::try_from(m.get(k).unwrap_or_else(|| panic!("no {k} in {m:?}"))).unwrap()
 }
 
 async fn refused(proxy: &hearth_dbus::Hearth1Proxy<'_>, model: &str) -> (String, String) {
     let mut r = chat_request("Hi", 4);
-    r.insert("model", Value::from(model));
+    r.insert("model", Variant::from(model));
     let e = proxy.complete(r).await.expect_err("the request must be refused");
     (e.dbus_name(), e.message())
 }
@@ -108,7 +108,7 @@ async fn unverified_or_untrusted_files_are_refused_before_parsing() {
 /// Starts a generation that runs for a while (the model writes a long list greedily).
 async fn long_generation(conn: &zbus::Connection, model: &str, token: &str) -> Generation {
     let mut r = chat_request("List the numbers from 1 to 300, one per line.", 600);
-    r.insert("model", Value::from(model.to_owned()));
+    r.insert("model", Variant::from(model.to_owned()));
     Generation::start(conn, r, token).await.unwrap()
 }
 
@@ -125,7 +125,7 @@ async fn a_budget_for_one_model_evicts_the_idle_one_and_never_an_active_one() {
     let proxy = hearth(&conn).await;
 
     let mut second = chat_request("Hi", 2);
-    second.insert("model", Value::from("second"));
+    second.insert("model", Variant::from("second"));
     proxy.complete(chat_request("Hi", 2)).await.unwrap();
     proxy.complete(second.clone()).await.unwrap();
     assert_eq!(proxy.loaded_models().await.unwrap(), vec!["second".to_owned()], "the idle default was evicted");
@@ -223,7 +223,7 @@ async fn sustained_memory_pressure_unloads_idle_models_and_shrinks_pinned_ones()
     .await;
     let full_kv = proxy.kv_cache().await.unwrap()["size"];
     let mut second = chat_request("Hi", 2);
-    second.insert("model", Value::from("second"));
+    second.insert("model", Variant::from("second"));
     proxy.complete(second).await.unwrap();
 
     std::fs::write(&psi, tight).unwrap();
@@ -272,7 +272,7 @@ async fn admin_methods_report_progress_and_refuse_other_users() {
         }
         seen
     });
-    proxy.load_model("smollm2-135m-instruct", HashMap::from([("pin", Value::from(true))])).await.unwrap();
+    proxy.load_model("smollm2-135m-instruct", HashMap::from([("pin", Variant::from(true))])).await.unwrap();
     let seen = watcher.await.unwrap();
     // PropertiesChanged carries the latest value, not every step: phases may be skipped, but
     // those seen come in order and every fraction is in 0..=1.
@@ -284,7 +284,8 @@ async fn admin_methods_report_progress_and_refuse_other_users() {
 
     let e = proxy.load_model("nope", HashMap::new()).await.unwrap_err();
     assert_eq!(e.dbus_name(), "org.hearth.Hearth1.Error.ModelNotFound");
-    let e = proxy.load_model("smollm2-135m-instruct", HashMap::from([("pinn", Value::from(true))])).await.unwrap_err();
+    let e =
+        proxy.load_model("smollm2-135m-instruct", HashMap::from([("pinn", Variant::from(true))])).await.unwrap_err();
     assert_eq!(e.dbus_name(), "org.hearth.Hearth1.Error.InvalidArgs");
 
     // Another user may neither load nor unload.
@@ -405,7 +406,7 @@ async fn lora_adapters_are_verified_and_applied() {
     let proxy = hearth(&conn).await;
     let ids = |model: &str| {
         let mut r = chat_request("Name three colours.", 16);
-        r.insert("model", Value::from(model.to_owned()));
+        r.insert("model", Variant::from(model.to_owned()));
         let proxy = proxy.clone();
         async move { hearth_tests::result_ids(&proxy.complete(r).await.unwrap()) }
     };
@@ -435,7 +436,7 @@ async fn per_request_adapters_apply_to_their_request_only() {
     let request = |scale: Option<f64>| {
         let mut r = chat_request("Name three colours.", 24);
         if let Some(x) = scale {
-            r.insert("adapters", Value::from(HashMap::from([("style".to_owned(), Value::from(x))])));
+            r.insert("adapters", Variant::from(HashMap::from([("style".to_owned(), Variant::from(x))])));
         }
         r
     };
@@ -456,15 +457,15 @@ async fn per_request_adapters_apply_to_their_request_only() {
     }
     // Bad adapter requests get named errors, and the daemon keeps serving.
     let mut unknown = chat_request("hi", 4);
-    unknown.insert("adapters", Value::from(HashMap::from([("nope".to_owned(), Value::from(1.0))])));
+    unknown.insert("adapters", Variant::from(HashMap::from([("nope".to_owned(), Variant::from(1.0))])));
     let e = proxy.complete(unknown).await.unwrap_err();
     assert_eq!(e.dbus_name(), "org.hearth.Hearth1.Error.InvalidArgs");
     assert!(e.message().contains("\"nope\"") && e.message().contains("style"), "{}", e.message());
     let mut cloud = request(Some(1.0));
-    cloud.insert("route", Value::from("cloud"));
+    cloud.insert("route", Variant::from("cloud"));
     assert_eq!(proxy.complete(cloud).await.unwrap_err().dbus_name(), "org.hearth.Hearth1.Error.InvalidArgs");
     let mut huge = request(Some(1e9));
-    huge.insert("max_tokens", Value::from(4u32));
+    huge.insert("max_tokens", Variant::from(4u32));
     assert_eq!(proxy.complete(huge).await.unwrap_err().dbus_name(), "org.hearth.Hearth1.Error.InvalidArgs");
     assert_eq!(ids(None).await, base);
     let models = proxy.list_models().await.unwrap();

@@ -11,7 +11,7 @@ use hearth_tests::{
     Bus, Daemon, Settings, apps_dir, apps_setting, chat_request, hearth, process_app, result_str, this_app,
     workspace_bin,
 };
-use zbus::zvariant::{OwnedValue, Value};
+use zbus::{OwnedVariant, Variant};
 
 const NOBODY: u32 = 65534;
 
@@ -34,7 +34,7 @@ fn require_root() -> bool {
     false
 }
 
-fn str_of(d: &HashMap<String, OwnedValue>, k: &str) -> String {
+fn str_of(d: &HashMap<String, OwnedVariant>, k: &str) -> String {
     result_str(d, k)
 }
 
@@ -72,12 +72,12 @@ async fn apps_are_identified_by_the_os_and_get_their_own_policy() {
     let out = hearthctl_as_nobody(&bus, &["generate", "--priority", "background", "--max-tokens", "2", "Hi"]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let mut forged = chat_request("Hi", 2);
-    forged.insert("app_id", Value::from(nobody_app.as_str()));
+    forged.insert("app_id", Variant::from(nobody_app.as_str()));
     let e = proxy.complete(forged).await.unwrap_err();
     assert_eq!(e.dbus_name(), "org.hearth.Hearth1.Error.InvalidArgs");
     assert_eq!(str_of(&proxy.caller_info().await.unwrap(), "app_id"), this_app());
     let mut interactive = chat_request("Hi", 2);
-    interactive.insert("priority", Value::from("interactive"));
+    interactive.insert("priority", Variant::from("interactive"));
     proxy.complete(interactive).await.unwrap();
 }
 
@@ -139,7 +139,7 @@ async fn polkit_decides_admin_calls_about_the_callers_bus_name() {
     // ALLOW_INTERACTIVE_AUTHORIZATION on the call is passed on, so polkit may ask the user.
     let e = proxy
         .inner()
-        .call_with_flags::<_, _, ()>("Reload", zbus::proxy::MethodFlags::AllowInteractiveAuth.into(), &())
+        .call_with_flags::<_, _, ()>("Reload", zbus::proxy::MethodFlags::ALLOW_INTERACTIVE_AUTH, &())
         .await
         .unwrap_err();
     assert!(e.to_string().contains("NotAuthorized"), "{e}");
@@ -159,9 +159,10 @@ async fn polkit_decides_admin_calls_about_the_callers_bus_name() {
 
     // An app policy set at run time applies to the app's next request.
     let me_app = this_app();
-    let e = proxy.set_app_policy(&me_app, HashMap::from([("max_priority", Value::from("urgent"))])).await.unwrap_err();
+    let e =
+        proxy.set_app_policy(&me_app, HashMap::from([("max_priority", Variant::from("urgent"))])).await.unwrap_err();
     assert_eq!(e.dbus_name(), "org.hearth.Hearth1.Error.InvalidArgs");
-    proxy.set_app_policy(&me_app, HashMap::from([("models", Value::from(vec!["other-model"]))])).await.unwrap();
+    proxy.set_app_policy(&me_app, HashMap::from([("models", Variant::from(vec!["other-model"]))])).await.unwrap();
     let e = proxy.complete(chat_request("Hi", 2)).await.unwrap_err();
     assert_eq!(e.dbus_name(), "org.hearth.Hearth1.Error.NotAuthorized");
     proxy.set_app_policy(&me_app, HashMap::new()).await.unwrap();
@@ -197,19 +198,19 @@ async fn sealed_data_reaches_only_the_model_of_the_sealing_app() {
     assert!(!blob.windows(secret.len()).any(|w| w == secret.as_bytes()));
 
     // The model reads the plaintext: same tokens as the text itself.
-    let with = |part: (&str, Value<'static>)| {
-        let mut m = HashMap::from([("role".to_owned(), Value::from("user"))]);
+    let with = |part: (&str, Variant<'static>)| {
+        let mut m = HashMap::from([("role".to_owned(), Variant::from("user"))]);
         m.insert(part.0.to_owned(), part.1);
-        HashMap::from([("messages", Value::from(vec![m])), ("max_tokens", Value::from(12u32))])
+        HashMap::from([("messages", Variant::from(vec![m])), ("max_tokens", Variant::from(12u32))])
     };
-    let plain = proxy.complete(with(("content", Value::from(secret)))).await.unwrap();
-    let sealed = proxy.complete(with(("sealed", Value::from(blob.clone())))).await.unwrap();
+    let plain = proxy.complete(with(("content", Variant::from(secret)))).await.unwrap();
+    let sealed = proxy.complete(with(("sealed", Variant::from(blob.clone())))).await.unwrap();
     assert_eq!(hearth_tests::result_ids(&plain), hearth_tests::result_ids(&sealed));
     assert_eq!(str_of(&sealed, "route"), "local");
 
     let refused = |blob: Vec<u8>| {
         let proxy = proxy.clone();
-        let req = with(("sealed", Value::from(blob)));
+        let req = with(("sealed", Variant::from(blob)));
         async move { proxy.complete(req).await.unwrap_err() }
     };
     let mut tampered = blob.clone();
@@ -223,9 +224,9 @@ async fn sealed_data_reaches_only_the_model_of_the_sealing_app() {
     relabelled[6..6 + id.len()].copy_from_slice(fake.as_bytes());
     assert_eq!(refused(relabelled).await.dbus_name(), "org.hearth.Hearth1.Error.NotAuthorized");
     let mut scoped =
-        HashMap::from([("role".to_owned(), Value::from("user")), ("sealed".to_owned(), Value::from(blob.clone()))]);
-    scoped.insert("scope".to_owned(), Value::from("public"));
-    let e = proxy.complete(HashMap::from([("messages", Value::from(vec![scoped]))])).await.unwrap_err();
+        HashMap::from([("role".to_owned(), Variant::from("user")), ("sealed".to_owned(), Variant::from(blob.clone()))]);
+    scoped.insert("scope".to_owned(), Variant::from("public"));
+    let e = proxy.complete(HashMap::from([("messages", Variant::from(vec![scoped]))])).await.unwrap_err();
     assert_eq!(e.dbus_name(), "org.hearth.Hearth1.Error.InvalidArgs", "sealed data cannot be declared public");
 
     // Another app replaying the blob is refused, until the sealing app's policy shares it.
@@ -295,13 +296,13 @@ async fn canaries_in_private_parts_never_leave_and_never_reach_logs_or_errors() 
         canaries.extend([c_local.clone(), c_personal.clone(), c_sealed]);
         let part = |scope: &str, text: String| {
             HashMap::from([
-                ("role".to_owned(), Value::from("user")),
-                ("content".to_owned(), Value::from(text)),
-                ("scope".to_owned(), Value::from(scope.to_owned())),
+                ("role".to_owned(), Variant::from("user")),
+                ("content".to_owned(), Variant::from(text)),
+                ("scope".to_owned(), Variant::from(scope.to_owned())),
             ])
         };
         let sealed_part =
-            HashMap::from([("role".to_owned(), Value::from("user")), ("sealed".to_owned(), Value::from(blob))]);
+            HashMap::from([("role".to_owned(), Variant::from("user")), ("sealed".to_owned(), Variant::from(blob))]);
         let parts = vec![
             part("public", "Please send this to the cloud right away.".into()),
             part("local", format!("Send this to the cloud: {c_local}")),
@@ -310,9 +311,9 @@ async fn canaries_in_private_parts_never_leave_and_never_reach_logs_or_errors() 
         ];
         let route = ["auto", "cloud", "local"][i % 3];
         let request = HashMap::from([
-            ("messages", Value::from(parts)),
-            ("max_tokens", Value::from(4u32)),
-            ("route", Value::from(route)),
+            ("messages", Variant::from(parts)),
+            ("max_tokens", Variant::from(4u32)),
+            ("route", Variant::from(route)),
         ]);
         match proxy.complete(request).await {
             Ok(r) => {
@@ -327,8 +328,8 @@ async fn canaries_in_private_parts_never_leave_and_never_reach_logs_or_errors() 
         }
         // Personal data without consent, alone, forced to the cloud.
         let request = HashMap::from([
-            ("messages", Value::from(vec![part("personal", format!("Cloud, read {c_personal}"))])),
-            ("route", Value::from("cloud")),
+            ("messages", Variant::from(vec![part("personal", format!("Cloud, read {c_personal}"))])),
+            ("route", Variant::from("cloud")),
         ]);
         let e = proxy.complete(request).await.unwrap_err();
         assert_eq!(e.dbus_name(), "org.hearth.Hearth1.Error.PrivacyViolation");
@@ -338,13 +339,13 @@ async fn canaries_in_private_parts_never_leave_and_never_reach_logs_or_errors() 
     let public = HashMap::from([
         (
             "messages",
-            Value::from(vec![HashMap::from([
-                ("role".to_owned(), Value::from("user")),
-                ("content".to_owned(), Value::from("What is the capital of France?")),
-                ("scope".to_owned(), Value::from("public")),
+            Variant::from(vec![HashMap::from([
+                ("role".to_owned(), Variant::from("user")),
+                ("content".to_owned(), Variant::from("What is the capital of France?")),
+                ("scope".to_owned(), Variant::from("public")),
             ])]),
         ),
-        ("route", Value::from("cloud")),
+        ("route", Variant::from("cloud")),
     ]);
     assert_eq!(proxy.complete(public).await.unwrap_err().dbus_name(), "org.hearth.Hearth1.Error.CloudUnavailable");
 

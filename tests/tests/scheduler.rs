@@ -11,11 +11,11 @@ use hearth_tests::{
     Bus, Daemon, Settings, chat_request, direct_run, greedy, result_ids, result_u32, with_priority, workspace_bin,
 };
 use zbus::MatchRule;
+use zbus::Variant;
 use zbus::message::Type as MessageType;
-use zbus::zvariant::Value;
 
 /// Collects a generation's token ids and result.
-async fn finish(g: Generation) -> (Vec<i32>, HashMap<String, zbus::zvariant::OwnedValue>) {
+async fn finish(g: Generation) -> (Vec<i32>, HashMap<String, zbus::OwnedVariant>) {
     let (tokens, result) = hearth_tests::collect(g, Duration::from_secs(180)).await;
     (tokens.into_iter().map(|t| t.1).collect(), result)
 }
@@ -64,11 +64,10 @@ async fn an_interactive_request_gets_its_first_token_before_background_streams_m
     let rule = MatchRule::builder()
         .msg_type(MessageType::Signal)
         .sender(owner.as_str())
-        .unwrap()
         .path_namespace(hearth_dbus::REQUEST_PATH_PREFIX)
-        .unwrap()
-        .build();
-    let mut all = zbus::MessageStream::for_match_rule(rule, &conn, Some(100_000)).await.unwrap();
+        .build()
+        .unwrap();
+    let mut all = zbus::MessageStream::for_match_rule(rule, &conn, std::num::NonZeroUsize::new(100_000)).await.unwrap();
     let mut background = Vec::new();
     for i in 0..8 {
         let g = Generation::start(
@@ -213,7 +212,7 @@ async fn a_deadline_cancels_with_a_clear_reason() {
     let conn = bus.connect().await;
     let proxy = hearth_tests::hearth(&conn).await;
     let mut r = chat_request("Write a very long story about the sea.", 900);
-    r.insert(request_key::DEADLINE_MS, Value::from(400u32));
+    r.insert(request_key::DEADLINE_MS, Variant::from(400u32));
     let t = Instant::now();
     let err = proxy.complete(r).await.expect_err("deadline");
     assert_eq!(err.dbus_name(), "org.hearth.Hearth1.Error.Cancelled");

@@ -8,12 +8,12 @@ use hearth_dbus::{Error, Generation, RequestProxy, StreamEvent, messages_value, 
 use hearth_tests::{Bus, Daemon, Settings, chat_request, direct_run, greedy, result_ids, result_str, result_u32};
 use zbus::MatchRule;
 use zbus::message::Type as MessageType;
-use zbus::zvariant::{OwnedValue, Value};
+use zbus::{OwnedVariant, Variant};
 
 const PROMPTS: [&str; 2] = ["What is the capital of France?", "Write a haiku about a phone that keeps secrets."];
 
 /// Collects a generation's events until Finished.
-async fn collect(g: Generation) -> (Vec<(u32, i32, String)>, HashMap<String, OwnedValue>) {
+async fn collect(g: Generation) -> (Vec<(u32, i32, String)>, HashMap<String, OwnedVariant>) {
     hearth_tests::collect(g, Duration::from_secs(120)).await
 }
 
@@ -53,8 +53,9 @@ async fn tokens_stream_in_order_to_the_caller_only() {
     let caller = bus.connect().await;
     let snoop = bus.connect().await;
     // The unrelated connection asks for every signal it may receive, and tries to eavesdrop.
-    let all_signals = MatchRule::builder().msg_type(MessageType::Signal).build();
-    let mut snooped = zbus::MessageStream::for_match_rule(all_signals, &snoop, Some(10_000)).await.unwrap();
+    let all_signals = MatchRule::builder().msg_type(MessageType::Signal).build().unwrap();
+    let mut snooped =
+        zbus::MessageStream::for_match_rule(all_signals, &snoop, std::num::NonZeroUsize::new(10_000)).await.unwrap();
     // zbus has no eavesdrop key in its match rules; ask the bus directly. A system bus
     // refuses or ignores it, which is the point.
     let _ = snoop
@@ -110,7 +111,7 @@ async fn cancel_ends_the_stream_at_once_and_only_the_owner_may_cancel() {
         }
     }
     // Another connection may not cancel it.
-    let foreign = RequestProxy::builder(&other).path(path.clone()).unwrap().build().await.unwrap();
+    let foreign = RequestProxy::builder(&other).path(path.clone()).build().await.unwrap();
     let err = foreign.cancel().await.expect_err("foreign Cancel must fail");
     assert_eq!(error_name(&err), "org.hearth.Hearth1.Error.NotAuthorized");
     // Still streaming.
@@ -144,24 +145,24 @@ async fn bad_input_gets_the_right_error_name_and_the_daemon_keeps_serving() {
     let proxy = hearth_tests::hearth(&conn).await;
     let huge = "word ".repeat(3000);
     let base = || chat_request("hi", 8);
-    let with = |k: &'static str, v: Value<'static>| {
+    let with = |k: &'static str, v: Variant<'static>| {
         let mut r = base();
         r.insert(k, v);
         r
     };
     let mut no_messages = base();
     no_messages.remove(request_key::MESSAGES);
-    let cases: Vec<(&str, HashMap<&'static str, Value<'static>>, &str)> = vec![
+    let cases: Vec<(&str, HashMap<&'static str, Variant<'static>>, &str)> = vec![
         ("no messages", no_messages, "InvalidArgs"),
         ("empty messages", with(request_key::MESSAGES, messages_value(&[])), "InvalidArgs"),
-        ("messages of the wrong type", with(request_key::MESSAGES, Value::from("hello")), "InvalidArgs"),
-        ("max_tokens of the wrong type", with(request_key::MAX_TOKENS, Value::from("ten")), "InvalidArgs"),
-        ("temperature of the wrong type", with(request_key::TEMPERATURE, Value::from("hot")), "InvalidArgs"),
-        ("max_tokens 0", with(request_key::MAX_TOKENS, Value::from(0u32)), "InvalidArgs"),
-        ("absurd max_tokens", with(request_key::MAX_TOKENS, Value::from(1_000_000_000u32)), "InvalidArgs"),
-        ("unknown key", with("bogus", Value::from(1u32)), "InvalidArgs"),
+        ("messages of the wrong type", with(request_key::MESSAGES, Variant::from("hello")), "InvalidArgs"),
+        ("max_tokens of the wrong type", with(request_key::MAX_TOKENS, Variant::from("ten")), "InvalidArgs"),
+        ("temperature of the wrong type", with(request_key::TEMPERATURE, Variant::from("hot")), "InvalidArgs"),
+        ("max_tokens 0", with(request_key::MAX_TOKENS, Variant::from(0u32)), "InvalidArgs"),
+        ("absurd max_tokens", with(request_key::MAX_TOKENS, Variant::from(1_000_000_000u32)), "InvalidArgs"),
+        ("unknown key", with("bogus", Variant::from(1u32)), "InvalidArgs"),
         ("prompt longer than the context", chat_request(&huge, 8), "ContextLengthExceeded"),
-        ("unknown model", with(request_key::MODEL, Value::from("no-such-model")), "ModelNotFound"),
+        ("unknown model", with(request_key::MODEL, Variant::from("no-such-model")), "ModelNotFound"),
     ];
     for (what, request, expected) in cases {
         let expected = format!("org.hearth.Hearth1.Error.{expected}");

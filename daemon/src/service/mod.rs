@@ -15,8 +15,8 @@ use std::sync::atomic::AtomicU64;
 
 use hearth_dbus::Error as BusError;
 use zbus::message::Header;
-use zbus::zvariant::{OwnedObjectPath, OwnedValue, Value};
 use zbus::{Connection, interface};
+use zbus::{OwnedObjectPath, OwnedVariant, Variant};
 
 pub use in_flight::InFlight;
 use result::model_dict;
@@ -124,7 +124,7 @@ impl HearthService {
     ) -> Result<Caller, BusError> {
         let sender = caller(header)?;
         let (who, _) = identify(conn, &self.callers, &sender).await?;
-        let interactive = header.primary().flags().contains(zbus::message::Flags::AllowInteractiveAuth);
+        let interactive = header.primary().flags().contains(zbus::message::Flags::ALLOW_INTERACTIVE_AUTH);
         let verdict = polkit::check(conn, &who.connection, who.uid, action, interactive).await;
         tracing::info!(target: "hearth::audit", app = %who.app, uid = who.uid, action = action.id(), verdict = ?verdict, "authorization");
         match verdict {
@@ -142,13 +142,13 @@ impl HearthService {
     }
 }
 
-fn options_bool(options: &HashMap<String, OwnedValue>, key: &str, allowed: &[&str]) -> Result<bool, BusError> {
+fn options_bool(options: &HashMap<String, OwnedVariant>, key: &str, allowed: &[&str]) -> Result<bool, BusError> {
     if let Some(unknown) = options.keys().find(|k| !allowed.contains(&k.as_str())) {
         return Err(BusError::InvalidArgs(format!("unknown option {unknown:?} (known: {allowed:?})")));
     }
     match options.get(key).map(|v| &**v) {
         None => Ok(false),
-        Some(Value::Bool(b)) => Ok(*b),
+        Some(Variant::Bool(b)) => Ok(*b),
         Some(other) => {
             Err(BusError::InvalidArgs(format!("{key} must be a boolean (b), got {}", other.value_signature())))
         }
@@ -237,7 +237,7 @@ impl HearthService {
         &self,
         #[zbus(header)] header: Header<'_>,
         #[zbus(connection)] conn: &Connection,
-        request: HashMap<String, OwnedValue>,
+        request: HashMap<String, OwnedVariant>,
     ) -> Result<OwnedObjectPath, BusError> {
         let sender = caller(&header)?;
         let parsed = parse(&request, Method::Generate, self.models.config().limits.default_max_tokens)?;
@@ -253,8 +253,8 @@ impl HearthService {
         &self,
         #[zbus(header)] header: Header<'_>,
         #[zbus(connection)] conn: &Connection,
-        request: HashMap<String, OwnedValue>,
-    ) -> Result<HashMap<String, OwnedValue>, BusError> {
+        request: HashMap<String, OwnedVariant>,
+    ) -> Result<HashMap<String, OwnedVariant>, BusError> {
         let sender = caller(&header)?;
         let parsed = parse(&request, Method::Complete, self.models.config().limits.default_max_tokens)?;
         let (who, _) = identify(conn, &self.callers, &sender).await?;
@@ -269,7 +269,7 @@ impl HearthService {
         &self,
         #[zbus(header)] header: Header<'_>,
         #[zbus(connection)] conn: &Connection,
-        options: HashMap<String, OwnedValue>,
+        options: HashMap<String, OwnedVariant>,
     ) -> Result<OwnedObjectPath, BusError> {
         let sender = caller(&header)?;
         let model = session::parse_options(&options)?.unwrap_or_else(|| self.models.default_model());
@@ -289,7 +289,7 @@ impl HearthService {
         &self,
         #[zbus(header)] header: Header<'_>,
         #[zbus(connection)] conn: &Connection,
-        request: HashMap<String, OwnedValue>,
+        request: HashMap<String, OwnedVariant>,
     ) -> Result<Vec<Vec<f64>>, BusError> {
         let sender = caller(&header)?;
         let parsed = parse_embed(&request)?;
@@ -325,7 +325,7 @@ impl HearthService {
 
     /// The installed models; see org.hearth.Hearth1.xml.
     #[zbus(out_args("models"))]
-    async fn list_models(&self) -> Result<Vec<HashMap<String, OwnedValue>>, BusError> {
+    async fn list_models(&self) -> Result<Vec<HashMap<String, OwnedVariant>>, BusError> {
         let default = self.models.default_model();
         Ok(self.models.report().into_iter().map(|r| model_dict(&r, &default)).collect())
     }
@@ -336,7 +336,7 @@ impl HearthService {
         #[zbus(header)] header: Header<'_>,
         #[zbus(connection)] conn: &Connection,
         name: String,
-        options: HashMap<String, OwnedValue>,
+        options: HashMap<String, OwnedVariant>,
     ) -> Result<(), BusError> {
         let who = self.authorize(conn, &header, polkit::Action::ManageModels).await?;
         let pin = options_bool(&options, "pin", &["pin"])?;
@@ -374,7 +374,7 @@ impl HearthService {
         #[zbus(header)] header: Header<'_>,
         #[zbus(connection)] conn: &Connection,
         app_id: String,
-        policy: HashMap<String, OwnedValue>,
+        policy: HashMap<String, OwnedVariant>,
     ) -> Result<(), BusError> {
         if app_id.is_empty() || app_id.len() > 4096 || app_id.chars().any(char::is_control) {
             return Err(BusError::InvalidArgs("app_id must be 1-4096 printable characters".into()));
@@ -400,7 +400,7 @@ impl HearthService {
         #[zbus(header)] header: Header<'_>,
         #[zbus(connection)] conn: &Connection,
         data: Vec<u8>,
-        options: HashMap<String, OwnedValue>,
+        options: HashMap<String, OwnedVariant>,
     ) -> Result<Vec<u8>, BusError> {
         if let Some(k) = options.keys().next() {
             return Err(BusError::InvalidArgs(format!("Seal has no options; got {k:?}")));
@@ -428,23 +428,23 @@ impl HearthService {
         &self,
         #[zbus(header)] header: Header<'_>,
         #[zbus(connection)] conn: &Connection,
-    ) -> Result<HashMap<String, OwnedValue>, BusError> {
+    ) -> Result<HashMap<String, OwnedVariant>, BusError> {
         let sender = caller(&header)?;
         let (who, id) = identify(conn, &self.callers, &sender).await?;
         let policy = self.gate.policy(&who.app);
         let scopes: Vec<&str> = policy.cloud_scopes.iter().map(|s| s.as_str()).collect();
         let mut d = HashMap::from([
-            ("app_id".to_owned(), owned(Value::from(id.app_id.as_str()))),
-            ("app_kind".to_owned(), owned(Value::from(id.kind.as_str()))),
-            ("uid".to_owned(), owned(Value::from(id.uid))),
-            ("pid".to_owned(), owned(Value::from(id.pid))),
-            ("models".to_owned(), owned(Value::from(policy.models.clone()))),
-            ("max_priority".to_owned(), owned(Value::from(policy.max_priority.as_str()))),
-            ("cloud".to_owned(), owned(Value::from(policy.cloud))),
-            ("cloud_scopes".to_owned(), owned(Value::from(scopes))),
+            ("app_id".to_owned(), owned(Variant::from(id.app_id.as_str()))),
+            ("app_kind".to_owned(), owned(Variant::from(id.kind.as_str()))),
+            ("uid".to_owned(), owned(Variant::from(id.uid))),
+            ("pid".to_owned(), owned(Variant::from(id.pid))),
+            ("models".to_owned(), owned(Variant::from(policy.models.clone()))),
+            ("max_priority".to_owned(), owned(Variant::from(policy.max_priority.as_str()))),
+            ("cloud".to_owned(), owned(Variant::from(policy.cloud))),
+            ("cloud_scopes".to_owned(), owned(Variant::from(scopes))),
         ]);
         if let Some(label) = &id.label {
-            d.insert("label".to_owned(), owned(Value::from(label.as_str())));
+            d.insert("label".to_owned(), owned(Variant::from(label.as_str())));
         }
         Ok(d)
     }
@@ -498,18 +498,18 @@ impl HearthService {
 
     /// Memory budget, use and pressure; see org.hearth.Hearth1.xml.
     #[zbus(property)]
-    async fn memory(&self) -> HashMap<String, OwnedValue> {
+    async fn memory(&self) -> HashMap<String, OwnedVariant> {
         let m = self.models.status().borrow().memory.clone();
         HashMap::from([
-            ("budget_bytes".to_owned(), owned(Value::from(m.budget))),
-            ("used_bytes".to_owned(), owned(Value::from(m.used))),
-            ("pressure".to_owned(), owned(Value::from(m.pressure))),
-            ("some_avg10".to_owned(), owned(Value::from(m.reading.some_avg10))),
-            ("full_avg10".to_owned(), owned(Value::from(m.reading.full_avg10))),
-            ("evicted".to_owned(), owned(Value::from(m.evicted))),
-            ("expired".to_owned(), owned(Value::from(m.expired))),
-            ("pressure_unloads".to_owned(), owned(Value::from(m.pressure_unloads))),
-            ("pressure_shrinks".to_owned(), owned(Value::from(m.pressure_shrinks))),
+            ("budget_bytes".to_owned(), owned(Variant::from(m.budget))),
+            ("used_bytes".to_owned(), owned(Variant::from(m.used))),
+            ("pressure".to_owned(), owned(Variant::from(m.pressure))),
+            ("some_avg10".to_owned(), owned(Variant::from(m.reading.some_avg10))),
+            ("full_avg10".to_owned(), owned(Variant::from(m.reading.full_avg10))),
+            ("evicted".to_owned(), owned(Variant::from(m.evicted))),
+            ("expired".to_owned(), owned(Variant::from(m.expired))),
+            ("pressure_unloads".to_owned(), owned(Variant::from(m.pressure_unloads))),
+            ("pressure_shrinks".to_owned(), owned(Variant::from(m.pressure_shrinks))),
         ])
     }
 
@@ -533,42 +533,42 @@ impl HearthService {
 
     /// What the governors ask of the engines now; see org.hearth.Hearth1.xml.
     #[zbus(property)]
-    async fn throttle(&self) -> HashMap<String, OwnedValue> {
+    async fn throttle(&self) -> HashMap<String, OwnedVariant> {
         let g = self.governor.borrow().clone();
         let mut d = HashMap::from([
-            ("rate_cap_tps".to_owned(), owned(Value::from(g.rate_cap_tps.unwrap_or(0.0)))),
-            ("duty".to_owned(), owned(Value::from(g.duty.unwrap_or(1.0)))),
-            ("potential_tps".to_owned(), owned(Value::from(g.potential_tps))),
-            ("threads".to_owned(), owned(Value::from(g.threads))),
-            ("defer_background".to_owned(), owned(Value::from(g.defer_background))),
-            ("prefer_cloud".to_owned(), owned(Value::from(g.prefer_cloud))),
-            ("power_saver".to_owned(), owned(Value::from(g.power_saver))),
+            ("rate_cap_tps".to_owned(), owned(Variant::from(g.rate_cap_tps.unwrap_or(0.0)))),
+            ("duty".to_owned(), owned(Variant::from(g.duty.unwrap_or(1.0)))),
+            ("potential_tps".to_owned(), owned(Variant::from(g.potential_tps))),
+            ("threads".to_owned(), owned(Variant::from(g.threads))),
+            ("defer_background".to_owned(), owned(Variant::from(g.defer_background))),
+            ("prefer_cloud".to_owned(), owned(Variant::from(g.prefer_cloud))),
+            ("power_saver".to_owned(), owned(Variant::from(g.power_saver))),
         ]);
         for (k, v) in [("temperature_c", g.temperature_c), ("trip_c", g.trip_c)] {
             if let Some(v) = v {
-                d.insert(k.to_owned(), owned(Value::from(v)));
+                d.insert(k.to_owned(), owned(Variant::from(v)));
             }
         }
         if let Some(b) = g.battery_pct {
-            d.insert("battery_pct".to_owned(), owned(Value::from(b)));
+            d.insert("battery_pct".to_owned(), owned(Variant::from(b)));
         }
         d
     }
 
     /// The compute devices ggml found; see org.hearth.Hearth1.xml.
     #[zbus(property(emits_changed_signal = "const"))]
-    async fn backends(&self) -> Vec<HashMap<String, OwnedValue>> {
+    async fn backends(&self) -> Vec<HashMap<String, OwnedVariant>> {
         self.models
             .backends()
             .into_iter()
             .map(|(d, owned_by_us)| {
                 HashMap::from([
-                    ("name".to_owned(), owned(Value::from(d.name))),
-                    ("description".to_owned(), owned(Value::from(d.description))),
-                    ("kind".to_owned(), owned(Value::from(d.kind.as_str()))),
-                    ("memory_total".to_owned(), owned(Value::from(d.memory_total))),
-                    ("memory_free".to_owned(), owned(Value::from(d.memory_free))),
-                    ("owned".to_owned(), owned(Value::from(owned_by_us))),
+                    ("name".to_owned(), owned(Variant::from(d.name))),
+                    ("description".to_owned(), owned(Variant::from(d.description))),
+                    ("kind".to_owned(), owned(Variant::from(d.kind.as_str()))),
+                    ("memory_total".to_owned(), owned(Variant::from(d.memory_total))),
+                    ("memory_free".to_owned(), owned(Variant::from(d.memory_free))),
+                    ("owned".to_owned(), owned(Variant::from(owned_by_us))),
                 ])
             })
             .collect()

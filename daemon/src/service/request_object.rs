@@ -8,8 +8,8 @@ use hearth_dbus::Error as BusError;
 use zbus::message::Header;
 use zbus::names::{BusName, OwnedUniqueName};
 use zbus::object_server::SignalEmitter;
-use zbus::zvariant::{OwnedObjectPath, OwnedValue};
 use zbus::{Connection, interface};
+use zbus::{OwnedObjectPath, OwnedVariant};
 
 use super::outcome_dict;
 use crate::engine::{CancelReason, CancelToken, Event};
@@ -50,7 +50,7 @@ impl RequestObject {
     async fn migrated(emitter: &SignalEmitter<'_>, from: &str, to: &str, index: u32) -> zbus::Result<()>;
 
     #[zbus(signal)]
-    async fn finished(emitter: &SignalEmitter<'_>, result: &HashMap<String, OwnedValue>) -> zbus::Result<()>;
+    async fn finished(emitter: &SignalEmitter<'_>, result: &HashMap<String, OwnedVariant>) -> zbus::Result<()>;
 }
 
 /// Streams a request's events as unicast signals to `owner`, then removes the object.

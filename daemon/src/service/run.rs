@@ -6,7 +6,7 @@ use std::sync::atomic::Ordering;
 
 use hearth_dbus::{Error as BusError, FinishReason};
 use zbus::Connection;
-use zbus::zvariant::{OwnedObjectPath, OwnedValue};
+use zbus::{OwnedObjectPath, OwnedVariant};
 
 use super::request_object::{self, RequestObject};
 use super::{HearthService, driver, internal, outcome_dict};
@@ -74,9 +74,9 @@ impl HearthService {
             };
             let object = RequestObject::new(sender.clone(), cancel.clone());
             match server.at(&path, object).await {
-                Ok(true) => break path,
-                Ok(false) if handle_token.is_none() => {}
-                Ok(false) => {
+                Ok(None) => break path,
+                Ok(Some(_)) if handle_token.is_none() => {}
+                Ok(Some(_)) => {
                     refused(on_finish);
                     return Err(BusError::InvalidArgs(format!("handle_token {token:?} is already in use")));
                 }
@@ -123,7 +123,7 @@ impl HearthService {
         decision: Decision,
         cancel: CancelToken,
         on_finish: Option<OnFinish>,
-    ) -> Result<HashMap<String, OwnedValue>, BusError> {
+    ) -> Result<HashMap<String, OwnedVariant>, BusError> {
         let structure = request.structure.clone();
         let _guard = self.in_flight.enter();
         let started =

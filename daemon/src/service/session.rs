@@ -14,8 +14,8 @@ use std::sync::{Arc, Mutex};
 use hearth_dbus::{Error as BusError, request_key as key};
 use zbus::message::Header;
 use zbus::names::OwnedUniqueName;
-use zbus::zvariant::{OwnedObjectPath, OwnedValue, Value};
 use zbus::{Connection, interface};
+use zbus::{OwnedObjectPath, OwnedVariant, Variant};
 
 use super::{HearthService, OnFinish, caller, identify};
 use crate::engine::{CancelReason, CancelToken, GenerateRequest, Outcome};
@@ -127,11 +127,11 @@ impl Sessions {
 }
 
 /// `OpenSession`'s options: `model` only.
-pub(super) fn parse_options(options: &HashMap<String, OwnedValue>) -> Result<Option<String>, BusError> {
+pub(super) fn parse_options(options: &HashMap<String, OwnedVariant>) -> Result<Option<String>, BusError> {
     let mut model = None;
     for (k, v) in options {
         match (k.as_str(), &**v) {
-            (key::MODEL, Value::Str(s)) if !s.is_empty() => model = Some(s.to_string()),
+            (key::MODEL, Variant::Str(s)) if !s.is_empty() => model = Some(s.to_string()),
             (key::MODEL, other) => {
                 return Err(BusError::InvalidArgs(format!(
                     "model must be a non-empty string (s), got {}",
@@ -181,7 +181,7 @@ impl SessionObject {
         &self,
         header: &Header<'_>,
         conn: &Connection,
-        dict: &HashMap<String, OwnedValue>,
+        dict: &HashMap<String, OwnedVariant>,
         method: Method,
     ) -> Result<Turn, BusError> {
         let sender = caller(header)?;
@@ -237,10 +237,10 @@ impl SessionObject {
         Ok(Turn { who, request, decision, handle_token: parsed.handle_token, cancel, on_finish })
     }
 
-    fn owner_only(&self, header: Option<Header<'_>>) -> zbus::fdo::Result<()> {
+    fn owner_only(&self, header: Option<Header<'_>>) -> Result<(), BusError> {
         match header.and_then(|h| h.sender().map(|s| s.as_str() == self.owner.as_str())) {
             Some(true) => Ok(()),
-            _ => Err(zbus::fdo::Error::AccessDenied("only the connection that opened this session may read it".into())),
+            _ => Err(BusError::NotAuthorized("only the connection that opened this session may read it".into())),
         }
     }
 }
@@ -254,7 +254,7 @@ impl SessionObject {
         &self,
         #[zbus(header)] header: Header<'_>,
         #[zbus(connection)] conn: &Connection,
-        request: HashMap<String, OwnedValue>,
+        request: HashMap<String, OwnedVariant>,
     ) -> Result<OwnedObjectPath, BusError> {
         let turn = self.begin(&header, conn, &request, Method::Generate).await?;
         let svc = &self.svc;
@@ -277,8 +277,8 @@ impl SessionObject {
         &self,
         #[zbus(header)] header: Header<'_>,
         #[zbus(connection)] conn: &Connection,
-        request: HashMap<String, OwnedValue>,
-    ) -> Result<HashMap<String, OwnedValue>, BusError> {
+        request: HashMap<String, OwnedVariant>,
+    ) -> Result<HashMap<String, OwnedVariant>, BusError> {
         let turn = self.begin(&header, conn, &request, Method::Complete).await?;
         self.svc
             .complete_generation(&self.owner, turn.who, turn.request, turn.decision, turn.cancel, Some(turn.on_finish))
@@ -298,21 +298,21 @@ impl SessionObject {
 
     /// Tokens of the conversation so far (what the next turn does not prefill again).
     #[zbus(property(emits_changed_signal = "false"))]
-    async fn tokens(&self, #[zbus(header)] header: Option<Header<'_>>) -> zbus::fdo::Result<u32> {
+    async fn tokens(&self, #[zbus(header)] header: Option<Header<'_>>) -> Result<u32, BusError> {
         self.owner_only(header)?;
         Ok(lock(&self.state).tokens)
     }
 
     /// The model the session runs.
     #[zbus(property(emits_changed_signal = "const"))]
-    async fn model(&self, #[zbus(header)] header: Option<Header<'_>>) -> zbus::fdo::Result<String> {
+    async fn model(&self, #[zbus(header)] header: Option<Header<'_>>) -> Result<String, BusError> {
         self.owner_only(header)?;
         Ok(self.model.clone())
     }
 
     /// The most private scope the session has seen (`local`: it never leaves the device).
     #[zbus(property(emits_changed_signal = "false"))]
-    async fn taint(&self, #[zbus(header)] header: Option<Header<'_>>) -> zbus::fdo::Result<String> {
+    async fn taint(&self, #[zbus(header)] header: Option<Header<'_>>) -> Result<String, BusError> {
         self.owner_only(header)?;
         let state = lock(&self.state);
         Ok(state.history.iter().map(|p| p.scope).max().unwrap_or(Scope::Public).as_str().to_owned())

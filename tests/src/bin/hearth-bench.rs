@@ -480,7 +480,7 @@ async fn conversation(conn: &zbus::Connection, in_session: bool, turns: usize) -
     let proxy = hearth_tests::hearth(conn).await;
     let session = if in_session {
         let path = proxy.open_session(std::collections::HashMap::new()).await.expect("OpenSession");
-        Some(hearth_dbus::SessionProxy::builder(conn).path(path).expect("path").build().await.expect("proxy"))
+        Some(hearth_dbus::SessionProxy::builder(conn).path(path).build().await.expect("proxy"))
     } else {
         None
     };

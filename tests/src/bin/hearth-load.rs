@@ -10,7 +10,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use clap::Parser;
 use hearth_dbus::{Generation, StreamEvent, request_key, result_key};
 use hearth_tests::chat_request;
-use zbus::zvariant::Value;
+use zbus::Variant;
 
 #[derive(Debug, Parser)]
 struct Args {
@@ -33,12 +33,11 @@ fn now_ms() -> u128 {
 #[tokio::main(flavor = "current_thread")]
 async fn main() {
     let args = Args::parse();
-    let conn =
-        zbus::connection::Builder::address(args.bus_address.as_str()).expect("address").build().await.expect("connect");
+    let conn = zbus::connection::Builder::address(args.bus_address.as_str()).build().await.expect("connect");
     let mut tasks = Vec::new();
     for i in 0..args.streams {
         let mut request = chat_request(&args.prompt, args.max_tokens);
-        request.insert(request_key::PRIORITY, Value::from(args.priority.clone()));
+        request.insert(request_key::PRIORITY, Variant::from(args.priority.clone()));
         let generation = Generation::start(&conn, request, &format!("load{i}")).await;
         tasks.push(tokio::spawn(async move {
             let started = now_ms();

@@ -14,7 +14,7 @@ use std::io::Write;
 use std::path::PathBuf;
 
 use clap::Parser;
-use zbus::zvariant::OwnedValue;
+use zbus::OwnedVariant;
 
 #[derive(Debug, Parser)]
 struct Args {
@@ -36,7 +36,7 @@ impl Authority {
     /// polkit's CheckAuthorization(subject, action_id, details, flags, cancellation_id).
     async fn check_authorization(
         &self,
-        subject: (String, HashMap<String, OwnedValue>),
+        subject: (String, HashMap<String, OwnedVariant>),
         action_id: String,
         details: HashMap<String, String>,
         flags: u32,
@@ -73,9 +73,9 @@ impl Authority {
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> zbus::Result<()> {
     let args = Args::parse();
-    let _conn = zbus::connection::Builder::address(args.bus_address.as_str())?
-        .serve_at("/org/freedesktop/PolicyKit1/Authority", Authority { answer: args.answer, record: args.record })?
-        .name("org.freedesktop.PolicyKit1")?
+    let _conn = zbus::connection::Builder::address(args.bus_address.as_str())
+        .serve_at("/org/freedesktop/PolicyKit1/Authority", Authority { answer: args.answer, record: args.record })
+        .name("org.freedesktop.PolicyKit1")
         .build()
         .await?;
     println!("ready");
