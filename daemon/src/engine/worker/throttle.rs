@@ -1,0 +1,58 @@
+//! How the engine obeys the governors: their compute thread count and background deferral
+//! (taken between steps), and pacing after each step under the token-rate cap and the duty
+//! cycle, which also records the uncapped rate the governor publishes.
+
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use super::Worker;
+
+/// The longest one step is held back by the governors' limits.
+const MAX_PACE: Duration = Duration::from_secs(2);
+/// How often a held-back step reads the limits again.
+const PACE_SLICE: Duration = Duration::from_millis(20);
+
+impl Worker {
+    /// Takes the governors' thread count and background deferral.
+    pub(super) fn apply_throttle(&mut self) {
+        let wanted = match self.throttle.threads.load(Ordering::Relaxed) {
+            0 => self.threads.0,
+            n => (n as i32).min(self.threads.0),
+        };
+        if wanted != self.threads.1 {
+            self.ctx.set_threads(wanted, wanted);
+            self.threads.1 = wanted;
+            tracing::debug!(threads = wanted, "compute threads changed by the governor");
+        }
+        self.scheduler.set_defer_background(self.throttle.defer_background.load(Ordering::Relaxed));
+    }
+
+    /// Keeps decoding under the governors' limits: after a step that took from `started` and
+    /// produced `tokens`, waits until the step is due under the token-rate cap and the duty
+    /// cycle. Also records the uncapped rate, from steps that carried no prompt chunk.
+    pub(super) fn pace(&self, tokens: usize, prefilled: bool, started: Instant) {
+        let took = started.elapsed();
+        if tokens > 0 && !prefilled {
+            let potential = tokens as f64 / took.as_secs_f64().max(1e-6);
+            let old = self.throttle.potential_mtps.load(Ordering::Relaxed) as f64 / 1000.0;
+            let ewma = if old == 0.0 { potential } else { 0.9 * old + 0.1 * potential };
+            self.throttle.potential_mtps.store((ewma * 1000.0) as u64, Ordering::Relaxed);
+        }
+        // Sleep in short slices, reading the limits again after each: when the governor lifts
+        // them (the phone cooled), decoding resumes within a slice, not after a long sleep.
+        loop {
+            let mut due = Duration::ZERO;
+            if let Some(cap) = self.throttle.rate_cap().filter(|_| tokens > 0) {
+                due = Duration::from_secs_f64(tokens as f64 / cap.max(0.01));
+            }
+            if let Some(duty) = self.throttle.duty() {
+                due = due.max(took.div_f64(duty.max(0.01)));
+            }
+            let waited = started.elapsed();
+            if waited >= due.min(took + MAX_PACE) {
+                break;
+            }
+            std::thread::sleep((due - waited).min(PACE_SLICE));
+        }
+    }
+}
