@@ -237,10 +237,12 @@ impl SessionObject {
         Ok(Turn { who, request, decision, handle_token: parsed.handle_token, cancel, on_finish })
     }
 
+    /// Property reads, like methods, are the owner's only. zbus passes no header when it reads
+    /// a property itself; nothing is shown then either.
     fn owner_only(&self, header: Option<Header<'_>>) -> Result<(), BusError> {
-        match header.and_then(|h| h.sender().map(|s| s.as_str() == self.owner.as_str())) {
-            Some(true) => Ok(()),
-            _ => Err(BusError::NotAuthorized("only the connection that opened this session may read it".into())),
+        match header {
+            Some(h) => self.check_owner(&caller(&h)?),
+            None => Err(BusError::NotAuthorized("only the connection that opened this session may use it".into())),
         }
     }
 }
