@@ -205,6 +205,23 @@ impl Cloud {
         self.available.subscribe()
     }
 
+    /// When an open breaker turns half-open (requests may be tried again), if it is open.
+    pub fn half_open_at(&self) -> Option<Instant> {
+        let b = self.breaker.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        b.open_until.filter(|t| Instant::now() < *t)
+    }
+
+    /// Brings [`Cloud::available_watch`] up to date with the clock: an open breaker turns
+    /// half-open at its time without any request, and watchers must hear of it.
+    pub fn refresh(&self) {
+        let open = self.half_open_at().is_some();
+        self.available.send_if_modified(|a| {
+            let changed = *a == open;
+            *a = !open;
+            changed
+        });
+    }
+
     pub fn queue_depth(&self) -> u32 {
         self.config.queue_depth
     }
@@ -237,13 +254,8 @@ impl Cloud {
                 }
             }
         }
-        let open = b.open_until.is_some_and(|t| Instant::now() < t);
         drop(b);
-        self.available.send_if_modified(|a| {
-            let changed = *a == open;
-            *a = !open;
-            changed
-        });
+        self.refresh();
     }
 
     /// Streams a chat completion, sending each text delta to `on_text`, which returns false

@@ -10,6 +10,11 @@ pub const VENDOR_CONFIG: &str = "/usr/share/hearth/hearthd.toml";
 /// Admin overrides.
 pub const ADMIN_CONFIG: &str = "/etc/hearth/hearthd.toml";
 
+/// The longest context one request may have (engine.context_length, a manifest's
+/// context_length): 1M tokens. Beyond it the KV arithmetic (tokens × sequences × bytes per
+/// token) leaves the range the engine and llama.cpp count in.
+pub const MAX_CONTEXT_LENGTH: u32 = 1 << 20;
+
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     /// The file exists but cannot be read.
@@ -219,8 +224,11 @@ impl Config {
 
     fn validate(&self) -> Result<(), ConfigError> {
         let e = &self.engine;
-        if e.context_length < 64 {
-            return Err(ConfigError::Invalid(format!("engine.context_length {} is below 64", e.context_length)));
+        if !(64..=MAX_CONTEXT_LENGTH).contains(&e.context_length) {
+            return Err(ConfigError::Invalid(format!(
+                "engine.context_length {} is outside 64..={MAX_CONTEXT_LENGTH}",
+                e.context_length
+            )));
         }
         if e.batch_size == 0 || e.max_sequences == 0 {
             return Err(ConfigError::Invalid("engine.batch_size and engine.max_sequences must be at least 1".into()));
@@ -311,6 +319,10 @@ mod tests {
         assert!(err.contains("unknown field"), "{err}");
         let p = write(dir.path(), "b.toml", "[engine]\ncontext_length = 8\n");
         assert!(matches!(Config::load(std::slice::from_ref(&p)), Err(ConfigError::Invalid(_))));
+        for huge in [u32::MAX, MAX_CONTEXT_LENGTH + 1] {
+            let p = write(dir.path(), "h.toml", &format!("[engine]\ncontext_length = {huge}\n"));
+            assert!(matches!(Config::load(std::slice::from_ref(&p)), Err(ConfigError::Invalid(_))), "{huge}");
+        }
         let p = write(dir.path(), "c.toml", "[limits]\nqueue_capacity = \"many\"\n");
         assert!(matches!(Config::load(std::slice::from_ref(&p)), Err(ConfigError::Parse { .. })));
     }

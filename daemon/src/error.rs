@@ -45,9 +45,44 @@ pub enum Error {
     Internal(String),
 }
 
+/// Longest error message a reply carries: messages name what was wrong, and may quote a
+/// piece of the caller's input, which must not make a reply (or a log line) megabytes long.
+const MAX_MESSAGE_BYTES: usize = 512;
+
+/// `text` cut to at most `max` bytes, on a character boundary, marked when cut.
+pub fn bounded(text: &str, max: usize) -> std::borrow::Cow<'_, str> {
+    if text.len() <= max {
+        return text.into();
+    }
+    let mut end = max.saturating_sub(3);
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}...", &text[..end]).into()
+}
+
+impl Error {
+    /// The error's kind, as in its D-Bus name: what log lines say of a refusal, since the
+    /// message may quote the caller's input and app content never reaches a log line.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Error::InvalidArgs(_) => "InvalidArgs",
+            Error::ContextLengthExceeded { .. } => "ContextLengthExceeded",
+            Error::ModelNotFound(_) => "ModelNotFound",
+            Error::ModelUnavailable { .. } => "ModelUnavailable",
+            Error::Busy { .. } | Error::InUse { .. } => "Busy",
+            Error::Cancelled(_) => "Cancelled",
+            Error::NotAuthorized(_) => "NotAuthorized",
+            Error::PrivacyViolation(_) => "PrivacyViolation",
+            Error::CloudUnavailable(_) => "CloudUnavailable",
+            Error::Internal(_) => "Internal",
+        }
+    }
+}
+
 impl From<Error> for BusError {
     fn from(e: Error) -> Self {
-        let msg = e.to_string();
+        let msg = bounded(&e.to_string(), MAX_MESSAGE_BYTES).into_owned();
         match e {
             Error::InvalidArgs(_) => BusError::InvalidArgs(msg),
             Error::ContextLengthExceeded { .. } => BusError::ContextLengthExceeded(msg),
@@ -66,5 +101,19 @@ impl From<Error> for BusError {
 impl From<hearth_ffi::Error> for Error {
     fn from(e: hearth_ffi::Error) -> Self {
         Error::Internal(e.to_string())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn replies_are_bounded_and_cut_on_a_character_boundary() {
+        let long = format!("unknown request key {:?}", "é".repeat(100_000));
+        let BusError::InvalidArgs(msg) = BusError::from(Error::InvalidArgs(long)) else { panic!() };
+        assert!(msg.len() <= MAX_MESSAGE_BYTES && msg.ends_with("..."), "{}", msg.len());
+        assert_eq!(bounded("short", 512), "short");
+        assert_eq!(Error::Busy { scope: String::new(), waiting: 0, limit: 0, retry_after_ms: 0 }.kind(), "Busy");
     }
 }

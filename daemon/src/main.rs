@@ -1,6 +1,7 @@
 //! hearthd: the on-device AI system service. Owns the model and the accelerator, serves
 //! `org.hearth.Hearth1` on the system bus (or `--bus-address`), and stops cleanly on
 //! SIGTERM/SIGINT: in-flight requests end with `Cancelled`, the name is released, exit 0.
+//! Losing the bus is fatal: the engines stop and hearthd exits non-zero.
 
 #![forbid(unsafe_code)]
 
@@ -20,6 +21,7 @@ mod privacy;
 mod request;
 mod seal;
 mod service;
+mod state_file;
 mod structured;
 
 use std::path::PathBuf;
@@ -71,6 +73,10 @@ enum MainError {
     Sessions(std::io::Error),
     #[error("cannot set up the runtime or signals: {0}")]
     Io(#[from] std::io::Error),
+    /// The bus connection closed under us: every caller is gone and nobody can reach us, so
+    /// decoding on is pointless. Exiting non-zero lets `Restart=on-failure` bring us back.
+    #[error("lost the connection to the bus: exiting so the service manager restarts hearthd")]
+    BusLost,
 }
 
 fn init_logging() {
@@ -180,32 +186,41 @@ async fn serve(
         tokio::spawn(ping_watchdog(models.clone())),
         tokio::spawn(run_governor(governor, conn.clone(), config.governor.enabled)),
         tokio::spawn(service::publish_governor_changes(conn.clone(), governor_status)),
-        tokio::spawn(service::publish_cloud_changes(conn.clone(), cloud.as_ref().map(|c| c.available_watch()))),
+        tokio::spawn(service::publish_cloud_changes(conn.clone(), cloud.clone())),
     ];
     notify(&[sd_notify::NotifyState::Ready, sd_notify::NotifyState::Status("serving")]);
 
-    let signal = loop {
-        match signals.next().await {
-            Some(SIGHUP) => reload(&args, &models, &gate),
-            other => break other,
+    let stop = loop {
+        tokio::select! {
+            signal = signals.next() => match signal {
+                Some(SIGHUP) => reload(&args, &models, &gate),
+                other => break Ok(other),
+            },
+            () = conn.closed() => break Err(MainError::BusLost),
         }
     };
-    tracing::info!(signal = ?signal, "stopping: cancelling in-flight requests");
+    match &stop {
+        Ok(signal) => tracing::info!(signal = ?signal, "stopping: cancelling in-flight requests"),
+        Err(e) => tracing::error!("{e}"),
+    }
     notify(&[sd_notify::NotifyState::Stopping]);
     for task in &tasks {
         task.abort();
     }
     models.shutdown().await;
-    if !in_flight.drained(DRAIN_LIMIT).await {
+    // Without a bus no final message can go out: nothing to wait for.
+    if stop.is_ok() && !in_flight.drained(DRAIN_LIMIT).await {
         tracing::warn!("some callers did not get their final message within {DRAIN_LIMIT:?}");
     }
     // Let the final replies queued on the connection go out before leaving the bus.
     tokio::task::yield_now().await;
-    if let Err(e) = conn.release_name(hearth_dbus::BUS_NAME).await {
-        tracing::warn!(error = %e, "cannot release the bus name");
+    if stop.is_ok() {
+        if let Err(e) = conn.release_name(hearth_dbus::BUS_NAME).await {
+            tracing::warn!(error = %e, "cannot release the bus name");
+        }
     }
     signals.handle().close();
-    Ok(())
+    stop.map(|_| ())
 }
 
 /// Tells the service manager (systemd, Type=notify) about a state change; a no-op when not
@@ -247,8 +262,9 @@ pub(crate) fn reload_all(paths: &[PathBuf], models: &ModelManager, gate: &Gate) 
     }
 }
 
-/// Pings the systemd watchdog (WatchdogSec=) while every loaded engine's loop answers, so a
-/// stuck engine gets hearthd restarted. Does nothing unless systemd asked for pings.
+/// Pings the systemd watchdog (WatchdogSec=) while every loaded engine's loop makes progress
+/// (or waits for work), so a stuck engine gets hearthd restarted; a long job made of bounded
+/// steps is progress, not a hang. Does nothing unless systemd asked for pings.
 async fn ping_watchdog(models: ModelManager) {
     let Some(period) = sd_notify::watchdog_enabled() else { return };
     let every = period / 2;
@@ -259,7 +275,9 @@ async fn ping_watchdog(models: ModelManager) {
         tick.tick().await;
         match models.stalled_engine(every).await {
             None => notify(&[sd_notify::NotifyState::Watchdog]),
-            Some(name) => tracing::error!(model = %name, "engine does not answer: withholding the watchdog ping"),
+            Some(name) => {
+                tracing::error!(model = %name, "engine loop makes no progress: withholding the watchdog ping")
+            }
         }
     }
 }

@@ -380,12 +380,13 @@ impl ModelManager {
         }
     }
 
-    /// The first loaded model whose engine does not answer a ping within `limit`.
+    /// The first loaded model whose engine loop made no progress within `limit` (one that
+    /// waits for work is fine).
     pub async fn stalled_engine(&self, limit: Duration) -> Option<String> {
         let engines: Vec<(String, EngineHandle)> =
             self.state().loaded.iter().map(|(n, l)| (n.clone(), l.engine.clone())).collect();
         for (name, engine) in engines {
-            if !engine.ping(limit).await {
+            if !engine.alive(limit) {
                 return Some(name);
             }
         }

@@ -240,8 +240,9 @@ fn read_manifest(path: &Path) -> Result<ModelEntry, CatalogError> {
             return Err(bad(format!("file {} must be a plain path inside the manifest's directory", file.display())));
         }
     }
-    if manifest.context_length.is_some_and(|n| n < 64) {
-        return Err(bad("context_length must be at least 64".into()));
+    let max = crate::config::MAX_CONTEXT_LENGTH;
+    if manifest.context_length.is_some_and(|n| !(64..=max).contains(&n)) {
+        return Err(bad(format!("context_length must be within 64..={max}")));
     }
     if manifest.capabilities.is_empty() {
         return Err(bad("capabilities is empty".into()));
@@ -410,13 +411,7 @@ impl HashCache {
 
 /// Writes `text` to `path` atomically (temporary file + rename), readable by its owner only.
 pub fn write_private(path: &Path, text: &str) -> std::io::Result<()> {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
-    let tmp = path.with_extension("tmp");
-    let mut f = std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(&tmp)?;
-    f.write_all(text.as_bytes())?;
-    f.sync_all()?;
-    std::fs::rename(&tmp, path)
+    crate::state_file::replace(path, text.as_bytes())
 }
 
 /// Opens `path`, checks it and its directory are trusted, and checks its bytes hash to

@@ -113,9 +113,12 @@ pub struct Decision {
     pub reason: &'static str,
     /// The most private scope present.
     pub taint: Scope,
-    /// The data and the app's policy would let it run in the cloud (a local request may move
-    /// there mid-generation when the device turns critical).
-    pub cloud_eligible: bool,
+    /// Whether any part of this request may ever run in the cloud: decided here, once, and
+    /// carried with the request, so that no later path (the move of a running device request
+    /// to the cloud when the device turns critical) decides it again. Only `auto` requests
+    /// whose data and app policy allow the cloud, with a cloud configured, may leave;
+    /// `route: local` and device-only requests (structured output, tools, adapters) never do.
+    pub may_leave: bool,
 }
 
 /// What a request may do, decided from the caller's identity and policy.
@@ -185,21 +188,30 @@ fn decide(
     cloud: CloudView,
 ) -> Result<Decision, Error> {
     let taint = scopes.iter().copied().max().unwrap_or(Scope::Personal);
-    let may_leave = policy.cloud && scopes.iter().all(|s| policy.cloud_allows(*s));
-    let cloud_eligible = may_leave && cloud.configured;
-    let local = |reason| Ok(Decision { route: Route::Local, reason, taint, cloud_eligible });
+    let data_may_leave = policy.cloud && scopes.iter().all(|s| policy.cloud_allows(*s));
+    let may_leave = data_may_leave && cloud.configured && route != RouteRequest::Local;
+    let local = |reason| Ok(Decision { route: Route::Local, reason, taint, may_leave });
     match route {
-        RouteRequest::Local => local("the caller asked for the device"),
+        RouteRequest::Local => local("the caller asked for the device (or the request is device-only)"),
         RouteRequest::Auto if taint == Scope::Local => local("local or sealed data stays on the device"),
         RouteRequest::Auto => match cloud.prefer {
-            Some(why) if may_leave && cloud.configured && cloud.available => {
-                Ok(Decision { route: Route::Cloud, reason: why, taint, cloud_eligible })
+            Some(why) if may_leave && cloud.available => {
+                Ok(Decision { route: Route::Cloud, reason: why, taint, may_leave })
             }
-            Some(_) if !may_leave => local("the cloud would be preferred, but this data or app stays on the device"),
+            Some(_) if !data_may_leave => {
+                local("the cloud would be preferred, but this data or app stays on the device")
+            }
             Some(_) => local("the cloud would be preferred, but it is not available"),
             None => local("on-device by default"),
         },
         RouteRequest::Cloud => {
+            // Local data never leaves, whatever the policy: that is the error to report,
+            // before what this app may do (the order is documented in the XML).
+            if taint == Scope::Local {
+                return Err(Error::PrivacyViolation(
+                    "the request holds local data, which never leaves the device; it was not sent".into(),
+                ));
+            }
             if !policy.cloud {
                 return Err(Error::NotAuthorized("this app's policy does not allow the cloud route".into()));
             }
@@ -216,7 +228,7 @@ fn decide(
                 route: Route::Cloud,
                 reason: "the caller asked for the cloud and the data may go",
                 taint,
-                cloud_eligible,
+                may_leave,
             })
         }
     }
@@ -243,6 +255,9 @@ mod tests {
             (&open, &[Scope::Public, Scope::Local], RouteRequest::Cloud, Err("PrivacyViolation")),
             (&public_only, &[Scope::Personal], RouteRequest::Cloud, Err("PrivacyViolation")),
             (&closed, &[Scope::Public], RouteRequest::Cloud, Err("NotAuthorized")),
+            // Several errors apply: local data is a PrivacyViolation before the policy's word.
+            (&closed, &[Scope::Public, Scope::Local], RouteRequest::Cloud, Err("PrivacyViolation")),
+            (&closed, &[Scope::Personal], RouteRequest::Cloud, Err("NotAuthorized")),
             (&open, &[Scope::Local], RouteRequest::Auto, Ok(Route::Local)),
             (&open, &[Scope::Public], RouteRequest::Auto, Ok(Route::Local)),
             (&open, &[Scope::Public], RouteRequest::Local, Ok(Route::Local)),
@@ -260,6 +275,11 @@ mod tests {
             decide(&open, &set(&[Scope::Public]), RouteRequest::Cloud, CloudView::default()),
             Err(Error::CloudUnavailable(_))
         ));
+        // No cloud configured and the data may not go: the privacy error wins.
+        assert!(matches!(
+            decide(&open, &set(&[Scope::Local]), RouteRequest::Cloud, CloudView::default()),
+            Err(Error::PrivacyViolation(_))
+        ));
         // auto follows a preference only where the data may go.
         let hot = CloudView { configured: true, available: true, prefer: Some("hot") };
         assert_eq!(decide(&open, &set(&[Scope::Public]), RouteRequest::Auto, hot).unwrap().route, Route::Cloud);
@@ -268,6 +288,17 @@ mod tests {
             decide(&public_only, &set(&[Scope::Personal]), RouteRequest::Auto, hot).unwrap().route,
             Route::Local
         );
+        // Whether a request may ever leave is decided here once: never for route local (which
+        // device-only requests are given), never for local data, only with a cloud configured.
+        let calm = CloudView { configured: true, available: true, prefer: None };
+        let leaves = |p: &AppPolicy, sc: &[Scope], r, v| decide(p, &set(sc), r, v).unwrap().may_leave;
+        assert!(leaves(&open, &[Scope::Public], RouteRequest::Auto, calm));
+        assert!(leaves(&open, &[Scope::Public], RouteRequest::Cloud, calm));
+        assert!(!leaves(&open, &[Scope::Public], RouteRequest::Local, calm));
+        assert!(!leaves(&open, &[Scope::Public], RouteRequest::Local, hot));
+        assert!(!leaves(&open, &[Scope::Public, Scope::Local], RouteRequest::Auto, hot));
+        assert!(!leaves(&public_only, &[Scope::Personal], RouteRequest::Auto, hot));
+        assert!(!leaves(&open, &[Scope::Public], RouteRequest::Auto, CloudView::default()));
         let down = CloudView { available: false, ..hot };
         assert_eq!(decide(&open, &set(&[Scope::Public]), RouteRequest::Auto, down).unwrap().route, Route::Local);
     }

@@ -254,6 +254,27 @@ pub fn parse_embed(dict: &HashMap<String, OwnedVariant>) -> Result<EmbedRequest,
     Ok(EmbedRequest { texts, model, scope })
 }
 
+/// Conversions (schema, grammar and tools checks, llama.cpp's schema converter) running at
+/// once; more requests wait for a turn instead of taking more threads.
+static CONVERSIONS: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(2);
+
+/// [`parse`], but never on the D-Bus runtime for a request that carries a schema, grammar or
+/// tools: their checks and conversion run on a blocking thread (bounded in size, so they
+/// end), so other apps' calls are never held behind them.
+pub async fn parse_off_runtime(
+    dict: HashMap<String, OwnedVariant>,
+    method: Method,
+    default_max_tokens: u32,
+) -> Result<Parsed, Error> {
+    if ![key::JSON_SCHEMA, key::GRAMMAR, key::TOOLS].iter().any(|k| dict.contains_key(*k)) {
+        return parse(&dict, method, default_max_tokens);
+    }
+    let _turn = CONVERSIONS.acquire().await.map_err(|_| Error::Internal("the request parser stopped".into()))?;
+    tokio::task::spawn_blocking(move || parse(&dict, method, default_max_tokens))
+        .await
+        .map_err(|e| Error::Internal(format!("the request parser failed: {e}")))?
+}
+
 /// Parses a request dictionary. `default_max_tokens` applies when the key is absent.
 pub fn parse(dict: &HashMap<String, OwnedVariant>, method: Method, default_max_tokens: u32) -> Result<Parsed, Error> {
     let mut messages = None;
@@ -448,6 +469,25 @@ mod tests {
             Part { role: "user".into(), content: Content::Text("hi".into()), scope: Scope::Personal }
         );
         assert_eq!(p.route, RouteRequest::Auto);
+    }
+
+    #[test]
+    fn structured_and_adapter_requests_are_device_only() {
+        let adapters = Variant::from(HashMap::from([("style".to_owned(), Variant::from(1.0f64))]));
+        let device_only: Vec<(&str, Variant<'_>)> = vec![
+            ("grammar", Variant::from("root ::= \"a\"")),
+            ("json_schema", Variant::from(r#"{"type": "integer"}"#)),
+            ("tools", Variant::from(r#"[{"type": "function", "function": {"name": "f"}}]"#)),
+            ("adapters", adapters),
+        ];
+        for (k, v) in device_only {
+            for route in ["auto", "local"] {
+                let p = parse(&req(vec![(k, v.clone()), ("route", Variant::from(route))]), Method::Generate, 16);
+                assert_eq!(p.unwrap().route, RouteRequest::Local, "{k} with route {route}");
+            }
+            let p = parse(&req(vec![(k, v), ("route", Variant::from("cloud"))]), Method::Generate, 16);
+            assert!(matches!(p, Err(Error::InvalidArgs(m)) if m.contains("run on the device")), "{k}");
+        }
     }
 
     #[test]

@@ -7,8 +7,6 @@
 //! ciphertext+tag`. The 256-bit key comes from a systemd credential (`hearth-seal-key` in
 //! $CREDENTIALS_DIRECTORY, e.g. LoadCredentialEncrypted=) or is created 0600 in the state dir.
 
-use std::io::Write;
-use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
 
 use chacha20poly1305::aead::{Aead, AeadCore, KeyInit, OsRng, Payload};
@@ -72,15 +70,11 @@ impl Sealer {
             }
         }
         let path = state_dir.join("seal.key");
-        match std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(&path) {
-            Ok(mut f) => {
-                let key = XChaCha20Poly1305::generate_key(&mut OsRng);
-                f.write_all(&key)?;
-                f.sync_all()?;
-                tracing::info!(path = %path.display(), "created the device sealing key");
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
-            Err(e) => return Err(e),
+        // Whole or not at all: a start on a full disk must not leave an empty key that every
+        // later start then refuses.
+        let key = XChaCha20Poly1305::generate_key(&mut OsRng);
+        if crate::state_file::create_new(&path, &key)? {
+            tracing::info!(path = %path.display(), "created the device sealing key");
         }
         Self::from_file(&path)
     }
@@ -160,6 +154,22 @@ mod tests {
     use std::os::unix::fs::PermissionsExt;
 
     use super::*;
+
+    #[test]
+    fn a_first_start_on_a_full_disk_leaves_no_key_behind() {
+        let Some(disk) = crate::state_file::tests::SmallDisk::mount() else {
+            eprintln!("cannot mount a tmpfs (not root?): skipped");
+            return;
+        };
+        let filler = disk.fill();
+        assert!(Sealer::open(disk.0.path()).is_err(), "no room for the key");
+        assert_eq!(disk.names(), ["filler"], "no empty seal.key, no temporary file");
+        std::fs::remove_file(filler).unwrap();
+        let sealer = Sealer::open(disk.0.path()).expect("the next start creates the key");
+        assert_eq!(std::fs::metadata(disk.0.path().join("seal.key")).unwrap().len(), 32);
+        let blob = sealer.seal("app", b"x").unwrap();
+        assert_eq!(Sealer::open(disk.0.path()).unwrap().open_blob(&blob).unwrap().1, b"x");
+    }
 
     #[test]
     fn round_trip_and_every_forgery_fails() {

@@ -48,18 +48,41 @@ pub struct DeviceInfo {
     pub memory_total: u64,
 }
 
+/// Longest llama.cpp log line passed on.
+const MAX_LOG_LINE: usize = 240;
+
+/// What of a llama.cpp log line may reach the daemon's log, which never holds an app's
+/// content: llama.cpp quotes the grammar it refuses (and the rule names in it), and may
+/// quote a schema's patterns, so such lines are replaced by a note; every line is cut to
+/// its first line and [`MAX_LOG_LINE`] bytes. None for a blank line.
+fn loggable(text: &str) -> Option<std::borrow::Cow<'_, str>> {
+    let first = text.trim_end().lines().next()?.trim_end();
+    if first.is_empty() {
+        return None;
+    }
+    let lower = first.to_ascii_lowercase();
+    if ["grammar", "rule", "schema", "pattern", "regex", "token text", "prompt"].iter().any(|w| lower.contains(w)) {
+        return Some("a message about an app's input (grammar, schema or prompt) was withheld: it may quote it".into());
+    }
+    if first.len() <= MAX_LOG_LINE {
+        return Some(first.into());
+    }
+    let mut end = MAX_LOG_LINE;
+    while !first.is_char_boundary(end) {
+        end -= 1;
+    }
+    Some(format!("{}...", &first[..end]).into())
+}
+
 /// Routes llama.cpp/ggml log lines into `tracing` (target `llama`), so they end up in the
-/// daemon's log instead of on a raw stderr.
+/// daemon's log instead of on a raw stderr, filtered by [`loggable`].
 unsafe extern "C" fn log_to_tracing(level: sys::ggml_log_level, text: *const c_char, _: *mut c_void) {
     if text.is_null() {
         return;
     }
     // SAFETY: ggml passes a valid NUL-terminated string that lives for the duration of the call.
     let text = unsafe { CStr::from_ptr(text) }.to_string_lossy();
-    let text = text.trim_end();
-    if text.is_empty() {
-        return;
-    }
+    let Some(text) = loggable(&text) else { return };
     match level {
         sys::GGML_LOG_LEVEL_ERROR => tracing::error!(target: "llama", "{text}"),
         sys::GGML_LOG_LEVEL_WARN => tracing::warn!(target: "llama", "{text}"),
@@ -138,5 +161,29 @@ pub(crate) unsafe fn cstr_or_empty(p: *const c_char) -> String {
     } else {
         // SAFETY: non-null and valid per the function's contract.
         unsafe { CStr::from_ptr(p) }.to_string_lossy().into_owned()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::loggable;
+
+    #[test]
+    fn llama_log_lines_never_quote_app_input() {
+        let canary = "canary-1234";
+        let lines = [
+            format!("parse: error parsing grammar: expecting ')' at {canary} ::= x\n\n{canary}"),
+            format!("Undefined rule identifier '{canary}'"),
+            format!("WARNING: unsupported pattern {canary}"),
+        ];
+        for line in &lines {
+            assert!(!loggable(line).unwrap().contains(canary), "{line}");
+        }
+        assert_eq!(
+            loggable("llama_model_loader: loaded meta data\nmore").unwrap(),
+            "llama_model_loader: loaded meta data"
+        );
+        assert!(loggable(&"x".repeat(10_000)).unwrap().len() <= 243);
+        assert!(loggable("\n").is_none());
     }
 }

@@ -75,6 +75,13 @@ unsafe extern "C" fn abort_requested(data: *mut c_void) -> bool {
 impl Context {
     /// Creates a context.
     pub fn new(model: Arc<Model>, params: ContextParams) -> Result<Self> {
+        Self::with_abort_flag(model, params, Arc::new(AtomicBool::new(false)))
+    }
+
+    /// Creates a context whose decodes abort while `abort` is set: one flag can stop the
+    /// work of several contexts (the engine's generation and embedding contexts share the
+    /// flag an interactive request raises).
+    pub fn with_abort_flag(model: Arc<Model>, params: ContextParams, abort: Arc<AtomicBool>) -> Result<Self> {
         // SAFETY: returns a plain struct of defaults.
         let mut cp = unsafe { sys::llama_context_default_params() };
         cp.n_ctx = params.n_ctx;
@@ -94,7 +101,6 @@ impl Context {
             cp.embeddings = true;
             cp.pooling_type = sys::LLAMA_POOLING_TYPE_MEAN;
         }
-        let abort = Arc::new(AtomicBool::new(false));
         cp.abort_callback = Some(abort_requested);
         cp.abort_callback_data = Arc::as_ptr(&abort).cast_mut().cast::<c_void>();
         // SAFETY: the model is valid and kept alive by the Arc stored in the returned Context;
@@ -195,7 +201,9 @@ impl Context {
     }
 
     /// Decodes a batch: appends its tokens to their sequences' KV and computes logits for the
-    /// entries that asked for them.
+    /// entries that asked for them. On an error (an abort included) llama.cpp has removed the
+    /// KV of the micro-batch it stopped in, but keeps that of the micro-batches decoded before
+    /// it: a caller that retries cuts its sequences back ([`Context::truncate_sequence`]).
     pub fn decode(&mut self, batch: &Batch) -> Result<()> {
         if batch.is_empty() {
             return Ok(());

@@ -56,6 +56,14 @@ pub enum Error {
     /// llama_decode failed with the given status.
     #[error("llama_decode failed with status {0}")]
     Decode(i32),
+    /// The grammar allows no token the model can produce at this step (a token it needs is
+    /// not in the vocabulary, or the model gives every allowed token zero probability).
+    /// Nothing was accepted; the generation cannot go on.
+    #[error("the grammar allows no next token here")]
+    GrammarDeadEnd,
+    /// The sampler chain selected no token (every candidate's logit was not finite).
+    #[error("the sampler selected no token")]
+    NoCandidate,
     /// A sampler index referred to a batch position that produced no logits.
     #[error("batch position {0} has no logits")]
     NoLogits(i32),

@@ -1,5 +1,10 @@
 //! Token samplers: greedy, or top-k → top-p → temperature → seeded draw, optionally behind a
 //! grammar (GBNF) that masks every token the grammar does not allow next.
+//!
+//! Sampling builds the candidate array itself and accepts a token only once it is known to be
+//! allowed: llama.cpp's `llama_sampler_sample` accepts whatever the draw picked, and accepting
+//! a token the grammar rejected throws through the C API (std::terminate), or for an
+//! end-of-generation token hits `GGML_ABORT`; either way the daemon would die.
 
 use std::ffi::{CStr, CString};
 use std::ptr::NonNull;
@@ -58,9 +63,26 @@ impl SamplerParams {
 }
 
 /// A llama.cpp sampler chain. Keeps per-generation state (RNG), so each sequence owns one.
-#[derive(Debug)]
 pub struct Sampler {
     ptr: NonNull<sys::llama_sampler>,
+    /// Whether the chain starts with a grammar, which can leave no token allowed.
+    grammar: bool,
+    /// Set once the grammar reached a dead end: an accept that threw leaves the grammar with
+    /// no stacks, and applying it then hits a `GGML_ASSERT`, so it is never called again.
+    dead: bool,
+    /// The candidate array, reused across steps (one entry per vocabulary token).
+    cur: Vec<sys::llama_token_data>,
+}
+
+impl std::fmt::Debug for Sampler {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Not the candidates: a vocabulary's worth of numbers.
+        f.debug_struct("Sampler")
+            .field("ptr", &self.ptr)
+            .field("grammar", &self.grammar)
+            .field("dead", &self.dead)
+            .finish_non_exhaustive()
+    }
 }
 
 // SAFETY: a sampler chain is plain heap state with no thread affinity; it is owned uniquely
@@ -74,13 +96,15 @@ impl Sampler {
         let Some(grammar) = grammar else { return Ok(Self::new(params)) };
         let c_grammar = CString::new(grammar).map_err(|_| Error::InteriorNul { what: "the grammar" })?;
         // SAFETY: the vocab belongs to `model`, which outlives this call (the sampler keeps no
-        // pointer to the grammar text; it copies the parsed rules). Returns null when the
-        // grammar does not parse.
-        let g = unsafe { sys::llama_sampler_init_grammar(model.vocab_ptr(), c_grammar.as_ptr(), c"root".as_ptr()) };
+        // pointer to the grammar text; it copies the parsed rules). The llama-cpp-sys-2
+        // wrapper catches any C++ exception (the parser catches its own; allocation failures
+        // would escape it) and returns null, as it does when the grammar does not parse.
+        let g = unsafe { sys::llama_rs_sampler_init_grammar(model.vocab_ptr(), c_grammar.as_ptr(), c"root".as_ptr()) };
         if g.is_null() {
             return Err(Error::Grammar);
         }
-        let sampler = Self::empty();
+        let mut sampler = Self::empty();
+        sampler.grammar = true;
         sampler.add(g);
         sampler.add_draw(params);
         Ok(sampler)
@@ -93,7 +117,7 @@ impl Sampler {
         // SAFETY: creates a new, empty chain that we own.
         let chain = unsafe { sys::llama_sampler_chain_init(cp) };
         let ptr = NonNull::new(chain).expect("llama_sampler_chain_init returned null (out of memory)");
-        Self { ptr }
+        Self { ptr, grammar: false, dead: false, cur: Vec::new() }
     }
 
     /// Builds the chain for `params`.
@@ -132,16 +156,62 @@ impl Sampler {
     }
 
     /// Samples (and accepts) the next token from the logits at batch index `idx` of the last
-    /// decode of `ctx`.
+    /// decode of `ctx`. With a grammar, fails with [`Error::GrammarDeadEnd`] (and accepts
+    /// nothing) when the grammar allows no token the model can produce here.
     pub fn sample(&mut self, ctx: &mut Context, idx: i32) -> Result<Token> {
+        if self.dead {
+            return Err(Error::GrammarDeadEnd);
+        }
         // SAFETY: valid context; returns null (without side effects) when `idx` has no logits.
         let logits = unsafe { sys::llama_get_logits_ith(ctx.as_ptr(), idx) };
         if logits.is_null() {
             return Err(Error::NoLogits(idx));
         }
-        // SAFETY: the chain and the context are valid and exclusively borrowed, and `idx` was
-        // just checked to have logits.
-        Ok(unsafe { sys::llama_sampler_sample(self.ptr.as_ptr(), ctx.as_ptr(), idx) })
+        let n_vocab = usize::try_from(ctx.model().n_vocab()).unwrap_or(0);
+        // SAFETY: a non-null row from llama_get_logits_ith holds one logit per vocabulary
+        // token (n_vocab floats, as llama_sampler_sample reads it), valid until the next
+        // decode, which needs `ctx` mutably and so cannot happen while `row` lives.
+        let row = unsafe { std::slice::from_raw_parts(logits, n_vocab) };
+        self.cur.clear();
+        self.cur.extend(row.iter().zip(0..).map(|(&logit, id)| sys::llama_token_data { id, logit, p: 0.0 }));
+        let mut cur_p = sys::llama_token_data_array {
+            data: self.cur.as_mut_ptr(),
+            size: self.cur.len(),
+            selected: -1,
+            sorted: false,
+        };
+        // SAFETY: the chain is valid and exclusively borrowed; `cur_p` points into `self.cur`,
+        // which is not touched until the call returns. Applying masks and draws only: the
+        // grammar rejects tokens by setting their logit to -inf and never throws here (its
+        // stacks are non-empty, since every accept below is of an allowed token).
+        unsafe { sys::llama_sampler_apply(self.ptr.as_ptr(), &mut cur_p) };
+        // The samplers sort and shrink the array in place, never move it (llama-sampler.cpp).
+        debug_assert!(std::ptr::eq(cur_p.data, self.cur.as_ptr()) && cur_p.size <= self.cur.len());
+        let kept = &self.cur[..cur_p.size.min(self.cur.len())];
+        let selected = usize::try_from(cur_p.selected).ok().and_then(|i| kept.get(i));
+        let token = match selected {
+            // A masked token keeps -inf even through temperature, so finite means allowed.
+            Some(t) if !self.grammar || t.logit.is_finite() => t.id,
+            // The draw can land on a masked token when nothing else is left, or (with a zero
+            // random number) on a zero-probability one: take the best allowed token if any.
+            _ => kept
+                .iter()
+                .filter(|t| t.logit.is_finite())
+                .max_by(|a, b| a.logit.total_cmp(&b.logit))
+                .map(|t| t.id)
+                .ok_or_else(|| {
+                self.dead = self.grammar;
+                if self.grammar { Error::GrammarDeadEnd } else { Error::NoCandidate }
+            })?,
+        };
+        // SAFETY: valid chain; `token` is one the grammar (if any) just allowed, so its accept
+        // cannot find an empty stack set. The wrapper also catches any C++ exception.
+        let status = unsafe { sys::llama_rs_sampler_accept(self.ptr.as_ptr(), token) };
+        if status != sys::LLAMA_RS_STATUS_OK {
+            self.dead = true;
+            return Err(Error::GrammarDeadEnd);
+        }
+        Ok(token)
     }
 }
 
@@ -150,5 +220,102 @@ impl Drop for Sampler {
         // SAFETY: the chain was created by llama_sampler_chain_init and is freed exactly once,
         // together with the samplers it owns.
         unsafe { sys::llama_sampler_free(self.ptr.as_ptr()) };
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::PathBuf;
+    use std::sync::{Arc, OnceLock};
+
+    use super::*;
+    use crate::{Backend, Batch, ContextParams, ModelParams};
+
+    fn model() -> Option<Arc<Model>> {
+        static MODEL: OnceLock<Option<Arc<Model>>> = OnceLock::new();
+        MODEL
+            .get_or_init(|| {
+                let path = std::env::var_os("HEARTH_TEST_MODEL").map(PathBuf::from).unwrap_or_else(|| {
+                    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../models/SmolLM2-135M-Instruct.Q4_1.gguf")
+                });
+                if !path.exists() {
+                    eprintln!("{} is missing (scripts/fetch-model.sh): skipping", path.display());
+                    return None;
+                }
+                Some(Arc::new(Model::load(Backend::init(), &path, &ModelParams::default()).expect("load model")))
+            })
+            .clone()
+    }
+
+    /// Generates under `grammar` until the end, `max` tokens, or an error.
+    fn generate(model: &Arc<Model>, grammar: &str, params: SamplerParams, max: usize) -> (String, Option<Error>) {
+        let cp = ContextParams {
+            n_ctx: 256,
+            n_batch: 64,
+            n_seq_max: 1,
+            n_threads: 2,
+            n_threads_batch: 2,
+            flash_attn: None,
+            kv_unified: false,
+            embeddings: false,
+        };
+        let mut ctx = Context::new(Arc::clone(model), cp).expect("context");
+        let prompt = model.tokenize("Answer yes or no: is the sky blue?", true, true).expect("tokenize");
+        let mut batch = Batch::new(64, 1);
+        let mut idx = 0;
+        // One token per decode: ggml's AMX matmul (used for multi-token batches on CPUs
+        // that have AMX) crashes on some machines, and this test is about sampling.
+        for (i, &t) in prompt.iter().enumerate() {
+            batch.clear();
+            idx = batch.push(t, i as i32, &[0], i + 1 == prompt.len()).unwrap();
+            ctx.decode(&batch).unwrap();
+        }
+        let mut sampler = Sampler::with_grammar(model, params, Some(grammar)).expect("grammar");
+        let mut text = Vec::new();
+        for pos in (prompt.len() as i32..).take(max) {
+            let t = match sampler.sample(&mut ctx, idx) {
+                Ok(t) => t,
+                Err(e) => {
+                    // A dead sampler stays dead, without touching the grammar again.
+                    assert!(matches!(sampler.sample(&mut ctx, idx), Err(Error::GrammarDeadEnd)));
+                    return (String::from_utf8_lossy(&text).into_owned(), Some(e));
+                }
+            };
+            if model.is_eog(t) {
+                break;
+            }
+            text.extend(model.token_to_piece(t, false));
+            batch.clear();
+            idx = batch.push(t, pos, &[0], true).unwrap();
+            ctx.decode(&batch).unwrap();
+        }
+        (String::from_utf8_lossy(&text).into_owned(), None)
+    }
+
+    const SAMPLED: SamplerParams = SamplerParams { temperature: 0.8, top_k: 40, top_p: 0.95, seed: 7 };
+
+    #[test]
+    fn a_grammar_that_admits_no_token_is_an_error_not_an_abort() {
+        let Some(model) = model() else { return };
+        // A token id beyond the vocabulary: the grammar parses but nothing ever matches.
+        for params in [SamplerParams::default(), SAMPLED] {
+            let (text, err) = generate(&model, "root ::= <[2000000]>", params, 4);
+            assert!(matches!(err, Some(Error::GrammarDeadEnd)), "{err:?}");
+            assert!(text.is_empty());
+            // Dead after some text: "a" then only that token.
+            let (text, err) = generate(&model, "root ::= \"a\" <[2000000]>", params, 8);
+            assert!(matches!(err, Some(Error::GrammarDeadEnd)), "{err:?}");
+            assert_eq!(text, "a");
+        }
+    }
+
+    #[test]
+    fn a_completed_grammar_ends_with_end_of_generation() {
+        let Some(model) = model() else { return };
+        for params in [SamplerParams::default(), SAMPLED] {
+            let (text, err) = generate(&model, "root ::= \"yes\" | \"no\"", params, 16);
+            assert!(err.is_none(), "{err:?}");
+            assert!(text == "yes" || text == "no", "{text:?}");
+        }
     }
 }

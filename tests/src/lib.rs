@@ -119,6 +119,12 @@ impl Bus {
         &self.address
     }
 
+    /// Kills the bus daemon (every connection on it breaks).
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
     /// Lets other users reach the bus socket (for tests that connect under another uid).
     pub fn open_to_all_users(&self) {
         use std::os::unix::fs::PermissionsExt;
@@ -518,4 +524,41 @@ pub fn apps_dir(files: &[(&str, String)]) -> tempfile::TempDir {
 /// The `[apps]` setting that reads policies from `dir`.
 pub fn apps_setting(dir: &Path) -> String {
     format!("dirs = [{:?}]\n", dir.display().to_string())
+}
+
+/// A datagram socket standing in for systemd's NOTIFY_SOCKET.
+#[derive(Debug)]
+pub struct NotifySocket {
+    sock: std::os::unix::net::UnixDatagram,
+    pub path: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl Default for NotifySocket {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl NotifySocket {
+    pub fn new() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("notify");
+        let sock = std::os::unix::net::UnixDatagram::bind(&path).unwrap();
+        sock.set_read_timeout(Some(Duration::from_millis(100))).unwrap();
+        Self { sock, path, _dir: dir }
+    }
+
+    /// Messages received within `window`, each with its arrival time.
+    pub fn drain(&self, window: Duration) -> Vec<(Instant, String)> {
+        let end = Instant::now() + window;
+        let mut got = Vec::new();
+        let mut buf = [0u8; 4096];
+        while Instant::now() < end {
+            if let Ok(n) = self.sock.recv(&mut buf) {
+                got.push((Instant::now(), String::from_utf8_lossy(&buf[..n]).into_owned()));
+            }
+        }
+        got
+    }
 }

@@ -2,7 +2,7 @@
 //! GBNF), tool calls with a round trip, and embeddings.
 
 use std::collections::HashMap;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use hearth_dbus::{Generation, messages_value, request_key as key, result_key};
 use hearth_tests::{Bus, Daemon, ResultDict, chat_request, collect, hearth, result_str};
@@ -88,7 +88,7 @@ async fn json_schema_output_always_validates() {
     for (k, v, why) in [
         (key::JSON_SCHEMA, "{\"type\": ", "not JSON"),
         (key::JSON_SCHEMA, r#"{"type": "objekt"}"#, "not a valid JSON Schema"),
-        (key::GRAMMAR, "root ::= (", "grammar does not parse"),
+        (key::GRAMMAR, "root ::= (", "syntax error"),
         (
             key::TOOLS,
             r#"[{"type": "function", "function": {"name": "x", "parameters": {"type": "string"}}}]"#,
@@ -201,4 +201,183 @@ async fn embeddings_are_deterministic_unit_vectors_that_rank_similar_texts_close
         HashMap::from([(key::TEXTS, Variant::from(vec!["x".to_owned()])), (key::MODEL, Variant::from("nope"))]);
     assert_eq!(error_name(&proxy.embed(unknown).await.unwrap_err()), "org.hearth.Hearth1.Error.ModelNotFound");
     assert_eq!(proxy.embed(request("public")).await.unwrap(), a);
+}
+
+/// Grammars and schemas an app controls, in their hostile forms (deep, long, empty,
+/// contradictory, huge): each gets InvalidArgs quickly, from the test process and from
+/// another uid, the daemon keeps serving, its memory stays bounded, and none of it reaches
+/// the log.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostile_grammars_and_schemas_get_named_errors_and_leave_the_daemon_serving() {
+    let bus = Bus::start();
+    bus.open_to_all_users();
+    let daemon = Daemon::start(&bus).await;
+    let conn = bus.connect().await;
+    let proxy = hearth(&conn).await;
+    proxy.complete(chat_request("Hi", 1)).await.unwrap();
+    let rss_before = hearth_tests::rss_kib(daemon.pid());
+    let canary = "canaryx7q";
+    let chain: String = (0..5000).map(|i| format!("r{i} ::= r{} \"{canary}\"\n", i + 1)).collect();
+    let grammars = vec![
+        ("deep nesting", format!("root ::= {}\"{canary}\"{}", "(".repeat(20_000), ")".repeat(20_000))),
+        ("a long rule chain", format!("root ::= r0\n{chain}r5000 ::= \"x\"\n")),
+        ("an empty repetition range", format!("root ::= \"{canary}\"{{5,1}}")),
+        ("a huge repetition", format!("root ::= \"{canary}\"{{0,100000}}")),
+        ("an empty character class", format!("root ::= [^\\x00-\\U0010FFFF] \"{canary}\"")),
+        ("an undefined rule", format!("root ::= {canary}-rule")),
+        ("no root", format!("{canary} ::= \"x\"")),
+        ("left recursion", format!("root ::= root \"{canary}\" | \"x\"")),
+        ("an unproductive root", format!("root ::= \"{canary}\" root")),
+        ("a megabyte", format!("root ::= \"{}\"", canary.repeat(120_000))),
+        ("syntax", format!("root ::= ( \"{canary}\"")),
+    ];
+    let props: serde_json::Map<String, Json> =
+        (0..5000).map(|i| (format!("{canary}{i}"), json!({"type": "string"}))).collect();
+    let mut deep = json!({"type": "string"});
+    for _ in 0..1000 {
+        deep = json!({"type": "object", "properties": {canary: deep}});
+    }
+    let schemas = vec![
+        ("minLength above maxLength", json!({"type": "string", "minLength": 30, "maxLength": 2, "title": canary})),
+        ("minItems above maxItems", json!({"type": "array", "minItems": 9, "maxItems": 1, "title": canary})),
+        ("minimum above maximum", json!({"type": "integer", "minimum": 9, "maximum": 1, "title": canary})),
+        ("5000 properties", json!({"type": "object", "properties": props})),
+        ("1000 levels deep", deep),
+        ("an enum of 100k", json!({"enum": (0..100_000).map(|i| format!("{canary}{i}")).collect::<Vec<_>>()})),
+        ("a huge minLength", json!({"type": "string", "minLength": 100_000_000, "title": canary})),
+    ];
+    let mut cases: Vec<(String, &str, String)> = Vec::new();
+    cases.extend(grammars.into_iter().map(|(what, g)| (format!("grammar: {what}"), key::GRAMMAR, g)));
+    cases
+        .extend(schemas.into_iter().map(|(what, s)| (format!("json_schema: {what}"), key::JSON_SCHEMA, s.to_string())));
+    let tools = json!([{"type": "function", "function": {"name": "f", "parameters":
+        {"type": "object", "properties": {"a": {"type": "string", "minLength": 5, "maxLength": 1}}}}}]);
+    cases.push(("tools: an unsatisfiable parameter".into(), key::TOOLS, tools.to_string()));
+    for (what, k, value) in &cases {
+        let started = std::time::Instant::now();
+        let e = proxy.complete(with(chat_request(canary, 8), k, value)).await.expect_err(what);
+        assert_eq!(error_name(&e), "org.hearth.Hearth1.Error.InvalidArgs", "{what}: {e}");
+        assert!(e.message().len() <= 512, "{what}: a {}-byte error", e.message().len());
+        let took = started.elapsed();
+        assert!(took < Duration::from_secs(2), "{what} took {took:?}");
+        eprintln!("{what}: InvalidArgs in {:.1} ms", took.as_secs_f64() * 1e3);
+    }
+    // A grammar that parses but lets this model produce nothing (a token id past its
+    // vocabulary) ends the request with InvalidArgs at sampling time, not the daemon.
+    let e = proxy
+        .complete(with(chat_request(canary, 8), key::GRAMMAR, "root ::= <[2000000]>"))
+        .await
+        .expect_err("dead end");
+    assert_eq!(error_name(&e), "org.hearth.Hearth1.Error.InvalidArgs", "{e}");
+    // Another uid, through hearthctl.
+    if nix::unistd::geteuid().is_root() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::set_permissions(dir.path(), std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+        let schema = dir.path().join("s.json");
+        std::fs::write(&schema, json!({"type": "string", "minLength": 30, "maxLength": 2}).to_string()).unwrap();
+        let out = std::process::Command::new("setpriv")
+            .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+            .arg(hearth_tests::workspace_bin("hearthctl"))
+            .args(["--bus-address", bus.address(), "generate", canary, "--json-schema"])
+            .arg(&schema)
+            .output()
+            .expect("setpriv hearthctl");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success() && stderr.contains("org.hearth.Hearth1.Error.InvalidArgs"), "{stderr}");
+    }
+    // Still serving, with bounded memory, and nothing of it in the log.
+    let r = proxy.complete(chat_request("Say hello.", 4)).await.expect("serving after the corpus");
+    assert!(hearth_tests::result_u32(&r, result_key::TOKENS) > 0);
+    let grown = hearth_tests::rss_kib(daemon.pid()).saturating_sub(rss_before);
+    eprintln!("hearthd grew {grown} KiB over the corpus");
+    assert!(grown < 256 * 1024, "hearthd grew {grown} KiB");
+    assert!(!daemon.log().contains(canary), "app text reached the log");
+}
+
+/// The gaps between an interactive stream's tokens, in ms, sorted.
+async fn token_gaps(conn: &zbus::Connection, token: &str) -> Vec<f64> {
+    let mut r = hearth_tests::with_priority("Write a long story about a lighthouse keeper.", 48, "interactive");
+    r.insert(key::TEMPERATURE, Variant::from(0.0));
+    let mut g = Generation::start(conn, r, token).await.unwrap();
+    let mut last = None;
+    let mut gaps = Vec::new();
+    while let Some(ev) = g.next().await {
+        match ev.unwrap() {
+            hearth_dbus::StreamEvent::Token { .. } => {
+                let now = std::time::Instant::now();
+                if let Some(l) = last.replace(now) {
+                    gaps.push(now.duration_since(l).as_secs_f64() * 1e3);
+                }
+            }
+            hearth_dbus::StreamEvent::Finished(_) => break,
+            hearth_dbus::StreamEvent::Migrated { .. } => {}
+        }
+    }
+    gaps.sort_by(f64::total_cmp);
+    gaps
+}
+
+fn p99(sorted: &[f64]) -> f64 {
+    sorted[((sorted.len() as f64 * 0.99).ceil() as usize).clamp(1, sorted.len()) - 1]
+}
+
+/// A maximum-size Embed (256 texts of ~300 tokens) is scheduled like decoding: another app's
+/// interactive stream beside it keeps its token gaps (p99 within 3x solo), the systemd
+/// watchdog keeps being pinged, a third concurrent Embed of the app is Busy, and the Embed
+/// ends when its caller leaves.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_maximum_embed_stalls_no_one_and_ends_with_its_caller() {
+    let notify = std::sync::Arc::new(hearth_tests::NotifySocket::new());
+    let env = vec![
+        ("NOTIFY_SOCKET".to_owned(), notify.path.display().to_string()),
+        // A ping every 2 s, each needing progress within those 2 s; one embedded text (one
+        // loop turn) takes well under a second here.
+        ("WATCHDOG_USEC".to_owned(), "4000000".to_owned()),
+    ];
+    let bus = Bus::start();
+    let daemon = Daemon::start_configured(&bus, &hearth_tests::Settings { env, ..Default::default() }).await;
+    let fg = bus.connect().await;
+    hearth(&fg).await.embed(HashMap::from([("texts", Variant::from(vec!["warm up"]))])).await.unwrap();
+    let _ = token_gaps(&fg, "solo0").await;
+    let solo = token_gaps(&fg, "solo").await;
+
+    // ~300 tokens each (the tokenizer makes about one token of each short word).
+    let text = "the keeper climbs the stairs and lights the lamp for the ships at sea ".repeat(20);
+    let texts: Vec<String> = (0..256).map(|i| format!("{i} {text}")).collect();
+    let bg = bus.connect().await;
+    let embed = |conn: zbus::Connection, texts: Vec<String>| {
+        tokio::spawn(async move { hearth(&conn).await.embed(HashMap::from([("texts", Variant::from(texts))])).await })
+    };
+    let first = embed(bg.clone(), texts.clone());
+    let second = embed(bg.clone(), texts[..2].to_vec());
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let third = hearth(&bg).await.embed(HashMap::from([("texts", Variant::from(vec!["x"]))])).await;
+    assert_eq!(error_name(&third.unwrap_err()), "org.hearth.Hearth1.Error.Busy", "a third Embed of one app");
+    let pings = {
+        let notify = std::sync::Arc::clone(&notify);
+        tokio::task::spawn_blocking(move || notify.drain(Duration::from_secs(8)))
+    };
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let loaded = token_gaps(&fg, "loaded").await;
+    let (p_solo, p_loaded) = (p99(&solo), p99(&loaded));
+    eprintln!("interactive token gap p99: solo {p_solo:.1} ms, beside a maximum Embed {p_loaded:.1} ms");
+    assert!(p_loaded <= 3.0 * p_solo, "p99 gap {p_loaded:.1} ms beside the Embed, {p_solo:.1} ms solo");
+    let pings: Vec<Instant> =
+        pings.await.unwrap().into_iter().filter(|(_, m)| m.contains("WATCHDOG=1")).map(|(t, _)| t).collect();
+    let worst = pings.windows(2).map(|w| w[1].duration_since(w[0])).max().unwrap_or(Duration::MAX);
+    assert!(pings.len() >= 4 && worst < Duration::from_millis(3000), "watchdog pings during the Embed: {pings:?}");
+    assert!(!daemon.log().contains("withholding the watchdog ping"), "the watchdog was withheld");
+    assert!(!first.is_finished(), "the maximum Embed was still running (the test measured beside it)");
+    second.await.unwrap().expect("the small Embed finished meanwhile");
+
+    // The caller leaves: its Embed ends, and the engine is free at once.
+    drop(bg);
+    first.abort();
+    hearth_tests::wait_for(Duration::from_secs(5), "the Embed to end with its caller", || async {
+        daemon.log().contains("embed job ended early").then_some(())
+    })
+    .await;
+    let started = Instant::now();
+    hearth(&fg).await.complete(chat_request("Hi", 2)).await.unwrap();
+    assert!(started.elapsed() < Duration::from_secs(2), "the engine was still busy: {:?}", started.elapsed());
 }

@@ -27,6 +27,17 @@ async fn setup(endpoint: Option<String>, breaker_failures: u32) -> Setup {
 }
 
 async fn setup_with(endpoint: Option<String>, breaker_failures: u32, governor: String) -> Setup {
+    setup_knobs(endpoint, breaker_failures, governor, 800, 30).await
+}
+
+/// [`setup_with`], with the cloud's first-byte and idle timeouts and the breaker's cooldown.
+async fn setup_knobs(
+    endpoint: Option<String>,
+    breaker_failures: u32,
+    governor: String,
+    timeout_ms: u64,
+    cooldown_s: u64,
+) -> Setup {
     use std::os::unix::fs::PermissionsExt;
     let standin = CloudStandIn::start().await;
     let secrets = tempfile::tempdir().unwrap();
@@ -49,7 +60,7 @@ async fn setup_with(endpoint: Option<String>, breaker_failures: u32, governor: S
     let settings = Settings {
         apps: format!("dirs = [{:?}]\n", apps.path().display().to_string()),
         cloud: format!(
-            "enabled = true\nendpoint = {:?}\nmodel = \"standin-1\"\napi_key_file = {:?}\nretries = 1\nfirst_byte_timeout_ms = 800\nidle_timeout_ms = 800\nbreaker_failures = {breaker_failures}\n",
+            "enabled = true\nendpoint = {:?}\nmodel = \"standin-1\"\napi_key_file = {:?}\nretries = 1\nfirst_byte_timeout_ms = {timeout_ms}\nidle_timeout_ms = {timeout_ms}\nbreaker_failures = {breaker_failures}\nbreaker_cooldown_s = {cooldown_s}\n",
             endpoint.unwrap_or_else(|| standin.endpoint()),
             key_file.display().to_string()
         ),
@@ -87,7 +98,9 @@ async fn public_requests_stream_from_the_cloud_and_the_key_never_shows() {
     assert_eq!(result_str(&r, "route"), "cloud");
     assert_eq!(result_str(&r, "text"), WORDS.concat());
     assert_eq!(result_str(&r, "model"), "standin-1");
-    assert_eq!(dict_u32(&r, "tokens"), 0, "no local token ids for cloud text");
+    // Counted as streamed (one per chunk); no local token ids for cloud text.
+    assert_eq!(dict_u32(&r, "tokens") as usize, WORDS.len(), "the cloud's chunks count as tokens");
+    assert!(hearth_tests::result_ids(&r).is_empty(), "no local token ids for cloud text");
     let recorded = s.standin.requests();
     assert_eq!(recorded.len(), 1);
     assert_eq!(recorded[0].authorization.as_deref(), Some(format!("Bearer {}", s.key).as_str()));
@@ -382,4 +395,201 @@ async fn auto_sends_public_work_to_the_cloud_when_the_device_is_hot() {
         ("max_tokens", Variant::from(2u32)),
     ]);
     assert_eq!(result_str(&proxy.complete(personal).await.unwrap(), "route"), "local");
+}
+
+/// Everything a stream sent, until Finished.
+#[derive(Debug, Default)]
+struct Seen {
+    tokens: usize,
+    migrated: bool,
+    result: Option<HashMap<String, OwnedVariant>>,
+}
+
+/// Consumes `g` in a task, counting tokens into `count` as they come.
+fn watch_stream(
+    mut g: Generation,
+    count: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+) -> tokio::task::JoinHandle<Seen> {
+    tokio::spawn(async move {
+        let mut seen = Seen::default();
+        while let Some(event) = g.next().await {
+            match event.unwrap() {
+                StreamEvent::Token { .. } => {
+                    seen.tokens += 1;
+                    count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                }
+                StreamEvent::Migrated { .. } => seen.migrated = true,
+                StreamEvent::Finished(r) => {
+                    seen.result = Some(r);
+                    break;
+                }
+            }
+        }
+        seen
+    })
+}
+
+/// `route: local`, structured output and tool calls are device-only: when the device turns
+/// critical mid-answer, none of them moves, and not one byte of their prompts reaches the
+/// endpoint. A plain `auto` request beside them moves (so the device really was critical
+/// while they ran).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn device_only_requests_never_move_to_the_cloud() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let soc = phone(45.0);
+    let governor = soc.governor_settings(100);
+    let s = setup_with(None, 2, governor).await;
+    let conn = s.bus.connect().await;
+    let numbers = r#"{"type": "object", "properties": {"numbers": {"type": "array", "items": {"type": "integer"},
+        "minItems": 30}}, "required": ["numbers"]}"#;
+    let tools = format!(
+        r#"[{{"type": "function", "function": {{"name": "record", "description": "Records numbers",
+        "parameters": {numbers}}}}}]"#
+    );
+    let ask = |canary: &str, route: &str| public_request(&format!("{canary}: list the numbers 1 to 300."), route, 80);
+    let local = ask("canary-local-4711", "local");
+    let mut schema = ask("canary-schema-4712", "auto");
+    schema.insert("json_schema", Variant::from(numbers.to_owned()));
+    let mut tool = ask("canary-tools-4713", "auto");
+    tool.insert("tools", Variant::from(tools));
+    tool.insert("tool_choice", Variant::from("required".to_owned()));
+    let control = ask("control-4714", "auto");
+    let counts: Vec<Arc<AtomicUsize>> = (0..4).map(|_| Arc::new(AtomicUsize::new(0))).collect();
+    let mut tasks = Vec::new();
+    for (i, (req, token)) in [(local, "l"), (schema, "s"), (tool, "t"), (control, "c")].into_iter().enumerate() {
+        let g = Generation::start(&conn, req, token).await.unwrap();
+        tasks.push(watch_stream(g, Arc::clone(&counts[i])));
+    }
+    hearth_tests::wait_for(Duration::from_secs(60), "every stream under way", || async {
+        counts.iter().all(|c| c.load(Ordering::SeqCst) >= 3).then_some(())
+    })
+    .await;
+    soc.set_temp(70.0); // past the 65 °C trip: critical
+    let control = tasks.pop().unwrap();
+    let control = tokio::time::timeout(Duration::from_secs(60), control).await.unwrap().unwrap();
+    assert!(control.migrated, "the plain auto request moved: the device was critical");
+    soc.set_temp(40.0);
+    for (task, what) in tasks.into_iter().zip(["route local", "json_schema", "tools"]) {
+        let seen = tokio::time::timeout(Duration::from_secs(120), task).await.unwrap().unwrap();
+        let r = seen.result.unwrap();
+        assert!(!seen.migrated, "{what} moved");
+        assert!(seen.tokens > 0);
+        assert_eq!(result_str(&r, "route"), "local", "{what}");
+        if what == "json_schema" && result_str(&r, "finish_reason") == "stop" {
+            assert!(bool::try_from(r.get("schema_valid").unwrap()).unwrap(), "{what}: schema_valid");
+        }
+    }
+    let bodies: Vec<String> = s.standin.requests().into_iter().map(|r| r.body).collect();
+    assert_eq!(bodies.len(), 1, "only the control request reached the endpoint");
+    assert!(bodies[0].contains("control-4714"));
+    for canary in ["canary-local-4711", "canary-schema-4712", "canary-tools-4713"] {
+        assert!(!bodies.iter().any(|b| b.contains(canary)), "{canary} reached the endpoint");
+        assert!(!s.daemon.log().contains(canary), "{canary} reached the log");
+    }
+}
+
+/// Cancel and deadline_ms hold whatever the endpoint does: stalled before its first byte, or
+/// trickling words slower than anyone wants but faster than its timeouts. Each is honoured
+/// within 1 s.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancel_and_deadline_hold_against_a_stalled_and_a_trickling_cloud() {
+    let s = setup_knobs(None, 5, String::new(), 30_000, 30).await;
+    let conn = s.bus.connect().await;
+    let proxy = hearth(&conn).await;
+    for (fault, what) in [
+        (Fault::DelayFirstByte(Duration::from_secs(60)), "stalled"),
+        (Fault::SlowDrip(Duration::from_millis(700)), "trickling"),
+    ] {
+        s.standin.set_fault(fault);
+        // Cancel, 1 s in.
+        let g = Generation::start(&conn, public_request(QUESTION, "cloud", 64), &format!("c_{what}")).await.unwrap();
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let cancelled = Instant::now();
+        g.cancel().await.unwrap();
+        let (_, r) = hearth_tests::collect(g, Duration::from_secs(5)).await;
+        let cancel_took = cancelled.elapsed();
+        assert_eq!(result_str(&r, "finish_reason"), "cancelled", "{what}");
+        assert!(cancel_took < Duration::from_secs(1), "{what}: Cancel took {cancel_took:?}");
+        // A 3 s deadline, for the whole request.
+        let mut req = public_request(QUESTION, "cloud", 64);
+        req.insert("deadline_ms", Variant::from(3000u32));
+        let started = Instant::now();
+        let e = proxy.complete(req).await.expect_err(what);
+        let took = started.elapsed();
+        assert_eq!(e.dbus_name(), "org.hearth.Hearth1.Error.Cancelled", "{what}: {e}");
+        assert!(e.to_string().contains("deadline"), "{what}: {e}");
+        assert!(took < Duration::from_secs(4), "{what}: a 3 s deadline took {took:?}");
+        eprintln!(
+            "{what}: Cancel honoured in {:.0} ms; a 3 s deadline ended the request at {:.0} ms",
+            cancel_took.as_secs_f64() * 1e3,
+            took.as_secs_f64() * 1e3
+        );
+    }
+}
+
+/// When the device turns critical mid-answer and the cloud it moves to cannot be reached,
+/// the device carries on from the text so far: the answer ends well, not in an error, and
+/// the breaker counts the failure.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_move_to_an_unreachable_cloud_lets_the_device_carry_on() {
+    let soc = phone(45.0);
+    let governor = soc.governor_settings(100);
+    // A loopback port nobody listens on.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let endpoint = format!("http://{}/v1", closed.local_addr().unwrap());
+    drop(closed);
+    let s = setup_with(Some(endpoint), 1, governor).await;
+    let conn = s.bus.connect().await;
+    let mut g = Generation::start(&conn, public_request("Count from 1 to 40.", "auto", 40), "carry").await.unwrap();
+    let (mut tokens, mut moves) = (Vec::new(), Vec::new());
+    let result = loop {
+        match g.next().await.unwrap().unwrap() {
+            StreamEvent::Token { index, text, .. } => {
+                assert_eq!(index as usize, tokens.len(), "indices go on without a gap");
+                tokens.push(text);
+                if tokens.len() == 5 {
+                    soc.set_temp(70.0);
+                }
+            }
+            StreamEvent::Migrated { from, to, index } => {
+                moves.push((from, to, index));
+                soc.set_temp(40.0); // let the device finish quickly
+            }
+            StreamEvent::Finished(r) => break r,
+        }
+    };
+    assert_eq!(moves.first().map(|m| (m.0.as_str(), m.1.as_str())), Some(("local", "cloud")), "{moves:?}");
+    assert_eq!(moves.last().map(|m| (m.0.as_str(), m.1.as_str())), Some(("cloud", "local")), "{moves:?}");
+    assert!(!result.contains_key("error_name"), "the answer ended in an error: {result:?}");
+    assert!(matches!(result_str(&result, "finish_reason").as_str(), "length" | "stop"));
+    assert!(tokens.len() > 5, "the device carried on after the move");
+    assert_eq!(result_str(&result, "text"), tokens.concat());
+    assert!(result_str(&result, "route_reason").contains("carried on"), "{}", result_str(&result, "route_reason"));
+    let proxy = hearth(&conn).await;
+    assert!(!proxy.cloud_available().await.unwrap(), "the breaker learnt of the failure");
+}
+
+/// CloudAvailable announces the breaker's half-open time with PropertiesChanged, without a
+/// request to notice it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cloud_available_is_announced_when_the_breaker_half_opens() {
+    use futures_util::StreamExt;
+    let s = setup_knobs(None, 1, String::new(), 800, 2).await;
+    s.standin.set_fault(Fault::Status(503));
+    let conn = s.bus.connect().await;
+    let proxy = hearth_dbus::Hearth1Proxy::new(&conn).await.unwrap();
+    let mut changes = proxy.receive_cloud_available_changed().await;
+    let r = proxy.complete(public_request(QUESTION, "cloud", 4)).await.unwrap();
+    assert_eq!(result_str(&r, "route"), "local", "the failed cloud fell back to the device");
+    let mut seen = Vec::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(6);
+    while let Ok(Some(change)) = tokio::time::timeout_at(deadline, changes.next()).await {
+        seen.push((Instant::now(), change.get().await.unwrap()));
+        if seen.last().is_some_and(|(_, v)| *v) && seen.iter().any(|(_, v)| !*v) {
+            break;
+        }
+    }
+    let values: Vec<bool> = seen.iter().map(|(_, v)| *v).collect();
+    assert!(values.ends_with(&[false, true]), "CloudAvailable changes: {values:?}");
 }

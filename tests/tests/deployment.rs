@@ -1,12 +1,13 @@
 //! Deployment: the installed tree (scripts/install.sh) serving with its own config and bus
 //! policy, the systemd watchdog protocol, and SIGHUP reloads that keep streams alive.
 use std::collections::HashMap;
-use std::os::unix::net::UnixDatagram;
 use std::path::PathBuf;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use hearth_dbus::{Generation, StreamEvent};
-use hearth_tests::{Bus, Daemon, ModelDir, Settings, chat_request, hearth, result_str, result_u32, wait_for};
+use hearth_tests::{
+    Bus, Daemon, ModelDir, NotifySocket, Settings, chat_request, hearth, result_str, result_u32, wait_for,
+};
 use nix::sys::signal::Signal;
 use zbus::Variant;
 
@@ -61,36 +62,6 @@ async fn the_installed_tree_serves_with_its_own_config_and_bus_policy() {
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let direct = hearth_tests::direct_run(&[("user", "What is the capital of France?")], hearth_tests::greedy(), 16);
     assert_eq!(String::from_utf8(out.stdout).unwrap().trim_end(), direct.text.trim_end());
-}
-
-/// A datagram socket standing in for systemd's NOTIFY_SOCKET.
-struct NotifySocket {
-    sock: UnixDatagram,
-    path: PathBuf,
-    _dir: tempfile::TempDir,
-}
-
-impl NotifySocket {
-    fn new() -> Self {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("notify");
-        let sock = UnixDatagram::bind(&path).unwrap();
-        sock.set_read_timeout(Some(Duration::from_millis(100))).unwrap();
-        Self { sock, path, _dir: dir }
-    }
-
-    /// Messages received within `window`, each with its arrival time.
-    fn drain(&self, window: Duration) -> Vec<(Instant, String)> {
-        let end = Instant::now() + window;
-        let mut got = Vec::new();
-        let mut buf = [0u8; 4096];
-        while Instant::now() < end {
-            if let Ok(n) = self.sock.recv(&mut buf) {
-                got.push((Instant::now(), String::from_utf8_lossy(&buf[..n]).into_owned()));
-            }
-        }
-        got
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

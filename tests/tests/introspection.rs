@@ -93,3 +93,71 @@ async fn live_introspection_equals_the_xml() {
     }
     assert_eq!(live.len(), golden.len(), "the service has interfaces the XML does not document");
 }
+
+/// Sends a forged Token signal to `dest` at `path` as `uid`, with dbus-send.
+fn forge_token(bus: &Bus, uid: u32, dest: &str, path: &str, text: &str) {
+    let out = std::process::Command::new("setpriv")
+        .args([format!("--reuid={uid}"), format!("--regid={uid}"), "--clear-groups".into()])
+        .args(["dbus-send", &format!("--bus={}", bus.address()), "--type=signal", &format!("--dest={dest}"), path])
+        .args(["org.hearth.Hearth1.Request.Token", "uint32:0", "int32:1", &format!("string:{text}")])
+        .output()
+        .expect("setpriv dbus-send");
+    assert!(out.status.success(), "dbus-send: {}", String::from_utf8_lossy(&out.stderr));
+}
+
+/// Only hearthd's user may emit Hearth's signals: another uid's forged Token for a live
+/// request never reaches the caller, even a naive one that matches on the path alone (root,
+/// which the policy allows, shows that such a client would have taken it). And the parent of
+/// the request objects does not list them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn signals_cannot_be_forged_and_requests_are_not_listed() {
+    use futures_util::StreamExt;
+    if !nix::unistd::geteuid().is_root() {
+        eprintln!("not root: the other-user case needs setpriv as root and was skipped");
+        return;
+    }
+    let bus = Bus::start();
+    bus.open_to_all_users();
+    let _daemon = Daemon::start(&bus).await;
+    let conn = bus.connect().await;
+    let mut g = Generation::start(&conn, chat_request("Write a long story.", 900), "victim").await.unwrap();
+    let path = g.path().as_str().to_owned();
+    let naive_rule = zbus::MatchRule::builder()
+        .msg_type(zbus::message::Type::Signal)
+        .path(path.as_str())
+        .interface(hearth_dbus::REQUEST_INTERFACE)
+        .member("Token")
+        .build()
+        .unwrap();
+    let mut naive = zbus::MessageStream::for_match_rule(naive_rule, &conn, None).await.unwrap();
+    let me = conn.unique_name().unwrap().to_string();
+    forge_token(&bus, 65534, &me, &path, "FORGED-BY-NOBODY");
+    forge_token(&bus, 0, &me, &path, "FORGED-BY-ROOT");
+
+    let mut naive_texts = Vec::new();
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(3);
+    while let Ok(Some(Ok(msg))) = tokio::time::timeout_at(deadline, naive.next()).await {
+        let (_, _, text): (u32, i32, String) = msg.body().deserialize().unwrap();
+        naive_texts.push(text);
+        if naive_texts.iter().any(|t| t == "FORGED-BY-ROOT") {
+            break;
+        }
+    }
+    assert!(naive_texts.iter().any(|t| t == "FORGED-BY-ROOT"), "the control signal (root) arrived");
+    assert!(!naive_texts.iter().any(|t| t == "FORGED-BY-NOBODY"), "another uid's forged signal arrived");
+
+    let listing = introspect(&conn, hearth_dbus::REQUEST_PATH_PREFIX).await.unwrap();
+    assert!(!listing.contains("victim") && !listing.contains("<node name="), "{listing}");
+    assert!(introspect(&conn, &path).await.unwrap().contains("org.hearth.Hearth1.Request"));
+
+    // The checking client (hearth-dbus's Generation, which matches the service's unique name)
+    // saw only hearthd's own tokens.
+    g.cancel().await.unwrap();
+    while let Some(ev) = g.next().await {
+        match ev.unwrap() {
+            StreamEvent::Token { text, .. } => assert!(!text.starts_with("FORGED"), "{text}"),
+            StreamEvent::Finished(_) => break,
+            StreamEvent::Migrated { .. } => {}
+        }
+    }
+}

@@ -140,10 +140,13 @@ async fn cancel_ends_the_stream_at_once_and_only_the_owner_may_cancel() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_input_gets_the_right_error_name_and_the_daemon_keeps_serving() {
     let bus = Bus::start();
-    let _daemon = Daemon::start(&bus).await;
+    let daemon = Daemon::start(&bus).await;
     let conn = bus.connect().await;
     let proxy = hearth_tests::hearth(&conn).await;
     let huge = "word ".repeat(3000);
+    // App text that must reach no log line, whatever the error.
+    let canary = "canaryq9z";
+    let big_canary = canary.repeat(50_000);
     let base = || chat_request("hi", 8);
     let with = |k: &'static str, v: Variant<'static>| {
         let mut r = base();
@@ -163,14 +166,40 @@ async fn bad_input_gets_the_right_error_name_and_the_daemon_keeps_serving() {
         ("unknown key", with("bogus", Variant::from(1u32)), "InvalidArgs"),
         ("prompt longer than the context", chat_request(&huge, 8), "ContextLengthExceeded"),
         ("unknown model", with(request_key::MODEL, Variant::from("no-such-model")), "ModelNotFound"),
+        (
+            "an unknown key that is app text",
+            with(Box::leak(big_canary.clone().into_boxed_str()), Variant::from(1u32)),
+            "InvalidArgs",
+        ),
+        ("a model name that is app text", with(request_key::MODEL, Variant::from(big_canary.clone())), "ModelNotFound"),
+        ("a role that is app text", with(request_key::MESSAGES, messages_value(&[(canary, "hi")])), "InvalidArgs"),
+        ("a route that is app text", with(request_key::ROUTE, Variant::from(big_canary.clone())), "InvalidArgs"),
+        ("a priority that is app text", with(request_key::PRIORITY, Variant::from(canary)), "InvalidArgs"),
+        (
+            "adapters that are app text",
+            with(request_key::ADAPTERS, Variant::from(HashMap::from([(canary.to_owned(), Variant::from(1.0))]))),
+            "InvalidArgs",
+        ),
+        (
+            "a prompt that is app text and too long",
+            chat_request(&format!("{canary} ").repeat(3000), 8),
+            "ContextLengthExceeded",
+        ),
     ];
-    for (what, request, expected) in cases {
+    let me = conn.unique_name().unwrap().to_string();
+    let mut tokens = Vec::new();
+    for (i, (what, request, expected)) in cases.into_iter().enumerate() {
         let expected = format!("org.hearth.Hearth1.Error.{expected}");
         let err = proxy.complete(request.clone()).await.expect_err(what);
         assert_eq!(error_name(&err), expected, "Complete with {what}: {err}");
         assert!(!err.message().is_empty(), "{what}: the error explains itself");
+        assert!(err.message().len() <= 512, "{what}: a {}-byte error message", err.message().len());
+        let mut request = request;
+        let token = format!("bad{i}");
+        request.insert(request_key::HANDLE_TOKEN, Variant::from(token.clone()));
         let err = proxy.generate(request).await.expect_err(what);
         assert_eq!(error_name(&err), expected, "Generate with {what}: {err}");
+        tokens.push(token);
     }
     // A call with the wrong D-Bus signature altogether is refused by the bus layer.
     let reply = conn
@@ -184,11 +213,14 @@ async fn bad_input_gets_the_right_error_name_and_the_daemon_keeps_serving() {
         .await;
     assert!(reply.is_err(), "wrong signature must fail");
     // Refused Generate calls leave no request objects behind.
-    let xml = hearth_tests::introspect(&conn, hearth_dbus::REQUEST_PATH_PREFIX).await.unwrap_or_default();
-    assert!(!xml.contains("<node name="), "leftover request objects: {xml}");
+    for token in &tokens {
+        let path = hearth_dbus::request_path(&me, token).unwrap();
+        assert!(hearth_tests::introspect(&conn, path.as_str()).await.is_err(), "leftover request object {path}");
+    }
     // And the daemon still answers.
     let r = proxy.complete(chat_request("Say hello.", 8)).await.expect("Complete after bad input");
     assert!(result_u32(&r, result_key::TOKENS) > 0);
+    assert!(!daemon.log().contains(canary), "app text reached the log");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -254,6 +286,25 @@ async fn sigterm_during_a_stream_cancels_it_and_exits_zero() {
     let dbus = zbus::fdo::DBusProxy::new(&conn).await.unwrap();
     let name = zbus::names::BusName::try_from(hearth_dbus::BUS_NAME).unwrap();
     assert!(!dbus.name_has_owner(name).await.unwrap(), "the name is released");
+}
+
+/// Losing the bus is fatal: hearthd stops decoding for callers who are gone and exits
+/// non-zero within a few seconds (so `Restart=on-failure` brings it back).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn losing_the_bus_ends_hearthd_with_a_failure() {
+    let mut bus = Bus::start();
+    let mut daemon = Daemon::start(&bus).await;
+    let conn = bus.connect().await;
+    let mut g =
+        Generation::start(&conn, chat_request("Write a very long story about mountains.", 900), "lost").await.unwrap();
+    while !matches!(g.next().await, Some(Ok(StreamEvent::Token { .. }))) {}
+    let killed = std::time::Instant::now();
+    bus.kill();
+    let status = daemon.wait_exit(Duration::from_secs(10)).await;
+    let took = killed.elapsed();
+    assert!(!status.success(), "hearthd exit status {status}:\n{}", daemon.log());
+    assert!(took < Duration::from_secs(5), "hearthd took {took:?} to notice");
+    assert!(daemon.log().contains("lost the connection to the bus"), "{}", daemon.log());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -230,10 +230,8 @@ enum Command {
     },
     /// A bus connection went away: cancel its requests and free their KV.
     ConnectionClosed(String),
-    /// Liveness check: the engine loop answers between decode steps.
-    Ping(oneshot::Sender<()>),
-    /// Embeddings of texts, between decode steps.
-    Embed { texts: Vec<String>, reply: oneshot::Sender<Result<Vec<Vec<f32>>, Error>> },
+    /// Embeddings of texts, one text at a time between decode steps.
+    Embed(Box<worker::EmbedJob>),
     /// A session closed: drop its resident KV.
     CloseSession(u64),
     /// Finish every request as Cancelled and stop the thread.
@@ -273,6 +271,40 @@ pub struct KvGauges {
     pub size: AtomicU32,
     /// Tokens kept in free slots for prefix reuse by the same app.
     pub cached: AtomicU32,
+}
+
+/// Whether the engine loop makes progress, for the watchdog: the loop beats at every turn
+/// (one decode step, one embedded text: bounded units), and says when it sleeps for want
+/// of work. A long job that progresses beats; a hung loop does not.
+#[derive(Debug)]
+pub struct Liveness {
+    epoch: std::time::Instant,
+    /// Milliseconds since `epoch` of the last beat.
+    beat_ms: AtomicU64,
+    idle: AtomicBool,
+}
+
+impl Default for Liveness {
+    fn default() -> Self {
+        Self { epoch: std::time::Instant::now(), beat_ms: AtomicU64::new(0), idle: AtomicBool::new(false) }
+    }
+}
+
+impl Liveness {
+    pub fn beat(&self) {
+        self.beat_ms.store(self.epoch.elapsed().as_millis() as u64, Ordering::Release);
+    }
+
+    pub fn set_idle(&self, idle: bool) {
+        self.beat();
+        self.idle.store(idle, Ordering::Release);
+    }
+
+    /// Whether the loop waits for work or beat within `limit`.
+    pub fn alive(&self, limit: Duration) -> bool {
+        let since = self.epoch.elapsed().saturating_sub(Duration::from_millis(self.beat_ms.load(Ordering::Acquire)));
+        self.idle.load(Ordering::Acquire) || since <= limit
+    }
 }
 
 /// What the governors ask of every engine, read before each decode step.
@@ -399,6 +431,7 @@ pub struct EngineHandle {
     preempt: Arc<std::sync::atomic::AtomicBool>,
     status: watch::Receiver<EngineStatus>,
     kv: Arc<KvGauges>,
+    liveness: Arc<Liveness>,
     model: Arc<LoadedModelInfo>,
 }
 
@@ -437,13 +470,15 @@ impl EngineHandle {
         let preempt = ctx.abort_flag();
         let kv = Arc::new(KvGauges::default());
         kv.size.store(ctx.n_ctx(), Ordering::Relaxed);
-        let worker = worker::Worker::new(ctx, name.to_owned(), rx, status_tx, Arc::clone(&kv), settings);
+        let liveness = Arc::new(Liveness::default());
+        let worker =
+            worker::Worker::new(ctx, name.to_owned(), rx, status_tx, Arc::clone(&kv), Arc::clone(&liveness), settings);
         let join = std::thread::Builder::new()
             .name(format!("engine:{}", name.chars().take(8).collect::<String>()))
             .spawn(move || worker.run())
             .map_err(StartError::Thread)?;
         tracing::debug!(model = %name, sequences, kv_tokens = settings.kv_tokens(), "engine started");
-        Ok((Self { tx, preempt, status: status_rx, kv, model: info }, join))
+        Ok((Self { tx, preempt, status: status_rx, kv, liveness, model: info }, join))
     }
 
     /// Submits a request. Returns once the engine has validated and queued it (or refused).
@@ -468,22 +503,21 @@ impl EngineHandle {
         Ok(Submission { accepted, events })
     }
 
-    /// Whether the engine loop answers within `limit` (it answers between decode steps, so a
-    /// loop stuck in one step or deadlocked does not).
-    pub async fn ping(&self, limit: Duration) -> bool {
-        let (tx, rx) = oneshot::channel();
-        let answered = async {
-            self.tx.send(Command::Ping(tx)).await.ok()?;
-            rx.await.ok()
-        };
-        matches!(tokio::time::timeout(limit, answered).await, Ok(Some(())))
+    /// Whether the engine loop is alive: waiting for work, or progressing (it beat within
+    /// `limit`). Read without a round trip, so a full command queue or a long job made of
+    /// bounded units is no false alarm, and a loop stuck in one step is caught.
+    pub fn alive(&self, limit: Duration) -> bool {
+        self.liveness.alive(limit)
     }
 
-    /// Mean-pooled, unit-length embeddings of `texts`, computed on the engine thread between
-    /// decode steps (in a small context of their own, so running generations keep their KV).
-    pub async fn embed(&self, texts: Vec<String>) -> Result<Vec<Vec<f32>>, Error> {
+    /// Mean-pooled, unit-length embeddings of `texts`, computed on the engine thread one text
+    /// at a time between decode steps (in a small context of their own, so running
+    /// generations keep their KV), in `caller`'s fair share. Ends with Cancelled when
+    /// `cancel` is set or the caller leaves, and when this future is dropped.
+    pub async fn embed(&self, texts: Vec<String>, caller: Caller, cancel: CancelToken) -> Result<Vec<Vec<f32>>, Error> {
         let (reply, answer) = oneshot::channel();
-        self.tx.send(Command::Embed { texts, reply }).await.map_err(|_| Error::Cancelled(CancelReason::Shutdown))?;
+        let job = worker::EmbedJob { caller, texts, cancel, reply, out: Vec::new() };
+        self.tx.send(Command::Embed(Box::new(job))).await.map_err(|_| Error::Cancelled(CancelReason::Shutdown))?;
         answer.await.map_err(|_| Error::Cancelled(CancelReason::Shutdown))?
     }
 

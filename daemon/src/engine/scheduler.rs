@@ -173,6 +173,11 @@ impl Scheduler {
         &self.waiting
     }
 
+    /// The limits it was made with.
+    pub fn limits(&self) -> &Limits {
+        &self.limits
+    }
+
     /// Whether a request of `priority` is within the running limits.
     fn within_limits(&self, priority: Priority) -> bool {
         priority == Priority::Interactive || self.shared_running < self.limits.shared_sequences

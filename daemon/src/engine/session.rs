@@ -14,8 +14,7 @@
 //! wrong).
 
 use std::collections::HashMap;
-use std::io::Write;
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -167,7 +166,7 @@ impl SessionStore {
             ));
         }
         let file = self.dir.join(format!("{id}.kv"));
-        write_private(&file, &sealed).map_err(|e| format!("cannot write {}: {e}", file.display()))?;
+        crate::state_file::replace(&file, &sealed).map_err(|e| format!("cannot write {}: {e}", file.display()))?;
         let mut entries = self.entries();
         let Some(entry) = entries.get_mut(&id) else {
             // Closed while the file was written: the close found nothing parked to delete.
@@ -237,11 +236,6 @@ impl SessionStore {
 /// bound by the seal's associated data).
 fn header(id: u64, model: &str) -> Vec<u8> {
     [b"hearth-session-kv\0".as_slice(), &id.to_be_bytes(), model.as_bytes(), b"\0"].concat()
-}
-
-fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    let mut f = std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(path)?;
-    f.write_all(bytes)
 }
 
 fn remove_quietly(path: &Path) {

@@ -18,8 +18,11 @@ use hearth_ffi::{Batch, Context, Model, Sampler};
 use tokio::sync::mpsc::error::TryRecvError;
 use tokio::sync::{mpsc, oneshot, watch};
 
+mod embed;
 mod kv;
 mod throttle;
+
+pub(super) use embed::EmbedJob;
 
 use super::scheduler::{COST_PER_GENERATED, COST_PER_PROMPT, Keep, Limits, Scheduler};
 use super::sequence::{Sequence, Waiting, stop_reason, unstarted_outcome};
@@ -37,6 +40,7 @@ pub(super) struct Worker {
     rx: mpsc::Receiver<Command>,
     status: watch::Sender<EngineStatus>,
     kv: Arc<KvGauges>,
+    liveness: Arc<super::Liveness>,
     batch: Batch,
     /// Set by the handle when an interactive request arrives; aborts a decode step that
     /// holds only lower-priority work.
@@ -52,16 +56,14 @@ pub(super) struct Worker {
     throttle: Arc<super::Throttle>,
     /// Configured compute threads, and the count in force.
     threads: (i32, i32),
-    /// The context Embed runs in, made on first use.
+    /// The context Embed runs in, made on first use, and the Embed jobs in progress.
     embedder: Option<Context>,
+    embeds: embed::EmbedQueue,
     sessions: Arc<SessionStore>,
     /// The adapter set the context has now, and the one the last step served.
     adapters_set: Option<AdapterSet>,
     last_group: Option<AdapterSet>,
 }
-
-/// Most tokens of one text to embed (the embedding context's size).
-const EMBED_TOKENS: u32 = 512;
 
 impl Worker {
     pub fn new(
@@ -70,6 +72,7 @@ impl Worker {
         rx: mpsc::Receiver<Command>,
         status: watch::Sender<EngineStatus>,
         kv: Arc<KvGauges>,
+        liveness: Arc<super::Liveness>,
         settings: &EngineSettings,
     ) -> Self {
         let n_ctx = ctx.n_ctx_seq();
@@ -87,6 +90,7 @@ impl Worker {
             rx,
             status,
             kv,
+            liveness,
             batch: Batch::new(settings.batch_size as usize, 1),
             scheduler: Scheduler::new(limits),
             running: Vec::new(),
@@ -97,6 +101,7 @@ impl Worker {
             throttle: Arc::clone(&settings.throttle),
             threads: (settings.threads, settings.threads),
             embedder: None,
+            embeds: embed::EmbedQueue::new(),
             sessions: Arc::clone(&settings.sessions),
             adapters_set: None,
             last_group: None,
@@ -106,13 +111,16 @@ impl Worker {
     pub fn run(mut self) {
         tracing::debug!("engine thread running");
         loop {
-            if self.running.is_empty() && self.scheduler.waiting().is_empty() {
-                match self.rx.blocking_recv() {
+            self.liveness.beat();
+            if self.running.is_empty() && self.scheduler.waiting().is_empty() && self.embeds.is_empty() {
+                self.liveness.set_idle(true);
+                let cmd = self.rx.blocking_recv();
+                self.liveness.set_idle(false);
+                match cmd {
                     Some(
                         cmd @ (Command::Submit { .. }
                         | Command::ConnectionClosed(_)
-                        | Command::Ping(_)
-                        | Command::Embed { .. }
+                        | Command::Embed(_)
                         | Command::CloseSession(_)),
                     ) => self.handle(cmd),
                     Some(Command::Shutdown) | None => break,
@@ -133,6 +141,7 @@ impl Worker {
                 break;
             }
             self.reap_stopped();
+            self.reap_embeds();
             // The governors' demands before admission: a deferred request must not start.
             self.apply_throttle();
             self.admit();
@@ -142,7 +151,13 @@ impl Worker {
                 let started = Instant::now();
                 let (tokens, prefilled) = self.step();
                 self.pace(tokens, prefilled, started);
-            } else if self.scheduler.only_deferred_waiting() {
+            }
+            if !self.embeds.is_empty() {
+                // One text between decode steps, paced like a prompt chunk.
+                let started = Instant::now();
+                self.embed_step();
+                self.pace(0, true, started);
+            } else if self.running.is_empty() && self.scheduler.only_deferred_waiting() {
                 // Only deferred background work: look again shortly (commands wake us too).
                 std::thread::sleep(Duration::from_millis(50));
             }
@@ -169,16 +184,15 @@ impl Worker {
                     w.cancel.cancel(CancelReason::Disconnected);
                     n += 1;
                 }
+                for job in self.embeds.iter().filter(|j| owned(&j.caller)) {
+                    job.cancel.cancel(CancelReason::Disconnected);
+                    n += 1;
+                }
                 if n > 0 {
                     tracing::info!(connection, requests = n, "caller disconnected: cancelling its requests");
                 }
             }
-            Command::Ping(reply) => {
-                let _ = reply.send(());
-            }
-            Command::Embed { texts, reply } => {
-                let _ = reply.send(self.embed(&texts));
-            }
+            Command::Embed(job) => self.queue_embed(*job),
             Command::CloseSession(id) => {
                 if let Some(seq) = self.scheduler.resident(id) {
                     self.scheduler.unpin(seq);
@@ -208,9 +222,9 @@ impl Worker {
             let max_tokens = request.max_tokens.min(self.n_ctx - prompt.len() as u32);
             let grammar = request.structure.as_ref().and_then(|s| s.grammar());
             let sampler = Sampler::with_grammar(&self.model, request.sampling, grammar).map_err(|e| match e {
-                hearth_ffi::Error::Grammar => Error::InvalidArgs(
-                    "grammar does not parse as GBNF with a root rule (llama.cpp's log names the spot)".into(),
-                ),
+                hearth_ffi::Error::Grammar => {
+                    Error::InvalidArgs("llama.cpp refused the grammar after hearthd's own checks passed it".into())
+                }
                 hearth_ffi::Error::InteriorNul { what } => {
                     Error::InvalidArgs(format!("{what} contains a NUL character"))
                 }
@@ -387,14 +401,19 @@ impl Worker {
             s.prefilled += n;
             prefill_taken = Some((i, n));
         }
+        // The sequences this step feeds: only they may be failed by what goes wrong in it
+        // (a paused or waiting prefill did nothing).
+        let members: Vec<usize> = taken.iter().map(|(i, _)| *i).chain(prefill_taken.map(|(i, _)| i)).collect();
         if let Some(e) = push_failed {
             // Cannot happen with the capacities checked at start; fail loudly, not silently.
-            self.fail_batch(&Error::Internal(format!("batch construction: {e}")));
+            self.undo_step(&taken, prefill_taken);
+            self.fail(&members, &Error::Internal(format!("batch construction: {e}")));
             return (0, false);
         }
         if let Some(g) = group.as_ref().filter(|g| self.adapters_set.as_ref() != Some(*g)) {
             if let Err(e) = self.ctx.set_lora_scales(&g.scales()) {
-                self.fail_batch(&Error::Internal(e.to_string()));
+                self.undo_step(&taken, prefill_taken);
+                self.fail(&members, &Error::Internal(e.to_string()));
                 return (0, false);
             }
             self.adapters_set = Some(g.clone());
@@ -411,25 +430,24 @@ impl Worker {
         match self.ctx.decode(&self.batch) {
             Ok(()) => {}
             Err(hearth_ffi::Error::Aborted) => {
-                // llama.cpp dropped the step's KV entries; put the work back and go admit
-                // the interactive request first. Nothing was sampled, so nothing is lost.
+                // Put the work back and go admit the interactive request first. Nothing was
+                // sampled, so nothing is lost.
                 self.preempt.store(false, Ordering::Release);
-                for (i, token) in taken {
-                    let s = &mut self.running[i];
-                    s.next_token = Some(token);
-                    s.pos -= 1;
-                    s.logits_index = None;
-                }
-                if let Some((i, n)) = prefill_taken {
-                    self.running[i].prefilled -= n;
-                    self.running[i].logits_index = None;
-                }
+                self.undo_step(&taken, prefill_taken);
                 tracing::debug!(tokens = self.batch.len(), "decode step preempted by an interactive request");
                 return (0, false);
             }
+            Err(e) if members.len() > 1 => {
+                // Which sequence the step failed for is not known: each goes again alone,
+                // and only one whose own step fails ends with an error.
+                tracing::warn!(error = %e, sequences = members.len(), "decode failed: retrying its sequences one by one");
+                self.undo_step(&taken, prefill_taken);
+                return self.step_alone(&members);
+            }
             Err(e) => {
                 tracing::error!(error = %e, tokens = self.batch.len(), "decode failed");
-                self.fail_batch(&Error::Internal(e.to_string()));
+                self.undo_step(&taken, prefill_taken);
+                self.fail(&members, &Error::Internal(e.to_string()));
                 return (0, false);
             }
         }
@@ -437,6 +455,11 @@ impl Worker {
             let app = self.running[i].caller.app.clone();
             self.scheduler.charge(&app, n as u64 * COST_PER_PROMPT);
         }
+        (self.sample_step(), prefill_taken.is_some())
+    }
+
+    /// Samples every sequence the last decode computed logits for; returns how many tokens.
+    fn sample_step(&mut self) -> usize {
         let mut generated = 0;
         for s in self.running.iter_mut() {
             let Some(i) = s.logits_index.take() else { continue };
@@ -446,17 +469,109 @@ impl Worker {
                     self.scheduler.charge(&s.caller.app, COST_PER_GENERATED);
                     generated += 1;
                 }
+                Err(hearth_ffi::Error::GrammarDeadEnd) => {
+                    // This sequence's grammar allows nothing here; the others go on.
+                    s.finished = Some((
+                        FinishReason::Error,
+                        Some(Error::InvalidArgs(
+                            "the grammar allows no token this model can produce here; generation stopped".into(),
+                        )),
+                    ))
+                }
                 Err(e) => s.finished = Some((FinishReason::Error, Some(Error::Internal(e.to_string())))),
             }
         }
-        (generated, prefill_taken.is_some())
+        generated
     }
 
-    fn fail_batch(&mut self, error: &Error) {
-        for s in
-            self.running.iter_mut().filter(|s| s.finished.is_none() && (s.logits_index.is_some() || s.in_prefill()))
-        {
-            s.finished = Some((FinishReason::Error, Some(error.clone())));
+    /// Takes back what a step that did not complete took from its sequences, and brings
+    /// their KV back to match: llama.cpp removes the KV of the micro-batch it failed or was
+    /// aborted in, but keeps that of the micro-batches before it (a batch of several
+    /// sequences is split into several), so each sequence is cut back to the positions it
+    /// had committed before the step. Without the cut, the next step would put tokens at
+    /// positions the KV already holds and llama.cpp would refuse the whole batch.
+    fn undo_step(&mut self, taken: &[(usize, hearth_ffi::Token)], prefill: Option<(usize, usize)>) {
+        for &(i, token) in taken {
+            let s = &mut self.running[i];
+            s.next_token = Some(token);
+            s.pos -= 1;
+            s.logits_index = None;
+        }
+        if let Some((i, n)) = prefill {
+            self.running[i].prefilled -= n;
+            self.running[i].logits_index = None;
+        }
+        for i in taken.iter().map(|(i, _)| *i).chain(prefill.map(|(i, _)| i)) {
+            let s = &mut self.running[i];
+            let committed = s.kv_used() as hearth_ffi::Pos;
+            if self.ctx.sequence_max_pos(s.seq) >= committed && !self.ctx.truncate_sequence(s.seq, committed) {
+                s.finished = Some((FinishReason::Error, Some(Error::Internal("cannot roll back its KV cache".into()))));
+            }
+        }
+    }
+
+    /// After a failed step of several sequences: decodes each of `members` in a step of its
+    /// own (its next token, or its prompt chunk), so that only a sequence whose own step
+    /// fails is failed. Stops at a preemption, putting the rest back untouched.
+    fn step_alone(&mut self, members: &[usize]) -> (usize, bool) {
+        let (mut generated, mut prefilled) = (0, false);
+        for &i in members {
+            if self.running[i].finished.is_some() {
+                continue;
+            }
+            self.batch.clear();
+            let s = &mut self.running[i];
+            let (mut taken, mut chunk) = (Vec::new(), None);
+            if let Some(token) = s.next_token {
+                if let Ok(j) = self.batch.push(token, s.pos, &[s.seq], true) {
+                    s.next_token = None;
+                    s.logits_index = Some(j);
+                    s.pos += 1;
+                    taken.push((i, token));
+                }
+            } else if s.in_prefill() {
+                let n = (s.prompt.len() - s.prefilled).min(self.batch.remaining());
+                for k in s.prefilled..s.prefilled + n {
+                    let last = k + 1 == s.prompt.len();
+                    if let Ok(j) = self.batch.push(s.prompt[k], k as i32, &[s.seq], last) {
+                        if last {
+                            s.logits_index = Some(j);
+                        }
+                    }
+                }
+                s.prefilled += n;
+                chunk = Some((i, n));
+            }
+            match self.ctx.decode(&self.batch) {
+                Ok(()) => {
+                    if let Some((i, n)) = chunk {
+                        let app = self.running[i].caller.app.clone();
+                        self.scheduler.charge(&app, n as u64 * COST_PER_PROMPT);
+                        prefilled = true;
+                    }
+                    generated += self.sample_step();
+                }
+                Err(hearth_ffi::Error::Aborted) => {
+                    self.preempt.store(false, Ordering::Release);
+                    self.undo_step(&taken, chunk);
+                    break;
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "decode of one sequence failed");
+                    self.undo_step(&taken, chunk);
+                    self.fail(&[i], &Error::Internal(e.to_string()));
+                }
+            }
+        }
+        (generated, prefilled)
+    }
+
+    fn fail(&mut self, members: &[usize], error: &Error) {
+        for &i in members {
+            let s = &mut self.running[i];
+            if s.finished.is_none() {
+                s.finished = Some((FinishReason::Error, Some(error.clone())));
+            }
         }
     }
 
@@ -536,6 +651,7 @@ impl Worker {
                 s.finish_cancelled(CancelReason::Shutdown);
             }
         }
+        self.cancel_embeds();
         self.retire();
         while !self.scheduler.waiting().is_empty() {
             let w = self.scheduler.remove_waiting(0);

@@ -23,6 +23,38 @@ pub struct Running {
     pub _lease: Option<Lease>,
 }
 
+/// A request's time budget (`deadline_ms`), end to end: counted from its start across
+/// retries, the fallback to the device and migrations, so no leg starts the clock again.
+#[derive(Debug, Clone, Copy)]
+struct Budget(Option<Instant>);
+
+impl Budget {
+    fn start(request: &GenerateRequest) -> Self {
+        Self(request.deadline.map(|d| Instant::now() + d))
+    }
+
+    /// What is left of it, as the deadline of the leg that runs next.
+    fn left(self) -> Option<Duration> {
+        self.0.map(|d| d.saturating_duration_since(Instant::now()).max(Duration::from_millis(1)))
+    }
+}
+
+/// Resolves once the caller cancelled or the budget ran out (then marking `cancel` with
+/// Deadline), with the reason. Checked every 50 ms, so a stalled or trickling endpoint
+/// holds a cancelled request no longer than that.
+async fn stopped(cancel: &CancelToken, budget: Budget) -> CancelReason {
+    let mut tick = tokio::time::interval(Duration::from_millis(50));
+    loop {
+        tick.tick().await;
+        if budget.0.is_some_and(|d| Instant::now() >= d) {
+            cancel.cancel(CancelReason::Deadline);
+        }
+        if let Some(reason) = cancel.reason() {
+            return reason;
+        }
+    }
+}
+
 /// Starts `request` on its route. Errors of the local route (validation, Busy, ...) are
 /// returned at once; the cloud route always starts and reports through its events.
 pub async fn start(
@@ -35,15 +67,22 @@ pub async fn start(
     decision: &Decision,
 ) -> Result<Running, Error> {
     match (decision.route, cloud) {
-        // A local request whose data may go to the cloud: watched, so it can move there if
-        // the device turns critical mid-generation.
-        (Route::Local, Some(cloud)) if decision.cloud_eligible => {
+        // A local request that admission let leave the device: watched, so it can move to the
+        // cloud if the device turns critical mid-generation. Nothing here re-derives that.
+        (Route::Local, Some(cloud)) if decision.may_leave => {
             let lease = models.acquire(request.model.as_deref()).await?;
             let engine_cancel = CancelToken::default();
-            let submission = lease.engine.submit(request.clone(), who, engine_cancel.clone()).await?;
+            let submission = lease.engine.submit(request.clone(), who.clone(), engine_cancel.clone()).await?;
             let (tx, events) = mpsc::unbounded_channel();
-            let watch =
-                LocalWatch { cloud: Arc::clone(cloud), governor: governor.clone(), user: cancel, engine_cancel };
+            let watch = LocalWatch {
+                models: models.clone(),
+                cloud: Arc::clone(cloud),
+                governor: governor.clone(),
+                user: cancel,
+                engine_cancel,
+                budget: Budget::start(&request),
+                who,
+            };
             tokio::spawn(watch.run(request, submission.events, tx));
             Ok(Running { events, _lease: Some(lease) })
         }
@@ -97,7 +136,8 @@ async fn drive_cloud(
         return run_local(&models, request, who, cancel, &tx, String::new(), 0, ("local".into(), why)).await;
     };
     let started = Instant::now();
-    let (result, text, index, first) = stream_cloud(&cloud, &remote, &request, None, 0, &tx, &cancel).await;
+    let budget = Budget::start(&request);
+    let (result, text, index, first) = stream_cloud(&cloud, &remote, &request, None, 0, &tx, &cancel, budget).await;
     if let Some(reason) = cancel.reason() {
         let mut o = cloud_outcome(text, &remote, FinishReason::Cancelled, started, first);
         o.error = Some(Error::Cancelled(reason));
@@ -112,6 +152,8 @@ async fn drive_cloud(
         Err(CloudError::BeforeFirstToken(why)) => {
             tracing::info!(app = %who.app, reason = %why, "cloud failed before the first token: running on the device");
             let route = ("local".into(), format!("the cloud failed before the first token ({why}); ran on the device"));
+            let mut request = request;
+            request.deadline = budget.left();
             run_local(&models, request, who, cancel, &tx, String::new(), 0, route).await;
         }
         Err(CloudError::MidStream(why)) => {
@@ -124,14 +166,17 @@ async fn drive_cloud(
             let mut rest = request;
             rest.max_tokens = rest.max_tokens.saturating_sub(index).max(1);
             rest.assistant_prefix = Some(text.clone());
+            rest.deadline = budget.left();
             run_local(&models, rest, who, cancel, &tx, text, index, route).await;
         }
     }
 }
 
 /// Streams `request` from the cloud as Token events numbered from `offset`, continuing after
-/// `prefix` when given. Returns the result, the cloud's text, the next index and the time of
-/// the first chunk.
+/// `prefix` when given, until it ends, the caller cancels or the budget runs out (whatever
+/// the endpoint is doing then: stalled, trickling, retrying). Returns the result, the cloud's
+/// text, the next index and the time of the first chunk.
+#[allow(clippy::too_many_arguments)]
 async fn stream_cloud(
     cloud: &Cloud,
     remote: &str,
@@ -140,12 +185,13 @@ async fn stream_cloud(
     offset: u32,
     tx: &mpsc::UnboundedSender<Event>,
     cancel: &CancelToken,
+    budget: Budget,
 ) -> (Result<crate::cloud::CloudFinish, CloudError>, String, u32, Option<Instant>) {
     let mut first = None;
     let mut text = String::new();
     let mut index = offset;
-    let result = cloud
-        .stream(remote, &request.messages, prefix, request.max_tokens, request.sampling, |chunk| {
+    let result = tokio::select! {
+        result = cloud.stream(remote, &request.messages, prefix, request.max_tokens, request.sampling, |chunk| {
             if cancel.reason().is_some() || tx.is_closed() {
                 return false;
             }
@@ -154,8 +200,11 @@ async fn stream_cloud(
             text.push_str(chunk);
             index += 1;
             true
-        })
-        .await;
+        }) => result,
+        _ = stopped(cancel, budget) => {
+            Ok(crate::cloud::CloudFinish { reason: "cancelled".into(), remote_model: remote.to_owned() })
+        }
+    };
     (result, text, index, first)
 }
 
@@ -163,12 +212,15 @@ async fn stream_cloud(
 /// device turns critical while the cloud is available, stops the local sequence and goes on
 /// in the cloud from the text so far.
 struct LocalWatch {
+    models: ModelManager,
     cloud: Arc<Cloud>,
     governor: watch::Receiver<GovernorStatus>,
-    /// The caller's switch (Cancel, deadline are the engine's own).
+    /// The caller's switch (Cancel; the deadline is the engine's own until a move).
     user: CancelToken,
     /// The engine's switch: the caller's cancel, or a migration.
     engine_cancel: CancelToken,
+    budget: Budget,
+    who: Caller,
 }
 
 impl LocalWatch {
@@ -180,6 +232,7 @@ impl LocalWatch {
     ) {
         let mut tick = tokio::time::interval(Duration::from_millis(100));
         let mut count = 0u32;
+        let mut moving = false;
         let outcome = loop {
             tokio::select! {
                 event = events.recv() => match event {
@@ -199,9 +252,12 @@ impl LocalWatch {
                         self.engine_cancel.cancel(r);
                     }
                 }
-                _ = self.governor.changed() => {
+                _ = self.governor.changed(), if !moving => {
                     let critical = self.governor.borrow().thermal == ThermalState::Critical;
                     if critical && self.cloud.available() && self.user.reason().is_none() {
+                        // Once: the engine may take a while to stop the sequence, and every
+                        // governor tick in between would ask (and log) again.
+                        moving = true;
                         tracing::info!(at = count, "the device turned critical: moving the request to the cloud");
                         self.engine_cancel.cancel(CancelReason::Migrating);
                     }
@@ -220,27 +276,44 @@ impl LocalWatch {
         let mut rest = request;
         rest.max_tokens = rest.max_tokens.saturating_sub(count).max(1);
         let started = Instant::now();
-        let (result, text, _, first) =
-            stream_cloud(&self.cloud, &remote, &rest, Some(&before), count, &tx, &self.user).await;
-        let mut o = cloud_outcome(format!("{before}{text}"), &remote, FinishReason::Stop, started, first);
-        o.route = Some((
-            "local+cloud".into(),
-            format!("the device turned critical after {count} tokens; the cloud continued from there"),
-        ));
-        match result {
-            Ok(done) if done.reason == "length" => o.reason = FinishReason::Length,
-            Ok(done) if done.reason == "cancelled" => {
-                o.reason = FinishReason::Cancelled;
-                o.error = self.user.reason().map(Error::Cancelled);
+        let (result, text, index, first) =
+            stream_cloud(&self.cloud, &remote, &rest, Some(&before), count, &tx, &self.user, self.budget).await;
+        let why = match result {
+            Ok(done) => {
+                let mut o = cloud_outcome(format!("{before}{text}"), &remote, FinishReason::Stop, started, first);
+                o.route = Some((
+                    "local+cloud".into(),
+                    format!("the device turned critical after {count} tokens; the cloud continued from there"),
+                ));
+                match done.reason.as_str() {
+                    "length" => o.reason = FinishReason::Length,
+                    "cancelled" => {
+                        o.reason = FinishReason::Cancelled;
+                        o.error = self.user.reason().map(Error::Cancelled);
+                    }
+                    _ => {}
+                }
+                let _ = tx.send(Event::Finished(o));
+                return;
             }
-            Ok(_) => {}
-            Err(e) => {
-                o.reason = FinishReason::Error;
-                o.error =
-                    Some(Error::CloudUnavailable(format!("the cloud failed after the move from the device: {e}")));
-            }
-        }
-        let _ = tx.send(Event::Finished(o));
+            Err(e) => e,
+        };
+        // The cloud failed (the breaker has counted it): the device carries on from exactly
+        // the text so far, hot or not, rather than the answer ending in an error.
+        tracing::info!(at = index, reason = %why, "the cloud failed after the move: the device carries on");
+        let so_far = format!("{before}{text}");
+        // Back: the caller saw the move out, so it sees the move back too.
+        let _ = tx.send(Event::Migrated { from: "cloud", to: "local", index });
+        rest.max_tokens = rest.max_tokens.saturating_sub(index - count).max(1);
+        rest.assistant_prefix = Some(so_far.clone());
+        rest.deadline = self.budget.left();
+        let route = (
+            if index > count { "local+cloud+local" } else { "local" }.to_owned(),
+            format!(
+                "the device turned critical after {count} tokens and the cloud failed ({why}); the device carried on"
+            ),
+        );
+        run_local(&self.models, rest, self.who, self.user, &tx, so_far, index, route).await;
     }
 }
 

@@ -34,7 +34,7 @@ use crate::identity::{self, Identity};
 use crate::manager::ModelManager;
 use crate::polkit;
 use crate::privacy::{CloudView, Content, Decision, Part, RouteRequest};
-use crate::request::{Method, parse, parse_embed};
+use crate::request::{Method, parse_embed, parse_off_runtime};
 
 /// `org.hearth.Hearth1` at `/org/hearth/Hearth1`. Cheap to clone: session objects hold one.
 #[derive(Debug, Clone)]
@@ -106,10 +106,10 @@ impl HearthService {
         route: RouteRequest,
     ) -> Result<(GenerateRequest, Decision), BusError> {
         let cloud = self.cloud_view(&request, &parts);
-        let admitted = self
-            .gate
-            .admit(&who.app, &request, &self.models.default_model(), parts, route, cloud)
-            .inspect_err(|e| tracing::info!(caller = %who.connection, app = %who.app, error = %e, "request refused"))?;
+        let admitted =
+            self.gate.admit(&who.app, &request, &self.models.default_model(), parts, route, cloud).inspect_err(
+                |e| tracing::info!(caller = %who.connection, app = %who.app, error = e.kind(), "request refused"),
+            )?;
         request.messages = admitted.messages;
         Ok((request, admitted.decision))
     }
@@ -240,7 +240,8 @@ impl HearthService {
         request: HashMap<String, OwnedVariant>,
     ) -> Result<OwnedObjectPath, BusError> {
         let sender = caller(&header)?;
-        let parsed = parse(&request, Method::Generate, self.models.config().limits.default_max_tokens)?;
+        let parsed =
+            parse_off_runtime(request, Method::Generate, self.models.config().limits.default_max_tokens).await?;
         let (who, _) = identify(conn, &self.callers, &sender).await?;
         let (request, decision) = self.admit(&who, parsed.request, parsed.parts, parsed.route)?;
         self.start_generation(conn, sender, who, request, decision, parsed.handle_token, CancelToken::default(), None)
@@ -256,7 +257,8 @@ impl HearthService {
         request: HashMap<String, OwnedVariant>,
     ) -> Result<HashMap<String, OwnedVariant>, BusError> {
         let sender = caller(&header)?;
-        let parsed = parse(&request, Method::Complete, self.models.config().limits.default_max_tokens)?;
+        let parsed =
+            parse_off_runtime(request, Method::Complete, self.models.config().limits.default_max_tokens).await?;
         let (who, _) = identify(conn, &self.callers, &sender).await?;
         let (request, decision) = self.admit(&who, parsed.request, parsed.parts, parsed.route)?;
         self.complete_generation(&sender, who, request, decision, CancelToken::default(), None).await
@@ -316,8 +318,10 @@ impl HearthService {
         let _guard = self.in_flight.enter();
         let lease = self.models.acquire(parsed.model.as_deref()).await?;
         let n = parsed.texts.len();
-        let vectors = lease.engine.embed(parsed.texts).await.inspect_err(|e| {
-            tracing::info!(caller = %sender, error = %e, "embed refused");
+        // Cancelled by the caller leaving (the engine hears of it), or by this future being
+        // dropped (the engine sees the answer's receiver go).
+        let vectors = lease.engine.embed(parsed.texts, who.clone(), CancelToken::default()).await.inspect_err(|e| {
+            tracing::info!(caller = %sender, error = e.kind(), "embed refused");
         })?;
         tracing::info!(target: "hearth::audit", app = %who.app, texts = n, scope = parsed.scope.as_str(), "embed on the device");
         Ok(vectors.into_iter().map(|v| v.into_iter().map(f64::from).collect()).collect())

@@ -53,6 +53,41 @@ impl RequestObject {
     async fn finished(emitter: &SignalEmitter<'_>, result: &HashMap<String, OwnedVariant>) -> zbus::Result<()>;
 }
 
+/// The introspection of `/org/hearth/Hearth1/request`, in place of zbus's own: that one lists
+/// every live request object, and so which connections use Hearth and their handle tokens, to
+/// anyone on the bus. This one lists none; a request's own object still introspects.
+#[derive(Debug)]
+struct RequestListing;
+
+#[interface(name = "org.freedesktop.DBus.Introspectable")]
+impl RequestListing {
+    async fn introspect(&self) -> String {
+        concat!(
+            "<!DOCTYPE node PUBLIC \"-//freedesktop//DTD D-BUS Object Introspection 1.0//EN\"\n",
+            " \"http://www.freedesktop.org/standards/dbus/1.0/introspect.dtd\">\n",
+            "<node>\n",
+            "  <interface name=\"org.freedesktop.DBus.Introspectable\">\n",
+            "    <method name=\"Introspect\"><arg type=\"s\" direction=\"out\"/></method>\n",
+            "  </interface>\n",
+            "</node>\n"
+        )
+        .to_owned()
+    }
+}
+
+/// Puts [`RequestListing`] at the request objects' parent node. Called after each request
+/// object is exported: zbus makes the parent (with its default introspection) when its first
+/// child arrives and drops it with its last, so it is replaced every time; the name is a
+/// default interface's, so zbus still drops the parent once it has no children.
+pub async fn hide_request_listing(server: &zbus::ObjectServer) {
+    use zbus::object_server::Interface;
+    let parent = hearth_dbus::REQUEST_PATH_PREFIX;
+    let _ = server.remove_named(parent, RequestListing::name()).await;
+    if let Err(e) = server.at(parent, RequestListing).await {
+        tracing::warn!(error = %e, "cannot replace the request objects' introspection");
+    }
+}
+
 /// Streams a request's events as unicast signals to `owner`, then removes the object.
 pub async fn forward(
     conn: &Connection,
@@ -69,9 +104,11 @@ pub async fn forward(
             return;
         }
     };
+    let mut streamed = 0u32;
     while let Some(event) = events.recv().await {
         match event {
             Event::Token { index, id, text } => {
+                streamed += 1;
                 if let Err(e) = RequestObject::token(&emitter, index, id, &text).await {
                     tracing::warn!(error = %e, "cannot emit Token");
                 }
@@ -84,8 +121,11 @@ pub async fn forward(
             }
             Event::Finished(outcome) => {
                 tracing::info!(path = %path.as_str(), reason = outcome.reason.as_str(), tokens = outcome.token_ids.len(), "finished");
-                if let Err(e) =
-                    RequestObject::finished(&emitter, &outcome_dict(&outcome, &decision, structure.as_deref())).await
+                if let Err(e) = RequestObject::finished(
+                    &emitter,
+                    &outcome_dict(&outcome, &decision, structure.as_deref(), streamed),
+                )
+                .await
                 {
                     tracing::warn!(error = %e, "cannot emit Finished");
                 }

@@ -16,16 +16,18 @@ pub(crate) fn owned(v: Variant<'_>) -> OwnedVariant {
     OwnedVariant::try_from(v).expect("value without file descriptors")
 }
 
-/// The result dictionary of Complete and Request.Finished.
+/// The result dictionary of Complete and Request.Finished; `streamed` is how many Token
+/// events the caller got (the device's tokens and the cloud's chunks).
 pub(crate) fn outcome_dict(
     o: &Outcome,
     decision: &Decision,
     structure: Option<&Structure>,
+    streamed: u32,
 ) -> HashMap<String, OwnedVariant> {
     let mut d = HashMap::from([
         (result_key::FINISH_REASON.to_owned(), owned(Variant::from(o.reason.as_str()))),
         (result_key::TEXT.to_owned(), owned(Variant::from(o.text.as_str()))),
-        (result_key::TOKENS.to_owned(), owned(Variant::from(o.token_ids.len() as u32))),
+        (result_key::TOKENS.to_owned(), owned(Variant::from(streamed))),
         (result_key::TOKEN_IDS.to_owned(), owned(Variant::from(o.token_ids.clone()))),
         (result_key::PROMPT_TOKENS.to_owned(), owned(Variant::from(o.prompt_tokens))),
         (result_key::CACHED_TOKENS.to_owned(), owned(Variant::from(o.cached_tokens))),

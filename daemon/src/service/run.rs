@@ -74,7 +74,10 @@ impl HearthService {
             };
             let object = RequestObject::new(sender.clone(), cancel.clone());
             match server.at(&path, object).await {
-                Ok(None) => break path,
+                Ok(None) => {
+                    request_object::hide_request_listing(server).await;
+                    break path;
+                }
                 Ok(Some(_)) if handle_token.is_none() => {}
                 Ok(Some(_)) => {
                     refused(on_finish);
@@ -106,7 +109,7 @@ impl HearthService {
             }
             Err(e) => {
                 let _ = server.remove::<RequestObject, _>(&path).await;
-                tracing::info!(caller = %sender, error = %e, "generate refused");
+                tracing::info!(caller = %sender, error = e.kind(), "generate refused");
                 refused(on_finish);
                 Err(e.into())
             }
@@ -131,7 +134,7 @@ impl HearthService {
         let running = match started {
             Ok(r) => r,
             Err(e) => {
-                tracing::info!(caller = %sender, error = %e, "complete refused");
+                tracing::info!(caller = %sender, error = e.kind(), "complete refused");
                 if let Some(f) = on_finish {
                     f(None);
                 }
@@ -144,12 +147,17 @@ impl HearthService {
             Some(f) => tap(events, f),
             None => events,
         };
+        let mut streamed = 0u32;
         while let Some(event) = events.recv().await {
-            if let Event::Finished(outcome) = event {
-                return match (outcome.reason, outcome.error.clone()) {
-                    (FinishReason::Cancelled | FinishReason::Error, Some(e)) => Err(e.into()),
-                    _ => Ok(outcome_dict(&outcome, &decision, structure.as_deref())),
-                };
+            match event {
+                Event::Token { .. } => streamed += 1,
+                Event::Finished(outcome) => {
+                    return match (outcome.reason, outcome.error.clone()) {
+                        (FinishReason::Cancelled | FinishReason::Error, Some(e)) => Err(e.into()),
+                        _ => Ok(outcome_dict(&outcome, &decision, structure.as_deref(), streamed)),
+                    };
+                }
+                Event::Migrated { .. } => {}
             }
         }
         Err(Error::Internal("the engine stopped without finishing the request".into()).into())

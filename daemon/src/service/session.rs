@@ -21,7 +21,7 @@ use super::{HearthService, OnFinish, caller, identify};
 use crate::engine::{CancelReason, CancelToken, GenerateRequest, Outcome};
 use crate::manager::ModelManager;
 use crate::privacy::{Content, Decision, Part, Scope};
-use crate::request::{Method, parse};
+use crate::request::{Method, parse_off_runtime};
 
 /// Most sessions one app may hold open at once.
 pub const MAX_SESSIONS_PER_APP: usize = 8;
@@ -181,13 +181,13 @@ impl SessionObject {
         &self,
         header: &Header<'_>,
         conn: &Connection,
-        dict: &HashMap<String, OwnedVariant>,
+        dict: HashMap<String, OwnedVariant>,
         method: Method,
     ) -> Result<Turn, BusError> {
         let sender = caller(header)?;
         self.check_owner(&sender)?;
         let svc = &self.svc;
-        let parsed = parse(dict, method, svc.models.config().limits.default_max_tokens)?;
+        let parsed = parse_off_runtime(dict, method, svc.models.config().limits.default_max_tokens).await?;
         if parsed.request.model.as_ref().is_some_and(|m| *m != self.model) {
             return Err(BusError::InvalidArgs(format!(
                 "this session runs model {:?}; open another for another",
@@ -258,7 +258,7 @@ impl SessionObject {
         #[zbus(connection)] conn: &Connection,
         request: HashMap<String, OwnedVariant>,
     ) -> Result<OwnedObjectPath, BusError> {
-        let turn = self.begin(&header, conn, &request, Method::Generate).await?;
+        let turn = self.begin(&header, conn, request, Method::Generate).await?;
         let svc = &self.svc;
         svc.start_generation(
             conn,
@@ -281,7 +281,7 @@ impl SessionObject {
         #[zbus(connection)] conn: &Connection,
         request: HashMap<String, OwnedVariant>,
     ) -> Result<HashMap<String, OwnedVariant>, BusError> {
-        let turn = self.begin(&header, conn, &request, Method::Complete).await?;
+        let turn = self.begin(&header, conn, request, Method::Complete).await?;
         self.svc
             .complete_generation(&self.owner, turn.who, turn.request, turn.decision, turn.cancel, Some(turn.on_finish))
             .await

@@ -119,13 +119,28 @@ pub async fn watch_disconnects(conn: Connection, models: ModelManager, callers: 
     }
 }
 
-/// Emits PropertiesChanged for CloudAvailable when the circuit breaker opens or closes.
-pub async fn publish_cloud_changes(conn: Connection, available: Option<tokio::sync::watch::Receiver<bool>>) {
-    let Some(mut available) = available else { return };
+/// Emits PropertiesChanged for CloudAvailable when the circuit breaker opens, closes, or
+/// turns half-open (at its time, whether or not a request comes).
+pub async fn publish_cloud_changes(conn: Connection, cloud: Option<std::sync::Arc<crate::cloud::Cloud>>) {
+    let Some(cloud) = cloud else { return };
+    let mut available = cloud.available_watch();
     let Ok(iface) = conn.object_server().interface::<_, HearthService>(hearth_dbus::OBJECT_PATH).await else {
         return;
     };
-    while available.changed().await.is_ok() {
+    loop {
+        let half_open = cloud.half_open_at();
+        tokio::select! {
+            changed = available.changed() => if changed.is_err() { return },
+            () = async {
+                match half_open {
+                    Some(t) => tokio::time::sleep_until(t.into()).await,
+                    None => std::future::pending().await,
+                }
+            } => {
+                cloud.refresh();
+                continue; // the watch changed: the next turn emits
+            }
+        }
         if let Err(e) = iface.get().await.cloud_available_changed(iface.signal_emitter()).await {
             tracing::warn!(error = %e, "cannot emit CloudAvailable change");
         }

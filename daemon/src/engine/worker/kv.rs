@@ -1,16 +1,13 @@
 //! Where a sequence's KV comes from and which adapters it runs under: slot preparation
 //! (prefix reuse, a session's parked KV), parking idle sessions, the adapter set of a request
-//! and of a decode step, and the embedding context.
+//! and of a decode step.
 
-use std::sync::Arc;
 use std::time::Instant;
-
-use hearth_ffi::Context;
 
 use super::super::scheduler::{Pinned, Slot, shared_prefix};
 use super::super::sequence::{Sequence, Waiting};
 use super::super::{AdapterSet, Priority};
-use super::{EMBED_TOKENS, Worker};
+use super::Worker;
 use crate::error::Error;
 
 impl Worker {
@@ -30,40 +27,6 @@ impl Worker {
         }
         let scales: Vec<f32> = names.iter().map(|n| wanted.get(*n).copied().unwrap_or(0.0)).collect();
         Ok(AdapterSet::new(&scales))
-    }
-
-    pub(super) fn embed(&mut self, texts: &[String]) -> Result<Vec<Vec<f32>>, Error> {
-        if self.embedder.is_none() {
-            let params = hearth_ffi::ContextParams {
-                n_ctx: EMBED_TOKENS,
-                n_batch: EMBED_TOKENS,
-                n_seq_max: 1,
-                n_threads: self.threads.1,
-                n_threads_batch: self.threads.1,
-                flash_attn: Some(true),
-                kv_unified: false,
-                embeddings: true,
-            };
-            let ctx = Context::new(Arc::clone(&self.model), params).map_err(|e| Error::Internal(e.to_string()))?;
-            tracing::info!(model = %self.model_name, tokens = EMBED_TOKENS, "embedding context created");
-            self.embedder = Some(ctx);
-        }
-        let ctx = self.embedder.as_mut().expect("created above");
-        let mut out = Vec::with_capacity(texts.len());
-        for (i, text) in texts.iter().enumerate() {
-            let tokens = self.model.tokenize(text, true, false)?;
-            if tokens.len() > EMBED_TOKENS as usize {
-                return Err(Error::InvalidArgs(format!(
-                    "texts[{i}] is {} tokens; embeddings take at most {EMBED_TOKENS}",
-                    tokens.len()
-                )));
-            }
-            if tokens.is_empty() {
-                return Err(Error::InvalidArgs(format!("texts[{i}] has no tokens")));
-            }
-            out.push(ctx.embed(&tokens).map_err(|e| Error::Internal(e.to_string()))?);
-        }
-        Ok(out)
     }
 
     /// Keeps the first `keep` KV entries of `seq` and drops the rest; where llama.cpp cannot

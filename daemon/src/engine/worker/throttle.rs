@@ -52,6 +52,14 @@ impl Worker {
             if waited >= due.min(took + MAX_PACE) {
                 break;
             }
+            // A request that must stop (cancelled, caller gone, deadline) is not held for
+            // the pace: the loop reaps it at once.
+            let now = Instant::now();
+            if self.running.iter().any(|s| s.finished.is_none() && s.stop_reason(now).is_some()) {
+                break;
+            }
+            // Holding back for the governors is the loop working as meant: it beats.
+            self.liveness.beat();
             std::thread::sleep((due - waited).min(PACE_SLICE));
         }
     }

@@ -11,6 +11,14 @@
 //!   exactly one call `{"name": ..., "arguments": {...}}` whose arguments match that function's
 //!   parameter schema. A call is returned as structured data in `Finished` (`tool_calls`), its
 //!   arguments validated once more.
+//!
+//! Every grammar, given or made, passes [`gbnf::check`] before llama.cpp sees it, and every
+//! schema passes [`schema_bounds`] before llama.cpp's converter does: both run inside the
+//! daemon on an app's text, and their failure modes are aborts, stack overflows and unbounded
+//! memory, not errors.
+
+mod gbnf;
+mod schema_bounds;
 
 use hearth_ffi::ChatMessage;
 use serde_json::{Value as Json, json};
@@ -19,6 +27,8 @@ use crate::error::Error;
 
 /// Most tools in one request.
 const MAX_TOOLS: usize = 64;
+/// Largest `tools` text (descriptions included; each parameter schema is bounded on its own).
+const MAX_TOOLS_BYTES: usize = 128 * 1024;
 
 /// Tool call ids, unique for the daemon's life.
 static NEXT_CALL: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
@@ -87,9 +97,28 @@ fn compile_schema(what: &str, schema: &Json) -> Result<jsonschema::Validator, Er
     jsonschema::validator_for(schema).map_err(|e| invalid(format!("{what} is not a valid JSON Schema: {e}")))
 }
 
+/// Size and depth bounds on a parsed schema, before anything recursive (the meta-schema
+/// compiler, the converter) walks it.
+fn check_depth(what: &str, schema: &Json) -> Result<(), Error> {
+    schema_bounds::check_depth(schema).map_err(|e| invalid(format!("{what} is refused: {e}")))
+}
+
+/// Limits and satisfiability, after the meta-schema check (so keyword types are sound).
+fn check_bounds(what: &str, schema: &Json, budget: &mut schema_bounds::Budget) -> Result<(), Error> {
+    schema_bounds::check(schema, budget).map_err(|e| invalid(format!("{what} is refused: {e}")))
+}
+
+fn check_grammar(what: &str, grammar: &str) -> Result<(), Error> {
+    gbnf::check(grammar).map_err(|e| invalid(format!("{what} is refused: {e}")))
+}
+
 fn to_grammar(what: &str, schema: &Json) -> Result<String, Error> {
-    hearth_ffi::json_schema_to_grammar(&schema.to_string())
-        .map_err(|e| invalid(format!("{what} cannot be turned into a grammar: {e}")))
+    let grammar = hearth_ffi::json_schema_to_grammar(&schema.to_string())
+        .map_err(|e| invalid(format!("{what} cannot be turned into a grammar: {e}")))?;
+    // The converter's output is checked like an app's grammar: it writes repetitions and
+    // alternatives straight from the schema.
+    gbnf::check(&grammar).map_err(|e| invalid(format!("{what}: the grammar made from it is refused: {e}")))?;
+    Ok(grammar)
 }
 
 impl Structure {
@@ -113,9 +142,12 @@ impl Structure {
             return Err(invalid("json_schema, grammar and tools exclude each other: give one"));
         }
         if let Some(text) = json_schema {
+            schema_bounds::check_text(text).map_err(|e| invalid(format!("json_schema is refused: {e}")))?;
             let schema: Json =
                 serde_json::from_str(text).map_err(|e| invalid(format!("json_schema is not JSON: {e}")))?;
+            check_depth("json_schema", &schema)?;
             let validator = compile_schema("json_schema", &schema)?;
+            check_bounds("json_schema", &schema, &mut schema_bounds::Budget::default())?;
             let grammar = to_grammar("json_schema", &schema)?;
             return Ok(Some(Self { grammar: Some(grammar), schema: Some(validator), tools: Vec::new(), choice }));
         }
@@ -123,6 +155,7 @@ impl Structure {
             if g.trim().is_empty() {
                 return Err(invalid("grammar is empty"));
             }
+            check_grammar("grammar", g)?;
             return Ok(Some(Self { grammar: Some(g.to_owned()), schema: None, tools: Vec::new(), choice }));
         }
         let Some(text) = tools else { return Ok(None) };
@@ -142,7 +175,9 @@ impl Structure {
                     })
                     .collect::<Vec<_>>()
                     .join("\n");
-                Some(format!("root ::= tool-call | plain-text\nplain-text ::= [^{{] .*\n{renamed}\n"))
+                let grammar = format!("root ::= tool-call | plain-text\nplain-text ::= [^{{] .*\n{renamed}\n");
+                check_grammar("tools", &grammar)?;
+                Some(grammar)
             }
         };
         Ok(Some(Self { grammar, schema: None, tools, choice }))
@@ -205,12 +240,17 @@ impl Structure {
 }
 
 fn parse_tools(text: &str) -> Result<Vec<Tool>, Error> {
+    if text.len() > MAX_TOOLS_BYTES {
+        return Err(invalid(format!("tools is {} bytes; the limit is {MAX_TOOLS_BYTES}", text.len())));
+    }
     let list: Json = serde_json::from_str(text).map_err(|e| invalid(format!("tools is not JSON: {e}")))?;
     let Json::Array(list) = list else { return Err(invalid("tools must be a JSON array")) };
     if list.is_empty() || list.len() > MAX_TOOLS {
         return Err(invalid(format!("tools must list 1 to {MAX_TOOLS} tools, got {}", list.len())));
     }
     let mut tools: Vec<Tool> = Vec::with_capacity(list.len());
+    // One budget for all tools: together they become one grammar.
+    let mut budget = schema_bounds::Budget::default();
     for (i, entry) in list.iter().enumerate() {
         if entry.get("type").and_then(Json::as_str) != Some("function") {
             return Err(invalid(format!("tools[{i}].type must be \"function\"")));
@@ -231,7 +271,10 @@ fn parse_tools(text: &str) -> Result<Vec<Tool>, Error> {
         if parameters.get("type").and_then(Json::as_str) != Some("object") {
             return Err(invalid(format!("tools[{i}].function.parameters must be an object schema")));
         }
-        let validator = compile_schema(&format!("tools[{i}].function.parameters"), &parameters)?;
+        let what = format!("tools[{i}].function.parameters");
+        check_depth(&what, &parameters)?;
+        let validator = compile_schema(&what, &parameters)?;
+        check_bounds(&what, &parameters, &mut budget)?;
         let spec = json!({"name": name, "description": description, "parameters": parameters});
         tools.push(Tool { name: name.to_owned(), spec, parameters: validator });
     }
@@ -317,5 +360,114 @@ mod tests {
         assert!(msgs[0].content.contains("get_weather"));
         let none = Structure::parse(None, None, Some(WEATHER), Some("none")).unwrap().unwrap();
         assert!(none.grammar().is_none());
+    }
+
+    /// The refusal message, checking that it came quickly.
+    fn refused(json_schema: Option<&str>, grammar: Option<&str>, tools: Option<&str>) -> String {
+        let t = std::time::Instant::now();
+        let r = Structure::parse(json_schema, grammar, tools, None);
+        let took = t.elapsed();
+        match r {
+            Err(Error::InvalidArgs(m)) => {
+                assert!(took < std::time::Duration::from_millis(100), "took {took:?}: {m}");
+                m
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn hostile_grammars_are_refused_quickly() {
+        let g = |text: &str| refused(None, Some(text), None);
+        let deep = format!("root ::= {}\"a\"{}", "(".repeat(20_000), ")".repeat(20_000));
+        assert!(g(&deep).contains("nest deeper"), "{}", g(&deep));
+        let chain: String =
+            (0..5000).map(|i| format!("r{i} ::= r{}\n", i + 1)).collect::<String>() + "r5000 ::= \"y\"\nroot ::= r0";
+        assert!(g(&chain).contains("bytes"));
+        let chain: String =
+            (0..3000).map(|i| format!("r{i} ::= r{}\n", i + 1)).collect::<String>() + "r3000 ::= \"y\"\nroot ::= r0";
+        assert!(g(&chain).contains("leftmost"), "{}", g(&chain));
+        assert!(g("root ::= \"x\"{5,1}").contains("minimum above its maximum"));
+        assert!(g("root ::= \"x\"{0,100000}").contains("limit 1000"));
+        assert!(g("root ::= [^\\x00-\\U0010FFFF]").contains("admits no finite text"));
+        assert!(g("root ::= undefined-rule").contains("rule \"undefined-rule\" is used but never defined"));
+        assert!(g("start ::= \"a\"").contains("no root rule"));
+        assert!(g("root ::= root \"a\" | \"b\"").contains("left-recursive"));
+        assert!(g("root ::= \"a\" root").contains("admits no finite text"));
+        assert!(g(&format!("root ::= \"{}\"", "a".repeat(1 << 20))).contains("limit is 65536"));
+        assert!(g("root ::= <secret-token>").contains("not supported"));
+    }
+
+    #[test]
+    fn hostile_schemas_are_refused_quickly() {
+        let s = |text: &str| refused(Some(text), None, None);
+        assert!(s(r#"{"type": "string", "minLength": 10, "maxLength": 2}"#).contains("minLength is above maxLength"));
+        assert!(s(r#"{"type": "string", "minLength": 100000000}"#).contains("limit 1000"));
+        assert!(s(r#"{"type": "integer", "minimum": 10, "exclusiveMaximum": 10}"#).contains("admits no value"));
+        let props =
+            |n: usize| (0..n).map(|i| format!("\"p{i}\": {{\"type\": \"string\"}}")).collect::<Vec<_>>().join(",");
+        assert!(s(&format!(r#"{{"type": "object", "properties": {{{}}}}}"#, props(5000))).contains("bytes"));
+        assert!(
+            s(&format!(r#"{{"type": "object", "properties": {{{}}}}}"#, props(1000))).contains("properties in all")
+        );
+        let nest = |n: usize| format!("{}{{}}{}", r#"{"items": "#.repeat(n), "}".repeat(n));
+        assert!(s(&nest(1000)).contains("not JSON"));
+        assert!(s(&nest(100)).contains("deeper than 32"));
+        let values = |n: usize| (0..n).map(|i| i.to_string()).collect::<Vec<_>>().join(",");
+        assert!(s(&format!(r#"{{"enum": [{}]}}"#, values(100_000))).contains("bytes"));
+        assert!(s(&format!(r#"{{"enum": [{}]}}"#, values(1000))).contains("more than 256 values"));
+        let tool = r#"[{"type": "function", "function": {"name": "f", "parameters": {"type": "object",
+            "properties": {"s": {"type": "string", "minLength": 9, "maxLength": 3}}}}}]"#;
+        assert!(refused(None, None, Some(tool)).contains("tools[0].function.parameters is refused"));
+        let many: Vec<String> = (0..40)
+            .map(|t| {
+                format!(
+                    r#"{{"type": "function", "function": {{"name": "f{t}", "parameters": {{"type": "object", "properties": {{{}}}}}}}}}"#,
+                    props(10)
+                )
+            })
+            .collect();
+        assert!(refused(None, None, Some(&format!("[{}]", many.join(",")))).contains("properties in all"));
+    }
+
+    #[test]
+    fn converter_output_passes_the_checker() {
+        let optional: String =
+            (0..256).map(|i| format!("\"o{i}\": {{\"type\": \"integer\"}}")).collect::<Vec<_>>().join(",");
+        for schema in [
+            r#"{"type": "object", "properties": {"name": {"type": "string", "minLength": 1, "maxLength": 100},
+                "age": {"type": "integer", "minimum": 0, "maximum": 150},
+                "email": {"type": "string", "format": "email"},
+                "tags": {"type": "array", "items": {"type": "string"}, "minItems": 1, "maxItems": 10},
+                "role": {"enum": ["admin", "user", "guest"]},
+                "born": {"type": "string", "format": "date"},
+                "id": {"type": "string", "format": "uuid"},
+                "score": {"type": "number", "exclusiveMinimum": 0},
+                "nick": {"type": ["string", "null"]}},
+               "required": ["name", "age"], "additionalProperties": false}"#,
+            r##"{"$defs": {"node": {"type": "object", "properties": {"value": {"type": "integer", "minimum": -5000},
+                "children": {"type": "array", "items": {"$ref": "#/$defs/node"}}}, "required": ["value"]}},
+               "$ref": "#/$defs/node"}"##,
+            r#"{"anyOf": [{"type": "string", "pattern": "^[A-Z]{2}-[0-9]{3,5}(x|y)?$"}, {"type": "boolean"},
+                {"type": "array", "prefixItems": [{"type": "integer"}, {"const": "k"}]}]}"#,
+            r#"{"type": "object", "additionalProperties": {"type": "number"}, "properties": {"fixed": {"type": "null"}}}"#,
+            r#"{"type": "object"}"#,
+            r#"{}"#,
+            &format!(r#"{{"type": "object", "properties": {{{optional}}}}}"#),
+        ] {
+            let t = std::time::Instant::now();
+            let s = Structure::parse(Some(schema), None, None, None).unwrap_or_else(|e| panic!("{e}: {schema}"));
+            let g = s.unwrap().grammar.unwrap();
+            assert_eq!(gbnf::check(&g), Ok(()));
+            assert!(t.elapsed() < std::time::Duration::from_secs(2), "{:?}", t.elapsed());
+        }
+        for (tools, choice) in [(WEATHER, "auto"), (WEATHER, "required")] {
+            let s = Structure::parse(None, None, Some(tools), Some(choice)).unwrap().unwrap();
+            assert_eq!(gbnf::check(s.grammar().unwrap()), Ok(()));
+        }
+        let two = r#"[{"type": "function", "function": {"name": "a", "parameters": {"type": "object",
+            "properties": {"q": {"type": "string", "maxLength": 200}, "n": {"type": "integer"}}, "required": ["q"]}}},
+            {"type": "function", "function": {"name": "b"}}]"#;
+        assert!(Structure::parse(None, None, Some(two), Some("auto")).unwrap().unwrap().grammar().is_some());
     }
 }

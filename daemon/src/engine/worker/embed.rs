@@ -1,0 +1,162 @@
+//! Embed jobs: scheduled like decoding, not run in one go. A job embeds one text per loop
+//! iteration, between decode steps (one text is at most [`EMBED_TOKENS`] tokens, the size of
+//! one prompt chunk), jobs of different apps take turns, the tokens are charged to the app's
+//! fair share, and a job ends at once when its caller cancels or leaves. Embedding never
+//! delays interactive work: it waits while an interactive request runs, and an interactive
+//! arrival aborts a text in progress (the generation context's preemption flag is shared),
+//! which is embedded again later.
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use hearth_ffi::Context;
+use tokio::sync::oneshot;
+
+use super::super::scheduler::COST_PER_PROMPT;
+use super::super::{Caller, CancelReason, CancelToken, Priority};
+use super::Worker;
+use crate::error::Error;
+
+/// Most tokens of one text to embed (the embedding context's size).
+pub(super) const EMBED_TOKENS: u32 = 512;
+/// Embed jobs one app may have queued or running at once.
+const JOBS_PER_APP: usize = 2;
+
+/// One Embed call in progress.
+pub(in super::super) struct EmbedJob {
+    pub caller: Caller,
+    pub texts: Vec<String>,
+    pub cancel: CancelToken,
+    pub reply: oneshot::Sender<Result<Vec<Vec<f32>>, Error>>,
+    /// The vectors of the texts done so far, in order.
+    pub out: Vec<Vec<f32>>,
+}
+
+impl std::fmt::Debug for EmbedJob {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EmbedJob").field("app", &self.caller.app).field("texts", &self.texts.len()).finish()
+    }
+}
+
+/// The queue of Embed jobs, oldest first; the front job runs next.
+pub(super) type EmbedQueue = VecDeque<EmbedJob>;
+
+impl Worker {
+    /// Queues `job`, or refuses it with Busy when the queue or the app's share of it is full.
+    pub(super) fn queue_embed(&mut self, job: EmbedJob) {
+        let capacity = self.scheduler.limits().queue_capacity;
+        let mine = self.embeds.iter().filter(|j| j.caller.app == job.caller.app).count();
+        let (scope, waiting, limit) = if self.embeds.len() >= capacity {
+            ("for the engine's embedding queue", self.embeds.len(), capacity)
+        } else if mine >= JOBS_PER_APP {
+            ("for this app's Embed calls", mine, JOBS_PER_APP)
+        } else {
+            self.embeds.push_back(job);
+            return;
+        };
+        let _ = job.reply.send(Err(Error::Busy { scope: scope.into(), waiting, limit, retry_after_ms: 500 }));
+    }
+
+    /// Ends the jobs whose caller cancelled, left, or stopped waiting for the answer.
+    pub(super) fn reap_embeds(&mut self) {
+        let mut i = 0;
+        while i < self.embeds.len() {
+            let job = &self.embeds[i];
+            let reason = job.cancel.reason().or_else(|| job.reply.is_closed().then_some(CancelReason::Disconnected));
+            match reason {
+                Some(reason) => {
+                    let job = self.embeds.remove(i).expect("index checked");
+                    tracing::debug!(texts_done = job.out.len(), "embed job ended early");
+                    let _ = job.reply.send(Err(Error::Cancelled(reason)));
+                }
+                None => i += 1,
+            }
+        }
+    }
+
+    /// Whether an Embed job may run now: none while interactive work runs or waits.
+    fn embed_may_run(&self) -> bool {
+        !self.running.iter().any(|s| s.finished.is_none() && s.priority == Priority::Interactive)
+            && !self.scheduler.waiting().iter().any(|w| w.priority == Priority::Interactive)
+    }
+
+    /// Embeds the next text of the front job; a job with texts left goes to the back, so the
+    /// jobs (and apps) take turns.
+    pub(super) fn embed_step(&mut self) {
+        if self.embeds.is_empty() || !self.embed_may_run() {
+            return;
+        }
+        let mut job = self.embeds.pop_front().expect("checked non-empty");
+        let i = job.out.len();
+        match self.embed_text(&job.texts[i]) {
+            Ok(Some((vector, tokens))) => {
+                job.out.push(vector);
+                self.scheduler.charge(&job.caller.app, tokens as u64 * COST_PER_PROMPT);
+                if job.out.len() == job.texts.len() {
+                    let _ = job.reply.send(Ok(std::mem::take(&mut job.out)));
+                } else {
+                    self.embeds.push_back(job);
+                }
+            }
+            Ok(None) => {
+                // Aborted for an interactive request (the handle raises the flag after its
+                // Submit is queued, so the next intake admits it): this text again, after it.
+                // A stale flag (the request was refused) costs one retry.
+                self.preempt.store(false, Ordering::Release);
+                self.embeds.push_front(job);
+            }
+            Err(Error::InvalidArgs(msg)) => {
+                let _ = job.reply.send(Err(Error::InvalidArgs(format!("texts[{i}] {msg}"))));
+            }
+            Err(e) => {
+                let _ = job.reply.send(Err(e));
+            }
+        }
+    }
+
+    /// The embedding of one text and its token count; None when an interactive request
+    /// aborted it.
+    fn embed_text(&mut self, text: &str) -> Result<Option<(Vec<f32>, usize)>, Error> {
+        if self.embedder.is_none() {
+            let params = hearth_ffi::ContextParams {
+                n_ctx: EMBED_TOKENS,
+                n_batch: EMBED_TOKENS,
+                n_seq_max: 1,
+                n_threads: self.threads.1,
+                n_threads_batch: self.threads.1,
+                flash_attn: Some(true),
+                kv_unified: false,
+                embeddings: true,
+            };
+            let ctx = Context::with_abort_flag(Arc::clone(&self.model), params, Arc::clone(&self.preempt))
+                .map_err(|e| Error::Internal(e.to_string()))?;
+            tracing::info!(model = %self.model_name, tokens = EMBED_TOKENS, "embedding context created");
+            self.embedder = Some(ctx);
+        }
+        let tokens = self.model.tokenize(text, true, false)?;
+        if tokens.len() > EMBED_TOKENS as usize {
+            return Err(Error::InvalidArgs(format!(
+                "is {} tokens; embeddings take at most {EMBED_TOKENS}",
+                tokens.len()
+            )));
+        }
+        if tokens.is_empty() {
+            return Err(Error::InvalidArgs("has no tokens".into()));
+        }
+        let ctx = self.embedder.as_mut().expect("created above");
+        ctx.set_threads(self.threads.1, self.threads.1);
+        match ctx.embed(&tokens) {
+            Ok(v) => Ok(Some((v, tokens.len()))),
+            Err(hearth_ffi::Error::Aborted) => Ok(None),
+            Err(e) => Err(Error::Internal(e.to_string())),
+        }
+    }
+
+    /// At shutdown: every job ends with Cancelled.
+    pub(super) fn cancel_embeds(&mut self) {
+        for job in self.embeds.drain(..) {
+            let _ = job.reply.send(Err(Error::Cancelled(CancelReason::Shutdown)));
+        }
+    }
+}
