@@ -8,18 +8,58 @@
 //! else as `uid:<uid>:<executable>`. The pid is pinned with a pidfd (from the bus when it
 //! gives one, else opened here) and checked alive after reading, so a pid reused in between
 //! fails the call instead of naming the wrong app. Any failure is an error (fail closed).
+//!
+//! What each kind of id guarantees, and why a bare `uid:UID:EXE` may not Seal by default: see
+//! [`AppKind`].
 
 use std::os::fd::{AsFd, OwnedFd};
 use std::path::Path;
 
-/// How the app id was found.
+/// How the app id was found, and so what it is worth.
+///
+/// What hearthd can check is kernel state: the caller's uid (the bus's SO_PEERCRED), its
+/// cgroup and its mount namespace (read through /proc with the pid pinned). None of it tells
+/// apart two *unsandboxed* programs of one uid that set out to look alike: such a program
+/// may move itself into a unit of any name (`systemd-run --user --scope --unit=…`; the user's
+/// service manager runs as that user), make a user namespace with its own `/.flatpak-info`,
+/// or simply ptrace the app or read its files. hearthd does not claim to separate the user's
+/// unsandboxed programs from each other (neither does xdg-desktop-portal); what the kinds
+/// differ in is whether the id names one app even when nobody lies:
+///
+/// - Flatpak: vouched by the sandbox. bwrap mounts `/.flatpak-info` read-only and flatpak
+///   starts the app in `app-flatpak-ID-N.scope`; inside, the app cannot write cgroups, reach
+///   the service manager or make namespaces, so it cannot pass for another app. May Seal.
+///   (An app granted a way out, such as `--talk-name=org.freedesktop.Flatpak`, is as good as
+///   unsandboxed: its id holds like a unit's.)
+/// - Snap: vouched by the `snap.NAME.APP.*.scope` snapd starts it in; strict confinement
+///   (AppArmor, seccomp) keeps it there. May Seal. (A *classic* snap is unsandboxed: its id
+///   holds like a unit's.)
+/// - Unit: vouched by the launcher (desktop or phone shell) that started the app in its own
+///   `app-[LAUNCHER-]ID-N.scope` or `app-[LAUNCHER-]ID@N.service`: one app per id for apps
+///   that do not lie, and sandboxed apps cannot make units. May Seal.
+/// - Process (`uid:UID:EXE`): vouched by nothing but the uid and `/proc/PID/exe`. Not one app
+///   per id even when nobody lies: every script one interpreter runs (`uid:1000:/usr/bin/
+///   python3`) and every copy of a program is the same id. Seal is NotAuthorized unless the
+///   app's policy sets `seal_unsandboxed = true` (the admin accepts that everything running
+///   that executable as that uid shares what it seals).
+///
+/// For sessions, quotas and policy the kind changes nothing: a session (and the KV hearthd
+/// parks for it) belongs to the bus connection that opened it, whatever its app id; quotas
+/// (`requests_per_minute`) and the apps.d policy are per app id, so all programs that share a
+/// `uid:UID:EXE` id share one quota and one policy file.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum AppKind {
+    /// A Flatpak app: its `[Application] name=` read from `/proc/PID/root/.flatpak-info` (the
+    /// sandbox's own root, bind-mounted read-only by bwrap) and/or its `app-flatpak-ID-N.scope`
+    /// cgroup; when both are there they must agree.
     Flatpak,
+    /// A snap: its `snap.NAME.APP.*.scope` cgroup.
     Snap,
-    /// A systemd app unit (service or scope) named after the app.
+    /// A systemd app unit (service or scope) named after the app by whatever launched it.
     Unit,
-    /// No sandbox or app unit: identified by uid and executable.
+    /// No sandbox or app unit: identified by uid and executable, a name shared by every
+    /// program that executable runs (interpreters) and taken by any program of that uid that
+    /// runs it. Not vouched for: see [`AppKind::vouched`].
     Process,
 }
 
@@ -31,6 +71,12 @@ impl AppKind {
             Self::Unit => "systemd-unit",
             Self::Process => "process",
         }
+    }
+
+    /// Whether the id names one app, so that data sealed for it is that app's: true for a
+    /// sandbox or an app unit, false for a bare process (see the table on [`AppKind`]).
+    pub fn vouched(self) -> bool {
+        !matches!(self, Self::Process)
     }
 }
 

@@ -9,9 +9,16 @@
 //! cloud = false                    # may its requests go to the cloud model at all
 //! cloud_scopes = ["public"]        # scopes it lets go there ("public", "personal")
 //! share_sealed_with = []           # apps that may use the data it sealed
+//! seal_unsandboxed = false         # may a bare "uid:UID:EXE" id Seal (see below)
 //! requests_per_minute = 0          # quota (0: none)
 //! max_tokens = 0                   # most tokens per request (0: the context)
 //! ```
+//!
+//! `seal_unsandboxed` only matters for an app id of the bare-process kind (`uid:UID:EXE`,
+//! no sandbox or app unit; see [`crate::identity::AppKind`]): such an id is shared by every
+//! program that executable runs as that uid (all scripts of `/usr/bin/python3`), so Seal is
+//! refused for it unless its file sets `seal_unsandboxed = true`, accepting that they all
+//! share what any of them seals. Sandboxed and app-unit ids may always Seal.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -32,6 +39,8 @@ pub struct AppPolicy {
     pub cloud: bool,
     pub cloud_scopes: Vec<Scope>,
     pub share_sealed_with: Vec<String>,
+    /// Whether a bare-process id (`uid:UID:EXE`) may Seal; see the module docs.
+    pub seal_unsandboxed: bool,
     pub requests_per_minute: u32,
     pub max_tokens: u32,
 }
@@ -42,7 +51,8 @@ fn priority<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Priority, D::Error
 }
 
 impl Default for AppPolicy {
-    /// Apps without a policy file: every model, any priority, on-device only.
+    /// Apps without a policy file: every model, any priority, on-device only, no Seal for a
+    /// bare-process id.
     fn default() -> Self {
         Self {
             models: vec!["*".to_owned()],
@@ -50,6 +60,7 @@ impl Default for AppPolicy {
             cloud: false,
             cloud_scopes: vec![Scope::Public],
             share_sealed_with: Vec::new(),
+            seal_unsandboxed: false,
             requests_per_minute: 0,
             max_tokens: 0,
         }
@@ -62,12 +73,13 @@ impl AppPolicy {
         let list = |v: &[String]| v.iter().map(|s| format!("{s:?}")).collect::<Vec<_>>().join(", ");
         let scopes: Vec<String> = self.cloud_scopes.iter().map(|s| s.as_str().to_owned()).collect();
         format!(
-            "app = {app_id:?}\nmodels = [{}]\nmax_priority = {:?}\ncloud = {}\ncloud_scopes = [{}]\nshare_sealed_with = [{}]\nrequests_per_minute = {}\nmax_tokens = {}\n",
+            "app = {app_id:?}\nmodels = [{}]\nmax_priority = {:?}\ncloud = {}\ncloud_scopes = [{}]\nshare_sealed_with = [{}]\nseal_unsandboxed = {}\nrequests_per_minute = {}\nmax_tokens = {}\n",
             list(&self.models),
             self.max_priority.as_str(),
             self.cloud,
             list(&scopes),
             list(&self.share_sealed_with),
+            self.seal_unsandboxed,
             self.requests_per_minute,
             self.max_tokens,
         )
@@ -194,11 +206,32 @@ mod tests {
     }
 
     #[test]
+    fn seal_unsandboxed_is_off_unless_a_file_or_set_app_policy_turns_it_on() {
+        assert!(!AppPolicy::default().seal_unsandboxed);
+        let d = tempfile::tempdir().unwrap();
+        let python = "uid:1000:/usr/bin/python3";
+        std::fs::write(d.path().join("py.toml"), format!("app = {python:?}\nseal_unsandboxed = true\n")).unwrap();
+        let p = Policies::load(&[d.path().to_owned()], AppPolicy::default()).unwrap();
+        assert!(p.get(python).seal_unsandboxed);
+        assert!(!p.get("uid:1000:/usr/bin/perl").seal_unsandboxed);
+        // SetAppPolicy's dictionary, and the file it stores, keep it.
+        let dict = std::collections::HashMap::from([(
+            "seal_unsandboxed".to_owned(),
+            zbus::OwnedVariant::try_from(zbus::Variant::from(true)).unwrap(),
+        )]);
+        let set = AppPolicy::from_dict(&dict).unwrap();
+        assert!(set.seal_unsandboxed);
+        let file: PolicyFile = toml::from_str(&set.to_toml(python)).unwrap();
+        assert_eq!((file.app.as_str(), &file.policy), (python, &set));
+    }
+
+    #[test]
     fn bad_files_are_errors() {
         for body in [
             "app = \"x\"\ncloud_scopes = [\"local\"]\n",
             "app = \"x\"\nmax_priority = \"urgent\"\n",
             "app = \"x\"\ncloud = \"yes\"\n",
+            "app = \"x\"\nseal_unsandboxed = \"yes\"\n",
             "cloud = true\n",
         ] {
             let d = tempfile::tempdir().unwrap();

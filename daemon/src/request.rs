@@ -24,7 +24,8 @@ const MAX_ADAPTER_SCALE: f64 = 8.0;
 /// Longest deadline accepted: one day.
 const MAX_DEADLINE_MS: u64 = 86_400_000;
 
-/// Which method the request came from (Generate accepts a handle token, Complete does not).
+/// Which method the request came from. Both accept a handle token: Generate's names its
+/// request object, Complete's the Cancel-only object that lives while it runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Method {
     Generate,
@@ -276,7 +277,7 @@ pub async fn parse_off_runtime(
 }
 
 /// Parses a request dictionary. `default_max_tokens` applies when the key is absent.
-pub fn parse(dict: &HashMap<String, OwnedVariant>, method: Method, default_max_tokens: u32) -> Result<Parsed, Error> {
+pub fn parse(dict: &HashMap<String, OwnedVariant>, _method: Method, default_max_tokens: u32) -> Result<Parsed, Error> {
     let mut messages = None;
     let mut model = None;
     let mut max_tokens = u64::from(default_max_tokens);
@@ -343,14 +344,13 @@ pub fn parse(dict: &HashMap<String, OwnedVariant>, method: Method, default_max_t
             key::TOOLS => tools = Some(as_str(k, v)?),
             key::TOOL_CHOICE => tool_choice = Some(as_str(k, v)?),
             key::ADAPTERS => adapters = Some(parse_adapters(v)?),
-            key::HANDLE_TOKEN if method == Method::Generate => {
+            key::HANDLE_TOKEN => {
                 let t = as_str(k, v)?;
                 if !hearth_dbus::is_valid_handle_token(t) {
                     return Err(invalid("handle_token must be 1-64 ASCII letters, digits or '_'"));
                 }
                 handle_token = Some(t.to_owned());
             }
-            key::HANDLE_TOKEN => return Err(invalid("handle_token applies to Generate only")),
             other => return Err(invalid(format!("unknown request key {other:?}"))),
         }
     }
@@ -538,6 +538,8 @@ mod tests {
                 other => panic!("expected InvalidArgs containing {expect:?}, got {other:?}"),
             }
         }
-        assert!(parse(&req(vec![("handle_token", Variant::from("t"))]), Method::Complete, 256).is_err());
+        let p = parse(&req(vec![("handle_token", Variant::from("t"))]), Method::Complete, 256).unwrap();
+        assert_eq!(p.handle_token.as_deref(), Some("t"), "Complete takes a handle token too");
+        assert!(parse(&req(vec![("handle_token", Variant::from("a/b"))]), Method::Complete, 256).is_err());
     }
 }

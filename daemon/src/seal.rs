@@ -6,6 +6,20 @@
 //! for another app fails authentication. Blob: `HSL1 | u16 app id length | app id | nonce |
 //! ciphertext+tag`. The 256-bit key comes from a systemd credential (`hearth-seal-key` in
 //! $CREDENTIALS_DIRECTORY, e.g. LoadCredentialEncrypted=) or is created 0600 in the state dir.
+//!
+//! A blob is worth what the app id it is bound to is worth ([`crate::identity::AppKind`]):
+//! - Seal ([`may_seal`]): a Flatpak, snap or systemd-app-unit id may always; a bare-process id
+//!   (`uid:UID:EXE`) only when its policy sets `seal_unsandboxed = true`, else NotAuthorized:
+//!   every program that executable runs as that uid (all scripts of one interpreter, any copy
+//!   the user starts) is that same id, so "only this app may open it" would not hold.
+//! - Open (a message's `sealed` part, `privacy::unseal`): by the sealing id, or an id its
+//!   policy lists in `share_sealed_with`; not gated by kind. No vouched app can seal a blob
+//!   for a bare id (ids of the other kinds never start with `uid:`), and what a bare id sealed
+//!   under an opt-in stays usable by that id even if the opt-in is later removed.
+//! - The blob is bound to the app id, not to the user: a Flatpak id is the same for every uid,
+//!   so keeping blobs from other users is the job of where the app stores them (its files).
+//! - Against the user's own unsandboxed programs no kind holds (they can take any unit name or
+//!   make a fake `/.flatpak-info`, and can read the app's files and memory anyway).
 
 use std::path::Path;
 
@@ -19,6 +33,24 @@ const TAG_LEN: usize = 16;
 pub const MAX_PLAINTEXT: usize = 1 << 20;
 /// The systemd credential name of the key.
 pub const CREDENTIAL: &str = "hearth-seal-key";
+
+/// Whether `identity` may Seal under `policy` (its app's policy); the error says why not and
+/// how an admin opts in.
+pub fn may_seal(identity: &crate::identity::Identity, policy: &crate::policy::AppPolicy) -> Result<(), String> {
+    if identity.kind.vouched() || policy.seal_unsandboxed {
+        return Ok(());
+    }
+    Err(format!(
+        "Seal is not available to {id:?}: it has no Flatpak or snap sandbox and no systemd app unit, \
+         so it is named only by its uid and executable, a name every program that executable runs \
+         as uid {uid} shares (all scripts of one interpreter) and any of them can take; data sealed \
+         for it would not be this app's alone. Start the app in its own app unit (app-ID-N.scope) or \
+         a sandbox, or an admin may opt in with `seal_unsandboxed = true` in the apps.d policy \
+         of app = {id:?}",
+        id = identity.app_id,
+        uid = identity.uid,
+    ))
+}
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum SealError {
@@ -198,6 +230,27 @@ mod tests {
         // Another device's key.
         let other = Sealer::open(tempfile::tempdir().unwrap().path()).unwrap();
         assert_eq!(other.open_blob(&blob), Err(SealError::Forged));
+    }
+
+    #[test]
+    fn bare_processes_seal_only_when_their_policy_opts_in() {
+        use crate::identity::{AppKind, Identity};
+        use crate::policy::AppPolicy;
+        let id = |kind, app_id: &str| Identity { app_id: app_id.to_owned(), kind, uid: 1000, pid: 42, label: None };
+        let default = AppPolicy::default();
+        for (kind, app) in [
+            (AppKind::Flatpak, "org.gnome.Maps"),
+            (AppKind::Snap, "snap.firefox"),
+            (AppKind::Unit, "org.example.Notes"),
+        ] {
+            assert_eq!(may_seal(&id(kind, app), &default), Ok(()), "{kind:?}");
+        }
+        // Two scripts of one interpreter are one id: refused by default, with the way out.
+        let python = id(AppKind::Process, "uid:1000:/usr/bin/python3");
+        let why = may_seal(&python, &default).unwrap_err();
+        assert!(why.contains("seal_unsandboxed = true") && why.contains("uid:1000:/usr/bin/python3"), "{why}");
+        let opted_in = AppPolicy { seal_unsandboxed: true, ..AppPolicy::default() };
+        assert_eq!(may_seal(&python, &opted_in), Ok(()));
     }
 
     #[test]

@@ -11,6 +11,10 @@ pub enum Error {
     /// llama.cpp refused to load the model file.
     #[error("llama.cpp could not load model {path}")]
     ModelLoad { path: PathBuf },
+    /// The model file's GGUF header is one llama.cpp must not be given (it would abort on
+    /// it, or its sizes cannot be right); `reason` says why, without file content.
+    #[error("{reason}")]
+    ModelHeader { path: PathBuf, reason: String },
     /// llama.cpp refused to load a LoRA adapter for the model.
     #[error("llama.cpp could not load LoRA adapter {path}")]
     LoraLoad { path: PathBuf },

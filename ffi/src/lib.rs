@@ -17,6 +17,7 @@ mod batch;
 mod context;
 mod detokenizer;
 mod error;
+pub mod gguf;
 mod model;
 mod sampler;
 

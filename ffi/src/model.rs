@@ -101,6 +101,8 @@ impl Model {
     ) -> Result<Self> {
         let c_path =
             CString::new(path.as_os_str().as_encoded_bytes()).map_err(|_| Error::InteriorNul { what: "model path" })?;
+        // llama.cpp aborts the process on some header values instead of failing the load.
+        crate::gguf::check(path).map_err(|reason| Error::ModelHeader { path: path.to_owned(), reason })?;
         let mut devices = Vec::with_capacity(params.devices.len() + 1);
         for name in &params.devices {
             let c_name = CString::new(name.as_str()).map_err(|_| Error::InteriorNul { what: "device name" })?;

@@ -269,6 +269,18 @@ async fn hostile_grammars_and_schemas_get_named_errors_and_leave_the_daemon_serv
         .await
         .expect_err("dead end");
     assert_eq!(error_name(&e), "org.hearth.Hearth1.Error.InvalidArgs", "{e}");
+    // A grammar whose readings multiply with every character (three ways to close each
+    // "a"): llama.cpp follows them all at once, so each token costs several times the last.
+    // The sequence is stopped when one token's sampling runs past the limit.
+    let ambiguous = "root ::= \"a\" r\nr ::= \"a\" r \"b\" | \"a\" r \"c\" | \"a\" r \"d\" | \"x\"";
+    let started = std::time::Instant::now();
+    let e = proxy
+        .complete(with(chat_request("Write aaaaaaaaaaaaaaaaaaaaaaaaaa", 64), key::GRAMMAR, ambiguous))
+        .await
+        .expect_err("ambiguous grammar");
+    assert_eq!(error_name(&e), "org.hearth.Hearth1.Error.InvalidArgs", "{e}");
+    assert!(e.to_string().contains("too ambiguous"), "{e}");
+    eprintln!("an ambiguous grammar was stopped after {:.1} s", started.elapsed().as_secs_f64());
     // Another uid, through hearthctl.
     if nix::unistd::geteuid().is_root() {
         let dir = tempfile::tempdir().unwrap();

@@ -474,3 +474,75 @@ async fn per_request_adapters_apply_to_their_request_only() {
     );
     assert_eq!(names.unwrap(), ["style"]);
 }
+
+/// The offset of the u32 value of metadata key `want` in a GGUF v2/v3 file's bytes.
+fn gguf_u32_offset(f: &[u8], want: &str) -> usize {
+    let u32_at = |p: usize| u32::from_le_bytes(f[p..p + 4].try_into().unwrap());
+    let u64_at = |p: usize| u64::from_le_bytes(f[p..p + 8].try_into().unwrap()) as usize;
+    let size = |t: u32| match t {
+        0 | 1 | 7 => 1,
+        2 | 3 => 2,
+        4..=6 => 4,
+        10..=12 => 8,
+        t => panic!("GGUF type {t}"),
+    };
+    assert_eq!(&f[..4], b"GGUF");
+    let kvs = u64_at(16);
+    let mut pos = 24;
+    for _ in 0..kvs {
+        let len = u64_at(pos);
+        let key = std::str::from_utf8(&f[pos + 8..pos + 8 + len]).unwrap().to_owned();
+        pos += 8 + len;
+        let t = u32_at(pos);
+        pos += 4;
+        if key == want {
+            assert_eq!(t, 4, "{want} is a u32");
+            return pos;
+        }
+        match t {
+            8 => pos += 8 + u64_at(pos),
+            9 => {
+                let (et, n) = (u32_at(pos), u64_at(pos + 4));
+                pos += 12;
+                for _ in 0..n {
+                    pos += if et == 8 { 8 + u64_at(pos) } else { size(et) };
+                }
+            }
+            t => pos += size(t),
+        }
+    }
+    panic!("no {want} in the GGUF header");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_header_llama_cpp_would_abort_on_is_refused_with_its_reason() {
+    let dir = ModelDir::new();
+    dir.link_default_model("m.gguf");
+    dir.manifest("smollm2-135m-instruct", "m.gguf", None, "");
+    let mut bytes = std::fs::read(hearth_tests::model_path()).unwrap();
+    let at = gguf_u32_offset(&bytes, "llama.block_count");
+    bytes[at..at + 4].copy_from_slice(&10_000u32.to_le_bytes());
+    dir.write_file("layers.gguf", &bytes, 0o644);
+    drop(bytes);
+    dir.manifest("too-many-layers", "layers.gguf", None, "");
+
+    let bus = Bus::start();
+    let mut daemon = Daemon::start_configured(&bus, &small_engine(&dir)).await;
+    let conn = bus.connect().await;
+    let proxy = hearth(&conn).await;
+    let (name, msg) = refused(&proxy, "too-many-layers").await;
+    assert_eq!(name, "org.hearth.Hearth1.Error.ModelUnavailable");
+    assert!(msg.contains("claims 10000 layers") && msg.contains("512"), "{msg}");
+    // ListModels' error says the same, and the daemon is alive and serves the default model.
+    let models = proxy.list_models().await.unwrap();
+    let t = entry(&models, "too-many-layers");
+    assert!(!flag(t, "loaded"));
+    assert!(result_str(t, "error").contains("claims 10000 layers"), "{t:?}");
+    let ok = proxy.complete(chat_request("Hi", 4)).await.unwrap();
+    assert_eq!(result_str(&ok, "model"), "smollm2-135m-instruct");
+    // Asked again, it is refused again the same way (no abort the second time either).
+    let (name, msg) = refused(&proxy, "too-many-layers").await;
+    assert_eq!(name, "org.hearth.Hearth1.Error.ModelUnavailable");
+    assert!(msg.contains("claims 10000 layers"), "{msg}");
+    assert!(daemon.try_exit().is_none());
+}

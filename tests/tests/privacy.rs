@@ -188,7 +188,8 @@ async fn sealed_data_reaches_only_the_model_of_the_sealing_app() {
     let nobody_app = process_app(NOBODY, &workspace_bin("hearthctl"));
     let bus = Bus::start();
     bus.open_to_all_users();
-    let apps = apps_dir(&[]);
+    // This test process is a bare "uid:0:EXE" id: its policy opts in to Seal.
+    let apps = apps_dir(&[("me.toml", format!("app = {:?}\nseal_unsandboxed = true\n", this_app()))]);
     let settings = Settings { apps: apps_setting(apps.path()), ..Settings::default() };
     let daemon = Daemon::start_configured(&bus, &settings).await;
     let conn = bus.connect().await;
@@ -236,8 +237,11 @@ async fn sealed_data_reaches_only_the_model_of_the_sealing_app() {
         || hearthctl_as_nobody(&bus, &["generate", "--max-tokens", "2", "--sealed", blob_file.to_str().unwrap(), "Hi"]);
     let out = replay();
     assert!(String::from_utf8_lossy(&out.stderr).contains("org.hearth.Hearth1.Error.NotAuthorized"));
-    std::fs::write(apps.path().join("me.toml"), format!("app = {id:?}\nshare_sealed_with = [{nobody_app:?}]\n"))
-        .unwrap();
+    std::fs::write(
+        apps.path().join("me.toml"),
+        format!("app = {id:?}\nseal_unsandboxed = true\nshare_sealed_with = [{nobody_app:?}]\n"),
+    )
+    .unwrap();
     daemon.signal(nix::sys::signal::Signal::SIGHUP);
     hearth_tests::wait_for(Duration::from_secs(10), "the reload", || async {
         daemon.log().contains("configuration reloaded").then_some(())
@@ -276,8 +280,11 @@ impl RecordingEndpoint {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn canaries_in_private_parts_never_leave_and_never_reach_logs_or_errors() {
     let endpoint = RecordingEndpoint::start();
-    // This app may use the cloud, for public data only.
-    let apps = apps_dir(&[("me.toml", format!("app = {:?}\ncloud = true\ncloud_scopes = [\"public\"]\n", this_app()))]);
+    // This app may use the cloud, for public data only; a bare process, it opts in to Seal.
+    let apps = apps_dir(&[(
+        "me.toml",
+        format!("app = {:?}\ncloud = true\ncloud_scopes = [\"public\"]\nseal_unsandboxed = true\n", this_app()),
+    )]);
     let bus = Bus::start();
     // No cloud is configured here, so nothing may be sent anywhere; tests/tests/cloud.rs runs
     // the same kind of canaries through the real forwarder. The endpoint must stay silent.
@@ -374,4 +381,72 @@ fn rand_u64(i: usize) -> u64 {
     z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
     z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
     z ^ (z >> 31)
+}
+
+/// A bare process (no sandbox, no app unit) is named by its uid and executable only, so two
+/// programs one interpreter runs are one app id: Seal is NotAuthorized for it until its policy
+/// sets `seal_unsandboxed = true`, and then what one seals the other can open.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bare_process_may_seal_only_when_its_policy_opts_in() {
+    let apps = apps_dir(&[]);
+    let bus = Bus::start();
+    let settings = Settings { apps: apps_setting(apps.path()), ..Settings::default() };
+    let daemon = Daemon::start_configured(&bus, &settings).await;
+    let conn = bus.connect().await;
+    let proxy = hearth(&conn).await;
+    assert_eq!(str_of(&proxy.caller_info().await.unwrap(), "app_kind"), "process");
+    let e = proxy.seal(b"My locker code is 4711.", HashMap::new()).await.unwrap_err();
+    assert_eq!(e.dbus_name(), "org.hearth.Hearth1.Error.NotAuthorized");
+    assert!(e.message().contains("seal_unsandboxed = true"), "says how to opt in: {}", e.message());
+
+    // Two scripts, one interpreter (hearthctl stands in for python3): one app id.
+    let hearthctl = workspace_bin("hearthctl");
+    let interpreter = process_app(nix::unistd::geteuid().as_raw(), &hearthctl);
+    let scripts = tempfile::tempdir().unwrap();
+    let script = |name: &str| {
+        let path = scripts.path().join(name);
+        std::fs::write(&path, format!("exec {:?} --bus-address {:?} \"$@\"\n", hearthctl, bus.address())).unwrap();
+        path
+    };
+    let (notes, other) = (script("notes.sh"), script("other.sh"));
+    let run = |script: &PathBuf, args: &[&str], stdin: &[u8]| {
+        let mut child = Command::new("sh")
+            .arg(script)
+            .args(args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("sh");
+        std::io::Write::write_all(&mut child.stdin.take().unwrap(), stdin).unwrap();
+        child.wait_with_output().unwrap()
+    };
+    for s in [&notes, &other] {
+        let out = run(s, &["--json", "whoami"], b"");
+        let who: serde_json::Value = serde_json::from_slice(&out.stdout).expect("whoami --json");
+        assert_eq!((who["app_id"].as_str(), who["app_kind"].as_str()), (Some(interpreter.as_str()), Some("process")));
+    }
+    let out = run(&notes, &["seal"], b"Note of notes.sh");
+    assert!(!out.status.success() && out.stdout.is_empty());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("org.hearth.Hearth1.Error.NotAuthorized"));
+
+    // The admin opts both ids in: they seal, and a script's blob is open to the other script.
+    std::fs::write(apps.path().join("me.toml"), format!("app = {:?}\nseal_unsandboxed = true\n", this_app())).unwrap();
+    std::fs::write(apps.path().join("interp.toml"), format!("app = {interpreter:?}\nseal_unsandboxed = true\n"))
+        .unwrap();
+    daemon.signal(nix::sys::signal::Signal::SIGHUP);
+    hearth_tests::wait_for(Duration::from_secs(10), "the reload", || async {
+        daemon.log().contains("configuration reloaded").then_some(())
+    })
+    .await;
+    let blob = proxy.seal(b"My locker code is 4711.", HashMap::new()).await.unwrap();
+    let part = HashMap::from([("role".to_owned(), Variant::from("user")), ("sealed".to_owned(), Variant::from(blob))]);
+    let request = HashMap::from([("messages", Variant::from(vec![part])), ("max_tokens", Variant::from(2u32))]);
+    assert_eq!(str_of(&proxy.complete(request).await.unwrap(), "route"), "local");
+    let out = run(&notes, &["seal"], b"Note of notes.sh");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let blob_file = scripts.path().join("note.bin");
+    std::fs::write(&blob_file, &out.stdout).unwrap();
+    let out = run(&other, &["generate", "--max-tokens", "2", "--sealed", blob_file.to_str().unwrap(), "Hi"], b"");
+    assert!(out.status.success(), "other.sh opens notes.sh's blob: {}", String::from_utf8_lossy(&out.stderr));
 }

@@ -320,3 +320,53 @@ async fn a_session_outlives_its_model_being_unloaded() {
     assert_eq!(result_ids(&r2), fresh_second_turn(&result_str(&r1, result_key::TEXT), 24));
     assert!(daemon.log().contains("session KV restored"));
 }
+
+/// GetAll of the session interface at `path`, over `conn`.
+async fn get_all(conn: &Connection, path: &OwnedObjectPath) -> Result<HashMap<String, zbus::OwnedVariant>, String> {
+    match conn
+        .call_method(
+            Some("org.hearth.Hearth1"),
+            path,
+            Some("org.freedesktop.DBus.Properties"),
+            "GetAll",
+            &("org.hearth.Hearth1.Session",),
+        )
+        .await
+    {
+        Ok(reply) => Ok(reply.body().deserialize().expect("a{sv}")),
+        Err(e) => Err(hearth_dbus::Error::from(e).dbus_name()),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn get_all_of_a_session_is_its_owners_only() {
+    let bus = Bus::start();
+    let _daemon = Daemon::start(&bus).await;
+    let conn = bus.connect().await;
+    let path = open(&conn).await;
+    session(&conn, &path).await.complete(turn(FIRST, 4)).await.expect("turn 1");
+    // Another connection gets NotAuthorized, as from Get, not an empty dictionary.
+    let conn2 = bus.connect().await;
+    assert_eq!(get_all(&conn2, &path).await.expect_err("not the owner"), "org.hearth.Hearth1.Error.NotAuthorized");
+    // And so does another app, for any interface at the node.
+    let out = other_app(
+        &bus,
+        path.as_str(),
+        "org.freedesktop.DBus.Properties.GetAll",
+        &["string:org.hearth.Hearth1.Session"],
+    );
+    assert!(out.contains("org.hearth.Hearth1.Error.NotAuthorized"), "{out}");
+    // The owner gets every property.
+    let all = get_all(&conn, &path).await.expect("the owner's GetAll");
+    let mut names: Vec<&str> = all.keys().map(String::as_str).collect();
+    names.sort_unstable();
+    assert_eq!(names, ["Model", "Taint", "Tokens"], "{all:?}");
+    assert!(u32::try_from(&*all["Tokens"]).unwrap() > 0);
+    let s = session(&conn, &path).await;
+    assert_eq!(s.model().await.unwrap(), String::try_from(all["Model"].try_clone().unwrap()).unwrap());
+    assert_eq!(String::try_from(all["Taint"].try_clone().unwrap()).unwrap(), "personal");
+    // Get still answers as before, and the node goes away with the session.
+    assert!(s.tokens().await.unwrap() > 0);
+    s.close().await.unwrap();
+    assert!(get_all(&conn, &path).await.is_err(), "closed");
+}

@@ -337,3 +337,54 @@ async fn list_models_and_properties_describe_the_daemon() {
     let used = u64::try_from(memory.get("used_bytes").unwrap()).unwrap();
     assert!(used > 50 << 20 && used <= u64::try_from(memory.get("budget_bytes").unwrap()).unwrap(), "{memory:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn complete_with_a_handle_token_is_cancelled_by_its_caller_only() {
+    let bus = Bus::start();
+    let _daemon = Daemon::start(&bus).await;
+    let conn = bus.connect().await;
+    let other = bus.connect().await;
+    let unique = conn.unique_name().expect("unique name").to_string();
+    let path = hearth_dbus::request_path(&unique, "c1").expect("request path");
+
+    let mut request = chat_request("Write a very long story about the sea.", 900);
+    request.insert(request_key::HANDLE_TOKEN, Variant::from("c1"));
+    let proxy = hearth_tests::hearth(&conn).await;
+    let running = tokio::spawn(async move { proxy.complete(request).await });
+
+    // The request object appears while Complete runs; another connection may not cancel it.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let foreign = RequestProxy::builder(&other).path(path.clone()).build().await.unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let err = foreign.cancel().await.expect_err("foreign Cancel must fail");
+        if error_name(&err) == "org.hearth.Hearth1.Error.NotAuthorized" {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "no request object at {path}: {err}");
+        assert!(!running.is_finished(), "Complete ended before it could be cancelled");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(!running.is_finished(), "Complete ended before it could be cancelled");
+
+    let owner = RequestProxy::builder(&conn).path(path.clone()).build().await.unwrap();
+    owner.cancel().await.expect("owner Cancel");
+    let cancelled = tokio::time::Instant::now();
+    let result = tokio::time::timeout(Duration::from_secs(1), running)
+        .await
+        .expect("Complete returns within 1 s of Cancel")
+        .unwrap();
+    let err = result.expect_err("a cancelled Complete is an error");
+    assert_eq!(error_name(&err), "org.hearth.Hearth1.Error.Cancelled");
+    assert!(cancelled.elapsed() < Duration::from_secs(1));
+
+    // The object went away with the call, and the token may be used again.
+    let err = owner.cancel().await.expect_err("no request object after Complete");
+    assert_ne!(error_name(&err), "org.hearth.Hearth1.Error.NotAuthorized");
+    let proxy = hearth_tests::hearth(&conn).await;
+    let mut again = chat_request("Say hello.", 8);
+    again.insert(request_key::HANDLE_TOKEN, Variant::from("c1"));
+    let r = proxy.complete(again).await.expect("Complete with the token again");
+    assert!(result_u32(&r, result_key::TOKENS) > 0);
+    assert_eq!(proxy.queue_depth().await.unwrap(), 0);
+}

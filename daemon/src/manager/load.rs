@@ -144,7 +144,10 @@ impl ModelManager {
             self.set_progress(name, LoadPhase::Loading, f64::from(f));
         })
         .map_err(|e| {
-            unavailable(name, format!("{} passed its checks but llama.cpp cannot load it: {e}", file.origin.display()))
+            // The header walk's reason says what is wrong with the file (no content of it).
+            let reason = format!("{} passed its checks but llama.cpp cannot load it: {e}", file.origin.display());
+            tracing::error!(model = %name, reason = %reason, "model refused");
+            unavailable(name, reason)
         })?;
         for (adapter, a) in &adapters {
             model.attach_lora(&adapter.path(), &a.name(), a.scale).map_err(|e| unavailable(name, e.to_string()))?;

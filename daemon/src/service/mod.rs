@@ -261,7 +261,17 @@ impl HearthService {
             parse_off_runtime(request, Method::Complete, self.models.config().limits.default_max_tokens).await?;
         let (who, _) = identify(conn, &self.callers, &sender).await?;
         let (request, decision) = self.admit(&who, parsed.request, parsed.parts, parsed.route)?;
-        self.complete_generation(&sender, who, request, decision, CancelToken::default(), None).await
+        self.complete_generation(
+            conn,
+            &sender,
+            who,
+            request,
+            decision,
+            parsed.handle_token,
+            CancelToken::default(),
+            None,
+        )
+        .await
     }
 
     /// Opens a multi-turn session whose KV cache stays between turns; see
@@ -420,7 +430,11 @@ impl HearthService {
             return Err(BusError::InvalidArgs("Seal takes UTF-8 text (it becomes a message's content)".into()));
         }
         let sender = caller(&header)?;
-        let (who, _) = identify(conn, &self.callers, &sender).await?;
+        let (who, id) = identify(conn, &self.callers, &sender).await?;
+        crate::seal::may_seal(&id, &self.gate.policy(&who.app)).map_err(|why| {
+            tracing::info!(target: "hearth::audit", app = %who.app, kind = id.kind.as_str(), "seal refused");
+            BusError::NotAuthorized(why)
+        })?;
         let blob = self.gate.sealer().seal(&who.app, &data).map_err(|e| BusError::Internal(e.to_string()))?;
         tracing::info!(target: "hearth::audit", app = %who.app, bytes = data.len(), "sealed");
         Ok(blob)

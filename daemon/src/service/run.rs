@@ -44,6 +44,37 @@ fn tap(
 }
 
 impl HearthService {
+    /// Exports a request object for `sender` at the path of `handle_token` (or of a fresh
+    /// token of hearthd's when None), cancelling through `cancel`. A handle token already in
+    /// use is refused.
+    async fn export_request_object(
+        &self,
+        server: &zbus::ObjectServer,
+        sender: &zbus::names::OwnedUniqueName,
+        handle_token: Option<&str>,
+        cancel: &CancelToken,
+    ) -> Result<OwnedObjectPath, BusError> {
+        loop {
+            let token = match handle_token {
+                Some(t) => t.to_owned(),
+                None => format!("r{}", self.next_request.fetch_add(1, Ordering::Relaxed)),
+            };
+            let Some(path) = hearth_dbus::request_path(sender.as_str(), &token) else {
+                return Err(BusError::Internal(format!("cannot build a request path for {sender}")));
+            };
+            let object = RequestObject::new(sender.clone(), cancel.clone());
+            match server.at(&path, object).await {
+                Ok(None) => {
+                    request_object::hide_request_listing(server).await;
+                    return Ok(path);
+                }
+                Ok(Some(_)) if handle_token.is_none() => {}
+                Ok(Some(_)) => return Err(BusError::InvalidArgs(format!("handle_token {token:?} is already in use"))),
+                Err(e) => return Err(internal("cannot export the request object", &e)),
+            }
+        }
+    }
+
     /// Exports a request object for an admitted request and starts it (Generate, and a
     /// session's Generate).
     #[allow(clippy::too_many_arguments)]
@@ -63,30 +94,11 @@ impl HearthService {
         let refused = |on_finish: Option<OnFinish>| on_finish.map(|f| f(None));
         // Claim the request path first, so the caller's early subscription can never see
         // someone else's object, and a duplicate handle token is refused.
-        let path = loop {
-            let token = match &handle_token {
-                Some(t) => t.clone(),
-                None => format!("r{}", self.next_request.fetch_add(1, Ordering::Relaxed)),
-            };
-            let Some(path) = hearth_dbus::request_path(sender.as_str(), &token) else {
+        let path = match self.export_request_object(server, &sender, handle_token.as_deref(), &cancel).await {
+            Ok(path) => path,
+            Err(e) => {
                 refused(on_finish);
-                return Err(BusError::Internal(format!("cannot build a request path for {sender}")));
-            };
-            let object = RequestObject::new(sender.clone(), cancel.clone());
-            match server.at(&path, object).await {
-                Ok(None) => {
-                    request_object::hide_request_listing(server).await;
-                    break path;
-                }
-                Ok(Some(_)) if handle_token.is_none() => {}
-                Ok(Some(_)) => {
-                    refused(on_finish);
-                    return Err(BusError::InvalidArgs(format!("handle_token {token:?} is already in use")));
-                }
-                Err(e) => {
-                    refused(on_finish);
-                    return Err(internal("cannot export the request object", &e));
-                }
+                return Err(e);
             }
         };
         let guard = self.in_flight.enter();
@@ -117,8 +129,43 @@ impl HearthService {
     }
 
     /// Runs an admitted request to its end and returns the result (Complete, and a session's
-    /// Complete).
+    /// Complete). With a `handle_token`, a request object (Cancel only: no signals) is
+    /// exported at the path Generate would use, for as long as the request runs.
+    #[allow(clippy::too_many_arguments)]
     pub(super) async fn complete_generation(
+        &self,
+        conn: &Connection,
+        sender: &zbus::names::OwnedUniqueName,
+        who: Caller,
+        request: GenerateRequest,
+        decision: Decision,
+        handle_token: Option<String>,
+        cancel: CancelToken,
+        on_finish: Option<OnFinish>,
+    ) -> Result<HashMap<String, OwnedVariant>, BusError> {
+        let server = conn.object_server();
+        let path = match handle_token {
+            Some(token) => match self.export_request_object(server, sender, Some(&token), &cancel).await {
+                Ok(path) => Some(path),
+                Err(e) => {
+                    if let Some(f) = on_finish {
+                        f(None);
+                    }
+                    return Err(e);
+                }
+            },
+            None => None,
+        };
+        let result = self.run_to_end(sender, who, request, decision, cancel, on_finish).await;
+        if let Some(path) = path {
+            if let Err(e) = server.remove::<RequestObject, _>(&path).await {
+                tracing::warn!(error = %e, path = %path.as_str(), "cannot remove request object");
+            }
+        }
+        result
+    }
+
+    async fn run_to_end(
         &self,
         sender: &zbus::names::OwnedUniqueName,
         who: Caller,

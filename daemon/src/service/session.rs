@@ -13,8 +13,9 @@ use std::sync::{Arc, Mutex};
 
 use hearth_dbus::{Error as BusError, request_key as key};
 use zbus::message::Header;
-use zbus::names::OwnedUniqueName;
-use zbus::{Connection, interface};
+use zbus::names::{InterfaceName, OwnedUniqueName};
+use zbus::object_server::{DispatchResult, Interface, SignalEmitter};
+use zbus::{BoxDBusError, Connection, ObjectServer, interface};
 use zbus::{OwnedObjectPath, OwnedVariant, Variant};
 
 use super::{HearthService, OnFinish, caller, identify};
@@ -94,6 +95,10 @@ impl Sessions {
         if let Err(e) = conn.object_server().at(&path, object).await {
             self.close(conn, &svc.models, id, "export failed").await;
             return Err(BusError::Internal(format!("cannot export the session object: {e}")));
+        }
+        if let Err(e) = SessionProperties::install(conn.object_server(), &path, id, owner.clone()).await {
+            self.close(conn, &svc.models, id, "export failed").await;
+            return Err(BusError::Internal(format!("cannot export the session's properties: {e}")));
         }
         tracing::info!(target: "hearth::audit", app, session = id, model = %model, "session opened");
         Ok(path)
@@ -283,7 +288,16 @@ impl SessionObject {
     ) -> Result<HashMap<String, OwnedVariant>, BusError> {
         let turn = self.begin(&header, conn, request, Method::Complete).await?;
         self.svc
-            .complete_generation(&self.owner, turn.who, turn.request, turn.decision, turn.cancel, Some(turn.on_finish))
+            .complete_generation(
+                conn,
+                &self.owner,
+                turn.who,
+                turn.request,
+                turn.decision,
+                turn.handle_token,
+                turn.cancel,
+                Some(turn.on_finish),
+            )
             .await
     }
 
@@ -318,5 +332,142 @@ impl SessionObject {
         self.owner_only(header)?;
         let state = lock(&self.state);
         Ok(state.history.iter().map(|p| p.scope).max().unwrap_or(Scope::Public).as_str().to_owned())
+    }
+}
+
+/// `org.freedesktop.DBus.Properties` of a session object, in place of zbus's own. zbus builds
+/// GetAll from the property getters and leaves out every property whose getter fails, so
+/// another caller's GetAll answered `{}` where its Get of each property is NotAuthorized.
+/// This one refuses anyone but the session's owner first, for Get, GetAll and Set alike, and
+/// otherwise answers as zbus would (through the session object's own getters). Session
+/// properties never emit PropertiesChanged (their values change only with the owner's turns).
+#[derive(Debug)]
+struct SessionProperties {
+    id: u64,
+    owner: OwnedUniqueName,
+}
+
+/// zbus's name for its default Properties interface (the one this replaces).
+const PROPERTIES: &str = "org.freedesktop.DBus.Properties";
+
+impl SessionProperties {
+    /// Replaces the default Properties interface at `path` (where the session object was just
+    /// exported). The name is a default interface's, so zbus still drops the node when the
+    /// session object goes.
+    async fn install(
+        server: &ObjectServer,
+        path: &OwnedObjectPath,
+        id: u64,
+        owner: OwnedUniqueName,
+    ) -> zbus::Result<()> {
+        server.remove_named(path, InterfaceName::from_static_str_unchecked(PROPERTIES)).await?;
+        server.at(path, SessionProperties { id, owner }).await?;
+        Ok(())
+    }
+
+    fn check(&self, header: &Header<'_>) -> Result<(), BoxDBusError> {
+        let sender = caller(header).map_err(|e| Box::new(e) as BoxDBusError)?;
+        if sender.as_str() == self.owner.as_str() {
+            return Ok(());
+        }
+        tracing::warn!(target: "hearth::audit", session = self.id, caller = %sender, "session properties refused: not its owner");
+        Err(Box::new(BusError::NotAuthorized("only the connection that opened this session may use it".into())))
+    }
+
+    /// The session object at the header's path, for an interface that is the session's; None
+    /// for the other interfaces at the node (which have no properties); UnknownInterface else.
+    async fn session(
+        server: &ObjectServer,
+        header: &Header<'_>,
+        interface_name: &InterfaceName<'_>,
+    ) -> Result<Option<zbus::object_server::InterfaceRef<SessionObject>>, BoxDBusError> {
+        if interface_name.as_str() == SessionObject::name().as_str() {
+            let path = header.path().ok_or(zbus::Error::MissingField)?;
+            let object = server
+                .interface::<_, SessionObject>(path)
+                .await
+                .map_err(|_| zbus::fdo::Error::UnknownInterface(format!("Unknown interface '{interface_name}'")))?;
+            return Ok(Some(object));
+        }
+        match interface_name.as_str() {
+            PROPERTIES | "org.freedesktop.DBus.Peer" | "org.freedesktop.DBus.Introspectable" => Ok(None),
+            _ => Err(Box::new(zbus::fdo::Error::UnknownInterface(format!("Unknown interface '{interface_name}'")))),
+        }
+    }
+}
+
+fn unknown_property(name: &str) -> BoxDBusError {
+    Box::new(zbus::fdo::Error::UnknownProperty(format!("Unknown property '{name}'")))
+}
+
+#[interface(name = "org.freedesktop.DBus.Properties", introspection_docs = false)]
+impl SessionProperties {
+    /// Get a property value (the session's owner only).
+    async fn get(
+        &self,
+        interface_name: InterfaceName<'_>,
+        property_name: &str,
+        #[zbus(connection)] conn: &Connection,
+        #[zbus(object_server)] server: &ObjectServer,
+        #[zbus(header)] header: Header<'_>,
+        #[zbus(signal_emitter)] emitter: SignalEmitter<'_>,
+    ) -> Result<OwnedVariant, BoxDBusError> {
+        self.check(&header)?;
+        let Some(object) = Self::session(server, &header, &interface_name).await? else {
+            return Err(unknown_property(property_name));
+        };
+        let object = object.get().await;
+        object
+            .get(property_name, server, conn, Some(&header), &emitter)
+            .await
+            .unwrap_or_else(|| Err(unknown_property(property_name)))
+    }
+
+    /// Get all properties (the session's owner only).
+    async fn get_all(
+        &self,
+        interface_name: InterfaceName<'_>,
+        #[zbus(object_server)] server: &ObjectServer,
+        #[zbus(connection)] conn: &Connection,
+        #[zbus(header)] header: Header<'_>,
+        #[zbus(signal_emitter)] emitter: SignalEmitter<'_>,
+    ) -> Result<HashMap<String, OwnedVariant>, BoxDBusError> {
+        self.check(&header)?;
+        let Some(object) = Self::session(server, &header, &interface_name).await? else {
+            return Ok(HashMap::new());
+        };
+        let object = object.get().await;
+        Ok(object.get_all(server, conn, Some(&header), &emitter).await?)
+    }
+
+    /// Set a property value (the session's owner only; the session's are all read-only).
+    #[allow(clippy::too_many_arguments)]
+    async fn set(
+        &self,
+        interface_name: InterfaceName<'_>,
+        property_name: &str,
+        value: Variant<'_>,
+        #[zbus(object_server)] server: &ObjectServer,
+        #[zbus(connection)] conn: &Connection,
+        #[zbus(header)] header: Header<'_>,
+        #[zbus(signal_emitter)] emitter: SignalEmitter<'_>,
+    ) -> Result<(), BoxDBusError> {
+        self.check(&header)?;
+        let Some(object) = Self::session(server, &header, &interface_name).await? else {
+            return Err(unknown_property(property_name));
+        };
+        {
+            let guard = object.get().await;
+            match guard.set(property_name, &value, server, conn, Some(&header), &emitter) {
+                DispatchResult::NotFound => return Err(unknown_property(property_name)),
+                DispatchResult::Async(f) => return f.await,
+                DispatchResult::RequiresMut => {}
+            }
+        }
+        let mut guard = object.get_mut().await;
+        guard
+            .set_mut(property_name, &value, server, conn, Some(&header), &emitter)
+            .await
+            .unwrap_or_else(|| Err(unknown_property(property_name)))
     }
 }

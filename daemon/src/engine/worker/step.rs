@@ -1,0 +1,270 @@
+//! One decode step: the batch built from the running sequences (a token from each decoding
+//! one, one prompt chunk), the decode, and sampling; and what happens when a step does not
+//! complete: an interactive preemption or a failed decode puts the work back and cuts each
+//! sequence's KV to what it had committed, and a failed step of several sequences is
+//! retried one sequence at a time, so only a sequence whose own step fails is failed.
+
+use std::sync::atomic::Ordering;
+
+use hearth_dbus::FinishReason;
+
+use super::super::Priority;
+use super::super::scheduler::{COST_PER_GENERATED, COST_PER_PROMPT};
+use super::super::sequence::Sequence;
+use super::Worker;
+use crate::error::Error;
+
+/// Longest one token's sampling may take. Without a grammar it takes about a millisecond; a
+/// grammar whose readings multiply with every token takes twice as long each token.
+const MAX_SAMPLE_TIME: std::time::Duration = std::time::Duration::from_millis(250);
+
+impl Worker {
+    /// Builds one batch from the running sequences, decodes it and samples. Returns the
+    /// number of tokens generated and whether the batch carried a prompt chunk.
+    pub(super) fn step(&mut self) -> (usize, bool) {
+        if self.stall {
+            tracing::warn!("HEARTH_DEBUG_STALL_ENGINE: the engine hangs here on purpose");
+            loop {
+                std::thread::park();
+            }
+        }
+        self.batch.clear();
+        // While a request prefills, lower-priority sequences pause (no decode step): the
+        // newcomer's prompt and first token come first.
+        let prefill_priority =
+            self.running.iter().filter(|s| s.finished.is_none() && s.in_prefill()).map(|s| s.priority).max();
+        let group = self.step_group(prefill_priority);
+        let mut push_failed = None;
+        // What this step takes from each sequence, to put back if the step is preempted.
+        let mut taken: Vec<(usize, hearth_ffi::Token)> = Vec::new();
+        let mut prefill_taken: Option<(usize, usize)> = None;
+        for (i, s) in self.running.iter_mut().enumerate().filter(|(_, s)| s.finished.is_none()) {
+            s.logits_index = None;
+            if prefill_priority.is_some_and(|p| p > s.priority) || group.as_ref().is_some_and(|g| *g != s.adapters) {
+                continue;
+            }
+            if let Some(token) = s.next_token {
+                match self.batch.push(token, s.pos, &[s.seq], true) {
+                    Ok(j) => {
+                        s.next_token = None;
+                        s.logits_index = Some(j);
+                        s.pos += 1;
+                        taken.push((i, token));
+                    }
+                    Err(e) => push_failed = Some(e),
+                }
+            }
+        }
+        // One prompt chunk per step: the highest-priority, oldest prefilling sequence's. Two
+        // prompts in one batch change llama.cpp's numerics (tested in hearth-ffi's
+        // batch_exactness), and batching must never change a request's output.
+        let in_group = |s: &Sequence| group.as_ref().is_none_or(|g| *g == s.adapters);
+        let next_prefill = (0..self.running.len())
+            .filter(|&i| {
+                self.running[i].finished.is_none() && self.running[i].in_prefill() && in_group(&self.running[i])
+            })
+            .min_by_key(|&i| (std::cmp::Reverse(self.running[i].priority), self.running[i].id));
+        if let Some(i) = next_prefill {
+            let s = &mut self.running[i];
+            let n = (s.prompt.len() - s.prefilled).min(self.batch.remaining());
+            for k in s.prefilled..s.prefilled + n {
+                let last = k + 1 == s.prompt.len();
+                match self.batch.push(s.prompt[k], k as i32, &[s.seq], last) {
+                    Ok(i) if last => s.logits_index = Some(i),
+                    Ok(_) => {}
+                    Err(e) => push_failed = Some(e),
+                }
+            }
+            s.prefilled += n;
+            prefill_taken = Some((i, n));
+        }
+        // The sequences this step feeds: only they may be failed by what goes wrong in it
+        // (a paused or waiting prefill did nothing).
+        let members: Vec<usize> = taken.iter().map(|(i, _)| *i).chain(prefill_taken.map(|(i, _)| i)).collect();
+        if let Some(e) = push_failed {
+            // Cannot happen with the capacities checked at start; fail loudly, not silently.
+            self.undo_step(&taken, prefill_taken);
+            self.fail(&members, &Error::Internal(format!("batch construction: {e}")));
+            return (0, false);
+        }
+        if let Some(g) = group.as_ref().filter(|g| self.adapters_set.as_ref() != Some(*g)) {
+            if let Err(e) = self.ctx.set_lora_scales(&g.scales()) {
+                self.undo_step(&taken, prefill_taken);
+                self.fail(&members, &Error::Internal(e.to_string()));
+                return (0, false);
+            }
+            self.adapters_set = Some(g.clone());
+        }
+        self.last_group = group;
+        // A pending preemption may abort this step only if it holds no interactive work.
+        if self
+            .running
+            .iter()
+            .any(|s| s.priority == Priority::Interactive && (s.logits_index.is_some() || s.in_prefill()))
+        {
+            self.preempt.store(false, Ordering::Release);
+        }
+        match self.ctx.decode(&self.batch) {
+            Ok(()) => {}
+            Err(hearth_ffi::Error::Aborted) => {
+                // Put the work back and go admit the interactive request first. Nothing was
+                // sampled, so nothing is lost.
+                self.preempt.store(false, Ordering::Release);
+                self.undo_step(&taken, prefill_taken);
+                tracing::debug!(tokens = self.batch.len(), "decode step preempted by an interactive request");
+                return (0, false);
+            }
+            Err(e) if members.len() > 1 => {
+                // Which sequence the step failed for is not known: each goes again alone,
+                // and only one whose own step fails ends with an error.
+                tracing::warn!(error = %e, sequences = members.len(), "decode failed: retrying its sequences one by one");
+                self.undo_step(&taken, prefill_taken);
+                return self.step_alone(&members);
+            }
+            Err(e) => {
+                tracing::error!(error = %e, tokens = self.batch.len(), "decode failed");
+                self.undo_step(&taken, prefill_taken);
+                self.fail(&members, &Error::Internal(e.to_string()));
+                return (0, false);
+            }
+        }
+        if let Some((i, n)) = prefill_taken {
+            let app = self.running[i].caller.app.clone();
+            self.scheduler.charge(&app, n as u64 * COST_PER_PROMPT);
+        }
+        (self.sample_step(), prefill_taken.is_some())
+    }
+
+    /// Samples every sequence the last decode computed logits for; returns how many tokens.
+    fn sample_step(&mut self) -> usize {
+        let mut generated = 0;
+        for s in self.running.iter_mut() {
+            let Some(i) = s.logits_index.take() else { continue };
+            let started = std::time::Instant::now();
+            let sampled = s.sampler.sample(&mut self.ctx, i);
+            if started.elapsed() > MAX_SAMPLE_TIME {
+                // Only a grammar makes sampling this slow: an ambiguous one that llama.cpp
+                // follows along every reading at once, whose cost (and memory) doubles with
+                // each token. Stopped here, before the next doubling.
+                s.finished = Some((
+                    FinishReason::Error,
+                    Some(Error::InvalidArgs(format!(
+                        "the grammar is too ambiguous to follow: choosing one token took {} ms (limit {} ms)",
+                        started.elapsed().as_millis(),
+                        MAX_SAMPLE_TIME.as_millis()
+                    ))),
+                ));
+                continue;
+            }
+            match sampled {
+                Ok(token) => {
+                    s.accept(&self.model, token);
+                    self.scheduler.charge(&s.caller.app, COST_PER_GENERATED);
+                    generated += 1;
+                }
+                Err(hearth_ffi::Error::GrammarDeadEnd) => {
+                    // This sequence's grammar allows nothing here; the others go on.
+                    s.finished = Some((
+                        FinishReason::Error,
+                        Some(Error::InvalidArgs(
+                            "the grammar allows no token this model can produce here; generation stopped".into(),
+                        )),
+                    ))
+                }
+                Err(e) => s.finished = Some((FinishReason::Error, Some(Error::Internal(e.to_string())))),
+            }
+        }
+        generated
+    }
+
+    /// Takes back what a step that did not complete took from its sequences, and brings
+    /// their KV back to match: llama.cpp removes the KV of the micro-batch it failed or was
+    /// aborted in, but keeps that of the micro-batches before it (a batch of several
+    /// sequences is split into several), so each sequence is cut back to the positions it
+    /// had committed before the step. Without the cut, the next step would put tokens at
+    /// positions the KV already holds and llama.cpp would refuse the whole batch.
+    fn undo_step(&mut self, taken: &[(usize, hearth_ffi::Token)], prefill: Option<(usize, usize)>) {
+        for &(i, token) in taken {
+            let s = &mut self.running[i];
+            s.next_token = Some(token);
+            s.pos -= 1;
+            s.logits_index = None;
+        }
+        if let Some((i, n)) = prefill {
+            self.running[i].prefilled -= n;
+            self.running[i].logits_index = None;
+        }
+        for i in taken.iter().map(|(i, _)| *i).chain(prefill.map(|(i, _)| i)) {
+            let s = &mut self.running[i];
+            let committed = s.kv_used() as hearth_ffi::Pos;
+            if self.ctx.sequence_max_pos(s.seq) >= committed && !self.ctx.truncate_sequence(s.seq, committed) {
+                s.finished = Some((FinishReason::Error, Some(Error::Internal("cannot roll back its KV cache".into()))));
+            }
+        }
+    }
+
+    /// After a failed step of several sequences: decodes each of `members` in a step of its
+    /// own (its next token, or its prompt chunk), so that only a sequence whose own step
+    /// fails is failed. Stops at a preemption, putting the rest back untouched.
+    fn step_alone(&mut self, members: &[usize]) -> (usize, bool) {
+        let (mut generated, mut prefilled) = (0, false);
+        for &i in members {
+            if self.running[i].finished.is_some() {
+                continue;
+            }
+            self.batch.clear();
+            let s = &mut self.running[i];
+            let (mut taken, mut chunk) = (Vec::new(), None);
+            if let Some(token) = s.next_token {
+                if let Ok(j) = self.batch.push(token, s.pos, &[s.seq], true) {
+                    s.next_token = None;
+                    s.logits_index = Some(j);
+                    s.pos += 1;
+                    taken.push((i, token));
+                }
+            } else if s.in_prefill() {
+                let n = (s.prompt.len() - s.prefilled).min(self.batch.remaining());
+                for k in s.prefilled..s.prefilled + n {
+                    let last = k + 1 == s.prompt.len();
+                    if let Ok(j) = self.batch.push(s.prompt[k], k as i32, &[s.seq], last) {
+                        if last {
+                            s.logits_index = Some(j);
+                        }
+                    }
+                }
+                s.prefilled += n;
+                chunk = Some((i, n));
+            }
+            match self.ctx.decode(&self.batch) {
+                Ok(()) => {
+                    if let Some((i, n)) = chunk {
+                        let app = self.running[i].caller.app.clone();
+                        self.scheduler.charge(&app, n as u64 * COST_PER_PROMPT);
+                        prefilled = true;
+                    }
+                    generated += self.sample_step();
+                }
+                Err(hearth_ffi::Error::Aborted) => {
+                    self.preempt.store(false, Ordering::Release);
+                    self.undo_step(&taken, chunk);
+                    break;
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "decode of one sequence failed");
+                    self.undo_step(&taken, chunk);
+                    self.fail(&[i], &Error::Internal(e.to_string()));
+                }
+            }
+        }
+        (generated, prefilled)
+    }
+
+    fn fail(&mut self, members: &[usize], error: &Error) {
+        for &i in members {
+            let s = &mut self.running[i];
+            if s.finished.is_none() {
+                s.finished = Some((FinishReason::Error, Some(error.clone())));
+            }
+        }
+    }
+}
