@@ -233,12 +233,13 @@ async fn run(cli: Cli) -> Result<ExitCode, CliError> {
             let backends: Vec<Json> = proxy.backends().await?.iter().map(dict_json).collect();
             let (thermal, power) = (proxy.thermal_state().await?, proxy.power_state().await?);
             let throttle = dict_json(&proxy.throttle().await?);
+            let cloud = proxy.cloud_available().await?;
             if cli.json {
                 println!(
                     "{}",
                     json!({ "version": version, "loaded_models": models, "queue_depth": depth,
                             "memory": memory, "backends": backends, "thermal_state": thermal,
-                            "power_state": power, "throttle": throttle })
+                            "power_state": power, "throttle": throttle, "cloud_available": cloud })
                 );
             } else {
                 let mib = |k: &str| memory[k].as_u64().unwrap_or(0) as f64 / f64::from(1u32 << 20);
@@ -261,6 +262,8 @@ async fn run(cli: Cli) -> Result<ExitCode, CliError> {
                     },
                     if throttle["defer_background"] == json!(true) { ", background deferred" } else { "" }
                 );
+                // CloudAvailable: configured and its circuit breaker closed or half-open.
+                println!("cloud:         {}", if cloud { "available" } else { "not available" });
                 for b in &backends {
                     println!(
                         "device:        {} ({}, {}){}",

@@ -38,6 +38,7 @@ impl Gate {
         let dir = &config.daemon.state_dir;
         let key_err = |source| GateError::Key { dir: dir.display().to_string(), source };
         std::fs::DirBuilder::new().recursive(true).mode(0o700).create(dir).map_err(key_err)?;
+        crate::state_file::sweep(dir).map_err(key_err)?;
         let sealer = Sealer::open(dir).map_err(key_err)?;
         tracing::info!(key = %sealer.source, "sealing key ready");
         let runtime_dir = dir.join("apps.d");
@@ -45,6 +46,7 @@ impl Gate {
             .mode(0o700)
             .create(&runtime_dir)
             .or_else(|e| if e.kind() == std::io::ErrorKind::AlreadyExists { Ok(()) } else { Err(key_err(e)) })?;
+        crate::state_file::sweep(&runtime_dir).map_err(key_err)?;
         let gate = Self {
             policies: RwLock::new(Arc::new(Policies::default())),
             runtime_dir,

@@ -270,10 +270,14 @@ pub async fn parse_off_runtime(
     if ![key::JSON_SCHEMA, key::GRAMMAR, key::TOOLS].iter().any(|k| dict.contains_key(*k)) {
         return parse(&dict, method, default_max_tokens);
     }
-    let _turn = CONVERSIONS.acquire().await.map_err(|_| Error::Internal("the request parser stopped".into()))?;
-    tokio::task::spawn_blocking(move || parse(&dict, method, default_max_tokens))
-        .await
-        .map_err(|e| Error::Internal(format!("the request parser failed: {e}")))?
+    // The turn goes with the work: a caller that stops waiting does not free it early.
+    let turn = CONVERSIONS.acquire().await.map_err(|_| Error::Internal("the request parser stopped".into()))?;
+    tokio::task::spawn_blocking(move || {
+        let _turn = turn;
+        parse(&dict, method, default_max_tokens)
+    })
+    .await
+    .map_err(|e| Error::Internal(format!("the request parser failed: {e}")))?
 }
 
 /// Parses a request dictionary. `default_max_tokens` applies when the key is absent.

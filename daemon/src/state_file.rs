@@ -6,10 +6,13 @@
 use std::io::Write;
 use std::path::Path;
 
+const TMP_PREFIX: &str = ".hearth-";
+const TMP_SUFFIX: &str = ".tmp";
+
 fn staged(path: &Path, bytes: &[u8]) -> std::io::Result<tempfile::NamedTempFile> {
     let dir = path.parent().unwrap_or(Path::new("."));
     // NamedTempFile is created 0600 with O_EXCL and an unpredictable name.
-    let mut tmp = tempfile::Builder::new().prefix(".hearth-").suffix(".tmp").tempfile_in(dir)?;
+    let mut tmp = tempfile::Builder::new().prefix(TMP_PREFIX).suffix(TMP_SUFFIX).tempfile_in(dir)?;
     tmp.write_all(bytes)?;
     tmp.as_file().sync_all()?;
     Ok(tmp)
@@ -33,6 +36,20 @@ pub fn create_new(path: &Path, bytes: &[u8]) -> std::io::Result<bool> {
         Err(e) if e.error.kind() == std::io::ErrorKind::AlreadyExists => Ok(false),
         Err(e) => Err(e.error),
     }
+}
+
+/// Removes the temporary files a crash (or power loss) between writing and renaming left in
+/// `dir`; called at start, before anything is written there.
+pub fn sweep(dir: &Path) -> std::io::Result<()> {
+    for entry in std::fs::read_dir(dir)? {
+        let entry = entry?;
+        let name = entry.file_name();
+        let name = name.to_string_lossy();
+        if name.starts_with(TMP_PREFIX) && name.ends_with(TMP_SUFFIX) && entry.file_type()?.is_file() {
+            std::fs::remove_file(entry.path())?;
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -97,6 +114,10 @@ pub(crate) mod tests {
         assert_eq!(std::fs::read(&path).unwrap(), b"new");
         assert!(create_new(&disk.0.path().join("key"), b"k").unwrap());
         assert!(!create_new(&disk.0.path().join("key"), b"other").unwrap());
+        // What a crash between write and rename leaves is swept at the next start.
+        std::fs::write(disk.0.path().join(".hearth-abc123.tmp"), b"x").unwrap();
+        sweep(disk.0.path()).unwrap();
+        assert_eq!(disk.names(), ["key", "state.toml"]);
         assert_eq!(std::fs::read(disk.0.path().join("key")).unwrap(), b"k");
         use std::os::unix::fs::PermissionsExt;
         assert_eq!(std::fs::metadata(&path).unwrap().permissions().mode() & 0o777, 0o600);

@@ -55,8 +55,8 @@ pub struct Context {
     ptr: NonNull<sys::llama_context>,
     params: ContextParams,
     // Boxed inside an Arc so the pointer given to llama.cpp's abort callback stays valid for
-    // the context's whole life, whoever else holds the flag.
-    abort: Arc<AtomicBool>,
+    // the context's whole life, whoever else holds the switch.
+    abort: Arc<AbortSwitch>,
     model: Arc<Model>,
 }
 
@@ -65,23 +65,58 @@ pub struct Context {
 // read-only query.
 unsafe impl Send for Context {}
 
+/// When a context's decodes stop early: once an abort is requested (from any thread), the
+/// running decode and every later one return [`Error::Aborted`] until the request is
+/// cleared, except while the switch is held (the decode then carries work that must not be
+/// thrown away).
+#[derive(Debug, Default)]
+pub struct AbortSwitch {
+    requested: AtomicBool,
+    held: AtomicBool,
+}
+
+impl AbortSwitch {
+    /// Asks the running (or next) decode to stop.
+    pub fn request(&self) {
+        self.requested.store(true, Ordering::Release);
+    }
+
+    /// Withdraws the request.
+    pub fn clear(&self) {
+        self.requested.store(false, Ordering::Release);
+    }
+
+    pub fn is_requested(&self) -> bool {
+        self.requested.load(Ordering::Acquire)
+    }
+
+    /// While held, requests are kept but no decode aborts.
+    pub fn hold(&self, held: bool) {
+        self.held.store(held, Ordering::Release);
+    }
+
+    fn aborts(&self) -> bool {
+        self.requested.load(Ordering::Relaxed) && !self.held.load(Ordering::Relaxed)
+    }
+}
+
 unsafe extern "C" fn abort_requested(data: *mut c_void) -> bool {
-    // SAFETY: `data` is the address of the AtomicBool inside the context's Arc, which outlives
-    // the llama_context (dropped after llama_free).
-    let flag = unsafe { &*data.cast::<AtomicBool>() };
-    flag.load(Ordering::Relaxed)
+    // SAFETY: `data` is the address of the AbortSwitch inside the context's Arc, which
+    // outlives the llama_context (dropped after llama_free).
+    let switch = unsafe { &*data.cast::<AbortSwitch>() };
+    switch.aborts()
 }
 
 impl Context {
     /// Creates a context.
     pub fn new(model: Arc<Model>, params: ContextParams) -> Result<Self> {
-        Self::with_abort_flag(model, params, Arc::new(AtomicBool::new(false)))
+        Self::with_abort_switch(model, params, Arc::new(AbortSwitch::default()))
     }
 
-    /// Creates a context whose decodes abort while `abort` is set: one flag can stop the
-    /// work of several contexts (the engine's generation and embedding contexts share the
-    /// flag an interactive request raises).
-    pub fn with_abort_flag(model: Arc<Model>, params: ContextParams, abort: Arc<AtomicBool>) -> Result<Self> {
+    /// Creates a context whose decodes abort by `abort`: one switch can stop the work of
+    /// several contexts (the engine's generation and embedding contexts share the one an
+    /// interactive request throws).
+    pub fn with_abort_switch(model: Arc<Model>, params: ContextParams, abort: Arc<AbortSwitch>) -> Result<Self> {
         // SAFETY: returns a plain struct of defaults.
         let mut cp = unsafe { sys::llama_context_default_params() };
         cp.n_ctx = params.n_ctx;
@@ -194,9 +229,8 @@ impl Context {
         self.params.n_threads_batch = n_threads_batch;
     }
 
-    /// A flag that, once set, makes the running and every later `decode` return
-    /// [`Error::Aborted`] until it is cleared. Safe to set from any thread.
-    pub fn abort_flag(&self) -> Arc<AtomicBool> {
+    /// The context's abort switch (see [`AbortSwitch`]). Safe to use from any thread.
+    pub fn abort_switch(&self) -> Arc<AbortSwitch> {
         Arc::clone(&self.abort)
     }
 

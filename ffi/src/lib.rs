@@ -23,7 +23,7 @@ mod sampler;
 
 pub use backend::{Backend, DeviceInfo, DeviceKind};
 pub use batch::Batch;
-pub use context::{Context, ContextParams};
+pub use context::{AbortSwitch, Context, ContextParams};
 pub use detokenizer::Detokenizer;
 pub use error::{Error, Result};
 pub use model::{ChatMessage, KvGeometry, Model, ModelParams};

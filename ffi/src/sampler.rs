@@ -120,6 +120,11 @@ impl Sampler {
         Self { ptr, grammar: false, dead: false, cur: Vec::new() }
     }
 
+    /// Whether the chain follows a grammar.
+    pub fn has_grammar(&self) -> bool {
+        self.grammar
+    }
+
     /// Builds the chain for `params`.
     pub fn new(params: SamplerParams) -> Self {
         let sampler = Self::empty();

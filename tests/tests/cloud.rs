@@ -108,6 +108,13 @@ async fn public_requests_stream_from_the_cloud_and_the_key_never_shows() {
     assert_eq!(body["messages"][0]["content"], QUESTION, "public data does reach the cloud");
     assert_eq!((body["model"].as_str(), body["stream"].as_bool()), (Some("standin-1"), Some(true)));
 
+    // hearthctl status says the cloud is there.
+    let status = std::process::Command::new(workspace_bin("hearthctl"))
+        .args(["--bus-address", s.bus.address(), "--json", "status"])
+        .output()
+        .unwrap();
+    let status: serde_json::Value = serde_json::from_slice(&status.stdout).unwrap();
+    assert_eq!(status["cloud_available"], true, "{status}");
     // Streamed as Token signals (token_id -1) through hearthctl; no key anywhere.
     let out = std::process::Command::new(workspace_bin("hearthctl"))
         .args([

@@ -318,25 +318,30 @@ async fn mixed_priorities_under_load_fail_no_request() {
     let settings = Settings { limits: "queue_per_app = 16\nqueue_capacity = 128".into(), ..Settings::default() };
     let daemon = Daemon::start_configured(&bus, &settings).await;
     let apps = tempfile::tempdir().unwrap();
-    let priorities =
-        ["background", "normal", "interactive", "background", "normal", "interactive", "normal", "interactive"];
+    // Normal and background apps start their streams at once; the interactive app starts its
+    // (short) ones one by one, so each arrival finds a step of several lower-priority
+    // sequences to abort.
+    let priorities = ["background", "normal", "background", "normal", "background", "normal", "normal", "interactive"];
     let mut children = Vec::new();
     for (i, priority) in priorities.iter().enumerate() {
         let exe = apps.path().join(format!("hearth-load-{i}"));
         std::fs::copy(workspace_bin("hearth-load"), &exe).unwrap();
+        let (tokens, stagger) = if *priority == "interactive" { ("4", "450") } else { ("12", "0") };
         let child = Command::new(&exe)
-            .args(["--bus-address", bus.address(), "--streams", "8", "--max-tokens", "12", "--priority", priority])
+            .args(["--bus-address", bus.address(), "--streams", "8", "--max-tokens", tokens, "--priority", priority])
+            .args(["--stagger-ms", stagger])
             .stdout(Stdio::piped())
             .spawn()
             .expect("hearth-load");
         children.push((*priority, child));
-        tokio::time::sleep(Duration::from_millis(150)).await;
+        tokio::time::sleep(Duration::from_millis(if *priority == "interactive" { 100 } else { 150 })).await;
     }
     let mut by_priority: HashMap<&str, usize> = HashMap::new();
     for (priority, child) in children {
         for r in load_results(child) {
             assert!(r.get("error").is_none(), "a {priority} request failed: {r}\n{}", daemon.log());
-            assert_eq!(r["tokens"], 12, "a {priority} request ended early: {r}\n{}", daemon.log());
+            let want = if priority == "interactive" { 4 } else { 12 };
+            assert_eq!(r["tokens"], want, "a {priority} request ended early: {r}\n{}", daemon.log());
             *by_priority.entry(priority).or_default() += 1;
         }
     }
@@ -345,4 +350,43 @@ async fn mixed_priorities_under_load_fail_no_request() {
     let preempted = log.matches("decode step preempted").count();
     eprintln!("64 requests, 0 failed; {preempted} decode steps preempted");
     assert!(!log.contains("decode failed"), "{log}");
+}
+
+/// Interactive requests the engine then refuses (here: prompts longer than the context) may
+/// not be used to abort every decode step: a background stream keeps making progress while
+/// an app floods them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refused_interactive_requests_cannot_stall_the_engine() {
+    let bus = Bus::start();
+    let _daemon = Daemon::start(&bus).await;
+    let conn = bus.connect().await;
+    let mut bg = Generation::start(&conn, with_priority("Write a long story about the sea.", 600, "background"), "bg")
+        .await
+        .unwrap();
+    while !matches!(bg.next().await, Some(Ok(hearth_dbus::StreamEvent::Token { .. }))) {}
+    let flooder = bus.connect().await;
+    let flood = tokio::spawn(async move {
+        let proxy = hearth_tests::hearth(&flooder).await;
+        let too_long = with_priority(&"word ".repeat(1100), 8, "interactive");
+        let (until, mut refused) = (Instant::now() + Duration::from_secs(3), 0);
+        while Instant::now() < until {
+            let e = proxy.complete(too_long.clone()).await.expect_err("longer than the context");
+            assert_eq!(e.dbus_name(), "org.hearth.Hearth1.Error.ContextLengthExceeded");
+            refused += 1;
+        }
+        refused
+    });
+    let mut during = 0;
+    while !flood.is_finished() {
+        if let Ok(Some(Ok(hearth_dbus::StreamEvent::Token { .. }))) =
+            tokio::time::timeout(Duration::from_millis(100), bg.next()).await
+        {
+            during += 1;
+        }
+    }
+    let refused = flood.await.unwrap();
+    eprintln!("{refused} refused interactive requests in 3 s; the background stream got {during} tokens meanwhile");
+    assert!(refused > 20, "the flood was too slow to test anything: {refused}");
+    assert!(during >= 30, "the background stream got {during} tokens in 3 s of refused interactive requests");
+    bg.cancel().await.unwrap();
 }

@@ -428,7 +428,7 @@ pub struct EngineHandle {
     tx: mpsc::Sender<Command>,
     /// The context's abort flag: set when an interactive request arrives, so the decode step
     /// in flight (lower-priority work) stops at once and the newcomer goes first.
-    preempt: Arc<std::sync::atomic::AtomicBool>,
+    preempt: Arc<hearth_ffi::AbortSwitch>,
     status: watch::Receiver<EngineStatus>,
     kv: Arc<KvGauges>,
     liveness: Arc<Liveness>,
@@ -467,7 +467,7 @@ impl EngineHandle {
         });
         let (tx, rx) = mpsc::channel(COMMAND_QUEUE);
         let (status_tx, status_rx) = watch::channel(EngineStatus::default());
-        let preempt = ctx.abort_flag();
+        let preempt = ctx.abort_switch();
         let kv = Arc::new(KvGauges::default());
         kv.size.store(ctx.n_ctx(), Ordering::Relaxed);
         let liveness = Arc::new(Liveness::default());
@@ -497,7 +497,7 @@ impl EngineHandle {
         self.tx.send(cmd).await.map_err(|_| Error::Cancelled(CancelReason::Shutdown))?;
         if interactive {
             // After the send, so the aborted step's next intake finds the request.
-            self.preempt.store(true, Ordering::Release);
+            self.preempt.request();
         }
         let accepted = verdict.await.map_err(|_| Error::Cancelled(CancelReason::Shutdown))??;
         Ok(Submission { accepted, events })

@@ -65,6 +65,7 @@ impl SessionStore {
     pub fn new(state_dir: &Path, sealer: Arc<Sealer>, budget: u64) -> std::io::Result<Self> {
         let dir = state_dir.join("sessions");
         std::fs::DirBuilder::new().recursive(true).mode(0o700).create(&dir)?;
+        crate::state_file::sweep(&dir)?;
         for entry in std::fs::read_dir(&dir)? {
             let path = entry?.path();
             if path.extension().is_some_and(|e| e == "kv") {

@@ -44,9 +44,16 @@ pub(super) struct Worker {
     kv: Arc<KvGauges>,
     liveness: Arc<super::Liveness>,
     batch: Batch,
-    /// Set by the handle when an interactive request arrives; aborts a decode step that
-    /// holds only lower-priority work.
-    preempt: Arc<std::sync::atomic::AtomicBool>,
+    /// Thrown by the handle when an interactive request arrives; aborts a decode step that
+    /// holds only lower-priority work (held while a step carries interactive work).
+    preempt: Arc<hearth_ffi::AbortSwitch>,
+    /// A decode (or embedded text) was aborted this turn; the next admission says whether it
+    /// was worth it.
+    preempted: bool,
+    /// Preemption is held off until then: an abort that admitted no interactive request
+    /// (refused, or gone) must not be repeatable at will, or refused interactive requests
+    /// would abort every step and stall everyone.
+    preempt_held_until: Option<Instant>,
     scheduler: Scheduler,
     running: Vec<Sequence>,
     n_ctx: u32,
@@ -67,6 +74,9 @@ pub(super) struct Worker {
     last_group: Option<AdapterSet>,
 }
 
+/// How long preemption stays held off after an abort that admitted no interactive request.
+const PREEMPT_HOLD: Duration = Duration::from_secs(1);
+
 impl Worker {
     pub fn new(
         ctx: Context,
@@ -86,7 +96,9 @@ impl Worker {
         };
         Self {
             model: Arc::clone(ctx.model()),
-            preempt: ctx.abort_flag(),
+            preempt: ctx.abort_switch(),
+            preempted: false,
+            preempt_held_until: None,
             ctx,
             model_name,
             rx,
@@ -147,6 +159,10 @@ impl Worker {
             // The governors' demands before admission: a deferred request must not start.
             self.apply_throttle();
             self.admit();
+            if std::mem::take(&mut self.preempted) && !self.interactive_present() {
+                tracing::debug!("a preemption admitted no interactive request: preemption held off for a while");
+                self.preempt_held_until = Some(Instant::now() + PREEMPT_HOLD);
+            }
             // Publish before decoding, so a caller that was just accepted sees itself counted.
             self.publish_status();
             if !self.running.is_empty() {
@@ -154,7 +170,8 @@ impl Worker {
                 let (tokens, prefilled) = self.step();
                 self.pace(tokens, prefilled, started);
             }
-            if !self.embeds.is_empty() {
+            if !self.embeds.is_empty() && !self.preempted {
+                // (Not right after a preempted step: the interactive request comes first.)
                 // One text between decode steps, paced like a prompt chunk.
                 let started = Instant::now();
                 self.embed_step();
@@ -318,6 +335,24 @@ impl Worker {
             let outcome = unstarted_outcome(&w, &self.model_name, FinishReason::Cancelled, Error::Cancelled(reason));
             let _ = w.events.send(Event::Finished(outcome));
         }
+    }
+
+    /// Whether interactive work runs or waits.
+    pub(super) fn interactive_present(&self) -> bool {
+        self.running.iter().any(|s| s.finished.is_none() && s.priority == Priority::Interactive)
+            || self.scheduler.waiting().iter().any(|w| w.priority == Priority::Interactive)
+    }
+
+    /// Holds the abort switch for a decode that must not be aborted: one carrying interactive
+    /// work, or any while preemption is held off.
+    pub(super) fn hold_preemption(&mut self, interactive: bool) {
+        if self.preempt_held_until.is_some_and(|t| Instant::now() >= t) {
+            self.preempt_held_until = None;
+        }
+        if interactive {
+            self.preempt.clear();
+        }
+        self.preempt.hold(interactive || self.preempt_held_until.is_some());
     }
 
     /// Starts waiting requests while the scheduler's best candidate fits, parking an idle

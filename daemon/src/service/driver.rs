@@ -271,7 +271,7 @@ impl LocalWatch {
         // Moved: the cloud continues the assistant's turn from exactly the device's text.
         let before = outcome.text;
         let _ = tx.send(Event::Migrated { from: "local", to: "cloud", index: count });
-        let local_name = request.model.clone().unwrap_or_default();
+        let local_name = request.model.clone().unwrap_or_else(|| self.models.default_model());
         let remote = self.cloud.remote_model(&local_name).unwrap_or_default().to_owned();
         let mut rest = request;
         rest.max_tokens = rest.max_tokens.saturating_sub(count).max(1);

@@ -24,6 +24,9 @@ struct Args {
     priority: String,
     #[arg(long, default_value = "Write a long story about a lighthouse keeper.")]
     prompt: String,
+    /// Milliseconds between the starts of the streams (0: all at once).
+    #[arg(long, default_value_t = 0)]
+    stagger_ms: u64,
 }
 
 fn now_ms() -> u128 {
@@ -36,6 +39,9 @@ async fn main() {
     let conn = zbus::connection::Builder::address(args.bus_address.as_str()).build().await.expect("connect");
     let mut tasks = Vec::new();
     for i in 0..args.streams {
+        if i > 0 && args.stagger_ms > 0 {
+            tokio::time::sleep(std::time::Duration::from_millis(args.stagger_ms)).await;
+        }
         let mut request = chat_request(&args.prompt, args.max_tokens);
         request.insert(request_key::PRIORITY, Variant::from(args.priority.clone()));
         let generation = Generation::start(&conn, request, &format!("load{i}")).await;

@@ -8,13 +8,12 @@
 
 use std::collections::VecDeque;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 
 use hearth_ffi::Context;
 use tokio::sync::oneshot;
 
 use super::super::scheduler::COST_PER_PROMPT;
-use super::super::{Caller, CancelReason, CancelToken, Priority};
+use super::super::{Caller, CancelReason, CancelToken};
 use super::Worker;
 use crate::error::Error;
 
@@ -77,8 +76,7 @@ impl Worker {
 
     /// Whether an Embed job may run now: none while interactive work runs or waits.
     fn embed_may_run(&self) -> bool {
-        !self.running.iter().any(|s| s.finished.is_none() && s.priority == Priority::Interactive)
-            && !self.scheduler.waiting().iter().any(|w| w.priority == Priority::Interactive)
+        !self.interactive_present()
     }
 
     /// Embeds the next text of the front job; a job with texts left goes to the back, so the
@@ -100,10 +98,12 @@ impl Worker {
                 }
             }
             Ok(None) => {
-                // Aborted for an interactive request (the handle raises the flag after its
+                // Aborted for an interactive request (the handle throws the switch after its
                 // Submit is queued, so the next intake admits it): this text again, after it.
-                // A stale flag (the request was refused) costs one retry.
-                self.preempt.store(false, Ordering::Release);
+                // A request that was refused is noticed at the next admission, which then
+                // holds preemption off for a while.
+                self.preempt.clear();
+                self.preempted = true;
                 self.embeds.push_front(job);
             }
             Err(Error::InvalidArgs(msg)) => {
@@ -129,7 +129,7 @@ impl Worker {
                 kv_unified: false,
                 embeddings: true,
             };
-            let ctx = Context::with_abort_flag(Arc::clone(&self.model), params, Arc::clone(&self.preempt))
+            let ctx = Context::with_abort_switch(Arc::clone(&self.model), params, Arc::clone(&self.preempt))
                 .map_err(|e| Error::Internal(e.to_string()))?;
             tracing::info!(model = %self.model_name, tokens = EMBED_TOKENS, "embedding context created");
             self.embedder = Some(ctx);
@@ -144,9 +144,12 @@ impl Worker {
         if tokens.is_empty() {
             return Err(Error::InvalidArgs("has no tokens".into()));
         }
+        self.hold_preemption(false);
         let ctx = self.embedder.as_mut().expect("created above");
         ctx.set_threads(self.threads.1, self.threads.1);
-        match ctx.embed(&tokens) {
+        let embedded = ctx.embed(&tokens);
+        self.preempt.hold(false);
+        match embedded {
             Ok(v) => Ok(Some((v, tokens.len()))),
             Err(hearth_ffi::Error::Aborted) => Ok(None),
             Err(e) => Err(Error::Internal(e.to_string())),

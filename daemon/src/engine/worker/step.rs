@@ -4,8 +4,6 @@
 //! sequence's KV to what it had committed, and a failed step of several sequences is
 //! retried one sequence at a time, so only a sequence whose own step fails is failed.
 
-use std::sync::atomic::Ordering;
-
 use hearth_dbus::FinishReason;
 
 use super::super::Priority;
@@ -14,8 +12,9 @@ use super::super::sequence::Sequence;
 use super::Worker;
 use crate::error::Error;
 
-/// Longest one token's sampling may take. Without a grammar it takes about a millisecond; a
-/// grammar whose readings multiply with every token takes twice as long each token.
+/// Longest one token's sampling may take under a grammar. A usual grammar (JSON, a tool
+/// call) costs milliseconds; one whose readings multiply with every token costs several
+/// times the last each token. Sequences without a grammar are never stopped by this.
 const MAX_SAMPLE_TIME: std::time::Duration = std::time::Duration::from_millis(250);
 
 impl Worker {
@@ -97,19 +96,20 @@ impl Worker {
         }
         self.last_group = group;
         // A pending preemption may abort this step only if it holds no interactive work.
-        if self
+        let interactive = self
             .running
             .iter()
-            .any(|s| s.priority == Priority::Interactive && (s.logits_index.is_some() || s.in_prefill()))
-        {
-            self.preempt.store(false, Ordering::Release);
-        }
-        match self.ctx.decode(&self.batch) {
+            .any(|s| s.priority == Priority::Interactive && (s.logits_index.is_some() || s.in_prefill()));
+        self.hold_preemption(interactive);
+        let decoded = self.ctx.decode(&self.batch);
+        self.preempt.hold(false);
+        match decoded {
             Ok(()) => {}
             Err(hearth_ffi::Error::Aborted) => {
                 // Put the work back and go admit the interactive request first. Nothing was
                 // sampled, so nothing is lost.
-                self.preempt.store(false, Ordering::Release);
+                self.preempt.clear();
+                self.preempted = true;
                 self.undo_step(&taken, prefill_taken);
                 tracing::debug!(tokens = self.batch.len(), "decode step preempted by an interactive request");
                 return (0, false);
@@ -142,7 +142,7 @@ impl Worker {
             let Some(i) = s.logits_index.take() else { continue };
             let started = std::time::Instant::now();
             let sampled = s.sampler.sample(&mut self.ctx, i);
-            if started.elapsed() > MAX_SAMPLE_TIME {
+            if s.sampler.has_grammar() && started.elapsed() > MAX_SAMPLE_TIME {
                 // Only a grammar makes sampling this slow: an ambiguous one that llama.cpp
                 // follows along every reading at once, whose cost (and memory) doubles with
                 // each token. Stopped here, before the next doubling.
@@ -235,7 +235,11 @@ impl Worker {
                 s.prefilled += n;
                 chunk = Some((i, n));
             }
-            match self.ctx.decode(&self.batch) {
+            let interactive = self.running[i].priority == Priority::Interactive;
+            self.hold_preemption(interactive);
+            let decoded = self.ctx.decode(&self.batch);
+            self.preempt.hold(false);
+            match decoded {
                 Ok(()) => {
                     if let Some((i, n)) = chunk {
                         let app = self.running[i].caller.app.clone();
@@ -245,7 +249,8 @@ impl Worker {
                     generated += self.sample_step();
                 }
                 Err(hearth_ffi::Error::Aborted) => {
-                    self.preempt.store(false, Ordering::Release);
+                    self.preempt.clear();
+                    self.preempted = true;
                     self.undo_step(&taken, chunk);
                     break;
                 }
