@@ -390,6 +390,38 @@ pub fn result_ids(d: &ResultDict) -> Vec<i32> {
     Vec::<i32>::try_from(result_value(d, result_key::TOKEN_IDS).try_clone().expect("no fds")).expect("an ai")
 }
 
+/// Everything a stream sent, until Finished.
+#[derive(Debug, Default)]
+pub struct Seen {
+    pub tokens: usize,
+    pub migrated: bool,
+    pub result: Option<ResultDict>,
+}
+
+/// Consumes `g` in a task, counting tokens into `count` as they come.
+pub fn watch_stream(
+    mut g: Generation,
+    count: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+) -> tokio::task::JoinHandle<Seen> {
+    tokio::spawn(async move {
+        let mut seen = Seen::default();
+        while let Some(event) = g.next().await {
+            match event.unwrap() {
+                StreamEvent::Token { .. } => {
+                    seen.tokens += 1;
+                    count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                }
+                StreamEvent::Migrated { .. } => seen.migrated = true,
+                StreamEvent::Finished(r) => {
+                    seen.result = Some(r);
+                    break;
+                }
+            }
+        }
+        seen
+    })
+}
+
 /// Collects a generation's events until Finished: (index, token id, text) per token, and the
 /// result. Each event must arrive within `per_event`.
 pub async fn collect(mut g: Generation, per_event: Duration) -> (Vec<(u32, i32, String)>, ResultDict) {

@@ -404,38 +404,6 @@ async fn auto_sends_public_work_to_the_cloud_when_the_device_is_hot() {
     assert_eq!(result_str(&proxy.complete(personal).await.unwrap(), "route"), "local");
 }
 
-/// Everything a stream sent, until Finished.
-#[derive(Debug, Default)]
-struct Seen {
-    tokens: usize,
-    migrated: bool,
-    result: Option<HashMap<String, OwnedVariant>>,
-}
-
-/// Consumes `g` in a task, counting tokens into `count` as they come.
-fn watch_stream(
-    mut g: Generation,
-    count: std::sync::Arc<std::sync::atomic::AtomicUsize>,
-) -> tokio::task::JoinHandle<Seen> {
-    tokio::spawn(async move {
-        let mut seen = Seen::default();
-        while let Some(event) = g.next().await {
-            match event.unwrap() {
-                StreamEvent::Token { .. } => {
-                    seen.tokens += 1;
-                    count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-                }
-                StreamEvent::Migrated { .. } => seen.migrated = true,
-                StreamEvent::Finished(r) => {
-                    seen.result = Some(r);
-                    break;
-                }
-            }
-        }
-        seen
-    })
-}
-
 /// `route: local`, structured output and tool calls are device-only: when the device turns
 /// critical mid-answer, none of them moves, and not one byte of their prompts reaches the
 /// endpoint. A plain `auto` request beside them moves (so the device really was critical
@@ -466,7 +434,7 @@ async fn device_only_requests_never_move_to_the_cloud() {
     let mut tasks = Vec::new();
     for (i, (req, token)) in [(local, "l"), (schema, "s"), (tool, "t"), (control, "c")].into_iter().enumerate() {
         let g = Generation::start(&conn, req, token).await.unwrap();
-        tasks.push(watch_stream(g, Arc::clone(&counts[i])));
+        tasks.push(hearth_tests::watch_stream(g, Arc::clone(&counts[i])));
     }
     hearth_tests::wait_for(Duration::from_secs(60), "every stream under way", || async {
         counts.iter().all(|c| c.load(Ordering::SeqCst) >= 3).then_some(())
