@@ -250,6 +250,12 @@ async fn run(cli: Cli) -> Result<ExitCode, CliError> {
                     mib("budget_bytes"),
                     if memory["pressure"] == json!(true) { " (under pressure)" } else { "" }
                 );
+                println!(
+                    "heap:          {:.0} MiB, ceiling {:.0} MiB{}",
+                    mib("anon_bytes"),
+                    mib("ceiling_bytes"),
+                    if memory["over_ceiling"] == json!(true) { " (over: device work refused)" } else { "" }
+                );
                 let cap = throttle["rate_cap_tps"].as_f64().unwrap_or(0.0);
                 println!(
                     "thermal:       {thermal}{}\npower:         {power}{}\nthrottle:      {}{}",

@@ -89,6 +89,15 @@ pub struct MemoryConfig {
     /// Consecutive readings at or above the threshold before hearthd acts (and below half of
     /// it before it stands down).
     pub pressure_readings: u32,
+    /// Anonymous memory (heap: KV caches, compute buffers, grammar state; not the mapped
+    /// weights) at which hearthd ends its in-flight device work and refuses new work with
+    /// Busy until use falls below 90% of it, in MiB; at 5/4 of it hearthd exits (status 3)
+    /// before the kernel's OOM killer picks a victim on the phone. 0: 60% of the memory the
+    /// service may use (its cgroup's memory.max, else the RAM size).
+    pub ceiling_mib: u64,
+    /// A file in `/proc/PID/status` format whose `RssAnon` is the use the ceiling applies
+    /// to; empty: hearthd's own `/proc/self/status`.
+    pub usage_file: PathBuf,
 }
 
 impl Default for MemoryConfig {
@@ -99,6 +108,8 @@ impl Default for MemoryConfig {
             pressure_interval_ms: 1000,
             pressure_some_avg10: 10.0,
             pressure_readings: 3,
+            ceiling_mib: 0,
+            usage_file: PathBuf::new(),
         }
     }
 }
@@ -263,6 +274,9 @@ impl Config {
                 "memory.pressure_some_avg10 {} is not in (0, 100]",
                 m.pressure_some_avg10
             )));
+        }
+        if m.ceiling_mib != 0 && m.ceiling_mib < 64 {
+            return Err(ConfigError::Invalid(format!("memory.ceiling_mib {} is below 64", m.ceiling_mib)));
         }
         Ok(())
     }

@@ -25,6 +25,11 @@ pub enum Error {
         "hearthd is busy: {waiting} requests are waiting {scope} (limit {limit}); retry in about {retry_after_ms} ms"
     )]
     Busy { scope: String, waiting: usize, limit: usize, retry_after_ms: u64 },
+    /// hearthd's anonymous memory reached its ceiling: device work ends, new work waits.
+    #[error(
+        "hearthd is at its memory ceiling ({ceiling_mib} MiB): device work is ended and refused until memory use falls; retry in a few seconds"
+    )]
+    MemoryCeiling { ceiling_mib: u64 },
     /// The request was cancelled.
     #[error("{0}")]
     Cancelled(CancelReason),
@@ -70,7 +75,7 @@ impl Error {
             Error::ContextLengthExceeded { .. } => "ContextLengthExceeded",
             Error::ModelNotFound(_) => "ModelNotFound",
             Error::ModelUnavailable { .. } => "ModelUnavailable",
-            Error::Busy { .. } | Error::InUse { .. } => "Busy",
+            Error::Busy { .. } | Error::InUse { .. } | Error::MemoryCeiling { .. } => "Busy",
             Error::Cancelled(_) => "Cancelled",
             Error::NotAuthorized(_) => "NotAuthorized",
             Error::PrivacyViolation(_) => "PrivacyViolation",
@@ -88,7 +93,7 @@ impl From<Error> for BusError {
             Error::ContextLengthExceeded { .. } => BusError::ContextLengthExceeded(msg),
             Error::ModelNotFound(_) => BusError::ModelNotFound(msg),
             Error::ModelUnavailable { .. } => BusError::ModelUnavailable(msg),
-            Error::Busy { .. } | Error::InUse { .. } => BusError::Busy(msg),
+            Error::Busy { .. } | Error::InUse { .. } | Error::MemoryCeiling { .. } => BusError::Busy(msg),
             Error::Cancelled(_) => BusError::Cancelled(msg),
             Error::NotAuthorized(_) => BusError::NotAuthorized(msg),
             Error::PrivacyViolation(_) => BusError::PrivacyViolation(msg),

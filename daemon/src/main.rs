@@ -136,6 +136,7 @@ fn run(args: Args) -> Result<(), MainError> {
         tracing::info!(device = %d.name, kind = d.kind.as_str(), memory_total = d.memory_total, owned, "compute device");
     }
     tracing::info!(budget_mib = budget >> 20, "memory budget for models");
+    models.watch_ceiling(&config.memory)?;
     // The engines do the compute on their own threads; D-Bus work is I/O and fits one
     // runtime thread, which also keeps it from competing with the compute threads for cores.
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;

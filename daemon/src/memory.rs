@@ -1,6 +1,8 @@
 //! Memory facts from the kernel: the service's memory limit (cgroup v2 `memory.max`, else
-//! MemTotal) and pressure stall information (PSI) from the service cgroup's
-//! `memory.pressure` or `/proc/pressure/memory`, read with the `procfs` crate.
+//! MemTotal), pressure stall information (PSI) from the service cgroup's
+//! `memory.pressure` or `/proc/pressure/memory`, and hearthd's own anonymous memory
+//! (`RssAnon` of /proc/self/status) for the ceiling it enforces itself, read with the
+//! `procfs` crate.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -56,6 +58,70 @@ fn memory_limit() -> u64 {
 /// The budget for model weights + KV caches in bytes.
 pub fn budget(config: &MemoryConfig) -> u64 {
     if config.budget_mib > 0 { config.budget_mib.saturating_mul(1 << 20) } else { memory_limit() / 2 }
+}
+
+/// The anonymous-memory ceiling in bytes: the configured one, else 60% of the service's
+/// limit (so that the exit point, 5/4 of it, stays below systemd's MemoryHigh=80%).
+pub fn ceiling(config: &MemoryConfig) -> u64 {
+    if config.ceiling_mib > 0 { config.ceiling_mib.saturating_mul(1 << 20) } else { memory_limit() / 5 * 3 }
+}
+
+/// Anonymous memory in use, in bytes: `RssAnon` of `file` (a `/proc/PID/status`), else of
+/// this process. The mapped model weights are file-backed and the kernel can drop them;
+/// what grows without bound when something goes wrong (KV, buffers, grammar state) is here.
+pub fn anon_bytes(file: Option<&Path>) -> Result<u64, String> {
+    let status = match file {
+        Some(path) => procfs::process::Status::from_file(path).map_err(|e| e.to_string())?,
+        None => procfs::process::Process::myself().and_then(|p| p.status()).map_err(|e| e.to_string())?,
+    };
+    status.rssanon.map(|kib| kib.saturating_mul(1024)).ok_or_else(|| "no RssAnon line".to_owned())
+}
+
+/// Where anonymous memory stands against the ceiling.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CeilingVerdict {
+    /// Below it (or back below 90% of it after being over).
+    Under,
+    /// Over it: device work ends and new work is refused until use is back under.
+    Over,
+    /// At 5/4 of it: the heap grows inside a call that cannot be interrupted; exiting now
+    /// (and being restarted) beats the kernel's OOM killer choosing a victim on the phone.
+    Exit,
+}
+
+/// The ceiling with hysteresis: over at the ceiling, under again below 90% of it.
+#[derive(Debug, Clone)]
+pub struct CeilingWatch {
+    ceiling: u64,
+    over: bool,
+}
+
+impl CeilingWatch {
+    pub fn new(ceiling: u64) -> Self {
+        Self { ceiling, over: false }
+    }
+
+    pub fn ceiling(&self) -> u64 {
+        self.ceiling
+    }
+
+    /// The point at which hearthd exits.
+    pub fn exit_at(&self) -> u64 {
+        self.ceiling.saturating_add(self.ceiling / 4)
+    }
+
+    /// Feeds one reading of anonymous memory in bytes.
+    pub fn update(&mut self, used: u64) -> CeilingVerdict {
+        if used >= self.exit_at() {
+            return CeilingVerdict::Exit;
+        }
+        if used >= self.ceiling {
+            self.over = true;
+        } else if used < self.ceiling / 10 * 9 {
+            self.over = false;
+        }
+        if self.over { CeilingVerdict::Over } else { CeilingVerdict::Under }
+    }
 }
 
 /// How often pressure is sampled.
@@ -122,6 +188,35 @@ mod tests {
         assert_eq!(read_pressure(&p).unwrap(), PressureReading { some_avg10: 12.5, full_avg10: 4.25 });
         std::fs::write(&p, "garbage\n").unwrap();
         assert!(read_pressure(&p).is_err());
+    }
+
+    #[test]
+    fn the_ceiling_has_hysteresis_and_an_exit_point() {
+        let mut w = CeilingWatch::new(1000);
+        assert_eq!(w.update(999), CeilingVerdict::Under);
+        assert_eq!(w.update(1000), CeilingVerdict::Over);
+        assert_eq!(w.update(950), CeilingVerdict::Over, "between 90% and the ceiling holds the state");
+        assert_eq!(w.update(899), CeilingVerdict::Under);
+        assert_eq!(w.update(950), CeilingVerdict::Under);
+        assert_eq!(w.update(1250), CeilingVerdict::Exit);
+    }
+
+    #[test]
+    fn anonymous_memory_is_read_from_a_status_file() {
+        let own = anon_bytes(None).unwrap();
+        assert!(own > 0);
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("status");
+        let real = std::fs::read_to_string("/proc/self/status").unwrap();
+        let edited: String = real
+            .lines()
+            .map(|l| if l.starts_with("RssAnon:") { "RssAnon:\t  2048 kB".to_owned() } else { l.to_owned() })
+            .map(|l| l + "\n")
+            .collect();
+        std::fs::write(&p, edited).unwrap();
+        assert_eq!(anon_bytes(Some(&p)).unwrap(), 2048 * 1024);
+        std::fs::write(&p, "garbage\n").unwrap();
+        assert!(anon_bytes(Some(&p)).is_err());
     }
 
     #[test]

@@ -18,6 +18,7 @@ mod context;
 mod detokenizer;
 mod error;
 pub mod gguf;
+mod heap;
 mod model;
 mod sampler;
 
@@ -26,6 +27,7 @@ pub use batch::Batch;
 pub use context::{AbortSwitch, Context, ContextParams};
 pub use detokenizer::Detokenizer;
 pub use error::{Error, Result};
+pub use heap::{exit_now, release_free_heap};
 pub use model::{ChatMessage, KvGeometry, Model, ModelParams};
 pub use sampler::{Sampler, SamplerParams, json_schema_to_grammar};
 

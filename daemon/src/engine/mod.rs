@@ -321,6 +321,11 @@ pub struct Throttle {
     pub threads: AtomicU32,
     /// Keep background requests queued.
     pub defer_background: AtomicBool,
+    /// hearthd's anonymous memory is over its ceiling (set by the ceiling watch): every
+    /// engine ends its device work and refuses new work until it is cleared.
+    pub over_ceiling: AtomicBool,
+    /// The ceiling in MiB, for the error the refused work gets.
+    pub ceiling_mib: AtomicU64,
     /// What the engines could do uncapped: tokens per second of decode-step time (EWMA over
     /// steps without a prompt chunk), in milli-tokens per second. Shown as the duty cycle's
     /// equivalent rate cap.
@@ -333,6 +338,13 @@ impl Throttle {
             0 => None,
             m => Some(m as f64 / 1000.0),
         }
+    }
+
+    /// The error device work gets while memory is over the ceiling, if it is.
+    pub fn ceiling_refusal(&self) -> Option<Error> {
+        self.over_ceiling
+            .load(Ordering::Acquire)
+            .then(|| Error::MemoryCeiling { ceiling_mib: self.ceiling_mib.load(Ordering::Relaxed) })
     }
 
     /// The duty cycle asked for, in (0, 1); None: no limit.

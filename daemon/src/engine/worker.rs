@@ -154,6 +154,7 @@ impl Worker {
             if stop {
                 break;
             }
+            self.shed_over_ceiling();
             self.reap_stopped();
             self.reap_embeds();
             // The governors' demands before admission: a deferred request must not start.
@@ -231,7 +232,8 @@ impl Worker {
         events: mpsc::UnboundedSender<Event>,
         reply: oneshot::Sender<Result<Accepted, Error>>,
     ) {
-        let verdict = self.prepare(request).and_then(|prompt| {
+        let verdict = self.throttle.ceiling_refusal().map_or(Ok(()), Err).and_then(|()| self.prepare(request));
+        let verdict = verdict.and_then(|prompt| {
             let adapters = self.adapter_set(request.adapters.as_ref())?;
             if let Some(id) = request.session {
                 if !self.sessions.owns(id, &caller.app, &self.model_name) {

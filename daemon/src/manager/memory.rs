@@ -1,6 +1,7 @@
 //! Memory: making room for a load under the budget, unloading idle models after their
-//! keep-alive, and what sustained memory pressure does (idle models unloaded, pinned ones
-//! restarted with a smaller KV cache; sessions' KV is parked when an engine stops).
+//! keep-alive, what sustained memory pressure does (idle models unloaded, pinned ones
+//! restarted with a smaller KV cache; sessions' KV is parked when an engine stops), and the
+//! anonymous-memory ceiling hearthd enforces on itself.
 
 use super::*;
 
@@ -184,4 +185,78 @@ impl ModelManager {
             }
         }
     }
+
+    /// Starts the memory ceiling's watch on a thread of its own (it must act even while the
+    /// runtime or an engine is stuck in a call): every 100 ms it reads hearthd's anonymous
+    /// memory; over the ceiling, every engine ends its device work and refuses new work with
+    /// Busy until use is below 90% of it; at 5/4 of the ceiling hearthd exits with status 3,
+    /// before the kernel's OOM killer picks a victim among the phone's apps.
+    pub fn watch_ceiling(&self, config: &crate::config::MemoryConfig) -> std::io::Result<()> {
+        let mut watch = crate::memory::CeilingWatch::new(crate::memory::ceiling(config));
+        let file = (!config.usage_file.as_os_str().is_empty()).then(|| config.usage_file.clone());
+        let manager = self.clone();
+        manager.inner.throttle.ceiling_mib.store(watch.ceiling() >> 20, Ordering::Relaxed);
+        manager.inner.status.send_modify(|s| s.memory.ceiling = watch.ceiling());
+        tracing::info!(ceiling_mib = watch.ceiling() >> 20, exit_mib = watch.exit_at() >> 20, "memory ceiling");
+        std::thread::Builder::new().name("memory-ceiling".into()).spawn(move || {
+            let mut failing = false;
+            loop {
+                std::thread::sleep(CEILING_INTERVAL);
+                match crate::memory::anon_bytes(file.as_deref()) {
+                    Ok(used) => {
+                        failing = false;
+                        manager.on_ceiling_reading(used, watch.update(used), &watch);
+                    }
+                    Err(e) if !failing => {
+                        failing = true;
+                        tracing::warn!(error = %e, "cannot read hearthd's memory use: the ceiling is not enforced");
+                    }
+                    Err(_) => {}
+                }
+            }
+        })?;
+        Ok(())
+    }
+
+    fn on_ceiling_reading(
+        &self,
+        used: u64,
+        verdict: crate::memory::CeilingVerdict,
+        watch: &crate::memory::CeilingWatch,
+    ) {
+        use crate::memory::CeilingVerdict;
+        if verdict == CeilingVerdict::Exit {
+            tracing::error!(
+                anon_mib = used >> 20,
+                exit_mib = watch.exit_at() >> 20,
+                "memory ceiling far exceeded inside a call that cannot be stopped: exiting (status 3) before the kernel's OOM killer acts"
+            );
+            hearth_ffi::exit_now(3);
+        }
+        let over = verdict == CeilingVerdict::Over;
+        let was = self.inner.throttle.over_ceiling.swap(over, Ordering::AcqRel);
+        if over != was {
+            if over {
+                tracing::warn!(
+                    anon_mib = used >> 20,
+                    ceiling_mib = watch.ceiling() >> 20,
+                    "over the memory ceiling: device work is ended and refused"
+                );
+            } else {
+                tracing::info!(anon_mib = used >> 20, "memory back under the ceiling: device work resumes");
+            }
+        }
+        self.inner.status.send_if_modified(|s| {
+            let changed = s.memory.over_ceiling != over;
+            s.memory.anon = used;
+            s.memory.over_ceiling = over;
+            if over && !was {
+                s.memory.ceiling_hits += 1;
+            }
+            changed
+        });
+    }
 }
+
+/// How often the ceiling's watch reads memory use.
+const CEILING_INTERVAL: Duration = Duration::from_millis(100);

@@ -49,6 +49,12 @@ pub struct MemoryStatus {
     pub pressure_unloads: u32,
     /// KV caches shrunk for pressure.
     pub pressure_shrinks: u32,
+    /// The anonymous-memory ceiling, the latest reading, whether use is over it, and how
+    /// often it went over since start.
+    pub ceiling: u64,
+    pub anon: u64,
+    pub over_ceiling: bool,
+    pub ceiling_hits: u32,
 }
 
 /// Everything the D-Bus layer publishes about models and queues.

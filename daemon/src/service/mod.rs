@@ -528,6 +528,10 @@ impl HearthService {
             ("expired".to_owned(), owned(Variant::from(m.expired))),
             ("pressure_unloads".to_owned(), owned(Variant::from(m.pressure_unloads))),
             ("pressure_shrinks".to_owned(), owned(Variant::from(m.pressure_shrinks))),
+            ("ceiling_bytes".to_owned(), owned(Variant::from(m.ceiling))),
+            ("anon_bytes".to_owned(), owned(Variant::from(m.anon))),
+            ("over_ceiling".to_owned(), owned(Variant::from(m.over_ceiling))),
+            ("ceiling_hits".to_owned(), owned(Variant::from(m.ceiling_hits))),
         ])
     }
 

@@ -38,7 +38,7 @@ pub async fn publish_status_changes(conn: Connection, mut status: tokio::sync::w
         }
         // Readings alone change every interval; they are read on demand.
         let memory_moved = |m: &crate::manager::MemoryStatus| {
-            (m.used, m.pressure, m.evicted, m.expired, m.pressure_unloads, m.pressure_shrinks)
+            (m.used, m.pressure, m.evicted, m.expired, m.pressure_unloads, m.pressure_shrinks, m.over_ceiling)
         };
         if memory_moved(&now.memory) != memory_moved(&last.memory) {
             results.push(("Memory", service.memory_changed(emitter).await));

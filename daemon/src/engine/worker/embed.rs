@@ -44,6 +44,10 @@ pub(super) type EmbedQueue = VecDeque<EmbedJob>;
 impl Worker {
     /// Queues `job`, or refuses it with Busy when the queue or the app's share of it is full.
     pub(super) fn queue_embed(&mut self, job: EmbedJob) {
+        if let Some(e) = self.throttle.ceiling_refusal() {
+            let _ = job.reply.send(Err(e));
+            return;
+        }
         let capacity = self.scheduler.limits().queue_capacity;
         let mine = self.embeds.iter().filter(|j| j.caller.app == job.caller.app).count();
         let (scope, waiting, limit) = if self.embeds.len() >= capacity {
@@ -158,8 +162,15 @@ impl Worker {
 
     /// At shutdown: every job ends with Cancelled.
     pub(super) fn cancel_embeds(&mut self) {
+        self.end_embeds(&Error::Cancelled(CancelReason::Shutdown));
+    }
+
+    /// Every job ends with `error`; returns how many there were.
+    pub(super) fn end_embeds(&mut self, error: &Error) -> usize {
+        let n = self.embeds.len();
         for job in self.embeds.drain(..) {
-            let _ = job.reply.send(Err(Error::Cancelled(CancelReason::Shutdown)));
+            let _ = job.reply.send(Err(error.clone()));
         }
+        n
     }
 }

@@ -1,11 +1,16 @@
 //! How the engine obeys the governors: their compute thread count and background deferral
-//! (taken between steps), and pacing after each step under the token-rate cap and the duty
-//! cycle, which also records the uncapped rate the governor publishes.
+//! (taken between steps), pacing after each step under the token-rate cap and the duty
+//! cycle, which also records the uncapped rate the governor publishes, and the memory
+//! ceiling (device work ends while hearthd is over it).
 
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
+use hearth_dbus::FinishReason;
+
 use super::Worker;
+use crate::engine::Event;
+use crate::engine::sequence::unstarted_outcome;
 
 /// The longest one step is held back by the governors' limits.
 const MAX_PACE: Duration = Duration::from_secs(2);
@@ -25,6 +30,32 @@ impl Worker {
             tracing::debug!(threads = wanted, "compute threads changed by the governor");
         }
         self.scheduler.set_defer_background(self.throttle.defer_background.load(Ordering::Relaxed));
+    }
+
+    /// Over the memory ceiling: every running, waiting and embedding request ends with the
+    /// ceiling's error (the grammar state, buffers and KV they hold are freed as they retire),
+    /// and the freed heap is handed back to the kernel.
+    pub(super) fn shed_over_ceiling(&mut self) {
+        let Some(error) = self.throttle.ceiling_refusal() else {
+            return;
+        };
+        let mut ended = 0;
+        for s in self.running.iter_mut().filter(|s| s.finished.is_none()) {
+            s.finished = Some((FinishReason::Error, Some(error.clone())));
+            ended += 1;
+        }
+        while !self.scheduler.waiting().is_empty() {
+            let w = self.scheduler.remove_waiting(0);
+            let outcome = unstarted_outcome(&w, &self.model_name, FinishReason::Error, error.clone());
+            let _ = w.events.send(Event::Finished(outcome));
+            ended += 1;
+        }
+        ended += self.end_embeds(&error);
+        if ended > 0 {
+            self.retire();
+            hearth_ffi::release_free_heap();
+            tracing::warn!(model = %self.model_name, requests = ended, "over the memory ceiling: device work ended");
+        }
     }
 
     /// Keeps decoding under the governors' limits: after a step that took from `started` and
@@ -55,7 +86,9 @@ impl Worker {
             // A request that must stop (cancelled, caller gone, deadline) is not held for
             // the pace: the loop reaps it at once.
             let now = Instant::now();
-            if self.running.iter().any(|s| s.finished.is_none() && s.stop_reason(now).is_some()) {
+            if self.throttle.over_ceiling.load(Ordering::Relaxed)
+                || self.running.iter().any(|s| s.finished.is_none() && s.stop_reason(now).is_some())
+            {
                 break;
             }
             // Holding back for the governors is the loop working as meant: it beats.
