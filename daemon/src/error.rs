@@ -1,8 +1,9 @@
-//! The daemon's error enum, and the one place that maps it to the stable D-Bus error names.
+//! The daemon's error enum, why requests are cancelled, and the one place that maps them to
+//! the stable D-Bus error names.
+
+use std::fmt;
 
 use hearth_dbus::Error as BusError;
-
-use crate::engine::CancelReason;
 
 #[derive(Debug, Clone, thiserror::Error, PartialEq)]
 pub enum Error {
@@ -106,6 +107,57 @@ impl From<Error> for BusError {
 impl From<hearth_ffi::Error> for Error {
     fn from(e: hearth_ffi::Error) -> Self {
         Error::Internal(e.to_string())
+    }
+}
+
+/// Why a request was cancelled.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CancelReason {
+    /// Its caller called Cancel.
+    Caller,
+    /// hearthd is stopping.
+    Shutdown,
+    /// Nobody is listening for the result any more.
+    Disconnected,
+    /// Its `deadline_ms` passed before it finished.
+    Deadline,
+    /// It moves to the cloud (the device turned critical); the stream goes on there.
+    Migrating,
+}
+
+impl fmt::Display for CancelReason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Caller => "cancelled by the caller",
+            Self::Shutdown => "cancelled: hearthd is shutting down",
+            Self::Disconnected => "cancelled: the caller went away",
+            Self::Deadline => "cancelled: its deadline_ms passed before it finished",
+            Self::Migrating => "moved to the cloud",
+        })
+    }
+}
+
+impl CancelReason {
+    /// A one-byte code, so a cancellation can be stored in an atomic.
+    pub(crate) fn code(self) -> u8 {
+        match self {
+            Self::Caller => 1,
+            Self::Shutdown => 2,
+            Self::Disconnected => 3,
+            Self::Deadline => 4,
+            Self::Migrating => 5,
+        }
+    }
+
+    pub(crate) fn from_code(code: u8) -> Option<Self> {
+        match code {
+            1 => Some(Self::Caller),
+            2 => Some(Self::Shutdown),
+            3 => Some(Self::Disconnected),
+            4 => Some(Self::Deadline),
+            5 => Some(Self::Migrating),
+            _ => None,
+        }
     }
 }
 

@@ -152,3 +152,86 @@ impl Gate {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::engine::Priority;
+    use crate::privacy::{Content, Scope};
+
+    fn gate(default: AppPolicy) -> (Gate, tempfile::TempDir) {
+        let dir = tempfile::tempdir().unwrap();
+        let mut config = Config::default();
+        config.daemon.state_dir = dir.path().join("state");
+        config.apps.dirs = Vec::new();
+        config.apps.default = default;
+        (Gate::new(&config).unwrap(), dir)
+    }
+
+    fn request(priority: Priority, max_tokens: u32) -> GenerateRequest {
+        GenerateRequest {
+            messages: Vec::new(),
+            model: None,
+            max_tokens,
+            sampling: hearth_ffi::SamplerParams::default(),
+            priority,
+            deadline: None,
+            assistant_prefix: None,
+            grammar: None,
+            adapters: None,
+            session: None,
+        }
+    }
+
+    fn admit(gate: &Gate, app: &str, r: &GenerateRequest) -> Result<Admitted, Error> {
+        let parts = vec![Part { role: "user".into(), content: Content::Text("hi".into()), scope: Scope::Public }];
+        gate.admit(app, r, "m", parts, RouteRequest::Local, CloudView::default())
+    }
+
+    #[test]
+    fn the_requests_per_minute_quota_is_per_app_and_says_when_to_retry() {
+        let (gate, _dir) = gate(AppPolicy { requests_per_minute: 2, ..AppPolicy::default() });
+        let r = request(Priority::Normal, 8);
+        admit(&gate, "a", &r).unwrap();
+        admit(&gate, "a", &r).unwrap();
+        match admit(&gate, "a", &r) {
+            Err(Error::Busy { waiting: 2, limit: 2, retry_after_ms, .. }) => {
+                assert!(retry_after_ms > 59_000 && retry_after_ms <= 60_000, "{retry_after_ms}")
+            }
+            other => panic!("{other:?}"),
+        }
+        // Another app has its own minute.
+        admit(&gate, "b", &r).unwrap();
+        // A refused request does not count against the quota, and neither does one the policy refuses.
+        let (gate, _dir) = gate_with_limits();
+        assert!(matches!(admit(&gate, "a", &request(Priority::Interactive, 8)), Err(Error::NotAuthorized(_))));
+        admit(&gate, "a", &r).unwrap();
+    }
+
+    fn gate_with_limits() -> (Gate, tempfile::TempDir) {
+        gate(AppPolicy {
+            requests_per_minute: 1,
+            max_priority: Priority::Normal,
+            max_tokens: 16,
+            models: vec!["m".into()],
+            ..AppPolicy::default()
+        })
+    }
+
+    #[test]
+    fn the_policy_bounds_priority_tokens_and_models_before_the_quota() {
+        let (gate, _dir) = gate_with_limits();
+        let refused = |r: Result<Admitted, Error>| match r {
+            Err(Error::NotAuthorized(m)) => m,
+            other => panic!("{other:?}"),
+        };
+        assert!(refused(admit(&gate, "a", &request(Priority::Interactive, 8))).contains("priority"));
+        assert!(refused(admit(&gate, "a", &request(Priority::Normal, 17))).contains("max_tokens"));
+        let mut other_model = request(Priority::Normal, 8);
+        other_model.model = Some("big".into());
+        assert!(refused(admit(&gate, "a", &other_model)).contains("\"big\""));
+        // None of the refusals used the one request a minute.
+        admit(&gate, "a", &request(Priority::Normal, 16)).unwrap();
+        assert!(matches!(admit(&gate, "a", &request(Priority::Normal, 16)), Err(Error::Busy { .. })));
+    }
+}

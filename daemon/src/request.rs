@@ -34,12 +34,15 @@ pub enum Method {
 
 /// A parsed request. `request.messages` is empty until the privacy gate has unsealed
 /// `parts` and admitted them.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone)]
 pub struct Parsed {
     pub request: GenerateRequest,
     pub parts: Vec<Part>,
     pub route: RouteRequest,
     pub handle_token: Option<String>,
+    /// The schema, grammar or tools the output follows: compiled to `request.grammar` and
+    /// the tools' description at admission, and applied to the result after the engine.
+    pub structure: Option<std::sync::Arc<Structure>>,
 }
 
 fn invalid(msg: impl Into<String>) -> Error {
@@ -386,11 +389,11 @@ pub fn parse(dict: &HashMap<String, OwnedVariant>, _method: Method, default_max_
         priority,
         deadline,
         assistant_prefix: None,
-        structure,
+        grammar: None,
         adapters,
         session: None,
     };
-    Ok(Parsed { request, parts, route, handle_token })
+    Ok(Parsed { request, parts, route, handle_token, structure })
 }
 
 #[cfg(test)]

@@ -10,7 +10,6 @@ mod sequence;
 pub mod session;
 mod worker;
 
-use std::fmt;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU32, AtomicU64, Ordering};
 use std::time::Duration;
@@ -19,7 +18,7 @@ use hearth_dbus::FinishReason;
 use hearth_ffi::{ChatMessage, Context, ContextParams, Model, SamplerParams, Token};
 use tokio::sync::{mpsc, oneshot, watch};
 
-use crate::config::Config;
+pub use crate::error::CancelReason;
 use crate::error::Error;
 pub use session::SessionStore;
 
@@ -37,8 +36,9 @@ pub struct GenerateRequest {
     /// Text the assistant has already said (a cloud stream that broke off): the model
     /// continues the assistant's turn from exactly here.
     pub assistant_prefix: Option<String>,
-    /// Grammar, JSON Schema or tools the output follows (on-device only).
-    pub structure: Option<std::sync::Arc<crate::structured::Structure>>,
+    /// GBNF grammar the sampled output must follow (structured output and tool calls,
+    /// compiled from the caller's schema or tools above the engine; on-device only).
+    pub grammar: Option<Arc<str>>,
     /// LoRA adapters by name → scale (on-device only); None: the manifest's scales.
     pub adapters: Option<std::collections::BTreeMap<String, f32>>,
     /// The session whose turn this is: its KV is reused, and kept for the next turn.
@@ -106,56 +106,6 @@ pub struct Caller {
     pub app: String,
     /// The connection's Unix user, as the bus vouches.
     pub uid: u32,
-}
-
-/// Why a request was cancelled.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum CancelReason {
-    /// Its caller called Cancel.
-    Caller,
-    /// hearthd is stopping.
-    Shutdown,
-    /// Nobody is listening for the result any more.
-    Disconnected,
-    /// Its `deadline_ms` passed before it finished.
-    Deadline,
-    /// It moves to the cloud (the device turned critical); the stream goes on there.
-    Migrating,
-}
-
-impl fmt::Display for CancelReason {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            Self::Caller => "cancelled by the caller",
-            Self::Shutdown => "cancelled: hearthd is shutting down",
-            Self::Disconnected => "cancelled: the caller went away",
-            Self::Deadline => "cancelled: its deadline_ms passed before it finished",
-            Self::Migrating => "moved to the cloud",
-        })
-    }
-}
-
-impl CancelReason {
-    fn code(self) -> u8 {
-        match self {
-            Self::Caller => 1,
-            Self::Shutdown => 2,
-            Self::Disconnected => 3,
-            Self::Deadline => 4,
-            Self::Migrating => 5,
-        }
-    }
-
-    fn from_code(code: u8) -> Option<Self> {
-        match code {
-            1 => Some(Self::Caller),
-            2 => Some(Self::Shutdown),
-            3 => Some(Self::Disconnected),
-            4 => Some(Self::Deadline),
-            5 => Some(Self::Migrating),
-            _ => None,
-        }
-    }
 }
 
 /// Shared cancellation state of one request: set from any thread, polled by the engine at
@@ -387,28 +337,6 @@ pub struct EngineSettings {
 }
 
 impl EngineSettings {
-    /// The configured engine, with `context_length` per request.
-    pub fn from_config(
-        config: &Config,
-        context_length: u32,
-        throttle: Arc<Throttle>,
-        sessions: Arc<SessionStore>,
-    ) -> Self {
-        Self {
-            context_length,
-            batch_size: config.engine.batch_size,
-            max_sequences: config.engine.max_sequences,
-            interactive_sequences: config.engine.interactive_sequences,
-            threads: config.threads(),
-            flash_attn: config.engine.flash_attn,
-            prefix_cache: config.engine.prefix_cache,
-            queue_capacity: config.limits.queue_capacity,
-            queue_per_app: config.limits.queue_per_app,
-            throttle,
-            sessions,
-        }
-    }
-
     /// The same engine with its KV cache cut to one shared and one interactive slot (memory
     /// pressure): requests still run, fewer at a time.
     pub fn shrunk(&self) -> Self {

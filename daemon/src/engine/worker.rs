@@ -241,7 +241,7 @@ impl Worker {
                 }
             }
             let max_tokens = request.max_tokens.min(self.n_ctx - prompt.len() as u32);
-            let grammar = request.structure.as_ref().and_then(|s| s.grammar());
+            let grammar = request.grammar.as_deref();
             let sampler = Sampler::with_grammar(&self.model, request.sampling, grammar).map_err(|e| match e {
                 hearth_ffi::Error::Grammar => {
                     Error::InvalidArgs("llama.cpp refused the grammar after hearthd's own checks passed it".into())
@@ -296,11 +296,7 @@ impl Worker {
                 request.max_tokens, self.n_ctx, self.model_name
             )));
         }
-        let messages = match &request.structure {
-            Some(s) => s.messages(&request.messages),
-            None => request.messages.clone(),
-        };
-        let mut text = self.model.apply_chat_template(&messages, true).map_err(|e| match e {
+        let mut text = self.model.apply_chat_template(&request.messages, true).map_err(|e| match e {
             hearth_ffi::Error::InteriorNul { what } => Error::InvalidArgs(format!("{what} contains a NUL character")),
             e => Error::Internal(e.to_string()),
         })?;

@@ -74,12 +74,19 @@ impl ModelManager {
         let verified_at = started.elapsed();
 
         let context_length = entry.manifest.context_length.unwrap_or(config.engine.context_length);
-        let full = EngineSettings::from_config(
-            &config,
+        let full = EngineSettings {
             context_length,
-            Arc::clone(&self.inner.throttle),
-            Arc::clone(&self.inner.sessions),
-        );
+            batch_size: config.engine.batch_size,
+            max_sequences: config.engine.max_sequences,
+            interactive_sequences: config.engine.interactive_sequences,
+            threads: config.threads(),
+            flash_attn: config.engine.flash_attn,
+            prefix_cache: config.engine.prefix_cache,
+            queue_capacity: config.limits.queue_capacity,
+            queue_per_app: config.limits.queue_per_app,
+            throttle: Arc::clone(&self.inner.throttle),
+            sessions: Arc::clone(&self.inner.sessions),
+        };
         let settings = if shrunk { full.shrunk() } else { full.clone() };
         let weights = model.size_bytes();
         let kv = model.kv_geometry().bytes(settings.kv_tokens());

@@ -35,6 +35,16 @@ use crate::manager::ModelManager;
 use crate::polkit;
 use crate::privacy::{CloudView, Content, Decision, Part, RouteRequest};
 use crate::request::{Method, parse_embed, parse_off_runtime};
+use crate::structured::Structure;
+
+/// An admitted generation: the engine's request, where it runs, and the structure (schema,
+/// grammar or tools) its result is checked against above the engine.
+#[derive(Debug)]
+pub(crate) struct Admitted {
+    pub request: GenerateRequest,
+    pub decision: Decision,
+    pub structure: Option<Arc<Structure>>,
+}
 
 /// `org.hearth.Hearth1` at `/org/hearth/Hearth1`. Cheap to clone: session objects hold one.
 #[derive(Debug, Clone)]
@@ -97,21 +107,27 @@ impl HearthService {
     }
 
     /// Applies the caller's policy and the privacy rules: the request with its messages
-    /// unsealed, and where it runs.
+    /// unsealed (and, for structured output, the tools described and the grammar set),
+    /// where it runs, and the structure its result is checked against.
     fn admit(
         &self,
         who: &Caller,
         mut request: GenerateRequest,
         parts: Vec<Part>,
         route: RouteRequest,
-    ) -> Result<(GenerateRequest, Decision), BusError> {
+        structure: Option<Arc<Structure>>,
+    ) -> Result<Admitted, BusError> {
         let cloud = self.cloud_view(&request, &parts);
         let admitted =
             self.gate.admit(&who.app, &request, &self.models.default_model(), parts, route, cloud).inspect_err(
                 |e| tracing::info!(caller = %who.connection, app = %who.app, error = e.kind(), "request refused"),
             )?;
         request.messages = admitted.messages;
-        Ok((request, admitted.decision))
+        if let Some(s) = &structure {
+            request.messages = s.messages(&request.messages);
+            request.grammar = s.grammar().map(Arc::from);
+        }
+        Ok(Admitted { request, decision: admitted.decision, structure })
     }
 
     /// Identifies the caller of an admin method and asks polkit whether it may do `action`,
@@ -243,9 +259,8 @@ impl HearthService {
         let parsed =
             parse_off_runtime(request, Method::Generate, self.models.config().limits.default_max_tokens).await?;
         let (who, _) = identify(conn, &self.callers, &sender).await?;
-        let (request, decision) = self.admit(&who, parsed.request, parsed.parts, parsed.route)?;
-        self.start_generation(conn, sender, who, request, decision, parsed.handle_token, CancelToken::default(), None)
-            .await
+        let admitted = self.admit(&who, parsed.request, parsed.parts, parsed.route, parsed.structure)?;
+        self.start_generation(conn, sender, who, admitted, parsed.handle_token, CancelToken::default(), None).await
     }
 
     /// Generates and returns the whole result; see org.hearth.Hearth1.xml.
@@ -260,18 +275,8 @@ impl HearthService {
         let parsed =
             parse_off_runtime(request, Method::Complete, self.models.config().limits.default_max_tokens).await?;
         let (who, _) = identify(conn, &self.callers, &sender).await?;
-        let (request, decision) = self.admit(&who, parsed.request, parsed.parts, parsed.route)?;
-        self.complete_generation(
-            conn,
-            &sender,
-            who,
-            request,
-            decision,
-            parsed.handle_token,
-            CancelToken::default(),
-            None,
-        )
-        .await
+        let admitted = self.admit(&who, parsed.request, parsed.parts, parsed.route, parsed.structure)?;
+        self.complete_generation(conn, &sender, who, admitted, parsed.handle_token, CancelToken::default(), None).await
     }
 
     /// Opens a multi-turn session whose KV cache stays between turns; see
@@ -315,7 +320,7 @@ impl HearthService {
             priority: Priority::Normal,
             deadline: None,
             assistant_prefix: None,
-            structure: None,
+            grammar: None,
             adapters: None,
             session: None,
         };
@@ -324,7 +329,7 @@ impl HearthService {
             .iter()
             .map(|t| Part { role: "user".into(), content: Content::Text(t.clone()), scope: parsed.scope })
             .collect();
-        self.admit(&who, probe, parts, RouteRequest::Local)?;
+        self.admit(&who, probe, parts, RouteRequest::Local, None)?;
         let _guard = self.in_flight.enter();
         let lease = self.models.acquire(parsed.model.as_deref()).await?;
         let n = parsed.texts.len();

@@ -9,10 +9,9 @@ use zbus::Connection;
 use zbus::{OwnedObjectPath, OwnedVariant};
 
 use super::request_object::{self, RequestObject};
-use super::{HearthService, driver, internal, outcome_dict};
-use crate::engine::{Caller, CancelToken, Event, GenerateRequest, Outcome};
+use super::{Admitted, HearthService, driver, internal, outcome_dict};
+use crate::engine::{Caller, CancelToken, Event, Outcome};
 use crate::error::Error;
-use crate::privacy::Decision;
 
 /// Called once when a generation ends: with its outcome, or None when it never started or
 /// its stream broke off. Sessions record their turns with it.
@@ -83,13 +82,12 @@ impl HearthService {
         conn: &Connection,
         sender: zbus::names::OwnedUniqueName,
         who: Caller,
-        request: GenerateRequest,
-        decision: Decision,
+        admitted: Admitted,
         handle_token: Option<String>,
         cancel: CancelToken,
         on_finish: Option<OnFinish>,
     ) -> Result<OwnedObjectPath, BusError> {
-        let structure = request.structure.clone();
+        let Admitted { request, decision, structure } = admitted;
         let server = conn.object_server();
         let refused = |on_finish: Option<OnFinish>| on_finish.map(|f| f(None));
         // Claim the request path first, so the caller's early subscription can never see
@@ -137,8 +135,7 @@ impl HearthService {
         conn: &Connection,
         sender: &zbus::names::OwnedUniqueName,
         who: Caller,
-        request: GenerateRequest,
-        decision: Decision,
+        admitted: Admitted,
         handle_token: Option<String>,
         cancel: CancelToken,
         on_finish: Option<OnFinish>,
@@ -156,7 +153,7 @@ impl HearthService {
             },
             None => None,
         };
-        let result = self.run_to_end(sender, who, request, decision, cancel, on_finish).await;
+        let result = self.run_to_end(sender, who, admitted, cancel, on_finish).await;
         if let Some(path) = path {
             if let Err(e) = server.remove::<RequestObject, _>(&path).await {
                 tracing::warn!(error = %e, path = %path.as_str(), "cannot remove request object");
@@ -169,12 +166,11 @@ impl HearthService {
         &self,
         sender: &zbus::names::OwnedUniqueName,
         who: Caller,
-        request: GenerateRequest,
-        decision: Decision,
+        admitted: Admitted,
         cancel: CancelToken,
         on_finish: Option<OnFinish>,
     ) -> Result<HashMap<String, OwnedVariant>, BusError> {
-        let structure = request.structure.clone();
+        let Admitted { request, decision, structure } = admitted;
         let _guard = self.in_flight.enter();
         let started =
             driver::start(&self.models, self.cloud.as_ref(), &self.governor, request, who, cancel, &decision).await;

@@ -19,9 +19,9 @@ use zbus::{BoxDBusError, Connection, ObjectServer, interface};
 use zbus::{OwnedObjectPath, OwnedVariant, Variant};
 
 use super::{HearthService, OnFinish, caller, identify};
-use crate::engine::{CancelReason, CancelToken, GenerateRequest, Outcome};
+use crate::engine::{CancelReason, CancelToken, Outcome};
 use crate::manager::ModelManager;
-use crate::privacy::{Content, Decision, Part, Scope};
+use crate::privacy::{Content, Part, Scope};
 use crate::request::{Method, parse_off_runtime};
 
 /// Most sessions one app may hold open at once.
@@ -164,8 +164,7 @@ pub struct SessionObject {
 /// A turn that was admitted and may start.
 struct Turn {
     who: crate::engine::Caller,
-    request: GenerateRequest,
-    decision: Decision,
+    admitted: super::Admitted,
     handle_token: Option<String>,
     cancel: CancelToken,
     on_finish: OnFinish,
@@ -217,7 +216,7 @@ impl SessionObject {
         request.model = Some(self.model.clone());
         request.session = Some(self.id);
         let parts = history.into_iter().chain(parsed.parts).collect();
-        let (request, decision) = match svc.admit(&who, request, parts, parsed.route) {
+        let admitted = match svc.admit(&who, request, parts, parsed.route, parsed.structure) {
             Ok(admitted) => admitted,
             Err(e) => {
                 lock(&self.state).turn = None;
@@ -225,7 +224,7 @@ impl SessionObject {
             }
         };
         let state = Arc::clone(&self.state);
-        let taint = decision.taint;
+        let taint = admitted.decision.taint;
         let on_finish: OnFinish = Box::new(move |outcome: Option<&Outcome>| {
             let mut state = lock(&state);
             state.turn = None;
@@ -239,7 +238,7 @@ impl SessionObject {
                 state.tokens = o.prompt_tokens + o.token_ids.len() as u32;
             }
         });
-        Ok(Turn { who, request, decision, handle_token: parsed.handle_token, cancel, on_finish })
+        Ok(Turn { who, admitted, handle_token: parsed.handle_token, cancel, on_finish })
     }
 
     /// Property reads, like methods, are the owner's only. zbus passes no header when it reads
@@ -269,8 +268,7 @@ impl SessionObject {
             conn,
             self.owner.clone(),
             turn.who,
-            turn.request,
-            turn.decision,
+            turn.admitted,
             turn.handle_token,
             turn.cancel,
             Some(turn.on_finish),
@@ -292,8 +290,7 @@ impl SessionObject {
                 conn,
                 &self.owner,
                 turn.who,
-                turn.request,
-                turn.decision,
+                turn.admitted,
                 turn.handle_token,
                 turn.cancel,
                 Some(turn.on_finish),

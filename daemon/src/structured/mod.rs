@@ -82,12 +82,6 @@ pub struct Structure {
     choice: ToolChoice,
 }
 
-impl PartialEq for Structure {
-    fn eq(&self, other: &Self) -> bool {
-        std::ptr::eq(self, other)
-    }
-}
-
 fn invalid(msg: impl Into<String>) -> Error {
     Error::InvalidArgs(msg.into())
 }
