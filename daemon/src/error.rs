@@ -121,8 +121,6 @@ pub enum CancelReason {
     Disconnected,
     /// Its `deadline_ms` passed before it finished.
     Deadline,
-    /// It moves to the cloud (the device turned critical); the stream goes on there.
-    Migrating,
 }
 
 impl fmt::Display for CancelReason {
@@ -132,7 +130,6 @@ impl fmt::Display for CancelReason {
             Self::Shutdown => "cancelled: hearthd is shutting down",
             Self::Disconnected => "cancelled: the caller went away",
             Self::Deadline => "cancelled: its deadline_ms passed before it finished",
-            Self::Migrating => "moved to the cloud",
         })
     }
 }
@@ -145,7 +142,6 @@ impl CancelReason {
             Self::Shutdown => 2,
             Self::Disconnected => 3,
             Self::Deadline => 4,
-            Self::Migrating => 5,
         }
     }
 
@@ -155,7 +151,6 @@ impl CancelReason {
             2 => Some(Self::Shutdown),
             3 => Some(Self::Disconnected),
             4 => Some(Self::Deadline),
-            5 => Some(Self::Migrating),
             _ => None,
         }
     }

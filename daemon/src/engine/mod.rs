@@ -128,8 +128,6 @@ impl CancelToken {
 pub enum Event {
     /// One generated token and the text it completes (may be empty mid-character).
     Token { index: u32, id: Token, text: String },
-    /// The stream moved between the cloud and the device at token `index`.
-    Migrated { from: &'static str, to: &'static str, index: u32 },
     /// The end; always the last event.
     Finished(Outcome),
 }
@@ -148,9 +146,6 @@ pub struct Outcome {
     pub decode: Duration,
     /// Set when `reason` is Cancelled or Error.
     pub error: Option<Error>,
-    /// Where it ran and why, when that differs from the routing decision (cloud fallback,
-    /// migration).
-    pub route: Option<(String, String)>,
 }
 
 /// The engine's verdict on a submitted request.

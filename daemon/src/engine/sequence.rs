@@ -169,7 +169,6 @@ impl Sequence {
             prefill: first.saturating_duration_since(self.started),
             decode: self.last_token_at.map_or(Duration::ZERO, |l| l.saturating_duration_since(first)),
             error,
-            route: None,
         }
     }
 }
@@ -199,6 +198,5 @@ pub(super) fn unstarted_outcome(w: &Waiting, model_name: &str, reason: FinishRea
         prefill: Duration::ZERO,
         decode: Duration::ZERO,
         error: Some(error),
-        route: None,
     }
 }

@@ -15,12 +15,72 @@ use crate::error::Error;
 use crate::governor::{GovernorStatus, ThermalState};
 use crate::manager::{Lease, ModelManager};
 use crate::privacy::{Decision, Route};
+use hearth_ffi::Token;
 
 /// A running request: its events, and the model lease that keeps a local engine loaded.
 #[derive(Debug)]
 pub struct Running {
-    pub events: mpsc::UnboundedReceiver<Event>,
+    pub events: Events,
     pub _lease: Option<Lease>,
+}
+
+/// One event of a caller's stream: a token (the device's, or a chunk of the cloud's), a
+/// move between the device and the cloud, and the end.
+#[derive(Debug, Clone, PartialEq)]
+pub enum StreamEvent {
+    Token {
+        index: u32,
+        id: Token,
+        text: String,
+    },
+    /// The stream moved between the cloud and the device at token `index`.
+    Migrated {
+        from: &'static str,
+        to: &'static str,
+        index: u32,
+    },
+    /// The end; always the last event.
+    Finished(Finish),
+}
+
+/// How a request ended, and where it ran and why when that differs from the routing
+/// decision (cloud fallback, migration).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Finish {
+    pub outcome: Outcome,
+    pub route: Option<(String, String)>,
+}
+
+impl StreamEvent {
+    fn finished(outcome: Outcome, route: Option<(String, String)>) -> Self {
+        Self::Finished(Finish { outcome, route })
+    }
+}
+
+impl From<Event> for StreamEvent {
+    fn from(e: Event) -> Self {
+        match e {
+            Event::Token { index, id, text } => Self::Token { index, id, text },
+            Event::Finished(outcome) => Self::finished(outcome, None),
+        }
+    }
+}
+
+/// A request's stream: the engine's own (a device request nothing watches), or one that
+/// routing code feeds (cloud, fallback, migration, a session's bookkeeping).
+#[derive(Debug)]
+pub enum Events {
+    Engine(mpsc::UnboundedReceiver<Event>),
+    Routed(mpsc::UnboundedReceiver<StreamEvent>),
+}
+
+impl Events {
+    pub async fn recv(&mut self) -> Option<StreamEvent> {
+        match self {
+            Self::Engine(rx) => rx.recv().await.map(StreamEvent::from),
+            Self::Routed(rx) => rx.recv().await,
+        }
+    }
 }
 
 /// A request's time budget (`deadline_ms`), end to end: counted from its start across
@@ -84,12 +144,12 @@ pub async fn start(
                 who,
             };
             tokio::spawn(watch.run(request, submission.events, tx));
-            Ok(Running { events, _lease: Some(lease) })
+            Ok(Running { events: Events::Routed(events), _lease: Some(lease) })
         }
         (Route::Cloud, Some(cloud)) => {
             let (tx, events) = mpsc::unbounded_channel();
             tokio::spawn(drive_cloud(models.clone(), Arc::clone(cloud), request, who, cancel, tx));
-            Ok(Running { events, _lease: None })
+            Ok(Running { events: Events::Routed(events), _lease: None })
         }
         (Route::Cloud, None) => Err(Error::CloudUnavailable("no cloud model is configured".into())),
         (Route::Local, _) => {
@@ -100,7 +160,7 @@ pub async fn start(
                 prompt_tokens = submission.accepted.prompt_tokens,
                 "running on the device"
             );
-            Ok(Running { events: submission.events, _lease: Some(lease) })
+            Ok(Running { events: Events::Engine(submission.events), _lease: Some(lease) })
         }
     }
 }
@@ -117,8 +177,6 @@ fn cloud_outcome(text: String, model: &str, reason: FinishReason, started: Insta
         prefill: first.duration_since(started),
         decode: first.elapsed(),
         error: None,
-        // Served where the router sent it, for the router's reason.
-        route: None,
     }
 }
 
@@ -128,7 +186,7 @@ async fn drive_cloud(
     request: GenerateRequest,
     who: Caller,
     cancel: CancelToken,
-    tx: mpsc::UnboundedSender<Event>,
+    tx: mpsc::UnboundedSender<StreamEvent>,
 ) {
     let local_name = request.model.clone().unwrap_or_else(|| models.default_model());
     let Some(remote) = cloud.remote_model(&local_name).map(str::to_owned) else {
@@ -141,13 +199,14 @@ async fn drive_cloud(
     if let Some(reason) = cancel.reason() {
         let mut o = cloud_outcome(text, &remote, FinishReason::Cancelled, started, first);
         o.error = Some(Error::Cancelled(reason));
-        let _ = tx.send(Event::Finished(o));
+        let _ = tx.send(StreamEvent::finished(o, None));
         return;
     }
     match result {
         Ok(done) => {
             let reason = if done.reason == "length" { FinishReason::Length } else { FinishReason::Stop };
-            let _ = tx.send(Event::Finished(cloud_outcome(text, &done.remote_model, reason, started, first)));
+            let _ =
+                tx.send(StreamEvent::finished(cloud_outcome(text, &done.remote_model, reason, started, first), None));
         }
         Err(CloudError::BeforeFirstToken(why)) => {
             tracing::info!(app = %who.app, reason = %why, "cloud failed before the first token: running on the device");
@@ -158,7 +217,7 @@ async fn drive_cloud(
         }
         Err(CloudError::MidStream(why)) => {
             tracing::info!(app = %who.app, at = index, reason = %why, "cloud stream broke off: migrating to the device");
-            let _ = tx.send(Event::Migrated { from: "cloud", to: "local", index });
+            let _ = tx.send(StreamEvent::Migrated { from: "cloud", to: "local", index });
             let route = (
                 "cloud+local".into(),
                 format!("the cloud stream broke off after {index} chunks ({why}); the device continued from there"),
@@ -183,7 +242,7 @@ async fn stream_cloud(
     request: &GenerateRequest,
     prefix: Option<&str>,
     offset: u32,
-    tx: &mpsc::UnboundedSender<Event>,
+    tx: &mpsc::UnboundedSender<StreamEvent>,
     cancel: &CancelToken,
     budget: Budget,
 ) -> (Result<crate::cloud::CloudFinish, CloudError>, String, u32, Option<Instant>) {
@@ -196,7 +255,7 @@ async fn stream_cloud(
                 return false;
             }
             first.get_or_insert_with(Instant::now);
-            let _ = tx.send(Event::Token { index, id: -1, text: chunk.to_owned() });
+            let _ = tx.send(StreamEvent::Token { index, id: -1, text: chunk.to_owned() });
             text.push_str(chunk);
             index += 1;
             true
@@ -228,7 +287,7 @@ impl LocalWatch {
         mut self,
         request: GenerateRequest,
         mut events: mpsc::UnboundedReceiver<Event>,
-        tx: mpsc::UnboundedSender<Event>,
+        tx: mpsc::UnboundedSender<StreamEvent>,
     ) {
         let mut tick = tokio::time::interval(Duration::from_millis(100));
         let mut count = 0u32;
@@ -241,7 +300,7 @@ impl LocalWatch {
                         if matches!(e, Event::Token { .. }) {
                             count += 1;
                         }
-                        if tx.send(e).is_err() {
+                        if tx.send(e.into()).is_err() {
                             self.engine_cancel.cancel(CancelReason::Disconnected);
                         }
                     }
@@ -259,18 +318,23 @@ impl LocalWatch {
                         // governor tick in between would ask (and log) again.
                         moving = true;
                         tracing::info!(at = count, "the device turned critical: moving the request to the cloud");
-                        self.engine_cancel.cancel(CancelReason::Migrating);
+                        // To the engine this is its caller ending the request.
+                        self.engine_cancel.cancel(CancelReason::Caller);
                     }
                 }
             }
         };
-        if outcome.error != Some(Error::Cancelled(CancelReason::Migrating)) {
-            let _ = tx.send(Event::Finished(outcome));
+        // Moved only if the engine stopped for the move: it may have finished first, and a
+        // Cancel of the caller's own wins.
+        let moved =
+            moving && self.user.reason().is_none() && outcome.error == Some(Error::Cancelled(CancelReason::Caller));
+        if !moved {
+            let _ = tx.send(StreamEvent::finished(outcome, None));
             return;
         }
         // Moved: the cloud continues the assistant's turn from exactly the device's text.
         let before = outcome.text;
-        let _ = tx.send(Event::Migrated { from: "local", to: "cloud", index: count });
+        let _ = tx.send(StreamEvent::Migrated { from: "local", to: "cloud", index: count });
         let local_name = request.model.clone().unwrap_or_else(|| self.models.default_model());
         let remote = self.cloud.remote_model(&local_name).unwrap_or_default().to_owned();
         let mut rest = request;
@@ -281,10 +345,10 @@ impl LocalWatch {
         let why = match result {
             Ok(done) => {
                 let mut o = cloud_outcome(format!("{before}{text}"), &remote, FinishReason::Stop, started, first);
-                o.route = Some((
+                let route = (
                     "local+cloud".into(),
                     format!("the device turned critical after {count} tokens; the cloud continued from there"),
-                ));
+                );
                 match done.reason.as_str() {
                     "length" => o.reason = FinishReason::Length,
                     "cancelled" => {
@@ -293,7 +357,7 @@ impl LocalWatch {
                     }
                     _ => {}
                 }
-                let _ = tx.send(Event::Finished(o));
+                let _ = tx.send(StreamEvent::finished(o, Some(route)));
                 return;
             }
             Err(e) => e,
@@ -303,7 +367,7 @@ impl LocalWatch {
         tracing::info!(at = index, reason = %why, "the cloud failed after the move: the device carries on");
         let so_far = format!("{before}{text}");
         // Back: the caller saw the move out, so it sees the move back too.
-        let _ = tx.send(Event::Migrated { from: "cloud", to: "local", index });
+        let _ = tx.send(StreamEvent::Migrated { from: "cloud", to: "local", index });
         rest.max_tokens = rest.max_tokens.saturating_sub(index - count).max(1);
         rest.assistant_prefix = Some(so_far.clone());
         rest.deadline = self.budget.left();
@@ -325,7 +389,7 @@ async fn run_local(
     request: GenerateRequest,
     who: Caller,
     cancel: CancelToken,
-    tx: &mpsc::UnboundedSender<Event>,
+    tx: &mpsc::UnboundedSender<StreamEvent>,
     before: String,
     offset: u32,
     route: (String, String),
@@ -347,34 +411,31 @@ async fn run_local(
             prefill: Duration::ZERO,
             decode: Duration::ZERO,
             error: Some(e),
-            route: Some(route.clone()),
         }
     };
     let lease = match models.acquire(request.model.as_deref()).await {
         Ok(l) => l,
         Err(e) => {
-            let _ = tx.send(Event::Finished(fail(e)));
+            let _ = tx.send(StreamEvent::finished(fail(e), Some(route.clone())));
             return;
         }
     };
     let mut submission = match lease.engine.submit(request, who, cancel).await {
         Ok(s) => s,
         Err(e) => {
-            let _ = tx.send(Event::Finished(fail(e)));
+            let _ = tx.send(StreamEvent::finished(fail(e), Some(route.clone())));
             return;
         }
     };
     while let Some(event) = submission.events.recv().await {
         let event = match event {
-            Event::Token { index, id, text } => Event::Token { index: index + offset, id, text },
+            Event::Token { index, id, text } => StreamEvent::Token { index: index + offset, id, text },
             Event::Finished(mut o) => {
                 o.text = format!("{before}{}", o.text);
-                o.route = Some(route.clone());
-                Event::Finished(o)
+                StreamEvent::finished(o, Some(route.clone()))
             }
-            other => other,
         };
-        let last = matches!(event, Event::Finished(_));
+        let last = matches!(event, StreamEvent::Finished(_));
         if tx.send(event).is_err() || last {
             break;
         }

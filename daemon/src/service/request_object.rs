@@ -11,8 +11,9 @@ use zbus::object_server::SignalEmitter;
 use zbus::{Connection, interface};
 use zbus::{OwnedObjectPath, OwnedVariant};
 
+use super::driver::{Events, StreamEvent};
 use super::outcome_dict;
-use crate::engine::{CancelReason, CancelToken, Event};
+use crate::engine::{CancelReason, CancelToken};
 use crate::privacy::Decision;
 
 #[derive(Debug)]
@@ -93,7 +94,7 @@ pub async fn forward(
     conn: &Connection,
     path: OwnedObjectPath,
     owner: OwnedUniqueName,
-    mut events: tokio::sync::mpsc::UnboundedReceiver<Event>,
+    mut events: Events,
     decision: Decision,
     structure: Option<std::sync::Arc<crate::structured::Structure>>,
 ) {
@@ -107,25 +108,24 @@ pub async fn forward(
     let mut streamed = 0u32;
     while let Some(event) = events.recv().await {
         match event {
-            Event::Token { index, id, text } => {
+            StreamEvent::Token { index, id, text } => {
                 streamed += 1;
                 if let Err(e) = RequestObject::token(&emitter, index, id, &text).await {
                     tracing::warn!(error = %e, "cannot emit Token");
                 }
             }
-            Event::Migrated { from, to, index } => {
+            StreamEvent::Migrated { from, to, index } => {
                 tracing::info!(path = %path.as_str(), from, to, index, "stream migrated");
                 if let Err(e) = RequestObject::migrated(&emitter, from, to, index).await {
                     tracing::warn!(error = %e, "cannot emit Migrated");
                 }
             }
-            Event::Finished(outcome) => {
+            StreamEvent::Finished(finish) => {
+                let outcome = &finish.outcome;
                 tracing::info!(path = %path.as_str(), reason = outcome.reason.as_str(), tokens = outcome.token_ids.len(), "finished");
-                if let Err(e) = RequestObject::finished(
-                    &emitter,
-                    &outcome_dict(&outcome, &decision, structure.as_deref(), streamed),
-                )
-                .await
+                if let Err(e) =
+                    RequestObject::finished(&emitter, &outcome_dict(&finish, &decision, structure.as_deref(), streamed))
+                        .await
                 {
                     tracing::warn!(error = %e, "cannot emit Finished");
                 }

@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use hearth_dbus::{Error as BusError, result_key};
 use zbus::{OwnedVariant, Variant};
 
-use crate::engine::Outcome;
+use super::driver::Finish;
 use crate::manager::ModelReport;
 use crate::privacy::Decision;
 use crate::structured::Structure;
@@ -19,11 +19,12 @@ pub(crate) fn owned(v: Variant<'_>) -> OwnedVariant {
 /// The result dictionary of Complete and Request.Finished; `streamed` is how many Token
 /// events the caller got (the device's tokens and the cloud's chunks).
 pub(crate) fn outcome_dict(
-    o: &Outcome,
+    finish: &Finish,
     decision: &Decision,
     structure: Option<&Structure>,
     streamed: u32,
 ) -> HashMap<String, OwnedVariant> {
+    let o = &finish.outcome;
     let mut d = HashMap::from([
         (result_key::FINISH_REASON.to_owned(), owned(Variant::from(o.reason.as_str()))),
         (result_key::TEXT.to_owned(), owned(Variant::from(o.text.as_str()))),
@@ -35,7 +36,7 @@ pub(crate) fn outcome_dict(
         (result_key::PREFILL_US.to_owned(), owned(Variant::from(o.prefill.as_micros() as u64))),
         (result_key::DECODE_US.to_owned(), owned(Variant::from(o.decode.as_micros() as u64))),
     ]);
-    let (route, reason) = match &o.route {
+    let (route, reason) = match &finish.route {
         Some((route, reason)) => (route.clone(), reason.clone()),
         None => (decision.route.as_str().to_owned(), decision.reason.to_owned()),
     };

@@ -8,9 +8,10 @@ use hearth_dbus::{Error as BusError, FinishReason};
 use zbus::Connection;
 use zbus::{OwnedObjectPath, OwnedVariant};
 
+use super::driver::{Events, StreamEvent};
 use super::request_object::{self, RequestObject};
 use super::{Admitted, HearthService, driver, internal, outcome_dict};
-use crate::engine::{Caller, CancelToken, Event, Outcome};
+use crate::engine::{Caller, CancelToken, Outcome};
 use crate::error::Error;
 
 /// Called once when a generation ends: with its outcome, or None when it never started or
@@ -18,17 +19,14 @@ use crate::error::Error;
 pub(crate) type OnFinish = Box<dyn FnOnce(Option<&Outcome>) + Send>;
 
 /// Passes `events` through, calling `on_finish` with the Finished outcome before it goes on.
-fn tap(
-    mut events: tokio::sync::mpsc::UnboundedReceiver<Event>,
-    on_finish: OnFinish,
-) -> tokio::sync::mpsc::UnboundedReceiver<Event> {
+fn tap(mut events: Events, on_finish: OnFinish) -> Events {
     let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
     tokio::spawn(async move {
         let mut on_finish = Some(on_finish);
         while let Some(event) = events.recv().await {
-            if let Event::Finished(outcome) = &event {
+            if let StreamEvent::Finished(finish) = &event {
                 if let Some(f) = on_finish.take() {
-                    f(Some(outcome));
+                    f(Some(&finish.outcome));
                 }
             }
             if tx.send(event).is_err() {
@@ -39,7 +37,7 @@ fn tap(
             f(None);
         }
     });
-    rx
+    Events::Routed(rx)
 }
 
 impl HearthService {
@@ -193,14 +191,14 @@ impl HearthService {
         let mut streamed = 0u32;
         while let Some(event) = events.recv().await {
             match event {
-                Event::Token { .. } => streamed += 1,
-                Event::Finished(outcome) => {
-                    return match (outcome.reason, outcome.error.clone()) {
+                StreamEvent::Token { .. } => streamed += 1,
+                StreamEvent::Finished(finish) => {
+                    return match (finish.outcome.reason, finish.outcome.error.clone()) {
                         (FinishReason::Cancelled | FinishReason::Error, Some(e)) => Err(e.into()),
-                        _ => Ok(outcome_dict(&outcome, &decision, structure.as_deref(), streamed)),
+                        _ => Ok(outcome_dict(&finish, &decision, structure.as_deref(), streamed)),
                     };
                 }
-                Event::Migrated { .. } => {}
+                StreamEvent::Migrated { .. } => {}
             }
         }
         Err(Error::Internal("the engine stopped without finishing the request".into()).into())
