@@ -10,7 +10,7 @@ use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 use clap::{Parser, Subcommand};
-use hearth_dbus::{Error, Generation, Hearth1Proxy, StreamEvent, request_key, result_key};
+use hearth_dbus::{Error, Generation, Hearth1Proxy, StreamEvent, request_key};
 use serde_json::{Value as Json, json};
 use zbus::Connection;
 use zbus::{OwnedVariant, Variant};
@@ -216,6 +216,30 @@ fn to_json(v: &Variant<'_>) -> Json {
         ),
         other => json!(other.to_string()),
     }
+}
+
+/// A generation's result as JSON, with the keys of its D-Bus dictionary (absent ones left out).
+fn result_json(r: &hearth_dbus::GenerationResult) -> Json {
+    let mut j = json!({
+        "finish_reason": r.finish_reason, "text": r.text, "tokens": r.tokens, "token_ids": r.token_ids,
+        "prompt_tokens": r.prompt_tokens, "cached_tokens": r.cached_tokens, "model": r.model,
+        "prefill_us": r.prefill_us, "decode_us": r.decode_us, "route": r.route, "route_reason": r.route_reason,
+    });
+    if let Some(v) = r.schema_valid {
+        j["schema_valid"] = json!(v);
+    }
+    if let Some(calls) = &r.tool_calls {
+        j["tool_calls"] = tool_calls_json(calls);
+    }
+    if let (Some(name), Some(message)) = (&r.error_name, &r.error_message) {
+        j["error_name"] = json!(name);
+        j["error_message"] = json!(message);
+    }
+    j
+}
+
+fn tool_calls_json(calls: &[hearth_dbus::ToolCall]) -> Json {
+    calls.iter().map(|c| json!({ "id": c.id, "name": c.name, "arguments": c.arguments })).collect()
 }
 
 fn dict_json(d: &HashMap<String, OwnedVariant>) -> Json {
@@ -519,32 +543,25 @@ async fn generate(
                 }
             }
             StreamEvent::Finished(result) => {
-                let tokens = result.get(result_key::TOKENS).and_then(|v| u32::try_from(v).ok()).unwrap_or(0);
-                let reason = result
-                    .get(result_key::FINISH_REASON)
-                    .and_then(|v| <&str>::try_from(v).ok())
-                    .unwrap_or("?")
-                    .to_owned();
+                let tokens = result.tokens;
                 // Decode rate as the client sees it: tokens after the first, over the time they took.
                 let decode = first_token.map_or(Duration::ZERO, |f| last_token - f);
                 let tok_s =
                     if tokens > 1 && !decode.is_zero() { f64::from(tokens - 1) / decode.as_secs_f64() } else { 0.0 };
                 if json_out {
-                    let mut j = dict_json(&result);
+                    let mut j = result_json(&result);
                     j["client_tok_per_s"] = json!(tok_s);
                     j["client_elapsed_ms"] = json!(started.elapsed().as_millis() as u64);
                     writeln!(stdout, "{}", json!({ "finished": j }))?;
                 } else {
                     writeln!(stdout)?;
-                    if let Some(calls) = result.get(result_key::TOOL_CALLS) {
-                        println!("tool calls: {}", to_json(calls));
+                    if let Some(calls) = &result.tool_calls {
+                        println!("tool calls: {}", tool_calls_json(calls));
                     }
-                    eprintln!("[{tokens} tokens, {tok_s:.1} tok/s, finish: {reason}]");
+                    eprintln!("[{tokens} tokens, {tok_s:.1} tok/s, finish: {}]", result.finish_reason);
                 }
-                if let Some(name) = result.get(result_key::ERROR_NAME).and_then(|v| <&str>::try_from(v).ok()) {
-                    let msg =
-                        result.get(result_key::ERROR_MESSAGE).and_then(|v| <&str>::try_from(v).ok()).unwrap_or("");
-                    eprintln!("hearthctl: {name}: {msg}");
+                if let Some(name) = &result.error_name {
+                    eprintln!("hearthctl: {name}: {}", result.error_message.as_deref().unwrap_or(""));
                     return Ok(ExitCode::FAILURE);
                 }
                 return Ok(ExitCode::SUCCESS);

@@ -8,7 +8,7 @@ use zbus::fdo::DBusProxy;
 use zbus::message::Type as MessageType;
 use zbus::names::BusName;
 use zbus::{Connection, MatchRule, MessageStream};
-use zbus::{OwnedObjectPath, OwnedVariant, Variant};
+use zbus::{OwnedObjectPath, Variant};
 
 use crate::{BUS_NAME, Error, Hearth1Proxy, REQUEST_INTERFACE, RequestProxy, SessionProxy, request_key, request_path};
 
@@ -26,7 +26,7 @@ pub enum StreamEvent {
         to: String,
         index: u32,
     },
-    Finished(HashMap<String, OwnedVariant>),
+    Finished(crate::GenerationResult),
 }
 
 /// A generation in progress.
@@ -122,9 +122,7 @@ impl Generation {
                     .body()
                     .deserialize::<(String, String, u32)>()
                     .map(|(from, to, index)| StreamEvent::Migrated { from, to, index }),
-                Some("Finished") => {
-                    msg.body().deserialize::<HashMap<String, OwnedVariant>>().map(StreamEvent::Finished)
-                }
+                Some("Finished") => msg.body().deserialize::<crate::GenerationResult>().map(StreamEvent::Finished),
                 _ => continue,
             };
             if matches!(event, Ok(StreamEvent::Finished(_))) {

@@ -10,11 +10,13 @@ mod client;
 mod error;
 mod names;
 mod proxy;
+mod result;
 
 pub use client::{Generation, StreamEvent, messages_value};
 pub use error::Error;
 pub use names::*;
 pub use proxy::{Hearth1Proxy, RequestProxy, SessionProxy};
+pub use result::{GenerationResult, ToolCall};
 
 /// The introspection XML of the service, as installed in
 /// `/usr/share/dbus-1/interfaces/org.hearth.Hearth1.xml`.

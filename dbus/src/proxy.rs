@@ -13,7 +13,7 @@ pub trait Hearth1 {
     /// Starts a generation; tokens arrive on the returned request object.
     fn generate(&self, request: HashMap<&str, Variant<'_>>) -> Result<OwnedObjectPath, Error>;
     /// Generates and returns the whole result.
-    fn complete(&self, request: HashMap<&str, Variant<'_>>) -> Result<HashMap<String, OwnedVariant>, Error>;
+    fn complete(&self, request: HashMap<&str, Variant<'_>>) -> Result<crate::GenerationResult, Error>;
     /// Opens a multi-turn session (options: `model`); turns go to the returned object.
     fn open_session(&self, options: HashMap<&str, Variant<'_>>) -> Result<OwnedObjectPath, Error>;
     /// Unit-length embeddings of `texts` (request: texts, model, scope), computed on the device.
@@ -71,7 +71,7 @@ pub trait Request {
     fn migrated(&self, from: String, to: String, index: u32) -> zbus::Result<()>;
     /// The end of the generation.
     #[zbus(signal)]
-    fn finished(&self, result: HashMap<String, OwnedVariant>) -> zbus::Result<()>;
+    fn finished(&self, result: crate::GenerationResult) -> zbus::Result<()>;
 }
 
 /// Client side of `org.hearth.Hearth1.Session`.
@@ -81,7 +81,7 @@ pub trait Session {
     /// returned request object.
     fn generate(&self, request: HashMap<&str, Variant<'_>>) -> Result<OwnedObjectPath, Error>;
     /// Runs the next turn and returns its result.
-    fn complete(&self, request: HashMap<&str, Variant<'_>>) -> Result<HashMap<String, OwnedVariant>, Error>;
+    fn complete(&self, request: HashMap<&str, Variant<'_>>) -> Result<crate::GenerationResult, Error>;
     /// Ends the session and frees what it holds.
     fn close(&self) -> Result<(), Error>;
     /// Tokens of the conversation so far.

@@ -17,7 +17,7 @@ use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
-use hearth_dbus::{Generation, StreamEvent, result_key};
+use hearth_dbus::{Generation, StreamEvent};
 use zbus::Connection;
 use zbus::{OwnedVariant, Variant};
 
@@ -369,25 +369,21 @@ pub fn with_priority(user: &str, max_tokens: u32, priority: &str) -> HashMap<&'s
 }
 
 /// A result dictionary (Complete's reply, Finished's argument).
-pub type ResultDict = HashMap<String, OwnedVariant>;
+pub type ResultDict = hearth_dbus::GenerationResult;
 
-fn result_value<'d>(d: &'d ResultDict, k: &str) -> &'d OwnedVariant {
-    d.get(k).unwrap_or_else(|| panic!("result has no {k}: {d:?}"))
+/// An entry of an `a{sv}` dictionary (ListModels entries, KvCache, Memory...).
+fn dict_value<'d>(d: &'d HashMap<String, OwnedVariant>, k: &str) -> &'d OwnedVariant {
+    d.get(k).unwrap_or_else(|| panic!("no {k} in {d:?}"))
 }
 
-/// A string entry of a result dictionary.
-pub fn result_str(d: &ResultDict, k: &str) -> String {
-    <&str>::try_from(result_value(d, k)).expect("a string").to_owned()
+/// A string entry of an `a{sv}` dictionary.
+pub fn result_str(d: &HashMap<String, OwnedVariant>, k: &str) -> String {
+    <&str>::try_from(dict_value(d, k)).expect("a string").to_owned()
 }
 
-/// A `u` entry of a result dictionary.
-pub fn result_u32(d: &ResultDict, k: &str) -> u32 {
-    u32::try_from(result_value(d, k)).expect("a u32")
-}
-
-/// The generated token ids of a result dictionary.
-pub fn result_ids(d: &ResultDict) -> Vec<i32> {
-    Vec::<i32>::try_from(result_value(d, result_key::TOKEN_IDS).try_clone().expect("no fds")).expect("an ai")
+/// A `u` entry of an `a{sv}` dictionary.
+pub fn result_u32(d: &HashMap<String, OwnedVariant>, k: &str) -> u32 {
+    u32::try_from(dict_value(d, k)).expect("a u32")
 }
 
 /// Everything a stream sent, until Finished.

@@ -4,10 +4,10 @@
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
-use hearth_dbus::{Generation, messages_value, request_key as key, result_key};
-use hearth_tests::{Bus, Daemon, ResultDict, chat_request, collect, hearth, result_str};
+use hearth_dbus::{Generation, messages_value, request_key as key};
+use hearth_tests::{Bus, Daemon, ResultDict, chat_request, collect, hearth};
 use serde_json::{Value as Json, json};
-use zbus::{OwnedVariant, Variant};
+use zbus::Variant;
 
 const PERSON: &str = r#"{
   "type": "object",
@@ -40,15 +40,8 @@ fn error_name(e: &hearth_dbus::Error) -> String {
     e.dbus_name()
 }
 
-fn tool_calls(result: &ResultDict) -> Vec<HashMap<String, OwnedVariant>> {
-    result
-        .get(result_key::TOOL_CALLS)
-        .map(|v| Vec::<HashMap<String, OwnedVariant>>::try_from(v.try_clone().unwrap()).expect("aa{sv}"))
-        .unwrap_or_default()
-}
-
-fn s(d: &HashMap<String, OwnedVariant>, k: &str) -> String {
-    <&str>::try_from(d.get(k).unwrap_or_else(|| panic!("no {k}"))).unwrap().to_owned()
+fn tool_calls(result: &ResultDict) -> Vec<hearth_dbus::ToolCall> {
+    result.tool_calls.clone().unwrap_or_default()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -70,17 +63,17 @@ async fn json_schema_output_always_validates() {
     for prompt in prompts {
         let r = with(chat_request(prompt, 200), key::JSON_SCHEMA, PERSON);
         let result = proxy.complete(r).await.unwrap();
-        let text = result_str(&result, result_key::TEXT);
-        assert_eq!(result_str(&result, result_key::FINISH_REASON), "stop", "{prompt}: {text}");
+        let text = result.text.clone();
+        assert_eq!(result.finish_reason.clone(), "stop", "{prompt}: {text}");
         let value: Json = serde_json::from_str(&text).unwrap_or_else(|e| panic!("{prompt}: {e}: {text}"));
         assert!(validator.is_valid(&value), "{prompt}: {text}");
-        assert!(bool::try_from(result.get(result_key::SCHEMA_VALID).unwrap()).unwrap(), "{prompt}: {text}");
-        assert_eq!(result_str(&result, result_key::ROUTE), "local");
+        assert_eq!(result.schema_valid, Some(true), "{prompt}: {text}");
+        assert_eq!(result.route.clone(), "local");
     }
 
     // GBNF directly.
     let r = with(chat_request("Is the sky blue?", 8), key::GRAMMAR, r#"root ::= "yes" | "no""#);
-    let text = result_str(&proxy.complete(r).await.unwrap(), result_key::TEXT);
+    let text = proxy.complete(r).await.unwrap().text.clone();
     assert!(text == "yes" || text == "no", "{text}");
 
     // Bad schemas and grammars: InvalidArgs with the reason; the daemon keeps serving.
@@ -102,7 +95,7 @@ async fn json_schema_output_always_validates() {
     }
     let cloud = with(with(chat_request("hi", 4), key::GRAMMAR, r#"root ::= "a""#), key::ROUTE, "cloud");
     assert_eq!(error_name(&proxy.complete(cloud).await.unwrap_err()), invalid);
-    assert!(!result_str(&proxy.complete(chat_request("hi", 4)).await.unwrap(), result_key::TEXT).is_empty());
+    assert!(!proxy.complete(chat_request("hi", 4)).await.unwrap().text.is_empty());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -117,11 +110,11 @@ async fn tool_call_round_trip() {
     let r = with(with(chat_request(question, 64), key::TOOLS, TOOLS), key::TOOL_CHOICE, "required");
     let g = Generation::start(&conn, r, "tools1").await.unwrap();
     let (_, result) = collect(g, Duration::from_secs(60)).await;
-    assert_eq!(result_str(&result, result_key::FINISH_REASON), "tool_calls", "{result:?}");
+    assert_eq!(result.finish_reason.clone(), "tool_calls", "{result:?}");
     let calls = tool_calls(&result);
     assert_eq!(calls.len(), 1, "{result:?}");
-    let (name, arguments) = (s(&calls[0], "name"), s(&calls[0], "arguments"));
-    assert!(s(&calls[0], "id").starts_with("call_"));
+    let (name, arguments) = (calls[0].name.clone(), calls[0].arguments.clone());
+    assert!(calls[0].id.starts_with("call_"));
     let tool =
         tools.as_array().unwrap().iter().find(|t| t["function"]["name"] == name.as_str()).expect("a listed tool");
     let args: Json = serde_json::from_str(&arguments).unwrap();
@@ -141,15 +134,15 @@ async fn tool_call_round_trip() {
     let proxy = hearth(&conn).await;
     let result = proxy.complete(r).await.unwrap();
     assert!(tool_calls(&result).is_empty(), "{result:?}");
-    assert_ne!(result_str(&result, result_key::FINISH_REASON), "tool_calls");
-    assert!(!result_str(&result, result_key::TEXT).trim().is_empty(), "{result:?}");
+    assert_ne!(result.finish_reason.clone(), "tool_calls");
+    assert!(!result.text.clone().trim().is_empty(), "{result:?}");
 
     // auto: either text or a valid call, never anything else.
     let r = with(chat_request("Wake me up at half past six.", 64), key::TOOLS, TOOLS);
     let result = proxy.complete(r).await.unwrap();
-    let text = result_str(&result, result_key::TEXT);
+    let text = result.text.clone();
     match tool_calls(&result).first() {
-        Some(call) => assert!(["get_weather", "set_alarm"].contains(&s(call, "name").as_str())),
+        Some(call) => assert!(["get_weather", "set_alarm"].contains(&call.name.as_str())),
         None => assert!(!text.trim_start().starts_with('{'), "{text}"),
     }
 }
@@ -299,7 +292,7 @@ async fn hostile_grammars_and_schemas_get_named_errors_and_leave_the_daemon_serv
     }
     // Still serving, with bounded memory, and nothing of it in the log.
     let r = proxy.complete(chat_request("Say hello.", 4)).await.expect("serving after the corpus");
-    assert!(hearth_tests::result_u32(&r, result_key::TOKENS) > 0);
+    assert!(r.tokens > 0);
     let grown = hearth_tests::rss_kib(daemon.pid()).saturating_sub(rss_before);
     eprintln!("hearthd grew {grown} KiB over the corpus");
     assert!(grown < 256 * 1024, "hearthd grew {grown} KiB");

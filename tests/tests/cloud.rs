@@ -7,8 +7,8 @@ use std::time::{Duration, Instant};
 
 use hearth_dbus::{Generation, StreamEvent};
 use hearth_tests::cloud_standin::{CloudStandIn, Fault, WORDS};
-use hearth_tests::{Bus, Daemon, Settings, hearth, result_str, result_u32, workspace_bin};
-use zbus::{OwnedVariant, Variant};
+use hearth_tests::{Bus, Daemon, Settings, hearth, workspace_bin};
+use zbus::Variant;
 
 const QUESTION: &str = "What is the capital of France?";
 
@@ -84,10 +84,6 @@ fn public_request(text: &str, route: &str, max_tokens: u32) -> HashMap<&'static 
     ])
 }
 
-fn dict_u32(d: &HashMap<String, OwnedVariant>, k: &str) -> u32 {
-    result_u32(d, k)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn public_requests_stream_from_the_cloud_and_the_key_never_shows() {
     let s = setup(None, 2).await;
@@ -95,12 +91,12 @@ async fn public_requests_stream_from_the_cloud_and_the_key_never_shows() {
     let proxy = hearth(&conn).await;
     assert!(proxy.cloud_available().await.unwrap());
     let r = proxy.complete(public_request(QUESTION, "cloud", 64)).await.unwrap();
-    assert_eq!(result_str(&r, "route"), "cloud");
-    assert_eq!(result_str(&r, "text"), WORDS.concat());
-    assert_eq!(result_str(&r, "model"), "standin-1");
+    assert_eq!(r.route.clone(), "cloud");
+    assert_eq!(r.text.clone(), WORDS.concat());
+    assert_eq!(r.model.clone(), "standin-1");
     // Counted as streamed (one per chunk); no local token ids for cloud text.
-    assert_eq!(dict_u32(&r, "tokens") as usize, WORDS.len(), "the cloud's chunks count as tokens");
-    assert!(hearth_tests::result_ids(&r).is_empty(), "no local token ids for cloud text");
+    assert_eq!(r.tokens as usize, WORDS.len(), "the cloud's chunks count as tokens");
+    assert!(r.token_ids.clone().is_empty(), "no local token ids for cloud text");
     let recorded = s.standin.requests();
     assert_eq!(recorded.len(), 1);
     assert_eq!(recorded[0].authorization.as_deref(), Some(format!("Bearer {}", s.key).as_str()));
@@ -225,8 +221,8 @@ async fn a_cloud_stream_that_breaks_off_continues_on_the_device() {
     };
     assert_eq!(cloud.concat(), WORDS[..4].concat(), "the cloud's tokens, once each");
     assert!(!local.is_empty());
-    assert_eq!(result_str(&result, "route"), "cloud+local");
-    assert_eq!(result_str(&result, "text"), format!("{}{}", cloud.concat(), local.concat()));
+    assert_eq!(result.route.clone(), "cloud+local");
+    assert_eq!(result.text.clone(), format!("{}{}", cloud.concat(), local.concat()));
     // The device was given exactly the prompt and the text so far.
     let direct = hearth_tests::direct_run_continuing(
         &[("user", QUESTION)],
@@ -253,14 +249,14 @@ async fn failures_before_the_first_token_fall_back_to_the_device() {
     {
         s.standin.set_fault(fault.clone());
         let r = proxy.complete(public_request(QUESTION, "cloud", 8)).await.unwrap();
-        assert_eq!(result_str(&r, "route"), "local", "{fault:?}");
-        assert!(result_str(&r, "route_reason").contains("the cloud failed before the first token"), "{fault:?}");
-        assert_eq!(result_str(&r, "text"), local.text, "{fault:?}");
+        assert_eq!(r.route.clone(), "local", "{fault:?}");
+        assert!(r.route_reason.clone().contains("the cloud failed before the first token"), "{fault:?}");
+        assert_eq!(r.text.clone(), local.text, "{fault:?}");
     }
     // A slow drip within the idle timeout is still a stream.
     s.standin.set_fault(Fault::SlowDrip(Duration::from_millis(100)));
     let r = proxy.complete(public_request(QUESTION, "cloud", 64)).await.unwrap();
-    assert_eq!((result_str(&r, "route").as_str(), result_str(&r, "text")), ("cloud", WORDS.concat()));
+    assert_eq!((r.route.clone().as_str(), r.text.clone()), ("cloud", WORDS.concat()));
     // 500, 429 and the first-byte timeout were retried once each (retries = 1); a malformed
     // stream is not retried: 2 + 2 + 1 + 2 + 1 requests.
     assert_eq!(s.standin.requests().len(), 8);
@@ -276,14 +272,14 @@ async fn no_network_opens_the_breaker_with_one_log_line() {
     let proxy = hearth(&conn).await;
     for _ in 0..4 {
         let r = proxy.complete(public_request(QUESTION, "cloud", 4)).await.unwrap();
-        assert_eq!(result_str(&r, "route"), "local");
+        assert_eq!(r.route.clone(), "local");
     }
     assert!(!proxy.cloud_available().await.unwrap(), "the breaker is open");
     let log = s.daemon.log();
     assert_eq!(log.matches("cloud unreachable").count(), 1, "one line, not a storm:\n{log}");
     // auto never picks an unavailable cloud.
     let r = proxy.complete(public_request(QUESTION, "auto", 4)).await.unwrap();
-    assert_eq!(result_str(&r, "route"), "local");
+    assert_eq!(r.route.clone(), "local");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -310,7 +306,7 @@ async fn canaries_never_reach_the_real_forwarder_and_public_data_does() {
             ("max_tokens", Variant::from(4u32)),
         ]);
         match proxy.complete(req).await {
-            Ok(r) => assert_eq!((route, result_str(&r, "route").as_str()), ("auto", "local")),
+            Ok(r) => assert_eq!((route, r.route.clone().as_str()), ("auto", "local")),
             Err(e) => {
                 assert_eq!((route, e.dbus_name().as_str()), ("cloud", "org.hearth.Hearth1.Error.PrivacyViolation"));
                 assert!(!e.message().contains(&canary));
@@ -371,8 +367,8 @@ async fn a_local_stream_moves_to_the_cloud_when_the_device_turns_critical() {
     };
     assert!(moved.is_some(), "the stream moved to the cloud");
     assert_eq!(cloud.concat(), WORDS.concat());
-    assert_eq!(result_str(&result, "route"), "local+cloud");
-    assert_eq!(result_str(&result, "text"), format!("{}{}", local.concat(), cloud.concat()));
+    assert_eq!(result.route.clone(), "local+cloud");
+    assert_eq!(result.text.clone(), format!("{}{}", local.concat(), cloud.concat()));
     // The cloud was asked to continue the assistant's turn from exactly the device's text.
     let body: serde_json::Value = serde_json::from_str(&s.standin.requests()[0].body).unwrap();
     let turns = body["messages"].as_array().unwrap();
@@ -393,15 +389,15 @@ async fn auto_sends_public_work_to_the_cloud_when_the_device_is_hot() {
     })
     .await;
     let r = proxy.complete(public_request(QUESTION, "auto", 32)).await.unwrap();
-    assert_eq!(result_str(&r, "route"), "cloud");
-    assert!(result_str(&r, "route_reason").contains("hot"), "{}", result_str(&r, "route_reason"));
+    assert_eq!(r.route.clone(), "cloud");
+    assert!(r.route_reason.clone().contains("hot"), "{}", r.route_reason.clone());
     // Personal data stays, however hot the device.
     let personal = HashMap::from([
         ("messages", hearth_dbus::messages_value(&[("user", QUESTION)])),
         ("route", Variant::from("auto")),
         ("max_tokens", Variant::from(2u32)),
     ]);
-    assert_eq!(result_str(&proxy.complete(personal).await.unwrap(), "route"), "local");
+    assert_eq!(proxy.complete(personal).await.unwrap().route.clone(), "local");
 }
 
 /// `route: local`, structured output and tool calls are device-only: when the device turns
@@ -450,9 +446,9 @@ async fn device_only_requests_never_move_to_the_cloud() {
         let r = seen.result.unwrap();
         assert!(!seen.migrated, "{what} moved");
         assert!(seen.tokens > 0);
-        assert_eq!(result_str(&r, "route"), "local", "{what}");
-        if what == "json_schema" && result_str(&r, "finish_reason") == "stop" {
-            assert!(bool::try_from(r.get("schema_valid").unwrap()).unwrap(), "{what}: schema_valid");
+        assert_eq!(r.route.clone(), "local", "{what}");
+        if what == "json_schema" && r.finish_reason.clone() == "stop" {
+            assert_eq!(r.schema_valid, Some(true), "{what}: schema_valid");
         }
     }
     let bodies: Vec<String> = s.standin.requests().into_iter().map(|r| r.body).collect();
@@ -484,7 +480,7 @@ async fn cancel_and_deadline_hold_against_a_stalled_and_a_trickling_cloud() {
         g.cancel().await.unwrap();
         let (_, r) = hearth_tests::collect(g, Duration::from_secs(5)).await;
         let cancel_took = cancelled.elapsed();
-        assert_eq!(result_str(&r, "finish_reason"), "cancelled", "{what}");
+        assert_eq!(r.finish_reason.clone(), "cancelled", "{what}");
         assert!(cancel_took < Duration::from_secs(1), "{what}: Cancel took {cancel_took:?}");
         // A 3 s deadline, for the whole request.
         let mut req = public_request(QUESTION, "cloud", 64);
@@ -536,11 +532,11 @@ async fn a_move_to_an_unreachable_cloud_lets_the_device_carry_on() {
     };
     assert_eq!(moves.first().map(|m| (m.0.as_str(), m.1.as_str())), Some(("local", "cloud")), "{moves:?}");
     assert_eq!(moves.last().map(|m| (m.0.as_str(), m.1.as_str())), Some(("cloud", "local")), "{moves:?}");
-    assert!(!result.contains_key("error_name"), "the answer ended in an error: {result:?}");
-    assert!(matches!(result_str(&result, "finish_reason").as_str(), "length" | "stop"));
+    assert!(!result.failed(), "the answer ended in an error: {result:?}");
+    assert!(matches!(result.finish_reason.clone().as_str(), "length" | "stop"));
     assert!(tokens.len() > 5, "the device carried on after the move");
-    assert_eq!(result_str(&result, "text"), tokens.concat());
-    assert!(result_str(&result, "route_reason").contains("carried on"), "{}", result_str(&result, "route_reason"));
+    assert_eq!(result.text.clone(), tokens.concat());
+    assert!(result.route_reason.clone().contains("carried on"), "{}", result.route_reason.clone());
     let proxy = hearth(&conn).await;
     assert!(!proxy.cloud_available().await.unwrap(), "the breaker learnt of the failure");
 }
@@ -556,7 +552,7 @@ async fn cloud_available_is_announced_when_the_breaker_half_opens() {
     let proxy = hearth_dbus::Hearth1Proxy::new(&conn).await.unwrap();
     let mut changes = proxy.receive_cloud_available_changed().await;
     let r = proxy.complete(public_request(QUESTION, "cloud", 4)).await.unwrap();
-    assert_eq!(result_str(&r, "route"), "local", "the failed cloud fell back to the device");
+    assert_eq!(r.route.clone(), "local", "the failed cloud fell back to the device");
     let mut seen = Vec::new();
     let deadline = tokio::time::Instant::now() + Duration::from_secs(6);
     while let Ok(Some(change)) = tokio::time::timeout_at(deadline, changes.next()).await {

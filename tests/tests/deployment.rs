@@ -5,9 +5,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use hearth_dbus::{Generation, StreamEvent};
-use hearth_tests::{
-    Bus, Daemon, ModelDir, NotifySocket, Settings, chat_request, hearth, result_str, result_u32, wait_for,
-};
+use hearth_tests::{Bus, Daemon, ModelDir, NotifySocket, Settings, chat_request, hearth, wait_for};
 use nix::sys::signal::Signal;
 use zbus::Variant;
 
@@ -125,14 +123,14 @@ async fn sighup_reloads_config_and_models_without_dropping_streams() {
             StreamEvent::Finished(r) => break r,
         }
     };
-    let reason = result_str(&result, "finish_reason");
+    let reason = result.finish_reason.clone();
     assert!(reason == "stop" || reason == "length", "the stream survived the reload: {reason}");
-    assert_eq!(result_u32(&result, "tokens"), tokens);
+    assert_eq!(result.tokens, tokens);
 
     let mut no_max = HashMap::from([("messages", hearth_dbus::messages_value(&[("user", "Hi")]))]);
-    assert_eq!(result_u32(&proxy.complete(no_max.clone()).await.unwrap(), "tokens"), 3);
+    assert_eq!(proxy.complete(no_max.clone()).await.unwrap().tokens, 3);
     no_max.insert("model", Variant::from("second"));
-    assert_eq!(result_str(&proxy.complete(no_max).await.unwrap(), "model"), "second");
+    assert_eq!(proxy.complete(no_max).await.unwrap().model.clone(), "second");
 
     // A broken configuration is refused; the running one stays.
     std::fs::write(daemon.config_path(), "[engine]\ncontext_length = 8\n").unwrap();
@@ -142,5 +140,5 @@ async fn sighup_reloads_config_and_models_without_dropping_streams() {
     })
     .await;
     let no_max = HashMap::from([("messages", hearth_dbus::messages_value(&[("user", "Hi")]))]);
-    assert_eq!(result_u32(&proxy.complete(no_max).await.unwrap(), "tokens"), 3);
+    assert_eq!(proxy.complete(no_max).await.unwrap().tokens, 3);
 }

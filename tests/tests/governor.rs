@@ -192,7 +192,7 @@ async fn background_work_waits_for_the_charger_on_a_low_battery() {
         match tokio::time::timeout(Duration::from_secs(30), background.next()).await.expect("runs once charging") {
             Some(Ok(StreamEvent::Token { .. })) => tokens += 1,
             Some(Ok(StreamEvent::Finished(r))) => {
-                assert_eq!(hearth_tests::result_str(&r, "finish_reason"), "length");
+                assert_eq!(r.finish_reason.clone(), "length");
                 break;
             }
             other => panic!("{other:?}"),

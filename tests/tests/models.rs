@@ -101,7 +101,7 @@ async fn unverified_or_untrusted_files_are_refused_before_parsing() {
     assert!(!flag(t, "verified") && !flag(t, "loaded"));
     assert!(result_str(t, "error").contains("sha256"));
     let ok = proxy.complete(chat_request("Hi", 4)).await.unwrap();
-    assert_eq!(result_str(&ok, "model"), "smollm2-135m-instruct");
+    assert_eq!(ok.model.clone(), "smollm2-135m-instruct");
     assert!(daemon.try_exit().is_none());
 }
 
@@ -145,7 +145,7 @@ async fn a_budget_for_one_model_evicts_the_idle_one_and_never_an_active_one() {
             hearth_dbus::StreamEvent::Finished(r) => break r,
         }
     };
-    let reason = result_str(&result, "finish_reason");
+    let reason = result.finish_reason.clone();
     assert!(reason == "length" || reason == "stop", "the active model kept serving: {reason} after {tokens} tokens");
     // Idle again, so it gives way.
     proxy.complete(chat_request("Hi", 2)).await.unwrap();
@@ -186,7 +186,7 @@ async fn keep_alive_unloads_an_idle_model_and_the_next_request_reloads_it() {
     let t = Instant::now();
     let again = proxy.complete(chat_request("What is the capital of France?", 8)).await.unwrap();
     let warm = t.elapsed();
-    assert_eq!(result_str(&first, "text"), result_str(&again, "text"));
+    assert_eq!(first.text.clone(), again.text.clone());
     // The second load found the file unchanged and skipped hashing.
     assert!(daemon.log().contains("cached=true"), "{}", daemon.log());
     eprintln!(
@@ -366,10 +366,10 @@ async fn gpu_offload_where_a_gpu_exists() {
     let proxy = hearth(&conn).await;
     let direct = hearth_tests::direct_run(&[("user", "What is the capital of France?")], hearth_tests::greedy(), 8);
     let r = proxy.complete(chat_request("What is the capital of France?", 8)).await.unwrap();
-    assert!(!result_str(&r, "text").is_empty());
+    assert!(!r.text.clone().is_empty());
     let log = daemon.log();
     assert!(log.contains("offloaded"), "{log}");
-    eprintln!("GPU run: {:?}, CPU reference: {:?}", result_str(&r, "text"), direct.text);
+    eprintln!("GPU run: {:?}, CPU reference: {:?}", r.text.clone(), direct.text);
 }
 
 /// Writes a LoRA adapter for the default model with tests/tools/make-lora.py (gguf-py).
@@ -408,7 +408,7 @@ async fn lora_adapters_are_verified_and_applied() {
         let mut r = chat_request("Name three colours.", 16);
         r.insert("model", Variant::from(model.to_owned()));
         let proxy = proxy.clone();
-        async move { hearth_tests::result_ids(&proxy.complete(r).await.unwrap()) }
+        async move { proxy.complete(r).await.unwrap().token_ids.clone() }
     };
     let base = ids("smollm2-135m-instruct").await;
     assert_ne!(ids("tuned").await, base, "the adapter changes the output");
@@ -442,7 +442,7 @@ async fn per_request_adapters_apply_to_their_request_only() {
     };
     let ids = |scale: Option<f64>| {
         let proxy = proxy.clone();
-        async move { hearth_tests::result_ids(&proxy.complete(request(scale)).await.unwrap()) }
+        async move { proxy.complete(request(scale)).await.unwrap().token_ids }
     };
     let base = ids(None).await;
     assert_eq!(ids(Some(0.0)).await, base, "scale 0 is the base model");
@@ -539,7 +539,7 @@ async fn a_header_llama_cpp_would_abort_on_is_refused_with_its_reason() {
     assert!(!flag(t, "loaded"));
     assert!(result_str(t, "error").contains("claims 10000 layers"), "{t:?}");
     let ok = proxy.complete(chat_request("Hi", 4)).await.unwrap();
-    assert_eq!(result_str(&ok, "model"), "smollm2-135m-instruct");
+    assert_eq!(ok.model.clone(), "smollm2-135m-instruct");
     // Asked again, it is refused again the same way (no abort the second time either).
     let (name, msg) = refused(&proxy, "too-many-layers").await;
     assert_eq!(name, "org.hearth.Hearth1.Error.ModelUnavailable");
@@ -599,9 +599,9 @@ async fn the_memory_ceiling_ends_device_work_refuses_new_work_and_exits_before_t
     for s in streams {
         let seen = tokio::time::timeout(Duration::from_secs(5), s).await.expect("stream ended").unwrap();
         let result = seen.result.expect("Finished");
-        assert_eq!(result_str(&result, "finish_reason"), "error");
-        assert_eq!(result_str(&result, "error_name"), "org.hearth.Hearth1.Error.Busy");
-        assert!(result_str(&result, "error_message").contains("memory ceiling"), "{result:?}");
+        assert_eq!(result.finish_reason.clone(), "error");
+        assert_eq!(result.error_name.clone().unwrap_or_default(), "org.hearth.Hearth1.Error.Busy");
+        assert!(result.error_message.clone().unwrap_or_default().contains("memory ceiling"), "{result:?}");
     }
     let embedded = tokio::time::timeout(Duration::from_secs(5), embed).await.expect("embed ended").unwrap();
     assert_eq!(embedded.expect_err("the Embed must end").dbus_name(), "org.hearth.Hearth1.Error.Busy");

@@ -206,8 +206,8 @@ async fn sealed_data_reaches_only_the_model_of_the_sealing_app() {
     };
     let plain = proxy.complete(with(("content", Variant::from(secret)))).await.unwrap();
     let sealed = proxy.complete(with(("sealed", Variant::from(blob.clone())))).await.unwrap();
-    assert_eq!(hearth_tests::result_ids(&plain), hearth_tests::result_ids(&sealed));
-    assert_eq!(str_of(&sealed, "route"), "local");
+    assert_eq!(plain.token_ids.clone(), sealed.token_ids.clone());
+    assert_eq!(sealed.route, "local");
 
     let refused = |blob: Vec<u8>| {
         let proxy = proxy.clone();
@@ -325,7 +325,7 @@ async fn canaries_in_private_parts_never_leave_and_never_reach_logs_or_errors() 
         match proxy.complete(request).await {
             Ok(r) => {
                 assert_ne!(route, "cloud", "a cloud route with local data must be refused");
-                assert_eq!(str_of(&r, "route"), "local");
+                assert_eq!(r.route, "local");
             }
             Err(e) => {
                 assert_eq!(route, "cloud");
@@ -442,7 +442,7 @@ async fn a_bare_process_may_seal_only_when_its_policy_opts_in() {
     let blob = proxy.seal(b"My locker code is 4711.", HashMap::new()).await.unwrap();
     let part = HashMap::from([("role".to_owned(), Variant::from("user")), ("sealed".to_owned(), Variant::from(blob))]);
     let request = HashMap::from([("messages", Variant::from(vec![part])), ("max_tokens", Variant::from(2u32))]);
-    assert_eq!(str_of(&proxy.complete(request).await.unwrap(), "route"), "local");
+    assert_eq!(proxy.complete(request).await.unwrap().route, "local");
     let out = run(&notes, &["seal"], b"Note of notes.sh");
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let blob_file = scripts.path().join("note.bin");

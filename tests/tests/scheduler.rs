@@ -6,16 +6,14 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
-use hearth_dbus::{Generation, request_key, result_key};
-use hearth_tests::{
-    Bus, Daemon, Settings, chat_request, direct_run, greedy, result_ids, result_u32, with_priority, workspace_bin,
-};
+use hearth_dbus::{Generation, request_key};
+use hearth_tests::{Bus, Daemon, Settings, chat_request, direct_run, greedy, with_priority, workspace_bin};
 use zbus::MatchRule;
 use zbus::Variant;
 use zbus::message::Type as MessageType;
 
 /// Collects a generation's token ids and result.
-async fn finish(g: Generation) -> (Vec<i32>, HashMap<String, zbus::OwnedVariant>) {
+async fn finish(g: Generation) -> (Vec<i32>, hearth_tests::ResultDict) {
     let (tokens, result) = hearth_tests::collect(g, Duration::from_secs(180)).await;
     (tokens.into_iter().map(|t| t.1).collect(), result)
 }
@@ -44,7 +42,7 @@ async fn concurrent_clients_get_exactly_their_solo_tokens() {
     let results = futures_util::future::join_all(gens.into_iter().map(finish)).await;
     for (i, (ids, finished)) in results.iter().enumerate() {
         assert_eq!(ids, &solo[i], "client {i} ({:?}) got different tokens when batched", prompts[i]);
-        let reason = <&str>::try_from(finished.get(result_key::FINISH_REASON).unwrap()).unwrap();
+        let reason = finished.finish_reason.as_str();
         assert!(reason == "stop" || reason == "length", "client {i} finished with {reason}");
     }
 }
@@ -201,7 +199,7 @@ async fn over_the_bounds_busy_comes_at_once_and_kv_stays_in_budget() {
     let (_, r1) = finish(running).await;
     let (_, r2) = finish(waiting).await;
     for r in [r1, r2] {
-        assert_eq!(<&str>::try_from(r.get(result_key::FINISH_REASON).unwrap()).unwrap(), "cancelled");
+        assert_eq!(r.finish_reason, "cancelled");
     }
 }
 
@@ -273,28 +271,24 @@ async fn a_shared_prefix_is_reused_within_an_app_only_and_changes_no_output() {
     let proxy = hearth_tests::hearth(&conn).await;
 
     let first = proxy.complete(chat_request(prompt, 24)).await.unwrap();
-    assert_eq!(result_u32(&first, result_key::CACHED_TOKENS), 0);
-    assert_eq!(result_ids(&first), direct.tokens);
+    assert_eq!(first.cached_tokens, 0);
+    assert_eq!(first.token_ids.clone(), direct.tokens);
 
     // The same app asks again: all but the last prompt token come from the cache, and the
     // answer is still exactly the solo answer.
     let again = proxy.complete(chat_request(prompt, 24)).await.unwrap();
-    assert_eq!(result_u32(&again, result_key::CACHED_TOKENS), result_u32(&again, result_key::PROMPT_TOKENS) - 1);
-    assert_eq!(result_ids(&again), direct.tokens);
+    assert_eq!(again.cached_tokens, again.prompt_tokens - 1);
+    assert_eq!(again.token_ids.clone(), direct.tokens);
 
     // A follow-up turn reuses the whole first exchange.
-    let answer = <&str>::try_from(first.get(result_key::TEXT).unwrap()).unwrap().to_owned();
+    let answer = first.text.clone();
     let mut follow_up = chat_request("", 8);
     follow_up.insert(
         request_key::MESSAGES,
         hearth_dbus::messages_value(&[("user", prompt), ("assistant", &answer), ("user", "And of Italy?")]),
     );
     let turn = proxy.complete(follow_up).await.unwrap();
-    assert!(
-        result_u32(&turn, result_key::CACHED_TOKENS) >= result_u32(&first, result_key::PROMPT_TOKENS),
-        "follow-up reused {} tokens",
-        result_u32(&turn, result_key::CACHED_TOKENS)
-    );
+    assert!(turn.cached_tokens >= first.prompt_tokens, "follow-up reused {} tokens", turn.cached_tokens);
 
     // Another app (its own process) with the very same prompt gets no cache hit.
     let out = Command::new(workspace_bin("hearthctl"))

@@ -8,11 +8,8 @@ use std::collections::HashMap;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use hearth_dbus::{SessionProxy, messages_value, request_key as key, result_key};
-use hearth_tests::{
-    Bus, Daemon, Settings, apps_dir, apps_setting, direct_run, greedy, hearth, result_ids, result_str, result_u32,
-    this_app,
-};
+use hearth_dbus::{SessionProxy, messages_value, request_key as key};
+use hearth_tests::{Bus, Daemon, Settings, apps_dir, apps_setting, direct_run, greedy, hearth, this_app};
 use zbus::Connection;
 use zbus::{OwnedObjectPath, Variant};
 
@@ -50,15 +47,15 @@ async fn turn_two_reuses_turn_one_and_equals_a_fresh_run_of_the_transcript() {
     let s = session(&conn, &path).await;
     assert_eq!(s.tokens().await.unwrap(), 0);
     let r1 = s.complete(turn(FIRST, 24)).await.expect("turn 1");
-    let t1 = result_u32(&r1, result_key::PROMPT_TOKENS) + result_ids(&r1).len() as u32;
+    let t1 = r1.prompt_tokens + r1.token_ids.clone().len() as u32;
     assert_eq!(s.tokens().await.unwrap(), t1);
     // Turn 2 streams through a request object like Generate.
     let g = hearth_dbus::Generation::start_turn(&conn, &path, turn(SECOND, 24), "turn2").await.expect("turn 2");
     let (_, r2) = hearth_tests::collect(g, Duration::from_secs(60)).await;
-    assert_eq!(result_str(&r2, result_key::FINISH_REASON), result_str(&r1, result_key::FINISH_REASON));
-    let cached = result_u32(&r2, result_key::CACHED_TOKENS);
-    assert!(cached >= result_u32(&r1, result_key::PROMPT_TOKENS), "turn 2 re-used turn 1's KV: cached {cached}");
-    assert_eq!(result_ids(&r2), fresh_second_turn(&result_str(&r1, result_key::TEXT), 24));
+    assert_eq!(r2.finish_reason.clone(), r1.finish_reason.clone());
+    let cached = r2.cached_tokens;
+    assert!(cached >= r1.prompt_tokens, "turn 2 re-used turn 1's KV: cached {cached}");
+    assert_eq!(r2.token_ids.clone(), fresh_second_turn(&r1.text.clone(), 24));
     assert!(s.tokens().await.unwrap() > t1);
     assert_eq!(s.model().await.unwrap(), "smollm2-135m-instruct");
     assert_eq!(s.taint().await.unwrap(), "personal");
@@ -90,11 +87,8 @@ async fn an_idle_session_is_parked_for_another_request_and_restored_identically(
     assert!(bytes.starts_with(b"HSL1"), "parked KV is a sealed blob");
     // Turn 2 restores it and answers exactly as a fresh run of the transcript.
     let r2 = s.complete(turn(SECOND, 24)).await.expect("turn 2");
-    assert!(
-        result_u32(&r2, result_key::CACHED_TOKENS) >= result_u32(&r1, result_key::PROMPT_TOKENS),
-        "the restored KV was reused: {r2:?}"
-    );
-    assert_eq!(result_ids(&r2), fresh_second_turn(&result_str(&r1, result_key::TEXT), 24));
+    assert!(r2.cached_tokens >= r1.prompt_tokens, "the restored KV was reused: {r2:?}");
+    assert_eq!(r2.token_ids.clone(), fresh_second_turn(&r1.text.clone(), 24));
     let kv = proxy.kv_cache().await.unwrap();
     assert_eq!(kv["parked_sessions"], 0, "{kv:?}");
     assert_eq!(std::fs::read_dir(daemon.state_dir().join("sessions")).unwrap().count(), 0, "restored files go");
@@ -138,8 +132,8 @@ async fn parked_kv_keeps_to_its_disk_budget_and_a_dropped_session_still_answers_
     assert!(daemon.log().contains("dropped for the disk budget"), "{}", daemon.log());
     // A's next turn recomputes its transcript and answers exactly as a fresh run.
     let r2 = a.complete(turn(SECOND, 24)).await.expect("A, turn 2");
-    assert!(result_u32(&r2, result_key::CACHED_TOKENS) < result_u32(&r1, result_key::PROMPT_TOKENS), "{r2:?}");
-    assert_eq!(result_ids(&r2), fresh_second_turn(&result_str(&r1, result_key::TEXT), 24));
+    assert!(r2.cached_tokens < r1.prompt_tokens, "{r2:?}");
+    assert_eq!(r2.token_ids.clone(), fresh_second_turn(&r1.text.clone(), 24));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -269,7 +263,7 @@ async fn sessions_are_limited_per_app() {
     session(&conn, &paths[0]).await.close().await.unwrap();
     let p = open(&conn).await;
     let r = session(&conn, &p).await.complete(turn(FIRST, 4)).await.unwrap();
-    assert!(!result_ids(&r).is_empty());
+    assert!(!r.token_ids.clone().is_empty());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -316,8 +310,8 @@ async fn a_session_outlives_its_model_being_unloaded() {
     assert!(proxy.loaded_models().await.unwrap().is_empty());
     assert_eq!(proxy.kv_cache().await.unwrap()["parked_sessions"], 1);
     let r2 = s.complete(turn(SECOND, 24)).await.expect("turn 2 reloads the model");
-    assert!(result_u32(&r2, result_key::CACHED_TOKENS) >= result_u32(&r1, result_key::PROMPT_TOKENS), "{r2:?}");
-    assert_eq!(result_ids(&r2), fresh_second_turn(&result_str(&r1, result_key::TEXT), 24));
+    assert!(r2.cached_tokens >= r1.prompt_tokens, "{r2:?}");
+    assert_eq!(r2.token_ids.clone(), fresh_second_turn(&r1.text.clone(), 24));
     assert!(daemon.log().contains("session KV restored"));
 }
 

@@ -4,16 +4,16 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use futures_util::StreamExt;
-use hearth_dbus::{Error, Generation, RequestProxy, StreamEvent, messages_value, request_key, result_key};
-use hearth_tests::{Bus, Daemon, Settings, chat_request, direct_run, greedy, result_ids, result_str, result_u32};
+use hearth_dbus::{Error, Generation, RequestProxy, StreamEvent, messages_value, request_key};
+use hearth_tests::{Bus, Daemon, Settings, chat_request, direct_run, greedy, result_str, result_u32};
 use zbus::MatchRule;
+use zbus::Variant;
 use zbus::message::Type as MessageType;
-use zbus::{OwnedVariant, Variant};
 
 const PROMPTS: [&str; 2] = ["What is the capital of France?", "Write a haiku about a phone that keeps secrets."];
 
 /// Collects a generation's events until Finished.
-async fn collect(g: Generation) -> (Vec<(u32, i32, String)>, HashMap<String, OwnedVariant>) {
+async fn collect(g: Generation) -> (Vec<(u32, i32, String)>, hearth_tests::ResultDict) {
     hearth_tests::collect(g, Duration::from_secs(120)).await
 }
 
@@ -32,17 +32,17 @@ async fn complete_and_generate_give_exactly_the_direct_ffi_tokens() {
         assert!(!direct.tokens.is_empty());
 
         let result = proxy.complete(chat_request(prompt, 48)).await.expect("Complete");
-        assert_eq!(result_ids(&result), direct.tokens, "Complete tokens for {prompt:?}");
-        assert_eq!(result_str(&result, result_key::TEXT), direct.text);
-        assert_eq!(result_u32(&result, result_key::PROMPT_TOKENS) as usize, direct.prompt_tokens);
+        assert_eq!(result.token_ids.clone(), direct.tokens, "Complete tokens for {prompt:?}");
+        assert_eq!(result.text.clone(), direct.text);
+        assert_eq!(result.prompt_tokens as usize, direct.prompt_tokens);
         let expect_reason = if direct.tokens.len() == 48 { "length" } else { "stop" };
-        assert_eq!(result_str(&result, result_key::FINISH_REASON), expect_reason);
+        assert_eq!(result.finish_reason.clone(), expect_reason);
 
         let g = Generation::start(&conn, chat_request(prompt, 48), &format!("exact{i}")).await.expect("Generate");
         let (tokens, finished) = collect(g).await;
         let ids: Vec<i32> = tokens.iter().map(|t| t.1).collect();
         assert_eq!(ids, direct.tokens, "Generate tokens for {prompt:?}");
-        assert_eq!(result_ids(&finished), direct.tokens);
+        assert_eq!(finished.token_ids.clone(), direct.tokens);
     }
 }
 
@@ -75,8 +75,8 @@ async fn tokens_stream_in_order_to_the_caller_only() {
         assert_eq!(t.0 as usize, i, "tokens arrive in order");
     }
     let joined: String = tokens.iter().map(|t| t.2.as_str()).collect();
-    assert_eq!(joined, result_str(&finished, result_key::TEXT));
-    assert_eq!(result_u32(&finished, result_key::TOKENS) as usize, tokens.len());
+    assert_eq!(joined, finished.text.clone());
+    assert_eq!(finished.tokens as usize, tokens.len());
 
     // Let anything in flight arrive, then look at what the snooper got.
     tokio::time::sleep(Duration::from_millis(300)).await;
@@ -127,13 +127,13 @@ async fn cancel_ends_the_stream_at_once_and_only_the_owner_may_cancel() {
         }
     };
     assert!(after <= 3, "{after} tokens arrived after Cancel returned");
-    assert_eq!(result_str(&finished, result_key::FINISH_REASON), "cancelled");
-    assert_eq!(result_str(&finished, result_key::ERROR_NAME), "org.hearth.Hearth1.Error.Cancelled");
+    assert_eq!(finished.finish_reason.clone(), "cancelled");
+    assert_eq!(finished.error_name.clone().unwrap_or_default(), "org.hearth.Hearth1.Error.Cancelled");
 
     // The daemon keeps serving, and the queue is empty again.
     let proxy = hearth_tests::hearth(&conn).await;
     let r = proxy.complete(chat_request("Say hello.", 8)).await.expect("Complete after cancel");
-    assert!(result_u32(&r, result_key::TOKENS) > 0);
+    assert!(r.tokens > 0);
     assert_eq!(proxy.queue_depth().await.unwrap(), 0);
 }
 
@@ -219,7 +219,7 @@ async fn bad_input_gets_the_right_error_name_and_the_daemon_keeps_serving() {
     }
     // And the daemon still answers.
     let r = proxy.complete(chat_request("Say hello.", 8)).await.expect("Complete after bad input");
-    assert!(result_u32(&r, result_key::TOKENS) > 0);
+    assert!(r.tokens > 0);
     assert!(!daemon.log().contains(canary), "app text reached the log");
 }
 
@@ -277,8 +277,8 @@ async fn sigterm_during_a_stream_cancels_it_and_exits_zero() {
             other => panic!("unexpected {other:?}"),
         }
     };
-    assert_eq!(result_str(&finished, result_key::FINISH_REASON), "cancelled");
-    assert_eq!(result_str(&finished, result_key::ERROR_NAME), "org.hearth.Hearth1.Error.Cancelled");
+    assert_eq!(finished.finish_reason.clone(), "cancelled");
+    assert_eq!(finished.error_name.clone().unwrap_or_default(), "org.hearth.Hearth1.Error.Cancelled");
     let err = blocking.await.unwrap().expect_err("the blocking Complete is cancelled too");
     assert_eq!(error_name(&err), "org.hearth.Hearth1.Error.Cancelled");
     let status = daemon.wait_exit(Duration::from_secs(20)).await;
@@ -385,6 +385,6 @@ async fn complete_with_a_handle_token_is_cancelled_by_its_caller_only() {
     let mut again = chat_request("Say hello.", 8);
     again.insert(request_key::HANDLE_TOKEN, Variant::from("c1"));
     let r = proxy.complete(again).await.expect("Complete with the token again");
-    assert!(result_u32(&r, result_key::TOKENS) > 0);
+    assert!(r.tokens > 0);
     assert_eq!(proxy.queue_depth().await.unwrap(), 0);
 }

@@ -20,7 +20,7 @@ use zbus::{OwnedObjectPath, OwnedVariant, Variant};
 
 pub use in_flight::InFlight;
 use result::model_dict;
-pub(crate) use result::{outcome_dict, owned};
+pub(crate) use result::{generation_result, owned};
 pub(crate) use run::OnFinish;
 pub use session::Sessions;
 pub use watch::{publish_cloud_changes, publish_governor_changes, publish_status_changes, watch_disconnects};
@@ -270,7 +270,7 @@ impl HearthService {
         #[zbus(header)] header: Header<'_>,
         #[zbus(connection)] conn: &Connection,
         request: HashMap<String, OwnedVariant>,
-    ) -> Result<HashMap<String, OwnedVariant>, BusError> {
+    ) -> Result<hearth_dbus::GenerationResult, BusError> {
         let sender = caller(&header)?;
         let parsed =
             parse_off_runtime(request, Method::Complete, self.models.config().limits.default_max_tokens).await?;

@@ -2,17 +2,15 @@
 //! caller's unique name. Its signals go to that caller only (unicast), and only that caller
 //! may cancel it.
 
-use std::collections::HashMap;
-
-use hearth_dbus::Error as BusError;
+use hearth_dbus::{Error as BusError, GenerationResult};
+use zbus::OwnedObjectPath;
 use zbus::message::Header;
 use zbus::names::{BusName, OwnedUniqueName};
 use zbus::object_server::SignalEmitter;
 use zbus::{Connection, interface};
-use zbus::{OwnedObjectPath, OwnedVariant};
 
 use super::driver::{Events, StreamEvent};
-use super::outcome_dict;
+use super::generation_result;
 use crate::engine::{CancelReason, CancelToken};
 use crate::privacy::Decision;
 
@@ -51,7 +49,7 @@ impl RequestObject {
     async fn migrated(emitter: &SignalEmitter<'_>, from: &str, to: &str, index: u32) -> zbus::Result<()>;
 
     #[zbus(signal)]
-    async fn finished(emitter: &SignalEmitter<'_>, result: &HashMap<String, OwnedVariant>) -> zbus::Result<()>;
+    async fn finished(emitter: &SignalEmitter<'_>, result: &GenerationResult) -> zbus::Result<()>;
 }
 
 /// The introspection of `/org/hearth/Hearth1/request`, in place of zbus's own: that one lists
@@ -123,9 +121,11 @@ pub async fn forward(
             StreamEvent::Finished(finish) => {
                 let outcome = &finish.outcome;
                 tracing::info!(path = %path.as_str(), reason = outcome.reason.as_str(), tokens = outcome.token_ids.len(), "finished");
-                if let Err(e) =
-                    RequestObject::finished(&emitter, &outcome_dict(&finish, &decision, structure.as_deref(), streamed))
-                        .await
+                if let Err(e) = RequestObject::finished(
+                    &emitter,
+                    &generation_result(&finish, &decision, structure.as_deref(), streamed),
+                )
+                .await
                 {
                     tracing::warn!(error = %e, "cannot emit Finished");
                 }

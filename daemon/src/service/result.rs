@@ -3,7 +3,7 @@
 
 use std::collections::HashMap;
 
-use hearth_dbus::{Error as BusError, result_key};
+use hearth_dbus::{Error as BusError, GenerationResult, ToolCall};
 use zbus::{OwnedVariant, Variant};
 
 use super::driver::Finish;
@@ -16,58 +16,48 @@ pub(crate) fn owned(v: Variant<'_>) -> OwnedVariant {
     OwnedVariant::try_from(v).expect("value without file descriptors")
 }
 
-/// The result dictionary of Complete and Request.Finished; `streamed` is how many Token
-/// events the caller got (the device's tokens and the cloud's chunks).
-pub(crate) fn outcome_dict(
+/// The result of Complete and Request.Finished; `streamed` is how many Token events the
+/// caller got (the device's tokens and the cloud's chunks).
+pub(crate) fn generation_result(
     finish: &Finish,
     decision: &Decision,
     structure: Option<&Structure>,
     streamed: u32,
-) -> HashMap<String, OwnedVariant> {
+) -> GenerationResult {
     let o = &finish.outcome;
-    let mut d = HashMap::from([
-        (result_key::FINISH_REASON.to_owned(), owned(Variant::from(o.reason.as_str()))),
-        (result_key::TEXT.to_owned(), owned(Variant::from(o.text.as_str()))),
-        (result_key::TOKENS.to_owned(), owned(Variant::from(streamed))),
-        (result_key::TOKEN_IDS.to_owned(), owned(Variant::from(o.token_ids.clone()))),
-        (result_key::PROMPT_TOKENS.to_owned(), owned(Variant::from(o.prompt_tokens))),
-        (result_key::CACHED_TOKENS.to_owned(), owned(Variant::from(o.cached_tokens))),
-        (result_key::MODEL.to_owned(), owned(Variant::from(o.model.as_str()))),
-        (result_key::PREFILL_US.to_owned(), owned(Variant::from(o.prefill.as_micros() as u64))),
-        (result_key::DECODE_US.to_owned(), owned(Variant::from(o.decode.as_micros() as u64))),
-    ]);
-    let (route, reason) = match &finish.route {
+    let (route, route_reason) = match &finish.route {
         Some((route, reason)) => (route.clone(), reason.clone()),
         None => (decision.route.as_str().to_owned(), decision.reason.to_owned()),
     };
-    d.insert(result_key::ROUTE.to_owned(), owned(Variant::from(route)));
-    d.insert(result_key::ROUTE_REASON.to_owned(), owned(Variant::from(reason)));
+    let mut r = GenerationResult {
+        finish_reason: o.reason.as_str().to_owned(),
+        text: o.text.clone(),
+        tokens: streamed,
+        token_ids: o.token_ids.clone(),
+        prompt_tokens: o.prompt_tokens,
+        cached_tokens: o.cached_tokens,
+        model: o.model.clone(),
+        prefill_us: o.prefill.as_micros() as u64,
+        decode_us: o.decode.as_micros() as u64,
+        route,
+        route_reason,
+        ..GenerationResult::default()
+    };
     if let Some(s) = structure.filter(|_| o.error.is_none()) {
-        if let Some(valid) = s.schema_valid(&o.text) {
-            d.insert(result_key::SCHEMA_VALID.to_owned(), owned(Variant::from(valid)));
-        }
+        r.schema_valid = s.schema_valid(&o.text);
         let calls = s.tool_calls(&o.text);
         if !calls.is_empty() {
-            let calls: Vec<HashMap<&str, Variant<'_>>> = calls
-                .into_iter()
-                .map(|c| {
-                    HashMap::from([
-                        ("id", Variant::from(c.id)),
-                        ("name", Variant::from(c.name)),
-                        ("arguments", Variant::from(c.arguments)),
-                    ])
-                })
-                .collect();
-            d.insert(result_key::TOOL_CALLS.to_owned(), owned(Variant::from(calls)));
-            d.insert(result_key::FINISH_REASON.to_owned(), owned(Variant::from(hearth_dbus::FINISH_TOOL_CALLS)));
+            r.tool_calls =
+                Some(calls.into_iter().map(|c| ToolCall { id: c.id, name: c.name, arguments: c.arguments }).collect());
+            r.finish_reason = hearth_dbus::FINISH_TOOL_CALLS.to_owned();
         }
     }
     if let Some(e) = &o.error {
         let bus = BusError::from(e.clone());
-        d.insert(result_key::ERROR_NAME.to_owned(), owned(Variant::from(bus.dbus_name())));
-        d.insert(result_key::ERROR_MESSAGE.to_owned(), owned(Variant::from(bus.message())));
+        r.error_name = Some(bus.dbus_name().to_owned());
+        r.error_message = Some(bus.message().to_owned());
     }
-    d
+    r
 }
 
 /// One ListModels entry.

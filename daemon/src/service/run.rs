@@ -1,16 +1,15 @@
 //! Running an admitted request: the request object and its signals (Generate), or the whole
 //! result (Complete); shared by the service and its sessions.
 
-use std::collections::HashMap;
 use std::sync::atomic::Ordering;
 
-use hearth_dbus::{Error as BusError, FinishReason};
+use hearth_dbus::{Error as BusError, FinishReason, GenerationResult};
 use zbus::Connection;
-use zbus::{OwnedObjectPath, OwnedVariant};
+use zbus::OwnedObjectPath;
 
 use super::driver::{Events, StreamEvent};
 use super::request_object::{self, RequestObject};
-use super::{Admitted, HearthService, driver, internal, outcome_dict};
+use super::{Admitted, HearthService, driver, generation_result, internal};
 use crate::engine::{Caller, CancelToken, Outcome};
 use crate::error::Error;
 
@@ -137,7 +136,7 @@ impl HearthService {
         handle_token: Option<String>,
         cancel: CancelToken,
         on_finish: Option<OnFinish>,
-    ) -> Result<HashMap<String, OwnedVariant>, BusError> {
+    ) -> Result<GenerationResult, BusError> {
         let server = conn.object_server();
         let path = match handle_token {
             Some(token) => match self.export_request_object(server, sender, Some(&token), &cancel).await {
@@ -167,7 +166,7 @@ impl HearthService {
         admitted: Admitted,
         cancel: CancelToken,
         on_finish: Option<OnFinish>,
-    ) -> Result<HashMap<String, OwnedVariant>, BusError> {
+    ) -> Result<GenerationResult, BusError> {
         let Admitted { request, decision, structure } = admitted;
         let _guard = self.in_flight.enter();
         let started =
@@ -195,7 +194,7 @@ impl HearthService {
                 StreamEvent::Finished(finish) => {
                     return match (finish.outcome.reason, finish.outcome.error.clone()) {
                         (FinishReason::Cancelled | FinishReason::Error, Some(e)) => Err(e.into()),
-                        _ => Ok(outcome_dict(&finish, &decision, structure.as_deref(), streamed)),
+                        _ => Ok(generation_result(&finish, &decision, structure.as_deref(), streamed)),
                     };
                 }
                 StreamEvent::Migrated { .. } => {}

@@ -283,7 +283,7 @@ impl SessionObject {
         #[zbus(header)] header: Header<'_>,
         #[zbus(connection)] conn: &Connection,
         request: HashMap<String, OwnedVariant>,
-    ) -> Result<HashMap<String, OwnedVariant>, BusError> {
+    ) -> Result<hearth_dbus::GenerationResult, BusError> {
         let turn = self.begin(&header, conn, request, Method::Complete).await?;
         self.svc
             .complete_generation(

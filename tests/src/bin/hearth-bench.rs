@@ -19,7 +19,7 @@
 use std::time::{Duration, Instant};
 
 use clap::Parser;
-use hearth_dbus::{Generation, StreamEvent, result_key};
+use hearth_dbus::{Generation, StreamEvent};
 use std::sync::Arc;
 
 use hearth_ffi::{Batch, Context, ContextParams, Sampler, Token};
@@ -110,9 +110,8 @@ async fn over_dbus(conn: &zbus::Connection, prompt: &str, max_tokens: u32, tag: 
             }
             StreamEvent::Migrated { .. } => {}
             StreamEvent::Finished(r) => {
-                let decode_us = u64::try_from(r.get(result_key::DECODE_US).expect("decode_us")).expect("u64");
-                let prompt =
-                    u32::try_from(r.get(result_key::PROMPT_TOKENS).expect("prompt_tokens")).expect("u32") as usize;
+                let decode_us = r.decode_us;
+                let prompt = r.prompt_tokens as usize;
                 break (prompt, decode_us);
             }
         }
@@ -501,9 +500,8 @@ async fn conversation(conn: &zbus::Connection, in_session: bool, turns: usize) -
         }
         .expect("turn");
         last.last_ms = started.elapsed().as_secs_f64() * 1e3;
-        last.last_prompt_tokens =
-            u32::try_from(result.get(result_key::PROMPT_TOKENS).expect("prompt_tokens")).expect("u");
-        let text = <&str>::try_from(result.get(result_key::TEXT).expect("text")).expect("s").to_owned();
+        last.last_prompt_tokens = result.prompt_tokens;
+        let text = result.text.clone();
         transcript.push(("assistant".into(), text));
     }
     if let Some(s) = session {

@@ -8,7 +8,7 @@
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use clap::Parser;
-use hearth_dbus::{Generation, StreamEvent, request_key, result_key};
+use hearth_dbus::{Generation, StreamEvent, request_key};
 use hearth_tests::chat_request;
 use zbus::Variant;
 
@@ -60,11 +60,7 @@ async fn main() {
                     }
                     Ok(StreamEvent::Migrated { .. }) => {}
                     Ok(StreamEvent::Finished(r)) => {
-                        let reason = r
-                            .get(result_key::FINISH_REASON)
-                            .and_then(|v| <&str>::try_from(v).ok())
-                            .unwrap_or("?")
-                            .to_owned();
+                        let reason = r.finish_reason;
                         return serde_json::json!({
                             "stream": i, "tokens": tokens, "finish_reason": reason,
                             "start_ms": started as u64, "first_ms": first.map(|f| f as u64), "end_ms": now_ms() as u64,
