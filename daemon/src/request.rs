@@ -24,14 +24,6 @@ const MAX_ADAPTER_SCALE: f64 = 8.0;
 /// Longest deadline accepted: one day.
 const MAX_DEADLINE_MS: u64 = 86_400_000;
 
-/// Which method the request came from. Both accept a handle token: Generate's names its
-/// request object, Complete's the Cancel-only object that lives while it runs.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Method {
-    Generate,
-    Complete,
-}
-
 /// A parsed request. `request.messages` is empty until the privacy gate has unsealed
 /// `parts` and admitted them.
 #[derive(Debug, Clone)]
@@ -265,26 +257,22 @@ static CONVERSIONS: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(2
 /// [`parse`], but never on the D-Bus runtime for a request that carries a schema, grammar or
 /// tools: their checks and conversion run on a blocking thread (bounded in size, so they
 /// end), so other apps' calls are never held behind them.
-pub async fn parse_off_runtime(
-    dict: HashMap<String, OwnedVariant>,
-    method: Method,
-    default_max_tokens: u32,
-) -> Result<Parsed, Error> {
+pub async fn parse_off_runtime(dict: HashMap<String, OwnedVariant>, default_max_tokens: u32) -> Result<Parsed, Error> {
     if ![key::JSON_SCHEMA, key::GRAMMAR, key::TOOLS].iter().any(|k| dict.contains_key(*k)) {
-        return parse(&dict, method, default_max_tokens);
+        return parse(&dict, default_max_tokens);
     }
     // The turn goes with the work: a caller that stops waiting does not free it early.
     let turn = CONVERSIONS.acquire().await.map_err(|_| Error::Internal("the request parser stopped".into()))?;
     tokio::task::spawn_blocking(move || {
         let _turn = turn;
-        parse(&dict, method, default_max_tokens)
+        parse(&dict, default_max_tokens)
     })
     .await
     .map_err(|e| Error::Internal(format!("the request parser failed: {e}")))?
 }
 
 /// Parses a request dictionary. `default_max_tokens` applies when the key is absent.
-pub fn parse(dict: &HashMap<String, OwnedVariant>, _method: Method, default_max_tokens: u32) -> Result<Parsed, Error> {
+pub fn parse(dict: &HashMap<String, OwnedVariant>, default_max_tokens: u32) -> Result<Parsed, Error> {
     let mut messages = None;
     let mut model = None;
     let mut max_tokens = u64::from(default_max_tokens);
@@ -433,7 +421,7 @@ mod tests {
                 sealed(),
             ]),
         )]);
-        let p = parse(&d, Method::Complete, 16).unwrap();
+        let p = parse(&d, 16).unwrap();
         let scopes: Vec<Scope> = p.parts.iter().map(|p| p.scope).collect();
         assert_eq!(scopes, [Scope::Personal, Scope::Public, Scope::Local]);
         assert_eq!(p.parts[2].content, Content::Sealed(vec![7u8; 64]));
@@ -461,7 +449,6 @@ mod tests {
                 ("priority", Variant::from("interactive")),
                 ("deadline_ms", Variant::from(1500u32)),
             ]),
-            Method::Generate,
             256,
         )
         .unwrap();
@@ -489,10 +476,10 @@ mod tests {
         ];
         for (k, v) in device_only {
             for route in ["auto", "local"] {
-                let p = parse(&req(vec![(k, v.clone()), ("route", Variant::from(route))]), Method::Generate, 16);
+                let p = parse(&req(vec![(k, v.clone()), ("route", Variant::from(route))]), 16);
                 assert_eq!(p.unwrap().route, RouteRequest::Local, "{k} with route {route}");
             }
-            let p = parse(&req(vec![(k, v), ("route", Variant::from("cloud"))]), Method::Generate, 16);
+            let p = parse(&req(vec![(k, v), ("route", Variant::from("cloud"))]), 16);
             assert!(matches!(p, Err(Error::InvalidArgs(m)) if m.contains("run on the device")), "{k}");
         }
     }
@@ -540,13 +527,13 @@ mod tests {
             (req(vec![("app_id", Variant::from("org.bank.App"))]), "unknown request key"),
         ];
         for (d, expect) in cases {
-            match parse(&d, Method::Generate, 256) {
+            match parse(&d, 256) {
                 Err(Error::InvalidArgs(m)) => assert!(m.contains(expect), "{m:?} should contain {expect:?}"),
                 other => panic!("expected InvalidArgs containing {expect:?}, got {other:?}"),
             }
         }
-        let p = parse(&req(vec![("handle_token", Variant::from("t"))]), Method::Complete, 256).unwrap();
+        let p = parse(&req(vec![("handle_token", Variant::from("t"))]), 256).unwrap();
         assert_eq!(p.handle_token.as_deref(), Some("t"), "Complete takes a handle token too");
-        assert!(parse(&req(vec![("handle_token", Variant::from("a/b"))]), Method::Complete, 256).is_err());
+        assert!(parse(&req(vec![("handle_token", Variant::from("a/b"))]), 256).is_err());
     }
 }

@@ -34,7 +34,7 @@ use crate::identity::{self, Identity};
 use crate::manager::ModelManager;
 use crate::polkit;
 use crate::privacy::{CloudView, Content, Decision, Part, RouteRequest};
-use crate::request::{Method, parse_embed, parse_off_runtime};
+use crate::request::{parse_embed, parse_off_runtime};
 use crate::structured::Structure;
 
 /// An admitted generation: the engine's request, where it runs, and the structure (schema,
@@ -256,8 +256,7 @@ impl HearthService {
         request: HashMap<String, OwnedVariant>,
     ) -> Result<OwnedObjectPath, BusError> {
         let sender = caller(&header)?;
-        let parsed =
-            parse_off_runtime(request, Method::Generate, self.models.config().limits.default_max_tokens).await?;
+        let parsed = parse_off_runtime(request, self.models.config().limits.default_max_tokens).await?;
         let (who, _) = identify(conn, &self.callers, &sender).await?;
         let admitted = self.admit(&who, parsed.request, parsed.parts, parsed.route, parsed.structure)?;
         self.start_generation(conn, sender, who, admitted, parsed.handle_token, CancelToken::default(), None).await
@@ -272,8 +271,7 @@ impl HearthService {
         request: HashMap<String, OwnedVariant>,
     ) -> Result<hearth_dbus::GenerationResult, BusError> {
         let sender = caller(&header)?;
-        let parsed =
-            parse_off_runtime(request, Method::Complete, self.models.config().limits.default_max_tokens).await?;
+        let parsed = parse_off_runtime(request, self.models.config().limits.default_max_tokens).await?;
         let (who, _) = identify(conn, &self.callers, &sender).await?;
         let admitted = self.admit(&who, parsed.request, parsed.parts, parsed.route, parsed.structure)?;
         self.complete_generation(conn, &sender, who, admitted, parsed.handle_token, CancelToken::default(), None).await

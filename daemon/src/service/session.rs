@@ -22,7 +22,7 @@ use super::{HearthService, OnFinish, caller, identify};
 use crate::engine::{CancelReason, CancelToken, Outcome};
 use crate::manager::ModelManager;
 use crate::privacy::{Content, Part, Scope};
-use crate::request::{Method, parse_off_runtime};
+use crate::request::parse_off_runtime;
 
 /// Most sessions one app may hold open at once.
 pub const MAX_SESSIONS_PER_APP: usize = 8;
@@ -186,12 +186,11 @@ impl SessionObject {
         header: &Header<'_>,
         conn: &Connection,
         dict: HashMap<String, OwnedVariant>,
-        method: Method,
     ) -> Result<Turn, BusError> {
         let sender = caller(header)?;
         self.check_owner(&sender)?;
         let svc = &self.svc;
-        let parsed = parse_off_runtime(dict, method, svc.models.config().limits.default_max_tokens).await?;
+        let parsed = parse_off_runtime(dict, svc.models.config().limits.default_max_tokens).await?;
         if parsed.request.model.as_ref().is_some_and(|m| *m != self.model) {
             return Err(BusError::InvalidArgs(format!(
                 "this session runs model {:?}; open another for another",
@@ -262,7 +261,7 @@ impl SessionObject {
         #[zbus(connection)] conn: &Connection,
         request: HashMap<String, OwnedVariant>,
     ) -> Result<OwnedObjectPath, BusError> {
-        let turn = self.begin(&header, conn, request, Method::Generate).await?;
+        let turn = self.begin(&header, conn, request).await?;
         let svc = &self.svc;
         svc.start_generation(
             conn,
@@ -284,7 +283,7 @@ impl SessionObject {
         #[zbus(connection)] conn: &Connection,
         request: HashMap<String, OwnedVariant>,
     ) -> Result<hearth_dbus::GenerationResult, BusError> {
-        let turn = self.begin(&header, conn, request, Method::Complete).await?;
+        let turn = self.begin(&header, conn, request).await?;
         self.svc
             .complete_generation(
                 conn,
