@@ -306,6 +306,11 @@ impl ModelManager {
             if let Some(lease) = self.try_lease(&name, false) {
                 return Ok(lease);
             }
+            // A load (or a shrunk KV cache growing back) allocates a whole context: never
+            // while over the memory ceiling.
+            if let Some(e) = self.inner.throttle.ceiling_refusal() {
+                return Err(e);
+            }
             self.ensure_loaded(&name).await?;
             if let Some(lease) = self.try_lease(&name, true) {
                 return Ok(lease);

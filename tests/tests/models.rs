@@ -564,10 +564,14 @@ fn write_usage(path: &std::path::Path, mib: u64) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_memory_ceiling_ends_device_work_refuses_new_work_and_exits_before_the_oom_killer() {
     let dir = ModelDir::new();
+    dir.link_default_model("m.gguf");
+    dir.manifest("smollm2-135m-instruct", "m.gguf", None, "");
+    dir.manifest("second", "m.gguf", None, "");
     let usage = dir.path().join("status");
     write_usage(&usage, 100);
     let settings = Settings {
         memory: format!("ceiling_mib = 1000\nusage_file = {:?}\n", usage.display().to_string()),
+        models_dirs: Some(vec![dir.path().to_owned()]),
         ..Settings::default()
     };
     let bus = Bus::start();
@@ -616,12 +620,31 @@ async fn the_memory_ceiling_ends_device_work_refuses_new_work_and_exits_before_t
     let e = proxy.complete(chat_request("Hi", 2)).await.expect_err("refused over the ceiling");
     assert_eq!(e.dbus_name(), "org.hearth.Hearth1.Error.Busy", "{e}");
     assert!(proxy.queue_depth().await.is_ok());
+    // Nor does a model load (a whole new context) start while over.
+    let mut second = chat_request("Hi", 2);
+    second.insert("model", Variant::from("second"));
+    let e = proxy.complete(second).await.expect_err("no load over the ceiling");
+    assert_eq!(e.dbus_name(), "org.hearth.Hearth1.Error.Busy", "{e}");
+    assert_eq!(proxy.loaded_models().await.unwrap(), vec!["smollm2-135m-instruct".to_owned()]);
     // Between 90% and the ceiling it stays over (hysteresis); below 90% work resumes.
     write_usage(&usage, 950);
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert!(proxy.complete(chat_request("Hi", 2)).await.is_err());
     write_usage(&usage, 800);
     wait_for(Duration::from_secs(5), "the ceiling to clear", || async {
+        (!flag(&proxy.memory().await.unwrap(), "over_ceiling")).then_some(())
+    })
+    .await;
+    proxy.complete(chat_request("Hi", 2)).await.unwrap();
+
+    // Memory use that cannot be read is a ceiling not enforced, not one that refuses forever.
+    write_usage(&usage, 1100);
+    wait_for(Duration::from_secs(5), "over again", || async {
+        flag(&proxy.memory().await.unwrap(), "over_ceiling").then_some(())
+    })
+    .await;
+    std::fs::write(&usage, "unreadable\n").unwrap();
+    wait_for(Duration::from_secs(5), "the stale verdict to clear", || async {
         (!flag(&proxy.memory().await.unwrap(), "over_ceiling")).then_some(())
     })
     .await;

@@ -200,22 +200,43 @@ impl ModelManager {
         tracing::info!(ceiling_mib = watch.ceiling() >> 20, exit_mib = watch.exit_at() >> 20, "memory ceiling");
         std::thread::Builder::new().name("memory-ceiling".into()).spawn(move || {
             let mut failing = false;
+            let mut over_readings = 0u32;
             loop {
                 std::thread::sleep(CEILING_INTERVAL);
                 match crate::memory::anon_bytes(file.as_deref()) {
                     Ok(used) => {
                         failing = false;
-                        manager.on_ceiling_reading(used, watch.update(used), &watch);
+                        let verdict = watch.update(used);
+                        // Freed heap that glibc keeps in its arenas (work that ended on its
+                        // own, an idle engine with nothing to shed) counts until it is handed
+                        // back: trim at once and then once a second while over, or the
+                        // ceiling could hold every request off with nothing left to end.
+                        over_readings =
+                            if verdict == crate::memory::CeilingVerdict::Over { over_readings + 1 } else { 0 };
+                        if over_readings % TRIM_EVERY == 1 {
+                            hearth_ffi::release_free_heap();
+                        }
+                        manager.on_ceiling_reading(used, verdict, &watch);
                     }
-                    Err(e) if !failing => {
-                        failing = true;
-                        tracing::warn!(error = %e, "cannot read hearthd's memory use: the ceiling is not enforced");
+                    Err(e) => {
+                        if !failing {
+                            failing = true;
+                            tracing::warn!(error = %e, "cannot read hearthd's memory use: the ceiling is not enforced");
+                        }
+                        // Not enforced means not refusing either: a stale "over" would hold
+                        // every request off for as long as the reading fails.
+                        manager.clear_ceiling();
                     }
-                    Err(_) => {}
                 }
             }
         })?;
         Ok(())
+    }
+
+    fn clear_ceiling(&self) {
+        if self.inner.throttle.over_ceiling.swap(false, Ordering::AcqRel) {
+            self.inner.status.send_modify(|s| s.memory.over_ceiling = false);
+        }
     }
 
     fn on_ceiling_reading(
@@ -260,3 +281,5 @@ impl ModelManager {
 
 /// How often the ceiling's watch reads memory use.
 const CEILING_INTERVAL: Duration = Duration::from_millis(100);
+/// While over the ceiling, free heap is handed back every this many readings.
+const TRIM_EVERY: u32 = 10;
