@@ -21,7 +21,7 @@ use zbus::{OwnedObjectPath, OwnedVariant, Variant};
 pub use in_flight::InFlight;
 use result::model_dict;
 pub(crate) use result::{generation_result, owned};
-pub(crate) use run::OnFinish;
+pub(crate) use run::{Admitted, OnFinish};
 pub use session::Sessions;
 pub use watch::{publish_cloud_changes, publish_governor_changes, publish_status_changes, watch_disconnects};
 
@@ -33,18 +33,9 @@ use crate::governor::GovernorStatus;
 use crate::identity::{self, Identity};
 use crate::manager::ModelManager;
 use crate::polkit;
-use crate::privacy::{CloudView, Content, Decision, Part, RouteRequest};
+use crate::privacy::{CloudView, Content, Part, RouteRequest};
 use crate::request::{parse_embed, parse_off_runtime};
 use crate::structured::Structure;
-
-/// An admitted generation: the engine's request, where it runs, and the structure (schema,
-/// grammar or tools) its result is checked against above the engine.
-#[derive(Debug)]
-pub(crate) struct Admitted {
-    pub request: GenerateRequest,
-    pub decision: Decision,
-    pub structure: Option<Arc<Structure>>,
-}
 
 /// `org.hearth.Hearth1` at `/org/hearth/Hearth1`. Cheap to clone: session objects hold one.
 #[derive(Debug, Clone)]

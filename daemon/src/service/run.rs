@@ -1,6 +1,7 @@
 //! Running an admitted request: the request object and its signals (Generate), or the whole
 //! result (Complete); shared by the service and its sessions.
 
+use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
 use hearth_dbus::{Error as BusError, FinishReason, GenerationResult};
@@ -9,13 +10,25 @@ use zbus::OwnedObjectPath;
 
 use super::driver::{Events, StreamEvent};
 use super::request_object::{self, RequestObject};
-use super::{Admitted, HearthService, driver, generation_result, internal};
-use crate::engine::{Caller, CancelToken, Outcome};
+use super::{HearthService, driver, generation_result, internal};
+
+use crate::engine::{Caller, CancelToken, GenerateRequest, Outcome};
 use crate::error::Error;
+use crate::privacy::Decision;
+use crate::structured::Structure;
 
 /// Called once when a generation ends: with its outcome, or None when it never started or
 /// its stream broke off. Sessions record their turns with it.
 pub(crate) type OnFinish = Box<dyn FnOnce(Option<&Outcome>) + Send>;
+
+/// An admitted generation: the engine's request, where it runs, and the structure (schema,
+/// grammar or tools) its result is checked against above the engine.
+#[derive(Debug)]
+pub(crate) struct Admitted {
+    pub request: GenerateRequest,
+    pub decision: Decision,
+    pub structure: Option<Arc<Structure>>,
+}
 
 /// Passes `events` through, calling `on_finish` with the Finished outcome before it goes on.
 fn tap(mut events: Events, on_finish: OnFinish) -> Events {
