@@ -386,6 +386,11 @@ pub fn result_u32(d: &HashMap<String, OwnedVariant>, k: &str) -> u32 {
     u32::try_from(dict_value(d, k)).expect("a u32")
 }
 
+/// A `b` entry of an `a{sv}` dictionary.
+pub fn result_bool(d: &HashMap<String, OwnedVariant>, k: &str) -> bool {
+    bool::try_from(dict_value(d, k)).expect("a boolean")
+}
+
 /// Everything a stream sent, until Finished.
 #[derive(Debug, Default)]
 pub struct Seen {

@@ -6,16 +6,8 @@ use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use hearth_dbus::Generation;
-use hearth_tests::{Bus, Daemon, ModelDir, Settings, chat_request, hearth, wait_for};
-use zbus::{OwnedVariant, Variant};
-
-fn memory_u32(m: &HashMap<String, OwnedVariant>, k: &str) -> u32 {
-    u32::try_from(m.get(k).unwrap_or_else(|| panic!("Memory has no {k}"))).unwrap()
-}
-
-fn flag(m: &HashMap<String, OwnedVariant>, k: &str) -> bool {
-    bool::try_from(m.get(k).unwrap_or_else(|| panic!("no {k} in {m:?}"))).unwrap()
-}
+use hearth_tests::{Bus, Daemon, ModelDir, Settings, chat_request, hearth, result_bool, result_u32, wait_for};
+use zbus::Variant;
 
 /// A copy of a real /proc/PID/status with `RssAnon` set to `mib`, written atomically (the
 /// daemon reads it every 100 ms as its own memory use).
@@ -84,8 +76,8 @@ async fn the_memory_ceiling_ends_device_work_refuses_new_work_and_exits_before_t
 
     // While over: new device work is refused with a named error; the daemon answers reads.
     let memory = proxy.memory().await.unwrap();
-    assert!(flag(&memory, "over_ceiling"));
-    assert_eq!(memory_u32(&memory, "ceiling_hits"), 1);
+    assert!(result_bool(&memory, "over_ceiling"));
+    assert_eq!(result_u32(&memory, "ceiling_hits"), 1);
     assert_eq!(u64::try_from(memory.get("ceiling_bytes").unwrap()).unwrap(), 1000 << 20);
     let e = proxy.complete(chat_request("Hi", 2)).await.expect_err("refused over the ceiling");
     assert_eq!(e.dbus_name(), "org.hearth.Hearth1.Error.Busy", "{e}");
@@ -102,7 +94,7 @@ async fn the_memory_ceiling_ends_device_work_refuses_new_work_and_exits_before_t
     assert!(proxy.complete(chat_request("Hi", 2)).await.is_err());
     write_usage(&usage, 800);
     wait_for(Duration::from_secs(5), "the ceiling to clear", || async {
-        (!flag(&proxy.memory().await.unwrap(), "over_ceiling")).then_some(())
+        (!result_bool(&proxy.memory().await.unwrap(), "over_ceiling")).then_some(())
     })
     .await;
     proxy.complete(chat_request("Hi", 2)).await.unwrap();
@@ -110,12 +102,12 @@ async fn the_memory_ceiling_ends_device_work_refuses_new_work_and_exits_before_t
     // Memory use that cannot be read is a ceiling not enforced, not one that refuses forever.
     write_usage(&usage, 1100);
     wait_for(Duration::from_secs(5), "over again", || async {
-        flag(&proxy.memory().await.unwrap(), "over_ceiling").then_some(())
+        result_bool(&proxy.memory().await.unwrap(), "over_ceiling").then_some(())
     })
     .await;
     std::fs::write(&usage, "unreadable\n").unwrap();
     wait_for(Duration::from_secs(5), "the stale verdict to clear", || async {
-        (!flag(&proxy.memory().await.unwrap(), "over_ceiling")).then_some(())
+        (!result_bool(&proxy.memory().await.unwrap(), "over_ceiling")).then_some(())
     })
     .await;
     proxy.complete(chat_request("Hi", 2)).await.unwrap();

@@ -5,7 +5,9 @@ use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use hearth_dbus::Generation;
-use hearth_tests::{Bus, Daemon, ModelDir, Settings, chat_request, hearth, result_str, wait_for};
+use hearth_tests::{
+    Bus, Daemon, ModelDir, Settings, chat_request, hearth, result_bool, result_str, result_u32, wait_for,
+};
 use zbus::{OwnedVariant, Variant};
 
 /// Per-request context and slots small enough that one model is ~170 MiB (weights + KV).
@@ -18,16 +20,8 @@ fn small_engine(dir: &ModelDir) -> Settings {
     }
 }
 
-fn memory_u32(m: &HashMap<String, OwnedVariant>, k: &str) -> u32 {
-    u32::try_from(m.get(k).unwrap_or_else(|| panic!("Memory has no {k}"))).unwrap()
-}
-
 fn entry<'a>(models: &'a [HashMap<String, OwnedVariant>], name: &str) -> &'a HashMap<String, OwnedVariant> {
     models.iter().find(|m| result_str(m, "name") == name).unwrap_or_else(|| panic!("{name} not listed"))
-}
-
-fn flag(m: &HashMap<String, OwnedVariant>, k: &str) -> bool {
-    bool::try_from(m.get(k).unwrap_or_else(|| panic!("no {k} in {m:?}"))).unwrap()
 }
 
 async fn refused(proxy: &hearth_dbus::Hearth1Proxy<'_>, model: &str) -> (String, String) {
@@ -98,7 +92,7 @@ async fn unverified_or_untrusted_files_are_refused_before_parsing() {
     // ListModels says what went wrong, and the daemon still serves.
     let models = proxy.list_models().await.unwrap();
     let t = entry(&models, "tampered");
-    assert!(!flag(t, "verified") && !flag(t, "loaded"));
+    assert!(!result_bool(t, "verified") && !result_bool(t, "loaded"));
     assert!(result_str(t, "error").contains("sha256"));
     let ok = proxy.complete(chat_request("Hi", 4)).await.unwrap();
     assert_eq!(ok.model.clone(), "smollm2-135m-instruct");
@@ -129,7 +123,7 @@ async fn a_budget_for_one_model_evicts_the_idle_one_and_never_an_active_one() {
     proxy.complete(chat_request("Hi", 2)).await.unwrap();
     proxy.complete(second.clone()).await.unwrap();
     assert_eq!(proxy.loaded_models().await.unwrap(), vec!["second".to_owned()], "the idle default was evicted");
-    assert_eq!(memory_u32(&proxy.memory().await.unwrap(), "evicted"), 1);
+    assert_eq!(result_u32(&proxy.memory().await.unwrap(), "evicted"), 1);
 
     // While "second" is generating, the default model cannot have its memory.
     let mut long = long_generation(&conn, "second", "long").await;
@@ -150,7 +144,7 @@ async fn a_budget_for_one_model_evicts_the_idle_one_and_never_an_active_one() {
     // Idle again, so it gives way.
     proxy.complete(chat_request("Hi", 2)).await.unwrap();
     assert_eq!(proxy.loaded_models().await.unwrap(), vec!["smollm2-135m-instruct".to_owned()]);
-    assert_eq!(memory_u32(&proxy.memory().await.unwrap(), "evicted"), 2);
+    assert_eq!(result_u32(&proxy.memory().await.unwrap(), "evicted"), 2);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -180,7 +174,7 @@ async fn keep_alive_unloads_an_idle_model_and_the_next_request_reloads_it() {
     let idle_for = unloaded_after.elapsed();
     // The keep-alive counts from the end of the request, which is just before its reply.
     assert!(idle_for >= Duration::from_millis(900), "unloaded after {idle_for:?}, keep_alive_s is 1");
-    assert_eq!(memory_u32(&proxy.memory().await.unwrap(), "expired"), 1);
+    assert_eq!(result_u32(&proxy.memory().await.unwrap(), "expired"), 1);
     let rss_unloaded = hearth_tests::rss_kib(daemon.pid());
 
     let t = Instant::now();
@@ -229,14 +223,14 @@ async fn sustained_memory_pressure_unloads_idle_models_and_shrinks_pinned_ones()
     std::fs::write(&psi, tight).unwrap();
     let memory = wait_for(Duration::from_secs(10), "the pressure response", || async {
         let m = proxy.memory().await.unwrap();
-        (memory_u32(&m, "pressure_shrinks") == 1 && memory_u32(&m, "pressure_unloads") == 1).then_some(m)
+        (result_u32(&m, "pressure_shrinks") == 1 && result_u32(&m, "pressure_unloads") == 1).then_some(m)
     })
     .await;
-    assert!(flag(&memory, "pressure"));
+    assert!(result_bool(&memory, "pressure"));
     assert_eq!(f64::try_from(memory.get("some_avg10").unwrap()).unwrap(), 42.0);
     assert_eq!(proxy.loaded_models().await.unwrap(), vec!["smollm2-135m-instruct".to_owned()]);
     let models = proxy.list_models().await.unwrap();
-    assert!(flag(entry(&models, "smollm2-135m-instruct"), "kv_shrunk"));
+    assert!(result_bool(entry(&models, "smollm2-135m-instruct"), "kv_shrunk"));
     let shrunk_kv = proxy.kv_cache().await.unwrap()["size"];
     assert!(shrunk_kv < full_kv, "KV {full_kv} -> {shrunk_kv} tokens");
     // The shrunk model still serves.
@@ -244,7 +238,7 @@ async fn sustained_memory_pressure_unloads_idle_models_and_shrinks_pinned_ones()
 
     std::fs::write(&psi, calm).unwrap();
     wait_for(Duration::from_secs(10), "the pressure to clear", || async {
-        (!flag(&proxy.memory().await.unwrap(), "pressure")).then_some(())
+        (!result_bool(&proxy.memory().await.unwrap(), "pressure")).then_some(())
     })
     .await;
     // The next request regrows the KV cache.
@@ -536,7 +530,7 @@ async fn a_header_llama_cpp_would_abort_on_is_refused_with_its_reason() {
     // ListModels' error says the same, and the daemon is alive and serves the default model.
     let models = proxy.list_models().await.unwrap();
     let t = entry(&models, "too-many-layers");
-    assert!(!flag(t, "loaded"));
+    assert!(!result_bool(t, "loaded"));
     assert!(result_str(t, "error").contains("claims 10000 layers"), "{t:?}");
     let ok = proxy.complete(chat_request("Hi", 4)).await.unwrap();
     assert_eq!(ok.model.clone(), "smollm2-135m-instruct");
