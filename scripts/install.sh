@@ -32,7 +32,7 @@ while [ $# -gt 0 ]; do
     esac
 done
 BIN="$ROOT/target/${TARGET:+$TARGET/}$PROFILE"
-for b in hearthd hearthctl; do
+for b in hearthd hearth-engine hearthctl; do
     [ -x "$BIN/$b" ] || { echo "install: $BIN/$b is missing: build it first (make, or cargo build --profile $PROFILE)" >&2; exit 1; }
 done
 
@@ -47,9 +47,10 @@ dir() { # mode directory
 }
 
 put 0755 "$BIN/hearthd"                                 "$PREFIX/libexec/hearthd"
+put 0755 "$BIN/hearth-engine"                           "$PREFIX/libexec/hearth-engine"
 put 0755 "$BIN/hearthctl"                               "$PREFIX/bin/hearthctl"
 if [ "$STRIP_BIN" -eq 1 ]; then
-    "${STRIP:-strip}" "$DESTDIR$PREFIX/libexec/hearthd" "$DESTDIR$PREFIX/bin/hearthctl"
+    "${STRIP:-strip}" "$DESTDIR$PREFIX/libexec/hearthd" "$DESTDIR$PREFIX/libexec/hearth-engine" "$DESTDIR$PREFIX/bin/hearthctl"
 fi
 put 0644 "$ROOT/daemon/data/hearthd.toml"               "$PREFIX/share/hearth/hearthd.toml"
 dir 0755                                                "$PREFIX/share/hearth/models"

@@ -51,6 +51,14 @@ expect "hearthd_t never listens on TCP" no -A -s hearthd_t -c tcp_socket -p list
 expect "hearthd_t binds no TCP ports" no -A -s hearthd_t -c tcp_socket -p name_bind
 expect "hearthd_t has no capabilities" no -A -s hearthd_t -c capability
 expect "hearthd_t executes nothing but itself" no -A -s hearthd_t -t bin_t -c file -p execute
+expect "hearthd_t starts /usr/libexec/hearth-engine as hearthd_engine_t" yes -T -s hearthd_t -t hearthd_engine_exec_t -c process -D hearthd_engine_t
+expect "hearthd_engine_t maps model files" yes -A -s hearthd_engine_t -t hearthd_model_t -c file -p map
+expect "hearthd_engine_t cannot read the state directory (key, sessions)" no -A -s hearthd_engine_t -t hearthd_var_lib_t -c file -p read
+expect "hearthd_engine_t makes no TCP socket" no -A -s hearthd_engine_t -c tcp_socket -p create
+expect "hearthd_engine_t makes no unix socket" no -A -s hearthd_engine_t -c unix_stream_socket -p create
+expect "hearthd_engine_t cannot talk to the bus" no -A -s hearthd_engine_t -t system_dbusd_t -c dbus -p send_msg
+expect "hearthd_engine_t has no capabilities" no -A -s hearthd_engine_t -c capability
+expect "hearthd_engine_t executes nothing" no -A -s hearthd_engine_t -t bin_t -c file -p execute
 expect "user domains cannot open accelerators" no -A -s user_t -t hearthd_accel_device_t -c chr_file -p open
 expect "user domains cannot read models" no -A -s user_t -t hearthd_model_t -c file -p read
 [ "$fail" -eq 0 ] || { echo "selinux: checks failed" >&2; exit 1; }

@@ -203,6 +203,7 @@ fn to_json(v: &Variant<'_>) -> Json {
         Variant::ObjectPath(p) => json!(p.as_str()),
         Variant::Variant(inner) => to_json(inner),
         Variant::Array(a) => Json::Array(a.inner().iter().map(to_json).collect()),
+        Variant::Structure(s) => Json::Array(s.fields().iter().map(to_json).collect()),
         Variant::Dict(d) => Json::Object(
             d.iter()
                 .map(|(k, v)| {

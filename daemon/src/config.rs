@@ -159,6 +159,12 @@ pub struct EngineConfig {
     /// Flash attention. On by default: it keeps each request's output independent of what
     /// else is batched with it (without it, batching changes greedy outputs).
     pub flash_attn: bool,
+    /// The engine program hearthd starts for each loaded model; empty: `hearth-engine` next
+    /// to hearthd's own executable.
+    pub program: PathBuf,
+    /// An engine whose loop makes no progress for this long while it has work is killed (its
+    /// requests end with EngineFailed) and restarted. One decode step must fit well inside.
+    pub hang_timeout_ms: u64,
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq)]
@@ -198,6 +204,8 @@ impl Default for EngineConfig {
             devices: Vec::new(),
             flash_attn: true,
             prefix_cache: true,
+            program: PathBuf::new(),
+            hang_timeout_ms: 30_000,
         }
     }
 }
@@ -257,6 +265,9 @@ impl Config {
                 e.max_sequences + e.interactive_sequences
             )));
         }
+        if e.hang_timeout_ms < 100 {
+            return Err(ConfigError::Invalid(format!("engine.hang_timeout_ms {} is below 100", e.hang_timeout_ms)));
+        }
         if self.limits.default_max_tokens == 0 {
             return Err(ConfigError::Invalid("limits.default_max_tokens must be at least 1".into()));
         }
@@ -279,6 +290,16 @@ impl Config {
             return Err(ConfigError::Invalid(format!("memory.ceiling_mib {} is below 64", m.ceiling_mib)));
         }
         Ok(())
+    }
+
+    /// The engine program: the configured one, or `hearth-engine` beside hearthd.
+    pub fn engine_program(&self) -> PathBuf {
+        if !self.engine.program.as_os_str().is_empty() {
+            return self.engine.program.clone();
+        }
+        std::env::current_exe()
+            .map(|exe| exe.with_file_name("hearth-engine"))
+            .unwrap_or_else(|_| PathBuf::from("/usr/libexec/hearth/hearth-engine"))
     }
 
     /// The thread count to use: the configured one, or one per available CPU.

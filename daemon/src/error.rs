@@ -5,7 +5,7 @@ use std::fmt;
 
 use hearth_dbus::Error as BusError;
 
-#[derive(Debug, Clone, thiserror::Error, PartialEq)]
+#[derive(Debug, Clone, thiserror::Error, PartialEq, serde::Serialize, serde::Deserialize)]
 pub enum Error {
     /// A request is malformed.
     #[error("{0}")]
@@ -46,6 +46,9 @@ pub enum Error {
     /// The cloud route was asked for and cannot be used.
     #[error("the cloud route is unavailable: {0}")]
     CloudUnavailable(String),
+    /// The model's engine process died or hung (and is being restarted).
+    #[error("the engine of model {model:?} failed ({reason}); it is restarting, retry the request")]
+    EngineFailed { model: String, reason: String },
     /// A failure inside hearthd.
     #[error("internal error: {0}")]
     Internal(String),
@@ -81,6 +84,7 @@ impl Error {
             Error::NotAuthorized(_) => "NotAuthorized",
             Error::PrivacyViolation(_) => "PrivacyViolation",
             Error::CloudUnavailable(_) => "CloudUnavailable",
+            Error::EngineFailed { .. } => "EngineFailed",
             Error::Internal(_) => "Internal",
         }
     }
@@ -99,6 +103,7 @@ impl From<Error> for BusError {
             Error::NotAuthorized(_) => BusError::NotAuthorized(msg),
             Error::PrivacyViolation(_) => BusError::PrivacyViolation(msg),
             Error::CloudUnavailable(_) => BusError::CloudUnavailable(msg),
+            Error::EngineFailed { .. } => BusError::EngineFailed(msg),
             Error::Internal(_) => BusError::Internal(msg),
         }
     }
@@ -111,7 +116,7 @@ impl From<hearth_ffi::Error> for Error {
 }
 
 /// Why a request was cancelled.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum CancelReason {
     /// Its caller called Cancel.
     Caller,

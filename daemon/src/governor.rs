@@ -406,6 +406,7 @@ impl Governor {
         self.throttle.duty_milli.store(duty_milli.unwrap_or(0), Ordering::Relaxed);
         self.throttle.threads.store(threads, Ordering::Relaxed);
         self.throttle.defer_background.store(defer_background, Ordering::Relaxed);
+        self.throttle.changed();
         let status = GovernorStatus {
             thermal: self.thermal,
             power: power_state,

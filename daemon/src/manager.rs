@@ -1,6 +1,6 @@
 //! The model manager: which models are in memory, under what budget, for how long.
 //!
-//! Each loaded model has its own engine (thread + context). Requests take a [`Lease`] on the
+//! Each loaded model has its own engine (a `hearth-engine` process). Requests take a [`Lease`] on the
 //! model they need; a model with leases is never unloaded. Loads are serialised (one at a
 //! time: a phone's storage and memory bandwidth are the limit) and make room first by
 //! unloading idle, unpinned models, least recently used first. Idle models go after their
@@ -16,14 +16,15 @@ use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
-use hearth_ffi::{Backend, DeviceInfo, Model, ModelParams};
+use hearth_ffi::{Backend, DeviceInfo};
 use tokio::sync::watch;
 
 use crate::config::Config;
-use crate::engine::{EngineHandle, EngineSettings, EngineStatus, SessionStore};
+use crate::engine::{EngineHandle, EngineStatus, SpawnSpec};
 use crate::error::Error;
 use crate::memory::PressureReading;
 use crate::models::{Capability, Catalog, HashCache, ModelEntry, open_verified};
+use crate::parked::SessionStore;
 
 mod load;
 mod memory;
@@ -67,12 +68,9 @@ impl Drop for Lease {
 #[derive(Debug)]
 struct Loaded {
     generation: u64,
-    model: Arc<Model>,
     engine: EngineHandle,
-    /// None only while the engine is being replaced.
-    thread: Option<std::thread::JoinHandle<()>>,
-    /// Full-size settings (the KV cache may run shrunk).
-    settings: EngineSettings,
+    /// How its engine is started, with full-size settings (the KV cache may run shrunk).
+    spec: SpawnSpec,
     shrunk: bool,
     activity: Arc<Activity>,
     pinned: bool,
@@ -104,6 +102,8 @@ struct State {
     errors: BTreeMap<String, String>,
     /// Models whose file was verified in this run.
     verified: std::collections::BTreeSet<String>,
+    /// When each model's engine died lately (restarts back off).
+    failures: BTreeMap<String, Vec<Instant>>,
     next_generation: u64,
 }
 
@@ -112,7 +112,8 @@ struct Inner {
     /// Replaced as a whole on reload (SIGHUP); engines already running keep their settings.
     config: RwLock<Arc<Config>>,
     catalog: RwLock<Arc<Catalog>>,
-    backend: Backend,
+    /// Keeps ggml's backend registry initialised (device enumeration, grammar conversion).
+    _backend: Backend,
     devices: Vec<DeviceInfo>,
     hashes: HashCache,
     state: Mutex<State>,
@@ -185,7 +186,7 @@ impl ModelManager {
             inner: Arc::new(Inner {
                 config: RwLock::new(Arc::new(config)),
                 catalog: RwLock::new(catalog),
-                backend,
+                _backend: backend,
                 devices,
                 hashes: HashCache::open(cache_path),
                 state: Mutex::new(State::default()),
@@ -385,19 +386,6 @@ impl ModelManager {
         }
     }
 
-    /// The first loaded model whose engine loop made no progress within `limit` (one that
-    /// waits for work is fine).
-    pub async fn stalled_engine(&self, limit: Duration) -> Option<String> {
-        let engines: Vec<(String, EngineHandle)> =
-            self.state().loaded.iter().map(|(n, l)| (n.clone(), l.engine.clone())).collect();
-        for (name, engine) in engines {
-            if !engine.alive(limit) {
-                return Some(name);
-            }
-        }
-        None
-    }
-
     /// A bus connection closed: every engine cancels its requests.
     pub async fn connection_closed(&self, connection: &str) {
         let engines: Vec<EngineHandle> = self.state().loaded.values().map(|l| l.engine.clone()).collect();
@@ -445,6 +433,7 @@ impl ModelManager {
                 ModelReport {
                     entry: entry.clone(),
                     info: l.map(|l| l.engine.model().clone()),
+                    engine: l.map(|l| (l.engine.pid(), l.engine.sandbox().clone())),
                     pinned: self.pinned(&state, entry),
                     verified: state.verified.contains(&entry.manifest.name),
                     shrunk: l.is_some_and(|l| l.shrunk),
@@ -468,7 +457,7 @@ impl ModelManager {
         }
     }
 
-    /// Stops every engine: their requests end Cancelled. Waits for the threads.
+    /// Stops every engine: their requests end Cancelled. Waits for the processes.
     pub async fn shutdown(&self) {
         // Sessions end with the daemon: their KV is dropped, not parked to disk.
         self.inner.sessions.close_all();
@@ -478,24 +467,26 @@ impl ModelManager {
             self.publish_loaded(&state);
             all
         };
-        for l in all {
-            stop(l).await;
+        for l in &all {
+            l.engine.shutdown(false).await;
+        }
+        for l in &all {
+            l.engine.wait().await;
         }
     }
 }
 
-/// Stops a removed model's engine and waits for its thread; the weights go with the last Arc.
-async fn stop(mut l: Loaded) {
-    stop_engine(&l.engine, l.thread.take()).await;
+/// Stops a removed model's engine and waits for its process.
+async fn stop(l: Loaded) {
+    stop_engine(&l.engine).await;
 }
 
-/// Ends an engine's requests (Cancelled) and waits for its thread to free the context.
-async fn stop_engine(engine: &EngineHandle, thread: Option<std::thread::JoinHandle<()>>) {
-    engine.shutdown().await;
-    let Some(thread) = thread else { return };
-    if tokio::task::spawn_blocking(move || thread.join()).await.map_or(true, |r| r.is_err()) {
-        tracing::error!("engine thread panicked");
-    }
+/// Ends an engine's requests (Cancelled), has it hand over its idle sessions' KV to be
+/// parked (sessions that are still open keep it; those closed drop it), and waits for its
+/// process to exit.
+async fn stop_engine(engine: &EngineHandle) {
+    engine.shutdown(true).await;
+    engine.wait().await;
 }
 
 /// Creates the state directory (0700) if missing. None when it cannot be used: then the

@@ -77,6 +77,15 @@ pub fn anon_bytes(file: Option<&Path>) -> Result<u64, String> {
     status.rssanon.map(|kib| kib.saturating_mul(1024)).ok_or_else(|| "no RssAnon line".to_owned())
 }
 
+/// Anonymous memory of the engine processes `pids` (one that just exited counts nothing).
+pub fn children_anon_bytes(pids: &[u32]) -> u64 {
+    pids.iter()
+        .filter_map(|&pid| procfs::process::Process::new(pid as i32).and_then(|p| p.status()).ok())
+        .filter_map(|s| s.rssanon)
+        .map(|kib| kib.saturating_mul(1024))
+        .sum()
+}
+
 /// Where anonymous memory stands against the ceiling.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum CeilingVerdict {

@@ -11,7 +11,6 @@
 use std::collections::BTreeMap;
 use std::fs::File;
 use std::io::Read;
-use std::os::fd::AsRawFd;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
@@ -283,7 +282,8 @@ pub fn check_trusted(path: &Path, meta: &std::fs::Metadata) -> Result<(), Catalo
 }
 
 /// A model or adapter file that passed the trust checks and whose bytes hash to the manifest.
-/// llama.cpp must read it through [`VerifiedFile::path`] while this value is alive.
+/// It is handed on as the open file (the engine process gets the descriptor), never by
+/// path, so what was verified is what is loaded.
 #[derive(Debug)]
 pub struct VerifiedFile {
     file: File,
@@ -295,9 +295,13 @@ pub struct VerifiedFile {
 }
 
 impl VerifiedFile {
-    /// A path naming exactly the verified open file.
-    pub fn path(&self) -> PathBuf {
-        PathBuf::from(format!("/proc/self/fd/{}", self.file.as_raw_fd()))
+    /// The verified open file.
+    pub fn file(&self) -> &File {
+        &self.file
+    }
+
+    pub fn into_file(self) -> File {
+        self.file
     }
 }
 

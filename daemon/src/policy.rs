@@ -167,6 +167,10 @@ impl Policies {
     pub fn len(&self) -> usize {
         self.apps.len()
     }
+
+    pub fn is_empty(&self) -> bool {
+        self.apps.is_empty()
+    }
 }
 
 fn read(path: &Path) -> Result<PolicyFile, PolicyError> {

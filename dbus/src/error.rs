@@ -29,6 +29,9 @@ pub enum Error {
     PrivacyViolation(String),
     /// The cloud route is not available.
     CloudUnavailable(String),
+    /// The model's engine process died or hung while serving the request; it is restarted
+    /// and the request may be retried (a session keeps its transcript).
+    EngineFailed(String),
     /// A failure inside hearthd.
     Internal(String),
 }

@@ -74,7 +74,7 @@ pub mod result_key {
 pub const FINISH_TOOL_CALLS: &str = "tool_calls";
 
 /// Why a generation ended, as the `finish_reason` string.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum FinishReason {
     /// The model produced an end-of-generation token.
     Stop,

@@ -73,6 +73,7 @@ unsafe impl Send for Context {}
 pub struct AbortSwitch {
     requested: AtomicBool,
     held: AtomicBool,
+    forced: AtomicBool,
 }
 
 impl AbortSwitch {
@@ -95,8 +96,15 @@ impl AbortSwitch {
         self.held.store(held, Ordering::Release);
     }
 
+    /// While forced, every decode aborts, held or not (the engine must end all its work:
+    /// the memory ceiling).
+    pub fn force(&self, forced: bool) {
+        self.forced.store(forced, Ordering::Release);
+    }
+
     fn aborts(&self) -> bool {
-        self.requested.load(Ordering::Relaxed) && !self.held.load(Ordering::Relaxed)
+        self.forced.load(Ordering::Relaxed)
+            || (self.requested.load(Ordering::Relaxed) && !self.held.load(Ordering::Relaxed))
     }
 }
 

@@ -22,3 +22,20 @@ pub fn exit_now(status: i32) -> ! {
     // purpose, and the kernel reclaims the process's memory and descriptors.
     unsafe { libc::_exit(status) }
 }
+
+/// The landlock ABI version the running kernel offers (0: landlock is absent or disabled),
+/// as `landlock_create_ruleset(NULL, 0, LANDLOCK_CREATE_RULESET_VERSION)` answers.
+pub fn landlock_abi() -> u32 {
+    const LANDLOCK_CREATE_RULESET_VERSION: libc::c_uint = 1;
+    // SAFETY: with a null attribute pointer, size 0 and the VERSION flag the call reads and
+    // writes no memory; it returns the ABI version or -1 with errno set.
+    let v = unsafe {
+        libc::syscall(
+            libc::SYS_landlock_create_ruleset,
+            std::ptr::null::<libc::c_void>(),
+            0usize,
+            LANDLOCK_CREATE_RULESET_VERSION,
+        )
+    };
+    u32::try_from(v).unwrap_or(0)
+}

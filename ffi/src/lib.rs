@@ -27,7 +27,7 @@ pub use batch::Batch;
 pub use context::{AbortSwitch, Context, ContextParams};
 pub use detokenizer::Detokenizer;
 pub use error::{Error, Result};
-pub use heap::{exit_now, release_free_heap};
+pub use heap::{exit_now, landlock_abi, release_free_heap};
 pub use model::{ChatMessage, KvGeometry, Model, ModelParams};
 pub use sampler::{Sampler, SamplerParams, json_schema_to_grammar};
 

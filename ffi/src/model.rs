@@ -46,11 +46,53 @@ impl KvGeometry {
 type ProgressFn<'a> = &'a mut dyn FnMut(f32);
 
 unsafe extern "C" fn report_progress(progress: f32, data: *mut c_void) -> bool {
-    // SAFETY: `data` is the address of a `ProgressFn` on `Model::load_with_progress`'s stack,
-    // which outlives the llama_model_load_from_file call that invokes this callback.
+    // SAFETY: `data` is the address of the boxed `ProgressFn` of a `RawParams`, which outlives
+    // the llama_model_load_* call that invokes this callback.
     let f = unsafe { &mut *data.cast::<ProgressFn<'_>>() };
     f(progress);
     true
+}
+
+/// llama's model parameters for one load, with the device list and progress closure they
+/// point to kept alive beside them.
+struct RawParams<'p> {
+    params: sys::llama_model_params,
+    _devices: Vec<sys::ggml_backend_dev_t>,
+    _progress: Box<ProgressFn<'p>>,
+}
+
+impl<'p> RawParams<'p> {
+    fn new(params: &ModelParams, progress: ProgressFn<'p>) -> Result<Self> {
+        let mut devices = Vec::with_capacity(params.devices.len() + 1);
+        for name in &params.devices {
+            let c_name = CString::new(name.as_str()).map_err(|_| Error::InteriorNul { what: "device name" })?;
+            // SAFETY: the backend is initialised; `c_name` is a valid C string for the call; the
+            // returned device (or null) is owned by ggml's registry for the whole process.
+            let dev = unsafe { sys::ggml_backend_dev_by_name(c_name.as_ptr()) };
+            if dev.is_null() {
+                return Err(Error::NoSuchDevice { name: name.clone() });
+            }
+            devices.push(dev);
+        }
+        devices.push(std::ptr::null_mut());
+        let mut progress = Box::new(progress);
+        // SAFETY: returns a plain struct of defaults.
+        let mut mp = unsafe { sys::llama_model_default_params() };
+        mp.n_gpu_layers = params.n_gpu_layers;
+        mp.load_mode = if params.use_mmap { sys::LLAMA_LOAD_MODE_MMAP } else { sys::LLAMA_LOAD_MODE_NONE };
+        if !params.devices.is_empty() {
+            // The Vec's heap buffer does not move when the Vec is moved into Self.
+            mp.devices = devices.as_mut_ptr();
+        }
+        mp.progress_callback = Some(report_progress);
+        // The boxed closure reference has a stable address for as long as Self lives.
+        mp.progress_callback_user_data = (&raw mut *progress).cast::<c_void>();
+        Ok(Self { params: mp, _devices: devices, _progress: progress })
+    }
+
+    fn get(&self) -> sys::llama_model_params {
+        self.params
+    }
 }
 
 /// A LoRA adapter of the model: contexts apply it with `scale` unless told otherwise
@@ -63,7 +105,7 @@ struct Lora {
 }
 
 /// One chat turn handed to the model's chat template.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct ChatMessage {
     pub role: String,
     pub content: String,
@@ -97,38 +139,60 @@ impl Model {
         backend: Backend,
         path: &Path,
         params: &ModelParams,
-        mut progress: ProgressFn<'_>,
+        progress: ProgressFn<'_>,
     ) -> Result<Self> {
         let c_path =
             CString::new(path.as_os_str().as_encoded_bytes()).map_err(|_| Error::InteriorNul { what: "model path" })?;
         // llama.cpp aborts the process on some header values instead of failing the load.
         crate::gguf::check(path).map_err(|reason| Error::ModelHeader { path: path.to_owned(), reason })?;
-        let mut devices = Vec::with_capacity(params.devices.len() + 1);
-        for name in &params.devices {
-            let c_name = CString::new(name.as_str()).map_err(|_| Error::InteriorNul { what: "device name" })?;
-            // SAFETY: the backend is initialised; `c_name` is a valid C string for the call; the
-            // returned device (or null) is owned by ggml's registry for the whole process.
-            let dev = unsafe { sys::ggml_backend_dev_by_name(c_name.as_ptr()) };
-            if dev.is_null() {
-                return Err(Error::NoSuchDevice { name: name.clone() });
-            }
-            devices.push(dev);
-        }
-        devices.push(std::ptr::null_mut());
-        // SAFETY: returns a plain struct of defaults.
-        let mut mp = unsafe { sys::llama_model_default_params() };
-        mp.n_gpu_layers = params.n_gpu_layers;
-        mp.load_mode = if params.use_mmap { sys::LLAMA_LOAD_MODE_MMAP } else { sys::LLAMA_LOAD_MODE_NONE };
-        if !params.devices.is_empty() {
-            mp.devices = devices.as_mut_ptr();
-        }
-        mp.progress_callback = Some(report_progress);
-        mp.progress_callback_user_data = (&raw mut progress).cast::<c_void>();
+        let params = RawParams::new(params, progress)?;
         // SAFETY: `c_path` is a valid NUL-terminated string for the duration of the call; the
-        // params struct is initialised from llama's defaults; `devices` (null-terminated) and
-        // `progress` outlive the call, which is the only time llama.cpp reads them; backend is
-        // initialised.
-        let raw = unsafe { sys::llama_model_load_from_file(c_path.as_ptr(), mp) };
+        // params (and the device list and progress closure they point to) outlive the call,
+        // which is the only time llama.cpp reads them; backend is initialised.
+        let raw = unsafe { sys::llama_model_load_from_file(c_path.as_ptr(), params.get()) };
+        Self::from_raw(raw, backend, path)
+    }
+
+    /// Loads the GGUF file open as `file` (read from its start), so a process without access
+    /// to the file system can load a model it was handed. Verification as for [`Model::load`].
+    pub fn load_from_file(
+        backend: Backend,
+        file: &std::fs::File,
+        params: &ModelParams,
+        progress: ProgressFn<'_>,
+    ) -> Result<Self> {
+        use std::io::{Seek, SeekFrom};
+        use std::os::fd::IntoRawFd;
+        let origin = Path::new("(open file)");
+        let header_error = |reason: String| Error::ModelHeader { path: origin.to_owned(), reason };
+        let size = file.metadata().map_err(|e| header_error(format!("cannot read it: {e}")))?.len();
+        let mut start = file;
+        start.seek(SeekFrom::Start(0)).map_err(|e| header_error(format!("cannot read it: {e}")))?;
+        let mut reader = std::io::BufReader::with_capacity(64 * 1024, file);
+        crate::gguf::check_reader(&mut reader, size).map_err(header_error)?;
+        // llama.cpp reads from the stream's position; the duplicate shares the file offset.
+        let mut dup = file.try_clone().map_err(|_| Error::ModelLoad { path: origin.to_owned() })?;
+        dup.seek(SeekFrom::Start(0)).map_err(|_| Error::ModelLoad { path: origin.to_owned() })?;
+        let fd = dup.into_raw_fd();
+        // SAFETY: `fd` is an open descriptor this function owns (the duplicate above); on
+        // success the returned stream owns it and closes it in fclose below.
+        let fp = unsafe { libc::fdopen(fd, c"rb".as_ptr()) };
+        if fp.is_null() {
+            // SAFETY: fdopen failed, so `fd` is still ours alone; closed once here.
+            unsafe { libc::close(fd) };
+            return Err(Error::ModelLoad { path: origin.to_owned() });
+        }
+        let params = RawParams::new(params, progress)?;
+        // SAFETY: `fp` is a valid stream for the call (llama.cpp does not take ownership of
+        // it: its file wrapper is built with owns_fp = false, and the mapping it makes does not
+        // need the descriptor afterwards); the params outlive the call as above.
+        let raw = unsafe { sys::llama_model_load_from_file_ptr(fp.cast(), params.get()) };
+        // SAFETY: `fp` came from fdopen above and is closed exactly once, after the load.
+        unsafe { libc::fclose(fp) };
+        Self::from_raw(raw, backend, origin)
+    }
+
+    fn from_raw(raw: *mut sys::llama_model, backend: Backend, path: &Path) -> Result<Self> {
         let ptr = NonNull::new(raw).ok_or_else(|| Error::ModelLoad { path: path.to_owned() })?;
         // SAFETY: `ptr` is a valid model; the vocab it returns lives as long as the model.
         let vocab = unsafe { sys::llama_model_get_vocab(ptr.as_ptr()) };

@@ -37,7 +37,7 @@ pub fn json_schema_to_grammar(schema: &str) -> Result<String> {
 }
 
 /// Sampling settings of one generation.
-#[derive(Debug, Clone, Copy, PartialEq)]
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct SamplerParams {
     /// 0 (or less) means greedy: always the most likely token.
     pub temperature: f32,

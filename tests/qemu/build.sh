@@ -128,6 +128,7 @@ rm -rf "$T1" && mkdir -p "$T1"/{bin,sbin,usr/bin,usr/sbin,proc,sys,dev,run,tmp,v
 ln -s ../run "$T1/var/run"
 "$ROOT/scripts/install.sh" --destdir "$T1" --target "$TRIPLE" --profile image --strip --with-model > /dev/null
 copy_elf "$T1" "$T1/usr/libexec/hearthd" /usr/libexec/hearthd
+copy_elf "$T1" "$T1/usr/libexec/hearth-engine" /usr/libexec/hearth-engine
 copy_elf "$T1" "$T1/usr/bin/hearthctl" /usr/bin/hearthctl
 copy_elf "$T1" "$DEB/bin/busybox" /bin/busybox
 copy_elf "$T1" "$DEB/usr/bin/dbus-daemon" /usr/bin/dbus-daemon

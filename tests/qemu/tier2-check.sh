@@ -17,7 +17,12 @@ step show systemctl show hearthd.service \
     -p WatchdogTimestampMonotonic -p StatusText -p MainPID
 step systemctl-status systemctl status --no-pager --lines=0 hearthd.service
 pid="$(systemctl show -P MainPID hearthd.service)"
-step uid sh -c "grep -E '^(Uid|Gid|NoNewPrivs|CapEff):' /proc/$pid/status"
+step uid sh -c "grep -E '^(Uid|Gid|NoNewPrivs|CapEff|Seccomp|Seccomp_filters):' /proc/$pid/status"
+# The engine: hearthd's child, sandboxed further (seccomp allowlist, landlock), as the
+# kernel sees it and as the engine reported its own attempts (ListModels).
+engine="$(grep -l "^PPid:[[:space:]]*$pid\$" /proc/[0-9]*/status 2>/dev/null | head -n1 | cut -d/ -f3)"
+step engine sh -c "grep -E '^(Name|PPid|Uid|NoNewPrivs|CapEff|Seccomp|Seccomp_filters):' /proc/$engine/status"
+step engine-sandbox /usr/bin/hearthctl --json models
 # PrivateDevices=yes: the service's /dev has the pseudo devices and no disk.
 step private-dev ls "/proc/$pid/root/dev"
 step journal journalctl --no-pager -o cat -u hearthd.service

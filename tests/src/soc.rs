@@ -1,7 +1,8 @@
 //! A simulated phone SoC for closed-loop governor tests: a real-format sysfs tree
 //! (`class/thermal/thermal_zone0`, `class/power_supply/{battery,ac}`) that a background thread
 //! updates every 100 ms from a first-order RC thermal model driven by the daemon's actual CPU
-//! use (utime + stime from `/proc/<pid>/stat`), and a battery that drains with it.
+//! use, its engine processes' included (utime + stime from `/proc/<pid>/stat` of the daemon
+//! and its children, and cutime + cstime of those it reaped), and a battery that drains with it.
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -120,17 +121,30 @@ impl Soc {
         write(&ps.join("battery/status"), if charging { "Charging" } else { "Discharging" });
     }
 
-    /// Starts heating with the CPU use of process `pid`.
+    /// Starts heating with the CPU use of process `pid` and its children.
     pub fn run(&mut self, pid: u32) {
         let (stop, samples, params, root) =
             (Arc::clone(&self.stop), Arc::clone(&self.samples), self.params, self.root.path().to_owned());
         self.thread = Some(std::thread::spawn(move || {
             let tick = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK).ok().flatten().unwrap_or(100) as f64;
-            let cpu = || -> Option<f64> {
-                let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+            // (ppid, own CPU ticks, reaped children's CPU ticks) of a process.
+            let stat = |p: &str| -> Option<(u32, f64, f64)> {
+                let stat = std::fs::read_to_string(format!("/proc/{p}/stat")).ok()?;
                 let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
-                let (utime, stime): (f64, f64) = (fields.get(11)?.parse().ok()?, fields.get(12)?.parse().ok()?);
-                Some((utime + stime) / tick)
+                let num = |i: usize| -> Option<f64> { fields.get(i)?.parse().ok() };
+                Some((fields.get(1)?.parse().ok()?, num(11)? + num(12)?, num(13)? + num(14)?))
+            };
+            let cpu = || -> Option<f64> {
+                let (_, own, reaped) = stat(&pid.to_string())?;
+                let children: f64 = std::fs::read_dir("/proc")
+                    .ok()?
+                    .filter_map(|e| e.ok()?.file_name().into_string().ok())
+                    .filter(|n| n.bytes().all(|b| b.is_ascii_digit()))
+                    .filter_map(|n| stat(&n))
+                    .filter(|(ppid, _, _)| *ppid == pid)
+                    .map(|(_, own, _)| own)
+                    .sum();
+                Some((own + reaped + children) / tick)
             };
             let temp_file = root.join("class/thermal/thermal_zone0/temp");
             let cap_file = root.join("class/power_supply/battery/capacity");

@@ -302,6 +302,28 @@ async fn tier2_systemd_activates_hearthd() {
     assert!(uid.split_whitespace().all(|u| u != "0"), "hearthd runs as root: {creds}");
     assert!(creds.contains("NoNewPrivs:\t1"), "{creds}");
     assert!(creds.contains("CapEff:\t0000000000000000"), "{creds}");
+    // The engine under systemd: hearthd's child, same unprivileged user, more seccomp filters
+    // than hearthd (its own allowlist), landlock in force, no network, no state directory.
+    let engine = serial.output("engine");
+    let field = |text: &str, key: &str| -> String {
+        text.lines().find_map(|l| l.strip_prefix(key)).map(|v| v.trim().to_owned()).unwrap_or_default()
+    };
+    assert_eq!(field(&engine, "Name:"), "hearth-engine", "{engine}");
+    assert_eq!(field(&engine, "Uid:"), uid.trim(), "{engine}");
+    assert_eq!(field(&engine, "NoNewPrivs:"), "1", "{engine}");
+    assert_eq!(field(&engine, "Seccomp:"), "2", "{engine}");
+    assert_eq!(field(&engine, "CapEff:"), "0000000000000000", "{engine}");
+    let filters = |t: &str| field(t, "Seccomp_filters:").parse::<u32>().unwrap_or(0);
+    assert!(filters(&engine) >= filters(&creds) + 2, "engine {engine} vs hearthd {creds}");
+    let models = serial.json("engine-sandbox");
+    let m = &models[0];
+    assert_eq!(m["sandbox_seccomp"], true, "{m}");
+    assert_eq!(m["sandbox_socket"], "EPERM", "{m}");
+    assert!(m["sandbox_landlock"] == "full" || m["sandbox_landlock_abi"] == 0, "{m}");
+    for probe in m["sandbox_probes"].as_array().expect("probes") {
+        assert!(probe[1].as_str().is_some_and(|r| r.ends_with("EPERM") && !r.contains("opened")), "{probe}");
+    }
+    println!("tier 2: engine {engine:?} sandbox landlock={} abi={}", m["sandbox_landlock"], m["sandbox_landlock_abi"]);
     let dev = serial.output("private-dev");
     assert!(dev.lines().any(|l| l == "null") && dev.lines().any(|l| l == "urandom"), "{dev}");
     assert!(!dev.lines().any(|l| l.starts_with("vda") || l.starts_with("ttyAMA")), "PrivateDevices: {dev}");

@@ -1,10 +1,21 @@
-//! The engine actor. One dedicated OS thread owns the llama model and context; everything
-//! else talks to it through a bounded channel of [`Command`]s and hears back through
-//! per-request event channels and a `watch` of [`EngineStatus`].
+//! The engine: everything that touches llama.cpp state and untrusted model bytes, behind a
+//! narrow interface of its own. It imports nothing of config, routing, the cloud or D-Bus.
 //!
-//! This module must never let another thread touch llama state, and never block the tokio
-//! runtime: the only blocking call, `blocking_recv`, runs on the engine's own thread.
+//! Each loaded model's engine runs in a `hearth-engine` child process (child.rs), in a
+//! sandbox (sandbox.rs), talking to hearthd over a socket pair (protocol.rs). Inside it one
+//! dedicated OS thread owns the llama model and context (worker/); the child's I/O thread
+//! hands it [`Command`]s through a bounded channel and forwards the per-request events and
+//! the [`EngineStatus`] back. In hearthd, [`EngineHandle`] (remote.rs) is the engine: the
+//! same calls as before, the same events, plus a process to supervise. An engine that dies
+//! or hangs ends its requests with `EngineFailed` and is restarted; hearthd lives on.
+//!
+//! The worker must never let another thread touch llama state; nothing here blocks the
+//! tokio runtime: the only blocking call, `blocking_recv`, runs on the worker's own thread.
 
+pub mod child;
+pub mod protocol;
+mod remote;
+mod sandbox;
 mod scheduler;
 mod sequence;
 pub mod session;
@@ -15,15 +26,15 @@ use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU32, AtomicU64, Ordering};
 use std::time::Duration;
 
 use hearth_dbus::FinishReason;
-use hearth_ffi::{ChatMessage, Context, ContextParams, Model, SamplerParams, Token};
+use hearth_ffi::{ChatMessage, SamplerParams, Token};
+use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, oneshot, watch};
 
 pub use crate::error::CancelReason;
 use crate::error::Error;
-pub use session::SessionStore;
 
 /// A validated generation request, as the D-Bus layer hands it to the engine.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct GenerateRequest {
     pub messages: Vec<ChatMessage>,
     /// None: the default model. The model manager routes the request to its engine.
@@ -48,7 +59,7 @@ pub struct GenerateRequest {
 /// The LoRA adapter scales a sequence runs with, one per adapter of the model in manifest
 /// order (0: left out). One decode step runs one set, and KV computed under one set is only
 /// reused under the same set.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct AdapterSet(Vec<u32>);
 
 impl AdapterSet {
@@ -63,7 +74,7 @@ impl AdapterSet {
 }
 
 /// Scheduling priority of a request. Ordered: `Background < Normal < Interactive`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub enum Priority {
     /// Work nobody waits for (summaries, indexing).
     Background,
@@ -98,7 +109,7 @@ impl Priority {
 }
 
 /// Who is asking, as the bus says (never as the caller claims).
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Caller {
     /// The caller's unique connection name; its requests end when it disconnects.
     pub connection: String,
@@ -109,22 +120,33 @@ pub struct Caller {
 }
 
 /// Shared cancellation state of one request: set from any thread, polled by the engine at
-/// every token boundary. The first reason wins.
+/// every token boundary, and awaitable (hearthd forwards it to the engine process). The
+/// first reason wins.
 #[derive(Debug, Clone, Default)]
-pub struct CancelToken(Arc<AtomicU8>);
+pub struct CancelToken {
+    reason: Arc<AtomicU8>,
+    token: tokio_util::sync::CancellationToken,
+}
 
 impl CancelToken {
     pub fn cancel(&self, reason: CancelReason) {
-        let _ = self.0.compare_exchange(0, reason.code(), Ordering::AcqRel, Ordering::Acquire);
+        let _ = self.reason.compare_exchange(0, reason.code(), Ordering::AcqRel, Ordering::Acquire);
+        self.token.cancel();
     }
 
     pub fn reason(&self) -> Option<CancelReason> {
-        CancelReason::from_code(self.0.load(Ordering::Acquire))
+        CancelReason::from_code(self.reason.load(Ordering::Acquire))
+    }
+
+    /// Resolves with the reason once the request is cancelled.
+    pub async fn cancelled(&self) -> CancelReason {
+        self.token.cancelled().await;
+        self.reason().unwrap_or(CancelReason::Caller)
     }
 }
 
 /// What the engine streams back for one request.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum Event {
     /// One generated token and the text it completes (may be empty mid-character).
     Token { index: u32, id: Token, text: String },
@@ -133,7 +155,7 @@ pub enum Event {
 }
 
 /// The result of a generation.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Outcome {
     pub reason: FinishReason,
     pub text: String,
@@ -149,7 +171,7 @@ pub struct Outcome {
 }
 
 /// The engine's verdict on a submitted request.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Accepted {
     pub id: u64,
     pub prompt_tokens: u32,
@@ -184,7 +206,7 @@ enum Command {
 }
 
 /// Queue state, published when it changes (admission, finish), never per token.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct EngineStatus {
     /// Requests decoding now.
     pub running: u32,
@@ -218,9 +240,23 @@ pub struct KvGauges {
     pub cached: AtomicU32,
 }
 
-/// Whether the engine loop makes progress, for the watchdog: the loop beats at every turn
+impl KvGauges {
+    /// (size, reserved, used, cached), as the engine process reports them.
+    pub fn snapshot(&self) -> [u32; 4] {
+        [&self.size, &self.reserved, &self.used, &self.cached].map(|g| g.load(Ordering::Relaxed))
+    }
+
+    pub fn store(&self, [size, reserved, used, cached]: [u32; 4]) {
+        for (g, v) in [(&self.size, size), (&self.reserved, reserved), (&self.used, used), (&self.cached, cached)] {
+            g.store(v, Ordering::Relaxed);
+        }
+    }
+}
+
+/// Whether the engine loop makes progress, for its supervisor: the loop beats at every turn
 /// (one decode step, one embedded text: bounded units), and says when it sleeps for want
-/// of work. A long job that progresses beats; a hung loop does not.
+/// of work. A long job that progresses beats; a hung loop does not. hearthd mirrors the
+/// engine process's one from its heartbeats.
 #[derive(Debug)]
 pub struct Liveness {
     epoch: std::time::Instant,
@@ -245,14 +281,30 @@ impl Liveness {
         self.idle.store(idle, Ordering::Release);
     }
 
-    /// Whether the loop waits for work or beat within `limit`.
-    pub fn alive(&self, limit: Duration) -> bool {
-        let since = self.epoch.elapsed().saturating_sub(Duration::from_millis(self.beat_ms.load(Ordering::Acquire)));
-        self.idle.load(Ordering::Acquire) || since <= limit
+    /// When the loop last beat (an opaque instant: compare for change).
+    pub fn last_beat(&self) -> u64 {
+        self.beat_ms.load(Ordering::Acquire)
+    }
+
+    /// How long ago the loop last beat.
+    pub fn since_beat(&self) -> Duration {
+        self.epoch.elapsed().saturating_sub(Duration::from_millis(self.beat_ms.load(Ordering::Acquire)))
+    }
+
+    pub fn idle(&self) -> bool {
+        self.idle.load(Ordering::Acquire)
+    }
+
+    /// Mirrors a remote loop's report: it beat `ago` before now, and is idle or not.
+    pub fn observe(&self, ago: Duration, idle: bool) {
+        let at = self.epoch.elapsed().saturating_sub(ago);
+        self.beat_ms.store(at.as_millis() as u64, Ordering::Release);
+        self.idle.store(idle, Ordering::Release);
     }
 }
 
-/// What the governors ask of every engine, read before each decode step.
+/// What the governors ask of every engine, read before each decode step. Writers call
+/// [`Throttle::changed`] after a change, so the engine processes get the new demands.
 #[derive(Debug, Default)]
 pub struct Throttle {
     /// Decode token-rate cap per engine, in milli-tokens per second (0: none). A fixed cap
@@ -275,9 +327,53 @@ pub struct Throttle {
     /// steps without a prompt chunk), in milli-tokens per second. Shown as the duty cycle's
     /// equivalent rate cap.
     pub potential_mtps: AtomicU64,
+    /// Bumped by [`Throttle::changed`]; every engine handle forwards the demands on a bump.
+    version: watch::Sender<u64>,
+}
+
+/// The governors' demands as one value, for the engine process.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ThrottleState {
+    pub rate_cap_mtps: u64,
+    pub duty_milli: u32,
+    pub threads: u32,
+    pub defer_background: bool,
+    pub over_ceiling: bool,
+    pub ceiling_mib: u64,
 }
 
 impl Throttle {
+    /// Tells the engines that the demands changed.
+    pub fn changed(&self) {
+        self.version.send_modify(|v| *v += 1);
+    }
+
+    /// A receiver that sees every [`Throttle::changed`].
+    pub fn subscribe(&self) -> watch::Receiver<u64> {
+        self.version.subscribe()
+    }
+
+    pub fn state(&self) -> ThrottleState {
+        ThrottleState {
+            rate_cap_mtps: self.rate_cap_mtps.load(Ordering::Relaxed),
+            duty_milli: self.duty_milli.load(Ordering::Relaxed),
+            threads: self.threads.load(Ordering::Relaxed),
+            defer_background: self.defer_background.load(Ordering::Relaxed),
+            over_ceiling: self.over_ceiling.load(Ordering::Acquire),
+            ceiling_mib: self.ceiling_mib.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Takes `state` as the demands in force (in the engine process).
+    pub fn apply(&self, state: ThrottleState) {
+        self.rate_cap_mtps.store(state.rate_cap_mtps, Ordering::Relaxed);
+        self.duty_milli.store(state.duty_milli, Ordering::Relaxed);
+        self.threads.store(state.threads, Ordering::Relaxed);
+        self.defer_background.store(state.defer_background, Ordering::Relaxed);
+        self.ceiling_mib.store(state.ceiling_mib, Ordering::Relaxed);
+        self.over_ceiling.store(state.over_ceiling, Ordering::Release);
+    }
+
     pub fn rate_cap(&self) -> Option<f64> {
         match self.rate_cap_mtps.load(Ordering::Relaxed) {
             0 => None,
@@ -302,7 +398,7 @@ impl Throttle {
 }
 
 /// Static facts about a loaded model.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct LoadedModelInfo {
     pub name: String,
     pub description: String,
@@ -313,7 +409,7 @@ pub struct LoadedModelInfo {
 }
 
 /// How one model's engine runs: its context shape and queue limits.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct EngineSettings {
     /// Context of one request (one KV stream) in tokens.
     pub context_length: u32,
@@ -325,10 +421,6 @@ pub struct EngineSettings {
     pub prefix_cache: bool,
     pub queue_capacity: u32,
     pub queue_per_app: u32,
-    /// The governors' current demands, shared by all engines.
-    pub throttle: Arc<Throttle>,
-    /// Open sessions and their parked KV, shared by all engines.
-    pub sessions: Arc<SessionStore>,
 }
 
 impl EngineSettings {
@@ -349,140 +441,4 @@ impl EngineSettings {
     }
 }
 
-#[derive(Debug, thiserror::Error)]
-pub enum StartError {
-    #[error(transparent)]
-    Ffi(#[from] hearth_ffi::Error),
-    #[error("cannot start the engine thread: {0}")]
-    Thread(std::io::Error),
-}
-
-/// The handle the rest of the daemon holds: a command sender and a status receiver.
-#[derive(Debug, Clone)]
-pub struct EngineHandle {
-    tx: mpsc::Sender<Command>,
-    /// The context's abort flag: set when an interactive request arrives, so the decode step
-    /// in flight (lower-priority work) stops at once and the newcomer goes first.
-    preempt: Arc<hearth_ffi::AbortSwitch>,
-    status: watch::Receiver<EngineStatus>,
-    kv: Arc<KvGauges>,
-    liveness: Arc<Liveness>,
-    model: Arc<LoadedModelInfo>,
-}
-
-/// Capacity of the command channel; submitters wait (briefly) when it is full.
-const COMMAND_QUEUE: usize = 64;
-
-impl EngineHandle {
-    /// Creates `model`'s context and starts its engine thread.
-    pub fn start(
-        model: &Arc<Model>,
-        name: &str,
-        settings: &EngineSettings,
-    ) -> Result<(Self, std::thread::JoinHandle<()>), StartError> {
-        let sequences = settings.sequences();
-        let params = ContextParams {
-            n_ctx: settings.kv_tokens(),
-            n_batch: settings.batch_size,
-            n_seq_max: sequences,
-            n_threads: settings.threads,
-            n_threads_batch: settings.threads,
-            flash_attn: Some(settings.flash_attn),
-            kv_unified: false,
-            embeddings: false,
-        };
-        let ctx = Context::new(Arc::clone(model), params)?;
-        let info = Arc::new(LoadedModelInfo {
-            name: name.to_owned(),
-            description: model.description(),
-            n_params: model.n_params(),
-            size_bytes: model.size_bytes(),
-            trained_context: model.n_ctx_train(),
-            context_length: ctx.n_ctx_seq(),
-        });
-        let (tx, rx) = mpsc::channel(COMMAND_QUEUE);
-        let (status_tx, status_rx) = watch::channel(EngineStatus::default());
-        let preempt = ctx.abort_switch();
-        let kv = Arc::new(KvGauges::default());
-        kv.size.store(ctx.n_ctx(), Ordering::Relaxed);
-        let liveness = Arc::new(Liveness::default());
-        let worker =
-            worker::Worker::new(ctx, name.to_owned(), rx, status_tx, Arc::clone(&kv), Arc::clone(&liveness), settings);
-        let join = std::thread::Builder::new()
-            .name(format!("engine:{}", name.chars().take(8).collect::<String>()))
-            .spawn(move || worker.run())
-            .map_err(StartError::Thread)?;
-        tracing::debug!(model = %name, sequences, kv_tokens = settings.kv_tokens(), "engine started");
-        Ok((Self { tx, preempt, status: status_rx, kv, liveness, model: info }, join))
-    }
-
-    /// Submits a request. Returns once the engine has validated and queued it (or refused).
-    /// `cancel` is the request's switch, which the caller may already have handed out.
-    pub async fn submit(
-        &self,
-        request: GenerateRequest,
-        caller: Caller,
-        cancel: CancelToken,
-    ) -> Result<Submission, Error> {
-        let (events_tx, events) = mpsc::unbounded_channel();
-        let (reply, verdict) = oneshot::channel();
-        let interactive = request.priority == Priority::Interactive;
-        let cmd =
-            Command::Submit { request: Box::new(request), caller, cancel: cancel.clone(), events: events_tx, reply };
-        self.tx.send(cmd).await.map_err(|_| Error::Cancelled(CancelReason::Shutdown))?;
-        if interactive {
-            // After the send, so the aborted step's next intake finds the request.
-            self.preempt.request();
-        }
-        let accepted = verdict.await.map_err(|_| Error::Cancelled(CancelReason::Shutdown))??;
-        Ok(Submission { accepted, events })
-    }
-
-    /// Whether the engine loop is alive: waiting for work, or progressing (it beat within
-    /// `limit`). Read without a round trip, so a full command queue or a long job made of
-    /// bounded units is no false alarm, and a loop stuck in one step is caught.
-    pub fn alive(&self, limit: Duration) -> bool {
-        self.liveness.alive(limit)
-    }
-
-    /// Mean-pooled, unit-length embeddings of `texts`, computed on the engine thread one text
-    /// at a time between decode steps (in a small context of their own, so running
-    /// generations keep their KV), in `caller`'s fair share. Ends with Cancelled when
-    /// `cancel` is set or the caller leaves, and when this future is dropped.
-    pub async fn embed(&self, texts: Vec<String>, caller: Caller, cancel: CancelToken) -> Result<Vec<Vec<f32>>, Error> {
-        let (reply, answer) = oneshot::channel();
-        let job = worker::EmbedJob { caller, texts, cancel, reply, out: Vec::new() };
-        self.tx.send(Command::Embed(Box::new(job))).await.map_err(|_| Error::Cancelled(CancelReason::Shutdown))?;
-        answer.await.map_err(|_| Error::Cancelled(CancelReason::Shutdown))?
-    }
-
-    /// Tells the engine that a session closed, so its resident KV is dropped.
-    pub async fn close_session(&self, id: u64) {
-        let _ = self.tx.send(Command::CloseSession(id)).await;
-    }
-
-    /// Tells the engine that a bus connection is gone, so its requests end and free their KV.
-    pub async fn connection_closed(&self, connection: String) {
-        let _ = self.tx.send(Command::ConnectionClosed(connection)).await;
-    }
-
-    /// KV cache gauges.
-    pub fn kv(&self) -> &KvGauges {
-        &self.kv
-    }
-
-    /// Asks the engine to cancel everything and stop. Returns at once; join the thread to wait.
-    pub async fn shutdown(&self) {
-        let _ = self.tx.send(Command::Shutdown).await;
-    }
-
-    /// A receiver of the engine's status.
-    pub fn status(&self) -> watch::Receiver<EngineStatus> {
-        self.status.clone()
-    }
-
-    /// Facts about the loaded model.
-    pub fn model(&self) -> &LoadedModelInfo {
-        &self.model
-    }
-}
+pub use remote::{EngineHandle, SandboxReport, SpawnSpec};

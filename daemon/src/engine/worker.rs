@@ -28,7 +28,7 @@ pub(super) use embed::EmbedJob;
 
 use super::scheduler::{Keep, Limits, Scheduler};
 use super::sequence::{Sequence, Waiting, stop_reason, unstarted_outcome};
-use super::session::SessionStore;
+use super::session::SessionLink;
 use super::{
     Accepted, AdapterSet, Caller, CancelReason, CancelToken, Command, EngineSettings, EngineStatus, Event,
     GenerateRequest, KvGauges, Priority,
@@ -68,7 +68,7 @@ pub(super) struct Worker {
     /// The context Embed runs in, made on first use, and the Embed jobs in progress.
     embedder: Option<Context>,
     embeds: embed::EmbedQueue,
-    sessions: Arc<SessionStore>,
+    sessions: Arc<SessionLink>,
     /// The adapter set the context has now, and the one the last step served.
     adapters_set: Option<AdapterSet>,
     last_group: Option<AdapterSet>,
@@ -78,6 +78,7 @@ pub(super) struct Worker {
 const PREEMPT_HOLD: Duration = Duration::from_secs(1);
 
 impl Worker {
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
         ctx: Context,
         model_name: String,
@@ -86,6 +87,8 @@ impl Worker {
         kv: Arc<KvGauges>,
         liveness: Arc<super::Liveness>,
         settings: &EngineSettings,
+        throttle: Arc<super::Throttle>,
+        sessions: Arc<SessionLink>,
     ) -> Self {
         let n_ctx = ctx.n_ctx_seq();
         let limits = Limits {
@@ -112,11 +115,11 @@ impl Worker {
             next_id: 1,
             prefix_cache: settings.prefix_cache,
             stall: cfg!(debug_assertions) && std::env::var_os("HEARTH_DEBUG_STALL_ENGINE").is_some(),
-            throttle: Arc::clone(&settings.throttle),
+            throttle,
             threads: (settings.threads, settings.threads),
             embedder: None,
             embeds: embed::EmbedQueue::new(),
-            sessions: Arc::clone(&settings.sessions),
+            sessions,
             adapters_set: None,
             last_group: None,
         }
@@ -234,12 +237,8 @@ impl Worker {
     ) {
         let verdict = self.throttle.ceiling_refusal().map_or(Ok(()), Err).and_then(|()| self.prepare(request));
         let verdict = verdict.and_then(|prompt| {
+            // (hearthd checked that a session is the caller's on this model.)
             let adapters = self.adapter_set(request.adapters.as_ref())?;
-            if let Some(id) = request.session {
-                if !self.sessions.owns(id, &caller.app, &self.model_name) {
-                    return Err(Error::NotAuthorized(format!("session {id} is not this app's session on this model")));
-                }
-            }
             let max_tokens = request.max_tokens.min(self.n_ctx - prompt.len() as u32);
             let grammar = request.grammar.as_deref();
             let sampler = Sampler::with_grammar(&self.model, request.sampling, grammar).map_err(|e| match e {
@@ -392,7 +391,7 @@ impl Worker {
             // the same app's next prompt; cancelled and failed ones free it at once.
             let ended_well = matches!(s.finished, Some((FinishReason::Stop | FinishReason::Length, _)));
             let keep = match s.session {
-                Some(id) if ended_well && self.sessions.owns(id, &s.caller.app, &self.model_name) => {
+                Some(id) if ended_well && self.sessions.is_open(id) => {
                     Keep::Session(id, s.kv_tokens(), s.adapters.clone())
                 }
                 None if ended_well && self.prefix_cache => Keep::Prefix(s.kv_tokens(), s.adapters.clone()),

@@ -2,6 +2,8 @@
 //! starting the model's engine, and putting it in the table.
 
 use super::*;
+use crate::engine::EngineSettings;
+use crate::engine::protocol::ModelLoad;
 
 impl ModelManager {
     /// Loads `name` (or regrows its shrunk KV), one load at a time.
@@ -62,43 +64,46 @@ impl ModelManager {
         self.make_room(name, file_size).await?;
 
         let this = self.clone();
-        let params = ModelParams {
-            n_gpu_layers: config.engine.gpu_layers,
-            use_mmap: true,
-            devices: config.engine.devices.clone(),
-        };
         let entry2 = entry.clone();
-        let model = tokio::task::spawn_blocking(move || this.read_model(&entry2, &params))
+        let files = tokio::task::spawn_blocking(move || this.verify_files(&entry2))
             .await
-            .map_err(|e| Error::Internal(format!("model loader: {e}")))??;
+            .map_err(|e| Error::Internal(format!("model verifier: {e}")))??;
         let verified_at = started.elapsed();
 
         let context_length = entry.manifest.context_length.unwrap_or(config.engine.context_length);
-        let full = EngineSettings {
-            context_length,
-            batch_size: config.engine.batch_size,
-            max_sequences: config.engine.max_sequences,
-            interactive_sequences: config.engine.interactive_sequences,
-            threads: config.threads(),
-            flash_attn: config.engine.flash_attn,
-            prefix_cache: config.engine.prefix_cache,
-            queue_capacity: config.limits.queue_capacity,
-            queue_per_app: config.limits.queue_per_app,
-            throttle: Arc::clone(&self.inner.throttle),
-            sessions: Arc::clone(&self.inner.sessions),
+        let spec = SpawnSpec {
+            program: config.engine_program(),
+            model: name.to_owned(),
+            files,
+            load: ModelLoad {
+                gpu_layers: config.engine.gpu_layers,
+                devices: config.engine.devices.clone(),
+                adapters: entry.manifest.adapters.iter().map(|a| (a.name(), a.scale)).collect(),
+            },
+            settings: EngineSettings {
+                context_length,
+                batch_size: config.engine.batch_size,
+                max_sequences: config.engine.max_sequences,
+                interactive_sequences: config.engine.interactive_sequences,
+                threads: config.threads(),
+                flash_attn: config.engine.flash_attn,
+                prefix_cache: config.engine.prefix_cache,
+                queue_capacity: config.limits.queue_capacity,
+                queue_per_app: config.limits.queue_per_app,
+            },
+            probes: forbidden_paths(&config.daemon.state_dir),
+            hang_limit: Duration::from_millis(config.engine.hang_timeout_ms),
+            env: engine_env(),
         };
-        let settings = if shrunk { full.shrunk() } else { full.clone() };
-        let weights = model.size_bytes();
-        let kv = model.kv_geometry().bytes(settings.kv_tokens());
-        self.make_room(name, weights + kv).await?;
-
-        self.set_progress(name, LoadPhase::Starting, 0.0);
-        let m = Arc::clone(&model);
-        let (n, s) = (name.to_owned(), settings.clone());
-        let (engine, thread) = tokio::task::spawn_blocking(move || EngineHandle::start(&m, &n, &s))
-            .await
-            .map_err(|e| Error::Internal(format!("engine start: {e}")))?
-            .map_err(|e| unavailable(name, e.to_string()))?;
+        self.set_progress(name, LoadPhase::Loading, 0.0);
+        let engine = self.spawn_engine(&spec, shrunk).await?;
+        let (weights, kv) = engine.memory();
+        // The KV cache is allocated by now; if the budget cannot make room for it, the model
+        // does not stay.
+        if let Err(e) = self.make_room(name, weights.saturating_add(kv)).await {
+            stop_engine(&engine).await;
+            return Err(e);
+        }
 
         let (pinned, keep_alive) = {
             let state = self.state();
@@ -106,32 +111,35 @@ impl ModelManager {
             (self.pinned(&state, &entry), Duration::from_secs(keep_alive))
         };
         let activity = Arc::new(Activity { active: AtomicU32::new(0), last_used_ms: AtomicU64::new(self.now_ms()) });
-        self.install(
-            name,
-            Loaded {
-                generation: 0,
-                model,
-                engine,
-                thread: Some(thread),
-                settings: full,
-                shrunk,
-                activity,
-                pinned,
-                keep_alive,
-                weights,
-                kv,
-            },
-        );
+        let pid = engine.pid();
+        self.install(name, Loaded { generation: 0, engine, spec, shrunk, activity, pinned, keep_alive, weights, kv });
         tracing::info!(
-            model = %name, weights = %mib(weights), kv = %mib(kv), shrunk, pinned,
+            model = %name, weights = %mib(weights), kv = %mib(kv), shrunk, pinned, engine_pid = pid,
             verify_ms = verified_at.as_millis() as u64, load_ms = started.elapsed().as_millis() as u64,
             "model loaded"
         );
         Ok(())
     }
 
-    /// Verifies and loads the model file and its adapters (blocking).
-    fn read_model(&self, entry: &ModelEntry, params: &ModelParams) -> Result<Arc<Model>, Error> {
+    /// Starts an engine process for `spec` (its KV cache `shrunk` or at full size),
+    /// reporting its load progress.
+    pub(super) async fn spawn_engine(&self, spec: &SpawnSpec, shrunk: bool) -> Result<EngineHandle, Error> {
+        let name = spec.model.clone();
+        let mut spec = spec.clone();
+        if shrunk {
+            spec.settings = spec.settings.shrunk();
+        }
+        let this = self.clone();
+        let mut progress = move |f: f32| this.set_progress(&name, LoadPhase::Loading, f64::from(f));
+        EngineHandle::spawn(&spec, &self.inner.throttle, &self.inner.sessions, &mut progress).await.map_err(|reason| {
+            let reason = format!("its engine did not start: {reason}");
+            tracing::error!(model = %spec.model, reason = %reason, "model refused");
+            unavailable(&spec.model, reason)
+        })
+    }
+
+    /// Verifies the model file and its adapters (blocking): the open files, model first.
+    fn verify_files(&self, entry: &ModelEntry) -> Result<Vec<Arc<std::fs::File>>, Error> {
         let name = entry.manifest.name.as_str();
         let refuse = |e: crate::models::CatalogError| {
             tracing::error!(model = %name, error = %e, "model refused");
@@ -141,25 +149,23 @@ impl ModelManager {
             self.set_progress(name, LoadPhase::Verifying, f);
         })
         .map_err(refuse)?;
-        let mut adapters = Vec::new();
-        for (path, a) in entry.adapter_paths().iter().zip(&entry.manifest.adapters) {
-            adapters.push((open_verified(path, &a.sha256, &self.inner.hashes, &mut |_| {}).map_err(refuse)?, a));
+        // hearthd's own header walk (memory-safe Rust) before llama.cpp sees the file, so a
+        // file llama.cpp would abort on is refused with a reason.
+        let header = std::io::Seek::seek(&mut file.file(), std::io::SeekFrom::Start(0))
+            .map_err(|e| format!("cannot read it: {e}"))
+            .and_then(|_| hearth_ffi::gguf::check_reader(std::io::BufReader::new(file.file()), file.size));
+        if let Err(reason) = header {
+            let reason = format!("{} passed its checks but llama.cpp cannot load it: {reason}", file.origin.display());
+            tracing::error!(model = %name, reason = %reason, "model refused");
+            return Err(unavailable(name, reason));
         }
         tracing::info!(model = %name, bytes = file.size, cached = file.cached, "model file verified");
-        self.set_progress(name, LoadPhase::Loading, 0.0);
-        let mut model = Model::load_with_progress(self.inner.backend, &file.path(), params, &mut |f| {
-            self.set_progress(name, LoadPhase::Loading, f64::from(f));
-        })
-        .map_err(|e| {
-            // The header walk's reason says what is wrong with the file (no content of it).
-            let reason = format!("{} passed its checks but llama.cpp cannot load it: {e}", file.origin.display());
-            tracing::error!(model = %name, reason = %reason, "model refused");
-            unavailable(name, reason)
-        })?;
-        for (adapter, a) in &adapters {
-            model.attach_lora(&adapter.path(), &a.name(), a.scale).map_err(|e| unavailable(name, e.to_string()))?;
+        let mut files = vec![Arc::new(file.into_file())];
+        for (path, a) in entry.adapter_paths().iter().zip(&entry.manifest.adapters) {
+            let adapter = open_verified(path, &a.sha256, &self.inner.hashes, &mut |_| {}).map_err(refuse)?;
+            files.push(Arc::new(adapter.into_file()));
         }
-        Ok(Arc::new(model))
+        Ok(files)
     }
 
     /// Puts a started engine in the table under a new generation, publishes it, and starts
@@ -174,7 +180,80 @@ impl ModelManager {
         self.publish_loaded(&state);
         drop(state);
         tokio::spawn(forward_engine_status(self.inner.status.clone(), name.to_owned(), generation, status_rx));
+        tokio::spawn(self.clone().watch_engine(name.to_owned(), generation));
     }
+
+    /// Waits for the engine of `name`'s `generation` to end; an end nobody asked for is a
+    /// failure: the model leaves the table and is loaded again after a backoff.
+    async fn watch_engine(self, name: String, generation: u64) {
+        let Some(engine) = self.state().loaded.get(&name).map(|l| l.engine.clone()) else { return };
+        let mut exited = engine.exited();
+        let Ok(why) = exited.wait_for(Option::is_some).await.map(|w| w.clone().unwrap_or_default()) else { return };
+        if engine.stopping() {
+            return;
+        }
+        let failures = {
+            let mut state = self.state();
+            if state.loaded.get(&name).is_none_or(|l| l.generation != generation) {
+                return;
+            }
+            state.loaded.remove(&name);
+            let now = Instant::now();
+            let recent = state.failures.entry(name.clone()).or_default();
+            recent.retain(|t| now.duration_since(*t) < FAILURE_WINDOW);
+            recent.push(now);
+            let n = recent.len() as u32;
+            state.errors.insert(name.clone(), format!("its engine failed ({why})"));
+            self.publish_loaded(&state);
+            n
+        };
+        self.inner.status.send_modify(|s| s.memory.engine_failures += 1);
+        if failures > MAX_RESTARTS {
+            tracing::error!(
+                model = %name, failures, "engine failed too often: not restarting it until a request needs it"
+            );
+            return;
+        }
+        let backoff = RESTART_BACKOFF.saturating_mul(1 << (failures - 1).min(8)).min(MAX_BACKOFF);
+        tracing::warn!(model = %name, failures, backoff_ms = backoff.as_millis() as u64, "restarting the engine");
+        tokio::time::sleep(backoff).await;
+        if let Err(e) = self.ensure_loaded(&name).await {
+            tracing::error!(model = %name, error = %e, "cannot restart the engine");
+        }
+    }
+}
+
+/// Engine deaths within this window count towards the restart backoff.
+const FAILURE_WINDOW: Duration = Duration::from_secs(600);
+/// Restarts after this many deaths in the window wait for a request instead.
+const MAX_RESTARTS: u32 = 5;
+const RESTART_BACKOFF: Duration = Duration::from_millis(200);
+const MAX_BACKOFF: Duration = Duration::from_secs(30);
+
+/// What the engine must not be able to open (it tries, and says what happened): the state
+/// directory, the sealing key there, and the key's systemd credential.
+fn forbidden_paths(state_dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut paths = vec![state_dir.to_owned(), state_dir.join("seal.key")];
+    if let Some(dir) = std::env::var_os("CREDENTIALS_DIRECTORY") {
+        paths.push(std::path::Path::new(&dir).join(crate::seal::CREDENTIAL));
+    }
+    paths
+}
+
+/// The engine's environment: its log filter, and in debug builds the test hooks (the stall
+/// hook for the first engine only, so its restart serves).
+fn engine_env() -> Vec<(String, String)> {
+    static STALL_GIVEN: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+    let mut env: Vec<(String, String)> =
+        std::env::var("HEARTH_LOG").map(|v| ("HEARTH_LOG".to_owned(), v)).into_iter().collect();
+    if cfg!(debug_assertions) {
+        if let Some(v) = std::env::var_os("HEARTH_DEBUG_STALL_ENGINE") {
+            if !STALL_GIVEN.swap(true, Ordering::Relaxed) {
+                env.push(("HEARTH_DEBUG_STALL_ENGINE".into(), v.to_string_lossy().into_owned()));
+            }
+        }
+    }
+    env
 }
 
 /// Copies one engine's status into the manager's until the engine stops.

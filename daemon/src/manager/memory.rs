@@ -91,7 +91,8 @@ impl ModelManager {
         }
     }
 
-    /// Restarts `name`'s engine with its KV cache shrunk or back at full size (model idle).
+    /// Restarts `name`'s engine with its KV cache shrunk or back at full size (model idle):
+    /// the old process parks its sessions' KV and exits, a new one maps the same verified file.
     pub(super) async fn restart(&self, name: &str, shrink: bool) -> Result<(), Error> {
         let old = {
             let mut state = self.state();
@@ -101,21 +102,16 @@ impl ModelManager {
             }
         };
         let Some(mut l) = old else { return Ok(()) };
-        let settings = if shrink { l.settings.shrunk() } else { l.settings.clone() };
-        let kv = l.model.kv_geometry().bytes(settings.kv_tokens());
-        stop_engine(&l.engine, l.thread.take()).await;
-        let (model, n) = (Arc::clone(&l.model), name.to_owned());
-        let started = tokio::task::spawn_blocking(move || EngineHandle::start(&model, &n, &settings))
-            .await
-            .map_err(|e| Error::Internal(format!("engine restart: {e}")))?;
-        let (engine, thread) = match started {
-            Ok(v) => v,
+        stop_engine(&l.engine).await;
+        let engine = match self.spawn_engine(&l.spec, shrink).await {
+            Ok(engine) => engine,
             Err(e) => {
                 self.publish_loaded(&self.state());
-                return Err(unavailable(name, format!("cannot recreate its context: {e}")));
+                return Err(e);
             }
         };
-        (l.engine, l.thread, l.shrunk, l.kv) = (engine, Some(thread), shrink, kv);
+        let kv = engine.memory().1;
+        (l.engine, l.shrunk, l.kv) = (engine, shrink, kv);
         self.install(name, l);
         tracing::info!(model = %name, kv = %mib(kv), shrunk = shrink, "model KV cache resized");
         Ok(())
@@ -196,6 +192,7 @@ impl ModelManager {
         let file = (!config.usage_file.as_os_str().is_empty()).then(|| config.usage_file.clone());
         let manager = self.clone();
         manager.inner.throttle.ceiling_mib.store(watch.ceiling() >> 20, Ordering::Relaxed);
+        manager.inner.throttle.changed();
         manager.inner.status.send_modify(|s| s.memory.ceiling = watch.ceiling());
         tracing::info!(ceiling_mib = watch.ceiling() >> 20, exit_mib = watch.exit_at() >> 20, "memory ceiling");
         std::thread::Builder::new().name("memory-ceiling".into()).spawn(move || {
@@ -203,7 +200,12 @@ impl ModelManager {
             let mut over_readings = 0u32;
             loop {
                 std::thread::sleep(CEILING_INTERVAL);
-                match crate::memory::anon_bytes(file.as_deref()) {
+                // hearthd's own and its engine processes': the weights' pages are file-backed
+                // and shared, the KV caches and compute buffers are the engines' anonymous
+                // memory. (A usage file stands for the whole.)
+                let engines =
+                    if file.is_some() { 0 } else { crate::memory::children_anon_bytes(&manager.engine_pids()) };
+                match crate::memory::anon_bytes(file.as_deref()).map(|own| own + engines) {
                     Ok(used) => {
                         failing = false;
                         let verdict = watch.update(used);
@@ -235,8 +237,14 @@ impl ModelManager {
 
     fn clear_ceiling(&self) {
         if self.inner.throttle.over_ceiling.swap(false, Ordering::AcqRel) {
+            self.inner.throttle.changed();
             self.inner.status.send_modify(|s| s.memory.over_ceiling = false);
         }
+    }
+
+    /// The process ids of the running engines.
+    pub fn engine_pids(&self) -> Vec<u32> {
+        self.state().loaded.values().map(|l| l.engine.pid()).collect()
     }
 
     fn on_ceiling_reading(
@@ -257,6 +265,7 @@ impl ModelManager {
         let over = verdict == CeilingVerdict::Over;
         let was = self.inner.throttle.over_ceiling.swap(over, Ordering::AcqRel);
         if over != was {
+            self.inner.throttle.changed();
             if over {
                 tracing::warn!(
                     anon_mib = used >> 20,

@@ -55,6 +55,8 @@ pub struct MemoryStatus {
     pub anon: u64,
     pub over_ceiling: bool,
     pub ceiling_hits: u32,
+    /// Engine processes that died or hung (and were restarted) since start.
+    pub engine_failures: u32,
 }
 
 /// Everything the D-Bus layer publishes about models and queues.
@@ -84,6 +86,8 @@ impl ManagerStatus {
 pub struct ModelReport {
     pub entry: ModelEntry,
     pub info: Option<LoadedModelInfo>,
+    /// The engine process of a loaded model, and its sandbox.
+    pub engine: Option<(u32, crate::engine::SandboxReport)>,
     pub pinned: bool,
     pub verified: bool,
     pub shrunk: bool,

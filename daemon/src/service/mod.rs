@@ -526,6 +526,7 @@ impl HearthService {
             ("anon_bytes".to_owned(), owned(Variant::from(m.anon))),
             ("over_ceiling".to_owned(), owned(Variant::from(m.over_ceiling))),
             ("ceiling_hits".to_owned(), owned(Variant::from(m.ceiling_hits))),
+            ("engine_failures".to_owned(), owned(Variant::from(m.engine_failures))),
         ])
     }
 

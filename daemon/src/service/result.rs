@@ -89,6 +89,16 @@ pub(super) fn model_dict(r: &ModelReport, default: &str) -> HashMap<String, Owne
         d.insert("memory_bytes".to_owned(), owned(Variant::from(r.memory)));
         d.insert("kv_shrunk".to_owned(), owned(Variant::from(r.shrunk)));
     }
+    if let Some((pid, sandbox)) = &r.engine {
+        let probes: Vec<(String, String)> =
+            sandbox.probes.iter().map(|(p, what)| (p.display().to_string(), what.clone())).collect();
+        d.insert("engine_pid".to_owned(), owned(Variant::from(*pid)));
+        d.insert("sandbox_landlock".to_owned(), owned(Variant::from(sandbox.landlock.as_str())));
+        d.insert("sandbox_landlock_abi".to_owned(), owned(Variant::from(sandbox.landlock_abi)));
+        d.insert("sandbox_seccomp".to_owned(), owned(Variant::from(sandbox.seccomp)));
+        d.insert("sandbox_socket".to_owned(), owned(Variant::from(sandbox.socket.as_str())));
+        d.insert("sandbox_probes".to_owned(), owned(Variant::from(probes)));
+    }
     if let Some(e) = &r.last_error {
         d.insert("error".to_owned(), owned(Variant::from(e.as_str())));
     }

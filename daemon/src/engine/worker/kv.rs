@@ -4,6 +4,7 @@
 
 use std::time::Instant;
 
+use super::super::protocol::SessionKv;
 use super::super::scheduler::{Pinned, Slot, shared_prefix};
 use super::super::sequence::{Sequence, Waiting};
 use super::super::{AdapterSet, Priority};
@@ -61,8 +62,8 @@ impl Worker {
         self.running.push(Sequence::start(w, slot.seq, reuse));
     }
 
-    /// Saves an idle session's KV from `seq` into the session store (sealed, on disk) and
-    /// empties the slot.
+    /// Saves an idle session's KV from `seq`, hands it to hearthd (which seals and stores
+    /// it), and empties the slot.
     pub(super) fn park(&mut self, seq: hearth_ffi::SeqId, pin: Pinned) {
         if !self.sessions.is_open(pin.session) {
             // Closed meanwhile, or the daemon is stopping: nothing to keep.
@@ -72,34 +73,24 @@ impl Worker {
         let started = Instant::now();
         let state = self.ctx.save_sequence(seq);
         self.ctx.remove_sequence(seq);
-        let tokens = pin.tokens.len();
-        match self.sessions.park(pin.session, pin.tokens, pin.adapters, &state) {
-            Ok(true) => tracing::info!(
-                session = pin.session,
-                tokens,
-                bytes = state.len(),
-                ms = started.elapsed().as_secs_f64() * 1e3,
-                "session KV parked"
-            ),
-            Ok(false) => tracing::debug!(session = pin.session, "session closed while parking: KV dropped"),
-            Err(e) => {
-                tracing::warn!(session = pin.session, error = %e, "cannot park session KV: its next turn recomputes it")
-            }
+        let (tokens, bytes) = (pin.tokens.len(), state.len());
+        let kv = SessionKv { tokens: pin.tokens, adapters: pin.adapters, state };
+        if self.sessions.park(pin.session, kv) {
+            let ms = started.elapsed().as_secs_f64() * 1e3;
+            tracing::debug!(session = pin.session, tokens, bytes, ms, "session KV saved for parking");
         }
     }
 
-    /// Restores session `id`'s parked KV into the empty slot `seq`, if it has any; returns the
-    /// prompt tokens of `w` it covers. A state that does not open or load is dropped (the
-    /// turn then prefills the whole transcript: slower, never wrong).
+    /// Restores session `id`'s parked KV (delivered with its turn) into the empty slot `seq`,
+    /// if it has any; returns the prompt tokens of `w` it covers. A state that does not load
+    /// is dropped (the turn then prefills the whole transcript: slower, never wrong).
     fn restore(&mut self, id: u64, seq: hearth_ffi::SeqId, w: &Waiting) -> Option<usize> {
         let started = Instant::now();
-        let restored = self.sessions.unpark(id)?.and_then(|(kv, state)| {
-            self.ctx.remove_sequence(seq);
-            self.ctx.restore_sequence(seq, &state).map_err(|e| e.to_string())?;
-            Ok((kv, state.len()))
-        });
-        match restored {
-            Ok((kv, bytes)) => {
+        let kv = self.sessions.take(id)?;
+        self.ctx.remove_sequence(seq);
+        let bytes = kv.state.len();
+        match self.ctx.restore_sequence(seq, &kv.state) {
+            Ok(()) => {
                 let longest = w.prompt.len().saturating_sub(1);
                 let shared =
                     if kv.adapters == w.adapters { shared_prefix(&kv.tokens, &w.prompt).min(longest) } else { 0 };

@@ -1,0 +1,474 @@
+//! `hearth-engine`: one model's engine in a process of its own.
+//!
+//! hearthd starts it with one end of a socket pair as stdin, an empty environment, and
+//! stderr shared with its own (the journal, under systemd). It reads [`Start`] and the
+//! model's descriptors, sandboxes itself step by step (sandbox.rs) around loading the
+//! model, says [`FromEngine::Ready`], and serves: the worker (worker/) runs on the main
+//! thread, and an I/O thread turns the socket's messages into [`Command`]s and the worker's
+//! events back into messages. It exits when hearthd says Shutdown, when the socket closes,
+//! or (parent-death signal) when hearthd dies.
+
+use std::collections::HashMap;
+use std::io::{IoSliceMut, Read, Write};
+use std::os::fd::OwnedFd;
+use std::os::unix::net::UnixStream;
+use std::process::ExitCode;
+use std::sync::{Arc, Mutex};
+
+use bytes::BytesMut;
+use futures_util::{SinkExt, StreamExt};
+use hearth_ffi::{AbortSwitch, Backend, Context, ContextParams, Model, ModelParams};
+use tokio::sync::{mpsc, oneshot, watch};
+
+use super::protocol::{self, FromEngine, SandboxReport, Start, ToEngine};
+use super::session::SessionLink;
+use super::{CancelToken, Command, EngineStatus, KvGauges, Liveness, LoadedModelInfo, Priority, Throttle, worker};
+
+/// Most descriptors [`Start`] may come with (the model and its adapters).
+const MAX_START_FDS: usize = 16;
+
+/// The program's `main`.
+pub fn main() -> ExitCode {
+    init_logging();
+    let code = match run() {
+        Ok(()) => 0,
+        Err(e) => {
+            tracing::error!(error = %e, "engine stopped");
+            1
+        }
+    };
+    // Everything it said is written (the I/O thread drained); skip C++ static teardown, which
+    // would run under the syscall allowlist for nothing.
+    hearth_ffi::exit_now(code)
+}
+
+fn init_logging() {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_env("HEARTH_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(false).init();
+}
+
+fn run() -> Result<(), String> {
+    // Dies with hearthd, whatever killed it; then checks hearthd did not die before that.
+    rustix::process::set_parent_process_death_signal(Some(rustix::process::Signal::KILL))
+        .map_err(|e| format!("cannot set the parent-death signal: {e}"))?;
+    if rustix::process::getppid().is_none_or(|p| p.is_init()) {
+        return Err("hearthd is already gone".into());
+    }
+    let socket: OwnedFd = std::os::fd::AsFd::as_fd(&std::io::stdin())
+        .try_clone_to_owned()
+        .map_err(|e| format!("stdin is not hearthd's socket: {e}"))?;
+    let mut socket = UnixStream::from(socket);
+    super::sandbox::limit_resources()?;
+    let (start, files) = read_start(&mut socket)?;
+    match load(&start, files, &mut socket) {
+        Ok(serving) => serving.serve(socket, &start),
+        Err(e) => {
+            let _ = send_sync(&mut socket, &FromEngine::Failed(e.clone()));
+            Err(e)
+        }
+    }
+}
+
+/// Reads the first frame and the descriptors sent with it.
+fn read_start(socket: &mut UnixStream) -> Result<(Start, Vec<OwnedFd>), String> {
+    use rustix::net::{RecvAncillaryBuffer, RecvAncillaryMessage, RecvFlags, recvmsg};
+    let mut space = [std::mem::MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(MAX_START_FDS))];
+    let mut ancillary = RecvAncillaryBuffer::new(&mut space);
+    let mut chunk = vec![0u8; 64 * 1024];
+    let got = recvmsg(&*socket, &mut [IoSliceMut::new(&mut chunk)], &mut ancillary, RecvFlags::CMSG_CLOEXEC)
+        .map_err(|e| format!("cannot read the start message: {e}"))?;
+    let mut files = Vec::new();
+    for message in ancillary.drain() {
+        if let RecvAncillaryMessage::ScmRights(fds) = message {
+            files.extend(fds);
+        }
+    }
+    let mut buf = BytesMut::from(&chunk[..got.bytes]);
+    let payload = loop {
+        if let Some(payload) = protocol::unframe(&mut buf).map_err(|e| format!("bad start frame: {e}"))? {
+            break payload;
+        }
+        let n = socket.read(&mut chunk).map_err(|e| format!("cannot read the start message: {e}"))?;
+        if n == 0 {
+            return Err("hearthd closed the socket before the start message".into());
+        }
+        buf.extend_from_slice(&chunk[..n]);
+    };
+    let start: Start = protocol::decode(&payload).map_err(|e| format!("bad start message: {e}"))?;
+    if start.version != protocol::VERSION {
+        return Err(format!("hearthd speaks protocol {}, this engine {}", start.version, protocol::VERSION));
+    }
+    if files.len() != 1 + start.load.adapters.len() {
+        return Err(format!("expected {} files, got {}", 1 + start.load.adapters.len(), files.len()));
+    }
+    Ok((start, files))
+}
+
+fn send_sync(socket: &mut UnixStream, msg: &FromEngine) -> std::io::Result<()> {
+    socket.write_all(&protocol::frame(msg)?)
+}
+
+/// A loaded, sandboxed engine, ready to serve.
+struct Serving {
+    ctx: Context,
+    info: LoadedModelInfo,
+    weights: u64,
+    kv: u64,
+    report: SandboxReport,
+}
+
+/// Sandboxes the process and loads the model and its context.
+fn load(start: &Start, files: Vec<OwnedFd>, socket: &mut UnixStream) -> Result<Serving, String> {
+    let backend = Backend::init();
+    let mut files = files.into_iter();
+    let model_file = std::fs::File::from(files.next().ok_or("no model file")?);
+    let adapters: Vec<OwnedFd> = files.collect();
+    let landlock = super::sandbox::restrict_files(&adapters.iter().collect::<Vec<_>>())?;
+    let probes = super::sandbox::probe_paths(&start.probes);
+    let landlock_probes: Vec<String> = probes.iter().map(|p| super::sandbox::probe_open(p)).collect();
+
+    let params =
+        ModelParams { n_gpu_layers: start.load.gpu_layers, use_mmap: true, devices: start.load.devices.clone() };
+    let mut last = -1.0f32;
+    let mut model = Model::load_from_file(backend, &model_file, &params, &mut |f| {
+        // Whole percent steps only.
+        if (f * 100.0).floor() > (last * 100.0).floor() {
+            last = f;
+            let _ = send_sync(socket, &FromEngine::Progress(f));
+        }
+    })
+    .map_err(|e| format!("llama.cpp cannot load it: {e}"))?;
+    drop(model_file);
+    for (fd, (name, scale)) in adapters.iter().zip(&start.load.adapters) {
+        // The adapter's descriptor by its /proc name: landlock allows reading exactly it.
+        let path = std::path::PathBuf::from(format!("/proc/self/fd/{}", std::os::fd::AsRawFd::as_raw_fd(fd)));
+        model.attach_lora(&path, name, *scale).map_err(|e| format!("adapter {name:?}: {e}"))?;
+    }
+    drop(adapters);
+    let model = Arc::new(model);
+    let settings = &start.settings;
+    let ctx = Context::new(
+        Arc::clone(&model),
+        ContextParams {
+            n_ctx: settings.kv_tokens(),
+            n_batch: settings.batch_size,
+            n_seq_max: settings.sequences(),
+            n_threads: settings.threads,
+            n_threads_batch: settings.threads,
+            flash_attn: Some(settings.flash_attn),
+            kv_unified: false,
+            embeddings: false,
+        },
+    )
+    .map_err(|e| format!("cannot create its context: {e}"))?;
+    let info = LoadedModelInfo {
+        name: start.model.clone(),
+        description: model.description(),
+        n_params: model.n_params(),
+        size_bytes: model.size_bytes(),
+        trained_context: model.n_ctx_train(),
+        context_length: ctx.n_ctx_seq(),
+    };
+    let kv = model.kv_geometry().bytes(settings.kv_tokens());
+    let report = SandboxReport {
+        landlock: landlock.to_owned(),
+        landlock_abi: hearth_ffi::landlock_abi(),
+        seccomp: false,
+        probes: probes.into_iter().zip(landlock_probes).collect(),
+        socket: String::new(),
+    };
+    Ok(Serving { ctx, info, weights: model.size_bytes(), kv, report })
+}
+
+/// Cancel switches of the requests and Embed calls in the engine, by hearthd's key.
+type Cancels = Arc<Mutex<HashMap<u64, CancelToken>>>;
+
+fn lock(c: &Cancels) -> std::sync::MutexGuard<'_, HashMap<u64, CancelToken>> {
+    c.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+impl Serving {
+    fn serve(self, mut socket: UnixStream, start: &Start) -> Result<(), String> {
+        let Serving { ctx, info, weights, kv, mut report } = self;
+        let (out_tx, out_rx) = mpsc::unbounded_channel();
+        let (cmd_tx, cmd_rx) = mpsc::channel(64);
+        let (status_tx, status_rx) = watch::channel(EngineStatus::default());
+        let gauges = Arc::new(KvGauges::default());
+        gauges.size.store(ctx.n_ctx(), std::sync::atomic::Ordering::Relaxed);
+        let liveness = Arc::new(Liveness::default());
+        let throttle = Arc::new(Throttle::default());
+        throttle.apply(start.throttle);
+        let sessions = Arc::new(SessionLink::new(out_tx.clone()));
+        let preempt = ctx.abort_switch();
+        let worker = worker::Worker::new(
+            ctx,
+            info.name.clone(),
+            cmd_rx,
+            status_tx,
+            Arc::clone(&gauges),
+            Arc::clone(&liveness),
+            &start.settings,
+            Arc::clone(&throttle),
+            Arc::clone(&sessions),
+        );
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(|e| format!("cannot start the I/O runtime: {e}"));
+        // The last step: from here on only the allowlisted calls work.
+        let sandboxed = runtime.and_then(|rt| super::sandbox::restrict_syscalls().map(|()| rt));
+        let runtime = match sandboxed {
+            Ok(rt) => rt,
+            Err(e) => {
+                let _ = send_sync(&mut socket, &FromEngine::Failed(e.clone()));
+                return Err(e);
+            }
+        };
+        report.seccomp = true;
+        for (path, result) in &mut report.probes {
+            *result = format!("{result}, then {}", super::sandbox::probe_open(path));
+        }
+        report.socket = super::sandbox::probe_socket();
+        tracing::info!(
+            model = %info.name, landlock = %report.landlock, abi = report.landlock_abi,
+            socket = %report.socket, "engine sandboxed and serving"
+        );
+        send_sync(&mut socket, &FromEngine::Ready { info, weights, kv, sandbox: report })
+            .map_err(|e| format!("cannot answer hearthd: {e}"))?;
+        socket.set_nonblocking(true).map_err(|e| format!("socket: {e}"))?;
+        let (done_tx, done_rx) = oneshot::channel();
+        let io = Io {
+            cmd: cmd_tx,
+            out: out_tx,
+            sessions,
+            throttle,
+            preempt,
+            cancels: Cancels::default(),
+            status: status_rx.clone(),
+            kv: Arc::clone(&gauges),
+        };
+        let status = Status { rx: status_rx, kv: Arc::clone(&gauges), liveness, throttle: Arc::clone(&io.throttle) };
+        let io_thread = std::thread::Builder::new()
+            .name("engine-io".into())
+            .spawn(move || runtime.block_on(io.run(socket, out_rx, status, done_rx)))
+            .map_err(|e| format!("cannot start the I/O thread: {e}"))?;
+        worker.run();
+        let _ = done_tx.send(());
+        io_thread.join().map_err(|_| "the I/O thread panicked".to_owned())?
+    }
+}
+
+/// The I/O thread's side: what it hands the worker and where answers go.
+struct Io {
+    cmd: mpsc::Sender<Command>,
+    out: mpsc::UnboundedSender<FromEngine>,
+    sessions: Arc<SessionLink>,
+    throttle: Arc<Throttle>,
+    preempt: Arc<AbortSwitch>,
+    cancels: Cancels,
+    /// The queue as the worker published it, sent ahead of each acceptance.
+    status: watch::Receiver<EngineStatus>,
+    kv: Arc<KvGauges>,
+}
+
+/// What the status forwarder reads.
+struct Status {
+    rx: watch::Receiver<EngineStatus>,
+    kv: Arc<KvGauges>,
+    liveness: Arc<Liveness>,
+    throttle: Arc<Throttle>,
+}
+
+impl Io {
+    async fn run(
+        self,
+        socket: UnixStream,
+        mut out_rx: mpsc::UnboundedReceiver<FromEngine>,
+        status: Status,
+        done: oneshot::Receiver<()>,
+    ) -> Result<(), String> {
+        let socket = tokio::net::UnixStream::from_std(socket).map_err(|e| format!("socket: {e}"))?;
+        let (read, write) = socket.into_split();
+        let mut frames_in = tokio_util::codec::FramedRead::new(read, protocol::codec());
+        let mut frames_out = tokio_util::codec::FramedWrite::new(write, protocol::codec());
+        let writer = async move {
+            while let Some(msg) = out_rx.recv().await {
+                let payload = match protocol::encode(&msg) {
+                    Ok(p) if p.len() <= protocol::MAX_FRAME => p,
+                    Ok(_) | Err(_) => {
+                        tracing::error!("a message for hearthd does not encode within the frame limit: dropped");
+                        continue;
+                    }
+                };
+                frames_out.send(payload).await.map_err(|e| format!("cannot write to hearthd: {e}"))?;
+            }
+            Ok::<(), String>(())
+        };
+        let out = self.out.clone();
+        // Its own task: status and heartbeats go out even while the reader waits on a full
+        // command queue.
+        let status_task = tokio::spawn(forward_status(status, out.clone()));
+        let reader = async move {
+            tokio::pin!(done);
+            loop {
+                tokio::select! {
+                    _ = &mut done => break,
+                    frame = frames_in.next() => match frame {
+                        Some(Ok(payload)) => match protocol::decode::<ToEngine>(&payload) {
+                            Ok(msg) => self.handle(msg).await,
+                            Err(e) => {
+                                tracing::error!(error = %e, "undecodable message from hearthd: stopping");
+                                let _ = self.cmd.send(Command::Shutdown).await;
+                            }
+                        },
+                        // hearthd is gone (or the stream broke): finish up.
+                        Some(Err(_)) | None => {
+                            let _ = self.cmd.send(Command::Shutdown).await;
+                            let _ = (&mut done).await;
+                            break;
+                        }
+                    },
+                }
+            }
+            // Every sender but the worker's finished requests' forwarders goes now.
+            status_task.abort();
+            drop(self);
+            drop(out);
+        };
+        let (written, ()) = tokio::join!(writer, reader);
+        written
+    }
+
+    async fn handle(&self, msg: ToEngine) {
+        match msg {
+            ToEngine::Submit { key, request, caller, kv } => {
+                let session = request.session;
+                if let Some(id) = session {
+                    self.sessions.turn(id, kv);
+                }
+                let cancel = CancelToken::default();
+                lock(&self.cancels).insert(key, cancel.clone());
+                let (events, mut events_rx) = mpsc::unbounded_channel();
+                let (reply, verdict) = oneshot::channel();
+                let interactive = request.priority == Priority::Interactive;
+                let cmd = Command::Submit { request, caller, cancel, events, reply };
+                if self.cmd.send(cmd).await.is_err() {
+                    return;
+                }
+                if interactive {
+                    // After the send, so the aborted step's next intake finds the request.
+                    self.preempt.request();
+                }
+                let (out, cancels) = (self.out.clone(), Arc::clone(&self.cancels));
+                let (status, kv) = (self.status.clone(), Arc::clone(&self.kv));
+                let sessions = Arc::clone(&self.sessions);
+                tokio::spawn(async move {
+                    let result = verdict
+                        .await
+                        .unwrap_or(Err(crate::error::Error::Cancelled(crate::error::CancelReason::Shutdown)));
+                    let accepted = result.is_ok();
+                    if let (false, Some(id)) = (accepted, session) {
+                        // A refused turn's KV is not kept in the engine (the next turn recomputes).
+                        drop(sessions.take(id));
+                    }
+                    if accepted {
+                        // The worker counted the request before accepting it: so does hearthd,
+                        // before its caller hears it was accepted.
+                        let status = status.borrow().clone();
+                        let _ = out.send(FromEngine::Status { status, kv: kv.snapshot() });
+                    }
+                    let _ = out.send(FromEngine::Verdict { key, result });
+                    if accepted {
+                        while let Some(event) = events_rx.recv().await {
+                            let _ = out.send(FromEngine::Event { key, event });
+                        }
+                    }
+                    lock(&cancels).remove(&key);
+                });
+            }
+            ToEngine::Cancel { key, reason } => {
+                if let Some(c) = lock(&self.cancels).get(&key) {
+                    c.cancel(reason);
+                }
+            }
+            ToEngine::Embed { key, caller, texts } => {
+                let cancel = CancelToken::default();
+                lock(&self.cancels).insert(key, cancel.clone());
+                let (reply, answer) = oneshot::channel();
+                let job = worker::EmbedJob { caller, texts, cancel, reply, out: Vec::new() };
+                if self.cmd.send(Command::Embed(Box::new(job))).await.is_err() {
+                    return;
+                }
+                let (out, cancels) = (self.out.clone(), Arc::clone(&self.cancels));
+                tokio::spawn(async move {
+                    let result = answer
+                        .await
+                        .unwrap_or(Err(crate::error::Error::Cancelled(crate::error::CancelReason::Shutdown)));
+                    let _ = out.send(FromEngine::Embedded { key, result });
+                    lock(&cancels).remove(&key);
+                });
+            }
+            ToEngine::CloseSession(id) => {
+                self.sessions.close(id);
+                let _ = self.cmd.send(Command::CloseSession(id)).await;
+            }
+            ToEngine::ConnectionClosed(connection) => {
+                let _ = self.cmd.send(Command::ConnectionClosed(connection)).await;
+            }
+            ToEngine::Throttle(state) => {
+                self.throttle.apply(state);
+                // Over the memory ceiling every decode in flight stops at once (interactive
+                // ones too), so the worker can end the work, and freed heap goes back.
+                self.preempt.force(state.over_ceiling);
+                if state.over_ceiling {
+                    hearth_ffi::release_free_heap();
+                }
+            }
+            ToEngine::Shutdown { park } => {
+                if !park {
+                    self.sessions.close_all();
+                }
+                let _ = self.cmd.send(Command::Shutdown).await;
+            }
+        }
+    }
+}
+
+/// Sends the queue status whenever the worker publishes a new one, and a heartbeat while
+/// the worker is busy. Ends when the worker is gone.
+async fn forward_status(mut s: Status, out: mpsc::UnboundedSender<FromEngine>) {
+    let mut beat = tokio::time::interval(protocol::HEARTBEAT);
+    beat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut sent_beat = None;
+    loop {
+        tokio::select! {
+            changed = s.rx.changed() => {
+                if changed.is_err() {
+                    return;
+                }
+                let status = s.rx.borrow_and_update().clone();
+                let _ = out.send(FromEngine::Status { status, kv: s.kv.snapshot() });
+            }
+            _ = beat.tick() => {
+                let idle = s.liveness.idle();
+                // An idle loop that has not beaten since the last heartbeat has nothing new
+                // to say; any work in between (even a refusal) beats, and is reported.
+                let last = s.liveness.last_beat();
+                if idle && sent_beat == Some(last) {
+                    continue;
+                }
+                sent_beat = Some(last);
+                if s.throttle.over_ceiling.load(std::sync::atomic::Ordering::Relaxed) {
+                    hearth_ffi::release_free_heap();
+                }
+                let _ = out.send(FromEngine::Heartbeat {
+                    beat_ago_ms: s.liveness.since_beat().as_millis() as u64,
+                    idle,
+                    kv: s.kv.snapshot(),
+                    potential_mtps: s.throttle.potential_mtps.load(std::sync::atomic::Ordering::Relaxed),
+                });
+            }
+        }
+    }
+}

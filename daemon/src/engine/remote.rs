@@ -1,0 +1,697 @@
+//! hearthd's side of an engine process: [`EngineHandle`] starts `hearth-engine`, hands it
+//! the verified model, and then is the engine for the rest of hearthd (submit, embed,
+//! status, gauges), forwarding over the socket. A supervisor task per process reaps it,
+//! kills it when its loop stops making progress, and ends everything still in it with
+//! `EngineFailed` when it dies; the model manager restarts it.
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures_util::{SinkExt, StreamExt};
+use hearth_dbus::FinishReason;
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio_util::codec::{FramedRead, FramedWrite};
+
+pub use super::protocol::SandboxReport;
+use super::protocol::{self, FromEngine, ModelLoad, SessionKv, Start, ToEngine};
+use super::{
+    Accepted, Caller, CancelReason, CancelToken, EngineSettings, EngineStatus, Event, GenerateRequest, KvGauges,
+    Liveness, LoadedModelInfo, Outcome, Submission, Throttle,
+};
+use crate::error::Error;
+use crate::parked::SessionStore;
+
+/// How long a model may take to load before its engine is given up on.
+const LOAD_LIMIT: Duration = Duration::from_secs(600);
+/// How long a stopping engine may take to finish up before it is killed.
+const STOP_LIMIT: Duration = Duration::from_secs(20);
+
+/// What an engine process is started with.
+#[derive(Debug, Clone)]
+pub struct SpawnSpec {
+    /// The `hearth-engine` program.
+    pub program: PathBuf,
+    pub model: String,
+    /// The verified model file, and its adapters' (in `load.adapters` order).
+    pub files: Vec<Arc<File>>,
+    pub load: ModelLoad,
+    pub settings: EngineSettings,
+    /// Paths the engine must not be able to open (reported back).
+    pub probes: Vec<PathBuf>,
+    /// An engine whose loop makes no progress this long is killed.
+    pub hang_limit: Duration,
+    /// Environment the engine gets (its own is cleared).
+    pub env: Vec<(String, String)>,
+}
+
+/// A request in the engine, by key.
+#[derive(Debug)]
+enum Pending {
+    Generate {
+        verdict: Option<oneshot::Sender<Result<Accepted, Error>>>,
+        events: mpsc::UnboundedSender<Event>,
+        prompt_tokens: u32,
+        /// Dropped when the request ends, which ends its cancel forwarder.
+        _done: oneshot::Sender<()>,
+    },
+    Embed {
+        reply: oneshot::Sender<Result<Vec<Vec<f32>>, Error>>,
+        _done: oneshot::Sender<()>,
+    },
+}
+
+/// The requests in the engine; once it is gone (`dead`), nothing new is put in.
+#[derive(Debug, Default)]
+struct PendingTable {
+    by_key: HashMap<u64, Pending>,
+    dead: bool,
+    /// Sessions whose turns were given to this engine: the only ones it may park KV for.
+    sessions: std::collections::HashSet<u64>,
+}
+
+#[derive(Debug)]
+struct Remote {
+    out: mpsc::UnboundedSender<ToEngine>,
+    pending: Mutex<PendingTable>,
+    next_key: AtomicU64,
+    status: watch::Receiver<EngineStatus>,
+    kv: KvGauges,
+    liveness: Liveness,
+    model: LoadedModelInfo,
+    weights: u64,
+    kv_bytes: u64,
+    sandbox: SandboxReport,
+    pid: u32,
+    sessions: Arc<SessionStore>,
+    /// Set by [`EngineHandle::shutdown`]: the exit that follows is no failure.
+    stopping: AtomicBool,
+    /// None while the process runs; then why it ended.
+    exited: watch::Receiver<Option<String>>,
+    kill: mpsc::UnboundedSender<&'static str>,
+}
+
+/// The handle the rest of the daemon holds; cheap to clone.
+#[derive(Debug, Clone)]
+pub struct EngineHandle {
+    inner: Arc<Remote>,
+}
+
+impl EngineHandle {
+    /// Starts an engine process for `spec` and waits until it has loaded the model and
+    /// sandboxed itself, reporting the loaded fraction to `progress`.
+    pub async fn spawn(
+        spec: &SpawnSpec,
+        throttle: &Arc<Throttle>,
+        sessions: &Arc<SessionStore>,
+        progress: &mut (dyn FnMut(f32) + Send),
+    ) -> Result<Self, String> {
+        let (ours, theirs) = std::os::unix::net::UnixStream::pair().map_err(|e| format!("socket pair: {e}"))?;
+        let mut child = tokio::process::Command::new(&spec.program)
+            .env_clear()
+            // ggml's abort handler would otherwise try to start gdb for a backtrace.
+            .env("GGML_NO_BACKTRACE", "1")
+            .envs(spec.env.iter().map(|(k, v)| (k, v)))
+            .stdin(Stdio::from(OwnedFd::from(theirs)))
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .kill_on_drop(true)
+            .spawn()
+            .map_err(|e| format!("cannot start {}: {e}", spec.program.display()))?;
+        let pid = child.id().unwrap_or(0);
+        let start = Start {
+            version: protocol::VERSION,
+            model: spec.model.clone(),
+            load: spec.load.clone(),
+            settings: spec.settings.clone(),
+            throttle: throttle.state(),
+            probes: spec.probes.clone(),
+        };
+        let fds: Vec<BorrowedFd<'_>> = spec.files.iter().map(|f| f.as_fd()).collect();
+        send_start(&ours, &start, &fds).map_err(|e| format!("cannot hand the engine its model: {e}"))?;
+        ours.set_nonblocking(true).map_err(|e| format!("socket: {e}"))?;
+        let stream = tokio::net::UnixStream::from_std(ours).map_err(|e| format!("socket: {e}"))?;
+        let (read, write) = stream.into_split();
+        let mut frames = FramedRead::new(read, protocol::codec());
+        let ready = tokio::time::timeout(LOAD_LIMIT, async {
+            loop {
+                tokio::select! {
+                    frame = frames.next() => {
+                        let Some(Ok(payload)) = frame else { break Err("the engine closed its socket while loading".to_owned()) };
+                        match protocol::decode::<FromEngine>(&payload) {
+                            Ok(FromEngine::Progress(f)) => progress(f),
+                            Ok(FromEngine::Ready { info, weights, kv, sandbox }) => break Ok((info, weights, kv, sandbox)),
+                            Ok(FromEngine::Failed(reason)) => break Err(reason),
+                            Ok(_) | Err(_) => break Err("the engine sent something else than its start-up answer".to_owned()),
+                        }
+                    }
+                    status = child.wait() => break Err(format!("the engine exited while loading ({})", describe(status))),
+                }
+            }
+        })
+        .await
+        .unwrap_or_else(|_| Err(format!("the engine did not load within {} s", LOAD_LIMIT.as_secs())));
+        let (info, weights, kv_bytes, sandbox) = match ready {
+            Ok(r) => r,
+            Err(e) => {
+                let _ = child.start_kill();
+                let _ = child.wait().await;
+                return Err(e);
+            }
+        };
+        if info.name != spec.model {
+            return Err("the engine loaded another model than it was given".into());
+        }
+        let (out, out_rx) = mpsc::unbounded_channel();
+        let (status_tx, status) = watch::channel(EngineStatus::default());
+        let (exited_tx, exited) = watch::channel(None);
+        let (kill, kill_rx) = mpsc::unbounded_channel();
+        let inner = Arc::new(Remote {
+            out,
+            pending: Mutex::new(PendingTable::default()),
+            next_key: AtomicU64::new(1),
+            status,
+            kv: KvGauges::default(),
+            liveness: Liveness::default(),
+            model: info,
+            weights,
+            kv_bytes,
+            sandbox,
+            pid,
+            sessions: Arc::clone(sessions),
+            stopping: AtomicBool::new(false),
+            exited,
+            kill,
+        });
+        inner.liveness.observe(Duration::ZERO, true);
+        tokio::spawn(write_frames(FramedWrite::new(write, protocol::codec()), out_rx));
+        let reader = tokio::spawn(read_frames(Arc::clone(&inner), frames, status_tx, Arc::clone(throttle)));
+        tokio::spawn(forward_throttle(Arc::clone(&inner), Arc::clone(throttle), start.throttle));
+        let handle = Self { inner };
+        tokio::spawn(supervise(handle.clone(), child, reader, kill_rx, exited_tx, spec.hang_limit));
+        Ok(handle)
+    }
+
+    fn pending(&self) -> std::sync::MutexGuard<'_, PendingTable> {
+        self.inner.pending.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Puts `entry` in the table, unless the engine is already gone.
+    fn insert(&self, key: u64, entry: Pending, session: Option<u64>) -> Result<(), Error> {
+        let mut table = self.pending();
+        if table.dead {
+            drop(table);
+            return Err(self.gone());
+        }
+        table.by_key.insert(key, entry);
+        table.sessions.extend(session);
+        Ok(())
+    }
+
+    fn gone(&self) -> Error {
+        if self.inner.stopping.load(Ordering::Acquire) {
+            Error::Cancelled(CancelReason::Shutdown)
+        } else {
+            let reason = self.inner.exited.borrow().clone().unwrap_or_else(|| "its process is gone".into());
+            Error::EngineFailed { model: self.inner.model.name.clone(), reason }
+        }
+    }
+
+    fn send(&self, msg: ToEngine) -> Result<(), Error> {
+        self.inner.out.send(msg).map_err(|_| self.gone())
+    }
+
+    /// Hands the engine work: an idle engine's last beat is old, so the hang clock starts
+    /// now (its next heartbeat, within [`protocol::HEARTBEAT`], takes over).
+    fn send_work(&self, msg: ToEngine) -> Result<(), Error> {
+        let l = &self.inner.liveness;
+        if l.idle() {
+            l.observe(Duration::ZERO, true);
+        }
+        self.send(msg)
+    }
+
+    /// Submits a request. Returns once the engine has validated and queued it (or refused).
+    /// `cancel` is the request's switch, which the caller may already have handed out.
+    pub async fn submit(
+        &self,
+        request: GenerateRequest,
+        caller: Caller,
+        cancel: CancelToken,
+    ) -> Result<Submission, Error> {
+        let model = &self.inner.model.name;
+        let owned = |id| {
+            if self.inner.sessions.owns(id, &caller.app, model) {
+                Ok(())
+            } else {
+                Err(Error::NotAuthorized(format!("session {id} is not this app's session on this model")))
+            }
+        };
+        let mut kv = None;
+        if let Some(id) = request.session {
+            owned(id)?;
+            kv = self.unpark(id).await;
+            // Checked again after the wait: a close in between must not be undone.
+            owned(id)?;
+            if kv.as_ref().is_some_and(|kv| kv.state.len() > protocol::MAX_FRAME / 2) {
+                kv = None;
+            }
+        }
+        let key = self.inner.next_key.fetch_add(1, Ordering::Relaxed);
+        let (events, events_rx) = mpsc::unbounded_channel();
+        let (verdict_tx, verdict) = oneshot::channel();
+        let (done, done_rx) = oneshot::channel();
+        let watch_events = events.clone();
+        let entry = Pending::Generate { verdict: Some(verdict_tx), events, prompt_tokens: 0, _done: done };
+        self.insert(key, entry, request.session)?;
+        if let Err(e) = self.send_work(ToEngine::Submit { key, request: Box::new(request), caller, kv }) {
+            self.pending().by_key.remove(&key);
+            return Err(e);
+        }
+        let out = self.inner.out.clone();
+        tokio::spawn(async move {
+            let reason = tokio::select! {
+                reason = cancel.cancelled() => reason,
+                () = watch_events.closed() => CancelReason::Disconnected,
+                _ = done_rx => return,
+            };
+            let _ = out.send(ToEngine::Cancel { key, reason });
+        });
+        let accepted = verdict.await.map_err(|_| self.gone())??;
+        Ok(Submission { accepted, events: events_rx })
+    }
+
+    /// Takes session `id`'s parked KV out of the store, opened, for its turn.
+    async fn unpark(&self, id: u64) -> Option<SessionKv> {
+        let sessions = Arc::clone(&self.inner.sessions);
+        match tokio::task::spawn_blocking(move || sessions.unpark(id)).await.ok().flatten()? {
+            Ok((parked, state)) => Some(SessionKv { tokens: parked.tokens, adapters: parked.adapters, state }),
+            Err(e) => {
+                tracing::warn!(session = id, error = %e, "parked session KV refused: the turn recomputes it");
+                None
+            }
+        }
+    }
+
+    /// Mean-pooled, unit-length embeddings of `texts`, computed in the engine one text at a
+    /// time between decode steps, in `caller`'s fair share. Ends with Cancelled when
+    /// `cancel` is set or the caller leaves, and when this future is dropped.
+    pub async fn embed(&self, texts: Vec<String>, caller: Caller, cancel: CancelToken) -> Result<Vec<Vec<f32>>, Error> {
+        let key = self.inner.next_key.fetch_add(1, Ordering::Relaxed);
+        let (reply, answer) = oneshot::channel();
+        let (done, done_rx) = oneshot::channel();
+        self.insert(key, Pending::Embed { reply, _done: done }, None)?;
+        if let Err(e) = self.send_work(ToEngine::Embed { key, caller, texts }) {
+            self.pending().by_key.remove(&key);
+            return Err(e);
+        }
+        let out = self.inner.out.clone();
+        // Dropping this future drops `done` only once the entry is gone; cancel on drop too.
+        let guard = CancelOnDrop { out: out.clone(), key, armed: true };
+        tokio::spawn(async move {
+            tokio::select! {
+                reason = cancel.cancelled() => { let _ = out.send(ToEngine::Cancel { key, reason }); }
+                _ = done_rx => {}
+            }
+        });
+        let result = answer.await.map_err(|_| self.gone())?;
+        guard.disarm();
+        result
+    }
+
+    /// Tells the engine that a session closed, so its resident KV is dropped.
+    pub async fn close_session(&self, id: u64) {
+        let _ = self.send(ToEngine::CloseSession(id));
+    }
+
+    /// Tells the engine that a bus connection is gone, so its requests end and free their KV.
+    pub async fn connection_closed(&self, connection: String) {
+        let _ = self.send(ToEngine::ConnectionClosed(connection));
+    }
+
+    /// KV cache gauges, as the engine last reported them.
+    pub fn kv(&self) -> &KvGauges {
+        &self.inner.kv
+    }
+
+    /// Asks the engine to cancel everything and exit, handing its idle sessions' KV over to
+    /// be parked when `park` is set (else it is dropped). Returns at once;
+    /// [`EngineHandle::wait`] waits for the process.
+    pub async fn shutdown(&self, park: bool) {
+        self.inner.stopping.store(true, Ordering::Release);
+        let _ = self.inner.out.send(ToEngine::Shutdown { park });
+    }
+
+    /// Waits until the process has exited and everything it said is handled (parked KV
+    /// stored), killing it if it takes longer than [`STOP_LIMIT`] after a shutdown.
+    pub async fn wait(&self) -> String {
+        let mut exited = self.inner.exited.clone();
+        let limit = tokio::time::sleep(STOP_LIMIT);
+        tokio::pin!(limit);
+        loop {
+            if let Some(why) = exited.borrow_and_update().clone() {
+                return why;
+            }
+            tokio::select! {
+                changed = exited.changed() => if changed.is_err() { return "gone".into() },
+                () = &mut limit => {
+                    tracing::warn!(model = %self.inner.model.name, "engine did not stop in time: killing it");
+                    let _ = self.inner.kill.send("it did not stop in time");
+                    limit.as_mut().reset(tokio::time::Instant::now() + STOP_LIMIT);
+                }
+            }
+        }
+    }
+
+    /// Resolves with why the process ended, when it ends.
+    pub fn exited(&self) -> watch::Receiver<Option<String>> {
+        self.inner.exited.clone()
+    }
+
+    /// Whether the process was told to stop (its exit is no failure).
+    pub fn stopping(&self) -> bool {
+        self.inner.stopping.load(Ordering::Acquire)
+    }
+
+    /// A receiver of the engine's status.
+    pub fn status(&self) -> watch::Receiver<EngineStatus> {
+        self.inner.status.clone()
+    }
+
+    /// Facts about the loaded model.
+    pub fn model(&self) -> &LoadedModelInfo {
+        &self.inner.model
+    }
+
+    /// Bytes of the weights and of the KV cache, as the engine reported them.
+    pub fn memory(&self) -> (u64, u64) {
+        (self.inner.weights, self.inner.kv_bytes)
+    }
+
+    /// The engine process's id.
+    pub fn pid(&self) -> u32 {
+        self.inner.pid
+    }
+
+    /// The sandbox as the engine found it after applying it.
+    pub fn sandbox(&self) -> &SandboxReport {
+        &self.inner.sandbox
+    }
+
+    /// Ends everything still in the engine: its process is gone.
+    fn fail_all(&self) {
+        let error = self.gone();
+        let all: Vec<Pending> = {
+            let mut table = self.pending();
+            table.dead = true;
+            table.by_key.drain().map(|(_, p)| p).collect()
+        };
+        for p in all {
+            match p {
+                Pending::Generate { verdict: Some(v), .. } => {
+                    let _ = v.send(Err(error.clone()));
+                }
+                Pending::Generate { verdict: None, events, prompt_tokens, .. } => {
+                    let outcome = Outcome {
+                        reason: if matches!(error, Error::Cancelled(_)) {
+                            FinishReason::Cancelled
+                        } else {
+                            FinishReason::Error
+                        },
+                        text: String::new(),
+                        token_ids: Vec::new(),
+                        prompt_tokens,
+                        cached_tokens: 0,
+                        model: self.inner.model.name.clone(),
+                        prefill: Duration::ZERO,
+                        decode: Duration::ZERO,
+                        error: Some(error.clone()),
+                    };
+                    let _ = events.send(Event::Finished(outcome));
+                }
+                Pending::Embed { reply, .. } => {
+                    let _ = reply.send(Err(error.clone()));
+                }
+            }
+        }
+    }
+}
+
+/// Sends a Cancel for an Embed call whose future was dropped before it was answered.
+struct CancelOnDrop {
+    out: mpsc::UnboundedSender<ToEngine>,
+    key: u64,
+    armed: bool,
+}
+
+impl CancelOnDrop {
+    fn disarm(mut self) {
+        self.armed = false;
+    }
+}
+
+impl Drop for CancelOnDrop {
+    fn drop(&mut self) {
+        if self.armed {
+            let _ = self.out.send(ToEngine::Cancel { key: self.key, reason: CancelReason::Disconnected });
+        }
+    }
+}
+
+/// Sends the start frame with the model's and adapters' descriptors attached.
+fn send_start(socket: &std::os::unix::net::UnixStream, start: &Start, fds: &[BorrowedFd<'_>]) -> std::io::Result<()> {
+    use rustix::net::{SendAncillaryBuffer, SendAncillaryMessage, SendFlags, sendmsg};
+    use std::io::Write;
+    let frame = protocol::frame(start)?;
+    let mut space = vec![std::mem::MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(fds.len()))];
+    let mut ancillary = SendAncillaryBuffer::new(&mut space);
+    if !ancillary.push(SendAncillaryMessage::ScmRights(fds)) {
+        return Err(std::io::Error::other("too many descriptors"));
+    }
+    let sent = sendmsg(socket, &[std::io::IoSlice::new(&frame)], &mut ancillary, SendFlags::empty())?;
+    let mut rest = socket;
+    rest.write_all(&frame[sent..])
+}
+
+async fn write_frames(
+    mut sink: FramedWrite<tokio::net::unix::OwnedWriteHalf, tokio_util::codec::LengthDelimitedCodec>,
+    mut rx: mpsc::UnboundedReceiver<ToEngine>,
+) {
+    while let Some(msg) = rx.recv().await {
+        let Ok(payload) = protocol::encode(&msg) else { continue };
+        if sink.send(payload).await.is_err() {
+            break;
+        }
+    }
+}
+
+/// Handles what the engine says until its socket closes.
+async fn read_frames(
+    remote: Arc<Remote>,
+    mut frames: FramedRead<tokio::net::unix::OwnedReadHalf, tokio_util::codec::LengthDelimitedCodec>,
+    status: watch::Sender<EngineStatus>,
+    throttle: Arc<Throttle>,
+) {
+    fn pending(r: &Remote) -> std::sync::MutexGuard<'_, PendingTable> {
+        r.pending.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+    // Parked KV is sealed and written in order by a task of its own, so the stream (other
+    // apps' tokens, heartbeats) does not wait for the disk.
+    let (parks, parks_rx) = mpsc::unbounded_channel();
+    let parker = tokio::spawn(store_parked(Arc::clone(&remote.sessions), remote.model.name.clone(), parks_rx));
+    while let Some(frame) = frames.next().await {
+        let payload = match frame {
+            Ok(p) => p,
+            Err(e) => {
+                tracing::error!(model = %remote.model.name, error = %e, "the engine's stream broke: killing it");
+                let _ = remote.kill.send("its stream broke");
+                break;
+            }
+        };
+        let msg = match protocol::decode::<FromEngine>(&payload) {
+            Ok(msg) => msg,
+            Err(e) => {
+                tracing::error!(model = %remote.model.name, error = %e, "the engine sent an undecodable frame: killing it");
+                let _ = remote.kill.send("it sent an undecodable frame");
+                break;
+            }
+        };
+        match msg {
+            FromEngine::Verdict { key, result } => {
+                let mut p = pending(&remote);
+                let refused = result.is_err();
+                if let Some(Pending::Generate { verdict, prompt_tokens, .. }) = p.by_key.get_mut(&key) {
+                    if let Ok(a) = &result {
+                        *prompt_tokens = a.prompt_tokens;
+                    }
+                    if let Some(v) = verdict.take() {
+                        let _ = v.send(result);
+                    }
+                    if refused {
+                        p.by_key.remove(&key);
+                    }
+                }
+            }
+            FromEngine::Event { key, event } => {
+                let mut p = pending(&remote);
+                let last = matches!(event, Event::Finished(_));
+                if let Some(Pending::Generate { events, verdict: None, .. }) = p.by_key.get(&key) {
+                    let _ = events.send(event);
+                    if last {
+                        p.by_key.remove(&key);
+                    }
+                }
+            }
+            FromEngine::Embedded { key, result } => {
+                let mut p = pending(&remote);
+                if matches!(p.by_key.get(&key), Some(Pending::Embed { .. })) {
+                    if let Some(Pending::Embed { reply, .. }) = p.by_key.remove(&key) {
+                        let _ = reply.send(result);
+                    }
+                }
+            }
+            FromEngine::Parked { session, kv } => {
+                // Only sessions this engine was given, and KV no larger than its context.
+                let given = pending(&remote).sessions.contains(&session);
+                if !given || kv.tokens.len() > remote.model.context_length as usize {
+                    tracing::warn!(model = %remote.model.name, session, "the engine parked KV of a session it was not given: ignored");
+                    continue;
+                }
+                let _ = parks.send((session, kv));
+            }
+            FromEngine::Status { status: now, kv } => {
+                remote.kv.store(kv);
+                status.send_if_modified(|s| {
+                    let changed = *s != now;
+                    *s = now;
+                    changed
+                });
+            }
+            FromEngine::Heartbeat { beat_ago_ms, idle, kv, potential_mtps } => {
+                remote.liveness.observe(Duration::from_millis(beat_ago_ms), idle);
+                remote.kv.store(kv);
+                if potential_mtps > 0 {
+                    throttle.potential_mtps.store(potential_mtps, Ordering::Relaxed);
+                }
+            }
+            FromEngine::Progress(_) | FromEngine::Ready { .. } | FromEngine::Failed(_) => {}
+        }
+    }
+    drop(parks);
+    let _ = parker.await;
+    // The engine is gone: its queue is empty.
+    status.send_if_modified(|s| {
+        let changed = *s != EngineStatus::default();
+        *s = EngineStatus::default();
+        changed
+    });
+}
+
+/// Seals and stores parked session KV in the order the engine handed it over.
+async fn store_parked(sessions: Arc<SessionStore>, model: String, mut rx: mpsc::UnboundedReceiver<(u64, SessionKv)>) {
+    while let Some((session, kv)) = rx.recv().await {
+        let (sessions, model) = (Arc::clone(&sessions), model.clone());
+        let (tokens, bytes) = (kv.tokens.len(), kv.state.len());
+        let stored = tokio::task::spawn_blocking(move || {
+            if !sessions.runs(session, &model) {
+                return Ok(false);
+            }
+            sessions.park(session, kv.tokens, kv.adapters, &kv.state)
+        })
+        .await;
+        match stored {
+            Ok(Ok(true)) => tracing::info!(session, tokens, bytes, "session KV parked"),
+            Ok(Ok(false)) => tracing::debug!(session, "session closed while parking: KV dropped"),
+            Ok(Err(e)) => tracing::warn!(session, error = %e, "cannot park session KV: its next turn recomputes it"),
+            Err(e) => tracing::warn!(session, error = %e, "session KV park task failed"),
+        }
+    }
+}
+
+/// Sends the governors' demands to the engine whenever they change (`sent`: what it
+/// started with).
+async fn forward_throttle(remote: Arc<Remote>, throttle: Arc<Throttle>, sent: super::ThrottleState) {
+    let mut version = throttle.subscribe();
+    let mut exited = remote.exited.clone();
+    let mut last = sent;
+    loop {
+        let now = throttle.state();
+        if now != last {
+            last = now;
+            if remote.out.send(ToEngine::Throttle(now)).is_err() {
+                return;
+            }
+        }
+        tokio::select! {
+            changed = version.changed() => if changed.is_err() { return },
+            _ = exited.changed() => return,
+        }
+    }
+}
+
+/// Reaps the process; kills it when asked, or when its loop has made no progress for
+/// `hang_limit` while it has work. Then ends what was still in it and says why it ended.
+async fn supervise(
+    handle: EngineHandle,
+    mut child: tokio::process::Child,
+    reader: tokio::task::JoinHandle<()>,
+    mut kill: mpsc::UnboundedReceiver<&'static str>,
+    exited: watch::Sender<Option<String>>,
+    hang_limit: Duration,
+) {
+    let name = handle.inner.model.name.clone();
+    let mut tick = tokio::time::interval(Duration::from_millis(250).min(hang_limit / 2));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut killed: Option<&'static str> = None;
+    let status = loop {
+        tokio::select! {
+            status = child.wait() => break status,
+            why = kill.recv() => if let Some(why) = why {
+                killed.get_or_insert(why);
+                let _ = child.start_kill();
+            },
+            _ = tick.tick() => {
+                let r = &handle.inner;
+                let busy = !r.liveness.idle() || !handle.pending().by_key.is_empty();
+                if killed.is_none() && busy && r.liveness.since_beat() > hang_limit {
+                    tracing::error!(
+                        model = %name, pid = r.pid, limit_ms = hang_limit.as_millis() as u64,
+                        "engine loop makes no progress: killing it"
+                    );
+                    killed = Some("its loop made no progress");
+                    let _ = child.start_kill();
+                }
+            }
+        }
+    };
+    // What it said before it went is handled first (finished requests, parked KV).
+    let _ = tokio::time::timeout(Duration::from_secs(5), reader).await;
+    let why = match killed {
+        Some(why) => format!("killed: {why}"),
+        None => describe(status),
+    };
+    if handle.stopping() {
+        tracing::debug!(model = %name, pid = handle.inner.pid, why = %why, "engine stopped");
+    } else {
+        tracing::error!(model = %name, pid = handle.inner.pid, why = %why, "engine process died");
+    }
+    let _ = exited.send(Some(why));
+    handle.fail_all();
+}
+
+fn describe(status: std::io::Result<std::process::ExitStatus>) -> String {
+    use std::os::unix::process::ExitStatusExt;
+    match status {
+        Ok(s) => match (s.code(), s.signal()) {
+            (Some(code), _) => format!("exit status {code}"),
+            (None, Some(signal)) => format!("killed by signal {signal}"),
+            _ => s.to_string(),
+        },
+        Err(e) => format!("cannot wait for it: {e}"),
+    }
+}
