@@ -381,6 +381,11 @@ impl Io {
                     let _ = out.send(FromEngine::Verdict { key, result });
                     if accepted {
                         while let Some(event) = events_rx.recv().await {
+                            if matches!(event, super::Event::Finished(_)) {
+                                // As for acceptance: the queue without it reaches hearthd first.
+                                let status = status.borrow().clone();
+                                let _ = out.send(FromEngine::Status { status, kv: kv.snapshot() });
+                            }
                             let _ = out.send(FromEngine::Event { key, event });
                         }
                     }

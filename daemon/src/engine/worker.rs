@@ -330,6 +330,7 @@ impl Worker {
             let w = self.scheduler.remove_waiting(i);
             tracing::debug!(id = w.id, %reason, "waiting request ended");
             let outcome = unstarted_outcome(&w, &self.model_name, FinishReason::Cancelled, Error::Cancelled(reason));
+            self.publish_status();
             let _ = w.events.send(Event::Finished(outcome));
         }
     }
@@ -415,6 +416,9 @@ impl Worker {
                 tokens = outcome.token_ids.len(),
                 "request finished"
             );
+            // The queue without it is published first: a caller that reads QueueDepth right
+            // after its result sees it gone.
+            self.publish_status();
             let _ = s.events.send(Event::Finished(outcome));
         }
         // Keep admission order stable for the next step (swap_remove reorders).
