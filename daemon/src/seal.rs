@@ -62,6 +62,16 @@ pub enum SealError {
     Forged,
 }
 
+/// Where the systemd credential of the key would be, when systemd passes credentials.
+pub fn credential_path() -> Option<std::path::PathBuf> {
+    std::env::var_os("CREDENTIALS_DIRECTORY").map(|dir| Path::new(&dir).join(CREDENTIAL))
+}
+
+/// The key file in the state directory (used when there is no credential).
+pub fn key_path(state_dir: &Path) -> std::path::PathBuf {
+    state_dir.join("seal.key")
+}
+
 /// Holds the device key.
 pub struct Sealer {
     cipher: XChaCha20Poly1305,
@@ -95,13 +105,10 @@ impl Sealer {
     /// The key from the systemd credential when present, else `state_dir/seal.key` (created
     /// with 32 random bytes, 0600, when missing).
     pub fn open(state_dir: &Path) -> std::io::Result<Self> {
-        if let Some(dir) = std::env::var_os("CREDENTIALS_DIRECTORY") {
-            let path = Path::new(&dir).join(CREDENTIAL);
-            if path.exists() {
-                return Self::from_file(&path);
-            }
+        if let Some(path) = credential_path().filter(|p| p.exists()) {
+            return Self::from_file(&path);
         }
-        let path = state_dir.join("seal.key");
+        let path = key_path(state_dir);
         // Whole or not at all: a start on a full disk must not leave an empty key that every
         // later start then refuses.
         let key = XChaCha20Poly1305::generate_key(&mut OsRng);

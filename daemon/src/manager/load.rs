@@ -233,10 +233,8 @@ const MAX_BACKOFF: Duration = Duration::from_secs(30);
 /// What the engine must not be able to open (it tries, and says what happened): the state
 /// directory, the sealing key there, and the key's systemd credential.
 fn forbidden_paths(state_dir: &std::path::Path) -> Vec<std::path::PathBuf> {
-    let mut paths = vec![state_dir.to_owned(), state_dir.join("seal.key")];
-    if let Some(dir) = std::env::var_os("CREDENTIALS_DIRECTORY") {
-        paths.push(std::path::Path::new(&dir).join(crate::seal::CREDENTIAL));
-    }
+    let mut paths = vec![state_dir.to_owned(), crate::seal::key_path(state_dir)];
+    paths.extend(crate::seal::credential_path());
     paths
 }
 
