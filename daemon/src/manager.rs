@@ -29,6 +29,8 @@ use crate::parked::SessionStore;
 mod load;
 mod memory;
 mod status;
+#[cfg(test)]
+pub(crate) mod tests;
 
 pub use status::{LoadPhase, LoadProgress, ManagerStatus, MemoryStatus, ModelReport};
 
@@ -122,6 +124,9 @@ struct Inner {
     epoch: Instant,
     throttle: Arc<crate::engine::Throttle>,
     sessions: Arc<SessionStore>,
+    /// Unit tests run their engines as the protocol-speaking fake.
+    #[cfg(test)]
+    fake: Option<Arc<crate::engine::fake::FakeEngine>>,
 }
 
 /// The handle; cheap to clone.
@@ -195,8 +200,26 @@ impl ModelManager {
                 epoch: Instant::now(),
                 throttle,
                 sessions,
+                #[cfg(test)]
+                fake: None,
             }),
         })
+    }
+
+    /// A manager whose engines are `fake` (unit tests).
+    #[cfg(test)]
+    pub fn with_fake_engine(mut self, fake: Arc<crate::engine::fake::FakeEngine>) -> Self {
+        Arc::get_mut(&mut self.inner).expect("a new manager").fake = Some(fake);
+        self
+    }
+
+    /// What runs this manager's engines.
+    fn launch(&self, config: &Config) -> crate::engine::Launch {
+        #[cfg(test)]
+        if let Some(fake) = &self.inner.fake {
+            return crate::engine::Launch::Fake(Arc::clone(fake));
+        }
+        crate::engine::Launch::Program(config.engine_program())
     }
 
     /// Open sessions and their parked KV.

@@ -13,6 +13,8 @@
 //! tokio runtime: the only blocking call, `blocking_recv`, runs on the worker's own thread.
 
 pub mod child;
+#[cfg(test)]
+pub mod fake;
 pub mod protocol;
 mod remote;
 mod sandbox;
@@ -99,7 +101,7 @@ impl Priority {
         Self::ALL.into_iter().find(|p| p.as_str() == s)
     }
 
-    fn index(self) -> usize {
+    pub(crate) fn index(self) -> usize {
         match self {
             Self::Interactive => 0,
             Self::Normal => 1,
@@ -441,4 +443,4 @@ impl EngineSettings {
     }
 }
 
-pub use remote::{EngineHandle, SandboxReport, SpawnSpec};
+pub use remote::{EngineHandle, Launch, SandboxReport, SpawnSpec};

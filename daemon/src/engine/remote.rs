@@ -20,7 +20,7 @@ use tokio_util::codec::{FramedRead, FramedWrite};
 
 mod streams;
 
-use self::streams::{describe, forward_throttle, read_frames, send_start, supervise, write_frames};
+use self::streams::{forward_throttle, read_frames, send_start, supervise, write_frames};
 pub use super::protocol::SandboxReport;
 use super::protocol::{self, FromEngine, ModelLoad, SessionKv, Start, ToEngine};
 use super::{
@@ -35,11 +35,20 @@ const LOAD_LIMIT: Duration = Duration::from_secs(600);
 /// How long a stopping engine may take to finish up before it is killed.
 const STOP_LIMIT: Duration = Duration::from_secs(20);
 
+/// What runs an engine.
+#[derive(Debug, Clone)]
+pub enum Launch {
+    /// The `hearth-engine` program, as a child process.
+    Program(PathBuf),
+    /// The protocol-speaking fake of the unit tests, in this process.
+    #[cfg(test)]
+    Fake(Arc<super::fake::FakeEngine>),
+}
+
 /// What an engine process is started with.
 #[derive(Debug, Clone)]
 pub struct SpawnSpec {
-    /// The `hearth-engine` program.
-    pub program: PathBuf,
+    pub launch: Launch,
     pub model: String,
     /// The verified model file, and its adapters' (in `load.adapters` order).
     pub files: Vec<Arc<File>>,
@@ -115,18 +124,8 @@ impl EngineHandle {
         progress: &mut (dyn FnMut(f32) + Send),
     ) -> Result<Self, String> {
         let (ours, theirs) = std::os::unix::net::UnixStream::pair().map_err(|e| format!("socket pair: {e}"))?;
-        let mut child = tokio::process::Command::new(&spec.program)
-            .env_clear()
-            // ggml's abort handler would otherwise try to start gdb for a backtrace.
-            .env("GGML_NO_BACKTRACE", "1")
-            .envs(spec.env.iter().map(|(k, v)| (k, v)))
-            .stdin(Stdio::from(OwnedFd::from(theirs)))
-            .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
-            .kill_on_drop(true)
-            .spawn()
-            .map_err(|e| format!("cannot start {}: {e}", spec.program.display()))?;
-        let pid = child.id().unwrap_or(0);
+        let mut child = Process::start(spec, theirs)?;
+        let pid = child.id();
         let start = Start {
             version: protocol::VERSION,
             model: spec.model.clone(),
@@ -153,7 +152,19 @@ impl EngineHandle {
                             Ok(_) | Err(_) => break Err("the engine sent something else than its start-up answer".to_owned()),
                         }
                     }
-                    status = child.wait() => break Err(format!("the engine exited while loading ({})", describe(status))),
+                    status = child.wait() => {
+                        // Its last words (why the load failed) may still be in the socket.
+                        let last_words = async {
+                            while let Some(Ok(payload)) = frames.next().await {
+                                if let Ok(FromEngine::Failed(reason)) = protocol::decode::<FromEngine>(&payload) {
+                                    return Some(reason);
+                                }
+                            }
+                            None
+                        };
+                        let said = tokio::time::timeout(Duration::from_secs(1), last_words).await.ok().flatten();
+                        break Err(said.unwrap_or_else(|| format!("the engine exited while loading ({status})")));
+                    }
                 }
             }
         })
@@ -162,7 +173,7 @@ impl EngineHandle {
         let (info, weights, kv_bytes, sandbox) = match ready {
             Ok(r) => r,
             Err(e) => {
-                let _ = child.start_kill();
+                child.kill();
                 let _ = child.wait().await;
                 return Err(e);
             }
@@ -463,5 +474,74 @@ impl Drop for CancelOnDrop {
         if self.armed {
             let _ = self.out.send(ToEngine::Cancel { key: self.key, reason: CancelReason::Disconnected });
         }
+    }
+}
+
+/// An engine's process: a child, or (in unit tests) the fake's task.
+#[derive(Debug)]
+pub(super) enum Process {
+    Child(tokio::process::Child),
+    #[cfg(test)]
+    Fake(super::fake::Running),
+}
+
+impl Process {
+    /// Starts what `spec` says on `theirs`, the engine's end of the socket pair.
+    fn start(spec: &SpawnSpec, theirs: std::os::unix::net::UnixStream) -> Result<Self, String> {
+        match &spec.launch {
+            Launch::Program(program) => tokio::process::Command::new(program)
+                .env_clear()
+                // ggml's abort handler would otherwise try to start gdb for a backtrace.
+                .env("GGML_NO_BACKTRACE", "1")
+                .envs(spec.env.iter().map(|(k, v)| (k, v)))
+                .stdin(Stdio::from(OwnedFd::from(theirs)))
+                .stdout(Stdio::null())
+                .stderr(Stdio::inherit())
+                .kill_on_drop(true)
+                .spawn()
+                .map(Self::Child)
+                .map_err(|e| format!("cannot start {}: {e}", program.display())),
+            #[cfg(test)]
+            Launch::Fake(fake) => fake.start(theirs).map(Self::Fake).map_err(|e| format!("fake engine: {e}")),
+        }
+    }
+
+    fn id(&self) -> u32 {
+        match self {
+            Self::Child(c) => c.id().unwrap_or(0),
+            #[cfg(test)]
+            Self::Fake(f) => f.id(),
+        }
+    }
+
+    fn kill(&mut self) {
+        match self {
+            Self::Child(c) => {
+                let _ = c.start_kill();
+            }
+            #[cfg(test)]
+            Self::Fake(f) => f.kill(),
+        }
+    }
+
+    /// Waits for it to end; says how it ended ("exit status 1", "killed by signal 9").
+    async fn wait(&mut self) -> String {
+        match self {
+            Self::Child(c) => describe(c.wait().await),
+            #[cfg(test)]
+            Self::Fake(f) => f.wait().await,
+        }
+    }
+}
+
+fn describe(status: std::io::Result<std::process::ExitStatus>) -> String {
+    use std::os::unix::process::ExitStatusExt;
+    match status {
+        Ok(s) => match (s.code(), s.signal()) {
+            (Some(code), _) => format!("exit status {code}"),
+            (None, Some(signal)) => format!("killed by signal {signal}"),
+            _ => s.to_string(),
+        },
+        Err(e) => format!("cannot wait for it: {e}"),
     }
 }

@@ -72,7 +72,7 @@ impl ModelManager {
 
         let context_length = entry.manifest.context_length.unwrap_or(config.engine.context_length);
         let spec = SpawnSpec {
-            program: config.engine_program(),
+            launch: self.launch(&config),
             model: name.to_owned(),
             files,
             load: ModelLoad {

@@ -7,6 +7,8 @@ mod request_object;
 mod result;
 mod run;
 mod session;
+#[cfg(test)]
+mod tests;
 mod watch;
 
 use std::collections::HashMap;

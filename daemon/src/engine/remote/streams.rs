@@ -195,7 +195,7 @@ pub(super) async fn forward_throttle(remote: Arc<Remote>, throttle: Arc<Throttle
 /// `hang_limit` while it has work. Then ends what was still in it and says why it ended.
 pub(super) async fn supervise(
     handle: EngineHandle,
-    mut child: tokio::process::Child,
+    mut child: super::Process,
     reader: tokio::task::JoinHandle<()>,
     mut kill: mpsc::UnboundedReceiver<&'static str>,
     exited: watch::Sender<Option<String>>,
@@ -210,7 +210,7 @@ pub(super) async fn supervise(
             status = child.wait() => break status,
             why = kill.recv() => if let Some(why) = why {
                 killed.get_or_insert(why);
-                let _ = child.start_kill();
+                child.kill();
             },
             _ = tick.tick() => {
                 let r = &handle.inner;
@@ -221,7 +221,7 @@ pub(super) async fn supervise(
                         "engine loop makes no progress: killing it"
                     );
                     killed = Some("its loop made no progress");
-                    let _ = child.start_kill();
+                    child.kill();
                 }
             }
         }
@@ -230,7 +230,7 @@ pub(super) async fn supervise(
     let _ = tokio::time::timeout(Duration::from_secs(5), reader).await;
     let why = match killed {
         Some(why) => format!("killed: {why}"),
-        None => describe(status),
+        None => status,
     };
     if handle.stopping() {
         tracing::debug!(model = %name, pid = handle.inner.pid, why = %why, "engine stopped");
@@ -239,16 +239,4 @@ pub(super) async fn supervise(
     }
     let _ = exited.send(Some(why));
     handle.fail_all();
-}
-
-pub(super) fn describe(status: std::io::Result<std::process::ExitStatus>) -> String {
-    use std::os::unix::process::ExitStatusExt;
-    match status {
-        Ok(s) => match (s.code(), s.signal()) {
-            (Some(code), _) => format!("exit status {code}"),
-            (None, Some(signal)) => format!("killed by signal {signal}"),
-            _ => s.to_string(),
-        },
-        Err(e) => format!("cannot wait for it: {e}"),
-    }
 }
