@@ -23,7 +23,8 @@ use std::sync::{Arc, Mutex};
 
 use hearth_ffi::Token;
 
-use crate::engine::AdapterSet;
+use crate::engine::protocol::SessionKv;
+use crate::engine::{AdapterSet, SessionVault};
 use crate::seal::{Purpose, Sealer};
 
 /// What a parked session's KV covers.
@@ -241,6 +242,25 @@ impl SessionStore {
             return Some(Err("parked KV belongs to another session or model".into()));
         };
         Some(Ok((parked, state.to_vec())))
+    }
+}
+
+impl SessionVault for SessionStore {
+    fn owns(&self, id: u64, app: &str, model: &str) -> bool {
+        SessionStore::owns(self, id, app, model)
+    }
+
+    fn runs(&self, id: u64, model: &str) -> bool {
+        SessionStore::runs(self, id, model)
+    }
+
+    fn take(&self, id: u64) -> Option<Result<SessionKv, String>> {
+        self.unpark(id)
+            .map(|r| r.map(|(parked, state)| SessionKv { tokens: parked.tokens, adapters: parked.adapters, state }))
+    }
+
+    fn keep(&self, id: u64, kv: SessionKv) -> Result<bool, String> {
+        self.park(id, kv.tokens, kv.adapters, &kv.state)
     }
 }
 

@@ -384,156 +384,18 @@ pub fn parse(dict: &HashMap<String, OwnedVariant>, default_max_tokens: u32) -> R
     Ok(Parsed { request, parts, route, handle_token, structure })
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn ov(v: Variant<'_>) -> OwnedVariant {
-        OwnedVariant::try_from(v).unwrap()
+/// The boolean option `key` of an options dictionary that may hold only `allowed` keys
+/// (absent: false).
+pub fn options_bool(options: &HashMap<String, OwnedVariant>, key: &str, allowed: &[&str]) -> Result<bool, Error> {
+    if let Some(unknown) = options.keys().find(|k| !allowed.contains(&k.as_str())) {
+        return Err(invalid(format!("unknown option {unknown:?} (known: {allowed:?})")));
     }
-
-    fn message(role: &str, content: &str) -> HashMap<String, OwnedVariant> {
-        HashMap::from([
-            ("role".to_owned(), ov(Variant::from(role))),
-            ("content".to_owned(), ov(Variant::from(content))),
-        ])
-    }
-
-    fn with(mut m: HashMap<String, OwnedVariant>, k: &str, v: Variant<'_>) -> HashMap<String, OwnedVariant> {
-        m.insert(k.to_owned(), ov(v));
-        m
-    }
-
-    fn sealed() -> HashMap<String, OwnedVariant> {
-        HashMap::from([
-            ("role".to_owned(), ov(Variant::from("user"))),
-            ("sealed".to_owned(), ov(Variant::from(vec![7u8; 64]))),
-        ])
-    }
-
-    #[test]
-    fn scopes_default_to_personal_and_sealed_parts_are_local() {
-        let d = req(vec![(
-            "messages",
-            Variant::from(vec![
-                message("user", "a"),
-                with(message("user", "b"), "scope", Variant::from("public")),
-                sealed(),
-            ]),
-        )]);
-        let p = parse(&d, 16).unwrap();
-        let scopes: Vec<Scope> = p.parts.iter().map(|p| p.scope).collect();
-        assert_eq!(scopes, [Scope::Personal, Scope::Public, Scope::Local]);
-        assert_eq!(p.parts[2].content, Content::Sealed(vec![7u8; 64]));
-    }
-
-    fn req(extra: Vec<(&str, Variant<'_>)>) -> HashMap<String, OwnedVariant> {
-        let mut d = HashMap::from([("messages".to_owned(), ov(Variant::from(vec![message("user", "hi")])))]);
-        for (k, v) in extra {
-            d.insert(k.to_owned(), ov(v));
-        }
-        d
-    }
-
-    #[test]
-    fn accepts_a_full_request() {
-        let p = parse(
-            &req(vec![
-                ("model", Variant::from("m")),
-                ("max_tokens", Variant::from(7i32)),
-                ("temperature", Variant::from(0.5f64)),
-                ("top_p", Variant::from(0.9f64)),
-                ("top_k", Variant::from(10u32)),
-                ("seed", Variant::from(42u64)),
-                ("handle_token", Variant::from("t1")),
-                ("priority", Variant::from("interactive")),
-                ("deadline_ms", Variant::from(1500u32)),
-            ]),
-            256,
-        )
-        .unwrap();
-        assert_eq!(p.request.max_tokens, 7);
-        assert_eq!(p.request.model.as_deref(), Some("m"));
-        assert_eq!(p.request.sampling, SamplerParams { temperature: 0.5, top_k: 10, top_p: 0.9, seed: 42 });
-        assert_eq!(p.handle_token.as_deref(), Some("t1"));
-        assert_eq!(p.request.priority, Priority::Interactive);
-        assert_eq!(p.request.deadline, Some(std::time::Duration::from_millis(1500)));
-        assert_eq!(
-            p.parts[0],
-            Part { role: "user".into(), content: Content::Text("hi".into()), scope: Scope::Personal }
-        );
-        assert_eq!(p.route, RouteRequest::Auto);
-    }
-
-    #[test]
-    fn structured_and_adapter_requests_are_device_only() {
-        let adapters = Variant::from(HashMap::from([("style".to_owned(), Variant::from(1.0f64))]));
-        let device_only: Vec<(&str, Variant<'_>)> = vec![
-            ("grammar", Variant::from("root ::= \"a\"")),
-            ("json_schema", Variant::from(r#"{"type": "integer"}"#)),
-            ("tools", Variant::from(r#"[{"type": "function", "function": {"name": "f"}}]"#)),
-            ("adapters", adapters),
-        ];
-        for (k, v) in device_only {
-            for route in ["auto", "local"] {
-                let p = parse(&req(vec![(k, v.clone()), ("route", Variant::from(route))]), 16);
-                assert_eq!(p.unwrap().route, RouteRequest::Local, "{k} with route {route}");
-            }
-            let p = parse(&req(vec![(k, v), ("route", Variant::from("cloud"))]), 16);
-            assert!(matches!(p, Err(Error::InvalidArgs(m)) if m.contains("run on the device")), "{k}");
-        }
-    }
-
-    #[test]
-    fn rejects_bad_requests_with_a_reason() {
-        let cases: Vec<(HashMap<String, OwnedVariant>, &str)> = vec![
-            (HashMap::new(), "messages is missing"),
-            (req(vec![("messages", Variant::from(Vec::<HashMap<String, OwnedVariant>>::new()))]), "messages is empty"),
-            (req(vec![("messages", Variant::from("hi"))]), "messages must be an array"),
-            (req(vec![("max_tokens", Variant::from(0u32))]), "at least 1"),
-            (req(vec![("max_tokens", Variant::from(-3i32))]), "must not be negative"),
-            (req(vec![("max_tokens", Variant::from(u64::MAX))]), "absurdly large"),
-            (req(vec![("max_tokens", Variant::from("ten"))]), "must be an integer"),
-            (req(vec![("temperature", Variant::from(9.0f64))]), "temperature"),
-            (req(vec![("top_p", Variant::from(0.0f64))]), "top_p"),
-            (req(vec![("bogus", Variant::from(1u32))]), "unknown request key"),
-            (req(vec![("handle_token", Variant::from("a/b"))]), "handle_token"),
-            (req(vec![("priority", Variant::from("urgent"))]), "is not one of interactive"),
-            (req(vec![("deadline_ms", Variant::from(0u32))]), "deadline_ms"),
-            (req(vec![("messages", Variant::from(vec![message("robot", "x")]))]), "is not one of"),
-            (req(vec![("route", Variant::from("moon"))]), "route"),
-            (
-                req(vec![(
-                    "messages",
-                    Variant::from(vec![with(message("user", "x"), "scope", Variant::from("secret"))]),
-                )]),
-                "public, personal, local",
-            ),
-            (
-                req(vec![(
-                    "messages",
-                    Variant::from(vec![with(message("user", "x"), "sealed", Variant::from(vec![1u8, 2]))]),
-                )]),
-                "both content and sealed",
-            ),
-            (
-                req(vec![("messages", Variant::from(vec![with(sealed(), "scope", Variant::from("public"))]))]),
-                "scope is local",
-            ),
-            (
-                req(vec![("messages", Variant::from(vec![with(sealed(), "sealed", Variant::from("text"))]))]),
-                "must be bytes",
-            ),
-            (req(vec![("app_id", Variant::from("org.bank.App"))]), "unknown request key"),
-        ];
-        for (d, expect) in cases {
-            match parse(&d, 256) {
-                Err(Error::InvalidArgs(m)) => assert!(m.contains(expect), "{m:?} should contain {expect:?}"),
-                other => panic!("expected InvalidArgs containing {expect:?}, got {other:?}"),
-            }
-        }
-        let p = parse(&req(vec![("handle_token", Variant::from("t"))]), 256).unwrap();
-        assert_eq!(p.handle_token.as_deref(), Some("t"), "Complete takes a handle token too");
-        assert!(parse(&req(vec![("handle_token", Variant::from("a/b"))]), 256).is_err());
+    match options.get(key).map(|v| &**v) {
+        None => Ok(false),
+        Some(Variant::Bool(b)) => Ok(*b),
+        Some(other) => Err(invalid(format!("{key} must be a boolean (b), got {}", other.value_signature()))),
     }
 }
+
+#[cfg(test)]
+mod tests;

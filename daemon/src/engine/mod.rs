@@ -443,4 +443,4 @@ impl EngineSettings {
     }
 }
 
-pub use remote::{EngineHandle, Launch, SandboxReport, SpawnSpec};
+pub use remote::{EngineHandle, Launch, SandboxReport, SessionVault, SpawnSpec};

@@ -6,9 +6,8 @@
 
 use std::collections::HashMap;
 use std::fs::File;
-use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::os::fd::{AsFd, BorrowedFd};
 use std::path::PathBuf;
-use std::process::Stdio;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -18,7 +17,10 @@ use hearth_dbus::FinishReason;
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio_util::codec::{FramedRead, FramedWrite};
 
+mod process;
 mod streams;
+
+use self::process::Process;
 
 use self::streams::{forward_throttle, read_frames, send_start, supervise, write_frames};
 pub use super::protocol::SandboxReport;
@@ -28,12 +30,25 @@ use super::{
     Liveness, LoadedModelInfo, Outcome, Submission, Throttle,
 };
 use crate::error::Error;
-use crate::parked::SessionStore;
 
 /// How long a model may take to load before its engine is given up on.
 const LOAD_LIMIT: Duration = Duration::from_secs(600);
 /// How long a stopping engine may take to finish up before it is killed.
 const STOP_LIMIT: Duration = Duration::from_secs(20);
+
+/// Where hearthd keeps sessions' KV between turns (sealed, outside the engine): the handle
+/// checks each turn's session against it, takes the session's parked KV for the turn, and
+/// gives it the KV the engine hands over.
+pub trait SessionVault: Send + Sync + std::fmt::Debug {
+    /// Whether session `id` is open, belongs to `app` and runs `model`.
+    fn owns(&self, id: u64, app: &str, model: &str) -> bool;
+    /// Whether session `id` is open and runs `model` (so `model`'s engine may park its KV).
+    fn runs(&self, id: u64, model: &str) -> bool;
+    /// Takes session `id`'s parked KV, opened; None when it has none.
+    fn take(&self, id: u64) -> Option<Result<SessionKv, String>>;
+    /// Keeps `kv` for session `id`'s next turn; Ok(false), keeping nothing, when it closed.
+    fn keep(&self, id: u64, kv: SessionKv) -> Result<bool, String>;
+}
 
 /// What runs an engine.
 #[derive(Debug, Clone)]
@@ -100,7 +115,7 @@ struct Remote {
     kv_bytes: u64,
     sandbox: SandboxReport,
     pid: u32,
-    sessions: Arc<SessionStore>,
+    sessions: Arc<dyn SessionVault>,
     /// Set by [`EngineHandle::shutdown`]: the exit that follows is no failure.
     stopping: AtomicBool,
     /// None while the process runs; then why it ended.
@@ -120,7 +135,7 @@ impl EngineHandle {
     pub async fn spawn(
         spec: &SpawnSpec,
         throttle: &Arc<Throttle>,
-        sessions: &Arc<SessionStore>,
+        sessions: &Arc<dyn SessionVault>,
         progress: &mut (dyn FnMut(f32) + Send),
     ) -> Result<Self, String> {
         let (ours, theirs) = std::os::unix::net::UnixStream::pair().map_err(|e| format!("socket pair: {e}"))?;
@@ -303,8 +318,8 @@ impl EngineHandle {
     /// Takes session `id`'s parked KV out of the store, opened, for its turn.
     async fn unpark(&self, id: u64) -> Option<SessionKv> {
         let sessions = Arc::clone(&self.inner.sessions);
-        match tokio::task::spawn_blocking(move || sessions.unpark(id)).await.ok().flatten()? {
-            Ok((parked, state)) => Some(SessionKv { tokens: parked.tokens, adapters: parked.adapters, state }),
+        match tokio::task::spawn_blocking(move || sessions.take(id)).await.ok().flatten()? {
+            Ok(kv) => Some(kv),
             Err(e) => {
                 tracing::warn!(session = id, error = %e, "parked session KV refused: the turn recomputes it");
                 None
@@ -474,74 +489,5 @@ impl Drop for CancelOnDrop {
         if self.armed {
             let _ = self.out.send(ToEngine::Cancel { key: self.key, reason: CancelReason::Disconnected });
         }
-    }
-}
-
-/// An engine's process: a child, or (in unit tests) the fake's task.
-#[derive(Debug)]
-pub(super) enum Process {
-    Child(tokio::process::Child),
-    #[cfg(test)]
-    Fake(super::fake::Running),
-}
-
-impl Process {
-    /// Starts what `spec` says on `theirs`, the engine's end of the socket pair.
-    fn start(spec: &SpawnSpec, theirs: std::os::unix::net::UnixStream) -> Result<Self, String> {
-        match &spec.launch {
-            Launch::Program(program) => tokio::process::Command::new(program)
-                .env_clear()
-                // ggml's abort handler would otherwise try to start gdb for a backtrace.
-                .env("GGML_NO_BACKTRACE", "1")
-                .envs(spec.env.iter().map(|(k, v)| (k, v)))
-                .stdin(Stdio::from(OwnedFd::from(theirs)))
-                .stdout(Stdio::null())
-                .stderr(Stdio::inherit())
-                .kill_on_drop(true)
-                .spawn()
-                .map(Self::Child)
-                .map_err(|e| format!("cannot start {}: {e}", program.display())),
-            #[cfg(test)]
-            Launch::Fake(fake) => fake.start(theirs).map(Self::Fake).map_err(|e| format!("fake engine: {e}")),
-        }
-    }
-
-    fn id(&self) -> u32 {
-        match self {
-            Self::Child(c) => c.id().unwrap_or(0),
-            #[cfg(test)]
-            Self::Fake(f) => f.id(),
-        }
-    }
-
-    fn kill(&mut self) {
-        match self {
-            Self::Child(c) => {
-                let _ = c.start_kill();
-            }
-            #[cfg(test)]
-            Self::Fake(f) => f.kill(),
-        }
-    }
-
-    /// Waits for it to end; says how it ended ("exit status 1", "killed by signal 9").
-    async fn wait(&mut self) -> String {
-        match self {
-            Self::Child(c) => describe(c.wait().await),
-            #[cfg(test)]
-            Self::Fake(f) => f.wait().await,
-        }
-    }
-}
-
-fn describe(status: std::io::Result<std::process::ExitStatus>) -> String {
-    use std::os::unix::process::ExitStatusExt;
-    match status {
-        Ok(s) => match (s.code(), s.signal()) {
-            (Some(code), _) => format!("exit status {code}"),
-            (None, Some(signal)) => format!("killed by signal {signal}"),
-            _ => s.to_string(),
-        },
-        Err(e) => format!("cannot wait for it: {e}"),
     }
 }

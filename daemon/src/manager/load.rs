@@ -131,7 +131,8 @@ impl ModelManager {
         }
         let this = self.clone();
         let mut progress = move |f: f32| this.set_progress(&name, LoadPhase::Loading, f64::from(f));
-        EngineHandle::spawn(&spec, &self.inner.throttle, &self.inner.sessions, &mut progress).await.map_err(|reason| {
+        let vault: Arc<dyn crate::engine::SessionVault> = self.inner.sessions.clone();
+        EngineHandle::spawn(&spec, &self.inner.throttle, &vault, &mut progress).await.map_err(|reason| {
             let reason = format!("its engine did not start: {reason}");
             tracing::error!(model = %spec.model, reason = %reason, "model refused");
             unavailable(&spec.model, reason)

@@ -1,10 +1,13 @@
 //! What the model manager publishes: load progress, memory, queues, and ListModels' report.
 
 use std::collections::BTreeMap;
+use std::sync::atomic::Ordering;
 
 use crate::engine::{EngineStatus, LoadedModelInfo, Priority};
 use crate::memory::PressureReading;
 use crate::models::ModelEntry;
+
+use super::Loaded;
 
 /// Where a model load is.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -93,4 +96,56 @@ pub struct ModelReport {
     pub shrunk: bool,
     pub memory: u64,
     pub last_error: Option<String>,
+}
+
+impl super::ModelManager {
+    /// Queue state summed over the loaded engines, read from them now (the published status
+    /// follows a moment later).
+    pub fn queue(&self) -> EngineStatus {
+        let state = self.state();
+        let mut total = EngineStatus::default();
+        for l in state.loaded.values() {
+            let s = l.engine.status().borrow().clone();
+            total.running += s.running;
+            total.waiting += s.waiting;
+            for (t, n) in total.by_priority.iter_mut().zip(s.by_priority) {
+                *t += n;
+            }
+        }
+        total
+    }
+
+    /// KV gauges summed over the loaded models: (size, reserved, used, cached).
+    pub fn kv_totals(&self) -> [u32; 4] {
+        let state = self.state();
+        let mut t = [0u32; 4];
+        for l in state.loaded.values() {
+            let kv = l.engine.kv();
+            for (slot, g) in t.iter_mut().zip([&kv.size, &kv.reserved, &kv.used, &kv.cached]) {
+                *slot += g.load(Ordering::Relaxed);
+            }
+        }
+        t
+    }
+
+    /// Every installed model, as ListModels reports it.
+    pub fn report(&self) -> Vec<ModelReport> {
+        let state = self.state();
+        self.catalog()
+            .iter()
+            .map(|entry| {
+                let l = state.loaded.get(&entry.manifest.name);
+                ModelReport {
+                    entry: entry.clone(),
+                    info: l.map(|l| l.engine.model().clone()),
+                    engine: l.map(|l| (l.engine.pid(), l.engine.sandbox().clone())),
+                    pinned: self.pinned(&state, entry),
+                    verified: state.verified.contains(&entry.manifest.name),
+                    shrunk: l.is_some_and(|l| l.shrunk),
+                    memory: l.map_or(0, Loaded::bytes),
+                    last_error: state.errors.get(&entry.manifest.name).cloned(),
+                }
+            })
+            .collect()
+    }
 }

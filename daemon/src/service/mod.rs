@@ -1,6 +1,7 @@
 //! The D-Bus interface layer: thin `#[interface]` impls that parse, call the engine through
 //! its handle, and turn results into replies and signals. No inference state lives here.
 
+mod callers;
 mod driver;
 mod in_flight;
 mod request_object;
@@ -20,7 +21,10 @@ use zbus::message::Header;
 use zbus::{Connection, interface};
 use zbus::{OwnedObjectPath, OwnedVariant, Variant};
 
+pub use callers::CallerCache;
+use callers::{caller, identify};
 pub use in_flight::InFlight;
+use result::internal;
 use result::model_dict;
 pub(crate) use result::{generation_result, owned};
 pub(crate) use run::{Admitted, OnFinish};
@@ -32,11 +36,10 @@ use crate::engine::{Caller, CancelToken, GenerateRequest, Priority};
 use crate::error::Error;
 use crate::gate::Gate;
 use crate::governor::GovernorStatus;
-use crate::identity::{self, Identity};
 use crate::manager::ModelManager;
 use crate::polkit;
 use crate::privacy::{CloudView, Content, Part, RouteRequest};
-use crate::request::{parse_embed, parse_off_runtime};
+use crate::request::{options_bool, parse_embed, parse_off_runtime};
 use crate::structured::Structure;
 
 /// `org.hearth.Hearth1` at `/org/hearth/Hearth1`. Cheap to clone: session objects hold one.
@@ -149,93 +152,6 @@ impl HearthService {
             Err(e) => Err(BusError::NotAuthorized(format!("cannot ask polkit about {}: {e}", action.id()))),
         }
     }
-}
-
-fn options_bool(options: &HashMap<String, OwnedVariant>, key: &str, allowed: &[&str]) -> Result<bool, BusError> {
-    if let Some(unknown) = options.keys().find(|k| !allowed.contains(&k.as_str())) {
-        return Err(BusError::InvalidArgs(format!("unknown option {unknown:?} (known: {allowed:?})")));
-    }
-    match options.get(key).map(|v| &**v) {
-        None => Ok(false),
-        Some(Variant::Bool(b)) => Ok(*b),
-        Some(other) => {
-            Err(BusError::InvalidArgs(format!("{key} must be a boolean (b), got {}", other.value_signature())))
-        }
-    }
-}
-
-/// A failure of the bus layer itself, as a named `Internal` error: a reply must always carry
-/// an org.hearth.Hearth1.Error name, never zbus's own.
-fn internal(what: &str, e: &dyn std::fmt::Display) -> BusError {
-    BusError::Internal(format!("{what}: {e}"))
-}
-
-fn caller(header: &Header<'_>) -> Result<zbus::names::OwnedUniqueName, BusError> {
-    header.sender().map(|s| s.to_owned().into()).ok_or_else(|| BusError::InvalidArgs("the call has no sender".into()))
-}
-
-/// Callers already identified, by unique name. Unique names are never reused on a bus, so an
-/// entry stays true until the connection closes (then `watch_disconnects` drops it).
-#[derive(Debug, Clone, Default)]
-pub struct CallerCache(Arc<std::sync::Mutex<HashMap<String, (Caller, Identity)>>>);
-
-impl CallerCache {
-    fn get(&self, name: &str) -> Option<(Caller, Identity)> {
-        self.0.lock().ok()?.get(name).cloned()
-    }
-
-    fn insert(&self, caller: Caller, identity: Identity) {
-        if let Ok(mut map) = self.0.lock() {
-            map.insert(caller.connection.clone(), (caller, identity));
-        }
-    }
-
-    fn remove(&self, name: &str) {
-        if let Ok(mut map) = self.0.lock() {
-            map.remove(name);
-        }
-    }
-}
-
-/// Who the caller is, as the bus daemon and the kernel vouch for it (never what the caller
-/// claims). Fails closed: any error is NotAuthorized.
-async fn identify(
-    conn: &Connection,
-    cache: &CallerCache,
-    sender: &zbus::names::OwnedUniqueName,
-) -> Result<(Caller, Identity), BusError> {
-    if let Some(found) = cache.get(sender.as_str()) {
-        return Ok(found);
-    }
-    let identity = identify_uncached(conn, sender).await.map_err(|reason| {
-        tracing::warn!(caller = %sender, reason, "caller not identified");
-        BusError::NotAuthorized(format!("hearthd could not identify the caller: {reason}"))
-    })?;
-    let caller = Caller { connection: sender.to_string(), app: identity.app_id.clone(), uid: identity.uid };
-    tracing::info!(target: "hearth::audit", caller = %sender, app = %identity.app_id, kind = identity.kind.as_str(), uid = identity.uid, pid = identity.pid, label = ?identity.label, "caller identified");
-    cache.insert(caller.clone(), identity.clone());
-    Ok((caller, identity))
-}
-
-async fn identify_uncached(conn: &Connection, sender: &zbus::names::OwnedUniqueName) -> Result<Identity, String> {
-    let dbus = zbus::fdo::DBusProxy::new(conn).await.map_err(|e| format!("cannot ask the bus: {e}"))?;
-    let creds = dbus
-        .get_connection_credentials(zbus::names::BusName::Unique(sender.as_ref()))
-        .await
-        .map_err(|e| format!("cannot get the caller's credentials: {e}"))?;
-    let (Some(uid), Some(pid)) = (creds.unix_user_id(), creds.process_id()) else {
-        return Err("the bus did not vouch for the caller's uid and pid".into());
-    };
-    let pidfd = match creds.process_fd() {
-        Some(fd) => Some(
-            std::os::fd::AsFd::as_fd(fd)
-                .try_clone_to_owned()
-                .map_err(|e| format!("cannot keep the caller's ProcessFD: {e}"))?,
-        ),
-        None => None,
-    };
-    let label = creds.linux_security_label().map(|l| String::from_utf8_lossy(l).trim_end_matches('\0').to_owned());
-    identity::resolve(uid, pid, pidfd, label, std::path::Path::new("/proc"))
 }
 
 #[interface(name = "org.hearth.Hearth1")]

@@ -104,3 +104,9 @@ pub(super) fn model_dict(r: &ModelReport, default: &str) -> HashMap<String, Owne
     }
     d
 }
+
+/// A failure of the bus layer itself, as a named `Internal` error: a reply must always carry
+/// an org.hearth.Hearth1.Error name, never zbus's own.
+pub(super) fn internal(what: &str, e: &dyn std::fmt::Display) -> hearth_dbus::Error {
+    hearth_dbus::Error::Internal(format!("{what}: {e}"))
+}

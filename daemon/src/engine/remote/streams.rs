@@ -13,8 +13,7 @@ use tokio_util::codec::{FramedRead, FramedWrite};
 
 use super::super::protocol::{self, FromEngine, SessionKv, Start, ToEngine};
 use super::super::{EngineStatus, Event, Throttle};
-use super::{EngineHandle, Pending, PendingTable, Remote};
-use crate::parked::SessionStore;
+use super::{EngineHandle, Pending, PendingTable, Remote, SessionVault};
 
 /// Sends the start frame with the model's and adapters' descriptors attached.
 pub(super) fn send_start(
@@ -150,7 +149,11 @@ pub(super) async fn read_frames(
 }
 
 /// Seals and stores parked session KV in the order the engine handed it over.
-async fn store_parked(sessions: Arc<SessionStore>, model: String, mut rx: mpsc::UnboundedReceiver<(u64, SessionKv)>) {
+async fn store_parked(
+    sessions: Arc<dyn SessionVault>,
+    model: String,
+    mut rx: mpsc::UnboundedReceiver<(u64, SessionKv)>,
+) {
     while let Some((session, kv)) = rx.recv().await {
         let (sessions, model) = (Arc::clone(&sessions), model.clone());
         let (tokens, bytes) = (kv.tokens.len(), kv.state.len());
@@ -158,7 +161,7 @@ async fn store_parked(sessions: Arc<SessionStore>, model: String, mut rx: mpsc::
             if !sessions.runs(session, &model) {
                 return Ok(false);
             }
-            sessions.park(session, kv.tokens, kv.adapters, &kv.state)
+            sessions.keep(session, kv)
         })
         .await;
         match stored {
