@@ -219,28 +219,16 @@ fn to_json(v: &Variant<'_>) -> Json {
     }
 }
 
-/// A generation's result as JSON, with the keys of its D-Bus dictionary (absent ones left out).
-fn result_json(r: &hearth_dbus::GenerationResult) -> Json {
-    let mut j = json!({
-        "finish_reason": r.finish_reason, "text": r.text, "tokens": r.tokens, "token_ids": r.token_ids,
-        "prompt_tokens": r.prompt_tokens, "cached_tokens": r.cached_tokens, "model": r.model,
-        "prefill_us": r.prefill_us, "decode_us": r.decode_us, "route": r.route, "route_reason": r.route_reason,
-    });
-    if let Some(v) = r.schema_valid {
-        j["schema_valid"] = json!(v);
+/// One of the service's typed `a{sv}` dictionaries as JSON, with its D-Bus keys (absent
+/// ones left out): through its wire form, so the JSON is what the bus carried.
+fn typed_json<T: zbus::export::serde::Serialize + zbus::zvariant::Type>(t: &T) -> Json {
+    use zbus::wire::serialized::Context;
+    let dict = zbus::wire::to_bytes(Context::new(zbus::wire::LE, 0), t)
+        .and_then(|bytes| bytes.deserialize::<HashMap<String, OwnedVariant>>().map(|(d, _)| d));
+    match dict {
+        Ok(d) => dict_json(&d),
+        Err(e) => json!({ "error": e.to_string() }),
     }
-    if let Some(calls) = &r.tool_calls {
-        j["tool_calls"] = tool_calls_json(calls);
-    }
-    if let (Some(name), Some(message)) = (&r.error_name, &r.error_message) {
-        j["error_name"] = json!(name);
-        j["error_message"] = json!(message);
-    }
-    j
-}
-
-fn tool_calls_json(calls: &[hearth_dbus::ToolCall]) -> Json {
-    calls.iter().map(|c| json!({ "id": c.id, "name": c.name, "arguments": c.arguments })).collect()
 }
 
 fn dict_json(d: &HashMap<String, OwnedVariant>) -> Json {
@@ -254,10 +242,10 @@ async fn run(cli: Cli) -> Result<ExitCode, CliError> {
         Command::Status => {
             let (version, models, depth) =
                 (proxy.version().await?, proxy.loaded_models().await?, proxy.queue_depth().await?);
-            let memory = dict_json(&proxy.memory().await?);
-            let backends: Vec<Json> = proxy.backends().await?.iter().map(dict_json).collect();
+            let memory = typed_json(&proxy.memory().await?);
+            let backends: Vec<Json> = proxy.backends().await?.iter().map(typed_json).collect();
             let (thermal, power) = (proxy.thermal_state().await?, proxy.power_state().await?);
-            let throttle = dict_json(&proxy.throttle().await?);
+            let throttle = typed_json(&proxy.throttle().await?);
             let cloud = proxy.cloud_available().await?;
             if cli.json {
                 println!(
@@ -313,7 +301,7 @@ async fn run(cli: Cli) -> Result<ExitCode, CliError> {
             proxy.unload_model(&name).await?;
         }
         Command::Whoami => {
-            let info = dict_json(&proxy.caller_info().await?);
+            let info = typed_json(&proxy.caller_info().await?);
             if cli.json {
                 println!("{info}");
             } else if let Json::Object(map) = info {
@@ -334,18 +322,13 @@ async fn run(cli: Cli) -> Result<ExitCode, CliError> {
         Command::Models => {
             let models = proxy.list_models().await?;
             if cli.json {
-                println!("{}", Json::Array(models.iter().map(dict_json).collect()));
+                println!("{}", Json::Array(models.iter().map(typed_json).collect()));
             } else {
                 for m in &models {
-                    let get = |k: &str| m.get(k).map(|v| to_json(v)).unwrap_or(Json::Null);
-                    let loaded = if get("loaded") == json!(true) { "loaded" } else { "installed" };
-                    let pinned = if get("pinned") == json!(true) { ",pinned" } else { "" };
-                    let error = get("error").as_str().map(|e| format!("\terror: {e}")).unwrap_or_default();
-                    println!(
-                        "{}\t{loaded}{pinned}\t{}{error}",
-                        get("name").as_str().unwrap_or("?"),
-                        get("file").as_str().unwrap_or("?")
-                    );
+                    let loaded = if m.loaded { "loaded" } else { "installed" };
+                    let pinned = if m.pinned { ",pinned" } else { "" };
+                    let error = m.error.as_ref().map(|e| format!("\terror: {e}")).unwrap_or_default();
+                    println!("{}\t{loaded}{pinned}\t{}{error}", m.name, m.file);
                 }
             }
         }
@@ -550,14 +533,14 @@ async fn generate(
                 let tok_s =
                     if tokens > 1 && !decode.is_zero() { f64::from(tokens - 1) / decode.as_secs_f64() } else { 0.0 };
                 if json_out {
-                    let mut j = result_json(&result);
+                    let mut j = typed_json(&result);
                     j["client_tok_per_s"] = json!(tok_s);
                     j["client_elapsed_ms"] = json!(started.elapsed().as_millis() as u64);
                     writeln!(stdout, "{}", json!({ "finished": j }))?;
                 } else {
                     writeln!(stdout)?;
                     if let Some(calls) = &result.tool_calls {
-                        println!("tool calls: {}", tool_calls_json(calls));
+                        println!("tool calls: {}", Json::Array(calls.iter().map(typed_json).collect()));
                     }
                     eprintln!("[{tokens} tokens, {tok_s:.1} tok/s, finish: {}]", result.finish_reason);
                 }

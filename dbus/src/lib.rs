@@ -11,12 +11,14 @@ mod error;
 mod names;
 mod proxy;
 mod result;
+mod status;
 
 pub use client::{Generation, StreamEvent, messages_value};
 pub use error::Error;
 pub use names::*;
 pub use proxy::{Hearth1Proxy, RequestProxy, SessionProxy};
 pub use result::{GenerationResult, ToolCall};
+pub use status::{Backend, CallerInfo, Memory, ModelInfo, Throttle};
 
 /// The introspection XML of the service, as installed in
 /// `/usr/share/dbus-1/interfaces/org.hearth.Hearth1.xml`.

@@ -3,7 +3,7 @@
 use std::collections::HashMap;
 
 use zbus::proxy;
-use zbus::{OwnedObjectPath, OwnedVariant, Variant};
+use zbus::{OwnedObjectPath, Variant};
 
 use crate::Error;
 
@@ -19,7 +19,7 @@ pub trait Hearth1 {
     /// Unit-length embeddings of `texts` (request: texts, model, scope), computed on the device.
     fn embed(&self, request: HashMap<&str, Variant<'_>>) -> Result<Vec<Vec<f64>>, Error>;
     /// The installed models.
-    fn list_models(&self) -> Result<Vec<HashMap<String, OwnedVariant>>, Error>;
+    fn list_models(&self) -> Result<Vec<crate::ModelInfo>, Error>;
     /// Admin: loads a model now (`pin` (b) option keeps it loaded).
     fn load_model(&self, name: &str, options: HashMap<&str, Variant<'_>>) -> Result<(), Error>;
     /// Admin: unloads a model.
@@ -31,7 +31,7 @@ pub trait Hearth1 {
     /// Encrypts data for the calling app with the device key.
     fn seal(&self, data: &[u8], options: HashMap<&str, Variant<'_>>) -> Result<Vec<u8>, Error>;
     /// Who hearthd takes the caller to be.
-    fn caller_info(&self) -> Result<HashMap<String, OwnedVariant>, Error>;
+    fn caller_info(&self) -> Result<crate::CallerInfo, Error>;
     #[zbus(property)]
     fn version(&self) -> zbus::Result<String>;
     #[zbus(property)]
@@ -45,7 +45,7 @@ pub trait Hearth1 {
     #[zbus(property)]
     fn load_progress(&self) -> zbus::Result<HashMap<String, (String, f64)>>;
     #[zbus(property)]
-    fn memory(&self) -> zbus::Result<HashMap<String, OwnedVariant>>;
+    fn memory(&self) -> zbus::Result<crate::Memory>;
     #[zbus(property)]
     fn cloud_available(&self) -> zbus::Result<bool>;
     #[zbus(property)]
@@ -53,9 +53,9 @@ pub trait Hearth1 {
     #[zbus(property)]
     fn power_state(&self) -> zbus::Result<String>;
     #[zbus(property)]
-    fn throttle(&self) -> zbus::Result<HashMap<String, OwnedVariant>>;
+    fn throttle(&self) -> zbus::Result<crate::Throttle>;
     #[zbus(property(emits_changed_signal = "const"))]
-    fn backends(&self) -> zbus::Result<Vec<HashMap<String, OwnedVariant>>>;
+    fn backends(&self) -> zbus::Result<Vec<crate::Backend>>;
 }
 
 /// Client side of `org.hearth.Hearth1.Request`.

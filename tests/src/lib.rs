@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 
 use hearth_dbus::{Generation, StreamEvent};
 use zbus::Connection;
-use zbus::{OwnedVariant, Variant};
+use zbus::Variant;
 
 /// Default compute threads of both the daemon under test and the direct reference run.
 pub const DEFAULT_THREADS: i32 = 2;
@@ -370,26 +370,6 @@ pub fn with_priority(user: &str, max_tokens: u32, priority: &str) -> HashMap<&'s
 
 /// A result dictionary (Complete's reply, Finished's argument).
 pub type ResultDict = hearth_dbus::GenerationResult;
-
-/// An entry of an `a{sv}` dictionary (ListModels entries, KvCache, Memory...).
-fn dict_value<'d>(d: &'d HashMap<String, OwnedVariant>, k: &str) -> &'d OwnedVariant {
-    d.get(k).unwrap_or_else(|| panic!("no {k} in {d:?}"))
-}
-
-/// A string entry of an `a{sv}` dictionary.
-pub fn result_str(d: &HashMap<String, OwnedVariant>, k: &str) -> String {
-    <&str>::try_from(dict_value(d, k)).expect("a string").to_owned()
-}
-
-/// A `u` entry of an `a{sv}` dictionary.
-pub fn result_u32(d: &HashMap<String, OwnedVariant>, k: &str) -> u32 {
-    u32::try_from(dict_value(d, k)).expect("a u32")
-}
-
-/// A `b` entry of an `a{sv}` dictionary.
-pub fn result_bool(d: &HashMap<String, OwnedVariant>, k: &str) -> bool {
-    bool::try_from(dict_value(d, k)).expect("a boolean")
-}
 
 /// Everything a stream sent, until Finished.
 #[derive(Debug, Default)]

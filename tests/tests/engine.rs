@@ -7,8 +7,7 @@ use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use hearth_dbus::{Generation, SessionProxy, messages_value, request_key as key};
-use hearth_tests::{Bus, Daemon, ModelDir, Settings, chat_request, direct_run, greedy, hearth, result_u32, wait_for};
-use zbus::OwnedVariant;
+use hearth_tests::{Bus, Daemon, ModelDir, Settings, chat_request, direct_run, greedy, hearth, wait_for};
 use zbus::Variant;
 
 const DEFAULT: &str = "smollm2-135m-instruct";
@@ -18,15 +17,14 @@ fn turn(user: &str, max_tokens: u32) -> HashMap<&'static str, Variant<'static>> 
 }
 
 /// The ListModels entry of `model`.
-async fn entry(proxy: &hearth_dbus::Hearth1Proxy<'_>, model: &str) -> HashMap<String, OwnedVariant> {
+async fn entry(proxy: &hearth_dbus::Hearth1Proxy<'_>, model: &str) -> hearth_dbus::ModelInfo {
     let models = proxy.list_models().await.unwrap();
-    models.into_iter().find(|m| hearth_tests::result_str(m, "name") == model).expect("model listed")
+    models.into_iter().find(|m| m.name == model).expect("model listed")
 }
 
 /// The engine process of `model`, when it is loaded.
 async fn engine_pid(proxy: &hearth_dbus::Hearth1Proxy<'_>, model: &str) -> Option<u32> {
-    let e = entry(proxy, model).await;
-    e.get("engine_pid").map(|_| result_u32(&e, "engine_pid"))
+    entry(proxy, model).await.engine_pid
 }
 
 /// `/proc/PID/status` as key → value.
@@ -104,7 +102,7 @@ async fn an_engine_that_dies_mid_stream_fails_its_callers_only_and_comes_back() 
     assert!(back_in < Duration::from_secs(2), "the engine was back {back_in:?} after it died");
     assert_ne!(back, pid);
     let memory = proxy.memory().await.unwrap();
-    assert_eq!(result_u32(&memory, "engine_failures"), 1);
+    assert_eq!(memory.engine_failures, 1);
 
     // The session kept its transcript: its next turn recomputes the KV and answers exactly as
     // a fresh run of the whole conversation.
@@ -128,7 +126,7 @@ async fn the_engine_runs_sandboxed_away_from_the_state_directory_the_key_and_the
     let proxy = hearth(&conn).await;
     proxy.complete(chat_request("Hi", 2)).await.unwrap();
     let e = entry(&proxy, DEFAULT).await;
-    let pid = result_u32(&e, "engine_pid");
+    let pid = e.engine_pid.expect("a loaded model has an engine");
 
     // The kernel's view: a child of hearthd, same user, no new privileges, seccomp filtering
     // with two filters more than hearthd has (its own clone3 and allowlist filters), landlock.
@@ -140,15 +138,15 @@ async fn the_engine_runs_sandboxed_away_from_the_state_directory_the_key_and_the
     assert_eq!(status["Seccomp"], "2", "filter mode: {status:?}");
     let filters = |s: &HashMap<String, String>| s.get("Seccomp_filters").map_or(0, |v| v.parse::<u32>().unwrap());
     assert!(filters(&status) >= filters(&own) + 2, "{status:?} vs hearthd {own:?}");
-    let abi = hearth_tests::result_u32(&e, "sandbox_landlock_abi");
+    let abi = e.sandbox_landlock_abi.unwrap();
     if abi > 0 {
-        assert_eq!(hearth_tests::result_str(&e, "sandbox_landlock"), "full", "{e:?}");
+        assert_eq!(e.sandbox_landlock.as_deref(), Some("full"), "{e:?}");
     }
-    assert!(hearth_tests::result_bool(&e, "sandbox_seccomp"));
+    assert_eq!(e.sandbox_seccomp, Some(true));
 
     // Its own attempts: the state directory, the sealing key and "/" do not open (landlock says
     // EACCES, then the allowlist EPERM), and no socket can be made.
-    let probes: Vec<(String, String)> = e["sandbox_probes"].try_clone().unwrap().try_into().unwrap();
+    let probes = e.sandbox_probes.clone().unwrap();
     let state = daemon.state_dir();
     for path in ["/".to_owned(), state.display().to_string(), state.join("seal.key").display().to_string()] {
         let (_, what) = probes.iter().find(|(p, _)| *p == path).unwrap_or_else(|| panic!("{path} probed: {probes:?}"));
@@ -156,7 +154,7 @@ async fn the_engine_runs_sandboxed_away_from_the_state_directory_the_key_and_the
         assert!(what.ends_with(expected) && !what.contains("opened"), "{path}: {what}");
     }
     assert!(state.join("seal.key").exists(), "the key the engine could not open is there");
-    assert_eq!(hearth_tests::result_str(&e, "sandbox_socket"), "EPERM");
+    assert_eq!(e.sandbox_socket.as_deref(), Some("EPERM"));
 
     // What it holds: stdio and its socket to hearthd, and nothing of the state directory.
     for fd in std::fs::read_dir(format!("/proc/{pid}/fd")).unwrap() {
@@ -188,5 +186,5 @@ async fn an_engine_that_finishes_quickly_and_idles_is_not_taken_for_a_hung_one()
     }
     tokio::time::sleep(Duration::from_millis(1500)).await;
     assert_eq!(engine_pid(&proxy, DEFAULT).await, Some(pid), "{}", daemon.log());
-    assert_eq!(result_u32(&proxy.memory().await.unwrap(), "engine_failures"), 0);
+    assert_eq!(proxy.memory().await.unwrap().engine_failures, 0);
 }

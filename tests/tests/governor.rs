@@ -61,8 +61,7 @@ async fn run(label: &str, governor: &str) -> RunResult {
         tokio::spawn(async move {
             while start.elapsed() < RUN {
                 let t = proxy.throttle().await.unwrap();
-                let get = |k: &str| t.get(k).and_then(|v| f64::try_from(v).ok()).unwrap_or(f64::NAN);
-                caps.lock().unwrap().push((start.elapsed().as_secs_f64(), get("rate_cap_tps"), get("potential_tps")));
+                caps.lock().unwrap().push((start.elapsed().as_secs_f64(), t.rate_cap_tps, t.potential_tps));
                 tokio::time::sleep(Duration::from_millis(250)).await;
             }
         })
@@ -175,8 +174,8 @@ async fn background_work_waits_for_the_charger_on_a_low_battery() {
     })
     .await;
     let throttle = proxy.throttle().await.unwrap();
-    assert!(bool::try_from(throttle.get("defer_background").unwrap()).unwrap());
-    assert!(bool::try_from(throttle.get("prefer_cloud").unwrap()).unwrap());
+    assert!(throttle.defer_background);
+    assert!(throttle.prefer_cloud);
 
     let mut background =
         Generation::start(&conn, with_priority("Summarise my day.", 4, "background"), "bg").await.unwrap();
@@ -319,13 +318,13 @@ async fn the_power_saver_profile_halves_the_threads() {
     let proxy = hearth(&conn).await;
     let throttle = hearth_tests::wait_for(Duration::from_secs(10), "power-saver to be seen", || async {
         let t = proxy.throttle().await.unwrap();
-        bool::try_from(t.get("power_saver").unwrap()).unwrap().then_some(t)
+        t.power_saver.then_some(t)
     })
     .await;
-    let threads = u32::try_from(throttle.get("threads").unwrap()).unwrap();
+    let threads = throttle.threads;
     let configured = hearth_tests::threads() as u32;
     assert_eq!(threads, if configured > 1 { configured / 2 } else { 0 });
-    assert!(bool::try_from(throttle.get("prefer_cloud").unwrap()).unwrap());
+    assert!(throttle.prefer_cloud);
     // Generation still works with the governor's thread count.
     proxy.complete(chat_request("Hi", 2)).await.unwrap();
 }

@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use hearth_dbus::Generation;
-use hearth_tests::{Bus, Daemon, ModelDir, Settings, chat_request, hearth, result_bool, result_u32, wait_for};
+use hearth_tests::{Bus, Daemon, ModelDir, Settings, chat_request, hearth, wait_for};
 use zbus::Variant;
 
 /// A copy of a real /proc/PID/status with `RssAnon` set to `mib`, written atomically (the
@@ -76,9 +76,9 @@ async fn the_memory_ceiling_ends_device_work_refuses_new_work_and_exits_before_t
 
     // While over: new device work is refused with a named error; the daemon answers reads.
     let memory = proxy.memory().await.unwrap();
-    assert!(result_bool(&memory, "over_ceiling"));
-    assert_eq!(result_u32(&memory, "ceiling_hits"), 1);
-    assert_eq!(u64::try_from(memory.get("ceiling_bytes").unwrap()).unwrap(), 1000 << 20);
+    assert!(memory.over_ceiling);
+    assert_eq!(memory.ceiling_hits, 1);
+    assert_eq!(memory.ceiling_bytes, 1000 << 20);
     let e = proxy.complete(chat_request("Hi", 2)).await.expect_err("refused over the ceiling");
     assert_eq!(e.dbus_name(), "org.hearth.Hearth1.Error.Busy", "{e}");
     assert!(proxy.queue_depth().await.is_ok());
@@ -94,7 +94,7 @@ async fn the_memory_ceiling_ends_device_work_refuses_new_work_and_exits_before_t
     assert!(proxy.complete(chat_request("Hi", 2)).await.is_err());
     write_usage(&usage, 800);
     wait_for(Duration::from_secs(5), "the ceiling to clear", || async {
-        (!result_bool(&proxy.memory().await.unwrap(), "over_ceiling")).then_some(())
+        (!proxy.memory().await.unwrap().over_ceiling).then_some(())
     })
     .await;
     proxy.complete(chat_request("Hi", 2)).await.unwrap();
@@ -102,12 +102,12 @@ async fn the_memory_ceiling_ends_device_work_refuses_new_work_and_exits_before_t
     // Memory use that cannot be read is a ceiling not enforced, not one that refuses forever.
     write_usage(&usage, 1100);
     wait_for(Duration::from_secs(5), "over again", || async {
-        result_bool(&proxy.memory().await.unwrap(), "over_ceiling").then_some(())
+        proxy.memory().await.unwrap().over_ceiling.then_some(())
     })
     .await;
     std::fs::write(&usage, "unreadable\n").unwrap();
     wait_for(Duration::from_secs(5), "the stale verdict to clear", || async {
-        (!result_bool(&proxy.memory().await.unwrap(), "over_ceiling")).then_some(())
+        (!proxy.memory().await.unwrap().over_ceiling).then_some(())
     })
     .await;
     proxy.complete(chat_request("Hi", 2)).await.unwrap();

@@ -5,10 +5,8 @@ use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use hearth_dbus::Generation;
-use hearth_tests::{
-    Bus, Daemon, ModelDir, Settings, chat_request, hearth, result_bool, result_str, result_u32, wait_for,
-};
-use zbus::{OwnedVariant, Variant};
+use hearth_tests::{Bus, Daemon, ModelDir, Settings, chat_request, hearth, wait_for};
+use zbus::Variant;
 
 /// Per-request context and slots small enough that one model is ~170 MiB (weights + KV).
 fn small_engine(dir: &ModelDir) -> Settings {
@@ -20,8 +18,8 @@ fn small_engine(dir: &ModelDir) -> Settings {
     }
 }
 
-fn entry<'a>(models: &'a [HashMap<String, OwnedVariant>], name: &str) -> &'a HashMap<String, OwnedVariant> {
-    models.iter().find(|m| result_str(m, "name") == name).unwrap_or_else(|| panic!("{name} not listed"))
+fn entry<'a>(models: &'a [hearth_dbus::ModelInfo], name: &str) -> &'a hearth_dbus::ModelInfo {
+    models.iter().find(|m| m.name == name).unwrap_or_else(|| panic!("{name} not listed"))
 }
 
 async fn refused(proxy: &hearth_dbus::Hearth1Proxy<'_>, model: &str) -> (String, String) {
@@ -92,8 +90,8 @@ async fn unverified_or_untrusted_files_are_refused_before_parsing() {
     // ListModels says what went wrong, and the daemon still serves.
     let models = proxy.list_models().await.unwrap();
     let t = entry(&models, "tampered");
-    assert!(!result_bool(t, "verified") && !result_bool(t, "loaded"));
-    assert!(result_str(t, "error").contains("sha256"));
+    assert!(!t.verified && !t.loaded);
+    assert!(t.error.as_deref().unwrap_or_default().contains("sha256"));
     let ok = proxy.complete(chat_request("Hi", 4)).await.unwrap();
     assert_eq!(ok.model.clone(), "smollm2-135m-instruct");
     assert!(daemon.try_exit().is_none());
@@ -123,7 +121,7 @@ async fn a_budget_for_one_model_evicts_the_idle_one_and_never_an_active_one() {
     proxy.complete(chat_request("Hi", 2)).await.unwrap();
     proxy.complete(second.clone()).await.unwrap();
     assert_eq!(proxy.loaded_models().await.unwrap(), vec!["second".to_owned()], "the idle default was evicted");
-    assert_eq!(result_u32(&proxy.memory().await.unwrap(), "evicted"), 1);
+    assert_eq!(proxy.memory().await.unwrap().evicted, 1);
 
     // While "second" is generating, the default model cannot have its memory.
     let mut long = long_generation(&conn, "second", "long").await;
@@ -144,7 +142,7 @@ async fn a_budget_for_one_model_evicts_the_idle_one_and_never_an_active_one() {
     // Idle again, so it gives way.
     proxy.complete(chat_request("Hi", 2)).await.unwrap();
     assert_eq!(proxy.loaded_models().await.unwrap(), vec!["smollm2-135m-instruct".to_owned()]);
-    assert_eq!(result_u32(&proxy.memory().await.unwrap(), "evicted"), 2);
+    assert_eq!(proxy.memory().await.unwrap().evicted, 2);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -174,7 +172,7 @@ async fn keep_alive_unloads_an_idle_model_and_the_next_request_reloads_it() {
     let idle_for = unloaded_after.elapsed();
     // The keep-alive counts from the end of the request, which is just before its reply.
     assert!(idle_for >= Duration::from_millis(900), "unloaded after {idle_for:?}, keep_alive_s is 1");
-    assert_eq!(result_u32(&proxy.memory().await.unwrap(), "expired"), 1);
+    assert_eq!(proxy.memory().await.unwrap().expired, 1);
     let rss_unloaded = hearth_tests::rss_kib(daemon.pid());
 
     let t = Instant::now();
@@ -223,14 +221,14 @@ async fn sustained_memory_pressure_unloads_idle_models_and_shrinks_pinned_ones()
     std::fs::write(&psi, tight).unwrap();
     let memory = wait_for(Duration::from_secs(10), "the pressure response", || async {
         let m = proxy.memory().await.unwrap();
-        (result_u32(&m, "pressure_shrinks") == 1 && result_u32(&m, "pressure_unloads") == 1).then_some(m)
+        (m.pressure_shrinks == 1 && m.pressure_unloads == 1).then_some(m)
     })
     .await;
-    assert!(result_bool(&memory, "pressure"));
-    assert_eq!(f64::try_from(memory.get("some_avg10").unwrap()).unwrap(), 42.0);
+    assert!(memory.pressure);
+    assert_eq!(memory.some_avg10, 42.0);
     assert_eq!(proxy.loaded_models().await.unwrap(), vec!["smollm2-135m-instruct".to_owned()]);
     let models = proxy.list_models().await.unwrap();
-    assert!(result_bool(entry(&models, "smollm2-135m-instruct"), "kv_shrunk"));
+    assert_eq!(entry(&models, "smollm2-135m-instruct").kv_shrunk, Some(true));
     let shrunk_kv = proxy.kv_cache().await.unwrap()["size"];
     assert!(shrunk_kv < full_kv, "KV {full_kv} -> {shrunk_kv} tokens");
     // The shrunk model still serves.
@@ -238,7 +236,7 @@ async fn sustained_memory_pressure_unloads_idle_models_and_shrinks_pinned_ones()
 
     std::fs::write(&psi, calm).unwrap();
     wait_for(Duration::from_secs(10), "the pressure to clear", || async {
-        (!result_bool(&proxy.memory().await.unwrap(), "pressure")).then_some(())
+        (!proxy.memory().await.unwrap().pressure).then_some(())
     })
     .await;
     // The next request regrows the KV cache.
@@ -411,7 +409,7 @@ async fn lora_adapters_are_verified_and_applied() {
     assert_eq!(name, "org.hearth.Hearth1.Error.ModelUnavailable");
     assert!(msg.contains("lora.gguf has sha256"), "{msg}");
     let models = proxy.list_models().await.unwrap();
-    assert_eq!(u32::try_from(entry(&models, "tuned").get("adapters").unwrap()).unwrap(), 1);
+    assert_eq!(entry(&models, "tuned").adapters, 1);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -463,10 +461,7 @@ async fn per_request_adapters_apply_to_their_request_only() {
     assert_eq!(proxy.complete(huge).await.unwrap_err().dbus_name(), "org.hearth.Hearth1.Error.InvalidArgs");
     assert_eq!(ids(None).await, base);
     let models = proxy.list_models().await.unwrap();
-    let names = Vec::<String>::try_from(
-        entry(&models, "smollm2-135m-instruct").get("adapter_names").unwrap().try_clone().unwrap(),
-    );
-    assert_eq!(names.unwrap(), ["style"]);
+    assert_eq!(entry(&models, "smollm2-135m-instruct").adapter_names, ["style"]);
 }
 
 /// The offset of the u32 value of metadata key `want` in a GGUF v2/v3 file's bytes.
@@ -530,8 +525,8 @@ async fn a_header_llama_cpp_would_abort_on_is_refused_with_its_reason() {
     // ListModels' error says the same, and the daemon is alive and serves the default model.
     let models = proxy.list_models().await.unwrap();
     let t = entry(&models, "too-many-layers");
-    assert!(!result_bool(t, "loaded"));
-    assert!(result_str(t, "error").contains("claims 10000 layers"), "{t:?}");
+    assert!(!t.loaded);
+    assert!(t.error.as_deref().unwrap_or_default().contains("claims 10000 layers"), "{t:?}");
     let ok = proxy.complete(chat_request("Hi", 4)).await.unwrap();
     assert_eq!(ok.model.clone(), "smollm2-135m-instruct");
     // Asked again, it is refused again the same way (no abort the second time either).

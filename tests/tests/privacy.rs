@@ -8,10 +8,9 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use hearth_tests::{
-    Bus, Daemon, Settings, apps_dir, apps_setting, chat_request, hearth, process_app, result_str, this_app,
-    workspace_bin,
+    Bus, Daemon, Settings, apps_dir, apps_setting, chat_request, hearth, process_app, this_app, workspace_bin,
 };
-use zbus::{OwnedVariant, Variant};
+use zbus::Variant;
 
 const NOBODY: u32 = 65534;
 
@@ -34,10 +33,6 @@ fn require_root() -> bool {
     false
 }
 
-fn str_of(d: &HashMap<String, OwnedVariant>, k: &str) -> String {
-    result_str(d, k)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn apps_are_identified_by_the_os_and_get_their_own_policy() {
     if !require_root() {
@@ -56,9 +51,9 @@ async fn apps_are_identified_by_the_os_and_get_their_own_policy() {
     let proxy = hearth(&conn).await;
 
     let me = proxy.caller_info().await.unwrap();
-    assert_eq!(str_of(&me, "app_id"), this_app());
-    assert_eq!(str_of(&me, "app_kind"), "process");
-    assert_eq!(str_of(&me, "max_priority"), "interactive", "the default policy");
+    assert_eq!(me.app_id, this_app());
+    assert_eq!(me.app_kind, "process");
+    assert_eq!(me.max_priority, "interactive", "the default policy");
     let out = hearthctl_as_nobody(&bus, &["--json", "whoami"]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let them: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
@@ -75,7 +70,7 @@ async fn apps_are_identified_by_the_os_and_get_their_own_policy() {
     forged.insert("app_id", Variant::from(nobody_app.as_str()));
     let e = proxy.complete(forged).await.unwrap_err();
     assert_eq!(e.dbus_name(), "org.hearth.Hearth1.Error.InvalidArgs");
-    assert_eq!(str_of(&proxy.caller_info().await.unwrap(), "app_id"), this_app());
+    assert_eq!(proxy.caller_info().await.unwrap().app_id, this_app());
     let mut interactive = chat_request("Hi", 2);
     interactive.insert("priority", Variant::from("interactive"));
     proxy.complete(interactive).await.unwrap();
@@ -394,7 +389,7 @@ async fn a_bare_process_may_seal_only_when_its_policy_opts_in() {
     let daemon = Daemon::start_configured(&bus, &settings).await;
     let conn = bus.connect().await;
     let proxy = hearth(&conn).await;
-    assert_eq!(str_of(&proxy.caller_info().await.unwrap(), "app_kind"), "process");
+    assert_eq!(proxy.caller_info().await.unwrap().app_kind, "process");
     let e = proxy.seal(b"My locker code is 4711.", HashMap::new()).await.unwrap_err();
     assert_eq!(e.dbus_name(), "org.hearth.Hearth1.Error.NotAuthorized");
     assert!(e.message().contains("seal_unsandboxed = true"), "says how to opt in: {}", e.message());

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use futures_util::StreamExt;
 use hearth_dbus::{Error, Generation, RequestProxy, StreamEvent, messages_value, request_key};
-use hearth_tests::{Bus, Daemon, Settings, chat_request, direct_run, greedy, result_str, result_u32};
+use hearth_tests::{Bus, Daemon, Settings, chat_request, direct_run, greedy};
 use zbus::MatchRule;
 use zbus::Variant;
 use zbus::message::Type as MessageType;
@@ -318,24 +318,23 @@ async fn list_models_and_properties_describe_the_daemon() {
     assert!(proxy.loaded_models().await.unwrap().is_empty());
     assert_eq!(proxy.queue_depth().await.unwrap(), 0);
     let models = proxy.list_models().await.unwrap();
-    assert!(!bool::try_from(models[0].get("loaded").unwrap()).unwrap());
-    assert!(!bool::try_from(models[0].get("verified").unwrap()).unwrap());
+    assert!(!models[0].loaded && !models[0].verified);
     proxy.complete(hearth_tests::chat_request("Hi", 1)).await.unwrap();
     assert_eq!(proxy.loaded_models().await.unwrap(), vec!["smollm2-135m-instruct".to_owned()]);
     let models = proxy.list_models().await.unwrap();
     assert_eq!(models.len(), 1);
     let m = &models[0];
-    assert_eq!(result_str(m, "name"), "smollm2-135m-instruct");
-    assert_eq!(result_str(m, "sha256"), "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53");
-    assert!(bool::try_from(m.get("loaded").unwrap()).unwrap());
-    assert_eq!(result_u32(m, "context_length"), hearth_tests::CONTEXT);
-    assert_eq!(result_u32(m, "trained_context"), 8192);
-    assert!(bool::try_from(m.get("verified").unwrap()).unwrap());
+    assert_eq!(m.name, "smollm2-135m-instruct");
+    assert_eq!(m.sha256, "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53");
+    assert!(m.loaded);
+    assert_eq!(m.context_length, Some(hearth_tests::CONTEXT));
+    assert_eq!(m.trained_context, Some(8192));
+    assert!(m.verified);
     let backends = proxy.backends().await.unwrap();
-    assert!(backends.iter().any(|b| result_str(b, "kind") == "cpu"), "{backends:?}");
+    assert!(backends.iter().any(|b| b.kind == "cpu"), "{backends:?}");
     let memory = proxy.memory().await.unwrap();
-    let used = u64::try_from(memory.get("used_bytes").unwrap()).unwrap();
-    assert!(used > 50 << 20 && used <= u64::try_from(memory.get("budget_bytes").unwrap()).unwrap(), "{memory:?}");
+    let used = memory.used_bytes;
+    assert!(used > 50 << 20 && used <= memory.budget_bytes, "{memory:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -19,14 +19,14 @@ use std::sync::atomic::AtomicU64;
 use hearth_dbus::Error as BusError;
 use zbus::message::Header;
 use zbus::{Connection, interface};
-use zbus::{OwnedObjectPath, OwnedVariant, Variant};
+use zbus::{OwnedObjectPath, OwnedVariant};
 
 pub use callers::CallerCache;
 use callers::{caller, identify};
 pub use in_flight::InFlight;
+pub(crate) use result::generation_result;
 use result::internal;
-use result::model_dict;
-pub(crate) use result::{generation_result, owned};
+use result::model_info;
 pub(crate) use run::{Admitted, OnFinish};
 pub use session::Sessions;
 pub use watch::{publish_cloud_changes, publish_governor_changes, publish_status_changes, watch_disconnects};
@@ -251,9 +251,9 @@ impl HearthService {
 
     /// The installed models; see org.hearth.Hearth1.xml.
     #[zbus(out_args("models"))]
-    async fn list_models(&self) -> Result<Vec<HashMap<String, OwnedVariant>>, BusError> {
+    async fn list_models(&self) -> Result<Vec<hearth_dbus::ModelInfo>, BusError> {
         let default = self.models.default_model();
-        Ok(self.models.report().into_iter().map(|r| model_dict(&r, &default)).collect())
+        Ok(self.models.report().into_iter().map(|r| model_info(&r, &default)).collect())
     }
 
     /// Loads a model now (admin); see org.hearth.Hearth1.xml.
@@ -358,25 +358,21 @@ impl HearthService {
         &self,
         #[zbus(header)] header: Header<'_>,
         #[zbus(connection)] conn: &Connection,
-    ) -> Result<HashMap<String, OwnedVariant>, BusError> {
+    ) -> Result<hearth_dbus::CallerInfo, BusError> {
         let sender = caller(&header)?;
         let (who, id) = identify(conn, &self.callers, &sender).await?;
         let policy = self.gate.policy(&who.app);
-        let scopes: Vec<&str> = policy.cloud_scopes.iter().map(|s| s.as_str()).collect();
-        let mut d = HashMap::from([
-            ("app_id".to_owned(), owned(Variant::from(id.app_id.as_str()))),
-            ("app_kind".to_owned(), owned(Variant::from(id.kind.as_str()))),
-            ("uid".to_owned(), owned(Variant::from(id.uid))),
-            ("pid".to_owned(), owned(Variant::from(id.pid))),
-            ("models".to_owned(), owned(Variant::from(policy.models.clone()))),
-            ("max_priority".to_owned(), owned(Variant::from(policy.max_priority.as_str()))),
-            ("cloud".to_owned(), owned(Variant::from(policy.cloud))),
-            ("cloud_scopes".to_owned(), owned(Variant::from(scopes))),
-        ]);
-        if let Some(label) = &id.label {
-            d.insert("label".to_owned(), owned(Variant::from(label.as_str())));
-        }
-        Ok(d)
+        Ok(hearth_dbus::CallerInfo {
+            app_id: id.app_id.clone(),
+            app_kind: id.kind.as_str().to_owned(),
+            uid: id.uid,
+            pid: id.pid,
+            models: policy.models.clone(),
+            max_priority: policy.max_priority.as_str().to_owned(),
+            cloud: policy.cloud,
+            cloud_scopes: policy.cloud_scopes.iter().map(|s| s.as_str().to_owned()).collect(),
+            label: id.label.clone(),
+        })
     }
 
     #[zbus(property)]
@@ -428,24 +424,24 @@ impl HearthService {
 
     /// Memory budget, use and pressure; see org.hearth.Hearth1.xml.
     #[zbus(property)]
-    async fn memory(&self) -> HashMap<String, OwnedVariant> {
+    async fn memory(&self) -> hearth_dbus::Memory {
         let m = self.models.status().borrow().memory.clone();
-        HashMap::from([
-            ("budget_bytes".to_owned(), owned(Variant::from(m.budget))),
-            ("used_bytes".to_owned(), owned(Variant::from(m.used))),
-            ("pressure".to_owned(), owned(Variant::from(m.pressure))),
-            ("some_avg10".to_owned(), owned(Variant::from(m.reading.some_avg10))),
-            ("full_avg10".to_owned(), owned(Variant::from(m.reading.full_avg10))),
-            ("evicted".to_owned(), owned(Variant::from(m.evicted))),
-            ("expired".to_owned(), owned(Variant::from(m.expired))),
-            ("pressure_unloads".to_owned(), owned(Variant::from(m.pressure_unloads))),
-            ("pressure_shrinks".to_owned(), owned(Variant::from(m.pressure_shrinks))),
-            ("ceiling_bytes".to_owned(), owned(Variant::from(m.ceiling))),
-            ("anon_bytes".to_owned(), owned(Variant::from(m.anon))),
-            ("over_ceiling".to_owned(), owned(Variant::from(m.over_ceiling))),
-            ("ceiling_hits".to_owned(), owned(Variant::from(m.ceiling_hits))),
-            ("engine_failures".to_owned(), owned(Variant::from(m.engine_failures))),
-        ])
+        hearth_dbus::Memory {
+            budget_bytes: m.budget,
+            used_bytes: m.used,
+            pressure: m.pressure,
+            some_avg10: m.reading.some_avg10,
+            full_avg10: m.reading.full_avg10,
+            evicted: m.evicted,
+            expired: m.expired,
+            pressure_unloads: m.pressure_unloads,
+            pressure_shrinks: m.pressure_shrinks,
+            ceiling_bytes: m.ceiling,
+            anon_bytes: m.anon,
+            over_ceiling: m.over_ceiling,
+            ceiling_hits: m.ceiling_hits,
+            engine_failures: m.engine_failures,
+        }
     }
 
     /// Whether the cloud leg may be used now; see org.hearth.Hearth1.xml.
@@ -468,43 +464,35 @@ impl HearthService {
 
     /// What the governors ask of the engines now; see org.hearth.Hearth1.xml.
     #[zbus(property)]
-    async fn throttle(&self) -> HashMap<String, OwnedVariant> {
+    async fn throttle(&self) -> hearth_dbus::Throttle {
         let g = self.governor.borrow().clone();
-        let mut d = HashMap::from([
-            ("rate_cap_tps".to_owned(), owned(Variant::from(g.rate_cap_tps.unwrap_or(0.0)))),
-            ("duty".to_owned(), owned(Variant::from(g.duty.unwrap_or(1.0)))),
-            ("potential_tps".to_owned(), owned(Variant::from(g.potential_tps))),
-            ("threads".to_owned(), owned(Variant::from(g.threads))),
-            ("defer_background".to_owned(), owned(Variant::from(g.defer_background))),
-            ("prefer_cloud".to_owned(), owned(Variant::from(g.prefer_cloud))),
-            ("power_saver".to_owned(), owned(Variant::from(g.power_saver))),
-        ]);
-        for (k, v) in [("temperature_c", g.temperature_c), ("trip_c", g.trip_c)] {
-            if let Some(v) = v {
-                d.insert(k.to_owned(), owned(Variant::from(v)));
-            }
+        hearth_dbus::Throttle {
+            rate_cap_tps: g.rate_cap_tps.unwrap_or(0.0),
+            duty: g.duty.unwrap_or(1.0),
+            potential_tps: g.potential_tps,
+            threads: g.threads,
+            defer_background: g.defer_background,
+            prefer_cloud: g.prefer_cloud,
+            power_saver: g.power_saver,
+            temperature_c: g.temperature_c,
+            trip_c: g.trip_c,
+            battery_pct: g.battery_pct,
         }
-        if let Some(b) = g.battery_pct {
-            d.insert("battery_pct".to_owned(), owned(Variant::from(b)));
-        }
-        d
     }
 
     /// The compute devices ggml found; see org.hearth.Hearth1.xml.
     #[zbus(property(emits_changed_signal = "const"))]
-    async fn backends(&self) -> Vec<HashMap<String, OwnedVariant>> {
+    async fn backends(&self) -> Vec<hearth_dbus::Backend> {
         self.models
             .backends()
             .into_iter()
-            .map(|(d, owned_by_us)| {
-                HashMap::from([
-                    ("name".to_owned(), owned(Variant::from(d.name))),
-                    ("description".to_owned(), owned(Variant::from(d.description))),
-                    ("kind".to_owned(), owned(Variant::from(d.kind.as_str()))),
-                    ("memory_total".to_owned(), owned(Variant::from(d.memory_total))),
-                    ("memory_free".to_owned(), owned(Variant::from(d.memory_free))),
-                    ("owned".to_owned(), owned(Variant::from(owned_by_us))),
-                ])
+            .map(|(d, owned)| hearth_dbus::Backend {
+                name: d.name,
+                description: d.description,
+                kind: d.kind.as_str().to_owned(),
+                memory_total: d.memory_total,
+                memory_free: d.memory_free,
+                owned,
             })
             .collect()
     }

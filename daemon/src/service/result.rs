@@ -1,20 +1,12 @@
 //! The dictionaries hearthd answers with: a generation's result (Complete, Request.Finished,
 //! Session.Complete) and a ListModels entry.
 
-use std::collections::HashMap;
-
 use hearth_dbus::{Error as BusError, GenerationResult, ToolCall};
-use zbus::{OwnedVariant, Variant};
 
 use super::driver::Finish;
 use crate::manager::ModelReport;
 use crate::privacy::Decision;
 use crate::structured::Structure;
-
-pub(crate) fn owned(v: Variant<'_>) -> OwnedVariant {
-    // Only values holding file descriptors can fail to convert; ours never do.
-    OwnedVariant::try_from(v).expect("value without file descriptors")
-}
 
 /// The result of Complete and Request.Finished; `streamed` is how many Token events the
 /// caller got (the device's tokens and the cloud's chunks).
@@ -61,48 +53,38 @@ pub(crate) fn generation_result(
 }
 
 /// One ListModels entry.
-pub(super) fn model_dict(r: &ModelReport, default: &str) -> HashMap<String, OwnedVariant> {
+pub(super) fn model_info(r: &ModelReport, default: &str) -> hearth_dbus::ModelInfo {
     let m = &r.entry.manifest;
-    let caps: Vec<&str> = m.capabilities.iter().map(|c| c.as_str()).collect();
-    let mut d = HashMap::from([
-        ("name".to_owned(), owned(Variant::from(m.name.as_str()))),
-        ("file".to_owned(), owned(Variant::from(r.entry.path.display().to_string()))),
-        ("sha256".to_owned(), owned(Variant::from(m.sha256.as_str()))),
-        ("loaded".to_owned(), owned(Variant::from(r.info.is_some()))),
-        ("default".to_owned(), owned(Variant::from(m.name == default))),
-        ("pinned".to_owned(), owned(Variant::from(r.pinned))),
-        ("verified".to_owned(), owned(Variant::from(r.verified))),
-        ("capabilities".to_owned(), owned(Variant::from(caps))),
-        ("adapters".to_owned(), owned(Variant::from(m.adapters.len() as u32))),
-        ("adapter_names".to_owned(), owned(Variant::from(m.adapters.iter().map(|a| a.name()).collect::<Vec<_>>()))),
-        ("file_size".to_owned(), owned(Variant::from(r.entry.file_size.unwrap_or(0)))),
-    ]);
-    if let Some(n) = m.context_length {
-        d.insert("context_length".to_owned(), owned(Variant::from(n)));
+    let info = r.info.as_ref();
+    let sandbox = r.engine.as_ref().map(|(_, s)| s);
+    hearth_dbus::ModelInfo {
+        name: m.name.clone(),
+        file: r.entry.path.display().to_string(),
+        sha256: m.sha256.clone(),
+        loaded: info.is_some(),
+        default: m.name == default,
+        pinned: r.pinned,
+        verified: r.verified,
+        capabilities: m.capabilities.iter().map(|c| c.as_str().to_owned()).collect(),
+        adapters: m.adapters.len() as u32,
+        adapter_names: m.adapters.iter().map(|a| a.name()).collect(),
+        file_size: r.entry.file_size.unwrap_or(0),
+        context_length: info.map(|i| i.context_length).or(m.context_length),
+        n_params: info.map(|i| i.n_params),
+        size_bytes: info.map(|i| i.size_bytes),
+        trained_context: info.map(|i| i.trained_context),
+        description: info.map(|i| i.description.clone()),
+        memory_bytes: info.map(|_| r.memory),
+        kv_shrunk: info.map(|_| r.shrunk),
+        engine_pid: r.engine.as_ref().map(|(pid, _)| *pid),
+        sandbox_landlock: sandbox.map(|s| s.landlock.clone()),
+        sandbox_landlock_abi: sandbox.map(|s| s.landlock_abi),
+        sandbox_seccomp: sandbox.map(|s| s.seccomp),
+        sandbox_socket: sandbox.map(|s| s.socket.clone()),
+        sandbox_probes: sandbox
+            .map(|s| s.probes.iter().map(|(p, what)| (p.display().to_string(), what.clone())).collect()),
+        error: r.last_error.clone(),
     }
-    if let Some(info) = &r.info {
-        d.insert("n_params".to_owned(), owned(Variant::from(info.n_params)));
-        d.insert("size_bytes".to_owned(), owned(Variant::from(info.size_bytes)));
-        d.insert("context_length".to_owned(), owned(Variant::from(info.context_length)));
-        d.insert("trained_context".to_owned(), owned(Variant::from(info.trained_context)));
-        d.insert("description".to_owned(), owned(Variant::from(info.description.as_str())));
-        d.insert("memory_bytes".to_owned(), owned(Variant::from(r.memory)));
-        d.insert("kv_shrunk".to_owned(), owned(Variant::from(r.shrunk)));
-    }
-    if let Some((pid, sandbox)) = &r.engine {
-        let probes: Vec<(String, String)> =
-            sandbox.probes.iter().map(|(p, what)| (p.display().to_string(), what.clone())).collect();
-        d.insert("engine_pid".to_owned(), owned(Variant::from(*pid)));
-        d.insert("sandbox_landlock".to_owned(), owned(Variant::from(sandbox.landlock.as_str())));
-        d.insert("sandbox_landlock_abi".to_owned(), owned(Variant::from(sandbox.landlock_abi)));
-        d.insert("sandbox_seccomp".to_owned(), owned(Variant::from(sandbox.seccomp)));
-        d.insert("sandbox_socket".to_owned(), owned(Variant::from(sandbox.socket.as_str())));
-        d.insert("sandbox_probes".to_owned(), owned(Variant::from(probes)));
-    }
-    if let Some(e) = &r.last_error {
-        d.insert("error".to_owned(), owned(Variant::from(e.as_str())));
-    }
-    d
 }
 
 /// A failure of the bus layer itself, as a named `Internal` error: a reply must always carry

@@ -1,0 +1,145 @@
+//! The service's other `a{sv}` dictionaries as typed structs: a ListModels entry, the Memory,
+//! Throttle and Backends properties, and CallerInfo's reply. hearthd builds them, hearthctl
+//! and the tests read them; the keys are the field names and the XML documents each.
+//! Optional fields are keys that may be absent; unknown keys are ignored when reading, so a
+//! newer hearthd can add some.
+
+use zbus::{DeserializeDict, SerializeDict, Type};
+
+/// One installed model, as ListModels reports it.
+#[derive(Debug, Clone, Default, PartialEq, SerializeDict, DeserializeDict, Type)]
+#[zbus(signature = "a{sv}")]
+pub struct ModelInfo {
+    pub name: String,
+    pub file: String,
+    pub sha256: String,
+    pub loaded: bool,
+    /// Whether it is the default model.
+    pub default: bool,
+    pub pinned: bool,
+    /// Whether its file's hash was checked in this run.
+    pub verified: bool,
+    pub capabilities: Vec<String>,
+    pub adapters: u32,
+    pub adapter_names: Vec<String>,
+    pub file_size: u64,
+    /// The manifest's context length, or the loaded engine's.
+    pub context_length: Option<u32>,
+    // Of a loaded model:
+    pub n_params: Option<u64>,
+    pub size_bytes: Option<u64>,
+    pub trained_context: Option<u32>,
+    pub description: Option<String>,
+    pub memory_bytes: Option<u64>,
+    pub kv_shrunk: Option<bool>,
+    // Of its engine process:
+    pub engine_pid: Option<u32>,
+    /// "full", "partial" or "none".
+    pub sandbox_landlock: Option<String>,
+    pub sandbox_landlock_abi: Option<u32>,
+    pub sandbox_seccomp: Option<bool>,
+    pub sandbox_socket: Option<String>,
+    /// (path, what opening it did).
+    pub sandbox_probes: Option<Vec<(String, String)>>,
+    /// Why its last load failed.
+    pub error: Option<String>,
+}
+
+/// The Memory property.
+#[derive(Debug, Clone, Default, PartialEq, SerializeDict, DeserializeDict, Type)]
+#[zbus(signature = "a{sv}")]
+pub struct Memory {
+    pub budget_bytes: u64,
+    pub used_bytes: u64,
+    pub pressure: bool,
+    pub some_avg10: f64,
+    pub full_avg10: f64,
+    pub evicted: u32,
+    pub expired: u32,
+    pub pressure_unloads: u32,
+    pub pressure_shrinks: u32,
+    pub ceiling_bytes: u64,
+    pub anon_bytes: u64,
+    pub over_ceiling: bool,
+    pub ceiling_hits: u32,
+    pub engine_failures: u32,
+}
+
+/// The Throttle property.
+#[derive(Debug, Clone, Default, PartialEq, SerializeDict, DeserializeDict, Type)]
+#[zbus(signature = "a{sv}")]
+pub struct Throttle {
+    /// Tokens per second (0: uncapped).
+    pub rate_cap_tps: f64,
+    /// 0..1 (1: no limit).
+    pub duty: f64,
+    pub potential_tps: f64,
+    /// Compute threads asked for (0: as configured).
+    pub threads: u32,
+    pub defer_background: bool,
+    pub prefer_cloud: bool,
+    pub power_saver: bool,
+    pub temperature_c: Option<f64>,
+    pub trip_c: Option<f64>,
+    pub battery_pct: Option<u32>,
+}
+
+/// One entry of the Backends property.
+#[derive(Debug, Clone, Default, PartialEq, SerializeDict, DeserializeDict, Type)]
+#[zbus(signature = "a{sv}")]
+pub struct Backend {
+    pub name: String,
+    pub description: String,
+    /// "cpu", "gpu", "igpu" or "accel".
+    pub kind: String,
+    pub memory_total: u64,
+    pub memory_free: u64,
+    /// Whether hearthd's engines use it.
+    pub owned: bool,
+}
+
+/// CallerInfo's reply: who hearthd takes the caller for, and its policy.
+#[derive(Debug, Clone, Default, PartialEq, SerializeDict, DeserializeDict, Type)]
+#[zbus(signature = "a{sv}")]
+pub struct CallerInfo {
+    pub app_id: String,
+    /// How the app id was found ("flatpak", "snap", "systemd-unit", "process", ...).
+    pub app_kind: String,
+    pub uid: u32,
+    pub pid: u32,
+    /// Models the app may use (empty: all).
+    pub models: Vec<String>,
+    pub max_priority: String,
+    pub cloud: bool,
+    pub cloud_scopes: Vec<String>,
+    /// The caller's security label, when the bus reports one.
+    pub label: Option<String>,
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashMap;
+
+    use zbus::OwnedVariant;
+    use zbus::wire::serialized::Context;
+    use zbus::wire::{LE, to_bytes};
+
+    use super::*;
+
+    #[test]
+    fn optional_keys_are_absent_and_unknown_keys_are_ignored() {
+        let ctxt = Context::new(LE, 0);
+        let m = ModelInfo { name: "m".into(), engine_pid: Some(7), ..ModelInfo::default() };
+        let bytes = to_bytes(ctxt, &m).unwrap();
+        let dict: HashMap<String, OwnedVariant> = bytes.deserialize().unwrap().0;
+        assert!(dict.contains_key("engine_pid") && !dict.contains_key("error"), "{dict:?}");
+        let back: ModelInfo = bytes.deserialize().unwrap().0;
+        assert_eq!(back, m);
+        // A dictionary with a key this version does not know still reads.
+        let mut newer = dict;
+        newer.insert("from_the_future".into(), OwnedVariant::from(1u32));
+        let bytes = to_bytes(ctxt, &newer).unwrap();
+        let read: ModelInfo = bytes.deserialize().unwrap().0;
+        assert_eq!(read.name, "m");
+    }
+}
