@@ -22,7 +22,9 @@ use tokio::sync::{mpsc, oneshot, watch};
 
 use super::protocol::{self, FromEngine, SandboxReport, Start, ToEngine};
 use super::session::SessionLink;
-use super::{CancelToken, Command, EngineStatus, KvGauges, Liveness, LoadedModelInfo, Priority, Throttle, worker};
+use super::{
+    CancelToken, Command, EngineStatus, KvGauges, Liveness, LoadedModelInfo, Priority, Throttle, Wake, worker,
+};
 
 /// Most descriptors [`Start`] may come with (the model and its adapters).
 const MAX_START_FDS: usize = 16;
@@ -197,6 +199,7 @@ impl Serving {
         let gauges = Arc::new(KvGauges::default());
         gauges.size.store(ctx.n_ctx(), std::sync::atomic::Ordering::Relaxed);
         let liveness = Arc::new(Liveness::default());
+        let wake = Arc::new(Wake::default());
         let throttle = Arc::new(Throttle::default());
         throttle.apply(start.throttle);
         let sessions = Arc::new(SessionLink::new(out_tx.clone()));
@@ -211,6 +214,7 @@ impl Serving {
             &start.settings,
             Arc::clone(&throttle),
             Arc::clone(&sessions),
+            Arc::clone(&wake),
         );
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
@@ -244,6 +248,7 @@ impl Serving {
             sessions,
             throttle,
             preempt,
+            wake,
             cancels: Cancels::default(),
             status: status_rx.clone(),
             kv: Arc::clone(&gauges),
@@ -266,6 +271,9 @@ struct Io {
     sessions: Arc<SessionLink>,
     throttle: Arc<Throttle>,
     preempt: Arc<AbortSwitch>,
+    /// Wakes the worker out of a timed wait after every message (commands, cancels,
+    /// the governors' demands).
+    wake: Arc<Wake>,
     cancels: Cancels,
     /// The queue as the worker published it, sent ahead of each acceptance.
     status: watch::Receiver<EngineStatus>,
@@ -316,7 +324,10 @@ impl Io {
                     _ = &mut done => break,
                     frame = frames_in.next() => match frame {
                         Some(Ok(payload)) => match protocol::decode::<ToEngine>(&payload) {
-                            Ok(msg) => self.handle(msg).await,
+                            Ok(msg) => {
+                                self.handle(msg).await;
+                                self.wake.notify();
+                            }
                             Err(e) => {
                                 tracing::error!(error = %e, "undecodable message from hearthd: stopping");
                                 let _ = self.cmd.send(Command::Shutdown).await;

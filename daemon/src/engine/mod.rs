@@ -283,6 +283,14 @@ impl Liveness {
         self.idle.store(idle, Ordering::Release);
     }
 
+    /// The loop goes to sleep on purpose until `until` (pacing for the governors, deferred
+    /// work): it counts as having beaten until then, and as hung only if it is not back
+    /// within the hang limit after.
+    pub fn beat_until(&self, until: std::time::Instant) {
+        let at = until.saturating_duration_since(self.epoch);
+        self.beat_ms.store(at.as_millis() as u64, Ordering::Release);
+    }
+
     /// When the loop last beat (an opaque instant: compare for change).
     pub fn last_beat(&self) -> u64 {
         self.beat_ms.load(Ordering::Acquire)
@@ -302,6 +310,41 @@ impl Liveness {
         let at = self.epoch.elapsed().saturating_sub(ago);
         self.beat_ms.store(at.as_millis() as u64, Ordering::Release);
         self.idle.store(idle, Ordering::Release);
+    }
+}
+
+/// Wakes the worker thread out of a timed wait (pacing, deferred background work) as soon
+/// as what it waits on may have changed: a command came, a request was cancelled, the
+/// governors' demands changed. Waiters read [`Wake::seen`] *before* checking their
+/// condition, so a notification in between is never lost.
+#[derive(Debug, Default)]
+pub struct Wake {
+    seq: std::sync::Mutex<u64>,
+    cv: std::sync::Condvar,
+}
+
+impl Wake {
+    pub fn notify(&self) {
+        let mut seq = self.seq.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        *seq = seq.wrapping_add(1);
+        self.cv.notify_all();
+    }
+
+    /// The notifications so far.
+    pub fn seen(&self) -> u64 {
+        *self.seq.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Blocks until a notification after `seen`, or until `until`.
+    pub fn wait(&self, seen: u64, until: std::time::Instant) {
+        let mut seq = self.seq.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        while *seq == seen {
+            let left = until.saturating_duration_since(std::time::Instant::now());
+            if left.is_zero() {
+                return;
+            }
+            seq = self.cv.wait_timeout(seq, left).unwrap_or_else(std::sync::PoisonError::into_inner).0;
+        }
     }
 }
 
@@ -444,3 +487,45 @@ impl EngineSettings {
 }
 
 pub use remote::{EngineHandle, Launch, SandboxReport, SessionVault, SpawnSpec};
+
+#[cfg(test)]
+mod tests {
+    use std::time::Instant;
+
+    use super::*;
+
+    #[test]
+    fn a_wake_between_looking_and_waiting_is_not_lost_and_a_wait_ends_on_time() {
+        let wake = Arc::new(Wake::default());
+        let seen = wake.seen();
+        wake.notify();
+        let t = Instant::now();
+        wake.wait(seen, t + Duration::from_secs(10));
+        assert!(t.elapsed() < Duration::from_secs(1), "returned at once");
+        // Nothing new: it waits until told, or until the time.
+        let seen = wake.seen();
+        let t = Instant::now();
+        wake.wait(seen, t + Duration::from_millis(50));
+        assert!(t.elapsed() >= Duration::from_millis(50));
+        let other = Arc::clone(&wake);
+        let waker = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(30));
+            other.notify();
+        });
+        let t = Instant::now();
+        wake.wait(seen, t + Duration::from_secs(10));
+        assert!(t.elapsed() < Duration::from_secs(5), "woken, not timed out");
+        waker.join().unwrap();
+    }
+
+    #[test]
+    fn a_loop_sleeping_on_purpose_counts_as_beating_until_it_is_due_back() {
+        let l = Liveness::default();
+        l.beat_until(Instant::now() + Duration::from_secs(60));
+        assert_eq!(l.since_beat(), Duration::ZERO);
+        l.beat_until(Instant::now() + Duration::from_millis(20));
+        std::thread::sleep(Duration::from_millis(80));
+        let late = l.since_beat();
+        assert!(late >= Duration::from_millis(50) && late < Duration::from_secs(5), "{late:?}");
+    }
+}

@@ -63,6 +63,8 @@ pub(super) struct Worker {
     /// tests can watch the systemd watchdog ping stop.
     stall: bool,
     throttle: Arc<super::Throttle>,
+    /// Ends a timed wait (pacing, deferred work) when a command, cancel or new demand comes.
+    wake: Arc<super::Wake>,
     /// Configured compute threads, and the count in force.
     threads: (i32, i32),
     /// The context Embed runs in, made on first use, and the Embed jobs in progress.
@@ -76,6 +78,10 @@ pub(super) struct Worker {
 
 /// How long preemption stays held off after an abort that admitted no interactive request.
 const PREEMPT_HOLD: Duration = Duration::from_secs(1);
+/// With only deferred background work waiting, how long the loop sleeps before it looks
+/// again without being woken (the governors lifting the deferral, a command, a cancel wake
+/// it at once; this only bounds how late a waiting request's deadline is noticed).
+const DEFERRED_RECHECK: Duration = Duration::from_secs(1);
 
 impl Worker {
     #[allow(clippy::too_many_arguments)]
@@ -89,6 +95,7 @@ impl Worker {
         settings: &EngineSettings,
         throttle: Arc<super::Throttle>,
         sessions: Arc<SessionLink>,
+        wake: Arc<super::Wake>,
     ) -> Self {
         let n_ctx = ctx.n_ctx_seq();
         let limits = Limits {
@@ -116,6 +123,7 @@ impl Worker {
             prefix_cache: settings.prefix_cache,
             stall: cfg!(debug_assertions) && std::env::var_os("HEARTH_DEBUG_STALL_ENGINE").is_some(),
             throttle,
+            wake,
             threads: (settings.threads, settings.threads),
             embedder: None,
             embeds: embed::EmbedQueue::new(),
@@ -129,6 +137,8 @@ impl Worker {
         tracing::debug!("engine thread running");
         loop {
             self.liveness.beat();
+            // Read before anything is looked at: a wake after this ends the waits below.
+            let seen = self.wake.seen();
             if self.running.is_empty() && self.scheduler.waiting().is_empty() && self.embeds.is_empty() {
                 self.liveness.set_idle(true);
                 let cmd = self.rx.blocking_recv();
@@ -181,8 +191,14 @@ impl Worker {
                 self.embed_step();
                 self.pace(0, true, started);
             } else if self.running.is_empty() && self.scheduler.only_deferred_waiting() {
-                // Only deferred background work: look again shortly (commands wake us too).
-                std::thread::sleep(Duration::from_millis(50));
+                // Only deferred background work: sleep until something changes (or a waiting
+                // request's deadline is due).
+                let mut until = Instant::now() + DEFERRED_RECHECK;
+                if let Some(d) = self.scheduler.waiting().iter().filter_map(|w| w.deadline).min() {
+                    until = until.min(d);
+                }
+                self.liveness.beat_until(until);
+                self.wake.wait(seen, until);
             }
             self.retire();
             self.publish_status();

@@ -100,17 +100,20 @@ impl Budget {
 }
 
 /// Resolves once the caller cancelled or the budget ran out (then marking `cancel` with
-/// Deadline), with the reason. Checked every 50 ms, so a stalled or trickling endpoint
-/// holds a cancelled request no longer than that.
+/// Deadline), with the reason: woken by the cancel itself, so a stalled or trickling
+/// endpoint holds a cancelled request no longer than it takes to drop its stream.
 async fn stopped(cancel: &CancelToken, budget: Budget) -> CancelReason {
-    let mut tick = tokio::time::interval(Duration::from_millis(50));
-    loop {
-        tick.tick().await;
-        if budget.0.is_some_and(|d| Instant::now() >= d) {
-            cancel.cancel(CancelReason::Deadline);
+    let out_of_time = async {
+        match budget.0 {
+            Some(d) => tokio::time::sleep_until(d.into()).await,
+            None => std::future::pending().await,
         }
-        if let Some(reason) = cancel.reason() {
-            return reason;
+    };
+    tokio::select! {
+        reason = cancel.cancelled() => reason,
+        () = out_of_time => {
+            cancel.cancel(CancelReason::Deadline);
+            cancel.reason().unwrap_or(CancelReason::Deadline)
         }
     }
 }
@@ -289,7 +292,7 @@ impl LocalWatch {
         mut events: mpsc::UnboundedReceiver<Event>,
         tx: mpsc::UnboundedSender<StreamEvent>,
     ) {
-        let mut tick = tokio::time::interval(Duration::from_millis(100));
+        let mut cancelled = false;
         let mut count = 0u32;
         let mut moving = false;
         let outcome = loop {
@@ -306,10 +309,9 @@ impl LocalWatch {
                     }
                     None => return,
                 },
-                _ = tick.tick() => {
-                    if let Some(r) = self.user.reason() {
-                        self.engine_cancel.cancel(r);
-                    }
+                reason = self.user.cancelled(), if !cancelled => {
+                    cancelled = true;
+                    self.engine_cancel.cancel(reason);
                 }
                 _ = self.governor.changed(), if !moving => {
                     let critical = self.governor.borrow().thermal == ThermalState::Critical;

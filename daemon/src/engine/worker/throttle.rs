@@ -14,8 +14,6 @@ use crate::engine::sequence::unstarted_outcome;
 
 /// The longest one step is held back by the governors' limits.
 const MAX_PACE: Duration = Duration::from_secs(2);
-/// How often a held-back step reads the limits again.
-const PACE_SLICE: Duration = Duration::from_millis(20);
 
 impl Worker {
     /// Takes the governors' thread count and background deferral.
@@ -69,9 +67,10 @@ impl Worker {
             let ewma = if old == 0.0 { potential } else { 0.9 * old + 0.1 * potential };
             self.throttle.potential_mtps.store((ewma * 1000.0) as u64, Ordering::Relaxed);
         }
-        // Sleep in short slices, reading the limits again after each: when the governor lifts
-        // them (the phone cooled), decoding resumes within a slice, not after a long sleep.
+        // Wait until the step is due, woken early by anything that may change that: the
+        // governor lifting its limits (the phone cooled), a cancel, a command.
         loop {
+            let seen = self.wake.seen();
             let mut due = Duration::ZERO;
             if let Some(cap) = self.throttle.rate_cap().filter(|_| tokens > 0) {
                 due = Duration::from_secs_f64(tokens as f64 / cap.max(0.01));
@@ -79,8 +78,8 @@ impl Worker {
             if let Some(duty) = self.throttle.duty() {
                 due = due.max(took.div_f64(duty.max(0.01)));
             }
-            let waited = started.elapsed();
-            if waited >= due.min(took + MAX_PACE) {
+            let due = due.min(took + MAX_PACE);
+            if started.elapsed() >= due {
                 break;
             }
             // A request that must stop (cancelled, caller gone, deadline) is not held for
@@ -91,9 +90,14 @@ impl Worker {
             {
                 break;
             }
-            // Holding back for the governors is the loop working as meant: it beats.
-            self.liveness.beat();
-            std::thread::sleep((due - waited).min(PACE_SLICE));
+            let mut until = started + due;
+            if let Some(d) = self.running.iter().filter(|s| s.finished.is_none()).filter_map(|s| s.deadline).min() {
+                until = until.min(d);
+            }
+            // Holding back for the governors is the loop working as meant: it has beaten
+            // until it is due back.
+            self.liveness.beat_until(until);
+            self.wake.wait(seen, until);
         }
     }
 }
