@@ -1,11 +1,12 @@
-//! The daemon's error enum, why requests are cancelled, and the one place that maps them to
-//! the stable D-Bus error names.
-
-use std::fmt;
+//! The daemon's error enum, and the one place errors become the stable D-Bus error names:
+//! the engine's own ([`EngineError`]) map into it here, it maps into `hearth_dbus::Error`.
 
 use hearth_dbus::Error as BusError;
 
-#[derive(Debug, Clone, thiserror::Error, PartialEq, serde::Serialize, serde::Deserialize)]
+pub use crate::engine::CancelReason;
+use crate::engine::EngineError;
+
+#[derive(Debug, Clone, thiserror::Error, PartialEq)]
 pub enum Error {
     /// A request is malformed.
     #[error("{0}")]
@@ -109,55 +110,26 @@ impl From<Error> for BusError {
     }
 }
 
+impl From<EngineError> for Error {
+    fn from(e: EngineError) -> Self {
+        match e {
+            EngineError::InvalidArgs(m) => Error::InvalidArgs(m),
+            EngineError::ContextLengthExceeded { prompt, context } => Error::ContextLengthExceeded { prompt, context },
+            EngineError::Busy { scope, waiting, limit, retry_after_ms } => {
+                Error::Busy { scope, waiting, limit, retry_after_ms }
+            }
+            EngineError::MemoryCeiling { ceiling_mib } => Error::MemoryCeiling { ceiling_mib },
+            EngineError::Cancelled(reason) => Error::Cancelled(reason),
+            e @ EngineError::NotYourSession(_) => Error::NotAuthorized(e.to_string()),
+            EngineError::Failed { model, reason } => Error::EngineFailed { model, reason },
+            EngineError::Internal(m) => Error::Internal(m),
+        }
+    }
+}
+
 impl From<hearth_ffi::Error> for Error {
     fn from(e: hearth_ffi::Error) -> Self {
         Error::Internal(e.to_string())
-    }
-}
-
-/// Why a request was cancelled.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub enum CancelReason {
-    /// Its caller called Cancel.
-    Caller,
-    /// hearthd is stopping.
-    Shutdown,
-    /// Nobody is listening for the result any more.
-    Disconnected,
-    /// Its `deadline_ms` passed before it finished.
-    Deadline,
-}
-
-impl fmt::Display for CancelReason {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            Self::Caller => "cancelled by the caller",
-            Self::Shutdown => "cancelled: hearthd is shutting down",
-            Self::Disconnected => "cancelled: the caller went away",
-            Self::Deadline => "cancelled: its deadline_ms passed before it finished",
-        })
-    }
-}
-
-impl CancelReason {
-    /// A one-byte code, so a cancellation can be stored in an atomic.
-    pub(crate) fn code(self) -> u8 {
-        match self {
-            Self::Caller => 1,
-            Self::Shutdown => 2,
-            Self::Disconnected => 3,
-            Self::Deadline => 4,
-        }
-    }
-
-    pub(crate) fn from_code(code: u8) -> Option<Self> {
-        match code {
-            1 => Some(Self::Caller),
-            2 => Some(Self::Shutdown),
-            3 => Some(Self::Disconnected),
-            4 => Some(Self::Deadline),
-            _ => None,
-        }
     }
 }
 
@@ -172,5 +144,27 @@ mod tests {
         assert!(msg.len() <= MAX_MESSAGE_BYTES && msg.ends_with("..."), "{}", msg.len());
         assert_eq!(bounded("short", 512), "short");
         assert_eq!(Error::Busy { scope: String::new(), waiting: 0, limit: 0, retry_after_ms: 0 }.kind(), "Busy");
+    }
+
+    #[test]
+    fn engine_errors_keep_their_message_and_get_their_names() {
+        let cases = [
+            (EngineError::NotYourSession(7), "org.hearth.Hearth1.Error.NotAuthorized"),
+            (
+                EngineError::Failed { model: "m".into(), reason: "killed by signal 6".into() },
+                "org.hearth.Hearth1.Error.EngineFailed",
+            ),
+            (EngineError::MemoryCeiling { ceiling_mib: 900 }, "org.hearth.Hearth1.Error.Busy"),
+            (EngineError::Cancelled(CancelReason::Deadline), "org.hearth.Hearth1.Error.Cancelled"),
+            (
+                EngineError::ContextLengthExceeded { prompt: 9, context: 8 },
+                "org.hearth.Hearth1.Error.ContextLengthExceeded",
+            ),
+        ];
+        for (engine, name) in cases {
+            let message = engine.to_string();
+            let bus = BusError::from(Error::from(engine));
+            assert_eq!((bus.dbus_name().to_string(), bus.message().to_owned()), (name.to_owned(), message));
+        }
     }
 }

@@ -333,7 +333,7 @@ impl ModelManager {
             // A load (or a shrunk KV cache growing back) allocates a whole context: never
             // while over the memory ceiling.
             if let Some(e) = self.inner.throttle.ceiling_refusal() {
-                return Err(e);
+                return Err(e.into());
             }
             self.ensure_loaded(&name).await?;
             if let Some(lease) = self.try_lease(&name, true) {

@@ -375,9 +375,8 @@ impl Io {
                 let (status, kv) = (self.status.clone(), Arc::clone(&self.kv));
                 let sessions = Arc::clone(&self.sessions);
                 tokio::spawn(async move {
-                    let result = verdict
-                        .await
-                        .unwrap_or(Err(crate::error::Error::Cancelled(crate::error::CancelReason::Shutdown)));
+                    let result =
+                        verdict.await.unwrap_or(Err(super::EngineError::Cancelled(super::CancelReason::Shutdown)));
                     let accepted = result.is_ok();
                     if let (false, Some(id)) = (accepted, session) {
                         // A refused turn's KV is not kept in the engine (the next turn recomputes).
@@ -418,9 +417,8 @@ impl Io {
                 }
                 let (out, cancels) = (self.out.clone(), Arc::clone(&self.cancels));
                 tokio::spawn(async move {
-                    let result = answer
-                        .await
-                        .unwrap_or(Err(crate::error::Error::Cancelled(crate::error::CancelReason::Shutdown)));
+                    let result =
+                        answer.await.unwrap_or(Err(super::EngineError::Cancelled(super::CancelReason::Shutdown)));
                     let _ = out.send(FromEngine::Embedded { key, result });
                     lock(&cancels).remove(&key);
                 });

@@ -13,8 +13,8 @@ use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use super::FinishReason;
 use futures_util::{SinkExt, StreamExt};
-use hearth_dbus::FinishReason;
 use hearth_ffi::Token;
 use tokio::sync::mpsc;
 use tokio_util::codec::{FramedRead, FramedWrite};
@@ -22,7 +22,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::protocol::{self, FromEngine, SandboxReport, SessionKv, Start, ToEngine};
 use super::{Accepted, AdapterSet, CancelReason, EngineStatus, Event, GenerateRequest, LoadedModelInfo, Outcome};
-use crate::error::Error;
+use crate::engine::EngineError;
 
 /// What the fake engine does; read at each start and each token, so a test may change it
 /// between restarts.
@@ -265,7 +265,8 @@ impl Serving {
                 });
                 let prompt = prompt_tokens(&request);
                 if prompt.len() as u32 >= self.info.context_length {
-                    let e = Error::ContextLengthExceeded { prompt: prompt.len(), context: self.info.context_length };
+                    let e =
+                        EngineError::ContextLengthExceeded { prompt: prompt.len(), context: self.info.context_length };
                     let _ = self.out.send(FromEngine::Verdict { key, result: Err(e) });
                     return None;
                 }
@@ -369,7 +370,8 @@ impl Serving {
         }
         let _ = self.out.send(self.status(&queue));
         drop(queue);
-        let error = (reason == FinishReason::Cancelled).then(|| Error::Cancelled(why.unwrap_or(CancelReason::Caller)));
+        let error =
+            (reason == FinishReason::Cancelled).then(|| EngineError::Cancelled(why.unwrap_or(CancelReason::Caller)));
         let outcome = Outcome {
             reason,
             text,

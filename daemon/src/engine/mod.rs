@@ -27,13 +27,13 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU32, AtomicU64, Ordering};
 use std::time::Duration;
 
-use hearth_dbus::FinishReason;
 use hearth_ffi::{ChatMessage, SamplerParams, Token};
 use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, oneshot, watch};
 
-pub use crate::error::CancelReason;
-use crate::error::Error;
+mod error;
+
+pub use error::{CancelReason, EngineError};
 
 /// A validated generation request, as the D-Bus layer hands it to the engine.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -156,6 +156,19 @@ pub enum Event {
     Finished(Outcome),
 }
 
+/// How a generation ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum FinishReason {
+    /// The model produced an end-of-generation token.
+    Stop,
+    /// `max_tokens` was reached, or the context is full.
+    Length,
+    /// Cancelled (by the caller, a deadline, shutdown, a caller gone).
+    Cancelled,
+    /// Failed; the outcome's error says why.
+    Error,
+}
+
 /// The result of a generation.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Outcome {
@@ -168,8 +181,8 @@ pub struct Outcome {
     pub model: String,
     pub prefill: Duration,
     pub decode: Duration,
-    /// Set when `reason` is Cancelled or Error.
-    pub error: Option<Error>,
+    /// Set when `reason` is Cancelled or EngineError.
+    pub error: Option<EngineError>,
 }
 
 /// The engine's verdict on a submitted request.
@@ -195,7 +208,7 @@ enum Command {
         caller: Caller,
         cancel: CancelToken,
         events: mpsc::UnboundedSender<Event>,
-        reply: oneshot::Sender<Result<Accepted, Error>>,
+        reply: oneshot::Sender<Result<Accepted, EngineError>>,
     },
     /// A bus connection went away: cancel its requests and free their KV.
     ConnectionClosed(String),
@@ -427,10 +440,10 @@ impl Throttle {
     }
 
     /// The error device work gets while memory is over the ceiling, if it is.
-    pub fn ceiling_refusal(&self) -> Option<Error> {
+    pub fn ceiling_refusal(&self) -> Option<EngineError> {
         self.over_ceiling
             .load(Ordering::Acquire)
-            .then(|| Error::MemoryCeiling { ceiling_mib: self.ceiling_mib.load(Ordering::Relaxed) })
+            .then(|| EngineError::MemoryCeiling { ceiling_mib: self.ceiling_mib.load(Ordering::Relaxed) })
     }
 
     /// The duty cycle asked for, in (0, 1); None: no limit.

@@ -14,15 +14,15 @@ use bytes::{Bytes, BytesMut};
 use serde::{Deserialize, Serialize};
 use tokio_util::codec::{Decoder, Encoder, LengthDelimitedCodec};
 
+use super::EngineError;
 use super::{
     Accepted, AdapterSet, Caller, CancelReason, EngineSettings, EngineStatus, Event, GenerateRequest, LoadedModelInfo,
     ThrottleState,
 };
-use crate::error::Error;
 
 /// Bumped on every incompatible change; hearthd and hearth-engine of different versions
 /// refuse each other (they are installed together, so this catches a stale binary).
-pub const VERSION: u32 = 1;
+pub const VERSION: u32 = 2;
 
 /// The largest frame either side accepts: a parked session's KV (a whole context of one
 /// sequence) travels in one frame.
@@ -149,11 +149,11 @@ pub enum FromEngine {
     /// The load failed; the engine exits.
     Failed(String),
     /// The verdict on Submit `key`.
-    Verdict { key: u64, result: Result<Accepted, Error> },
+    Verdict { key: u64, result: Result<Accepted, EngineError> },
     /// An event of generation `key` (Finished is its last).
     Event { key: u64, event: Event },
     /// The vectors (or the error) of Embed `key`.
-    Embedded { key: u64, result: Result<Vec<Vec<f32>>, Error> },
+    Embedded { key: u64, result: Result<Vec<Vec<f32>>, EngineError> },
     /// An idle session's KV left its slot: hearthd seals and stores it.
     Parked { session: u64, kv: SessionKv },
     /// The queue changed; with the KV gauges of the moment.

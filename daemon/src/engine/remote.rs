@@ -12,8 +12,8 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use super::FinishReason;
 use futures_util::StreamExt;
-use hearth_dbus::FinishReason;
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio_util::codec::{FramedRead, FramedWrite};
 
@@ -29,7 +29,7 @@ use super::{
     Accepted, Caller, CancelReason, CancelToken, EngineSettings, EngineStatus, Event, GenerateRequest, KvGauges,
     Liveness, LoadedModelInfo, Outcome, Submission, Throttle,
 };
-use crate::error::Error;
+use crate::engine::EngineError;
 
 /// How long a model may take to load before its engine is given up on.
 const LOAD_LIMIT: Duration = Duration::from_secs(600);
@@ -81,14 +81,14 @@ pub struct SpawnSpec {
 #[derive(Debug)]
 enum Pending {
     Generate {
-        verdict: Option<oneshot::Sender<Result<Accepted, Error>>>,
+        verdict: Option<oneshot::Sender<Result<Accepted, EngineError>>>,
         events: mpsc::UnboundedSender<Event>,
         prompt_tokens: u32,
         /// Dropped when the request ends, which ends its cancel forwarder.
         _done: oneshot::Sender<()>,
     },
     Embed {
-        reply: oneshot::Sender<Result<Vec<Vec<f32>>, Error>>,
+        reply: oneshot::Sender<Result<Vec<Vec<f32>>, EngineError>>,
         _done: oneshot::Sender<()>,
     },
 }
@@ -231,7 +231,7 @@ impl EngineHandle {
     }
 
     /// Puts `entry` in the table, unless the engine is already gone.
-    fn insert(&self, key: u64, entry: Pending, session: Option<u64>) -> Result<(), Error> {
+    fn insert(&self, key: u64, entry: Pending, session: Option<u64>) -> Result<(), EngineError> {
         let mut table = self.pending();
         if table.dead {
             drop(table);
@@ -242,22 +242,22 @@ impl EngineHandle {
         Ok(())
     }
 
-    fn gone(&self) -> Error {
+    fn gone(&self) -> EngineError {
         if self.inner.stopping.load(Ordering::Acquire) {
-            Error::Cancelled(CancelReason::Shutdown)
+            EngineError::Cancelled(CancelReason::Shutdown)
         } else {
             let reason = self.inner.exited.borrow().clone().unwrap_or_else(|| "its process is gone".into());
-            Error::EngineFailed { model: self.inner.model.name.clone(), reason }
+            EngineError::Failed { model: self.inner.model.name.clone(), reason }
         }
     }
 
-    fn send(&self, msg: ToEngine) -> Result<(), Error> {
+    fn send(&self, msg: ToEngine) -> Result<(), EngineError> {
         self.inner.out.send(msg).map_err(|_| self.gone())
     }
 
     /// Hands the engine work: an idle engine's last beat is old, so the hang clock starts
     /// now (its next heartbeat, within [`protocol::HEARTBEAT`], takes over).
-    fn send_work(&self, msg: ToEngine) -> Result<(), Error> {
+    fn send_work(&self, msg: ToEngine) -> Result<(), EngineError> {
         let l = &self.inner.liveness;
         if l.idle() {
             l.observe(Duration::ZERO, true);
@@ -272,14 +272,10 @@ impl EngineHandle {
         request: GenerateRequest,
         caller: Caller,
         cancel: CancelToken,
-    ) -> Result<Submission, Error> {
+    ) -> Result<Submission, EngineError> {
         let model = &self.inner.model.name;
         let owned = |id| {
-            if self.inner.sessions.owns(id, &caller.app, model) {
-                Ok(())
-            } else {
-                Err(Error::NotAuthorized(format!("session {id} is not this app's session on this model")))
-            }
+            if self.inner.sessions.owns(id, &caller.app, model) { Ok(()) } else { Err(EngineError::NotYourSession(id)) }
         };
         let mut kv = None;
         if let Some(id) = request.session {
@@ -330,7 +326,12 @@ impl EngineHandle {
     /// Mean-pooled, unit-length embeddings of `texts`, computed in the engine one text at a
     /// time between decode steps, in `caller`'s fair share. Ends with Cancelled when
     /// `cancel` is set or the caller leaves, and when this future is dropped.
-    pub async fn embed(&self, texts: Vec<String>, caller: Caller, cancel: CancelToken) -> Result<Vec<Vec<f32>>, Error> {
+    pub async fn embed(
+        &self,
+        texts: Vec<String>,
+        caller: Caller,
+        cancel: CancelToken,
+    ) -> Result<Vec<Vec<f32>>, EngineError> {
         let key = self.inner.next_key.fetch_add(1, Ordering::Relaxed);
         let (reply, answer) = oneshot::channel();
         let (done, done_rx) = oneshot::channel();
@@ -447,7 +448,7 @@ impl EngineHandle {
                 }
                 Pending::Generate { verdict: None, events, prompt_tokens, .. } => {
                     let outcome = Outcome {
-                        reason: if matches!(error, Error::Cancelled(_)) {
+                        reason: if matches!(error, EngineError::Cancelled(_)) {
                             FinishReason::Cancelled
                         } else {
                             FinishReason::Error

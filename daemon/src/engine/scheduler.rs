@@ -27,9 +27,9 @@ use std::collections::HashMap;
 
 use hearth_ffi::{SeqId, Token};
 
+use super::EngineError;
 use super::sequence::Waiting;
 use super::{AdapterSet, Priority};
-use crate::error::Error;
 
 /// Cost units charged to an app: per generated token, and per prompt token (prefill is
 /// batched and about four times cheaper per token than decoding).
@@ -195,13 +195,13 @@ impl Scheduler {
     }
 
     /// Refuses a new request with `Busy` when it would have to wait and the queues are full.
-    pub fn check_admission(&self, app: &str, priority: Priority) -> Result<(), Error> {
+    pub fn check_admission(&self, app: &str, priority: Priority) -> Result<(), EngineError> {
         let nothing_ahead = self.waiting.iter().all(|w| w.priority < priority);
         if nothing_ahead && self.fits(priority) {
             return Ok(());
         }
         let app_waiting = self.apps.get(app).map_or(0, |a| a.waiting);
-        let busy = |waiting: usize, limit: usize, scope: &str| Error::Busy {
+        let busy = |waiting: usize, limit: usize, scope: &str| EngineError::Busy {
             scope: scope.to_owned(),
             waiting,
             limit,

@@ -2,12 +2,12 @@
 
 use std::time::{Duration, Instant};
 
-use hearth_dbus::FinishReason;
+use super::FinishReason;
 use hearth_ffi::{Detokenizer, Model, Pos, Sampler, SeqId, Token};
 use tokio::sync::mpsc;
 
+use super::EngineError;
 use super::{AdapterSet, Caller, CancelReason, CancelToken, Event, Outcome, Priority};
-use crate::error::Error;
 
 /// A request accepted by the engine and waiting for a sequence slot.
 #[derive(Debug)]
@@ -67,7 +67,7 @@ pub(super) struct Sequence {
     pub first_token_at: Option<Instant>,
     pub last_token_at: Option<Instant>,
     /// Set once the sequence is done; it is retired after the step.
-    pub finished: Option<(FinishReason, Option<Error>)>,
+    pub finished: Option<(FinishReason, Option<EngineError>)>,
 }
 
 impl Sequence {
@@ -148,7 +148,7 @@ impl Sequence {
     }
 
     pub fn finish_cancelled(&mut self, reason: CancelReason) {
-        self.finished = Some((FinishReason::Cancelled, Some(Error::Cancelled(reason))));
+        self.finished = Some((FinishReason::Cancelled, Some(EngineError::Cancelled(reason))));
     }
 
     /// The final event. An incomplete UTF-8 sequence left at the very end can never become a
@@ -157,7 +157,7 @@ impl Sequence {
         let (reason, error) = self
             .finished
             .clone()
-            .unwrap_or((FinishReason::Error, Some(Error::Internal("sequence retired unfinished".into()))));
+            .unwrap_or((FinishReason::Error, Some(EngineError::Internal("sequence retired unfinished".into()))));
         let first = self.first_token_at.unwrap_or_else(Instant::now);
         Outcome {
             reason,
@@ -187,7 +187,7 @@ pub(super) fn stop_reason(
 }
 
 /// The outcome of a request that never got a sequence.
-pub(super) fn unstarted_outcome(w: &Waiting, model_name: &str, reason: FinishReason, error: Error) -> Outcome {
+pub(super) fn unstarted_outcome(w: &Waiting, model_name: &str, reason: FinishReason, error: EngineError) -> Outcome {
     Outcome {
         reason,
         text: String::new(),

@@ -14,7 +14,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use hearth_dbus::FinishReason;
+use super::FinishReason;
 use hearth_ffi::{Batch, Context, Model, Sampler};
 use tokio::sync::mpsc::error::TryRecvError;
 use tokio::sync::{mpsc, oneshot, watch};
@@ -26,6 +26,7 @@ mod throttle;
 
 pub(super) use embed::EmbedJob;
 
+use super::EngineError;
 use super::scheduler::{Keep, Limits, Scheduler};
 use super::sequence::{Sequence, Waiting, stop_reason, unstarted_outcome};
 use super::session::SessionLink;
@@ -33,7 +34,6 @@ use super::{
     Accepted, AdapterSet, Caller, CancelReason, CancelToken, Command, EngineSettings, EngineStatus, Event,
     GenerateRequest, KvGauges, Priority,
 };
-use crate::error::Error;
 
 pub(super) struct Worker {
     ctx: Context,
@@ -249,7 +249,7 @@ impl Worker {
         caller: Caller,
         cancel: CancelToken,
         events: mpsc::UnboundedSender<Event>,
-        reply: oneshot::Sender<Result<Accepted, Error>>,
+        reply: oneshot::Sender<Result<Accepted, EngineError>>,
     ) {
         let verdict = self.throttle.ceiling_refusal().map_or(Ok(()), Err).and_then(|()| self.prepare(request));
         let verdict = verdict.and_then(|prompt| {
@@ -258,13 +258,13 @@ impl Worker {
             let max_tokens = request.max_tokens.min(self.n_ctx - prompt.len() as u32);
             let grammar = request.grammar.as_deref();
             let sampler = Sampler::with_grammar(&self.model, request.sampling, grammar).map_err(|e| match e {
-                hearth_ffi::Error::Grammar => {
-                    Error::InvalidArgs("llama.cpp refused the grammar after hearthd's own checks passed it".into())
-                }
+                hearth_ffi::Error::Grammar => EngineError::InvalidArgs(
+                    "llama.cpp refused the grammar after hearthd's own checks passed it".into(),
+                ),
                 hearth_ffi::Error::InteriorNul { what } => {
-                    Error::InvalidArgs(format!("{what} contains a NUL character"))
+                    EngineError::InvalidArgs(format!("{what} contains a NUL character"))
                 }
-                e => Error::Internal(e.to_string()),
+                e => EngineError::Internal(e.to_string()),
             })?;
             self.scheduler.check_admission(&caller.app, request.priority)?;
             Ok((prompt, max_tokens, sampler, adapters))
@@ -304,16 +304,18 @@ impl Worker {
     }
 
     /// Checks the request against the model and renders + tokenizes its prompt.
-    fn prepare(&self, request: &GenerateRequest) -> Result<Vec<hearth_ffi::Token>, Error> {
+    fn prepare(&self, request: &GenerateRequest) -> Result<Vec<hearth_ffi::Token>, EngineError> {
         if request.max_tokens > self.n_ctx {
-            return Err(Error::InvalidArgs(format!(
+            return Err(EngineError::InvalidArgs(format!(
                 "max_tokens {} exceeds the context length {} of model {:?}",
                 request.max_tokens, self.n_ctx, self.model_name
             )));
         }
         let mut text = self.model.apply_chat_template(&request.messages, true).map_err(|e| match e {
-            hearth_ffi::Error::InteriorNul { what } => Error::InvalidArgs(format!("{what} contains a NUL character")),
-            e => Error::Internal(e.to_string()),
+            hearth_ffi::Error::InteriorNul { what } => {
+                EngineError::InvalidArgs(format!("{what} contains a NUL character"))
+            }
+            e => EngineError::Internal(e.to_string()),
         })?;
         if let Some(prefix) = &request.assistant_prefix {
             text.push_str(prefix);
@@ -321,7 +323,7 @@ impl Worker {
         let prompt = self.model.tokenize(&text, true, true)?;
         // Room for the prompt and at least one generated token.
         if prompt.len() >= self.n_ctx as usize {
-            return Err(Error::ContextLengthExceeded { prompt: prompt.len(), context: self.n_ctx });
+            return Err(EngineError::ContextLengthExceeded { prompt: prompt.len(), context: self.n_ctx });
         }
         Ok(prompt)
     }
@@ -345,7 +347,8 @@ impl Worker {
             };
             let w = self.scheduler.remove_waiting(i);
             tracing::debug!(id = w.id, %reason, "waiting request ended");
-            let outcome = unstarted_outcome(&w, &self.model_name, FinishReason::Cancelled, Error::Cancelled(reason));
+            let outcome =
+                unstarted_outcome(&w, &self.model_name, FinishReason::Cancelled, EngineError::Cancelled(reason));
             self.publish_status();
             let _ = w.events.send(Event::Finished(outcome));
         }
@@ -428,7 +431,7 @@ impl Worker {
             let outcome = s.outcome(&self.model_name);
             tracing::debug!(
                 id = s.id,
-                reason = outcome.reason.as_str(),
+                reason = ?outcome.reason,
                 tokens = outcome.token_ids.len(),
                 "request finished"
             );
@@ -482,14 +485,14 @@ impl Worker {
                 &w,
                 &self.model_name,
                 FinishReason::Cancelled,
-                Error::Cancelled(CancelReason::Shutdown),
+                EngineError::Cancelled(CancelReason::Shutdown),
             );
             let _ = w.events.send(Event::Finished(outcome));
         }
         self.rx.close();
         while let Ok(cmd) = self.rx.try_recv() {
             if let Command::Submit { reply, .. } = cmd {
-                let _ = reply.send(Err(Error::Cancelled(CancelReason::Shutdown)));
+                let _ = reply.send(Err(EngineError::Cancelled(CancelReason::Shutdown)));
             }
         }
         self.publish_status();

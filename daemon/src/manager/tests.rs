@@ -5,13 +5,13 @@
 use std::os::unix::fs::PermissionsExt;
 use std::time::Duration;
 
-use hearth_dbus::FinishReason;
+use crate::engine::FinishReason;
 use hearth_ffi::{ChatMessage, SamplerParams};
 use sha2::Digest;
 
 use super::*;
 use crate::engine::fake::{FakeEngine, Script, Seen};
-use crate::engine::{Caller, CancelToken, Event, GenerateRequest, Outcome, Priority, Throttle};
+use crate::engine::{Caller, CancelToken, EngineError, Event, GenerateRequest, Outcome, Priority, Throttle};
 use crate::seal::Sealer;
 
 /// The smallest GGUF file hearthd's header walk accepts: magic, version 3, no tensors, no
@@ -136,7 +136,7 @@ async fn an_engine_that_dies_mid_stream_fails_its_requests_only_and_comes_back()
     assert_eq!(tokens.len(), 3);
     assert_eq!(outcome.reason, FinishReason::Error);
     match outcome.error {
-        Some(Error::EngineFailed { model, reason }) => {
+        Some(EngineError::Failed { model, reason }) => {
             assert_eq!(model, "a");
             assert!(reason.contains("signal 6"), "{reason}");
         }
@@ -163,7 +163,7 @@ async fn a_hung_engine_is_killed_after_the_hang_limit_and_its_callers_hear_why()
     let took = started.elapsed();
     assert_eq!(tokens.len(), 2);
     match outcome.error {
-        Some(Error::EngineFailed { reason, .. }) => assert!(reason.contains("no progress"), "{reason}"),
+        Some(EngineError::Failed { reason, .. }) => assert!(reason.contains("no progress"), "{reason}"),
         other => panic!("{other:?}"),
     }
     // hang limit 300 ms, checked every 150 ms.

@@ -6,11 +6,11 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use hearth_dbus::FinishReason;
+use crate::engine::FinishReason;
 use tokio::sync::{mpsc, watch};
 
 use crate::cloud::{Cloud, CloudError};
-use crate::engine::{Caller, CancelReason, CancelToken, Event, GenerateRequest, Outcome};
+use crate::engine::{Caller, CancelReason, CancelToken, EngineError, Event, GenerateRequest, Outcome};
 use crate::error::Error;
 use crate::governor::{GovernorStatus, ThermalState};
 use crate::manager::{Lease, ModelManager};
@@ -40,7 +40,7 @@ pub enum StreamEvent {
         index: u32,
     },
     /// The end; always the last event.
-    Finished(Finish),
+    Finished(Box<Finish>),
 }
 
 /// How a request ended, and where it ran and why when that differs from the routing
@@ -49,11 +49,21 @@ pub enum StreamEvent {
 pub struct Finish {
     pub outcome: Outcome,
     pub route: Option<(String, String)>,
+    /// Why it failed or was cancelled, as the caller is told: the engine's error, or one of
+    /// the route (the cloud, a model that cannot take the request).
+    pub error: Option<Error>,
 }
 
 impl StreamEvent {
+    /// The end, as the outcome says (its error, if any, is the engine's).
     fn finished(outcome: Outcome, route: Option<(String, String)>) -> Self {
-        Self::Finished(Finish { outcome, route })
+        let error = outcome.error.clone().map(Error::from);
+        Self::Finished(Box::new(Finish { outcome, route, error }))
+    }
+
+    /// The end, with an error of the route rather than of the engine.
+    fn failed(outcome: Outcome, route: Option<(String, String)>, error: Option<Error>) -> Self {
+        Self::Finished(Box::new(Finish { outcome, route, error }))
     }
 }
 
@@ -200,9 +210,8 @@ async fn drive_cloud(
     let budget = Budget::start(&request);
     let (result, text, index, first) = stream_cloud(&cloud, &remote, &request, None, 0, &tx, &cancel, budget).await;
     if let Some(reason) = cancel.reason() {
-        let mut o = cloud_outcome(text, &remote, FinishReason::Cancelled, started, first);
-        o.error = Some(Error::Cancelled(reason));
-        let _ = tx.send(StreamEvent::finished(o, None));
+        let o = cloud_outcome(text, &remote, FinishReason::Cancelled, started, first);
+        let _ = tx.send(StreamEvent::failed(o, None, Some(Error::Cancelled(reason))));
         return;
     }
     match result {
@@ -328,8 +337,9 @@ impl LocalWatch {
         };
         // Moved only if the engine stopped for the move: it may have finished first, and a
         // Cancel of the caller's own wins.
-        let moved =
-            moving && self.user.reason().is_none() && outcome.error == Some(Error::Cancelled(CancelReason::Caller));
+        let moved = moving
+            && self.user.reason().is_none()
+            && outcome.error == Some(EngineError::Cancelled(CancelReason::Caller));
         if !moved {
             let _ = tx.send(StreamEvent::finished(outcome, None));
             return;
@@ -351,15 +361,16 @@ impl LocalWatch {
                     "local+cloud".into(),
                     format!("the device turned critical after {count} tokens; the cloud continued from there"),
                 );
+                let mut error = None;
                 match done.reason.as_str() {
                     "length" => o.reason = FinishReason::Length,
                     "cancelled" => {
                         o.reason = FinishReason::Cancelled;
-                        o.error = self.user.reason().map(Error::Cancelled);
+                        error = self.user.reason().map(Error::Cancelled);
                     }
                     _ => {}
                 }
-                let _ = tx.send(StreamEvent::finished(o, Some(route)));
+                let _ = tx.send(StreamEvent::failed(o, Some(route), error));
                 return;
             }
             Err(e) => e,
@@ -397,14 +408,14 @@ async fn run_local(
     route: (String, String),
 ) {
     let fail = |e: Error| {
-        let e = match e {
+        let error = match e {
             Error::ContextLengthExceeded { .. } | Error::ModelNotFound(_) | Error::ModelUnavailable { .. } => {
                 Error::CloudUnavailable(format!("the cloud failed and the device cannot take the request: {e}"))
             }
             e => e,
         };
-        Outcome {
-            reason: if matches!(e, Error::Cancelled(_)) { FinishReason::Cancelled } else { FinishReason::Error },
+        let outcome = Outcome {
+            reason: if matches!(error, Error::Cancelled(_)) { FinishReason::Cancelled } else { FinishReason::Error },
             text: before.clone(),
             token_ids: Vec::new(),
             prompt_tokens: 0,
@@ -412,20 +423,21 @@ async fn run_local(
             model: String::new(),
             prefill: Duration::ZERO,
             decode: Duration::ZERO,
-            error: Some(e),
-        }
+            error: None,
+        };
+        StreamEvent::failed(outcome, Some(route.clone()), Some(error))
     };
     let lease = match models.acquire(request.model.as_deref()).await {
         Ok(l) => l,
         Err(e) => {
-            let _ = tx.send(StreamEvent::finished(fail(e), Some(route.clone())));
+            let _ = tx.send(fail(e));
             return;
         }
     };
     let mut submission = match lease.engine.submit(request, who, cancel).await {
         Ok(s) => s,
         Err(e) => {
-            let _ = tx.send(StreamEvent::finished(fail(e), Some(route.clone())));
+            let _ = tx.send(fail(e.into()));
             return;
         }
     };

@@ -242,9 +242,14 @@ impl HearthService {
         let n = parsed.texts.len();
         // Cancelled by the caller leaving (the engine hears of it), or by this future being
         // dropped (the engine sees the answer's receiver go).
-        let vectors = lease.engine.embed(parsed.texts, who.clone(), CancelToken::default()).await.inspect_err(|e| {
-            tracing::info!(caller = %sender, error = e.kind(), "embed refused");
-        })?;
+        let vectors = lease
+            .engine
+            .embed(parsed.texts, who.clone(), CancelToken::default())
+            .await
+            .inspect_err(|e| {
+                tracing::info!(caller = %sender, error = Error::from(e.clone()).kind(), "embed refused");
+            })
+            .map_err(Error::from)?;
         tracing::info!(target: "hearth::audit", app = %who.app, texts = n, scope = parsed.scope.as_str(), "embed on the device");
         Ok(vectors.into_iter().map(|v| v.into_iter().map(f64::from).collect()).collect())
     }

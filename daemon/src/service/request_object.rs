@@ -120,7 +120,7 @@ pub async fn forward(
             }
             StreamEvent::Finished(finish) => {
                 let outcome = &finish.outcome;
-                tracing::info!(path = %path.as_str(), reason = outcome.reason.as_str(), tokens = outcome.token_ids.len(), "finished");
+                tracing::info!(path = %path.as_str(), reason = ?outcome.reason, tokens = outcome.token_ids.len(), "finished");
                 if let Err(e) = RequestObject::finished(
                     &emitter,
                     &generation_result(&finish, &decision, structure.as_deref(), streamed),

@@ -4,9 +4,21 @@
 use hearth_dbus::{Error as BusError, GenerationResult, ToolCall};
 
 use super::driver::Finish;
+use crate::engine::FinishReason;
 use crate::manager::ModelReport;
 use crate::privacy::Decision;
 use crate::structured::Structure;
+
+impl From<FinishReason> for hearth_dbus::FinishReason {
+    fn from(r: FinishReason) -> Self {
+        match r {
+            FinishReason::Stop => Self::Stop,
+            FinishReason::Length => Self::Length,
+            FinishReason::Cancelled => Self::Cancelled,
+            FinishReason::Error => Self::Error,
+        }
+    }
+}
 
 /// The result of Complete and Request.Finished; `streamed` is how many Token events the
 /// caller got (the device's tokens and the cloud's chunks).
@@ -22,7 +34,7 @@ pub(crate) fn generation_result(
         None => (decision.route.as_str().to_owned(), decision.reason.to_owned()),
     };
     let mut r = GenerationResult {
-        finish_reason: o.reason.as_str().to_owned(),
+        finish_reason: hearth_dbus::FinishReason::from(o.reason).as_str().to_owned(),
         text: o.text.clone(),
         tokens: streamed,
         token_ids: o.token_ids.clone(),
@@ -35,7 +47,7 @@ pub(crate) fn generation_result(
         route_reason,
         ..GenerationResult::default()
     };
-    if let Some(s) = structure.filter(|_| o.error.is_none()) {
+    if let Some(s) = structure.filter(|_| finish.error.is_none()) {
         r.schema_valid = s.schema_valid(&o.text);
         let calls = s.tool_calls(&o.text);
         if !calls.is_empty() {
@@ -44,7 +56,7 @@ pub(crate) fn generation_result(
             r.finish_reason = hearth_dbus::FINISH_TOOL_CALLS.to_owned();
         }
     }
-    if let Some(e) = &o.error {
+    if let Some(e) = &finish.error {
         let bus = BusError::from(e.clone());
         r.error_name = Some(bus.dbus_name().to_owned());
         r.error_message = Some(bus.message().to_owned());

@@ -4,22 +4,22 @@
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
-use hearth_dbus::{Error as BusError, FinishReason, GenerationResult};
+use hearth_dbus::{Error as BusError, GenerationResult};
 use zbus::Connection;
 use zbus::OwnedObjectPath;
 
-use super::driver::{Events, StreamEvent};
+use super::driver::{Events, Finish, StreamEvent};
 use super::request_object::{self, RequestObject};
 use super::{HearthService, driver, generation_result, internal};
 
-use crate::engine::{Caller, CancelToken, GenerateRequest, Outcome};
+use crate::engine::{Caller, CancelToken, FinishReason, GenerateRequest};
 use crate::error::Error;
 use crate::privacy::Decision;
 use crate::structured::Structure;
 
 /// Called once when a generation ends: with its outcome, or None when it never started or
 /// its stream broke off. Sessions record their turns with it.
-pub(crate) type OnFinish = Box<dyn FnOnce(Option<&Outcome>) + Send>;
+pub(crate) type OnFinish = Box<dyn FnOnce(Option<&Finish>) + Send>;
 
 /// An admitted generation: the engine's request, where it runs, and the structure (schema,
 /// grammar or tools) its result is checked against above the engine.
@@ -38,7 +38,7 @@ fn tap(mut events: Events, on_finish: OnFinish) -> Events {
         while let Some(event) = events.recv().await {
             if let StreamEvent::Finished(finish) = &event {
                 if let Some(f) = on_finish.take() {
-                    f(Some(&finish.outcome));
+                    f(Some(finish));
                 }
             }
             if tx.send(event).is_err() {
@@ -205,7 +205,7 @@ impl HearthService {
             match event {
                 StreamEvent::Token { .. } => streamed += 1,
                 StreamEvent::Finished(finish) => {
-                    return match (finish.outcome.reason, finish.outcome.error.clone()) {
+                    return match (finish.outcome.reason, finish.error.clone()) {
                         (FinishReason::Cancelled | FinishReason::Error, Some(e)) => Err(e.into()),
                         _ => Ok(generation_result(&finish, &decision, structure.as_deref(), streamed)),
                     };

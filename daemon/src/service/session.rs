@@ -18,8 +18,9 @@ use zbus::object_server::{DispatchResult, Interface, SignalEmitter};
 use zbus::{BoxDBusError, Connection, ObjectServer, interface};
 use zbus::{OwnedObjectPath, OwnedVariant, Variant};
 
+use super::driver::Finish;
 use super::{HearthService, OnFinish, caller, identify};
-use crate::engine::{CancelReason, CancelToken, Outcome};
+use crate::engine::{CancelReason, CancelToken};
 use crate::manager::ModelManager;
 use crate::privacy::{Content, Part, Scope};
 use crate::request::parse_off_runtime;
@@ -224,10 +225,10 @@ impl SessionObject {
         };
         let state = Arc::clone(&self.state);
         let taint = admitted.decision.taint;
-        let on_finish: OnFinish = Box::new(move |outcome: Option<&Outcome>| {
+        let on_finish: OnFinish = Box::new(move |finish: Option<&Finish>| {
             let mut state = lock(&state);
             state.turn = None;
-            if let Some(o) = outcome.filter(|o| o.error.is_none() && !state.closed) {
+            if let Some(o) = finish.filter(|f| f.error.is_none() && !state.closed).map(|f| &f.outcome) {
                 state.history.extend(new_parts);
                 state.history.push(Part {
                     role: "assistant".into(),

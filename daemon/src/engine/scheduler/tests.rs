@@ -184,11 +184,11 @@ fn full_queues_answer_busy() {
     s.push(waiting(0, "a", Priority::Normal, 10));
     s.push(waiting(1, "a", Priority::Normal, 10));
     let err = s.check_admission("a", Priority::Normal).unwrap_err();
-    assert!(matches!(err, Error::Busy { ref scope, .. } if scope == "from this app"), "{err:?}");
+    assert!(matches!(err, EngineError::Busy { ref scope, .. } if scope == "from this app"), "{err:?}");
     s.push(waiting(2, "b", Priority::Normal, 10));
     s.push(waiting(3, "c", Priority::Normal, 10));
     let err = s.check_admission("d", Priority::Normal).unwrap_err();
-    assert!(matches!(err, Error::Busy { ref scope, .. } if scope == "in the queue"), "{err:?}");
+    assert!(matches!(err, EngineError::Busy { ref scope, .. } if scope == "in the queue"), "{err:?}");
     // Removing a waiting request frees its place.
     let w = s.remove_waiting(0);
     assert_eq!(w.id, 0);

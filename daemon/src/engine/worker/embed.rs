@@ -15,7 +15,7 @@ use tokio::sync::oneshot;
 use super::super::scheduler::COST_PER_PROMPT;
 use super::super::{Caller, CancelReason, CancelToken};
 use super::Worker;
-use crate::error::Error;
+use crate::engine::EngineError;
 
 /// Most tokens of one text to embed (the embedding context's size).
 pub(super) const EMBED_TOKENS: u32 = 512;
@@ -27,7 +27,7 @@ pub(in super::super) struct EmbedJob {
     pub caller: Caller,
     pub texts: Vec<String>,
     pub cancel: CancelToken,
-    pub reply: oneshot::Sender<Result<Vec<Vec<f32>>, Error>>,
+    pub reply: oneshot::Sender<Result<Vec<Vec<f32>>, EngineError>>,
     /// The vectors of the texts done so far, in order.
     pub out: Vec<Vec<f32>>,
 }
@@ -58,7 +58,7 @@ impl Worker {
             self.embeds.push_back(job);
             return;
         };
-        let _ = job.reply.send(Err(Error::Busy { scope: scope.into(), waiting, limit, retry_after_ms: 500 }));
+        let _ = job.reply.send(Err(EngineError::Busy { scope: scope.into(), waiting, limit, retry_after_ms: 500 }));
     }
 
     /// Ends the jobs whose caller cancelled, left, or stopped waiting for the answer.
@@ -71,7 +71,7 @@ impl Worker {
                 Some(reason) => {
                     let job = self.embeds.remove(i).expect("index checked");
                     tracing::debug!(texts_done = job.out.len(), "embed job ended early");
-                    let _ = job.reply.send(Err(Error::Cancelled(reason)));
+                    let _ = job.reply.send(Err(EngineError::Cancelled(reason)));
                 }
                 None => i += 1,
             }
@@ -110,8 +110,8 @@ impl Worker {
                 self.preempted = true;
                 self.embeds.push_front(job);
             }
-            Err(Error::InvalidArgs(msg)) => {
-                let _ = job.reply.send(Err(Error::InvalidArgs(format!("texts[{i}] {msg}"))));
+            Err(EngineError::InvalidArgs(msg)) => {
+                let _ = job.reply.send(Err(EngineError::InvalidArgs(format!("texts[{i}] {msg}"))));
             }
             Err(e) => {
                 let _ = job.reply.send(Err(e));
@@ -121,7 +121,7 @@ impl Worker {
 
     /// The embedding of one text and its token count; None when an interactive request
     /// aborted it.
-    fn embed_text(&mut self, text: &str) -> Result<Option<(Vec<f32>, usize)>, Error> {
+    fn embed_text(&mut self, text: &str) -> Result<Option<(Vec<f32>, usize)>, EngineError> {
         if self.embedder.is_none() {
             let params = hearth_ffi::ContextParams {
                 n_ctx: EMBED_TOKENS,
@@ -134,19 +134,19 @@ impl Worker {
                 embeddings: true,
             };
             let ctx = Context::with_abort_switch(Arc::clone(&self.model), params, Arc::clone(&self.preempt))
-                .map_err(|e| Error::Internal(e.to_string()))?;
+                .map_err(|e| EngineError::Internal(e.to_string()))?;
             tracing::info!(model = %self.model_name, tokens = EMBED_TOKENS, "embedding context created");
             self.embedder = Some(ctx);
         }
         let tokens = self.model.tokenize(text, true, false)?;
         if tokens.len() > EMBED_TOKENS as usize {
-            return Err(Error::InvalidArgs(format!(
+            return Err(EngineError::InvalidArgs(format!(
                 "is {} tokens; embeddings take at most {EMBED_TOKENS}",
                 tokens.len()
             )));
         }
         if tokens.is_empty() {
-            return Err(Error::InvalidArgs("has no tokens".into()));
+            return Err(EngineError::InvalidArgs("has no tokens".into()));
         }
         self.hold_preemption(false);
         let ctx = self.embedder.as_mut().expect("created above");
@@ -156,17 +156,17 @@ impl Worker {
         match embedded {
             Ok(v) => Ok(Some((v, tokens.len()))),
             Err(hearth_ffi::Error::Aborted) => Ok(None),
-            Err(e) => Err(Error::Internal(e.to_string())),
+            Err(e) => Err(EngineError::Internal(e.to_string())),
         }
     }
 
     /// At shutdown: every job ends with Cancelled.
     pub(super) fn cancel_embeds(&mut self) {
-        self.end_embeds(&Error::Cancelled(CancelReason::Shutdown));
+        self.end_embeds(&EngineError::Cancelled(CancelReason::Shutdown));
     }
 
     /// Every job ends with `error`; returns how many there were.
-    pub(super) fn end_embeds(&mut self, error: &Error) -> usize {
+    pub(super) fn end_embeds(&mut self, error: &EngineError) -> usize {
         let n = self.embeds.len();
         for job in self.embeds.drain(..) {
             let _ = job.reply.send(Err(error.clone()));

@@ -9,7 +9,7 @@ use super::super::scheduler::{Pinned, Slot, shared_prefix};
 use super::super::sequence::{Sequence, Waiting};
 use super::super::{AdapterSet, Priority};
 use super::Worker;
-use crate::error::Error;
+use crate::engine::EngineError;
 
 impl Worker {
     /// The adapter scales a request asks for: exactly the named adapters, or without names the
@@ -17,11 +17,11 @@ impl Worker {
     pub(super) fn adapter_set(
         &self,
         wanted: Option<&std::collections::BTreeMap<String, f32>>,
-    ) -> Result<AdapterSet, Error> {
+    ) -> Result<AdapterSet, EngineError> {
         let Some(wanted) = wanted else { return Ok(AdapterSet::new(&self.model.lora_default_scales())) };
         let names: Vec<&str> = self.model.lora_names().collect();
         if let Some(unknown) = wanted.keys().find(|k| !names.contains(&k.as_str())) {
-            return Err(Error::InvalidArgs(format!(
+            return Err(EngineError::InvalidArgs(format!(
                 "model {:?} has no adapter {unknown:?} (its adapters: {names:?})",
                 self.model_name
             )));

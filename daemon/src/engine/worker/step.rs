@@ -4,13 +4,13 @@
 //! sequence's KV to what it had committed, and a failed step of several sequences is
 //! retried one sequence at a time, so only a sequence whose own step fails is failed.
 
-use hearth_dbus::FinishReason;
+use crate::engine::FinishReason;
 
 use super::super::Priority;
 use super::super::scheduler::{COST_PER_GENERATED, COST_PER_PROMPT};
 use super::super::sequence::Sequence;
 use super::Worker;
-use crate::error::Error;
+use crate::engine::EngineError;
 
 /// Longest one token's sampling may take under a grammar. A usual grammar (JSON, a tool
 /// call) costs milliseconds; one whose readings multiply with every token costs several
@@ -83,13 +83,13 @@ impl Worker {
         if let Some(e) = push_failed {
             // Cannot happen with the capacities checked at start; fail loudly, not silently.
             self.undo_step(&taken, prefill_taken);
-            self.fail(&members, &Error::Internal(format!("batch construction: {e}")));
+            self.fail(&members, &EngineError::Internal(format!("batch construction: {e}")));
             return (0, false);
         }
         if let Some(g) = group.as_ref().filter(|g| self.adapters_set.as_ref() != Some(*g)) {
             if let Err(e) = self.ctx.set_lora_scales(&g.scales()) {
                 self.undo_step(&taken, prefill_taken);
-                self.fail(&members, &Error::Internal(e.to_string()));
+                self.fail(&members, &EngineError::Internal(e.to_string()));
                 return (0, false);
             }
             self.adapters_set = Some(g.clone());
@@ -124,7 +124,7 @@ impl Worker {
             Err(e) => {
                 tracing::error!(error = %e, tokens = self.batch.len(), "decode failed");
                 self.undo_step(&taken, prefill_taken);
-                self.fail(&members, &Error::Internal(e.to_string()));
+                self.fail(&members, &EngineError::Internal(e.to_string()));
                 return (0, false);
             }
         }
@@ -148,7 +148,7 @@ impl Worker {
                 // each token. Stopped here, before the next doubling.
                 s.finished = Some((
                     FinishReason::Error,
-                    Some(Error::InvalidArgs(format!(
+                    Some(EngineError::InvalidArgs(format!(
                         "the grammar is too ambiguous to follow: choosing one token took {} ms (limit {} ms)",
                         started.elapsed().as_millis(),
                         MAX_SAMPLE_TIME.as_millis()
@@ -166,12 +166,12 @@ impl Worker {
                     // This sequence's grammar allows nothing here; the others go on.
                     s.finished = Some((
                         FinishReason::Error,
-                        Some(Error::InvalidArgs(
+                        Some(EngineError::InvalidArgs(
                             "the grammar allows no token this model can produce here; generation stopped".into(),
                         )),
                     ))
                 }
-                Err(e) => s.finished = Some((FinishReason::Error, Some(Error::Internal(e.to_string())))),
+                Err(e) => s.finished = Some((FinishReason::Error, Some(EngineError::Internal(e.to_string())))),
             }
         }
         generated
@@ -198,7 +198,8 @@ impl Worker {
             let s = &mut self.running[i];
             let committed = s.kv_used() as hearth_ffi::Pos;
             if self.ctx.sequence_max_pos(s.seq) >= committed && !self.ctx.truncate_sequence(s.seq, committed) {
-                s.finished = Some((FinishReason::Error, Some(Error::Internal("cannot roll back its KV cache".into()))));
+                s.finished =
+                    Some((FinishReason::Error, Some(EngineError::Internal("cannot roll back its KV cache".into()))));
             }
         }
     }
@@ -257,14 +258,14 @@ impl Worker {
                 Err(e) => {
                     tracing::error!(error = %e, "decode of one sequence failed");
                     self.undo_step(&taken, chunk);
-                    self.fail(&[i], &Error::Internal(e.to_string()));
+                    self.fail(&[i], &EngineError::Internal(e.to_string()));
                 }
             }
         }
         (generated, prefilled)
     }
 
-    fn fail(&mut self, members: &[usize], error: &Error) {
+    fn fail(&mut self, members: &[usize], error: &EngineError) {
         for &i in members {
             let s = &mut self.running[i];
             if s.finished.is_none() {

@@ -6,7 +6,7 @@
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use hearth_dbus::FinishReason;
+use crate::engine::FinishReason;
 
 use super::Worker;
 use crate::engine::Event;
