@@ -22,9 +22,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 
 use super::protocol::{self, FromEngine, SandboxReport, Start, ToEngine};
 use super::session::SessionLink;
-use super::{
-    CancelToken, Command, EngineStatus, KvGauges, Liveness, LoadedModelInfo, Priority, Throttle, Wake, worker,
-};
+use super::{CancelToken, Command, EngineStatus, KvGauges, Liveness, LoadedModelInfo, Throttle, Wake, worker};
 
 /// Most descriptors [`Start`] may come with (the model and its adapters).
 const MAX_START_FDS: usize = 16;
@@ -204,6 +202,12 @@ impl Serving {
         throttle.apply(start.throttle);
         let sessions = Arc::new(SessionLink::new(out_tx.clone()));
         let preempt = ctx.abort_switch();
+        let preparer = super::prepare::Preparer::new(
+            Arc::clone(ctx.model()),
+            info.name.clone(),
+            ctx.n_ctx_seq(),
+            Arc::clone(&throttle),
+        );
         let worker = worker::Worker::new(
             ctx,
             info.name.clone(),
@@ -242,7 +246,16 @@ impl Serving {
             .map_err(|e| format!("cannot answer hearthd: {e}"))?;
         socket.set_nonblocking(true).map_err(|e| format!("socket: {e}"))?;
         let (done_tx, done_rx) = oneshot::channel();
+        let (prep, jobs) = mpsc::unbounded_channel();
+        let prep_thread = {
+            let (cmd, wake, preempt) = (cmd_tx.clone(), Arc::clone(&wake), Arc::clone(&preempt));
+            std::thread::Builder::new()
+                .name("engine-prep".into())
+                .spawn(move || preparer.run(jobs, &cmd, &wake, &preempt))
+                .map_err(|e| format!("cannot start the preparation thread: {e}"))?
+        };
         let io = Io {
+            prep,
             cmd: cmd_tx,
             out: out_tx,
             sessions,
@@ -260,7 +273,10 @@ impl Serving {
             .map_err(|e| format!("cannot start the I/O thread: {e}"))?;
         worker.run();
         let _ = done_tx.send(());
-        io_thread.join().map_err(|_| "the I/O thread panicked".to_owned())?
+        // The I/O thread's end drops the jobs' sender, which ends the preparation thread.
+        let io_result = io_thread.join().map_err(|_| "the I/O thread panicked".to_owned());
+        prep_thread.join().map_err(|_| "the preparation thread panicked".to_owned())?;
+        io_result?
     }
 }
 
@@ -274,6 +290,8 @@ struct Io {
     /// Wakes the worker out of a timed wait after every message (commands, cancels,
     /// the governors' demands).
     wake: Arc<Wake>,
+    /// Submits go to the preparation thread first.
+    prep: mpsc::UnboundedSender<super::prepare::Job>,
     cancels: Cancels,
     /// The queue as the worker published it, sent ahead of each acceptance.
     status: watch::Receiver<EngineStatus>,
@@ -362,14 +380,10 @@ impl Io {
                 lock(&self.cancels).insert(key, cancel.clone());
                 let (events, mut events_rx) = mpsc::unbounded_channel();
                 let (reply, verdict) = oneshot::channel();
-                let interactive = request.priority == Priority::Interactive;
-                let cmd = Command::Submit { request, caller, cancel, events, reply };
-                if self.cmd.send(cmd).await.is_err() {
+                // Rendered, tokenised and compiled on the preparation thread, in arrival order;
+                // it hands the request to the worker (or answers a refusal).
+                if self.prep.send(super::prepare::Job { request, caller, cancel, events, reply }).is_err() {
                     return;
-                }
-                if interactive {
-                    // After the send, so the aborted step's next intake finds the request.
-                    self.preempt.request();
                 }
                 let (out, cancels) = (self.out.clone(), Arc::clone(&self.cancels));
                 let (status, kv) = (self.status.clone(), Arc::clone(&self.kv));

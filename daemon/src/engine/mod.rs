@@ -15,6 +15,7 @@
 pub mod child;
 #[cfg(test)]
 pub mod fake;
+mod prepare;
 pub mod protocol;
 mod remote;
 mod sandbox;
@@ -202,9 +203,11 @@ pub struct Submission {
 /// Commands to the engine thread.
 #[derive(Debug)]
 enum Command {
-    /// Validate and queue a generation; the verdict goes to `reply`, the stream to `events`.
+    /// Queue a prepared generation (after the admission checks only the worker can make);
+    /// the verdict goes to `reply`, the stream to `events`.
     Submit {
         request: Box<GenerateRequest>,
+        prepared: Box<prepare::Prepared>,
         caller: Caller,
         cancel: CancelToken,
         events: mpsc::UnboundedSender<Event>,

@@ -15,7 +15,7 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use super::FinishReason;
-use hearth_ffi::{Batch, Context, Model, Sampler};
+use hearth_ffi::{Batch, Context, Model};
 use tokio::sync::mpsc::error::TryRecvError;
 use tokio::sync::{mpsc, oneshot, watch};
 
@@ -56,7 +56,6 @@ pub(super) struct Worker {
     preempt_held_until: Option<Instant>,
     scheduler: Scheduler,
     running: Vec<Sequence>,
-    n_ctx: u32,
     next_id: u64,
     prefix_cache: bool,
     /// Debug builds only: with HEARTH_DEBUG_STALL_ENGINE set, the first decode step hangs, so
@@ -97,7 +96,6 @@ impl Worker {
         sessions: Arc<SessionLink>,
         wake: Arc<super::Wake>,
     ) -> Self {
-        let n_ctx = ctx.n_ctx_seq();
         let limits = Limits {
             shared_sequences: settings.max_sequences as usize,
             interactive_sequences: settings.interactive_sequences as usize,
@@ -118,7 +116,6 @@ impl Worker {
             batch: Batch::new(settings.batch_size as usize, 1),
             scheduler: Scheduler::new(limits),
             running: Vec::new(),
-            n_ctx,
             next_id: 1,
             prefix_cache: settings.prefix_cache,
             stall: cfg!(debug_assertions) && std::env::var_os("HEARTH_DEBUG_STALL_ENGINE").is_some(),
@@ -209,8 +206,8 @@ impl Worker {
 
     fn handle(&mut self, cmd: Command) {
         match cmd {
-            Command::Submit { request, caller, cancel, events, reply } => {
-                self.submit(&request, caller, cancel, events, reply)
+            Command::Submit { request, prepared, caller, cancel, events, reply } => {
+                self.submit(&request, *prepared, caller, cancel, events, reply)
             }
             Command::ConnectionClosed(connection) => {
                 let mut n = 0;
@@ -243,39 +240,23 @@ impl Worker {
         }
     }
 
+    /// Queues a prepared request, if the queue bounds let it in.
     fn submit(
         &mut self,
         request: &GenerateRequest,
+        prepared: super::prepare::Prepared,
         caller: Caller,
         cancel: CancelToken,
         events: mpsc::UnboundedSender<Event>,
         reply: oneshot::Sender<Result<Accepted, EngineError>>,
     ) {
-        let verdict = self.throttle.ceiling_refusal().map_or(Ok(()), Err).and_then(|()| self.prepare(request));
-        let verdict = verdict.and_then(|prompt| {
-            // (hearthd checked that a session is the caller's on this model.)
-            let adapters = self.adapter_set(request.adapters.as_ref())?;
-            let max_tokens = request.max_tokens.min(self.n_ctx - prompt.len() as u32);
-            let grammar = request.grammar.as_deref();
-            let sampler = Sampler::with_grammar(&self.model, request.sampling, grammar).map_err(|e| match e {
-                hearth_ffi::Error::Grammar => EngineError::InvalidArgs(
-                    "llama.cpp refused the grammar after hearthd's own checks passed it".into(),
-                ),
-                hearth_ffi::Error::InteriorNul { what } => {
-                    EngineError::InvalidArgs(format!("{what} contains a NUL character"))
-                }
-                e => EngineError::Internal(e.to_string()),
-            })?;
-            self.scheduler.check_admission(&caller.app, request.priority)?;
-            Ok((prompt, max_tokens, sampler, adapters))
-        });
-        let (prompt, max_tokens, sampler, adapters) = match verdict {
-            Ok(v) => v,
-            Err(e) => {
-                let _ = reply.send(Err(e));
-                return;
-            }
-        };
+        // (hearthd checked that a session is the caller's on this model; the preparer checked
+        // the request against the model.)
+        if let Err(e) = self.scheduler.check_admission(&caller.app, request.priority) {
+            let _ = reply.send(Err(e));
+            return;
+        }
+        let super::prepare::Prepared { prompt, max_tokens, sampler, adapters } = prepared;
         let id = self.next_id;
         self.next_id += 1;
         let accepted = Accepted { id, prompt_tokens: prompt.len() as u32 };
@@ -301,31 +282,6 @@ impl Worker {
             // The submitter is gone: nothing to serve; reaped before the next admission.
             on_refusal.cancel(CancelReason::Disconnected);
         }
-    }
-
-    /// Checks the request against the model and renders + tokenizes its prompt.
-    fn prepare(&self, request: &GenerateRequest) -> Result<Vec<hearth_ffi::Token>, EngineError> {
-        if request.max_tokens > self.n_ctx {
-            return Err(EngineError::InvalidArgs(format!(
-                "max_tokens {} exceeds the context length {} of model {:?}",
-                request.max_tokens, self.n_ctx, self.model_name
-            )));
-        }
-        let mut text = self.model.apply_chat_template(&request.messages, true).map_err(|e| match e {
-            hearth_ffi::Error::InteriorNul { what } => {
-                EngineError::InvalidArgs(format!("{what} contains a NUL character"))
-            }
-            e => EngineError::Internal(e.to_string()),
-        })?;
-        if let Some(prefix) = &request.assistant_prefix {
-            text.push_str(prefix);
-        }
-        let prompt = self.model.tokenize(&text, true, true)?;
-        // Room for the prompt and at least one generated token.
-        if prompt.len() >= self.n_ctx as usize {
-            return Err(EngineError::ContextLengthExceeded { prompt: prompt.len(), context: self.n_ctx });
-        }
-        Ok(prompt)
     }
 
     /// Ends requests that were cancelled, lost their caller, or ran past their deadline.

@@ -9,27 +9,8 @@ use super::super::scheduler::{Pinned, Slot, shared_prefix};
 use super::super::sequence::{Sequence, Waiting};
 use super::super::{AdapterSet, Priority};
 use super::Worker;
-use crate::engine::EngineError;
 
 impl Worker {
-    /// The adapter scales a request asks for: exactly the named adapters, or without names the
-    /// manifest's scales.
-    pub(super) fn adapter_set(
-        &self,
-        wanted: Option<&std::collections::BTreeMap<String, f32>>,
-    ) -> Result<AdapterSet, EngineError> {
-        let Some(wanted) = wanted else { return Ok(AdapterSet::new(&self.model.lora_default_scales())) };
-        let names: Vec<&str> = self.model.lora_names().collect();
-        if let Some(unknown) = wanted.keys().find(|k| !names.contains(&k.as_str())) {
-            return Err(EngineError::InvalidArgs(format!(
-                "model {:?} has no adapter {unknown:?} (its adapters: {names:?})",
-                self.model_name
-            )));
-        }
-        let scales: Vec<f32> = names.iter().map(|n| wanted.get(*n).copied().unwrap_or(0.0)).collect();
-        Ok(AdapterSet::new(&scales))
-    }
-
     /// Keeps the first `keep` KV entries of `seq` and drops the rest; where llama.cpp cannot
     /// cut there, empties the sequence. Returns how many entries are kept.
     fn keep_prefix(&mut self, seq: hearth_ffi::SeqId, keep: usize) -> usize {

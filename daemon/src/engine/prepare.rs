@@ -1,0 +1,131 @@
+//! Preparing a request off the decode loop: checking it against the model, rendering the
+//! chat template, tokenising, and compiling its grammar into a sampler. In the engine process
+//! this runs on a thread of its own ("engine-prep"), in arrival order, so a long prompt or a
+//! large grammar delays only its own admission, never the tokens of requests already running.
+
+use std::sync::Arc;
+
+use hearth_ffi::{Model, Sampler, Token};
+use tokio::sync::{mpsc, oneshot};
+
+use super::{
+    Accepted, AdapterSet, Caller, CancelToken, Command, EngineError, Event, GenerateRequest, Priority, Throttle, Wake,
+};
+
+/// A request made ready for the worker.
+#[derive(Debug)]
+pub struct Prepared {
+    pub prompt: Vec<Token>,
+    pub max_tokens: u32,
+    pub sampler: Sampler,
+    pub adapters: AdapterSet,
+}
+
+/// What preparing needs of the loaded model.
+#[derive(Debug, Clone)]
+pub struct Preparer {
+    model: Arc<Model>,
+    model_name: String,
+    /// Tokens one request's context holds.
+    n_ctx: u32,
+    throttle: Arc<Throttle>,
+}
+
+/// A Submit on its way to the worker.
+#[derive(Debug)]
+pub struct Job {
+    pub request: Box<GenerateRequest>,
+    pub caller: Caller,
+    pub cancel: CancelToken,
+    pub events: mpsc::UnboundedSender<Event>,
+    pub reply: oneshot::Sender<Result<Accepted, EngineError>>,
+}
+
+impl Preparer {
+    pub fn new(model: Arc<Model>, model_name: String, n_ctx: u32, throttle: Arc<Throttle>) -> Self {
+        Self { model, model_name, n_ctx, throttle }
+    }
+
+    /// Checks `request` against the model and the memory ceiling, and renders, tokenises and
+    /// compiles it.
+    pub fn prepare(&self, request: &GenerateRequest) -> Result<Prepared, EngineError> {
+        if let Some(refusal) = self.throttle.ceiling_refusal() {
+            return Err(refusal);
+        }
+        if request.max_tokens > self.n_ctx {
+            return Err(EngineError::InvalidArgs(format!(
+                "max_tokens {} exceeds the context length {} of model {:?}",
+                request.max_tokens, self.n_ctx, self.model_name
+            )));
+        }
+        let nul = |e: hearth_ffi::Error| match e {
+            hearth_ffi::Error::InteriorNul { what } => {
+                EngineError::InvalidArgs(format!("{what} contains a NUL character"))
+            }
+            hearth_ffi::Error::Grammar => {
+                EngineError::InvalidArgs("llama.cpp refused the grammar after hearthd's own checks passed it".into())
+            }
+            e => EngineError::Internal(e.to_string()),
+        };
+        let mut text = self.model.apply_chat_template(&request.messages, true).map_err(nul)?;
+        if let Some(prefix) = &request.assistant_prefix {
+            text.push_str(prefix);
+        }
+        let prompt = self.model.tokenize(&text, true, true)?;
+        // Room for the prompt and at least one generated token.
+        if prompt.len() >= self.n_ctx as usize {
+            return Err(EngineError::ContextLengthExceeded { prompt: prompt.len(), context: self.n_ctx });
+        }
+        let adapters = self.adapter_set(request.adapters.as_ref())?;
+        let max_tokens = request.max_tokens.min(self.n_ctx - prompt.len() as u32);
+        let sampler = Sampler::with_grammar(&self.model, request.sampling, request.grammar.as_deref()).map_err(nul)?;
+        Ok(Prepared { prompt, max_tokens, sampler, adapters })
+    }
+
+    /// The adapter scales a request asks for: exactly the named adapters, or without names the
+    /// manifest's scales.
+    fn adapter_set(&self, wanted: Option<&std::collections::BTreeMap<String, f32>>) -> Result<AdapterSet, EngineError> {
+        let Some(wanted) = wanted else { return Ok(AdapterSet::new(&self.model.lora_default_scales())) };
+        let names: Vec<&str> = self.model.lora_names().collect();
+        if let Some(unknown) = wanted.keys().find(|k| !names.contains(&k.as_str())) {
+            return Err(EngineError::InvalidArgs(format!(
+                "model {:?} has no adapter {unknown:?} (its adapters: {names:?})",
+                self.model_name
+            )));
+        }
+        let scales: Vec<f32> = names.iter().map(|n| wanted.get(*n).copied().unwrap_or(0.0)).collect();
+        Ok(AdapterSet::new(&scales))
+    }
+
+    /// Prepares jobs in arrival order until `jobs` closes: a refusal is answered here, a
+    /// prepared request goes to the worker (`cmd`), which is woken, and an interactive one
+    /// asks a running lower-priority step to yield (`preempt`).
+    pub fn run(
+        self,
+        mut jobs: mpsc::UnboundedReceiver<Job>,
+        cmd: &mpsc::Sender<Command>,
+        wake: &Wake,
+        preempt: &hearth_ffi::AbortSwitch,
+    ) {
+        while let Some(job) = jobs.blocking_recv() {
+            let Job { request, caller, cancel, events, reply } = job;
+            let prepared = match self.prepare(&request) {
+                Ok(p) => p,
+                Err(e) => {
+                    let _ = reply.send(Err(e));
+                    continue;
+                }
+            };
+            let interactive = request.priority == Priority::Interactive;
+            let submit = Command::Submit { request, prepared: Box::new(prepared), caller, cancel, events, reply };
+            if cmd.blocking_send(submit).is_err() {
+                return;
+            }
+            wake.notify();
+            if interactive {
+                // After the send, so the aborted step's next intake finds the request.
+                preempt.request();
+            }
+        }
+    }
+}
