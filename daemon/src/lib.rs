@@ -173,7 +173,6 @@ async fn serve(
         in_flight.clone(),
         callers.clone(),
     );
-    let sessions = service.sessions();
     let builder = match &args.bus_address {
         Some(address) => zbus::connection::Builder::address(address.as_str()),
         None => zbus::connection::Builder::system(),
@@ -182,7 +181,7 @@ async fn serve(
     tracing::info!(name = hearth_dbus::BUS_NAME, unique = ?conn.unique_name().map(|n| n.as_str()), "serving");
     let tasks = [
         tokio::spawn(service::publish_status_changes(conn.clone(), models.status())),
-        tokio::spawn(service::watch_disconnects(conn.clone(), models.clone(), callers, sessions)),
+        tokio::spawn(service::watch_disconnects(conn.clone(), models.clone(), callers)),
         tokio::spawn(expire_idle_models(models.clone())),
         tokio::spawn(watch_memory_pressure(models.clone(), config.memory.clone())),
         tokio::spawn({

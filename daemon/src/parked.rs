@@ -10,7 +10,10 @@
 //! turn's Submit carries it back opened; the engine restores it into whichever slot it gets,
 //! and decodes exactly as if it had never left.
 //!
-//! The store outlives engines: it is the registry of open sessions and their parked KV. Parked
+//! The store outlives engines: it is *the* registry of open sessions — whose they are (app
+//! and connection), which model they run, the turn running now, and their parked KV. The
+//! D-Bus session objects (service/session.rs) hold only their transcripts and ask it the
+//! rest. Parked
 //! KV has a disk budget (`limits.parked_sessions_mib`): past it, the KV parked longest ago is
 //! dropped, and that session's next turn recomputes it from the transcript (slower, never
 //! wrong).
@@ -24,8 +27,15 @@ use std::sync::{Arc, Mutex};
 use hearth_ffi::Token;
 
 use crate::engine::protocol::SessionKv;
-use crate::engine::{AdapterSet, SessionVault};
+use crate::engine::{AdapterSet, CancelReason, CancelToken, SessionVault};
 use crate::seal::{Purpose, Sealer};
+
+/// Why a session's turn may not start.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TurnRefused {
+    Closed,
+    Busy,
+}
 
 /// What a parked session's KV covers.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -43,6 +53,10 @@ pub struct ParkedKv {
 struct Entry {
     app: String,
     model: String,
+    /// The bus connection that opened it (the only one that may use it).
+    owner: String,
+    /// The running turn's switch: one turn at a time, cancelled when the session closes.
+    turn: Option<CancelToken>,
     parked: Option<ParkedKv>,
     /// When it was parked, in park order (the oldest is dropped first).
     parked_seq: u64,
@@ -100,20 +114,43 @@ impl SessionStore {
         self.open.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    /// Registers a new session of `app` on `model`; returns its id.
-    pub fn open(&self, app: &str, model: &str) -> u64 {
+    /// Registers a new session of `app` on `model`, opened by bus connection `owner`;
+    /// returns its id, or how many the app holds when that is already `max_per_app`.
+    pub fn open(&self, app: &str, model: &str, owner: &str, max_per_app: usize) -> Result<u64, usize> {
+        let mut entries = self.entries();
+        let held = entries.values().filter(|e| e.app == app).count();
+        if held >= max_per_app {
+            return Err(held);
+        }
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        self.entries().insert(id, Entry { app: app.to_owned(), model: model.to_owned(), parked: None, parked_seq: 0 });
-        id
+        let entry = Entry {
+            app: app.to_owned(),
+            model: model.to_owned(),
+            owner: owner.to_owned(),
+            turn: None,
+            parked: None,
+            parked_seq: 0,
+        };
+        entries.insert(id, entry);
+        Ok(id)
     }
 
-    /// Forgets a session and deletes its parked KV. Engines drop its resident KV on their
-    /// own (`EngineHandle::close_session`).
-    pub fn close(&self, id: u64) {
-        let entry = self.entries().remove(&id);
-        if let Some(p) = entry.and_then(|e| e.parked) {
+    /// Forgets a session: cancels its running turn and deletes its parked KV. Returns its
+    /// app and model (None: it was not open). Engines drop its resident KV on their own
+    /// (`EngineHandle::close_session`).
+    pub fn close(&self, id: u64) -> Option<(String, String)> {
+        let entry = self.entries().remove(&id)?;
+        Some(Self::end(entry))
+    }
+
+    fn end(entry: Entry) -> (String, String) {
+        if let Some(turn) = &entry.turn {
+            turn.cancel(CancelReason::Caller);
+        }
+        if let Some(p) = &entry.parked {
             remove_quietly(&p.file);
         }
+        (entry.app, entry.model)
     }
 
     /// Forgets every session and deletes all parked KV: the daemon is stopping, and sessions
@@ -121,9 +158,31 @@ impl SessionStore {
     /// writing it to disk.
     pub fn close_all(&self) {
         let all: Vec<Entry> = self.entries().drain().map(|(_, e)| e).collect();
-        for p in all.into_iter().filter_map(|e| e.parked) {
-            remove_quietly(&p.file);
+        for e in all {
+            Self::end(e);
         }
+    }
+
+    /// The sessions bus connection `owner` opened.
+    pub fn of_owner(&self, owner: &str) -> Vec<u64> {
+        self.entries().iter().filter(|(_, e)| e.owner == owner).map(|(id, _)| *id).collect()
+    }
+
+    /// Starts a turn of session `id` under `cancel`: refused while another runs, or once
+    /// the session is closed.
+    pub fn begin_turn(&self, id: u64, cancel: CancelToken) -> Result<(), TurnRefused> {
+        let mut entries = self.entries();
+        let entry = entries.get_mut(&id).ok_or(TurnRefused::Closed)?;
+        if entry.turn.is_some() {
+            return Err(TurnRefused::Busy);
+        }
+        entry.turn = Some(cancel);
+        Ok(())
+    }
+
+    /// Ends session `id`'s turn; whether the session is still open (its transcript may grow).
+    pub fn end_turn(&self, id: u64) -> bool {
+        self.entries().get_mut(&id).map(|e| e.turn = None).is_some()
     }
 
     /// Whether session `id` is open.
@@ -291,8 +350,8 @@ mod tests {
     fn parked_kv_round_trips_sealed_and_bound_to_its_session() {
         let dir = tempfile::tempdir().unwrap();
         let s = store(dir.path());
-        let a = s.open("app.a", "m");
-        let b = s.open("app.a", "m");
+        let a = s.open("app.a", "m", ":1.1", 8).unwrap();
+        let b = s.open("app.a", "m", ":1.1", 8).unwrap();
         let set = AdapterSet::default();
         assert!(s.park(a, vec![1, 2, 3], set.clone(), b"the kv bytes").unwrap());
         let file = dir.path().join(format!("sessions/{a}.kv"));
@@ -328,7 +387,7 @@ mod tests {
         let s = store(dir.path());
         let set = AdapterSet::default();
         let kv = vec![7u8; 1000];
-        let ids: Vec<u64> = (0..3).map(|_| s.open("app.a", "m")).collect();
+        let ids: Vec<u64> = (0..3).map(|_| s.open("app.a", "m", ":1.1", 8).unwrap()).collect();
         assert!(s.park(ids[0], vec![1], set.clone(), &kv).unwrap());
         let one = s.parked().1;
         s.set_budget(2 * one + one / 2);
@@ -346,5 +405,33 @@ mod tests {
         let err = s.park(ids[2], vec![1], set, &kv).unwrap_err();
         assert!(err.contains("parked-session budget"), "{err}");
         assert_eq!(s.parked(), (1, one));
+    }
+
+    #[test]
+    fn the_registry_bounds_sessions_per_app_runs_one_turn_and_a_close_cancels_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = store(dir.path());
+        let ids: Vec<u64> = (0..2).map(|_| s.open("app.a", "m", ":1.7", 2).unwrap()).collect();
+        assert_eq!(s.open("app.a", "m", ":1.8", 2), Err(2), "the app's limit, whatever the connection");
+        let other = s.open("app.b", "m", ":1.9", 2).unwrap();
+        let mut mine = s.of_owner(":1.7");
+        mine.sort_unstable();
+        assert_eq!(mine, ids);
+        assert_eq!(s.of_owner(":1.9"), [other]);
+        assert!(s.owns(other, "app.b", "m") && !s.owns(other, "app.a", "m") && !s.owns(other, "app.b", "n"));
+
+        // One turn at a time; a close cancels the running one, and nothing starts after it.
+        let turn = CancelToken::default();
+        s.begin_turn(ids[0], turn.clone()).unwrap();
+        assert_eq!(s.begin_turn(ids[0], CancelToken::default()), Err(TurnRefused::Busy));
+        assert!(s.end_turn(ids[0]));
+        s.begin_turn(ids[0], turn.clone()).unwrap();
+        assert_eq!(s.close(ids[0]), Some(("app.a".to_owned(), "m".to_owned())));
+        assert_eq!(turn.reason(), Some(CancelReason::Caller));
+        assert_eq!(s.begin_turn(ids[0], CancelToken::default()), Err(TurnRefused::Closed));
+        assert!(!s.end_turn(ids[0]), "a turn ending after the close finds the session gone");
+        assert_eq!(s.close(ids[0]), None, "closed once");
+        // A slot is free again for the app.
+        assert!(s.open("app.a", "m", ":1.8", 2).is_ok());
     }
 }

@@ -198,7 +198,7 @@ async fn a_leased_model_is_not_unloaded() {
 #[tokio::test]
 async fn session_kv_is_parked_on_unload_handed_back_to_its_next_turn_and_only_to_its_app() {
     let h = harness(&["a"], Script::default());
-    let id = h.sessions.open("app.x", "a");
+    let id = h.sessions.open("app.x", "a", ":1.app.x", 8).unwrap();
     let turn = |prompt: &str| GenerateRequest { session: Some(id), ..request(None, prompt, 3) };
 
     // Another app cannot use the session.

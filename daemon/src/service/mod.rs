@@ -28,7 +28,6 @@ pub(crate) use result::generation_result;
 use result::internal;
 use result::model_info;
 pub(crate) use run::{Admitted, OnFinish};
-pub use session::Sessions;
 pub use watch::{publish_cloud_changes, publish_governor_changes, publish_status_changes, watch_disconnects};
 
 use crate::cloud::Cloud;
@@ -54,7 +53,6 @@ pub struct HearthService {
     next_request: Arc<AtomicU64>,
     in_flight: InFlight,
     callers: CallerCache,
-    sessions: Sessions,
 }
 
 impl HearthService {
@@ -68,13 +66,7 @@ impl HearthService {
         callers: CallerCache,
     ) -> Self {
         let next_request = Arc::new(AtomicU64::new(1));
-        let sessions = Sessions::default();
-        Self { models, gate, governor, cloud, config_paths, next_request, in_flight, callers, sessions }
-    }
-
-    /// The open sessions (the disconnect watcher closes those of connections that leave).
-    pub fn sessions(&self) -> Sessions {
-        self.sessions.clone()
+        Self { models, gate, governor, cloud, config_paths, next_request, in_flight, callers }
     }
 
     /// What the router should know about the cloud for `request`: the documented cost rule
@@ -204,7 +196,7 @@ impl HearthService {
         if !self.gate.policy(&who.app).allows_model(&model) {
             return Err(BusError::NotAuthorized(format!("this app's policy does not allow model {model:?}")));
         }
-        self.sessions.open(conn, self, &sender, &who.app, model).await
+        session::open(conn, self, &sender, &who.app, model).await
     }
 
     /// Embeddings of texts, computed on the device; see org.hearth.Hearth1.xml.

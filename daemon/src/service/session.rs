@@ -1,8 +1,10 @@
 //! Sessions: `OpenSession(a{sv}) -> o` exports one `org.hearth.Hearth1.Session` object per
 //! conversation, with `Generate`, `Complete`, `Close` and a `Tokens` property.
 //!
-//! A session keeps its transcript here (message parts with their scopes, sealed parts still
-//! sealed) and its KV cache in the engine, so a turn sends only its new messages and the
+//! A session's object keeps its transcript (message parts with their scopes, sealed parts
+//! still sealed); whose it is, its model, its running turn and its parked KV are in the one
+//! registry of sessions, the model manager's `SessionStore` (parked.rs); its KV cache is in
+//! the engine, so a turn sends only its new messages and the
 //! engine prefills only what the KV does not hold yet (see `engine::session`). Each turn is
 //! admitted like any request over the whole transcript, so a session that saw `local` data
 //! stays local (taint). Only the connection that opened a session may use it; it is closed,
@@ -20,8 +22,9 @@ use zbus::{OwnedObjectPath, OwnedVariant, Variant};
 
 use super::driver::Finish;
 use super::{HearthService, OnFinish, caller, identify};
-use crate::engine::{CancelReason, CancelToken};
+use crate::engine::CancelToken;
 use crate::manager::ModelManager;
+use crate::parked::TurnRefused;
 use crate::privacy::{Content, Part, Scope};
 use crate::request::parse_off_runtime;
 
@@ -31,104 +34,71 @@ pub const MAX_SESSIONS_PER_APP: usize = 8;
 /// Where session objects live.
 const SESSION_PATH: &str = "/org/hearth/Hearth1/session";
 
-/// The open sessions, by id.
-#[derive(Debug, Clone, Default)]
-pub struct Sessions(Arc<Mutex<HashMap<u64, Open>>>);
-
-#[derive(Debug)]
-struct Open {
-    owner: String,
-    app: String,
-    model: String,
-    path: OwnedObjectPath,
-    state: Arc<Mutex<State>>,
-}
-
-/// What a session remembers between turns.
+/// What a session's object remembers between turns.
 #[derive(Debug, Default)]
 struct State {
     /// The transcript: every turn's messages and the assistant's answers, with scopes.
     history: Vec<Part>,
     /// Tokens of the transcript after the last turn (prompt + answer).
     tokens: u32,
-    /// The running turn, if one runs (one at a time).
-    turn: Option<CancelToken>,
-    closed: bool,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
-impl Sessions {
-    /// Opens a session of `owner` (app `app`) on `model` and exports its object.
-    pub(super) async fn open(
-        &self,
-        conn: &Connection,
-        svc: &HearthService,
-        owner: &OwnedUniqueName,
-        app: &str,
-        model: String,
-    ) -> Result<OwnedObjectPath, BusError> {
-        let state = Arc::new(Mutex::new(State::default()));
-        let (id, path) = {
-            let mut open = lock(&self.0);
-            let held = open.values().filter(|o| o.app == app).count();
-            if held >= MAX_SESSIONS_PER_APP {
-                return Err(BusError::Busy(format!(
-                    "this app holds {held} open sessions (limit {MAX_SESSIONS_PER_APP}); close one first"
-                )));
-            }
-            let id = svc.models.sessions().open(app, &model);
-            let path = OwnedObjectPath::try_from(format!("{SESSION_PATH}/s{id}"))
-                .map_err(|e| BusError::Internal(format!("session path: {e}")))?;
-            let entry = Open {
-                owner: owner.to_string(),
-                app: app.to_owned(),
-                model: model.clone(),
-                path: path.clone(),
-                state: Arc::clone(&state),
-            };
-            open.insert(id, entry);
-            (id, path)
-        };
-        let object = SessionObject { id, owner: owner.clone(), model: model.clone(), state, svc: svc.clone() };
-        if let Err(e) = conn.object_server().at(&path, object).await {
-            self.close(conn, &svc.models, id, "export failed").await;
-            return Err(BusError::Internal(format!("cannot export the session object: {e}")));
-        }
-        if let Err(e) = SessionProperties::install(conn.object_server(), &path, id, owner.clone()).await {
-            self.close(conn, &svc.models, id, "export failed").await;
-            return Err(BusError::Internal(format!("cannot export the session's properties: {e}")));
-        }
-        tracing::info!(target: "hearth::audit", app, session = id, model = %model, "session opened");
-        Ok(path)
-    }
+fn session_path(id: u64) -> Result<OwnedObjectPath, BusError> {
+    OwnedObjectPath::try_from(format!("{SESSION_PATH}/s{id}"))
+        .map_err(|e| BusError::Internal(format!("session path: {e}")))
+}
 
-    /// Closes session `id`: stops its running turn, drops its transcript, its resident and
-    /// parked KV, and its object.
-    pub async fn close(&self, conn: &Connection, models: &ModelManager, id: u64, why: &str) {
-        let Some(open) = lock(&self.0).remove(&id) else { return };
-        {
-            let mut state = lock(&open.state);
-            state.closed = true;
-            state.history.clear();
-            if let Some(turn) = state.turn.take() {
-                turn.cancel(CancelReason::Caller);
-            }
+/// Opens a session of `owner` (app `app`) on `model` and exports its object.
+pub(super) async fn open(
+    conn: &Connection,
+    svc: &HearthService,
+    owner: &OwnedUniqueName,
+    app: &str,
+    model: String,
+) -> Result<OwnedObjectPath, BusError> {
+    let id = svc.models.sessions().open(app, &model, owner.as_str(), MAX_SESSIONS_PER_APP).map_err(|held| {
+        BusError::Busy(format!("this app holds {held} open sessions (limit {MAX_SESSIONS_PER_APP}); close one first"))
+    })?;
+    let path = match session_path(id) {
+        Ok(p) => p,
+        Err(e) => {
+            close(conn, &svc.models, id, "export failed").await;
+            return Err(e);
         }
-        models.sessions().close(id);
-        models.close_session(&open.model, id).await;
-        let _ = conn.object_server().remove::<SessionObject, _>(&open.path).await;
-        tracing::info!(target: "hearth::audit", app = %open.app, session = id, why, "session closed");
+    };
+    let state = Arc::new(Mutex::new(State::default()));
+    let object = SessionObject { id, owner: owner.clone(), model: model.clone(), state, svc: svc.clone() };
+    if let Err(e) = conn.object_server().at(&path, object).await {
+        close(conn, &svc.models, id, "export failed").await;
+        return Err(BusError::Internal(format!("cannot export the session object: {e}")));
     }
+    if let Err(e) = SessionProperties::install(conn.object_server(), &path, id, owner.clone()).await {
+        close(conn, &svc.models, id, "export failed").await;
+        return Err(BusError::Internal(format!("cannot export the session's properties: {e}")));
+    }
+    tracing::info!(target: "hearth::audit", app, session = id, model = %model, "session opened");
+    Ok(path)
+}
 
-    /// Closes every session a connection that left the bus had open.
-    pub async fn connection_closed(&self, conn: &Connection, models: &ModelManager, connection: &str) {
-        let ids: Vec<u64> = lock(&self.0).iter().filter(|(_, o)| o.owner == connection).map(|(id, _)| *id).collect();
-        for id in ids {
-            self.close(conn, models, id, "its connection left the bus").await;
-        }
+/// Closes session `id`: stops its running turn, drops its resident and parked KV, and its
+/// object (with the transcript).
+pub async fn close(conn: &Connection, models: &ModelManager, id: u64, why: &str) {
+    let Some((app, model)) = models.sessions().close(id) else { return };
+    models.close_session(&model, id).await;
+    if let Ok(path) = session_path(id) {
+        let _ = conn.object_server().remove::<SessionObject, _>(&path).await;
+    }
+    tracing::info!(target: "hearth::audit", app = %app, session = id, why, "session closed");
+}
+
+/// Closes every session a connection that left the bus had open.
+pub async fn connection_closed(conn: &Connection, models: &ModelManager, connection: &str) {
+    for id in models.sessions().of_owner(connection) {
+        close(conn, models, id, "its connection left the bus").await;
     }
 }
 
@@ -200,17 +170,12 @@ impl SessionObject {
         }
         let (who, _) = identify(conn, &svc.callers, &sender).await?;
         let cancel = CancelToken::default();
-        let history = {
-            let mut state = lock(&self.state);
-            if state.closed {
-                return Err(BusError::InvalidArgs("the session is closed".into()));
-            }
-            if state.turn.is_some() {
-                return Err(BusError::Busy("a turn of this session is running; one at a time".into()));
-            }
-            state.turn = Some(cancel.clone());
-            state.history.clone()
-        };
+        let store = Arc::clone(svc.models.sessions());
+        store.begin_turn(self.id, cancel.clone()).map_err(|refused| match refused {
+            TurnRefused::Closed => BusError::InvalidArgs("the session is closed".into()),
+            TurnRefused::Busy => BusError::Busy("a turn of this session is running; one at a time".into()),
+        })?;
+        let history = lock(&self.state).history.clone();
         let new_parts = parsed.parts.clone();
         let mut request = parsed.request;
         request.model = Some(self.model.clone());
@@ -219,16 +184,16 @@ impl SessionObject {
         let admitted = match svc.admit(&who, request, parts, parsed.route, parsed.structure) {
             Ok(admitted) => admitted,
             Err(e) => {
-                lock(&self.state).turn = None;
+                store.end_turn(self.id);
                 return Err(e);
             }
         };
-        let state = Arc::clone(&self.state);
+        let (state, id) = (Arc::clone(&self.state), self.id);
         let taint = admitted.decision.taint;
         let on_finish: OnFinish = Box::new(move |finish: Option<&Finish>| {
+            let open = store.end_turn(id);
             let mut state = lock(&state);
-            state.turn = None;
-            if let Some(o) = finish.filter(|f| f.error.is_none() && !state.closed).map(|f| &f.outcome) {
+            if let Some(o) = finish.filter(|f| f.error.is_none() && open).map(|f| &f.outcome) {
                 state.history.extend(new_parts);
                 state.history.push(Part {
                     role: "assistant".into(),
@@ -305,7 +270,7 @@ impl SessionObject {
         #[zbus(connection)] conn: &Connection,
     ) -> Result<(), BusError> {
         self.check_owner(&caller(&header)?)?;
-        self.svc.sessions.close(conn, &self.svc.models, self.id, "closed by its owner").await;
+        close(conn, &self.svc.models, self.id, "closed by its owner").await;
         Ok(())
     }
 

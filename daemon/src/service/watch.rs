@@ -4,7 +4,7 @@
 use zbus::Connection;
 use zbus::object_server::SignalEmitter;
 
-use super::{CallerCache, HearthService, Sessions};
+use super::{CallerCache, HearthService};
 use crate::engine::Priority;
 use crate::governor::GovernorStatus;
 use crate::manager::{ManagerStatus, ModelManager};
@@ -95,7 +95,7 @@ pub async fn publish_governor_changes(conn: Connection, mut status: tokio::sync:
 
 /// Cancels the requests and closes the sessions of every connection that leaves the bus,
 /// freeing their KV at once.
-pub async fn watch_disconnects(conn: Connection, models: ModelManager, callers: CallerCache, sessions: Sessions) {
+pub async fn watch_disconnects(conn: Connection, models: ModelManager, callers: CallerCache) {
     let stream = async {
         let dbus = zbus::fdo::DBusProxy::new(&conn).await?;
         dbus.receive_name_owner_changed().await
@@ -114,7 +114,7 @@ pub async fn watch_disconnects(conn: Connection, models: ModelManager, callers: 
         if args.name().starts_with(':') && args.new_owner().is_none() {
             callers.remove(args.name());
             models.connection_closed(args.name()).await;
-            sessions.connection_closed(&conn, &models, args.name()).await;
+            super::session::connection_closed(&conn, &models, args.name()).await;
         }
     }
 }
