@@ -11,30 +11,23 @@ pub enum Error {
     /// A request is malformed.
     #[error("{0}")]
     InvalidArgs(String),
-    /// The prompt does not fit the context.
-    #[error(
-        "the prompt has {prompt} tokens; the context holds {context} (and needs room for at least one generated token)"
-    )]
-    ContextLengthExceeded { prompt: usize, context: u32 },
     /// No such model is installed.
     #[error("no model named {0:?} is installed")]
     ModelNotFound(String),
     /// The model is installed but cannot serve.
     #[error("model {name:?} is unavailable: {reason}")]
     ModelUnavailable { name: String, reason: String },
-    /// Admission control refused the request.
+    /// The app used its `requests_per_minute` quota.
     #[error(
-        "hearthd is busy: {waiting} requests are waiting {scope} (limit {limit}); retry in about {retry_after_ms} ms"
+        "this app made {used} requests in the last minute (its requests_per_minute quota is {limit}); retry in about {retry_after_ms} ms"
     )]
-    Busy { scope: String, waiting: usize, limit: usize, retry_after_ms: u64 },
-    /// hearthd's anonymous memory reached its ceiling: device work ends, new work waits.
-    #[error(
-        "hearthd is at its memory ceiling ({ceiling_mib} MiB): device work is ended and refused until memory use falls; retry in a few seconds"
-    )]
-    MemoryCeiling { ceiling_mib: u64 },
-    /// The request was cancelled.
-    #[error("{0}")]
-    Cancelled(CancelReason),
+    Quota { used: usize, limit: u32, retry_after_ms: u64 },
+    /// The app holds as many open sessions as it may.
+    #[error("this app holds {held} open sessions (limit {limit}); close one first")]
+    TooManySessions { held: usize, limit: usize },
+    /// A turn of the session is running, and a session runs one at a time.
+    #[error("a turn of this session is running; one at a time")]
+    TurnRunning,
     /// The model is serving requests, so it cannot be unloaded now.
     #[error("model {name:?} is serving {requests} request(s); retry when they finish")]
     InUse { name: String, requests: u32 },
@@ -47,12 +40,37 @@ pub enum Error {
     /// The cloud route was asked for and cannot be used.
     #[error("the cloud route is unavailable: {0}")]
     CloudUnavailable(String),
-    /// The model's engine process died or hung (and is being restarted).
-    #[error("the engine of model {model:?} failed ({reason}); it is restarting, retry the request")]
-    EngineFailed { model: String, reason: String },
+    /// What the engine answered (a context overflow, its queue full, a cancellation, its
+    /// death...): kept as the engine said it, named here.
+    #[error(transparent)]
+    Engine(EngineError),
     /// A failure inside hearthd.
     #[error("internal error: {0}")]
     Internal(String),
+}
+
+impl From<EngineError> for Error {
+    fn from(e: EngineError) -> Self {
+        match e {
+            // One spelling of each: the engine's malformed-request and internal errors are
+            // hearthd's own kinds.
+            EngineError::InvalidArgs(m) => Error::InvalidArgs(m),
+            EngineError::Internal(m) => Error::Internal(m),
+            e => Error::Engine(e),
+        }
+    }
+}
+
+impl Error {
+    /// A request cancelled for `reason`.
+    pub fn cancelled(reason: CancelReason) -> Self {
+        Error::Engine(EngineError::Cancelled(reason))
+    }
+
+    /// Whether this is a cancellation.
+    pub fn is_cancelled(&self) -> bool {
+        matches!(self, Error::Engine(EngineError::Cancelled(_)))
+    }
 }
 
 /// Longest error message a reply carries: messages name what was wrong, and may quote a
@@ -71,59 +89,56 @@ pub fn bounded(text: &str, max: usize) -> std::borrow::Cow<'_, str> {
     format!("{}...", &text[..end]).into()
 }
 
+/// The D-Bus error of each kind: the one table of names.
+fn named(e: &Error, msg: String) -> BusError {
+    match e {
+        Error::InvalidArgs(_) => BusError::InvalidArgs(msg),
+        Error::ModelNotFound(_) => BusError::ModelNotFound(msg),
+        Error::ModelUnavailable { .. } => BusError::ModelUnavailable(msg),
+        Error::Quota { .. } | Error::TooManySessions { .. } | Error::TurnRunning | Error::InUse { .. } => {
+            BusError::Busy(msg)
+        }
+        Error::NotAuthorized(_) => BusError::NotAuthorized(msg),
+        Error::PrivacyViolation(_) => BusError::PrivacyViolation(msg),
+        Error::CloudUnavailable(_) => BusError::CloudUnavailable(msg),
+        Error::Engine(e) => match e {
+            EngineError::InvalidArgs(_) => BusError::InvalidArgs(msg),
+            EngineError::ContextLengthExceeded { .. } => BusError::ContextLengthExceeded(msg),
+            EngineError::Busy { .. } | EngineError::MemoryCeiling { .. } => BusError::Busy(msg),
+            EngineError::Cancelled(_) => BusError::Cancelled(msg),
+            EngineError::NotYourSession(_) => BusError::NotAuthorized(msg),
+            EngineError::Failed { .. } => BusError::EngineFailed(msg),
+            EngineError::Internal(_) => BusError::Internal(msg),
+        },
+        Error::Internal(_) => BusError::Internal(msg),
+    }
+}
+
 impl Error {
     /// The error's kind, as in its D-Bus name: what log lines say of a refusal, since the
     /// message may quote the caller's input and app content never reaches a log line.
     pub fn kind(&self) -> &'static str {
-        match self {
-            Error::InvalidArgs(_) => "InvalidArgs",
-            Error::ContextLengthExceeded { .. } => "ContextLengthExceeded",
-            Error::ModelNotFound(_) => "ModelNotFound",
-            Error::ModelUnavailable { .. } => "ModelUnavailable",
-            Error::Busy { .. } | Error::InUse { .. } | Error::MemoryCeiling { .. } => "Busy",
-            Error::Cancelled(_) => "Cancelled",
-            Error::NotAuthorized(_) => "NotAuthorized",
-            Error::PrivacyViolation(_) => "PrivacyViolation",
-            Error::CloudUnavailable(_) => "CloudUnavailable",
-            Error::EngineFailed { .. } => "EngineFailed",
-            Error::Internal(_) => "Internal",
+        match named(self, String::new()) {
+            BusError::InvalidArgs(_) => "InvalidArgs",
+            BusError::ContextLengthExceeded(_) => "ContextLengthExceeded",
+            BusError::ModelNotFound(_) => "ModelNotFound",
+            BusError::ModelUnavailable(_) => "ModelUnavailable",
+            BusError::Busy(_) => "Busy",
+            BusError::Cancelled(_) => "Cancelled",
+            BusError::NotAuthorized(_) => "NotAuthorized",
+            BusError::PrivacyViolation(_) => "PrivacyViolation",
+            BusError::CloudUnavailable(_) => "CloudUnavailable",
+            BusError::EngineFailed(_) => "EngineFailed",
+            BusError::Internal(_) | BusError::ZBus(_) => "Internal",
         }
     }
 }
 
 impl From<Error> for BusError {
+    /// Every reply's error goes through here, so none carries an unbounded message.
     fn from(e: Error) -> Self {
         let msg = bounded(&e.to_string(), MAX_MESSAGE_BYTES).into_owned();
-        match e {
-            Error::InvalidArgs(_) => BusError::InvalidArgs(msg),
-            Error::ContextLengthExceeded { .. } => BusError::ContextLengthExceeded(msg),
-            Error::ModelNotFound(_) => BusError::ModelNotFound(msg),
-            Error::ModelUnavailable { .. } => BusError::ModelUnavailable(msg),
-            Error::Busy { .. } | Error::InUse { .. } | Error::MemoryCeiling { .. } => BusError::Busy(msg),
-            Error::Cancelled(_) => BusError::Cancelled(msg),
-            Error::NotAuthorized(_) => BusError::NotAuthorized(msg),
-            Error::PrivacyViolation(_) => BusError::PrivacyViolation(msg),
-            Error::CloudUnavailable(_) => BusError::CloudUnavailable(msg),
-            Error::EngineFailed { .. } => BusError::EngineFailed(msg),
-            Error::Internal(_) => BusError::Internal(msg),
-        }
-    }
-}
-
-impl From<EngineError> for Error {
-    fn from(e: EngineError) -> Self {
-        match e {
-            EngineError::InvalidArgs(m) => Error::InvalidArgs(m),
-            EngineError::ContextLengthExceeded { prompt, context } => Error::ContextLengthExceeded { prompt, context },
-            EngineError::Busy { scope, waiting, limit, retry_after_ms } => {
-                Error::Busy { scope, waiting, limit, retry_after_ms }
-            }
-            EngineError::MemoryCeiling { ceiling_mib } => Error::MemoryCeiling { ceiling_mib },
-            EngineError::Cancelled(reason) => Error::Cancelled(reason),
-            e @ EngineError::NotYourSession(_) => Error::NotAuthorized(e.to_string()),
-            EngineError::Failed { model, reason } => Error::EngineFailed { model, reason },
-            EngineError::Internal(m) => Error::Internal(m),
-        }
+        named(&e, msg)
     }
 }
 
@@ -143,7 +158,9 @@ mod tests {
         let BusError::InvalidArgs(msg) = BusError::from(Error::InvalidArgs(long)) else { panic!() };
         assert!(msg.len() <= MAX_MESSAGE_BYTES && msg.ends_with("..."), "{}", msg.len());
         assert_eq!(bounded("short", 512), "short");
-        assert_eq!(Error::Busy { scope: String::new(), waiting: 0, limit: 0, retry_after_ms: 0 }.kind(), "Busy");
+        assert_eq!(Error::Quota { used: 0, limit: 0, retry_after_ms: 0 }.kind(), "Busy");
+        assert_eq!(Error::from(EngineError::NotYourSession(1)).kind(), "NotAuthorized");
+        assert_eq!(Error::cancelled(CancelReason::Caller).kind(), "Cancelled");
     }
 
     #[test]

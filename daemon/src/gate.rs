@@ -141,10 +141,9 @@ impl Gate {
         }
         if times.len() >= per_minute as usize {
             let retry = Duration::from_secs(60).saturating_sub(now.duration_since(times[0]));
-            return Err(Error::Busy {
-                scope: "for this app's requests_per_minute quota".into(),
-                waiting: times.len(),
-                limit: per_minute as usize,
+            return Err(Error::Quota {
+                used: times.len(),
+                limit: per_minute,
                 retry_after_ms: retry.as_millis() as u64,
             });
         }
@@ -195,7 +194,7 @@ mod tests {
         admit(&gate, "a", &r).unwrap();
         admit(&gate, "a", &r).unwrap();
         match admit(&gate, "a", &r) {
-            Err(Error::Busy { waiting: 2, limit: 2, retry_after_ms, .. }) => {
+            Err(Error::Quota { used: 2, limit: 2, retry_after_ms }) => {
                 assert!(retry_after_ms > 59_000 && retry_after_ms <= 60_000, "{retry_after_ms}")
             }
             other => panic!("{other:?}"),
@@ -232,6 +231,6 @@ mod tests {
         assert!(refused(admit(&gate, "a", &other_model)).contains("\"big\""));
         // None of the refusals used the one request a minute.
         admit(&gate, "a", &request(Priority::Normal, 16)).unwrap();
-        assert!(matches!(admit(&gate, "a", &request(Priority::Normal, 16)), Err(Error::Busy { .. })));
+        assert!(matches!(admit(&gate, "a", &request(Priority::Normal, 16)), Err(Error::Quota { .. })));
     }
 }

@@ -41,7 +41,7 @@ pub trait Hearth1 {
     #[zbus(property)]
     fn queue_by_priority(&self) -> zbus::Result<HashMap<String, u32>>;
     #[zbus(property(emits_changed_signal = "false"))]
-    fn kv_cache(&self) -> zbus::Result<HashMap<String, u32>>;
+    fn kv_cache(&self) -> zbus::Result<crate::KvCache>;
     #[zbus(property)]
     fn load_progress(&self) -> zbus::Result<HashMap<String, (String, f64)>>;
     #[zbus(property)]

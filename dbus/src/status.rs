@@ -2,8 +2,12 @@
 //! Throttle and Backends properties, and CallerInfo's reply. hearthd builds them, hearthctl
 //! and the tests read them; the keys are the field names and the XML documents each.
 //! Optional fields are keys that may be absent; unknown keys are ignored when reading, so a
-//! newer hearthd can add some.
+//! newer hearthd can add some. The KvCache property, all counters, is an `a{su}`.
 
+use std::collections::HashMap;
+
+use serde::{Deserialize, Serialize};
+use zbus::{OwnedVariant, Variant};
 use zbus::{DeserializeDict, SerializeDict, Type};
 
 /// One installed model, as ListModels reports it.
@@ -116,6 +120,79 @@ pub struct CallerInfo {
     pub label: Option<String>,
 }
 
+/// The KvCache property: the KV cache in tokens, and the sessions' KV.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, Type)]
+#[serde(from = "HashMap<String, u32>", into = "HashMap<String, u32>")]
+#[zvariant(signature = "a{su}")]
+pub struct KvCache {
+    pub size: u32,
+    /// By admitted requests: prompt + max_tokens.
+    pub reserved: u32,
+    /// Held by live sequences.
+    pub used: u32,
+    /// Kept in free slots for prefix reuse, or by idle sessions.
+    pub cached: u32,
+    /// Open sessions.
+    pub sessions: u32,
+    /// Sessions whose KV is parked on disk.
+    pub parked_sessions: u32,
+    pub parked_kib: u32,
+    /// Parked KV dropped for the parked-sessions limit since start.
+    pub parked_dropped: u32,
+}
+
+impl KvCache {
+    fn fields(self) -> [(&'static str, u32); 8] {
+        [
+            ("size", self.size),
+            ("reserved", self.reserved),
+            ("used", self.used),
+            ("cached", self.cached),
+            ("sessions", self.sessions),
+            ("parked_sessions", self.parked_sessions),
+            ("parked_kib", self.parked_kib),
+            ("parked_dropped", self.parked_dropped),
+        ]
+    }
+}
+
+impl From<KvCache> for HashMap<String, u32> {
+    fn from(kv: KvCache) -> Self {
+        kv.fields().into_iter().map(|(k, v)| (k.to_owned(), v)).collect()
+    }
+}
+
+impl From<HashMap<String, u32>> for KvCache {
+    /// Missing keys read as 0, unknown keys are ignored.
+    fn from(map: HashMap<String, u32>) -> Self {
+        let get = |k: &str| map.get(k).copied().unwrap_or(0);
+        KvCache {
+            size: get("size"),
+            reserved: get("reserved"),
+            used: get("used"),
+            cached: get("cached"),
+            sessions: get("sessions"),
+            parked_sessions: get("parked_sessions"),
+            parked_kib: get("parked_kib"),
+            parked_dropped: get("parked_dropped"),
+        }
+    }
+}
+
+impl From<KvCache> for Variant<'static> {
+    fn from(kv: KvCache) -> Self {
+        Variant::from(HashMap::<String, u32>::from(kv))
+    }
+}
+
+impl TryFrom<OwnedVariant> for KvCache {
+    type Error = zbus::Error;
+
+    fn try_from(v: OwnedVariant) -> Result<Self, Self::Error> {
+        Ok(HashMap::<String, u32>::try_from(v)?.into())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use std::collections::HashMap;
@@ -141,5 +218,18 @@ mod tests {
         let bytes = to_bytes(ctxt, &newer).unwrap();
         let read: ModelInfo = bytes.deserialize().unwrap().0;
         assert_eq!(read.name, "m");
+    }
+
+    #[test]
+    fn the_kv_cache_is_an_a_su_of_its_field_names() {
+        let ctxt = Context::new(LE, 0);
+        let kv = KvCache { size: 4096, parked_kib: 12, ..KvCache::default() };
+        assert_eq!(KvCache::SIGNATURE.to_string(), "a{su}");
+        let bytes = to_bytes(ctxt, &kv).unwrap();
+        let dict: HashMap<String, u32> = bytes.deserialize().unwrap().0;
+        assert_eq!((dict.len(), dict["size"], dict["parked_kib"], dict["used"]), (8, 4096, 12, 0));
+        assert_eq!(bytes.deserialize::<KvCache>().unwrap().0, kv);
+        let back = KvCache::try_from(OwnedVariant::try_from(Variant::from(kv)).unwrap()).unwrap();
+        assert_eq!(back, kv);
     }
 }

@@ -213,7 +213,7 @@ async fn sustained_memory_pressure_unloads_idle_models_and_shrinks_pinned_ones()
         (proxy.loaded_models().await.unwrap() == ["smollm2-135m-instruct"]).then_some(())
     })
     .await;
-    let full_kv = proxy.kv_cache().await.unwrap()["size"];
+    let full_kv = proxy.kv_cache().await.unwrap().size;
     let mut second = chat_request("Hi", 2);
     second.insert("model", Variant::from("second"));
     proxy.complete(second).await.unwrap();
@@ -229,7 +229,7 @@ async fn sustained_memory_pressure_unloads_idle_models_and_shrinks_pinned_ones()
     assert_eq!(proxy.loaded_models().await.unwrap(), vec!["smollm2-135m-instruct".to_owned()]);
     let models = proxy.list_models().await.unwrap();
     assert_eq!(entry(&models, "smollm2-135m-instruct").kv_shrunk, Some(true));
-    let shrunk_kv = proxy.kv_cache().await.unwrap()["size"];
+    let shrunk_kv = proxy.kv_cache().await.unwrap().size;
     assert!(shrunk_kv < full_kv, "KV {full_kv} -> {shrunk_kv} tokens");
     // The shrunk model still serves.
     proxy.complete(chat_request("Hi", 2)).await.unwrap();
@@ -241,7 +241,7 @@ async fn sustained_memory_pressure_unloads_idle_models_and_shrinks_pinned_ones()
     .await;
     // The next request regrows the KV cache.
     proxy.complete(chat_request("Hi", 2)).await.unwrap();
-    assert_eq!(proxy.kv_cache().await.unwrap()["size"], full_kv);
+    assert_eq!(proxy.kv_cache().await.unwrap().size, full_kv);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

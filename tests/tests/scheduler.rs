@@ -192,7 +192,7 @@ async fn over_the_bounds_busy_comes_at_once_and_kv_stays_in_budget() {
     // "At once": well before the running request could finish, even on a loaded machine.
     assert!(t.elapsed() < Duration::from_secs(3), "Busy came after {:?}", t.elapsed());
     let kv = proxy.kv_cache().await.unwrap();
-    assert!(kv["reserved"] <= kv["size"] && kv["used"] <= kv["reserved"], "{kv:?}");
+    assert!(kv.reserved <= kv.size && kv.used <= kv.reserved, "{kv:?}");
     assert_eq!(proxy.queue_depth().await.unwrap(), 2);
     running.cancel().await.unwrap();
     waiting.cancel().await.unwrap();
@@ -240,7 +240,7 @@ async fn a_client_that_disconnects_mid_stream_frees_its_kv() {
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         let kv = proxy.kv_cache().await.unwrap();
-        if kv["used"] > 40 {
+        if kv.used > 40 {
             break;
         }
         assert!(Instant::now() < deadline, "the client never started generating: {kv:?}");
@@ -251,7 +251,7 @@ async fn a_client_that_disconnects_mid_stream_frees_its_kv() {
     let deadline = Instant::now() + Duration::from_secs(5);
     loop {
         let kv = proxy.kv_cache().await.unwrap();
-        if kv["used"] == 0 && kv["reserved"] == 0 && proxy.queue_depth().await.unwrap() == 0 {
+        if kv.used == 0 && kv.reserved == 0 && proxy.queue_depth().await.unwrap() == 0 {
             break;
         }
         assert!(Instant::now() < deadline, "KV not freed after the client died: {kv:?}");
@@ -300,7 +300,7 @@ async fn a_shared_prefix_is_reused_within_an_app_only_and_changes_no_output() {
         serde_json::from_str(String::from_utf8(out.stdout).unwrap().lines().last().unwrap()).unwrap();
     assert_eq!(last["finished"]["cached_tokens"], 0, "another app must not hit this app's cache");
     let kv = proxy.kv_cache().await.unwrap();
-    assert!(kv["cached"] > 0, "{kv:?}");
+    assert!(kv.cached > 0, "{kv:?}");
 }
 
 /// Preemption loses nothing: 64 clients of 8 apps, background, normal and interactive mixed

@@ -73,24 +73,24 @@ async fn an_idle_session_is_parked_for_another_request_and_restored_identically(
     let s = session(&conn, &path).await;
     let r1 = s.complete(turn(FIRST, 24)).await.expect("turn 1");
     let kv = proxy.kv_cache().await.unwrap();
-    assert_eq!((kv["sessions"], kv["parked_sessions"]), (1, 0), "{kv:?}");
-    assert!(kv["cached"] > 0, "the idle session's KV stays resident: {kv:?}");
+    assert_eq!((kv.sessions, kv.parked_sessions), (1, 0), "{kv:?}");
+    assert!(kv.cached > 0, "the idle session's KV stays resident: {kv:?}");
     // Another conversation takes the only slot: the session's KV is parked, sealed.
     proxy.complete(hearth_tests::chat_request("Count to five.", 8)).await.expect("other request");
     let kv = proxy.kv_cache().await.unwrap();
-    assert_eq!(kv["parked_sessions"], 1, "{kv:?}");
+    assert_eq!(kv.parked_sessions, 1, "{kv:?}");
     let parked: Vec<_> =
         std::fs::read_dir(daemon.state_dir().join("sessions")).unwrap().map(|e| e.unwrap().path()).collect();
     assert_eq!(parked.len(), 1, "{parked:?}");
     let bytes = std::fs::read(&parked[0]).unwrap();
-    assert!(bytes.len() as u32 > kv["parked_kib"].saturating_sub(1) * 1024, "{} bytes", bytes.len());
+    assert!(bytes.len() as u32 > kv.parked_kib.saturating_sub(1) * 1024, "{} bytes", bytes.len());
     assert!(bytes.starts_with(b"HSL1"), "parked KV is a sealed blob");
     // Turn 2 restores it and answers exactly as a fresh run of the transcript.
     let r2 = s.complete(turn(SECOND, 24)).await.expect("turn 2");
     assert!(r2.cached_tokens >= r1.prompt_tokens, "the restored KV was reused: {r2:?}");
     assert_eq!(r2.token_ids.clone(), fresh_second_turn(&r1.text.clone(), 24));
     let kv = proxy.kv_cache().await.unwrap();
-    assert_eq!(kv["parked_sessions"], 0, "{kv:?}");
+    assert_eq!(kv.parked_sessions, 0, "{kv:?}");
     assert_eq!(std::fs::read_dir(daemon.state_dir().join("sessions")).unwrap().count(), 0, "restored files go");
     let log = daemon.log();
     assert!(log.contains("session KV parked") && log.contains("session KV restored"), "{log}");
@@ -113,7 +113,7 @@ async fn parked_kv_keeps_to_its_disk_budget_and_a_dropped_session_still_answers_
     let (a, b) = (session(&conn, &a).await, session(&conn, &b).await);
     let r1 = a.complete(turn(FIRST, 48)).await.expect("A, turn 1");
     b.complete(turn(FIRST, 48)).await.expect("B, turn 1"); // parks A
-    let one = proxy.kv_cache().await.unwrap()["parked_kib"];
+    let one = proxy.kv_cache().await.unwrap().parked_kib;
     assert!(one >= 1024, "one parked KV is {one} KiB: too small to size a MiB budget between one and two");
     // A budget that holds one parked KV of this size, not two; put in force with SIGHUP.
     let mib = one.div_ceil(1024);
@@ -126,8 +126,8 @@ async fn parked_kv_keeps_to_its_disk_budget_and_a_dropped_session_still_answers_
     // Another request parks B: A's KV, parked longest ago, is dropped for the budget.
     proxy.complete(hearth_tests::chat_request("Count to five.", 8)).await.expect("other request");
     let kv = proxy.kv_cache().await.unwrap();
-    assert_eq!((kv["sessions"], kv["parked_sessions"], kv["parked_dropped"]), (2, 1, 1), "{kv:?}");
-    assert!(kv["parked_kib"] <= mib as u32 * 1024, "{kv:?}");
+    assert_eq!((kv.sessions, kv.parked_sessions, kv.parked_dropped), (2, 1, 1), "{kv:?}");
+    assert!(kv.parked_kib <= mib as u32 * 1024, "{kv:?}");
     assert_eq!(std::fs::read_dir(daemon.state_dir().join("sessions")).unwrap().count(), 1);
     assert!(daemon.log().contains("dropped for the disk budget"), "{}", daemon.log());
     // A's next turn recomputes its transcript and answers exactly as a fresh run.
@@ -234,15 +234,15 @@ async fn only_the_owner_uses_a_session_and_closing_frees_it() {
     s.close().await.unwrap();
     assert!(s.complete(turn(SECOND, 8)).await.is_err(), "closed");
     let kv = proxy.kv_cache().await.unwrap();
-    assert_eq!((kv["sessions"], kv["parked_sessions"]), (0, 0), "{kv:?}");
+    assert_eq!((kv.sessions, kv.parked_sessions), (0, 0), "{kv:?}");
     // A connection that leaves takes its sessions with it.
     let conn3 = bus.connect().await;
     let p3 = open(&conn3).await;
     session(&conn3, &p3).await.complete(turn(FIRST, 4)).await.unwrap();
-    assert_eq!(proxy.kv_cache().await.unwrap()["sessions"], 1);
+    assert_eq!(proxy.kv_cache().await.unwrap().sessions, 1);
     drop(conn3);
     let deadline = Instant::now() + Duration::from_secs(10);
-    while proxy.kv_cache().await.unwrap()["sessions"] != 0 {
+    while proxy.kv_cache().await.unwrap().sessions != 0 {
         assert!(Instant::now() < deadline, "the session of a closed connection stayed open");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
@@ -308,7 +308,7 @@ async fn a_session_outlives_its_model_being_unloaded() {
     // KV is parked rather than lost.
     proxy.unload_model("smollm2-135m-instruct").await.expect("unload");
     assert!(proxy.loaded_models().await.unwrap().is_empty());
-    assert_eq!(proxy.kv_cache().await.unwrap()["parked_sessions"], 1);
+    assert_eq!(proxy.kv_cache().await.unwrap().parked_sessions, 1);
     let r2 = s.complete(turn(SECOND, 24)).await.expect("turn 2 reloads the model");
     assert!(r2.cached_tokens >= r1.prompt_tokens, "{r2:?}");
     assert_eq!(r2.token_ids.clone(), fresh_second_turn(&r1.text.clone(), 24));

@@ -217,6 +217,17 @@ async fn bad_input_gets_the_right_error_name_and_the_daemon_keeps_serving() {
         let path = hearth_dbus::request_path(&me, token).unwrap();
         assert!(hearth_tests::introspect(&conn, path.as_str()).await.is_err(), "leftover request object {path}");
     }
+    // The other methods that quote a bad key bound their replies too.
+    let big_key: &str = Box::leak(big_canary.clone().into_boxed_str());
+    let options = || HashMap::from([(big_key, Variant::from(1u32))]);
+    let refusals = [
+        ("OpenSession", proxy.open_session(options()).await.expect_err("an unknown session option")),
+        ("Seal", proxy.seal(b"hi", options()).await.expect_err("a Seal option")),
+    ];
+    for (method, err) in refusals {
+        assert_eq!(error_name(&err), "org.hearth.Hearth1.Error.InvalidArgs", "{method}: {err}");
+        assert!(err.message().len() <= 512, "{method}: a {}-byte error message", err.message().len());
+    }
     // And the daemon still answers.
     let r = proxy.complete(chat_request("Say hello.", 8)).await.expect("Complete after bad input");
     assert!(r.tokens > 0);

@@ -4,15 +4,15 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use hearth_dbus::Error as BusError;
 use zbus::Connection;
 use zbus::message::Header;
 
 use crate::engine::Caller;
+use crate::error::Error;
 use crate::identity::{self, Identity};
 
-pub(super) fn caller(header: &Header<'_>) -> Result<zbus::names::OwnedUniqueName, BusError> {
-    header.sender().map(|s| s.to_owned().into()).ok_or_else(|| BusError::InvalidArgs("the call has no sender".into()))
+pub(super) fn caller(header: &Header<'_>) -> Result<zbus::names::OwnedUniqueName, Error> {
+    header.sender().map(|s| s.to_owned().into()).ok_or_else(|| Error::InvalidArgs("the call has no sender".into()))
 }
 
 /// Callers already identified, by unique name. Unique names are never reused on a bus, so an
@@ -44,13 +44,13 @@ pub(super) async fn identify(
     conn: &Connection,
     cache: &CallerCache,
     sender: &zbus::names::OwnedUniqueName,
-) -> Result<(Caller, Identity), BusError> {
+) -> Result<(Caller, Identity), Error> {
     if let Some(found) = cache.get(sender.as_str()) {
         return Ok(found);
     }
     let identity = identify_uncached(conn, sender).await.map_err(|reason| {
         tracing::warn!(caller = %sender, reason, "caller not identified");
-        BusError::NotAuthorized(format!("hearthd could not identify the caller: {reason}"))
+        Error::NotAuthorized(format!("hearthd could not identify the caller: {reason}"))
     })?;
     let caller = Caller { connection: sender.to_string(), app: identity.app_id.clone(), uid: identity.uid };
     tracing::info!(target: "hearth::audit", caller = %sender, app = %identity.app_id, kind = identity.kind.as_str(), uid = identity.uid, pid = identity.pid, label = ?identity.label, "caller identified");

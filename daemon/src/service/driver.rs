@@ -6,11 +6,10 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::engine::FinishReason;
 use tokio::sync::{mpsc, watch};
 
 use crate::cloud::{Cloud, CloudError};
-use crate::engine::{Caller, CancelReason, CancelToken, EngineError, Event, GenerateRequest, Outcome};
+use crate::engine::{Caller, CancelReason, CancelToken, EngineError, Event, FinishReason, GenerateRequest, Outcome};
 use crate::error::Error;
 use crate::governor::{GovernorStatus, ThermalState};
 use crate::manager::{Lease, ModelManager};
@@ -211,7 +210,7 @@ async fn drive_cloud(
     let (result, text, index, first) = stream_cloud(&cloud, &remote, &request, None, 0, &tx, &cancel, budget).await;
     if let Some(reason) = cancel.reason() {
         let o = cloud_outcome(text, &remote, FinishReason::Cancelled, started, first);
-        let _ = tx.send(StreamEvent::failed(o, None, Some(Error::Cancelled(reason))));
+        let _ = tx.send(StreamEvent::failed(o, None, Some(Error::cancelled(reason))));
         return;
     }
     match result {
@@ -366,7 +365,7 @@ impl LocalWatch {
                     "length" => o.reason = FinishReason::Length,
                     "cancelled" => {
                         o.reason = FinishReason::Cancelled;
-                        error = self.user.reason().map(Error::Cancelled);
+                        error = self.user.reason().map(Error::cancelled);
                     }
                     _ => {}
                 }
@@ -409,13 +408,13 @@ async fn run_local(
 ) {
     let fail = |e: Error| {
         let error = match e {
-            Error::ContextLengthExceeded { .. } | Error::ModelNotFound(_) | Error::ModelUnavailable { .. } => {
+            Error::Engine(EngineError::ContextLengthExceeded { .. }) | Error::ModelNotFound(_) | Error::ModelUnavailable { .. } => {
                 Error::CloudUnavailable(format!("the cloud failed and the device cannot take the request: {e}"))
             }
             e => e,
         };
         let outcome = Outcome {
-            reason: if matches!(error, Error::Cancelled(_)) { FinishReason::Cancelled } else { FinishReason::Error },
+            reason: if error.is_cancelled() { FinishReason::Cancelled } else { FinishReason::Error },
             text: before.clone(),
             token_ids: Vec::new(),
             prompt_tokens: 0,

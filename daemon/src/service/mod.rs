@@ -104,7 +104,7 @@ impl HearthService {
         parts: Vec<Part>,
         route: RouteRequest,
         structure: Option<Arc<Structure>>,
-    ) -> Result<Admitted, BusError> {
+    ) -> Result<Admitted, Error> {
         let cloud = self.cloud_view(&request, &parts);
         let admitted =
             self.gate.admit(&who.app, &request, &self.models.default_model(), parts, route, cloud).inspect_err(
@@ -125,7 +125,7 @@ impl HearthService {
         conn: &Connection,
         header: &Header<'_>,
         action: polkit::Action,
-    ) -> Result<Caller, BusError> {
+    ) -> Result<Caller, Error> {
         let sender = caller(header)?;
         let (who, _) = identify(conn, &self.callers, &sender).await?;
         let interactive = header.primary().flags().contains(zbus::message::Flags::ALLOW_INTERACTIVE_AUTH);
@@ -133,15 +133,15 @@ impl HearthService {
         tracing::info!(target: "hearth::audit", app = %who.app, uid = who.uid, action = action.id(), verdict = ?verdict, "authorization");
         match verdict {
             Ok(polkit::Verdict::Authorized | polkit::Verdict::NoPolkitRoot) => Ok(who),
-            Ok(polkit::Verdict::Denied { challenge }) => Err(BusError::NotAuthorized(format!(
+            Ok(polkit::Verdict::Denied { challenge }) => Err(Error::NotAuthorized(format!(
                 "polkit does not authorize {}{}",
                 action.id(),
                 if challenge { " without authentication (call with ALLOW_INTERACTIVE_AUTHORIZATION)" } else { "" }
             ))),
             Ok(polkit::Verdict::NoPolkit) => {
-                Err(BusError::NotAuthorized(format!("polkit is not running, so only root may {}", action.id())))
+                Err(Error::NotAuthorized(format!("polkit is not running, so only root may {}", action.id())))
             }
-            Err(e) => Err(BusError::NotAuthorized(format!("cannot ask polkit about {}: {e}", action.id()))),
+            Err(e) => Err(Error::NotAuthorized(format!("cannot ask polkit about {}: {e}", action.id()))),
         }
     }
 }
@@ -160,7 +160,7 @@ impl HearthService {
         let parsed = parse_off_runtime(request, self.models.config().limits.default_max_tokens).await?;
         let (who, _) = identify(conn, &self.callers, &sender).await?;
         let admitted = self.admit(&who, parsed.request, parsed.parts, parsed.route, parsed.structure)?;
-        self.start_generation(conn, sender, who, admitted, parsed.handle_token, CancelToken::default(), None).await
+        Ok(self.start_generation(conn, sender, who, admitted, parsed.handle_token, CancelToken::default(), None).await?)
     }
 
     /// Generates and returns the whole result; see org.hearth.Hearth1.xml.
@@ -175,7 +175,7 @@ impl HearthService {
         let parsed = parse_off_runtime(request, self.models.config().limits.default_max_tokens).await?;
         let (who, _) = identify(conn, &self.callers, &sender).await?;
         let admitted = self.admit(&who, parsed.request, parsed.parts, parsed.route, parsed.structure)?;
-        self.complete_generation(conn, &sender, who, admitted, parsed.handle_token, CancelToken::default(), None).await
+        Ok(self.complete_generation(conn, &sender, who, admitted, parsed.handle_token, CancelToken::default(), None).await?)
     }
 
     /// Opens a multi-turn session whose KV cache stays between turns; see
@@ -194,9 +194,9 @@ impl HearthService {
             return Err(Error::ModelNotFound(model).into());
         }
         if !self.gate.policy(&who.app).allows_model(&model) {
-            return Err(BusError::NotAuthorized(format!("this app's policy does not allow model {model:?}")));
+            return Err(Error::NotAuthorized(format!("this app's policy does not allow model {model:?}")).into());
         }
-        session::open(conn, self, &sender, &who.app, model).await
+        Ok(session::open(conn, self, &sender, &who.app, model).await?)
     }
 
     /// Embeddings of texts, computed on the device; see org.hearth.Hearth1.xml.
@@ -287,7 +287,7 @@ impl HearthService {
         #[zbus(connection)] conn: &Connection,
     ) -> Result<(), BusError> {
         self.authorize(conn, &header, polkit::Action::Reload).await?;
-        crate::reload_all(&self.config_paths, &self.models, &self.gate).map_err(BusError::InvalidArgs)?;
+        crate::reload_all(&self.config_paths, &self.models, &self.gate).map_err(Error::InvalidArgs)?;
         Ok(())
     }
 
@@ -300,14 +300,14 @@ impl HearthService {
         policy: HashMap<String, OwnedVariant>,
     ) -> Result<(), BusError> {
         if app_id.is_empty() || app_id.len() > 4096 || app_id.chars().any(char::is_control) {
-            return Err(BusError::InvalidArgs("app_id must be 1-4096 printable characters".into()));
+            return Err(Error::InvalidArgs("app_id must be 1-4096 printable characters".into()).into());
         }
         let parsed = if policy.is_empty() {
             None
         } else {
             Some(
                 crate::policy::AppPolicy::from_dict(&policy)
-                    .map_err(|e| BusError::InvalidArgs(format!("policy: {e}")))?,
+                    .map_err(|e| Error::InvalidArgs(format!("policy: {e}")))?,
             )
         };
         let who = self.authorize(conn, &header, polkit::Action::SetAppPolicy).await?;
@@ -326,25 +326,25 @@ impl HearthService {
         options: HashMap<String, OwnedVariant>,
     ) -> Result<Vec<u8>, BusError> {
         if let Some(k) = options.keys().next() {
-            return Err(BusError::InvalidArgs(format!("Seal has no options; got {k:?}")));
+            return Err(Error::InvalidArgs(format!("Seal has no options; got {k:?}")).into());
         }
         if data.len() > crate::seal::MAX_PLAINTEXT {
-            return Err(BusError::InvalidArgs(format!(
+            return Err(Error::InvalidArgs(format!(
                 "Seal takes at most {} bytes, got {}",
                 crate::seal::MAX_PLAINTEXT,
                 data.len()
-            )));
+            )).into());
         }
         if std::str::from_utf8(&data).is_err() {
-            return Err(BusError::InvalidArgs("Seal takes UTF-8 text (it becomes a message's content)".into()));
+            return Err(Error::InvalidArgs("Seal takes UTF-8 text (it becomes a message's content)".into()).into());
         }
         let sender = caller(&header)?;
         let (who, id) = identify(conn, &self.callers, &sender).await?;
         crate::seal::may_seal(&id, &self.gate.policy(&who.app)).map_err(|why| {
             tracing::info!(target: "hearth::audit", app = %who.app, kind = id.kind.as_str(), "seal refused");
-            BusError::NotAuthorized(why)
+            Error::NotAuthorized(why)
         })?;
-        let blob = self.gate.sealer().seal(&who.app, &data).map_err(|e| BusError::Internal(e.to_string()))?;
+        let blob = self.gate.sealer().seal(&who.app, &data).map_err(|e| Error::Internal(e.to_string()))?;
         tracing::info!(target: "hearth::audit", app = %who.app, bytes = data.len(), "sealed");
         Ok(blob)
     }
@@ -395,21 +395,21 @@ impl HearthService {
 
     /// Changes every token, so it is read on demand and never signalled.
     #[zbus(property(emits_changed_signal = "false"))]
-    async fn kv_cache(&self) -> HashMap<String, u32> {
+    async fn kv_cache(&self) -> hearth_dbus::KvCache {
         let [size, reserved, used, cached] = self.models.kv_totals();
         let store = self.models.sessions();
         let (parked, parked_bytes) = store.parked();
-        let kib = u32::try_from(parked_bytes.div_ceil(1024)).unwrap_or(u32::MAX);
-        HashMap::from([
-            ("size".to_owned(), size),
-            ("reserved".to_owned(), reserved),
-            ("used".to_owned(), used),
-            ("cached".to_owned(), cached),
-            ("sessions".to_owned(), store.len() as u32),
-            ("parked_sessions".to_owned(), parked as u32),
-            ("parked_kib".to_owned(), kib),
-            ("parked_dropped".to_owned(), u32::try_from(store.dropped()).unwrap_or(u32::MAX)),
-        ])
+        let saturated = |n: u64| u32::try_from(n).unwrap_or(u32::MAX);
+        hearth_dbus::KvCache {
+            size,
+            reserved,
+            used,
+            cached,
+            sessions: saturated(store.len() as u64),
+            parked_sessions: saturated(parked as u64),
+            parked_kib: saturated(parked_bytes.div_ceil(1024)),
+            parked_dropped: saturated(store.dropped()),
+        }
     }
 
     /// Loads in progress: model name → (phase, fraction of the phase done).

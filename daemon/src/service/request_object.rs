@@ -12,6 +12,7 @@ use zbus::{Connection, interface};
 use super::driver::{Events, StreamEvent};
 use super::generation_result;
 use crate::engine::{CancelReason, CancelToken};
+use crate::error::Error;
 use crate::privacy::Decision;
 
 #[derive(Debug)]
@@ -37,7 +38,7 @@ impl RequestObject {
             }
             other => {
                 tracing::warn!(owner = %self.owner, caller = ?other.map(|s| s.as_str()), "Cancel refused: not the request's owner");
-                Err(BusError::NotAuthorized("only the connection that started this request may cancel it".into()))
+                Err(Error::NotAuthorized("only the connection that started this request may cancel it".into()).into())
             }
         }
     }

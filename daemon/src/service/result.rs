@@ -5,6 +5,7 @@ use hearth_dbus::{Error as BusError, GenerationResult, ToolCall};
 
 use super::driver::Finish;
 use crate::engine::FinishReason;
+use crate::error::Error;
 use crate::manager::ModelReport;
 use crate::privacy::Decision;
 use crate::structured::Structure;
@@ -101,6 +102,6 @@ pub(super) fn model_info(r: &ModelReport, default: &str) -> hearth_dbus::ModelIn
 
 /// A failure of the bus layer itself, as a named `Internal` error: a reply must always carry
 /// an org.hearth.Hearth1.Error name, never zbus's own.
-pub(super) fn internal(what: &str, e: &dyn std::fmt::Display) -> hearth_dbus::Error {
-    hearth_dbus::Error::Internal(format!("{what}: {e}"))
+pub(super) fn internal(what: &str, e: &dyn std::fmt::Display) -> Error {
+    Error::Internal(format!("{what}: {e}"))
 }

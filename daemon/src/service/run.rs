@@ -4,7 +4,7 @@
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
-use hearth_dbus::{Error as BusError, GenerationResult};
+use hearth_dbus::GenerationResult;
 use zbus::Connection;
 use zbus::OwnedObjectPath;
 
@@ -62,14 +62,14 @@ impl HearthService {
         sender: &zbus::names::OwnedUniqueName,
         handle_token: Option<&str>,
         cancel: &CancelToken,
-    ) -> Result<OwnedObjectPath, BusError> {
+    ) -> Result<OwnedObjectPath, Error> {
         loop {
             let token = match handle_token {
                 Some(t) => t.to_owned(),
                 None => format!("r{}", self.next_request.fetch_add(1, Ordering::Relaxed)),
             };
             let Some(path) = hearth_dbus::request_path(sender.as_str(), &token) else {
-                return Err(BusError::Internal(format!("cannot build a request path for {sender}")));
+                return Err(Error::Internal(format!("cannot build a request path for {sender}")));
             };
             let object = RequestObject::new(sender.clone(), cancel.clone());
             match server.at(&path, object).await {
@@ -78,7 +78,7 @@ impl HearthService {
                     return Ok(path);
                 }
                 Ok(Some(_)) if handle_token.is_none() => {}
-                Ok(Some(_)) => return Err(BusError::InvalidArgs(format!("handle_token {token:?} is already in use"))),
+                Ok(Some(_)) => return Err(Error::InvalidArgs(format!("handle_token {token:?} is already in use"))),
                 Err(e) => return Err(internal("cannot export the request object", &e)),
             }
         }
@@ -96,7 +96,7 @@ impl HearthService {
         handle_token: Option<String>,
         cancel: CancelToken,
         on_finish: Option<OnFinish>,
-    ) -> Result<OwnedObjectPath, BusError> {
+    ) -> Result<OwnedObjectPath, Error> {
         let Admitted { request, decision, structure } = admitted;
         let server = conn.object_server();
         let refused = |on_finish: Option<OnFinish>| on_finish.map(|f| f(None));
@@ -131,7 +131,7 @@ impl HearthService {
                 let _ = server.remove::<RequestObject, _>(&path).await;
                 tracing::info!(caller = %sender, error = e.kind(), "generate refused");
                 refused(on_finish);
-                Err(e.into())
+                Err(e)
             }
         }
     }
@@ -149,7 +149,7 @@ impl HearthService {
         handle_token: Option<String>,
         cancel: CancelToken,
         on_finish: Option<OnFinish>,
-    ) -> Result<GenerationResult, BusError> {
+    ) -> Result<GenerationResult, Error> {
         let server = conn.object_server();
         let path = match handle_token {
             Some(token) => match self.export_request_object(server, sender, Some(&token), &cancel).await {
@@ -179,7 +179,7 @@ impl HearthService {
         admitted: Admitted,
         cancel: CancelToken,
         on_finish: Option<OnFinish>,
-    ) -> Result<GenerationResult, BusError> {
+    ) -> Result<GenerationResult, Error> {
         let Admitted { request, decision, structure } = admitted;
         let _guard = self.in_flight.enter();
         let started =
@@ -191,7 +191,7 @@ impl HearthService {
                 if let Some(f) = on_finish {
                     f(None);
                 }
-                return Err(e.into());
+                return Err(e);
             }
         };
         tracing::info!(caller = %sender, route = decision.route.as_str(), "complete");
@@ -206,13 +206,13 @@ impl HearthService {
                 StreamEvent::Token { .. } => streamed += 1,
                 StreamEvent::Finished(finish) => {
                     return match (finish.outcome.reason, finish.error.clone()) {
-                        (FinishReason::Cancelled | FinishReason::Error, Some(e)) => Err(e.into()),
+                        (FinishReason::Cancelled | FinishReason::Error, Some(e)) => Err(e),
                         _ => Ok(generation_result(&finish, &decision, structure.as_deref(), streamed)),
                     };
                 }
                 StreamEvent::Migrated { .. } => {}
             }
         }
-        Err(Error::Internal("the engine stopped without finishing the request".into()).into())
+        Err(Error::Internal("the engine stopped without finishing the request".into()))
     }
 }

@@ -23,6 +23,7 @@ use zbus::{OwnedObjectPath, OwnedVariant, Variant};
 use super::driver::Finish;
 use super::{HearthService, OnFinish, caller, identify};
 use crate::engine::CancelToken;
+use crate::error::Error;
 use crate::manager::ModelManager;
 use crate::parked::TurnRefused;
 use crate::privacy::{Content, Part, Scope};
@@ -30,6 +31,9 @@ use crate::request::parse_off_runtime;
 
 /// Most sessions one app may hold open at once.
 pub const MAX_SESSIONS_PER_APP: usize = 8;
+
+/// What a connection other than a session's owner is told.
+const NOT_THE_OWNER: &str = "only the connection that opened this session may use it";
 
 /// Where session objects live.
 const SESSION_PATH: &str = "/org/hearth/Hearth1/session";
@@ -47,9 +51,9 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
-fn session_path(id: u64) -> Result<OwnedObjectPath, BusError> {
+fn session_path(id: u64) -> Result<OwnedObjectPath, Error> {
     OwnedObjectPath::try_from(format!("{SESSION_PATH}/s{id}"))
-        .map_err(|e| BusError::Internal(format!("session path: {e}")))
+        .map_err(|e| Error::Internal(format!("session path: {e}")))
 }
 
 /// Opens a session of `owner` (app `app`) on `model` and exports its object.
@@ -59,10 +63,8 @@ pub(super) async fn open(
     owner: &OwnedUniqueName,
     app: &str,
     model: String,
-) -> Result<OwnedObjectPath, BusError> {
-    let id = svc.models.sessions().open(app, &model, owner.as_str(), MAX_SESSIONS_PER_APP).map_err(|held| {
-        BusError::Busy(format!("this app holds {held} open sessions (limit {MAX_SESSIONS_PER_APP}); close one first"))
-    })?;
+) -> Result<OwnedObjectPath, Error> {
+    let id = svc.models.sessions().open(app, &model, owner.as_str(), MAX_SESSIONS_PER_APP).map_err(|held| Error::TooManySessions { held, limit: MAX_SESSIONS_PER_APP })?;
     let path = match session_path(id) {
         Ok(p) => p,
         Err(e) => {
@@ -74,11 +76,11 @@ pub(super) async fn open(
     let object = SessionObject { id, owner: owner.clone(), model: model.clone(), state, svc: svc.clone() };
     if let Err(e) = conn.object_server().at(&path, object).await {
         close(conn, &svc.models, id, "export failed").await;
-        return Err(BusError::Internal(format!("cannot export the session object: {e}")));
+        return Err(Error::Internal(format!("cannot export the session object: {e}")));
     }
     if let Err(e) = SessionProperties::install(conn.object_server(), &path, id, owner.clone()).await {
         close(conn, &svc.models, id, "export failed").await;
-        return Err(BusError::Internal(format!("cannot export the session's properties: {e}")));
+        return Err(Error::Internal(format!("cannot export the session's properties: {e}")));
     }
     tracing::info!(target: "hearth::audit", app, session = id, model = %model, "session opened");
     Ok(path)
@@ -103,19 +105,19 @@ pub async fn connection_closed(conn: &Connection, models: &ModelManager, connect
 }
 
 /// `OpenSession`'s options: `model` only.
-pub(super) fn parse_options(options: &HashMap<String, OwnedVariant>) -> Result<Option<String>, BusError> {
+pub(super) fn parse_options(options: &HashMap<String, OwnedVariant>) -> Result<Option<String>, Error> {
     let mut model = None;
     for (k, v) in options {
         match (k.as_str(), &**v) {
             (key::MODEL, Variant::Str(s)) if !s.is_empty() => model = Some(s.to_string()),
             (key::MODEL, other) => {
-                return Err(BusError::InvalidArgs(format!(
+                return Err(Error::InvalidArgs(format!(
                     "model must be a non-empty string (s), got {}",
                     other.value_signature()
                 )));
             }
             (other, _) => {
-                return Err(BusError::InvalidArgs(format!("unknown session option {other:?} (known: model)")));
+                return Err(Error::InvalidArgs(format!("unknown session option {other:?} (known: model)")));
             }
         }
     }
@@ -142,12 +144,12 @@ struct Turn {
 }
 
 impl SessionObject {
-    fn check_owner(&self, sender: &OwnedUniqueName) -> Result<(), BusError> {
+    fn check_owner(&self, sender: &OwnedUniqueName) -> Result<(), Error> {
         if sender.as_str() == self.owner.as_str() {
             return Ok(());
         }
         tracing::warn!(target: "hearth::audit", session = self.id, caller = %sender, "session refused: not its owner");
-        Err(BusError::NotAuthorized("only the connection that opened this session may use it".into()))
+        Err(Error::NotAuthorized(NOT_THE_OWNER.into()))
     }
 
     /// Admits a turn: the transcript plus the new messages, as one request on the session's
@@ -157,13 +159,13 @@ impl SessionObject {
         header: &Header<'_>,
         conn: &Connection,
         dict: HashMap<String, OwnedVariant>,
-    ) -> Result<Turn, BusError> {
+    ) -> Result<Turn, Error> {
         let sender = caller(header)?;
         self.check_owner(&sender)?;
         let svc = &self.svc;
         let parsed = parse_off_runtime(dict, svc.models.config().limits.default_max_tokens).await?;
         if parsed.request.model.as_ref().is_some_and(|m| *m != self.model) {
-            return Err(BusError::InvalidArgs(format!(
+            return Err(Error::InvalidArgs(format!(
                 "this session runs model {:?}; open another for another",
                 self.model
             )));
@@ -172,8 +174,8 @@ impl SessionObject {
         let cancel = CancelToken::default();
         let store = Arc::clone(svc.models.sessions());
         store.begin_turn(self.id, cancel.clone()).map_err(|refused| match refused {
-            TurnRefused::Closed => BusError::InvalidArgs("the session is closed".into()),
-            TurnRefused::Busy => BusError::Busy("a turn of this session is running; one at a time".into()),
+            TurnRefused::Closed => Error::InvalidArgs("the session is closed".into()),
+            TurnRefused::Busy => Error::TurnRunning,
         })?;
         let history = lock(&self.state).history.clone();
         let new_parts = parsed.parts.clone();
@@ -208,10 +210,10 @@ impl SessionObject {
 
     /// Property reads, like methods, are the owner's only. zbus passes no header when it reads
     /// a property itself; nothing is shown then either.
-    fn owner_only(&self, header: Option<Header<'_>>) -> Result<(), BusError> {
+    fn owner_only(&self, header: Option<Header<'_>>) -> Result<(), Error> {
         match header {
             Some(h) => self.check_owner(&caller(&h)?),
-            None => Err(BusError::NotAuthorized("only the connection that opened this session may use it".into())),
+            None => Err(Error::NotAuthorized(NOT_THE_OWNER.into())),
         }
     }
 }
@@ -229,7 +231,7 @@ impl SessionObject {
     ) -> Result<OwnedObjectPath, BusError> {
         let turn = self.begin(&header, conn, request).await?;
         let svc = &self.svc;
-        svc.start_generation(
+        let started = svc.start_generation(
             conn,
             self.owner.clone(),
             turn.who,
@@ -237,8 +239,8 @@ impl SessionObject {
             turn.handle_token,
             turn.cancel,
             Some(turn.on_finish),
-        )
-        .await
+        );
+        Ok(started.await?)
     }
 
     /// Runs the next turn and returns its result; see org.hearth.Hearth1.xml.
@@ -250,17 +252,16 @@ impl SessionObject {
         request: HashMap<String, OwnedVariant>,
     ) -> Result<hearth_dbus::GenerationResult, BusError> {
         let turn = self.begin(&header, conn, request).await?;
-        self.svc
-            .complete_generation(
-                conn,
-                &self.owner,
-                turn.who,
-                turn.admitted,
-                turn.handle_token,
-                turn.cancel,
-                Some(turn.on_finish),
-            )
-            .await
+        let finished = self.svc.complete_generation(
+            conn,
+            &self.owner,
+            turn.who,
+            turn.admitted,
+            turn.handle_token,
+            turn.cancel,
+            Some(turn.on_finish),
+        );
+        Ok(finished.await?)
     }
 
     /// Ends the session and frees everything it holds; see org.hearth.Hearth1.xml.
@@ -328,12 +329,12 @@ impl SessionProperties {
     }
 
     fn check(&self, header: &Header<'_>) -> Result<(), BoxDBusError> {
-        let sender = caller(header).map_err(|e| Box::new(e) as BoxDBusError)?;
+        let sender = caller(header).map_err(|e| Box::new(BusError::from(e)) as BoxDBusError)?;
         if sender.as_str() == self.owner.as_str() {
             return Ok(());
         }
         tracing::warn!(target: "hearth::audit", session = self.id, caller = %sender, "session properties refused: not its owner");
-        Err(Box::new(BusError::NotAuthorized("only the connection that opened this session may use it".into())))
+        Err(Box::new(BusError::from(Error::NotAuthorized(NOT_THE_OWNER.into()))))
     }
 
     /// The session object at the header's path, for an interface that is the session's; None
