@@ -95,8 +95,9 @@ pub struct MemoryConfig {
     /// before the kernel's OOM killer picks a victim on the phone. 0: 60% of the memory the
     /// service may use (its cgroup's memory.max, else the RAM size).
     pub ceiling_mib: u64,
-    /// A file in `/proc/PID/status` format whose `RssAnon` is the use the ceiling applies
-    /// to; empty: hearthd's own `/proc/self/status`.
+    /// Where the ceiling reads memory use: empty, `/proc` (hearthd's and its engines'
+    /// `RssAnon`); a file in `/proc/PID/status` format, whose `RssAnon` stands for the whole;
+    /// a directory, read instead of `/proc` (`PID/status` of hearthd and of each engine).
     pub usage_file: PathBuf,
 }
 

@@ -77,13 +77,65 @@ pub fn anon_bytes(file: Option<&Path>) -> Result<u64, String> {
     status.rssanon.map(|kib| kib.saturating_mul(1024)).ok_or_else(|| "no RssAnon line".to_owned())
 }
 
-/// Anonymous memory of the engine processes `pids` (one that just exited counts nothing).
-pub fn children_anon_bytes(pids: &[u32]) -> u64 {
-    pids.iter()
-        .filter_map(|&pid| procfs::process::Process::new(pid as i32).and_then(|p| p.status()).ok())
-        .filter_map(|s| s.rssanon)
-        .map(|kib| kib.saturating_mul(1024))
-        .sum()
+/// Anonymous memory of one engine process (0 for one that just exited), from `/proc`, or
+/// from `tree`, laid out like it.
+fn engine_anon_bytes(pid: u32, tree: Option<&Path>) -> u64 {
+    let status = match tree {
+        Some(tree) => procfs::process::Status::from_file(tree.join(pid.to_string()).join("status")).ok(),
+        None => procfs::process::Process::new(pid as i32).and_then(|p| p.status()).ok(),
+    };
+    status.and_then(|s| s.rssanon).map_or(0, |kib| kib.saturating_mul(1024))
+}
+
+/// One reading of the anonymous memory the ceiling applies to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Usage {
+    /// hearthd's own.
+    pub own: u64,
+    /// Each engine process's, by pid.
+    pub engines: Vec<(u32, u64)>,
+}
+
+impl Usage {
+    /// Reads hearthd's and its engines' (`pids`) anonymous memory. `source` empty: from
+    /// `/proc`; a file in `/proc/PID/status` format: its `RssAnon` stands for the whole; a
+    /// directory: read instead of `/proc` (`PID/status`, hearthd's own pid included).
+    pub fn read(source: &Path, pids: &[u32]) -> Result<Self, String> {
+        if source.as_os_str().is_empty() {
+            let own = anon_bytes(None)?;
+            return Ok(Self { own, engines: pids.iter().map(|&p| (p, engine_anon_bytes(p, None))).collect() });
+        }
+        if source.is_dir() {
+            let own = anon_bytes(Some(&source.join(std::process::id().to_string()).join("status")))?;
+            let engines = pids.iter().map(|&p| (p, engine_anon_bytes(p, Some(source)))).collect();
+            return Ok(Self { own, engines });
+        }
+        Ok(Self { own: anon_bytes(Some(source))?, engines: Vec::new() })
+    }
+
+    pub fn total(&self) -> u64 {
+        self.own.saturating_add(self.engines.iter().map(|(_, b)| b).sum())
+    }
+
+    /// The engines to kill at `exit_at`: the largest first, as many as it takes to bring the
+    /// whole back under it. None when hearthd's own heap is over it: then only its exit helps.
+    pub fn engines_to_kill(&self, exit_at: u64) -> Option<Vec<(u32, u64)>> {
+        if self.own >= exit_at {
+            return None;
+        }
+        let mut by_size = self.engines.clone();
+        by_size.sort_by_key(|&(_, b)| std::cmp::Reverse(b));
+        let mut left = self.total();
+        let mut victims = Vec::new();
+        for (pid, bytes) in by_size {
+            if left < exit_at {
+                break;
+            }
+            left -= bytes;
+            victims.push((pid, bytes));
+        }
+        (!victims.is_empty()).then_some(victims)
+    }
 }
 
 /// Where anonymous memory stands against the ceiling.
@@ -93,8 +145,9 @@ pub enum CeilingVerdict {
     Under,
     /// Over it: device work ends and new work is refused until use is back under.
     Over,
-    /// At 5/4 of it: the heap grows inside a call that cannot be interrupted; exiting now
-    /// (and being restarted) beats the kernel's OOM killer choosing a victim on the phone.
+    /// At 5/4 of it: the heap grows inside a call that cannot be interrupted. The engine
+    /// that grew is killed (and restarted); when hearthd itself grew, it exits (and is
+    /// restarted): either beats the kernel's OOM killer choosing a victim on the phone.
     Exit,
 }
 
@@ -240,5 +293,27 @@ mod tests {
         assert!(d.update(r(7.0)), "between half and the threshold holds the state");
         assert!(d.update(r(1.0)));
         assert!(!d.update(r(1.0)));
+    }
+
+    #[test]
+    fn far_over_the_ceiling_the_engine_that_grew_is_killed_unless_hearthd_itself_grew() {
+        let mib = |n: u64| n << 20;
+        let exit_at = mib(1250);
+        let usage = |own, engines: &[(u32, u64)]| Usage {
+            own: mib(own),
+            engines: engines.iter().map(|&(p, b)| (p, mib(b))).collect(),
+        };
+        // One engine grew: it goes, and the rest stays.
+        assert_eq!(usage(100, &[(7, 50), (8, 1200)]).engines_to_kill(exit_at), Some(vec![(8, mib(1200))]));
+        // Only as many as it takes: the largest is enough here.
+        assert_eq!(usage(100, &[(7, 600), (8, 700), (9, 10)]).engines_to_kill(exit_at), Some(vec![(8, mib(700))]));
+        // Two grew together: both go, the larger first; hearthd and its sessions stay.
+        let both = usage(200, &[(7, 1100), (8, 1200), (9, 10)]);
+        assert_eq!(both.total(), mib(2510));
+        assert_eq!(both.engines_to_kill(exit_at), Some(vec![(8, mib(1200)), (7, mib(1100))]));
+        // hearthd's own heap grew: killing engines would not help.
+        assert_eq!(usage(1250, &[(7, 60)]).engines_to_kill(exit_at), None);
+        // hearthd alone over it.
+        assert_eq!(usage(1300, &[]).engines_to_kill(exit_at), None);
     }
 }

@@ -7,8 +7,8 @@
 use std::collections::HashMap;
 
 use serde::{Deserialize, Serialize};
-use zbus::{OwnedVariant, Variant};
 use zbus::{DeserializeDict, SerializeDict, Type};
+use zbus::{OwnedVariant, Variant};
 
 /// One installed model, as ListModels reports it.
 #[derive(Debug, Clone, Default, PartialEq, SerializeDict, DeserializeDict, Type)]

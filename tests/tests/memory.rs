@@ -119,3 +119,68 @@ async fn the_memory_ceiling_ends_device_work_refuses_new_work_and_exits_before_t
     assert_eq!(status.code(), Some(3), "{status}");
     assert!(daemon.log().contains("memory ceiling far exceeded"), "{}", daemon.log());
 }
+
+/// A `/proc`-like tree with `RssAnon` of `pid` set to `mib`.
+fn write_pid_usage(tree: &std::path::Path, pid: u32, mib: u64) {
+    let dir = tree.join(pid.to_string());
+    std::fs::create_dir_all(&dir).unwrap();
+    write_usage(&dir.join("status"), mib);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_engine_far_over_the_ceiling_is_killed_and_restarted_while_hearthd_serves_on() {
+    let dir = ModelDir::new();
+    dir.link_default_model("m.gguf");
+    dir.manifest("smollm2-135m-instruct", "m.gguf", None, "");
+    let tree = dir.path().join("proc");
+    std::fs::create_dir(&tree).unwrap();
+    let settings = Settings {
+        memory: format!("ceiling_mib = 1000\nusage_file = {:?}\n", tree.display().to_string()),
+        models_dirs: Some(vec![dir.path().to_owned()]),
+        ..Settings::default()
+    };
+    let bus = Bus::start();
+    let mut daemon = Daemon::start_configured(&bus, &settings).await;
+    let hearthd = daemon.pid().as_raw() as u32;
+    write_pid_usage(&tree, hearthd, 100);
+    let conn = bus.connect().await;
+    let proxy = hearth(&conn).await;
+    proxy.complete(chat_request("Hi", 2)).await.unwrap();
+    let engine_pid = || async {
+        let models = proxy.list_models().await.unwrap();
+        models.iter().find(|m| m.loaded).and_then(|m| m.engine_pid)
+    };
+    let first = engine_pid().await.expect("a loaded engine");
+
+    // The engine's heap runs away while it decodes for a caller.
+    let count = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let g = Generation::start(&conn, chat_request("Count from one to a thousand.", 400), "c").await.unwrap();
+    let stream = hearth_tests::watch_stream(g, std::sync::Arc::clone(&count));
+    wait_for(Duration::from_secs(30), "the stream decoding", || async {
+        (count.load(std::sync::atomic::Ordering::SeqCst) >= 4).then_some(())
+    })
+    .await;
+    write_pid_usage(&tree, first, 1300);
+    let seen = tokio::time::timeout(Duration::from_secs(5), stream).await.expect("stream ended").unwrap();
+    let result = seen.result.expect("Finished");
+    assert_eq!(result.finish_reason.clone(), "error", "{result:?}");
+    wait_for(Duration::from_secs(5), "the engine to be killed", || async {
+        (!std::path::Path::new(&format!("/proc/{first}")).exists()).then_some(())
+    })
+    .await;
+    std::fs::remove_dir_all(tree.join(first.to_string())).unwrap();
+    assert!(daemon.log().contains("memory ceiling far exceeded by an engine"), "{}", daemon.log());
+
+    // hearthd did not exit: it answers, with a new engine, and the ceiling is clear again.
+    let r = proxy.complete(chat_request("Say hello.", 8)).await.expect("served after the kill");
+    assert!(r.tokens > 0);
+    let second = engine_pid().await.expect("a loaded engine");
+    assert_ne!(first, second, "the engine was restarted");
+    let memory = proxy.memory().await.unwrap();
+    assert!(!memory.over_ceiling && memory.engine_failures >= 1, "{memory:?}");
+
+    // hearthd's own heap far over the ceiling: no engine's death would help, so it exits.
+    write_pid_usage(&tree, hearthd, 1300);
+    let status = daemon.wait_exit(Duration::from_secs(3)).await;
+    assert_eq!(status.code(), Some(3), "{status}");
+}

@@ -398,6 +398,12 @@ impl EngineHandle {
         }
     }
 
+    /// Kills the process now (its requests end with EngineFailed, saying `why`; it is
+    /// restarted like any engine that died).
+    pub fn kill(&self, why: &'static str) {
+        let _ = self.inner.kill.send(why);
+    }
+
     /// Resolves with why the process ended, when it ends.
     pub fn exited(&self) -> watch::Receiver<Option<String>> {
         self.inner.exited.clone()

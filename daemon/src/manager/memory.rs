@@ -184,12 +184,14 @@ impl ModelManager {
 
     /// Starts the memory ceiling's watch on a thread of its own (it must act even while the
     /// runtime or an engine is stuck in a call): every 100 ms it reads hearthd's anonymous
-    /// memory; over the ceiling, every engine ends its device work and refuses new work with
-    /// Busy until use is below 90% of it; at 5/4 of the ceiling hearthd exits with status 3,
-    /// before the kernel's OOM killer picks a victim among the phone's apps.
+    /// memory and its engines'; over the ceiling, every engine ends its device work and
+    /// refuses new work with Busy until use is below 90% of it; at 5/4 of the ceiling the
+    /// engines that grew are killed (their callers get EngineFailed, they restart), or, when
+    /// hearthd itself grew, hearthd exits with status 3: before the kernel's OOM killer picks
+    /// a victim among the phone's apps.
     pub fn watch_ceiling(&self, config: &crate::config::MemoryConfig) -> std::io::Result<()> {
         let mut watch = crate::memory::CeilingWatch::new(crate::memory::ceiling(config));
-        let file = (!config.usage_file.as_os_str().is_empty()).then(|| config.usage_file.clone());
+        let source = config.usage_file.clone();
         let manager = self.clone();
         manager.inner.throttle.ceiling_mib.store(watch.ceiling() >> 20, Ordering::Relaxed);
         manager.inner.throttle.changed();
@@ -202,12 +204,11 @@ impl ModelManager {
                 std::thread::sleep(CEILING_INTERVAL);
                 // hearthd's own and its engine processes': the weights' pages are file-backed
                 // and shared, the KV caches and compute buffers are the engines' anonymous
-                // memory. (A usage file stands for the whole.)
-                let engines =
-                    if file.is_some() { 0 } else { crate::memory::children_anon_bytes(&manager.engine_pids()) };
-                match crate::memory::anon_bytes(file.as_deref()).map(|own| own + engines) {
-                    Ok(used) => {
+                // memory.
+                match crate::memory::Usage::read(&source, &manager.engine_pids()) {
+                    Ok(usage) => {
                         failing = false;
+                        let used = usage.total();
                         let verdict = watch.update(used);
                         // Freed heap that glibc keeps in its arenas (work that ended on its
                         // own, an idle engine with nothing to shed) counts until it is handed
@@ -218,7 +219,7 @@ impl ModelManager {
                         if over_readings % TRIM_EVERY == 1 {
                             hearth_ffi::release_free_heap();
                         }
-                        manager.on_ceiling_reading(used, verdict, &watch);
+                        manager.on_ceiling_reading(&usage, verdict, &watch);
                     }
                     Err(e) => {
                         if !failing {
@@ -242,6 +243,18 @@ impl ModelManager {
         }
     }
 
+    /// Kills the engine process `pid`, which holds `bytes` of the `used` that went far over
+    /// the ceiling.
+    fn kill_engine(&self, pid: u32, bytes: u64, used: u64, watch: &crate::memory::CeilingWatch) {
+        let state = self.state();
+        let Some((name, loaded)) = state.loaded.iter().find(|(_, l)| l.engine.pid() == pid) else { return };
+        tracing::error!(
+            model = %name, pid, engine_mib = bytes >> 20, anon_mib = used >> 20, exit_mib = watch.exit_at() >> 20,
+            "memory ceiling far exceeded by an engine: killing it"
+        );
+        loaded.engine.kill("it went far over the memory ceiling");
+    }
+
     /// The process ids of the running engines.
     pub fn engine_pids(&self) -> Vec<u32> {
         self.state().loaded.values().map(|l| l.engine.pid()).collect()
@@ -249,18 +262,29 @@ impl ModelManager {
 
     fn on_ceiling_reading(
         &self,
-        used: u64,
+        usage: &crate::memory::Usage,
         verdict: crate::memory::CeilingVerdict,
         watch: &crate::memory::CeilingWatch,
     ) {
         use crate::memory::CeilingVerdict;
+        let used = usage.total();
         if verdict == CeilingVerdict::Exit {
-            tracing::error!(
-                anon_mib = used >> 20,
-                exit_mib = watch.exit_at() >> 20,
-                "memory ceiling far exceeded inside a call that cannot be stopped: exiting (status 3) before the kernel's OOM killer acts"
-            );
-            hearth_ffi::exit_now(3);
+            match usage.engines_to_kill(watch.exit_at()) {
+                Some(victims) => {
+                    for (pid, bytes) in victims {
+                        self.kill_engine(pid, bytes, used, watch);
+                    }
+                }
+                None => {
+                    tracing::error!(
+                        anon_mib = used >> 20,
+                        own_mib = usage.own >> 20,
+                        exit_mib = watch.exit_at() >> 20,
+                        "memory ceiling far exceeded inside a call that cannot be stopped: exiting (status 3) before the kernel's OOM killer acts"
+                    );
+                    hearth_ffi::exit_now(3);
+                }
+            }
         }
         let over = verdict == CeilingVerdict::Over;
         let was = self.inner.throttle.over_ceiling.swap(over, Ordering::AcqRel);

@@ -408,7 +408,9 @@ async fn run_local(
 ) {
     let fail = |e: Error| {
         let error = match e {
-            Error::Engine(EngineError::ContextLengthExceeded { .. }) | Error::ModelNotFound(_) | Error::ModelUnavailable { .. } => {
+            Error::Engine(EngineError::ContextLengthExceeded { .. })
+            | Error::ModelNotFound(_)
+            | Error::ModelUnavailable { .. } => {
                 Error::CloudUnavailable(format!("the cloud failed and the device cannot take the request: {e}"))
             }
             e => e,

@@ -120,12 +120,7 @@ impl HearthService {
 
     /// Identifies the caller of an admin method and asks polkit whether it may do `action`,
     /// with the caller's bus name as the subject. Fails closed: no answer is a refusal.
-    async fn authorize(
-        &self,
-        conn: &Connection,
-        header: &Header<'_>,
-        action: polkit::Action,
-    ) -> Result<Caller, Error> {
+    async fn authorize(&self, conn: &Connection, header: &Header<'_>, action: polkit::Action) -> Result<Caller, Error> {
         let sender = caller(header)?;
         let (who, _) = identify(conn, &self.callers, &sender).await?;
         let interactive = header.primary().flags().contains(zbus::message::Flags::ALLOW_INTERACTIVE_AUTH);
@@ -160,7 +155,9 @@ impl HearthService {
         let parsed = parse_off_runtime(request, self.models.config().limits.default_max_tokens).await?;
         let (who, _) = identify(conn, &self.callers, &sender).await?;
         let admitted = self.admit(&who, parsed.request, parsed.parts, parsed.route, parsed.structure)?;
-        Ok(self.start_generation(conn, sender, who, admitted, parsed.handle_token, CancelToken::default(), None).await?)
+        Ok(self
+            .start_generation(conn, sender, who, admitted, parsed.handle_token, CancelToken::default(), None)
+            .await?)
     }
 
     /// Generates and returns the whole result; see org.hearth.Hearth1.xml.
@@ -175,7 +172,9 @@ impl HearthService {
         let parsed = parse_off_runtime(request, self.models.config().limits.default_max_tokens).await?;
         let (who, _) = identify(conn, &self.callers, &sender).await?;
         let admitted = self.admit(&who, parsed.request, parsed.parts, parsed.route, parsed.structure)?;
-        Ok(self.complete_generation(conn, &sender, who, admitted, parsed.handle_token, CancelToken::default(), None).await?)
+        Ok(self
+            .complete_generation(conn, &sender, who, admitted, parsed.handle_token, CancelToken::default(), None)
+            .await?)
     }
 
     /// Opens a multi-turn session whose KV cache stays between turns; see
@@ -305,10 +304,7 @@ impl HearthService {
         let parsed = if policy.is_empty() {
             None
         } else {
-            Some(
-                crate::policy::AppPolicy::from_dict(&policy)
-                    .map_err(|e| Error::InvalidArgs(format!("policy: {e}")))?,
-            )
+            Some(crate::policy::AppPolicy::from_dict(&policy).map_err(|e| Error::InvalidArgs(format!("policy: {e}")))?)
         };
         let who = self.authorize(conn, &header, polkit::Action::SetAppPolicy).await?;
         self.gate.set_app_policy(&self.models.config(), &app_id, parsed.as_ref())?;
@@ -333,7 +329,8 @@ impl HearthService {
                 "Seal takes at most {} bytes, got {}",
                 crate::seal::MAX_PLAINTEXT,
                 data.len()
-            )).into());
+            ))
+            .into());
         }
         if std::str::from_utf8(&data).is_err() {
             return Err(Error::InvalidArgs("Seal takes UTF-8 text (it becomes a message's content)".into()).into());

@@ -64,7 +64,11 @@ pub(super) async fn open(
     app: &str,
     model: String,
 ) -> Result<OwnedObjectPath, Error> {
-    let id = svc.models.sessions().open(app, &model, owner.as_str(), MAX_SESSIONS_PER_APP).map_err(|held| Error::TooManySessions { held, limit: MAX_SESSIONS_PER_APP })?;
+    let id = svc
+        .models
+        .sessions()
+        .open(app, &model, owner.as_str(), MAX_SESSIONS_PER_APP)
+        .map_err(|held| Error::TooManySessions { held, limit: MAX_SESSIONS_PER_APP })?;
     let path = match session_path(id) {
         Ok(p) => p,
         Err(e) => {
