@@ -382,7 +382,9 @@ impl Io {
                 let (reply, verdict) = oneshot::channel();
                 // Rendered, tokenised and compiled on the preparation thread, in arrival order;
                 // it hands the request to the worker (or answers a refusal).
+                self.wake.preparing();
                 if self.prep.send(super::prepare::Job { request, caller, cancel, events, reply }).is_err() {
+                    self.wake.prepared();
                     return;
                 }
                 let (out, cancels) = (self.out.clone(), Arc::clone(&self.cancels));

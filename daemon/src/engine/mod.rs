@@ -332,14 +332,45 @@ impl Liveness {
 /// Wakes the worker thread out of a timed wait (pacing, deferred background work) as soon
 /// as what it waits on may have changed: a command came, a request was cancelled, the
 /// governors' demands changed. Waiters read [`Wake::seen`] *before* checking their
-/// condition, so a notification in between is never lost.
+/// condition, so a notification in between is never lost. It also counts the requests on
+/// their way to the worker through the preparation thread.
 #[derive(Debug, Default)]
 pub struct Wake {
     seq: std::sync::Mutex<u64>,
     cv: std::sync::Condvar,
+    preparing: std::sync::atomic::AtomicUsize,
 }
 
 impl Wake {
+    /// A request went to the preparation thread.
+    pub fn preparing(&self) {
+        self.preparing.fetch_add(1, Ordering::AcqRel);
+    }
+
+    /// A request left the preparation thread: handed to the worker (before this call), or
+    /// refused.
+    pub fn prepared(&self) {
+        self.preparing.fetch_sub(1, Ordering::AcqRel);
+        self.notify();
+    }
+
+    /// Waits until no request is being prepared, or until `until`. The worker calls this
+    /// before admitting, so requests that arrived together are admitted together (one
+    /// prefill, finishing together) rather than a step apart each, as they would be while
+    /// the decode step's threads hold the cores the preparation thread needs.
+    pub fn wait_for_preparation(&self, until: std::time::Instant) {
+        loop {
+            let seen = self.seen();
+            if self.preparing.load(Ordering::Acquire) == 0 {
+                return;
+            }
+            if std::time::Instant::now() >= until {
+                return;
+            }
+            self.wait(seen, until);
+        }
+    }
+
     pub fn notify(&self) {
         let mut seq = self.seq.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         *seq = seq.wrapping_add(1);

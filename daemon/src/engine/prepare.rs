@@ -98,7 +98,8 @@ impl Preparer {
     }
 
     /// Prepares jobs in arrival order until `jobs` closes: a refusal is answered here, a
-    /// prepared request goes to the worker (`cmd`), which is woken, and an interactive one
+    /// prepared request goes to the worker (`cmd`); either way the worker is woken (it may
+    /// be waiting for preparation to end, [`Wake::wait_for_preparation`]); an interactive one
     /// asks a running lower-priority step to yield (`preempt`).
     pub fn run(
         self,
@@ -113,15 +114,17 @@ impl Preparer {
                 Ok(p) => p,
                 Err(e) => {
                     let _ = reply.send(Err(e));
+                    wake.prepared();
                     continue;
                 }
             };
             let interactive = request.priority == Priority::Interactive;
             let submit = Command::Submit { request, prepared: Box::new(prepared), caller, cancel, events, reply };
-            if cmd.blocking_send(submit).is_err() {
+            let sent = cmd.blocking_send(submit);
+            wake.prepared();
+            if sent.is_err() {
                 return;
             }
-            wake.notify();
             if interactive {
                 // After the send, so the aborted step's next intake finds the request.
                 preempt.request();

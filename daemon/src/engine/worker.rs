@@ -81,6 +81,10 @@ const PREEMPT_HOLD: Duration = Duration::from_secs(1);
 /// again without being woken (the governors lifting the deferral, a command, a cancel wake
 /// it at once; this only bounds how late a waiting request's deadline is noticed).
 const DEFERRED_RECHECK: Duration = Duration::from_secs(1);
+/// How long admission waits for requests still being prepared (rendered, tokenised: well
+/// under a millisecond for a chat turn) to join it: longer only for a large grammar or a
+/// huge prompt, whose preparation then goes on beside the running streams.
+const PREPARATION_GRACE: Duration = Duration::from_millis(10);
 
 impl Worker {
     #[allow(clippy::too_many_arguments)]
@@ -150,6 +154,8 @@ impl Worker {
                     Some(Command::Shutdown) | None => break,
                 }
             }
+            // Requests still being prepared join this admission, for a little while.
+            self.wake.wait_for_preparation(Instant::now() + PREPARATION_GRACE);
             let mut stop = false;
             loop {
                 match self.rx.try_recv() {
