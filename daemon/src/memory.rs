@@ -99,14 +99,16 @@ pub struct Usage {
 impl Usage {
     /// Reads hearthd's and its engines' (`pids`) anonymous memory. `source` empty: from
     /// `/proc`; a file in `/proc/PID/status` format: its `RssAnon` stands for the whole; a
-    /// directory: read instead of `/proc` (`PID/status`, hearthd's own pid included).
+    /// directory: read instead of `/proc` (`PID/status`, hearthd's own pid included; where
+    /// that one is missing, hearthd's own is read from `/proc`).
     pub fn read(source: &Path, pids: &[u32]) -> Result<Self, String> {
         if source.as_os_str().is_empty() {
             let own = anon_bytes(None)?;
             return Ok(Self { own, engines: pids.iter().map(|&p| (p, engine_anon_bytes(p, None))).collect() });
         }
         if source.is_dir() {
-            let own = anon_bytes(Some(&source.join(std::process::id().to_string()).join("status")))?;
+            let mine = source.join(std::process::id().to_string()).join("status");
+            let own = if mine.exists() { anon_bytes(Some(&mine))? } else { anon_bytes(None)? };
             let engines = pids.iter().map(|&p| (p, engine_anon_bytes(p, Some(source)))).collect();
             return Ok(Self { own, engines });
         }
@@ -114,13 +116,16 @@ impl Usage {
     }
 
     pub fn total(&self) -> u64 {
-        self.own.saturating_add(self.engines.iter().map(|(_, b)| b).sum())
+        self.engines.iter().fold(self.own, |sum, &(_, b)| sum.saturating_add(b))
     }
 
-    /// The engines to kill at `exit_at`: the largest first, as many as it takes to bring the
-    /// whole back under it. None when hearthd's own heap is over it: then only its exit helps.
-    pub fn engines_to_kill(&self, exit_at: u64) -> Option<Vec<(u32, u64)>> {
-        if self.own >= exit_at {
+    /// The engines to kill at 5/4 of the ceiling: the largest first, as many as it takes to
+    /// bring the whole back under that. None when hearthd's own heap alone is over the
+    /// ceiling: killing engines could not bring use back under it (each would be restarted
+    /// and killed again), so only hearthd's exit helps.
+    pub fn engines_to_kill(&self, watch: &CeilingWatch) -> Option<Vec<(u32, u64)>> {
+        let exit_at = watch.exit_at();
+        if self.own >= watch.ceiling() {
             return None;
         }
         let mut by_size = self.engines.clone();
@@ -131,7 +136,7 @@ impl Usage {
             if left < exit_at {
                 break;
             }
-            left -= bytes;
+            left = left.saturating_sub(bytes);
             victims.push((pid, bytes));
         }
         (!victims.is_empty()).then_some(victims)
@@ -172,9 +177,11 @@ impl CeilingWatch {
         self.ceiling.saturating_add(self.ceiling / 4)
     }
 
-    /// Feeds one reading of anonymous memory in bytes.
+    /// Feeds one reading of anonymous memory in bytes. Exit is over it too: work stays
+    /// refused until use is back under 90% of the ceiling.
     pub fn update(&mut self, used: u64) -> CeilingVerdict {
         if used >= self.exit_at() {
+            self.over = true;
             return CeilingVerdict::Exit;
         }
         if used >= self.ceiling {
@@ -261,6 +268,8 @@ mod tests {
         assert_eq!(w.update(899), CeilingVerdict::Under);
         assert_eq!(w.update(950), CeilingVerdict::Under);
         assert_eq!(w.update(1250), CeilingVerdict::Exit);
+        // Straight from under to far over, then back between 90% and the ceiling: still over.
+        assert_eq!(w.update(950), CeilingVerdict::Over, "an exit reading is over the ceiling too");
     }
 
     #[test]
@@ -298,7 +307,7 @@ mod tests {
     #[test]
     fn far_over_the_ceiling_the_engine_that_grew_is_killed_unless_hearthd_itself_grew() {
         let mib = |n: u64| n << 20;
-        let exit_at = mib(1250);
+        let exit_at = &CeilingWatch::new(mib(1000));
         let usage = |own, engines: &[(u32, u64)]| Usage {
             own: mib(own),
             engines: engines.iter().map(|&(p, b)| (p, mib(b))).collect(),
@@ -311,8 +320,12 @@ mod tests {
         let both = usage(200, &[(7, 1100), (8, 1200), (9, 10)]);
         assert_eq!(both.total(), mib(2510));
         assert_eq!(both.engines_to_kill(exit_at), Some(vec![(8, mib(1200)), (7, mib(1100))]));
-        // hearthd's own heap grew: killing engines would not help.
-        assert_eq!(usage(1250, &[(7, 60)]).engines_to_kill(exit_at), None);
+        // hearthd's own heap grew over the ceiling: killing engines would not help.
+        assert_eq!(usage(1000, &[(7, 260)]).engines_to_kill(exit_at), None);
+        // Below it, it is the engines that must go.
+        assert_eq!(usage(990, &[(7, 260)]).engines_to_kill(exit_at), Some(vec![(7, mib(260))]));
+        // Readings do not overflow.
+        assert_eq!(Usage { own: u64::MAX, engines: vec![(7, 1)] }.total(), u64::MAX);
         // hearthd alone over it.
         assert_eq!(usage(1300, &[]).engines_to_kill(exit_at), None);
     }

@@ -339,12 +339,20 @@ pub struct Wake {
     seq: std::sync::Mutex<u64>,
     cv: std::sync::Condvar,
     preparing: std::sync::atomic::AtomicUsize,
+    /// Requests ever sent to the preparation thread.
+    arrived: AtomicU64,
 }
 
 impl Wake {
     /// A request went to the preparation thread.
     pub fn preparing(&self) {
         self.preparing.fetch_add(1, Ordering::AcqRel);
+        self.arrived.fetch_add(1, Ordering::AcqRel);
+    }
+
+    /// Requests sent to the preparation thread so far.
+    pub fn arrived(&self) -> u64 {
+        self.arrived.load(Ordering::Acquire)
     }
 
     /// A request left the preparation thread: handed to the worker (before this call), or
@@ -355,9 +363,9 @@ impl Wake {
     }
 
     /// Waits until no request is being prepared, or until `until`. The worker calls this
-    /// before admitting, so requests that arrived together are admitted together (one
-    /// prefill, finishing together) rather than a step apart each, as they would be while
-    /// the decode step's threads hold the cores the preparation thread needs.
+    /// before admitting after new arrivals, so requests that arrived together are admitted
+    /// together (one prefill, finishing together) rather than a step apart each, as they
+    /// would be while the decode step's threads hold the cores the preparation thread needs.
     pub fn wait_for_preparation(&self, until: std::time::Instant) {
         loop {
             let seen = self.seen();

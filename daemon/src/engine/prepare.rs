@@ -108,20 +108,28 @@ impl Preparer {
         wake: &Wake,
         preempt: &hearth_ffi::AbortSwitch,
     ) {
+        /// Counts the job out when it is done with, however that happens (a panic too).
+        struct Done<'a>(&'a Wake);
+        impl Drop for Done<'_> {
+            fn drop(&mut self) {
+                self.0.prepared();
+            }
+        }
         while let Some(job) = jobs.blocking_recv() {
+            let done = Done(wake);
             let Job { request, caller, cancel, events, reply } = job;
             let prepared = match self.prepare(&request) {
                 Ok(p) => p,
                 Err(e) => {
                     let _ = reply.send(Err(e));
-                    wake.prepared();
                     continue;
                 }
             };
             let interactive = request.priority == Priority::Interactive;
             let submit = Command::Submit { request, prepared: Box::new(prepared), caller, cancel, events, reply };
             let sent = cmd.blocking_send(submit);
-            wake.prepared();
+            // Counted out after the send, so a worker that sees none left finds it queued.
+            drop(done);
             if sent.is_err() {
                 return;
             }

@@ -73,6 +73,8 @@ pub(super) struct Worker {
     /// The adapter set the context has now, and the one the last step served.
     adapters_set: Option<AdapterSet>,
     last_group: Option<AdapterSet>,
+    /// [`super::Wake::arrived`] at the last wait for preparation.
+    arrivals_waited: u64,
 }
 
 /// How long preemption stays held off after an abort that admitted no interactive request.
@@ -131,6 +133,7 @@ impl Worker {
             sessions,
             adapters_set: None,
             last_group: None,
+            arrivals_waited: 0,
         }
     }
 
@@ -154,8 +157,13 @@ impl Worker {
                     Some(Command::Shutdown) | None => break,
                 }
             }
-            // Requests still being prepared join this admission, for a little while.
-            self.wake.wait_for_preparation(Instant::now() + PREPARATION_GRACE);
+            // Requests that arrived since the last admission and are still being prepared join
+            // this one, for a little while (once per arrival, not at every step).
+            let arrived = self.wake.arrived();
+            if arrived != self.arrivals_waited {
+                self.arrivals_waited = arrived;
+                self.wake.wait_for_preparation(Instant::now() + PREPARATION_GRACE);
+            }
             let mut stop = false;
             loop {
                 match self.rx.try_recv() {

@@ -3,6 +3,8 @@
 //! restarted with a smaller KV cache; sessions' KV is parked when an engine stops), and the
 //! anonymous-memory ceiling hearthd enforces on itself.
 
+use std::collections::HashMap;
+
 use super::*;
 
 impl ModelManager {
@@ -200,6 +202,8 @@ impl ModelManager {
         std::thread::Builder::new().name("memory-ceiling".into()).spawn(move || {
             let mut failing = false;
             let mut over_readings = 0u32;
+            // Engines told to die for the ceiling, and when.
+            let mut culled = HashMap::new();
             loop {
                 std::thread::sleep(CEILING_INTERVAL);
                 // hearthd's own and its engine processes': the weights' pages are file-backed
@@ -215,11 +219,11 @@ impl ModelManager {
                         // back: trim at once and then once a second while over, or the
                         // ceiling could hold every request off with nothing left to end.
                         over_readings =
-                            if verdict == crate::memory::CeilingVerdict::Over { over_readings + 1 } else { 0 };
+                            if verdict == crate::memory::CeilingVerdict::Under { 0 } else { over_readings + 1 };
                         if over_readings % TRIM_EVERY == 1 {
                             hearth_ffi::release_free_heap();
                         }
-                        manager.on_ceiling_reading(&usage, verdict, &watch);
+                        manager.on_ceiling_reading(&usage, verdict, &watch, &mut culled);
                     }
                     Err(e) => {
                         if !failing {
@@ -265,28 +269,39 @@ impl ModelManager {
         usage: &crate::memory::Usage,
         verdict: crate::memory::CeilingVerdict,
         watch: &crate::memory::CeilingWatch,
+        culled: &mut HashMap<u32, Instant>,
     ) {
         use crate::memory::CeilingVerdict;
         let used = usage.total();
+        culled.retain(|pid, _| usage.engines.iter().any(|(p, _)| p == pid));
         if verdict == CeilingVerdict::Exit {
-            match usage.engines_to_kill(watch.exit_at()) {
+            let exit = |why: &str| {
+                tracing::error!(
+                    anon_mib = used >> 20,
+                    own_mib = usage.own >> 20,
+                    exit_mib = watch.exit_at() >> 20,
+                    "memory ceiling far exceeded ({why}): exiting (status 3) before the kernel's OOM killer acts"
+                );
+                hearth_ffi::exit_now(3);
+            };
+            match usage.engines_to_kill(watch) {
                 Some(victims) => {
                     for (pid, bytes) in victims {
-                        self.kill_engine(pid, bytes, used, watch);
+                        match culled.get(&pid) {
+                            None => {
+                                self.kill_engine(pid, bytes, used, watch);
+                                culled.insert(pid, Instant::now());
+                            }
+                            // The supervisor kills on the runtime; if it cannot, nothing else will.
+                            Some(at) if at.elapsed() > CULL_LIMIT => exit("an engine told to die is still there"),
+                            Some(_) => {}
+                        }
                     }
                 }
-                None => {
-                    tracing::error!(
-                        anon_mib = used >> 20,
-                        own_mib = usage.own >> 20,
-                        exit_mib = watch.exit_at() >> 20,
-                        "memory ceiling far exceeded inside a call that cannot be stopped: exiting (status 3) before the kernel's OOM killer acts"
-                    );
-                    hearth_ffi::exit_now(3);
-                }
+                None => exit("by hearthd's own heap, inside a call that cannot be stopped"),
             }
         }
-        let over = verdict == CeilingVerdict::Over;
+        let over = verdict != CeilingVerdict::Under;
         let was = self.inner.throttle.over_ceiling.swap(over, Ordering::AcqRel);
         if over != was {
             self.inner.throttle.changed();
@@ -314,5 +329,7 @@ impl ModelManager {
 
 /// How often the ceiling's watch reads memory use.
 const CEILING_INTERVAL: Duration = Duration::from_millis(100);
+/// How long an engine killed for the ceiling may take to go before hearthd exits instead.
+const CULL_LIMIT: Duration = Duration::from_secs(2);
 /// While over the ceiling, free heap is handed back every this many readings.
 const TRIM_EVERY: u32 = 10;

@@ -364,7 +364,7 @@ impl SessionProperties {
 }
 
 fn unknown_property(name: &str) -> BoxDBusError {
-    Box::new(zbus::fdo::Error::UnknownProperty(format!("Unknown property '{name}'")))
+    Box::new(zbus::fdo::Error::UnknownProperty(format!("Unknown property '{}'", crate::error::bounded(name, 128))))
 }
 
 #[interface(name = "org.freedesktop.DBus.Properties", introspection_docs = false)]

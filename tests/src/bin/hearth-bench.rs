@@ -374,8 +374,14 @@ async fn under_load(conn: &zbus::Connection, streams: usize, tokens: u32, reps: 
     }
     let (mut aggregates, mut statics, mut ratios) = (Vec::new(), Vec::new(), Vec::new());
     for rep in 0..reps.max(1) {
-        let a = aggregate(conn, streams, tokens, rep + 1).await;
-        let s = static_batches(streams, static_best_b, tokens as usize, rep + 1);
+        // Each side first in turn.
+        let (a, s) = if rep % 2 == 0 {
+            let a = aggregate(conn, streams, tokens, rep + 1).await;
+            (a, static_batches(streams, static_best_b, tokens as usize, rep + 1))
+        } else {
+            let s = static_batches(streams, static_best_b, tokens as usize, rep + 1);
+            (aggregate(conn, streams, tokens, rep + 1).await, s)
+        };
         aggregates.push(a);
         statics.push(s);
         ratios.push(a / s);
