@@ -102,17 +102,13 @@ impl Usage {
     /// directory: read instead of `/proc` (`PID/status`, hearthd's own pid included; where
     /// that one is missing, hearthd's own is read from `/proc`).
     pub fn read(source: &Path, pids: &[u32]) -> Result<Self, String> {
-        if source.as_os_str().is_empty() {
-            let own = anon_bytes(None)?;
-            return Ok(Self { own, engines: pids.iter().map(|&p| (p, engine_anon_bytes(p, None))).collect() });
+        let tree = source.is_dir().then_some(source);
+        if tree.is_none() && !source.as_os_str().is_empty() {
+            return Ok(Self { own: anon_bytes(Some(source))?, engines: Vec::new() });
         }
-        if source.is_dir() {
-            let mine = source.join(std::process::id().to_string()).join("status");
-            let own = if mine.exists() { anon_bytes(Some(&mine))? } else { anon_bytes(None)? };
-            let engines = pids.iter().map(|&p| (p, engine_anon_bytes(p, Some(source)))).collect();
-            return Ok(Self { own, engines });
-        }
-        Ok(Self { own: anon_bytes(Some(source))?, engines: Vec::new() })
+        let mine = tree.map(|t| t.join(std::process::id().to_string()).join("status")).filter(|p| p.exists());
+        let own = anon_bytes(mine.as_deref())?;
+        Ok(Self { own, engines: pids.iter().map(|&p| (p, engine_anon_bytes(p, tree))).collect() })
     }
 
     pub fn total(&self) -> u64 {
