@@ -21,6 +21,7 @@ pub mod gguf;
 mod heap;
 mod model;
 mod sampler;
+mod threadpool;
 
 pub use backend::{Backend, DeviceInfo, DeviceKind};
 pub use batch::Batch;

@@ -127,8 +127,9 @@ impl Worker {
                 n_ctx: EMBED_TOKENS,
                 n_batch: EMBED_TOKENS,
                 n_seq_max: 1,
-                n_threads: self.threads.1,
-                n_threads_batch: self.threads.1,
+                // The pool is sized for the most threads the governors may give back.
+                n_threads: self.threads.0,
+                n_threads_batch: self.threads.0,
                 flash_attn: Some(true),
                 kv_unified: false,
                 embeddings: true,
@@ -150,8 +151,7 @@ impl Worker {
         }
         self.hold_preemption(false);
         let ctx = self.embedder.as_mut().expect("created above");
-        ctx.set_threads(self.threads.1, self.threads.1);
-        let embedded = ctx.embed(&tokens);
+        let embedded = ctx.set_threads(self.threads.1, self.threads.1).and_then(|()| ctx.embed(&tokens));
         self.preempt.hold(false);
         match embedded {
             Ok(v) => Ok(Some((v, tokens.len()))),

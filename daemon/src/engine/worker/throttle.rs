@@ -23,9 +23,15 @@ impl Worker {
             n => (n as i32).min(self.threads.0),
         };
         if wanted != self.threads.1 {
-            self.ctx.set_threads(wanted, wanted);
-            self.threads.1 = wanted;
-            tracing::debug!(threads = wanted, "compute threads changed by the governor");
+            match self.ctx.set_threads(wanted, wanted) {
+                Ok(()) => {
+                    self.threads.1 = wanted;
+                    tracing::debug!(threads = wanted, "compute threads changed by the governor");
+                }
+                // Never more than the pool was made with (threads.0), so never a new pool;
+                // were one refused, the old threads go on.
+                Err(e) => tracing::warn!(error = %e, "compute threads not changed"),
+            }
         }
         self.scheduler.set_defer_background(self.throttle.defer_background.load(Ordering::Relaxed));
     }
