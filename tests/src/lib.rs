@@ -37,6 +37,8 @@ pub fn threads() -> i32 {
 }
 /// Context of one request (one sequence's KV stream), used by both.
 pub const CONTEXT: u32 = 1024;
+/// The default model's name (scripts/fetch-model.sh installs its manifest).
+pub const DEFAULT_MODEL: &str = "smollm2-135m-instruct";
 /// Batch size used by both.
 pub const BATCH: u32 = 512;
 /// Sequences of the daemon's context.
@@ -453,9 +455,14 @@ impl ModelDir {
 
     /// The real default model as `file` (hard link, or a copy across file systems).
     pub fn link_default_model(&self, file: &str) -> PathBuf {
+        self.link_model(&model_path(), file)
+    }
+
+    /// The model file `src` as `file` (hard link, or a copy across file systems).
+    pub fn link_model(&self, src: &Path, file: &str) -> PathBuf {
         let dst = self.path().join(file);
-        if !dst.exists() && std::fs::hard_link(model_path(), &dst).is_err() {
-            std::fs::copy(model_path(), &dst).expect("copy model");
+        if !dst.exists() && std::fs::hard_link(src, &dst).is_err() {
+            std::fs::copy(src, &dst).expect("copy model");
         }
         dst
     }

@@ -10,6 +10,9 @@
 //! prompts each time); the ratio is the median of each pair's. Targets: aggregate ≥ 0.9 of
 //! the best static batch, TTFT ratio ≤ 2.
 //!
+//! Contention: single-stream decode beside 1 and 2 busy processes, through D-Bus, directly
+//! and through llama.cpp's llama-server where `tests/tools/build-llama-tools.sh` built one.
+//!
 //! Sessions: the latency of turn N of a conversation in a session, against re-sending the
 //! whole transcript to Complete, with another app's request between turns (as on a phone,
 //! where the per-app prefix cache does not survive other work); and with a single sequence
@@ -17,6 +20,9 @@
 //! park and restore times.
 
 #![forbid(unsafe_code)]
+
+mod contention;
+mod phone;
 
 use std::time::{Duration, Instant};
 
@@ -54,6 +60,9 @@ struct Args {
     /// Turns of the session conversation.
     #[arg(long, default_value_t = 6)]
     turns: usize,
+    /// Leave out the phone-sized models (generated once into target/phone-models, ~4 GB).
+    #[arg(long)]
+    no_phone_models: bool,
     /// Print one JSON object instead of the table.
     #[arg(long)]
     json: bool,
@@ -99,8 +108,17 @@ fn rates(prompt_tokens: usize, tokens: usize, prefill: Duration, decode: Duratio
 }
 
 async fn over_dbus(conn: &zbus::Connection, prompt: &str, max_tokens: u32, tag: &str) -> Sample {
+    over_dbus_request(conn, chat_request(prompt, max_tokens), tag).await
+}
+
+/// A Generate call's rates, timed by the client.
+async fn over_dbus_request(
+    conn: &zbus::Connection,
+    request: std::collections::HashMap<&'static str, zbus::zvariant::Variant<'static>>,
+    tag: &str,
+) -> Sample {
     let started = Instant::now();
-    let mut g = Generation::start(conn, chat_request(prompt, max_tokens), tag).await.expect("Generate");
+    let mut g = Generation::start(conn, request, tag).await.expect("Generate");
     let (mut first, mut last, mut n) = (None, started, 0usize);
     let (prompt_tokens, server_decode_us) = loop {
         match g.next().await.expect("event").expect("event") {
@@ -136,8 +154,18 @@ fn median(mut v: Vec<f64>) -> f64 {
     v[v.len() / 2]
 }
 
-#[tokio::main(flavor = "current_thread")]
-async fn main() {
+/// The build profile the bench (and the daemon beside it) runs under: the README's numbers
+/// are for release, the build integrators ship.
+const PROFILE: &str = if cfg!(debug_assertions) { "dev" } else { "release" };
+
+fn main() {
+    if std::env::args().nth(1).as_deref() == Some(contention::SPIN_FLAG) {
+        contention::spin();
+    }
+    tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime").block_on(bench());
+}
+
+async fn bench() {
     let mut args = Args::parse();
     if args.quick {
         args.reps = 1;
@@ -200,6 +228,13 @@ async fn main() {
         )
         .expect("tokenize")
         .len();
+    let contended = contention::measure(&conn, args.reps.min(3), args.decode_tokens).await;
+    let bandwidth = phone::read_bandwidth();
+    let phones = if args.no_phone_models {
+        Vec::new()
+    } else {
+        phone::measure(args.quick, args.decode_tokens.min(64), bandwidth).await
+    };
     let load = under_load(&conn, args.streams, args.stream_tokens, args.reps.min(3)).await;
     let reps = args.reps.min(3);
     let (mut resident, mut resend) = (vec![], vec![]);
@@ -225,7 +260,7 @@ async fn main() {
         println!(
             "{}",
             serde_json::json!({
-                "threads": threads(), "reps": args.reps, "decode_tokens": decode_tokens.0, "prefill_prompt_tokens": prompt_tokens,
+                "profile": PROFILE, "threads": threads(), "reps": args.reps, "decode_tokens": decode_tokens.0, "prefill_prompt_tokens": prompt_tokens,
                 "dbus": { "decode_tok_s": bd, "prefill_tok_s": bp, "engine_decode_tok_s": sd },
                 "direct": { "decode_tok_s": fd, "prefill_tok_s": fp },
                 "ratio": { "decode": bd / fd, "prefill": bp / fp },
@@ -235,6 +270,19 @@ async fn main() {
                     "aggregate_ratio": load.aggregate_ratio,
                     "ttft_idle_ms": load.ttft_idle_ms, "ttft_loaded_ms": load.ttft_loaded_ms, "ttft_ratio": load.ttft_loaded_ms / load.ttft_idle_ms,
                 },
+                "contention": contended.iter().map(|c| serde_json::json!({
+                    "busy_processes": c.busy, "dbus_decode_tok_s": c.dbus_tok_s, "direct_decode_tok_s": c.direct_tok_s,
+                    "llama_server_decode_tok_s": c.llama_server_tok_s,
+                    "dbus_over_llama_server": c.llama_server_tok_s.map(|s| c.dbus_tok_s / s),
+                })).collect::<Vec<_>>(),
+                "memory_read_bandwidth_gb_s": bandwidth / 1e9,
+                "phone_models": phones.iter().map(|p| serde_json::json!({
+                    "model": p.name, "weight_bytes": p.weight_bytes, "dbus_decode_tok_s": p.dbus_tok_s,
+                    "llama_bench_tg_tok_s": p.llama_bench_tok_s,
+                    "dbus_over_llama_bench": p.llama_bench_tok_s.map(|l| p.dbus_tok_s / l),
+                    "roofline_fraction": p.roofline,
+                    "verify_step_cost": p.verify_cost.iter().map(|(k, c)| serde_json::json!({"k": k, "cost_over_one": c})).collect::<Vec<_>>(),
+                })).collect::<Vec<_>>(),
                 "sessions": {
                     "turns": args.turns, "turn_n_prompt_tokens": turn_n_tokens,
                     "turn_n_session_ms": s_ms, "turn_n_resend_ms": r_ms, "resend_over_session": r_ms / s_ms,
@@ -244,7 +292,7 @@ async fn main() {
         );
     } else {
         println!(
-            "hearth-bench: SmolLM2-135M-Instruct Q4_1, {} threads, greedy, median of {} runs",
+            "hearth-bench ({PROFILE} build): SmolLM2-135M-Instruct Q4_1, {} threads, greedy, median of {} runs",
             threads(),
             args.reps
         );
@@ -252,6 +300,30 @@ async fn main() {
         println!("decode  tok/s ({:>3}) {bd:>12.1} {fd:>12.1} {:>8.3}", decode_tokens.0, bd / fd);
         println!("prefill tok/s ({prompt_tokens:>3}) {bp:>12.1} {fp:>12.1} {:>8.3}", bp / fp);
         println!("(hearthd's own decode timing: {sd:.1} tok/s)");
+        for c in &contended {
+            let peer = c.llama_server_tok_s.map_or("llama-server not built".to_owned(), |s| {
+                format!("llama-server {s:.1}, D-Bus/llama-server {:.3}", c.dbus_tok_s / s)
+            });
+            println!(
+                "decode beside {} busy processes: D-Bus {:.1}, direct {:.1}, {peer}",
+                c.busy, c.dbus_tok_s, c.direct_tok_s
+            );
+        }
+        println!("memory read bandwidth ({} threads): {:.1} GB/s", threads(), bandwidth / 1e9);
+        for p in &phones {
+            let peer = p.llama_bench_tok_s.map_or("llama-bench not built".to_owned(), |l| {
+                format!("llama-bench tg {l:.1}, D-Bus/llama-bench {:.3}", p.dbus_tok_s / l)
+            });
+            let verify: Vec<_> = p.verify_cost.iter().map(|(k, c)| format!("k={k} {c:.2}")).collect();
+            println!(
+                "{} ({:.2} GB): decode D-Bus {:.1} tok/s, {peer}, roofline {:.0}%; a k-token step costs {} one-token steps",
+                p.name,
+                p.weight_bytes as f64 / 1e9,
+                p.dbus_tok_s,
+                p.roofline * 100.0,
+                verify.join(", ")
+            );
+        }
         println!(
             "aggregate tok/s, {} streams × {} tokens: D-Bus {:.1}, best static batch ({}) {:.1}, ratio {:.3}",
             args.streams,

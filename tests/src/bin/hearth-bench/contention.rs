@@ -1,0 +1,154 @@
+//! Decode beside busy processes, as on a phone where other apps always run: single-stream
+//! decode through D-Bus, through hearth-ffi directly and through llama.cpp's own
+//! llama-server (same model file, threads, context and flash attention), with 0, 1 and 2
+//! processes spinning on the CPU beside them, the three alternating in each repetition.
+//!
+//! llama-server's figure is its own decode timing (`timings.predicted_per_second`), which
+//! leaves out its HTTP work; Hearth's D-Bus figure is timed by the client, D-Bus included.
+
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use super::{ASKERS, DECODE_PROMPT, direct, median, over_dbus};
+use hearth_tests::{CONTEXT, model_path, threads, workspace_root};
+
+/// The flag that turns this binary into a busy process.
+pub const SPIN_FLAG: &str = "--spin";
+
+/// Spins on the CPU until killed (a busy app beside the daemon).
+pub fn spin() -> ! {
+    let mut x = 0u64;
+    loop {
+        x = std::hint::black_box(x.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1));
+    }
+}
+
+/// `n` busy processes, killed on drop.
+struct Busy(Vec<Child>);
+
+impl Busy {
+    fn start(n: usize) -> Self {
+        let exe = std::env::current_exe().expect("own path");
+        Self((0..n).map(|_| Command::new(&exe).arg(SPIN_FLAG).spawn().expect("busy process")).collect())
+    }
+}
+
+impl Drop for Busy {
+    fn drop(&mut self) {
+        for c in &mut self.0 {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// llama-server from `tests/tools/build-llama-tools.sh`, or the one `HEARTH_LLAMA_SERVER` names.
+pub fn llama_tool(name: &str, env: &str) -> Option<PathBuf> {
+    std::env::var_os(env)
+        .map(PathBuf::from)
+        .or_else(|| Some(workspace_root().join("target/llama-tools/bin").join(name)))
+        .filter(|p| p.is_file())
+}
+
+/// A running llama-server on the default model, one slot.
+struct Peer {
+    child: Child,
+    url: String,
+    http: reqwest::Client,
+}
+
+impl Peer {
+    async fn start(bin: &Path) -> Option<Self> {
+        let port = TcpListener::bind("127.0.0.1:0").ok()?.local_addr().ok()?.port();
+        let t = threads().to_string();
+        let child = Command::new(bin)
+            .args(["-m", model_path().to_str()?, "-t", &t, "-tb", &t, "-fa", "on", "-np", "1"])
+            .args(["-c", &CONTEXT.to_string(), "--host", "127.0.0.1", "--port", &port.to_string()])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .ok()?;
+        let peer = Self { child, url: format!("http://127.0.0.1:{port}"), http: reqwest::Client::new() };
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while Instant::now() < deadline {
+            if peer.http.get(format!("{}/health", peer.url)).send().await.is_ok_and(|r| r.status().is_success()) {
+                return Some(peer);
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        None
+    }
+
+    /// llama-server's decode tok/s for one greedy chat request.
+    async fn decode(&self, prompt: &str, max_tokens: u32) -> f64 {
+        let body = serde_json::json!({
+            "messages": [{ "role": "user", "content": prompt }],
+            "max_tokens": max_tokens, "temperature": 0.0, "cache_prompt": false,
+        });
+        let r: serde_json::Value = self
+            .http
+            .post(format!("{}/v1/chat/completions", self.url))
+            .json(&body)
+            .send()
+            .await
+            .expect("llama-server request")
+            .json()
+            .await
+            .expect("llama-server answer");
+        r["timings"]["predicted_per_second"].as_f64().expect("llama-server timings")
+    }
+}
+
+impl Drop for Peer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Decode tok/s beside `busy` processes.
+#[derive(Debug, Clone, Copy)]
+pub struct Contended {
+    pub busy: usize,
+    pub dbus_tok_s: f64,
+    pub direct_tok_s: f64,
+    /// llama-server's, when one was found.
+    pub llama_server_tok_s: Option<f64>,
+}
+
+/// Runs the decode measurement beside 0, 1 and 2 busy processes.
+pub async fn measure(conn: &zbus::Connection, reps: usize, tokens: u32) -> Vec<Contended> {
+    let peer = match llama_tool("llama-server", "HEARTH_LLAMA_SERVER") {
+        Some(bin) => Peer::start(&bin).await,
+        None => None,
+    };
+    let mut out = Vec::new();
+    for busy in 0..=2 {
+        let _busy = Busy::start(busy);
+        let (mut bus, mut ffi, mut srv) = (vec![], vec![], vec![]);
+        for rep in 0..reps {
+            let prompt = format!("{} asks: {DECODE_PROMPT}", ASKERS[(busy * reps + rep) % ASKERS.len()]);
+            // Each path first in turn.
+            for k in 0..3 {
+                match (rep + k) % 3 {
+                    0 => bus.push(over_dbus(conn, &prompt, tokens, &format!("c{busy}x{rep}")).await.decode_tps),
+                    1 => ffi.push(direct(&prompt, tokens).decode_tps),
+                    _ => {
+                        if let Some(p) = &peer {
+                            srv.push(p.decode(&prompt, tokens).await);
+                        }
+                    }
+                }
+            }
+        }
+        out.push(Contended {
+            busy,
+            dbus_tok_s: median(bus),
+            direct_tok_s: median(ffi),
+            llama_server_tok_s: (!srv.is_empty()).then(|| median(srv)),
+        });
+    }
+    out
+}
