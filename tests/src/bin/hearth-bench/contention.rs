@@ -70,7 +70,10 @@ impl Peer {
             .stderr(Stdio::null())
             .spawn()
             .ok()?;
-        let peer = Self { child, url: format!("http://127.0.0.1:{port}"), http: reqwest::Client::new() };
+        // A new connection per request: llama-server closes idle keep-alive connections, and a
+        // reused one that it closed fails the next request (IncompleteMessage).
+        let http = reqwest::Client::builder().pool_max_idle_per_host(0).build().ok()?;
+        let peer = Self { child, url: format!("http://127.0.0.1:{port}"), http };
         let deadline = Instant::now() + Duration::from_secs(60);
         while Instant::now() < deadline {
             if peer.http.get(format!("{}/health", peer.url)).send().await.is_ok_and(|r| r.status().is_success()) {
