@@ -39,7 +39,7 @@ pub enum Error {
     /// llama.cpp could not create an inference context (usually: out of memory).
     #[error("llama.cpp could not create a context (n_ctx={n_ctx}, n_seq_max={n_seq_max})")]
     ContextCreate { n_ctx: u32, n_seq_max: u32 },
-    /// ggml could not start a compute thread pool (out of memory or threads).
+    /// ggml returned no compute thread pool.
     #[error("ggml could not start a pool of {n_threads} compute threads")]
     ThreadPool { n_threads: i32 },
     /// Tokenization failed or the text is too long to tokenize.

@@ -32,7 +32,8 @@ impl ThreadPool {
         let mut params = unsafe { sys::ggml_threadpool_params_default(n_threads) };
         params.poll = poll.min(100);
         // SAFETY: `params` is a valid, initialised struct for the call; ggml copies what it
-        // keeps and returns null if it cannot allocate the pool or start its threads.
+        // keeps. If a thread does not start, ggml aborts the process (GGML_ASSERT), as the
+        // per-graph threads this pool replaces would have; a null return is checked anyway.
         let raw = unsafe { sys::ggml_threadpool_new(&mut params) };
         let ptr = NonNull::new(raw).ok_or(Error::ThreadPool { n_threads })?;
         Ok(Self { ptr, n_threads })

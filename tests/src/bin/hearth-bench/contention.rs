@@ -17,11 +17,18 @@ use hearth_tests::{CONTEXT, model_path, threads, workspace_root};
 /// The flag that turns this binary into a busy process.
 pub const SPIN_FLAG: &str = "--spin";
 
-/// Spins on the CPU until killed (a busy app beside the daemon).
+/// Spins on the CPU (a busy app beside the daemon) until killed, or until the bench that
+/// started it is gone (killed itself, it could not kill its busy processes).
 pub fn spin() -> ! {
+    let parent = std::os::unix::process::parent_id();
     let mut x = 0u64;
     loop {
-        x = std::hint::black_box(x.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1));
+        for _ in 0..10_000_000 {
+            x = std::hint::black_box(x.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1));
+        }
+        if std::os::unix::process::parent_id() != parent {
+            std::process::exit(0);
+        }
     }
 }
 
@@ -124,7 +131,13 @@ pub struct Contended {
 /// Runs the decode measurement beside 0, 1 and 2 busy processes.
 pub async fn measure(conn: &zbus::Connection, reps: usize, tokens: u32) -> Vec<Contended> {
     let peer = match llama_tool("llama-server", "HEARTH_LLAMA_SERVER") {
-        Some(bin) => Peer::start(&bin).await,
+        Some(bin) => {
+            let peer = Peer::start(&bin).await;
+            if peer.is_none() {
+                eprintln!("warning: {} did not start; its column is left out", bin.display());
+            }
+            peer
+        }
         None => None,
     };
     let mut out = Vec::new();

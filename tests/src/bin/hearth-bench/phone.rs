@@ -20,7 +20,8 @@ use zbus::Variant;
 use super::{contention::llama_tool, median, over_dbus_request};
 
 /// (size, quantization) of the phone models; the largest is left out of `--quick`.
-const FULL: [(&str, &str); 5] = [("0.5b", "q4_0"), ("0.5b", "q8_0"), ("1.5b", "q4_0"), ("1.5b", "q8_0"), ("3b", "q4_0")];
+const FULL: [(&str, &str); 5] =
+    [("0.5b", "q4_0"), ("0.5b", "q8_0"), ("1.5b", "q4_0"), ("1.5b", "q8_0"), ("3b", "q4_0")];
 const QUICK: [(&str, &str); 1] = [("0.5b", "q4_0")];
 
 /// Verification batch sizes reported.
@@ -108,7 +109,8 @@ fn verify_cost(model: &Arc<Model>) -> Vec<(usize, f64)> {
         ..ContextParams::default()
     };
     let mut ctx = Context::new(Arc::clone(model), params).expect("context");
-    let tokens = model.tokenize(&"The quick brown fox jumps over the lazy dog. ".repeat(7), true, false).expect("tokens");
+    let tokens =
+        model.tokenize(&"The quick brown fox jumps over the lazy dog. ".repeat(7), true, false).expect("tokens");
     let prompt = &tokens[..64.min(tokens.len())];
     let mut batch = Batch::new(BATCH as usize, 1);
     for (i, &t) in prompt.iter().enumerate() {
