@@ -71,6 +71,10 @@ pub struct Context {
     // The compute threads every decode of this context runs on. Freed after llama_free
     // (fields drop after `Drop::drop`): ggml's CPU backend keeps the pointer.
     pool: ThreadPool,
+    // Pools replaced by a larger one. The CPU backend still holds the last one it ran on
+    // and pauses it when the next graph switches to the new pool (ggml-cpu.cpp,
+    // ggml_backend_cpu_set_threadpool), so they too live until llama_free.
+    retired: Vec<ThreadPool>,
 }
 
 // SAFETY: a llama_context may be used from any thread as long as only one thread uses it at
@@ -171,7 +175,7 @@ impl Context {
                 return Err(e);
             }
         };
-        let mut ctx = Self { ptr, params, abort, model, pool };
+        let mut ctx = Self { ptr, params, abort, model, pool, retired: Vec::new() };
         ctx.attach_pool();
         if ctx.model.lora_count() > 0 {
             let defaults = ctx.model.lora_default_scales();
@@ -254,9 +258,8 @@ impl Context {
     /// Points the context's decodes at its thread pool (the same pool for single-token and
     /// batch steps: they never run at once).
     fn attach_pool(&mut self) {
-        // SAFETY: valid context, exclusively borrowed; the pool outlives every graph the
-        // context computes on it (it is freed after llama_free, or after the context has
-        // been pointed at its successor with no decode running in between).
+        // SAFETY: valid context, exclusively borrowed; the pool, and every pool it replaced,
+        // is freed only after llama_free (see `pool` and `retired`).
         unsafe { sys::llama_attach_threadpool(self.ptr.as_ptr(), self.pool.as_ptr(), std::ptr::null_mut()) };
     }
 
@@ -265,11 +268,9 @@ impl Context {
     pub fn set_threads(&mut self, n_threads: i32, n_threads_batch: i32) -> Result<()> {
         let wanted = n_threads.max(n_threads_batch);
         if wanted > self.pool.n_threads() {
-            // The old pool is dropped (its threads joined) only once the context points at
-            // the new one; no decode runs in between (`&mut self`).
             let old = std::mem::replace(&mut self.pool, ThreadPool::new(wanted, POLL)?);
+            self.retired.push(old);
             self.attach_pool();
-            drop(old);
         }
         // SAFETY: valid context, exclusively borrowed.
         unsafe { sys::llama_set_n_threads(self.as_ptr(), n_threads, n_threads_batch) };
@@ -385,7 +386,7 @@ impl Context {
 impl Drop for Context {
     fn drop(&mut self) {
         // SAFETY: `ptr` came from llama_init_from_model and is freed exactly once; the model
-        // (Arc), the abort flag (Arc) and the thread pool are dropped only after this, as
+        // (Arc), the abort flag (Arc) and the thread pools are dropped only after this, as
         // fields drop after.
         unsafe { sys::llama_free(self.ptr.as_ptr()) };
     }

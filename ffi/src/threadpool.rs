@@ -52,8 +52,8 @@ impl ThreadPool {
 impl Drop for ThreadPool {
     fn drop(&mut self) {
         // SAFETY: `ptr` came from ggml_threadpool_new and is freed exactly once; its owner
-        // (a Context) has freed, or re-pointed, the llama_context that used it before, so no
-        // graph runs on it (ggml_threadpool_free stops and joins the threads).
+        // (a Context) has freed the llama_context that used it before, so no graph runs on
+        // it and no backend holds it (ggml_threadpool_free stops and joins the threads).
         unsafe { sys::ggml_threadpool_free(self.ptr.as_ptr()) };
     }
 }

@@ -233,3 +233,22 @@ fn a_saved_sequence_restores_into_another_slot_and_continues_identically() {
     assert!(ctx.restore_sequence(1, &state[..state.len() / 2]).is_err());
     assert!(ctx.restore_sequence(1, b"not a state").is_err());
 }
+
+#[test]
+fn thread_counts_change_between_decodes_without_changing_the_output() {
+    // A context made for one thread is given two (a new, larger pool while the backend still
+    // holds the old one), then one and two again: every decode runs, and greedy output does
+    // not depend on the thread count. (More threads than this machine's 2 cores would make
+    // ggml's barriers wait out scheduler slices.)
+    let prompt = chat_prompt("Name three colours.");
+    let greedy = || SamplerParams { temperature: 0.0, ..Default::default() };
+    let expected = generate(&mut context(1), 0, &prompt, greedy(), 12);
+    let params = ContextParams { n_ctx: 2048, n_seq_max: 1, n_threads: 1, n_threads_batch: 1, ..Default::default() };
+    let mut ctx = Context::new(model(), params).expect("context");
+    for threads in [1, 2, 1, 2] {
+        ctx.set_threads(threads, threads).expect("threads");
+        ctx.remove_sequence(0);
+        assert_eq!(generate(&mut ctx, 0, &prompt, greedy(), 12), expected, "at {threads} threads");
+        assert_eq!(ctx.params().n_threads, threads);
+    }
+}

@@ -27,6 +27,9 @@ async fn steady_decode_starts_no_threads() {
     let models = proxy.list_models().await.unwrap();
     let pid = models.iter().find_map(|m| m.engine_pid).expect("the default model runs in an engine process");
     let before = threads(pid);
+    // Main, prep and the pool's second compute thread at least: a task list that cannot be
+    // read would make the test pass without looking.
+    assert!(before.len() >= 3, "the engine's threads: {before:?}");
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let watcher = {
         let stop = std::sync::Arc::clone(&stop);

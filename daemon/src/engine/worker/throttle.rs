@@ -23,15 +23,14 @@ impl Worker {
             n => (n as i32).min(self.threads.0),
         };
         if wanted != self.threads.1 {
-            match self.ctx.set_threads(wanted, wanted) {
-                Ok(()) => {
-                    self.threads.1 = wanted;
-                    tracing::debug!(threads = wanted, "compute threads changed by the governor");
-                }
-                // Never more than the pool was made with (threads.0), so never a new pool;
-                // were one refused, the old threads go on.
-                Err(e) => tracing::warn!(error = %e, "compute threads not changed"),
+            // Never more than the pool was made with (threads.0), so never a new pool; were
+            // one refused, the old threads go on, and it is not asked for again.
+            if let Err(e) = self.ctx.set_threads(wanted, wanted) {
+                tracing::warn!(error = %e, "compute threads not changed");
+            } else {
+                tracing::debug!(threads = wanted, "compute threads changed by the governor");
             }
+            self.threads.1 = wanted;
         }
         self.scheduler.set_defer_background(self.throttle.defer_background.load(Ordering::Relaxed));
     }

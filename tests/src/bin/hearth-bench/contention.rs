@@ -3,8 +3,10 @@
 //! llama-server (same model file, threads, context and flash attention), with 0, 1 and 2
 //! processes spinning on the CPU beside them, the three alternating in each repetition.
 //!
-//! llama-server's figure is its own decode timing (`timings.predicted_per_second`), which
-//! leaves out its HTTP work; Hearth's D-Bus figure is timed by the client, D-Bus included.
+//! llama-server's figure is its own decode timing (`timings`: tokens after the first over
+//! the generation time), which leaves out its HTTP work; Hearth's D-Bus figure is timed by
+//! the client, D-Bus included. llama-server is built with OpenMP (llama.cpp's default), the
+//! engine with ggml's own thread pool.
 
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
@@ -70,7 +72,10 @@ impl Peer {
     async fn start(bin: &Path) -> Option<Self> {
         let port = TcpListener::bind("127.0.0.1:0").ok()?.local_addr().ok()?.port();
         let t = threads().to_string();
-        let child = Command::new(bin)
+        // setpriv: it dies with the bench, however the bench ends.
+        let child = Command::new("setpriv")
+            .args(["--pdeathsig", "KILL", "--"])
+            .arg(bin)
             .args(["-m", model_path().to_str()?, "-t", &t, "-tb", &t, "-fa", "on", "-np", "1"])
             .args(["-c", &CONTEXT.to_string(), "--host", "127.0.0.1", "--port", &port.to_string()])
             .stdout(Stdio::null())
@@ -107,7 +112,12 @@ impl Peer {
             .json()
             .await
             .expect("llama-server answer");
-        r["timings"]["predicted_per_second"].as_f64().expect("llama-server timings")
+        // Its first token comes from the prompt's step: the generation time covers the
+        // other n - 1, as Hearth's client-side rate does.
+        let t = &r["timings"];
+        let (n, ms) = (t["predicted_n"].as_f64(), t["predicted_ms"].as_f64());
+        let (n, ms) = n.zip(ms).expect("llama-server timings");
+        (n - 1.0) / (ms / 1e3)
     }
 }
 

@@ -60,7 +60,7 @@ struct Args {
     /// Turns of the session conversation.
     #[arg(long, default_value_t = 6)]
     turns: usize,
-    /// Leave out the phone-sized models (generated once into target/phone-models, ~4 GB).
+    /// Leave out the phone-sized models (generated once into target/phone-models, ~4.5 GB).
     #[arg(long)]
     no_phone_models: bool,
     /// Print one JSON object instead of the table.
