@@ -160,6 +160,11 @@ pub struct EngineConfig {
     /// Flash attention. On by default: it keeps each request's output independent of what
     /// else is batched with it (without it, batching changes greedy outputs).
     pub flash_attn: bool,
+    /// How the KV cache stores keys and values: "q8_0" (default; needs flash_attn) keeps
+    /// every request's output independent of how its prompt was chunked, whether its prefix
+    /// was reused and what shared its decode steps, decodes faster and takes half the
+    /// memory; "f16" processes prompts faster (see hearth_ffi::KvType for the numbers).
+    pub kv_cache: crate::engine::KvCache,
     /// The engine program hearthd starts for each loaded model; empty: `hearth-engine` next
     /// to hearthd's own executable.
     pub program: PathBuf,
@@ -204,6 +209,7 @@ impl Default for EngineConfig {
             gpu_layers: 0,
             devices: Vec::new(),
             flash_attn: true,
+            kv_cache: crate::engine::KvCache::default(),
             prefix_cache: true,
             program: PathBuf::new(),
             hang_timeout_ms: 30_000,
@@ -249,6 +255,11 @@ impl Config {
                 "engine.context_length {} is outside 64..={MAX_CONTEXT_LENGTH}",
                 e.context_length
             )));
+        }
+        if e.kv_cache == crate::engine::KvCache::Q8_0 && !e.flash_attn {
+            return Err(ConfigError::Invalid(
+                "engine.kv_cache = \"q8_0\" needs flash_attn = true (llama.cpp quantizes the V cache only with flash attention); set kv_cache = \"f16\" to turn flash attention off".into(),
+            ));
         }
         if e.batch_size == 0 || e.max_sequences == 0 {
             return Err(ConfigError::Invalid("engine.batch_size and engine.max_sequences must be at least 1".into()));

@@ -179,6 +179,7 @@ mod tests {
             grammar: None,
             adapters: None,
             session: None,
+            speculative: true,
         }
     }
 

@@ -56,6 +56,13 @@ fn as_str<'a>(k: &str, v: &'a Variant<'a>) -> Result<&'a str, Error> {
     }
 }
 
+fn as_bool(k: &str, v: &Variant<'_>) -> Result<bool, Error> {
+    match unwrap_variant(v) {
+        Variant::Bool(b) => Ok(*b),
+        other => Err(invalid(format!("{k} must be a boolean (b), got {}", other.value_signature()))),
+    }
+}
+
 fn as_u64(k: &str, v: &Variant<'_>) -> Result<u64, Error> {
     let n: i128 = match unwrap_variant(v) {
         Variant::U8(n) => (*n).into(),
@@ -283,6 +290,7 @@ pub fn parse(dict: &HashMap<String, OwnedVariant>, default_max_tokens: u32) -> R
     let mut route = RouteRequest::Auto;
     let (mut json_schema, mut grammar, mut tools, mut tool_choice) = (None, None, None, None);
     let mut adapters = None;
+    let mut speculative = true;
     for (k, v) in dict {
         let v: &Variant<'_> = v;
         match k.as_str() {
@@ -339,6 +347,7 @@ pub fn parse(dict: &HashMap<String, OwnedVariant>, default_max_tokens: u32) -> R
             key::TOOLS => tools = Some(as_str(k, v)?),
             key::TOOL_CHOICE => tool_choice = Some(as_str(k, v)?),
             key::ADAPTERS => adapters = Some(parse_adapters(v)?),
+            key::SPECULATIVE => speculative = as_bool(k, v)?,
             key::HANDLE_TOKEN => {
                 let t = as_str(k, v)?;
                 if !hearth_dbus::is_valid_handle_token(t) {
@@ -380,6 +389,7 @@ pub fn parse(dict: &HashMap<String, OwnedVariant>, default_max_tokens: u32) -> R
         grammar: None,
         adapters,
         session: None,
+        speculative,
     };
     Ok(Parsed { request, parts, route, handle_token, structure })
 }
@@ -390,11 +400,7 @@ pub fn options_bool(options: &HashMap<String, OwnedVariant>, key: &str, allowed:
     if let Some(unknown) = options.keys().find(|k| !allowed.contains(&k.as_str())) {
         return Err(invalid(format!("unknown option {unknown:?} (known: {allowed:?})")));
     }
-    match options.get(key).map(|v| &**v) {
-        None => Ok(false),
-        Some(Variant::Bool(b)) => Ok(*b),
-        Some(other) => Err(invalid(format!("{key} must be a boolean (b), got {}", other.value_signature()))),
-    }
+    options.get(key).map_or(Ok(false), |v| as_bool(key, v))
 }
 
 #[cfg(test)]

@@ -26,7 +26,8 @@ pub enum StreamEvent {
         to: String,
         index: u32,
     },
-    Finished(crate::GenerationResult),
+    /// (Boxed: a result is far larger than the other events.)
+    Finished(Box<crate::GenerationResult>),
 }
 
 /// A generation in progress.
@@ -122,7 +123,9 @@ impl Generation {
                     .body()
                     .deserialize::<(String, String, u32)>()
                     .map(|(from, to, index)| StreamEvent::Migrated { from, to, index }),
-                Some("Finished") => msg.body().deserialize::<crate::GenerationResult>().map(StreamEvent::Finished),
+                Some("Finished") => {
+                    msg.body().deserialize::<crate::GenerationResult>().map(|r| StreamEvent::Finished(Box::new(r)))
+                }
                 _ => continue,
             };
             if matches!(event, Ok(StreamEvent::Finished(_))) {

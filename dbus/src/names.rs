@@ -39,6 +39,8 @@ pub mod request_key {
     /// a{sd}: LoRA adapters of the model by name → scale (on-device only). Without it, each
     /// adapter at its manifest scale; with it, exactly these.
     pub const ADAPTERS: &str = "adapters";
+    /// b: speculative decoding by prompt lookup (default true; the output is the same).
+    pub const SPECULATIVE: &str = "speculative";
     /// Keys of Embed's request.
     pub const TEXTS: &str = "texts";
     /// Keys of one message dictionary.
@@ -56,6 +58,9 @@ pub mod result_key {
     pub const TOKEN_IDS: &str = "token_ids";
     pub const PROMPT_TOKENS: &str = "prompt_tokens";
     pub const CACHED_TOKENS: &str = "cached_tokens";
+    /// Speculative decoding: draft tokens verified, and those taken.
+    pub const DRAFT_TOKENS: &str = "draft_tokens";
+    pub const DRAFT_ACCEPTED: &str = "draft_accepted";
     pub const MODEL: &str = "model";
     pub const PREFILL_US: &str = "prefill_us";
     pub const DECODE_US: &str = "decode_us";

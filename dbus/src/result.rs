@@ -21,6 +21,9 @@ pub struct GenerationResult {
     pub prompt_tokens: u32,
     /// Prompt tokens whose KV was reused.
     pub cached_tokens: u32,
+    /// Speculative decoding: draft tokens verified, and those taken.
+    pub draft_tokens: u32,
+    pub draft_accepted: u32,
     pub model: String,
     pub prefill_us: u64,
     pub decode_us: u64,

@@ -139,10 +139,13 @@ pub struct KvCache {
     pub parked_kib: u32,
     /// Parked KV dropped for the parked-sessions limit since start.
     pub parked_dropped: u32,
+    /// Speculative decoding since the engines started: draft tokens verified, and taken.
+    pub draft_tokens: u32,
+    pub draft_accepted: u32,
 }
 
 impl KvCache {
-    fn fields(self) -> [(&'static str, u32); 8] {
+    fn fields(self) -> [(&'static str, u32); 10] {
         [
             ("size", self.size),
             ("reserved", self.reserved),
@@ -152,6 +155,8 @@ impl KvCache {
             ("parked_sessions", self.parked_sessions),
             ("parked_kib", self.parked_kib),
             ("parked_dropped", self.parked_dropped),
+            ("draft_tokens", self.draft_tokens),
+            ("draft_accepted", self.draft_accepted),
         ]
     }
 }
@@ -173,6 +178,8 @@ impl From<HashMap<String, u32>> for KvCache {
             cached: get("cached"),
             sessions: get("sessions"),
             parked_sessions: get("parked_sessions"),
+            draft_tokens: get("draft_tokens"),
+            draft_accepted: get("draft_accepted"),
             parked_kib: get("parked_kib"),
             parked_dropped: get("parked_dropped"),
         }
@@ -223,11 +230,14 @@ mod tests {
     #[test]
     fn the_kv_cache_is_an_a_su_of_its_field_names() {
         let ctxt = Context::new(LE, 0);
-        let kv = KvCache { size: 4096, parked_kib: 12, ..KvCache::default() };
+        let kv = KvCache { size: 4096, parked_kib: 12, draft_accepted: 3, ..KvCache::default() };
         assert_eq!(KvCache::SIGNATURE.to_string(), "a{su}");
         let bytes = to_bytes(ctxt, &kv).unwrap();
         let dict: HashMap<String, u32> = bytes.deserialize().unwrap().0;
-        assert_eq!((dict.len(), dict["size"], dict["parked_kib"], dict["used"]), (8, 4096, 12, 0));
+        assert_eq!(
+            (dict.len(), dict["size"], dict["parked_kib"], dict["used"], dict["draft_accepted"]),
+            (10, 4096, 12, 0, 3)
+        );
         assert_eq!(bytes.deserialize::<KvCache>().unwrap().0, kv);
         let back = KvCache::try_from(OwnedVariant::try_from(Variant::from(kv)).unwrap()).unwrap();
         assert_eq!(back, kv);

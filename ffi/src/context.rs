@@ -19,6 +19,40 @@ use crate::{Batch, Error, Model, Pos, Result, SeqId, Token};
 /// cores to the rest of the phone between steps.
 const POLL: u32 = 0;
 
+/// How the KV cache stores keys and values.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum KvType {
+    /// 8-bit blocks (34 bytes per 32 values; needs flash attention). ggml's CPU attention
+    /// then runs the same kernel for every batch shape: with f16 it switches to a tiled
+    /// kernel for micro-batches of 64 or more tokens of a sequence and to a KV-split one for
+    /// a lone one-token step over 512 or more cells, which round differently, so a token's
+    /// result would depend on how its prompt was chunked, whether its prefix was reused and
+    /// what shared its step. Measured at 2 threads (llama-bench, default model): decode
+    /// 195 vs 172 tok/s at an empty context and 108 vs 46 at 1024 tokens; prompt
+    /// processing 292 vs 395 tok/s (512 tokens) and 133 vs 302 (512 more after 1024).
+    #[default]
+    Q8_0,
+    /// 16-bit floats: faster prompt processing, results that depend on batch shapes.
+    F16,
+}
+
+impl KvType {
+    fn ggml(self) -> sys::ggml_type {
+        match self {
+            KvType::Q8_0 => sys::GGML_TYPE_Q8_0,
+            KvType::F16 => sys::GGML_TYPE_F16,
+        }
+    }
+
+    /// Bytes of `values` keys or values.
+    pub fn bytes(self, values: u64) -> u64 {
+        match self {
+            KvType::Q8_0 => values.div_ceil(32) * 34,
+            KvType::F16 => values * 2,
+        }
+    }
+}
+
 /// How to create a context.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ContextParams {
@@ -42,6 +76,8 @@ pub struct ContextParams {
     pub kv_unified: bool,
     /// A context for [`Context::embed`]: mean-pooled, per-sequence embeddings instead of logits.
     pub embeddings: bool,
+    /// How the KV cache stores keys and values.
+    pub kv_type: KvType,
 }
 
 impl Default for ContextParams {
@@ -55,6 +91,7 @@ impl Default for ContextParams {
             flash_attn: Some(true),
             kv_unified: false,
             embeddings: false,
+            kv_type: KvType::default(),
         }
     }
 }
@@ -151,6 +188,8 @@ impl Context {
         cp.n_threads = params.n_threads;
         cp.n_threads_batch = params.n_threads_batch;
         cp.kv_unified = params.kv_unified;
+        cp.type_k = params.kv_type.ggml();
+        cp.type_v = params.kv_type.ggml();
         cp.flash_attn_type = match params.flash_attn {
             None => sys::LLAMA_FLASH_ATTN_TYPE_AUTO,
             Some(true) => sys::LLAMA_FLASH_ATTN_TYPE_ENABLED,
@@ -301,6 +340,22 @@ impl Context {
             2 => Err(Error::Aborted),
             rc => Err(Error::Decode(rc)),
         }
+    }
+
+    /// The logits the last decode computed at batch index `idx` (one per vocabulary token),
+    /// or None when that entry did not ask for them.
+    pub fn logits(&self, idx: i32) -> Option<&[f32]> {
+        // SAFETY: valid context; returns null when `idx` has no logits. Its only side effect
+        // (waiting for the backend to finish) needs no exclusive borrow: Context is not Sync,
+        // so no other thread uses it meanwhile.
+        let row = unsafe { sys::llama_get_logits_ith(self.ptr.as_ptr(), idx) };
+        if row.is_null() {
+            return None;
+        }
+        let n_vocab = usize::try_from(self.model().n_vocab()).unwrap_or(0);
+        // SAFETY: a non-null row holds n_vocab floats, valid until the next decode, which
+        // needs `self` mutably and so cannot happen while the returned borrow lives.
+        Some(unsafe { std::slice::from_raw_parts(row, n_vocab) })
     }
 
     /// Removes a whole sequence from the KV cache, freeing its cells at once.

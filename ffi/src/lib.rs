@@ -25,7 +25,7 @@ mod threadpool;
 
 pub use backend::{Backend, DeviceInfo, DeviceKind};
 pub use batch::Batch;
-pub use context::{AbortSwitch, Context, ContextParams};
+pub use context::{AbortSwitch, Context, ContextParams, KvType};
 pub use detokenizer::Detokenizer;
 pub use error::{Error, Result};
 pub use heap::{exit_now, landlock_abi, release_free_heap};

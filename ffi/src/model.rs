@@ -36,9 +36,9 @@ pub struct KvGeometry {
 }
 
 impl KvGeometry {
-    /// Bytes of an f16 KV cache holding `tokens` tokens.
-    pub fn bytes(&self, tokens: u32) -> u64 {
-        u64::from(self.n_layer) * self.kv_width * u64::from(tokens) * 2
+    /// Bytes of a KV cache of `kv_type` holding `tokens` tokens.
+    pub fn bytes(&self, tokens: u32, kv_type: crate::KvType) -> u64 {
+        u64::from(self.n_layer) * kv_type.bytes(self.kv_width * u64::from(tokens))
     }
 }
 

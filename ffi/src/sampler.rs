@@ -254,16 +254,7 @@ mod tests {
 
     /// Generates under `grammar` until the end, `max` tokens, or an error.
     fn generate(model: &Arc<Model>, grammar: &str, params: SamplerParams, max: usize) -> (String, Option<Error>) {
-        let cp = ContextParams {
-            n_ctx: 256,
-            n_batch: 64,
-            n_seq_max: 1,
-            n_threads: 2,
-            n_threads_batch: 2,
-            flash_attn: None,
-            kv_unified: false,
-            embeddings: false,
-        };
+        let cp = ContextParams { n_ctx: 256, n_batch: 64, n_seq_max: 1, ..ContextParams::default() };
         let mut ctx = Context::new(Arc::clone(model), cp).expect("context");
         let prompt = model.tokenize("Answer yes or no: is the sky blue?", true, true).expect("tokenize");
         let mut batch = Batch::new(64, 1);

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use hearth_ffi::{
-    Backend, Batch, ChatMessage, Context, ContextParams, Model, ModelParams, Sampler, SamplerParams, Token,
+    Backend, Batch, ChatMessage, Context, ContextParams, KvType, Model, ModelParams, Sampler, SamplerParams, Token,
 };
 
 fn model() -> Arc<Model> {
@@ -31,6 +31,7 @@ fn params(flash_attn: Option<bool>) -> ContextParams {
         flash_attn,
         kv_unified: false,
         embeddings: false,
+        kv_type: KvType::default(),
     }
 }
 
@@ -122,4 +123,137 @@ fn batched_greedy_equals_solo_greedy() {
     for s in 0..prompts.len() {
         assert_eq!(batched[s], solo[s], "sequence {s} ({:?}) changed under batching", texts[s]);
     }
+}
+
+fn argmax(row: &[f32]) -> Token {
+    (0..row.len()).max_by(|&a, &b| row[a].total_cmp(&row[b])).unwrap() as Token
+}
+
+/// One token per step, as plain decoding runs: the greedy tokens, and the logits row each
+/// was chosen from (row j follows the prompt and tokens 0..j).
+fn solo_logits(m: &Arc<Model>, p: &[Token], steps: usize, kv: KvType) -> (Vec<Token>, Vec<Vec<f32>>) {
+    let mut ctx = Context::new(Arc::clone(m), ContextParams { kv_type: kv, ..params(Some(true)) }).unwrap();
+    let mut b = Batch::new(512, 1);
+    for (i, &t) in p.iter().enumerate() {
+        b.push(t, i as i32, &[0], i + 1 == p.len()).unwrap();
+    }
+    ctx.decode(&b).unwrap();
+    let mut idx = b.len() as i32 - 1;
+    let (mut tokens, mut rows) = (vec![], vec![]);
+    for k in 0..steps {
+        let row = ctx.logits(idx).unwrap().to_vec();
+        let t = argmax(&row);
+        tokens.push(t);
+        rows.push(row);
+        b.clear();
+        idx = b.push(t, (p.len() + k) as i32, &[0], true).unwrap();
+        ctx.decode(&b).unwrap();
+    }
+    (tokens, rows)
+}
+
+/// Speculative decoding verifies drafted tokens in one batch with the sequence's next token:
+/// every verified position's logits must equal, bit for bit, those a one-token step computes
+/// there, or greedy output would depend on what was drafted. The drafts here are the solo
+/// run's own next tokens (accepted) and, every third step, a wrong one (rejected: its KV and
+/// everything after it is removed), 0 to 5 per step, beside another sequence's decode steps.
+#[test]
+fn verified_drafts_equal_one_token_steps() {
+    let m = model();
+    verify_drafts(&m, &prompt(&m, "Write a haiku about rain."), 40, KvType::default());
+}
+
+/// Past 64 prompt tokens and 256 cells, where ggml's f16 attention switches kernels by
+/// batch shape (tiled for long micro-batches, KV-split for a lone one-token step): with the
+/// q8_0 KV cache, drafts still verify to the bit, and a prompt gives the same logits
+/// however it is chunked (whole, or its last token alone after a reused prefix).
+#[test]
+fn past_the_first_256_cells_too() {
+    let m = model();
+    let text = "The lighthouse keeper climbed the stairs at dusk, polished the lens and watched the ships. ";
+    let p = prompt(&m, &format!("Repeat this text:\n\n{}", text.repeat(15)));
+    assert!(p.len() > 256, "{} prompt tokens", p.len());
+    verify_drafts(&m, &p, 48, KvType::default());
+    let whole = solo_logits(&m, &p, 1, KvType::default()).1.remove(0);
+    let mut ctx = Context::new(Arc::clone(&m), params(Some(true))).unwrap();
+    let mut b = Batch::new(512, 1);
+    for cut in [p.len() - 1, p.len() - 70, 100] {
+        ctx.remove_sequence(0);
+        for chunk in [&p[..cut], &p[cut..]] {
+            b.clear();
+            let start = if chunk.len() == p.len() - cut { cut } else { 0 };
+            for (i, &t) in chunk.iter().enumerate() {
+                b.push(t, (start + i) as i32, &[0], start + i + 1 == p.len()).unwrap();
+            }
+            ctx.decode(&b).unwrap();
+        }
+        assert!(
+            ctx.logits(b.len() as i32 - 1).unwrap() == whole.as_slice(),
+            "prefilled in chunks of {cut} and {}",
+            p.len() - cut
+        );
+    }
+}
+
+/// Decodes `p` speculatively, drafting the solo run's own next tokens and, every third
+/// step, a wrong one, beside another sequence's decode steps, and checks every verified
+/// row against the solo run's to the bit.
+fn verify_drafts(m: &Arc<Model>, p: &[Token], steps: usize, kv: KvType) {
+    let other = prompt(m, "Who wrote Hamlet?");
+    let (tokens, rows) = solo_logits(m, p, steps, kv);
+    let mut ctx = Context::new(Arc::clone(m), ContextParams { kv_type: kv, ..params(Some(true)) }).unwrap();
+    let mut b = Batch::new(512, 1);
+    for (seq, prompt) in [(0, p), (1, other.as_slice())] {
+        b.clear();
+        for (i, &t) in prompt.iter().enumerate() {
+            b.push(t, i as i32, &[seq], i + 1 == prompt.len()).unwrap();
+        }
+        ctx.decode(&b).unwrap();
+        if seq == 0 {
+            assert!(ctx.logits(b.len() as i32 - 1).unwrap() == rows[0].as_slice(), "prefill logits differ");
+        }
+    }
+    let mut other_next = argmax(ctx.logits(b.len() as i32 - 1).unwrap());
+    let mut other_pos = other.len() as i32;
+    // tokens[..n] are emitted; tokens[n - 1] is fed next, at position p.len() + n - 1.
+    let (mut n, mut round, mut accepted_total, mut rejected) = (1, 0, 0, 0);
+    while n < steps {
+        let k = (round % 6).min(steps - n);
+        let mut draft: Vec<Token> = tokens[n..n + k].to_vec();
+        if round % 3 == 1 && k > 0 {
+            draft[k - 1] = (draft[k - 1] + 1) % m.n_vocab();
+        }
+        b.clear();
+        let pos = (p.len() + n - 1) as i32;
+        let first = b.push(tokens[n - 1], pos, &[0], true).unwrap();
+        for (i, &d) in draft.iter().enumerate() {
+            b.push(d, pos + 1 + i as i32, &[0], true).unwrap();
+        }
+        let other_idx = b.push(other_next, other_pos, &[1], true).unwrap();
+        ctx.decode(&b).unwrap();
+        let mut accepted = 0;
+        for i in 0..=k {
+            let row = ctx.logits(first + i as i32).unwrap();
+            assert!(row == rows[n + i].as_slice(), "round {round}: verified row {i} of {k} differs from its solo step");
+            if i == k || n + i + 1 >= steps {
+                break;
+            }
+            if draft[i] != argmax(row) {
+                rejected += 1;
+                break;
+            }
+            accepted += 1;
+        }
+        // Emitted: the accepted drafts and the token sampled after them.
+        n += accepted + 1;
+        accepted_total += accepted;
+        assert!(ctx.truncate_sequence(0, (p.len() + n - 1) as i32), "rejected drafts' KV removed");
+        other_next = argmax(ctx.logits(other_idx).unwrap());
+        other_pos += 1;
+        round += 1;
+    }
+    assert!(
+        accepted_total > steps / 2 && rejected >= 3,
+        "drafts were both accepted ({accepted_total}) and rejected ({rejected})"
+    );
 }

@@ -32,6 +32,7 @@ fn context(n_seq_max: u32) -> Context {
             flash_attn: Some(true),
             kv_unified: false,
             embeddings: false,
+            kv_type: hearth_ffi::KvType::default(),
         },
     )
     .expect("context")

@@ -396,7 +396,7 @@ pub fn watch_stream(
                 }
                 StreamEvent::Migrated { .. } => seen.migrated = true,
                 StreamEvent::Finished(r) => {
-                    seen.result = Some(r);
+                    seen.result = Some(*r);
                     break;
                 }
             }
@@ -412,7 +412,7 @@ pub async fn collect(mut g: Generation, per_event: Duration) -> (Vec<(u32, i32, 
     while let Some(ev) = tokio::time::timeout(per_event, g.next()).await.expect("event in time") {
         match ev.expect("event") {
             StreamEvent::Token { index, token_id, text } => tokens.push((index, token_id, text)),
-            StreamEvent::Finished(result) => return (tokens, result),
+            StreamEvent::Finished(result) => return (tokens, *result),
             StreamEvent::Migrated { .. } => {}
         }
     }
@@ -482,6 +482,21 @@ impl ModelDir {
         let sha = sha256.map_or_else(|| sha256_file(&self.path().join(file)), str::to_owned);
         let text = format!("name = {name:?}\nfile = {file:?}\nsha256 = {sha:?}\n{extra}\n");
         self.write_file(&format!("{name}.toml"), text.as_bytes(), 0o644)
+    }
+
+    /// Writes a LoRA adapter for the default model as `file`, with tests/tools/make-lora.py
+    /// (gguf-py) and its `extra` arguments.
+    pub fn make_lora(&self, file: &str, extra: &[&str]) {
+        let python = workspace_root().join(".venv/bin/python");
+        assert!(python.exists(), "{} is missing: run scripts/setup-deps.sh", python.display());
+        let out = std::process::Command::new(python)
+            .arg(workspace_root().join("tests/tools/make-lora.py"))
+            .arg(model_path())
+            .arg(self.path().join(file))
+            .args(extra)
+            .output()
+            .expect("run make-lora.py");
+        assert!(out.status.success(), "make-lora.py: {}", String::from_utf8_lossy(&out.stderr));
     }
 }
 

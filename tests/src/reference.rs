@@ -64,6 +64,7 @@ pub fn direct_run_continuing(
             flash_attn: Some(true),
             kv_unified: false,
             embeddings: false,
+            kv_type: hearth_ffi::KvType::default(),
         },
     )
     .expect("context");

@@ -364,27 +364,13 @@ async fn gpu_offload_where_a_gpu_exists() {
     eprintln!("GPU run: {:?}, CPU reference: {:?}", r.text.clone(), direct.text);
 }
 
-/// Writes a LoRA adapter for the default model with tests/tools/make-lora.py (gguf-py).
-fn make_lora(dir: &ModelDir, file: &str, extra: &[&str]) {
-    let python = hearth_tests::workspace_root().join(".venv/bin/python");
-    assert!(python.exists(), "{} is missing: run scripts/setup-deps.sh", python.display());
-    let out = std::process::Command::new(python)
-        .arg(hearth_tests::workspace_root().join("tests/tools/make-lora.py"))
-        .arg(hearth_tests::model_path())
-        .arg(dir.path().join(file))
-        .args(extra)
-        .output()
-        .expect("run make-lora.py");
-    assert!(out.status.success(), "make-lora.py: {}", String::from_utf8_lossy(&out.stderr));
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn lora_adapters_are_verified_and_applied() {
     let dir = ModelDir::new();
     dir.link_default_model("m.gguf");
     dir.manifest("smollm2-135m-instruct", "m.gguf", None, "");
-    make_lora(&dir, "lora.gguf", &[]);
-    make_lora(&dir, "zero.gguf", &["--zero"]);
+    dir.make_lora("lora.gguf", &[]);
+    dir.make_lora("zero.gguf", &["--zero"]);
     let adapter = |file: &str, sha: Option<&str>| {
         let sha = sha.map_or_else(|| hearth_tests::sha256_file(&dir.path().join(file)), str::to_owned);
         format!("[[adapters]]\nfile = {file:?}\nsha256 = {sha:?}\n")
@@ -416,7 +402,7 @@ async fn lora_adapters_are_verified_and_applied() {
 async fn per_request_adapters_apply_to_their_request_only() {
     let dir = ModelDir::new();
     dir.link_default_model("m.gguf");
-    make_lora(&dir, "style.gguf", &[]);
+    dir.make_lora("style.gguf", &[]);
     let sha = hearth_tests::sha256_file(&dir.path().join("style.gguf"));
     // scale 0: requests that name no adapters run the base model.
     let adapters = format!("[[adapters]]\nname = \"style\"\nfile = \"style.gguf\"\nsha256 = {sha:?}\nscale = 0.0\n");

@@ -181,8 +181,11 @@ async fn over_the_bounds_busy_comes_at_once_and_kv_stays_in_budget() {
     let proxy = hearth_tests::hearth(&conn).await;
     // A prompt the model answers at length (no end of generation within 400 tokens), so the
     // running request is still running when the queue is inspected, however slow the machine.
-    let running =
+    let mut running =
         Generation::start(&conn, chat_request("Write a long story about the ocean.", 300), "run").await.unwrap();
+    // Running, not waiting, before the next one comes: a request still waiting for its
+    // admission (a moment after Generate returned) counts against queue_per_app.
+    while !matches!(running.next().await, Some(Ok(hearth_dbus::StreamEvent::Token { .. }))) {}
     let waiting =
         Generation::start(&conn, chat_request("Write a long story about the ocean.", 300), "wait").await.unwrap();
     let t = Instant::now();
@@ -358,6 +361,16 @@ async fn refused_interactive_requests_cannot_stall_the_engine() {
         .await
         .unwrap();
     while !matches!(bg.next().await, Some(Ok(hearth_dbus::StreamEvent::Token { .. }))) {}
+    // Its rate without the flood, on this machine as loaded now (other tests run beside).
+    async fn tokens_in(bg: &mut Generation, window: Duration) -> u32 {
+        let until = Instant::now() + window;
+        let mut n = 0;
+        while let Ok(Some(Ok(ev))) = tokio::time::timeout_at(until.into(), bg.next()).await {
+            n += u32::from(matches!(ev, hearth_dbus::StreamEvent::Token { .. }));
+        }
+        n
+    }
+    let before = tokens_in(&mut bg, Duration::from_secs(2)).await;
     let flooder = bus.connect().await;
     let flood = tokio::spawn(async move {
         let proxy = hearth_tests::hearth(&flooder).await;
@@ -379,8 +392,15 @@ async fn refused_interactive_requests_cannot_stall_the_engine() {
         }
     }
     let refused = flood.await.unwrap();
-    eprintln!("{refused} refused interactive requests in 3 s; the background stream got {during} tokens meanwhile");
+    eprintln!(
+        "{refused} refused interactive requests in 3 s; the background stream got {during} tokens meanwhile ({before} in 2 s before)"
+    );
     assert!(refused > 20, "the flood was too slow to test anything: {refused}");
-    assert!(during >= 30, "the background stream got {during} tokens in 3 s of refused interactive requests");
+    // Each refused request costs the stream at most one aborted step per hold-off: it goes
+    // on at a good part of its rate (a stall would leave it a token or two).
+    assert!(
+        during * 2 >= before && during >= 10,
+        "the background stream got {during} tokens in 3 s of refused interactive requests, {before} in 2 s before"
+    );
     bg.cancel().await.unwrap();
 }

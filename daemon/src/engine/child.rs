@@ -159,6 +159,7 @@ fn load(start: &Start, files: Vec<OwnedFd>, socket: &mut UnixStream) -> Result<S
             flash_attn: Some(settings.flash_attn),
             kv_unified: false,
             embeddings: false,
+            kv_type: settings.kv_cache.ffi(),
         },
     )
     .map_err(|e| format!("cannot create its context: {e}"))?;
@@ -170,7 +171,7 @@ fn load(start: &Start, files: Vec<OwnedFd>, socket: &mut UnixStream) -> Result<S
         trained_context: model.n_ctx_train(),
         context_length: ctx.n_ctx_seq(),
     };
-    let kv = model.kv_geometry().bytes(settings.kv_tokens());
+    let kv = model.kv_geometry().bytes(settings.kv_tokens(), settings.kv_cache.ffi());
     let report = SandboxReport {
         landlock: landlock.to_owned(),
         landlock_abi: hearth_ffi::landlock_abi(),

@@ -203,7 +203,7 @@ impl FakeEngine {
                     if busy {
                         let now = state.epoch.elapsed().as_millis() as u64;
                         let ago = now.saturating_sub(state.progress_ms.load(Ordering::Relaxed));
-                        let heartbeat = FromEngine::Heartbeat { beat_ago_ms: ago, idle: false, kv: [0; 4], potential_mtps: 0 };
+                        let heartbeat = FromEngine::Heartbeat { beat_ago_ms: ago, idle: false, kv: Default::default(), potential_mtps: 0 };
                         let _ = sink.send(send(&heartbeat)).await;
                     }
                 }
@@ -249,7 +249,7 @@ impl Serving {
             by_priority[*p] += 1;
         }
         let status = EngineStatus { running: queue.running.len() as u32, waiting: 0, by_priority };
-        FromEngine::Status { status, kv: [0; 4] }
+        FromEngine::Status { status, kv: Default::default() }
     }
 
     /// Handles one message; Some(how it exited) when it exits.
@@ -378,6 +378,8 @@ impl Serving {
             token_ids: tokens,
             prompt_tokens: prompt.len() as u32,
             cached_tokens: cached,
+            draft_tokens: 0,
+            draft_accepted: 0,
             model: self.info.name.clone(),
             prefill: Duration::ZERO,
             decode: started.elapsed(),

@@ -23,6 +23,7 @@ mod scheduler;
 mod sequence;
 pub mod session;
 mod signals;
+mod speculate;
 mod worker;
 
 use std::sync::Arc;
@@ -36,7 +37,7 @@ use tokio::sync::{mpsc, oneshot};
 mod error;
 
 pub use error::{CancelReason, EngineError};
-pub use signals::{KvGauges, Liveness, Throttle, ThrottleState, Wake};
+pub use signals::{KvGauges, KvSnapshot, Liveness, Throttle, ThrottleState, Wake};
 
 /// A validated generation request, as the D-Bus layer hands it to the engine.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -59,6 +60,8 @@ pub struct GenerateRequest {
     pub adapters: Option<std::collections::BTreeMap<String, f32>>,
     /// The session whose turn this is: its KV is reused, and kept for the next turn.
     pub session: Option<u64>,
+    /// Speculative decoding by prompt lookup (the output is the same either way).
+    pub speculative: bool,
 }
 
 /// The LoRA adapter scales a sequence runs with, one per adapter of the model in manifest
@@ -75,6 +78,11 @@ impl AdapterSet {
 
     pub fn scales(&self) -> Vec<f32> {
         self.0.iter().map(|b| f32::from_bits(*b)).collect()
+    }
+
+    /// Whether every adapter is left out: the base model.
+    pub fn is_base(&self) -> bool {
+        self.0.iter().all(|&b| b == 0)
     }
 }
 
@@ -181,6 +189,9 @@ pub struct Outcome {
     pub prompt_tokens: u32,
     /// Prompt tokens whose KV was reused from the same app's earlier request.
     pub cached_tokens: u32,
+    /// Speculative decoding: draft tokens verified, and those taken.
+    pub draft_tokens: u32,
+    pub draft_accepted: u32,
     pub model: String,
     pub prefill: Duration,
     pub decode: Duration,
@@ -258,6 +269,28 @@ pub struct LoadedModelInfo {
     pub context_length: u32,
 }
 
+/// How an engine's KV cache stores keys and values ([`hearth_ffi::KvType`]): `q8_0`
+/// (the default: batching, chunking and prefix reuse never change a request's output)
+/// or `f16` (faster prompt processing; outputs may depend on them past 64 prompt tokens or
+/// 256 cells, and speculative drafts stop there).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub enum KvCache {
+    #[default]
+    #[serde(rename = "q8_0")]
+    Q8_0,
+    #[serde(rename = "f16")]
+    F16,
+}
+
+impl KvCache {
+    pub fn ffi(self) -> hearth_ffi::KvType {
+        match self {
+            KvCache::Q8_0 => hearth_ffi::KvType::Q8_0,
+            KvCache::F16 => hearth_ffi::KvType::F16,
+        }
+    }
+}
+
 /// How one model's engine runs: its context shape and queue limits.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct EngineSettings {
@@ -268,6 +301,7 @@ pub struct EngineSettings {
     pub interactive_sequences: u32,
     pub threads: i32,
     pub flash_attn: bool,
+    pub kv_cache: KvCache,
     pub prefix_cache: bool,
     pub queue_capacity: u32,
     pub queue_per_app: u32,

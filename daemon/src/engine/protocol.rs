@@ -16,8 +16,8 @@ use tokio_util::codec::{Decoder, Encoder, LengthDelimitedCodec};
 
 use super::EngineError;
 use super::{
-    Accepted, AdapterSet, Caller, CancelReason, EngineSettings, EngineStatus, Event, GenerateRequest, LoadedModelInfo,
-    ThrottleState,
+    Accepted, AdapterSet, Caller, CancelReason, EngineSettings, EngineStatus, Event, GenerateRequest, KvSnapshot,
+    LoadedModelInfo, ThrottleState,
 };
 
 /// Bumped on every incompatible change; hearthd and hearth-engine of different versions
@@ -157,10 +157,10 @@ pub enum FromEngine {
     /// An idle session's KV left its slot: hearthd seals and stores it.
     Parked { session: u64, kv: SessionKv },
     /// The queue changed; with the KV gauges of the moment.
-    Status { status: EngineStatus, kv: [u32; 4] },
+    Status { status: EngineStatus, kv: KvSnapshot },
     /// Sent every [`HEARTBEAT`] while the loop works: when it last beat, whether it idles, the
     /// KV gauges, and the uncapped decode rate.
-    Heartbeat { beat_ago_ms: u64, idle: bool, kv: [u32; 4], potential_mtps: u64 },
+    Heartbeat { beat_ago_ms: u64, idle: bool, kv: KvSnapshot, potential_mtps: u64 },
 }
 
 /// How often a busy engine reports its heartbeat.

@@ -463,6 +463,8 @@ impl EngineHandle {
                         token_ids: Vec::new(),
                         prompt_tokens,
                         cached_tokens: 0,
+                        draft_tokens: 0,
+                        draft_accepted: 0,
                         model: self.inner.model.name.clone(),
                         prefill: Duration::ZERO,
                         decode: Duration::ZERO,

@@ -7,6 +7,7 @@ use hearth_ffi::{Detokenizer, Model, Pos, Sampler, SeqId, Token};
 use tokio::sync::mpsc;
 
 use super::EngineError;
+use super::speculate::Drafter;
 use super::{AdapterSet, Caller, CancelReason, CancelToken, Event, Outcome, Priority};
 
 /// A request accepted by the engine and waiting for a sequence slot.
@@ -23,6 +24,8 @@ pub(super) struct Waiting {
     pub adapters: AdapterSet,
     /// The session whose turn this is.
     pub session: Option<u64>,
+    /// Speculative decoding (prompt lookup) on.
+    pub speculative: bool,
     pub cancel: CancelToken,
     pub events: mpsc::UnboundedSender<Event>,
 }
@@ -51,8 +54,12 @@ pub(super) struct Sequence {
     pub next_token: Option<Token>,
     /// Position of `next_token`.
     pub pos: Pos,
-    /// Index in the current batch whose logits belong to this sequence, if any.
+    /// Index in the current batch whose logits belong to this sequence, if any (its next
+    /// token's; its draft's follow at the next indices).
     pub logits_index: Option<i32>,
+    /// Its drafter, with speculative decoding on, and the draft in the current batch.
+    pub drafter: Option<Drafter>,
+    pub draft: Vec<Token>,
     pub max_tokens: u32,
     pub kv_reserved: u32,
     pub sampler: Sampler,
@@ -86,6 +93,11 @@ impl Sequence {
             cached: reuse,
             next_token: None,
             logits_index: None,
+            // Not under adapters: ggml computes their F32 weights with one kernel for a
+            // one-row micro-batch and another for more rows, which round differently, so a
+            // verified draft's logits would not be a one-token step's to the bit.
+            drafter: (w.speculative && w.adapters.is_base()).then(Drafter::default),
+            draft: Vec::new(),
             max_tokens: w.max_tokens,
             kv_reserved,
             sampler: w.sampler,
@@ -101,6 +113,11 @@ impl Sequence {
             last_token_at: None,
             finished: None,
         }
+    }
+
+    /// Tokens it may still generate.
+    pub fn remaining(&self) -> usize {
+        (self.max_tokens as usize).saturating_sub(self.generated.len())
     }
 
     pub fn in_prefill(&self) -> bool {
@@ -165,6 +182,8 @@ impl Sequence {
             token_ids: std::mem::take(&mut self.generated),
             prompt_tokens: self.prompt.len() as u32,
             cached_tokens: self.cached as u32,
+            draft_tokens: self.drafter.as_ref().map_or(0, |d| d.drafted),
+            draft_accepted: self.drafter.as_ref().map_or(0, |d| d.accepted),
             model: model_name.to_owned(),
             prefill: first.saturating_duration_since(self.started),
             decode: self.last_token_at.map_or(Duration::ZERO, |l| l.saturating_duration_since(first)),
@@ -194,6 +213,8 @@ pub(super) fn unstarted_outcome(w: &Waiting, model_name: &str, reason: FinishRea
         token_ids: Vec::new(),
         prompt_tokens: w.prompt.len() as u32,
         cached_tokens: 0,
+        draft_tokens: 0,
+        draft_accepted: 0,
         model: model_name.to_owned(),
         prefill: Duration::ZERO,
         decode: Duration::ZERO,

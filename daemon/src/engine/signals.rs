@@ -21,17 +21,34 @@ pub struct KvGauges {
     pub size: AtomicU32,
     /// Tokens kept in free slots for prefix reuse by the same app.
     pub cached: AtomicU32,
+    /// Speculative decoding since the engine started: draft tokens verified, and taken.
+    pub drafted: AtomicU32,
+    pub accepted: AtomicU32,
 }
 
+/// The gauges as the engine process reports them: (size, reserved, used, cached, drafted,
+/// accepted).
+pub type KvSnapshot = [u32; 6];
+
 impl KvGauges {
-    /// (size, reserved, used, cached), as the engine process reports them.
-    pub fn snapshot(&self) -> [u32; 4] {
-        [&self.size, &self.reserved, &self.used, &self.cached].map(|g| g.load(Ordering::Relaxed))
+    fn gauges(&self) -> [&AtomicU32; 6] {
+        [&self.size, &self.reserved, &self.used, &self.cached, &self.drafted, &self.accepted]
     }
 
-    pub fn store(&self, [size, reserved, used, cached]: [u32; 4]) {
-        for (g, v) in [(&self.size, size), (&self.reserved, reserved), (&self.used, used), (&self.cached, cached)] {
+    pub fn snapshot(&self) -> KvSnapshot {
+        self.gauges().map(|g| g.load(Ordering::Relaxed))
+    }
+
+    pub fn store(&self, values: KvSnapshot) {
+        for (g, v) in self.gauges().into_iter().zip(values) {
             g.store(v, Ordering::Relaxed);
+        }
+    }
+
+    /// Adds the engines' gauges up, into `totals`.
+    pub fn add_to(&self, totals: &mut KvSnapshot) {
+        for (t, v) in totals.iter_mut().zip(self.snapshot()) {
+            *t = t.saturating_add(v);
         }
     }
 }

@@ -75,6 +75,10 @@ pub(super) struct Worker {
     last_group: Option<AdapterSet>,
     /// [`super::Wake::arrived`] at the last wait for preparation.
     arrivals_waited: u64,
+    /// Cells a sequence's KV may reach with a draft in it: with an f16 KV cache, ggml's
+    /// one-token steps past 256 cells take another attention kernel than a verification
+    /// does, so drafts stop there.
+    draft_cells: usize,
 }
 
 /// How long preemption stays held off after an abort that admitted no interactive request.
@@ -134,6 +138,10 @@ impl Worker {
             adapters_set: None,
             last_group: None,
             arrivals_waited: 0,
+            draft_cells: match settings.kv_cache {
+                super::KvCache::Q8_0 => usize::MAX,
+                super::KvCache::F16 => 256,
+            },
         }
     }
 
@@ -286,6 +294,7 @@ impl Worker {
             sampler,
             adapters,
             session: request.session,
+            speculative: request.speculative,
             cancel,
             events,
         });

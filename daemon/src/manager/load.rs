@@ -87,6 +87,7 @@ impl ModelManager {
                 interactive_sequences: config.engine.interactive_sequences,
                 threads: config.threads(),
                 flash_attn: config.engine.flash_attn,
+                kv_cache: config.engine.kv_cache,
                 prefix_cache: config.engine.prefix_cache,
                 queue_capacity: config.limits.queue_capacity,
                 queue_per_app: config.limits.queue_per_app,

@@ -1,7 +1,6 @@
 //! What the model manager publishes: load progress, memory, queues, and ListModels' report.
 
 use std::collections::BTreeMap;
-use std::sync::atomic::Ordering;
 
 use crate::engine::{EngineStatus, LoadedModelInfo, Priority};
 use crate::memory::PressureReading;
@@ -116,14 +115,10 @@ impl super::ModelManager {
     }
 
     /// KV gauges summed over the loaded models: (size, reserved, used, cached).
-    pub fn kv_totals(&self) -> [u32; 4] {
-        let state = self.state();
-        let mut t = [0u32; 4];
-        for l in state.loaded.values() {
-            let kv = l.engine.kv();
-            for (slot, g) in t.iter_mut().zip([&kv.size, &kv.reserved, &kv.used, &kv.cached]) {
-                *slot += g.load(Ordering::Relaxed);
-            }
+    pub fn kv_totals(&self) -> crate::engine::KvSnapshot {
+        let mut t = Default::default();
+        for l in self.state().loaded.values() {
+            l.engine.kv().add_to(&mut t);
         }
         t
     }

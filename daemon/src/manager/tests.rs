@@ -71,6 +71,7 @@ pub(crate) fn request(model: Option<&str>, prompt: &str, max_tokens: u32) -> Gen
         grammar: None,
         adapters: None,
         session: None,
+        speculative: true,
     }
 }
 

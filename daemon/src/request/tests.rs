@@ -57,11 +57,14 @@ fn accepts_a_full_request() {
             ("handle_token", Variant::from("t1")),
             ("priority", Variant::from("interactive")),
             ("deadline_ms", Variant::from(1500u32)),
+            ("speculative", Variant::from(false)),
         ]),
         256,
     )
     .unwrap();
     assert_eq!(p.request.max_tokens, 7);
+    assert!(!p.request.speculative);
+    assert!(parse(&req(vec![]), 256).unwrap().request.speculative, "speculative decoding is on by default");
     assert_eq!(p.request.model.as_deref(), Some("m"));
     assert_eq!(p.request.sampling, SamplerParams { temperature: 0.5, top_k: 10, top_p: 0.9, seed: 42 });
     assert_eq!(p.handle_token.as_deref(), Some("t1"));
@@ -103,6 +106,7 @@ fn rejects_bad_requests_with_a_reason() {
         (req(vec![("temperature", Variant::from(9.0f64))]), "temperature"),
         (req(vec![("top_p", Variant::from(0.0f64))]), "top_p"),
         (req(vec![("bogus", Variant::from(1u32))]), "unknown request key"),
+        (req(vec![("speculative", Variant::from(1u32))]), "speculative must be a boolean"),
         (req(vec![("handle_token", Variant::from("a/b"))]), "handle_token"),
         (req(vec![("priority", Variant::from("urgent"))]), "is not one of interactive"),
         (req(vec![("deadline_ms", Variant::from(0u32))]), "deadline_ms"),

@@ -221,6 +221,7 @@ impl HearthService {
             grammar: None,
             adapters: None,
             session: None,
+            speculative: true,
         };
         let parts = parsed
             .texts
@@ -393,7 +394,7 @@ impl HearthService {
     /// Changes every token, so it is read on demand and never signalled.
     #[zbus(property(emits_changed_signal = "false"))]
     async fn kv_cache(&self) -> hearth_dbus::KvCache {
-        let [size, reserved, used, cached] = self.models.kv_totals();
+        let [size, reserved, used, cached, draft_tokens, draft_accepted] = self.models.kv_totals();
         let store = self.models.sessions();
         let (parked, parked_bytes) = store.parked();
         let saturated = |n: u64| u32::try_from(n).unwrap_or(u32::MAX);
@@ -406,6 +407,8 @@ impl HearthService {
             parked_sessions: saturated(parked as u64),
             parked_kib: saturated(parked_bytes.div_ceil(1024)),
             parked_dropped: saturated(store.dropped()),
+            draft_tokens,
+            draft_accepted,
         }
     }
 

@@ -41,6 +41,8 @@ pub(crate) fn generation_result(
         token_ids: o.token_ids.clone(),
         prompt_tokens: o.prompt_tokens,
         cached_tokens: o.cached_tokens,
+        draft_tokens: o.draft_tokens,
+        draft_accepted: o.draft_accepted,
         model: o.model.clone(),
         prefill_us: o.prefill.as_micros() as u64,
         decode_us: o.decode.as_micros() as u64,

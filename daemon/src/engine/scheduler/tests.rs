@@ -17,6 +17,7 @@ fn waiting(id: u64, app: &str, priority: Priority, need: u32) -> Waiting {
         sampler: Sampler::new(SamplerParams::default()),
         adapters: AdapterSet::default(),
         session: None,
+        speculative: true,
         cancel: CancelToken::default(),
         events: tokio::sync::mpsc::unbounded_channel().0,
     }

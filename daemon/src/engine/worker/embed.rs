@@ -133,6 +133,7 @@ impl Worker {
                 flash_attn: Some(true),
                 kv_unified: false,
                 embeddings: true,
+                kv_type: hearth_ffi::KvType::default(),
             };
             let ctx = Context::with_abort_switch(Arc::clone(&self.model), params, Arc::clone(&self.preempt))
                 .map_err(|e| EngineError::Internal(e.to_string()))?;

@@ -9,8 +9,10 @@ use crate::engine::FinishReason;
 use super::super::Priority;
 use super::super::scheduler::{COST_PER_GENERATED, COST_PER_PROMPT};
 use super::super::sequence::Sequence;
+use super::super::speculate::MAX_DRAFT;
 use super::Worker;
 use crate::engine::EngineError;
+use std::sync::atomic::Ordering;
 
 /// Longest one token's sampling may take under a grammar. A usual grammar (JSON, a tool
 /// call) costs milliseconds; one whose readings multiply with every token costs several
@@ -51,6 +53,9 @@ impl Worker {
                         taken.push((i, token));
                     }
                     Err(e) => push_failed = Some(e),
+                }
+                if let Err(e) = push_draft(&mut self.batch, s, self.draft_cells) {
+                    push_failed = Some(e);
                 }
             }
         }
@@ -135,44 +140,47 @@ impl Worker {
         (self.sample_step(), prefill_taken.is_some())
     }
 
-    /// Samples every sequence the last decode computed logits for; returns how many tokens.
+    /// Samples every sequence the last decode computed logits for, and verifies its draft:
+    /// position by position, a draft token is kept while it equals the token sampled before
+    /// it, and the KV of the rest is removed. Returns how many tokens were generated.
     fn sample_step(&mut self) -> usize {
         let mut generated = 0;
         for s in self.running.iter_mut() {
-            let Some(i) = s.logits_index.take() else { continue };
-            let started = std::time::Instant::now();
-            let sampled = s.sampler.sample(&mut self.ctx, i);
-            if s.sampler.has_grammar() && started.elapsed() > MAX_SAMPLE_TIME {
-                // Only a grammar makes sampling this slow: an ambiguous one that llama.cpp
-                // follows along every reading at once, whose cost (and memory) doubles with
-                // each token. Stopped here, before the next doubling.
-                s.finished = Some((
-                    FinishReason::Error,
-                    Some(EngineError::InvalidArgs(format!(
-                        "the grammar is too ambiguous to follow: choosing one token took {} ms (limit {} ms)",
-                        started.elapsed().as_millis(),
-                        MAX_SAMPLE_TIME.as_millis()
-                    ))),
-                ));
+            let Some(first) = s.logits_index.take() else { continue };
+            let draft = std::mem::take(&mut s.draft);
+            let mut accepted = 0;
+            for (row, drafted) in (first..).zip(draft.iter().map(Some).chain([None])) {
+                let Some(token) = sample_one(&mut self.ctx, s, row) else { break };
+                s.accept(&self.model, token);
+                self.scheduler.charge(&s.caller.app, COST_PER_GENERATED);
+                generated += 1;
+                let hit = drafted == Some(&token);
+                accepted += usize::from(hit);
+                if s.finished.is_some() || !hit {
+                    break;
+                }
+                // The draft token was right: it is in the KV already (fed), and the next
+                // row's logits follow it. The token sampled last is the one fed next.
+                s.next_token = None;
+                s.pos += 1;
+            }
+            if draft.is_empty() {
                 continue;
             }
-            match sampled {
-                Ok(token) => {
-                    s.accept(&self.model, token);
-                    self.scheduler.charge(&s.caller.app, COST_PER_GENERATED);
-                    generated += 1;
-                }
-                Err(hearth_ffi::Error::GrammarDeadEnd) => {
-                    // This sequence's grammar allows nothing here; the others go on.
-                    s.finished = Some((
-                        FinishReason::Error,
-                        Some(EngineError::InvalidArgs(
-                            "the grammar allows no token this model can produce here; generation stopped".into(),
-                        )),
-                    ))
-                }
-                Err(e) => s.finished = Some((FinishReason::Error, Some(EngineError::Internal(e.to_string())))),
+            let refused = draft.len() - accepted;
+            self.scheduler.charge(&s.caller.app, refused as u64 * COST_PER_PROMPT);
+            if let Some(d) = s.drafter.as_mut() {
+                d.verified(draft.len(), accepted);
             }
+            self.kv.drafted.fetch_add(draft.len() as u32, Ordering::Relaxed);
+            self.kv.accepted.fetch_add(accepted as u32, Ordering::Relaxed);
+            // The KV past what it committed: refused tokens', and a finished sequence's.
+            if self.ctx.sequence_max_pos(s.seq) >= s.pos && !self.ctx.truncate_sequence(s.seq, s.pos) {
+                s.finished =
+                    Some((FinishReason::Error, Some(EngineError::Internal("cannot roll back its KV cache".into()))));
+            }
+            s.draft = draft;
+            s.draft.clear();
         }
         generated
     }
@@ -186,6 +194,7 @@ impl Worker {
     fn undo_step(&mut self, taken: &[(usize, hearth_ffi::Token)], prefill: Option<(usize, usize)>) {
         for &(i, token) in taken {
             let s = &mut self.running[i];
+            s.draft.clear();
             s.next_token = Some(token);
             s.pos -= 1;
             s.logits_index = None;
@@ -273,4 +282,56 @@ impl Worker {
             }
         }
     }
+}
+
+/// Samples `s`'s token at batch row `row`; None when the sequence ended there instead (a
+/// grammar too slow to follow or with no way on, a failure), with why in `s.finished`.
+fn sample_one(ctx: &mut hearth_ffi::Context, s: &mut Sequence, row: i32) -> Option<hearth_ffi::Token> {
+    let started = std::time::Instant::now();
+    let sampled = s.sampler.sample(ctx, row);
+    if s.sampler.has_grammar() && started.elapsed() > MAX_SAMPLE_TIME {
+        // Only a grammar makes sampling this slow: an ambiguous one that llama.cpp follows
+        // along every reading at once, whose cost (and memory) doubles with each token.
+        // Stopped here, before the next doubling.
+        s.finished = Some((
+            FinishReason::Error,
+            Some(EngineError::InvalidArgs(format!(
+                "the grammar is too ambiguous to follow: choosing one token took {} ms (limit {} ms)",
+                started.elapsed().as_millis(),
+                MAX_SAMPLE_TIME.as_millis()
+            ))),
+        ));
+        return None;
+    }
+    match sampled {
+        Ok(token) => Some(token),
+        Err(hearth_ffi::Error::GrammarDeadEnd) => {
+            // This sequence's grammar allows nothing here; the others go on.
+            s.finished = Some((
+                FinishReason::Error,
+                Some(EngineError::InvalidArgs(
+                    "the grammar allows no token this model can produce here; generation stopped".into(),
+                )),
+            ));
+            None
+        }
+        Err(e) => {
+            s.finished = Some((FinishReason::Error, Some(EngineError::Internal(e.to_string()))));
+            None
+        }
+    }
+}
+
+/// Puts `s`'s draft into the batch after its next token (just pushed, at `s.pos - 1`), each
+/// token with logits: no more than it may still generate after the next token, than the
+/// batch has room for, or than keeps its KV within `cells`.
+fn push_draft(batch: &mut hearth_ffi::Batch, s: &mut Sequence, cells: usize) -> hearth_ffi::Result<()> {
+    let room = cells.saturating_sub(s.pos as usize);
+    let max = s.remaining().saturating_sub(1).min(batch.remaining()).min(MAX_DRAFT).min(room);
+    let Some(drafter) = s.drafter.as_mut() else { return Ok(()) };
+    drafter.propose(&s.prompt, &s.generated, max, &mut s.draft);
+    for (k, &token) in s.draft.iter().enumerate() {
+        batch.push(token, s.pos + k as hearth_ffi::Pos, &[s.seq], true)?;
+    }
+    Ok(())
 }

@@ -62,14 +62,22 @@ pub fn llama_tool(name: &str, env: &str) -> Option<PathBuf> {
 }
 
 /// A running llama-server on the default model, one slot.
-struct Peer {
+pub struct Peer {
     child: Child,
     url: String,
     http: reqwest::Client,
 }
 
+/// One greedy request to llama-server: its decode rate and speculative counts.
+pub struct PeerRun {
+    pub tok_s: f64,
+    pub drafted: u64,
+    pub accepted: u64,
+}
+
 impl Peer {
-    async fn start(bin: &Path) -> Option<Self> {
+    /// Starts `bin` with `extra` arguments (e.g. its speculative mode).
+    pub async fn start(bin: &Path, extra: &[&str]) -> Option<Self> {
         let port = TcpListener::bind("127.0.0.1:0").ok()?.local_addr().ok()?.port();
         let t = threads().to_string();
         // setpriv: it dies with the bench, however the bench ends.
@@ -78,6 +86,7 @@ impl Peer {
             .arg(bin)
             .args(["-m", model_path().to_str()?, "-t", &t, "-tb", &t, "-fa", "on", "-np", "1"])
             .args(["-c", &CONTEXT.to_string(), "--host", "127.0.0.1", "--port", &port.to_string()])
+            .args(extra)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -97,7 +106,12 @@ impl Peer {
     }
 
     /// llama-server's decode tok/s for one greedy chat request.
-    async fn decode(&self, prompt: &str, max_tokens: u32) -> f64 {
+    pub async fn decode(&self, prompt: &str, max_tokens: u32) -> f64 {
+        self.run(prompt, max_tokens).await.tok_s
+    }
+
+    /// One greedy chat request.
+    pub async fn run(&self, prompt: &str, max_tokens: u32) -> PeerRun {
         let body = serde_json::json!({
             "messages": [{ "role": "user", "content": prompt }],
             "max_tokens": max_tokens, "temperature": 0.0, "cache_prompt": false,
@@ -117,7 +131,11 @@ impl Peer {
         let t = &r["timings"];
         let (n, ms) = (t["predicted_n"].as_f64(), t["predicted_ms"].as_f64());
         let (n, ms) = n.zip(ms).expect("llama-server timings");
-        (n - 1.0) / (ms / 1e3)
+        PeerRun {
+            tok_s: (n - 1.0) / (ms / 1e3),
+            drafted: t["draft_n"].as_u64().unwrap_or(0),
+            accepted: t["draft_n_accepted"].as_u64().unwrap_or(0),
+        }
     }
 }
 
@@ -142,7 +160,7 @@ pub struct Contended {
 pub async fn measure(conn: &zbus::Connection, reps: usize, tokens: u32) -> Vec<Contended> {
     let peer = match llama_tool("llama-server", "HEARTH_LLAMA_SERVER") {
         Some(bin) => {
-            let peer = Peer::start(&bin).await;
+            let peer = Peer::start(&bin, &[]).await;
             if peer.is_none() {
                 eprintln!("warning: {} did not start; its column is left out", bin.display());
             }

@@ -23,6 +23,7 @@
 
 mod contention;
 mod phone;
+mod speculative;
 
 use std::time::{Duration, Instant};
 
@@ -66,6 +67,9 @@ struct Args {
     /// Print one JSON object instead of the table.
     #[arg(long)]
     json: bool,
+    /// Run only the speculative decoding section.
+    #[arg(long)]
+    speculative_only: bool,
 }
 
 const DECODE_PROMPT: &str = "Write a long, detailed story about a lighthouse keeper who finds a message in a bottle.";
@@ -107,20 +111,27 @@ fn rates(prompt_tokens: usize, tokens: usize, prefill: Duration, decode: Duratio
     }
 }
 
+/// Plain decoding (speculative decoding off), like the direct path and llama-server's
+/// default: the same work per token on every side.
 async fn over_dbus(conn: &zbus::Connection, prompt: &str, max_tokens: u32, tag: &str) -> Sample {
-    over_dbus_request(conn, chat_request(prompt, max_tokens), tag).await
+    let mut request = chat_request(prompt, max_tokens);
+    request.insert(hearth_dbus::request_key::SPECULATIVE, false.into());
+    over_dbus_request(conn, request, tag).await
 }
 
+type Request = std::collections::HashMap<&'static str, zbus::zvariant::Variant<'static>>;
+
 /// A Generate call's rates, timed by the client.
-async fn over_dbus_request(
-    conn: &zbus::Connection,
-    request: std::collections::HashMap<&'static str, zbus::zvariant::Variant<'static>>,
-    tag: &str,
-) -> Sample {
+async fn over_dbus_request(conn: &zbus::Connection, request: Request, tag: &str) -> Sample {
+    over_dbus_result(conn, request, tag).await.0
+}
+
+/// A Generate call's rates, timed by the client, and its result.
+async fn over_dbus_result(conn: &zbus::Connection, request: Request, tag: &str) -> (Sample, hearth_tests::ResultDict) {
     let started = Instant::now();
     let mut g = Generation::start(conn, request, tag).await.expect("Generate");
     let (mut first, mut last, mut n) = (None, started, 0usize);
-    let (prompt_tokens, server_decode_us) = loop {
+    let (prompt_tokens, server_decode_us, result) = loop {
         match g.next().await.expect("event").expect("event") {
             StreamEvent::Token { .. } => {
                 let now = Instant::now();
@@ -129,11 +140,7 @@ async fn over_dbus_request(
                 n += 1;
             }
             StreamEvent::Migrated { .. } => {}
-            StreamEvent::Finished(r) => {
-                let decode_us = r.decode_us;
-                let prompt = r.prompt_tokens as usize;
-                break (prompt, decode_us);
-            }
+            StreamEvent::Finished(r) => break (r.prompt_tokens as usize, r.decode_us, *r),
         }
     };
     let first = first.expect("at least one token");
@@ -141,7 +148,7 @@ async fn over_dbus_request(
     if n > 1 && server_decode_us > 0 {
         sample.server_decode_tps = (n - 1) as f64 / (server_decode_us as f64 / 1e6);
     }
-    sample
+    (sample, result)
 }
 
 fn direct(prompt: &str, max_tokens: u32) -> Sample {
@@ -183,6 +190,15 @@ async fn bench() {
     // Warm both paths (page cache, allocator, ggml thread pools).
     over_dbus(&conn, DECODE_PROMPT, 8, "warm").await;
     direct(DECODE_PROMPT, 8);
+    if args.speculative_only {
+        let spec = speculative::measure(args.reps.min(3), args.quick).await;
+        if args.json {
+            println!("{}", serde_json::json!({ "profile": PROFILE, "speculative": speculative::json(&spec) }));
+        } else {
+            speculative::print(&spec);
+        }
+        return;
+    }
 
     let (mut bus_decode, mut bus_prefill, mut ffi_decode, mut ffi_prefill) = (vec![], vec![], vec![], vec![]);
     let mut server_decode = vec![];
@@ -228,6 +244,7 @@ async fn bench() {
         )
         .expect("tokenize")
         .len();
+    let spec = speculative::measure(args.reps.min(3), args.quick).await;
     let contended = contention::measure(&conn, args.reps.min(3), args.decode_tokens).await;
     let bandwidth = phone::read_bandwidth();
     let phones = if args.no_phone_models {
@@ -275,6 +292,7 @@ async fn bench() {
                     "llama_server_decode_tok_s": c.llama_server_tok_s,
                     "dbus_over_llama_server": c.llama_server_tok_s.map(|s| c.dbus_tok_s / s),
                 })).collect::<Vec<_>>(),
+                "speculative": speculative::json(&spec),
                 "memory_read_bandwidth_gb_s": bandwidth / 1e9,
                 "phone_models": phones.iter().map(|p| serde_json::json!({
                     "model": p.name, "weight_bytes": p.weight_bytes, "dbus_decode_tok_s": p.dbus_tok_s,
@@ -300,6 +318,7 @@ async fn bench() {
         println!("decode  tok/s ({:>3}) {bd:>12.1} {fd:>12.1} {:>8.3}", decode_tokens.0, bd / fd);
         println!("prefill tok/s ({prompt_tokens:>3}) {bp:>12.1} {fp:>12.1} {:>8.3}", bp / fp);
         println!("(hearthd's own decode timing: {sd:.1} tok/s)");
+        speculative::print(&spec);
         for c in &contended {
             let peer = c.llama_server_tok_s.map_or("llama-server not built".to_owned(), |s| {
                 format!("llama-server {s:.1}, D-Bus/llama-server {:.3}", c.dbus_tok_s / s)
@@ -525,6 +544,7 @@ fn static_batches(streams: usize, b: usize, tokens: usize, rep: usize) -> f64 {
             flash_attn: Some(true),
             kv_unified: false,
             embeddings: false,
+            kv_type: hearth_ffi::KvType::default(),
         };
         let mut ctx = Context::new(Arc::clone(&model), params).expect("context");
         let mut batch = Batch::new(BATCH as usize, 1);

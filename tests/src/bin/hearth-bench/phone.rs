@@ -160,6 +160,8 @@ pub async fn measure(quick: bool, tokens: u32, bandwidth: f64) -> Vec<PhoneResul
         let request = |n: u32| {
             let mut r = chat_request("Tell me about the sea.", n);
             r.insert(key::MODEL, Variant::from(name.clone()));
+            // llama-bench decodes plainly: so does the run it is compared with.
+            r.insert(key::SPECULATIVE, Variant::from(false));
             r
         };
         // Load and warm, then measure.
