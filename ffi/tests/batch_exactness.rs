@@ -56,12 +56,29 @@ fn solo(m: &Arc<Model>, p: &[Token], steps: usize, fa: Option<bool>) -> Vec<Toke
 }
 
 /// Sequence `s` joins at step `s`: its whole prompt goes into the same batch as the running
-/// sequences' decode tokens (one prompt per batch, as hearthd schedules them).
-fn join(s: usize) -> usize {
+/// sequences' decode tokens.
+fn one_by_one(s: usize) -> usize {
     s
 }
 
-fn staggered(m: &Arc<Model>, prompts: &[Vec<Token>], steps: usize, fa: Option<bool>) -> Vec<Vec<Token>> {
+/// Sequences join in pairs: two prompts in one batch, beside the running ones' decode tokens.
+fn in_pairs(s: usize) -> usize {
+    s / 2
+}
+
+/// Every prompt in the first batch.
+fn all_at_once(_: usize) -> usize {
+    0
+}
+
+/// Decodes `prompts` in one context, sequence `s` joining at step `join(s)`.
+fn staggered(
+    m: &Arc<Model>,
+    prompts: &[Vec<Token>],
+    steps: usize,
+    fa: Option<bool>,
+    join: fn(usize) -> usize,
+) -> Vec<Vec<Token>> {
     let mut ctx = Context::new(Arc::clone(m), params(fa)).unwrap();
     let mut b = Batch::new(512, 1);
     let n = prompts.len();
@@ -119,9 +136,14 @@ fn batched_greedy_equals_solo_greedy() {
     // the unified KV cache; without it, batching changes results (seen: "What is 2+2?").
     let fa = Some(true);
     let solo: Vec<Vec<Token>> = prompts.iter().map(|p| solo(&m, p, steps, fa)).collect();
-    let batched = staggered(&m, &prompts, steps, fa);
-    for s in 0..prompts.len() {
-        assert_eq!(batched[s], solo[s], "sequence {s} ({:?}) changed under batching", texts[s]);
+    // Several prompts in one batch, too: llama.cpp cuts such a batch into micro-batches of
+    // equal length per sequence, so each prompt is prefilled in chunks that end where the
+    // others' do.
+    for join in [one_by_one, in_pairs, all_at_once] {
+        let batched = staggered(&m, &prompts, steps, fa, join);
+        for s in 0..prompts.len() {
+            assert_eq!(batched[s], solo[s], "sequence {s} ({:?}) changed under batching", texts[s]);
+        }
     }
 }
 
@@ -256,4 +278,41 @@ fn verify_drafts(m: &Arc<Model>, p: &[Token], steps: usize, kv: KvType) {
         accepted_total > steps / 2 && rejected >= 3,
         "drafts were both accepted ({accepted_total}) and rejected ({rejected})"
     );
+}
+
+/// A small llama-architecture model with seeded random `quant` weights (Q4_0 or Q8_0, the
+/// types phone models ship in), written by tests/tools/make-phone-model.py.
+fn random_model(quant: &str) -> Arc<Model> {
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
+    let path = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("random-tiny-{quant}.gguf"));
+    let python = root.join(".venv/bin/python");
+    assert!(python.exists(), "{} is missing: run scripts/setup-deps.sh", python.display());
+    let status = std::process::Command::new(python)
+        .arg(root.join("tests/tools/make-phone-model.py"))
+        .arg(root.join("models/SmolLM2-135M-Instruct.Q4_1.gguf"))
+        .arg(&path)
+        .args(["--size", "tiny", "--type", quant])
+        .status()
+        .expect("run make-phone-model.py");
+    assert!(status.success(), "make-phone-model.py: {status}");
+    Arc::new(Model::load(Backend::init(), &path, &ModelParams::default()).expect("load random model"))
+}
+
+/// ggml multiplies Q4_0 and Q8_0 weights by several rows on other kernels than by one
+/// (llamafile's tinyBLAS, the repacked gemm): batched and verified steps must still equal
+/// one-token steps for the weight types phone models use, not only for the default's Q4_1.
+#[test]
+fn phone_weight_types_too() {
+    for quant in ["q4_0", "q8_0"] {
+        let m = random_model(quant);
+        verify_drafts(&m, &prompt(&m, "Write a haiku about rain."), 32, KvType::default());
+        let prompts: Vec<Vec<Token>> =
+            ["Name three colors.", "Who wrote Hamlet?", "What is 2+2?"].iter().map(|t| prompt(&m, t)).collect();
+        for join in [one_by_one, all_at_once] {
+            let batched = staggered(&m, &prompts, 16, Some(true), join);
+            for (s, p) in prompts.iter().enumerate() {
+                assert_eq!(batched[s], solo(&m, p, 16, Some(true)), "{quant}: sequence {s} changed under batching");
+            }
+        }
+    }
 }

@@ -20,6 +20,8 @@ import numpy as np
 
 # n_embd, n_layer, n_head, n_head_kv, n_ff
 SIZES = {
+    # Not a phone size: small enough for tests of kernels that depend on the weights' type.
+    "tiny": (256, 2, 4, 2, 768),
     "0.5b": (896, 24, 14, 2, 4864),
     "1.5b": (1536, 28, 12, 2, 8960),
     "3b": (2048, 36, 16, 2, 11008),

@@ -1,7 +1,7 @@
-//! One decode step: the batch built from the running sequences (a token from each decoding
-//! one, one prompt chunk), the decode, and sampling; and what happens when a step does not
-//! complete: an interactive preemption or a failed decode puts the work back and cuts each
-//! sequence's KV to what it had committed, and a failed step of several sequences is
+//! One decode step: the batch built from the running sequences (a token and its draft from
+//! each decoding one, the prefilling ones' prompt chunks), the decode, and sampling; and
+//! what happens when a step does not complete: an interactive preemption or a failed decode
+//! puts the work back and cuts each sequence's KV to what it had committed, and a failed step of several sequences is
 //! retried one sequence at a time, so only a sequence whose own step fails is failed.
 
 use crate::engine::FinishReason;
@@ -38,7 +38,7 @@ impl Worker {
         let mut push_failed = None;
         // What this step takes from each sequence, to put back if the step is preempted.
         let mut taken: Vec<(usize, hearth_ffi::Token)> = Vec::new();
-        let mut prefill_taken: Option<(usize, usize)> = None;
+        let mut prefill_taken: Vec<(usize, usize)> = Vec::new();
         for (i, s) in self.running.iter_mut().enumerate().filter(|(_, s)| s.finished.is_none()) {
             s.logits_index = None;
             if prefill_priority.is_some_and(|p| p > s.priority) || group.as_ref().is_some_and(|g| *g != s.adapters) {
@@ -59,18 +59,24 @@ impl Worker {
                 }
             }
         }
-        // One prompt chunk per step: the highest-priority, oldest prefilling sequence's. Two
-        // prompts in one batch change llama.cpp's numerics (tested in hearth-ffi's
-        // batch_exactness), and batching must never change a request's output.
+        // Prompt chunks of every prefilling sequence of the step's priority, oldest first, as
+        // far as the batch has room: concurrent prompts prefill together. Outputs stay what
+        // each request gets alone, however llama.cpp splits the batch into micro-batches
+        // (hearth-ffi's batch_exactness: several prompts in one batch, prompts in chunks).
         let in_group = |s: &Sequence| group.as_ref().is_none_or(|g| *g == s.adapters);
-        let next_prefill = (0..self.running.len())
+        let mut prefilling: Vec<usize> = (0..self.running.len())
             .filter(|&i| {
-                self.running[i].finished.is_none() && self.running[i].in_prefill() && in_group(&self.running[i])
+                let s = &self.running[i];
+                s.finished.is_none() && s.in_prefill() && in_group(s) && Some(s.priority) == prefill_priority
             })
-            .min_by_key(|&i| (std::cmp::Reverse(self.running[i].priority), self.running[i].id));
-        if let Some(i) = next_prefill {
+            .collect();
+        prefilling.sort_by_key(|&i| self.running[i].id);
+        for i in prefilling {
             let s = &mut self.running[i];
             let n = (s.prompt.len() - s.prefilled).min(self.batch.remaining());
+            if n == 0 {
+                break;
+            }
             for k in s.prefilled..s.prefilled + n {
                 let last = k + 1 == s.prompt.len();
                 match self.batch.push(s.prompt[k], k as i32, &[s.seq], last) {
@@ -80,20 +86,20 @@ impl Worker {
                 }
             }
             s.prefilled += n;
-            prefill_taken = Some((i, n));
+            prefill_taken.push((i, n));
         }
         // The sequences this step feeds: only they may be failed by what goes wrong in it
         // (a paused or waiting prefill did nothing).
-        let members: Vec<usize> = taken.iter().map(|(i, _)| *i).chain(prefill_taken.map(|(i, _)| i)).collect();
+        let members: Vec<usize> = taken.iter().map(|(i, _)| *i).chain(prefill_taken.iter().map(|(i, _)| *i)).collect();
         if let Some(e) = push_failed {
             // Cannot happen with the capacities checked at start; fail loudly, not silently.
-            self.undo_step(&taken, prefill_taken);
+            self.undo_step(&taken, &prefill_taken);
             self.fail(&members, &EngineError::Internal(format!("batch construction: {e}")));
             return (0, false);
         }
         if let Some(g) = group.as_ref().filter(|g| self.adapters_set.as_ref() != Some(*g)) {
             if let Err(e) = self.ctx.set_lora_scales(&g.scales()) {
-                self.undo_step(&taken, prefill_taken);
+                self.undo_step(&taken, &prefill_taken);
                 self.fail(&members, &EngineError::Internal(e.to_string()));
                 return (0, false);
             }
@@ -115,7 +121,7 @@ impl Worker {
                 // sampled, so nothing is lost.
                 self.preempt.clear();
                 self.preempted = true;
-                self.undo_step(&taken, prefill_taken);
+                self.undo_step(&taken, &prefill_taken);
                 tracing::debug!(tokens = self.batch.len(), "decode step preempted by an interactive request");
                 return (0, false);
             }
@@ -123,21 +129,21 @@ impl Worker {
                 // Which sequence the step failed for is not known: each goes again alone,
                 // and only one whose own step fails ends with an error.
                 tracing::warn!(error = %e, sequences = members.len(), "decode failed: retrying its sequences one by one");
-                self.undo_step(&taken, prefill_taken);
+                self.undo_step(&taken, &prefill_taken);
                 return self.step_alone(&members);
             }
             Err(e) => {
                 tracing::error!(error = %e, tokens = self.batch.len(), "decode failed");
-                self.undo_step(&taken, prefill_taken);
+                self.undo_step(&taken, &prefill_taken);
                 self.fail(&members, &EngineError::Internal(e.to_string()));
                 return (0, false);
             }
         }
-        if let Some((i, n)) = prefill_taken {
+        for &(i, n) in &prefill_taken {
             let app = self.running[i].caller.app.clone();
             self.scheduler.charge(&app, n as u64 * COST_PER_PROMPT);
         }
-        (self.sample_step(), prefill_taken.is_some())
+        (self.sample_step(), !prefill_taken.is_empty())
     }
 
     /// Samples every sequence the last decode computed logits for, and verifies its draft:
@@ -191,7 +197,7 @@ impl Worker {
     /// sequences is split into several), so each sequence is cut back to the positions it
     /// had committed before the step. Without the cut, the next step would put tokens at
     /// positions the KV already holds and llama.cpp would refuse the whole batch.
-    fn undo_step(&mut self, taken: &[(usize, hearth_ffi::Token)], prefill: Option<(usize, usize)>) {
+    fn undo_step(&mut self, taken: &[(usize, hearth_ffi::Token)], prefill: &[(usize, usize)]) {
         for &(i, token) in taken {
             let s = &mut self.running[i];
             s.draft.clear();
@@ -199,11 +205,11 @@ impl Worker {
             s.pos -= 1;
             s.logits_index = None;
         }
-        if let Some((i, n)) = prefill {
+        for &(i, n) in prefill {
             self.running[i].prefilled -= n;
             self.running[i].logits_index = None;
         }
-        for i in taken.iter().map(|(i, _)| *i).chain(prefill.map(|(i, _)| i)) {
+        for i in taken.iter().map(|(i, _)| *i).chain(prefill.iter().map(|(i, _)| *i)) {
             let s = &mut self.running[i];
             let committed = s.kv_used() as hearth_ffi::Pos;
             if self.ctx.sequence_max_pos(s.seq) >= committed && !self.ctx.truncate_sequence(s.seq, committed) {
@@ -261,12 +267,12 @@ impl Worker {
                 Err(hearth_ffi::Error::Aborted) => {
                     self.preempt.clear();
                     self.preempted = true;
-                    self.undo_step(&taken, chunk);
+                    self.undo_step(&taken, chunk.as_slice());
                     break;
                 }
                 Err(e) => {
                     tracing::error!(error = %e, "decode of one sequence failed");
-                    self.undo_step(&taken, chunk);
+                    self.undo_step(&taken, chunk.as_slice());
                     self.fail(&[i], &EngineError::Internal(e.to_string()));
                 }
             }

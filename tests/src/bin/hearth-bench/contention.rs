@@ -61,7 +61,7 @@ pub fn llama_tool(name: &str, env: &str) -> Option<PathBuf> {
         .filter(|p| p.is_file())
 }
 
-/// A running llama-server on the default model, one slot.
+/// A running llama-server on the default model.
 pub struct Peer {
     child: Child,
     url: String,
@@ -76,16 +76,21 @@ pub struct PeerRun {
 }
 
 impl Peer {
-    /// Starts `bin` with `extra` arguments (e.g. its speculative mode).
+    /// Starts `bin` with one slot and `extra` arguments (e.g. its speculative mode).
     pub async fn start(bin: &Path, extra: &[&str]) -> Option<Self> {
+        Self::start_slots(bin, 1, extra).await
+    }
+
+    /// Starts `bin` with `slots` slots of hearthd's context each, and `extra` arguments.
+    pub async fn start_slots(bin: &Path, slots: usize, extra: &[&str]) -> Option<Self> {
         let port = TcpListener::bind("127.0.0.1:0").ok()?.local_addr().ok()?.port();
         let t = threads().to_string();
         // setpriv: it dies with the bench, however the bench ends.
         let child = Command::new("setpriv")
             .args(["--pdeathsig", "KILL", "--"])
             .arg(bin)
-            .args(["-m", model_path().to_str()?, "-t", &t, "-tb", &t, "-fa", "on", "-np", "1"])
-            .args(["-c", &CONTEXT.to_string(), "--host", "127.0.0.1", "--port", &port.to_string()])
+            .args(["-m", model_path().to_str()?, "-t", &t, "-tb", &t, "-fa", "on", "-np", &slots.to_string()])
+            .args(["-c", &(CONTEXT as usize * slots).to_string(), "--host", "127.0.0.1", "--port", &port.to_string()])
             .args(extra)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
@@ -136,6 +141,39 @@ impl Peer {
             drafted: t["draft_n"].as_u64().unwrap_or(0),
             accepted: t["draft_n_accepted"].as_u64().unwrap_or(0),
         }
+    }
+
+    /// One greedy chat request, streamed: the time from `since` to its first token (ms) and
+    /// how many tokens came.
+    pub async fn stream(&self, prompt: String, max_tokens: u32, since: Instant) -> (f64, usize) {
+        let body = serde_json::json!({
+            "messages": [{ "role": "user", "content": prompt }],
+            "max_tokens": max_tokens, "temperature": 0.0, "cache_prompt": false, "stream": true,
+            "stream_options": { "include_usage": true },
+        });
+        let mut r = self
+            .http
+            .post(format!("{}/v1/chat/completions", self.url))
+            .json(&body)
+            .send()
+            .await
+            .expect("llama-server request");
+        let (mut first, mut tokens, mut pending) = (None, 0, String::new());
+        while let Some(bytes) = r.chunk().await.expect("llama-server stream") {
+            pending.push_str(&String::from_utf8_lossy(&bytes));
+            while let Some(end) = pending.find('\n') {
+                let line: String = pending.drain(..=end).collect();
+                let Some(data) = line.trim().strip_prefix("data: ") else { continue };
+                let Ok(event) = serde_json::from_str::<serde_json::Value>(data) else { continue };
+                if event["choices"][0]["delta"]["content"].as_str().is_some_and(|c| !c.is_empty()) {
+                    first.get_or_insert_with(|| since.elapsed().as_secs_f64() * 1e3);
+                }
+                if let Some(n) = event["usage"]["completion_tokens"].as_u64() {
+                    tokens = n as usize;
+                }
+            }
+        }
+        (first.expect("llama-server sent no token"), tokens)
     }
 }
 

@@ -21,6 +21,7 @@
 
 #![forbid(unsafe_code)]
 
+mod burst;
 mod contention;
 mod phone;
 mod speculative;
@@ -70,6 +71,9 @@ struct Args {
     /// Run only the speculative decoding section.
     #[arg(long)]
     speculative_only: bool,
+    /// Run only the burst section (concurrent first tokens against llama-server).
+    #[arg(long)]
+    burst_only: bool,
 }
 
 const DECODE_PROMPT: &str = "Write a long, detailed story about a lighthouse keeper who finds a message in a bottle.";
@@ -199,6 +203,15 @@ async fn bench() {
         }
         return;
     }
+    if args.burst_only {
+        let burst = burst::measure(&conn, args.streams, args.stream_tokens, args.reps.min(3)).await;
+        if args.json {
+            println!("{}", serde_json::json!({ "profile": PROFILE, "burst": burst::json(&burst) }));
+        } else {
+            burst::print(&burst);
+        }
+        return;
+    }
 
     let (mut bus_decode, mut bus_prefill, mut ffi_decode, mut ffi_prefill) = (vec![], vec![], vec![], vec![]);
     let mut server_decode = vec![];
@@ -253,6 +266,7 @@ async fn bench() {
         phone::measure(args.quick, args.decode_tokens.min(64), bandwidth).await
     };
     let load = under_load(&conn, args.streams, args.stream_tokens, args.reps.min(3)).await;
+    let burst = burst::measure(&conn, args.streams, args.stream_tokens, args.reps.min(3)).await;
     let reps = args.reps.min(3);
     let (mut resident, mut resend) = (vec![], vec![]);
     for _ in 0..reps {
@@ -293,6 +307,7 @@ async fn bench() {
                     "dbus_over_llama_server": c.llama_server_tok_s.map(|s| c.dbus_tok_s / s),
                 })).collect::<Vec<_>>(),
                 "speculative": speculative::json(&spec),
+                "burst": burst::json(&burst),
                 "memory_read_bandwidth_gb_s": bandwidth / 1e9,
                 "phone_models": phones.iter().map(|p| serde_json::json!({
                     "model": p.name, "weight_bytes": p.weight_bytes, "dbus_decode_tok_s": p.dbus_tok_s,
@@ -352,6 +367,7 @@ async fn bench() {
             load.static_best,
             load.aggregate_ratio
         );
+        burst::print(&burst);
         println!(
             "interactive TTFT: idle {:.1} ms, under {} background streams {:.1} ms, ratio {:.2}",
             load.ttft_idle_ms,
@@ -517,8 +533,8 @@ async fn under_load(conn: &zbus::Connection, streams: usize, tokens: u32, reps: 
     }
 }
 
-/// Decodes `streams` prompts in groups of `b` sequences, each group prefilled one prompt per
-/// batch and then decoded in lock-step for `tokens` steps. Returns generated tokens per second.
+/// Decodes `streams` prompts in groups of `b` sequences, each group's prompts prefilled in
+/// one batch and then decoded in lock-step for `tokens` steps. Returns generated tokens per second.
 fn static_batches(streams: usize, b: usize, tokens: usize, rep: usize) -> f64 {
     let model = reference_model();
     let prompts: Vec<Vec<Token>> = (0..streams)
@@ -550,14 +566,20 @@ fn static_batches(streams: usize, b: usize, tokens: usize, rep: usize) -> f64 {
         let mut batch = Batch::new(BATCH as usize, 1);
         let mut samplers: Vec<Sampler> = group.iter().map(|_| Sampler::new(greedy())).collect();
         let mut next: Vec<Token> = Vec::with_capacity(group.len());
-        // Prefill one prompt per batch (as hearthd does), sampling each first token at once.
+        // Prefill the group's prompts in one batch (as hearthd does), then sample each's
+        // first token.
+        batch.clear();
+        let mut lasts = Vec::with_capacity(group.len());
         for (s, p) in group.iter().enumerate() {
-            batch.clear();
-            let mut last = 0;
             for (k, &t) in p.iter().enumerate() {
-                last = batch.push(t, k as i32, &[s as i32], k + 1 == p.len()).expect("push");
+                let j = batch.push(t, k as i32, &[s as i32], k + 1 == p.len()).expect("push");
+                if k + 1 == p.len() {
+                    lasts.push(j);
+                }
             }
-            ctx.decode(&batch).expect("prefill");
+        }
+        ctx.decode(&batch).expect("prefill");
+        for (s, &last) in lasts.iter().enumerate() {
             next.push(samplers[s].sample(&mut ctx, last).expect("sample"));
             generated += 1;
         }
