@@ -11,9 +11,16 @@
 //! token is still drawn from the same distribution, by the same sampler, in the same order.
 //!
 //! A wrong guess costs its place in the batch. The drafter adapts: it drafts more after a
-//! draft was taken whole, less after a partial one, and after a draft was refused outright
-//! it waits a few steps before it guesses again (longer after each refusal in a row), so
-//! open-ended text, which rarely repeats its input, pays little for it.
+//! draft was taken whole, less after a partial one, and after a draft was refused outright,
+//! or while too few of its recent draft tokens were taken to pay for the rows, it waits a
+//! few steps before it guesses again (longer after each such draft in a row), so open-ended
+//! text, which rarely repeats its input for long, pays little for it.
+//!
+//! What pays: a step reads the weights once (W) and computes each row (c). Alone, a drafted
+//! row costs c and a taken one saves W + c; in a step that n sequences share, a taken row
+//! saves only W/n + c. With W ≈ c — the default model on a phone CPU; bigger models read
+//! relatively more — drafts pay when more than n/(n + 1) of their tokens are taken: half
+//! alone, 8/9 beside 7 others.
 
 use std::collections::HashMap;
 
@@ -36,9 +43,13 @@ pub(super) struct Drafter {
     indexed: usize,
     /// The most tokens the next draft may hold.
     limit: usize,
-    /// Steps left before the next guess, and drafts refused in a row.
+    /// Steps left before the next guess, and drafts in a row that did not pay.
     cooldown: u32,
     refused: u32,
+    /// The share of draft tokens taken, over recent drafts (the newest weighs 1/4), and the
+    /// share the last draft had to reach to pay for itself.
+    taken: f32,
+    pays: f32,
     /// Draft tokens verified, and those taken.
     pub drafted: u32,
     pub accepted: u32,
@@ -52,6 +63,8 @@ impl Default for Drafter {
             limit: FIRST_DRAFT,
             cooldown: 0,
             refused: 0,
+            taken: 1.0,
+            pays: 0.5,
             drafted: 0,
             accepted: 0,
         }
@@ -60,10 +73,20 @@ impl Default for Drafter {
 
 impl Drafter {
     /// Fills `draft` with at most `max` tokens guessed to follow `text` (the prompt and
-    /// everything generated, whose last token is the one fed next); empty when there is no
-    /// guess or the drafter is cooling down.
-    pub fn propose(&mut self, prompt: &[Token], generated: &[Token], max: usize, draft: &mut Vec<Token>) {
+    /// everything generated, whose last token is the one fed next) in a step that
+    /// `decoding` sequences share; empty when there is no guess or the drafter is cooling
+    /// down.
+    pub fn propose(
+        &mut self,
+        prompt: &[Token],
+        generated: &[Token],
+        max: usize,
+        decoding: usize,
+        draft: &mut Vec<Token>,
+    ) {
         draft.clear();
+        let n = decoding.max(1) as f32;
+        self.pays = n / (n + 1.0);
         let at = |i: usize| if i < prompt.len() { prompt[i] } else { generated[i - prompt.len()] };
         let len = prompt.len() + generated.len();
         // The n-grams followed by at least one token: all but the last one.
@@ -93,16 +116,19 @@ impl Drafter {
         }
         self.drafted = self.drafted.saturating_add(drafted as u32);
         self.accepted = self.accepted.saturating_add(accepted as u32);
-        if accepted == drafted {
-            self.limit = (self.limit * 2).min(MAX_DRAFT);
-            self.refused = 0;
+        self.taken = 0.75 * self.taken + 0.25 * accepted as f32 / drafted as f32;
+        self.limit = if accepted == drafted {
+            (self.limit * 2).min(MAX_DRAFT)
         } else if accepted > 0 {
-            self.limit = (accepted + 1).clamp(2, MAX_DRAFT);
-            self.refused = 0;
+            (accepted + 1).clamp(2, MAX_DRAFT)
         } else {
-            self.limit = (self.limit / 2).max(2);
+            (self.limit / 2).max(2)
+        };
+        if accepted == 0 || self.taken < self.pays {
             self.refused += 1;
             self.cooldown = self.refused.min(MAX_COOLDOWN);
+        } else {
+            self.refused = 0;
         }
     }
 }
@@ -114,7 +140,7 @@ mod tests {
     fn propose(d: &mut Drafter, text: &[Token], max: usize) -> Vec<Token> {
         let mut out = Vec::new();
         let (prompt, generated) = text.split_at(text.len() / 2);
-        d.propose(prompt, generated, max, &mut out);
+        d.propose(prompt, generated, max, 1, &mut out);
         out
     }
 
@@ -166,5 +192,39 @@ mod tests {
             assert!(!propose(&mut d, &text, 8).is_empty());
         }
         assert_eq!((d.drafted, d.accepted), (4 + 8 + 12 + 12 + 6, 4 + 8 + 12 + 3));
+    }
+
+    #[test]
+    fn drafts_mostly_refused_pause_too() {
+        // Open-ended text: a token or so of each draft is taken, the rest refused.
+        let mut d = Drafter::default();
+        let text = [1, 2, 3, 9, 8, 7, 1, 2, 3];
+        let mut paused = 0;
+        for _ in 0..40 {
+            let draft = propose(&mut d, &text, 8);
+            if draft.is_empty() {
+                paused += 1;
+            } else {
+                d.verified(draft.len().max(4), 1);
+            }
+        }
+        assert!(paused >= 25, "drafted in {} of 40 steps", 40 - paused);
+        // Half or more taken: no pause alone; beside 7 other sequences, pauses.
+        let mut d = Drafter::default();
+        for _ in 0..10 {
+            assert!(!propose(&mut d, &text, 8).is_empty());
+            d.verified(2, 1);
+        }
+        let (mut d, mut out, mut paused) = (Drafter::default(), Vec::new(), 0);
+        let (prompt, generated) = text.split_at(4);
+        for _ in 0..40 {
+            d.propose(prompt, generated, 8, 8, &mut out);
+            if out.is_empty() {
+                paused += 1;
+            } else {
+                d.verified(2, 1);
+            }
+        }
+        assert!(paused >= 25, "beside 7 others, drafted in {} of 40 steps", 40 - paused);
     }
 }

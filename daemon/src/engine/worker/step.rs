@@ -39,6 +39,9 @@ impl Worker {
         // What this step takes from each sequence, to put back if the step is preempted.
         let mut taken: Vec<(usize, hearth_ffi::Token)> = Vec::new();
         let mut prefill_taken: Vec<(usize, usize)> = Vec::new();
+        // Sequences with a token to decode: the more share a step, the less a drafted row
+        // saves (the weights are read once for all of them) against what it costs.
+        let decoding = self.running.iter().filter(|s| s.finished.is_none() && s.next_token.is_some()).count();
         for (i, s) in self.running.iter_mut().enumerate().filter(|(_, s)| s.finished.is_none()) {
             s.logits_index = None;
             if prefill_priority.is_some_and(|p| p > s.priority) || group.as_ref().is_some_and(|g| *g != s.adapters) {
@@ -54,7 +57,7 @@ impl Worker {
                     }
                     Err(e) => push_failed = Some(e),
                 }
-                if let Err(e) = push_draft(&mut self.batch, s, self.draft_cells) {
+                if let Err(e) = push_draft(&mut self.batch, s, self.draft_cells, decoding) {
                     push_failed = Some(e);
                 }
             }
@@ -330,12 +333,18 @@ fn sample_one(ctx: &mut hearth_ffi::Context, s: &mut Sequence, row: i32) -> Opti
 
 /// Puts `s`'s draft into the batch after its next token (just pushed, at `s.pos - 1`), each
 /// token with logits: no more than it may still generate after the next token, than the
-/// batch has room for, or than keeps its KV within `cells`.
-fn push_draft(batch: &mut hearth_ffi::Batch, s: &mut Sequence, cells: usize) -> hearth_ffi::Result<()> {
+/// batch has room for, or than keeps its KV within `cells`. `decoding` sequences share the
+/// step.
+fn push_draft(
+    batch: &mut hearth_ffi::Batch,
+    s: &mut Sequence,
+    cells: usize,
+    decoding: usize,
+) -> hearth_ffi::Result<()> {
     let room = cells.saturating_sub(s.pos as usize);
     let max = s.remaining().saturating_sub(1).min(batch.remaining()).min(MAX_DRAFT).min(room);
     let Some(drafter) = s.drafter.as_mut() else { return Ok(()) };
-    drafter.propose(&s.prompt, &s.generated, max, &mut s.draft);
+    drafter.propose(&s.prompt, &s.generated, max, decoding, &mut s.draft);
     for (k, &token) in s.draft.iter().enumerate() {
         batch.push(token, s.pos + k as hearth_ffi::Pos, &[s.seq], true)?;
     }
