@@ -32,10 +32,19 @@ async fn open(conn: &Connection) -> OwnedObjectPath {
 
 const FIRST: &str = "My name is Ada and I live in Lisbon. Say hello.";
 const SECOND: &str = "Where do I live?";
+/// A first turn whose KV, parked, is over a MiB (q8_0 KV: ~12 KiB a token).
+const LONG_FIRST: &str = "My name is Ada and I live in Lisbon, in an old house near the river. Every morning I \
+    walk along the harbour, where ships from all over the world come in and unload their cargo, and the \
+    fishermen sell the night's catch on the quay. In the afternoon I work in a small bookshop on a steep \
+    street, and in the evening I read by the window while the trams go past. Say hello.";
 
 /// The fresh-run reference for turn 2: the whole transcript through llama.cpp directly.
 fn fresh_second_turn(first_answer: &str, max_tokens: usize) -> Vec<i32> {
-    direct_run(&[("user", FIRST), ("assistant", first_answer), ("user", SECOND)], greedy(), max_tokens).tokens
+    fresh_second_turn_after(FIRST, first_answer, max_tokens)
+}
+
+fn fresh_second_turn_after(first: &str, first_answer: &str, max_tokens: usize) -> Vec<i32> {
+    direct_run(&[("user", first), ("assistant", first_answer), ("user", SECOND)], greedy(), max_tokens).tokens
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -111,8 +120,8 @@ async fn parked_kv_keeps_to_its_disk_budget_and_a_dropped_session_still_answers_
     let proxy = hearth(&conn).await;
     let (a, b) = (open(&conn).await, open(&conn).await);
     let (a, b) = (session(&conn, &a).await, session(&conn, &b).await);
-    let r1 = a.complete(turn(FIRST, 48)).await.expect("A, turn 1");
-    b.complete(turn(FIRST, 48)).await.expect("B, turn 1"); // parks A
+    let r1 = a.complete(turn(LONG_FIRST, 48)).await.expect("A, turn 1");
+    b.complete(turn(LONG_FIRST, 48)).await.expect("B, turn 1"); // parks A
     let one = proxy.kv_cache().await.unwrap().parked_kib;
     assert!(one >= 1024, "one parked KV is {one} KiB: too small to size a MiB budget between one and two");
     // A budget that holds one parked KV of this size, not two; put in force with SIGHUP.
@@ -133,7 +142,7 @@ async fn parked_kv_keeps_to_its_disk_budget_and_a_dropped_session_still_answers_
     // A's next turn recomputes its transcript and answers exactly as a fresh run.
     let r2 = a.complete(turn(SECOND, 24)).await.expect("A, turn 2");
     assert!(r2.cached_tokens < r1.prompt_tokens, "{r2:?}");
-    assert_eq!(r2.token_ids.clone(), fresh_second_turn(&r1.text.clone(), 24));
+    assert_eq!(r2.token_ids.clone(), fresh_second_turn_after(LONG_FIRST, &r1.text.clone(), 24));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
