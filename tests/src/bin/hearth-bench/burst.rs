@@ -8,13 +8,13 @@
 use std::time::Instant;
 
 use futures_util::future::join_all;
+use hearth_dbus::Generation;
 use hearth_dbus::request_key as key;
-use hearth_dbus::{Generation, StreamEvent};
 use hearth_tests::chat_request;
 use zbus::Variant;
 
 use super::contention::{Peer, llama_tool};
-use super::{ASKERS, median, stream_prompt};
+use super::{ASKERS, drain, median, stream_prompt};
 
 /// One side's burst: each stream's first-token time (ms, sorted) and the aggregate tok/s.
 #[derive(Debug, Clone)]
@@ -56,18 +56,8 @@ async fn hearth(conn: &zbus::Connection, streams: usize, tokens: u32, rep: usize
         let mut r = chat_request(&prompt(i, rep), tokens);
         // llama-server's slots decode plainly: so do these.
         r.insert(key::SPECULATIVE, Variant::from(false));
-        let mut g = Generation::start(conn, r, &format!("burst{rep}x{i}")).await.expect("Generate");
-        let (mut first, mut n) = (None, 0usize);
-        while let Some(ev) = g.next().await {
-            match ev.expect("event") {
-                StreamEvent::Token { .. } => {
-                    first.get_or_insert_with(|| started.elapsed().as_secs_f64() * 1e3);
-                    n += 1;
-                }
-                StreamEvent::Migrated { .. } => {}
-                StreamEvent::Finished(_) => break,
-            }
-        }
+        let g = Generation::start(conn, r, &format!("burst{rep}x{i}")).await.expect("Generate");
+        let (first, n) = drain(g, started).await;
         (first.expect("a token"), n)
     }))
     .await;

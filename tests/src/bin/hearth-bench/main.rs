@@ -424,23 +424,29 @@ const ASKERS: [&str; 16] = [
     "Peggy", "Rupert", "Sybil",
 ];
 
-/// Time from the Generate call to the first Token, for an interactive request.
-async fn ttft(conn: &zbus::Connection, n: usize) -> f64 {
-    let started = Instant::now();
-    let prompt = format!("{} asks: what is the capital of France?", ASKERS[n % ASKERS.len()]);
-    let mut g =
-        Generation::start(conn, with_priority(&prompt, 4, "interactive"), &format!("ttft{n}")).await.expect("Generate");
-    let mut first = None;
+/// Reads `g` to its end: the time from `since` to its first token (ms) and its tokens.
+async fn drain(mut g: Generation, since: Instant) -> (Option<f64>, usize) {
+    let (mut first, mut n) = (None, 0usize);
     while let Some(ev) = g.next().await {
         match ev.expect("event") {
             StreamEvent::Token { .. } => {
-                first.get_or_insert_with(|| started.elapsed());
+                first.get_or_insert_with(|| since.elapsed().as_secs_f64() * 1e3);
+                n += 1;
             }
             StreamEvent::Migrated { .. } => {}
             StreamEvent::Finished(_) => break,
         }
     }
-    first.expect("a token").as_secs_f64() * 1e3
+    (first, n)
+}
+
+/// Time from the Generate call to the first Token, for an interactive request.
+async fn ttft(conn: &zbus::Connection, n: usize) -> f64 {
+    let started = Instant::now();
+    let prompt = format!("{} asks: what is the capital of France?", ASKERS[n % ASKERS.len()]);
+    let g =
+        Generation::start(conn, with_priority(&prompt, 4, "interactive"), &format!("ttft{n}")).await.expect("Generate");
+    drain(g, started).await.0.expect("a token")
 }
 
 /// Aggregate tokens/s through D-Bus: all streams at once, as independent apps would start
@@ -454,19 +460,8 @@ async fn aggregate(conn: &zbus::Connection, streams: usize, tokens: u32, rep: us
     .into_iter()
     .map(|g| g.expect("Generate"))
     .collect::<Vec<_>>();
-    let counts = futures_util::future::join_all(gens.into_iter().map(|mut g| async move {
-        let mut n = 0usize;
-        while let Some(ev) = g.next().await {
-            match ev.expect("event") {
-                StreamEvent::Token { .. } => n += 1,
-                StreamEvent::Migrated { .. } => {}
-                StreamEvent::Finished(_) => break,
-            }
-        }
-        n
-    }))
-    .await;
-    counts.iter().sum::<usize>() as f64 / started.elapsed().as_secs_f64()
+    let counts = futures_util::future::join_all(gens.into_iter().map(|g| drain(g, started))).await;
+    counts.iter().map(|c| c.1).sum::<usize>() as f64 / started.elapsed().as_secs_f64()
 }
 
 async fn under_load(conn: &zbus::Connection, streams: usize, tokens: u32, reps: usize) -> Load {
