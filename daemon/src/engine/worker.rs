@@ -23,6 +23,7 @@ mod embed;
 mod kv;
 mod step;
 mod throttle;
+mod tune;
 
 pub(super) use embed::EmbedJob;
 
@@ -66,6 +67,8 @@ pub(super) struct Worker {
     wake: Arc<super::Wake>,
     /// Configured compute threads, and the count in force.
     threads: (i32, i32),
+    /// Fewer compute threads while other processes take the cores (tune.rs).
+    tuner: tune::ThreadTuner,
     /// The context Embed runs in, made on first use, and the Embed jobs in progress.
     embedder: Option<Context>,
     embeds: embed::EmbedQueue,
@@ -132,6 +135,7 @@ impl Worker {
             throttle,
             wake,
             threads: (settings.threads, settings.threads),
+            tuner: tune::ThreadTuner::new(settings.threads),
             embedder: None,
             embeds: embed::EmbedQueue::new(),
             sessions,
@@ -201,6 +205,7 @@ impl Worker {
             if !self.running.is_empty() {
                 let started = Instant::now();
                 let (tokens, prefilled) = self.step();
+                self.tune_threads(tokens, prefilled, started);
                 self.pace(tokens, prefilled, started);
             }
             if !self.embeds.is_empty() && !self.preempted {

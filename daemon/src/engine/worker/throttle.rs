@@ -16,23 +16,40 @@ use crate::engine::sequence::unstarted_outcome;
 const MAX_PACE: Duration = Duration::from_secs(2);
 
 impl Worker {
-    /// Takes the governors' thread count and background deferral.
+    /// Takes the governors' thread count (the most the tuner may use) and background
+    /// deferral.
     pub(super) fn apply_throttle(&mut self) {
-        let wanted = match self.throttle.threads.load(Ordering::Relaxed) {
+        let limit = match self.throttle.threads.load(Ordering::Relaxed) {
             0 => self.threads.0,
             n => (n as i32).min(self.threads.0),
         };
+        self.tuner.set_limit(limit);
+        self.set_threads(self.tuner.threads());
+        self.scheduler.set_defer_background(self.throttle.defer_background.load(Ordering::Relaxed));
+    }
+
+    /// Times a step for the thread tuner and takes the count it picks for the next.
+    pub(super) fn tune_threads(&mut self, tokens: usize, prefilled: bool, started: Instant) {
+        let now = Instant::now();
+        // The process's CPU time: every compute thread is ours (hearthd runs elsewhere).
+        let cpu = rustix::time::clock_gettime(rustix::time::ClockId::ProcessCPUTime);
+        let cpu = Duration::new(cpu.tv_sec.max(0) as u64, cpu.tv_nsec.clamp(0, 999_999_999) as u32);
+        let decoding = self.running.iter().filter(|s| s.finished.is_none()).count();
+        self.tuner.record(now - started, tokens > 0 && !prefilled, decoding, cpu, now);
+        self.set_threads(self.tuner.threads());
+    }
+
+    fn set_threads(&mut self, wanted: i32) {
         if wanted != self.threads.1 {
             // Never more than the pool was made with (threads.0), so never a new pool; were
             // one refused, the old threads go on, and it is not asked for again.
             if let Err(e) = self.ctx.set_threads(wanted, wanted) {
                 tracing::warn!(error = %e, "compute threads not changed");
             } else {
-                tracing::debug!(threads = wanted, "compute threads changed by the governor");
+                tracing::trace!(threads = wanted, "compute threads changed");
             }
             self.threads.1 = wanted;
         }
-        self.scheduler.set_defer_background(self.throttle.defer_background.load(Ordering::Relaxed));
     }
 
     /// Over the memory ceiling: every running, waiting and embedding request ends with the

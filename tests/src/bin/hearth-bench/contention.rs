@@ -14,7 +14,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use super::{ASKERS, DECODE_PROMPT, direct, median, over_dbus};
-use hearth_tests::{CONTEXT, model_path, threads, workspace_root};
+use hearth_tests::{CONTEXT, Daemon, model_path, threads, workspace_root};
 
 /// The flag that turns this binary into a busy process.
 pub const SPIN_FLAG: &str = "--spin";
@@ -192,10 +192,25 @@ pub struct Contended {
     pub direct_tok_s: f64,
     /// llama-server's, when one was found.
     pub llama_server_tok_s: Option<f64>,
+    /// The compute threads hearthd's engine had chosen when the level ended, and how many
+    /// other counts it tried during the level.
+    pub dbus_threads: i32,
+    pub dbus_probes: usize,
+}
+
+/// The thread count the engine's tuner last chose in `log` (hearthd's, debug level), or
+/// `configured` where it chose none.
+fn chosen_threads(log: &str, configured: i32) -> i32 {
+    log.lines()
+        .rev()
+        .filter(|l| l.contains("the probed count steps faster"))
+        .filter_map(|l| l.split_whitespace().find_map(|w| w.strip_prefix("threads=")?.parse().ok()))
+        .next()
+        .unwrap_or(configured)
 }
 
 /// Runs the decode measurement beside 0, 1 and 2 busy processes.
-pub async fn measure(conn: &zbus::Connection, reps: usize, tokens: u32) -> Vec<Contended> {
+pub async fn measure(conn: &zbus::Connection, daemon: &Daemon, reps: usize, tokens: u32) -> Vec<Contended> {
     let peer = match llama_tool("llama-server", "HEARTH_LLAMA_SERVER") {
         Some(bin) => {
             let peer = Peer::start(&bin, &[]).await;
@@ -208,6 +223,7 @@ pub async fn measure(conn: &zbus::Connection, reps: usize, tokens: u32) -> Vec<C
     };
     let mut out = Vec::new();
     for busy in 0..=2 {
+        let log_before = daemon.log().len();
         let _busy = Busy::start(busy);
         let (mut bus, mut ffi, mut srv) = (vec![], vec![], vec![]);
         for rep in 0..reps {
@@ -225,12 +241,44 @@ pub async fn measure(conn: &zbus::Connection, reps: usize, tokens: u32) -> Vec<C
                 }
             }
         }
+        let log = daemon.log();
+        let level = log.get(log_before..).unwrap_or_default();
+        let dbus_threads = chosen_threads(level, out.last().map_or(threads(), |c: &Contended| c.dbus_threads));
+        let dbus_probes = level.matches("compute threads: probing").count();
         out.push(Contended {
             busy,
             dbus_tok_s: median(bus),
             direct_tok_s: median(ffi),
             llama_server_tok_s: (!srv.is_empty()).then(|| median(srv)),
+            dbus_threads,
+            dbus_probes,
         });
     }
     out
+}
+
+pub fn json(contended: &[Contended]) -> serde_json::Value {
+    contended
+        .iter()
+        .map(|c| {
+            serde_json::json!({
+                "busy_processes": c.busy, "dbus_decode_tok_s": c.dbus_tok_s, "direct_decode_tok_s": c.direct_tok_s,
+                "llama_server_decode_tok_s": c.llama_server_tok_s, "dbus_threads_chosen": c.dbus_threads,
+                "dbus_thread_probes": c.dbus_probes,
+                "dbus_over_llama_server": c.llama_server_tok_s.map(|s| c.dbus_tok_s / s),
+            })
+        })
+        .collect()
+}
+
+pub fn print(contended: &[Contended]) {
+    for c in contended {
+        let peer = c.llama_server_tok_s.map_or("llama-server not built".to_owned(), |s| {
+            format!("llama-server {s:.1}, D-Bus/llama-server {:.3}", c.dbus_tok_s / s)
+        });
+        println!(
+            "decode beside {} busy processes: D-Bus {:.1} (on {} threads, {} probes), direct {:.1}, {peer}",
+            c.busy, c.dbus_tok_s, c.dbus_threads, c.dbus_probes, c.direct_tok_s
+        );
+    }
 }

@@ -24,6 +24,8 @@
 mod burst;
 mod contention;
 mod phone;
+mod report;
+mod sessions;
 mod speculative;
 
 use std::time::{Duration, Instant};
@@ -34,8 +36,7 @@ use std::sync::Arc;
 
 use hearth_ffi::{Batch, Context, ContextParams, Sampler, Token};
 use hearth_tests::{
-    BATCH, Bus, CONTEXT, Daemon, Settings, chat_request, direct_run, greedy, reference_model, set_threads, threads,
-    with_priority,
+    BATCH, Bus, CONTEXT, Daemon, chat_request, direct_run, greedy, reference_model, set_threads, threads, with_priority,
 };
 
 #[derive(Debug, Parser)]
@@ -74,6 +75,9 @@ struct Args {
     /// Run only the burst section (concurrent first tokens against llama-server).
     #[arg(long)]
     burst_only: bool,
+    /// Run only the contention section (decode beside busy processes).
+    #[arg(long)]
+    contention_only: bool,
 }
 
 const DECODE_PROMPT: &str = "Write a long, detailed story about a lighthouse keeper who finds a message in a bottle.";
@@ -213,6 +217,16 @@ async fn bench() {
         return;
     }
 
+    if args.contention_only {
+        let contended = contention::measure(&conn, &daemon, args.reps.min(3), args.decode_tokens).await;
+        if args.json {
+            println!("{}", serde_json::json!({ "profile": PROFILE, "contention": contention::json(&contended) }));
+        } else {
+            contention::print(&contended);
+        }
+        return;
+    }
+
     let (mut bus_decode, mut bus_prefill, mut ffi_decode, mut ffi_prefill) = (vec![], vec![], vec![], vec![]);
     let mut server_decode = vec![];
     let mut decode_tokens = (0, 0);
@@ -258,7 +272,7 @@ async fn bench() {
         .expect("tokenize")
         .len();
     let spec = speculative::measure(args.reps.min(3), args.quick).await;
-    let contended = contention::measure(&conn, args.reps.min(3), args.decode_tokens).await;
+    let contended = contention::measure(&conn, &daemon, args.reps.min(3), args.decode_tokens).await;
     let bandwidth = phone::read_bandwidth();
     let phones = if args.no_phone_models {
         Vec::new()
@@ -267,127 +281,32 @@ async fn bench() {
     };
     let load = under_load(&conn, args.streams, args.stream_tokens, args.reps.min(3)).await;
     let burst = burst::measure(&conn, args.streams, args.stream_tokens, args.reps.min(3)).await;
-    let reps = args.reps.min(3);
-    let (mut resident, mut resend) = (vec![], vec![]);
-    for _ in 0..reps {
-        resident.push(conversation(&conn, true, args.turns).await);
-        resend.push(conversation(&conn, false, args.turns).await);
-    }
-    // One slot: the session is parked by the request between turns and restored by its turn.
-    let one_slot = Settings { max_sequences: Some(1), interactive_sequences: Some(0), ..Settings::default() };
-    let bus1 = Bus::start();
-    let parking = Daemon::start_configured(&bus1, &one_slot).await;
-    let conn1 = bus1.connect().await;
-    let mut parked = Vec::new();
-    for _ in 0..reps {
-        parked.push(conversation(&conn1, true, args.turns).await);
-    }
-    let (park_ms, restore_ms, parked_bytes) = park_times(&parking.log());
-    drop(parking);
-    let last = |v: &[Turns]| median(v.iter().map(|t| t.last_ms).collect());
-    let (s_ms, r_ms, p_ms) = (last(&resident), last(&resend), last(&parked));
-    let turn_n_tokens = resident[0].last_prompt_tokens;
+    let sessions = sessions::measure(&conn, args.reps.min(3), args.turns).await;
+    let report = report::Report {
+        reps: args.reps,
+        streams: args.streams,
+        stream_tokens: args.stream_tokens,
+        single: report::Single {
+            decode_tokens,
+            prompt_tokens,
+            dbus_decode: bd,
+            direct_decode: fd,
+            dbus_prefill: bp,
+            direct_prefill: fp,
+            engine_decode: sd,
+        },
+        load,
+        contended,
+        spec,
+        burst,
+        bandwidth,
+        phones,
+        sessions,
+    };
     if args.json {
-        println!(
-            "{}",
-            serde_json::json!({
-                "profile": PROFILE, "threads": threads(), "reps": args.reps, "decode_tokens": decode_tokens.0, "prefill_prompt_tokens": prompt_tokens,
-                "dbus": { "decode_tok_s": bd, "prefill_tok_s": bp, "engine_decode_tok_s": sd },
-                "direct": { "decode_tok_s": fd, "prefill_tok_s": fp },
-                "ratio": { "decode": bd / fd, "prefill": bp / fp },
-                "load": {
-                    "streams": args.streams, "stream_tokens": args.stream_tokens,
-                    "dbus_aggregate_tok_s": load.aggregate, "static_batch_tok_s": load.static_best, "best_static_batch": load.static_best_b,
-                    "aggregate_ratio": load.aggregate_ratio,
-                    "ttft_idle_ms": load.ttft_idle_ms, "ttft_loaded_ms": load.ttft_loaded_ms, "ttft_ratio": load.ttft_loaded_ms / load.ttft_idle_ms,
-                },
-                "contention": contended.iter().map(|c| serde_json::json!({
-                    "busy_processes": c.busy, "dbus_decode_tok_s": c.dbus_tok_s, "direct_decode_tok_s": c.direct_tok_s,
-                    "llama_server_decode_tok_s": c.llama_server_tok_s,
-                    "dbus_over_llama_server": c.llama_server_tok_s.map(|s| c.dbus_tok_s / s),
-                })).collect::<Vec<_>>(),
-                "speculative": speculative::json(&spec),
-                "burst": burst::json(&burst),
-                "memory_read_bandwidth_gb_s": bandwidth / 1e9,
-                "phone_models": phones.iter().map(|p| serde_json::json!({
-                    "model": p.name, "weight_bytes": p.weight_bytes, "dbus_decode_tok_s": p.dbus_tok_s,
-                    "llama_bench_tg_tok_s": p.llama_bench_tok_s,
-                    "dbus_over_llama_bench": p.llama_bench_tok_s.map(|l| p.dbus_tok_s / l),
-                    "roofline_fraction": p.roofline,
-                    "verify_step_cost": p.verify_cost.iter().map(|(k, c)| serde_json::json!({"k": k, "cost_over_one": c})).collect::<Vec<_>>(),
-                })).collect::<Vec<_>>(),
-                "sessions": {
-                    "turns": args.turns, "turn_n_prompt_tokens": turn_n_tokens,
-                    "turn_n_session_ms": s_ms, "turn_n_resend_ms": r_ms, "resend_over_session": r_ms / s_ms,
-                    "turn_n_parked_session_ms": p_ms, "park_ms": park_ms, "restore_ms": restore_ms, "parked_state_bytes": parked_bytes,
-                },
-            })
-        );
+        println!("{}", report::json(&report));
     } else {
-        println!(
-            "hearth-bench ({PROFILE} build): SmolLM2-135M-Instruct Q4_1, {} threads, greedy, median of {} runs",
-            threads(),
-            args.reps
-        );
-        println!("                     {:>12} {:>12} {:>8}", "D-Bus", "direct", "ratio");
-        println!("decode  tok/s ({:>3}) {bd:>12.1} {fd:>12.1} {:>8.3}", decode_tokens.0, bd / fd);
-        println!("prefill tok/s ({prompt_tokens:>3}) {bp:>12.1} {fp:>12.1} {:>8.3}", bp / fp);
-        println!("(hearthd's own decode timing: {sd:.1} tok/s)");
-        speculative::print(&spec);
-        for c in &contended {
-            let peer = c.llama_server_tok_s.map_or("llama-server not built".to_owned(), |s| {
-                format!("llama-server {s:.1}, D-Bus/llama-server {:.3}", c.dbus_tok_s / s)
-            });
-            println!(
-                "decode beside {} busy processes: D-Bus {:.1}, direct {:.1}, {peer}",
-                c.busy, c.dbus_tok_s, c.direct_tok_s
-            );
-        }
-        println!("memory read bandwidth ({} threads): {:.1} GB/s", threads(), bandwidth / 1e9);
-        for p in &phones {
-            let peer = p.llama_bench_tok_s.map_or("llama-bench not built".to_owned(), |l| {
-                format!("llama-bench tg {l:.1}, D-Bus/llama-bench {:.3}", p.dbus_tok_s / l)
-            });
-            let verify: Vec<_> = p.verify_cost.iter().map(|(k, c)| format!("k={k} {c:.2}")).collect();
-            println!(
-                "{} ({:.2} GB): decode D-Bus {:.1} tok/s, {peer}, roofline {:.0}%; a k-token step costs {} one-token steps",
-                p.name,
-                p.weight_bytes as f64 / 1e9,
-                p.dbus_tok_s,
-                p.roofline * 100.0,
-                verify.join(", ")
-            );
-        }
-        println!(
-            "aggregate tok/s, {} streams × {} tokens: D-Bus {:.1}, best static batch ({}) {:.1}, ratio {:.3}",
-            args.streams,
-            args.stream_tokens,
-            load.aggregate,
-            load.static_best_b,
-            load.static_best,
-            load.aggregate_ratio
-        );
-        burst::print(&burst);
-        println!(
-            "interactive TTFT: idle {:.1} ms, under {} background streams {:.1} ms, ratio {:.2}",
-            load.ttft_idle_ms,
-            args.streams,
-            load.ttft_loaded_ms,
-            load.ttft_loaded_ms / load.ttft_idle_ms
-        );
-        println!(
-            "session turn {} ({turn_n_tokens} prompt tokens): session {s_ms:.1} ms, re-sent transcript {r_ms:.1} ms \
-             (ratio {:.2}); parked each turn {p_ms:.1} ms (park {park_ms:.2} ms, restore {restore_ms:.2} ms, \
-             {parked_bytes} bytes of KV state)",
-            args.turns,
-            r_ms / s_ms
-        );
-        if decode_tokens.0 != decode_tokens.1 {
-            println!(
-                "warning: the two paths generated different token counts ({} vs {})",
-                decode_tokens.0, decode_tokens.1
-            );
-        }
+        report::print(&report);
     }
     drop(daemon);
 }
@@ -595,80 +514,4 @@ fn static_batches(streams: usize, b: usize, tokens: usize, rep: usize) -> f64 {
         }
     }
     generated as f64 / started.elapsed().as_secs_f64()
-}
-
-/// What the user says in each turn of the session conversation.
-const TURNS: [&str; 8] = [
-    "I am planning a trip to Lisbon in May with two friends. What should we pack?",
-    "We like food markets and old neighbourhoods. Which ones should we visit?",
-    "One of us is vegetarian. Suggest three dishes she can try there.",
-    "How do we get from the airport to the city centre cheaply?",
-    "Plan a relaxed first day for us, from breakfast to dinner.",
-    "What is a good day trip from the city by train?",
-    "Remind me what we said about the vegetarian dishes.",
-    "Summarise our whole plan in three sentences.",
-];
-
-/// One conversation's turn N.
-#[derive(Debug, Clone, Copy)]
-struct Turns {
-    /// Wall time of the last turn's Complete, ms.
-    last_ms: f64,
-    last_prompt_tokens: u32,
-}
-
-/// Runs a conversation of `turns` turns (32 tokens per answer, greedy), in a session or by
-/// re-sending the transcript; before every turn another conversation's request runs.
-async fn conversation(conn: &zbus::Connection, in_session: bool, turns: usize) -> Turns {
-    let proxy = hearth_tests::hearth(conn).await;
-    let session = if in_session {
-        let path = proxy.open_session(std::collections::HashMap::new()).await.expect("OpenSession");
-        Some(hearth_dbus::SessionProxy::builder(conn).path(path).build().await.expect("proxy"))
-    } else {
-        None
-    };
-    let mut transcript: Vec<(String, String)> = Vec::new();
-    let mut last = Turns { last_ms: 0.0, last_prompt_tokens: 0 };
-    for (i, user) in TURNS.iter().cycle().take(turns).enumerate() {
-        proxy.complete(chat_request(&stream_prompt(i), 8)).await.expect("the other app's request");
-        transcript.push(("user".into(), (*user).into()));
-        let started = Instant::now();
-        let result = match &session {
-            Some(s) => s.complete(chat_request(user, 32)).await,
-            None => {
-                let messages: Vec<(&str, &str)> = transcript.iter().map(|(r, c)| (r.as_str(), c.as_str())).collect();
-                let mut r = chat_request("", 32);
-                r.insert(hearth_dbus::request_key::MESSAGES, hearth_dbus::messages_value(&messages));
-                proxy.complete(r).await
-            }
-        }
-        .expect("turn");
-        last.last_ms = started.elapsed().as_secs_f64() * 1e3;
-        last.last_prompt_tokens = result.prompt_tokens;
-        let text = result.text.clone();
-        transcript.push(("assistant".into(), text));
-    }
-    if let Some(s) = session {
-        s.close().await.expect("Close");
-    }
-    last
-}
-
-/// Median park and restore times (ms) and sealed bytes, from hearthd's log lines.
-fn park_times(log: &str) -> (f64, f64, u64) {
-    let field = |line: &str, key: &str| -> Option<f64> {
-        let rest = &line[line.find(&format!(" {key}="))? + key.len() + 2..];
-        rest.split_whitespace().next()?.parse().ok()
-    };
-    let (mut park, mut restore, mut bytes) = (vec![], vec![], vec![]);
-    for line in log.lines() {
-        if line.contains("session KV parked") {
-            park.extend(field(line, "ms"));
-            bytes.extend(field(line, "bytes"));
-        } else if line.contains("session KV restored") {
-            restore.extend(field(line, "ms"));
-        }
-    }
-    let med = |v: Vec<f64>| if v.is_empty() { 0.0 } else { median(v) };
-    (med(park), med(restore), med(bytes) as u64)
 }

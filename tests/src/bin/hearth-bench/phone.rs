@@ -189,3 +189,36 @@ pub async fn measure(quick: bool, tokens: u32, bandwidth: f64) -> Vec<PhoneResul
     }
     out
 }
+
+pub fn json(phones: &[PhoneResult]) -> serde_json::Value {
+    phones
+        .iter()
+        .map(|p| {
+            serde_json::json!({
+                "model": p.name, "weight_bytes": p.weight_bytes, "dbus_decode_tok_s": p.dbus_tok_s,
+                "llama_bench_tg_tok_s": p.llama_bench_tok_s,
+                "dbus_over_llama_bench": p.llama_bench_tok_s.map(|l| p.dbus_tok_s / l),
+                "roofline_fraction": p.roofline,
+                "verify_step_cost": p.verify_cost.iter().map(|(k, c)| serde_json::json!({"k": k, "cost_over_one": c})).collect::<Vec<_>>(),
+            })
+        })
+        .collect()
+}
+
+pub fn print(bandwidth: f64, phones: &[PhoneResult]) {
+    println!("memory read bandwidth ({} threads): {:.1} GB/s", hearth_tests::threads(), bandwidth / 1e9);
+    for p in phones {
+        let peer = p.llama_bench_tok_s.map_or("llama-bench not built".to_owned(), |l| {
+            format!("llama-bench tg {l:.1}, D-Bus/llama-bench {:.3}", p.dbus_tok_s / l)
+        });
+        let verify: Vec<_> = p.verify_cost.iter().map(|(k, c)| format!("k={k} {c:.2}")).collect();
+        println!(
+            "{} ({:.2} GB): decode D-Bus {:.1} tok/s, {peer}, roofline {:.0}%; a k-token step costs {} one-token steps",
+            p.name,
+            p.weight_bytes as f64 / 1e9,
+            p.dbus_tok_s,
+            p.roofline * 100.0,
+            verify.join(", ")
+        );
+    }
+}
