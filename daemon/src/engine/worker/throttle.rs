@@ -42,7 +42,8 @@ impl Worker {
     fn set_threads(&mut self, wanted: i32) {
         if wanted != self.threads.1 {
             // Never more than the pool was made with (threads.0), so never a new pool; were
-            // one refused, the old threads go on, and it is not asked for again.
+            // one refused, the old threads go on and the count is recorded as in force, so
+            // the same count is not asked for again (the tuner may still ask for another).
             if let Err(e) = self.ctx.set_threads(wanted, wanted) {
                 tracing::warn!(error = %e, "compute threads not changed");
             } else {
