@@ -245,6 +245,10 @@ pub async fn measure(conn: &zbus::Connection, daemon: &Daemon, reps: usize, toke
         let level = log.get(log_before..).unwrap_or_default();
         let dbus_threads = chosen_threads(level, out.last().map_or(threads(), |c: &Contended| c.dbus_threads));
         let dbus_probes = level.matches("compute threads: probing").count();
+        // The engine's thread decisions, on stderr: a slow level is explained by them.
+        for line in level.lines().filter(|l| l.contains("compute threads") || l.contains("steps faster")) {
+            eprintln!("  [{busy} busy] {line}");
+        }
         out.push(Contended {
             busy,
             dbus_tok_s: median(bus),
