@@ -39,8 +39,10 @@ connects="$(echo "$connects" | grep -oE ' [a-z_]+:tcp_socket' | sort -u | tr -d 
 echo "selinux: hearthd_t name_connect targets: ${connects:-none}"
 [ "$connects" = "dns_port_t:tcp_socket http_port_t:tcp_socket " ] || { echo "  FAIL unexpected connect targets"; fail=1; }
 expect "init runs /usr/libexec/hearthd as hearthd_t" yes -T -s init_t -t hearthd_exec_t -c process -D hearthd_t
-expect "hearthd_t opens GPU render nodes" yes -A -s hearthd_t -t dri_device_t -c chr_file -p open
-expect "hearthd_t opens and maps accelerators" yes -A -s hearthd_t -t hearthd_accel_device_t -c chr_file -p map
+expect "the engine opens GPU render nodes" yes -A -s hearthd_engine_t -t dri_device_t -c chr_file -p open
+expect "the engine opens and maps accelerators" yes -A -s hearthd_engine_t -t hearthd_accel_device_t -c chr_file -p map
+expect "hearthd_t itself opens no GPU render node" no -A -s hearthd_t -t dri_device_t -c chr_file -p open
+expect "hearthd_t itself opens no accelerator" no -A -s hearthd_t -t hearthd_accel_device_t -c chr_file -p open
 expect "hearthd_t maps model files" yes -A -s hearthd_t -t hearthd_model_t -c file -p map
 expect "hearthd_t cannot write model files" no -A -s hearthd_t -t hearthd_model_t -c file -p write
 expect "hearthd_t cannot write its configuration" no -A -s hearthd_t -t hearthd_conf_t -c file -p write

@@ -33,6 +33,15 @@ APT_PACKAGES=(
     e2fsprogs           # mkfs.ext4 -d: the tier 2 disk without mounting anything
     kmod                # depmod for the image's kernel modules
     binutils            # readelf: the ELF NEEDED walk
+    # The Vulkan build of the engine (cargo feature `vulkan`), tested on Mesa's lavapipe:
+    # the loader to link, the shader compiler and SPIR-V headers ggml-vulkan's CMake wants,
+    # Mesa's drivers (lavapipe among them) and vulkaninfo. The C++ headers come from
+    # scripts/vulkan-sdk.sh: bookworm's Vulkan-Hpp is too old for this ggml-vulkan.
+    libvulkan-dev
+    glslc
+    spirv-headers
+    mesa-vulkan-drivers
+    vulkan-tools
 )
 
 sudo_if_needed() {
@@ -87,3 +96,6 @@ if ! "$VENV/bin/python" -m pip show --quiet "${PY_PACKAGES[@]%%==*}" >/dev/null 
 else
     echo "setup-deps: python packages present"
 fi
+
+# Vulkan C++ headers new enough for ggml-vulkan, in target/vulkan-sdk (VULKAN_SDK).
+"$(dirname "$0")/vulkan-sdk.sh"

@@ -3,7 +3,8 @@
 # fetches and verifies the default model, builds, lints (clippy -D warnings), runs all unit
 # and integration tests (the real hearthd on a private system-like bus with the real model),
 # smoke-runs the benchmark so it cannot rot, checks the deployment files (systemd, D-Bus,
-# polkit, SELinux), and boots the cross-built aarch64 image in QEMU (tests/qemu).
+# polkit, SELinux), boots the cross-built aarch64 image in QEMU (tests/qemu), and runs the
+# Vulkan build of the engine on Mesa's lavapipe (a real Vulkan driver on the CPU).
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
@@ -52,6 +53,18 @@ echo "test: deployment (install tree, systemd unit verify + exposure, polkit, SE
 disk
 echo "test: QEMU aarch64 (cross-build, busybox initramfs tier, systemd tier)"
 ./tests/qemu/run.sh
+
+disk
+echo "test: the Vulkan engine on Mesa's lavapipe (tests/tests/gpu.rs)"
+# VULKAN_SDK only for these commands: the CPU build of llama.cpp must not see it change.
+vk() { env VULKAN_SDK="$ROOT/target/vulkan-sdk" "$@"; }
+started=$(date +%s)
+vk cargo build -p hearthd --bins --features vulkan
+echo "test: hearthd with the vulkan feature built in $(( $(date +%s) - started )) s"
+vk cargo clippy -p hearthd -p hearth-tests --all-targets --quiet --features hearthd/vulkan,hearth-tests/vulkan -- -D warnings
+vk cargo test -p hearth-tests --features vulkan --test gpu -- --test-threads=1 --nocapture
+# The CPU build's binaries back in target/debug for whatever runs next.
+cargo build -p hearthd --bins --quiet
 
 disk
 echo "test: all passed"

@@ -79,6 +79,11 @@ pub struct MemoryConfig {
     /// Most bytes all loaded models (weights + KV caches) may take, in MiB; 0: half of the
     /// memory the service may use (its cgroup's memory.max, else MemTotal).
     pub budget_mib: u64,
+    /// Most bytes the models' offloaded layers (weights and KV caches) may take of the GPU's
+    /// memory, in MiB; 0: the GPU's free memory when hearthd started. A model whose
+    /// `engine.gpu_layers` do not fit what is left is refused (ModelUnavailable, with the
+    /// numbers and the layer count that would fit), not silently moved to the CPU.
+    pub device_budget_mib: u64,
     /// A PSI file (`/proc/pressure/memory` format) to watch; empty: the service cgroup's
     /// `memory.pressure`, else `/proc/pressure/memory`.
     pub pressure_file: PathBuf,
@@ -105,6 +110,7 @@ impl Default for MemoryConfig {
     fn default() -> Self {
         Self {
             budget_mib: 0,
+            device_budget_mib: 0,
             pressure_file: PathBuf::new(),
             pressure_interval_ms: 1000,
             pressure_some_avg10: 10.0,

@@ -135,9 +135,11 @@ fn run(args: Args) -> Result<(), MainError> {
         config.limits.parked_sessions_mib << 20,
     )
     .map_err(MainError::Sessions)?;
-    let models = ModelManager::new(config.clone(), catalog, budget, Arc::clone(&throttle), Arc::new(sessions))?;
+    let devices = manager::probe_devices(&config)?;
+    let models =
+        ModelManager::new(config.clone(), catalog, budget, Arc::clone(&throttle), Arc::new(sessions), devices)?;
     let governor = governor::Governor::new(config.governor.clone(), throttle, config.threads().max(1) as u32);
-    for (d, owned) in models.backends() {
+    for manager::BackendReport { device: d, owned, .. } in models.backends() {
         tracing::info!(device = %d.name, kind = d.kind.as_str(), memory_total = d.memory_total, owned, "compute device");
     }
     tracing::info!(budget_mib = budget >> 20, "memory budget for models");

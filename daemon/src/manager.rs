@@ -16,7 +16,7 @@ use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
-use hearth_ffi::{Backend, DeviceInfo};
+use hearth_ffi::DeviceInfo;
 use tokio::sync::watch;
 
 use crate::config::Config;
@@ -79,6 +79,8 @@ struct Loaded {
     keep_alive: Duration,
     weights: u64,
     kv: u64,
+    /// What its offloaded layers take of the GPU's memory (0: none offloaded).
+    device_bytes: u64,
 }
 
 impl Loaded {
@@ -114,8 +116,7 @@ struct Inner {
     /// Replaced as a whole on reload (SIGHUP); engines already running keep their settings.
     config: RwLock<Arc<Config>>,
     catalog: RwLock<Arc<Catalog>>,
-    /// Keeps ggml's backend registry initialised (device enumeration, grammar conversion).
-    _backend: Backend,
+    /// The devices the engine program listed at start-up.
     devices: Vec<DeviceInfo>,
     hashes: HashCache,
     state: Mutex<State>,
@@ -145,6 +146,24 @@ pub enum ManagerError {
     NoSuchDevice { missing: String, present: Vec<String> },
     #[error("engine.devices cannot change while hearthd runs (restart it)")]
     DevicesChanged,
+    #[error("cannot list the compute devices: {0}")]
+    Devices(String),
+}
+
+/// The compute devices, as the engine program of `config` lists them (hearthd itself never
+/// initialises a GPU backend).
+pub fn probe_devices(config: &Config) -> Result<Vec<DeviceInfo>, ManagerError> {
+    crate::engine::probe::devices(&config.engine_program(), &load::engine_base_env()).map_err(ManagerError::Devices)
+}
+
+/// One compute device as the Backends property shows it.
+#[derive(Debug, Clone)]
+pub struct BackendReport {
+    pub device: DeviceInfo,
+    /// Whether the configuration lets the engines offload to it.
+    pub owned: bool,
+    /// Of the GPU the models' layers go to: its budget and what they take of it (bytes).
+    pub budget: Option<(u64, u64)>,
 }
 
 /// The checks a configuration must pass against the installed models and present devices.
@@ -179,9 +198,10 @@ impl ModelManager {
         budget: u64,
         throttle: Arc<crate::engine::Throttle>,
         sessions: Arc<SessionStore>,
+        devices: Vec<DeviceInfo>,
     ) -> Result<Self, ManagerError> {
-        let backend = Backend::init();
-        let devices = backend.devices();
+        // No llama_backend_init here: it builds ggml's backend registry, and ggml-vulkan's
+        // registration starts the Vulkan loader and driver in whichever process calls it.
         check(&config, &catalog, &devices)?;
         let cache_path = prepare_state_dir(&config.daemon.state_dir).map(|d| d.join("model-hashes.toml"));
         let status =
@@ -191,7 +211,6 @@ impl ModelManager {
             inner: Arc::new(Inner {
                 config: RwLock::new(Arc::new(config)),
                 catalog: RwLock::new(catalog),
-                _backend: backend,
                 devices,
                 hashes: HashCache::open(cache_path),
                 state: Mutex::new(State::default()),
@@ -288,15 +307,46 @@ impl ModelManager {
         Ok(())
     }
 
-    /// The compute devices ggml found, and whether hearthd owns (may offload to) each.
-    pub fn backends(&self) -> Vec<(DeviceInfo, bool)> {
-        let owned = &self.config().engine.devices;
+    /// The GPU an engine under `config` offloads to: the first GPU listed (of those
+    /// `engine.devices` names), None where `gpu_layers` is 0 or there is none. The engine
+    /// picks the same (child.rs `offload_device`).
+    fn offload_device(&self, config: &Config) -> Option<&DeviceInfo> {
+        use hearth_ffi::DeviceKind::{Gpu, IntegratedGpu};
+        let owned = &config.engine.devices;
+        (config.engine.gpu_layers != 0).then_some(())?;
+        self.inner
+            .devices
+            .iter()
+            .find(|d| matches!(d.kind, Gpu | IntegratedGpu) && (owned.is_empty() || owned.contains(&d.name)))
+    }
+
+    /// The GPU the engines offload their layers to, by name.
+    pub fn gpu(&self) -> Option<String> {
+        self.offload_device(&self.config()).map(|d| d.name.clone())
+    }
+
+    /// The device budget of `device` under `config` (memory.device_budget_mib).
+    fn device_budget(config: &Config, device: &DeviceInfo) -> u64 {
+        match config.memory.device_budget_mib {
+            0 => device.memory_free,
+            mib => mib << 20,
+        }
+    }
+
+    /// The compute devices ggml found, whether hearthd owns (may offload to) each, and of
+    /// the GPU models are offloaded to, its budget and what the loaded models take of it.
+    pub fn backends(&self) -> Vec<BackendReport> {
+        let config = self.config();
+        let owned = &config.engine.devices;
+        let offload = self.offload_device(&config).map(|d| d.name.clone());
+        let used: u64 = self.state().loaded.values().map(|l| l.device_bytes).sum();
         self.inner
             .devices
             .iter()
             .map(|d| {
                 let mine = d.kind == hearth_ffi::DeviceKind::Cpu || owned.is_empty() || owned.contains(&d.name);
-                (d.clone(), mine)
+                let budget = (offload.as_ref() == Some(&d.name)).then(|| (Self::device_budget(&config, d), used));
+                BackendReport { device: d.clone(), owned: mine, budget }
             })
             .collect()
     }

@@ -36,6 +36,12 @@ pub struct ModelInfo {
     pub description: Option<String>,
     pub memory_bytes: Option<u64>,
     pub kv_shrunk: Option<bool>,
+    /// The GPU its layers are offloaded to, how many (llama.cpp's count: the output layer
+    /// is one more), of how many, and what they take of the GPU's memory.
+    pub gpu_device: Option<String>,
+    pub gpu_layers: Option<u32>,
+    pub layers: Option<u32>,
+    pub device_bytes: Option<u64>,
     // Of its engine process:
     pub engine_pid: Option<u32>,
     /// "full", "partial" or "none".
@@ -43,6 +49,9 @@ pub struct ModelInfo {
     pub sandbox_landlock_abi: Option<u32>,
     pub sandbox_seccomp: Option<bool>,
     pub sandbox_socket: Option<String>,
+    /// What the GPU was allowed beyond the CPU's syscalls: "none", "drm-ioctl" (the DRM
+    /// ioctls on its render node) or "exec-memory" (a software Vulkan device's shader JIT).
+    pub sandbox_gpu_access: Option<String>,
     /// (path, what opening it did).
     pub sandbox_probes: Option<Vec<(String, String)>>,
     /// Why its last load failed.
@@ -86,6 +95,10 @@ pub struct Throttle {
     pub temperature_c: Option<f64>,
     pub trip_c: Option<f64>,
     pub battery_pct: Option<u32>,
+    /// The GPU the engines' layers run on, if any: `duty` and `rate_cap_tps` pace its steps
+    /// the same way (an engine waits between steps, so the GPU idles for that share), and
+    /// `threads` limits only the work left on the CPU.
+    pub gpu: Option<String>,
 }
 
 /// One entry of the Backends property.
@@ -100,6 +113,10 @@ pub struct Backend {
     pub memory_free: u64,
     /// Whether hearthd's engines use it.
     pub owned: bool,
+    /// Of a GPU: what the models' offloaded layers may take of its memory
+    /// (memory.device_budget_mib) and take now.
+    pub budget_bytes: Option<u64>,
+    pub used_bytes: Option<u64>,
 }
 
 /// CallerInfo's reply: who hearthd takes the caller for, and its policy.

@@ -16,7 +16,7 @@ pub struct Backend {
 }
 
 /// What kind of compute device a ggml backend device is.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum DeviceKind {
     Cpu,
     Gpu,
@@ -39,7 +39,7 @@ impl DeviceKind {
 }
 
 /// One ggml backend device (CPU, GPU, NPU...).
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct DeviceInfo {
     pub name: String,
     pub description: String,

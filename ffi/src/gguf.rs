@@ -4,6 +4,9 @@
 //! counts and sizes cannot fit in the file. Nothing is allocated from a size the file
 //! claims: strings are skipped unless they are short keys or the architecture name.
 //!
+//! The walk goes on through the tensor infos and adds up each layer's bytes, so hearthd can
+//! say before loading how much of a device's memory an offload takes.
+//!
 //! Hand-written rather than a crate: the `gguf`-style crates parse whole headers into
 //! memory (vocabularies included) from the claimed sizes, and hearthd needs only a few
 //! integers and a guarantee of bounded work on a hostile file.
@@ -12,12 +15,19 @@ use std::collections::HashMap;
 use std::io::{BufReader, Read, Seek};
 use std::path::Path;
 
+use llama_cpp_sys_2 as sys;
+
+use crate::KvGeometry;
+
 /// llama.cpp's `LLAMA_MAX_LAYERS` (llama-hparams.h).
 pub const MAX_LAYERS: u64 = 512;
 /// llama.cpp's `LLAMA_MAX_EXPERTS` (llama-hparams.h).
 pub const MAX_EXPERTS: u64 = 1024;
 /// Longest metadata key accepted (GGUF keys are short dotted names).
 const MAX_KEY: u64 = 65_535;
+/// ggml's `GGML_MAX_DIMS` and llama.cpp's longest tensor name (`GGML_MAX_NAME`).
+const MAX_DIMS: u32 = 4;
+const MAX_TENSOR_NAME: u64 = 64;
 /// Smallest encoding of one metadata pair (empty key, type, a u8) and of one tensor
 /// info (empty name, one dimension, type, offset): the counts must fit the file.
 const MIN_KV_BYTES: u64 = 8 + 4 + 1;
@@ -33,6 +43,32 @@ pub struct Header {
     pub tensors: u64,
     pub architecture: Option<String>,
     pub block_count: Option<u64>,
+    /// Bytes of each repeating layer's tensors (`blk.N.*`), by layer index.
+    pub layer_bytes: Vec<u64>,
+    /// Bytes of the output layer as llama.cpp places it: `output.weight` (or, where the
+    /// model ties its output to the token embeddings, a copy of `token_embd.weight`) and
+    /// `output_norm.weight`. It goes to the device only when every layer does.
+    pub output_bytes: u64,
+    /// The KV cache's shape from the attention metadata, where the model has it.
+    pub kv: Option<KvGeometry>,
+    /// The vocabulary's size (`tokenizer.ggml.tokens`), 0 where it has none.
+    pub n_vocab: u64,
+}
+
+impl Header {
+    /// Bytes that offloading the last `layers` repeating layers (and, when that is all of
+    /// them and `output` is set, the output layer) puts on a device: weights, the KV cache
+    /// of those layers for `kv_tokens` tokens of `kv_type`, and with the output layer the
+    /// largest compute buffer, its logits for a `batch` of tokens (f32). Smaller compute
+    /// buffers (a few MiB) are not counted.
+    pub fn device_bytes(&self, layers: usize, output: bool, kv_tokens: u32, kv_type: crate::KvType, batch: u32) -> u64 {
+        let n = self.layer_bytes.len();
+        let layers = layers.min(n);
+        let weights: u64 = self.layer_bytes[n - layers..].iter().sum();
+        let kv_per_layer = self.kv.map_or(0, |g| KvGeometry { n_layer: 1, ..g }.bytes(kv_tokens, kv_type));
+        let out = if output && layers == n { self.output_bytes + u64::from(batch) * self.n_vocab * 4 } else { 0 };
+        weights + out + kv_per_layer * layers as u64
+    }
 }
 
 /// An integer metadata value, or the largest element and the length of an integer array.
@@ -51,8 +87,13 @@ impl Int {
 }
 
 /// Keys (after `<arch>.`) whose values llama.cpp asserts on.
-const WATCHED: [&str; 6] = [
+const WATCHED: [&str; 11] = [
     "block_count",
+    "embedding_length",
+    "head_count",
+    "head_count_kv",
+    "key_length",
+    "value_length",
     "nextn_predict_layers",
     "expert_count",
     "expert_used_count",
@@ -155,39 +196,7 @@ impl<R: Read + Seek> Walker<R> {
             T_ARRAY => {
                 let et = self.u32(key)?;
                 let len = self.u64(key)?;
-                if et == T_ARRAY {
-                    return Err(format!("its GGUF header nests arrays in {key:?}"));
-                }
-                if et == T_STRING {
-                    if len > self.size.saturating_sub(self.pos) / 8 {
-                        return Err(format!(
-                            "its GGUF header claims {len} strings in {key:?}, more than the file holds"
-                        ));
-                    }
-                    for _ in 0..len {
-                        let l = self.string_len(key)?;
-                        self.skip(l, key)?;
-                    }
-                    return Ok(None);
-                }
-                let Some(each) = Self::scalar_size(et) else {
-                    return Err(format!("its GGUF header has an array of unknown type {et} in {key:?}"));
-                };
-                let bytes = len.checked_mul(each).filter(|b| *b <= self.size.saturating_sub(self.pos));
-                let Some(bytes) = bytes else {
-                    return Err(format!(
-                        "its GGUF header claims {len} array elements in {key:?}, more than the file holds"
-                    ));
-                };
-                if !keep || !matches!(et, 0..=5 | 10 | 11) || len > MAX_LAYERS {
-                    self.skip(bytes, key)?;
-                    return Ok(keep.then_some(Int::Array { max: 0, len }).filter(|_| len > MAX_LAYERS));
-                }
-                let mut max = 0i128;
-                for _ in 0..len {
-                    max = max.max(self.int(et, key)?.unwrap_or(0));
-                }
-                Ok(Some(Int::Array { max, len }))
+                self.array(et, len, keep, key)
             }
             t => {
                 if keep {
@@ -202,6 +211,44 @@ impl<R: Read + Seek> Walker<R> {
                 Ok(None)
             }
         }
+    }
+
+    /// Skips an array's `len` elements of type `et` (its type and count already read).
+    fn array_rest(&mut self, et: u32, len: u64, key: &str) -> Result<(), String> {
+        self.array(et, len, false, key).map(|_| ())
+    }
+
+    /// An array's `len` elements of type `et`: their integer summary when `keep`.
+    fn array(&mut self, et: u32, len: u64, keep: bool, key: &str) -> Result<Option<Int>, String> {
+        if et == T_ARRAY {
+            return Err(format!("its GGUF header nests arrays in {key:?}"));
+        }
+        if et == T_STRING {
+            if len > self.size.saturating_sub(self.pos) / 8 {
+                return Err(format!("its GGUF header claims {len} strings in {key:?}, more than the file holds"));
+            }
+            for _ in 0..len {
+                let l = self.string_len(key)?;
+                self.skip(l, key)?;
+            }
+            return Ok(None);
+        }
+        let Some(each) = Self::scalar_size(et) else {
+            return Err(format!("its GGUF header has an array of unknown type {et} in {key:?}"));
+        };
+        let bytes = len.checked_mul(each).filter(|b| *b <= self.size.saturating_sub(self.pos));
+        let Some(bytes) = bytes else {
+            return Err(format!("its GGUF header claims {len} array elements in {key:?}, more than the file holds"));
+        };
+        if !keep || !matches!(et, 0..=5 | 10 | 11) || len > MAX_LAYERS {
+            self.skip(bytes, key)?;
+            return Ok(keep.then_some(Int::Array { max: 0, len }).filter(|_| len > MAX_LAYERS));
+        }
+        let mut max = 0i128;
+        for _ in 0..len {
+            max = max.max(self.int(et, key)?.unwrap_or(0));
+        }
+        Ok(Some(Int::Array { max, len }))
     }
 }
 
@@ -233,6 +280,7 @@ pub fn check_reader<R: Read + Seek>(r: R, size: u64) -> Result<Header, String> {
         return Err(format!("its GGUF header claims {tensors} tensors, more than the file holds"));
     }
     let mut architecture = None;
+    let mut n_vocab = 0;
     let mut ints: HashMap<String, Int> = HashMap::new();
     for _ in 0..kvs {
         let key = w.string(MAX_KEY, "metadata key")?;
@@ -242,6 +290,13 @@ pub fn check_reader<R: Read + Seek>(r: R, size: u64) -> Result<Header, String> {
             continue;
         }
         let keep = key.rsplit_once('.').is_some_and(|(_, last)| WATCHED.contains(&last));
+        if key == "tokenizer.ggml.tokens" && t == T_ARRAY {
+            // The element type and count lead the array: the count is the vocabulary.
+            let (et, len) = (w.u32(&key)?, w.u64(&key)?);
+            n_vocab = len;
+            w.array_rest(et, len, &key)?;
+            continue;
+        }
         if let Some(v) = w.value(t, keep, &key)? {
             ints.insert(key, v);
         }
@@ -290,7 +345,70 @@ pub fn check_reader<R: Read + Seek>(r: R, size: u64) -> Result<Header, String> {
     } else if used != 0 || groups != 0 {
         return Err("its GGUF header uses experts but claims none".into());
     }
-    Ok(Header { version, tensors, architecture, block_count: layers.map(|n| n as u64) })
+    let block_count = layers.map(|n| n as u64);
+    let kv = kv_geometry(block_count, |k| get(k).map(Int::max));
+    let (layer_bytes, output_bytes) = tensor_bytes(&mut w, tensors, block_count.unwrap_or(0))?;
+    Ok(Header { version, tensors, architecture, block_count, layer_bytes, output_bytes, kv, n_vocab })
+}
+
+/// The KV shape from the attention metadata: (key + value width) × KV heads per token and
+/// layer, the key and value widths defaulting to the embedding width per head.
+fn kv_geometry(layers: Option<u64>, get: impl Fn(&str) -> Option<i128>) -> Option<KvGeometry> {
+    let n_layer = u32::try_from(layers?).ok()?;
+    let embd = u64::try_from(get("embedding_length")?).ok()?;
+    let heads = u64::try_from(get("attention.head_count")?).ok().filter(|h| *h > 0)?;
+    let kv_heads = get("attention.head_count_kv").map_or(Some(heads), |h| u64::try_from(h).ok())?;
+    let key = get("attention.key_length").map_or(Some(embd / heads), |v| u64::try_from(v).ok())?;
+    let value = get("attention.value_length").map_or(Some(embd / heads), |v| u64::try_from(v).ok())?;
+    Some(KvGeometry { n_layer, kv_width: (key + value).checked_mul(kv_heads)? })
+}
+
+/// Bytes of one tensor of ggml type `t` and shape `dims`, as ggml allocates it.
+fn tensor_size(t: u32, dims: &[u64], name: &str) -> Result<u64, String> {
+    if t >= sys::GGML_TYPE_COUNT {
+        return Err(format!("its tensor {name:?} has unknown type {t}"));
+    }
+    // SAFETY: `t` is below GGML_TYPE_COUNT, so both index ggml's static type-traits table.
+    let (block, size) = unsafe { (sys::ggml_blck_size(t) as u64, sys::ggml_type_size(t) as u64) };
+    if block == 0 {
+        return Err(format!("its tensor {name:?} has type {t}, which ggml no longer supports"));
+    }
+    let (first, rest) = dims.split_first().ok_or_else(|| format!("its tensor {name:?} has no dimensions"))?;
+    if first % block != 0 {
+        return Err(format!("its tensor {name:?} has rows of {first}, not a multiple of its type's block of {block}"));
+    }
+    let row = (first / block).checked_mul(size);
+    row.and_then(|row| rest.iter().try_fold(row, |acc, d| acc.checked_mul(*d)))
+        .ok_or_else(|| format!("its tensor {name:?} claims an absurd size"))
+}
+
+/// Walks the tensor infos: each repeating layer's bytes, and the output layer's.
+fn tensor_bytes<R: Read + Seek>(w: &mut Walker<R>, tensors: u64, layers: u64) -> Result<(Vec<u64>, u64), String> {
+    let mut per_layer = vec![0u64; layers as usize];
+    let (mut output, mut output_norm, mut embd) = (None, 0u64, 0u64);
+    for _ in 0..tensors {
+        let name = w.string(MAX_TENSOR_NAME, "tensor name")?;
+        let n_dims = w.u32("a tensor's dimension count")?;
+        if n_dims == 0 || n_dims > MAX_DIMS {
+            return Err(format!("its tensor {name:?} has {n_dims} dimensions; ggml supports 1 to {MAX_DIMS}"));
+        }
+        let mut dims = [0u64; MAX_DIMS as usize];
+        for d in dims.iter_mut().take(n_dims as usize) {
+            *d = w.u64("a tensor's dimension")?;
+        }
+        let t = w.u32("a tensor's type")?;
+        w.u64("a tensor's offset")?;
+        let bytes = tensor_size(t, &dims[..n_dims as usize], &name)?;
+        let layer = name.strip_prefix("blk.").and_then(|r| r.split_once('.')).and_then(|(i, _)| i.parse::<u64>().ok());
+        match (layer, name.as_str()) {
+            (Some(i), _) if i < layers => per_layer[i as usize] = per_layer[i as usize].saturating_add(bytes),
+            (_, "output.weight") => output = Some(bytes),
+            (_, "output_norm.weight") => output_norm = bytes,
+            (_, "token_embd.weight") => embd = bytes,
+            _ => {}
+        }
+    }
+    Ok((per_layer, output.unwrap_or(embd).saturating_add(output_norm)))
 }
 
 #[cfg(test)]
@@ -321,6 +439,71 @@ mod tests {
             kv_u32(&mut out, k, *v);
         }
         out
+    }
+
+    /// `file(layers, [])` with `tensors` (name, shape, ggml type) infos after the metadata.
+    fn with_tensors(layers: u32, tensors: &[(&str, &[u64], u32)]) -> Vec<u8> {
+        let mut out = file(layers, &[]);
+        out[8..16].copy_from_slice(&(tensors.len() as u64).to_le_bytes());
+        for (name, dims, t) in tensors {
+            out.extend((name.len() as u64).to_le_bytes());
+            out.extend(name.as_bytes());
+            out.extend((dims.len() as u32).to_le_bytes());
+            for d in *dims {
+                out.extend(d.to_le_bytes());
+            }
+            out.extend(t.to_le_bytes());
+            out.extend(0u64.to_le_bytes());
+        }
+        out
+    }
+
+    #[test]
+    fn tensor_infos_add_up_per_layer_and_for_the_output() {
+        let (f32, f16, q4_0) = (sys::GGML_TYPE_F32, sys::GGML_TYPE_F16, sys::GGML_TYPE_Q4_0);
+        let h = run(with_tensors(
+            2,
+            &[
+                ("token_embd.weight", &[64, 100], q4_0),
+                ("blk.0.attn_q.weight", &[64, 64], f16),
+                ("blk.0.attn_norm.weight", &[64], f32),
+                ("blk.1.attn_q.weight", &[64, 64], q4_0),
+                ("output_norm.weight", &[64], f32),
+            ],
+        ))
+        .unwrap();
+        // Q4_0: 18 bytes per block of 32.
+        assert_eq!(h.layer_bytes, vec![64 * 64 * 2 + 64 * 4, 2 * 18 * 64]);
+        // Tied output: a copy of the embeddings, and the norm.
+        assert_eq!(h.output_bytes, 2 * 18 * 100 + 64 * 4);
+        assert_eq!(h.device_bytes(1, true, 0, crate::KvType::F16, 8), 2 * 18 * 64);
+        assert_eq!(
+            h.device_bytes(5, true, 0, crate::KvType::F16, 0),
+            h.layer_bytes.iter().sum::<u64>() + h.output_bytes
+        );
+        assert_eq!(h.device_bytes(2, false, 0, crate::KvType::F16, 8), h.layer_bytes.iter().sum::<u64>());
+        let untied =
+            run(with_tensors(1, &[("token_embd.weight", &[64, 100], q4_0), ("output.weight", &[64, 10], f32)]));
+        assert_eq!(untied.unwrap().output_bytes, 64 * 10 * 4);
+
+        let bad = |t: &[(&str, &[u64], u32)]| run(with_tensors(1, t)).unwrap_err();
+        assert!(bad(&[("x", &[64], 9999)]).contains("unknown type"));
+        assert!(bad(&[("x", &[33], q4_0)]).contains("multiple of its type's block"));
+        assert!(bad(&[("x", &[64, u64::MAX, u64::MAX], f32)]).contains("absurd size"));
+        assert!(bad(&[("x", &[1, 1, 1, 1, 1], f32)]).contains("5 dimensions"));
+        assert!(bad(&[(&"n".repeat(65), &[1], f32)]).contains("tensor name"));
+    }
+
+    #[test]
+    fn kv_geometry_comes_from_the_attention_metadata() {
+        let h = run(file(
+            4,
+            &[("llama.embedding_length", 256), ("llama.attention.head_count", 8), ("llama.attention.head_count_kv", 2)],
+        ))
+        .unwrap();
+        // (32 + 32) per head × 2 KV heads.
+        assert_eq!(h.kv, Some(KvGeometry { n_layer: 4, kv_width: 128 }));
+        assert_eq!(run(file(4, &[])).unwrap().kv, None);
     }
 
     fn run(b: Vec<u8>) -> Result<Header, String> {

@@ -12,7 +12,8 @@ use crate::{Error, Result, Token};
 /// How to load a model.
 #[derive(Debug, Clone)]
 pub struct ModelParams {
-    /// Layers to offload to the accelerator; 0 keeps everything on the CPU, -1 offloads all.
+    /// Layers to offload to the accelerator; 0 keeps everything on the CPU (no GPU is used,
+    /// not even for llama.cpp's offload of large batched operations), -1 offloads all.
     pub n_gpu_layers: i32,
     /// Map the file instead of reading it into anonymous memory (shared, evictable pages).
     pub use_mmap: bool,
@@ -80,7 +81,9 @@ impl<'p> RawParams<'p> {
         let mut mp = unsafe { sys::llama_model_default_params() };
         mp.n_gpu_layers = params.n_gpu_layers;
         mp.load_mode = if params.use_mmap { sys::LLAMA_LOAD_MODE_MMAP } else { sys::LLAMA_LOAD_MODE_NONE };
-        if !params.devices.is_empty() {
+        // No layer offloaded: an empty device list, so llama.cpp starts no GPU backend at all
+        // (with every GPU listed it would still run large batched operations on one).
+        if !params.devices.is_empty() || params.n_gpu_layers == 0 {
             // The Vec's heap buffer does not move when the Vec is moved into Self.
             mp.devices = devices.as_mut_ptr();
         }

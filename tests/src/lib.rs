@@ -146,6 +146,16 @@ impl Drop for Bus {
     }
 }
 
+/// Six short chat prompts of different kinds, for tests that compare runs token by token.
+pub const SIX_PROMPTS: [&str; 6] = [
+    "What is the capital of France?",
+    "Name three colors.",
+    "Write a haiku about rain.",
+    "Who wrote Hamlet?",
+    "What is 2+2?",
+    "Give me a tip for sleeping well.",
+];
+
 /// Overrides of the test configuration.
 #[derive(Debug, Clone, Default)]
 pub struct Settings {

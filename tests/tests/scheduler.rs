@@ -20,14 +20,7 @@ async fn finish(g: Generation) -> (Vec<i32>, hearth_tests::ResultDict) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_clients_get_exactly_their_solo_tokens() {
-    let prompts = [
-        "What is the capital of France?",
-        "Name three colors.",
-        "Write a haiku about rain.",
-        "Who wrote Hamlet?",
-        "What is 2+2?",
-        "Give me a tip for sleeping well.",
-    ];
+    let prompts = hearth_tests::SIX_PROMPTS;
     let solo: Vec<Vec<i32>> = prompts.iter().map(|p| direct_run(&[("user", p)], greedy(), 32).tokens).collect();
     let bus = Bus::start();
     let _daemon = Daemon::start(&bus).await;

@@ -30,6 +30,9 @@ const MAX_START_FDS: usize = 16;
 /// The program's `main`.
 pub fn main() -> ExitCode {
     init_logging();
+    if std::env::args_os().nth(1).is_some_and(|a| a == "--devices") {
+        return list_devices();
+    }
     let code = match run() {
         Ok(()) => 0,
         Err(e) => {
@@ -39,6 +42,26 @@ pub fn main() -> ExitCode {
     };
     // Everything it said is written (the I/O thread drained); skip C++ static teardown, which
     // would run under the syscall allowlist for nothing.
+    hearth_ffi::exit_now(code)
+}
+
+/// `hearth-engine --devices`: the compute devices ggml finds in this process, as one frame
+/// on stdout, for hearthd (which itself never opens a GPU: only engines hold one).
+fn list_devices() -> ExitCode {
+    let listed = super::sandbox::limit_resources().and_then(|()| {
+        let devices = Backend::init().devices();
+        let frame = protocol::frame(&devices).map_err(|e| format!("cannot encode the devices: {e}"))?;
+        // Flushed here: exit_now skips the buffered stdout's flush.
+        let mut out = std::io::stdout().lock();
+        out.write_all(&frame).and_then(|()| out.flush()).map_err(|e| format!("cannot write the devices: {e}"))
+    });
+    let code = match listed {
+        Ok(()) => 0,
+        Err(e) => {
+            tracing::error!(error = %e, "engine could not list the devices");
+            1
+        }
+    };
     hearth_ffi::exit_now(code)
 }
 
@@ -116,11 +139,15 @@ struct Serving {
     weights: u64,
     kv: u64,
     report: SandboxReport,
+    gpu_access: super::sandbox::GpuAccess,
 }
 
 /// Sandboxes the process and loads the model and its context.
 fn load(start: &Start, files: Vec<OwnedFd>, socket: &mut UnixStream) -> Result<Serving, String> {
     let backend = Backend::init();
+    // Listing the devices loads the GPU drivers and opens their device nodes: before
+    // landlock closes the file system.
+    let gpu = offload_device(&backend.devices(), &start.load);
     let mut files = files.into_iter();
     let model_file = std::fs::File::from(files.next().ok_or("no model file")?);
     let adapters: Vec<OwnedFd> = files.collect();
@@ -163,6 +190,19 @@ fn load(start: &Start, files: Vec<OwnedFd>, socket: &mut UnixStream) -> Result<S
         },
     )
     .map_err(|e| format!("cannot create its context: {e}"))?;
+    let geometry = model.kv_geometry();
+    let kv = geometry.bytes(settings.kv_tokens(), settings.kv_cache.ffi());
+    // llama.cpp offloads the last n repeating layers, and the output layer past them.
+    let layers = geometry.n_layer + 1;
+    let gpu_layers = match (&gpu, start.load.gpu_layers) {
+        (None, _) => 0,
+        (Some(_), n) if n < 0 => layers,
+        (Some(_), n) => (n as u32).min(layers),
+    };
+    let gpu_access = match &gpu {
+        Some(d) if gpu_layers > 0 => super::sandbox::GpuAccess::for_device(&d.description),
+        _ => super::sandbox::GpuAccess::None,
+    };
     let info = LoadedModelInfo {
         name: start.model.clone(),
         description: model.description(),
@@ -170,16 +210,32 @@ fn load(start: &Start, files: Vec<OwnedFd>, socket: &mut UnixStream) -> Result<S
         size_bytes: model.size_bytes(),
         trained_context: model.n_ctx_train(),
         context_length: ctx.n_ctx_seq(),
+        gpu_device: gpu.filter(|_| gpu_layers > 0).map(|d| d.name),
+        gpu_layers,
+        layers,
     };
-    let kv = model.kv_geometry().bytes(settings.kv_tokens(), settings.kv_cache.ffi());
     let report = SandboxReport {
         landlock: landlock.to_owned(),
         landlock_abi: hearth_ffi::landlock_abi(),
         seccomp: false,
         probes: probes.into_iter().zip(landlock_probes).collect(),
         socket: String::new(),
+        gpu_access: gpu_access.as_str().to_owned(),
     };
-    Ok(Serving { ctx, info, weights: model.size_bytes(), kv, report })
+    Ok(Serving { ctx, info, weights: model.size_bytes(), kv, report, gpu_access })
+}
+
+/// The GPU llama.cpp offloads to under `load`: the first GPU among `devices` (all of them,
+/// or those `load.devices` names), None where there is none or no layer is offloaded.
+fn offload_device(devices: &[hearth_ffi::DeviceInfo], load: &protocol::ModelLoad) -> Option<hearth_ffi::DeviceInfo> {
+    use hearth_ffi::DeviceKind::{Gpu, IntegratedGpu};
+    if load.gpu_layers == 0 {
+        return None;
+    }
+    devices
+        .iter()
+        .find(|d| matches!(d.kind, Gpu | IntegratedGpu) && (load.devices.is_empty() || load.devices.contains(&d.name)))
+        .cloned()
 }
 
 /// Cancel switches of the requests and Embed calls in the engine, by hearthd's key.
@@ -191,7 +247,7 @@ fn lock(c: &Cancels) -> std::sync::MutexGuard<'_, HashMap<u64, CancelToken>> {
 
 impl Serving {
     fn serve(self, mut socket: UnixStream, start: &Start) -> Result<(), String> {
-        let Serving { ctx, info, weights, kv, mut report } = self;
+        let Serving { ctx, info, weights, kv, mut report, gpu_access } = self;
         let (out_tx, out_rx) = mpsc::unbounded_channel();
         let (cmd_tx, cmd_rx) = mpsc::channel(64);
         let (status_tx, status_rx) = watch::channel(EngineStatus::default());
@@ -226,7 +282,7 @@ impl Serving {
             .build()
             .map_err(|e| format!("cannot start the I/O runtime: {e}"));
         // The last step: from here on only the allowlisted calls work.
-        let sandboxed = runtime.and_then(|rt| super::sandbox::restrict_syscalls().map(|()| rt));
+        let sandboxed = runtime.and_then(|rt| super::sandbox::restrict_syscalls(gpu_access).map(|()| rt));
         let runtime = match sandboxed {
             Ok(rt) => rt,
             Err(e) => {

@@ -159,6 +159,9 @@ impl FakeEngine {
             size_bytes: 1 << 20,
             trained_context: start.settings.context_length,
             context_length: start.settings.context_length,
+            gpu_device: None,
+            gpu_layers: 0,
+            layers: 1,
         };
         let sandbox = SandboxReport { landlock: "none".into(), socket: "fake".into(), ..SandboxReport::default() };
         let ready = FromEngine::Ready { info: info.clone(), weights: 1 << 20, kv: 1 << 20, sandbox };

@@ -16,6 +16,7 @@ pub mod child;
 #[cfg(test)]
 pub mod fake;
 mod prepare;
+pub mod probe;
 pub mod protocol;
 mod remote;
 mod sandbox;
@@ -267,6 +268,11 @@ pub struct LoadedModelInfo {
     pub size_bytes: u64,
     pub trained_context: u32,
     pub context_length: u32,
+    /// The GPU the model's layers were offloaded to, if any, and how many of its layers
+    /// (llama.cpp's count: the repeating layers, and the output layer as one more).
+    pub gpu_device: Option<String>,
+    pub gpu_layers: u32,
+    pub layers: u32,
 }
 
 /// How an engine's KV cache stores keys and values ([`hearth_ffi::KvType`]): `q8_0`

@@ -22,7 +22,7 @@ use super::{
 
 /// Bumped on every incompatible change; hearthd and hearth-engine of different versions
 /// refuse each other (they are installed together, so this catches a stale binary).
-pub const VERSION: u32 = 2;
+pub const VERSION: u32 = 3;
 
 /// The largest frame either side accepts: a parked session's KV (a whole context of one
 /// sequence) travels in one frame.
@@ -137,6 +137,9 @@ pub struct SandboxReport {
     pub probes: Vec<(PathBuf, String)>,
     /// What creating a socket did.
     pub socket: String,
+    /// What the GPU it offloads to was allowed beyond the CPU allowlist ("none",
+    /// "drm-ioctl", "exec-memory": sandbox.rs's `GpuAccess`).
+    pub gpu_access: String,
 }
 
 /// engine → hearthd.

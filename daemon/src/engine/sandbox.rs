@@ -107,14 +107,47 @@ pub fn probe_paths(named: &[PathBuf]) -> Vec<PathBuf> {
     std::iter::once(PathBuf::from("/")).chain(named.iter().cloned()).collect()
 }
 
+/// What a GPU the engine offloads to needs beyond the CPU allowlist.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GpuAccess {
+    /// Nothing: the model runs on the CPU.
+    None,
+    /// A GPU driver: the DRM ioctls (`'d'`, `DRM_IOCTL_BASE`) on the render node it opened
+    /// before the sandbox, to submit work and map buffers. No other ioctl.
+    Drm,
+    /// A software Vulkan device (Mesa's lavapipe, SwiftShader): it compiles shaders to CPU
+    /// code at run time, so the engine may map memory executable, and grows its device
+    /// memory (a memfd) with `ftruncate`. A test and development device: a phone's GPU needs
+    /// only [`GpuAccess::Drm`].
+    Jit,
+}
+
+impl GpuAccess {
+    /// What the engine offloading to a device described by `description` needs.
+    pub fn for_device(description: &str) -> Self {
+        const SOFTWARE: [&str; 2] = ["llvmpipe", "SwiftShader"];
+        if SOFTWARE.iter().any(|s| description.contains(s)) { Self::Jit } else { Self::Drm }
+    }
+
+    /// A stable name, for the sandbox report.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::None => "none",
+            Self::Drm => "drm-ioctl",
+            Self::Jit => "exec-memory",
+        }
+    }
+}
+
 /// Step 3: the syscall allowlist, on every thread of the process (TSYNC). Two filters: the
 /// allowlist, failing everything not listed with EPERM, and then one answering `clone3`
 /// with ENOSYS (its flags sit in memory, out of BPF's reach; glibc then falls back to
 /// `clone`). Of two filters answering with an errno the one installed last decides, so the
 /// ENOSYS one goes second (the allowlist lets `seccomp` through for it: filters only ever
 /// restrict). `clone` is allowed for threads only, `mmap`/`mprotect` without PROT_EXEC,
-/// `prctl` for thread names and no-new-privileges, `ioctl` for FIONBIO.
-pub fn restrict_syscalls() -> Result<(), String> {
+/// `prctl` for thread names and no-new-privileges, `ioctl` for FIONBIO; `gpu` widens the
+/// last two as [`GpuAccess`] says.
+pub fn restrict_syscalls(gpu: GpuAccess) -> Result<(), String> {
     let arch = std::env::consts::ARCH.try_into().map_err(|e| format!("seccomp: {e:?}"))?;
     fn err(e: impl std::fmt::Display) -> String {
         format!("seccomp: {e}")
@@ -136,8 +169,16 @@ pub fn restrict_syscalls() -> Result<(), String> {
     let thread = libc::CLONE_THREAD as u64;
     rules.insert(libc::SYS_clone, vec![masked(0, thread, thread)?]);
     let exec = libc::PROT_EXEC as u64;
-    rules.insert(libc::SYS_mmap, vec![masked(2, exec, 0)?]);
-    rules.insert(libc::SYS_mprotect, vec![masked(2, exec, 0)?]);
+    let (mmap, mprotect) = match gpu {
+        GpuAccess::Jit => (Vec::new(), Vec::new()),
+        _ => (vec![masked(2, exec, 0)?], vec![masked(2, exec, 0)?]),
+    };
+    rules.insert(libc::SYS_mmap, mmap);
+    rules.insert(libc::SYS_mprotect, mprotect);
+    if gpu == GpuAccess::Jit {
+        // lavapipe's device memory is one memfd (made before the sandbox) that it grows.
+        rules.insert(libc::SYS_ftruncate, Vec::new());
+    }
     // Thread names, and no-new-privileges (installing the second filter sets it again).
     let mut prctl = Vec::new();
     for option in [libc::PR_SET_NAME, libc::PR_SET_NO_NEW_PRIVS] {
@@ -149,7 +190,12 @@ pub fn restrict_syscalls() -> Result<(), String> {
     #[allow(clippy::unnecessary_cast)] // FIONBIO's integer type differs between targets.
     let fionbio =
         SeccompCondition::new(1, SeccompCmpArgLen::Dword, SeccompCmpOp::Eq, libc::FIONBIO as u64).map_err(err)?;
-    rules.insert(libc::SYS_ioctl, vec![SeccompRule::new(vec![fionbio]).map_err(err)?]);
+    let mut ioctl = vec![SeccompRule::new(vec![fionbio]).map_err(err)?];
+    if gpu == GpuAccess::Drm {
+        // The request's type byte (bits 8..16) is DRM's 'd'.
+        ioctl.push(masked(1, 0xff00, u64::from(b'd') << 8)?);
+    }
+    rules.insert(libc::SYS_ioctl, ioctl);
     let allow = SeccompFilter::new(rules, errno(libc::EPERM), SeccompAction::Allow, arch).map_err(err)?;
     for filter in [allow, clone3] {
         let program: BpfProgram = filter.try_into().map_err(err)?;
@@ -213,3 +259,17 @@ const ALLOWED: &[i64] = &[
     #[cfg(target_arch = "x86_64")]
     libc::SYS_epoll_wait,
 ];
+
+#[cfg(test)]
+mod tests {
+    use super::GpuAccess;
+
+    #[test]
+    fn only_software_vulkan_devices_get_executable_memory() {
+        assert_eq!(GpuAccess::for_device("llvmpipe (LLVM 15.0.6, 256 bits)"), GpuAccess::Jit);
+        assert_eq!(GpuAccess::for_device("SwiftShader Device (Subzero)"), GpuAccess::Jit);
+        for gpu in ["Turnip Adreno (TM) 740", "Mali-G715 (Panfrost)", "NVIDIA H200", "AMD Radeon 780M"] {
+            assert_eq!(GpuAccess::for_device(gpu), GpuAccess::Drm, "{gpu}");
+        }
+    }
+}

@@ -65,7 +65,7 @@ impl ModelManager {
 
         let this = self.clone();
         let entry2 = entry.clone();
-        let files = tokio::task::spawn_blocking(move || this.verify_files(&entry2))
+        let (files, header) = tokio::task::spawn_blocking(move || this.verify_files(&entry2))
             .await
             .map_err(|e| Error::Internal(format!("model verifier: {e}")))??;
         let verified_at = started.elapsed();
@@ -96,6 +96,7 @@ impl ModelManager {
             hang_limit: Duration::from_millis(config.engine.hang_timeout_ms),
             env: engine_env(),
         };
+        let device_bytes = self.device_bytes(name, &header, &config, &spec.settings)?;
         self.set_progress(name, LoadPhase::Loading, 0.0);
         let engine = self.spawn_engine(&spec, shrunk).await?;
         let (weights, kv) = engine.memory();
@@ -113,7 +114,9 @@ impl ModelManager {
         };
         let activity = Arc::new(Activity { active: AtomicU32::new(0), last_used_ms: AtomicU64::new(self.now_ms()) });
         let pid = engine.pid();
-        self.install(name, Loaded { generation: 0, engine, spec, shrunk, activity, pinned, keep_alive, weights, kv });
+        let loaded =
+            Loaded { generation: 0, engine, spec, shrunk, activity, pinned, keep_alive, weights, kv, device_bytes };
+        self.install(name, loaded);
         tracing::info!(
             model = %name, weights = %mib(weights), kv = %mib(kv), shrunk, pinned, engine_pid = pid,
             verify_ms = verified_at.as_millis() as u64, load_ms = started.elapsed().as_millis() as u64,
@@ -141,7 +144,7 @@ impl ModelManager {
     }
 
     /// Verifies the model file and its adapters (blocking): the open files, model first.
-    fn verify_files(&self, entry: &ModelEntry) -> Result<Vec<Arc<std::fs::File>>, Error> {
+    fn verify_files(&self, entry: &ModelEntry) -> Result<(Vec<Arc<std::fs::File>>, hearth_ffi::gguf::Header), Error> {
         let name = entry.manifest.name.as_str();
         let refuse = |e: crate::models::CatalogError| {
             tracing::error!(model = %name, error = %e, "model refused");
@@ -156,18 +159,57 @@ impl ModelManager {
         let header = std::io::Seek::seek(&mut file.file(), std::io::SeekFrom::Start(0))
             .map_err(|e| format!("cannot read it: {e}"))
             .and_then(|_| hearth_ffi::gguf::check_reader(std::io::BufReader::new(file.file()), file.size));
-        if let Err(reason) = header {
+        let header = header.map_err(|reason| {
             let reason = format!("{} passed its checks but llama.cpp cannot load it: {reason}", file.origin.display());
             tracing::error!(model = %name, reason = %reason, "model refused");
-            return Err(unavailable(name, reason));
-        }
+            unavailable(name, reason)
+        })?;
         tracing::info!(model = %name, bytes = file.size, cached = file.cached, "model file verified");
         let mut files = vec![Arc::new(file.into_file())];
         for (path, a) in entry.adapter_paths().iter().zip(&entry.manifest.adapters) {
             let adapter = open_verified(path, &a.sha256, &self.inner.hashes, &mut |_| {}).map_err(refuse)?;
             files.push(Arc::new(adapter.into_file()));
         }
-        Ok(files)
+        Ok((files, header))
+    }
+
+    /// The device memory loading `name` with `header` under `config` takes: None where no
+    /// layer goes to a GPU; an error (ModelUnavailable, with the numbers and the layer count
+    /// that would fit) where it would take more than the device budget leaves free.
+    fn device_bytes(
+        &self,
+        name: &str,
+        header: &hearth_ffi::gguf::Header,
+        config: &Config,
+        settings: &EngineSettings,
+    ) -> Result<u64, Error> {
+        let Some(device) = self.offload_device(config) else { return Ok(0) };
+        let n_layer = header.layer_bytes.len();
+        let (kv_tokens, kv_type) = (settings.kv_tokens(), settings.kv_cache.ffi());
+        // llama.cpp's count: n repeating layers from the last, and past them the output layer.
+        let bytes =
+            |n: usize| header.device_bytes(n.min(n_layer), n > n_layer, kv_tokens, kv_type, settings.batch_size);
+        let asked = usize::try_from(config.engine.gpu_layers).unwrap_or(n_layer + 1).min(n_layer + 1);
+        let needed = bytes(asked);
+        let budget = Self::device_budget(config, device);
+        let others: u64 =
+            self.state().loaded.iter().filter(|(n, _)| n.as_str() != name).map(|(_, l)| l.device_bytes).sum();
+        let free = budget.saturating_sub(others);
+        if needed <= free {
+            return Ok(needed);
+        }
+        let fits = (0..=asked).rev().find(|n| bytes(*n) <= free).unwrap_or(0);
+        let reason = format!(
+            "offloading {asked} of its {} layers to {} takes {} of device memory (weights, KV cache, logits), \
+             and {} of the device budget of {} is free; gpu_layers = {fits} would fit",
+            n_layer + 1,
+            device.name,
+            mib(needed),
+            mib(free),
+            mib(budget),
+        );
+        tracing::error!(model = %name, reason = %reason, "model refused");
+        Err(unavailable(name, reason))
     }
 
     /// Puts a started engine in the table under a new generation, publishes it, and starts
@@ -242,10 +284,33 @@ fn forbidden_paths(state_dir: &std::path::Path) -> Vec<std::path::PathBuf> {
 
 /// The engine's environment: its log filter, and in debug builds the test hooks (the stall
 /// hook for the first engine only, so its restart serves).
+/// What of hearthd's environment its engines see (they start with an empty one): the log
+/// filter, and the variables that choose GPU devices and drivers.
+const ENGINE_ENV: [&str; 6] = [
+    "HEARTH_LOG",
+    // Which Vulkan devices ggml uses (by default only discrete and integrated GPUs, so a
+    // CPU implementation such as lavapipe needs it), and which drivers the loader reads.
+    "GGML_VK_VISIBLE_DEVICES",
+    "VK_ICD_FILENAMES",
+    "VK_DRIVER_FILES",
+    // lavapipe's worker threads.
+    "LP_NUM_THREADS",
+    "CUDA_VISIBLE_DEVICES",
+];
+
+/// The environment of an engine process, and of the device listing.
+pub(super) fn engine_base_env() -> Vec<(String, String)> {
+    let mut env: Vec<(String, String)> =
+        ENGINE_ENV.iter().filter_map(|k| std::env::var(k).ok().map(|v| ((*k).to_owned(), v))).collect();
+    // ggml-vulkan's tuning switches (GGML_VK_DISABLE_F16, GGML_VK_FORCE_MMVQ...): hearthd's
+    // environment is the integrator's (the unit's Environment=), never an app's.
+    env.extend(std::env::vars().filter(|(k, _)| k.starts_with("GGML_VK_") && k != "GGML_VK_VISIBLE_DEVICES"));
+    env
+}
+
 fn engine_env() -> Vec<(String, String)> {
     static STALL_GIVEN: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
-    let mut env: Vec<(String, String)> =
-        std::env::var("HEARTH_LOG").map(|v| ("HEARTH_LOG".to_owned(), v)).into_iter().collect();
+    let mut env = engine_base_env();
     if cfg!(debug_assertions) {
         if let Some(v) = std::env::var_os("HEARTH_DEBUG_STALL_ENGINE") {
             if !STALL_GIVEN.swap(true, Ordering::Relaxed) {

@@ -94,6 +94,8 @@ pub struct ModelReport {
     pub verified: bool,
     pub shrunk: bool,
     pub memory: u64,
+    /// What its offloaded layers take of the GPU's memory.
+    pub device_bytes: u64,
     pub last_error: Option<String>,
 }
 
@@ -138,6 +140,7 @@ impl super::ModelManager {
                     verified: state.verified.contains(&entry.manifest.name),
                     shrunk: l.is_some_and(|l| l.shrunk),
                     memory: l.map_or(0, Loaded::bytes),
+                    device_bytes: l.map_or(0, |l| l.device_bytes),
                     last_error: state.errors.get(&entry.manifest.name).cloned(),
                 }
             })

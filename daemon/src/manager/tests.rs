@@ -49,10 +49,21 @@ pub(crate) fn harness(names: &[&str], script: Script) -> Harness {
     let sessions = Arc::new(SessionStore::new(&config.daemon.state_dir, sealer, 1 << 20).unwrap());
     let fake = FakeEngine::new(script);
     let throttle = Arc::new(Throttle::default());
-    let models = ModelManager::new(config, catalog, 1 << 30, throttle, Arc::clone(&sessions))
+    let models = ModelManager::new(config, catalog, 1 << 30, throttle, Arc::clone(&sessions), cpu_only())
         .unwrap()
         .with_fake_engine(Arc::clone(&fake));
     Harness { models, fake, sessions, _dir: dir }
+}
+
+/// The devices of a machine without a GPU, as the engine lists them.
+pub(crate) fn cpu_only() -> Vec<hearth_ffi::DeviceInfo> {
+    vec![hearth_ffi::DeviceInfo {
+        name: "CPU".into(),
+        description: "test CPU".into(),
+        kind: hearth_ffi::DeviceKind::Cpu,
+        memory_free: 8 << 30,
+        memory_total: 16 << 30,
+    }]
 }
 
 pub(crate) fn caller(app: &str) -> Caller {

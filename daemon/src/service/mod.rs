@@ -474,6 +474,7 @@ impl HearthService {
             temperature_c: g.temperature_c,
             trip_c: g.trip_c,
             battery_pct: g.battery_pct,
+            gpu: self.models.gpu(),
         }
     }
 
@@ -483,13 +484,15 @@ impl HearthService {
         self.models
             .backends()
             .into_iter()
-            .map(|(d, owned)| hearth_dbus::Backend {
-                name: d.name,
-                description: d.description,
-                kind: d.kind.as_str().to_owned(),
-                memory_total: d.memory_total,
-                memory_free: d.memory_free,
-                owned,
+            .map(|b| hearth_dbus::Backend {
+                kind: b.device.kind.as_str().to_owned(),
+                memory_total: b.device.memory_total,
+                memory_free: b.device.memory_free,
+                name: b.device.name,
+                description: b.device.description,
+                owned: b.owned,
+                budget_bytes: b.budget.map(|(budget, _)| budget),
+                used_bytes: b.budget.map(|(_, used)| used),
             })
             .collect()
     }
