@@ -47,8 +47,8 @@ impl KvType {
     /// Bytes of `values` keys or values.
     pub fn bytes(self, values: u64) -> u64 {
         match self {
-            KvType::Q8_0 => values.div_ceil(32) * 34,
-            KvType::F16 => values * 2,
+            KvType::Q8_0 => values.div_ceil(32).saturating_mul(34),
+            KvType::F16 => values.saturating_mul(2),
         }
     }
 }

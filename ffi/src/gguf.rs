@@ -25,9 +25,9 @@ pub const MAX_LAYERS: u64 = 512;
 pub const MAX_EXPERTS: u64 = 1024;
 /// Longest metadata key accepted (GGUF keys are short dotted names).
 const MAX_KEY: u64 = 65_535;
-/// ggml's `GGML_MAX_DIMS` and llama.cpp's longest tensor name (`GGML_MAX_NAME`).
+/// ggml's `GGML_MAX_DIMS`, and the longest tensor name it takes (`GGML_MAX_NAME` less the NUL).
 const MAX_DIMS: u32 = 4;
-const MAX_TENSOR_NAME: u64 = 64;
+const MAX_TENSOR_NAME: u64 = 63;
 /// Smallest encoding of one metadata pair (empty key, type, a u8) and of one tensor
 /// info (empty name, one dimension, type, offset): the counts must fit the file.
 const MIN_KV_BYTES: u64 = 8 + 4 + 1;
@@ -47,7 +47,8 @@ pub struct Header {
     pub layer_bytes: Vec<u64>,
     /// Bytes of the output layer as llama.cpp places it: `output.weight` (or, where the
     /// model ties its output to the token embeddings, a copy of `token_embd.weight`) and
-    /// `output_norm.weight`. It goes to the device only when every layer does.
+    /// `output_norm.weight`. llama.cpp offloads it first: `n_gpu_layers = k` puts it and the
+    /// last k - 1 repeating layers on the device.
     pub output_bytes: u64,
     /// The KV cache's shape from the attention metadata, where the model has it.
     pub kv: Option<KvGeometry>,
@@ -56,18 +57,20 @@ pub struct Header {
 }
 
 impl Header {
-    /// Bytes that offloading the last `layers` repeating layers (and, when that is all of
-    /// them and `output` is set, the output layer) puts on a device: weights, the KV cache
-    /// of those layers for `kv_tokens` tokens of `kv_type`, and with the output layer the
-    /// largest compute buffer, its logits for a `batch` of tokens (f32). Smaller compute
-    /// buffers (a few MiB) are not counted.
+    /// Bytes that offloading the last `layers` repeating layers (and, with `output`, the
+    /// output layer) puts on a device: weights, the KV cache of those layers for `kv_tokens`
+    /// tokens of `kv_type`, and with the output layer the largest compute buffer, its logits
+    /// for a `batch` of tokens (f32). Smaller compute buffers (a few MiB) are not counted.
+    /// Sizes come from a header whose tensors fit the file, so the sums cannot overflow;
+    /// the KV term saturates.
     pub fn device_bytes(&self, layers: usize, output: bool, kv_tokens: u32, kv_type: crate::KvType, batch: u32) -> u64 {
         let n = self.layer_bytes.len();
         let layers = layers.min(n);
         let weights: u64 = self.layer_bytes[n - layers..].iter().sum();
         let kv_per_layer = self.kv.map_or(0, |g| KvGeometry { n_layer: 1, ..g }.bytes(kv_tokens, kv_type));
-        let out = if output && layers == n { self.output_bytes + u64::from(batch) * self.n_vocab * 4 } else { 0 };
-        weights + out + kv_per_layer * layers as u64
+        let logits = u64::from(batch).saturating_mul(self.n_vocab).saturating_mul(4);
+        let out = if output { self.output_bytes.saturating_add(logits) } else { 0 };
+        weights.saturating_add(out).saturating_add(kv_per_layer.saturating_mul(layers as u64))
     }
 }
 
@@ -347,7 +350,7 @@ pub fn check_reader<R: Read + Seek>(r: R, size: u64) -> Result<Header, String> {
     }
     let block_count = layers.map(|n| n as u64);
     let kv = kv_geometry(block_count, |k| get(k).map(Int::max));
-    let (layer_bytes, output_bytes) = tensor_bytes(&mut w, tensors, block_count.unwrap_or(0))?;
+    let (layer_bytes, output_bytes) = tensor_bytes(&mut w, tensors, block_count.unwrap_or(0), size)?;
     Ok(Header { version, tensors, architecture, block_count, layer_bytes, output_bytes, kv, n_vocab })
 }
 
@@ -360,7 +363,7 @@ fn kv_geometry(layers: Option<u64>, get: impl Fn(&str) -> Option<i128>) -> Optio
     let kv_heads = get("attention.head_count_kv").map_or(Some(heads), |h| u64::try_from(h).ok())?;
     let key = get("attention.key_length").map_or(Some(embd / heads), |v| u64::try_from(v).ok())?;
     let value = get("attention.value_length").map_or(Some(embd / heads), |v| u64::try_from(v).ok())?;
-    Some(KvGeometry { n_layer, kv_width: (key + value).checked_mul(kv_heads)? })
+    Some(KvGeometry { n_layer, kv_width: key.checked_add(value)?.checked_mul(kv_heads)? })
 }
 
 /// Bytes of one tensor of ggml type `t` and shape `dims`, as ggml allocates it.
@@ -383,9 +386,17 @@ fn tensor_size(t: u32, dims: &[u64], name: &str) -> Result<u64, String> {
 }
 
 /// Walks the tensor infos: each repeating layer's bytes, and the output layer's.
-fn tensor_bytes<R: Read + Seek>(w: &mut Walker<R>, tensors: u64, layers: u64) -> Result<(Vec<u64>, u64), String> {
+/// The tensors' data lies in the file, one after another (llama.cpp checks it), so their
+/// bytes together cannot exceed the file's `size`: a header claiming more is refused, and
+/// every sum below stays far from overflowing.
+fn tensor_bytes<R: Read + Seek>(
+    w: &mut Walker<R>,
+    tensors: u64,
+    layers: u64,
+    size: u64,
+) -> Result<(Vec<u64>, u64), String> {
     let mut per_layer = vec![0u64; layers as usize];
-    let (mut output, mut output_norm, mut embd) = (None, 0u64, 0u64);
+    let (mut output, mut output_norm, mut embd, mut total) = (None, 0u64, 0u64, 0u64);
     for _ in 0..tensors {
         let name = w.string(MAX_TENSOR_NAME, "tensor name")?;
         let n_dims = w.u32("a tensor's dimension count")?;
@@ -399,16 +410,20 @@ fn tensor_bytes<R: Read + Seek>(w: &mut Walker<R>, tensors: u64, layers: u64) ->
         let t = w.u32("a tensor's type")?;
         w.u64("a tensor's offset")?;
         let bytes = tensor_size(t, &dims[..n_dims as usize], &name)?;
+        total = total.saturating_add(bytes);
+        if total > size {
+            return Err(format!("its tensors claim more bytes than the file holds (at {name:?})"));
+        }
         let layer = name.strip_prefix("blk.").and_then(|r| r.split_once('.')).and_then(|(i, _)| i.parse::<u64>().ok());
         match (layer, name.as_str()) {
-            (Some(i), _) if i < layers => per_layer[i as usize] = per_layer[i as usize].saturating_add(bytes),
+            (Some(i), _) if i < layers => per_layer[i as usize] += bytes,
             (_, "output.weight") => output = Some(bytes),
             (_, "output_norm.weight") => output_norm = bytes,
             (_, "token_embd.weight") => embd = bytes,
             _ => {}
         }
     }
-    Ok((per_layer, output.unwrap_or(embd).saturating_add(output_norm)))
+    Ok((per_layer, output.unwrap_or(embd) + output_norm))
 }
 
 #[cfg(test)]
@@ -455,6 +470,8 @@ mod tests {
             out.extend(t.to_le_bytes());
             out.extend(0u64.to_le_bytes());
         }
+        // Room for the tensors' data: their bytes must fit the file.
+        out.extend(vec![0u8; 64 * 1024]);
         out
     }
 
@@ -476,12 +493,14 @@ mod tests {
         assert_eq!(h.layer_bytes, vec![64 * 64 * 2 + 64 * 4, 2 * 18 * 64]);
         // Tied output: a copy of the embeddings, and the norm.
         assert_eq!(h.output_bytes, 2 * 18 * 100 + 64 * 4);
-        assert_eq!(h.device_bytes(1, true, 0, crate::KvType::F16, 8), 2 * 18 * 64);
+        assert_eq!(h.device_bytes(1, false, 0, crate::KvType::F16, 8), 2 * 18 * 64);
         assert_eq!(
             h.device_bytes(5, true, 0, crate::KvType::F16, 0),
             h.layer_bytes.iter().sum::<u64>() + h.output_bytes
         );
         assert_eq!(h.device_bytes(2, false, 0, crate::KvType::F16, 8), h.layer_bytes.iter().sum::<u64>());
+        // The output layer counts whenever it is offloaded (llama.cpp offloads it first).
+        assert_eq!(h.device_bytes(0, true, 0, crate::KvType::F16, 0), h.output_bytes);
         let untied =
             run(with_tensors(1, &[("token_embd.weight", &[64, 100], q4_0), ("output.weight", &[64, 10], f32)]));
         assert_eq!(untied.unwrap().output_bytes, 64 * 10 * 4);
@@ -491,7 +510,8 @@ mod tests {
         assert!(bad(&[("x", &[33], q4_0)]).contains("multiple of its type's block"));
         assert!(bad(&[("x", &[64, u64::MAX, u64::MAX], f32)]).contains("absurd size"));
         assert!(bad(&[("x", &[1, 1, 1, 1, 1], f32)]).contains("5 dimensions"));
-        assert!(bad(&[(&"n".repeat(65), &[1], f32)]).contains("tensor name"));
+        assert!(bad(&[(&"n".repeat(64), &[1], f32)]).contains("tensor name"));
+        assert!(bad(&[("x", &[1 << 30, 1 << 20], f32)]).contains("more bytes than the file holds"));
     }
 
     #[test]

@@ -39,7 +39,7 @@ pub struct KvGeometry {
 impl KvGeometry {
     /// Bytes of a KV cache of `kv_type` holding `tokens` tokens.
     pub fn bytes(&self, tokens: u32, kv_type: crate::KvType) -> u64 {
-        u64::from(self.n_layer) * kv_type.bytes(self.kv_width * u64::from(tokens))
+        u64::from(self.n_layer).saturating_mul(kv_type.bytes(self.kv_width.saturating_mul(u64::from(tokens))))
     }
 }
 
@@ -83,6 +83,11 @@ impl<'p> RawParams<'p> {
         mp.load_mode = if params.use_mmap { sys::LLAMA_LOAD_MODE_MMAP } else { sys::LLAMA_LOAD_MODE_NONE };
         // No layer offloaded: an empty device list, so llama.cpp starts no GPU backend at all
         // (with every GPU listed it would still run large batched operations on one).
+        if params.n_gpu_layers == 0 {
+            // The terminator alone (the named devices are left out).
+            devices.clear();
+            devices.push(std::ptr::null_mut());
+        }
         if !params.devices.is_empty() || params.n_gpu_layers == 0 {
             // The Vec's heap buffer does not move when the Vec is moved into Self.
             mp.devices = devices.as_mut_ptr();

@@ -156,13 +156,13 @@ async fn the_default_model_on_the_vulkan_device_is_owned_counted_and_sandboxed()
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_model_too_big_for_the_device_budget_is_refused_with_the_layers_that_fit() {
     let bus = Bus::start();
-    let daemon = Daemon::start_configured(&bus, &on_gpu(-1, "device_budget_mib = 24\n")).await;
+    let daemon = Daemon::start_configured(&bus, &on_gpu(-1, "device_budget_mib = 160\n")).await;
     let conn = bus.connect().await;
     let proxy = hearth(&conn).await;
-    let e = proxy.complete(chat_request("Hi", 4)).await.expect_err("the model does not fit 24 MiB");
+    let e = proxy.complete(chat_request("Hi", 4)).await.expect_err("the model does not fit 160 MiB");
     assert_eq!(e.dbus_name(), "org.hearth.Hearth1.Error.ModelUnavailable", "{e:?}");
     let message = e.message();
-    assert!(message.contains("device budget of 24.0 MiB"), "{message}");
+    assert!(message.contains("device budget of 160.0 MiB"), "{message}");
     let fits: i32 = message
         .split("gpu_layers = ")
         .nth(1)

@@ -155,8 +155,13 @@ fn load(start: &Start, files: Vec<OwnedFd>, socket: &mut UnixStream) -> Result<S
     let probes = super::sandbox::probe_paths(&start.probes);
     let landlock_probes: Vec<String> = probes.iter().map(|p| super::sandbox::probe_open(p)).collect();
 
-    let params =
-        ModelParams { n_gpu_layers: start.load.gpu_layers, use_mmap: true, devices: start.load.devices.clone() };
+    // With no devices named, exactly the one hearthd counted against its budget (llama.cpp
+    // would otherwise split the layers over every GPU it finds).
+    let devices = match &gpu {
+        Some(d) if start.load.devices.is_empty() => vec![d.name.clone()],
+        _ => start.load.devices.clone(),
+    };
+    let params = ModelParams { n_gpu_layers: start.load.gpu_layers, use_mmap: true, devices };
     let mut last = -1.0f32;
     let mut model = Model::load_from_file(backend, &model_file, &params, &mut |f| {
         // Whole percent steps only.

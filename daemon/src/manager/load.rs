@@ -186,9 +186,10 @@ impl ModelManager {
         let Some(device) = self.offload_device(config) else { return Ok(0) };
         let n_layer = header.layer_bytes.len();
         let (kv_tokens, kv_type) = (settings.kv_tokens(), settings.kv_cache.ffi());
-        // llama.cpp's count: n repeating layers from the last, and past them the output layer.
+        // llama.cpp's count (llama-model.cpp: i_gpu_start = n_layer + 1 - n): the output
+        // layer first, then the last n - 1 repeating layers.
         let bytes =
-            |n: usize| header.device_bytes(n.min(n_layer), n > n_layer, kv_tokens, kv_type, settings.batch_size);
+            |n: usize| header.device_bytes(n.saturating_sub(1), n >= 1, kv_tokens, kv_type, settings.batch_size);
         let asked = usize::try_from(config.engine.gpu_layers).unwrap_or(n_layer + 1).min(n_layer + 1);
         let needed = bytes(asked);
         let budget = Self::device_budget(config, device);
