@@ -311,13 +311,7 @@ impl ModelManager {
     /// `engine.devices` names), None where `gpu_layers` is 0 or there is none. The engine
     /// picks the same (child.rs `offload_device`).
     fn offload_device(&self, config: &Config) -> Option<&DeviceInfo> {
-        use hearth_ffi::DeviceKind::{Gpu, IntegratedGpu};
-        let owned = &config.engine.devices;
-        (config.engine.gpu_layers != 0).then_some(())?;
-        self.inner
-            .devices
-            .iter()
-            .find(|d| matches!(d.kind, Gpu | IntegratedGpu) && (owned.is_empty() || owned.contains(&d.name)))
+        crate::engine::probe::offload_device(&self.inner.devices, config.engine.gpu_layers, &config.engine.devices)
     }
 
     /// The GPU the engines offload their layers to, by name.

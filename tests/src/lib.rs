@@ -9,7 +9,7 @@ pub mod cloud_standin;
 mod reference;
 pub mod soc;
 
-pub use reference::{DirectRun, direct_run, direct_run_continuing, greedy, reference_model};
+pub use reference::{DirectRun, SIX_PROMPTS, direct_run, direct_run_continuing, greedy, reference_model};
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -145,16 +145,6 @@ impl Drop for Bus {
         let _ = self.child.wait();
     }
 }
-
-/// Six short chat prompts of different kinds, for tests that compare runs token by token.
-pub const SIX_PROMPTS: [&str; 6] = [
-    "What is the capital of France?",
-    "Name three colors.",
-    "Write a haiku about rain.",
-    "Who wrote Hamlet?",
-    "What is 2+2?",
-    "Give me a tip for sleeping well.",
-];
 
 /// Overrides of the test configuration.
 #[derive(Debug, Clone, Default)]

@@ -118,3 +118,13 @@ pub fn direct_run_continuing(
 pub fn greedy() -> SamplerParams {
     SamplerParams { temperature: 0.0, ..SamplerParams::default() }
 }
+
+/// Six short chat prompts of different kinds, for tests that compare runs token by token.
+pub const SIX_PROMPTS: [&str; 6] = [
+    "What is the capital of France?",
+    "Name three colors.",
+    "Write a haiku about rain.",
+    "Who wrote Hamlet?",
+    "What is 2+2?",
+    "Give me a tip for sleeping well.",
+];

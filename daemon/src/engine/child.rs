@@ -147,7 +147,8 @@ fn load(start: &Start, files: Vec<OwnedFd>, socket: &mut UnixStream) -> Result<S
     let backend = Backend::init();
     // Listing the devices loads the GPU drivers and opens their device nodes: before
     // landlock closes the file system.
-    let gpu = offload_device(&backend.devices(), &start.load);
+    let listed = backend.devices();
+    let gpu = super::probe::offload_device(&listed, start.load.gpu_layers, &start.load.devices).cloned();
     let mut files = files.into_iter();
     let model_file = std::fs::File::from(files.next().ok_or("no model file")?);
     let adapters: Vec<OwnedFd> = files.collect();
@@ -228,19 +229,6 @@ fn load(start: &Start, files: Vec<OwnedFd>, socket: &mut UnixStream) -> Result<S
         gpu_access: gpu_access.as_str().to_owned(),
     };
     Ok(Serving { ctx, info, weights: model.size_bytes(), kv, report, gpu_access })
-}
-
-/// The GPU llama.cpp offloads to under `load`: the first GPU among `devices` (all of them,
-/// or those `load.devices` names), None where there is none or no layer is offloaded.
-fn offload_device(devices: &[hearth_ffi::DeviceInfo], load: &protocol::ModelLoad) -> Option<hearth_ffi::DeviceInfo> {
-    use hearth_ffi::DeviceKind::{Gpu, IntegratedGpu};
-    if load.gpu_layers == 0 {
-        return None;
-    }
-    devices
-        .iter()
-        .find(|d| matches!(d.kind, Gpu | IntegratedGpu) && (load.devices.is_empty() || load.devices.contains(&d.name)))
-        .cloned()
 }
 
 /// Cancel switches of the requests and Embed calls in the engine, by hearthd's key.

@@ -52,3 +52,12 @@ pub fn devices(program: &Path, env: &[(String, String)]) -> Result<Vec<DeviceInf
         .ok_or_else(|| format!("{} listed nothing", what()))?;
     super::protocol::decode(&payload).map_err(|e| format!("{} sent a bad device list: {e}", what()))
 }
+
+/// The GPU an engine offloads `gpu_layers` to among `devices`: the first GPU listed (of
+/// those `named`, when some are), None where `gpu_layers` is 0 or there is none. hearthd
+/// counts its budget against this device and the engine hands llama.cpp exactly it.
+pub fn offload_device<'d>(devices: &'d [DeviceInfo], gpu_layers: i32, named: &[String]) -> Option<&'d DeviceInfo> {
+    use hearth_ffi::DeviceKind::{Gpu, IntegratedGpu};
+    (gpu_layers != 0).then_some(())?;
+    devices.iter().find(|d| matches!(d.kind, Gpu | IntegratedGpu) && (named.is_empty() || named.contains(&d.name)))
+}
