@@ -34,6 +34,10 @@ pub enum KvType {
     Q8_0,
     /// 16-bit floats: faster prompt processing, results that depend on batch shapes.
     F16,
+    /// 32-bit floats: twice f16's memory, and no rounding of keys, values or (on the CPU)
+    /// of the queries they are multiplied with, so two backends' results differ only by
+    /// their order of summation: for checking a GPU backend against the CPU.
+    F32,
 }
 
 impl KvType {
@@ -41,6 +45,7 @@ impl KvType {
         match self {
             KvType::Q8_0 => sys::GGML_TYPE_Q8_0,
             KvType::F16 => sys::GGML_TYPE_F16,
+            KvType::F32 => sys::GGML_TYPE_F32,
         }
     }
 
@@ -49,6 +54,7 @@ impl KvType {
         match self {
             KvType::Q8_0 => values.div_ceil(32).saturating_mul(34),
             KvType::F16 => values.saturating_mul(2),
+            KvType::F32 => values.saturating_mul(4),
         }
     }
 }
@@ -444,5 +450,19 @@ impl Drop for Context {
         // (Arc), the abort flag (Arc) and the thread pools are dropped only after this, as
         // fields drop after.
         unsafe { sys::llama_free(self.ptr.as_ptr()) };
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::KvType;
+
+    #[test]
+    fn kv_bytes_follow_the_element_type() {
+        // 64 values: two q8_0 blocks of 34 bytes, 2 bytes each in f16, 4 in f32.
+        assert_eq!(KvType::Q8_0.bytes(64), 68);
+        assert_eq!(KvType::F16.bytes(64), 128);
+        assert_eq!(KvType::F32.bytes(64), 256);
+        assert_eq!(KvType::F32.bytes(u64::MAX), u64::MAX, "saturates");
     }
 }

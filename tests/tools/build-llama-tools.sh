@@ -4,14 +4,28 @@
 # that llama-cpp-sys-2's crate leaves out). Idempotent: the binaries are kept in
 # target/llama-tools/bin and rebuilt only when the pinned version changes.
 #
-# Usage: tests/tools/build-llama-tools.sh   (prints the bin directory)
+# With --vulkan, llama-bench alone, built with ggml's Vulkan backend into
+# target/llama-tools-vulkan (the peer of hearth-bench's GPU section; it needs
+# scripts/setup-deps.sh's Vulkan packages and target/vulkan-sdk headers).
+#
+# Usage: tests/tools/build-llama-tools.sh [--vulkan]   (prints the bin directory)
 set -eu
 VERSION=0.3.36
 BUILD=2  # bump when the cmake options change
 ROOT=$(cd "$(dirname "$0")/../.." && pwd)
 DIR="$ROOT/target/llama-tools"
+TARGETS="llama-server llama-bench"
+BACKEND=""
+if [ "${1:-}" = "--vulkan" ]; then
+    DIR="$ROOT/target/llama-tools-vulkan"
+    TARGETS="llama-bench"
+    BACKEND="-DGGML_VULKAN=ON"
+    export VULKAN_SDK="$ROOT/target/vulkan-sdk"
+fi
 BIN="$DIR/bin"
-if [ -x "$BIN/llama-server" ] && [ -x "$BIN/llama-bench" ] && [ "$(cat "$DIR/version" 2>/dev/null)" = "$VERSION.$BUILD" ]; then
+built=1
+for t in $TARGETS; do [ -x "$BIN/$t" ] || built=0; done
+if [ "$built" = 1 ] && [ "$(cat "$DIR/version" 2>/dev/null)" = "$VERSION.$BUILD" ]; then
     echo "$BIN"
     exit 0
 fi
@@ -23,7 +37,7 @@ fi
 rm -rf "$DIR/src" "$DIR/build"
 mkdir -p "$DIR/src"
 tar -xzf "$SDIST" -C "$DIR/src" --strip-components=1
-# Release build, CPU backend only, like the engine's; OpenMP as llama.cpp's default build
+# Release build, the CPU backend (and Vulkan with --vulkan), like the engine's; OpenMP as llama.cpp's default build
 # has it where the compiler provides it. Without AMX, as .cargo/config.toml builds the
 # engine's ggml: a VM that lists AMX may not let a process use it (SIGSEGV in
 # ggml_backend_amx_mul_mat on the first prompt), and the peers must run the same kernels.
@@ -32,9 +46,10 @@ case "$(uname -m)" in x86_64) ;; *) NO_AMX="" ;; esac
 cmake -S "$DIR/src/vendor/llama.cpp" -B "$DIR/build" -DCMAKE_BUILD_TYPE=Release \
     -DCMAKE_C_FLAGS="$NO_AMX" -DCMAKE_CXX_FLAGS="$NO_AMX" \
     -DLLAMA_CURL=OFF -DLLAMA_OPENSSL=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF \
-    -DLLAMA_BUILD_SERVER=ON -DLLAMA_BUILD_TOOLS=ON -DBUILD_SHARED_LIBS=OFF >&2
-cmake --build "$DIR/build" --target llama-server llama-bench -j "$(nproc)" >&2
+    -DLLAMA_BUILD_SERVER=ON -DLLAMA_BUILD_TOOLS=ON -DBUILD_SHARED_LIBS=OFF $BACKEND >&2
+# shellcheck disable=SC2086 # TARGETS is a list
+cmake --build "$DIR/build" --target $TARGETS -j "$(nproc)" >&2
 mkdir -p "$BIN"
-cp "$DIR/build/bin/llama-server" "$DIR/build/bin/llama-bench" "$BIN/"
+for t in $TARGETS; do cp "$DIR/build/bin/$t" "$BIN/"; done
 echo "$VERSION.$BUILD" > "$DIR/version"
 echo "$BIN"

@@ -206,7 +206,7 @@ fn load(start: &Start, files: Vec<OwnedFd>, socket: &mut UnixStream) -> Result<S
         (Some(_), n) => (n as u32).min(layers),
     };
     let gpu_access = match &gpu {
-        Some(d) if gpu_layers > 0 => super::sandbox::GpuAccess::for_device(&d.description),
+        Some(d) if gpu_layers > 0 => super::sandbox::GpuAccess::for_device(&d.name, &d.description),
         _ => super::sandbox::GpuAccess::None,
     };
     let info = LoadedModelInfo {

@@ -278,7 +278,8 @@ pub struct LoadedModelInfo {
 /// How an engine's KV cache stores keys and values ([`hearth_ffi::KvType`]): `q8_0`
 /// (the default: batching, chunking and prefix reuse never change a request's output)
 /// or `f16` (faster prompt processing; outputs may depend on them past 64 prompt tokens or
-/// 256 cells, and speculative drafts stop there).
+/// 256 cells, and speculative drafts stop there), or `f32` (as f16, at twice its memory,
+/// without rounding: for comparing a GPU backend with the CPU).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 pub enum KvCache {
     #[default]
@@ -286,6 +287,8 @@ pub enum KvCache {
     Q8_0,
     #[serde(rename = "f16")]
     F16,
+    #[serde(rename = "f32")]
+    F32,
 }
 
 impl KvCache {
@@ -293,6 +296,7 @@ impl KvCache {
         match self {
             KvCache::Q8_0 => hearth_ffi::KvType::Q8_0,
             KvCache::F16 => hearth_ffi::KvType::F16,
+            KvCache::F32 => hearth_ffi::KvType::F32,
         }
     }
 }

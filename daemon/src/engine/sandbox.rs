@@ -120,13 +120,24 @@ pub enum GpuAccess {
     /// memory (a memfd) with `ftruncate`. A test and development device: a phone's GPU needs
     /// only [`GpuAccess::Drm`].
     Jit,
+    /// NVIDIA's CUDA driver: its resource manager's ioctls (type `'F'`) on `/dev/nvidiactl`
+    /// and `/dev/nvidia<N>`, and those of `/dev/nvidia-uvm`, which are plain numbers (type
+    /// byte 0). Not yet run on a CUDA machine: `scripts/gpu-check.sh` is its test.
+    Nvidia,
 }
 
 impl GpuAccess {
-    /// What the engine offloading to a device described by `description` needs.
-    pub fn for_device(description: &str) -> Self {
+    /// What the engine offloading to the device ggml calls `name` (its backend and index,
+    /// e.g. "Vulkan0", "CUDA0"), described by `description`, needs.
+    pub fn for_device(name: &str, description: &str) -> Self {
         const SOFTWARE: [&str; 2] = ["llvmpipe", "SwiftShader"];
-        if SOFTWARE.iter().any(|s| description.contains(s)) { Self::Jit } else { Self::Drm }
+        if name.starts_with("CUDA") {
+            Self::Nvidia
+        } else if SOFTWARE.iter().any(|s| description.contains(s)) {
+            Self::Jit
+        } else {
+            Self::Drm
+        }
     }
 
     /// A stable name, for the sandbox report.
@@ -135,6 +146,7 @@ impl GpuAccess {
             Self::None => "none",
             Self::Drm => "drm-ioctl",
             Self::Jit => "exec-memory",
+            Self::Nvidia => "nvidia-ioctl",
         }
     }
 }
@@ -191,9 +203,14 @@ pub fn restrict_syscalls(gpu: GpuAccess) -> Result<(), String> {
     let fionbio =
         SeccompCondition::new(1, SeccompCmpArgLen::Dword, SeccompCmpOp::Eq, libc::FIONBIO as u64).map_err(err)?;
     let mut ioctl = vec![SeccompRule::new(vec![fionbio]).map_err(err)?];
-    if gpu == GpuAccess::Drm {
-        // The request's type byte (bits 8..16) is DRM's 'd'.
-        ioctl.push(masked(1, 0xff00, u64::from(b'd') << 8)?);
+    // The request's type byte (bits 8..16): DRM's 'd'; NVIDIA's 'F' and UVM's 0.
+    let types: &[u8] = match gpu {
+        GpuAccess::Drm => b"d",
+        GpuAccess::Nvidia => b"F\0",
+        GpuAccess::None | GpuAccess::Jit => b"",
+    };
+    for &t in types {
+        ioctl.push(masked(1, 0xff00, u64::from(t) << 8)?);
     }
     rules.insert(libc::SYS_ioctl, ioctl);
     let allow = SeccompFilter::new(rules, errno(libc::EPERM), SeccompAction::Allow, arch).map_err(err)?;
@@ -266,11 +283,12 @@ mod tests {
 
     #[test]
     fn only_software_vulkan_devices_get_executable_memory() {
-        assert_eq!(GpuAccess::for_device("llvmpipe (LLVM 15.0.6, 256 bits)"), GpuAccess::Jit);
-        assert_eq!(GpuAccess::for_device("SwiftShader Device (Subzero)"), GpuAccess::Jit);
-        // (CUDA's driver speaks 'F' ioctls on /dev/nvidia*, not DRM's: not covered yet.)
+        assert_eq!(GpuAccess::for_device("Vulkan0", "llvmpipe (LLVM 15.0.6, 256 bits)"), GpuAccess::Jit);
+        assert_eq!(GpuAccess::for_device("Vulkan1", "SwiftShader Device (Subzero)"), GpuAccess::Jit);
         for gpu in ["Turnip Adreno (TM) 740", "Mali-G715 (Panfrost)", "AMD Radeon 780M"] {
-            assert_eq!(GpuAccess::for_device(gpu), GpuAccess::Drm, "{gpu}");
+            assert_eq!(GpuAccess::for_device("Vulkan0", gpu), GpuAccess::Drm, "{gpu}");
         }
+        // CUDA's driver speaks its own ioctls on /dev/nvidia*, not DRM's.
+        assert_eq!(GpuAccess::for_device("CUDA0", "NVIDIA H100 80GB HBM3"), GpuAccess::Nvidia);
     }
 }

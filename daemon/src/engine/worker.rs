@@ -144,7 +144,7 @@ impl Worker {
             arrivals_waited: 0,
             draft_cells: match settings.kv_cache {
                 super::KvCache::Q8_0 => usize::MAX,
-                super::KvCache::F16 => 256,
+                super::KvCache::F16 | super::KvCache::F32 => 256,
             },
         }
     }

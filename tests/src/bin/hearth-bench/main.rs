@@ -13,6 +13,9 @@
 //! Contention: single-stream decode beside 1 and 2 busy processes, through D-Bus, directly
 //! and through llama.cpp's llama-server where `tests/tools/build-llama-tools.sh` built one.
 //!
+//! GPU: decode and prefill with every layer on the GPU hearthd lists, beside its CPU figures
+//! and llama-bench on the same device (gpu.rs).
+//!
 //! Sessions: the latency of turn N of a conversation in a session, against re-sending the
 //! whole transcript to Complete, with another app's request between turns (as on a phone,
 //! where the per-app prefix cache does not survive other work); and with a single sequence
@@ -23,6 +26,7 @@
 
 mod burst;
 mod contention;
+mod gpu;
 mod phone;
 mod report;
 mod sessions;
@@ -78,6 +82,9 @@ struct Args {
     /// Run only the contention section (decode beside busy processes).
     #[arg(long)]
     contention_only: bool,
+    /// Run only the GPU section (every layer on the GPU hearthd lists, against its CPU).
+    #[arg(long)]
+    gpu_only: bool,
 }
 
 const DECODE_PROMPT: &str = "Write a long, detailed story about a lighthouse keeper who finds a message in a bottle.";
@@ -102,6 +109,7 @@ fn prefill_prompt() -> String {
 #[derive(Debug, Clone, Copy)]
 struct Sample {
     tokens: usize,
+    prompt_tokens: usize,
     /// The daemon's own decode rate (from Finished's decode_us), for D-Bus runs.
     server_decode_tps: f64,
     /// Prompt tokens per second (prompt tokens over time to first token).
@@ -113,6 +121,7 @@ struct Sample {
 fn rates(prompt_tokens: usize, tokens: usize, prefill: Duration, decode: Duration) -> Sample {
     Sample {
         tokens,
+        prompt_tokens,
         server_decode_tps: 0.0,
         prefill_tps: prompt_tokens as f64 / prefill.as_secs_f64().max(1e-9),
         decode_tps: if tokens > 1 { (tokens - 1) as f64 / decode.as_secs_f64().max(1e-9) } else { 0.0 },
@@ -217,6 +226,16 @@ async fn bench() {
         return;
     }
 
+    if args.gpu_only {
+        let gpu = gpu::measure(args.reps.min(3), args.decode_tokens, DECODE_PROMPT, &long_prompt).await;
+        if args.json {
+            println!("{}", serde_json::json!({ "profile": PROFILE, "gpu": gpu::json(&gpu) }));
+        } else {
+            gpu::print(&gpu);
+        }
+        return;
+    }
+
     if args.contention_only {
         let contended = contention::measure(&conn, &daemon, args.reps.min(3), args.decode_tokens).await;
         if args.json {
@@ -279,6 +298,7 @@ async fn bench() {
     } else {
         phone::measure(args.quick, args.decode_tokens.min(64), bandwidth).await
     };
+    let gpu = gpu::measure(args.reps.min(3), args.decode_tokens, DECODE_PROMPT, &long_prompt).await;
     let load = under_load(&conn, args.streams, args.stream_tokens, args.reps.min(3)).await;
     let burst = burst::measure(&conn, args.streams, args.stream_tokens, args.reps.min(3)).await;
     let sessions = sessions::measure(&conn, args.reps.min(3), args.turns).await;
@@ -302,6 +322,7 @@ async fn bench() {
         bandwidth,
         phones,
         sessions,
+        gpu,
     };
     if args.json {
         println!("{}", report::json(&report));
