@@ -12,6 +12,7 @@ usage: dequantize.py MODEL.gguf OUT.gguf
 import argparse
 
 import gguf
+import gguf_file
 import numpy as np
 
 
@@ -34,10 +35,7 @@ def main() -> None:
         values = gguf.quants.dequantize(t.data, t.tensor_type).astype(np.float32)
         # ggml lists dimensions innermost first; numpy outermost first.
         w.add_tensor(t.name, values.reshape([int(n) for n in reversed(t.shape)]))
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
+    gguf_file.write(w)
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ usage: make-lora.py BASE.gguf OUT.gguf [--rank 4] [--seed 1] [--scale 0.5] [--ze
 import argparse
 
 import gguf
+import gguf_file
 import numpy as np
 
 
@@ -42,10 +43,7 @@ def main() -> None:
             rng.standard_normal((n_out, args.rank)) * args.scale).astype(np.float32)
         w.add_tensor(t.name + ".lora_a", a)
         w.add_tensor(t.name + ".lora_b", b)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
+    gguf_file.write(w)
 
 
 if __name__ == "__main__":

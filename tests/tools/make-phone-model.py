@@ -16,6 +16,7 @@ usage: make-phone-model.py TOKENIZER.gguf OUT.gguf --size 1.5b --type q4_0 [--se
 import argparse
 
 import gguf
+import gguf_file
 import numpy as np
 
 # n_embd, n_layer, n_head, n_head_kv, n_ff
@@ -107,10 +108,7 @@ def main() -> None:
         matrix(p + "ffn_gate.weight", n_ff, n_embd)
         matrix(p + "ffn_up.weight", n_ff, n_embd)
         matrix(p + "ffn_down.weight", n_embd, n_ff)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
+    gguf_file.write(w)
 
 
 if __name__ == "__main__":
