@@ -2,13 +2,14 @@
 # The GPU check on a machine with an NVIDIA GPU (aim: under 8 minutes on 16 cores): builds
 # hearthd's engine with ggml's CUDA backend for this machine's GPU only, runs the GPU tests
 # (tests/tests/gpu.rs) on it, and the bench's GPU section, beside llama.cpp's llama-bench
-# built for CUDA from the same sources as the other peers when one is present
-# (HEARTH_LLAMA_BENCH_GPU names it).
+# built for CUDA from the same sources as the other peers
+# (tests/tools/build-llama-tools.sh --cuda).
 #
 # Needs: the NVIDIA driver (nvidia-smi), the CUDA toolkit (nvcc on PATH or in
 # /usr/local/cuda; Debian: nvidia-cuda-toolkit from non-free, which this script installs
 # with apt where a package source is reachable and the toolkit is missing), and what
-# scripts/setup-deps.sh installs. Status: written against the CUDA toolkit's documented
+# scripts/setup-deps.sh installs; what is missing comes over the network (apt, PyPI, the
+# model's package), so a machine without one needs it all present first. Status: written against the CUDA toolkit's documented
 # layout and llama-cpp-sys-2's `cuda` feature; not yet run on a CUDA machine (none was lent
 # where it was written), so its first run is also the first test of the engine's
 # "nvidia-ioctl" sandbox allowance.
@@ -54,6 +55,9 @@ say "GPU tests on $(nvidia-smi --query-gpu=name --format=csv,noheader | head -n1
 cargo test --release -p hearth-tests --features cuda --test gpu -- --test-threads=1 --nocapture
 say "GPU tests passed"
 if [ "${1:-}" != "--no-bench" ]; then
-    cargo run --release -p hearth-tests --bin hearth-bench -- --gpu-only --reps 3
+    say "llama-bench for CUDA (the bench's peer)"
+    HEARTH_LLAMA_BENCH_GPU="$(./tests/tools/build-llama-tools.sh --cuda)/llama-bench"
+    export HEARTH_LLAMA_BENCH_GPU
+    cargo run --release -p hearth-tests --features cuda --bin hearth-bench -- --gpu-only --reps 3
 fi
 say "done"

@@ -4,11 +4,12 @@
 # that llama-cpp-sys-2's crate leaves out). Idempotent: the binaries are kept in
 # target/llama-tools/bin and rebuilt only when the pinned version changes.
 #
-# With --vulkan, llama-bench alone, built with ggml's Vulkan backend into
-# target/llama-tools-vulkan (the peer of hearth-bench's GPU section; it needs
-# scripts/setup-deps.sh's Vulkan packages and target/vulkan-sdk headers).
+# With --vulkan or --cuda, llama-bench alone, built with that ggml backend into
+# target/llama-tools-vulkan or target/llama-tools-cuda (the peer of hearth-bench's GPU
+# section, HEARTH_LLAMA_BENCH_GPU): Vulkan needs scripts/setup-deps.sh's packages and the
+# target/vulkan-sdk headers, CUDA the toolkit (scripts/gpu-check.sh).
 #
-# Usage: tests/tools/build-llama-tools.sh [--vulkan]   (prints the bin directory)
+# Usage: tests/tools/build-llama-tools.sh [--vulkan | --cuda]   (prints the bin directory)
 set -eu
 VERSION=0.3.36
 BUILD=2  # bump when the cmake options change
@@ -16,12 +17,21 @@ ROOT=$(cd "$(dirname "$0")/../.." && pwd)
 DIR="$ROOT/target/llama-tools"
 TARGETS="llama-server llama-bench"
 BACKEND=""
-if [ "${1:-}" = "--vulkan" ]; then
-    DIR="$ROOT/target/llama-tools-vulkan"
-    TARGETS="llama-bench"
-    BACKEND="-DGGML_VULKAN=ON"
-    export VULKAN_SDK="$ROOT/target/vulkan-sdk"
-fi
+case "${1:-}" in
+    --vulkan)
+        DIR="$ROOT/target/llama-tools-vulkan"
+        TARGETS="llama-bench"
+        BACKEND="-DGGML_VULKAN=ON"
+        export VULKAN_SDK="$ROOT/target/vulkan-sdk"
+        ;;
+    --cuda)
+        DIR="$ROOT/target/llama-tools-cuda"
+        TARGETS="llama-bench"
+        BACKEND="-DGGML_CUDA=ON"
+        ;;
+    "") ;;
+    *) echo "usage: $0 [--vulkan | --cuda]" >&2; exit 2 ;;
+esac
 BIN="$DIR/bin"
 built=1
 for t in $TARGETS; do [ -x "$BIN/$t" ] || built=0; done
@@ -37,7 +47,7 @@ fi
 rm -rf "$DIR/src" "$DIR/build"
 mkdir -p "$DIR/src"
 tar -xzf "$SDIST" -C "$DIR/src" --strip-components=1
-# Release build, the CPU backend (and Vulkan with --vulkan), like the engine's; OpenMP as llama.cpp's default build
+# Release build, the CPU backend (and the GPU one asked for), like the engine's; OpenMP as llama.cpp's default build
 # has it where the compiler provides it. Without AMX, as .cargo/config.toml builds the
 # engine's ggml: a VM that lists AMX may not let a process use it (SIGSEGV in
 # ggml_backend_amx_mul_mat on the first prompt), and the peers must run the same kernels.
