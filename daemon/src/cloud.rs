@@ -18,6 +18,8 @@ use hearth_ffi::{ChatMessage, SamplerParams};
 use serde::Deserialize;
 use tokio::sync::watch;
 
+use crate::engine::{GenerateRequest, ImageInput};
+
 /// The systemd credential name of the API key.
 pub const KEY_CREDENTIAL: &str = "hearth-cloud-key";
 
@@ -100,15 +102,36 @@ pub struct Cloud {
 /// The chat-completions request: the conversation, and when `assistant_prefix` is given, the
 /// assistant's turn begun with it and the flags vLLM and llama-server read to extend it
 /// rather than start a new one.
+/// A message's images go as OpenAI content parts: `image_url` parts with data URLs, before
+/// its text (where the device puts them too).
 fn request_body(
     remote_model: &str,
     messages: &[ChatMessage],
+    images: &[ImageInput],
     assistant_prefix: Option<&str>,
     max_tokens: u32,
     sampling: SamplerParams,
 ) -> serde_json::Value {
-    let mut turns: Vec<serde_json::Value> =
-        messages.iter().map(|m| serde_json::json!({"role": m.role, "content": m.content})).collect();
+    use base64::Engine;
+    let turn = |(i, m): (usize, &ChatMessage)| {
+        let mine: Vec<&ImageInput> = images.iter().filter(|im| im.message as usize == i).collect();
+        if mine.is_empty() {
+            return serde_json::json!({"role": m.role, "content": m.content});
+        }
+        let mut parts: Vec<serde_json::Value> = mine
+            .iter()
+            .map(|im| {
+                let mime = if im.bytes.starts_with(b"\x89PNG") { "image/png" } else { "image/jpeg" };
+                let data = base64::engine::general_purpose::STANDARD.encode(im.bytes.as_slice());
+                serde_json::json!({"type": "image_url", "image_url": {"url": format!("data:{mime};base64,{data}")}})
+            })
+            .collect();
+        if !m.content.is_empty() {
+            parts.push(serde_json::json!({"type": "text", "text": m.content}));
+        }
+        serde_json::json!({"role": m.role, "content": parts})
+    };
+    let mut turns: Vec<serde_json::Value> = messages.iter().enumerate().map(turn).collect();
     let mut body = serde_json::json!({
         "model": remote_model,
         "max_tokens": max_tokens,
@@ -264,16 +287,21 @@ impl Cloud {
     pub async fn stream(
         &self,
         remote_model: &str,
-        messages: &[ChatMessage],
+        request: &GenerateRequest,
         assistant_prefix: Option<&str>,
-        max_tokens: u32,
-        sampling: SamplerParams,
         mut on_text: impl FnMut(&str) -> bool,
     ) -> Result<CloudFinish, CloudError> {
         if !self.available() {
             return Err(CloudError::BeforeFirstToken("the cloud circuit breaker is open".into()));
         }
-        let body = request_body(remote_model, messages, assistant_prefix, max_tokens, sampling);
+        let body = request_body(
+            remote_model,
+            &request.messages,
+            &request.images,
+            assistant_prefix,
+            request.max_tokens,
+            request.sampling,
+        );
         let mut attempt = 0;
         loop {
             match self.attempt(&body, remote_model, &mut on_text).await {

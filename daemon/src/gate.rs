@@ -180,11 +180,17 @@ mod tests {
             adapters: None,
             session: None,
             speculative: true,
+            images: Vec::new(),
         }
     }
 
     fn admit(gate: &Gate, app: &str, r: &GenerateRequest) -> Result<Admitted, Error> {
-        let parts = vec![Part { role: "user".into(), content: Content::Text("hi".into()), scope: Scope::Public }];
+        let parts = vec![Part {
+            role: "user".into(),
+            content: Content::Text("hi".into()),
+            scope: Scope::Public,
+            images: Vec::new(),
+        }];
         gate.admit(app, r, "m", parts, RouteRequest::Local, CloudView::default())
     }
 

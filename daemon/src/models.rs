@@ -115,6 +115,20 @@ pub struct Manifest {
     /// LoRA adapters applied on load, in order.
     #[serde(default)]
     pub adapters: Vec<AdapterManifest>,
+    /// The vision projector of a model with the `vision` capability (and only of one).
+    #[serde(default)]
+    pub mmproj: Option<ProjectorManifest>,
+}
+
+/// A vision model's projector file (llama.cpp's "mmproj" GGUF): what turns an image into
+/// embeddings for the language model. Verified like the model before it is loaded.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ProjectorManifest {
+    /// The projector GGUF, relative to the manifest's directory.
+    pub file: PathBuf,
+    /// Lower-case hex sha256 of the file.
+    pub sha256: String,
 }
 
 /// One installed model.
@@ -134,6 +148,12 @@ impl ModelEntry {
     pub fn adapter_paths(&self) -> Vec<PathBuf> {
         let dir = self.manifest_path.parent().unwrap_or(Path::new("."));
         self.manifest.adapters.iter().map(|a| dir.join(&a.file)).collect()
+    }
+
+    /// Absolute path of the vision projector file, if the model has one.
+    pub fn mmproj_path(&self) -> Option<PathBuf> {
+        let dir = self.manifest_path.parent().unwrap_or(Path::new("."));
+        self.manifest.mmproj.as_ref().map(|p| dir.join(&p.file))
     }
 
     pub fn has(&self, capability: Capability) -> bool {
@@ -230,7 +250,8 @@ fn read_manifest(path: &Path) -> Result<ModelEntry, CatalogError> {
         return Err(bad(format!("invalid model name {:?}", manifest.name)));
     }
     let files = std::iter::once((&manifest.file, &manifest.sha256))
-        .chain(manifest.adapters.iter().map(|a| (&a.file, &a.sha256)));
+        .chain(manifest.adapters.iter().map(|a| (&a.file, &a.sha256)))
+        .chain(manifest.mmproj.iter().map(|p| (&p.file, &p.sha256)));
     for (file, sha256) in files {
         if !check_sha256(sha256) {
             return Err(bad(format!("sha256 of {} must be 64 lower-case hex digits", file.display())));
@@ -245,6 +266,11 @@ fn read_manifest(path: &Path) -> Result<ModelEntry, CatalogError> {
     }
     if manifest.capabilities.is_empty() {
         return Err(bad("capabilities is empty".into()));
+    }
+    match (manifest.capabilities.contains(&Capability::Vision), manifest.mmproj.is_some()) {
+        (true, false) => return Err(bad("capability vision needs the projector file: an [mmproj] table".into())),
+        (false, true) => return Err(bad("an [mmproj] projector is for models with the vision capability".into())),
+        _ => {}
     }
     if manifest.adapters.iter().any(|a| !a.scale.is_finite()) {
         return Err(bad("adapter scale must be a finite number".into()));

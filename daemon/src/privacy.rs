@@ -12,10 +12,12 @@
 //! indices and counts only.
 
 use std::collections::BTreeSet;
+use std::sync::Arc;
 
 use hearth_ffi::ChatMessage;
 use serde::Deserialize;
 
+use crate::engine::ImageInput;
 use crate::error::Error;
 use crate::policy::{AppPolicy, Policies};
 use crate::seal::{SealError, Sealer};
@@ -98,12 +100,20 @@ pub enum Content {
     Sealed(Vec<u8>),
 }
 
-/// One message of a request, before unsealing.
+/// An image of a message, before unsealing: encoded bytes, or bytes sealed by [`Sealer`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Image {
+    Plain(Vec<u8>),
+    Sealed(Vec<u8>),
+}
+
+/// One message of a request, before unsealing. Its images share its scope.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Part {
     pub role: String,
     pub content: Content,
     pub scope: Scope,
+    pub images: Vec<Image>,
 }
 
 /// The routing decision for one request.
@@ -125,6 +135,8 @@ pub struct Decision {
 #[derive(Debug)]
 pub struct Admitted {
     pub messages: Vec<ChatMessage>,
+    /// The messages' images, unsealed, in message order.
+    pub images: Vec<ImageInput>,
     pub decision: Decision,
 }
 
@@ -141,13 +153,32 @@ pub fn admit(
     cloud: CloudView,
 ) -> Result<Admitted, Error> {
     let scopes: BTreeSet<Scope> = parts.iter().map(|p| p.scope).collect();
-    let sealed = parts.iter().filter(|p| matches!(p.content, Content::Sealed(_))).count();
+    let sealed = parts.iter().filter(|p| matches!(p.content, Content::Sealed(_))).count()
+        + parts.iter().flat_map(|p| &p.images).filter(|i| matches!(i, Image::Sealed(_))).count();
+    let image_count = parts.iter().map(|p| p.images.len()).sum::<usize>();
     let mut messages = Vec::with_capacity(parts.len());
+    let mut images = Vec::with_capacity(image_count);
     for (i, part) in parts.into_iter().enumerate() {
         let content = match part.content {
             Content::Text(t) => t,
-            Content::Sealed(blob) => unseal(app_id, policies, sealer, &blob, i)?,
+            Content::Sealed(blob) => {
+                let plain = unseal(app_id, policies, sealer, &blob, &format!("messages[{i}].sealed"))?;
+                String::from_utf8(plain)
+                    .map_err(|_| Error::InvalidArgs(format!("messages[{i}].sealed does not hold UTF-8 text")))?
+            }
         };
+        for (j, image) in part.images.into_iter().enumerate() {
+            let bytes = match image {
+                Image::Plain(b) => b,
+                Image::Sealed(blob) => {
+                    let what = format!("messages[{i}].sealed_images[{j}]");
+                    let plain = unseal(app_id, policies, sealer, &blob, &what)?;
+                    crate::request::check_image(&what, &plain)?;
+                    plain
+                }
+            };
+            images.push(ImageInput { message: i as u32, bytes: Arc::new(serde_bytes::ByteBuf::from(bytes)) });
+        }
         messages.push(ChatMessage { role: part.role, content });
     }
     let taint = scopes.iter().copied().max().unwrap_or(Scope::Personal);
@@ -156,29 +187,31 @@ pub fn admit(
     match &outcome {
         Ok(d) => tracing::info!(
             target: "hearth::audit", app = app_id, scopes = %scope_list.join(","), sealed_parts = sealed,
-            requested = ?route, route = d.route.as_str(), reason = d.reason, "routing decision"
+            images = image_count, requested = ?route, route = d.route.as_str(), reason = d.reason, "routing decision"
         ),
         Err(e) => tracing::info!(
             target: "hearth::audit", app = app_id, scopes = %scope_list.join(","), sealed_parts = sealed,
-            requested = ?route, route = "refused", reason = %e, "routing decision"
+            images = image_count, requested = ?route, route = "refused", reason = %e, "routing decision"
         ),
     }
-    outcome.map(|route| Admitted { messages, decision: Decision { taint, ..route } })
+    outcome.map(|route| Admitted { messages, images, decision: Decision { taint, ..route } })
 }
 
-fn unseal(app_id: &str, policies: &Policies, sealer: &Sealer, blob: &[u8], i: usize) -> Result<String, Error> {
+/// Opens the sealed blob at `what` for `app_id`: only the sealing app, or apps it shares
+/// with, may use it.
+fn unseal(app_id: &str, policies: &Policies, sealer: &Sealer, blob: &[u8], what: &str) -> Result<Vec<u8>, Error> {
     let at = |e: SealError| match e {
-        SealError::Malformed(_) => Error::InvalidArgs(format!("messages[{i}].sealed: {e}")),
-        SealError::Forged => Error::NotAuthorized(format!("messages[{i}].sealed: {e}")),
+        SealError::Malformed(_) => Error::InvalidArgs(format!("{what}: {e}")),
+        SealError::Forged => Error::NotAuthorized(format!("{what}: {e}")),
     };
     let owner = Sealer::sealer_of(blob).map_err(at)?;
     if owner != app_id && !policies.get(&owner).share_sealed_with.iter().any(|a| a == app_id) {
         return Err(Error::NotAuthorized(format!(
-            "messages[{i}].sealed was sealed by another app that does not share it with this one"
+            "{what} was sealed by another app that does not share it with this one"
         )));
     }
     let (_, plain) = sealer.open_blob(blob).map_err(at)?;
-    String::from_utf8(plain).map_err(|_| Error::InvalidArgs(format!("messages[{i}].sealed does not hold UTF-8 text")))
+    Ok(plain)
 }
 
 fn decide(

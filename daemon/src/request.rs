@@ -9,13 +9,68 @@ use zbus::{OwnedVariant, Variant};
 
 use crate::engine::{GenerateRequest, Priority};
 use crate::error::Error;
-use crate::privacy::{Content, Part, RouteRequest, Scope};
+use crate::privacy::{Content, Image, Part, RouteRequest, Scope};
 use crate::structured::Structure;
 
 /// Most messages in one request.
 const MAX_MESSAGES: usize = 1024;
 /// Most bytes of all message contents together (the context bounds tokens later).
 const MAX_CONTENT_BYTES: usize = 1 << 20;
+
+/// Most images in one request, the most bytes of one (encoded), and of all together. The
+/// projectors of small vision models see 224 to 512 pixels a side: an app sends a photo
+/// downscaled, not the camera's file. (zbus holds a received `ay` as one value per byte,
+/// so hearthd briefly holds some 30 times a request's image bytes.)
+pub const MAX_IMAGES: usize = 8;
+pub const MAX_IMAGE_BYTES: usize = 4 << 20;
+const MAX_IMAGE_TOTAL_BYTES: usize = 8 << 20;
+
+/// Checks that `bytes` (the image at `what`) is a PNG or a JPEG by its signature: the only
+/// formats the engine decodes. Nothing else of it is read here: decoding happens in the
+/// sandboxed engine.
+pub fn check_image(what: &str, bytes: &[u8]) -> Result<(), Error> {
+    if bytes.is_empty() {
+        return Err(invalid(format!("{what} is empty")));
+    }
+    if bytes.len() > MAX_IMAGE_BYTES {
+        return Err(invalid(format!("{what} has {} bytes; at most {MAX_IMAGE_BYTES}", bytes.len())));
+    }
+    if !has_image_signature(bytes) {
+        return Err(invalid(format!("{what} is neither a PNG nor a JPEG image (the formats taken)")));
+    }
+    Ok(())
+}
+
+/// Whether `bytes` begin like a PNG or a JPEG file.
+pub fn has_image_signature(bytes: &[u8]) -> bool {
+    const PNG: &[u8] = b"\x89PNG\r\n\x1a\n";
+    const JPEG: &[u8] = &[0xff, 0xd8, 0xff];
+    bytes.starts_with(PNG) || bytes.starts_with(JPEG)
+}
+
+/// `images` or `sealed_images` of message `i`: an array of byte arrays.
+fn parse_images(i: usize, k: &str, v: &Variant<'_>, sealed: bool, out: &mut Vec<Image>) -> Result<(), Error> {
+    let Variant::Array(array) = unwrap_variant(v) else {
+        return Err(invalid(format!(
+            "messages[{i}].{k} must be an array of byte arrays (aay), got {}",
+            v.value_signature()
+        )));
+    };
+    for (j, item) in array.inner().iter().enumerate() {
+        let what = format!("messages[{i}].{k}[{j}]");
+        let bytes = as_bytes(&what, item)?;
+        if sealed {
+            if bytes.len() > MAX_IMAGE_BYTES + 4096 {
+                return Err(invalid(format!("{what} has {} bytes; at most {MAX_IMAGE_BYTES} sealed", bytes.len())));
+            }
+            out.push(Image::Sealed(bytes));
+        } else {
+            check_image(&what, &bytes)?;
+            out.push(Image::Plain(bytes));
+        }
+    }
+    Ok(())
+}
 
 /// Most adapters one request may name, and the largest scale magnitude.
 const MAX_ADAPTERS: usize = 16;
@@ -131,6 +186,7 @@ fn parse_messages(v: &Variant<'_>) -> Result<Vec<Part>, Error> {
         return Err(invalid(format!("messages has {} entries; at most {MAX_MESSAGES}", array.len())));
     }
     let mut total = 0usize;
+    let (mut image_count, mut image_bytes) = (0usize, 0usize);
     let mut out = Vec::with_capacity(array.len());
     for (i, item) in array.inner().iter().enumerate() {
         let Variant::Dict(dict) = unwrap_variant(item) else {
@@ -140,6 +196,7 @@ fn parse_messages(v: &Variant<'_>) -> Result<Vec<Part>, Error> {
             )));
         };
         let (mut role, mut content, mut scope) = (None, None, None);
+        let (mut images, mut sealed_images) = (Vec::new(), Vec::new());
         for (k, v) in dict.iter() {
             let Variant::Str(k) = k else {
                 return Err(invalid(format!("messages[{i}] keys must be strings")));
@@ -162,14 +219,38 @@ fn parse_messages(v: &Variant<'_>) -> Result<Vec<Part>, Error> {
                         invalid(format!("messages[{i}].scope {s:?} is not one of public, personal, local"))
                     })?);
                 }
+                key::IMAGES => parse_images(i, key::IMAGES, v, false, &mut images)?,
+                key::SEALED_IMAGES => parse_images(i, key::SEALED_IMAGES, v, true, &mut sealed_images)?,
                 other => return Err(invalid(format!("messages[{i}] has unknown key {other:?}"))),
             }
+        }
+        images.append(&mut sealed_images);
+        image_count += images.len();
+        if image_count > MAX_IMAGES {
+            return Err(invalid(format!("the messages hold {image_count} images; at most {MAX_IMAGES}")));
+        }
+        image_bytes += images
+            .iter()
+            .map(|i| match i {
+                Image::Plain(b) | Image::Sealed(b) => b.len(),
+            })
+            .sum::<usize>();
+        if image_bytes > MAX_IMAGE_TOTAL_BYTES {
+            return Err(invalid(format!("the messages' images exceed {MAX_IMAGE_TOTAL_BYTES} bytes together")));
         }
         let role = role.ok_or_else(|| invalid(format!("messages[{i}] has no role")))?;
         if !matches!(role.as_str(), "system" | "user" | "assistant" | "tool") {
             return Err(invalid(format!("messages[{i}].role {role:?} is not one of system, user, assistant, tool")));
         }
-        let content = content.ok_or_else(|| invalid(format!("messages[{i}] has no content (or sealed)")))?;
+        // A message of images alone has empty text.
+        let content = match content {
+            Some(c) => c,
+            None if !images.is_empty() => Content::Text(String::new()),
+            None => return Err(invalid(format!("messages[{i}] has no content (or sealed, or images)"))),
+        };
+        if !images.is_empty() && role != "user" {
+            return Err(invalid(format!("messages[{i}] holds images, which only user messages may")));
+        }
         total += match &content {
             Content::Text(t) => t.len(),
             Content::Sealed(b) => b.len(),
@@ -177,15 +258,16 @@ fn parse_messages(v: &Variant<'_>) -> Result<Vec<Part>, Error> {
         if total > MAX_CONTENT_BYTES {
             return Err(invalid(format!("message contents exceed {MAX_CONTENT_BYTES} bytes")));
         }
-        // Sealed data is local by definition; unlabelled text is personal.
-        let scope = match (&content, scope) {
-            (Content::Sealed(_), Some(s)) if s != Scope::Local => {
+        // Sealed data is local by definition (text or image); unlabelled text is personal.
+        let sealed = matches!(content, Content::Sealed(_)) || images.iter().any(|i| matches!(i, Image::Sealed(_)));
+        let scope = match (sealed, scope) {
+            (true, Some(s)) if s != Scope::Local => {
                 return Err(invalid(format!("messages[{i}] is sealed, so its scope is local, not {}", s.as_str())));
             }
-            (Content::Sealed(_), _) => Scope::Local,
-            (Content::Text(_), s) => s.unwrap_or(Scope::Personal),
+            (true, _) => Scope::Local,
+            (false, s) => s.unwrap_or(Scope::Personal),
         };
-        out.push(Part { role, content, scope });
+        out.push(Part { role, content, scope, images });
     }
     Ok(out)
 }
@@ -390,6 +472,7 @@ pub fn parse(dict: &HashMap<String, OwnedVariant>, default_max_tokens: u32) -> R
         adapters,
         session: None,
         speculative,
+        images: Vec::new(),
     };
     Ok(Parsed { request, parts, route, handle_token, structure })
 }

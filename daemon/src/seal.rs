@@ -29,7 +29,7 @@ use chacha20poly1305::{XChaCha20Poly1305, XNonce};
 const MAGIC: &[u8; 4] = b"HSL1";
 const NONCE_LEN: usize = 24;
 const TAG_LEN: usize = 16;
-/// Largest plaintext Seal accepts.
+/// Largest text Seal accepts (images: `request::MAX_IMAGE_BYTES`).
 pub const MAX_PLAINTEXT: usize = 1 << 20;
 /// The systemd credential name of the key.
 pub const CREDENTIAL: &str = "hearth-seal-key";

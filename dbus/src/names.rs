@@ -48,6 +48,10 @@ pub mod request_key {
     pub const CONTENT: &str = "content";
     pub const SEALED: &str = "sealed";
     pub const SCOPE: &str = "scope";
+    /// aay: images (PNG or JPEG bytes) placed before the message's text; vision models only.
+    pub const IMAGES: &str = "images";
+    /// aay: images sealed with Seal (so local), placed after `images`.
+    pub const SEALED_IMAGES: &str = "sealed_images";
 }
 
 /// Keys of the result dictionary (Complete's reply and Request.Finished).

@@ -98,6 +98,8 @@ impl Backend {
             // SAFETY: the callback is a `'static` function that tolerates any level and a null
             // text; no user data pointer is registered.
             unsafe { sys::llama_log_set(Some(log_to_tracing), std::ptr::null_mut()) };
+            // SAFETY: as above, for libmtmd's own logger (projectors and images).
+            unsafe { sys::mtmd_log_set(Some(log_to_tracing), std::ptr::null_mut()) };
             // SAFETY: guarded by the OnceLock, so this runs exactly once per process, before any
             // other llama.cpp call made through this crate.
             unsafe { sys::llama_backend_init() };

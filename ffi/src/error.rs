@@ -71,6 +71,13 @@ pub enum Error {
     /// The sampler chain selected no token (every candidate's logit was not finite).
     #[error("the sampler selected no token")]
     NoCandidate,
+    /// libmtmd refused the projector file (not a vision projector, or one made for a model
+    /// of another embedding width).
+    #[error("libmtmd could not load projector {path} for this model")]
+    ProjectorLoad { path: PathBuf },
+    /// An image the projector cannot take; `reason` says why, without its content.
+    #[error("{reason}")]
+    Image { reason: String },
     /// A sampler index referred to a batch position that produced no logits.
     #[error("batch position {0} has no logits")]
     NoLogits(i32),

@@ -22,6 +22,7 @@ mod heap;
 mod model;
 mod sampler;
 mod threadpool;
+mod vision;
 
 pub use backend::{Backend, DeviceInfo, DeviceKind};
 pub use batch::Batch;
@@ -31,6 +32,7 @@ pub use error::{Error, Result};
 pub use heap::{exit_now, landlock_abi, release_free_heap};
 pub use model::{ChatMessage, KvGeometry, Model, ModelParams};
 pub use sampler::{Sampler, SamplerParams, json_schema_to_grammar};
+pub use vision::{ImagePiece, Projector};
 
 /// A token id of the model's vocabulary.
 pub type Token = i32;

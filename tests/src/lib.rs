@@ -487,17 +487,82 @@ impl ModelDir {
     /// Writes a LoRA adapter for the default model as `file`, with tests/tools/make-lora.py
     /// (gguf-py) and its `extra` arguments.
     pub fn make_lora(&self, file: &str, extra: &[&str]) {
+        self.run_gguf_tool("make-lora.py", file, extra);
+    }
+
+    /// Writes a vision projector for the default model as `file`, with
+    /// tests/tools/make-mmproj.py (gguf-py) and its `extra` arguments.
+    pub fn make_mmproj(&self, file: &str, extra: &[&str]) {
+        self.run_gguf_tool("make-mmproj.py", file, extra);
+    }
+
+    /// Runs the gguf-py tool `script` on the default model, writing `file` here.
+    fn run_gguf_tool(&self, script: &str, file: &str, extra: &[&str]) {
         let python = workspace_root().join(".venv/bin/python");
         assert!(python.exists(), "{} is missing: run scripts/setup-deps.sh", python.display());
         let out = std::process::Command::new(python)
-            .arg(workspace_root().join("tests/tools/make-lora.py"))
+            .arg(workspace_root().join("tests/tools").join(script))
             .arg(model_path())
             .arg(self.path().join(file))
             .args(extra)
             .output()
-            .expect("run make-lora.py");
-        assert!(out.status.success(), "make-lora.py: {}", String::from_utf8_lossy(&out.stderr));
+            .unwrap_or_else(|e| panic!("run {script}: {e}"));
+        assert!(out.status.success(), "{script}: {}", String::from_utf8_lossy(&out.stderr));
     }
+
+    /// A vision model: the default model with a test projector (make-mmproj.py), under the
+    /// manifest `name`.
+    pub fn vision_model(&self, name: &str) {
+        self.link_default_model("m.gguf");
+        self.make_mmproj("mmproj.gguf", &[]);
+        let sha = sha256_file(&self.path().join("mmproj.gguf"));
+        let extra =
+            format!("capabilities = [\"chat\", \"vision\"]\n[mmproj]\nfile = \"mmproj.gguf\"\nsha256 = {sha:?}\n");
+        self.manifest(name, "m.gguf", None, &extra);
+    }
+}
+
+/// A test image as PNG bytes: `width` x `height` pixels from `pixel(x, y)`.
+pub fn png(width: u32, height: u32, pixel: impl Fn(u32, u32) -> [u8; 3]) -> Vec<u8> {
+    encode_image(width, height, pixel, image::ImageFormat::Png)
+}
+
+/// The same as a JPEG.
+pub fn jpeg(width: u32, height: u32, pixel: impl Fn(u32, u32) -> [u8; 3]) -> Vec<u8> {
+    encode_image(width, height, pixel, image::ImageFormat::Jpeg)
+}
+
+fn encode_image(width: u32, height: u32, pixel: impl Fn(u32, u32) -> [u8; 3], format: image::ImageFormat) -> Vec<u8> {
+    let img = image::RgbImage::from_fn(width, height, |x, y| image::Rgb(pixel(x, y)));
+    let mut out = std::io::Cursor::new(Vec::new());
+    img.write_to(&mut out, format).expect("encode a test image");
+    out.into_inner()
+}
+
+/// One user message with `images` before its `text`, as a `messages` value; `scope` and
+/// `sealed_images` when given.
+pub fn image_message(
+    text: &str,
+    images: &[&[u8]],
+    sealed_images: &[&[u8]],
+    scope: Option<&str>,
+) -> HashMap<String, Variant<'static>> {
+    use hearth_dbus::request_key as key;
+    let list = |l: &[&[u8]]| Variant::from(l.iter().map(|b| b.to_vec()).collect::<Vec<Vec<u8>>>());
+    let mut m = HashMap::from([
+        (key::ROLE.to_owned(), Variant::from("user")),
+        (key::CONTENT.to_owned(), Variant::from(text.to_owned())),
+    ]);
+    if !images.is_empty() {
+        m.insert(key::IMAGES.to_owned(), list(images));
+    }
+    if !sealed_images.is_empty() {
+        m.insert(key::SEALED_IMAGES.to_owned(), list(sealed_images));
+    }
+    if let Some(s) = scope {
+        m.insert(key::SCOPE.to_owned(), Variant::from(s.to_owned()));
+    }
+    m
 }
 
 /// Lower-case hex sha256 of a file.

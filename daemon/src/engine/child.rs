@@ -122,8 +122,9 @@ fn read_start(socket: &mut UnixStream) -> Result<(Start, Vec<OwnedFd>), String> 
     if start.version != protocol::VERSION {
         return Err(format!("hearthd speaks protocol {}, this engine {}", start.version, protocol::VERSION));
     }
-    if files.len() != 1 + start.load.adapters.len() {
-        return Err(format!("expected {} files, got {}", 1 + start.load.adapters.len(), files.len()));
+    let expected = 1 + start.load.adapters.len() + usize::from(start.load.mmproj);
+    if files.len() != expected {
+        return Err(format!("expected {expected} files, got {}", files.len()));
     }
     Ok((start, files))
 }
@@ -140,6 +141,7 @@ struct Serving {
     kv: u64,
     report: SandboxReport,
     gpu_access: super::sandbox::GpuAccess,
+    vision: Option<super::image::Vision>,
 }
 
 /// Sandboxes the process and loads the model and its context.
@@ -151,8 +153,10 @@ fn load(start: &Start, files: Vec<OwnedFd>, socket: &mut UnixStream) -> Result<S
     let gpu = super::probe::offload_device(&listed, start.load.gpu_layers, &start.load.devices).cloned();
     let mut files = files.into_iter();
     let model_file = std::fs::File::from(files.next().ok_or("no model file")?);
-    let adapters: Vec<OwnedFd> = files.collect();
-    let landlock = super::sandbox::restrict_files(&adapters.iter().collect::<Vec<_>>())?;
+    let mut adapters: Vec<OwnedFd> = files.collect();
+    let mmproj = if start.load.mmproj { adapters.pop() } else { None };
+    let readable: Vec<&OwnedFd> = adapters.iter().chain(&mmproj).collect();
+    let landlock = super::sandbox::restrict_files(&readable)?;
     let probes = super::sandbox::probe_paths(&start.probes);
     let landlock_probes: Vec<String> = probes.iter().map(|p| super::sandbox::probe_open(p)).collect();
 
@@ -181,6 +185,16 @@ fn load(start: &Start, files: Vec<OwnedFd>, socket: &mut UnixStream) -> Result<S
     drop(adapters);
     let model = Arc::new(model);
     let settings = &start.settings;
+    let vision = match &mmproj {
+        Some(fd) => {
+            let path = std::path::PathBuf::from(format!("/proc/self/fd/{}", std::os::fd::AsRawFd::as_raw_fd(fd)));
+            let projector = hearth_ffi::Projector::load(&path, Arc::clone(&model), settings.threads)
+                .map_err(|e| format!("vision projector: {e}"))?;
+            Some(super::image::Vision::new(projector))
+        }
+        None => None,
+    };
+    drop(mmproj);
     let ctx = Context::new(
         Arc::clone(&model),
         ContextParams {
@@ -228,7 +242,7 @@ fn load(start: &Start, files: Vec<OwnedFd>, socket: &mut UnixStream) -> Result<S
         socket: String::new(),
         gpu_access: gpu_access.as_str().to_owned(),
     };
-    Ok(Serving { ctx, info, weights: model.size_bytes(), kv, report, gpu_access })
+    Ok(Serving { ctx, info, weights: model.size_bytes(), kv, report, gpu_access, vision })
 }
 
 /// Cancel switches of the requests and Embed calls in the engine, by hearthd's key.
@@ -240,7 +254,7 @@ fn lock(c: &Cancels) -> std::sync::MutexGuard<'_, HashMap<u64, CancelToken>> {
 
 impl Serving {
     fn serve(self, mut socket: UnixStream, start: &Start) -> Result<(), String> {
-        let Serving { ctx, info, weights, kv, mut report, gpu_access } = self;
+        let Serving { ctx, info, weights, kv, mut report, gpu_access, vision } = self;
         let (out_tx, out_rx) = mpsc::unbounded_channel();
         let (cmd_tx, cmd_rx) = mpsc::channel(64);
         let (status_tx, status_rx) = watch::channel(EngineStatus::default());
@@ -257,6 +271,7 @@ impl Serving {
             info.name.clone(),
             ctx.n_ctx_seq(),
             Arc::clone(&throttle),
+            vision,
         );
         let worker = worker::Worker::new(
             ctx,

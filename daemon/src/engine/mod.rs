@@ -36,6 +36,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, oneshot};
 
 mod error;
+mod image;
 
 pub use error::{CancelReason, EngineError};
 pub use signals::{KvGauges, KvSnapshot, Liveness, Throttle, ThrottleState, Wake};
@@ -63,6 +64,16 @@ pub struct GenerateRequest {
     pub session: Option<u64>,
     /// Speculative decoding by prompt lookup (the output is the same either way).
     pub speculative: bool,
+    /// Images (encoded PNG or JPEG), each placed at the start of its message's text. Only a
+    /// model with a vision projector takes them; they are decoded inside the engine.
+    pub images: Vec<ImageInput>,
+}
+
+/// An image of a request: the index of the message it belongs to, and its encoded bytes.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ImageInput {
+    pub message: u32,
+    pub bytes: Arc<serde_bytes::ByteBuf>,
 }
 
 /// The LoRA adapter scales a sequence runs with, one per adapter of the model in manifest

@@ -8,6 +8,7 @@ use std::sync::Arc;
 use hearth_ffi::{Model, Sampler, Token};
 use tokio::sync::{mpsc, oneshot};
 
+use super::image::{self, ImageSpan, Vision};
 use super::{
     Accepted, AdapterSet, Caller, CancelToken, Command, EngineError, Event, GenerateRequest, Priority, Throttle, Wake,
 };
@@ -16,9 +17,22 @@ use super::{
 #[derive(Debug)]
 pub struct Prepared {
     pub prompt: Vec<Token>,
+    /// Where its images' embedding rows stand in `prompt`, in order.
+    pub images: Vec<ImageSpan>,
     pub max_tokens: u32,
     pub sampler: Sampler,
     pub adapters: AdapterSet,
+}
+
+/// What an error of llama.cpp's while preparing says to the app: the input's fault where it is.
+fn input_error(e: hearth_ffi::Error) -> EngineError {
+    match e {
+        hearth_ffi::Error::InteriorNul { what } => EngineError::InvalidArgs(format!("{what} contains a NUL character")),
+        hearth_ffi::Error::Grammar => {
+            EngineError::InvalidArgs("llama.cpp refused the grammar after hearthd's own checks passed it".into())
+        }
+        e => EngineError::Internal(e.to_string()),
+    }
 }
 
 /// What preparing needs of the loaded model.
@@ -29,6 +43,8 @@ pub struct Preparer {
     /// Tokens one request's context holds.
     n_ctx: u32,
     throttle: Arc<Throttle>,
+    /// The model's vision projector, if it has one.
+    vision: Option<Vision>,
 }
 
 /// A Submit on its way to the worker.
@@ -42,8 +58,14 @@ pub struct Job {
 }
 
 impl Preparer {
-    pub fn new(model: Arc<Model>, model_name: String, n_ctx: u32, throttle: Arc<Throttle>) -> Self {
-        Self { model, model_name, n_ctx, throttle }
+    pub fn new(
+        model: Arc<Model>,
+        model_name: String,
+        n_ctx: u32,
+        throttle: Arc<Throttle>,
+        vision: Option<Vision>,
+    ) -> Self {
+        Self { model, model_name, n_ctx, throttle, vision }
     }
 
     /// Checks `request` against the model and the memory ceiling, and renders, tokenises and
@@ -58,28 +80,87 @@ impl Preparer {
                 request.max_tokens, self.n_ctx, self.model_name
             )));
         }
-        let nul = |e: hearth_ffi::Error| match e {
-            hearth_ffi::Error::InteriorNul { what } => {
-                EngineError::InvalidArgs(format!("{what} contains a NUL character"))
+        let (prompt, images) = if request.images.is_empty() {
+            let mut text = self.model.apply_chat_template(&request.messages, true).map_err(input_error)?;
+            if let Some(prefix) = &request.assistant_prefix {
+                text.push_str(prefix);
             }
-            hearth_ffi::Error::Grammar => {
-                EngineError::InvalidArgs("llama.cpp refused the grammar after hearthd's own checks passed it".into())
-            }
-            e => EngineError::Internal(e.to_string()),
+            (self.model.tokenize(&text, true, true)?, Vec::new())
+        } else {
+            self.with_images(request)?
         };
-        let mut text = self.model.apply_chat_template(&request.messages, true).map_err(nul)?;
-        if let Some(prefix) = &request.assistant_prefix {
-            text.push_str(prefix);
-        }
-        let prompt = self.model.tokenize(&text, true, true)?;
         // Room for the prompt and at least one generated token.
         if prompt.len() >= self.n_ctx as usize {
             return Err(EngineError::ContextLengthExceeded { prompt: prompt.len(), context: self.n_ctx });
         }
         let adapters = self.adapter_set(request.adapters.as_ref())?;
         let max_tokens = request.max_tokens.min(self.n_ctx - prompt.len() as u32);
-        let sampler = Sampler::with_grammar(&self.model, request.sampling, request.grammar.as_deref()).map_err(nul)?;
-        Ok(Prepared { prompt, max_tokens, sampler, adapters })
+        let sampler =
+            Sampler::with_grammar(&self.model, request.sampling, request.grammar.as_deref()).map_err(input_error)?;
+        Ok(Prepared { prompt, images, max_tokens, sampler, adapters })
+    }
+
+    /// Renders and tokenizes a request with images: each image's marker goes at the start of
+    /// its message's text, the template is rendered, and the text between markers is
+    /// tokenized around each image's tokens and placeholders (image.rs).
+    fn with_images(&self, request: &GenerateRequest) -> Result<(Vec<Token>, Vec<ImageSpan>), EngineError> {
+        let Some(vision) = &self.vision else {
+            return Err(EngineError::InvalidArgs(format!(
+                "model {:?} takes no images: its manifest names no vision projector (mmproj)",
+                self.model_name
+            )));
+        };
+        let texts = request.messages.iter().map(|m| m.content.as_str()).chain(request.assistant_prefix.as_deref());
+        if texts.into_iter().any(|t| t.contains(image::MARKER)) {
+            return Err(EngineError::InvalidArgs(format!(
+                "a message holds the text {:?}, which marks images here",
+                image::MARKER
+            )));
+        }
+        let mut messages = request.messages.clone();
+        for (i, m) in messages.iter_mut().enumerate() {
+            let n = request.images.iter().filter(|im| im.message as usize == i).count();
+            if n > 0 {
+                let sep = if m.content.is_empty() { "" } else { "\n" };
+                m.content = format!("{}{sep}{}", image::MARKER.repeat(n), m.content);
+            }
+        }
+        if request.images.iter().any(|im| im.message as usize >= messages.len()) {
+            return Err(EngineError::Internal("an image belongs to no message".into()));
+        }
+        let mut text = self.model.apply_chat_template(&messages, true).map_err(input_error)?;
+        if let Some(prefix) = &request.assistant_prefix {
+            text.push_str(prefix);
+        }
+        let pieces: Vec<&str> = text.split(image::MARKER).collect();
+        if pieces.len() != request.images.len() + 1 {
+            return Err(EngineError::InvalidArgs(format!(
+                "the chat template of model {:?} did not place every image ({} of {})",
+                self.model_name,
+                pieces.len() - 1,
+                request.images.len()
+            )));
+        }
+        // Images in message order (the messages' own order of images kept).
+        let mut order: Vec<(usize, &super::ImageInput)> = request.images.iter().enumerate().collect();
+        order.sort_by_key(|(k, im)| (im.message, *k));
+        let (mut prompt, mut spans) = (Vec::new(), Vec::new());
+        for (k, piece) in pieces.iter().enumerate() {
+            prompt.extend(self.model.tokenize(piece, k == 0, true)?);
+            if let Some((n, im)) = order.get(k) {
+                let what = format!("image {n} (of messages[{}])", im.message);
+                vision.append(&what, &im.bytes, &mut prompt, &mut spans)?;
+                if prompt.len() >= self.n_ctx as usize {
+                    break;
+                }
+            }
+        }
+        if prompt.last().is_some_and(|t| image::is_placeholder(*t)) {
+            return Err(EngineError::InvalidArgs(
+                "the prompt ends with an image: the model needs text after it".into(),
+            ));
+        }
+        Ok((prompt, spans))
     }
 
     /// The adapter scales a request asks for: exactly the named adapters, or without names the

@@ -22,7 +22,7 @@ use super::{
 
 /// Bumped on every incompatible change; hearthd and hearth-engine of different versions
 /// refuse each other (they are installed together, so this catches a stale binary).
-pub const VERSION: u32 = 3;
+pub const VERSION: u32 = 4;
 
 /// The largest frame either side accepts: a parked session's KV (a whole context of one
 /// sequence) travels in one frame.
@@ -64,6 +64,8 @@ pub struct ModelLoad {
     /// The model's LoRA adapters in manifest order: (name, default scale). Their files come
     /// as descriptors after the model's, in this order.
     pub adapters: Vec<(String, f32)>,
+    /// The model has a vision projector: its file comes as the last descriptor.
+    pub mmproj: bool,
 }
 
 /// The first message: what to load and how to run it.

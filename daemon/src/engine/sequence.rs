@@ -7,6 +7,7 @@ use hearth_ffi::{Detokenizer, Model, Pos, Sampler, SeqId, Token};
 use tokio::sync::mpsc;
 
 use super::EngineError;
+use super::image::ImageSpan;
 use super::speculate::Drafter;
 use super::{AdapterSet, Caller, CancelReason, CancelToken, Event, Outcome, Priority};
 
@@ -26,6 +27,8 @@ pub(super) struct Waiting {
     pub session: Option<u64>,
     /// Speculative decoding (prompt lookup) on.
     pub speculative: bool,
+    /// Where its images' embedding rows stand in `prompt`.
+    pub images: Vec<ImageSpan>,
     pub cancel: CancelToken,
     pub events: mpsc::UnboundedSender<Event>,
 }
@@ -46,6 +49,8 @@ pub(super) struct Sequence {
     pub deadline: Option<Instant>,
     pub seq: SeqId,
     pub prompt: Vec<Token>,
+    /// Where its images' embedding rows stand in `prompt`.
+    pub images: Vec<ImageSpan>,
     /// Prompt tokens already in the KV cache.
     pub prefilled: usize,
     /// Prompt tokens that were already in the slot's KV (prefix reuse).
@@ -89,6 +94,7 @@ impl Sequence {
             seq,
             pos: w.prompt.len() as Pos,
             prompt: w.prompt,
+            images: w.images,
             prefilled: reuse,
             cached: reuse,
             next_token: None,
@@ -122,6 +128,17 @@ impl Sequence {
 
     pub fn in_prefill(&self) -> bool {
         self.prefilled < self.prompt.len()
+    }
+
+    /// The image whose rows the next prompt position is in, if it is one's.
+    pub fn image_next(&self) -> Option<&ImageSpan> {
+        self.images.iter().find(|i| i.start <= self.prefilled && self.prefilled < i.end())
+    }
+
+    /// Prompt tokens from the next position to the next image (or the prompt's end).
+    pub fn text_run(&self) -> usize {
+        let end = self.images.iter().map(|i| i.start).filter(|&s| s >= self.prefilled).min();
+        end.unwrap_or(self.prompt.len()).saturating_sub(self.prefilled)
     }
 
     /// The tokens its KV holds, in position order: the prompt and the generated tokens that

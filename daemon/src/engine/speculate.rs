@@ -105,7 +105,8 @@ impl Drafter {
         }
         let key: [Token; NGRAM] = std::array::from_fn(|k| at(len - NGRAM + k));
         if let Some(&from) = self.index.get(&key) {
-            draft.extend((from..len.min(from + max)).map(at));
+            // An image's placeholders are no tokens to feed: a draft ends before them.
+            draft.extend((from..len.min(from + max)).map(at).take_while(|t| !super::image::is_placeholder(*t)));
         }
     }
 

@@ -283,7 +283,7 @@ impl Worker {
             let _ = reply.send(Err(e));
             return;
         }
-        let super::prepare::Prepared { prompt, max_tokens, sampler, adapters } = prepared;
+        let super::prepare::Prepared { prompt, images, max_tokens, sampler, adapters } = prepared;
         let id = self.next_id;
         self.next_id += 1;
         let accepted = Accepted { id, prompt_tokens: prompt.len() as u32 };
@@ -300,6 +300,7 @@ impl Worker {
             adapters,
             session: request.session,
             speculative: request.speculative,
+            images,
             cancel,
             events,
         });

@@ -79,6 +79,7 @@ impl ModelManager {
                 gpu_layers: config.engine.gpu_layers,
                 devices: config.engine.devices.clone(),
                 adapters: entry.manifest.adapters.iter().map(|a| (a.name(), a.scale)).collect(),
+                mmproj: entry.manifest.mmproj.is_some(),
             },
             settings: EngineSettings {
                 context_length,
@@ -143,7 +144,8 @@ impl ModelManager {
         })
     }
 
-    /// Verifies the model file and its adapters (blocking): the open files, model first.
+    /// Verifies the model file, its adapters and its projector (blocking): the open files, in
+    /// that order.
     fn verify_files(&self, entry: &ModelEntry) -> Result<(Vec<Arc<std::fs::File>>, hearth_ffi::gguf::Header), Error> {
         let name = entry.manifest.name.as_str();
         let refuse = |e: crate::models::CatalogError| {
@@ -169,6 +171,11 @@ impl ModelManager {
         for (path, a) in entry.adapter_paths().iter().zip(&entry.manifest.adapters) {
             let adapter = open_verified(path, &a.sha256, &self.inner.hashes, &mut |_| {}).map_err(refuse)?;
             files.push(Arc::new(adapter.into_file()));
+        }
+        if let (Some(path), Some(p)) = (entry.mmproj_path(), &entry.manifest.mmproj) {
+            let projector = open_verified(&path, &p.sha256, &self.inner.hashes, &mut |_| {}).map_err(refuse)?;
+            tracing::info!(model = %name, bytes = projector.size, "vision projector verified");
+            files.push(Arc::new(projector.into_file()));
         }
         Ok((files, header))
     }

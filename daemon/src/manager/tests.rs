@@ -83,6 +83,7 @@ pub(crate) fn request(model: Option<&str>, prompt: &str, max_tokens: u32) -> Gen
         adapters: None,
         session: None,
         speculative: true,
+        images: Vec::new(),
     }
 }
 

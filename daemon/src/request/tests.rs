@@ -70,7 +70,10 @@ fn accepts_a_full_request() {
     assert_eq!(p.handle_token.as_deref(), Some("t1"));
     assert_eq!(p.request.priority, Priority::Interactive);
     assert_eq!(p.request.deadline, Some(std::time::Duration::from_millis(1500)));
-    assert_eq!(p.parts[0], Part { role: "user".into(), content: Content::Text("hi".into()), scope: Scope::Personal });
+    assert_eq!(
+        p.parts[0],
+        Part { role: "user".into(), content: Content::Text("hi".into()), scope: Scope::Personal, images: Vec::new() }
+    );
     assert_eq!(p.route, RouteRequest::Auto);
 }
 

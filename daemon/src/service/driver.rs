@@ -263,7 +263,7 @@ async fn stream_cloud(
     let mut text = String::new();
     let mut index = offset;
     let result = tokio::select! {
-        result = cloud.stream(remote, &request.messages, prefix, request.max_tokens, request.sampling, |chunk| {
+        result = cloud.stream(remote, request, prefix, |chunk| {
             if cancel.reason().is_some() || tx.is_closed() {
                 return false;
             }

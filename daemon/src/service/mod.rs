@@ -111,8 +111,13 @@ impl HearthService {
                 |e| tracing::info!(caller = %who.connection, app = %who.app, error = e.kind(), "request refused"),
             )?;
         request.messages = admitted.messages;
+        request.images = admitted.images;
         if let Some(s) = &structure {
+            let before = request.messages.len();
             request.messages = s.messages(&request.messages);
+            // A tools description may come as a new first message: the images' follow theirs.
+            let inserted = (request.messages.len() - before) as u32;
+            request.images.iter_mut().for_each(|i| i.message += inserted);
             request.grammar = s.grammar().map(Arc::from);
         }
         Ok(Admitted { request, decision: admitted.decision, structure })
@@ -222,11 +227,17 @@ impl HearthService {
             adapters: None,
             session: None,
             speculative: true,
+            images: Vec::new(),
         };
         let parts = parsed
             .texts
             .iter()
-            .map(|t| Part { role: "user".into(), content: Content::Text(t.clone()), scope: parsed.scope })
+            .map(|t| Part {
+                role: "user".into(),
+                content: Content::Text(t.clone()),
+                scope: parsed.scope,
+                images: Vec::new(),
+            })
             .collect();
         self.admit(&who, probe, parts, RouteRequest::Local, None)?;
         let _guard = self.in_flight.enter();
@@ -325,16 +336,20 @@ impl HearthService {
         if let Some(k) = options.keys().next() {
             return Err(Error::InvalidArgs(format!("Seal has no options; got {k:?}")).into());
         }
-        if data.len() > crate::seal::MAX_PLAINTEXT {
-            return Err(Error::InvalidArgs(format!(
-                "Seal takes at most {} bytes, got {}",
-                crate::seal::MAX_PLAINTEXT,
-                data.len()
-            ))
-            .into());
+        // Text becomes a message's `sealed` content; a PNG or JPEG, one of its `sealed_images`.
+        let image = crate::request::has_image_signature(&data);
+        let (max, kind) =
+            if image { (crate::request::MAX_IMAGE_BYTES, "an image") } else { (crate::seal::MAX_PLAINTEXT, "text") };
+        if data.len() > max {
+            return Err(
+                Error::InvalidArgs(format!("Seal takes at most {max} bytes of {kind}, got {}", data.len())).into()
+            );
         }
-        if std::str::from_utf8(&data).is_err() {
-            return Err(Error::InvalidArgs("Seal takes UTF-8 text (it becomes a message's content)".into()).into());
+        if !image && std::str::from_utf8(&data).is_err() {
+            return Err(Error::InvalidArgs(
+                "Seal takes UTF-8 text (a message's content) or a PNG or JPEG image (a message's image)".into(),
+            )
+            .into());
         }
         let sender = caller(&header)?;
         let (who, id) = identify(conn, &self.callers, &sender).await?;

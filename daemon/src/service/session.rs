@@ -205,6 +205,7 @@ impl SessionObject {
                     role: "assistant".into(),
                     content: Content::Text(o.text.clone()),
                     scope: taint,
+                    images: Vec::new(),
                 });
                 state.tokens = o.prompt_tokens + o.token_ids.len() as u32;
             }

@@ -18,6 +18,7 @@ fn waiting(id: u64, app: &str, priority: Priority, need: u32) -> Waiting {
         adapters: AdapterSet::default(),
         session: None,
         speculative: true,
+        images: Vec::new(),
         cancel: CancelToken::default(),
         events: tokio::sync::mpsc::unbounded_channel().0,
     }

@@ -75,10 +75,28 @@ impl Worker {
             .collect();
         prefilling.sort_by_key(|&i| self.running[i].id);
         for i in prefilling {
-            let s = &mut self.running[i];
-            let n = (s.prompt.len() - s.prefilled).min(self.batch.remaining());
-            if n == 0 {
+            if self.batch.remaining() == 0 {
                 break;
+            }
+            match self.prefill_image(i) {
+                Ok(()) => {}
+                Err(hearth_ffi::Error::Aborted) => {
+                    self.preempt.clear();
+                    self.preempted = true;
+                    self.undo_step(&taken, &prefill_taken);
+                    tracing::debug!("image prefill preempted by an interactive request");
+                    return (0, false);
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "decoding an image's embeddings failed");
+                    self.fail(&[i], &EngineError::Internal(format!("decoding an image: {e}")));
+                    continue;
+                }
+            }
+            let s = &mut self.running[i];
+            let n = s.text_run().min(self.batch.remaining());
+            if n == 0 {
+                continue;
             }
             for k in s.prefilled..s.prefilled + n {
                 let last = k + 1 == s.prompt.len();
@@ -242,7 +260,21 @@ impl Worker {
                     taken.push((i, token));
                 }
             } else if s.in_prefill() {
-                let n = (s.prompt.len() - s.prefilled).min(self.batch.remaining());
+                match self.prefill_image(i) {
+                    Ok(()) => {}
+                    Err(hearth_ffi::Error::Aborted) => {
+                        self.preempt.clear();
+                        self.preempted = true;
+                        break;
+                    }
+                    Err(e) => {
+                        tracing::error!(error = %e, "decoding an image's embeddings failed");
+                        self.fail(&[i], &EngineError::Internal(format!("decoding an image: {e}")));
+                        continue;
+                    }
+                }
+                let s = &mut self.running[i];
+                let n = s.text_run().min(self.batch.remaining());
                 for k in s.prefilled..s.prefilled + n {
                     let last = k + 1 == s.prompt.len();
                     if let Ok(j) = self.batch.push(s.prompt[k], k as i32, &[s.seq], last) {
@@ -281,6 +313,35 @@ impl Worker {
             }
         }
         (generated, prefilled)
+    }
+
+    /// Decodes the rest of the image sequence `i`'s prefill stands at, if it stands at one:
+    /// in a decode of its own (a batch holds tokens or embeddings, not both), committed at
+    /// once. On an error its KV is cut back to what it had committed before.
+    fn prefill_image(&mut self, i: usize) -> Result<(), hearth_ffi::Error> {
+        let s = &mut self.running[i];
+        let Some(span) = s.image_next().cloned() else { return Ok(()) };
+        let rows = span.end() - s.prefilled;
+        let interactive = s.priority == Priority::Interactive;
+        let (seq, from) = (s.seq, s.prefilled);
+        self.hold_preemption(interactive);
+        let decoded = self.ctx.decode_embeddings(span.rows_from(from), span.n_embd, from as hearth_ffi::Pos, seq);
+        self.preempt.hold(false);
+        let s = &mut self.running[i];
+        match decoded {
+            Ok(()) => {
+                s.prefilled = span.end();
+                let app = s.caller.app.clone();
+                self.scheduler.charge(&app, rows as u64 * COST_PER_PROMPT);
+                Ok(())
+            }
+            Err(e) => {
+                if self.ctx.sequence_max_pos(seq) >= from as hearth_ffi::Pos {
+                    self.ctx.truncate_sequence(seq, from as hearth_ffi::Pos);
+                }
+                Err(e)
+            }
+        }
     }
 
     fn fail(&mut self, members: &[usize], error: &EngineError) {

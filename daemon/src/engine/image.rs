@@ -1,0 +1,213 @@
+//! Image parts inside the engine: decoding PNG/JPEG (image-rs, memory-safe, with limits),
+//! the projector's embeddings, and the placeholder tokens that stand for them in a prompt.
+//!
+//! A prompt with images is still one token list: each image's embedding rows occupy a run of
+//! placeholder tokens, negative ids no vocabulary has, derived from the image's sha256. So
+//! everything that works on prompt tokens keeps working: the context length and the
+//! scheduler's cost count image tokens; prefix and session KV reuse match a re-sent image
+//! (same bytes, same placeholders) and never a different one (a mismatch at its first
+//! token: 2^-31 odds per image); the drafter never proposes them. Only prefill looks up the
+//! rows ([`ImageSpan`]), which it decodes in a batch of their own.
+
+use std::sync::{Arc, Mutex};
+
+use hearth_ffi::{ImagePiece, Projector, Token};
+use sha2::{Digest, Sha256};
+
+use super::EngineError;
+
+/// Largest side of an image the engine decodes, and most pixels.
+pub const MAX_SIDE: u32 = 4096;
+pub const MAX_PIXELS: u64 = 16 << 20;
+/// Most bytes the decoder may allocate for one image (16-bit RGBA of the largest image).
+const MAX_ALLOC: u64 = 8 * MAX_PIXELS;
+
+/// Marks where an image goes in the rendered chat template. App text holding it is refused,
+/// so an app cannot move or forge an image's place.
+pub const MARKER: &str = "<|hearth:image|>";
+
+/// The embedding rows of one image in a prompt: they stand at prompt positions
+/// `start..start + n_tokens`.
+#[derive(Debug, Clone)]
+pub struct ImageSpan {
+    pub start: usize,
+    pub n_tokens: usize,
+    pub n_embd: usize,
+    pub data: Arc<[f32]>,
+}
+
+impl ImageSpan {
+    pub fn end(&self) -> usize {
+        self.start + self.n_tokens
+    }
+
+    /// The rows from prompt position `from` (inside the span) on.
+    pub fn rows_from(&self, from: usize) -> &[f32] {
+        &self.data[(from - self.start) * self.n_embd..]
+    }
+}
+
+/// Whether `t` is an image placeholder rather than a vocabulary token.
+pub fn is_placeholder(t: Token) -> bool {
+    t < 0
+}
+
+/// `n` placeholder tokens for the image whose encoded bytes hash to `hash`.
+fn placeholders(hash: &[u8; 32], n: usize) -> impl Iterator<Item = Token> + '_ {
+    (0..n as u64).map(move |i| {
+        let mut h = Sha256::new();
+        h.update(hash);
+        h.update(i.to_le_bytes());
+        let d = h.finalize();
+        let v = u32::from_le_bytes([d[0], d[1], d[2], d[3]]) & 0x7fff_ffff;
+        -(v as i32) - 1
+    })
+}
+
+/// An image decoded to RGB pixels.
+#[derive(Debug)]
+pub struct Rgb {
+    pub width: u32,
+    pub height: u32,
+    pub pixels: Vec<u8>,
+}
+
+/// Decodes `bytes` (the image named `what`), a PNG or a JPEG, within the limits.
+pub fn decode(what: &str, bytes: &[u8]) -> Result<Rgb, EngineError> {
+    use image::{ImageError, ImageFormat, ImageReader};
+    let bad = |why: String| EngineError::InvalidArgs(format!("{what} {why}"));
+    let format = image::guess_format(bytes).ok().filter(|f| matches!(f, ImageFormat::Png | ImageFormat::Jpeg));
+    let Some(format) = format else {
+        return Err(bad("is neither a PNG nor a JPEG image (the formats taken)".into()));
+    };
+    let name = if format == ImageFormat::Png { "PNG" } else { "JPEG" };
+    let mut limits = image::Limits::default();
+    limits.max_image_width = Some(MAX_SIDE);
+    limits.max_image_height = Some(MAX_SIDE);
+    limits.max_alloc = Some(MAX_ALLOC);
+    let reader = || {
+        let mut r = ImageReader::with_format(std::io::Cursor::new(bytes), format);
+        r.limits(limits.clone());
+        r
+    };
+    // Messages name the failure's kind only: the decoders' own texts may quote the data.
+    let failed = |e: ImageError| match e {
+        ImageError::Limits(_) => bad(format!("is larger than {MAX_SIDE}x{MAX_SIDE} pixels or {MAX_PIXELS} pixels")),
+        ImageError::Unsupported(_) => bad(format!("uses a {name} feature the decoder does not support")),
+        ImageError::IoError(_) => bad(format!("is a truncated {name} image")),
+        _ => bad(format!("is not a valid {name} image (corrupt or truncated)")),
+    };
+    let (width, height) = reader().into_dimensions().map_err(failed)?;
+    if width == 0 || height == 0 || u64::from(width) * u64::from(height) > MAX_PIXELS {
+        return Err(bad(format!("is {width}x{height} pixels; at most {MAX_PIXELS} pixels, and at least 1x1")));
+    }
+    let image = reader().decode().map_err(failed)?;
+    let rgb = image.into_rgb8();
+    let (width, height) = rgb.dimensions();
+    Ok(Rgb { width, height, pixels: rgb.into_raw() })
+}
+
+/// The projector of a vision model, shared by the preparer's jobs (one encode at a time).
+#[derive(Debug, Clone)]
+pub struct Vision {
+    projector: Arc<Mutex<Projector>>,
+}
+
+impl Vision {
+    pub fn new(projector: Projector) -> Self {
+        Self { projector: Arc::new(Mutex::new(projector)) }
+    }
+
+    /// Appends image `bytes` (named `what`) to `prompt`: its text tokens, and placeholders for
+    /// its embedding rows, whose span goes to `spans`.
+    pub fn append(
+        &self,
+        what: &str,
+        bytes: &[u8],
+        prompt: &mut Vec<Token>,
+        spans: &mut Vec<ImageSpan>,
+    ) -> Result<(), EngineError> {
+        let rgb = decode(what, bytes)?;
+        let hash: [u8; 32] = Sha256::digest(bytes).into();
+        let mut projector = self.projector.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let n_embd = projector.n_embd();
+        let pieces = projector.encode(&rgb.pixels, rgb.width, rgb.height).map_err(|e| match e {
+            hearth_ffi::Error::Image { reason } => EngineError::InvalidArgs(format!("{what}: {reason}")),
+            e => EngineError::Internal(e.to_string()),
+        })?;
+        drop(projector);
+        for piece in pieces {
+            match piece {
+                ImagePiece::Text(tokens) => prompt.extend(tokens),
+                ImagePiece::Embeddings { n_tokens, data } => {
+                    spans.push(ImageSpan { start: prompt.len(), n_tokens, n_embd, data: data.into() });
+                    prompt.extend(placeholders(&hash, n_tokens));
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn png(width: u32, height: u32) -> Vec<u8> {
+        let mut out = Vec::new();
+        let img = image::RgbImage::from_fn(width, height, |x, y| image::Rgb([x as u8, y as u8, 7]));
+        img.write_to(&mut std::io::Cursor::new(&mut out), image::ImageFormat::Png).unwrap();
+        out
+    }
+
+    #[test]
+    fn decodes_a_png_and_refuses_what_is_not_one() {
+        let rgb = decode("img", &png(5, 3)).unwrap();
+        assert_eq!((rgb.width, rgb.height, rgb.pixels.len()), (5, 3, 45));
+        assert_eq!(&rgb.pixels[3..6], &[1, 0, 7]);
+        let mut truncated = png(64, 64);
+        truncated.truncate(truncated.len() / 2);
+        let gif = b"GIF89a\x01\x00\x01\x00\x00\x00\x00;".to_vec();
+        for (bytes, want) in
+            [(truncated, "truncated"), (gif, "neither a PNG nor a JPEG"), (vec![0xff, 0xd8, 0xff], "JPEG")]
+        {
+            let e = decode("img", &bytes).unwrap_err().to_string();
+            assert!(e.contains(want), "{e}");
+        }
+    }
+
+    #[test]
+    fn a_huge_header_is_refused_before_any_pixel_is_allocated() {
+        // A valid PNG header claiming 60000x60000 pixels, and nothing after it.
+        let mut bytes = b"\x89PNG\r\n\x1a\n".to_vec();
+        let mut ihdr = b"IHDR".to_vec();
+        ihdr.extend(60_000u32.to_be_bytes());
+        ihdr.extend(60_000u32.to_be_bytes());
+        ihdr.extend([8, 2, 0, 0, 0]);
+        bytes.extend(13u32.to_be_bytes());
+        bytes.extend(&ihdr);
+        bytes.extend(crc32(&ihdr).to_be_bytes());
+        let e = decode("img", &bytes).unwrap_err().to_string();
+        assert!(e.contains("larger than"), "{e}");
+    }
+
+    fn crc32(data: &[u8]) -> u32 {
+        let mut crc = !0u32;
+        for &b in data {
+            crc ^= u32::from(b);
+            for _ in 0..8 {
+                crc = if crc & 1 != 0 { (crc >> 1) ^ 0xedb8_8320 } else { crc >> 1 };
+            }
+        }
+        !crc
+    }
+
+    #[test]
+    fn placeholders_are_negative_and_follow_the_image() {
+        let a: Vec<Token> = placeholders(&[1; 32], 16).collect();
+        let b: Vec<Token> = placeholders(&[2; 32], 16).collect();
+        assert!(a.iter().chain(&b).all(|t| is_placeholder(*t)));
+        assert_eq!(a, placeholders(&[1; 32], 16).collect::<Vec<_>>());
+        assert_ne!(a[0], b[0]);
+    }
+}
