@@ -65,6 +65,9 @@ pub mod result_key {
     /// Speculative decoding: draft tokens verified, and those taken.
     pub const DRAFT_TOKENS: &str = "draft_tokens";
     pub const DRAFT_ACCEPTED: &str = "draft_accepted";
+    /// Prompt tokens that were images, and the time decoding and encoding them took.
+    pub const IMAGE_TOKENS: &str = "image_tokens";
+    pub const IMAGE_ENCODE_US: &str = "image_encode_us";
     pub const MODEL: &str = "model";
     pub const PREFILL_US: &str = "prefill_us";
     pub const DECODE_US: &str = "decode_us";

@@ -24,6 +24,9 @@ pub struct GenerationResult {
     /// Speculative decoding: draft tokens verified, and those taken.
     pub draft_tokens: u32,
     pub draft_accepted: u32,
+    /// Prompt tokens that were images, and the time decoding and encoding them took.
+    pub image_tokens: u32,
+    pub image_encode_us: u64,
     pub model: String,
     pub prefill_us: u64,
     pub decode_us: u64,

@@ -75,6 +75,9 @@ async fn images_become_counted_tokens_and_steer_the_output_deterministically() {
     let again = proxy.complete(with_image(ask, &dark, 12)).await.unwrap();
     assert_eq!(again.token_ids, a.token_ids);
     assert_eq!(again.cached_tokens + 1, again.prompt_tokens, "all but the last prompt token reused");
+    assert_eq!((a.image_tokens, again.image_tokens, text.image_tokens), (16, 16, 0));
+    assert!(a.image_encode_us > 0);
+    assert_eq!(again.image_encode_us, 0, "a re-sent image is not encoded again");
     let b = proxy.complete(with_image(ask, &bright, 12)).await.unwrap();
     assert_eq!(b.prompt_tokens, a.prompt_tokens, "any image is 16 tokens for this projector");
     assert_ne!(a.token_ids, b.token_ids, "a different image changes the output");
@@ -300,4 +303,42 @@ async fn image_scopes_and_seals_hold_towards_a_recording_cloud() {
     let log = daemon.log();
     assert!(!log.contains(&b64[..64]));
     assert!(!log.contains(&public_b64[..64]));
+}
+
+/// A conversation about a photo: the session keeps the image in its transcript, and the next
+/// turn reuses its KV (and its encoding) instead of computing it again; the answer equals a
+/// fresh run of the whole transcript.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_turn_about_an_image_reuses_its_kv_and_equals_a_fresh_run() {
+    let dir = ModelDir::new();
+    dir.vision_model(VISION);
+    let bus = Bus::start();
+    let _daemon = Daemon::start_configured(&bus, &settings(&dir)).await;
+    let conn = bus.connect().await;
+    let proxy = hearth(&conn).await;
+    let (dark, _) = images();
+    let path = proxy.open_session(HashMap::new()).await.expect("OpenSession");
+    let s = hearth_dbus::SessionProxy::builder(&conn).path(path).build().await.unwrap();
+    let first = HashMap::from([
+        ("messages", Variant::from(vec![image_message("What is in this picture?", &[&dark], &[], None)])),
+        ("max_tokens", Variant::from(8u32)),
+    ]);
+    let r1 = s.complete(first).await.expect("turn 1");
+    assert_eq!(r1.image_tokens, 16);
+    let r2 = s.complete(request(vec![image_message("And its colours?", &[], &[], None)], 8)).await.expect("turn 2");
+    assert!(r2.cached_tokens >= r1.prompt_tokens, "cached {} of turn 1's {}", r2.cached_tokens, r1.prompt_tokens);
+    assert_eq!((r2.image_tokens, r2.image_encode_us), (16, 0), "the image is in the transcript, not encoded again");
+    // The same transcript in one request.
+    let transcript = request(
+        vec![
+            image_message("What is in this picture?", &[&dark], &[], None),
+            HashMap::from([
+                ("role".to_owned(), Variant::from("assistant")),
+                ("content".to_owned(), Variant::from(r1.text.clone())),
+            ]),
+            image_message("And its colours?", &[], &[], None),
+        ],
+        8,
+    );
+    assert_eq!(proxy.complete(transcript).await.unwrap().token_ids, r2.token_ids);
 }

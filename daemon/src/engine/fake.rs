@@ -383,6 +383,8 @@ impl Serving {
             cached_tokens: cached,
             draft_tokens: 0,
             draft_accepted: 0,
+            image_tokens: 0,
+            image_encode: Duration::ZERO,
             model: self.info.name.clone(),
             prefill: Duration::ZERO,
             decode: started.elapsed(),

@@ -107,45 +107,117 @@ pub fn decode(what: &str, bytes: &[u8]) -> Result<Rgb, EngineError> {
     Ok(Rgb { width, height, pixels: rgb.into_raw() })
 }
 
+/// What an image encodes to, kept for its app's next request with the same image.
+#[derive(Debug)]
+enum Piece {
+    Text(Vec<Token>),
+    Rows { n_tokens: usize, data: Arc<[f32]> },
+}
+
+/// Most bytes of embeddings kept for re-sent images (a turn of a conversation about a photo
+/// re-sends it: its KV is usually kept too, and then nothing of it is computed again).
+const CACHE_BYTES: usize = 64 << 20;
+
+/// Recent encodings by (app, image sha256), the oldest dropped first. Per app: whether an
+/// image was encoded recently shows in how fast a request with it is prepared, so one app's
+/// images must never make another app's requests faster.
+#[derive(Debug, Default)]
+struct EncodeCache {
+    entries: std::collections::VecDeque<(String, [u8; 32], Arc<Vec<Piece>>)>,
+    bytes: usize,
+}
+
+impl EncodeCache {
+    fn size(pieces: &[Piece]) -> usize {
+        pieces.iter().map(|p| if let Piece::Rows { data, .. } = p { data.len() * 4 } else { 0 }).sum()
+    }
+
+    fn get(&mut self, app: &str, hash: &[u8; 32]) -> Option<Arc<Vec<Piece>>> {
+        let i = self.entries.iter().position(|(a, h, _)| a == app && h == hash)?;
+        let entry = self.entries.remove(i)?;
+        let pieces = Arc::clone(&entry.2);
+        self.entries.push_back(entry);
+        Some(pieces)
+    }
+
+    fn insert(&mut self, app: &str, hash: [u8; 32], pieces: Arc<Vec<Piece>>) {
+        let size = Self::size(&pieces);
+        if size > CACHE_BYTES {
+            return;
+        }
+        self.bytes += size;
+        self.entries.push_back((app.to_owned(), hash, pieces));
+        while self.bytes > CACHE_BYTES {
+            let Some((_, _, old)) = self.entries.pop_front() else { break };
+            self.bytes -= Self::size(&old);
+        }
+    }
+}
+
 /// The projector of a vision model, shared by the preparer's jobs (one encode at a time).
 #[derive(Debug, Clone)]
 pub struct Vision {
     projector: Arc<Mutex<Projector>>,
+    cache: Arc<Mutex<EncodeCache>>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 impl Vision {
     pub fn new(projector: Projector) -> Self {
-        Self { projector: Arc::new(Mutex::new(projector)) }
+        Self { projector: Arc::new(Mutex::new(projector)), cache: Arc::default() }
     }
 
-    /// Appends image `bytes` (named `what`) to `prompt`: its text tokens, and placeholders for
-    /// its embedding rows, whose span goes to `spans`.
+    /// Appends image `bytes` (named `what`) of `app`'s request to `prompt`: its text tokens,
+    /// and placeholders for its embedding rows, whose span goes to `spans`. Returns the time
+    /// decoding and encoding took: none for an image `app` sent recently.
     pub fn append(
         &self,
+        app: &str,
         what: &str,
         bytes: &[u8],
         prompt: &mut Vec<Token>,
         spans: &mut Vec<ImageSpan>,
-    ) -> Result<(), EngineError> {
-        let rgb = decode(what, bytes)?;
+    ) -> Result<std::time::Duration, EngineError> {
         let hash: [u8; 32] = Sha256::digest(bytes).into();
-        let mut projector = self.projector.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        let n_embd = projector.n_embd();
-        let pieces = projector.encode(&rgb.pixels, rgb.width, rgb.height).map_err(|e| match e {
-            hearth_ffi::Error::Image { reason } => EngineError::InvalidArgs(format!("{what}: {reason}")),
-            e => EngineError::Internal(e.to_string()),
-        })?;
-        drop(projector);
-        for piece in pieces {
+        let mut took = std::time::Duration::ZERO;
+        let cached = lock(&self.cache).get(app, &hash);
+        let pieces = match cached {
+            Some(p) => p,
+            None => {
+                let started = std::time::Instant::now();
+                let rgb = decode(what, bytes)?;
+                let encoded =
+                    lock(&self.projector).encode(&rgb.pixels, rgb.width, rgb.height).map_err(|e| match e {
+                        hearth_ffi::Error::Image { reason } => EngineError::InvalidArgs(format!("{what}: {reason}")),
+                        e => EngineError::Internal(e.to_string()),
+                    })?;
+                took = started.elapsed();
+                let pieces: Vec<Piece> = encoded
+                    .into_iter()
+                    .map(|p| match p {
+                        ImagePiece::Text(t) => Piece::Text(t),
+                        ImagePiece::Embeddings { n_tokens, data } => Piece::Rows { n_tokens, data: data.into() },
+                    })
+                    .collect();
+                let pieces = Arc::new(pieces);
+                lock(&self.cache).insert(app, hash, Arc::clone(&pieces));
+                pieces
+            }
+        };
+        let n_embd = lock(&self.projector).n_embd();
+        for piece in pieces.iter() {
             match piece {
-                ImagePiece::Text(tokens) => prompt.extend(tokens),
-                ImagePiece::Embeddings { n_tokens, data } => {
-                    spans.push(ImageSpan { start: prompt.len(), n_tokens, n_embd, data: data.into() });
-                    prompt.extend(placeholders(&hash, n_tokens));
+                Piece::Text(tokens) => prompt.extend(tokens),
+                Piece::Rows { n_tokens, data } => {
+                    spans.push(ImageSpan { start: prompt.len(), n_tokens: *n_tokens, n_embd, data: Arc::clone(data) });
+                    prompt.extend(placeholders(&hash, *n_tokens));
                 }
             }
         }
-        Ok(())
+        Ok(took)
     }
 }
 
@@ -200,6 +272,26 @@ mod tests {
             }
         }
         !crc
+    }
+
+    #[test]
+    fn encodings_are_kept_per_app_within_the_byte_cap() {
+        let rows = |n: usize| Arc::new(vec![Piece::Rows { n_tokens: 1, data: vec![0.0f32; n].into() }]);
+        let mut c = EncodeCache::default();
+        c.insert("a", [1; 32], rows(16));
+        assert!(c.get("a", &[1; 32]).is_some());
+        assert!(c.get("b", &[1; 32]).is_none(), "another app's encoding is never used");
+        assert!(c.get("a", &[2; 32]).is_none());
+        // Over the cap, the oldest go first; one larger than the cap is not kept at all.
+        let quarter = CACHE_BYTES / 4 / 4;
+        for k in 0..4u8 {
+            c.insert("a", [10 + k; 32], rows(quarter));
+        }
+        assert!(c.get("a", &[1; 32]).is_none(), "the oldest was dropped");
+        assert!(c.get("a", &[13; 32]).is_some());
+        assert!(c.bytes <= CACHE_BYTES);
+        c.insert("a", [99; 32], rows(CACHE_BYTES));
+        assert!(c.get("a", &[99; 32]).is_none());
     }
 
     #[test]

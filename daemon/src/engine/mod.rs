@@ -204,6 +204,10 @@ pub struct Outcome {
     /// Speculative decoding: draft tokens verified, and those taken.
     pub draft_tokens: u32,
     pub draft_accepted: u32,
+    /// Prompt tokens that were image embeddings, and the time decoding and encoding the
+    /// request's images took (before it was queued; an image encoded recently: none).
+    pub image_tokens: u32,
+    pub image_encode: Duration,
     pub model: String,
     pub prefill: Duration,
     pub decode: Duration,

@@ -17,8 +17,10 @@ use super::{
 #[derive(Debug)]
 pub struct Prepared {
     pub prompt: Vec<Token>,
-    /// Where its images' embedding rows stand in `prompt`, in order.
+    /// Where its images' embedding rows stand in `prompt`, in order, and what decoding and
+    /// encoding them took.
     pub images: Vec<ImageSpan>,
+    pub image_encode: std::time::Duration,
     pub max_tokens: u32,
     pub sampler: Sampler,
     pub adapters: AdapterSet,
@@ -68,9 +70,9 @@ impl Preparer {
         Self { model, model_name, n_ctx, throttle, vision }
     }
 
-    /// Checks `request` against the model and the memory ceiling, and renders, tokenises and
-    /// compiles it.
-    pub fn prepare(&self, request: &GenerateRequest) -> Result<Prepared, EngineError> {
+    /// Checks `request` of `app` against the model and the memory ceiling, and renders,
+    /// tokenises and compiles it.
+    pub fn prepare(&self, app: &str, request: &GenerateRequest) -> Result<Prepared, EngineError> {
         if let Some(refusal) = self.throttle.ceiling_refusal() {
             return Err(refusal);
         }
@@ -80,14 +82,14 @@ impl Preparer {
                 request.max_tokens, self.n_ctx, self.model_name
             )));
         }
-        let (prompt, images) = if request.images.is_empty() {
+        let (prompt, images, image_encode) = if request.images.is_empty() {
             let mut text = self.model.apply_chat_template(&request.messages, true).map_err(input_error)?;
             if let Some(prefix) = &request.assistant_prefix {
                 text.push_str(prefix);
             }
-            (self.model.tokenize(&text, true, true)?, Vec::new())
+            (self.model.tokenize(&text, true, true)?, Vec::new(), std::time::Duration::ZERO)
         } else {
-            self.with_images(request)?
+            self.with_images(app, request)?
         };
         // Room for the prompt and at least one generated token.
         if prompt.len() >= self.n_ctx as usize {
@@ -97,13 +99,17 @@ impl Preparer {
         let max_tokens = request.max_tokens.min(self.n_ctx - prompt.len() as u32);
         let sampler =
             Sampler::with_grammar(&self.model, request.sampling, request.grammar.as_deref()).map_err(input_error)?;
-        Ok(Prepared { prompt, images, max_tokens, sampler, adapters })
+        Ok(Prepared { prompt, images, image_encode, max_tokens, sampler, adapters })
     }
 
     /// Renders and tokenizes a request with images: each image's marker goes at the start of
     /// its message's text, the template is rendered, and the text between markers is
     /// tokenized around each image's tokens and placeholders (image.rs).
-    fn with_images(&self, request: &GenerateRequest) -> Result<(Vec<Token>, Vec<ImageSpan>), EngineError> {
+    fn with_images(
+        &self,
+        app: &str,
+        request: &GenerateRequest,
+    ) -> Result<(Vec<Token>, Vec<ImageSpan>, std::time::Duration), EngineError> {
         let Some(vision) = &self.vision else {
             return Err(EngineError::InvalidArgs(format!(
                 "model {:?} takes no images: its manifest names no vision projector (mmproj)",
@@ -144,12 +150,12 @@ impl Preparer {
         // Images in message order (the messages' own order of images kept).
         let mut order: Vec<(usize, &super::ImageInput)> = request.images.iter().enumerate().collect();
         order.sort_by_key(|(k, im)| (im.message, *k));
-        let (mut prompt, mut spans) = (Vec::new(), Vec::new());
+        let (mut prompt, mut spans, mut took) = (Vec::new(), Vec::new(), std::time::Duration::ZERO);
         for (k, piece) in pieces.iter().enumerate() {
             prompt.extend(self.model.tokenize(piece, k == 0, true)?);
             if let Some((n, im)) = order.get(k) {
                 let what = format!("image {n} (of messages[{}])", im.message);
-                vision.append(&what, &im.bytes, &mut prompt, &mut spans)?;
+                took += vision.append(app, &what, &im.bytes, &mut prompt, &mut spans)?;
                 if prompt.len() >= self.n_ctx as usize {
                     break;
                 }
@@ -160,7 +166,7 @@ impl Preparer {
                 "the prompt ends with an image: the model needs text after it".into(),
             ));
         }
-        Ok((prompt, spans))
+        Ok((prompt, spans, took))
     }
 
     /// The adapter scales a request asks for: exactly the named adapters, or without names the
@@ -199,7 +205,7 @@ impl Preparer {
         while let Some(job) = jobs.blocking_recv() {
             let done = Done(wake);
             let Job { request, caller, cancel, events, reply } = job;
-            let prepared = match self.prepare(&request) {
+            let prepared = match self.prepare(&caller.app, &request) {
                 Ok(p) => p,
                 Err(e) => {
                     let _ = reply.send(Err(e));

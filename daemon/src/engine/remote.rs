@@ -465,6 +465,8 @@ impl EngineHandle {
                         cached_tokens: 0,
                         draft_tokens: 0,
                         draft_accepted: 0,
+                        image_tokens: 0,
+                        image_encode: Duration::ZERO,
                         model: self.inner.model.name.clone(),
                         prefill: Duration::ZERO,
                         decode: Duration::ZERO,

@@ -27,8 +27,9 @@ pub(super) struct Waiting {
     pub session: Option<u64>,
     /// Speculative decoding (prompt lookup) on.
     pub speculative: bool,
-    /// Where its images' embedding rows stand in `prompt`.
+    /// Where its images' embedding rows stand in `prompt`, and what encoding them took.
     pub images: Vec<ImageSpan>,
+    pub image_encode: Duration,
     pub cancel: CancelToken,
     pub events: mpsc::UnboundedSender<Event>,
 }
@@ -49,8 +50,9 @@ pub(super) struct Sequence {
     pub deadline: Option<Instant>,
     pub seq: SeqId,
     pub prompt: Vec<Token>,
-    /// Where its images' embedding rows stand in `prompt`.
+    /// Where its images' embedding rows stand in `prompt`, and what encoding them took.
     pub images: Vec<ImageSpan>,
+    pub image_encode: Duration,
     /// Prompt tokens already in the KV cache.
     pub prefilled: usize,
     /// Prompt tokens that were already in the slot's KV (prefix reuse).
@@ -95,6 +97,7 @@ impl Sequence {
             pos: w.prompt.len() as Pos,
             prompt: w.prompt,
             images: w.images,
+            image_encode: w.image_encode,
             prefilled: reuse,
             cached: reuse,
             next_token: None,
@@ -201,6 +204,8 @@ impl Sequence {
             cached_tokens: self.cached as u32,
             draft_tokens: self.drafter.as_ref().map_or(0, |d| d.drafted),
             draft_accepted: self.drafter.as_ref().map_or(0, |d| d.accepted),
+            image_tokens: self.images.iter().map(|i| i.n_tokens as u32).sum(),
+            image_encode: self.image_encode,
             model: model_name.to_owned(),
             prefill: first.saturating_duration_since(self.started),
             decode: self.last_token_at.map_or(Duration::ZERO, |l| l.saturating_duration_since(first)),
@@ -232,6 +237,8 @@ pub(super) fn unstarted_outcome(w: &Waiting, model_name: &str, reason: FinishRea
         cached_tokens: 0,
         draft_tokens: 0,
         draft_accepted: 0,
+        image_tokens: w.images.iter().map(|i| i.n_tokens as u32).sum(),
+        image_encode: w.image_encode,
         model: model_name.to_owned(),
         prefill: Duration::ZERO,
         decode: Duration::ZERO,

@@ -283,7 +283,7 @@ impl Worker {
             let _ = reply.send(Err(e));
             return;
         }
-        let super::prepare::Prepared { prompt, images, max_tokens, sampler, adapters } = prepared;
+        let super::prepare::Prepared { prompt, images, image_encode, max_tokens, sampler, adapters } = prepared;
         let id = self.next_id;
         self.next_id += 1;
         let accepted = Accepted { id, prompt_tokens: prompt.len() as u32 };
@@ -301,6 +301,7 @@ impl Worker {
             session: request.session,
             speculative: request.speculative,
             images,
+            image_encode,
             cancel,
             events,
         });

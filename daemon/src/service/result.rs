@@ -43,6 +43,8 @@ pub(crate) fn generation_result(
         cached_tokens: o.cached_tokens,
         draft_tokens: o.draft_tokens,
         draft_accepted: o.draft_accepted,
+        image_tokens: o.image_tokens,
+        image_encode_us: o.image_encode.as_micros() as u64,
         model: o.model.clone(),
         prefill_us: o.prefill.as_micros() as u64,
         decode_us: o.decode.as_micros() as u64,

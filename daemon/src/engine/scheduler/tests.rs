@@ -19,6 +19,7 @@ fn waiting(id: u64, app: &str, priority: Priority, need: u32) -> Waiting {
         session: None,
         speculative: true,
         images: Vec::new(),
+        image_encode: std::time::Duration::ZERO,
         cancel: CancelToken::default(),
         events: tokio::sync::mpsc::unbounded_channel().0,
     }
