@@ -110,6 +110,12 @@ struct GenerateArgs {
     /// A sealed blob (from `hearthctl seal`) sent as a message before the prompt.
     #[arg(long, value_name = "FILE")]
     sealed: Option<std::path::PathBuf>,
+    /// A PNG or JPEG image sent with the prompt (repeatable; vision models only).
+    #[arg(long = "image", value_name = "FILE")]
+    images: Vec<std::path::PathBuf>,
+    /// A sealed image (from `hearthctl seal IMAGE`) sent with the prompt (repeatable).
+    #[arg(long = "sealed-image", value_name = "FILE")]
+    sealed_images: Vec<std::path::PathBuf>,
     /// The answer must be JSON valid against the JSON Schema in FILE.
     #[arg(long, value_name = "FILE")]
     json_schema: Option<std::path::PathBuf>,
@@ -126,6 +132,21 @@ struct GenerateArgs {
     /// model's adapters at their manifest scales.
     #[arg(long = "adapter", value_name = "NAME=SCALE")]
     adapters: Vec<String>,
+}
+
+/// Puts the image files `images` and the sealed ones `sealed` into the message `m`.
+fn attach_images(
+    m: &mut HashMap<String, Variant<'static>>,
+    images: &[std::path::PathBuf],
+    sealed: &[std::path::PathBuf],
+) -> std::io::Result<()> {
+    for (key, files) in [(request_key::IMAGES, images), (request_key::SEALED_IMAGES, sealed)] {
+        if !files.is_empty() {
+            let bytes: Vec<Vec<u8>> = files.iter().map(std::fs::read).collect::<Result<_, _>>()?;
+            m.insert(key.to_owned(), Variant::from(bytes));
+        }
+    }
+    Ok(())
 }
 
 #[derive(Debug)]
@@ -345,6 +366,8 @@ async fn run(cli: Cli) -> Result<ExitCode, CliError> {
                 scope,
                 route,
                 sealed,
+                images,
+                sealed_images,
                 json_schema,
                 grammar,
                 tools,
@@ -372,7 +395,9 @@ async fn run(cli: Cli) -> Result<ExitCode, CliError> {
                     (request_key::SEALED.to_owned(), Variant::from(blob)),
                 ]));
             }
-            messages.push(text("user", &prompt, scope.as_deref()));
+            let mut user = text("user", &prompt, scope.as_deref());
+            attach_images(&mut user, &images, &sealed_images)?;
+            messages.push(user);
             let mut request: HashMap<&str, Variant<'_>> =
                 HashMap::from([(request_key::MESSAGES, Variant::from(messages))]);
             if let Some(r) = &route {
@@ -434,9 +459,15 @@ async fn run(cli: Cli) -> Result<ExitCode, CliError> {
             let session = proxy.open_session(options).await?;
             let mut system = system;
             let mut status = ExitCode::SUCCESS;
+            let mut images = Vec::new();
             for line in std::io::stdin().lines() {
                 let line = line?;
                 if line.trim().is_empty() {
+                    continue;
+                }
+                // "/image FILE" attaches an image to the next message.
+                if let Some(file) = line.strip_prefix("/image ") {
+                    images.push(std::path::PathBuf::from(file.trim()));
                     continue;
                 }
                 let mut turn: Vec<(&str, &str)> = Vec::new();
@@ -445,8 +476,12 @@ async fn run(cli: Cli) -> Result<ExitCode, CliError> {
                     turn.push(("system", s));
                 }
                 turn.push(("user", &line));
+                let mut messages = hearth_dbus::messages(&turn);
+                if let Some(user) = messages.last_mut() {
+                    attach_images(user, &std::mem::take(&mut images), &[])?;
+                }
                 let mut request: HashMap<&str, Variant<'_>> =
-                    HashMap::from([(request_key::MESSAGES, hearth_dbus::messages_value(&turn))]);
+                    HashMap::from([(request_key::MESSAGES, Variant::from(messages))]);
                 if let Some(n) = max_tokens {
                     request.insert(request_key::MAX_TOKENS, Variant::from(n));
                 }

@@ -144,7 +144,12 @@ impl Generation {
 
 /// The `messages` value (aa{sv}) for `(role, content)` pairs.
 pub fn messages_value(messages: &[(&str, &str)]) -> Variant<'static> {
-    let list: Vec<HashMap<String, Variant<'static>>> = messages
+    Variant::from(self::messages(messages))
+}
+
+/// The message dictionaries of `(role, content)` pairs, for adding keys (scope, images).
+pub fn messages(messages: &[(&str, &str)]) -> Vec<HashMap<String, Variant<'static>>> {
+    messages
         .iter()
         .map(|(role, content)| {
             HashMap::from([
@@ -152,6 +157,5 @@ pub fn messages_value(messages: &[(&str, &str)]) -> Variant<'static> {
                 (request_key::CONTENT.to_owned(), Variant::from(content.to_string())),
             ])
         })
-        .collect();
-    Variant::from(list)
+        .collect()
 }

@@ -13,7 +13,7 @@ mod proxy;
 mod result;
 mod status;
 
-pub use client::{Generation, StreamEvent, messages_value};
+pub use client::{Generation, StreamEvent, messages, messages_value};
 pub use error::Error;
 pub use names::*;
 pub use proxy::{Hearth1Proxy, RequestProxy, SessionProxy};

@@ -342,3 +342,53 @@ async fn a_session_turn_about_an_image_reuses_its_kv_and_equals_a_fresh_run() {
     );
     assert_eq!(proxy.complete(transcript).await.unwrap().token_ids, r2.token_ids);
 }
+
+/// hearthctl: `generate --image FILE`, and `/image FILE` in `chat`, answer like the API.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hearthctl_sends_images_in_generate_and_chat() {
+    use std::io::Write;
+    let dir = ModelDir::new();
+    dir.vision_model(VISION);
+    let bus = Bus::start();
+    let _daemon = Daemon::start_configured(&bus, &settings(&dir)).await;
+    let conn = bus.connect().await;
+    let proxy = hearth(&conn).await;
+    let (dark, _) = images();
+    let file = dir.write_file("photo.png", &dark, 0o644);
+    let want = proxy.complete(with_image("What is it?", &dark, 6)).await.unwrap();
+    let ctl = || {
+        let mut c = std::process::Command::new(hearth_tests::workspace_bin("hearthctl"));
+        c.args(["--bus-address", bus.address()]);
+        c
+    };
+    let out = ctl()
+        .args(["--json", "generate", "--max-tokens", "6", "--image"])
+        .arg(&file)
+        .arg("What is it?")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let last = String::from_utf8(out.stdout).unwrap().lines().last().map(str::to_owned).unwrap_or_default();
+    let got: serde_json::Value = serde_json::from_str(&last).unwrap();
+    assert_eq!(got["finished"]["text"], want.text.as_str(), "{got}");
+    assert_eq!(got["finished"]["image_tokens"], 16, "{got}");
+
+    let mut chat = ctl()
+        .args(["chat", "--max-tokens", "6"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdin = chat.stdin.take().unwrap();
+    writeln!(stdin, "/image {}\nWhat is it?", file.display()).unwrap();
+    drop(stdin);
+    let out = chat.wait_with_output().unwrap();
+    assert!(out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains(want.text.as_str()),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    let missing = ctl().args(["generate", "--image", "/nonexistent.png", "hi"]).output().unwrap();
+    assert!(!missing.status.success());
+}
