@@ -31,6 +31,7 @@ mod phone;
 mod report;
 mod sessions;
 mod speculative;
+mod vision;
 
 use std::time::{Duration, Instant};
 
@@ -85,6 +86,9 @@ struct Args {
     /// Run only the GPU section (every layer on the GPU hearthd lists, against its CPU).
     #[arg(long)]
     gpu_only: bool,
+    /// Only the image section (a vision model of the default model and the tests' projector).
+    #[arg(long)]
+    vision_only: bool,
 }
 
 const DECODE_PROMPT: &str = "Write a long, detailed story about a lighthouse keeper who finds a message in a bottle.";
@@ -236,6 +240,16 @@ async fn bench() {
         return;
     }
 
+    if args.vision_only {
+        let vision = vision::measure(args.reps.min(3)).await;
+        if args.json {
+            println!("{}", serde_json::json!({ "profile": PROFILE, "vision": vision::json(&vision) }));
+        } else {
+            vision::print(&vision);
+        }
+        return;
+    }
+
     if args.contention_only {
         let contended = contention::measure(&conn, &daemon, args.reps.min(3), args.decode_tokens).await;
         if args.json {
@@ -299,6 +313,7 @@ async fn bench() {
         phone::measure(args.quick, args.decode_tokens.min(64), bandwidth).await
     };
     let gpu = gpu::measure(args.reps.min(3), args.decode_tokens, DECODE_PROMPT, &long_prompt).await;
+    let vision = vision::measure(args.reps.min(3)).await;
     let load = under_load(&conn, args.streams, args.stream_tokens, args.reps.min(3)).await;
     let burst = burst::measure(&conn, args.streams, args.stream_tokens, args.reps.min(3)).await;
     let sessions = sessions::measure(&conn, args.reps.min(3), args.turns).await;
@@ -323,6 +338,7 @@ async fn bench() {
         phones,
         sessions,
         gpu,
+        vision,
     };
     if args.json {
         println!("{}", report::json(&report));

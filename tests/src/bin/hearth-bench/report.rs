@@ -2,7 +2,7 @@
 
 use hearth_tests::threads;
 
-use super::{Load, PROFILE, burst, contention, gpu, phone, sessions::Sessions, speculative};
+use super::{Load, PROFILE, burst, contention, gpu, phone, sessions::Sessions, speculative, vision};
 
 /// Single-stream decode and prefill medians (tok/s).
 pub struct Single {
@@ -29,6 +29,7 @@ pub struct Report {
     pub phones: Vec<phone::PhoneResult>,
     pub sessions: Sessions,
     pub gpu: Option<gpu::GpuRun>,
+    pub vision: vision::VisionRun,
 }
 
 pub fn json(r: &Report) -> serde_json::Value {
@@ -51,6 +52,7 @@ pub fn json(r: &Report) -> serde_json::Value {
         "memory_read_bandwidth_gb_s": r.bandwidth / 1e9,
         "phone_models": phone::json(&r.phones),
         "gpu": gpu::json(&r.gpu),
+        "vision": vision::json(&r.vision),
         "sessions": {
             "turns": ses.turns, "turn_n_prompt_tokens": ses.prompt_tokens,
             "turn_n_session_ms": ses.session_ms, "turn_n_resend_ms": ses.resend_ms, "resend_over_session": ses.resend_ms / ses.session_ms,
@@ -76,6 +78,7 @@ pub fn print(r: &Report) {
     contention::print(&r.contended);
     phone::print(r.bandwidth, &r.phones);
     gpu::print(&r.gpu);
+    vision::print(&r.vision);
     println!(
         "aggregate tok/s, {} streams × {} tokens: D-Bus {:.1}, best static batch ({}) {:.1}, ratio {:.3}",
         r.streams, r.stream_tokens, load.aggregate, load.static_best_b, load.static_best, load.aggregate_ratio
