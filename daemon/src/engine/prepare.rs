@@ -37,6 +37,13 @@ fn input_error(e: hearth_ffi::Error) -> EngineError {
     }
 }
 
+/// The rest after `took` of image encoding that keeps it within the duty cycle `duty` (the
+/// share of wall time compute may take), at most 2 s (the decode loop's longest pace).
+fn encode_pause(took: std::time::Duration, duty: f64) -> std::time::Duration {
+    let due = took.div_f64(duty.clamp(0.01, 1.0));
+    due.saturating_sub(took).min(std::time::Duration::from_secs(2))
+}
+
 /// What preparing needs of the loaded model.
 #[derive(Debug, Clone)]
 pub struct Preparer {
@@ -91,6 +98,16 @@ impl Preparer {
         } else {
             self.with_images(app, request)?
         };
+        // Encoding images is compute like a decode step: under the thermal governor's duty
+        // cycle, the preparer rests after it as the decode loop does after a step.
+        if let Some(pause) = self.throttle.duty().map(|d| encode_pause(image_encode, d)).filter(|p| !p.is_zero()) {
+            tracing::debug!(
+                encode_ms = image_encode.as_millis() as u64,
+                pause_ms = pause.as_millis() as u64,
+                "image encode paced"
+            );
+            std::thread::sleep(pause);
+        }
         // Room for the prompt and at least one generated token.
         if prompt.len() >= self.n_ctx as usize {
             return Err(EngineError::ContextLengthExceeded { prompt: prompt.len(), context: self.n_ctx });
@@ -225,5 +242,19 @@ impl Preparer {
                 preempt.request();
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    #[test]
+    fn image_encodes_rest_to_keep_the_duty_cycle() {
+        let ms = Duration::from_millis;
+        assert_eq!(super::encode_pause(ms(100), 0.25), ms(300), "100 ms of compute in 400 ms");
+        assert_eq!(super::encode_pause(ms(100), 1.0), Duration::ZERO);
+        assert_eq!(super::encode_pause(ms(900), 0.1), Duration::from_secs(2), "never more than 2 s");
+        assert_eq!(super::encode_pause(Duration::ZERO, 0.1), Duration::ZERO, "a cached image costs nothing");
     }
 }

@@ -26,8 +26,11 @@ pub struct VisionRun {
 pub async fn measure(reps: usize) -> VisionRun {
     let dir = ModelDir::new();
     dir.vision_model("seer");
-    let settings =
-        Settings { models_dirs: Some(vec![dir.path().to_owned()]), models: "default = \"seer\"\n".into(), ..Settings::default() };
+    let settings = Settings {
+        models_dirs: Some(vec![dir.path().to_owned()]),
+        models: "default = \"seer\"\n".into(),
+        ..Settings::default()
+    };
     let bus = Bus::start();
     let _daemon = Daemon::start_configured(&bus, &settings).await;
     let conn = bus.connect().await;
