@@ -48,6 +48,24 @@ pub fn has_image_signature(bytes: &[u8]) -> bool {
     bytes.starts_with(PNG) || bytes.starts_with(JPEG)
 }
 
+/// Checks the images of `parts` (what `whose` holds) against one request's limits.
+pub fn check_image_limits(parts: &[Part], whose: &str) -> Result<(), Error> {
+    let images = parts.iter().flat_map(|p| &p.images);
+    let count = images.clone().count();
+    if count > MAX_IMAGES {
+        return Err(invalid(format!("{whose} hold {count} images; at most {MAX_IMAGES}")));
+    }
+    let bytes: usize = images
+        .map(|i| match i {
+            Image::Plain(b) | Image::Sealed(b) => b.len(),
+        })
+        .sum();
+    if bytes > MAX_IMAGE_TOTAL_BYTES {
+        return Err(invalid(format!("{whose} hold images of {bytes} bytes together; at most {MAX_IMAGE_TOTAL_BYTES}")));
+    }
+    Ok(())
+}
+
 /// `images` or `sealed_images` of message `i`: an array of byte arrays.
 fn parse_images(i: usize, k: &str, v: &Variant<'_>, sealed: bool, out: &mut Vec<Image>) -> Result<(), Error> {
     let Variant::Array(array) = unwrap_variant(v) else {
@@ -186,7 +204,6 @@ fn parse_messages(v: &Variant<'_>) -> Result<Vec<Part>, Error> {
         return Err(invalid(format!("messages has {} entries; at most {MAX_MESSAGES}", array.len())));
     }
     let mut total = 0usize;
-    let (mut image_count, mut image_bytes) = (0usize, 0usize);
     let mut out = Vec::with_capacity(array.len());
     for (i, item) in array.inner().iter().enumerate() {
         let Variant::Dict(dict) = unwrap_variant(item) else {
@@ -225,19 +242,6 @@ fn parse_messages(v: &Variant<'_>) -> Result<Vec<Part>, Error> {
             }
         }
         images.append(&mut sealed_images);
-        image_count += images.len();
-        if image_count > MAX_IMAGES {
-            return Err(invalid(format!("the messages hold {image_count} images; at most {MAX_IMAGES}")));
-        }
-        image_bytes += images
-            .iter()
-            .map(|i| match i {
-                Image::Plain(b) | Image::Sealed(b) => b.len(),
-            })
-            .sum::<usize>();
-        if image_bytes > MAX_IMAGE_TOTAL_BYTES {
-            return Err(invalid(format!("the messages' images exceed {MAX_IMAGE_TOTAL_BYTES} bytes together")));
-        }
         let role = role.ok_or_else(|| invalid(format!("messages[{i}] has no role")))?;
         if !matches!(role.as_str(), "system" | "user" | "assistant" | "tool") {
             return Err(invalid(format!("messages[{i}].role {role:?} is not one of system, user, assistant, tool")));
@@ -269,6 +273,7 @@ fn parse_messages(v: &Variant<'_>) -> Result<Vec<Part>, Error> {
         };
         out.push(Part { role, content, scope, images });
     }
+    check_image_limits(&out, "the messages")?;
     Ok(out)
 }
 

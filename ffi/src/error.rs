@@ -75,6 +75,9 @@ pub enum Error {
     /// of another embedding width).
     #[error("libmtmd could not load projector {path} for this model")]
     ProjectorLoad { path: PathBuf },
+    /// A projector libmtmd loads but Hearth cannot decode for (`reason` says why).
+    #[error("projector {path}: {reason}")]
+    ProjectorUnsupported { path: PathBuf, reason: String },
     /// An image the projector cannot take; `reason` says why, without its content.
     #[error("{reason}")]
     Image { reason: String },

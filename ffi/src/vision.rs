@@ -61,9 +61,28 @@ impl Projector {
         let raw = unsafe { sys::mtmd_init_from_file(c_path.as_ptr(), model.as_ptr(), params) };
         let ptr = NonNull::new(raw).ok_or_else(|| Error::ProjectorLoad { path: path.to_owned() })?;
         let projector = Self { ptr, model };
-        // SAFETY: valid context.
-        if !unsafe { sys::mtmd_support_vision(projector.ptr.as_ptr()) } {
-            return Err(Error::ProjectorLoad { path: path.to_owned() });
+        let refuse = |reason: &str| Error::ProjectorUnsupported { path: path.to_owned(), reason: reason.to_owned() };
+        // SAFETY: valid context; plain queries.
+        let (vision, mrope, non_causal) = unsafe {
+            let ctx = projector.ptr.as_ptr();
+            (
+                sys::mtmd_support_vision(ctx),
+                sys::mtmd_decode_use_mrope(ctx),
+                sys::mtmd_decode_use_non_causal(ctx, std::ptr::null()),
+            )
+        };
+        if !vision {
+            return Err(refuse("it has no vision encoder"));
+        }
+        // M-RoPE models take several positions per embedding row (a 2-D grid): a batch made
+        // here holds one, and llama.cpp would read past it.
+        if mrope {
+            return Err(refuse("its model places image rows on a 2-D grid (M-RoPE), which Hearth does not decode"));
+        }
+        // Non-causal image attention needs the whole image in one micro-batch with causal
+        // attention off for the context: not how Hearth's shared batches run.
+        if non_causal {
+            return Err(refuse("its image rows need non-causal attention, which Hearth does not decode"));
         }
         Ok(projector)
     }
@@ -123,6 +142,9 @@ impl Projector {
             }
             // SAFETY: valid image chunk.
             let n_tokens = unsafe { sys::mtmd_input_chunk_get_n_tokens(chunk) };
+            if n_tokens == 0 {
+                return Err(bad("libmtmd made an image of no tokens".into()));
+            }
             // SAFETY: valid image chunk.
             let n_pos = unsafe { sys::mtmd_input_chunk_get_n_pos(chunk) };
             if usize::try_from(n_pos).ok() != Some(n_tokens) {

@@ -513,11 +513,17 @@ impl ModelDir {
     /// A vision model: the default model with a test projector (make-mmproj.py), under the
     /// manifest `name`.
     pub fn vision_model(&self, name: &str) {
+        self.vision_model_with(name, &[]);
+    }
+
+    /// [`ModelDir::vision_model`] with make-mmproj.py's `extra` arguments (its own projector
+    /// file).
+    pub fn vision_model_with(&self, name: &str, extra: &[&str]) {
         self.link_default_model("m.gguf");
-        self.make_mmproj("mmproj.gguf", &[]);
-        let sha = sha256_file(&self.path().join("mmproj.gguf"));
-        let extra =
-            format!("capabilities = [\"chat\", \"vision\"]\n[mmproj]\nfile = \"mmproj.gguf\"\nsha256 = {sha:?}\n");
+        let file = format!("{name}.mmproj.gguf");
+        self.make_mmproj(&file, extra);
+        let sha = sha256_file(&self.path().join(&file));
+        let extra = format!("capabilities = [\"chat\", \"vision\"]\n[mmproj]\nfile = {file:?}\nsha256 = {sha:?}\n");
         self.manifest(name, "m.gguf", None, &extra);
     }
 }

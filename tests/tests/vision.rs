@@ -191,6 +191,47 @@ async fn malformed_and_hostile_images_get_named_errors_and_the_daemon_serves_on(
     assistant.insert("role".into(), Variant::from("assistant"));
     assert_eq!(error_of(&proxy, request(vec![assistant], 4)).await.0, INVALID);
 
+    // Fuzzed: seeded mutations of a valid PNG and JPEG (bit flips, truncations, 0xffffffff
+    // over a length or a dimension, a repeated range). Each is served or refused by name.
+    let mut state = 0x9e37_79b9_7f4a_7c15u64;
+    let mut next = move |n: usize| {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        (state % n.max(1) as u64) as usize
+    };
+    let seeds = [good.clone(), jpeg(48, 40, |x, y| [(x * 5) as u8, (y * 5) as u8, 128])];
+    let (mut served, mut refused) = (0, 0);
+    for k in 0..40 {
+        let mut f = seeds[k % 2].clone();
+        let body = 8..f.len();
+        match k % 4 {
+            0 => (0..1 + next(8)).for_each(|_| {
+                let i = body.start + next(body.len());
+                f[i] ^= 1 << next(8);
+            }),
+            1 => f.truncate(8 + next(f.len() - 8)),
+            2 => {
+                let i = body.start + next(body.len() - 4);
+                f[i..i + 4].fill(0xff);
+            }
+            _ => {
+                let (i, n) = (body.start + next(body.len() / 2), 1 + next(64));
+                let range = f[i..(i + n).min(f.len())].to_vec();
+                f.splice(i..i, range);
+            }
+        }
+        match proxy.complete(with_image("What is it?", &f, 2)).await {
+            Ok(_) => served += 1,
+            Err(e) => {
+                assert_eq!(e.dbus_name(), INVALID, "mutation {k}: {}", e.message());
+                refused += 1;
+            }
+        }
+    }
+    eprintln!("fuzzed images: {served} served, {refused} refused");
+    assert!(refused > 0);
+
     // Still serving, with the same engine, and the same answer as before.
     let after = proxy.complete(with_image("What is it?", &good, 6)).await.unwrap();
     assert_eq!(after.token_ids, solo.token_ids);
@@ -391,4 +432,33 @@ async fn hearthctl_sends_images_in_generate_and_chat() {
     );
     let missing = ctl().args(["generate", "--image", "/nonexistent.png", "hi"]).output().unwrap();
     assert!(!missing.status.success());
+}
+
+/// An image of more rows than a decode step holds (576 from a 192-pixel projector, batch 512)
+/// prefills over several steps, sharing them with other requests, and its output is the same
+/// alone and batched.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_image_longer_than_a_step_prefills_over_several_steps() {
+    let dir = ModelDir::new();
+    dir.vision_model_with(VISION, &["--image-size", "192"]);
+    let bus = Bus::start();
+    let _daemon = Daemon::start_configured(&bus, &settings(&dir)).await;
+    let conn = bus.connect().await;
+    let proxy = hearth(&conn).await;
+    let (dark, bright) = images();
+    let solo = proxy.complete(with_image("What is it?", &dark, 8)).await.unwrap();
+    assert_eq!(solo.image_tokens, 576);
+    assert!(u64::from(solo.prompt_tokens) > u64::from(hearth_tests::BATCH));
+    let other = proxy.complete(with_image("What is it?", &bright, 8)).await.unwrap();
+    let text = proxy.complete(chat_request("What is it?", 8)).await.unwrap();
+    for _ in 0..2 {
+        let (a, b, c) = tokio::join!(
+            proxy.complete(with_image("What is it?", &dark, 8)),
+            proxy.complete(chat_request("What is it?", 8)),
+            proxy.complete(with_image("What is it?", &bright, 8)),
+        );
+        assert_eq!(a.unwrap().token_ids, solo.token_ids);
+        assert_eq!(b.unwrap().token_ids, text.token_ids);
+        assert_eq!(c.unwrap().token_ids, other.token_ids);
+    }
 }

@@ -185,6 +185,8 @@ fn load(start: &Start, files: Vec<OwnedFd>, socket: &mut UnixStream) -> Result<S
     drop(adapters);
     let model = Arc::new(model);
     let settings = &start.settings;
+    // The projector's weights (read into memory by libmtmd) count with the model's.
+    let projector_bytes = mmproj.as_ref().and_then(|fd| rustix::fs::fstat(fd).ok()).map_or(0, |st| st.st_size as u64);
     let vision = match &mmproj {
         Some(fd) => {
             let path = std::path::PathBuf::from(format!("/proc/self/fd/{}", std::os::fd::AsRawFd::as_raw_fd(fd)));
@@ -242,7 +244,7 @@ fn load(start: &Start, files: Vec<OwnedFd>, socket: &mut UnixStream) -> Result<S
         socket: String::new(),
         gpu_access: gpu_access.as_str().to_owned(),
     };
-    Ok(Serving { ctx, info, weights: model.size_bytes(), kv, report, gpu_access, vision })
+    Ok(Serving { ctx, info, weights: model.size_bytes() + projector_bytes, kv, report, gpu_access, vision })
 }
 
 /// Cancel switches of the requests and Embed calls in the engine, by hearthd's key.

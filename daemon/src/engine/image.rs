@@ -102,9 +102,28 @@ pub fn decode(what: &str, bytes: &[u8]) -> Result<Rgb, EngineError> {
         return Err(bad(format!("is {width}x{height} pixels; at most {MAX_PIXELS} pixels, and at least 1x1")));
     }
     let image = reader().decode().map_err(failed)?;
-    let rgb = image.into_rgb8();
+    let rgb = pad_to_ratio(image.into_rgb8());
     let (width, height) = rgb.dimensions();
     Ok(Rgb { width, height, pixels: rgb.into_raw() })
+}
+
+/// Widest aspect ratio handed to the projector: libmtmd's resizers scale the short side by
+/// the long side's factor, and some (idefics3's, SmolVLM's) abort the process on a side that
+/// rounds to 0. A panorama or a long screenshot is padded (centred, in the grey of libmtmd's
+/// own padding) rather than refused.
+const MAX_RATIO: u32 = 8;
+
+fn pad_to_ratio(img: image::RgbImage) -> image::RgbImage {
+    let (w, h) = img.dimensions();
+    let (long, short) = (w.max(h), w.min(h));
+    if long <= short * MAX_RATIO {
+        return img;
+    }
+    let short = long.div_ceil(MAX_RATIO);
+    let (nw, nh) = if w >= h { (w, short) } else { (short, h) };
+    let mut canvas = image::RgbImage::from_pixel(nw, nh, image::Rgb([122, 116, 104]));
+    image::imageops::replace(&mut canvas, &img, i64::from((nw - w) / 2), i64::from((nh - h) / 2));
+    canvas
 }
 
 /// What an image encodes to, kept for its app's next request with the same image.
@@ -246,6 +265,19 @@ mod tests {
             let e = decode("img", &bytes).unwrap_err().to_string();
             assert!(e.contains(want), "{e}");
         }
+    }
+
+    #[test]
+    fn extreme_aspect_ratios_are_padded_not_refused() {
+        let rgb = decode("img", &png(4096, 1)).unwrap();
+        assert_eq!((rgb.width, rgb.height), (4096, 512));
+        // The image's row sits in the middle, on the padding's grey.
+        assert_eq!(&rgb.pixels[..3], &[122, 116, 104]);
+        let mid = (255 * 4096 + 5) * 3;
+        assert_eq!(&rgb.pixels[mid..mid + 3], &[5, 0, 7]);
+        let tall = decode("img", &png(3, 100)).unwrap();
+        assert_eq!((tall.width, tall.height), (13, 100));
+        assert_eq!(decode("img", &png(80, 10)).unwrap().height, 10, "8:1 is kept as it is");
     }
 
     #[test]

@@ -174,7 +174,7 @@ impl Preparer {
                 let what = format!("image {n} (of messages[{}])", im.message);
                 took += vision.append(app, &what, &im.bytes, &mut prompt, &mut spans)?;
                 if prompt.len() >= self.n_ctx as usize {
-                    break;
+                    return Err(EngineError::ContextLengthExceeded { prompt: prompt.len(), context: self.n_ctx });
                 }
             }
         }
@@ -222,6 +222,13 @@ impl Preparer {
         while let Some(job) = jobs.blocking_recv() {
             let done = Done(wake);
             let Job { request, caller, cancel, events, reply } = job;
+            // Work nobody waits for any more (cancelled, caller gone) is not prepared: images
+            // are costly to encode.
+            let gone = cancel.reason().or_else(|| events.is_closed().then_some(super::CancelReason::Disconnected));
+            if let Some(reason) = gone {
+                let _ = reply.send(Err(EngineError::Cancelled(reason)));
+                continue;
+            }
             let prepared = match self.prepare(&caller.app, &request) {
                 Ok(p) => p,
                 Err(e) => {

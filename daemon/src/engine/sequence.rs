@@ -138,8 +138,12 @@ impl Sequence {
         self.images.iter().find(|i| i.start <= self.prefilled && self.prefilled < i.end())
     }
 
-    /// Prompt tokens from the next position to the next image (or the prompt's end).
+    /// Prompt tokens from the next position to the next image (or the prompt's end); none
+    /// while the next position is an image's.
     pub fn text_run(&self) -> usize {
+        if self.image_next().is_some() {
+            return 0;
+        }
         let end = self.images.iter().map(|i| i.start).filter(|&s| s >= self.prefilled).min();
         end.unwrap_or(self.prompt.len()).saturating_sub(self.prefilled)
     }

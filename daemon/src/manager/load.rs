@@ -60,7 +60,12 @@ impl ModelManager {
         let started = Instant::now();
         self.set_progress(name, LoadPhase::Verifying, 0.0);
         // Room for the weights first, so reading them does not push others out of memory.
-        let file_size = std::fs::metadata(&entry.path).map(|m| m.len()).unwrap_or(0);
+        // The projector's weights are loaded beside the model's.
+        let file_size = [Some(entry.path.clone()), entry.mmproj_path()]
+            .into_iter()
+            .flatten()
+            .map(|p| std::fs::metadata(p).map(|m| m.len()).unwrap_or(0))
+            .sum();
         self.make_room(name, file_size).await?;
 
         let this = self.clone();

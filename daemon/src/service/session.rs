@@ -186,7 +186,12 @@ impl SessionObject {
         let mut request = parsed.request;
         request.model = Some(self.model.clone());
         request.session = Some(self.id);
-        let parts = history.into_iter().chain(parsed.parts).collect();
+        let parts: Vec<Part> = history.into_iter().chain(parsed.parts).collect();
+        // Every turn sends the whole transcript: its images count against one request's limits.
+        if let Err(e) = crate::request::check_image_limits(&parts, "the session's transcript and this turn") {
+            store.end_turn(self.id);
+            return Err(e);
+        }
         let admitted = match svc.admit(&who, request, parts, parsed.route, parsed.structure) {
             Ok(admitted) => admitted,
             Err(e) => {

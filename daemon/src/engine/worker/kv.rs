@@ -39,6 +39,11 @@ impl Worker {
                 reuse = restored;
             }
         }
+        // KV kept up to the middle of an image is an image whose placeholders matched only in
+        // part: its rows start again from the image's first.
+        if let Some(image) = w.images.iter().find(|i| i.start < reuse && reuse < i.end()) {
+            reuse = self.keep_prefix(slot.seq, image.start);
+        }
         tracing::debug!(id = w.id, seq = slot.seq, reuse, priority = w.priority.as_str(), "request started");
         self.running.push(Sequence::start(w, slot.seq, reuse));
     }

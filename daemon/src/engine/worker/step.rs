@@ -74,12 +74,14 @@ impl Worker {
             })
             .collect();
         prefilling.sort_by_key(|&i| self.running[i].id);
+        // Image rows and prompt tokens share the step's room, so a step's time stays bounded.
+        let mut budget = self.batch.remaining();
         for i in prefilling {
-            if self.batch.remaining() == 0 {
+            if budget == 0 {
                 break;
             }
-            match self.prefill_image(i) {
-                Ok(()) => {}
+            match self.prefill_image(i, budget) {
+                Ok(rows) => budget -= rows,
                 Err(hearth_ffi::Error::Aborted) => {
                     self.preempt.clear();
                     self.preempted = true;
@@ -94,10 +96,11 @@ impl Worker {
                 }
             }
             let s = &mut self.running[i];
-            let n = s.text_run().min(self.batch.remaining());
+            let n = s.text_run().min(budget);
             if n == 0 {
                 continue;
             }
+            budget -= n;
             for k in s.prefilled..s.prefilled + n {
                 let last = k + 1 == s.prompt.len();
                 match self.batch.push(s.prompt[k], k as i32, &[s.seq], last) {
@@ -260,8 +263,9 @@ impl Worker {
                     taken.push((i, token));
                 }
             } else if s.in_prefill() {
-                match self.prefill_image(i) {
-                    Ok(()) => {}
+                let budget = self.batch.remaining();
+                let rows = match self.prefill_image(i, budget) {
+                    Ok(rows) => rows,
                     Err(hearth_ffi::Error::Aborted) => {
                         self.preempt.clear();
                         self.preempted = true;
@@ -272,9 +276,9 @@ impl Worker {
                         self.fail(&[i], &EngineError::Internal(format!("decoding an image: {e}")));
                         continue;
                     }
-                }
+                };
                 let s = &mut self.running[i];
-                let n = s.text_run().min(self.batch.remaining());
+                let n = s.text_run().min(budget - rows);
                 for k in s.prefilled..s.prefilled + n {
                     let last = k + 1 == s.prompt.len();
                     if let Ok(j) = self.batch.push(s.prompt[k], k as i32, &[s.seq], last) {
@@ -315,29 +319,36 @@ impl Worker {
         (generated, prefilled)
     }
 
-    /// Decodes the rest of the image sequence `i`'s prefill stands at, if it stands at one:
-    /// in a decode of its own (a batch holds tokens or embeddings, not both), committed at
-    /// once. On an error its KV is cut back to what it had committed before.
-    fn prefill_image(&mut self, i: usize) -> Result<(), hearth_ffi::Error> {
+    /// Decodes up to `budget` rows of the image sequence `i`'s prefill stands at, if it stands
+    /// at one: in a decode of its own (a batch holds tokens or embeddings, not both),
+    /// committed at once; an image longer than a step's budget takes several steps, as a long
+    /// prompt does. Returns the rows decoded. On an error its KV is cut back to what it had
+    /// committed before (a KV that cannot be cut is an error of its own, which fails it).
+    fn prefill_image(&mut self, i: usize, budget: usize) -> Result<usize, hearth_ffi::Error> {
         let s = &mut self.running[i];
-        let Some(span) = s.image_next().cloned() else { return Ok(()) };
-        let rows = span.end() - s.prefilled;
+        let Some(span) = s.image_next().cloned() else { return Ok(0) };
+        let rows = (span.end() - s.prefilled).min(budget);
+        if rows == 0 {
+            return Ok(0);
+        }
         let interactive = s.priority == Priority::Interactive;
         let (seq, from) = (s.seq, s.prefilled);
+        let data = &span.rows_from(from)[..rows * span.n_embd];
         self.hold_preemption(interactive);
-        let decoded = self.ctx.decode_embeddings(span.rows_from(from), span.n_embd, from as hearth_ffi::Pos, seq);
+        let decoded = self.ctx.decode_embeddings(data, span.n_embd, from as hearth_ffi::Pos, seq);
         self.preempt.hold(false);
         let s = &mut self.running[i];
         match decoded {
             Ok(()) => {
-                s.prefilled = span.end();
+                s.prefilled += rows;
                 let app = s.caller.app.clone();
                 self.scheduler.charge(&app, rows as u64 * COST_PER_PROMPT);
-                Ok(())
+                Ok(rows)
             }
             Err(e) => {
-                if self.ctx.sequence_max_pos(seq) >= from as hearth_ffi::Pos {
-                    self.ctx.truncate_sequence(seq, from as hearth_ffi::Pos);
+                let at = from as hearth_ffi::Pos;
+                if self.ctx.sequence_max_pos(seq) >= at && !self.ctx.truncate_sequence(seq, at) {
+                    return Err(hearth_ffi::Error::Image { reason: "cannot roll back its KV cache".into() });
                 }
                 Err(e)
             }
