@@ -44,6 +44,48 @@ fn encode_pause(took: std::time::Duration, duty: f64) -> std::time::Duration {
     due.saturating_sub(took).min(std::time::Duration::from_secs(2))
 }
 
+/// Jobs waiting for the preparer: per app in arrival order, the apps served in turn, an
+/// app's interactive jobs before the rest.
+#[derive(Debug)]
+struct FairQueue<T> {
+    /// Apps with jobs, in the order they are served next.
+    turns: std::collections::VecDeque<String>,
+    jobs: std::collections::HashMap<String, std::collections::VecDeque<(bool, T)>>,
+}
+
+impl<T> Default for FairQueue<T> {
+    fn default() -> Self {
+        Self { turns: Default::default(), jobs: Default::default() }
+    }
+}
+
+impl<T> FairQueue<T> {
+    fn push(&mut self, app: String, interactive: bool, job: T) {
+        let jobs = self.jobs.entry(app.clone()).or_default();
+        if jobs.is_empty() {
+            self.turns.push_back(app);
+        }
+        jobs.push_back((interactive, job));
+    }
+
+    /// The next job: the first interactive one of the app whose turn comes first, else the
+    /// next app's oldest.
+    fn pop(&mut self) -> Option<T> {
+        let k =
+            self.turns.iter().position(|a| self.jobs.get(a).is_some_and(|j| j.iter().any(|(i, _)| *i))).unwrap_or(0);
+        let app = self.turns.remove(k)?;
+        let jobs = self.jobs.get_mut(&app)?;
+        let j = jobs.iter().position(|(i, _)| *i).unwrap_or(0);
+        let (_, job) = jobs.remove(j)?;
+        if jobs.is_empty() {
+            self.jobs.remove(&app);
+        } else {
+            self.turns.push_back(app);
+        }
+        Some(job)
+    }
+}
+
 /// What preparing needs of the loaded model.
 #[derive(Debug, Clone)]
 pub struct Preparer {
@@ -201,10 +243,12 @@ impl Preparer {
         Ok(AdapterSet::new(&scales))
     }
 
-    /// Prepares jobs in arrival order until `jobs` closes: a refusal is answered here, a
-    /// prepared request goes to the worker (`cmd`); either way the worker is woken (it may
-    /// be waiting for preparation to end, [`Wake::wait_for_preparation`]); an interactive one
-    /// asks a running lower-priority step to yield (`preempt`).
+    /// Prepares jobs until `jobs` closes, each app's in arrival order, the apps' in turn
+    /// (interactive jobs first), so one app's stream of costly jobs (images) delays another
+    /// app's by at most one job each: a refusal is answered here, a prepared request goes to
+    /// the worker (`cmd`); either way the worker is woken (it may be waiting for preparation
+    /// to end, [`Wake::wait_for_preparation`]); an interactive one asks a running
+    /// lower-priority step to yield (`preempt`).
     pub fn run(
         self,
         mut jobs: mpsc::UnboundedReceiver<Job>,
@@ -219,7 +263,18 @@ impl Preparer {
                 self.0.prepared();
             }
         }
-        while let Some(job) = jobs.blocking_recv() {
+        let mut queue = FairQueue::default();
+        loop {
+            while let Ok(job) = jobs.try_recv() {
+                queue.push(job.caller.app.clone(), job.request.priority == Priority::Interactive, job);
+            }
+            let job = match queue.pop() {
+                Some(job) => job,
+                None => match jobs.blocking_recv() {
+                    Some(job) => job,
+                    None => return,
+                },
+            };
             let done = Done(wake);
             let Job { request, caller, cancel, events, reply } = job;
             // Work nobody waits for any more (cancelled, caller gone) is not prepared: images
@@ -263,5 +318,18 @@ mod tests {
         assert_eq!(super::encode_pause(ms(100), 1.0), Duration::ZERO);
         assert_eq!(super::encode_pause(ms(900), 0.1), Duration::from_secs(2), "never more than 2 s");
         assert_eq!(super::encode_pause(Duration::ZERO, 0.1), Duration::ZERO, "a cached image costs nothing");
+    }
+
+    #[test]
+    fn apps_take_turns_and_interactive_jobs_go_first() {
+        let mut q = super::FairQueue::default();
+        for k in 0..4 {
+            q.push("flood".into(), false, format!("flood{k}"));
+        }
+        q.push("b".into(), false, "b0".to_owned());
+        q.push("c".into(), false, "c0".to_owned());
+        q.push("b".into(), true, "b1!".to_owned());
+        let order: Vec<String> = std::iter::from_fn(|| q.pop()).collect();
+        assert_eq!(order, ["b1!", "flood0", "c0", "b0", "flood1", "flood2", "flood3"]);
     }
 }
