@@ -24,6 +24,22 @@ fn settings(dir: &ModelDir) -> Settings {
     }
 }
 
+/// The daemon serving `settings` on a bus of its own, and a connection to it.
+struct Served {
+    bus: Bus,
+    daemon: Daemon,
+    conn: zbus::Connection,
+    proxy: hearth_dbus::Hearth1Proxy<'static>,
+}
+
+async fn serve(settings: &Settings) -> Served {
+    let bus = Bus::start();
+    let daemon = Daemon::start_configured(&bus, settings).await;
+    let conn = bus.connect().await;
+    let proxy = hearth(&conn).await;
+    Served { bus, daemon, conn, proxy }
+}
+
 type Request = HashMap<&'static str, Variant<'static>>;
 
 fn request(messages: Vec<HashMap<String, Variant<'static>>>, max_tokens: u32) -> Request {
@@ -54,10 +70,7 @@ async fn images_become_counted_tokens_and_steer_the_output_deterministically() {
     let dir = ModelDir::new();
     dir.vision_model(VISION);
     dir.manifest("text-only", "m.gguf", None, "");
-    let bus = Bus::start();
-    let daemon = Daemon::start_configured(&bus, &settings(&dir)).await;
-    let conn = bus.connect().await;
-    let proxy = hearth(&conn).await;
+    let Served { bus: _bus, daemon, conn: _conn, proxy } = serve(&settings(&dir)).await;
     let (dark, bright) = images();
     let ask = "Describe the image.";
 
@@ -130,10 +143,7 @@ async fn images_become_counted_tokens_and_steer_the_output_deterministically() {
 async fn malformed_and_hostile_images_get_named_errors_and_the_daemon_serves_on() {
     let dir = ModelDir::new();
     dir.vision_model(VISION);
-    let bus = Bus::start();
-    let daemon = Daemon::start_configured(&bus, &settings(&dir)).await;
-    let conn = bus.connect().await;
-    let proxy = hearth(&conn).await;
+    let Served { bus: _bus, daemon, conn: _conn, proxy } = serve(&settings(&dir)).await;
     let (good, _) = images();
     let solo = proxy.complete(with_image("What is it?", &good, 6)).await.unwrap();
 
@@ -143,7 +153,7 @@ async fn malformed_and_hostile_images_get_named_errors_and_the_daemon_serves_on(
         c.extend(data);
         let mut body = kind.to_vec();
         body.extend(data);
-        c.extend(crc32(&body).to_be_bytes());
+        c.extend(crc32fast::hash(&body).to_be_bytes());
         c
     };
     let png_with = |w: u32, h: u32, idat: &[u8]| {
@@ -239,17 +249,6 @@ async fn malformed_and_hostile_images_get_named_errors_and_the_daemon_serves_on(
     assert!(!log.contains("engine exited") && !log.contains("restarting"), "{log}");
 }
 
-fn crc32(data: &[u8]) -> u32 {
-    let mut crc = !0u32;
-    for &b in data {
-        crc ^= u32::from(b);
-        for _ in 0..8 {
-            crc = if crc & 1 != 0 { (crc >> 1) ^ 0xedb8_8320 } else { crc >> 1 };
-        }
-    }
-    !crc
-}
-
 /// Image parts carry scopes like text: a public image may go to the cloud (as a data URL), a
 /// personal, local or sealed one never does; a sealed image works on the device like the
 /// plain one, for the sealing app only.
@@ -266,15 +265,12 @@ async fn image_scopes_and_seals_hold_towards_a_recording_cloud() {
             hearth_tests::this_app()
         ),
     )]);
-    let bus = Bus::start();
     let settings = Settings {
         apps: hearth_tests::apps_setting(apps.path()),
         cloud: format!("enabled = true\nendpoint = {:?}\nmodel = \"standin-1\"\nretries = 0\n", standin.endpoint()),
         ..settings(&dir)
     };
-    let daemon = Daemon::start_configured(&bus, &settings).await;
-    let conn = bus.connect().await;
-    let proxy = hearth(&conn).await;
+    let Served { bus: _bus, daemon, conn: _conn, proxy } = serve(&settings).await;
     // The canary: an image whose bytes (and so its base64) are this run's own.
     let seed = std::process::id();
     let canary = png(40, 40, move |x, y| [(x ^ seed) as u8, (y ^ (seed >> 8)) as u8, (seed >> 16) as u8]);
@@ -353,10 +349,7 @@ async fn image_scopes_and_seals_hold_towards_a_recording_cloud() {
 async fn a_session_turn_about_an_image_reuses_its_kv_and_equals_a_fresh_run() {
     let dir = ModelDir::new();
     dir.vision_model(VISION);
-    let bus = Bus::start();
-    let _daemon = Daemon::start_configured(&bus, &settings(&dir)).await;
-    let conn = bus.connect().await;
-    let proxy = hearth(&conn).await;
+    let Served { bus: _bus, daemon: _daemon, conn, proxy } = serve(&settings(&dir)).await;
     let (dark, _) = images();
     let path = proxy.open_session(HashMap::new()).await.expect("OpenSession");
     let s = hearth_dbus::SessionProxy::builder(&conn).path(path).build().await.unwrap();
@@ -390,10 +383,7 @@ async fn hearthctl_sends_images_in_generate_and_chat() {
     use std::io::Write;
     let dir = ModelDir::new();
     dir.vision_model(VISION);
-    let bus = Bus::start();
-    let _daemon = Daemon::start_configured(&bus, &settings(&dir)).await;
-    let conn = bus.connect().await;
-    let proxy = hearth(&conn).await;
+    let Served { bus, daemon: _daemon, conn: _conn, proxy } = serve(&settings(&dir)).await;
     let (dark, _) = images();
     let file = dir.write_file("photo.png", &dark, 0o644);
     let want = proxy.complete(with_image("What is it?", &dark, 6)).await.unwrap();
@@ -441,10 +431,7 @@ async fn hearthctl_sends_images_in_generate_and_chat() {
 async fn an_image_longer_than_a_step_prefills_over_several_steps() {
     let dir = ModelDir::new();
     dir.vision_model_with(VISION, &["--image-size", "192"]);
-    let bus = Bus::start();
-    let _daemon = Daemon::start_configured(&bus, &settings(&dir)).await;
-    let conn = bus.connect().await;
-    let proxy = hearth(&conn).await;
+    let Served { bus: _bus, daemon: _daemon, conn: _conn, proxy } = serve(&settings(&dir)).await;
     let (dark, bright) = images();
     let solo = proxy.complete(with_image("What is it?", &dark, 8)).await.unwrap();
     assert_eq!(solo.image_tokens, 576);

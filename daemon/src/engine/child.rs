@@ -122,7 +122,7 @@ fn read_start(socket: &mut UnixStream) -> Result<(Start, Vec<OwnedFd>), String> 
     if start.version != protocol::VERSION {
         return Err(format!("hearthd speaks protocol {}, this engine {}", start.version, protocol::VERSION));
     }
-    let expected = 1 + start.load.adapters.len() + usize::from(start.load.mmproj);
+    let expected = 1 + start.load.adapters.len() + usize::from(start.load.mmproj.is_some());
     if files.len() != expected {
         return Err(format!("expected {expected} files, got {}", files.len()));
     }
@@ -154,7 +154,7 @@ fn load(start: &Start, files: Vec<OwnedFd>, socket: &mut UnixStream) -> Result<S
     let mut files = files.into_iter();
     let model_file = std::fs::File::from(files.next().ok_or("no model file")?);
     let mut adapters: Vec<OwnedFd> = files.collect();
-    let mmproj = if start.load.mmproj { adapters.pop() } else { None };
+    let mmproj = if start.load.mmproj.is_some() { adapters.pop() } else { None };
     let readable: Vec<&OwnedFd> = adapters.iter().chain(&mmproj).collect();
     let landlock = super::sandbox::restrict_files(&readable)?;
     let probes = super::sandbox::probe_paths(&start.probes);
@@ -192,7 +192,7 @@ fn load(start: &Start, files: Vec<OwnedFd>, socket: &mut UnixStream) -> Result<S
             let path = std::path::PathBuf::from(format!("/proc/self/fd/{}", std::os::fd::AsRawFd::as_raw_fd(fd)));
             let projector = hearth_ffi::Projector::load(&path, Arc::clone(&model), settings.threads)
                 .map_err(|e| format!("vision projector: {e}"))?;
-            Some(super::image::Vision::new(projector))
+            Some(super::image::Vision::new(projector, start.load.mmproj.as_deref().unwrap_or_default()))
         }
         None => None,
     };

@@ -178,6 +178,9 @@ impl EncodeCache {
 pub struct Vision {
     projector: Arc<Mutex<Projector>>,
     cache: Arc<Mutex<EncodeCache>>,
+    /// The projector's sha256: an image's placeholders are its bytes' under this projector,
+    /// so KV kept across a projector change (a parked session) never matches.
+    projector_sha256: String,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -185,8 +188,12 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 impl Vision {
-    pub fn new(projector: Projector) -> Self {
-        Self { projector: Arc::new(Mutex::new(projector)), cache: Arc::default() }
+    pub fn new(projector: Projector, projector_sha256: &str) -> Self {
+        Self {
+            projector: Arc::new(Mutex::new(projector)),
+            cache: Arc::default(),
+            projector_sha256: projector_sha256.to_owned(),
+        }
     }
 
     /// Appends image `bytes` (named `what`) of `app`'s request to `prompt`: its text tokens,
@@ -200,7 +207,7 @@ impl Vision {
         prompt: &mut Vec<Token>,
         spans: &mut Vec<ImageSpan>,
     ) -> Result<std::time::Duration, EngineError> {
-        let hash: [u8; 32] = Sha256::digest(bytes).into();
+        let hash: [u8; 32] = Sha256::new().chain_update(&self.projector_sha256).chain_update(bytes).finalize().into();
         let mut took = std::time::Duration::ZERO;
         let cached = lock(&self.cache).get(app, &hash);
         let pieces = match cached {
@@ -290,20 +297,9 @@ mod tests {
         ihdr.extend([8, 2, 0, 0, 0]);
         bytes.extend(13u32.to_be_bytes());
         bytes.extend(&ihdr);
-        bytes.extend(crc32(&ihdr).to_be_bytes());
+        bytes.extend(crc32fast::hash(&ihdr).to_be_bytes());
         let e = decode("img", &bytes).unwrap_err().to_string();
         assert!(e.contains("larger than"), "{e}");
-    }
-
-    fn crc32(data: &[u8]) -> u32 {
-        let mut crc = !0u32;
-        for &b in data {
-            crc ^= u32::from(b);
-            for _ in 0..8 {
-                crc = if crc & 1 != 0 { (crc >> 1) ^ 0xedb8_8320 } else { crc >> 1 };
-            }
-        }
-        !crc
     }
 
     #[test]

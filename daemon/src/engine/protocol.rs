@@ -64,8 +64,9 @@ pub struct ModelLoad {
     /// The model's LoRA adapters in manifest order: (name, default scale). Their files come
     /// as descriptors after the model's, in this order.
     pub adapters: Vec<(String, f32)>,
-    /// The model has a vision projector: its file comes as the last descriptor.
-    pub mmproj: bool,
+    /// The sha256 of the model's vision projector, if it has one: its file comes as the last
+    /// descriptor.
+    pub mmproj: Option<String>,
 }
 
 /// The first message: what to load and how to run it.
