@@ -449,3 +449,54 @@ async fn an_image_longer_than_a_step_prefills_over_several_steps() {
         assert_eq!(c.unwrap().token_ids, other.token_ids);
     }
 }
+
+/// Encoding is compute: past the thermal trip the engine rests after an image's encode as the
+/// decode loop rests after a step (the governor's duty cycle), and not while the phone is cool.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn image_encodes_rest_under_the_thermal_governors_duty_cycle() {
+    use hearth_tests::soc::{Soc, SocParams};
+    let phone = SocParams::at_rest(40.0, 80.0);
+    let soc = Soc::new(phone);
+    let dir = ModelDir::new();
+    // 576 image tokens: an encode long enough to pace.
+    dir.vision_model_with(VISION, &["--image-size", "192"]);
+    let settings =
+        Settings { governor: format!("{}min_rate_tps = 0.2\n", soc.governor_settings(100)), ..settings(&dir) };
+    let Served { bus: _bus, daemon, conn: _conn, proxy } = serve(&settings).await;
+    let (dark, bright) = images();
+    let cool = proxy.complete(with_image("What is it?", &dark, 1)).await.unwrap();
+    assert!(cool.image_encode_us > 0);
+    assert!(!daemon.log().contains("image encode paced"), "a cool phone's encodes do not rest");
+    soc.set_temp(phone.passive_trip_c + 3.0);
+    hearth_tests::wait_for(std::time::Duration::from_secs(10), "the governor to throttle", || {
+        let proxy = proxy.clone();
+        async move { proxy.throttle().await.ok().filter(|t| t.duty < 0.5) }
+    })
+    .await;
+    proxy.complete(with_image("What is it?", &bright, 1)).await.unwrap();
+    let log = daemon.log();
+    let paced = log.lines().find(|l| l.contains("image encode paced")).expect("the hot phone's encode rested");
+    assert!(paced.contains("pause_ms"), "{paced}");
+}
+
+/// The projector is verified like the model: a manifest whose mmproj sha256 does not match
+/// makes the model unavailable, naming the file.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tampered_projector_is_refused_before_it_is_loaded() {
+    let dir = ModelDir::new();
+    dir.vision_model(VISION);
+    let bad = format!(
+        "capabilities = [\"chat\", \"vision\"]\n[mmproj]\nfile = \"{VISION}.mmproj.gguf\"\nsha256 = {:?}\n",
+        "0".repeat(64)
+    );
+    dir.manifest("tampered", "m.gguf", None, &bad);
+    let Served { bus: _bus, daemon: _daemon, conn: _conn, proxy } = serve(&settings(&dir)).await;
+    let (dark, _) = images();
+    let mut r = with_image("What is it?", &dark, 2);
+    r.insert("model", Variant::from("tampered"));
+    let (name, msg) = error_of(&proxy, r).await;
+    assert_eq!(name, "org.hearth.Hearth1.Error.ModelUnavailable");
+    assert!(msg.contains("mmproj.gguf has sha256"), "{msg}");
+    // The good manifest of the same files serves.
+    proxy.complete(with_image("What is it?", &dark, 2)).await.unwrap();
+}

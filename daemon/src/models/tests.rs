@@ -83,6 +83,10 @@ fn rejects_bad_manifests() {
         "name = \"m\"\nfile = \"x.gguf\"\nsha256 = \"{H}\"\nextra = 1\n",
         "name = \"m\"\nfile = \"x.gguf\"\nsha256 = \"{H}\"\ncapabilities = [\"telepathy\"]\n",
         "name = \"m\"\nfile = \"x.gguf\"\nsha256 = \"{H}\"\n[[adapters]]\nfile = \"a.gguf\"\nsha256 = \"x\"\n",
+        // vision without a projector, a projector without vision, a projector outside the dir
+        "name = \"m\"\nfile = \"x.gguf\"\nsha256 = \"{H}\"\ncapabilities = [\"chat\", \"vision\"]\n",
+        "name = \"m\"\nfile = \"x.gguf\"\nsha256 = \"{H}\"\n[mmproj]\nfile = \"p.gguf\"\nsha256 = \"{H}\"\n",
+        "name = \"m\"\nfile = \"x.gguf\"\nsha256 = \"{H}\"\ncapabilities = [\"vision\"]\n[mmproj]\nfile = \"/p.gguf\"\nsha256 = \"{H}\"\n",
     ]
     .iter()
     .enumerate()
