@@ -500,3 +500,46 @@ async fn a_tampered_projector_is_refused_before_it_is_loaded() {
     // The good manifest of the same files serves.
     proxy.complete(with_image("What is it?", &dark, 2)).await.unwrap();
 }
+
+/// An image's rows are decoded under the request's own LoRA adapters, whatever set the engine
+/// ran last: steps of two adapter sets take turns (a base-model stream beside a request with
+/// its adapter), and the adapter request's tokens are its solo ones.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn image_rows_are_decoded_under_the_requests_own_adapters() {
+    let dir = ModelDir::new();
+    dir.make_lora("style.gguf", &[]);
+    let sha = hearth_tests::sha256_file(&dir.path().join("style.gguf"));
+    dir.vision_model(VISION);
+    let manifest = std::fs::read_to_string(dir.path().join(format!("{VISION}.toml"))).unwrap();
+    let adapters = format!("[[adapters]]\nname = \"style\"\nfile = \"style.gguf\"\nsha256 = {sha:?}\nscale = 0.0\n");
+    // The adapters table goes before [mmproj], which would otherwise take its keys.
+    let manifest = manifest.replacen("[mmproj]", &format!("{adapters}[mmproj]"), 1);
+    dir.write_file(&format!("{VISION}.toml"), manifest.as_bytes(), 0o644);
+    let Served { bus: _bus, daemon: _daemon, conn: _conn, proxy } = serve(&settings(&dir)).await;
+    let (dark, bright) = images();
+    let styled = |k: usize| {
+        let image: &[u8] = if k % 2 == 0 { &dark } else { &bright };
+        let mut r = with_image(&format!("Picture {k}: what is it?"), image, 8);
+        r.insert("adapters", Variant::from(HashMap::from([("style".to_owned(), Variant::from(1.0))])));
+        r.insert("speculative", Variant::from(false));
+        r
+    };
+    let mut solo = Vec::new();
+    for k in 0..3 {
+        solo.push(proxy.complete(styled(k)).await.unwrap().token_ids);
+    }
+    // Beside a base-model stream the steps alternate sets, so an image's prefill comes right
+    // after a base-model step.
+    for (k, want) in solo.iter().enumerate() {
+        let mut stream = chat_request(&format!("Story {k}: write about the sea."), 48);
+        stream.insert("speculative", Variant::from(false));
+        let base = proxy.complete(stream);
+        let late = async {
+            tokio::time::sleep(std::time::Duration::from_millis(150)).await;
+            proxy.complete(styled(k)).await
+        };
+        let (b, r) = tokio::join!(base, late);
+        b.unwrap();
+        assert_eq!(&r.unwrap().token_ids, want, "request {k}: its rows were decoded under another adapter set");
+    }
+}

@@ -331,6 +331,14 @@ impl Worker {
         if rows == 0 {
             return Ok(0);
         }
+        // The rows are decoded now, before the step sets its adapter set: under the
+        // sequence's own (the step's group is it), as its tokens are.
+        if self.model.lora_count() > 0 && self.adapters_set.as_ref() != Some(&s.adapters) {
+            let set = s.adapters.clone();
+            self.ctx.set_lora_scales(&set.scales())?;
+            self.adapters_set = Some(set);
+        }
+        let s = &self.running[i];
         let interactive = s.priority == Priority::Interactive;
         let (seq, from) = (s.seq, s.prefilled);
         let data = &span.rows_from(from)[..rows * span.n_embd];
