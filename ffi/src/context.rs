@@ -340,12 +340,7 @@ impl Context {
         // SAFETY: the context is valid and exclusively borrowed; the batch's arrays are valid
         // for `batch.len()` entries for the duration of the call.
         let rc = unsafe { sys::llama_decode(self.as_ptr(), batch.raw()) };
-        match rc {
-            0 => Ok(()),
-            1 => Err(Error::NoKvSlot),
-            2 => Err(Error::Aborted),
-            rc => Err(Error::Decode(rc)),
-        }
+        decode_status(rc)
     }
 
     /// The logits the last decode computed at batch index `idx` (one per vocabulary token),
@@ -441,6 +436,16 @@ impl Context {
             let mem = sys::llama_get_memory(self.as_ptr());
             sys::llama_memory_clear(mem, true);
         }
+    }
+}
+
+/// What llama_decode's status means.
+pub(crate) fn decode_status(rc: i32) -> Result<()> {
+    match rc {
+        0 => Ok(()),
+        1 => Err(Error::NoKvSlot),
+        2 => Err(Error::Aborted),
+        rc => Err(Error::Decode(rc)),
     }
 }
 

@@ -236,12 +236,7 @@ impl crate::Context {
             batch.fill(&data[done * n_embd..(done + n) * n_embd], pos + done as Pos, seq);
             // SAFETY: valid, exclusively borrowed context; the batch's arrays hold `n` rows.
             let rc = unsafe { sys::llama_decode(self.as_ptr(), batch.raw) };
-            match rc {
-                0 => {}
-                1 => return Err(Error::NoKvSlot),
-                2 => return Err(Error::Aborted),
-                rc => return Err(Error::Decode(rc)),
-            }
+            crate::context::decode_status(rc)?;
             done += n;
         }
         Ok(())

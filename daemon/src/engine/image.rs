@@ -181,6 +181,8 @@ pub struct Vision {
     /// The projector's sha256: an image's placeholders are its bytes' under this projector,
     /// so KV kept across a projector change (a parked session) never matches.
     projector_sha256: String,
+    /// The width of its rows (fixed by the model), read once, not under the lock.
+    n_embd: usize,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -190,6 +192,7 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 impl Vision {
     pub fn new(projector: Projector, projector_sha256: &str) -> Self {
         Self {
+            n_embd: projector.n_embd(),
             projector: Arc::new(Mutex::new(projector)),
             cache: Arc::default(),
             projector_sha256: projector_sha256.to_owned(),
@@ -233,7 +236,7 @@ impl Vision {
                 pieces
             }
         };
-        let n_embd = lock(&self.projector).n_embd();
+        let n_embd = self.n_embd;
         for piece in pieces.iter() {
             match piece {
                 Piece::Text(tokens) => prompt.extend(tokens),
