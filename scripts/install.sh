@@ -9,8 +9,8 @@
 # cross-built image (tests/qemu/build.sh installs aarch64 builds this way). --strip drops the
 # binaries' symbols and debug lines, with $STRIP (default strip; a cross image sets its own). --with-model also installs the
 # default model from ./models into PREFIX/share/hearth/models (scripts/fetch-model.sh first).
-# Modes follow "Files on a device" in ARCHITECTURE.md: everything root-owned and read-only to
-# the service; /var/lib/hearth comes from systemd (StateDirectory=, tmpfiles.d).
+# Modes: everything root-owned and read-only to the service (README, "Deploying");
+# /var/lib/hearth comes from systemd (StateDirectory=, tmpfiles.d).
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
@@ -63,6 +63,7 @@ put 0644 "$ROOT/systemd/hearth.sysusers"                "$PREFIX/lib/sysusers.d/
 put 0644 "$ROOT/systemd/hearth.tmpfiles"                "$PREFIX/lib/tmpfiles.d/hearth.conf"
 put 0644 "$ROOT/systemd/hearthd-cloud.conf.example"     "$PREFIX/share/doc/hearth/hearthd-cloud.conf.example"
 put 0644 "$ROOT/README.md"                              "$PREFIX/share/doc/hearth/README.md"
+put 0644 "$ROOT/LICENSE"                                "$PREFIX/share/doc/hearth/LICENSE"
 for f in hearthd.te hearthd.fc hearthd.if; do
     put 0644 "$ROOT/selinux/$f"                         "$PREFIX/share/selinux/devel/include/contrib/$f"
 done

@@ -34,14 +34,14 @@ enum Command {
     Status,
     /// The installed models.
     Models,
-    /// Load a model now (root or the hearth user).
+    /// Load a model now (admin: polkit org.hearth.Hearth1.manage-models, or root).
     Load {
         name: String,
         /// Keep it loaded until `hearthctl unload`.
         #[arg(long)]
         pin: bool,
     },
-    /// Unload a model now (root or the hearth user).
+    /// Unload a model now (admin, as for load).
     Unload { name: String },
     /// Who hearthd takes this program to be (app id, uid, policy).
     Whoami,
@@ -95,6 +95,22 @@ struct GenerateArgs {
     top_k: Option<u32>,
     #[arg(long)]
     seed: Option<u32>,
+    /// End the answer just before this text (repeatable, up to 4).
+    #[arg(long = "stop", value_name = "TEXT")]
+    stops: Vec<String>,
+    /// Divide a repeated token's logit by this (0 < x <= 2; 1 is off).
+    #[arg(long)]
+    repetition_penalty: Option<f64>,
+    /// Lower a token's logit by this per time it was generated (-2..=2).
+    #[arg(long)]
+    frequency_penalty: Option<f64>,
+    /// Lower a token's logit by this once it was generated (-2..=2).
+    #[arg(long)]
+    presence_penalty: Option<f64>,
+    /// Report each token's log-probability with the N likeliest alternatives (0-20); shown
+    /// with --json.
+    #[arg(long, value_name = "N")]
+    logprobs: Option<u32>,
     /// interactive, normal (default) or background.
     #[arg(long)]
     priority: Option<String>,
@@ -361,6 +377,11 @@ async fn run(cli: Cli) -> Result<ExitCode, CliError> {
                 top_p,
                 top_k,
                 seed,
+                stops,
+                repetition_penalty,
+                frequency_penalty,
+                presence_penalty,
+                logprobs,
                 priority,
                 deadline_ms,
                 scope,
@@ -420,6 +441,22 @@ async fn run(cli: Cli) -> Result<ExitCode, CliError> {
             }
             if let Some(s) = seed {
                 request.insert(request_key::SEED, Variant::from(s));
+            }
+            if !stops.is_empty() {
+                request.insert(request_key::STOP, Variant::from(stops));
+            }
+            for (key, value) in [
+                (request_key::REPETITION_PENALTY, repetition_penalty),
+                (request_key::FREQUENCY_PENALTY, frequency_penalty),
+                (request_key::PRESENCE_PENALTY, presence_penalty),
+            ] {
+                if let Some(x) = value {
+                    request.insert(key, Variant::from(x));
+                }
+            }
+            if let Some(n) = logprobs {
+                request.insert(request_key::LOGPROBS, Variant::from(true));
+                request.insert(request_key::TOP_LOGPROBS, Variant::from(n));
             }
             if let Some(p) = &priority {
                 request.insert(request_key::PRIORITY, Variant::from(p.as_str()));

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use eventsource_stream::Eventsource;
 use futures_util::StreamExt;
-use hearth_ffi::{ChatMessage, SamplerParams};
+use hearth_ffi::ChatMessage;
 use serde::Deserialize;
 use tokio::sync::watch;
 
@@ -103,16 +103,11 @@ pub struct Cloud {
 /// assistant's turn begun with it and the flags vLLM and llama-server read to extend it
 /// rather than start a new one.
 /// A message's images go as OpenAI content parts: `image_url` parts with data URLs, before
-/// its text (where the device puts them too).
-fn request_body(
-    remote_model: &str,
-    messages: &[ChatMessage],
-    images: &[ImageInput],
-    assistant_prefix: Option<&str>,
-    max_tokens: u32,
-    sampling: SamplerParams,
-) -> serde_json::Value {
+/// its text (where the device puts them too). Stop sequences and the frequency and presence
+/// penalties go as OpenAI's (a request with device-only options never comes here).
+fn request_body(remote_model: &str, request: &GenerateRequest, assistant_prefix: Option<&str>) -> serde_json::Value {
     use base64::Engine;
+    let (messages, images, sampling) = (&request.messages, &request.images, request.sampling);
     let turn = |(i, m): (usize, &ChatMessage)| {
         let mine: Vec<&ImageInput> = images.iter().filter(|im| im.message as usize == i).collect();
         if mine.is_empty() {
@@ -134,12 +129,21 @@ fn request_body(
     let mut turns: Vec<serde_json::Value> = messages.iter().enumerate().map(turn).collect();
     let mut body = serde_json::json!({
         "model": remote_model,
-        "max_tokens": max_tokens,
+        "max_tokens": request.max_tokens,
         "temperature": sampling.temperature,
         "top_p": sampling.top_p,
         "seed": sampling.seed,
         "stream": true,
     });
+    if !request.stop.is_empty() {
+        body["stop"] = serde_json::json!(request.stop);
+    }
+    if sampling.frequency_penalty != 0.0 {
+        body["frequency_penalty"] = serde_json::json!(sampling.frequency_penalty);
+    }
+    if sampling.presence_penalty != 0.0 {
+        body["presence_penalty"] = serde_json::json!(sampling.presence_penalty);
+    }
     if let Some(prefix) = assistant_prefix {
         turns.push(serde_json::json!({"role": "assistant", "content": prefix}));
         body["continue_final_message"] = serde_json::json!(true);
@@ -294,14 +298,7 @@ impl Cloud {
         if !self.available() {
             return Err(CloudError::BeforeFirstToken("the cloud circuit breaker is open".into()));
         }
-        let body = request_body(
-            remote_model,
-            &request.messages,
-            &request.images,
-            assistant_prefix,
-            request.max_tokens,
-            request.sampling,
-        );
+        let body = request_body(remote_model, request, assistant_prefix);
         let mut attempt = 0;
         loop {
             match self.attempt(&body, remote_model, &mut on_text).await {

@@ -181,6 +181,8 @@ mod tests {
             session: None,
             speculative: true,
             images: Vec::new(),
+            stop: Vec::new(),
+            logprobs: None,
         }
     }
 

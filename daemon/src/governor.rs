@@ -163,10 +163,10 @@ pub fn read_thermal(root: &Path, types: &[String], problems: &mut Vec<String>) -
         for i in 0..32 {
             let t = zone.join(format!("trip_point_{i}_type"));
             let Some(kind) = read_trimmed(&t) else { break };
-            if kind == "passive" {
-                if let Some(c) = millidegrees(&zone.join(format!("trip_point_{i}_temp"))) {
-                    trip = Some(trip.map_or(c, |t: f64| t.min(c)));
-                }
+            if kind == "passive"
+                && let Some(c) = millidegrees(&zone.join(format!("trip_point_{i}_temp")))
+            {
+                trip = Some(trip.map_or(c, |t: f64| t.min(c)));
             }
         }
     }
@@ -452,10 +452,10 @@ pub async fn active_power_profile(conn: &zbus::Connection) -> Option<String> {
         };
         let iface = zbus::names::InterfaceName::try_from(iface).ok()?;
         let call = proxy.get(iface, "ActiveProfile");
-        if let Ok(Ok(v)) = tokio::time::timeout(Duration::from_secs(1), call).await {
-            if let Ok(s) = <&str>::try_from(&*v) {
-                return Some(s.to_owned());
-            }
+        if let Ok(Ok(v)) = tokio::time::timeout(Duration::from_secs(1), call).await
+            && let Ok(s) = <&str>::try_from(&*v)
+        {
+            return Some(s.to_owned());
         }
     }
     None

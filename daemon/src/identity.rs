@@ -97,10 +97,8 @@ pub fn flatpak_app_id(info: &str) -> Option<String> {
     for line in info.lines().map(str::trim) {
         if line.starts_with('[') {
             in_application = line == "[Application]";
-        } else if in_application {
-            if let Some(name) = line.strip_prefix("name=") {
-                return valid_app_id(name).then(|| name.to_owned());
-            }
+        } else if in_application && let Some(name) = line.strip_prefix("name=") {
+            return valid_app_id(name).then(|| name.to_owned());
         }
     }
     None
@@ -239,10 +237,10 @@ pub fn resolve(
             (AppKind::Process, format!("uid:{uid}:{}", exe.display()))
         }
     };
-    if let Some(fd) = &pidfd {
-        if !alive(fd) {
-            return Err("the caller's process exited while it was being identified".into());
-        }
+    if let Some(fd) = &pidfd
+        && !alive(fd)
+    {
+        return Err("the caller's process exited while it was being identified".into());
     }
     Ok(Identity { app_id, kind, uid, pid, label })
 }

@@ -221,10 +221,10 @@ async fn serve(
     }
     // Let the final replies queued on the connection go out before leaving the bus.
     tokio::task::yield_now().await;
-    if stop.is_ok() {
-        if let Err(e) = conn.release_name(hearth_dbus::BUS_NAME).await {
-            tracing::warn!(error = %e, "cannot release the bus name");
-        }
+    if stop.is_ok()
+        && let Err(e) = conn.release_name(hearth_dbus::BUS_NAME).await
+    {
+        tracing::warn!(error = %e, "cannot release the bus name");
     }
     signals.handle().close();
     stop.map(|_| ())

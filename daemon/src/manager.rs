@@ -510,11 +510,11 @@ async fn stop_engine(engine: &EngineHandle) {
 /// hash cache lives in memory only.
 fn prepare_state_dir(dir: &std::path::Path) -> Option<PathBuf> {
     use std::os::unix::fs::DirBuilderExt;
-    if !dir.is_dir() {
-        if let Err(e) = std::fs::DirBuilder::new().recursive(true).mode(0o700).create(dir) {
-            tracing::warn!(dir = %dir.display(), error = %e, "no state directory: model hashes are not cached across restarts");
-            return None;
-        }
+    if !dir.is_dir()
+        && let Err(e) = std::fs::DirBuilder::new().recursive(true).mode(0o700).create(dir)
+    {
+        tracing::warn!(dir = %dir.display(), error = %e, "no state directory: model hashes are not cached across restarts");
+        return None;
     }
     Some(dir.to_owned())
 }

@@ -94,6 +94,16 @@ fn parse_images(i: usize, k: &str, v: &Variant<'_>, sealed: bool, out: &mut Vec<
 const MAX_ADAPTERS: usize = 16;
 const MAX_ADAPTER_SCALE: f64 = 8.0;
 
+/// Most stop sequences, and the longest one, in bytes (OpenAI's limits are 4 and none).
+const MAX_STOPS: usize = 4;
+const MAX_STOP_BYTES: usize = 64;
+
+/// Most alternatives `top_logprobs` may ask for (OpenAI's limit).
+const MAX_TOP_LOGPROBS: u8 = 20;
+
+/// Generated tokens penalties look back at, at most.
+const MAX_PENALTY_WINDOW: u32 = 4096;
+
 /// Longest deadline accepted: one day.
 const MAX_DEADLINE_MS: u64 = 86_400_000;
 
@@ -186,6 +196,25 @@ fn parse_adapters(v: &Variant<'_>) -> Result<std::collections::BTreeMap<String, 
     }
     if out.len() > MAX_ADAPTERS {
         return Err(invalid(format!("adapters names {} adapters; at most {MAX_ADAPTERS}", out.len())));
+    }
+    Ok(out)
+}
+
+/// `stop`: as, up to [`MAX_STOPS`] non-empty strings of at most [`MAX_STOP_BYTES`] bytes.
+fn parse_stop(v: &Variant<'_>) -> Result<Vec<String>, Error> {
+    let Variant::Array(a) = unwrap_variant(v) else {
+        return Err(invalid(format!("stop must be an array of strings (as), got {}", v.value_signature())));
+    };
+    if a.len() > MAX_STOPS {
+        return Err(invalid(format!("stop has {} strings; at most {MAX_STOPS}", a.len())));
+    }
+    let mut out = Vec::with_capacity(a.len());
+    for (i, s) in a.inner().iter().enumerate() {
+        let s = as_str(&format!("stop[{i}]"), s)?;
+        if s.is_empty() || s.len() > MAX_STOP_BYTES {
+            return Err(invalid(format!("stop[{i}] must be 1-{MAX_STOP_BYTES} bytes, got {}", s.len())));
+        }
+        out.push(s.to_owned());
     }
     Ok(out)
 }
@@ -378,6 +407,8 @@ pub fn parse(dict: &HashMap<String, OwnedVariant>, default_max_tokens: u32) -> R
     let (mut json_schema, mut grammar, mut tools, mut tool_choice) = (None, None, None, None);
     let mut adapters = None;
     let mut speculative = true;
+    let mut stop = Vec::new();
+    let (mut logprobs, mut top_logprobs) = (false, None);
     for (k, v) in dict {
         let v: &Variant<'_> = v;
         match k.as_str() {
@@ -435,6 +466,33 @@ pub fn parse(dict: &HashMap<String, OwnedVariant>, default_max_tokens: u32) -> R
             key::TOOL_CHOICE => tool_choice = Some(as_str(k, v)?),
             key::ADAPTERS => adapters = Some(parse_adapters(v)?),
             key::SPECULATIVE => speculative = as_bool(k, v)?,
+            key::STOP => stop = parse_stop(v)?,
+            key::REPETITION_PENALTY => {
+                let x = as_f64(k, v)?;
+                if !(x > 0.0 && x <= 2.0) {
+                    return Err(invalid(format!("repetition_penalty must be within (0, 2], got {x}")));
+                }
+                sampling.repeat_penalty = x as f32;
+            }
+            key::FREQUENCY_PENALTY | key::PRESENCE_PENALTY => {
+                let x = as_f64(k, v)?;
+                if !(-2.0..=2.0).contains(&x) {
+                    return Err(invalid(format!("{k} must be within -2..=2, got {x}")));
+                }
+                if k == key::FREQUENCY_PENALTY {
+                    sampling.frequency_penalty = x as f32;
+                } else {
+                    sampling.presence_penalty = x as f32;
+                }
+            }
+            key::LOGPROBS => logprobs = as_bool(k, v)?,
+            key::TOP_LOGPROBS => {
+                let n = as_u64(k, v)?;
+                top_logprobs =
+                    Some(u8::try_from(n).ok().filter(|&n| n <= MAX_TOP_LOGPROBS).ok_or_else(|| {
+                        invalid(format!("top_logprobs must be within 0..={MAX_TOP_LOGPROBS}, got {n}"))
+                    })?);
+            }
             key::HANDLE_TOKEN => {
                 let t = as_str(k, v)?;
                 if !hearth_dbus::is_valid_handle_token(t) {
@@ -451,15 +509,22 @@ pub fn parse(dict: &HashMap<String, OwnedVariant>, default_max_tokens: u32) -> R
     }
     let max_tokens =
         u32::try_from(max_tokens).map_err(|_| invalid(format!("max_tokens {max_tokens} is absurdly large")))?;
+    if top_logprobs.is_some() && !logprobs {
+        return Err(invalid("top_logprobs needs logprobs = true"));
+    }
+    // Penalties see the last tokens generated, as many as the request may generate (capped).
+    sampling.penalty_last_n = max_tokens.min(MAX_PENALTY_WINDOW) as i32;
     let structure = Structure::parse(json_schema, grammar, tools, tool_choice)?.map(std::sync::Arc::new);
-    if structure.is_some() || adapters.is_some() {
-        // Grammars are applied by the on-device sampler and adapters by the on-device model;
-        // the cloud leg has no equivalent that guarantees the same output, so such requests
-        // stay on the device.
+    if structure.is_some() || adapters.is_some() || logprobs || sampling.repeat_penalty != 1.0 {
+        // Grammars are applied by the on-device sampler, adapters by the on-device model, and
+        // log-probabilities and the repetition penalty are the device's own numbers; the
+        // cloud leg has no equivalent that guarantees the same, so such requests stay on the
+        // device.
         route = match route {
             RouteRequest::Cloud => {
                 return Err(invalid(
-                    "json_schema, grammar, tools and adapters run on the device: route cannot be cloud",
+                    "json_schema, grammar, tools, adapters, logprobs and repetition_penalty run on the device: \
+                     route cannot be cloud",
                 ));
             }
             _ => RouteRequest::Local,
@@ -478,6 +543,8 @@ pub fn parse(dict: &HashMap<String, OwnedVariant>, default_max_tokens: u32) -> R
         session: None,
         speculative,
         images: Vec::new(),
+        stop,
+        logprobs: logprobs.then_some(top_logprobs.unwrap_or(0)),
     };
     Ok(Parsed { request, parts, route, handle_token, structure })
 }

@@ -17,7 +17,7 @@ pub use client::{Generation, StreamEvent, messages, messages_value};
 pub use error::Error;
 pub use names::*;
 pub use proxy::{Hearth1Proxy, RequestProxy, SessionProxy};
-pub use result::{GenerationResult, ToolCall};
+pub use result::{GenerationResult, TokenLogprob, ToolCall};
 pub use status::{Backend, CallerInfo, KvCache, Memory, ModelInfo, Throttle};
 
 /// The introspection XML of the service, as installed in

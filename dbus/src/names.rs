@@ -41,6 +41,17 @@ pub mod request_key {
     pub const ADAPTERS: &str = "adapters";
     /// b: speculative decoding by prompt lookup (default true; the output is the same).
     pub const SPECULATIVE: &str = "speculative";
+    /// as: up to 4 stop sequences (1-64 bytes each): the text ends just before the first.
+    pub const STOP: &str = "stop";
+    /// d: penalties on tokens generated so far: repetition (0 < x <= 2, 1 disables; on-device
+    /// only), frequency and presence (-2..=2, 0 disables), as OpenAI's.
+    pub const REPETITION_PENALTY: &str = "repetition_penalty";
+    pub const FREQUENCY_PENALTY: &str = "frequency_penalty";
+    pub const PRESENCE_PENALTY: &str = "presence_penalty";
+    /// b: report each token's log-probability (on-device only), and u: with the
+    /// `top_logprobs` (0-20) likeliest alternatives.
+    pub const LOGPROBS: &str = "logprobs";
+    pub const TOP_LOGPROBS: &str = "top_logprobs";
     /// Keys of Embed's request.
     pub const TEXTS: &str = "texts";
     /// Keys of one message dictionary.
@@ -80,6 +91,9 @@ pub mod result_key {
     pub const TOOL_CALLS: &str = "tool_calls";
     /// With json_schema: whether the text validates against it (false only when cut short).
     pub const SCHEMA_VALID: &str = "schema_valid";
+    /// With logprobs: a(isda(isd)), per generated token (id, text, log-probability, and the
+    /// likeliest alternatives as (id, text, log-probability), likeliest first).
+    pub const LOGPROBS: &str = "logprobs";
 }
 
 /// `finish_reason` of an answer that is a tool call.

@@ -37,6 +37,8 @@ pub struct GenerationResult {
     pub schema_valid: Option<bool>,
     /// The model's tool calls; `finish_reason` is then "tool_calls".
     pub tool_calls: Option<Vec<ToolCall>>,
+    /// With logprobs: one entry per generated token, in order (`token_ids`'s).
+    pub logprobs: Option<Vec<TokenLogprob>>,
     /// Set when `finish_reason` is "cancelled" or "error": the D-Bus error name and message.
     pub error_name: Option<String>,
     pub error_message: Option<String>,
@@ -51,6 +53,11 @@ pub struct ToolCall {
     /// The arguments as JSON text.
     pub arguments: String,
 }
+
+/// A token's log-probability: (id, text, log-probability, the likeliest alternatives at its
+/// step as (id, text, log-probability), likeliest first). Text is lossy where a token is part
+/// of a character.
+pub type TokenLogprob = (i32, String, f64, Vec<(i32, String, f64)>);
 
 impl GenerationResult {
     /// Whether it ended with an error or was cancelled.
@@ -77,6 +84,7 @@ mod tests {
             tokens: 3,
             token_ids: vec![1, 2, 3],
             tool_calls: Some(vec![ToolCall { id: "call_0".into(), name: "f".into(), arguments: "{}".into() }]),
+            logprobs: Some(vec![(1, "a".into(), -0.5, vec![(1, "a".into(), -0.5), (7, "b".into(), -1.5)])]),
             ..GenerationResult::default()
         };
         let bytes = to_bytes(Context::new(LE, 0), &r).unwrap();
@@ -86,6 +94,7 @@ mod tests {
         }
         assert!(!d.contains_key(crate::result_key::ERROR_NAME) && !d.contains_key(crate::result_key::SCHEMA_VALID));
         assert_eq!(u32::try_from(&d[crate::result_key::TOKENS]).unwrap(), 3);
+        assert_eq!(d[crate::result_key::LOGPROBS].value_signature().to_string(), "a(isda(isd))");
         let back: GenerationResult = bytes.deserialize().unwrap().0;
         assert_eq!(back, r);
     }

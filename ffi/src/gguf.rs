@@ -202,10 +202,8 @@ impl<R: Read + Seek> Walker<R> {
                 self.array(et, len, keep, key)
             }
             t => {
-                if keep {
-                    if let Some(v) = self.int(t, key)? {
-                        return Ok(Some(Int::Scalar(v)));
-                    }
+                if keep && let Some(v) = self.int(t, key)? {
+                    return Ok(Some(Int::Scalar(v)));
                 }
                 let Some(each) = Self::scalar_size(t) else {
                     return Err(format!("its GGUF header has a value of unknown type {t} in {key:?}"));
@@ -314,10 +312,10 @@ pub fn check_reader<R: Read + Seek>(r: R, size: u64) -> Result<Header, String> {
         if n < 1 || n > i128::from(MAX_LAYERS) {
             return Err(format!("its GGUF header claims {n} layers; llama.cpp supports 1 to {MAX_LAYERS}"));
         }
-        if let Some(next) = get("nextn_predict_layers").map(Int::max) {
-            if next > n {
-                return Err(format!("its GGUF header claims {next} next-token layers of {n} layers"));
-            }
+        if let Some(next) = get("nextn_predict_layers").map(Int::max)
+            && next > n
+        {
+            return Err(format!("its GGUF header claims {next} next-token layers of {n} layers"));
         }
     }
     let experts = get("expert_count").map_or(0, Int::max);
@@ -325,10 +323,10 @@ pub fn check_reader<R: Read + Seek>(r: R, size: u64) -> Result<Header, String> {
         return Err(format!("its GGUF header claims {experts} experts; llama.cpp supports at most {MAX_EXPERTS}"));
     }
     let used = get("expert_used_count");
-    if let Some(Int::Array { len, .. }) = used {
-        if layers.is_some_and(|n| i128::from(len) != n) {
-            return Err(format!("its GGUF header gives expert_used_count for {len} layers, not for each layer"));
-        }
+    if let Some(Int::Array { len, .. }) = used
+        && layers.is_some_and(|n| i128::from(len) != n)
+    {
+        return Err(format!("its GGUF header gives expert_used_count for {len} layers, not for each layer"));
     }
     let used = used.map_or(0, Int::max);
     let groups = get("expert_group_count").map_or(0, Int::max);

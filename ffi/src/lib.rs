@@ -31,7 +31,7 @@ pub use detokenizer::Detokenizer;
 pub use error::{Error, Result};
 pub use heap::{exit_now, landlock_abi, release_free_heap};
 pub use model::{ChatMessage, KvGeometry, Model, ModelParams};
-pub use sampler::{Sampler, SamplerParams, json_schema_to_grammar};
+pub use sampler::{Logprobs, Sampler, SamplerParams, json_schema_to_grammar, logprobs};
 pub use vision::{ImagePiece, Projector};
 
 /// A token id of the model's vocabulary.

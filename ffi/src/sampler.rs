@@ -47,11 +47,28 @@ pub struct SamplerParams {
     pub top_p: f32,
     /// Seed of the random draw, so a seeded request is reproducible.
     pub seed: u32,
+    /// Penalties on tokens already generated (not the prompt's), over the last
+    /// `penalty_last_n` of them: a repeated token's logit is divided by `repeat_penalty`
+    /// (multiplied when negative; 1.0 disables), and lowered by `frequency_penalty` per
+    /// occurrence and by `presence_penalty` once (0.0 disables each), as OpenAI's are.
+    pub repeat_penalty: f32,
+    pub frequency_penalty: f32,
+    pub presence_penalty: f32,
+    pub penalty_last_n: i32,
 }
 
 impl Default for SamplerParams {
     fn default() -> Self {
-        Self { temperature: 0.0, top_k: 40, top_p: 0.95, seed: 0 }
+        Self {
+            temperature: 0.0,
+            top_k: 40,
+            top_p: 0.95,
+            seed: 0,
+            repeat_penalty: 1.0,
+            frequency_penalty: 0.0,
+            presence_penalty: 0.0,
+            penalty_last_n: 256,
+        }
     }
 }
 
@@ -60,6 +77,47 @@ impl SamplerParams {
     pub fn is_greedy(&self) -> bool {
         self.temperature <= 0.0
     }
+
+    /// Whether any penalty is on.
+    pub fn has_penalties(&self) -> bool {
+        self.penalty_last_n > 0
+            && (self.repeat_penalty != 1.0 || self.frequency_penalty != 0.0 || self.presence_penalty != 0.0)
+    }
+}
+
+/// A token's log-probability under the model's own distribution at one step (the softmax of
+/// its raw logits: before penalties, a grammar's mask or the temperature), and the `n`
+/// likeliest tokens there, likeliest first (ties: lower id first, as greedy picks).
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct Logprobs {
+    pub logprob: f32,
+    pub top: Vec<(Token, f32)>,
+}
+
+/// [`Logprobs`] of `token` from one step's `logits` (one per vocabulary token); None when
+/// `token` is not in the vocabulary or the logits hold no finite value.
+pub fn logprobs(logits: &[f32], token: Token, n: usize) -> Option<Logprobs> {
+    let max = logits.iter().copied().filter(|l| l.is_finite()).fold(f32::NEG_INFINITY, f32::max);
+    if !max.is_finite() {
+        return None;
+    }
+    // log-sum-exp, in f64 so a large vocabulary's sum loses nothing.
+    let sum: f64 = logits.iter().filter(|l| l.is_finite()).map(|&l| f64::from(l - max).exp()).sum();
+    let lse = f64::from(max) + sum.ln();
+    let lp = |l: f32| (f64::from(l) - lse) as f32;
+    let chosen = *logits.get(usize::try_from(token).ok()?)?;
+    // The n best, kept sorted: a vocabulary pass with a short insertion list.
+    let better = |a: (Token, f32), b: (Token, f32)| a.1 > b.1 || (a.1 == b.1 && a.0 < b.0);
+    let mut top: Vec<(Token, f32)> = Vec::with_capacity(n + 1);
+    for (id, &l) in (0..).zip(logits) {
+        if n == 0 || !l.is_finite() || (top.len() == n && !better((id, l), top[n - 1])) {
+            continue;
+        }
+        let at = top.iter().position(|&t| better((id, l), t)).unwrap_or(top.len());
+        top.insert(at, (id, l));
+        top.truncate(n);
+    }
+    Some(Logprobs { logprob: lp(chosen), top: top.into_iter().map(|(id, l)| (id, lp(l))).collect() })
 }
 
 /// A llama.cpp sampler chain. Keeps per-generation state (RNG), so each sequence owns one.
@@ -93,7 +151,7 @@ impl Sampler {
     /// Builds the chain for `params`, with `grammar` (GBNF, start rule `root`) first when given:
     /// the draw then only ever sees tokens the grammar allows, so the output parses.
     pub fn with_grammar(model: &Model, params: SamplerParams, grammar: Option<&str>) -> Result<Self> {
-        let Some(grammar) = grammar else { return Ok(Self::new(params)) };
+        let Some(grammar) = grammar else { return Ok(Self::new(model, params)) };
         let c_grammar = CString::new(grammar).map_err(|_| Error::InteriorNul { what: "the grammar" })?;
         // SAFETY: the vocab belongs to `model`, which outlives this call (the sampler keeps no
         // pointer to the grammar text; it copies the parsed rules). The llama-cpp-sys-2
@@ -106,7 +164,7 @@ impl Sampler {
         let mut sampler = Self::empty();
         sampler.grammar = true;
         sampler.add(g);
-        sampler.add_draw(params);
+        sampler.add_draw(model, params);
         Ok(sampler)
     }
 
@@ -125,15 +183,37 @@ impl Sampler {
         self.grammar
     }
 
-    /// Builds the chain for `params`.
-    pub fn new(params: SamplerParams) -> Self {
+    /// Plain greedy decoding, which needs no model to build.
+    pub fn greedy() -> Self {
         let sampler = Self::empty();
-        sampler.add_draw(params);
+        // SAFETY: greedy init returns a new sampler whose ownership passes to the chain.
+        sampler.add(unsafe { sys::llama_sampler_init_greedy() });
         sampler
     }
 
-    fn add_draw(&self, params: SamplerParams) {
+    /// Builds the chain for `params`.
+    pub fn new(model: &Model, params: SamplerParams) -> Self {
+        let sampler = Self::empty();
+        sampler.add_draw(model, params);
+        sampler
+    }
+
+    /// Penalties (after the grammar's mask: a masked token stays masked), then the draw.
+    fn add_draw(&self, model: &Model, params: SamplerParams) {
         let sampler = self;
+        if params.has_penalties() {
+            // SAFETY: returns a new sampler whose ownership passes to the chain; it keeps
+            // only its own copies of the numbers.
+            sampler.add(unsafe {
+                sys::llama_sampler_init_penalties(
+                    model.n_vocab(),
+                    params.penalty_last_n,
+                    params.repeat_penalty,
+                    params.frequency_penalty,
+                    params.presence_penalty,
+                )
+            });
+        }
         if params.is_greedy() {
             // SAFETY: greedy init returns a new sampler whose ownership passes to the chain.
             sampler.add(unsafe { sys::llama_sampler_init_greedy() });
@@ -167,16 +247,7 @@ impl Sampler {
         if self.dead {
             return Err(Error::GrammarDeadEnd);
         }
-        // SAFETY: valid context; returns null (without side effects) when `idx` has no logits.
-        let logits = unsafe { sys::llama_get_logits_ith(ctx.as_ptr(), idx) };
-        if logits.is_null() {
-            return Err(Error::NoLogits(idx));
-        }
-        let n_vocab = usize::try_from(ctx.model().n_vocab()).unwrap_or(0);
-        // SAFETY: a non-null row from llama_get_logits_ith holds one logit per vocabulary
-        // token (n_vocab floats, as llama_sampler_sample reads it), valid until the next
-        // decode, which needs `ctx` mutably and so cannot happen while `row` lives.
-        let row = unsafe { std::slice::from_raw_parts(logits, n_vocab) };
+        let row = ctx.logits(idx).ok_or(Error::NoLogits(idx))?;
         self.cur.clear();
         self.cur.extend(row.iter().zip(0..).map(|(&logit, id)| sys::llama_token_data { id, logit, p: 0.0 }));
         let mut cur_p = sys::llama_token_data_array {
@@ -288,13 +359,31 @@ mod tests {
         (String::from_utf8_lossy(&text).into_owned(), None)
     }
 
-    const SAMPLED: SamplerParams = SamplerParams { temperature: 0.8, top_k: 40, top_p: 0.95, seed: 7 };
+    fn sampled() -> SamplerParams {
+        SamplerParams { temperature: 0.8, top_k: 40, top_p: 0.95, seed: 7, ..SamplerParams::default() }
+    }
+
+    #[test]
+    fn logprobs_are_a_normalised_log_softmax_with_the_best_first() {
+        let logits = [1.0f32, 3.0, 3.0, -2.0, f32::NEG_INFINITY, 0.5];
+        let l = logprobs(&logits, 1, 3).unwrap();
+        let ids: Vec<Token> = l.top.iter().map(|t| t.0).collect();
+        assert_eq!(ids, [1, 2, 0], "ties go to the lower id, as greedy picks");
+        assert_eq!(l.logprob, l.top[0].1);
+        let total: f64 = (0..6).map(|i| f64::from(logprobs(&logits, i, 0).unwrap().logprob).exp()).sum();
+        assert!((total - 1.0).abs() < 1e-5, "{total}");
+        assert!(l.top.windows(2).all(|w| w[0].1 >= w[1].1));
+        assert!(logprobs(&logits, 6, 1).is_none() && logprobs(&logits, -1, 1).is_none());
+        assert!(logprobs(&[f32::NEG_INFINITY; 3], 0, 1).is_none());
+        let masked = logprobs(&logits, 4, 0).unwrap();
+        assert!(masked.logprob == f32::NEG_INFINITY && masked.top.is_empty());
+    }
 
     #[test]
     fn a_grammar_that_admits_no_token_is_an_error_not_an_abort() {
         let Some(model) = model() else { return };
         // A token id beyond the vocabulary: the grammar parses but nothing ever matches.
-        for params in [SamplerParams::default(), SAMPLED] {
+        for params in [SamplerParams::default(), sampled()] {
             let (text, err) = generate(&model, "root ::= <[2000000]>", params, 4);
             assert!(matches!(err, Some(Error::GrammarDeadEnd)), "{err:?}");
             assert!(text.is_empty());
@@ -308,7 +397,7 @@ mod tests {
     #[test]
     fn a_completed_grammar_ends_with_end_of_generation() {
         let Some(model) = model() else { return };
-        for params in [SamplerParams::default(), SAMPLED] {
+        for params in [SamplerParams::default(), sampled()] {
             let (text, err) = generate(&model, "root ::= \"yes\" | \"no\"", params, 16);
             assert!(err.is_none(), "{err:?}");
             assert!(text == "yes" || text == "no", "{text:?}");

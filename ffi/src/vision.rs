@@ -224,7 +224,7 @@ impl crate::Context {
     /// positions `pos..pos + n`, in micro-batches of at most `n_batch` rows; no logits. On
     /// an error the rows of the failed batch are not in the KV, earlier batches' are.
     pub fn decode_embeddings(&mut self, data: &[f32], n_embd: usize, pos: Pos, seq: SeqId) -> Result<()> {
-        if n_embd == 0 || data.len() % n_embd != 0 {
+        if n_embd == 0 || !data.len().is_multiple_of(n_embd) {
             return Err(Error::Image { reason: format!("{} floats are not rows of {n_embd}", data.len()) });
         }
         let n_batch = (self.params().n_batch as usize).max(1);

@@ -42,7 +42,7 @@ fn solo(m: &Arc<Model>, p: &[Token], steps: usize, fa: Option<bool>) -> Vec<Toke
         b.push(t, i as i32, &[0], i + 1 == p.len()).unwrap();
     }
     ctx.decode(&b).unwrap();
-    let mut s = Sampler::new(SamplerParams::default());
+    let mut s = Sampler::new(m, SamplerParams::default());
     let mut idx = b.len() as i32 - 1;
     let mut out = vec![];
     for k in 0..steps {
@@ -82,7 +82,7 @@ fn staggered(
     let mut ctx = Context::new(Arc::clone(m), params(fa)).unwrap();
     let mut b = Batch::new(512, 1);
     let n = prompts.len();
-    let mut samplers: Vec<Sampler> = (0..n).map(|_| Sampler::new(SamplerParams::default())).collect();
+    let mut samplers: Vec<Sampler> = (0..n).map(|_| Sampler::new(m, SamplerParams::default())).collect();
     let mut outs: Vec<Vec<Token>> = vec![vec![]; n];
     let mut next: Vec<Option<Token>> = vec![None; n];
     let mut idx: Vec<Option<i32>> = vec![None; n];

@@ -64,7 +64,7 @@ fn generate_at(
         batch.push(t, (start + i) as i32, &[seq], i + 1 == prompt.len()).unwrap();
     }
     ctx.decode(&batch).unwrap();
-    let mut sampler = Sampler::new(params);
+    let mut sampler = Sampler::new(ctx.model(), params);
     let mut idx = batch.len() as i32 - 1;
     let mut out = Vec::new();
     let mut pos = (start + prompt.len()) as i32;
@@ -146,7 +146,7 @@ fn greedy_generation_is_deterministic_and_stops_at_end_of_generation() {
 #[test]
 fn seeded_sampling_is_reproducible() {
     let prompt = chat_prompt("Tell me a story about a cat.");
-    let params = |seed| SamplerParams { temperature: 1.0, top_k: 40, top_p: 0.95, seed };
+    let params = |seed| SamplerParams { temperature: 1.0, top_k: 40, top_p: 0.95, seed, ..SamplerParams::default() };
     let mut ctx = context(1);
     let a = generate(&mut ctx, 0, &prompt, params(7), 24);
     ctx.remove_sequence(0);
@@ -173,8 +173,8 @@ fn several_sequences_decode_in_one_batch() {
     }
     let last1 = batch.len() as i32 - 1;
     ctx.decode(&batch).unwrap();
-    let mut s0 = Sampler::new(SamplerParams::default());
-    let mut s1 = Sampler::new(SamplerParams::default());
+    let mut s0 = Sampler::new(ctx.model(), SamplerParams::default());
+    let mut s1 = Sampler::new(ctx.model(), SamplerParams::default());
     let (mut t0, mut t1) = (s0.sample(&mut ctx, last0).unwrap(), s1.sample(&mut ctx, last1).unwrap());
     let (mut pos0, mut pos1) = (p0.len() as i32, p1.len() as i32);
     for _ in 0..8 {

@@ -68,7 +68,7 @@ pub fn direct_run_continuing(
         },
     )
     .expect("context");
-    let mut sampler = Sampler::new(sampling);
+    let mut sampler = Sampler::new(&model, sampling);
     let mut batch = Batch::new(BATCH as usize, 1);
     let started = Instant::now();
     let mut idx = 0;

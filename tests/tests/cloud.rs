@@ -104,6 +104,22 @@ async fn public_requests_stream_from_the_cloud_and_the_key_never_shows() {
     assert_eq!(body["messages"][0]["content"], QUESTION, "public data does reach the cloud");
     assert_eq!((body["model"].as_str(), body["stream"].as_bool()), (Some("standin-1"), Some(true)));
 
+    // Stop sequences and the OpenAI penalties go to the cloud, and hearthd applies the stops
+    // itself too (the stand-in, like some endpoints, ignores them): the text ends exactly
+    // before the first, which here spans two chunks, and the pieces add up to it.
+    let mut r = public_request(QUESTION, "cloud", 64);
+    r.insert("stop", Variant::from(vec!["tal of", "Seine"]));
+    r.insert("frequency_penalty", Variant::from(0.5f64));
+    let (pieces, result) =
+        hearth_tests::collect(Generation::start(&conn, r, "stopped").await.unwrap(), Duration::from_secs(30)).await;
+    assert_eq!(result.text, "Paris is the capi");
+    assert_eq!((result.finish_reason.as_str(), result.route.as_str()), ("stop", "cloud"));
+    assert_eq!(pieces.iter().map(|p| p.2.as_str()).collect::<String>(), result.text);
+    let body: serde_json::Value = serde_json::from_str(&s.standin.requests().last().unwrap().body).unwrap();
+    assert_eq!(body["stop"], serde_json::json!(["tal of", "Seine"]));
+    assert_eq!(body["frequency_penalty"], 0.5);
+    assert!(body.get("presence_penalty").is_none(), "only what was asked for");
+
     // hearthctl status says the cloud is there.
     let status = std::process::Command::new(workspace_bin("hearthctl"))
         .args(["--bus-address", s.bus.address(), "--json", "status"])

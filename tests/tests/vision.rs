@@ -518,7 +518,7 @@ async fn image_rows_are_decoded_under_the_requests_own_adapters() {
     let Served { bus: _bus, daemon: _daemon, conn: _conn, proxy } = serve(&settings(&dir)).await;
     let (dark, bright) = images();
     let styled = |k: usize| {
-        let image: &[u8] = if k % 2 == 0 { &dark } else { &bright };
+        let image: &[u8] = if k.is_multiple_of(2) { &dark } else { &bright };
         let mut r = with_image(&format!("Picture {k}: what is it?"), image, 8);
         r.insert("adapters", Variant::from(HashMap::from([("style".to_owned(), Variant::from(1.0))])));
         r.insert("speculative", Variant::from(false));

@@ -339,6 +339,7 @@ impl Serving {
         let seed: Token = prompt.iter().fold(17, |a, &t| a.wrapping_mul(31).wrapping_add(t));
         let mut tokens = Vec::new();
         let mut text = String::new();
+        let mut stop = super::stop::StopFilter::new(&request.stop);
         let reason = loop {
             if tokens.len() as u32 >= request.max_tokens {
                 break FinishReason::Length;
@@ -364,8 +365,23 @@ impl Serving {
             tokens.push(id);
             self.generated.fetch_add(1, Ordering::Relaxed);
             self.progress_ms.store(self.epoch.elapsed().as_millis() as u64, Ordering::Relaxed);
-            let _ = self.out.send(FromEngine::Event { key, event: Event::Token { index, id, text: piece } });
+            let mut out = Vec::new();
+            let stopped = stop.push(&mut text, index, id, piece, &mut out);
+            for r in out {
+                let event = Event::Token { index: r.index, id: r.id, text: r.text };
+                let _ = self.out.send(FromEngine::Event { key, event });
+            }
+            if stopped {
+                break FinishReason::Stop;
+            }
         };
+        let mut held = Vec::new();
+        stop.flush(&mut held);
+        for r in held {
+            let _ = self
+                .out
+                .send(FromEngine::Event { key, event: Event::Token { index: r.index, id: r.id, text: r.text } });
+        }
         let mut queue = lock(&self.queue);
         let why = queue.running.remove(&key).and_then(|(_, _, why)| why);
         if let (Some(id), FinishReason::Length) = (request.session, reason) {
@@ -376,19 +392,12 @@ impl Serving {
         let error =
             (reason == FinishReason::Cancelled).then(|| EngineError::Cancelled(why.unwrap_or(CancelReason::Caller)));
         let outcome = Outcome {
-            reason,
             text,
             token_ids: tokens,
             prompt_tokens: prompt.len() as u32,
             cached_tokens: cached,
-            draft_tokens: 0,
-            draft_accepted: 0,
-            image_tokens: 0,
-            image_encode: Duration::ZERO,
-            model: self.info.name.clone(),
-            prefill: Duration::ZERO,
             decode: started.elapsed(),
-            error,
+            ..Outcome::empty(reason, &self.info.name, error)
         };
         let _ = self.out.send(FromEngine::Event { key, event: Event::Finished(outcome) });
     }

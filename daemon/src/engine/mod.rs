@@ -37,6 +37,7 @@ use tokio::sync::{mpsc, oneshot};
 
 mod error;
 mod image;
+pub(crate) mod stop;
 
 pub use error::{CancelReason, EngineError};
 pub use signals::{KvGauges, KvSnapshot, Liveness, Throttle, ThrottleState, Wake};
@@ -67,6 +68,21 @@ pub struct GenerateRequest {
     /// Images (encoded PNG or JPEG), each placed at the start of its message's text. Only a
     /// model with a vision projector takes them; they are decoded inside the engine.
     pub images: Vec<ImageInput>,
+    /// The text ends just before the first of these appears in it (none: no stop strings).
+    pub stop: Vec<String>,
+    /// Some(n): report each generated token's log-probability and the n likeliest tokens at
+    /// its step (on-device only).
+    pub logprobs: Option<u8>,
+}
+
+/// A generated token's log-probability and the likeliest alternatives at its step (see
+/// [`hearth_ffi::Logprobs`]), with their texts (lossy where a token is part of a character).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TokenLogprob {
+    pub id: Token,
+    pub text: String,
+    pub logprob: f32,
+    pub top: Vec<(Token, String, f32)>,
 }
 
 /// An image of a request: the index of the message it belongs to, and its encoded bytes.
@@ -211,8 +227,32 @@ pub struct Outcome {
     pub model: String,
     pub prefill: Duration,
     pub decode: Duration,
+    /// Per generated token, when the request asked for them.
+    pub logprobs: Vec<TokenLogprob>,
     /// Set when `reason` is Cancelled or EngineError.
     pub error: Option<EngineError>,
+}
+
+impl Outcome {
+    /// An outcome of nothing generated (yet): fill in what is known.
+    pub fn empty(reason: FinishReason, model: &str, error: Option<EngineError>) -> Self {
+        Self {
+            reason,
+            text: String::new(),
+            token_ids: Vec::new(),
+            prompt_tokens: 0,
+            cached_tokens: 0,
+            draft_tokens: 0,
+            draft_accepted: 0,
+            image_tokens: 0,
+            image_encode: Duration::ZERO,
+            model: model.to_owned(),
+            prefill: Duration::ZERO,
+            decode: Duration::ZERO,
+            logprobs: Vec::new(),
+            error,
+        }
+    }
 }
 
 /// The engine's verdict on a submitted request.

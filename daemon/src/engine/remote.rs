@@ -453,24 +453,14 @@ impl EngineHandle {
                     let _ = v.send(Err(error.clone()));
                 }
                 Pending::Generate { verdict: None, events, prompt_tokens, .. } => {
+                    let reason = if matches!(error, EngineError::Cancelled(_)) {
+                        FinishReason::Cancelled
+                    } else {
+                        FinishReason::Error
+                    };
                     let outcome = Outcome {
-                        reason: if matches!(error, EngineError::Cancelled(_)) {
-                            FinishReason::Cancelled
-                        } else {
-                            FinishReason::Error
-                        },
-                        text: String::new(),
-                        token_ids: Vec::new(),
                         prompt_tokens,
-                        cached_tokens: 0,
-                        draft_tokens: 0,
-                        draft_accepted: 0,
-                        image_tokens: 0,
-                        image_encode: Duration::ZERO,
-                        model: self.inner.model.name.clone(),
-                        prefill: Duration::ZERO,
-                        decode: Duration::ZERO,
-                        error: Some(error.clone()),
+                        ..Outcome::empty(reason, &self.inner.model.name, Some(error.clone()))
                     };
                     let _ = events.send(Event::Finished(outcome));
                 }

@@ -397,11 +397,11 @@ impl Scheduler {
             released.dropped.push(oldest);
         }
         let highest = self.free_seqs.iter().copied().filter(|s| !self.warm.contains_key(s)).max();
-        if let Some(to) = highest.filter(|&h| h > seq) {
-            if let Some(w) = self.warm.remove(&seq) {
-                self.warm.insert(to, w);
-                released.moved = Some((seq, to));
-            }
+        if let Some(to) = highest.filter(|&h| h > seq)
+            && let Some(w) = self.warm.remove(&seq)
+        {
+            self.warm.insert(to, w);
+            released.moved = Some((seq, to));
         }
     }
 

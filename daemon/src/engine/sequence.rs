@@ -9,6 +9,7 @@ use tokio::sync::mpsc;
 use super::EngineError;
 use super::image::ImageSpan;
 use super::speculate::Drafter;
+use super::stop::{Released, StopFilter};
 use super::{AdapterSet, Caller, CancelReason, CancelToken, Event, Outcome, Priority};
 
 /// A request accepted by the engine and waiting for a sequence slot.
@@ -30,6 +31,9 @@ pub(super) struct Waiting {
     /// Where its images' embedding rows stand in `prompt`, and what encoding them took.
     pub images: Vec<ImageSpan>,
     pub image_encode: Duration,
+    pub stop: StopFilter,
+    /// Some(n): log-probabilities with the n likeliest alternatives.
+    pub logprobs: Option<u8>,
     pub cancel: CancelToken,
     pub events: mpsc::UnboundedSender<Event>,
 }
@@ -75,6 +79,11 @@ pub(super) struct Sequence {
     pub detok: Detokenizer,
     pub generated: Vec<Token>,
     pub text: String,
+    /// Holds back text that may begin a stop sequence.
+    pub stop: StopFilter,
+    /// Some(n): log-probabilities with the n likeliest alternatives, one per generated token.
+    pub want_logprobs: Option<u8>,
+    pub logprobs: Vec<super::TokenLogprob>,
     pub cancel: CancelToken,
     pub events: mpsc::UnboundedSender<Event>,
     pub started: Instant,
@@ -115,6 +124,9 @@ impl Sequence {
             detok: Detokenizer::new(),
             generated: Vec::new(),
             text: String::new(),
+            stop: w.stop,
+            want_logprobs: w.logprobs,
+            logprobs: Vec::new(),
             cancel: w.cancel,
             events: w.events,
             started: Instant::now(),
@@ -164,8 +176,10 @@ impl Sequence {
         stop_reason(&self.cancel, &self.events, self.deadline, now)
     }
 
-    /// Takes a sampled token: streams it, or ends the sequence.
-    pub fn accept(&mut self, model: &Model, token: Token) {
+    /// Takes a sampled token (with the logits of its step, when it reports
+    /// log-probabilities): streams it, or ends the sequence. A stop sequence ends it too,
+    /// and text that may begin one is streamed only once it cannot.
+    pub fn accept(&mut self, model: &Model, token: Token, logits: Option<&[f32]>) {
         let now = Instant::now();
         self.first_token_at.get_or_insert(now);
         if model.is_eog(token) {
@@ -173,19 +187,35 @@ impl Sequence {
             return;
         }
         self.last_token_at = Some(now);
-        let text = self.detok.push(&model.token_to_piece(token, false));
-        self.text.push_str(&text);
+        let piece = self.detok.push(&model.token_to_piece(token, false));
+        self.text.push_str(&piece);
         let index = self.generated.len() as u32;
         self.generated.push(token);
-        if self.events.send(Event::Token { index, id: token, text }).is_err() {
-            self.finish_cancelled(CancelReason::Disconnected);
-            return;
+        if let (Some(n), Some(logits)) = (self.want_logprobs, logits) {
+            self.logprobs.push(token_logprob(model, logits, token, n));
         }
-        if self.generated.len() >= self.max_tokens as usize {
+        let mut out = Vec::new();
+        let stopped = self.stop.push(&mut self.text, index, token, piece, &mut out);
+        let full = self.generated.len() >= self.max_tokens as usize;
+        if full {
+            self.stop.flush(&mut out);
+        }
+        if !self.stream(out) {
+            self.finish_cancelled(CancelReason::Disconnected);
+        } else if stopped {
+            self.finished = Some((FinishReason::Stop, None));
+        } else if full {
             self.finished = Some((FinishReason::Length, None));
         } else {
             self.next_token = Some(token);
         }
+    }
+
+    /// Sends released tokens' events; false when the caller is gone.
+    fn stream(&self, released: Vec<Released>) -> bool {
+        released
+            .into_iter()
+            .all(|Released { index, id, text }| self.events.send(Event::Token { index, id, text }).is_ok())
     }
 
     pub fn finish_cancelled(&mut self, reason: CancelReason) {
@@ -195,6 +225,10 @@ impl Sequence {
     /// The final event. An incomplete UTF-8 sequence left at the very end can never become a
     /// character and is dropped, so the streamed pieces always add up to `text`.
     pub fn outcome(&mut self, model_name: &str) -> Outcome {
+        // What a stop sequence held back goes out before the end, if it was not one.
+        let mut held = Vec::new();
+        self.stop.flush(&mut held);
+        self.stream(held);
         let (reason, error) = self
             .finished
             .clone()
@@ -213,8 +247,22 @@ impl Sequence {
             model: model_name.to_owned(),
             prefill: first.saturating_duration_since(self.started),
             decode: self.last_token_at.map_or(Duration::ZERO, |l| l.saturating_duration_since(first)),
+            logprobs: std::mem::take(&mut self.logprobs),
             error,
         }
+    }
+}
+
+/// `token`'s log-probability and the `n` likeliest tokens of its step, with their texts.
+fn token_logprob(model: &Model, logits: &[f32], token: Token, n: u8) -> super::TokenLogprob {
+    let text = |t: Token| String::from_utf8_lossy(&model.token_to_piece(t, false)).into_owned();
+    let l = hearth_ffi::logprobs(logits, token, n.into());
+    let (logprob, top) = l.map_or((f32::NEG_INFINITY, Vec::new()), |l| (l.logprob, l.top));
+    super::TokenLogprob {
+        id: token,
+        text: text(token),
+        logprob,
+        top: top.into_iter().map(|(t, p)| (t, text(t), p)).collect(),
     }
 }
 
@@ -234,18 +282,9 @@ pub(super) fn stop_reason(
 /// The outcome of a request that never got a sequence.
 pub(super) fn unstarted_outcome(w: &Waiting, model_name: &str, reason: FinishReason, error: EngineError) -> Outcome {
     Outcome {
-        reason,
-        text: String::new(),
-        token_ids: Vec::new(),
         prompt_tokens: w.prompt.len() as u32,
-        cached_tokens: 0,
-        draft_tokens: 0,
-        draft_accepted: 0,
         image_tokens: w.images.iter().map(|i| i.n_tokens as u32).sum(),
         image_encode: w.image_encode,
-        model: model_name.to_owned(),
-        prefill: Duration::ZERO,
-        decode: Duration::ZERO,
-        error: Some(error),
+        ..Outcome::empty(reason, model_name, Some(error))
     }
 }

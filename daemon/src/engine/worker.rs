@@ -302,6 +302,8 @@ impl Worker {
             speculative: request.speculative,
             images,
             image_encode,
+            stop: super::stop::StopFilter::new(&request.stop),
+            logprobs: request.logprobs,
             cancel,
             events,
         });
@@ -318,10 +320,10 @@ impl Worker {
     fn reap_stopped(&mut self) {
         let now = Instant::now();
         for s in &mut self.running {
-            if s.finished.is_none() {
-                if let Some(reason) = s.stop_reason(now) {
-                    s.finish_cancelled(reason);
-                }
+            if s.finished.is_none()
+                && let Some(reason) = s.stop_reason(now)
+            {
+                s.finish_cancelled(reason);
             }
         }
         let mut i = 0;

@@ -324,12 +324,11 @@ pub(super) fn engine_base_env() -> Vec<(String, String)> {
 fn engine_env() -> Vec<(String, String)> {
     static STALL_GIVEN: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
     let mut env = engine_base_env();
-    if cfg!(debug_assertions) {
-        if let Some(v) = std::env::var_os("HEARTH_DEBUG_STALL_ENGINE") {
-            if !STALL_GIVEN.swap(true, Ordering::Relaxed) {
-                env.push(("HEARTH_DEBUG_STALL_ENGINE".into(), v.to_string_lossy().into_owned()));
-            }
-        }
+    if cfg!(debug_assertions)
+        && let Some(v) = std::env::var_os("HEARTH_DEBUG_STALL_ENGINE")
+        && !STALL_GIVEN.swap(true, Ordering::Relaxed)
+    {
+        env.push(("HEARTH_DEBUG_STALL_ENGINE".into(), v.to_string_lossy().into_owned()));
     }
     env
 }

@@ -84,6 +84,8 @@ pub(crate) fn request(model: Option<&str>, prompt: &str, max_tokens: u32) -> Gen
         session: None,
         speculative: true,
         images: Vec::new(),
+        stop: Vec::new(),
+        logprobs: None,
     }
 }
 

@@ -66,7 +66,17 @@ fn accepts_a_full_request() {
     assert!(!p.request.speculative);
     assert!(parse(&req(vec![]), 256).unwrap().request.speculative, "speculative decoding is on by default");
     assert_eq!(p.request.model.as_deref(), Some("m"));
-    assert_eq!(p.request.sampling, SamplerParams { temperature: 0.5, top_k: 10, top_p: 0.9, seed: 42 });
+    assert_eq!(
+        p.request.sampling,
+        SamplerParams {
+            temperature: 0.5,
+            top_k: 10,
+            top_p: 0.9,
+            seed: 42,
+            penalty_last_n: 7,
+            ..SamplerParams::default()
+        }
+    );
     assert_eq!(p.handle_token.as_deref(), Some("t1"));
     assert_eq!(p.request.priority, Priority::Interactive);
     assert_eq!(p.request.deadline, Some(std::time::Duration::from_millis(1500)));
@@ -85,6 +95,8 @@ fn structured_and_adapter_requests_are_device_only() {
         ("json_schema", Variant::from(r#"{"type": "integer"}"#)),
         ("tools", Variant::from(r#"[{"type": "function", "function": {"name": "f"}}]"#)),
         ("adapters", adapters),
+        ("logprobs", Variant::from(true)),
+        ("repetition_penalty", Variant::from(1.3f64)),
     ];
     for (k, v) in device_only {
         for route in ["auto", "local"] {
@@ -93,6 +105,53 @@ fn structured_and_adapter_requests_are_device_only() {
         }
         let p = parse(&req(vec![(k, v), ("route", Variant::from("cloud"))]), 16);
         assert!(matches!(p, Err(Error::InvalidArgs(m)) if m.contains("run on the device")), "{k}");
+    }
+}
+
+#[test]
+fn stop_penalties_and_logprobs_are_parsed_and_bounded() {
+    let p = parse(
+        &req(vec![
+            ("stop", Variant::from(vec!["\n\n", "END"])),
+            ("frequency_penalty", Variant::from(0.5f64)),
+            ("presence_penalty", Variant::from(-1.0f64)),
+            ("logprobs", Variant::from(true)),
+            ("top_logprobs", Variant::from(5u32)),
+        ]),
+        16,
+    )
+    .unwrap();
+    assert_eq!(p.request.stop, ["\n\n", "END"]);
+    assert_eq!((p.request.sampling.frequency_penalty, p.request.sampling.presence_penalty), (0.5, -1.0));
+    assert_eq!(p.request.sampling.penalty_last_n, 16, "penalties look back over what it may generate");
+    assert!(p.request.sampling.has_penalties());
+    assert_eq!(p.request.logprobs, Some(5));
+    // Frequency and presence penalties and stop sequences also go to the cloud.
+    let p = parse(&req(vec![("stop", Variant::from(vec!["x"])), ("presence_penalty", Variant::from(1.0f64))]), 16);
+    assert_eq!(p.unwrap().route, RouteRequest::Auto);
+    let p = parse(&req(vec![("logprobs", Variant::from(true))]), 16).unwrap();
+    assert_eq!(p.request.logprobs, Some(0), "logprobs alone: the chosen token's only");
+    let defaults = parse(&req(vec![]), 16).unwrap().request;
+    assert!(defaults.stop.is_empty() && defaults.logprobs.is_none() && !defaults.sampling.has_penalties());
+    let long = "x".repeat(65);
+    let bad: Vec<(Vec<(&str, Variant<'_>)>, &str)> = vec![
+        (vec![("stop", Variant::from("END"))], "stop must be an array of strings"),
+        (vec![("stop", Variant::from(vec!["a", "b", "c", "d", "e"]))], "at most 4"),
+        (vec![("stop", Variant::from(vec![""]))], "stop[0] must be 1-64 bytes"),
+        (vec![("stop", Variant::from(vec![long.as_str()]))], "stop[0] must be 1-64 bytes"),
+        (vec![("stop", Variant::from(vec![1u32]))], "stop[0] must be a string"),
+        (vec![("repetition_penalty", Variant::from(0.0f64))], "repetition_penalty must be within (0, 2]"),
+        (vec![("repetition_penalty", Variant::from(f64::NAN))], "finite"),
+        (vec![("frequency_penalty", Variant::from(2.5f64))], "frequency_penalty must be within -2..=2"),
+        (vec![("presence_penalty", Variant::from(-3.0f64))], "presence_penalty must be within -2..=2"),
+        (vec![("logprobs", Variant::from(1u32))], "logprobs must be a boolean"),
+        (vec![("top_logprobs", Variant::from(21u32))], "top_logprobs must be within 0..=20"),
+        (vec![("top_logprobs", Variant::from(u64::MAX))], "top_logprobs must be within 0..=20"),
+        (vec![("top_logprobs", Variant::from(3u32))], "top_logprobs needs logprobs"),
+    ];
+    for (extra, want) in bad {
+        let e = parse(&req(extra), 16).unwrap_err();
+        assert!(matches!(&e, Error::InvalidArgs(m) if m.contains(want)), "{want}: {e:?}");
     }
 }
 

@@ -180,19 +180,10 @@ pub async fn start(
 fn cloud_outcome(text: String, model: &str, reason: FinishReason, started: Instant, first: Option<Instant>) -> Outcome {
     let first = first.unwrap_or_else(Instant::now);
     Outcome {
-        reason,
         text,
-        token_ids: Vec::new(),
-        prompt_tokens: 0,
-        cached_tokens: 0,
-        draft_tokens: 0,
-        draft_accepted: 0,
-        image_tokens: 0,
-        image_encode: Duration::ZERO,
-        model: model.to_owned(),
         prefill: first.duration_since(started),
         decode: first.elapsed(),
-        error: None,
+        ..Outcome::empty(reason, model, None)
     }
 }
 
@@ -249,7 +240,8 @@ async fn drive_cloud(
 /// Streams `request` from the cloud as Token events numbered from `offset`, continuing after
 /// `prefix` when given, until it ends, the caller cancels or the budget runs out (whatever
 /// the endpoint is doing then: stalled, trickling, retrying). Returns the result, the cloud's
-/// text, the next index and the time of the first chunk.
+/// text, the next index and the time of the first chunk. Stop sequences are applied here
+/// too, whether or not the endpoint honours them.
 #[allow(clippy::too_many_arguments)]
 async fn stream_cloud(
     cloud: &Cloud,
@@ -264,21 +256,33 @@ async fn stream_cloud(
     let mut first = None;
     let mut text = String::new();
     let mut index = offset;
+    let mut stop = crate::engine::stop::StopFilter::new(&request.stop);
+    let send = |out: Vec<crate::engine::stop::Released>| {
+        for r in out {
+            let _ = tx.send(StreamEvent::Token { index: r.index, id: -1, text: r.text });
+        }
+    };
     let result = tokio::select! {
         result = cloud.stream(remote, request, prefix, |chunk| {
             if cancel.reason().is_some() || tx.is_closed() {
                 return false;
             }
             first.get_or_insert_with(Instant::now);
-            let _ = tx.send(StreamEvent::Token { index, id: -1, text: chunk.to_owned() });
             text.push_str(chunk);
+            let mut out = Vec::new();
+            let stopped = stop.push(&mut text, index, -1, chunk.to_owned(), &mut out);
+            send(out);
             index += 1;
-            true
+            // A stop sequence ends the stream as the caller's cancel does: finished, "stop".
+            !stopped
         }) => result,
         _ = stopped(cancel, budget) => {
             Ok(crate::cloud::CloudFinish { reason: "cancelled".into(), remote_model: remote.to_owned() })
         }
     };
+    let mut held = Vec::new();
+    stop.flush(&mut held);
+    send(held);
     (result, text, index, first)
 }
 
@@ -419,21 +423,8 @@ async fn run_local(
             }
             e => e,
         };
-        let outcome = Outcome {
-            reason: if error.is_cancelled() { FinishReason::Cancelled } else { FinishReason::Error },
-            text: before.clone(),
-            token_ids: Vec::new(),
-            prompt_tokens: 0,
-            cached_tokens: 0,
-            draft_tokens: 0,
-            draft_accepted: 0,
-            image_tokens: 0,
-            image_encode: Duration::ZERO,
-            model: String::new(),
-            prefill: Duration::ZERO,
-            decode: Duration::ZERO,
-            error: None,
-        };
+        let reason = if error.is_cancelled() { FinishReason::Cancelled } else { FinishReason::Error };
+        let outcome = Outcome { text: before.clone(), ..Outcome::empty(reason, "", None) };
         StreamEvent::failed(outcome, Some(route.clone()), Some(error))
     };
     let lease = match models.acquire(request.model.as_deref()).await {

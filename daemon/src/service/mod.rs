@@ -228,6 +228,8 @@ impl HearthService {
             session: None,
             speculative: true,
             images: Vec::new(),
+            stop: Vec::new(),
+            logprobs: None,
         };
         let parts = parsed
             .texts

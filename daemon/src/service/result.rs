@@ -52,6 +52,13 @@ pub(crate) fn generation_result(
         route_reason,
         ..GenerationResult::default()
     };
+    if !o.logprobs.is_empty() {
+        let entry = |l: &crate::engine::TokenLogprob| {
+            let top = l.top.iter().map(|(id, text, p)| (*id, text.clone(), f64::from(*p))).collect();
+            (l.id, l.text.clone(), f64::from(l.logprob), top)
+        };
+        r.logprobs = Some(o.logprobs.iter().map(entry).collect());
+    }
     if let Some(s) = structure.filter(|_| finish.error.is_none()) {
         r.schema_valid = s.schema_valid(&o.text);
         let calls = s.tool_calls(&o.text);

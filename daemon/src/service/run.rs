@@ -36,10 +36,10 @@ fn tap(mut events: Events, on_finish: OnFinish) -> Events {
     tokio::spawn(async move {
         let mut on_finish = Some(on_finish);
         while let Some(event) = events.recv().await {
-            if let StreamEvent::Finished(finish) = &event {
-                if let Some(f) = on_finish.take() {
-                    f(Some(finish));
-                }
+            if let StreamEvent::Finished(finish) = &event
+                && let Some(f) = on_finish.take()
+            {
+                f(Some(finish));
             }
             if tx.send(event).is_err() {
                 break; // nobody listens: dropping `events` cancels the generation
@@ -164,10 +164,10 @@ impl HearthService {
             None => None,
         };
         let result = self.run_to_end(sender, who, admitted, cancel, on_finish).await;
-        if let Some(path) = path {
-            if let Err(e) = server.remove::<RequestObject, _>(&path).await {
-                tracing::warn!(error = %e, path = %path.as_str(), "cannot remove request object");
-            }
+        if let Some(path) = path
+            && let Err(e) = server.remove::<RequestObject, _>(&path).await
+        {
+            tracing::warn!(error = %e, path = %path.as_str(), "cannot remove request object");
         }
         result
     }

@@ -243,30 +243,30 @@ fn check_node(m: &Map<String, Json>, path: &[String], budget: &mut Budget) -> Re
                 return Err(SchemaError::CountTooLarge { at: at(), key });
             }
         }
-        if let (Some(min), Some(max)) = (min, max) {
-            if min > max {
-                return Err(unsat(match lo {
-                    "minLength" => "minLength is above maxLength",
-                    "minItems" => "minItems is above maxItems",
-                    _ => "minProperties is above maxProperties",
-                }));
-            }
+        if let (Some(min), Some(max)) = (min, max)
+            && min > max
+        {
+            return Err(unsat(match lo {
+                "minLength" => "minLength is above maxLength",
+                "minItems" => "minItems is above maxItems",
+                _ => "minProperties is above maxProperties",
+            }));
         }
     }
 
     // Numeric ranges, with the exclusive forms.
     let (min, max) = (number(m, "minimum"), number(m, "maximum"));
     let (xmin, xmax) = (number(m, "exclusiveMinimum"), number(m, "exclusiveMaximum"));
-    if let (Some(a), Some(b)) = (min, max) {
-        if a > b {
-            return Err(unsat("minimum is above maximum"));
-        }
+    if let (Some(a), Some(b)) = (min, max)
+        && a > b
+    {
+        return Err(unsat("minimum is above maximum"));
     }
     for (a, b) in [(xmin, max), (min, xmax), (xmin, xmax)] {
-        if let (Some(a), Some(b)) = (a, b) {
-            if a >= b {
-                return Err(unsat("the exclusive bounds leave no number"));
-            }
+        if let (Some(a), Some(b)) = (a, b)
+            && a >= b
+        {
+            return Err(unsat("the exclusive bounds leave no number"));
         }
     }
     if has_type(m, "integer") {
@@ -277,10 +277,10 @@ fn check_node(m: &Map<String, Json>, path: &[String], budget: &mut Budget) -> Re
         }
         let lo = [min.map(f64::ceil), xmin.map(|x| x.floor() + 1.0)].into_iter().flatten().reduce(f64::max);
         let hi = [max.map(f64::floor), xmax.map(|x| x.ceil() - 1.0)].into_iter().flatten().reduce(f64::min);
-        if let (Some(lo), Some(hi)) = (lo, hi) {
-            if lo > hi {
-                return Err(unsat("no integer lies between the bounds"));
-            }
+        if let (Some(lo), Some(hi)) = (lo, hi)
+            && lo > hi
+        {
+            return Err(unsat("no integer lies between the bounds"));
         }
     }
 
@@ -352,10 +352,10 @@ fn check_pattern(p: &str) -> Result<(), &'static str> {
                 if min.is_some_and(|v| v > MAX_COUNT) || max.is_some_and(|v| v > MAX_COUNT) {
                     return Err("a repetition count is above 1000");
                 }
-                if let (Some(a), Some(b)) = (min, max) {
-                    if a > b {
-                        return Err("a repetition has its minimum above its maximum");
-                    }
+                if let (Some(a), Some(b)) = (min, max)
+                    && a > b
+                {
+                    return Err("a repetition has its minimum above its maximum");
                 }
                 i = end;
             }

@@ -105,10 +105,10 @@ pub(super) async fn read_frames(
             }
             FromEngine::Embedded { key, result } => {
                 let mut p = pending(&remote);
-                if matches!(p.by_key.get(&key), Some(Pending::Embed { .. })) {
-                    if let Some(Pending::Embed { reply, .. }) = p.by_key.remove(&key) {
-                        let _ = reply.send(result);
-                    }
+                if matches!(p.by_key.get(&key), Some(Pending::Embed { .. }))
+                    && let Some(Pending::Embed { reply, .. }) = p.by_key.remove(&key)
+                {
+                    let _ = reply.send(result);
                 }
             }
             FromEngine::Parked { session, kv } => {

@@ -1,6 +1,6 @@
 use super::*;
 use crate::engine::{Caller, CancelToken};
-use hearth_ffi::{Sampler, SamplerParams};
+use hearth_ffi::Sampler;
 
 fn limits() -> Limits {
     Limits { shared_sequences: 2, interactive_sequences: 1, queue_capacity: 4, queue_per_app: 2 }
@@ -14,12 +14,14 @@ fn waiting(id: u64, app: &str, priority: Priority, need: u32) -> Waiting {
         deadline: None,
         prompt: vec![1; need as usize / 2],
         max_tokens: need - need / 2,
-        sampler: Sampler::new(SamplerParams::default()),
+        sampler: Sampler::greedy(),
         adapters: AdapterSet::default(),
         session: None,
         speculative: true,
         images: Vec::new(),
         image_encode: std::time::Duration::ZERO,
+        stop: crate::engine::stop::StopFilter::default(),
+        logprobs: None,
         cancel: CancelToken::default(),
         events: tokio::sync::mpsc::unbounded_channel().0,
     }

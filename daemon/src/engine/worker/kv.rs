@@ -34,10 +34,10 @@ impl Worker {
         } else {
             self.keep_prefix(slot.seq, slot.reuse)
         };
-        if let Some(id) = w.session {
-            if let Some(restored) = self.restore(id, slot.seq, &w) {
-                reuse = restored;
-            }
+        if let Some(id) = w.session
+            && let Some(restored) = self.restore(id, slot.seq, &w)
+        {
+            reuse = restored;
         }
         // KV kept up to the middle of an image is an image whose placeholders matched only in
         // part: its rows start again from the image's first.

@@ -181,7 +181,8 @@ impl Worker {
             let mut accepted = 0;
             for (row, drafted) in (first..).zip(draft.iter().map(Some).chain([None])) {
                 let Some(token) = sample_one(&mut self.ctx, s, row) else { break };
-                s.accept(&self.model, token);
+                let logits = if s.want_logprobs.is_some() { self.ctx.logits(row) } else { None };
+                s.accept(&self.model, token, logits);
                 self.scheduler.charge(&s.caller.app, COST_PER_GENERATED);
                 generated += 1;
                 let hit = drafted == Some(&token);
@@ -281,10 +282,10 @@ impl Worker {
                 let n = s.text_run().min(budget - rows);
                 for k in s.prefilled..s.prefilled + n {
                     let last = k + 1 == s.prompt.len();
-                    if let Ok(j) = self.batch.push(s.prompt[k], k as i32, &[s.seq], last) {
-                        if last {
-                            s.logits_index = Some(j);
-                        }
+                    if let Ok(j) = self.batch.push(s.prompt[k], k as i32, &[s.seq], last)
+                        && last
+                    {
+                        s.logits_index = Some(j);
                     }
                 }
                 s.prefilled += n;

@@ -348,11 +348,11 @@ pub fn check(text: &str) -> Result<(), GrammarError> {
                 return Err(GrammarError::Unproductive(p.rule_name(r)));
             }
             for it in alt {
-                if let Item::Ref(s) = *it {
-                    if !reach[s] {
-                        reach[s] = true;
-                        stack.push(s);
-                    }
+                if let Item::Ref(s) = *it
+                    && !reach[s]
+                {
+                    reach[s] = true;
+                    stack.push(s);
                 }
             }
         }

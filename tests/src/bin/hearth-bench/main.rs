@@ -515,7 +515,7 @@ fn static_batches(streams: usize, b: usize, tokens: usize, rep: usize) -> f64 {
         };
         let mut ctx = Context::new(Arc::clone(&model), params).expect("context");
         let mut batch = Batch::new(BATCH as usize, 1);
-        let mut samplers: Vec<Sampler> = group.iter().map(|_| Sampler::new(greedy())).collect();
+        let mut samplers: Vec<Sampler> = group.iter().map(|_| Sampler::new(&model, greedy())).collect();
         let mut next: Vec<Token> = Vec::with_capacity(group.len());
         // Prefill the group's prompts in one batch (as hearthd does), then sample each's
         // first token.
