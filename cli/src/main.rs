@@ -51,6 +51,11 @@ enum Command {
     Reload,
     /// Ask the model; tokens are printed as they arrive.
     Generate(Box<GenerateArgs>),
+    /// How many tokens a request would take of its model's context (the options of
+    /// generate; nothing is generated).
+    CountTokens(Box<GenerateArgs>),
+    /// Whether a model (default: the default model) can serve this program now, and why not.
+    Availability { model: Option<String> },
     /// A conversation in a session: each line on stdin is a turn; the answers stream to
     /// stdout. The session keeps the conversation's KV cache between turns.
     Chat(Conversation),
@@ -275,6 +280,7 @@ fn dict_json(d: &HashMap<String, OwnedVariant>) -> Json {
 async fn run(cli: Cli) -> Result<ExitCode, CliError> {
     let conn = connect(cli.bus_address.as_deref()).await?;
     let proxy = Hearth1Proxy::new(&conn).await?;
+    let counting = matches!(cli.command, Command::CountTokens(_));
     match cli.command {
         Command::Status => {
             let (version, models, depth) =
@@ -369,7 +375,7 @@ async fn run(cli: Cli) -> Result<ExitCode, CliError> {
                 }
             }
         }
-        Command::Generate(args) => {
+        Command::Generate(args) | Command::CountTokens(args) => {
             let GenerateArgs {
                 prompt,
                 conversation: Conversation { system, model, max_tokens },
@@ -486,6 +492,23 @@ async fn run(cli: Cli) -> Result<ExitCode, CliError> {
                 }
                 request.insert(request_key::ADAPTERS, Variant::from(scales));
             }
+            if counting {
+                let c = proxy.count_tokens(request).await?;
+                if cli.json {
+                    println!("{}", typed_json(&c));
+                } else {
+                    println!(
+                        "{} prompt tokens ({} of images) of {}'s {} context: {} left{}",
+                        c.prompt_tokens,
+                        c.image_tokens,
+                        c.model,
+                        c.context_length,
+                        c.remaining,
+                        if c.fits { "" } else { " (does not fit)" }
+                    );
+                }
+                return Ok(ExitCode::SUCCESS);
+            }
             return generate(&conn, None, request, cli.json).await;
         }
         Command::Chat(Conversation { system, model, max_tokens }) => {
@@ -533,6 +556,15 @@ async fn run(cli: Cli) -> Result<ExitCode, CliError> {
             }
             hearth_dbus::SessionProxy::builder(&conn).path(session).build().await?.close().await?;
             return Ok(status);
+        }
+        Command::Availability { model } => {
+            let a = proxy.availability(model.as_deref().unwrap_or("")).await?;
+            if cli.json {
+                println!("{}", typed_json(&a));
+            } else {
+                let reason = if a.reason.is_empty() { String::new() } else { format!(": {}", a.reason) };
+                println!("{}\t{}{reason}", a.model, a.state);
+            }
         }
         Command::Embed { texts, model, scope } => {
             let mut request: HashMap<&str, Variant<'_>> = HashMap::from([(request_key::TEXTS, Variant::from(texts))]);

@@ -18,6 +18,10 @@ pub trait Hearth1 {
     fn open_session(&self, options: HashMap<&str, Variant<'_>>) -> Result<OwnedObjectPath, Error>;
     /// Unit-length embeddings of `texts` (request: texts, model, scope), computed on the device.
     fn embed(&self, request: HashMap<&str, Variant<'_>>) -> Result<Vec<Vec<f64>>, Error>;
+    /// What a request (Generate's dictionary) would take of its model's context.
+    fn count_tokens(&self, request: HashMap<&str, Variant<'_>>) -> Result<crate::TokenCount, Error>;
+    /// Whether a model ("" for the default) can serve the caller now, and if not, why.
+    fn availability(&self, model: &str) -> Result<crate::Availability, Error>;
     /// The installed models.
     fn list_models(&self) -> Result<Vec<crate::ModelInfo>, Error>;
     /// Admin: loads a model now (`pin` (b) option keeps it loaded).

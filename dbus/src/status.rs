@@ -1,5 +1,6 @@
 //! The service's other `a{sv}` dictionaries as typed structs: a ListModels entry, the Memory,
-//! Throttle and Backends properties, and CallerInfo's reply. hearthd builds them, hearthctl
+//! Throttle and Backends properties, and CallerInfo's, CountTokens' and Availability's
+//! replies. hearthd builds them, hearthctl
 //! and the tests read them; the keys are the field names and the XML documents each.
 //! Optional fields are keys that may be absent; unknown keys are ignored when reading, so a
 //! newer hearthd can add some. The KvCache property, all counters, is an `a{su}`.
@@ -117,6 +118,42 @@ pub struct Backend {
     /// (memory.device_budget_mib) and take now.
     pub budget_bytes: Option<u64>,
     pub used_bytes: Option<u64>,
+}
+
+/// CountTokens' reply: what a request's prompt takes of its model's context.
+#[derive(Debug, Clone, Default, PartialEq, SerializeDict, DeserializeDict, Type)]
+#[zbus(signature = "a{sv}")]
+pub struct TokenCount {
+    pub model: String,
+    /// Prompt tokens after the chat template (and a tools description), images included.
+    pub prompt_tokens: u32,
+    /// Of them, image embeddings.
+    pub image_tokens: u32,
+    /// Tokens one request's context holds (prompt and answer).
+    pub context_length: u32,
+    /// Tokens left for the answer: context_length - prompt_tokens (0 when it does not fit).
+    pub remaining: u32,
+    /// Whether Generate would take it: the prompt leaves room for at least one token, and
+    /// the request's max_tokens is within the context length.
+    pub fits: bool,
+}
+
+/// Availability's reply: whether a model can serve this caller now, and if not, why.
+#[derive(Debug, Clone, Default, PartialEq, SerializeDict, DeserializeDict, Type)]
+#[zbus(signature = "a{sv}")]
+pub struct Availability {
+    pub model: String,
+    /// "ready" (loaded), "loading", "installed" (loads on first use), "unavailable" (see
+    /// reason) or "not-installed".
+    pub state: String,
+    /// Why, for every state but ready: what it waits for, or what is wrong.
+    pub reason: String,
+    pub capabilities: Vec<String>,
+    /// While loading: the phase and the fraction of it done.
+    pub load_phase: Option<String>,
+    pub load_fraction: Option<f64>,
+    /// Tokens one request's context holds, once known (loaded, or declared by the manifest).
+    pub context_length: Option<u32>,
 }
 
 /// CallerInfo's reply: who hearthd takes the caller for, and its policy.

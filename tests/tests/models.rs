@@ -92,7 +92,20 @@ async fn unverified_or_untrusted_files_are_refused_before_parsing() {
     let t = entry(&models, "tampered");
     assert!(!t.verified && !t.loaded);
     assert!(t.error.as_deref().unwrap_or_default().contains("sha256"));
+    // Availability tells an app the same before it offers a feature, and loads nothing.
+    let a = proxy.availability("tampered").await.unwrap();
+    assert_eq!(a.state, "unavailable", "{a:?}");
+    assert!(a.reason.contains("last load failed") && a.reason.contains("sha256"), "{a:?}");
+    let a = proxy.availability("no-such-model").await.unwrap();
+    assert_eq!((a.state.as_str(), a.capabilities.len()), ("not-installed", 0), "{a:?}");
+    let a = proxy.availability("").await.unwrap();
+    assert_eq!(a.model, "smollm2-135m-instruct");
+    assert!(a.state == "installed" || a.state == "ready", "{a:?}");
+    assert!(a.capabilities.iter().any(|c| c == "chat"), "{a:?}");
     let ok = proxy.complete(chat_request("Hi", 4)).await.unwrap();
+    let a = proxy.availability("smollm2-135m-instruct").await.unwrap();
+    assert_eq!((a.state.as_str(), a.reason.as_str()), ("ready", ""), "{a:?}");
+    assert!(a.context_length.is_some_and(|n| n > 0), "{a:?}");
     assert_eq!(ok.model.clone(), "smollm2-135m-instruct");
     assert!(daemon.try_exit().is_none());
 }

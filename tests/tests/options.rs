@@ -178,3 +178,54 @@ async fn penalties_discourage_repeating_tokens() {
         assert_eq!(e.dbus_name(), "org.hearth.Hearth1.Error.InvalidArgs", "{k}: {e}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn count_tokens_matches_what_generate_runs() {
+    let bus = Bus::start();
+    let _daemon = Daemon::start(&bus).await;
+    let conn = bus.connect().await;
+    let proxy = hearth(&conn).await;
+    let count = proxy.count_tokens(chat_request(PROMPT, 60)).await.unwrap();
+    let ran = proxy.complete(chat_request(PROMPT, 60)).await.unwrap();
+    assert_eq!(count.prompt_tokens, ran.prompt_tokens, "{count:?}");
+    assert_eq!(count.model, ran.model);
+    assert_eq!(count.image_tokens, 0);
+    let models = proxy.list_models().await.unwrap();
+    let ctx = models.iter().find(|m| m.name == count.model).and_then(|m| m.context_length).unwrap();
+    assert_eq!(count.context_length, ctx);
+    assert_eq!(count.remaining, ctx - count.prompt_tokens);
+    assert!(count.fits);
+    // A tools description is part of the prompt, and counted.
+    let tools = r#"[{"type": "function", "function": {"name": "get_time", "description": "The time now",
+        "parameters": {"type": "object", "properties": {}}}}]"#;
+    let with_tools = with(chat_request(PROMPT, 60), key::TOOLS, Variant::from(tools));
+    let counted = proxy.count_tokens(with_tools.clone()).await.unwrap().prompt_tokens;
+    assert!(counted > count.prompt_tokens);
+    assert_eq!(counted, proxy.complete(with_tools).await.unwrap().prompt_tokens);
+    // Too long: counted all the same, and said not to fit; Generate refuses it.
+    let long = "word ".repeat(ctx as usize + 100);
+    let r = chat_request(&long, 8);
+    let c = proxy.count_tokens(r.clone()).await.unwrap();
+    assert!(c.prompt_tokens > ctx && !c.fits && c.remaining == 0, "{c:?}");
+    assert_eq!(proxy.complete(r).await.unwrap_err().dbus_name(), "org.hearth.Hearth1.Error.ContextLengthExceeded");
+    let c = proxy.count_tokens(chat_request(PROMPT, ctx + 1)).await.unwrap();
+    assert!(!c.fits, "max_tokens past the context: {c:?}");
+    // Checked as Generate checks; an unknown model is ModelNotFound.
+    let e = proxy.count_tokens(with(chat_request(PROMPT, 8), "bogus", Variant::from(1u32))).await.unwrap_err();
+    assert_eq!(e.dbus_name(), "org.hearth.Hearth1.Error.InvalidArgs");
+    let e = proxy.count_tokens(with(chat_request(PROMPT, 8), key::MODEL, Variant::from("nope"))).await.unwrap_err();
+    assert_eq!(e.dbus_name(), "org.hearth.Hearth1.Error.ModelNotFound");
+    // hearthctl count-tokens takes generate's options.
+    let out = std::process::Command::new(hearth_tests::workspace_bin("hearthctl"))
+        .args(["--bus-address", bus.address(), "--json", "count-tokens", PROMPT, "--max-tokens", "60"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(json["prompt_tokens"], count.prompt_tokens, "{json}");
+    let out = std::process::Command::new(hearth_tests::workspace_bin("hearthctl"))
+        .args(["--bus-address", bus.address(), "availability"])
+        .output()
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), format!("{}\tready", count.model));
+}

@@ -450,7 +450,8 @@ impl Io {
                 // Rendered, tokenised and compiled on the preparation thread, in arrival order;
                 // it hands the request to the worker (or answers a refusal).
                 self.wake.preparing();
-                if self.prep.send(super::prepare::Job { request, caller, cancel, events, reply }).is_err() {
+                let work = super::prepare::Work::Submit { events, reply };
+                if self.prep.send(super::prepare::Job { request, caller, cancel, work }).is_err() {
                     self.wake.prepared();
                     return;
                 }
@@ -504,6 +505,26 @@ impl Io {
                         answer.await.unwrap_or(Err(super::EngineError::Cancelled(super::CancelReason::Shutdown)));
                     let _ = out.send(FromEngine::Embedded { key, result });
                     lock(&cancels).remove(&key);
+                });
+            }
+            ToEngine::CountTokens { key, caller, request } => {
+                // On the preparation thread, in its fair turn among the apps' jobs.
+                let (reply, answer) = oneshot::channel();
+                self.wake.preparing();
+                let work = super::prepare::Work::Count(reply);
+                if self
+                    .prep
+                    .send(super::prepare::Job { request, caller, cancel: CancelToken::default(), work })
+                    .is_err()
+                {
+                    self.wake.prepared();
+                    return;
+                }
+                let out = self.out.clone();
+                tokio::spawn(async move {
+                    let result =
+                        answer.await.unwrap_or(Err(super::EngineError::Cancelled(super::CancelReason::Shutdown)));
+                    let _ = out.send(FromEngine::Counted { key, result });
                 });
             }
             ToEngine::CloseSession(id) => {

@@ -21,7 +21,9 @@ use tokio_util::codec::{FramedRead, FramedWrite};
 use tokio_util::sync::CancellationToken;
 
 use super::protocol::{self, FromEngine, SandboxReport, SessionKv, Start, ToEngine};
-use super::{Accepted, AdapterSet, CancelReason, EngineStatus, Event, GenerateRequest, LoadedModelInfo, Outcome};
+use super::{
+    Accepted, AdapterSet, CancelReason, EngineStatus, Event, GenerateRequest, LoadedModelInfo, Outcome, TokenCount,
+};
 use crate::engine::EngineError;
 
 /// What the fake engine does; read at each start and each token, so a test may change it
@@ -302,6 +304,11 @@ impl Serving {
             ToEngine::Embed { key, texts, .. } => {
                 let vectors = texts.iter().map(|t| vec![t.len() as f32, 1.0]).collect();
                 let _ = self.out.send(FromEngine::Embedded { key, result: Ok(vectors) });
+            }
+            ToEngine::CountTokens { key, request, .. } => {
+                let prompt_tokens = prompt_tokens(&request).len() as u32;
+                let count = TokenCount { prompt_tokens, image_tokens: 0, context_length: self.info.context_length };
+                let _ = self.out.send(FromEngine::Counted { key, result: Ok(count) });
             }
             ToEngine::CloseSession(id) => {
                 lock(&self.queue).sessions.remove(&id);

@@ -255,6 +255,17 @@ impl Outcome {
     }
 }
 
+/// What a request's prompt takes of its model's context (CountTokens).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TokenCount {
+    /// Prompt tokens after the chat template, images included.
+    pub prompt_tokens: u32,
+    /// Of them, image embeddings.
+    pub image_tokens: u32,
+    /// Tokens one request's context holds.
+    pub context_length: u32,
+}
+
 /// The engine's verdict on a submitted request.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Accepted {

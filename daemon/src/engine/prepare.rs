@@ -10,7 +10,8 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::image::{self, ImageSpan, Vision};
 use super::{
-    Accepted, AdapterSet, Caller, CancelToken, Command, EngineError, Event, GenerateRequest, Priority, Throttle, Wake,
+    Accepted, AdapterSet, Caller, CancelToken, Command, EngineError, Event, GenerateRequest, Priority, Throttle,
+    TokenCount, Wake,
 };
 
 /// A request made ready for the worker.
@@ -98,14 +99,22 @@ pub struct Preparer {
     vision: Option<Vision>,
 }
 
-/// A Submit on its way to the worker.
+/// A Submit on its way to the worker, or a CountTokens.
 #[derive(Debug)]
 pub struct Job {
     pub request: Box<GenerateRequest>,
     pub caller: Caller,
     pub cancel: CancelToken,
-    pub events: mpsc::UnboundedSender<Event>,
-    pub reply: oneshot::Sender<Result<Accepted, EngineError>>,
+    pub work: Work,
+}
+
+/// What a job is for.
+#[derive(Debug)]
+pub enum Work {
+    /// A generation: its events, and the verdict.
+    Submit { events: mpsc::UnboundedSender<Event>, reply: oneshot::Sender<Result<Accepted, EngineError>> },
+    /// Only the count of its prompt's tokens.
+    Count(oneshot::Sender<Result<TokenCount, EngineError>>),
 }
 
 impl Preparer {
@@ -131,6 +140,32 @@ impl Preparer {
                 request.max_tokens, self.n_ctx, self.model_name
             )));
         }
+        let (prompt, images, image_encode) = self.render(app, request)?;
+        // Room for the prompt and at least one generated token.
+        if prompt.len() >= self.n_ctx as usize {
+            return Err(EngineError::ContextLengthExceeded { prompt: prompt.len(), context: self.n_ctx });
+        }
+        let adapters = self.adapter_set(request.adapters.as_ref())?;
+        let max_tokens = request.max_tokens.min(self.n_ctx - prompt.len() as u32);
+        let sampler =
+            Sampler::with_grammar(&self.model, request.sampling, request.grammar.as_deref()).map_err(input_error)?;
+        Ok(Prepared { prompt, images, image_encode, max_tokens, sampler, adapters })
+    }
+
+    /// What `request` of `app` takes of the context, rendered and tokenized as [`Self::prepare`]
+    /// does (an error where it would fail to render).
+    pub fn count(&self, app: &str, request: &GenerateRequest) -> Result<TokenCount, EngineError> {
+        let (prompt, images, _) = self.render(app, request)?;
+        let image_tokens = images.iter().map(|i| i.n_tokens as u32).sum();
+        Ok(TokenCount { prompt_tokens: prompt.len() as u32, image_tokens, context_length: self.n_ctx })
+    }
+
+    /// Renders the chat template and tokenizes, images encoded in place.
+    fn render(
+        &self,
+        app: &str,
+        request: &GenerateRequest,
+    ) -> Result<(Vec<Token>, Vec<ImageSpan>, std::time::Duration), EngineError> {
         let (prompt, images, image_encode) = if request.images.is_empty() {
             let mut text = self.model.apply_chat_template(&request.messages, true).map_err(input_error)?;
             if let Some(prefix) = &request.assistant_prefix {
@@ -150,15 +185,7 @@ impl Preparer {
             );
             std::thread::sleep(pause);
         }
-        // Room for the prompt and at least one generated token.
-        if prompt.len() >= self.n_ctx as usize {
-            return Err(EngineError::ContextLengthExceeded { prompt: prompt.len(), context: self.n_ctx });
-        }
-        let adapters = self.adapter_set(request.adapters.as_ref())?;
-        let max_tokens = request.max_tokens.min(self.n_ctx - prompt.len() as u32);
-        let sampler =
-            Sampler::with_grammar(&self.model, request.sampling, request.grammar.as_deref()).map_err(input_error)?;
-        Ok(Prepared { prompt, images, image_encode, max_tokens, sampler, adapters })
+        Ok((prompt, images, image_encode))
     }
 
     /// Renders and tokenizes a request with images: each image's marker goes at the start of
@@ -276,7 +303,16 @@ impl Preparer {
                 },
             };
             let done = Done(wake);
-            let Job { request, caller, cancel, events, reply } = job;
+            let Job { request, caller, cancel, work } = job;
+            let (events, reply) = match work {
+                Work::Count(reply) => {
+                    if !reply.is_closed() {
+                        let _ = reply.send(self.count(&caller.app, &request));
+                    }
+                    continue;
+                }
+                Work::Submit { events, reply } => (events, reply),
+            };
             // Work nobody waits for any more (cancelled, caller gone) is not prepared: images
             // are costly to encode.
             let gone = cancel.reason().or_else(|| events.is_closed().then_some(super::CancelReason::Disconnected));

@@ -17,12 +17,12 @@ use tokio_util::codec::{Decoder, Encoder, LengthDelimitedCodec};
 use super::EngineError;
 use super::{
     Accepted, AdapterSet, Caller, CancelReason, EngineSettings, EngineStatus, Event, GenerateRequest, KvSnapshot,
-    LoadedModelInfo, ThrottleState,
+    LoadedModelInfo, ThrottleState, TokenCount,
 };
 
 /// Bumped on every incompatible change; hearthd and hearth-engine of different versions
 /// refuse each other (they are installed together, so this catches a stale binary).
-pub const VERSION: u32 = 5;
+pub const VERSION: u32 = 6;
 
 /// The largest frame either side accepts: a parked session's KV (a whole context of one
 /// sequence) travels in one frame.
@@ -112,6 +112,12 @@ pub enum ToEngine {
         caller: Caller,
         texts: Vec<String>,
     },
+    /// Renders and tokenizes a request (images encoded) without running it.
+    CountTokens {
+        key: u64,
+        caller: Caller,
+        request: Box<GenerateRequest>,
+    },
     /// A session closed: its resident KV goes.
     CloseSession(u64),
     /// A bus connection closed: its requests end.
@@ -160,6 +166,8 @@ pub enum FromEngine {
     Event { key: u64, event: Event },
     /// The vectors (or the error) of Embed `key`.
     Embedded { key: u64, result: Result<Vec<Vec<f32>>, EngineError> },
+    /// The count (or the error) of CountTokens `key`.
+    Counted { key: u64, result: Result<TokenCount, EngineError> },
     /// An idle session's KV left its slot: hearthd seals and stores it.
     Parked { session: u64, kv: SessionKv },
     /// The queue changed; with the KV gauges of the moment.

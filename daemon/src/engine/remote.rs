@@ -27,7 +27,7 @@ pub use super::protocol::SandboxReport;
 use super::protocol::{self, FromEngine, ModelLoad, SessionKv, Start, ToEngine};
 use super::{
     Accepted, Caller, CancelReason, CancelToken, EngineSettings, EngineStatus, Event, GenerateRequest, KvGauges,
-    Liveness, LoadedModelInfo, Outcome, Submission, Throttle,
+    Liveness, LoadedModelInfo, Outcome, Submission, Throttle, TokenCount,
 };
 use crate::engine::EngineError;
 
@@ -90,6 +90,9 @@ enum Pending {
     Embed {
         reply: oneshot::Sender<Result<Vec<Vec<f32>>, EngineError>>,
         _done: oneshot::Sender<()>,
+    },
+    Count {
+        reply: oneshot::Sender<Result<TokenCount, EngineError>>,
     },
 }
 
@@ -354,6 +357,20 @@ impl EngineHandle {
         result
     }
 
+    /// What `request` (already admitted) would take of the model's context: rendered and
+    /// tokenized by the engine as a generation would be, images encoded, nothing run.
+    pub async fn count_tokens(&self, request: GenerateRequest, caller: Caller) -> Result<TokenCount, EngineError> {
+        let key = self.inner.next_key.fetch_add(1, Ordering::Relaxed);
+        let (reply, answer) = oneshot::channel();
+        self.insert(key, Pending::Count { reply }, None)?;
+        if let Err(e) = self.send_work(ToEngine::CountTokens { key, caller, request: Box::new(request) }) {
+            self.pending().by_key.remove(&key);
+            return Err(e);
+        }
+        // A caller that stops waiting leaves the entry to be answered and dropped.
+        answer.await.map_err(|_| self.gone())?
+    }
+
     /// Tells the engine that a session closed, so its resident KV is dropped.
     pub async fn close_session(&self, id: u64) {
         let _ = self.send(ToEngine::CloseSession(id));
@@ -465,6 +482,9 @@ impl EngineHandle {
                     let _ = events.send(Event::Finished(outcome));
                 }
                 Pending::Embed { reply, .. } => {
+                    let _ = reply.send(Err(error.clone()));
+                }
+                Pending::Count { reply } => {
                     let _ = reply.send(Err(error.clone()));
                 }
             }

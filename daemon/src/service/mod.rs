@@ -26,7 +26,7 @@ use callers::{caller, identify};
 pub use in_flight::InFlight;
 pub(crate) use result::generation_result;
 use result::internal;
-use result::model_info;
+use result::{availability, model_info};
 pub(crate) use run::{Admitted, OnFinish};
 pub use watch::{publish_cloud_changes, publish_governor_changes, publish_status_changes, watch_disconnects};
 
@@ -257,6 +257,52 @@ impl HearthService {
             .map_err(Error::from)?;
         tracing::info!(target: "hearth::audit", app = %who.app, texts = n, scope = parsed.scope.as_str(), "embed on the device");
         Ok(vectors.into_iter().map(|v| v.into_iter().map(f64::from).collect()).collect())
+    }
+
+    /// What a request's prompt takes of its model's context; see org.hearth.Hearth1.xml.
+    #[zbus(out_args("count"))]
+    async fn count_tokens(
+        &self,
+        #[zbus(header)] header: Header<'_>,
+        #[zbus(connection)] conn: &Connection,
+        request: HashMap<String, OwnedVariant>,
+    ) -> Result<hearth_dbus::TokenCount, BusError> {
+        let sender = caller(&header)?;
+        let parsed = parse_off_runtime(request, self.models.config().limits.default_max_tokens).await?;
+        let (who, _) = identify(conn, &self.callers, &sender).await?;
+        // Admitted as a generation would be (policy, quota, sealed parts opened), on the
+        // device whatever the route: the tokenizer is the model's.
+        let admitted = self.admit(&who, parsed.request, parsed.parts, RouteRequest::Local, parsed.structure)?;
+        let _guard = self.in_flight.enter();
+        let lease = self.models.acquire(admitted.request.model.as_deref()).await?;
+        let max_tokens = admitted.request.max_tokens;
+        let model = lease.engine.model().name.clone();
+        let count = lease.engine.count_tokens(admitted.request, who).await.map_err(Error::from)?;
+        let remaining = count.context_length.saturating_sub(count.prompt_tokens);
+        Ok(hearth_dbus::TokenCount {
+            model,
+            prompt_tokens: count.prompt_tokens,
+            image_tokens: count.image_tokens,
+            context_length: count.context_length,
+            remaining,
+            fits: remaining > 0 && max_tokens <= count.context_length,
+        })
+    }
+
+    /// Whether a model can serve the caller now, and if not, why; see org.hearth.Hearth1.xml.
+    #[zbus(out_args("availability"))]
+    async fn availability(
+        &self,
+        #[zbus(header)] header: Header<'_>,
+        #[zbus(connection)] conn: &Connection,
+        model: String,
+    ) -> Result<hearth_dbus::Availability, BusError> {
+        let sender = caller(&header)?;
+        let (who, _) = identify(conn, &self.callers, &sender).await?;
+        let name = if model.is_empty() { self.models.default_model() } else { model };
+        let loading = self.models.status().borrow().loading.get(&name).cloned();
+        let report = self.models.report().into_iter().find(|r| r.entry.manifest.name == name);
+        Ok(availability(&name, report.as_ref(), loading.as_ref(), self.gate.policy(&who.app).allows_model(&name)))
     }
 
     /// The installed models; see org.hearth.Hearth1.xml.

@@ -116,6 +116,39 @@ pub(super) fn model_info(r: &ModelReport, default: &str) -> hearth_dbus::ModelIn
     }
 }
 
+/// Availability's answer for model `name`: its report (None: not installed), its load in
+/// progress, and whether the caller's policy allows it.
+pub(super) fn availability(
+    name: &str,
+    report: Option<&ModelReport>,
+    loading: Option<&crate::manager::LoadProgress>,
+    allowed: bool,
+) -> hearth_dbus::Availability {
+    let mut a = hearth_dbus::Availability { model: name.to_owned(), ..Default::default() };
+    let Some(r) = report else {
+        a.state = "not-installed".into();
+        a.reason = format!("no model {name:?} is installed (hearthctl models lists those that are)");
+        return a;
+    };
+    a.capabilities = r.entry.manifest.capabilities.iter().map(|c| c.as_str().to_owned()).collect();
+    a.context_length = r.info.as_ref().map(|i| i.context_length).or(r.entry.manifest.context_length);
+    let (state, reason) = if !allowed {
+        ("unavailable", "this app's policy does not allow this model".to_owned())
+    } else if r.info.is_some() {
+        ("ready", String::new())
+    } else if let Some(p) = loading {
+        a.load_phase = Some(p.phase.as_str().to_owned());
+        a.load_fraction = Some(p.fraction);
+        ("loading", format!("loading: {} {:.0}%", p.phase.as_str(), p.fraction * 100.0))
+    } else if let Some(e) = &r.last_error {
+        ("unavailable", format!("its last load failed: {e}"))
+    } else {
+        ("installed", "not loaded: it loads on first use".to_owned())
+    };
+    (a.state, a.reason) = (state.to_owned(), reason);
+    a
+}
+
 /// A failure of the bus layer itself, as a named `Internal` error: a reply must always carry
 /// an org.hearth.Hearth1.Error name, never zbus's own.
 pub(super) fn internal(what: &str, e: &dyn std::fmt::Display) -> Error {

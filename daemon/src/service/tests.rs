@@ -248,3 +248,27 @@ async fn a_device_stream_moves_to_the_cloud_when_the_device_turns_critical_only_
         }
     }
 }
+
+#[tokio::test]
+async fn availability_says_whether_a_model_can_serve_and_why_not() {
+    let state = |h: &Harness, name: &str, allowed: bool| {
+        let report = h.models.report().into_iter().find(|r| r.entry.manifest.name == name);
+        let loading = h.models.status().borrow().loading.get(name).cloned();
+        let a = super::availability(name, report.as_ref(), loading.as_ref(), allowed);
+        (a.state, a.reason)
+    };
+    let h = harness(&["a", "b"], Script::default());
+    assert_eq!(state(&h, "a", true).0, "installed");
+    assert_eq!(state(&h, "zzz", true).0, "not-installed");
+    let (s, why) = state(&h, "a", false);
+    assert_eq!(s, "unavailable");
+    assert!(why.contains("policy"), "{why}");
+    let _lease = h.models.acquire(Some("a")).await.unwrap();
+    assert_eq!(state(&h, "a", true), ("ready".to_owned(), String::new()));
+    assert_eq!(state(&h, "a", false).0, "unavailable", "the policy wins over a loaded model");
+    let h = harness(&["a"], Script { fail_load: Some("the GPU is gone".into()), ..Script::default() });
+    assert!(h.models.acquire(None).await.is_err());
+    let (s, why) = state(&h, "a", true);
+    assert_eq!(s, "unavailable");
+    assert!(why.contains("last load failed") && why.contains("the GPU is gone"), "{why}");
+}

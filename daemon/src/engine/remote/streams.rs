@@ -111,6 +111,14 @@ pub(super) async fn read_frames(
                     let _ = reply.send(result);
                 }
             }
+            FromEngine::Counted { key, result } => {
+                let mut p = pending(&remote);
+                if matches!(p.by_key.get(&key), Some(Pending::Count { .. }))
+                    && let Some(Pending::Count { reply }) = p.by_key.remove(&key)
+                {
+                    let _ = reply.send(result);
+                }
+            }
             FromEngine::Parked { session, kv } => {
                 // Only sessions this engine was given, and KV no larger than its context.
                 let given = pending(&remote).sessions.contains(&session);
