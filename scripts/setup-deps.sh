@@ -83,18 +83,29 @@ fi
 echo "setup-deps: $(cargo --version)"
 
 # Python tools the tests use, in the checkout's own venv (nothing installed system-wide):
-# gguf-py, the GGUF library maintained in llama.cpp's repository, writes test LoRA adapters.
-PY_PACKAGES=(gguf==0.19.0)
+# gguf-py, the GGUF library maintained in llama.cpp's repository, writes test LoRA adapters;
+# dbus-fast is what the Python client (clients/python) is built on, and the client itself is
+# installed from the checkout (editable, so the tests run the checkout's code).
+PY_PACKAGES=(gguf==0.19.0 dbus-fast==5.2.0)
 VENV="$(cd "$(dirname "$0")/.." && pwd)/.venv"
+CLIENT="$(cd "$(dirname "$0")/.." && pwd)/clients/python"
 if [ ! -x "$VENV/bin/python" ]; then
     python3 -m venv "$VENV"
 fi
-if ! "$VENV/bin/python" -m pip show --quiet "${PY_PACKAGES[@]%%==*}" >/dev/null 2>&1 \
-    || [ "$("$VENV/bin/python" -c 'import importlib.metadata as m; print(m.version("gguf"))' 2>/dev/null)" != "0.19.0" ]; then
-    echo "setup-deps: installing ${PY_PACKAGES[*]} into $VENV"
-    "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check "${PY_PACKAGES[@]}"
+missing=()
+for p in "${PY_PACKAGES[@]}"; do
+    have="$("$VENV/bin/python" -c "import importlib.metadata as m, sys; print(m.version(sys.argv[1]))" "${p%%==*}" 2>/dev/null || true)"
+    [ "$have" = "${p##*==}" ] || missing+=("$p")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+    echo "setup-deps: installing ${missing[*]} into $VENV"
+    "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check "${missing[@]}"
 else
     echo "setup-deps: python packages present"
+fi
+if ! "$VENV/bin/python" -c "import hearth, sys; sys.exit(not hearth.__file__.startswith(sys.argv[1]))" "$CLIENT" 2>/dev/null; then
+    echo "setup-deps: installing the Python client from $CLIENT (editable) into $VENV"
+    "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check --no-deps -e "$CLIENT"
 fi
 
 # Vulkan C++ headers new enough for ggml-vulkan, in target/vulkan-sdk (VULKAN_SDK).

@@ -1,0 +1,134 @@
+"""The Python client against a running hearthd (tests/tests/clients.rs starts one on a
+private bus): python live.py --bus-address ADDR. Exits non-zero at the first broken promise."""
+
+import argparse
+import asyncio
+import math
+
+from dbus_fast import Message, MessageType
+from dbus_fast.aio import MessageBus
+
+import hearth
+
+PROMPT = "Write three short sentences about the sea."
+
+
+async def streams_and_completes(client: hearth.Client) -> None:
+    g = await client.generate(PROMPT, max_tokens=40)
+    tokens = [t async for t in g]
+    r = g.result
+    assert [t.index for t in tokens] == list(range(len(tokens))), tokens
+    assert "".join(t.text for t in tokens) == r["text"] and r["text"], r
+    assert r["finish_reason"] in ("stop", "length") and r["route"] == "local", r
+    assert r["token_ids"] == [t.token_id for t in tokens]
+    # Greedy: the same request gives the same text, whole.
+    whole = await client.complete(PROMPT, max_tokens=40)
+    assert whole["text"] == r["text"], (whole, r)
+    assert await (await client.generate(PROMPT, max_tokens=40)).text() == r["text"]
+    # Options get their D-Bus types from the client: a list of strings, floats, booleans.
+    words = r["text"].split()
+    stop = words[len(words) // 2]
+    cut = await client.complete(PROMPT, max_tokens=40, stop=[stop], frequency_penalty=0.0, speculative=False)
+    assert cut["text"] == r["text"][: r["text"].index(stop)], (cut, stop)
+    lp = await client.complete(PROMPT, max_tokens=5, logprobs=True, top_logprobs=2)
+    assert [e[0] for e in lp["logprobs"]] == lp["token_ids"] and all(e[3][0][0] == e[0] for e in lp["logprobs"])
+    # Messages as dictionaries, with a system message.
+    sys_r = await client.complete(
+        [{"role": "system", "content": "Answer in one word."}, {"role": "user", "content": "Colour of grass?"}],
+        max_tokens=8,
+    )
+    assert sys_r["text"] and sys_r["prompt_tokens"] != r["prompt_tokens"], sys_r
+
+
+async def embeds_seals_and_counts(client: hearth.Client) -> None:
+    vectors = await client.embed(["the cat sat", "a dog ran"])
+    assert len(vectors) == 2 and all(abs(math.sqrt(sum(x * x for x in v)) - 1) < 1e-3 for v in vectors)
+    blob = await client.seal("My door code is 4711.")
+    assert isinstance(blob, bytes) and b"4711" not in blob
+    r = await client.complete([{"role": "user", "sealed": blob}], max_tokens=8)
+    assert r["route"] == "local", r
+    count = await client.count_tokens(PROMPT, max_tokens=40)
+    assert count["fits"] and count["prompt_tokens"] == (await client.complete(PROMPT, max_tokens=1))["prompt_tokens"]
+    a = await client.availability()
+    assert a["state"] == "ready" and "chat" in a["capabilities"], a
+    assert (await client.availability("no-such-model"))["state"] == "not-installed"
+    models = await client.list_models()
+    assert any(m["name"] == a["model"] and m["loaded"] for m in models), models
+    assert (await client.caller_info())["app_id"]
+    assert isinstance(await client.get("Version"), str)
+
+
+async def sessions(client: hearth.Client) -> None:
+    async with await client.open_session() as s:
+        first = await s.complete("My name is Ada. Say hello.", max_tokens=16)
+        n = await s.tokens()
+        assert n >= first["prompt_tokens"], (n, first)
+        turn = await s.generate("What is my name?", max_tokens=16)
+        text = "".join([t.text async for t in turn])
+        assert text == turn.result["text"] and turn.result["cached_tokens"] > 0, turn.result
+        assert await s.tokens() > n
+    try:
+        await s.tokens()
+        raise AssertionError("a closed session still answers")
+    except hearth.HearthError:
+        pass
+
+
+async def typed_errors(client: hearth.Client) -> None:
+    for call, cls in [
+        (client.complete(PROMPT, bogus_key="x"), hearth.InvalidArgs),
+        (client.complete(PROMPT, max_tokens=0), hearth.InvalidArgs),
+        (client.complete(PROMPT, model="no-such-model"), hearth.ModelNotFound),
+        (client.complete("word " * 100000, max_tokens=4), hearth.ContextLengthExceeded),
+        (client.generate(PROMPT, stop=[""]), hearth.InvalidArgs),
+    ]:
+        try:
+            await call
+            raise AssertionError(f"{cls.__name__} expected")
+        except cls as e:
+            assert e.name == "org.hearth.Hearth1.Error." + cls.__name__ and e.message, e
+    # Still serving.
+    assert (await client.complete("Hi", max_tokens=2))["text"] is not None
+
+
+async def cancels_and_ignores_forgeries(client: hearth.Client, address: str) -> None:
+    g = await client.generate("Count from one to five hundred, in words.", max_tokens=400)
+    forger = await MessageBus(bus_address=address).connect()
+    forged = Message(
+        message_type=MessageType.SIGNAL,
+        destination=client.bus.unique_name,
+        path=g.path,
+        interface="org.hearth.Hearth1.Request",
+        member="Token",
+        signature="uis",
+        body=[0, 1, "FORGED"],
+    )
+    texts = []
+    try:
+        async for t in g:
+            texts.append(t.text)
+            if len(texts) == 1:
+                await forger.send(forged)
+            if len(texts) == 5:
+                await g.cancel()
+        raise AssertionError("a cancelled generation must end with Cancelled")
+    except hearth.Cancelled as e:
+        assert e.result["finish_reason"] == "cancelled" and len(texts) < 400, e.result
+        assert e.result["text"] == "".join(texts)
+    assert not any("FORGED" in t for t in texts), texts
+    forger.disconnect()
+
+
+async def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--bus-address", required=True)
+    address = ap.parse_args().bus_address
+    async with await hearth.connect(address) as client:
+        for check in (streams_and_completes, embeds_seals_and_counts, sessions, typed_errors):
+            await check(client)
+            print("ok", check.__name__, flush=True)
+        await cancels_and_ignores_forgeries(client, address)
+        print("ok cancels_and_ignores_forgeries", flush=True)
+
+
+asyncio.run(main())
