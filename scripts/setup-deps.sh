@@ -17,6 +17,7 @@ APT_PACKAGES=(
     curl
     systemd             # systemd-analyze verify/security of the unit
     libxml2-utils       # xmllint: the polkit policy against its DTD
+    libglib2.0-dev      # gdbus-codegen and GIO: the C/GLib client example (clients/glib)
     polkitd             # polkit's policyconfig DTD and pkaction
     selinux-policy-dev  # refpolicy devel Makefile and interfaces for the SELinux module
     selinux-policy-default  # the distribution base policy the module is linked against

@@ -27,7 +27,7 @@ mkdir -p "$ROOT/target"
 disk
 
 echo "test: syntax of the shell scripts, formatting of the Rust code"
-bash -n scripts/*.sh tests/qemu/*.sh tests/tools/*.sh .ci/run
+bash -n scripts/*.sh tests/qemu/*.sh tests/tools/*.sh clients/glib/*.sh .ci/run
 cargo fmt --all --check
 
 echo "test: building (integration tests run the built hearthd and hearthctl binaries)"

@@ -36,6 +36,21 @@ pub enum Error {
     Internal(String),
 }
 
+/// Every error name hearthd may answer with, as the XML lists them.
+pub const ERROR_NAMES: [&str; 11] = [
+    "org.hearth.Hearth1.Error.InvalidArgs",
+    "org.hearth.Hearth1.Error.ContextLengthExceeded",
+    "org.hearth.Hearth1.Error.ModelNotFound",
+    "org.hearth.Hearth1.Error.ModelUnavailable",
+    "org.hearth.Hearth1.Error.Busy",
+    "org.hearth.Hearth1.Error.Cancelled",
+    "org.hearth.Hearth1.Error.NotAuthorized",
+    "org.hearth.Hearth1.Error.PrivacyViolation",
+    "org.hearth.Hearth1.Error.CloudUnavailable",
+    "org.hearth.Hearth1.Error.EngineFailed",
+    "org.hearth.Hearth1.Error.Internal",
+];
+
 impl Error {
     /// The full D-Bus error name, e.g. `org.hearth.Hearth1.Error.Busy`.
     pub fn dbus_name(&self) -> String {
@@ -45,5 +60,47 @@ impl Error {
     /// The human-readable message.
     pub fn message(&self) -> String {
         zbus::DBusError::description(self).unwrap_or_default().to_owned()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn error_names_lists_every_variant() {
+        let m = String::new;
+        let all = [
+            Error::InvalidArgs(m()),
+            Error::ContextLengthExceeded(m()),
+            Error::ModelNotFound(m()),
+            Error::ModelUnavailable(m()),
+            Error::Busy(m()),
+            Error::Cancelled(m()),
+            Error::NotAuthorized(m()),
+            Error::PrivacyViolation(m()),
+            Error::CloudUnavailable(m()),
+            Error::EngineFailed(m()),
+            Error::Internal(m()),
+        ];
+        for e in &all {
+            // A new variant must be added above (this match has no wildcard) and to the list.
+            match e {
+                Error::ZBus(_) => unreachable!(),
+                Error::InvalidArgs(_)
+                | Error::ContextLengthExceeded(_)
+                | Error::ModelNotFound(_)
+                | Error::ModelUnavailable(_)
+                | Error::Busy(_)
+                | Error::Cancelled(_)
+                | Error::NotAuthorized(_)
+                | Error::PrivacyViolation(_)
+                | Error::CloudUnavailable(_)
+                | Error::EngineFailed(_)
+                | Error::Internal(_) => {}
+            }
+        }
+        let names: Vec<String> = all.iter().map(Error::dbus_name).collect();
+        assert_eq!(names, ERROR_NAMES);
     }
 }

@@ -14,7 +14,7 @@ mod result;
 mod status;
 
 pub use client::{Generation, StreamEvent, messages, messages_value};
-pub use error::Error;
+pub use error::{ERROR_NAMES, Error};
 pub use names::*;
 pub use proxy::{Hearth1Proxy, RequestProxy, SessionProxy};
 pub use result::{GenerationResult, TokenLogprob, ToolCall};

@@ -59,3 +59,59 @@ async fn the_python_client_streams_and_keeps_every_promise() {
     assert!(out.status.success(), "{stdout}");
     assert_eq!(stdout.matches("tokens in the session]").count(), 2, "{stdout}");
 }
+
+/// Every error name, in the Python client's exceptions and the GLib example's error domain.
+#[test]
+fn the_clients_know_every_error_name() {
+    let python = std::fs::read_to_string(repo_file("clients/python/hearth/errors.py")).unwrap();
+    let glib = std::fs::read_to_string(repo_file("clients/glib/hearth-error.c")).unwrap();
+    for name in hearth_dbus::ERROR_NAMES {
+        let short = name.rsplit('.').next().unwrap();
+        assert!(python.contains(&format!("class {short}(HearthError)")), "clients/python lacks {name}");
+        assert!(glib.contains(&format!("\"{name}\"")), "clients/glib lacks {name}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_glib_example_builds_from_the_xml_and_streams() {
+    let out_dir = tempfile::tempdir().unwrap();
+    let built = Command::new(repo_file("clients/glib/build.sh")).arg(out_dir.path()).output().unwrap();
+    assert!(built.status.success(), "{}", String::from_utf8_lossy(&built.stderr));
+    // The generated documentation carries every method, signal, property, argument and
+    // error name (gdbus-codegen drops wrapped argument docs and the rest after them).
+    let docs = Command::new("python3")
+        .arg(repo_file("tests/tools/check-gdbus-docs.py"))
+        .arg(repo_file("dbus/data/org.hearth.Hearth1.xml"))
+        .arg(out_dir.path())
+        .args(hearth_dbus::ERROR_NAMES)
+        .output()
+        .unwrap();
+    assert!(docs.status.success(), "{}", String::from_utf8_lossy(&docs.stdout));
+
+    let bus = Bus::start();
+    let _daemon = Daemon::start(&bus).await;
+    let stream = out_dir.path().join("hearth-stream");
+    let out = Command::new(&stream)
+        .args(["--address", bus.address(), "--max-tokens", "24", "Name three colours."])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    let (text, tail) = stdout.rsplit_once("\n[").expect("a summary line");
+    assert!(!text.trim().is_empty(), "{stdout}");
+    assert!(tail.ends_with("tokens on smollm2-135m-instruct]\n"), "{stdout}");
+    assert!(tail.starts_with("stop:") || tail.starts_with("length: 24 tokens"), "{stdout}");
+    // The same answer as any other client gets (greedy).
+    let conn = bus.connect().await;
+    let r = hearth_tests::hearth(&conn)
+        .await
+        .complete(hearth_tests::chat_request("Name three colours.", 24))
+        .await
+        .unwrap();
+    assert_eq!(text, r.text);
+    // A refusal arrives as the HEARTH_ERROR domain's code, with hearthd's message.
+    let out = Command::new(&stream).args(["--address", bus.address(), "--max-tokens", "0", "Hi"]).output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(stderr.contains("refused (a bad request): org.hearth.Hearth1.Error.InvalidArgs: max_tokens"), "{stderr}");
+}
