@@ -24,6 +24,14 @@ tmp="$(mktemp -d)"; trap 'rm -rf "$tmp"' EXIT
 sed "s|^ExecStart=/usr/libexec/hearthd|ExecStart=$STAGE/usr/libexec/hearthd|" "$unit" >"$tmp/hearthd.service"
 systemd-analyze verify "$tmp/hearthd.service"
 echo "deploy: systemd-analyze verify clean"
+# The user units of the OpenAI-compatible bridge, with the staged binary.
+for u in hearth-openai.socket hearth-openai.service; do
+    sed "s|^ExecStart=/usr/bin/hearth-openai|ExecStart=$STAGE/usr/bin/hearth-openai|" \
+        "$STAGE/usr/lib/systemd/user/$u" >"$tmp/$u"
+done
+mkdir -p -m 0700 "$tmp/run"
+XDG_RUNTIME_DIR="$tmp/run" systemd-analyze --user verify "$tmp/hearth-openai.socket" "$tmp/hearth-openai.service"
+echo "deploy: the bridge's user units verify clean"
 
 report="$(systemd-analyze security --offline=true "$unit" 2>&1)"
 exposure="$(echo "$report" | sed -n 's/.*Overall exposure level for hearthd.service: \([0-9.]*\).*/\1/p')"

@@ -59,6 +59,15 @@ put 0644 "$ROOT/dbus/data/org.hearth.Hearth1.service"   "$PREFIX/share/dbus-1/sy
 put 0644 "$ROOT/dbus/data/org.hearth.Hearth1.xml"       "$PREFIX/share/dbus-1/interfaces/org.hearth.Hearth1.xml"
 put 0644 "$ROOT/dbus/data/org.hearth.Hearth1.policy"    "$PREFIX/share/polkit-1/actions/org.hearth.Hearth1.policy"
 put 0644 "$ROOT/systemd/hearthd.service"                "$PREFIX/lib/systemd/system/hearthd.service"
+# The per-user OpenAI-compatible bridge, where it was built (the phone image leaves it out).
+if [ -x "$BIN/hearth-openai" ]; then
+    put 0755 "$BIN/hearth-openai"                       "$PREFIX/bin/hearth-openai"
+    [ "$STRIP_BIN" -eq 1 ] && "${STRIP:-strip}" "$DESTDIR$PREFIX/bin/hearth-openai"
+    put 0644 "$ROOT/systemd/user/hearth-openai.socket"  "$PREFIX/lib/systemd/user/hearth-openai.socket"
+    put 0644 "$ROOT/systemd/user/hearth-openai.service" "$PREFIX/lib/systemd/user/hearth-openai.service"
+else
+    echo "install: $BIN/hearth-openai is not built: the OpenAI-compatible bridge is left out" >&2
+fi
 put 0644 "$ROOT/systemd/hearth.sysusers"                "$PREFIX/lib/sysusers.d/hearth.conf"
 put 0644 "$ROOT/systemd/hearth.tmpfiles"                "$PREFIX/lib/tmpfiles.d/hearth.conf"
 put 0644 "$ROOT/systemd/hearthd-cloud.conf.example"     "$PREFIX/share/doc/hearth/hearthd-cloud.conf.example"

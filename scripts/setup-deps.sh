@@ -86,8 +86,9 @@ echo "setup-deps: $(cargo --version)"
 # Python tools the tests use, in the checkout's own venv (nothing installed system-wide):
 # gguf-py, the GGUF library maintained in llama.cpp's repository, writes test LoRA adapters;
 # dbus-fast is what the Python client (clients/python) is built on, and the client itself is
-# installed from the checkout (editable, so the tests run the checkout's code).
-PY_PACKAGES=(gguf==0.19.0 dbus-fast==5.2.0)
+# installed from the checkout (editable, so the tests run the checkout's code); the official
+# openai package is what tests/tests/bridge.rs drives hearth-openai with.
+PY_PACKAGES=(gguf==0.19.0 dbus-fast==5.2.0 openai==3.63.0)
 VENV="$(cd "$(dirname "$0")/.." && pwd)/.venv"
 CLIENT="$(cd "$(dirname "$0")/.." && pwd)/clients/python"
 if [ ! -x "$VENV/bin/python" ]; then

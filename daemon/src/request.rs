@@ -243,6 +243,7 @@ fn parse_messages(v: &Variant<'_>) -> Result<Vec<Part>, Error> {
         };
         let (mut role, mut content, mut scope) = (None, None, None);
         let (mut images, mut sealed_images) = (Vec::new(), Vec::new());
+        let mut tool_call_id = false;
         for (k, v) in dict.iter() {
             let Variant::Str(k) = k else {
                 return Err(invalid(format!("messages[{i}] keys must be strings")));
@@ -265,6 +266,17 @@ fn parse_messages(v: &Variant<'_>) -> Result<Vec<Part>, Error> {
                         invalid(format!("messages[{i}].scope {s:?} is not one of public, personal, local"))
                     })?);
                 }
+                key::TOOL_CALL_ID => {
+                    let id = as_str(&format!("messages[{i}].tool_call_id"), v)?;
+                    let ok = (1..=64).contains(&id.len())
+                        && id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
+                    if !ok {
+                        return Err(invalid(format!(
+                            "messages[{i}].tool_call_id must be 1-64 ASCII letters, digits, '_' or '-'"
+                        )));
+                    }
+                    tool_call_id = true;
+                }
                 key::IMAGES => parse_images(i, key::IMAGES, v, false, &mut images)?,
                 key::SEALED_IMAGES => parse_images(i, key::SEALED_IMAGES, v, true, &mut sealed_images)?,
                 other => return Err(invalid(format!("messages[{i}] has unknown key {other:?}"))),
@@ -281,6 +293,9 @@ fn parse_messages(v: &Variant<'_>) -> Result<Vec<Part>, Error> {
             None if !images.is_empty() => Content::Text(String::new()),
             None => return Err(invalid(format!("messages[{i}] has no content (or sealed, or images)"))),
         };
+        if tool_call_id && role != "tool" {
+            return Err(invalid(format!("messages[{i}] has a tool_call_id, which only tool messages may")));
+        }
         if !images.is_empty() && role != "user" {
             return Err(invalid(format!("messages[{i}] holds images, which only user messages may")));
         }

@@ -63,6 +63,8 @@ pub mod request_key {
     pub const IMAGES: &str = "images";
     /// aay: images sealed with Seal (so local), placed after `images`.
     pub const SEALED_IMAGES: &str = "sealed_images";
+    /// s: on a tool message, the id of the call (tool_calls' id) it answers.
+    pub const TOOL_CALL_ID: &str = "tool_call_id";
 }
 
 /// Keys of the result dictionary (Complete's reply and Request.Finished).

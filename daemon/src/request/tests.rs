@@ -181,6 +181,20 @@ fn rejects_bad_requests_with_a_reason() {
         (
             req(vec![(
                 "messages",
+                Variant::from(vec![with(message("user", "x"), "tool_call_id", Variant::from("c1"))]),
+            )]),
+            "only tool messages may",
+        ),
+        (
+            req(vec![(
+                "messages",
+                Variant::from(vec![with(message("tool", "x"), "tool_call_id", Variant::from("a b"))]),
+            )]),
+            "tool_call_id must be 1-64",
+        ),
+        (
+            req(vec![(
+                "messages",
                 Variant::from(vec![with(message("user", "x"), "sealed", Variant::from(vec![1u8, 2]))]),
             )]),
             "both content and sealed",
@@ -204,4 +218,11 @@ fn rejects_bad_requests_with_a_reason() {
     let p = parse(&req(vec![("handle_token", Variant::from("t"))]), 256).unwrap();
     assert_eq!(p.handle_token.as_deref(), Some("t"), "Complete takes a handle token too");
     assert!(parse(&req(vec![("handle_token", Variant::from("a/b"))]), 256).is_err());
+}
+
+#[test]
+fn tool_messages_may_name_the_call_they_answer() {
+    let m = with(message("tool", "42"), "tool_call_id", Variant::from("call_0"));
+    let p = parse(&req(vec![("messages", Variant::from(vec![message("user", "x"), m]))]), 16).unwrap();
+    assert_eq!(p.parts[1].role, "tool");
 }
