@@ -69,6 +69,24 @@ enum Command {
         #[arg(long)]
         scope: Option<String>,
     },
+    /// A task call: summarize, rewrite or proofread TEXT ("-": stdin), or describe an image
+    /// file; options as KEY=VALUE (format=bullets, length=short, tone=formal, question=...).
+    Task {
+        /// summarize, rewrite, proofread or describe.
+        #[arg(value_parser = ["summarize", "rewrite", "proofread", "describe"])]
+        task: String,
+        /// The text, or for describe the image file.
+        input: String,
+        #[arg(value_name = "KEY=VALUE")]
+        options: Vec<String>,
+        #[arg(long)]
+        model: Option<String>,
+        #[arg(long)]
+        max_tokens: Option<u32>,
+        /// public, personal (default) or local.
+        #[arg(long)]
+        scope: Option<String>,
+    },
 }
 
 /// What `generate` and `chat` both take.
@@ -556,6 +574,43 @@ async fn run(cli: Cli) -> Result<ExitCode, CliError> {
             }
             hearth_dbus::SessionProxy::builder(&conn).path(session).build().await?.close().await?;
             return Ok(status);
+        }
+        Command::Task { task, input, options, model, max_tokens, scope } => {
+            let mut request: HashMap<&str, Variant<'_>> = HashMap::new();
+            if task == "describe" {
+                request.insert("image", Variant::from(std::fs::read(&input)?));
+            } else if input == "-" {
+                request.insert("text", Variant::from(std::io::read_to_string(std::io::stdin())?));
+            } else {
+                request.insert("text", Variant::from(input.clone()));
+            }
+            for o in &options {
+                let Some((k, v)) = o.split_once('=') else {
+                    eprintln!("hearthctl: task options are KEY=VALUE, got {o:?}");
+                    return Ok(ExitCode::from(2));
+                };
+                request.insert(k, Variant::from(v));
+            }
+            if let Some(m) = &model {
+                request.insert(request_key::MODEL, Variant::from(m.as_str()));
+            }
+            if let Some(n) = max_tokens {
+                request.insert(request_key::MAX_TOKENS, Variant::from(n));
+            }
+            if let Some(s) = &scope {
+                request.insert(request_key::SCOPE, Variant::from(s.as_str()));
+            }
+            let r = match task.as_str() {
+                "summarize" => proxy.summarize(request).await?,
+                "rewrite" => proxy.rewrite(request).await?,
+                "proofread" => proxy.proofread(request).await?,
+                _ => proxy.describe(request).await?,
+            };
+            if cli.json {
+                println!("{}", typed_json(&r));
+            } else {
+                println!("{}", r.text);
+            }
         }
         Command::Availability { model } => {
             let a = proxy.availability(model.as_deref().unwrap_or("")).await?;

@@ -272,6 +272,14 @@ impl ModelManager {
         self.catalog().get(name).is_some()
     }
 
+    /// The adapter of model `name` (None: the default model) trained for `task`, if its
+    /// manifest declares one.
+    pub fn task_adapter(&self, name: Option<&str>, task: crate::models::Task) -> Option<String> {
+        let name = name.map_or_else(|| self.default_model(), str::to_owned);
+        let entry = self.catalog().get(&name).cloned()?;
+        entry.manifest.adapters.iter().find(|a| a.task == Some(task)).map(crate::models::AdapterManifest::name)
+    }
+
     fn catalog(&self) -> Arc<Catalog> {
         Arc::clone(&self.inner.catalog.read().unwrap_or_else(std::sync::PoisonError::into_inner))
     }

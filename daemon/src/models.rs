@@ -78,6 +78,31 @@ pub struct AdapterManifest {
     /// Strength for requests that name no adapters (1.0: as trained; 0: only on request).
     #[serde(default = "default_scale")]
     pub scale: f32,
+    /// The task API this adapter is trained for (one base model, one adapter per feature):
+    /// that task's calls run with it at scale 1, other requests at `scale`.
+    #[serde(default)]
+    pub task: Option<Task>,
+}
+
+/// The task APIs (Summarize, Rewrite, Proofread, Describe).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Task {
+    Summarize,
+    Rewrite,
+    Proofread,
+    Describe,
+}
+
+impl Task {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Summarize => "summarize",
+            Self::Rewrite => "rewrite",
+            Self::Proofread => "proofread",
+            Self::Describe => "describe",
+        }
+    }
 }
 
 impl AdapterManifest {
@@ -274,6 +299,12 @@ fn read_manifest(path: &Path) -> Result<ModelEntry, CatalogError> {
     }
     if manifest.adapters.iter().any(|a| !a.scale.is_finite()) {
         return Err(bad("adapter scale must be a finite number".into()));
+    }
+    let mut tasks = std::collections::BTreeSet::new();
+    for task in manifest.adapters.iter().filter_map(|a| a.task) {
+        if !tasks.insert(task.as_str()) {
+            return Err(bad(format!("two adapters are for the task {:?}", task.as_str())));
+        }
     }
     let mut names = std::collections::BTreeSet::new();
     for name in manifest.adapters.iter().map(AdapterManifest::name) {

@@ -18,6 +18,12 @@ pub trait Hearth1 {
     fn open_session(&self, options: HashMap<&str, Variant<'_>>) -> Result<OwnedObjectPath, Error>;
     /// Unit-length embeddings of `texts` (request: texts, model, scope), computed on the device.
     fn embed(&self, request: HashMap<&str, Variant<'_>>) -> Result<Vec<Vec<f64>>, Error>;
+    /// Task calls over Complete: a summary, a rewrite, a proofread text of `text` (or
+    /// `sealed`), and a description of `image`; each with the model's adapter for the task.
+    fn summarize(&self, request: HashMap<&str, Variant<'_>>) -> Result<crate::GenerationResult, Error>;
+    fn rewrite(&self, request: HashMap<&str, Variant<'_>>) -> Result<crate::GenerationResult, Error>;
+    fn proofread(&self, request: HashMap<&str, Variant<'_>>) -> Result<crate::GenerationResult, Error>;
+    fn describe(&self, request: HashMap<&str, Variant<'_>>) -> Result<crate::GenerationResult, Error>;
     /// What a request (Generate's dictionary) would take of its model's context.
     fn count_tokens(&self, request: HashMap<&str, Variant<'_>>) -> Result<crate::TokenCount, Error>;
     /// Whether a model ("" for the default) can serve the caller now, and if not, why.

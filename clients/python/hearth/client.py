@@ -53,6 +53,15 @@ REQUEST_TYPES = {
     # Embed's.
     "texts": "as",
     "scope": "s",
+    # The task calls'.
+    "text": "s",
+    "sealed": "ay",
+    "image": "ay",
+    "sealed_image": "ay",
+    "question": "s",
+    "format": "s",
+    "length": "s",
+    "tone": "s",
 }
 
 # The D-Bus type of each key of one message.
@@ -332,6 +341,26 @@ class Client:
         """Unit-length embeddings of `texts`, computed on the device."""
         body = [request_dict({"texts": list(texts), "model": model, "scope": scope})]
         return (await self._call(OBJECT_PATH, INTERFACE, "Embed", "a{sv}", body))[0]
+
+    async def _task(self, member: str, request: Dict[str, Any]) -> Dict[str, Any]:
+        body = [request_dict(request)]
+        return plain((await self._call(OBJECT_PATH, INTERFACE, member, "a{sv}", body))[0])
+
+    async def summarize(self, text: str, **options: Any) -> Dict[str, Any]:
+        """A summary (format: paragraph, bullets, headline; length: short, medium, long)."""
+        return await self._task("Summarize", {"text": text, **options})
+
+    async def rewrite(self, text: str, **options: Any) -> Dict[str, Any]:
+        """The text rewritten (tone: neutral, formal, casual, friendly; length: same, shorter, longer)."""
+        return await self._task("Rewrite", {"text": text, **options})
+
+    async def proofread(self, text: str, **options: Any) -> Dict[str, Any]:
+        """The text with its spelling, grammar and punctuation corrected."""
+        return await self._task("Proofread", {"text": text, **options})
+
+    async def describe(self, image: bytes, **options: Any) -> Dict[str, Any]:
+        """A description of a PNG or JPEG image (vision models; question: what to describe)."""
+        return await self._task("Describe", {"image": bytes(image), **options})
 
     async def count_tokens(self, messages: Messages, **options: Any) -> Dict[str, Any]:
         """What a request would take of its model's context (prompt_tokens, remaining, fits)."""

@@ -47,6 +47,9 @@ async def embeds_seals_and_counts(client: hearth.Client) -> None:
     assert isinstance(blob, bytes) and b"4711" not in blob
     r = await client.complete([{"role": "user", "sealed": blob}], max_tokens=8)
     assert r["route"] == "local", r
+    s = await client.summarize("The council approved new bicycle lanes on Main Street.", format="bullets",
+                               max_tokens=24)
+    assert s["text"] and s["route"] == "local", s
     count = await client.count_tokens(PROMPT, max_tokens=40)
     assert count["fits"] and count["prompt_tokens"] == (await client.complete(PROMPT, max_tokens=1))["prompt_tokens"]
     a = await client.availability()

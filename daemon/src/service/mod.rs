@@ -8,6 +8,7 @@ mod request_object;
 mod result;
 mod run;
 mod session;
+mod tasks;
 #[cfg(test)]
 mod tests;
 mod watch;
@@ -36,6 +37,7 @@ use crate::error::Error;
 use crate::gate::Gate;
 use crate::governor::GovernorStatus;
 use crate::manager::ModelManager;
+use crate::models::Task;
 use crate::polkit;
 use crate::privacy::{CloudView, Content, Part, RouteRequest};
 use crate::request::{options_bool, parse_embed, parse_off_runtime};
@@ -123,6 +125,41 @@ impl HearthService {
         Ok(Admitted { request, decision: admitted.decision, structure })
     }
 
+    /// Complete: parses, admits and runs `request` to its end.
+    async fn complete_request(
+        &self,
+        header: &Header<'_>,
+        conn: &Connection,
+        request: HashMap<String, OwnedVariant>,
+    ) -> Result<hearth_dbus::GenerationResult, Error> {
+        let sender = caller(header)?;
+        let parsed = parse_off_runtime(request, self.models.config().limits.default_max_tokens).await?;
+        let (who, _) = identify(conn, &self.callers, &sender).await?;
+        let admitted = self.admit(&who, parsed.request, parsed.parts, parsed.route, parsed.structure)?;
+        self.complete_generation(conn, &sender, who, admitted, parsed.handle_token, CancelToken::default(), None).await
+    }
+
+    /// A task API call: its request (tasks.rs), with the model's adapter for the task, run
+    /// as Complete runs one.
+    async fn task(
+        &self,
+        task: Task,
+        header: &Header<'_>,
+        conn: &Connection,
+        dict: HashMap<String, OwnedVariant>,
+    ) -> Result<hearth_dbus::GenerationResult, Error> {
+        let model = match dict.get(hearth_dbus::request_key::MODEL) {
+            Some(v) => Some(
+                String::try_from(v.try_clone().map_err(|e| internal("the model key", &e))?)
+                    .map_err(|_| Error::InvalidArgs(format!("{}: model must be a string (s)", task.as_str())))?,
+            ),
+            None => None,
+        };
+        let adapter = self.models.task_adapter(model.as_deref().filter(|m| !m.is_empty()), task);
+        let request = tasks::request(task, dict, adapter.as_deref())?;
+        self.complete_request(header, conn, request).await
+    }
+
     /// Identifies the caller of an admin method and asks polkit whether it may do `action`,
     /// with the caller's bus name as the subject. Fails closed: no answer is a refusal.
     async fn authorize(&self, conn: &Connection, header: &Header<'_>, action: polkit::Action) -> Result<Caller, Error> {
@@ -173,13 +210,51 @@ impl HearthService {
         #[zbus(connection)] conn: &Connection,
         request: HashMap<String, OwnedVariant>,
     ) -> Result<hearth_dbus::GenerationResult, BusError> {
-        let sender = caller(&header)?;
-        let parsed = parse_off_runtime(request, self.models.config().limits.default_max_tokens).await?;
-        let (who, _) = identify(conn, &self.callers, &sender).await?;
-        let admitted = self.admit(&who, parsed.request, parsed.parts, parsed.route, parsed.structure)?;
-        Ok(self
-            .complete_generation(conn, &sender, who, admitted, parsed.handle_token, CancelToken::default(), None)
-            .await?)
+        Ok(self.complete_request(&header, conn, request).await?)
+    }
+
+    /// A summary of the text; see org.hearth.Hearth1.xml.
+    #[zbus(out_args("result"))]
+    async fn summarize(
+        &self,
+        #[zbus(header)] header: Header<'_>,
+        #[zbus(connection)] conn: &Connection,
+        request: HashMap<String, OwnedVariant>,
+    ) -> Result<hearth_dbus::GenerationResult, BusError> {
+        Ok(self.task(Task::Summarize, &header, conn, request).await?)
+    }
+
+    /// The text rewritten in a tone and length; see org.hearth.Hearth1.xml.
+    #[zbus(out_args("result"))]
+    async fn rewrite(
+        &self,
+        #[zbus(header)] header: Header<'_>,
+        #[zbus(connection)] conn: &Connection,
+        request: HashMap<String, OwnedVariant>,
+    ) -> Result<hearth_dbus::GenerationResult, BusError> {
+        Ok(self.task(Task::Rewrite, &header, conn, request).await?)
+    }
+
+    /// The text with its spelling and grammar corrected; see org.hearth.Hearth1.xml.
+    #[zbus(out_args("result"))]
+    async fn proofread(
+        &self,
+        #[zbus(header)] header: Header<'_>,
+        #[zbus(connection)] conn: &Connection,
+        request: HashMap<String, OwnedVariant>,
+    ) -> Result<hearth_dbus::GenerationResult, BusError> {
+        Ok(self.task(Task::Proofread, &header, conn, request).await?)
+    }
+
+    /// A description of an image; see org.hearth.Hearth1.xml.
+    #[zbus(out_args("result"))]
+    async fn describe(
+        &self,
+        #[zbus(header)] header: Header<'_>,
+        #[zbus(connection)] conn: &Connection,
+        request: HashMap<String, OwnedVariant>,
+    ) -> Result<hearth_dbus::GenerationResult, BusError> {
+        Ok(self.task(Task::Describe, &header, conn, request).await?)
     }
 
     /// Opens a multi-turn session whose KV cache stays between turns; see
