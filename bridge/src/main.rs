@@ -323,7 +323,11 @@ fn token(path: &std::path::Path) -> Result<String, String> {
         if meta.permissions().mode() & 0o077 != 0 {
             return Err(format!("{} must be readable by its owner only (mode 0600)", path.display()));
         }
-        return Ok(t.trim().to_owned());
+        let t = t.trim().to_owned();
+        if t.len() < 32 {
+            return Err(format!("{} holds no token of at least 32 characters: remove it to make one", path.display()));
+        }
+        return Ok(t);
     }
     let mut raw = [0u8; 32];
     getrandom::fill(&mut raw).map_err(|e| format!("no randomness for the token: {e}"))?;
@@ -332,13 +336,17 @@ fn token(path: &std::path::Path) -> Result<String, String> {
         std::fs::create_dir_all(dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
         std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)).map_err(|e| e.to_string())?;
     }
+    // Written whole under another name, then renamed: never a short token file.
+    let tmp = path.with_extension("new");
+    let _ = std::fs::remove_file(&tmp);
     let mut f = std::fs::OpenOptions::new()
         .write(true)
         .create_new(true)
         .mode(0o600)
-        .open(path)
-        .map_err(|e| format!("cannot write {}: {e}", path.display()))?;
-    std::io::Write::write_all(&mut f, t.as_bytes()).map_err(|e| e.to_string())?;
+        .open(&tmp)
+        .map_err(|e| format!("cannot write {}: {e}", tmp.display()))?;
+    std::io::Write::write_all(&mut f, t.as_bytes()).and_then(|()| f.sync_all()).map_err(|e| e.to_string())?;
+    std::fs::rename(&tmp, path).map_err(|e| format!("cannot write {}: {e}", path.display()))?;
     Ok(t)
 }
 

@@ -34,6 +34,16 @@ enum Command {
     Status,
     /// The installed models.
     Models,
+    /// A live view: requests and tokens/s per app, the queue, thermal and power state (root
+    /// sees every app; others their own). Ctrl-C ends it.
+    Top {
+        /// Seconds between refreshes.
+        #[arg(long, default_value_t = 1.0)]
+        interval: f64,
+        /// Print one frame (tokens/s over one interval) and exit.
+        #[arg(long)]
+        once: bool,
+    },
     /// Load a model now (admin: polkit org.hearth.Hearth1.manage-models, or root).
     Load {
         name: String,
@@ -379,6 +389,61 @@ async fn run(cli: Cli) -> Result<ExitCode, CliError> {
         }
         Command::Reload => {
             proxy.reload().await?;
+        }
+        Command::Top { interval, once } => {
+            let every = std::time::Duration::from_secs_f64(interval.clamp(0.1, 60.0));
+            let mut before: HashMap<String, u64> =
+                proxy.activity().await?.into_iter().map(|a| (a.app, a.tokens)).collect();
+            loop {
+                tokio::time::sleep(every).await;
+                let apps = proxy.activity().await?;
+                let by_priority = proxy.queue_by_priority().await?;
+                let (thermal, power) = (proxy.thermal_state().await?, proxy.power_state().await?);
+                let (models, cloud) = (proxy.loaded_models().await?, proxy.cloud_available().await?);
+                let rate = |a: &hearth_dbus::AppActivity| {
+                    a.tokens.saturating_sub(before.get(&a.app).copied().unwrap_or(a.tokens)) as f64
+                        / every.as_secs_f64()
+                };
+                if cli.json {
+                    let rows: Vec<Json> = apps
+                        .iter()
+                        .map(|a| {
+                            json!({"app": a.app, "running": a.running, "requests": a.requests,
+                                        "tokens": a.tokens, "tokens_per_s": rate(a)})
+                        })
+                        .collect();
+                    println!(
+                        "{}",
+                        json!({"apps": rows, "queue_by_priority": by_priority, "thermal_state": thermal,
+                               "power_state": power, "loaded_models": models, "cloud_available": cloud})
+                    );
+                } else {
+                    if !once {
+                        print!("\x1b[H\x1b[2J");
+                    }
+                    let total: f64 = apps.iter().map(rate).sum();
+                    let queue = |p: &str| by_priority.get(p).copied().unwrap_or(0);
+                    println!(
+                        "hearth: {} | thermal {thermal} | power {power} | cloud {} | {total:.1} tok/s",
+                        if models.is_empty() { "no model loaded".to_owned() } else { models.join(", ") },
+                        if cloud { "available" } else { "off" },
+                    );
+                    println!(
+                        "queue: {} interactive, {} normal, {} background\n",
+                        queue("interactive"),
+                        queue("normal"),
+                        queue("background")
+                    );
+                    println!("{:>7} {:>8} {:>9} {:>10}  APP", "RUNNING", "TOK/S", "REQUESTS", "TOKENS");
+                    for a in &apps {
+                        println!("{:>7} {:>8.1} {:>9} {:>10}  {}", a.running, rate(a), a.requests, a.tokens, a.app);
+                    }
+                }
+                if once {
+                    break;
+                }
+                before = apps.into_iter().map(|a| (a.app, a.tokens)).collect();
+            }
         }
         Command::Models => {
             let models = proxy.list_models().await?;

@@ -59,10 +59,6 @@ fn default_capabilities() -> Vec<Capability> {
     vec![Capability::Chat]
 }
 
-fn default_scale() -> f32 {
-    1.0
-}
-
 /// A LoRA adapter of a model, loaded with it. Requests pick adapters by name (request key
 /// `adapters`, name → scale); a request that names none gets each at its `scale`.
 #[derive(Debug, Clone, Deserialize, PartialEq)]
@@ -76,10 +72,11 @@ pub struct AdapterManifest {
     /// Lower-case hex sha256 of the file.
     pub sha256: String,
     /// Strength for requests that name no adapters (1.0: as trained; 0: only on request).
-    #[serde(default = "default_scale")]
-    pub scale: f32,
+    /// Default 1.0, or 0 for an adapter with a `task`.
+    #[serde(default, rename = "scale")]
+    pub scale_given: Option<f32>,
     /// The task API this adapter is trained for (one base model, one adapter per feature):
-    /// that task's calls run with it at scale 1, other requests at `scale`.
+    /// that task's calls run with it at scale 1, other requests at its scale.
     #[serde(default)]
     pub task: Option<Task>,
 }
@@ -106,6 +103,11 @@ impl Task {
 }
 
 impl AdapterManifest {
+    /// Its strength for requests that name no adapters.
+    pub fn scale(&self) -> f32 {
+        self.scale_given.unwrap_or(if self.task.is_some() { 0.0 } else { 1.0 })
+    }
+
     /// The name requests use.
     pub fn name(&self) -> String {
         self.name.clone().unwrap_or_else(|| {
@@ -297,7 +299,7 @@ fn read_manifest(path: &Path) -> Result<ModelEntry, CatalogError> {
         (false, true) => return Err(bad("an [mmproj] projector is for models with the vision capability".into())),
         _ => {}
     }
-    if manifest.adapters.iter().any(|a| !a.scale.is_finite()) {
+    if manifest.adapters.iter().any(|a| !a.scale().is_finite()) {
         return Err(bad("adapter scale must be a finite number".into()));
     }
     let mut tasks = std::collections::BTreeSet::new();

@@ -530,6 +530,11 @@ pub fn parse(dict: &HashMap<String, OwnedVariant>, default_max_tokens: u32) -> R
     // Penalties see the last tokens generated, as many as the request may generate (capped).
     sampling.penalty_last_n = max_tokens.min(MAX_PENALTY_WINDOW) as i32;
     let structure = Structure::parse(json_schema, grammar, tools, tool_choice)?.map(std::sync::Arc::new);
+    if structure.is_some() && !stop.is_empty() {
+        // A stop could cut the grammar's output short: JSON that does not parse, a tool
+        // call taken for text.
+        return Err(invalid("stop cannot be combined with json_schema, grammar or tools"));
+    }
     if structure.is_some() || adapters.is_some() || logprobs || sampling.repeat_penalty != 1.0 {
         // Grammars are applied by the on-device sampler, adapters by the on-device model, and
         // log-probabilities and the repetition penalty are the device's own numbers; the

@@ -28,6 +28,8 @@ pub trait Hearth1 {
     fn count_tokens(&self, request: HashMap<&str, Variant<'_>>) -> Result<crate::TokenCount, Error>;
     /// Whether a model ("" for the default) can serve the caller now, and if not, why.
     fn availability(&self, model: &str) -> Result<crate::Availability, Error>;
+    /// Per app: requests running, requests and tokens since start (root sees every app).
+    fn activity(&self) -> Result<Vec<crate::AppActivity>, Error>;
     /// The installed models.
     fn list_models(&self) -> Result<Vec<crate::ModelInfo>, Error>;
     /// Admin: loads a model now (`pin` (b) option keeps it loaded).

@@ -120,6 +120,18 @@ pub struct Backend {
     pub used_bytes: Option<u64>,
 }
 
+/// One app's row of Activity.
+#[derive(Debug, Clone, Default, PartialEq, SerializeDict, DeserializeDict, Type)]
+#[zbus(signature = "a{sv}")]
+pub struct AppActivity {
+    pub app: String,
+    /// Its requests running now (generating, or waiting in the engine's queue).
+    pub running: u32,
+    /// Requests and streamed tokens since hearthd started.
+    pub requests: u64,
+    pub tokens: u64,
+}
+
 /// CountTokens' reply: what a request's prompt takes of its model's context.
 #[derive(Debug, Clone, Default, PartialEq, SerializeDict, DeserializeDict, Type)]
 #[zbus(signature = "a{sv}")]

@@ -63,3 +63,37 @@ async fn hearthctl_status_models_and_generate() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("org.hearth.Hearth1.Error.ModelNotFound"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hearthctl_top_shows_each_apps_requests_and_tokens_per_second() {
+    let bus = Bus::start();
+    let _daemon = Daemon::start(&bus).await;
+    let conn = bus.connect().await;
+    // A long answer streams while top samples.
+    let r = hearth_tests::chat_request("Count from one to five hundred, in words.", 400);
+    let mut g = hearth_dbus::Generation::start(&conn, r, "top1").await.unwrap();
+    assert!(matches!(g.next().await, Some(Ok(hearth_dbus::StreamEvent::Token { .. }))));
+    let out = Command::new(workspace_bin("hearthctl"))
+        .args(["--bus-address", bus.address(), "--json", "top", "--once", "--interval", "1"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let frame: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let me = hearth_tests::this_app();
+    let row = frame["apps"].as_array().unwrap().iter().find(|a| a["app"] == me.as_str()).expect("this app's row");
+    assert_eq!(row["running"], 1, "{frame}");
+    assert!(row["tokens_per_s"].as_f64().unwrap() > 1.0, "{frame}");
+    assert_eq!(frame["queue_by_priority"]["normal"], 1, "{frame}");
+    g.cancel().await.unwrap();
+    while let Some(ev) = g.next().await {
+        if matches!(ev.unwrap(), hearth_dbus::StreamEvent::Finished(_)) {
+            break;
+        }
+    }
+    let out = Command::new(workspace_bin("hearthctl"))
+        .args(["--bus-address", bus.address(), "top", "--once", "--interval", "0.2"])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("RUNNING") && text.contains(&me) && text.contains("thermal"), "{text}");
+}

@@ -66,6 +66,14 @@ async fn apps_are_identified_by_the_os_and_get_their_own_policy() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("org.hearth.Hearth1.Error.NotAuthorized"));
     let out = hearthctl_as_nobody(&bus, &["generate", "--priority", "background", "--max-tokens", "2", "Hi"]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    // Activity (hearthctl top): an app sees its own row only; root sees every app's.
+    let out = hearthctl_as_nobody(&bus, &["--json", "top", "--once", "--interval", "0.1"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let frame: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let apps: Vec<&str> = frame["apps"].as_array().unwrap().iter().map(|a| a["app"].as_str().unwrap()).collect();
+    assert_eq!(apps, [nobody_app.as_str()], "{frame}");
+    let all: Vec<String> = proxy.activity().await.unwrap().into_iter().map(|a| a.app).collect();
+    assert!(all.contains(&nobody_app), "{all:?}");
     let mut forged = chat_request("Hi", 2);
     forged.insert("app_id", Variant::from(nobody_app.as_str()));
     let e = proxy.complete(forged).await.unwrap_err();

@@ -26,7 +26,7 @@ async fn task_calls_answer_and_use_the_models_adapter_for_the_task() {
     dir.make_lora("summarizer.gguf", &[]);
     let sha = hearth_tests::sha256_file(&dir.path().join("summarizer.gguf"));
     let adapter = format!(
-        "[[adapters]]\nname = \"summarizer\"\nfile = \"summarizer.gguf\"\nsha256 = {sha:?}\nscale = 0.0\ntask = \"summarize\"\n"
+        "[[adapters]]\nname = \"summarizer\"\nfile = \"summarizer.gguf\"\nsha256 = {sha:?}\ntask = \"summarize\"\n"
     );
     dir.manifest("tasked", "m.gguf", None, &adapter);
     // Two adapters for one task: the manifest is refused.
@@ -85,7 +85,8 @@ async fn task_calls_answer_and_use_the_models_adapter_for_the_task() {
     assert!(s.prompt_tokens > plain.prompt_tokens);
 
     // The tasked model runs Summarize with its summarize adapter (scale 1), which changes the
-    // answer; its other requests run the adapter at its manifest scale, 0: as the base model.
+    // answer; its other requests run the adapter at its manifest scale, which for a task
+    // adapter is 0 unless set: as the base model.
     let tasked = |r: Request| {
         let mut r = r;
         r.insert("model", Variant::from("tasked"));

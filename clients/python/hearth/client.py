@@ -187,6 +187,7 @@ class Generation:
         self._client = client
         self.path = path
         self._owner = owner
+        self._rule = f"type='signal',sender='{owner}',path='{path}',interface='{REQUEST_INTERFACE}'"
         self._queue: "asyncio.Queue[Message]" = asyncio.Queue()
         self.result: Optional[Dict[str, Any]] = None
         self.migrations: List[Tuple[str, str, int]] = []
@@ -281,7 +282,18 @@ class Client:
             g._on_message(msg)
 
     def _unwatch(self, g: Generation) -> None:
-        self._watching.pop(g.path, None)
+        """Stops watching `g`: its entry (only if it is still `g`'s) and its match rule (the
+        bus allows a connection a bounded number of them)."""
+        if self._watching.get(g.path) is g:
+            del self._watching[g.path]
+        if self.bus.connected:
+            asyncio.ensure_future(self._remove_match(g._rule))
+
+    async def _remove_match(self, rule: str) -> None:
+        try:
+            await self._bus_call("RemoveMatch", "s", [rule])
+        except Exception:  # the connection is going away: its rules go with it
+            pass
 
     async def _call(self, path: str, interface: str, member: str, signature: str, body: List[Any],
                     destination: str = BUS_NAME) -> List[Any]:
@@ -310,18 +322,23 @@ class Client:
         expected = request_path(self.bus.unique_name, token)
         owner = await self._service_owner()
         # Watching (and matching) before the call: the first tokens may come before its reply.
+        if expected in self._watching:
+            raise ValueError(f"handle_token {token!r} is in use by a running generation of this client")
         g = Generation(self, expected, owner)
         self._watching[expected] = g
-        rule = f"type='signal',sender='{owner}',path='{expected}',interface='{REQUEST_INTERFACE}'"
         try:
-            await self._bus_call("AddMatch", "s", [rule])
-            body = [request_dict({**request, "handle_token": token})]
-            returned = (await self._call(path, interface, "Generate", "a{sv}", body))[0]
+            await self._bus_call("AddMatch", "s", [g._rule])
         except BaseException:
             self._watching.pop(expected, None)
             raise
+        try:
+            body = [request_dict({**request, "handle_token": token})]
+            returned = (await self._call(path, interface, "Generate", "a{sv}", body))[0]
+        except BaseException:
+            self._unwatch(g)
+            raise
         if returned != expected:
-            self._watching.pop(expected, None)
+            self._unwatch(g)
             raise HearthError("org.hearth.Hearth1.Error.Internal", f"hearthd returned {returned}, not {expected}")
         return g
 

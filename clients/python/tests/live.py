@@ -25,6 +25,14 @@ async def streams_and_completes(client: hearth.Client) -> None:
     whole = await client.complete(PROMPT, max_tokens=40)
     assert whole["text"] == r["text"], (whole, r)
     assert await (await client.generate(PROMPT, max_tokens=40)).text() == r["text"]
+    # A handle token in use is refused here, and the generation using it is not disturbed.
+    first = await client.generate(PROMPT, max_tokens=8, handle_token="dup")
+    try:
+        await client.generate(PROMPT, max_tokens=8, handle_token="dup")
+        raise AssertionError("a handle token in use must be refused")
+    except ValueError:
+        pass
+    assert await first.text()
     # Options get their D-Bus types from the client: a list of strings, floats, booleans.
     words = r["text"].split()
     stop = words[len(words) // 2]

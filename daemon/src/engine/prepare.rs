@@ -155,6 +155,10 @@ impl Preparer {
     /// What `request` of `app` takes of the context, rendered and tokenized as [`Self::prepare`]
     /// does (an error where it would fail to render).
     pub fn count(&self, app: &str, request: &GenerateRequest) -> Result<TokenCount, EngineError> {
+        if let Some(refusal) = self.throttle.ceiling_refusal().filter(|_| !request.images.is_empty()) {
+            // Encoding images allocates; counting text does not.
+            return Err(refusal);
+        }
         let (prompt, images, _) = self.render(app, request)?;
         let image_tokens = images.iter().map(|i| i.n_tokens as u32).sum();
         Ok(TokenCount { prompt_tokens: prompt.len() as u32, image_tokens, context_length: self.n_ctx })

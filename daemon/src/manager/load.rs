@@ -83,7 +83,7 @@ impl ModelManager {
             load: ModelLoad {
                 gpu_layers: config.engine.gpu_layers,
                 devices: config.engine.devices.clone(),
-                adapters: entry.manifest.adapters.iter().map(|a| (a.name(), a.scale)).collect(),
+                adapters: entry.manifest.adapters.iter().map(|a| (a.name(), a.scale())).collect(),
                 mmproj: entry.manifest.mmproj.as_ref().map(|p| p.sha256.clone()),
             },
             settings: EngineSettings {

@@ -148,6 +148,10 @@ fn stop_penalties_and_logprobs_are_parsed_and_bounded() {
         (vec![("top_logprobs", Variant::from(21u32))], "top_logprobs must be within 0..=20"),
         (vec![("top_logprobs", Variant::from(u64::MAX))], "top_logprobs must be within 0..=20"),
         (vec![("top_logprobs", Variant::from(3u32))], "top_logprobs needs logprobs"),
+        (
+            vec![("stop", Variant::from(vec!["}"])), ("json_schema", Variant::from(r#"{"type": "object"}"#))],
+            "stop cannot be combined",
+        ),
     ];
     for (extra, want) in bad {
         let e = parse(&req(extra), 16).unwrap_err();

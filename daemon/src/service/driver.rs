@@ -371,7 +371,8 @@ impl LocalWatch {
                 let mut error = None;
                 match done.reason.as_str() {
                     "length" => o.reason = FinishReason::Length,
-                    "cancelled" => {
+                    // The caller's cancel; else the stream was ended by a stop sequence.
+                    "cancelled" if self.user.reason().is_some() => {
                         o.reason = FinishReason::Cancelled;
                         error = self.user.reason().map(Error::cancelled);
                     }

@@ -1,6 +1,7 @@
 //! The D-Bus interface layer: thin `#[interface]` impls that parse, call the engine through
 //! its handle, and turn results into replies and signals. No inference state lives here.
 
+mod activity;
 mod callers;
 mod driver;
 mod in_flight;
@@ -55,6 +56,7 @@ pub struct HearthService {
     next_request: Arc<AtomicU64>,
     in_flight: InFlight,
     callers: CallerCache,
+    activity: Arc<activity::Activity>,
 }
 
 impl HearthService {
@@ -68,7 +70,8 @@ impl HearthService {
         callers: CallerCache,
     ) -> Self {
         let next_request = Arc::new(AtomicU64::new(1));
-        Self { models, gate, governor, cloud, config_paths, next_request, in_flight, callers }
+        let activity = Arc::default();
+        Self { models, gate, governor, cloud, config_paths, next_request, in_flight, callers, activity }
     }
 
     /// What the router should know about the cloud for `request`: the documented cost rule
@@ -378,6 +381,20 @@ impl HearthService {
         let loading = self.models.status().borrow().loading.get(&name).cloned();
         let report = self.models.report().into_iter().find(|r| r.entry.manifest.name == name);
         Ok(availability(&name, report.as_ref(), loading.as_ref(), self.gate.policy(&who.app).allows_model(&name)))
+    }
+
+    /// Per app: requests running, requests and tokens since hearthd started (root and
+    /// hearthd's own user see every app, others their own); see org.hearth.Hearth1.xml.
+    #[zbus(out_args("apps"))]
+    async fn activity(
+        &self,
+        #[zbus(header)] header: Header<'_>,
+        #[zbus(connection)] conn: &Connection,
+    ) -> Result<Vec<hearth_dbus::AppActivity>, BusError> {
+        let sender = caller(&header)?;
+        let (who, _) = identify(conn, &self.callers, &sender).await?;
+        let all = who.uid == 0 || who.uid == nix::unistd::geteuid().as_raw();
+        Ok(self.activity.snapshot(&who.app, all))
     }
 
     /// The installed models; see org.hearth.Hearth1.xml.

@@ -110,13 +110,16 @@ impl HearthService {
             }
         };
         let guard = self.in_flight.enter();
+        let app = who.app.clone();
         match driver::start(&self.models, self.cloud.as_ref(), &self.governor, request, who, cancel, &decision).await {
             Ok(running) => {
                 tracing::info!(caller = %sender, path = %path.as_str(), route = decision.route.as_str(), "generate");
                 let conn = conn.clone();
                 let out_path = path.clone();
+                let activity = Arc::clone(&self.activity);
                 tokio::spawn(async move {
                     let driver::Running { events, _lease: lease } = running;
+                    let events = activity.watch(&app, events);
                     let events = match on_finish {
                         Some(f) => tap(events, f),
                         None => events,
@@ -182,6 +185,7 @@ impl HearthService {
     ) -> Result<GenerationResult, Error> {
         let Admitted { request, decision, structure } = admitted;
         let _guard = self.in_flight.enter();
+        let app = who.app.clone();
         let started =
             driver::start(&self.models, self.cloud.as_ref(), &self.governor, request, who, cancel, &decision).await;
         let running = match started {
@@ -196,6 +200,7 @@ impl HearthService {
         };
         tracing::info!(caller = %sender, route = decision.route.as_str(), "complete");
         let driver::Running { events, _lease } = running;
+        let events = self.activity.watch(&app, events);
         let mut events = match on_finish {
             Some(f) => tap(events, f),
             None => events,
