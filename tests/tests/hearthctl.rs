@@ -73,10 +73,22 @@ async fn hearthctl_top_shows_each_apps_requests_and_tokens_per_second() {
     let r = hearth_tests::chat_request("Count from one to five hundred, in words.", 400);
     let mut g = hearth_dbus::Generation::start(&conn, r, "top1").await.unwrap();
     assert!(matches!(g.next().await, Some(Ok(hearth_dbus::StreamEvent::Token { .. }))));
-    let out = Command::new(workspace_bin("hearthctl"))
-        .args(["--bus-address", bus.address(), "--json", "top", "--once", "--interval", "1"])
-        .output()
-        .unwrap();
+    // The stream is read while top runs: a zbus connection whose signal stream is left
+    // unread stops reading its socket once the stream's queue is full, so even the reply
+    // to Cancel would never arrive.
+    let address = bus.address().to_owned();
+    let mut top = tokio::task::spawn_blocking(move || {
+        Command::new(workspace_bin("hearthctl"))
+            .args(["--bus-address", &address, "--json", "top", "--once", "--interval", "1"])
+            .output()
+            .unwrap()
+    });
+    let out = loop {
+        tokio::select! {
+            out = &mut top => break out.unwrap(),
+            ev = g.next() => if ev.is_none() { break (&mut top).await.unwrap() },
+        }
+    };
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let frame: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     let me = hearth_tests::this_app();
