@@ -132,7 +132,7 @@ fn unwrap_variant<'a>(v: &'a Variant<'a>) -> &'a Variant<'a> {
     }
 }
 
-fn as_str<'a>(k: &str, v: &'a Variant<'a>) -> Result<&'a str, Error> {
+pub(crate) fn as_str<'a>(k: &str, v: &'a Variant<'a>) -> Result<&'a str, Error> {
     match unwrap_variant(v) {
         Variant::Str(s) => Ok(s.as_str()),
         other => Err(invalid(format!("{k} must be a string (s), got {}", other.value_signature()))),
@@ -321,7 +321,7 @@ fn parse_messages(v: &Variant<'_>) -> Result<Vec<Part>, Error> {
     Ok(out)
 }
 
-fn as_bytes(k: &str, v: &Variant<'_>) -> Result<Vec<u8>, Error> {
+pub(crate) fn as_bytes(k: &str, v: &Variant<'_>) -> Result<Vec<u8>, Error> {
     match unwrap_variant(v) {
         Variant::Array(a) if a.element_signature() == &zbus::Signature::U8 => a
             .inner()

@@ -71,12 +71,7 @@ fn prompt(task: Task, chosen: &[&str]) -> String {
 }
 
 fn str_of<'a>(k: &str, v: &'a OwnedVariant) -> Result<&'a str, Error> {
-    let v: &Variant<'_> = v;
-    let v = if let Variant::Variant(inner) = v { &**inner } else { v };
-    match v {
-        Variant::Str(s) => Ok(s.as_str()),
-        other => Err(Error::InvalidArgs(format!("{k} must be a string (s), got {}", other.value_signature()))),
-    }
+    crate::request::as_str(k, v)
 }
 
 fn owned(v: Variant<'_>) -> Result<OwnedVariant, Error> {
@@ -168,14 +163,7 @@ pub fn request(
 }
 
 fn bytes_of(k: &str, v: &OwnedVariant) -> Result<Vec<u8>, Error> {
-    let v: &Variant<'_> = v;
-    let v = if let Variant::Variant(inner) = v { &**inner } else { v };
-    match v {
-        Variant::Array(a) if a.element_signature() == &zbus::Signature::U8 => {
-            Ok(a.inner().iter().filter_map(|b| if let Variant::U8(b) = b { Some(*b) } else { None }).collect())
-        }
-        other => Err(Error::InvalidArgs(format!("{k} must be bytes (ay), got {}", other.value_signature()))),
-    }
+    crate::request::as_bytes(k, v)
 }
 
 #[cfg(test)]
