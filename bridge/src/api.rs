@@ -207,14 +207,22 @@ fn message(i: usize, m: &Json) -> Result<HashMap<String, Variant<'static>>, ApiE
         }
         Some(_) => return Err(ApiError::bad_request(format!("messages[{i}].content must be a string or parts"))),
     }
-    // An assistant turn that called a tool: the call as the model wrote it (Hearth's
-    // constrained tool format), so the next turn sees what it did.
+    // An assistant turn that called tools: its calls, so the next turn sees what it did.
     if let Some(calls) = m.get("tool_calls").and_then(Json::as_array).filter(|c| !c.is_empty()) {
-        let call = &calls[0];
-        let name = call.pointer("/function/name").and_then(Json::as_str).unwrap_or_default();
-        let args = call.pointer("/function/arguments").and_then(Json::as_str).unwrap_or("{}");
-        let args: Json = serde_json::from_str(args).unwrap_or(Json::Object(Default::default()));
-        text = json!({"name": name, "arguments": args}).to_string();
+        let mut list: Vec<HashMap<String, Variant<'static>>> = Vec::with_capacity(calls.len());
+        for (j, call) in calls.iter().enumerate() {
+            let field = |path: &str| {
+                call.pointer(path).and_then(Json::as_str).map(|v| Variant::from(v.to_owned())).ok_or_else(|| {
+                    ApiError::bad_request(format!("messages[{i}].tool_calls[{j}]: {path} must be a string"))
+                })
+            };
+            list.push(HashMap::from([
+                ("id".to_owned(), field("/id")?),
+                ("name".to_owned(), field("/function/name")?),
+                ("arguments".to_owned(), field("/function/arguments")?),
+            ]));
+        }
+        out.insert("tool_calls".to_owned(), Variant::from(list));
     }
     if let Some(id) = m.get("tool_call_id").and_then(Json::as_str).filter(|_| role == "tool") {
         out.insert("tool_call_id".to_owned(), Variant::from(id.to_owned()));
@@ -482,7 +490,13 @@ mod tests {
             s.as_str().to_owned()
         };
         assert_eq!((text(0, "role"), text(1, "content")), ("system".into(), "Hi there".into()));
-        assert_eq!(text(2, "content"), r#"{"arguments":{"a":1},"name":"f"}"#);
+        assert_eq!(text(2, "content"), "");
+        let Variant::Dict(d) = &messages.inner()[2] else { panic!() };
+        let calls = d.iter().find(|(k, _)| matches!(k, Variant::Str(s) if s.as_str() == "tool_calls")).unwrap().1;
+        let calls = if let Variant::Variant(inner) = calls { inner } else { calls };
+        let Variant::Array(calls) = calls else { panic!("{calls:?}") };
+        assert_eq!(calls.len(), 1);
+        assert_eq!(calls.element_signature().to_string(), "a{sv}");
         assert_eq!((text(3, "role"), text(3, "tool_call_id")), ("tool".into(), "c1".into()));
     }
 

@@ -4,6 +4,8 @@
 
 #![forbid(unsafe_code)]
 
+mod monitor;
+
 use std::collections::HashMap;
 use std::io::Write;
 use std::process::ExitCode;
@@ -44,6 +46,9 @@ enum Command {
         #[arg(long)]
         once: bool,
     },
+    /// The energy ledger: what the device drew, and each app's on-device work (root sees
+    /// every app; others their own).
+    Energy,
     /// Load a model now (admin: polkit org.hearth.Hearth1.manage-models, or root).
     Load {
         name: String,
@@ -390,61 +395,8 @@ async fn run(cli: Cli) -> Result<ExitCode, CliError> {
         Command::Reload => {
             proxy.reload().await?;
         }
-        Command::Top { interval, once } => {
-            let every = std::time::Duration::from_secs_f64(interval.clamp(0.1, 60.0));
-            let mut before: HashMap<String, u64> =
-                proxy.activity().await?.into_iter().map(|a| (a.app, a.tokens)).collect();
-            loop {
-                tokio::time::sleep(every).await;
-                let apps = proxy.activity().await?;
-                let by_priority = proxy.queue_by_priority().await?;
-                let (thermal, power) = (proxy.thermal_state().await?, proxy.power_state().await?);
-                let (models, cloud) = (proxy.loaded_models().await?, proxy.cloud_available().await?);
-                let rate = |a: &hearth_dbus::AppActivity| {
-                    a.tokens.saturating_sub(before.get(&a.app).copied().unwrap_or(a.tokens)) as f64
-                        / every.as_secs_f64()
-                };
-                if cli.json {
-                    let rows: Vec<Json> = apps
-                        .iter()
-                        .map(|a| {
-                            json!({"app": a.app, "running": a.running, "requests": a.requests,
-                                        "tokens": a.tokens, "tokens_per_s": rate(a)})
-                        })
-                        .collect();
-                    println!(
-                        "{}",
-                        json!({"apps": rows, "queue_by_priority": by_priority, "thermal_state": thermal,
-                               "power_state": power, "loaded_models": models, "cloud_available": cloud})
-                    );
-                } else {
-                    if !once {
-                        print!("\x1b[H\x1b[2J");
-                    }
-                    let total: f64 = apps.iter().map(rate).sum();
-                    let queue = |p: &str| by_priority.get(p).copied().unwrap_or(0);
-                    println!(
-                        "hearth: {} | thermal {thermal} | power {power} | cloud {} | {total:.1} tok/s",
-                        if models.is_empty() { "no model loaded".to_owned() } else { models.join(", ") },
-                        if cloud { "available" } else { "off" },
-                    );
-                    println!(
-                        "queue: {} interactive, {} normal, {} background\n",
-                        queue("interactive"),
-                        queue("normal"),
-                        queue("background")
-                    );
-                    println!("{:>7} {:>8} {:>9} {:>10}  APP", "RUNNING", "TOK/S", "REQUESTS", "TOKENS");
-                    for a in &apps {
-                        println!("{:>7} {:>8.1} {:>9} {:>10}  {}", a.running, rate(a), a.requests, a.tokens, a.app);
-                    }
-                }
-                if once {
-                    break;
-                }
-                before = apps.into_iter().map(|a| (a.app, a.tokens)).collect();
-            }
-        }
+        Command::Top { interval, once } => monitor::top(&proxy, cli.json, interval, once).await?,
+        Command::Energy => monitor::energy(&proxy, cli.json).await?,
         Command::Models => {
             let models = proxy.list_models().await?;
             if cli.json {

@@ -14,11 +14,10 @@ use std::time::{Duration, Instant};
 
 use eventsource_stream::Eventsource;
 use futures_util::StreamExt;
-use hearth_ffi::ChatMessage;
 use serde::Deserialize;
 use tokio::sync::watch;
 
-use crate::engine::{GenerateRequest, ImageInput};
+use crate::engine::{GenerateRequest, ImageInput, Message};
 
 /// The systemd credential name of the API key.
 pub const KEY_CREDENTIAL: &str = "hearth-cloud-key";
@@ -108,10 +107,26 @@ pub struct Cloud {
 fn request_body(remote_model: &str, request: &GenerateRequest, assistant_prefix: Option<&str>) -> serde_json::Value {
     use base64::Engine;
     let (messages, images, sampling) = (&request.messages, &request.images, request.sampling);
-    let turn = |(i, m): (usize, &ChatMessage)| {
+    let turn = |(i, m): (usize, &Message)| {
         let mine: Vec<&ImageInput> = images.iter().filter(|im| im.message as usize == i).collect();
         if mine.is_empty() {
-            return serde_json::json!({"role": m.role, "content": m.content});
+            let mut turn = serde_json::json!({"role": m.role, "content": m.content});
+            // Earlier calls and their results, in OpenAI's shape.
+            if !m.tool_calls.is_empty() {
+                let calls: Vec<serde_json::Value> = m
+                    .tool_calls
+                    .iter()
+                    .map(|c| {
+                        serde_json::json!({"id": c.id, "type": "function",
+                            "function": {"name": c.name, "arguments": c.arguments}})
+                    })
+                    .collect();
+                turn["tool_calls"] = serde_json::Value::Array(calls);
+            }
+            if let Some(id) = &m.tool_call_id {
+                turn["tool_call_id"] = serde_json::json!(id);
+            }
+            return turn;
         }
         let mut parts: Vec<serde_json::Value> = mine
             .iter()

@@ -38,6 +38,7 @@ pub struct Config {
     pub memory: MemoryConfig,
     pub apps: AppsConfig,
     pub governor: crate::governor::GovernorConfig,
+    pub energy: crate::energy::EnergyConfig,
     pub cloud: crate::cloud::CloudConfig,
 }
 
@@ -292,6 +293,7 @@ impl Config {
         if self.models.dirs.is_empty() {
             return Err(ConfigError::Invalid("models.dirs is empty".into()));
         }
+        self.energy.check().map_err(ConfigError::Invalid)?;
         let m = &self.memory;
         if m.pressure_interval_ms < 10 || m.pressure_readings == 0 {
             return Err(ConfigError::Invalid(

@@ -22,6 +22,9 @@ pub enum Error {
         "this app made {used} requests in the last minute (its requests_per_minute quota is {limit}); retry in about {retry_after_ms} ms"
     )]
     Quota { used: usize, limit: u32, retry_after_ms: u64 },
+    /// The app's on-device work drew its hard cap of energy for the day.
+    #[error("this app's on-device work drew {used_j} J in the last day; its energy_cap_per_day_j is {cap_j} J")]
+    EnergyCap { used_j: u64, cap_j: u32 },
     /// The app holds as many open sessions as it may.
     #[error("this app holds {held} open sessions (limit {limit}); close one first")]
     TooManySessions { held: usize, limit: usize },
@@ -95,9 +98,11 @@ fn named(e: &Error, msg: String) -> BusError {
         Error::InvalidArgs(_) => BusError::InvalidArgs(msg),
         Error::ModelNotFound(_) => BusError::ModelNotFound(msg),
         Error::ModelUnavailable { .. } => BusError::ModelUnavailable(msg),
-        Error::Quota { .. } | Error::TooManySessions { .. } | Error::TurnRunning | Error::InUse { .. } => {
-            BusError::Busy(msg)
-        }
+        Error::Quota { .. }
+        | Error::EnergyCap { .. }
+        | Error::TooManySessions { .. }
+        | Error::TurnRunning
+        | Error::InUse { .. } => BusError::Busy(msg),
         Error::NotAuthorized(_) => BusError::NotAuthorized(msg),
         Error::PrivacyViolation(_) => BusError::PrivacyViolation(msg),
         Error::CloudUnavailable(_) => BusError::CloudUnavailable(msg),

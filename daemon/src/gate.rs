@@ -177,6 +177,7 @@ mod tests {
             deadline: None,
             assistant_prefix: None,
             grammar: None,
+            tools: None,
             adapters: None,
             session: None,
             speculative: true,
@@ -192,6 +193,8 @@ mod tests {
             content: Content::Text("hi".into()),
             scope: Scope::Public,
             images: Vec::new(),
+            tool_calls: Vec::new(),
+            tool_call_id: None,
         }];
         gate.admit(app, r, "m", parts, RouteRequest::Local, CloudView::default())
     }

@@ -10,6 +10,7 @@
 
 pub mod cloud;
 pub mod config;
+pub mod energy;
 pub mod engine;
 pub mod error;
 pub mod gate;

@@ -124,6 +124,8 @@ struct Inner {
     status: watch::Sender<ManagerStatus>,
     epoch: Instant,
     throttle: Arc<crate::engine::Throttle>,
+    /// Every engine's compute time per app, for the energy ledger.
+    compute: Arc<crate::engine::Compute>,
     sessions: Arc<SessionStore>,
     /// Unit tests run their engines as the protocol-speaking fake.
     #[cfg(test)]
@@ -218,11 +220,22 @@ impl ModelManager {
                 status,
                 epoch: Instant::now(),
                 throttle,
+                compute: Arc::default(),
                 sessions,
                 #[cfg(test)]
                 fake: None,
             }),
         })
+    }
+
+    /// The governors' demands on the engines (and the apps past their energy budgets).
+    pub fn throttle(&self) -> Arc<crate::engine::Throttle> {
+        Arc::clone(&self.inner.throttle)
+    }
+
+    /// Every engine's compute time per app so far (engines that exited included).
+    pub fn compute(&self) -> Arc<crate::engine::Compute> {
+        Arc::clone(&self.inner.compute)
     }
 
     /// A manager whose engines are `fake` (unit tests).

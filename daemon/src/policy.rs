@@ -12,7 +12,15 @@
 //! seal_unsandboxed = false         # may a bare "uid:UID:EXE" id Seal (see below)
 //! requests_per_minute = 0          # quota (0: none)
 //! max_tokens = 0                   # most tokens per request (0: the context)
+//! energy_per_hour_j = 0            # energy budget of its on-device work (0: none), joules
+//! energy_per_day_j = 0             #   over the last hour / day (see energy.rs)
+//! energy_cap_per_day_j = 0         # hard cap: past it requests are Busy (0: none)
 //! ```
+//!
+//! An app past a budget is slowed, not failed: its requests run at background priority,
+//! its background requests wait in the engine's queue while it is over, and requests whose
+//! data may go to the cloud prefer it; its results say `energy_budget: "over"`. Only the
+//! admin's hard cap refuses (Busy).
 //!
 //! `seal_unsandboxed` only matters for an app id of the bare-process kind (`uid:UID:EXE`,
 //! no sandbox or app unit; see [`crate::identity::AppKind`]): such an id is shared by every
@@ -43,6 +51,11 @@ pub struct AppPolicy {
     pub seal_unsandboxed: bool,
     pub requests_per_minute: u32,
     pub max_tokens: u32,
+    /// Energy budgets of its on-device work over the last hour and day, and a hard cap per
+    /// day, J (0: none).
+    pub energy_per_hour_j: u32,
+    pub energy_per_day_j: u32,
+    pub energy_cap_per_day_j: u32,
 }
 
 fn priority<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Priority, D::Error> {
@@ -63,6 +76,9 @@ impl Default for AppPolicy {
             seal_unsandboxed: false,
             requests_per_minute: 0,
             max_tokens: 0,
+            energy_per_hour_j: 0,
+            energy_per_day_j: 0,
+            energy_cap_per_day_j: 0,
         }
     }
 }
@@ -73,7 +89,7 @@ impl AppPolicy {
         let list = |v: &[String]| v.iter().map(|s| format!("{s:?}")).collect::<Vec<_>>().join(", ");
         let scopes: Vec<String> = self.cloud_scopes.iter().map(|s| s.as_str().to_owned()).collect();
         format!(
-            "app = {app_id:?}\nmodels = [{}]\nmax_priority = {:?}\ncloud = {}\ncloud_scopes = [{}]\nshare_sealed_with = [{}]\nseal_unsandboxed = {}\nrequests_per_minute = {}\nmax_tokens = {}\n",
+            "app = {app_id:?}\nmodels = [{}]\nmax_priority = {:?}\ncloud = {}\ncloud_scopes = [{}]\nshare_sealed_with = [{}]\nseal_unsandboxed = {}\nrequests_per_minute = {}\nmax_tokens = {}\nenergy_per_hour_j = {}\nenergy_per_day_j = {}\nenergy_cap_per_day_j = {}\n",
             list(&self.models),
             self.max_priority.as_str(),
             self.cloud,
@@ -82,6 +98,9 @@ impl AppPolicy {
             self.seal_unsandboxed,
             self.requests_per_minute,
             self.max_tokens,
+            self.energy_per_hour_j,
+            self.energy_per_day_j,
+            self.energy_cap_per_day_j,
         )
     }
 
@@ -114,6 +133,17 @@ impl AppPolicy {
             return Err("cloud_scopes cannot contain \"local\"".into());
         }
         Ok(policy)
+    }
+
+    /// Whether the app has an energy budget.
+    pub fn has_energy_budget(&self) -> bool {
+        self.energy_per_hour_j > 0 || self.energy_per_day_j > 0
+    }
+
+    /// Whether `hour_j` and `day_j` of the app's work are past a budget.
+    pub fn over_energy_budget(&self, hour_j: f64, day_j: f64) -> bool {
+        (self.energy_per_hour_j > 0 && hour_j >= f64::from(self.energy_per_hour_j))
+            || (self.energy_per_day_j > 0 && day_j >= f64::from(self.energy_per_day_j))
     }
 
     pub fn allows_model(&self, name: &str) -> bool {
@@ -207,6 +237,25 @@ mod tests {
         assert_eq!(notes.max_priority, Priority::Normal);
         assert!(notes.allows_model("m") && !notes.allows_model("other"));
         assert_eq!(*p.get("org.unknown.App"), AppPolicy::default());
+    }
+
+    #[test]
+    fn energy_budgets_are_judged_and_survive_set_app_policy() {
+        let none = AppPolicy::default();
+        assert!(!none.has_energy_budget() && !none.over_energy_budget(1e9, 1e9));
+        let hourly = AppPolicy { energy_per_hour_j: 10, ..AppPolicy::default() };
+        assert!(hourly.has_energy_budget());
+        assert!(!hourly.over_energy_budget(9.9, 1e9) && hourly.over_energy_budget(10.0, 0.0));
+        let daily = AppPolicy { energy_per_day_j: 100, ..AppPolicy::default() };
+        assert!(!daily.over_energy_budget(1e9, 99.0) && daily.over_energy_budget(0.0, 100.0));
+        let dict = std::collections::HashMap::from([
+            ("energy_per_hour_j".to_owned(), zbus::OwnedVariant::try_from(zbus::Variant::from(10u32)).unwrap()),
+            ("energy_cap_per_day_j".to_owned(), zbus::OwnedVariant::try_from(zbus::Variant::from(500u32)).unwrap()),
+        ]);
+        let set = AppPolicy::from_dict(&dict).unwrap();
+        assert_eq!((set.energy_per_hour_j, set.energy_per_day_j, set.energy_cap_per_day_j), (10, 0, 500));
+        let file: PolicyFile = toml::from_str(&set.to_toml("org.example.Heavy")).unwrap();
+        assert_eq!(file.policy, set);
     }
 
     #[test]

@@ -14,10 +14,9 @@
 use std::collections::BTreeSet;
 use std::sync::Arc;
 
-use hearth_ffi::ChatMessage;
 use serde::Deserialize;
 
-use crate::engine::ImageInput;
+use crate::engine::{ImageInput, Message};
 use crate::error::Error;
 use crate::policy::{AppPolicy, Policies};
 use crate::seal::{SealError, Sealer};
@@ -114,6 +113,10 @@ pub struct Part {
     pub content: Content,
     pub scope: Scope,
     pub images: Vec<Image>,
+    /// An assistant turn's tool calls; they share its scope.
+    pub tool_calls: Vec<crate::structured::ToolCall>,
+    /// A tool turn: the call it answers.
+    pub tool_call_id: Option<String>,
 }
 
 /// The routing decision for one request.
@@ -134,7 +137,7 @@ pub struct Decision {
 /// What a request may do, decided from the caller's identity and policy.
 #[derive(Debug)]
 pub struct Admitted {
-    pub messages: Vec<ChatMessage>,
+    pub messages: Vec<Message>,
     /// The messages' images, unsealed, in message order.
     pub images: Vec<ImageInput>,
     pub decision: Decision,
@@ -179,7 +182,12 @@ pub fn admit(
             };
             images.push(ImageInput { message: i as u32, bytes: Arc::new(serde_bytes::ByteBuf::from(bytes)) });
         }
-        messages.push(ChatMessage { role: part.role, content });
+        messages.push(Message {
+            role: part.role,
+            content,
+            tool_calls: part.tool_calls,
+            tool_call_id: part.tool_call_id,
+        });
     }
     let taint = scopes.iter().copied().max().unwrap_or(Scope::Personal);
     let outcome = decide(policy, &scopes, route, cloud);

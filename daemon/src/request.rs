@@ -10,7 +10,7 @@ use zbus::{OwnedVariant, Variant};
 use crate::engine::{GenerateRequest, Priority};
 use crate::error::Error;
 use crate::privacy::{Content, Image, Part, RouteRequest, Scope};
-use crate::structured::Structure;
+use crate::structured::{MAX_CALLS, Structure, ToolCall};
 
 /// Most messages in one request.
 const MAX_MESSAGES: usize = 1024;
@@ -219,6 +219,54 @@ fn parse_stop(v: &Variant<'_>) -> Result<Vec<String>, Error> {
     Ok(out)
 }
 
+/// An assistant message's `tool_calls` (aa{sv}: id, name, arguments), as a result gave them.
+fn parse_tool_calls(i: usize, v: &Variant<'_>) -> Result<Vec<ToolCall>, Error> {
+    let what = format!("messages[{i}].tool_calls");
+    let Variant::Array(a) = unwrap_variant(v) else {
+        return Err(invalid(format!(
+            "{what} must be an array of dictionaries (aa{{sv}}), got {}",
+            v.value_signature()
+        )));
+    };
+    if a.is_empty() || a.len() > MAX_CALLS {
+        return Err(invalid(format!("{what} must hold 1 to {MAX_CALLS} calls, got {}", a.len())));
+    }
+    let mut out = Vec::with_capacity(a.len());
+    for (j, call) in a.inner().iter().enumerate() {
+        let what = format!("{what}[{j}]");
+        let Variant::Dict(dict) = unwrap_variant(call) else {
+            return Err(invalid(format!("{what} must be a dictionary (a{{sv}}), got {}", call.value_signature())));
+        };
+        let (mut id, mut name, mut arguments) = (None, None, None);
+        for (k, v) in dict.iter() {
+            let Variant::Str(k) = k else { return Err(invalid(format!("{what} keys must be strings"))) };
+            let slot = match k.as_str() {
+                "id" => &mut id,
+                "name" => &mut name,
+                "arguments" => &mut arguments,
+                other => return Err(invalid(format!("{what} has unknown key {other:?} (id, name, arguments)"))),
+            };
+            *slot = Some(as_str(&format!("{what}.{k}"), v)?.to_owned());
+        }
+        let (Some(id), Some(name), Some(arguments)) = (id, name, arguments) else {
+            return Err(invalid(format!("{what} needs id, name and arguments")));
+        };
+        for (key, value) in [("id", &id), ("name", &name)] {
+            if !crate::structured::is_tool_name(value) {
+                return Err(invalid(format!("{what}.{key} must be 1-64 ASCII letters, digits, '_' or '-'")));
+            }
+        }
+        if arguments.len() > MAX_CONTENT_BYTES {
+            return Err(invalid(format!("message contents exceed {MAX_CONTENT_BYTES} bytes")));
+        }
+        if !matches!(serde_json::from_str::<serde_json::Value>(&arguments), Ok(serde_json::Value::Object(_))) {
+            return Err(invalid(format!("{what}.arguments must be a JSON object text")));
+        }
+        out.push(ToolCall { id, name, arguments });
+    }
+    Ok(out)
+}
+
 fn parse_messages(v: &Variant<'_>) -> Result<Vec<Part>, Error> {
     let Variant::Array(array) = unwrap_variant(v) else {
         return Err(invalid(format!(
@@ -243,7 +291,7 @@ fn parse_messages(v: &Variant<'_>) -> Result<Vec<Part>, Error> {
         };
         let (mut role, mut content, mut scope) = (None, None, None);
         let (mut images, mut sealed_images) = (Vec::new(), Vec::new());
-        let mut tool_call_id = false;
+        let (mut tool_call_id, mut tool_calls) = (None, Vec::new());
         for (k, v) in dict.iter() {
             let Variant::Str(k) = k else {
                 return Err(invalid(format!("messages[{i}] keys must be strings")));
@@ -268,15 +316,14 @@ fn parse_messages(v: &Variant<'_>) -> Result<Vec<Part>, Error> {
                 }
                 key::TOOL_CALL_ID => {
                     let id = as_str(&format!("messages[{i}].tool_call_id"), v)?;
-                    let ok = (1..=64).contains(&id.len())
-                        && id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
-                    if !ok {
+                    if !crate::structured::is_tool_name(id) {
                         return Err(invalid(format!(
                             "messages[{i}].tool_call_id must be 1-64 ASCII letters, digits, '_' or '-'"
                         )));
                     }
-                    tool_call_id = true;
+                    tool_call_id = Some(id.to_owned());
                 }
+                key::TOOL_CALLS => tool_calls = parse_tool_calls(i, v)?,
                 key::IMAGES => parse_images(i, key::IMAGES, v, false, &mut images)?,
                 key::SEALED_IMAGES => parse_images(i, key::SEALED_IMAGES, v, true, &mut sealed_images)?,
                 other => return Err(invalid(format!("messages[{i}] has unknown key {other:?}"))),
@@ -287,14 +334,17 @@ fn parse_messages(v: &Variant<'_>) -> Result<Vec<Part>, Error> {
         if !matches!(role.as_str(), "system" | "user" | "assistant" | "tool") {
             return Err(invalid(format!("messages[{i}].role {role:?} is not one of system, user, assistant, tool")));
         }
-        // A message of images alone has empty text.
+        // A message of images alone, or of tool calls alone, has empty text.
         let content = match content {
             Some(c) => c,
-            None if !images.is_empty() => Content::Text(String::new()),
+            None if !images.is_empty() || !tool_calls.is_empty() => Content::Text(String::new()),
             None => return Err(invalid(format!("messages[{i}] has no content (or sealed, or images)"))),
         };
-        if tool_call_id && role != "tool" {
+        if tool_call_id.is_some() && role != "tool" {
             return Err(invalid(format!("messages[{i}] has a tool_call_id, which only tool messages may")));
+        }
+        if !tool_calls.is_empty() && role != "assistant" {
+            return Err(invalid(format!("messages[{i}] has tool_calls, which only assistant messages may")));
         }
         if !images.is_empty() && role != "user" {
             return Err(invalid(format!("messages[{i}] holds images, which only user messages may")));
@@ -303,6 +353,7 @@ fn parse_messages(v: &Variant<'_>) -> Result<Vec<Part>, Error> {
             Content::Text(t) => t.len(),
             Content::Sealed(b) => b.len(),
         };
+        total += tool_calls.iter().map(|c| c.id.len() + c.name.len() + c.arguments.len()).sum::<usize>();
         if total > MAX_CONTENT_BYTES {
             return Err(invalid(format!("message contents exceed {MAX_CONTENT_BYTES} bytes")));
         }
@@ -315,7 +366,7 @@ fn parse_messages(v: &Variant<'_>) -> Result<Vec<Part>, Error> {
             (true, _) => Scope::Local,
             (false, s) => s.unwrap_or(Scope::Personal),
         };
-        out.push(Part { role, content, scope, images });
+        out.push(Part { role, content, scope, images, tool_calls, tool_call_id });
     }
     check_image_limits(&out, "the messages")?;
     Ok(out)
@@ -559,6 +610,7 @@ pub fn parse(dict: &HashMap<String, OwnedVariant>, default_max_tokens: u32) -> R
         deadline,
         assistant_prefix: None,
         grammar: None,
+        tools: None,
         adapters,
         session: None,
         speculative,

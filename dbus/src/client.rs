@@ -35,7 +35,9 @@ pub enum StreamEvent {
 pub struct Generation {
     conn: Connection,
     path: OwnedObjectPath,
-    stream: MessageStream,
+    /// The request object's signals, and the bus's word that the service's unique name left.
+    stream: futures_util::stream::Select<MessageStream, MessageStream>,
+    owner: String,
     done: bool,
 }
 
@@ -82,7 +84,16 @@ impl Generation {
             .path(path.as_str())
             .interface(REQUEST_INTERFACE)
             .build()?;
-        let stream = MessageStream::for_match_rule(rule, conn, None).await?;
+        let signals = MessageStream::for_match_rule(rule, conn, None).await?;
+        // A hearthd that leaves the bus (stops, crashes, restarts) sends no Finished.
+        let gone = MatchRule::builder()
+            .msg_type(MessageType::Signal)
+            .sender("org.freedesktop.DBus")
+            .interface("org.freedesktop.DBus")
+            .member("NameOwnerChanged")
+            .arg(0, owner.as_str())
+            .build()?;
+        let gone = MessageStream::for_match_rule(gone, conn, None).await?;
         request.insert(request_key::HANDLE_TOKEN, Variant::from(handle_token));
         let returned = match session {
             None => Hearth1Proxy::new(conn).await?.generate(request).await?,
@@ -95,7 +106,16 @@ impl Generation {
                 path.as_str()
             )));
         }
-        Ok(Self { conn: conn.clone(), path, stream, done: false })
+        // A hearthd that left before the rules were in place was never watched: the call
+        // went to its successor, whose signals the rule does not take.
+        let now = DBusProxy::new(conn).await?.get_name_owner(BusName::try_from(BUS_NAME)?).await;
+        if now.as_ref().map(|o| o.as_str()) != Ok(owner.as_str()) {
+            return Err(Error::ZBus(zbus::Error::Failure(
+                "hearthd restarted while the request was being made; try again".into(),
+            )));
+        }
+        let stream = futures_util::stream::select(signals, gone);
+        Ok(Self { conn: conn.clone(), path, stream, owner: owner.to_string(), done: false })
     }
 
     /// The request object.
@@ -103,7 +123,8 @@ impl Generation {
         &self.path
     }
 
-    /// The next event; None after Finished.
+    /// The next event; None after Finished. If hearthd leaves the bus first, an error
+    /// (zbus's `Failure`) ends the stream.
     pub async fn next(&mut self) -> Option<Result<StreamEvent, Error>> {
         if self.done {
             return None;
@@ -114,6 +135,19 @@ impl Generation {
                 Err(e) => return Some(Err(e.into())),
             };
             let header = msg.header();
+            if header.interface().is_some_and(|i| i.as_str() == "org.freedesktop.DBus") {
+                let left = msg
+                    .body()
+                    .deserialize::<(String, String, String)>()
+                    .is_ok_and(|(name, _, new)| name == self.owner && new.is_empty());
+                if !left {
+                    continue;
+                }
+                self.done = true;
+                return Some(Err(Error::ZBus(zbus::Error::Failure(
+                    "hearthd left the bus before the request finished".into(),
+                ))));
+            }
             let event = match header.member().map(|m| m.as_str()) {
                 Some("Token") => msg
                     .body()

@@ -18,7 +18,9 @@ pub use error::{ERROR_NAMES, Error};
 pub use names::*;
 pub use proxy::{Hearth1Proxy, RequestProxy, SessionProxy};
 pub use result::{GenerationResult, TokenLogprob, ToolCall};
-pub use status::{AppActivity, Availability, Backend, CallerInfo, KvCache, Memory, ModelInfo, Throttle, TokenCount};
+pub use status::{
+    AppActivity, AppEnergy, Availability, Backend, CallerInfo, Energy, KvCache, Memory, ModelInfo, Throttle, TokenCount,
+};
 
 /// The introspection XML of the service, as installed in
 /// `/usr/share/dbus-1/interfaces/org.hearth.Hearth1.xml`.

@@ -65,6 +65,9 @@ pub mod request_key {
     pub const SEALED_IMAGES: &str = "sealed_images";
     /// s: on a tool message, the id of the call (tool_calls' id) it answers.
     pub const TOOL_CALL_ID: &str = "tool_call_id";
+    /// aa{sv}: on an assistant message, the calls it made (id, name, arguments), as a
+    /// result's tool_calls gave them.
+    pub const TOOL_CALLS: &str = "tool_calls";
 }
 
 /// Keys of the result dictionary (Complete's reply and Request.Finished).

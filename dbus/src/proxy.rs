@@ -66,6 +66,8 @@ pub trait Hearth1 {
     fn power_state(&self) -> zbus::Result<String>;
     #[zbus(property)]
     fn throttle(&self) -> zbus::Result<crate::Throttle>;
+    #[zbus(property(emits_changed_signal = "false"))]
+    fn energy(&self) -> zbus::Result<crate::Energy>;
     #[zbus(property(emits_changed_signal = "const"))]
     fn backends(&self) -> zbus::Result<Vec<crate::Backend>>;
 }

@@ -39,6 +39,14 @@ pub struct GenerationResult {
     pub tool_calls: Option<Vec<ToolCall>>,
     /// With logprobs: one entry per generated token, in order (`token_ids`'s).
     pub logprobs: Option<Vec<TokenLogprob>>,
+    /// The device compute it took, and what that cost of the battery, mJ, by the energy
+    /// source the ledger uses ("rapl", "battery-energy", "battery-power" or "model").
+    pub compute_us: u64,
+    pub energy_mj: Option<f64>,
+    pub energy_source: Option<String>,
+    /// With an energy budget in the app's policy: "ok", or "over" (its requests then run at
+    /// background priority and its background work waits until it is back under).
+    pub energy_budget: Option<String>,
     /// Set when `finish_reason` is "cancelled" or "error": the D-Bus error name and message.
     pub error_name: Option<String>,
     pub error_message: Option<String>,
@@ -52,6 +60,17 @@ pub struct ToolCall {
     pub name: String,
     /// The arguments as JSON text.
     pub arguments: String,
+}
+
+impl ToolCall {
+    /// The call as an assistant message's `tool_calls` entry (the next turn's history).
+    pub fn message_entry(&self) -> std::collections::HashMap<String, zbus::zvariant::Variant<'static>> {
+        std::collections::HashMap::from([
+            ("id".to_owned(), self.id.clone().into()),
+            ("name".to_owned(), self.name.clone().into()),
+            ("arguments".to_owned(), self.arguments.clone().into()),
+        ])
+    }
 }
 
 /// A token's log-probability: (id, text, log-probability, the likeliest alternatives at its

@@ -1,5 +1,5 @@
 //! The service's other `a{sv}` dictionaries as typed structs: a ListModels entry, the Memory,
-//! Throttle and Backends properties, and CallerInfo's, CountTokens' and Availability's
+//! Throttle, Backends and Energy properties, and CallerInfo's, CountTokens' and Availability's
 //! replies. hearthd builds them, hearthctl
 //! and the tests read them; the keys are the field names and the XML documents each.
 //! Optional fields are keys that may be absent; unknown keys are ignored when reading, so a
@@ -43,6 +43,9 @@ pub struct ModelInfo {
     pub gpu_layers: Option<u32>,
     pub layers: Option<u32>,
     pub device_bytes: Option<u64>,
+    /// How requests with tools are shown to it: "hermes" (its own chat template shows them,
+    /// and its calls come in `<tool_call>` blocks) or "constrained" (Hearth's own format).
+    pub tool_format: Option<String>,
     // Of its engine process:
     pub engine_pid: Option<u32>,
     /// "full", "partial" or "none".
@@ -130,6 +133,41 @@ pub struct AppActivity {
     /// Requests and streamed tokens since hearthd started.
     pub requests: u64,
     pub tokens: u64,
+}
+
+/// The Energy property: what the device drew since hearthd started, and per app what its
+/// on-device work drew (the caller's own row; every app's for root and hearthd's user).
+#[derive(Debug, Clone, Default, PartialEq, SerializeDict, DeserializeDict, Type)]
+#[zbus(signature = "a{sv}")]
+pub struct Energy {
+    /// "rapl", "battery-energy", "battery-power" or "model".
+    pub source: String,
+    /// Joules the device drew, and of them what the apps' work drew above idle.
+    pub device_j: f64,
+    pub apps_j: f64,
+    /// The device's power over the last interval, its idle power, and the joules above
+    /// idle one second of engine compute costs.
+    pub device_w: f64,
+    pub idle_w: f64,
+    pub j_per_compute_s: f64,
+    /// The length of the ledger's hour, seconds (3600 unless configured otherwise).
+    pub hour_s: u64,
+    pub apps: Vec<AppEnergy>,
+}
+
+/// One app's row of Energy.
+#[derive(Debug, Clone, Default, PartialEq, SerializeDict, DeserializeDict, Type)]
+#[zbus(signature = "a{sv}")]
+pub struct AppEnergy {
+    pub app: String,
+    /// Joules since hearthd started, over the last hour and the last day (24 hours).
+    pub total_j: f64,
+    pub hour_j: f64,
+    pub day_j: f64,
+    /// Seconds of engine compute its work took.
+    pub compute_s: f64,
+    /// With an energy budget in its policy: whether it is past it.
+    pub over_budget: Option<bool>,
 }
 
 /// CountTokens' reply: what a request's prompt takes of its model's context.

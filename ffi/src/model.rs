@@ -411,6 +411,18 @@ impl Model {
         }
     }
 
+    /// The texts of the vocabulary's BOS and EOS tokens (empty where it has none), as chat
+    /// templates name them (`bos_token`, `eos_token`).
+    pub fn bos_eos_text(&self) -> (String, String) {
+        // SAFETY: plain queries on a valid vocab; they return LLAMA_TOKEN_NULL (-1) for none.
+        let (bos, eos) = unsafe { (sys::llama_vocab_bos(self.vocab()), sys::llama_vocab_eos(self.vocab())) };
+        let text = |t: Token| match self.is_valid_token(t) {
+            true => String::from_utf8_lossy(&self.token_to_piece(t, true)).into_owned(),
+            false => String::new(),
+        };
+        (text(bos), text(eos))
+    }
+
     /// Whether `token` ends generation (EOS, EOT, or any end-of-generation token).
     pub fn is_eog(&self, token: Token) -> bool {
         // SAFETY: plain query on a valid vocab; out-of-range ids are handled by llama.cpp.

@@ -174,6 +174,8 @@ pub struct Settings {
     /// Extra lines for the `[governor]` table. Unless they set `sysfs_root`, the governors
     /// read an empty tree, so the host's own sensors never throttle a test.
     pub governor: String,
+    /// Extra lines for the `[energy]` table (the ledger reads the governors' sysfs tree).
+    pub energy: String,
 }
 
 /// The real hearthd on a [`Bus`].
@@ -316,7 +318,7 @@ fn config_text(settings: &Settings, dir: &Path) -> String {
     let dirs = settings.models_dirs.clone().unwrap_or_else(|| vec![models_dir()]);
     let dirs: Vec<String> = dirs.iter().map(|d| format!("{:?}", d.display().to_string())).collect();
     format!(
-        "[daemon]\nstate_dir = {:?}\n\n[models]\ndirs = [{}]\n{}\n\n[memory]\n{}\n\n[engine]\nthreads = {}\ncontext_length = {CONTEXT}\nbatch_size = {BATCH}\nmax_sequences = {}\ninteractive_sequences = {}\n{}\n\n[limits]\n{}\n\n[apps]\n{}\n\n[cloud]\n{}\n\n[governor]\n{}{}\n",
+        "[daemon]\nstate_dir = {:?}\n\n[models]\ndirs = [{}]\n{}\n\n[memory]\n{}\n\n[engine]\nthreads = {}\ncontext_length = {CONTEXT}\nbatch_size = {BATCH}\nmax_sequences = {}\ninteractive_sequences = {}\n{}\n\n[limits]\n{}\n\n[apps]\n{}\n\n[cloud]\n{}\n\n[governor]\n{}{}\n\n[energy]\n{}\n",
         dir.join("state").display().to_string(),
         dirs.join(", "),
         settings.models,
@@ -334,6 +336,7 @@ fn config_text(settings: &Settings, dir: &Path) -> String {
             format!("sysfs_root = {:?}\n", dir.join("no-sysfs").display().to_string())
         },
         settings.governor,
+        settings.energy,
     )
 }
 
@@ -496,6 +499,23 @@ impl ModelDir {
     /// tests/tools/make-mmproj.py (gguf-py) and its `extra` arguments.
     pub fn make_mmproj(&self, file: &str, extra: &[&str]) {
         self.run_gguf_tool("make-mmproj.py", file, extra);
+    }
+
+    /// A copy of the default model as `file` with the chat template `template` (a path from
+    /// the workspace root), written by gguf-py's gguf-new-metadata.
+    pub fn with_chat_template(&self, file: &str, template: &str) {
+        let tool = workspace_root().join(".venv/bin/gguf-new-metadata");
+        assert!(tool.exists(), "{} is missing: run scripts/setup-deps.sh", tool.display());
+        let out = std::process::Command::new(tool)
+            .arg(model_path())
+            .arg(self.path().join(file))
+            .arg("--chat-template-file")
+            .arg(workspace_root().join(template))
+            .arg("--force")
+            .stdin(std::process::Stdio::null())
+            .output()
+            .unwrap_or_else(|e| panic!("run gguf-new-metadata: {e}"));
+        assert!(out.status.success(), "gguf-new-metadata: {}", String::from_utf8_lossy(&out.stderr));
     }
 
     /// Runs the gguf-py tool `script` on the default model, writing `file` here.

@@ -24,6 +24,13 @@ pub struct SocParams {
     /// Battery at start, percent, and how fast a busy core drains it, percent per second.
     pub battery_pct: f64,
     pub drain_pct_per_core_s: f64,
+    /// A battery that drains by power instead (when `w_per_core` > 0): the device draws
+    /// `idle_w` plus `w_per_core` per core the daemon keeps busy, from a battery of
+    /// `energy_full_wh`, and reports `energy_now`, `power_now`, `voltage_now` and
+    /// `current_now` as a fuel gauge does.
+    pub idle_w: f64,
+    pub w_per_core: f64,
+    pub energy_full_wh: f64,
 }
 
 impl SocParams {
@@ -39,6 +46,9 @@ impl SocParams {
             critical_trip_c: 90.0,
             battery_pct,
             drain_pct_per_core_s: 0.0,
+            idle_w: 0.0,
+            w_per_core: 0.0,
+            energy_full_wh: 0.0,
         }
     }
 }
@@ -49,6 +59,10 @@ pub struct SocSample {
     pub t_s: f64,
     pub temp_c: f64,
     pub cores: f64,
+    /// The power drawn over the sample's interval, W, and the energy drawn since the
+    /// simulation started, J (with a battery that drains by power).
+    pub power_w: f64,
+    pub drawn_j: f64,
 }
 
 /// The simulation; stops when dropped.
@@ -60,6 +74,9 @@ pub struct Soc {
     samples: Arc<Mutex<Vec<SocSample>>>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
+
+/// The simulated battery's voltage, µV.
+const VOLTAGE_UV: u64 = 3_850_000;
 
 fn write(p: &Path, v: impl std::fmt::Display) {
     // Write-then-rename, as sysfs reads are atomic: a reader never sees half a number.
@@ -85,6 +102,14 @@ pub fn write_tree(root: &Path, params: &SocParams) {
     write(&battery.join("type"), "Battery");
     write(&battery.join("capacity"), params.battery_pct.round() as u32);
     write(&battery.join("status"), "Discharging");
+    if params.w_per_core > 0.0 {
+        let uwh = params.energy_full_wh * params.battery_pct / 100.0 * 1e6;
+        write(&battery.join("energy_full"), (params.energy_full_wh * 1e6) as u64);
+        write(&battery.join("energy_now"), uwh as u64);
+        write(&battery.join("voltage_now"), VOLTAGE_UV);
+        write(&battery.join("power_now"), (params.idle_w * 1e6) as u64);
+        write(&battery.join("current_now"), (params.idle_w / VOLTAGE_UV as f64 * 1e12) as u64);
+    }
     let ac = root.join("class/power_supply/ac");
     std::fs::create_dir_all(&ac).unwrap();
     write(&ac.join("type"), "Mains");
@@ -147,9 +172,12 @@ impl Soc {
                 Some((own + reaped + children) / tick)
             };
             let temp_file = root.join("class/thermal/thermal_zone0/temp");
-            let cap_file = root.join("class/power_supply/battery/capacity");
+            let bat = root.join("class/power_supply/battery");
+            let cap_file = bat.join("capacity");
             let start = Instant::now();
             let (mut temp, mut battery) = (params.start_c, params.battery_pct);
+            let full_j = params.energy_full_wh * 3600.0;
+            let (mut stored_j, mut drawn_j) = (full_j * params.battery_pct / 100.0, 0.0);
             let (mut last_cpu, mut last_t) = (cpu().unwrap_or(0.0), Instant::now());
             while !stop.load(Ordering::Relaxed) {
                 std::thread::sleep(Duration::from_millis(100));
@@ -160,16 +188,37 @@ impl Soc {
                 (last_cpu, last_t) = (c, now);
                 let target = params.ambient_c + params.c_per_core * cores;
                 temp += (target - temp) * (1.0 - (-dt / params.tau_s).exp());
-                battery = (battery - params.drain_pct_per_core_s * cores * dt).max(0.0);
+                let mut power_w = 0.0;
+                if params.w_per_core > 0.0 {
+                    power_w = params.idle_w + params.w_per_core * cores;
+                    let charging = std::fs::read_to_string(bat.join("status")).is_ok_and(|s| s.trim() == "Charging");
+                    if !charging {
+                        stored_j = (stored_j - power_w * dt).max(0.0);
+                        drawn_j += power_w * dt;
+                    }
+                    battery = 100.0 * stored_j / full_j;
+                    write(&bat.join("energy_now"), (stored_j / 3.6e-3) as u64);
+                    write(&bat.join("power_now"), (power_w * 1e6) as u64);
+                    write(&bat.join("current_now"), (power_w / VOLTAGE_UV as f64 * 1e12) as u64);
+                } else {
+                    battery = (battery - params.drain_pct_per_core_s * cores * dt).max(0.0);
+                }
                 write(&temp_file, (temp * 1000.0) as i64);
                 write(&cap_file, battery.round() as u32);
                 samples.lock().unwrap().push(SocSample {
                     t_s: now.duration_since(start).as_secs_f64(),
                     temp_c: temp,
                     cores,
+                    power_w,
+                    drawn_j,
                 });
             }
         }));
+    }
+
+    /// The energy drawn since the simulation started, J.
+    pub fn drawn_j(&self) -> f64 {
+        self.samples.lock().unwrap().last().map_or(0.0, |s| s.drawn_j)
     }
 
     /// Samples so far.

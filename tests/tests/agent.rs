@@ -121,7 +121,8 @@ async fn tool_call_round_trip() {
     let params = jsonschema::validator_for(&tool["function"]["parameters"]).unwrap();
     assert!(params.is_valid(&args), "{name}({arguments}) does not match its parameters");
 
-    // Turn 2: the app ran the tool and sends its result; the model answers in text.
+    // Turn 2: the app ran the tool and sends its result; the model answers in text. (The
+    // call may go back as the assistant's text, as it was written, or as its tool_calls.)
     let call_text = json!({"name": name, "arguments": args}).to_string();
     let messages = messages_value(&[
         ("user", question),
@@ -145,6 +146,128 @@ async fn tool_call_round_trip() {
         Some(call) => assert!(["get_weather", "set_alarm"].contains(&call.name.as_str())),
         None => assert!(!text.trim_start().starts_with('{'), "{text}"),
     }
+}
+
+/// An assistant message that made `calls` (no text), for the next turn's history.
+fn assistant_calls(calls: &[hearth_dbus::ToolCall]) -> HashMap<String, Variant<'static>> {
+    let entries: Vec<HashMap<String, Variant<'static>>> = calls.iter().map(|c| c.message_entry()).collect();
+    HashMap::from([("role".to_owned(), Variant::from("assistant")), ("tool_calls".to_owned(), Variant::from(entries))])
+}
+
+fn message(role: &str, content: &str, extra: &[(&str, &str)]) -> HashMap<String, Variant<'static>> {
+    let mut m = hearth_dbus::messages(&[(role, content)]).remove(0);
+    for (k, v) in extra {
+        m.insert((*k).to_owned(), Variant::from((*v).to_owned()));
+    }
+    m
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn native_tool_calls_through_the_models_own_template() {
+    // The default model with a chat template that shows tools (tests/data), beside the
+    // default model as it is (no tools in its template).
+    let dir = hearth_tests::ModelDir::new();
+    dir.with_chat_template("hermes.gguf", "tests/data/tools-template.jinja");
+    dir.manifest("hermes", "hermes.gguf", None, "capabilities = [\"chat\", \"tools\"]");
+    dir.link_default_model("plain.gguf");
+    dir.manifest("plain", "plain.gguf", None, "");
+    let bus = Bus::start();
+    let settings = hearth_tests::Settings {
+        models_dirs: Some(vec![dir.path().to_owned()]),
+        models: "default = \"hermes\"\n".into(),
+        ..hearth_tests::Settings::default()
+    };
+    let _daemon = Daemon::start_configured(&bus, &settings).await;
+    let conn = bus.connect().await;
+    let proxy = hearth(&conn).await;
+    let tools: Json = serde_json::from_str(TOOLS).unwrap();
+    let question = "What is the weather like in Paris right now?";
+
+    // Turn 1, streamed: a call is required; it comes as <tool_call> blocks, read into
+    // tool_calls, each of a listed tool with arguments that match its parameters.
+    // (Room for the most blocks the grammar lets through.)
+    let r = with(with(chat_request(question, 400), key::TOOLS, TOOLS), key::TOOL_CHOICE, "required");
+    let g = Generation::start(&conn, r, "native1").await.unwrap();
+    let (_, result) = collect(g, Duration::from_secs(60)).await;
+    assert_eq!(result.finish_reason.clone(), "tool_calls", "{result:?}");
+    assert!(result.text.starts_with("<tool_call>\n{"), "{:?}", result.text);
+    let calls = tool_calls(&result);
+    assert!((1..=8).contains(&calls.len()), "{result:?}");
+    for call in &calls {
+        let tool = tools.as_array().unwrap().iter().find(|t| t["function"]["name"] == call.name.as_str());
+        let params = jsonschema::validator_for(&tool.expect("a listed tool")["function"]["parameters"]).unwrap();
+        assert!(params.is_valid(&serde_json::from_str(&call.arguments).unwrap()), "{call:?}");
+    }
+    let models = proxy.list_models().await.unwrap();
+    let format = |name: &str| models.iter().find(|m| m.name == name).and_then(|m| m.tool_format.clone());
+    assert_eq!(format("hermes").as_deref(), Some("hermes"), "{models:?}");
+    assert_eq!(format("plain"), None, "not loaded yet");
+
+    // Turn 2: the assistant's calls and one tool message per call (with its id) go back; the
+    // template shows them, so a longer result is a longer prompt.
+    let turn2 = |result_text: &str, model: &str| {
+        let mut history = vec![message("user", question, &[]), assistant_calls(&calls)];
+        for c in &calls {
+            history.push(message("tool", result_text, &[("tool_call_id", c.id.as_str())]));
+        }
+        HashMap::from([
+            (key::MESSAGES, Variant::from(history)),
+            (key::MAX_TOKENS, Variant::from(48u32)),
+            (key::TOOLS, Variant::from(TOOLS)),
+            (key::MODEL, Variant::from(model.to_owned())),
+        ])
+    };
+    let short = proxy.count_tokens(turn2("18 C", "hermes")).await.unwrap().prompt_tokens;
+    let long = proxy.count_tokens(turn2("18 C, light rain, wind from the west", "hermes")).await.unwrap();
+    assert!(long.prompt_tokens > short, "{short} vs {long:?}");
+    let result = proxy.complete(turn2("18 C, light rain", "hermes")).await.unwrap();
+    assert_eq!(
+        result.prompt_tokens,
+        proxy.count_tokens(turn2("18 C, light rain", "hermes")).await.unwrap().prompt_tokens
+    );
+    // auto: either text that opens no block, or calls.
+    match tool_calls(&result).is_empty() {
+        true => assert!(!result.text.starts_with('<'), "{:?}", result.text),
+        false => assert_eq!(result.finish_reason.clone(), "tool_calls"),
+    }
+
+    // The same history on the model whose template shows no tools: the constrained format,
+    // its calls written as JSON in the assistant's turn.
+    let plain = proxy.complete(turn2("18 C, light rain", "plain")).await.unwrap();
+    assert!(!plain.text.starts_with("<tool_call>"), "{:?}", plain.text);
+    let models = proxy.list_models().await.unwrap();
+    let format = |name: &str| models.iter().find(|m| m.name == name).and_then(|m| m.tool_format.clone());
+    assert_eq!(format("plain").as_deref(), Some("constrained"), "{models:?}");
+
+    // Bad history: InvalidArgs, with why; the daemon keeps serving.
+    let invalid = "org.hearth.Hearth1.Error.InvalidArgs";
+    let bad = |m: HashMap<String, Variant<'static>>| {
+        HashMap::from([(key::MESSAGES, Variant::from(vec![message("user", "hi", &[]), m]))])
+    };
+    let call =
+        |args: &str| hearth_dbus::ToolCall { id: "call_1".into(), name: "get_weather".into(), arguments: args.into() };
+    let mut user_calls = assistant_calls(&[call("{}")]);
+    user_calls.insert("role".into(), Variant::from("user"));
+    let nine = assistant_calls(&vec![call("{}"); 9]);
+    let mut bad_id = assistant_calls(&[call("{}")]);
+    let entry = HashMap::from([
+        ("id".to_owned(), Variant::from("a b")),
+        ("name".to_owned(), Variant::from("f")),
+        ("arguments".to_owned(), Variant::from("{}")),
+    ]);
+    bad_id.insert("tool_calls".into(), Variant::from(vec![entry]));
+    for (m, why) in [
+        (assistant_calls(&[call("[1, 2]")]), "JSON object"),
+        (assistant_calls(&[call("{\"city\": ")]), "JSON object"),
+        (user_calls, "only assistant messages"),
+        (nine, "1 to 8 calls"),
+        (bad_id, ".id must be 1-64"),
+    ] {
+        let e = proxy.complete(bad(m)).await.unwrap_err();
+        assert_eq!(error_name(&e), invalid, "{e}");
+        assert!(e.to_string().contains(why), "{why}: {e}");
+    }
+    assert!(!proxy.complete(chat_request("hi", 4)).await.unwrap().text.is_empty());
 }
 
 fn cosine(a: &[f64], b: &[f64]) -> f64 {

@@ -32,6 +32,7 @@ async fn the_python_client_streams_and_keeps_every_promise() {
     for check in [
         "streams_and_completes",
         "embeds_seals_and_counts",
+        "tool_round_trip",
         "sessions",
         "typed_errors",
         "cancels_and_ignores_forgeries",
@@ -58,6 +59,44 @@ async fn the_python_client_streams_and_keeps_every_promise() {
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{stdout}");
     assert_eq!(stdout.matches("tokens in the session]").count(), 2, "{stdout}");
+    // Last, as it kills hearthd: a generation whose service dies ends with an error.
+    let pid = _daemon.pid().as_raw().to_string();
+    let out = python().args(["tests/live.py", "--bus-address", bus.address(), "--kill-pid", &pid]).output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && stdout.contains("ok service_lost"),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// The Rust client's stream ends with an error, not a wait forever, when hearthd dies
+/// mid-generation.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rust_generation_ends_when_hearthd_dies() {
+    let bus = Bus::start();
+    let daemon = Daemon::start(&bus).await;
+    let conn = bus.connect().await;
+    let request = hearth_tests::chat_request("Count from one to five hundred, in words.", 400);
+    let mut g = hearth_dbus::Generation::start(&conn, request, "lost").await.unwrap();
+    let first = g.next().await.unwrap().unwrap();
+    assert!(matches!(first, hearth_dbus::StreamEvent::Token { .. }), "{first:?}");
+    daemon.signal(nix::sys::signal::Signal::SIGKILL);
+    let end = tokio::time::timeout(std::time::Duration::from_secs(20), async {
+        loop {
+            match g.next().await {
+                Some(Ok(hearth_dbus::StreamEvent::Token { .. })) => continue,
+                other => return other,
+            }
+        }
+    })
+    .await
+    .expect("the stream ended");
+    match end {
+        Some(Err(e)) => assert!(e.to_string().contains("left the bus"), "{e}"),
+        other => panic!("{other:?}"),
+    }
+    assert!(g.next().await.is_none());
 }
 
 /// Every error name, in the Python client's exceptions and the GLib example's error domain.

@@ -347,6 +347,9 @@ fn phone(start_c: f64) -> hearth_tests::soc::Soc {
         critical_trip_c: 90.0,
         battery_pct: 80.0,
         drain_pct_per_core_s: 0.0,
+        idle_w: 0.0,
+        w_per_core: 0.0,
+        energy_full_wh: 0.0,
     })
 }
 

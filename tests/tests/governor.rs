@@ -18,6 +18,9 @@ const PARAMS: SocParams = SocParams {
     critical_trip_c: 90.0,
     battery_pct: 80.0,
     drain_pct_per_core_s: 0.05,
+    idle_w: 0.0,
+    w_per_core: 0.0,
+    energy_full_wh: 0.0,
 };
 const RUN: Duration = Duration::from_secs(12);
 const STREAMS: usize = 2;

@@ -16,9 +16,11 @@ from typing import Any, AsyncIterator, Dict, Iterable, List, Optional, Sequence,
 from dbus_fast import BusType, Message, MessageType, Variant
 from dbus_fast.aio import MessageBus
 
-from .errors import HearthError, from_name
+from .errors import BusError, HearthError, from_name
 
 BUS_NAME = "org.hearth.Hearth1"
+# The bus's error name for a name nobody owns: hearthd left the bus.
+NO_OWNER = "org.freedesktop.DBus.Error.NameHasNoOwner"
 OBJECT_PATH = "/org/hearth/Hearth1"
 INTERFACE = "org.hearth.Hearth1"
 SESSION_INTERFACE = "org.hearth.Hearth1.Session"
@@ -73,6 +75,8 @@ MESSAGE_TYPES = {
     "images": "aay",
     "sealed_images": "aay",
     "tool_call_id": "s",
+    # An assistant message's calls, as a result's tool_calls gave them.
+    "tool_calls": "aa{sv}",
 }
 
 Messages = Union[str, Sequence[Dict[str, Any]]]
@@ -99,7 +103,9 @@ def _variant(key: str, value: Any, types: Dict[str, str]) -> Variant:
     if isinstance(value, Variant):
         return value
     sig = types.get(key) or _guess(value)
-    if sig == "aa{sv}":
+    if key == "tool_calls":
+        value = [_call_dict(c) for c in value]
+    elif sig == "aa{sv}":
         value = [message_dict(m) for m in value]
     elif sig == "a{sd}":
         value = {str(k): float(v) for k, v in value.items()}
@@ -112,6 +118,14 @@ def _variant(key: str, value: Any, types: Dict[str, str]) -> Variant:
     elif key in ("tools", "json_schema") and not isinstance(value, str):
         value = json.dumps(value)
     return Variant(sig, value)
+
+
+def _call_dict(call: Dict[str, Any]) -> Dict[str, Variant]:
+    """One tool call (id, name, arguments: JSON text or a dict) as an a{sv}."""
+    args = call.get("arguments", "{}")
+    if not isinstance(args, str):
+        args = json.dumps(args)
+    return {"id": Variant("s", call["id"]), "name": Variant("s", call["name"]), "arguments": Variant("s", args)}
 
 
 def message_dict(message: Dict[str, Any]) -> Dict[str, Variant]:
@@ -188,7 +202,8 @@ class Generation:
         self.path = path
         self._owner = owner
         self._rule = f"type='signal',sender='{owner}',path='{path}',interface='{REQUEST_INTERFACE}'"
-        self._queue: "asyncio.Queue[Message]" = asyncio.Queue()
+        # None: hearthd left the bus.
+        self._queue: "asyncio.Queue[Optional[Message]]" = asyncio.Queue()
         self.result: Optional[Dict[str, Any]] = None
         self.migrations: List[Tuple[str, str, int]] = []
         self._done = False
@@ -204,12 +219,20 @@ class Generation:
         ):
             self._queue.put_nowait(msg)
 
+    def _lost(self) -> None:
+        """hearthd left the bus: no Finished will come."""
+        self._queue.put_nowait(None)
+
     def __aiter__(self) -> AsyncIterator[Token]:
         return self._events()
 
     async def _events(self) -> AsyncIterator[Token]:
         while not self._done:
             msg = await self._queue.get()
+            if msg is None:
+                self._done = True
+                self._client._unwatch(self)
+                raise BusError(NO_OWNER, "hearthd left the bus before the generation finished")
             if msg.member == "Token":
                 index, token_id, text = msg.body
                 yield Token(index, token_id, text)
@@ -274,9 +297,21 @@ class Client:
         self.bus = bus
         self._watching: Dict[str, Generation] = {}
         self._owner: Optional[str] = None
+        self._watching_owner = False
         bus.add_message_handler(self._dispatch)
 
     def _dispatch(self, msg: Message) -> None:
+        if (
+            msg.message_type == MessageType.SIGNAL
+            and msg.sender == "org.freedesktop.DBus"
+            and msg.member == "NameOwnerChanged"
+            and msg.body
+            and msg.body[0] == BUS_NAME
+        ):
+            for g in list(self._watching.values()):
+                if g._owner == msg.body[1]:
+                    g._lost()
+            return
         g = self._watching.get(msg.path or "")
         if g is not None:
             g._on_message(msg)
@@ -317,7 +352,17 @@ class Client:
         """The unique name that owns org.hearth.Hearth1 (signals carry it as their sender)."""
         return (await self._bus_call("GetNameOwner", "s", [BUS_NAME]))[0]
 
+    async def _watch_owner(self) -> None:
+        """Hears when hearthd leaves the bus (stops, crashes, restarts): its generations then
+        end with BusError, rather than wait for a Finished that will not come."""
+        if not self._watching_owner:
+            rule = ("type='signal',sender='org.freedesktop.DBus',interface='org.freedesktop.DBus',"
+                    f"member='NameOwnerChanged',arg0='{BUS_NAME}'")
+            await self._bus_call("AddMatch", "s", [rule])
+            self._watching_owner = True
+
     async def _start(self, path: str, interface: str, request: Dict[str, Any]) -> Generation:
+        await self._watch_owner()
         token = request.pop("handle_token", None) or _handle_token()
         expected = request_path(self.bus.unique_name, token)
         owner = await self._service_owner()
@@ -340,6 +385,11 @@ class Client:
         if returned != expected:
             self._unwatch(g)
             raise HearthError("org.hearth.Hearth1.Error.Internal", f"hearthd returned {returned}, not {expected}")
+        # A hearthd that left before the match was in place was never watched: the call went
+        # to its successor, whose signals the match does not take.
+        if await self._service_owner() != owner:
+            self._unwatch(g)
+            raise BusError(NO_OWNER, "hearthd restarted while the generation was being started; try again")
         return g
 
     async def generate(self, messages: Messages, **options: Any) -> Generation:

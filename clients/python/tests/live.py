@@ -3,7 +3,10 @@ private bus): python live.py --bus-address ADDR. Exits non-zero at the first bro
 
 import argparse
 import asyncio
+import json
 import math
+import os
+import signal
 
 from dbus_fast import Message, MessageType
 from dbus_fast.aio import MessageBus
@@ -69,6 +72,25 @@ async def embeds_seals_and_counts(client: hearth.Client) -> None:
     assert isinstance(await client.get("Version"), str)
 
 
+WEATHER = [{"type": "function", "function": {"name": "get_weather", "description": "Weather in a city",
+            "parameters": {"type": "object", "properties": {"city": {"type": "string", "maxLength": 30}},
+                           "required": ["city"]}}}]
+
+
+async def tool_round_trip(client: hearth.Client) -> None:
+    q = "What is the weather in Oslo?"
+    r = await client.complete(q, tools=WEATHER, tool_choice="required", max_tokens=64)
+    assert r["finish_reason"] == "tool_calls" and r["tool_calls"][0]["name"] == "get_weather", r
+    # The calls go back as the assistant's tool_calls (arguments as text or as a dict), the
+    # results as tool messages with their call's id.
+    calls = [dict(c, arguments=json.loads(c["arguments"])) for c in r["tool_calls"]]
+    history = [{"role": "user", "content": q}, {"role": "assistant", "tool_calls": calls}]
+    history += [{"role": "tool", "tool_call_id": c["id"], "content": "-3 C, snow"} for c in calls]
+    answer = await client.complete(history, tools=WEATHER, tool_choice="none", max_tokens=24)
+    assert answer["text"] and answer["finish_reason"] != "tool_calls", answer
+    assert answer["prompt_tokens"] > r["prompt_tokens"], (answer, r)
+
+
 async def sessions(client: hearth.Client) -> None:
     async with await client.open_session() as s:
         first = await s.complete("My name is Ada. Say hello.", max_tokens=16)
@@ -130,12 +152,33 @@ async def cancels_and_ignores_forgeries(client: hearth.Client, address: str) -> 
     forger.disconnect()
 
 
+async def service_lost(client: hearth.Client, pid: int) -> None:
+    """hearthd dies mid-generation: the iteration ends with BusError, not a wait forever."""
+    g = await client.generate("Count from one to five hundred, in words.", max_tokens=400)
+    got = 0
+    try:
+        async for _ in g:
+            got += 1
+            if got == 1:
+                os.kill(pid, signal.SIGKILL)
+        raise AssertionError("a generation whose service died must not end normally")
+    except hearth.BusError as e:
+        assert e.name == "org.freedesktop.DBus.Error.NameHasNoOwner" and got < 400, (e, got)
+
+
 async def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--bus-address", required=True)
-    address = ap.parse_args().bus_address
+    ap.add_argument("--kill-pid", type=int, help="only check that killing this hearthd ends a generation")
+    args = ap.parse_args()
+    address = args.bus_address
+    if args.kill_pid:
+        async with await hearth.connect(address) as client:
+            await asyncio.wait_for(service_lost(client, args.kill_pid), 30)
+            print("ok service_lost", flush=True)
+        return
     async with await hearth.connect(address) as client:
-        for check in (streams_and_completes, embeds_seals_and_counts, sessions, typed_errors):
+        for check in (streams_and_completes, embeds_seals_and_counts, tool_round_trip, sessions, typed_errors):
             await check(client)
             print("ok", check.__name__, flush=True)
         await cancels_and_ignores_forgeries(client, address)

@@ -142,6 +142,7 @@ struct Serving {
     report: SandboxReport,
     gpu_access: super::sandbox::GpuAccess,
     vision: Option<super::image::Vision>,
+    native: Option<Arc<super::template::NativeTemplate>>,
 }
 
 /// Sandboxes the process and loads the model and its context.
@@ -225,7 +226,9 @@ fn load(start: &Start, files: Vec<OwnedFd>, socket: &mut UnixStream) -> Result<S
         Some(d) if gpu_layers > 0 => super::sandbox::GpuAccess::for_device(&d.name, &d.description),
         _ => super::sandbox::GpuAccess::None,
     };
+    let native = native_template(&model, &start.model);
     let info = LoadedModelInfo {
+        tool_format: native.as_ref().map_or(crate::structured::ToolFormat::Constrained, |t| t.format()),
         name: start.model.clone(),
         description: model.description(),
         n_params: model.n_params(),
@@ -244,7 +247,24 @@ fn load(start: &Start, files: Vec<OwnedFd>, socket: &mut UnixStream) -> Result<S
         socket: String::new(),
         gpu_access: gpu_access.as_str().to_owned(),
     };
-    Ok(Serving { ctx, info, weights: model.size_bytes() + projector_bytes, kv, report, gpu_access, vision })
+    Ok(Serving { ctx, info, weights: model.size_bytes() + projector_bytes, kv, report, gpu_access, vision, native })
+}
+
+/// The model's own chat template, where it shows tools in a format Hearth reads.
+fn native_template(model: &hearth_ffi::Model, name: &str) -> Option<Arc<super::template::NativeTemplate>> {
+    let source = model.chat_template()?;
+    let (bos, eos) = model.bos_eos_text();
+    match super::template::NativeTemplate::new(&source, &bos, &eos) {
+        Ok(Some(t)) => {
+            tracing::info!(model = name, format = t.format().as_str(), "the model's chat template shows tools");
+            Some(Arc::new(t))
+        }
+        Ok(None) => None,
+        Err(why) => {
+            tracing::warn!(model = name, %why, "the model's chat template names a tool format but is not used for tools");
+            None
+        }
+    }
 }
 
 /// Cancel switches of the requests and Embed calls in the engine, by hearthd's key.
@@ -256,7 +276,7 @@ fn lock(c: &Cancels) -> std::sync::MutexGuard<'_, HashMap<u64, CancelToken>> {
 
 impl Serving {
     fn serve(self, mut socket: UnixStream, start: &Start) -> Result<(), String> {
-        let Serving { ctx, info, weights, kv, mut report, gpu_access, vision } = self;
+        let Serving { ctx, info, weights, kv, mut report, gpu_access, vision, native } = self;
         let (out_tx, out_rx) = mpsc::unbounded_channel();
         let (cmd_tx, cmd_rx) = mpsc::channel(64);
         let (status_tx, status_rx) = watch::channel(EngineStatus::default());
@@ -265,15 +285,18 @@ impl Serving {
         let liveness = Arc::new(Liveness::default());
         let wake = Arc::new(Wake::default());
         let throttle = Arc::new(Throttle::default());
-        throttle.apply(start.throttle);
+        throttle.apply(&start.throttle);
         let sessions = Arc::new(SessionLink::new(out_tx.clone()));
         let preempt = ctx.abort_switch();
+        let compute = Arc::new(super::Compute::default());
         let preparer = super::prepare::Preparer::new(
             Arc::clone(ctx.model()),
             info.name.clone(),
             ctx.n_ctx_seq(),
             Arc::clone(&throttle),
             vision,
+            native,
+            Arc::clone(&compute),
         );
         let worker = worker::Worker::new(
             ctx,
@@ -282,6 +305,7 @@ impl Serving {
             status_tx,
             Arc::clone(&gauges),
             Arc::clone(&liveness),
+            Arc::clone(&compute),
             &start.settings,
             Arc::clone(&throttle),
             Arc::clone(&sessions),
@@ -333,7 +357,8 @@ impl Serving {
             status: status_rx.clone(),
             kv: Arc::clone(&gauges),
         };
-        let status = Status { rx: status_rx, kv: Arc::clone(&gauges), liveness, throttle: Arc::clone(&io.throttle) };
+        let status =
+            Status { rx: status_rx, kv: Arc::clone(&gauges), liveness, throttle: Arc::clone(&io.throttle), compute };
         let io_thread = std::thread::Builder::new()
             .name("engine-io".into())
             .spawn(move || runtime.block_on(io.run(socket, out_rx, status, done_rx)))
@@ -371,6 +396,7 @@ struct Status {
     kv: Arc<KvGauges>,
     liveness: Arc<Liveness>,
     throttle: Arc<Throttle>,
+    compute: Arc<super::Compute>,
 }
 
 impl Io {
@@ -535,7 +561,7 @@ impl Io {
                 let _ = self.cmd.send(Command::ConnectionClosed(connection)).await;
             }
             ToEngine::Throttle(state) => {
-                self.throttle.apply(state);
+                self.throttle.apply(&state);
                 // Over the memory ceiling every decode in flight stops at once (interactive
                 // ones too), so the worker can end the work, and freed heap goes back.
                 self.preempt.force(state.over_ceiling);
@@ -585,6 +611,7 @@ async fn forward_status(mut s: Status, out: mpsc::UnboundedSender<FromEngine>) {
                     idle,
                     kv: s.kv.snapshot(),
                     potential_mtps: s.throttle.potential_mtps.load(std::sync::atomic::Ordering::Relaxed),
+                    compute_us: s.compute.snapshot(),
                 });
             }
         }

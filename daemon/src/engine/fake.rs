@@ -164,6 +164,7 @@ impl FakeEngine {
             gpu_device: None,
             gpu_layers: 0,
             layers: 1,
+            tool_format: crate::structured::ToolFormat::Constrained,
         };
         let sandbox = SandboxReport { landlock: "none".into(), socket: "fake".into(), ..SandboxReport::default() };
         let ready = FromEngine::Ready { info: info.clone(), weights: 1 << 20, kv: 1 << 20, sandbox };
@@ -208,7 +209,13 @@ impl FakeEngine {
                     if busy {
                         let now = state.epoch.elapsed().as_millis() as u64;
                         let ago = now.saturating_sub(state.progress_ms.load(Ordering::Relaxed));
-                        let heartbeat = FromEngine::Heartbeat { beat_ago_ms: ago, idle: false, kv: Default::default(), potential_mtps: 0 };
+                        let heartbeat = FromEngine::Heartbeat {
+                            beat_ago_ms: ago,
+                            idle: false,
+                            kv: Default::default(),
+                            potential_mtps: 0,
+                            compute_us: Vec::new(),
+                        };
                         let _ = sink.send(send(&heartbeat)).await;
                     }
                 }

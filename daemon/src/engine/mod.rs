@@ -25,13 +25,14 @@ mod sequence;
 pub mod session;
 mod signals;
 mod speculate;
+mod template;
 mod worker;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU8, Ordering};
 use std::time::Duration;
 
-use hearth_ffi::{ChatMessage, SamplerParams, Token};
+use hearth_ffi::{SamplerParams, Token};
 use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, oneshot};
 
@@ -40,12 +41,42 @@ mod image;
 pub(crate) mod stop;
 
 pub use error::{CancelReason, EngineError};
-pub use signals::{KvGauges, KvSnapshot, Liveness, Throttle, ThrottleState, Wake};
+pub use signals::{Compute, KvGauges, KvSnapshot, Liveness, Throttle, ThrottleState, Wake};
+
+/// One turn of a conversation, as the engine renders it.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Message {
+    pub role: String,
+    pub content: String,
+    /// An assistant turn's tool calls (the model's earlier answer).
+    pub tool_calls: Vec<crate::structured::ToolCall>,
+    /// A tool turn: the id of the call it answers.
+    pub tool_call_id: Option<String>,
+}
+
+impl Message {
+    pub fn new(role: impl Into<String>, content: impl Into<String>) -> Self {
+        Self { role: role.into(), content: content.into(), ..Self::default() }
+    }
+
+    /// The turn for a template that knows no tools: its calls written the constrained way
+    /// after its text, one per line.
+    pub fn plain(&self) -> hearth_ffi::ChatMessage {
+        let mut content = self.content.clone();
+        for call in &self.tool_calls {
+            if !content.is_empty() {
+                content.push('\n');
+            }
+            content.push_str(&call.constrained_text());
+        }
+        hearth_ffi::ChatMessage { role: self.role.clone(), content }
+    }
+}
 
 /// A validated generation request, as the D-Bus layer hands it to the engine.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct GenerateRequest {
-    pub messages: Vec<ChatMessage>,
+    pub messages: Vec<Message>,
     /// None: the default model. The model manager routes the request to its engine.
     pub model: Option<String>,
     pub max_tokens: u32,
@@ -56,9 +87,13 @@ pub struct GenerateRequest {
     /// Text the assistant has already said (a cloud stream that broke off): the model
     /// continues the assistant's turn from exactly here.
     pub assistant_prefix: Option<String>,
-    /// GBNF grammar the sampled output must follow (structured output and tool calls,
-    /// compiled from the caller's schema or tools above the engine; on-device only).
+    /// GBNF grammar the sampled output must follow (structured output, compiled from the
+    /// caller's schema above the engine; on-device only).
     pub grammar: Option<Arc<str>>,
+    /// Tools the model may call (on-device only): the engine shows them in its model's own
+    /// format where the model's template has one, else the constrained way, and sets the
+    /// grammar of that format.
+    pub tools: Option<Arc<crate::structured::ToolPrompt>>,
     /// LoRA adapters by name → scale (on-device only); None: the manifest's scales.
     pub adapters: Option<std::collections::BTreeMap<String, f32>>,
     /// The session whose turn this is: its KV is reused, and kept for the next turn.
@@ -188,6 +223,9 @@ impl CancelToken {
 
 /// What the engine streams back for one request.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+// Finished comes once per request, the tokens each in a channel slot of this size: boxing the
+// outcome would save a few hundred bytes per token in flight, and cost an allocation each end.
+#[allow(clippy::large_enum_variant)]
 pub enum Event {
     /// One generated token and the text it completes (may be empty mid-character).
     Token { index: u32, id: Token, text: String },
@@ -229,6 +267,11 @@ pub struct Outcome {
     pub decode: Duration,
     /// Per generated token, when the request asked for them.
     pub logprobs: Vec<TokenLogprob>,
+    /// How the request's tools were shown, so how its calls are written.
+    pub tool_format: crate::structured::ToolFormat,
+    /// The compute time attributed to it (its share of each decode step it was in, its
+    /// images' encoding and decoding): what the energy ledger prices.
+    pub compute: Duration,
     /// Set when `reason` is Cancelled or EngineError.
     pub error: Option<EngineError>,
 }
@@ -250,6 +293,8 @@ impl Outcome {
             prefill: Duration::ZERO,
             decode: Duration::ZERO,
             logprobs: Vec::new(),
+            tool_format: crate::structured::ToolFormat::Constrained,
+            compute: Duration::ZERO,
             error,
         }
     }
@@ -339,6 +384,9 @@ pub struct LoadedModelInfo {
     pub gpu_device: Option<String>,
     pub gpu_layers: u32,
     pub layers: u32,
+    /// How its chat template shows tools (engine/template.rs): its own format, or the
+    /// constrained one.
+    pub tool_format: crate::structured::ToolFormat,
 }
 
 /// How an engine's KV cache stores keys and values ([`hearth_ffi::KvType`]): `q8_0`

@@ -4,15 +4,18 @@
 //! large grammar delays only its own admission, never the tokens of requests already running.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use hearth_ffi::{Model, Sampler, Token};
 use tokio::sync::{mpsc, oneshot};
 
 use super::image::{self, ImageSpan, Vision};
+use super::template::NativeTemplate;
 use super::{
-    Accepted, AdapterSet, Caller, CancelToken, Command, EngineError, Event, GenerateRequest, Priority, Throttle,
-    TokenCount, Wake,
+    Accepted, AdapterSet, Caller, CancelToken, Command, EngineError, Event, GenerateRequest, Message, Priority,
+    Throttle, TokenCount, Wake,
 };
+use crate::structured::{ToolChoice, ToolFormat};
 
 /// A request made ready for the worker.
 #[derive(Debug)]
@@ -25,6 +28,8 @@ pub struct Prepared {
     pub max_tokens: u32,
     pub sampler: Sampler,
     pub adapters: AdapterSet,
+    /// How its tools were shown (so how its calls are written).
+    pub tool_format: ToolFormat,
 }
 
 /// What an error of llama.cpp's while preparing says to the app: the input's fault where it is.
@@ -87,6 +92,25 @@ impl<T> FairQueue<T> {
     }
 }
 
+/// A request rendered and tokenized: its prompt, its images' places in it and their encoding
+/// time, its grammar and how its tools were shown.
+struct Rendered {
+    prompt: Vec<Token>,
+    images: Vec<ImageSpan>,
+    image_encode: Duration,
+    grammar: Option<Arc<str>>,
+    tool_format: ToolFormat,
+}
+
+/// A conversation as prompt text: whether the tokenizer adds the model's special tokens, the
+/// grammar, and how the tools were shown.
+struct Shown {
+    text: String,
+    add_special: bool,
+    grammar: Option<Arc<str>>,
+    tool_format: ToolFormat,
+}
+
 /// What preparing needs of the loaded model.
 #[derive(Debug, Clone)]
 pub struct Preparer {
@@ -97,6 +121,10 @@ pub struct Preparer {
     throttle: Arc<Throttle>,
     /// The model's vision projector, if it has one.
     vision: Option<Vision>,
+    /// The model's own template, where it shows tools.
+    native: Option<Arc<NativeTemplate>>,
+    /// Compute time per app (image encoding here), for the energy ledger.
+    compute: Arc<super::Compute>,
 }
 
 /// A Submit on its way to the worker, or a CountTokens.
@@ -124,8 +152,10 @@ impl Preparer {
         n_ctx: u32,
         throttle: Arc<Throttle>,
         vision: Option<Vision>,
+        native: Option<Arc<NativeTemplate>>,
+        compute: Arc<super::Compute>,
     ) -> Self {
-        Self { model, model_name, n_ctx, throttle, vision }
+        Self { model, model_name, n_ctx, throttle, vision, native, compute }
     }
 
     /// Checks `request` of `app` against the model and the memory ceiling, and renders,
@@ -140,16 +170,15 @@ impl Preparer {
                 request.max_tokens, self.n_ctx, self.model_name
             )));
         }
-        let (prompt, images, image_encode) = self.render(app, request)?;
+        let Rendered { prompt, images, image_encode, grammar, tool_format } = self.render(app, request)?;
         // Room for the prompt and at least one generated token.
         if prompt.len() >= self.n_ctx as usize {
             return Err(EngineError::ContextLengthExceeded { prompt: prompt.len(), context: self.n_ctx });
         }
         let adapters = self.adapter_set(request.adapters.as_ref())?;
         let max_tokens = request.max_tokens.min(self.n_ctx - prompt.len() as u32);
-        let sampler =
-            Sampler::with_grammar(&self.model, request.sampling, request.grammar.as_deref()).map_err(input_error)?;
-        Ok(Prepared { prompt, images, image_encode, max_tokens, sampler, adapters })
+        let sampler = Sampler::with_grammar(&self.model, request.sampling, grammar.as_deref()).map_err(input_error)?;
+        Ok(Prepared { prompt, images, image_encode, max_tokens, sampler, adapters, tool_format })
     }
 
     /// What `request` of `app` takes of the context, rendered and tokenized as [`Self::prepare`]
@@ -159,26 +188,28 @@ impl Preparer {
             // Encoding images allocates; counting text does not.
             return Err(refusal);
         }
-        let (prompt, images, _) = self.render(app, request)?;
-        let image_tokens = images.iter().map(|i| i.n_tokens as u32).sum();
-        Ok(TokenCount { prompt_tokens: prompt.len() as u32, image_tokens, context_length: self.n_ctx })
+        let r = self.render(app, request)?;
+        let image_tokens = r.images.iter().map(|i| i.n_tokens as u32).sum();
+        Ok(TokenCount { prompt_tokens: r.prompt.len() as u32, image_tokens, context_length: self.n_ctx })
     }
 
-    /// Renders the chat template and tokenizes, images encoded in place.
-    fn render(
-        &self,
-        app: &str,
-        request: &GenerateRequest,
-    ) -> Result<(Vec<Token>, Vec<ImageSpan>, std::time::Duration), EngineError> {
-        let (prompt, images, image_encode) = if request.images.is_empty() {
-            let mut text = self.model.apply_chat_template(&request.messages, true).map_err(input_error)?;
-            if let Some(prefix) = &request.assistant_prefix {
-                text.push_str(prefix);
-            }
-            (self.model.tokenize(&text, true, true)?, Vec::new(), std::time::Duration::ZERO)
-        } else {
-            self.with_images(app, request)?
-        };
+    /// Renders the conversation (tools shown in the model's format) and tokenizes it, each
+    /// image's tokens in place of its marker at the start of its message's text.
+    fn render(&self, app: &str, request: &GenerateRequest) -> Result<Rendered, EngineError> {
+        let mut messages = request.messages.clone();
+        if !request.images.is_empty() {
+            self.place_markers(request, &mut messages)?;
+        }
+        let Shown { mut text, add_special, grammar, tool_format } = self.template(request, &messages)?;
+        if let Some(prefix) = &request.assistant_prefix {
+            text.push_str(prefix);
+        }
+        if request.images.is_empty() {
+            let prompt = self.model.tokenize(&text, add_special, true)?;
+            return Ok(Rendered { prompt, images: Vec::new(), image_encode: Duration::ZERO, grammar, tool_format });
+        }
+        let (prompt, images, image_encode) = self.with_images(app, request, &text, add_special)?;
+        self.compute.add(app, image_encode.as_micros() as u64);
         // Encoding images is compute like a decode step: under the thermal governor's duty
         // cycle, the preparer rests after it as the decode loop does after a step.
         if let Some(pause) = self.throttle.duty().map(|d| encode_pause(image_encode, d)).filter(|p| !p.is_zero()) {
@@ -189,31 +220,70 @@ impl Preparer {
             );
             std::thread::sleep(pause);
         }
-        Ok((prompt, images, image_encode))
+        Ok(Rendered { prompt, images, image_encode, grammar, tool_format })
     }
 
-    /// Renders and tokenizes a request with images: each image's marker goes at the start of
-    /// its message's text, the template is rendered, and the text between markers is
-    /// tokenized around each image's tokens and placeholders (image.rs).
-    fn with_images(
-        &self,
-        app: &str,
-        request: &GenerateRequest,
-    ) -> Result<(Vec<Token>, Vec<ImageSpan>, std::time::Duration), EngineError> {
-        let Some(vision) = &self.vision else {
+    /// The prompt text of `messages`, whether the tokenizer adds the model's special tokens
+    /// (not when the text begins with BOS itself), the grammar, and how tools were shown:
+    /// by the model's own template where it shows them (and the choice lets the model call),
+    /// else the constrained way through llama.h's template API.
+    fn template(&self, request: &GenerateRequest, messages: &[Message]) -> Result<Shown, EngineError> {
+        let tools = request.tools.as_deref();
+        if let (Some(tools), Some(native)) = (tools, &self.native)
+            && tools.choice != ToolChoice::None
+        {
+            let list: serde_json::Value = serde_json::from_str(&tools.tools)
+                .map_err(|e| EngineError::Internal(format!("the request's tools are not JSON: {e}")))?;
+            let text = native.render(messages, &list).map_err(EngineError::InvalidArgs)?;
+            return Ok(Shown {
+                add_special: !native.starts_with_bos(&text),
+                text,
+                grammar: tools.grammar(native.format()).map(Arc::from),
+                tool_format: native.format(),
+            });
+        }
+        let mut plain: Vec<hearth_ffi::ChatMessage> = messages.iter().map(Message::plain).collect();
+        let grammar = match tools {
+            Some(tools) => {
+                match plain.first_mut() {
+                    Some(first) if first.role == "system" => {
+                        first.content = tools.constrained_system(Some(&first.content));
+                    }
+                    _ => plain.insert(
+                        0,
+                        hearth_ffi::ChatMessage { role: "system".into(), content: tools.constrained_system(None) },
+                    ),
+                }
+                tools.grammar(ToolFormat::Constrained).map(Arc::from)
+            }
+            None => request.grammar.clone(),
+        };
+        let text = self.model.apply_chat_template(&plain, true).map_err(input_error)?;
+        Ok(Shown { text, add_special: true, grammar, tool_format: ToolFormat::Constrained })
+    }
+
+    /// Puts each image's marker at the start of its message's text (checking that no text
+    /// holds one already).
+    fn place_markers(&self, request: &GenerateRequest, messages: &mut [Message]) -> Result<(), EngineError> {
+        if self.vision.is_none() {
             return Err(EngineError::InvalidArgs(format!(
                 "model {:?} takes no images: its manifest names no vision projector (mmproj)",
                 self.model_name
             )));
-        };
-        let texts = request.messages.iter().map(|m| m.content.as_str()).chain(request.assistant_prefix.as_deref());
-        if texts.into_iter().any(|t| t.contains(image::MARKER)) {
+        }
+        let calls = request.messages.iter().flat_map(|m| &m.tool_calls).map(|c| c.arguments.as_str());
+        let mut texts = request.messages.iter().map(|m| m.content.as_str()).chain(calls);
+        if texts.any(|t| t.contains(image::MARKER))
+            || request.assistant_prefix.as_deref().is_some_and(|p| p.contains(image::MARKER))
+        {
             return Err(EngineError::InvalidArgs(format!(
                 "a message holds the text {:?}, which marks images here",
                 image::MARKER
             )));
         }
-        let mut messages = request.messages.clone();
+        if request.images.iter().any(|im| im.message as usize >= messages.len()) {
+            return Err(EngineError::Internal("an image belongs to no message".into()));
+        }
         for (i, m) in messages.iter_mut().enumerate() {
             let n = request.images.iter().filter(|im| im.message as usize == i).count();
             if n > 0 {
@@ -221,13 +291,21 @@ impl Preparer {
                 m.content = format!("{}{sep}{}", image::MARKER.repeat(n), m.content);
             }
         }
-        if request.images.iter().any(|im| im.message as usize >= messages.len()) {
-            return Err(EngineError::Internal("an image belongs to no message".into()));
-        }
-        let mut text = self.model.apply_chat_template(&messages, true).map_err(input_error)?;
-        if let Some(prefix) = &request.assistant_prefix {
-            text.push_str(prefix);
-        }
+        Ok(())
+    }
+
+    /// Tokenizes rendered `text` around its image markers, each image encoded in their place
+    /// (image.rs).
+    fn with_images(
+        &self,
+        app: &str,
+        request: &GenerateRequest,
+        text: &str,
+        add_special: bool,
+    ) -> Result<(Vec<Token>, Vec<ImageSpan>, Duration), EngineError> {
+        let Some(vision) = &self.vision else {
+            return Err(EngineError::Internal("images without a projector".into()));
+        };
         let pieces: Vec<&str> = text.split(image::MARKER).collect();
         if pieces.len() != request.images.len() + 1 {
             return Err(EngineError::InvalidArgs(format!(
@@ -240,9 +318,9 @@ impl Preparer {
         // Images in message order (the messages' own order of images kept).
         let mut order: Vec<(usize, &super::ImageInput)> = request.images.iter().enumerate().collect();
         order.sort_by_key(|(k, im)| (im.message, *k));
-        let (mut prompt, mut spans, mut took) = (Vec::new(), Vec::new(), std::time::Duration::ZERO);
+        let (mut prompt, mut spans, mut took) = (Vec::new(), Vec::new(), Duration::ZERO);
         for (k, piece) in pieces.iter().enumerate() {
-            prompt.extend(self.model.tokenize(piece, k == 0, true)?);
+            prompt.extend(self.model.tokenize(piece, k == 0 && add_special, true)?);
             if let Some((n, im)) = order.get(k) {
                 let what = format!("image {n} (of messages[{}])", im.message);
                 took += vision.append(app, &what, &im.bytes, &mut prompt, &mut spans)?;

@@ -22,7 +22,7 @@ use super::{
 
 /// Bumped on every incompatible change; hearthd and hearth-engine of different versions
 /// refuse each other (they are installed together, so this catches a stale binary).
-pub const VERSION: u32 = 6;
+pub const VERSION: u32 = 7;
 
 /// The largest frame either side accepts: a parked session's KV (a whole context of one
 /// sequence) travels in one frame.
@@ -172,9 +172,10 @@ pub enum FromEngine {
     Parked { session: u64, kv: SessionKv },
     /// The queue changed; with the KV gauges of the moment.
     Status { status: EngineStatus, kv: KvSnapshot },
-    /// Sent every [`HEARTBEAT`] while the loop works: when it last beat, whether it idles, the
-    /// KV gauges, and the uncapped decode rate.
-    Heartbeat { beat_ago_ms: u64, idle: bool, kv: KvSnapshot, potential_mtps: u64 },
+    /// Sent every [`HEARTBEAT`] while the loop works (and once when it goes idle): when it
+    /// last beat, whether it idles, the KV gauges, the uncapped decode rate, and each app's
+    /// compute time since the engine started ([`super::Compute`]).
+    Heartbeat { beat_ago_ms: u64, idle: bool, kv: KvSnapshot, potential_mtps: u64, compute_us: Vec<(String, u64)> },
 }
 
 /// How often a busy engine reports its heartbeat.

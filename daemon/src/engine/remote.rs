@@ -138,6 +138,7 @@ impl EngineHandle {
     pub async fn spawn(
         spec: &SpawnSpec,
         throttle: &Arc<Throttle>,
+        compute: &Arc<super::Compute>,
         sessions: &Arc<dyn SessionVault>,
         progress: &mut (dyn FnMut(f32) + Send),
     ) -> Result<Self, String> {
@@ -222,7 +223,8 @@ impl EngineHandle {
         });
         inner.liveness.observe(Duration::ZERO, true);
         tokio::spawn(write_frames(FramedWrite::new(write, protocol::codec()), out_rx));
-        let reader = tokio::spawn(read_frames(Arc::clone(&inner), frames, status_tx, Arc::clone(throttle)));
+        let reader =
+            tokio::spawn(read_frames(Arc::clone(&inner), frames, status_tx, Arc::clone(throttle), Arc::clone(compute)));
         tokio::spawn(forward_throttle(Arc::clone(&inner), Arc::clone(throttle), start.throttle));
         let handle = Self { inner };
         tokio::spawn(supervise(handle.clone(), child, reader, kill_rx, exited_tx, spec.hang_limit));

@@ -136,6 +136,8 @@ pub(super) struct Scheduler {
     kv_reserved: u32,
     /// Background requests stay queued (governors: hot or low on battery).
     defer_background: bool,
+    /// These apps' background requests stay queued (past their energy budgets).
+    deferred_apps: std::collections::HashSet<String>,
 }
 
 impl Scheduler {
@@ -152,7 +154,18 @@ impl Scheduler {
             shared_running: 0,
             kv_reserved: 0,
             defer_background: false,
+            deferred_apps: std::collections::HashSet::new(),
         }
+    }
+
+    /// Holds the background requests of `apps` in the queue; others' start again.
+    pub fn set_deferred_apps(&mut self, apps: Vec<String>) {
+        self.deferred_apps = apps.into_iter().collect();
+    }
+
+    /// Whether `w` is held back by a deferral.
+    fn deferred(&self, w: &Waiting) -> bool {
+        w.priority == Priority::Background && (self.defer_background || self.deferred_apps.contains(&w.caller.app))
     }
 
     /// Holds background requests in the queue (true) or lets them start again.
@@ -162,7 +175,7 @@ impl Scheduler {
 
     /// Whether every waiting request is held back by the deferral.
     pub fn only_deferred_waiting(&self) -> bool {
-        self.defer_background && self.waiting.iter().all(|w| w.priority == Priority::Background)
+        (self.defer_background || !self.deferred_apps.is_empty()) && self.waiting.iter().all(|w| self.deferred(w))
     }
 
     pub fn kv_reserved(&self) -> u32 {
@@ -318,11 +331,10 @@ impl Scheduler {
     /// oldest (deferred background requests not at all).
     fn best(&self) -> Option<usize> {
         let served = |app: &str| self.apps.get(app).map_or(0, |a| a.served);
-        let defer = self.defer_background;
         self.waiting
             .iter()
             .enumerate()
-            .filter(|(_, w)| !(defer && w.priority == Priority::Background))
+            .filter(|(_, w)| !self.deferred(w))
             .max_by(|(_, a), (_, b)| {
                 a.priority
                     .cmp(&b.priority)

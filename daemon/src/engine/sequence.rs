@@ -11,6 +11,7 @@ use super::image::ImageSpan;
 use super::speculate::Drafter;
 use super::stop::{Released, StopFilter};
 use super::{AdapterSet, Caller, CancelReason, CancelToken, Event, Outcome, Priority};
+use crate::structured::ToolFormat;
 
 /// A request accepted by the engine and waiting for a sequence slot.
 #[derive(Debug)]
@@ -34,6 +35,8 @@ pub(super) struct Waiting {
     pub stop: StopFilter,
     /// Some(n): log-probabilities with the n likeliest alternatives.
     pub logprobs: Option<u8>,
+    /// How its tools were shown.
+    pub tool_format: ToolFormat,
     pub cancel: CancelToken,
     pub events: mpsc::UnboundedSender<Event>,
 }
@@ -84,6 +87,9 @@ pub(super) struct Sequence {
     /// Some(n): log-probabilities with the n likeliest alternatives, one per generated token.
     pub want_logprobs: Option<u8>,
     pub logprobs: Vec<super::TokenLogprob>,
+    pub tool_format: ToolFormat,
+    /// Compute time attributed to it so far (its share of each step), microseconds.
+    pub compute_us: u64,
     pub cancel: CancelToken,
     pub events: mpsc::UnboundedSender<Event>,
     pub started: Instant,
@@ -127,6 +133,8 @@ impl Sequence {
             stop: w.stop,
             want_logprobs: w.logprobs,
             logprobs: Vec::new(),
+            tool_format: w.tool_format,
+            compute_us: w.image_encode.as_micros() as u64,
             cancel: w.cancel,
             events: w.events,
             started: Instant::now(),
@@ -248,6 +256,8 @@ impl Sequence {
             prefill: first.saturating_duration_since(self.started),
             decode: self.last_token_at.map_or(Duration::ZERO, |l| l.saturating_duration_since(first)),
             logprobs: std::mem::take(&mut self.logprobs),
+            tool_format: self.tool_format,
+            compute: Duration::from_micros(self.compute_us),
             error,
         }
     }

@@ -53,6 +53,42 @@ impl KvGauges {
     }
 }
 
+/// Compute time per app, cumulative, in microseconds: each decode step's time shared among
+/// the sequences in it by the rows each put in its batch (a decode token and its draft, a
+/// prompt chunk), an image's decoding and encoding and an embedded text's time wholly its
+/// app's. The energy ledger turns it into joules. In the engine it counts since the engine
+/// started (the heartbeat carries it); hearthd's adds up every engine's.
+#[derive(Debug, Default)]
+pub struct Compute {
+    by_app: std::sync::Mutex<std::collections::HashMap<String, u64>>,
+}
+
+impl Compute {
+    /// Apps counted apart at most; the rest count together as [`Compute::OTHERS`].
+    pub const MAX_APPS: usize = 1024;
+    pub const OTHERS: &str = "(other apps)";
+
+    pub fn add(&self, app: &str, us: u64) {
+        if us == 0 {
+            return;
+        }
+        let mut m = self.by_app.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let app = if m.len() >= Self::MAX_APPS && !m.contains_key(app) { Self::OTHERS } else { app };
+        match m.get_mut(app) {
+            Some(v) => *v = v.saturating_add(us),
+            None => {
+                m.insert(app.to_owned(), us);
+            }
+        }
+    }
+
+    /// Every app's total so far.
+    pub fn snapshot(&self) -> Vec<(String, u64)> {
+        let m = self.by_app.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        m.iter().map(|(k, v)| (k.clone(), *v)).collect()
+    }
+}
+
 /// Whether the engine loop makes progress, for its supervisor: the loop beats at every turn
 /// (one decode step, one embedded text: bounded units), and says when it sleeps for want
 /// of work. A long job that progresses beats; a hung loop does not. hearthd mirrors the
@@ -200,6 +236,8 @@ pub struct Throttle {
     pub threads: AtomicU32,
     /// Keep background requests queued.
     pub defer_background: AtomicBool,
+    /// Keep these apps' background requests queued (past their energy budgets), sorted.
+    deferred_apps: std::sync::Mutex<Vec<String>>,
     /// hearthd's anonymous memory is over its ceiling (set by the ceiling watch): every
     /// engine ends its device work and refuses new work until it is cleared.
     pub over_ceiling: AtomicBool,
@@ -214,7 +252,7 @@ pub struct Throttle {
 }
 
 /// The governors' demands as one value, for the engine process.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ThrottleState {
     pub rate_cap_mtps: u64,
     pub duty_milli: u32,
@@ -222,6 +260,7 @@ pub struct ThrottleState {
     pub defer_background: bool,
     pub over_ceiling: bool,
     pub ceiling_mib: u64,
+    pub deferred_apps: Vec<String>,
 }
 
 impl Throttle {
@@ -243,11 +282,29 @@ impl Throttle {
             defer_background: self.defer_background.load(Ordering::Relaxed),
             over_ceiling: self.over_ceiling.load(Ordering::Acquire),
             ceiling_mib: self.ceiling_mib.load(Ordering::Relaxed),
+            deferred_apps: self.deferred_apps(),
         }
     }
 
+    /// The apps whose background requests stay queued.
+    pub fn deferred_apps(&self) -> Vec<String> {
+        self.deferred_apps.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clone()
+    }
+
+    /// Sets the apps whose background requests stay queued; whether that changed anything
+    /// (then call [`Throttle::changed`]).
+    pub fn set_deferred_apps(&self, mut apps: Vec<String>) -> bool {
+        apps.sort();
+        apps.dedup();
+        let mut now = self.deferred_apps.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let changed = *now != apps;
+        *now = apps;
+        changed
+    }
+
     /// Takes `state` as the demands in force (in the engine process).
-    pub fn apply(&self, state: ThrottleState) {
+    pub fn apply(&self, state: &ThrottleState) {
+        self.set_deferred_apps(state.deferred_apps.clone());
         self.rate_cap_mtps.store(state.rate_cap_mtps, Ordering::Relaxed);
         self.duty_milli.store(state.duty_milli, Ordering::Relaxed);
         self.threads.store(state.threads, Ordering::Relaxed);

@@ -44,6 +44,8 @@ pub(super) struct Worker {
     status: watch::Sender<EngineStatus>,
     kv: Arc<KvGauges>,
     liveness: Arc<super::Liveness>,
+    /// Compute time per app, for the energy ledger.
+    compute: Arc<super::Compute>,
     batch: Batch,
     /// Thrown by the handle when an interactive request arrives; aborts a decode step that
     /// holds only lower-priority work (held while a step carries interactive work).
@@ -104,6 +106,7 @@ impl Worker {
         status: watch::Sender<EngineStatus>,
         kv: Arc<KvGauges>,
         liveness: Arc<super::Liveness>,
+        compute: Arc<super::Compute>,
         settings: &EngineSettings,
         throttle: Arc<super::Throttle>,
         sessions: Arc<SessionLink>,
@@ -126,6 +129,7 @@ impl Worker {
             status,
             kv,
             liveness,
+            compute,
             batch: Batch::new(settings.batch_size as usize, 1),
             scheduler: Scheduler::new(limits),
             running: Vec::new(),
@@ -283,7 +287,8 @@ impl Worker {
             let _ = reply.send(Err(e));
             return;
         }
-        let super::prepare::Prepared { prompt, images, image_encode, max_tokens, sampler, adapters } = prepared;
+        let super::prepare::Prepared { prompt, images, image_encode, max_tokens, sampler, adapters, tool_format } =
+            prepared;
         let id = self.next_id;
         self.next_id += 1;
         let accepted = Accepted { id, prompt_tokens: prompt.len() as u32 };
@@ -304,6 +309,7 @@ impl Worker {
             image_encode,
             stop: super::stop::StopFilter::new(&request.stop),
             logprobs: request.logprobs,
+            tool_format,
             cancel,
             events,
         });

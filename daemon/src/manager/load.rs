@@ -142,11 +142,13 @@ impl ModelManager {
         let this = self.clone();
         let mut progress = move |f: f32| this.set_progress(&name, LoadPhase::Loading, f64::from(f));
         let vault: Arc<dyn crate::engine::SessionVault> = self.inner.sessions.clone();
-        EngineHandle::spawn(&spec, &self.inner.throttle, &vault, &mut progress).await.map_err(|reason| {
-            let reason = format!("its engine did not start: {reason}");
-            tracing::error!(model = %spec.model, reason = %reason, "model refused");
-            unavailable(&spec.model, reason)
-        })
+        EngineHandle::spawn(&spec, &self.inner.throttle, &self.inner.compute, &vault, &mut progress).await.map_err(
+            |reason| {
+                let reason = format!("its engine did not start: {reason}");
+                tracing::error!(model = %spec.model, reason = %reason, "model refused");
+                unavailable(&spec.model, reason)
+            },
+        )
     }
 
     /// Verifies the model file, its adapters and its projector (blocking): the open files, in

@@ -6,7 +6,7 @@ use std::os::unix::fs::PermissionsExt;
 use std::time::Duration;
 
 use crate::engine::FinishReason;
-use hearth_ffi::{ChatMessage, SamplerParams};
+use hearth_ffi::SamplerParams;
 use sha2::Digest;
 
 use super::*;
@@ -72,7 +72,7 @@ pub(crate) fn caller(app: &str) -> Caller {
 
 pub(crate) fn request(model: Option<&str>, prompt: &str, max_tokens: u32) -> GenerateRequest {
     GenerateRequest {
-        messages: vec![ChatMessage { role: "user".into(), content: prompt.into() }],
+        messages: vec![crate::engine::Message::new("user", prompt)],
         model: model.map(str::to_owned),
         max_tokens,
         sampling: SamplerParams::default(),
@@ -80,6 +80,7 @@ pub(crate) fn request(model: Option<&str>, prompt: &str, max_tokens: u32) -> Gen
         deadline: None,
         assistant_prefix: None,
         grammar: None,
+        tools: None,
         adapters: None,
         session: None,
         speculative: true,

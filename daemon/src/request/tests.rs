@@ -82,7 +82,14 @@ fn accepts_a_full_request() {
     assert_eq!(p.request.deadline, Some(std::time::Duration::from_millis(1500)));
     assert_eq!(
         p.parts[0],
-        Part { role: "user".into(), content: Content::Text("hi".into()), scope: Scope::Personal, images: Vec::new() }
+        Part {
+            role: "user".into(),
+            content: Content::Text("hi".into()),
+            scope: Scope::Personal,
+            images: Vec::new(),
+            tool_calls: Vec::new(),
+            tool_call_id: None
+        }
     );
     assert_eq!(p.route, RouteRequest::Auto);
 }

@@ -24,11 +24,13 @@ struct Counters {
 pub struct Activity {
     apps: Mutex<HashMap<String, Arc<Counters>>>,
     epoch: std::time::Instant,
+    /// Prices each finished request's compute.
+    energy: Option<Arc<crate::energy::Ledger>>,
 }
 
 impl Default for Activity {
     fn default() -> Self {
-        Self { apps: Mutex::default(), epoch: std::time::Instant::now() }
+        Self::new(None)
     }
 }
 
@@ -44,6 +46,10 @@ impl Drop for Running {
 }
 
 impl Activity {
+    pub fn new(energy: Option<Arc<crate::energy::Ledger>>) -> Self {
+        Self { apps: Mutex::default(), epoch: std::time::Instant::now(), energy }
+    }
+
     fn start(&self, app: &str) -> Running {
         let mut apps = self.apps.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         if !apps.contains_key(app) && apps.len() >= MAX_APPS {
@@ -64,14 +70,31 @@ impl Activity {
     }
 
     /// Passes `events` of a request of `app` through, counting it running until its stream
-    /// ends and each of its tokens.
+    /// ends and each of its tokens, and pricing its compute when it finishes (the audit
+    /// line of its end carries the energy).
     pub fn watch(&self, app: &str, mut events: Events) -> Events {
         let running = self.start(app);
         let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        let (energy, app) = (self.energy.clone(), app.to_owned());
         tokio::spawn(async move {
-            while let Some(event) = events.recv().await {
-                if matches!(event, StreamEvent::Token { .. }) {
-                    running.0.tokens.fetch_add(1, Ordering::Relaxed);
+            while let Some(mut event) = events.recv().await {
+                match &mut event {
+                    StreamEvent::Token { .. } => {
+                        running.0.tokens.fetch_add(1, Ordering::Relaxed);
+                    }
+                    StreamEvent::Finished(finish) => {
+                        let o = &finish.outcome;
+                        finish.energy = energy.as_ref().map(|l| l.price(o.compute));
+                        finish.over_budget = energy.as_ref().and_then(|l| l.over_budget(&app));
+                        tracing::info!(
+                            target: "hearth::audit", app = %app, model = %o.model, reason = ?o.reason,
+                            prompt_tokens = o.prompt_tokens, tokens = o.token_ids.len(),
+                            compute_ms = o.compute.as_millis() as u64,
+                            energy_mj = finish.energy.map(|e| e.0.round() as u64),
+                            energy_source = finish.energy.map(|e| e.1), "request finished"
+                        );
+                    }
+                    _ => {}
                 }
                 if tx.send(event).is_err() {
                     break; // nobody listens: dropping `events` cancels the generation

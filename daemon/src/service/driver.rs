@@ -51,18 +51,22 @@ pub struct Finish {
     /// Why it failed or was cancelled, as the caller is told: the engine's error, or one of
     /// the route (the cloud, a model that cannot take the request).
     pub error: Option<Error>,
+    /// What its device compute cost, mJ, and the energy source, and whether its app is past
+    /// its energy budget (None: it has none); set by the activity table.
+    pub energy: Option<(f64, &'static str)>,
+    pub over_budget: Option<bool>,
 }
 
 impl StreamEvent {
     /// The end, as the outcome says (its error, if any, is the engine's).
     fn finished(outcome: Outcome, route: Option<(String, String)>) -> Self {
         let error = outcome.error.clone().map(Error::from);
-        Self::Finished(Box::new(Finish { outcome, route, error }))
+        Self::Finished(Box::new(Finish { outcome, route, error, energy: None, over_budget: None }))
     }
 
     /// The end, with an error of the route rather than of the engine.
     fn failed(outcome: Outcome, route: Option<(String, String)>, error: Option<Error>) -> Self {
-        Self::Finished(Box::new(Finish { outcome, route, error }))
+        Self::Finished(Box::new(Finish { outcome, route, error, energy: None, over_budget: None }))
     }
 }
 

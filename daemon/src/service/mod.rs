@@ -57,6 +57,38 @@ pub struct HearthService {
     in_flight: InFlight,
     callers: CallerCache,
     activity: Arc<activity::Activity>,
+    /// The energy ledger (None with energy.enabled = false).
+    energy: Option<Arc<crate::energy::Ledger>>,
+}
+
+/// Every ledger interval, judges the apps' energy budgets: the background requests of an app
+/// past one stay queued in the engines until it is back under (the hour window slides).
+async fn budget_watch(
+    ledger: std::sync::Weak<crate::energy::Ledger>,
+    gate: Arc<Gate>,
+    throttle: Arc<crate::engine::Throttle>,
+) {
+    let every = ledger.upgrade().map_or(1000, |l| l.config().interval_ms);
+    let mut tick = tokio::time::interval(std::time::Duration::from_millis(every));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let Some(ledger) = ledger.upgrade() else { return };
+        let over = ledger.judge_budgets(|app, hour_j, day_j| {
+            let policy = gate.policy(app);
+            policy.has_energy_budget().then(|| policy.over_energy_budget(hour_j, day_j))
+        });
+        let before = throttle.deferred_apps();
+        if throttle.set_deferred_apps(over.clone()) {
+            for app in over.iter().filter(|a| !before.contains(a)) {
+                tracing::info!(target: "hearth::audit", app = %app, "past its energy budget: its background work waits");
+            }
+            for app in before.iter().filter(|a| !over.contains(a)) {
+                tracing::info!(target: "hearth::audit", app = %app, "back under its energy budget");
+            }
+            throttle.changed();
+        }
+    }
 }
 
 impl HearthService {
@@ -70,8 +102,20 @@ impl HearthService {
         callers: CallerCache,
     ) -> Self {
         let next_request = Arc::new(AtomicU64::new(1));
-        let activity = Arc::default();
-        Self { models, gate, governor, cloud, config_paths, next_request, in_flight, callers, activity }
+        let config = models.config();
+        let energy = config.energy.enabled.then(|| {
+            let ledger = Arc::new(crate::energy::Ledger::new(
+                config.energy.clone(),
+                config.energy.sysfs_root.as_ref().unwrap_or(&config.governor.sysfs_root),
+                models.compute(),
+            ));
+            let engines = models.clone();
+            tokio::spawn(Arc::clone(&ledger).run(move || engines.queue().running > 0));
+            tokio::spawn(budget_watch(Arc::downgrade(&ledger), Arc::clone(&gate), models.throttle()));
+            ledger
+        });
+        let activity = Arc::new(activity::Activity::new(energy.clone()));
+        Self { models, gate, governor, cloud, config_paths, next_request, in_flight, callers, activity, energy }
     }
 
     /// What the router should know about the cloud for `request`: the documented cost rule
@@ -100,7 +144,7 @@ impl HearthService {
     }
 
     /// Applies the caller's policy and the privacy rules: the request with its messages
-    /// unsealed (and, for structured output, the tools described and the grammar set),
+    /// unsealed (and, for structured output, the grammar or the tools set),
     /// where it runs, and the structure its result is checked against.
     fn admit(
         &self,
@@ -110,7 +154,11 @@ impl HearthService {
         route: RouteRequest,
         structure: Option<Arc<Structure>>,
     ) -> Result<Admitted, Error> {
-        let cloud = self.cloud_view(&request, &parts);
+        let energy = self.energy_admission(&who.app, &mut request)?;
+        let mut cloud = self.cloud_view(&request, &parts);
+        if energy && cloud.available && cloud.prefer.is_none() {
+            cloud.prefer = Some("the app is past its energy budget");
+        }
         let admitted =
             self.gate.admit(&who.app, &request, &self.models.default_model(), parts, route, cloud).inspect_err(
                 |e| tracing::info!(caller = %who.connection, app = %who.app, error = e.kind(), "request refused"),
@@ -118,14 +166,29 @@ impl HearthService {
         request.messages = admitted.messages;
         request.images = admitted.images;
         if let Some(s) = &structure {
-            let before = request.messages.len();
-            request.messages = s.messages(&request.messages);
-            // A tools description may come as a new first message: the images' follow theirs.
-            let inserted = (request.messages.len() - before) as u32;
-            request.images.iter_mut().for_each(|i| i.message += inserted);
             request.grammar = s.grammar().map(Arc::from);
+            request.tools = s.tool_prompt().cloned().map(Arc::new);
         }
         Ok(Admitted { request, decision: admitted.decision, structure })
+    }
+
+    /// The app's energy budgets at admission: past its hard cap, Busy; past a budget, its
+    /// request runs at background priority (so it waits while the app stays over) and true
+    /// (the cloud is preferred where its data may go).
+    fn energy_admission(&self, app: &str, request: &mut GenerateRequest) -> Result<bool, Error> {
+        let Some(ledger) = &self.energy else { return Ok(false) };
+        let policy = self.gate.policy(app);
+        if policy.energy_cap_per_day_j > 0 {
+            let day_j = ledger.day_j(app);
+            if day_j >= f64::from(policy.energy_cap_per_day_j) {
+                return Err(Error::EnergyCap { used_j: day_j.round() as u64, cap_j: policy.energy_cap_per_day_j });
+            }
+        }
+        let over = ledger.over_budget(app) == Some(true);
+        if over {
+            request.priority = Priority::Background;
+        }
+        Ok(over)
     }
 
     /// Complete: parses, admits and runs `request` to its end.
@@ -302,6 +365,7 @@ impl HearthService {
             deadline: None,
             assistant_prefix: None,
             grammar: None,
+            tools: None,
             adapters: None,
             session: None,
             speculative: true,
@@ -317,6 +381,8 @@ impl HearthService {
                 content: Content::Text(t.clone()),
                 scope: parsed.scope,
                 images: Vec::new(),
+                tool_calls: Vec::new(),
+                tool_call_id: None,
             })
             .collect();
         self.admit(&who, probe, parts, RouteRequest::Local, None)?;
@@ -572,6 +638,30 @@ impl HearthService {
     async fn load_progress(&self) -> HashMap<String, (String, f64)> {
         let status = self.models.status().borrow().clone();
         status.loading.iter().map(|(n, p)| (n.clone(), (p.phase.as_str().to_owned(), p.fraction))).collect()
+    }
+
+    /// What the device drew, and per app what its work drew (the caller's own row; every
+    /// app's for root and hearthd's user); see org.hearth.Hearth1.xml.
+    #[zbus(property(emits_changed_signal = "false"))]
+    async fn energy(
+        &self,
+        #[zbus(header)] header: Option<Header<'_>>,
+        #[zbus(connection)] conn: &Connection,
+    ) -> Result<hearth_dbus::Energy, BusError> {
+        let Some(ledger) = &self.energy else {
+            return Ok(hearth_dbus::Energy { source: "off".into(), ..hearth_dbus::Energy::default() });
+        };
+        // Without a caller (zbus reading it itself) no app's row is shown.
+        let (app, all) = match header {
+            Some(h) => {
+                let (who, _) = identify(conn, &self.callers, &caller(&h)?).await?;
+                let all = who.uid == 0 || who.uid == nix::unistd::geteuid().as_raw();
+                (Some(who.app), all)
+            }
+            None => (None, false),
+        };
+        // (No caller: an app id no caller has, so no row.)
+        Ok(ledger.snapshot(app.as_deref().unwrap_or("\0"), all))
     }
 
     /// Memory budget, use and pressure; see org.hearth.Hearth1.xml.

@@ -50,6 +50,10 @@ pub(crate) fn generation_result(
         decode_us: o.decode.as_micros() as u64,
         route,
         route_reason,
+        compute_us: o.compute.as_micros() as u64,
+        energy_mj: finish.energy.map(|e| e.0),
+        energy_source: finish.energy.map(|e| e.1.to_owned()),
+        energy_budget: finish.over_budget.map(|o| if o { "over" } else { "ok" }.to_owned()),
         ..GenerationResult::default()
     };
     if !o.logprobs.is_empty() {
@@ -61,7 +65,7 @@ pub(crate) fn generation_result(
     }
     if let Some(s) = structure.filter(|_| finish.error.is_none()) {
         r.schema_valid = s.schema_valid(&o.text);
-        let calls = s.tool_calls(&o.text);
+        let calls = s.tool_calls(&o.text, o.tool_format);
         if !calls.is_empty() {
             r.tool_calls =
                 Some(calls.into_iter().map(|c| ToolCall { id: c.id, name: c.name, arguments: c.arguments }).collect());
@@ -104,6 +108,7 @@ pub(super) fn model_info(r: &ModelReport, default: &str) -> hearth_dbus::ModelIn
         gpu_layers: info.map(|i| i.gpu_layers),
         layers: info.map(|i| i.layers),
         device_bytes: info.map(|_| r.device_bytes),
+        tool_format: info.map(|i| i.tool_format.as_str().to_owned()),
         engine_pid: r.engine.as_ref().map(|(pid, _)| *pid),
         sandbox_landlock: sandbox.map(|s| s.landlock.clone()),
         sandbox_landlock_abi: sandbox.map(|s| s.landlock_abi),

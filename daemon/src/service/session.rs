@@ -211,6 +211,8 @@ impl SessionObject {
                     content: Content::Text(o.text.clone()),
                     scope: taint,
                     images: Vec::new(),
+                    tool_calls: Vec::new(),
+                    tool_call_id: None,
                 });
                 state.tokens = o.prompt_tokens + o.token_ids.len() as u32;
             }

@@ -5,12 +5,9 @@
 //!   the output is validated against it when the generation ends.
 //! - `grammar`: GBNF given directly.
 //! - `tools` (OpenAI's format: `[{"type": "function", "function": {"name", "description",
-//!   "parameters"}}]`) with `tool_choice` (`auto`, `required`, `none`): llama.h's chat template
-//!   API takes no tools, so every model gets the constrained fallback: a system message that
-//!   lists the functions, and a grammar that lets the answer be either plain text (`auto`) or
-//!   exactly one call `{"name": ..., "arguments": {...}}` whose arguments match that function's
-//!   parameter schema. A call is returned as structured data in `Finished` (`tool_calls`), its
-//!   arguments validated once more.
+//!   "parameters"}}]`) with `tool_choice` (`auto`, `required`, `none`): see [`tools`]. A call
+//!   is returned as structured data in `Finished` (`tool_calls`), its arguments validated
+//!   once more.
 //!
 //! Every grammar, given or made, passes [`gbnf::check`] before llama.cpp sees it, and every
 //! schema passes [`schema_bounds`] before llama.cpp's converter does: both run inside the
@@ -19,58 +16,13 @@
 
 mod gbnf;
 mod schema_bounds;
+mod tools;
 
-use hearth_ffi::ChatMessage;
-use serde_json::{Value as Json, json};
+pub use tools::{MAX_CALLS, ToolCall, ToolChoice, ToolFormat, ToolPrompt, is_tool_name};
+
+use serde_json::Value as Json;
 
 use crate::error::Error;
-
-/// Most tools in one request.
-const MAX_TOOLS: usize = 64;
-/// Largest `tools` text (descriptions included; each parameter schema is bounded on its own).
-const MAX_TOOLS_BYTES: usize = 128 * 1024;
-
-/// Tool call ids, unique for the daemon's life.
-static NEXT_CALL: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
-
-/// What to do with `tools`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ToolChoice {
-    /// The model answers in text or calls a tool.
-    Auto,
-    /// The model must call a tool.
-    Required,
-    /// The tools are described but the model answers in text.
-    None,
-}
-
-impl ToolChoice {
-    pub fn parse(s: &str) -> Option<Self> {
-        Some(match s {
-            "auto" => Self::Auto,
-            "required" => Self::Required,
-            "none" => Self::None,
-            _ => return None,
-        })
-    }
-}
-
-#[derive(Debug)]
-struct Tool {
-    name: String,
-    /// The tool as the model sees it (name, description, parameters).
-    spec: Json,
-    parameters: jsonschema::Validator,
-}
-
-/// A tool call the model made.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ToolCall {
-    pub id: String,
-    pub name: String,
-    /// The arguments, as a JSON object text that validates against the tool's parameters.
-    pub arguments: String,
-}
 
 /// How a request's output is constrained; shared by the engine (grammar, prompt) and the
 /// service (what the finished text means).
@@ -78,8 +30,7 @@ pub struct ToolCall {
 pub struct Structure {
     grammar: Option<String>,
     schema: Option<jsonschema::Validator>,
-    tools: Vec<Tool>,
-    choice: ToolChoice,
+    tools: Option<tools::Tools>,
 }
 
 fn invalid(msg: impl Into<String>) -> Error {
@@ -143,68 +94,28 @@ impl Structure {
             let validator = compile_schema("json_schema", &schema)?;
             check_bounds("json_schema", &schema, &mut schema_bounds::Budget::default())?;
             let grammar = to_grammar("json_schema", &schema)?;
-            return Ok(Some(Self { grammar: Some(grammar), schema: Some(validator), tools: Vec::new(), choice }));
+            return Ok(Some(Self { grammar: Some(grammar), schema: Some(validator), tools: None }));
         }
         if let Some(g) = grammar {
             if g.trim().is_empty() {
                 return Err(invalid("grammar is empty"));
             }
             check_grammar("grammar", g)?;
-            return Ok(Some(Self { grammar: Some(g.to_owned()), schema: None, tools: Vec::new(), choice }));
+            return Ok(Some(Self { grammar: Some(g.to_owned()), schema: None, tools: None }));
         }
         let Some(text) = tools else { return Ok(None) };
-        let tools = parse_tools(text)?;
-        let grammar = match choice {
-            ToolChoice::None => None,
-            ToolChoice::Required => Some(to_grammar("tools", &calls_schema(&tools))?),
-            ToolChoice::Auto => {
-                let calls = to_grammar("tools", &calls_schema(&tools))?;
-                // The converter's start rule becomes one alternative; the other is text that
-                // does not open with a brace.
-                let renamed: String = calls
-                    .lines()
-                    .map(|l| match l.strip_prefix("root ::=") {
-                        Some(rest) => format!("tool-call ::={rest}"),
-                        None => l.to_owned(),
-                    })
-                    .collect::<Vec<_>>()
-                    .join("\n");
-                let grammar = format!("root ::= tool-call | plain-text\nplain-text ::= [^{{] .*\n{renamed}\n");
-                check_grammar("tools", &grammar)?;
-                Some(grammar)
-            }
-        };
-        Ok(Some(Self { grammar, schema: None, tools, choice }))
+        Ok(Some(Self { grammar: None, schema: None, tools: Some(tools::Tools::parse(text, choice)?) }))
     }
 
-    /// The GBNF grammar the sampler follows, if any.
+    /// The GBNF grammar of `json_schema` or `grammar` (tools' grammars depend on the model's
+    /// format: [`ToolPrompt::grammar`]).
     pub fn grammar(&self) -> Option<&str> {
         self.grammar.as_deref()
     }
 
-    /// The conversation with the tools described to the model: appended to the first system
-    /// message, or in a new one before everything else.
-    pub fn messages(&self, messages: &[ChatMessage]) -> Vec<ChatMessage> {
-        if self.tools.is_empty() {
-            return messages.to_vec();
-        }
-        let specs: Vec<String> = self.tools.iter().map(|t| t.spec.to_string()).collect();
-        let how = match self.choice {
-            ToolChoice::None => "Do not call any of them now; answer in text.",
-            ToolChoice::Required => {
-                "Call one of them now: reply with only a JSON object {\"name\": <function name>, \"arguments\": <arguments object>}."
-            }
-            ToolChoice::Auto => {
-                "To call one, reply with only a JSON object {\"name\": <function name>, \"arguments\": <arguments object>}; otherwise answer in text."
-            }
-        };
-        let text = format!("You can call these functions:\n{}\n{how}", specs.join("\n"));
-        let mut out = messages.to_vec();
-        match out.first_mut() {
-            Some(first) if first.role == "system" => first.content = format!("{}\n\n{text}", first.content),
-            _ => out.insert(0, ChatMessage { role: "system".into(), content: text }),
-        }
-        out
+    /// What the engine needs of the request's tools, if it has some.
+    pub fn tool_prompt(&self) -> Option<&ToolPrompt> {
+        self.tools.as_ref().map(|t| &t.prompt)
     }
 
     /// Whether `text` validates against the request's `json_schema` (None without one).
@@ -213,89 +124,17 @@ impl Structure {
         Some(serde_json::from_str::<Json>(text).is_ok_and(|v| schema.is_valid(&v)))
     }
 
-    /// The tool calls in a finished answer: one, when the text is a call of a known tool with
-    /// arguments that validate; none otherwise (plain text, or a call cut off by max_tokens).
-    pub fn tool_calls(&self, text: &str) -> Vec<ToolCall> {
-        if self.tools.is_empty() || self.choice == ToolChoice::None {
-            return Vec::new();
-        }
-        let Ok(Json::Object(call)) = serde_json::from_str::<Json>(text.trim()) else { return Vec::new() };
-        let (Some(Json::String(name)), Some(args)) = (call.get("name"), call.get("arguments")) else {
-            return Vec::new();
-        };
-        match self.tools.iter().find(|t| &t.name == name) {
-            Some(tool) if args.is_object() && tool.parameters.is_valid(args) => {
-                let n = NEXT_CALL.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                vec![ToolCall { id: format!("call_{n}"), name: name.clone(), arguments: args.to_string() }]
-            }
-            _ => Vec::new(),
-        }
+    /// The tool calls in a finished answer written in `format` ([`tools::Tools::calls`]).
+    pub fn tool_calls(&self, text: &str, format: ToolFormat) -> Vec<ToolCall> {
+        self.tools.as_ref().map_or_else(Vec::new, |t| t.calls(text, format))
     }
-}
-
-fn parse_tools(text: &str) -> Result<Vec<Tool>, Error> {
-    if text.len() > MAX_TOOLS_BYTES {
-        return Err(invalid(format!("tools is {} bytes; the limit is {MAX_TOOLS_BYTES}", text.len())));
-    }
-    let list: Json = serde_json::from_str(text).map_err(|e| invalid(format!("tools is not JSON: {e}")))?;
-    let Json::Array(list) = list else { return Err(invalid("tools must be a JSON array")) };
-    if list.is_empty() || list.len() > MAX_TOOLS {
-        return Err(invalid(format!("tools must list 1 to {MAX_TOOLS} tools, got {}", list.len())));
-    }
-    let mut tools: Vec<Tool> = Vec::with_capacity(list.len());
-    // One budget for all tools: together they become one grammar.
-    let mut budget = schema_bounds::Budget::default();
-    for (i, entry) in list.iter().enumerate() {
-        if entry.get("type").and_then(Json::as_str) != Some("function") {
-            return Err(invalid(format!("tools[{i}].type must be \"function\"")));
-        }
-        let f = entry.get("function").ok_or_else(|| invalid(format!("tools[{i}] has no function")))?;
-        let name = f
-            .get("name")
-            .and_then(Json::as_str)
-            .filter(|n| {
-                !n.is_empty() && n.len() <= 64 && n.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
-            })
-            .ok_or_else(|| invalid(format!("tools[{i}].function.name must be 1-64 of [A-Za-z0-9_-]")))?;
-        if tools.iter().any(|t| t.name == name) {
-            return Err(invalid(format!("tools[{i}]: {name:?} is listed twice")));
-        }
-        let description = f.get("description").and_then(Json::as_str).unwrap_or("");
-        let parameters = f.get("parameters").cloned().unwrap_or_else(|| json!({"type": "object", "properties": {}}));
-        if parameters.get("type").and_then(Json::as_str) != Some("object") {
-            return Err(invalid(format!("tools[{i}].function.parameters must be an object schema")));
-        }
-        let what = format!("tools[{i}].function.parameters");
-        check_depth(&what, &parameters)?;
-        let validator = compile_schema(&what, &parameters)?;
-        check_bounds(&what, &parameters, &mut budget)?;
-        let spec = json!({"name": name, "description": description, "parameters": parameters});
-        tools.push(Tool { name: name.to_owned(), spec, parameters: validator });
-    }
-    Ok(tools)
-}
-
-/// One schema for "a call of any of the tools".
-fn calls_schema(tools: &[Tool]) -> Json {
-    let calls: Vec<Json> = tools
-        .iter()
-        .map(|t| {
-            json!({
-                "type": "object",
-                "properties": {"name": {"const": t.name}, "arguments": t.spec["parameters"]},
-                "required": ["name", "arguments"],
-                "additionalProperties": false,
-            })
-        })
-        .collect();
-    if calls.len() == 1 { calls.into_iter().next().unwrap_or_default() } else { json!({ "anyOf": calls }) }
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
 
-    const WEATHER: &str = r#"[{"type": "function", "function": {"name": "get_weather",
+    pub(super) const WEATHER: &str = r#"[{"type": "function", "function": {"name": "get_weather",
         "description": "Current weather in a city",
         "parameters": {"type": "object", "properties": {"city": {"type": "string"}},
                        "required": ["city"]}}}]"#;
@@ -334,26 +173,6 @@ mod tests {
         assert_eq!(s.schema_valid(r#"{"n": 3}"#), Some(true));
         assert_eq!(s.schema_valid(r#"{"n": "three"}"#), Some(false));
         assert_eq!(s.schema_valid(r#"{"n": 3"#), Some(false));
-    }
-
-    #[test]
-    fn tool_calls_are_recognised_and_validated() {
-        let s = Structure::parse(None, None, Some(WEATHER), None).unwrap().unwrap();
-        let g = s.grammar().unwrap();
-        assert!(g.starts_with("root ::= tool-call | plain-text"), "{g}");
-        assert!(g.contains("tool-call ::="), "{g}");
-        let calls = s.tool_calls(r#" {"name": "get_weather", "arguments": {"city": "Paris"}} "#);
-        assert_eq!(calls.len(), 1);
-        assert_eq!(calls[0].name, "get_weather");
-        assert_eq!(serde_json::from_str::<Json>(&calls[0].arguments).unwrap(), json!({"city": "Paris"}));
-        assert!(s.tool_calls(r#"{"name": "get_weather", "arguments": {}}"#).is_empty(), "city is required");
-        assert!(s.tool_calls(r#"{"name": "launch", "arguments": {}}"#).is_empty());
-        assert!(s.tool_calls("It is sunny.").is_empty());
-        let msgs = s.messages(&[ChatMessage { role: "user".into(), content: "hi".into() }]);
-        assert_eq!(msgs[0].role, "system");
-        assert!(msgs[0].content.contains("get_weather"));
-        let none = Structure::parse(None, None, Some(WEATHER), Some("none")).unwrap().unwrap();
-        assert!(none.grammar().is_none());
     }
 
     /// The refusal message, checking that it came quickly.
@@ -457,11 +276,14 @@ mod tests {
         }
         for (tools, choice) in [(WEATHER, "auto"), (WEATHER, "required")] {
             let s = Structure::parse(None, None, Some(tools), Some(choice)).unwrap().unwrap();
-            assert_eq!(gbnf::check(s.grammar().unwrap()), Ok(()));
+            for format in [ToolFormat::Constrained, ToolFormat::Hermes] {
+                assert_eq!(gbnf::check(&s.tool_prompt().unwrap().grammar(format).unwrap()), Ok(()));
+            }
         }
         let two = r#"[{"type": "function", "function": {"name": "a", "parameters": {"type": "object",
             "properties": {"q": {"type": "string", "maxLength": 200}, "n": {"type": "integer"}}, "required": ["q"]}}},
             {"type": "function", "function": {"name": "b"}}]"#;
-        assert!(Structure::parse(None, None, Some(two), Some("auto")).unwrap().unwrap().grammar().is_some());
+        let s = Structure::parse(None, None, Some(two), Some("auto")).unwrap().unwrap();
+        assert!(s.grammar().is_none() && s.tool_prompt().unwrap().grammar(ToolFormat::Hermes).is_some());
     }
 }

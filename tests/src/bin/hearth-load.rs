@@ -1,5 +1,5 @@
 //! hearth-load: one app (one process, one connection) running N concurrent streamed
-//! generations against hearthd. Prints one JSON line per finished stream, with times in ms
+//! generations against hearthd. Prints one JSON line per finished generation, as it ends, with times in ms
 //! since the Unix epoch so several processes' lines can be merged. Used by the scheduler
 //! tests and the benchmark to play "another app".
 
@@ -27,6 +27,9 @@ struct Args {
     /// Milliseconds between the starts of the streams (0: all at once).
     #[arg(long, default_value_t = 0)]
     stagger_ms: u64,
+    /// Generations each stream runs one after another (a line for each).
+    #[arg(long, default_value_t = 1)]
+    rounds: usize,
 }
 
 fn now_ms() -> u128 {
@@ -42,37 +45,57 @@ async fn main() {
         if i > 0 && args.stagger_ms > 0 {
             tokio::time::sleep(std::time::Duration::from_millis(args.stagger_ms)).await;
         }
-        let mut request = chat_request(&args.prompt, args.max_tokens);
-        request.insert(request_key::PRIORITY, Variant::from(args.priority.clone()));
-        let generation = Generation::start(&conn, request, &format!("load{i}")).await;
+        let (conn, prompt, priority) = (conn.clone(), args.prompt.clone(), args.priority.clone());
+        let (rounds, max_tokens) = (args.rounds, args.max_tokens);
         tasks.push(tokio::spawn(async move {
-            let started = now_ms();
-            let mut g = match generation {
-                Ok(g) => g,
-                Err(e) => return serde_json::json!({ "stream": i, "error": e.dbus_name() }),
-            };
-            let (mut first, mut tokens) = (None, 0u32);
-            while let Some(ev) = g.next().await {
-                match ev {
-                    Ok(StreamEvent::Token { .. }) => {
-                        first.get_or_insert_with(now_ms);
-                        tokens += 1;
-                    }
-                    Ok(StreamEvent::Migrated { .. }) => {}
-                    Ok(StreamEvent::Finished(r)) => {
-                        let reason = r.finish_reason;
-                        return serde_json::json!({
-                            "stream": i, "tokens": tokens, "finish_reason": reason,
-                            "start_ms": started as u64, "first_ms": first.map(|f| f as u64), "end_ms": now_ms() as u64,
-                        });
-                    }
-                    Err(e) => return serde_json::json!({ "stream": i, "error": e.to_string() }),
-                }
+            for round in 0..rounds {
+                let mut request = chat_request(&prompt, max_tokens);
+                request.insert(request_key::PRIORITY, Variant::from(priority.clone()));
+                let token = if round == 0 { format!("load{i}") } else { format!("load{i}_{round}") };
+                let line = stream(&conn, request, &token, i).await;
+                // Each line as its generation ends (a run may be stopped at any time).
+                use std::io::Write;
+                let mut out = std::io::stdout().lock();
+                let _ = writeln!(out, "{line}");
+                let _ = out.flush();
             }
-            serde_json::json!({ "stream": i, "error": "no Finished" })
         }));
     }
     for t in tasks {
-        println!("{}", t.await.expect("stream task"));
+        t.await.expect("stream task");
     }
+}
+
+/// One streamed generation, as a JSON line.
+async fn stream(
+    conn: &zbus::Connection,
+    request: std::collections::HashMap<&str, Variant<'_>>,
+    token: &str,
+    i: usize,
+) -> serde_json::Value {
+    let started = now_ms();
+    let mut g = match Generation::start(conn, request, token).await {
+        Ok(g) => g,
+        Err(e) => return serde_json::json!({ "stream": i, "error": e.dbus_name() }),
+    };
+    let (mut first, mut tokens) = (None, 0u32);
+    while let Some(ev) = g.next().await {
+        match ev {
+            Ok(StreamEvent::Token { .. }) => {
+                first.get_or_insert_with(now_ms);
+                tokens += 1;
+            }
+            Ok(StreamEvent::Migrated { .. }) => {}
+            Ok(StreamEvent::Finished(r)) => {
+                return serde_json::json!({
+                    "stream": i, "tokens": tokens, "finish_reason": r.finish_reason,
+                    "start_ms": started as u64, "first_ms": first.map(|f| f as u64), "end_ms": now_ms() as u64,
+                    "prompt_tokens": r.prompt_tokens, "compute_us": r.compute_us, "energy_mj": r.energy_mj,
+                    "energy_source": r.energy_source, "energy_budget": r.energy_budget,
+                });
+            }
+            Err(e) => return serde_json::json!({ "stream": i, "error": e.to_string() }),
+        }
+    }
+    serde_json::json!({ "stream": i, "error": "no Finished" })
 }

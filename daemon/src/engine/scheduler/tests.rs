@@ -22,6 +22,7 @@ fn waiting(id: u64, app: &str, priority: Priority, need: u32) -> Waiting {
         image_encode: std::time::Duration::ZERO,
         stop: crate::engine::stop::StopFilter::default(),
         logprobs: None,
+        tool_format: crate::structured::ToolFormat::Constrained,
         cancel: CancelToken::default(),
         events: tokio::sync::mpsc::unbounded_channel().0,
     }
@@ -198,4 +199,22 @@ fn full_queues_answer_busy() {
     let w = s.remove_waiting(0);
     assert_eq!(w.id, 0);
     assert!(s.check_admission("d", Priority::Normal).is_ok());
+}
+
+#[test]
+fn an_app_past_its_energy_budget_waits_with_its_background_work_only() {
+    let mut s = Scheduler::new(Limits { queue_capacity: 100, queue_per_app: 100, ..limits() });
+    s.set_deferred_apps(vec!["heavy".into()]);
+    s.push(waiting(1, "heavy", Priority::Background, 10));
+    assert!(s.only_deferred_waiting());
+    assert!(s.pop_next().is_none(), "the heavy app's background request waits");
+    s.push(waiting(2, "other", Priority::Background, 10));
+    assert!(!s.only_deferred_waiting());
+    assert_eq!(s.pop_next().map(|(w, _)| w.id), Some(2), "another app's background work runs");
+    s.push(waiting(3, "heavy", Priority::Normal, 10));
+    assert_eq!(s.pop_next().map(|(w, _)| w.id), Some(3), "its normal work is not deferred here (hearthd demotes it)");
+    s.set_deferred_apps(Vec::new());
+    assert!(!s.only_deferred_waiting());
+    assert!(s.pop_next().is_none(), "shared slots are full now");
+    assert_eq!(s.waiting().len(), 1);
 }

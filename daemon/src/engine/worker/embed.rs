@@ -91,7 +91,11 @@ impl Worker {
         }
         let mut job = self.embeds.pop_front().expect("checked non-empty");
         let i = job.out.len();
-        match self.embed_text(&job.texts[i]) {
+        let started = std::time::Instant::now();
+        let embedded = self.embed_text(&job.texts[i]);
+        // The text's time is its app's, aborted or not (an aborted one is done again).
+        self.compute.add(&job.caller.app, started.elapsed().as_micros() as u64);
+        match embedded {
             Ok(Some((vector, tokens))) => {
                 job.out.push(vector);
                 self.scheduler.charge(&job.caller.app, tokens as u64 * COST_PER_PROMPT);

@@ -136,6 +136,14 @@ impl Worker {
             .iter()
             .any(|s| s.priority == Priority::Interactive && (s.logits_index.is_some() || s.in_prefill()));
         self.hold_preemption(interactive);
+        // Each member's rows in the batch (a token and its draft, a prompt chunk): the step's
+        // time is shared by them.
+        let rows: Vec<(usize, u64)> = taken
+            .iter()
+            .map(|&(i, _)| (i, 1 + self.running[i].draft.len() as u64))
+            .chain(prefill_taken.iter().map(|&(i, n)| (i, n as u64)))
+            .collect();
+        let started = std::time::Instant::now();
         let decoded = self.ctx.decode(&self.batch);
         self.preempt.hold(false);
         match decoded {
@@ -167,7 +175,24 @@ impl Worker {
             let app = self.running[i].caller.app.clone();
             self.scheduler.charge(&app, n as u64 * COST_PER_PROMPT);
         }
-        (self.sample_step(), !prefill_taken.is_empty())
+        let generated = self.sample_step();
+        self.account(&rows, started.elapsed());
+        (generated, !prefill_taken.is_empty())
+    }
+
+    /// Shares a step's compute time `took` among its members by their rows.
+    fn account(&mut self, rows: &[(usize, u64)], took: std::time::Duration) {
+        let total: u64 = rows.iter().map(|(_, n)| n).sum();
+        if total == 0 {
+            return;
+        }
+        let took = took.as_micros() as u64;
+        for &(i, n) in rows {
+            let share = took * n / total;
+            let s = &mut self.running[i];
+            s.compute_us += share;
+            self.compute.add(&s.caller.app, share);
+        }
     }
 
     /// Samples every sequence the last decode computed logits for, and verifies its draft:
@@ -344,9 +369,13 @@ impl Worker {
         let (seq, from) = (s.seq, s.prefilled);
         let data = &span.rows_from(from)[..rows * span.n_embd];
         self.hold_preemption(interactive);
+        let started = std::time::Instant::now();
         let decoded = self.ctx.decode_embeddings(data, span.n_embd, from as hearth_ffi::Pos, seq);
         self.preempt.hold(false);
+        let took = started.elapsed().as_micros() as u64;
         let s = &mut self.running[i];
+        s.compute_us += took;
+        self.compute.add(&s.caller.app, took);
         match decoded {
             Ok(()) => {
                 s.prefilled += rows;

@@ -204,7 +204,10 @@ async fn bench() {
     }
     set_threads(args.threads);
     let bus = Bus::start();
-    let daemon = Daemon::start(&bus).await;
+    // The energy ledger reads the machine's own counters (RAPL, a battery) where it has them;
+    // the governors still read an empty tree, so the host's sensors never throttle a run.
+    let settings = hearth_tests::Settings { energy: "sysfs_root = \"/sys\"\n".into(), ..Default::default() };
+    let daemon = Daemon::start_configured(&bus, &settings).await;
     let conn = bus.connect().await;
     let long_prompt = prefill_prompt();
 
@@ -290,6 +293,15 @@ async fn bench() {
         ffi_prefill.push(p_ffi.prefill_tps);
     }
     let (bd, fd, bp, fp) = (median(bus_decode), median(ffi_decode), median(bus_prefill), median(ffi_prefill));
+    // Energy per generated token, by the ledger's source, over one more decode run.
+    let mut request = chat_request(&format!("Energy asks: {DECODE_PROMPT}"), args.decode_tokens);
+    request.insert(hearth_dbus::request_key::SPECULATIVE, false.into());
+    let (e_sample, e_result) = over_dbus_result(&conn, request, "energy").await;
+    let energy = (
+        e_result.energy_mj.map(|mj| mj / (e_sample.tokens + e_sample.prompt_tokens).max(1) as f64),
+        e_result.energy_mj.map(|mj| mj / e_sample.tokens.max(1) as f64),
+        e_result.energy_source.clone().unwrap_or_else(|| "off".into()),
+    );
     let sd = median(server_decode);
     let prompt_tokens = hearth_tests::reference_model()
         .tokenize(
@@ -329,6 +341,9 @@ async fn bench() {
             dbus_prefill: bp,
             direct_prefill: fp,
             engine_decode: sd,
+            energy_mj_per_token: energy.1,
+            energy_mj_per_any_token: energy.0,
+            energy_source: energy.2,
         },
         load,
         contended,

@@ -14,6 +14,11 @@ pub struct Single {
     pub direct_prefill: f64,
     /// hearthd's own decode timing.
     pub engine_decode: f64,
+    /// What one decode run cost per generated token, and per token processed (prompt and
+    /// generated), mJ, by the energy ledger's source.
+    pub energy_mj_per_token: Option<f64>,
+    pub energy_mj_per_any_token: Option<f64>,
+    pub energy_source: String,
 }
 
 pub struct Report {
@@ -39,6 +44,7 @@ pub fn json(r: &Report) -> serde_json::Value {
         "prefill_prompt_tokens": one.prompt_tokens,
         "dbus": { "decode_tok_s": one.dbus_decode, "prefill_tok_s": one.dbus_prefill, "engine_decode_tok_s": one.engine_decode },
         "direct": { "decode_tok_s": one.direct_decode, "prefill_tok_s": one.direct_prefill },
+        "energy": { "mj_per_generated_token": one.energy_mj_per_token, "mj_per_token": one.energy_mj_per_any_token, "source": one.energy_source },
         "ratio": { "decode": one.dbus_decode / one.direct_decode, "prefill": one.dbus_prefill / one.direct_prefill },
         "load": {
             "streams": r.streams, "stream_tokens": r.stream_tokens,
@@ -74,6 +80,15 @@ pub fn print(r: &Report) {
     println!("decode  tok/s ({:>3}) {bd:>12.1} {fd:>12.1} {:>8.3}", one.decode_tokens.0, bd / fd);
     println!("prefill tok/s ({:>3}) {bp:>12.1} {fp:>12.1} {:>8.3}", one.prompt_tokens, bp / fp);
     println!("(hearthd's own decode timing: {:.1} tok/s)", one.engine_decode);
+    match one.energy_mj_per_token {
+        Some(mj) => println!(
+            "energy: {mj:.2} mJ per generated token ({:.2} mJ per token with the prompt's), source {}{}",
+            one.energy_mj_per_any_token.unwrap_or(0.0),
+            one.energy_source,
+            if one.energy_source == "model" { " (no RAPL or battery here: the configured power model)" } else { "" }
+        ),
+        None => println!("energy: not measured (the ledger is off)"),
+    }
     speculative::print(&r.spec);
     contention::print(&r.contended);
     phone::print(r.bandwidth, &r.phones);

@@ -1,0 +1,598 @@
+//! The energy ledger: what each app's on-device AI costs the battery.
+//!
+//! Every interval hearthd reads how much energy the device drew, from the best source it
+//! has, and shares what it drew above idle among the apps by the compute time their work
+//! took in that interval ([`crate::engine::Compute`]: each decode step's time split by the
+//! rows each sequence put in its batch; an image's encoding and decoding and an embedded
+//! text's time wholly its app's). Sources, best first:
+//!
+//! - `rapl`: powercap's energy counters (`class/powercap/intel-rapl:N/energy_uj`, one per
+//!   package, wrapping at `max_energy_range_uj`);
+//! - `battery-energy`: a discharging battery's `energy_now` (µWh), or `charge_now` (µAh)
+//!   times `voltage_now` (µV);
+//! - `battery-power`: a discharging battery's `power_now` (µW), or `current_now` (µA) times
+//!   `voltage_now` (µV), integrated over the interval;
+//! - `model`: the configured power model, as Android's power profile does it: watts while an
+//!   engine computes (`busy_w`), and idle (`idle_w`). Also used for the intervals a battery
+//!   charges, when its readings say nothing of what the device draws.
+//!
+//! A measured source's idle power is learned from intervals without compute, and the energy
+//! above it in a busy interval is the apps'. A request's `energy_mj` is its own compute time
+//! priced at the latest joules per compute-second. Apps are kept per app (at most
+//! [`MAX_APPS`]), since hearthd started and over the last hour and day (the `hour_s` window,
+//! which tests shorten).
+
+use std::collections::{HashMap, VecDeque};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use serde::Deserialize;
+
+use crate::engine::Compute;
+
+/// Apps the ledger keeps at most; past it the one idle longest is forgotten.
+pub const MAX_APPS: usize = 256;
+/// Weight of the newest interval in the learned idle power and price.
+const EWMA: f64 = 0.3;
+/// Seconds of idle after which energy no compute report claimed is dropped.
+const POOL_LIFE_S: f64 = 2.0;
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct EnergyConfig {
+    pub enabled: bool,
+    /// "auto" (the best source present), "rapl", "battery" or "model".
+    pub source: String,
+    pub interval_ms: u64,
+    /// The power model: what an engine draws while it computes, and the device at rest, W.
+    pub busy_w: f64,
+    pub idle_w: f64,
+    /// The length of an "hour" in seconds (the windows and budgets; tests shorten it).
+    pub hour_s: u64,
+    /// Where sysfs is for the sources (default: the governors' `sysfs_root`).
+    pub sysfs_root: Option<PathBuf>,
+}
+
+impl Default for EnergyConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            source: "auto".into(),
+            interval_ms: 1000,
+            busy_w: 4.0,
+            idle_w: 0.5,
+            hour_s: 3600,
+            sysfs_root: None,
+        }
+    }
+}
+
+impl EnergyConfig {
+    pub fn check(&self) -> Result<(), String> {
+        if !matches!(self.source.as_str(), "auto" | "rapl" | "battery" | "model") {
+            return Err(format!("energy.source {:?} is not one of auto, rapl, battery, model", self.source));
+        }
+        if !(self.busy_w.is_finite() && self.busy_w > 0.0 && self.idle_w.is_finite() && self.idle_w >= 0.0) {
+            return Err("energy.busy_w must be > 0 and energy.idle_w >= 0".into());
+        }
+        if self.interval_ms == 0 || self.hour_s == 0 {
+            return Err("energy.interval_ms and energy.hour_s must be > 0".into());
+        }
+        Ok(())
+    }
+}
+
+/// Where the device's energy is read.
+#[derive(Debug, Clone, PartialEq)]
+enum Source {
+    /// The packages' counters: (energy_uj, its wrap-around range).
+    Rapl(Vec<(PathBuf, u64)>),
+    /// A battery's directory under class/power_supply, read as a stored energy.
+    BatteryEnergy(PathBuf),
+    /// A battery's directory, read as an instantaneous power.
+    BatteryPower(PathBuf),
+    Model,
+}
+
+impl Source {
+    fn name(&self) -> &'static str {
+        match self {
+            Self::Rapl(_) => "rapl",
+            Self::BatteryEnergy(_) => "battery-energy",
+            Self::BatteryPower(_) => "battery-power",
+            Self::Model => "model",
+        }
+    }
+}
+
+fn read_u64(p: &Path) -> Option<u64> {
+    std::fs::read_to_string(p).ok()?.trim().parse().ok()
+}
+
+fn read_f64(p: &Path) -> Option<f64> {
+    std::fs::read_to_string(p).ok()?.trim().parse::<f64>().ok().filter(|v| v.is_finite())
+}
+
+/// The packages' RAPL counters under `root` (top-level `intel-rapl:N` zones only: their
+/// subzones are parts of them).
+fn rapl_zones(root: &Path) -> Vec<(PathBuf, u64)> {
+    let Ok(dir) = std::fs::read_dir(root.join("class/powercap")) else { return Vec::new() };
+    let mut zones: Vec<(PathBuf, u64)> = dir
+        .filter_map(|e| e.ok())
+        .filter(|e| e.file_name().to_str().is_some_and(|n| n.starts_with("intel-rapl:") && n.matches(':').count() == 1))
+        .filter_map(|e| {
+            let energy = e.path().join("energy_uj");
+            read_u64(&energy)?;
+            Some((energy, read_u64(&e.path().join("max_energy_range_uj")).unwrap_or(u64::MAX)))
+        })
+        .collect();
+    zones.sort();
+    zones
+}
+
+/// The first battery under `root` (class/power_supply/*/type "Battery").
+fn battery(root: &Path) -> Option<PathBuf> {
+    let dir = std::fs::read_dir(root.join("class/power_supply")).ok()?;
+    let mut found: Vec<PathBuf> = dir
+        .filter_map(|e| e.ok())
+        .map(|e| e.path())
+        .filter(|p| std::fs::read_to_string(p.join("type")).is_ok_and(|t| t.trim() == "Battery"))
+        .collect();
+    found.sort();
+    found.into_iter().next()
+}
+
+/// A battery's stored energy, J.
+fn battery_energy_j(dir: &Path) -> Option<f64> {
+    if let Some(uwh) = read_f64(&dir.join("energy_now")) {
+        return Some(uwh * 3.6e-3);
+    }
+    let (uah, uv) = (read_f64(&dir.join("charge_now"))?, read_f64(&dir.join("voltage_now"))?);
+    Some(uah * uv / 1e6 * 3.6e-3)
+}
+
+/// A battery's power draw, W.
+fn battery_power_w(dir: &Path) -> Option<f64> {
+    if let Some(uw) = read_f64(&dir.join("power_now")) {
+        return Some(uw.abs() / 1e6);
+    }
+    let (ua, uv) = (read_f64(&dir.join("current_now"))?, read_f64(&dir.join("voltage_now"))?);
+    Some((ua * uv).abs() / 1e12)
+}
+
+fn discharging(dir: &Path) -> bool {
+    std::fs::read_to_string(dir.join("status")).is_ok_and(|s| s.trim() == "Discharging")
+}
+
+fn detect(root: &Path, wanted: &str) -> Source {
+    if matches!(wanted, "auto" | "rapl") {
+        let zones = rapl_zones(root);
+        if !zones.is_empty() {
+            return Source::Rapl(zones);
+        }
+    }
+    if matches!(wanted, "auto" | "battery")
+        && let Some(dir) = battery(root)
+    {
+        if battery_energy_j(&dir).is_some() {
+            return Source::BatteryEnergy(dir);
+        }
+        if battery_power_w(&dir).is_some() {
+            return Source::BatteryPower(dir);
+        }
+    }
+    Source::Model
+}
+
+/// Sums over a sliding window of `n` buckets of `bucket_s` seconds.
+#[derive(Debug, Clone)]
+struct Window {
+    bucket_s: f64,
+    n: u64,
+    buckets: VecDeque<(u64, f64)>,
+}
+
+impl Window {
+    fn new(bucket_s: f64, n: u64) -> Self {
+        Self { bucket_s, n, buckets: VecDeque::new() }
+    }
+
+    fn index(&self, t_s: f64) -> u64 {
+        (t_s / self.bucket_s) as u64
+    }
+
+    fn add(&mut self, t_s: f64, v: f64) {
+        let i = self.index(t_s);
+        match self.buckets.back_mut() {
+            Some((j, sum)) if *j == i => *sum += v,
+            _ => self.buckets.push_back((i, v)),
+        }
+        while self.buckets.front().is_some_and(|(j, _)| j + self.n <= i) {
+            self.buckets.pop_front();
+        }
+    }
+
+    fn sum(&self, t_s: f64) -> f64 {
+        let i = self.index(t_s);
+        self.buckets.iter().filter(|(j, _)| j + self.n > i).map(|(_, v)| v).sum()
+    }
+}
+
+#[derive(Debug, Clone)]
+struct AppEnergy {
+    total_j: f64,
+    compute_s: f64,
+    hour: Window,
+    day: Window,
+    /// When it last drew (seconds since the ledger started), for eviction.
+    last_s: f64,
+}
+
+#[derive(Debug)]
+struct State {
+    source: Source,
+    /// The last counter reading (J), for counter sources.
+    last_counter: Option<Vec<u64>>,
+    last_stored_j: Option<f64>,
+    last_compute: HashMap<String, u64>,
+    last_tick: Option<Instant>,
+    /// Active energy not yet shared out (waiting for the compute report), J.
+    pool_j: f64,
+    /// Idle intervals in a row.
+    idle_ticks: u32,
+    idle_w: f64,
+    j_per_compute_s: f64,
+    device_j: f64,
+    apps_j: f64,
+    device_w: f64,
+    apps: HashMap<String, AppEnergy>,
+    /// The apps with a budget, and whether each is past it (the last judgement).
+    budgets: HashMap<String, bool>,
+}
+
+/// The ledger; ticked by [`Ledger::run`].
+#[derive(Debug)]
+pub struct Ledger {
+    config: EnergyConfig,
+    root: PathBuf,
+    compute: Arc<Compute>,
+    epoch: Instant,
+    state: Mutex<State>,
+}
+
+impl Ledger {
+    /// A ledger of the sources under sysfs `root`, pricing the compute `compute` counts.
+    pub fn new(config: EnergyConfig, root: &Path, compute: Arc<Compute>) -> Self {
+        let source = detect(root, &config.source);
+        tracing::info!(source = source.name(), "energy ledger");
+        let state = State {
+            source,
+            last_counter: None,
+            last_stored_j: None,
+            last_compute: HashMap::new(),
+            last_tick: None,
+            pool_j: 0.0,
+            idle_ticks: 0,
+            idle_w: config.idle_w,
+            j_per_compute_s: config.busy_w,
+            device_j: 0.0,
+            apps_j: 0.0,
+            device_w: 0.0,
+            apps: HashMap::new(),
+            budgets: HashMap::new(),
+        };
+        Self { config, root: root.to_owned(), compute, epoch: Instant::now(), state: Mutex::new(state) }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Ticks every interval for as long as the ledger has other owners; `active` says
+    /// whether any engine is running a request.
+    pub async fn run(self: Arc<Self>, active: impl Fn() -> bool + Send + 'static) {
+        let mut every = tokio::time::interval(Duration::from_millis(self.config.interval_ms));
+        every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            every.tick().await;
+            if Arc::strong_count(&self) == 1 {
+                return;
+            }
+            let (ledger, active) = (Arc::clone(&self), active());
+            // Reading sysfs blocks; it is a few small files.
+            let _ = tokio::task::spawn_blocking(move || ledger.tick(Instant::now(), active)).await;
+        }
+    }
+
+    /// Reads the source and shares the energy drawn among the apps. `active`: an engine is
+    /// running a request.
+    ///
+    /// The engines report compute with their heartbeats, a little after it happened, so the
+    /// energy of active intervals gathers in a pool that the next compute report shares out
+    /// by each app's compute in it; the idle power is learned only from intervals with
+    /// neither a request running nor compute reported, after one such interval.
+    pub fn tick(&self, now: Instant, active: bool) {
+        let compute = self.compute.snapshot();
+        let mut st = self.lock();
+        let dt = st.last_tick.map(|t| now.saturating_duration_since(t).as_secs_f64());
+        st.last_tick = Some(now);
+        // Compute since the last tick, per app (totals only grow).
+        let mut busy: Vec<(String, f64)> = Vec::new();
+        for (app, total) in compute {
+            let seen = st.last_compute.entry(app.clone()).or_default();
+            if total > *seen {
+                busy.push((app, (total - *seen) as f64 / 1e6));
+                *seen = total;
+            }
+        }
+        let busy_s: f64 = busy.iter().map(|(_, s)| s).sum();
+        let measured = self.measure(&mut st, dt);
+        let Some(dt) = dt.filter(|dt| *dt > 0.0) else { return };
+        let model_j = self.config.idle_w * dt + self.config.busy_w * busy_s;
+        let (energy_j, is_measured) = match measured {
+            Some(j) => (j, true),
+            None => (model_j, false),
+        };
+        st.device_j += energy_j;
+        st.device_w = energy_j / dt;
+        if !active && busy_s <= 0.0 {
+            st.idle_ticks += 1;
+            if is_measured && st.idle_ticks >= 2 {
+                st.idle_w += EWMA * (energy_j / dt - st.idle_w);
+            }
+            // Energy no compute report ever claimed (an engine that died) is dropped.
+            if f64::from(st.idle_ticks) * dt > POOL_LIFE_S {
+                st.pool_j = 0.0;
+            }
+            return;
+        }
+        st.idle_ticks = 0;
+        st.pool_j += if is_measured { (energy_j - st.idle_w * dt).max(0.0) } else { self.config.busy_w * busy_s };
+        if busy_s <= 0.0 {
+            return;
+        }
+        let pool = std::mem::take(&mut st.pool_j);
+        if is_measured {
+            st.j_per_compute_s += EWMA * (pool / busy_s - st.j_per_compute_s);
+        }
+        st.apps_j += pool;
+        let t_s = now.saturating_duration_since(self.epoch).as_secs_f64();
+        let hour_s = self.config.hour_s as f64;
+        for (app, s) in busy {
+            let j = pool * s / busy_s;
+            if !st.apps.contains_key(&app) && st.apps.len() >= MAX_APPS {
+                let idle = st.apps.iter().min_by(|a, b| a.1.last_s.total_cmp(&b.1.last_s)).map(|(k, _)| k.clone());
+                if let Some(k) = idle {
+                    st.apps.remove(&k);
+                }
+            }
+            let e = st.apps.entry(app).or_insert_with(|| AppEnergy {
+                total_j: 0.0,
+                compute_s: 0.0,
+                hour: Window::new(hour_s / 60.0, 60),
+                day: Window::new(hour_s, 24),
+                last_s: t_s,
+            });
+            e.total_j += j;
+            e.compute_s += s;
+            e.hour.add(t_s, j);
+            e.day.add(t_s, j);
+            e.last_s = t_s;
+        }
+    }
+
+    /// The energy drawn since the last reading, J, if the source measures it now.
+    fn measure(&self, st: &mut State, dt: Option<f64>) -> Option<f64> {
+        match st.source.clone() {
+            Source::Rapl(zones) => {
+                let now: Option<Vec<u64>> = zones.iter().map(|(p, _)| read_u64(p)).collect();
+                let last = std::mem::replace(&mut st.last_counter, now.clone());
+                let (now, last) = (now?, last?);
+                let uj: u64 = zones
+                    .iter()
+                    .zip(now.iter().zip(&last))
+                    .map(|((_, range), (n, l))| if n >= l { n - l } else { range - l + n })
+                    .sum();
+                Some(uj as f64 / 1e6)
+            }
+            Source::BatteryEnergy(dir) => {
+                let now = battery_energy_j(&dir).filter(|_| discharging(&dir));
+                let last = std::mem::replace(&mut st.last_stored_j, now);
+                Some((last? - now?).max(0.0))
+            }
+            Source::BatteryPower(dir) => {
+                let w = battery_power_w(&dir).filter(|_| discharging(&dir))?;
+                Some(w * dt?)
+            }
+            Source::Model => None,
+        }
+    }
+
+    /// What `compute` of one request costs, mJ, and the source.
+    pub fn price(&self, compute: Duration) -> (f64, &'static str) {
+        let st = self.lock();
+        (compute.as_secs_f64() * st.j_per_compute_s * 1000.0, st.source.name())
+    }
+
+    /// The ledger now (the Energy property): every app's row if `all`, else only `app`'s.
+    pub fn snapshot(&self, app: &str, all: bool) -> hearth_dbus::Energy {
+        let st = self.lock();
+        let t_s = self.epoch.elapsed().as_secs_f64();
+        let mut apps: Vec<hearth_dbus::AppEnergy> = st
+            .apps
+            .iter()
+            .filter(|(k, _)| all || k.as_str() == app)
+            .map(|(k, e)| hearth_dbus::AppEnergy {
+                app: k.clone(),
+                total_j: e.total_j,
+                hour_j: e.hour.sum(t_s),
+                day_j: e.day.sum(t_s),
+                compute_s: e.compute_s,
+                over_budget: st.budgets.get(k).copied(),
+            })
+            .collect();
+        apps.sort_by(|a, b| b.hour_j.total_cmp(&a.hour_j).then(a.app.cmp(&b.app)));
+        hearth_dbus::Energy {
+            source: st.source.name().to_owned(),
+            device_j: st.device_j,
+            apps_j: st.apps_j,
+            device_w: st.device_w,
+            idle_w: st.idle_w,
+            j_per_compute_s: st.j_per_compute_s,
+            hour_s: self.config.hour_s,
+            apps,
+        }
+    }
+
+    /// An app's energy over the last hour window, J.
+    pub fn hour_j(&self, app: &str) -> f64 {
+        let st = self.lock();
+        let t_s = self.epoch.elapsed().as_secs_f64();
+        st.apps.get(app).map_or(0.0, |e| e.hour.sum(t_s))
+    }
+
+    /// An app's energy over the last day window, J.
+    pub fn day_j(&self, app: &str) -> f64 {
+        let st = self.lock();
+        let t_s = self.epoch.elapsed().as_secs_f64();
+        st.apps.get(app).map_or(0.0, |e| e.day.sum(t_s))
+    }
+
+    /// Which apps with a budget are past it (`over(app, hour_j, day_j)` says, None: no
+    /// budget); the ledger keeps the answer for results and the Energy rows, and returns the
+    /// apps that are over.
+    pub fn judge_budgets(&self, over: impl Fn(&str, f64, f64) -> Option<bool>) -> Vec<String> {
+        let mut st = self.lock();
+        let t_s = self.epoch.elapsed().as_secs_f64();
+        let judged: HashMap<String, bool> = st
+            .apps
+            .iter()
+            .filter_map(|(app, e)| over(app, e.hour.sum(t_s), e.day.sum(t_s)).map(|o| (app.clone(), o)))
+            .collect();
+        let out = judged.iter().filter(|(_, o)| **o).map(|(a, _)| a.clone()).collect();
+        st.budgets = judged;
+        out
+    }
+
+    /// Whether `app` is past its energy budget (None: it has none, or has not drawn yet).
+    pub fn over_budget(&self, app: &str) -> Option<bool> {
+        self.lock().budgets.get(app).copied()
+    }
+
+    pub fn config(&self) -> &EnergyConfig {
+        &self.config
+    }
+
+    pub fn sysfs_root(&self) -> &Path {
+        &self.root
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn write(p: &Path, v: impl std::fmt::Display) {
+        std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+        std::fs::write(p, format!("{v}\n")).unwrap();
+    }
+
+    fn ledger(root: &Path, source: &str) -> (Ledger, Arc<Compute>) {
+        let compute = Arc::new(Compute::default());
+        let config = EnergyConfig { source: source.into(), hour_s: 60, ..EnergyConfig::default() };
+        (Ledger::new(config, root, Arc::clone(&compute)), compute)
+    }
+
+    #[test]
+    fn sources_are_found_best_first() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path();
+        assert_eq!(ledger(root, "auto").0.snapshot("", true).source, "model");
+        write(&root.join("class/power_supply/BAT0/type"), "Battery");
+        write(&root.join("class/power_supply/BAT0/current_now"), 500_000);
+        write(&root.join("class/power_supply/BAT0/voltage_now"), 3_800_000);
+        assert_eq!(ledger(root, "auto").0.snapshot("", true).source, "battery-power");
+        write(&root.join("class/power_supply/BAT0/charge_now"), 2_000_000);
+        assert_eq!(ledger(root, "auto").0.snapshot("", true).source, "battery-energy");
+        write(&root.join("class/powercap/intel-rapl:0/energy_uj"), 1000);
+        write(&root.join("class/powercap/intel-rapl:0:0/energy_uj"), 1000);
+        let (l, _) = ledger(root, "auto");
+        assert_eq!(l.snapshot("", true).source, "rapl");
+        assert_eq!(l.lock().source, Source::Rapl(vec![(root.join("class/powercap/intel-rapl:0/energy_uj"), u64::MAX)]));
+        assert_eq!(ledger(root, "battery").0.snapshot("", true).source, "battery-energy");
+        assert_eq!(ledger(root, "model").0.snapshot("", true).source, "model");
+    }
+
+    #[test]
+    fn a_counters_energy_above_idle_is_shared_by_compute_time() {
+        let dir = tempfile::tempdir().unwrap();
+        let counter = dir.path().join("class/powercap/intel-rapl:0/energy_uj");
+        write(&dir.path().join("class/powercap/intel-rapl:0/max_energy_range_uj"), 10_000_000);
+        write(&counter, 8_500_000);
+        let (l, compute) = ledger(dir.path(), "auto");
+        let t0 = Instant::now();
+        l.tick(t0, false);
+        // Idle at 1 W: the idle power is learned from the second idle interval on.
+        write(&counter, 9_000_000);
+        l.tick(t0 + Duration::from_millis(500), false);
+        assert_eq!(l.snapshot("", true).idle_w, 0.5);
+        write(&counter, 9_500_000);
+        l.tick(t0 + Duration::from_secs(1), false);
+        let idle = l.snapshot("", true).idle_w;
+        assert!((idle - (0.5 + 0.3 * 0.5)).abs() < 1e-9, "{idle}");
+        // A request runs: 1 J in half a second, pooled until its compute is reported.
+        write(&counter, 9_900_000);
+        l.tick(t0 + Duration::from_millis(1500), true);
+        assert_eq!(l.snapshot("", true).apps_j, 0.0);
+        // Then 0.75 s of a's compute and 0.25 s of b's come; 3 J drawn (the counter wraps).
+        compute.add("a", 750_000);
+        compute.add("b", 250_000);
+        write(&counter, 2_900_000);
+        l.tick(t0 + Duration::from_secs(2), false);
+        let s = l.snapshot("", true);
+        let active = (0.4 - idle * 0.5) + (3.0 - idle * 0.5);
+        assert!((s.device_j - 4.4).abs() < 1e-6, "{s:?}");
+        assert!((s.apps_j - active).abs() < 1e-6, "{s:?}");
+        let a = s.apps.iter().find(|r| r.app == "a").unwrap();
+        assert!((a.total_j - 0.75 * active).abs() < 1e-6 && (a.hour_j - a.total_j).abs() < 1e-9, "{a:?}");
+        assert_eq!(l.snapshot("b", false).apps.len(), 1, "an app sees its own row only");
+        // The hour window forgets; the total does not.
+        let later = l.epoch + Duration::from_secs(3600);
+        let st = l.lock();
+        assert_eq!(st.apps["a"].hour.sum(later.duration_since(l.epoch).as_secs_f64()), 0.0);
+    }
+
+    #[test]
+    fn the_model_prices_compute_and_a_charging_battery_falls_back_to_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let bat = dir.path().join("class/power_supply/battery");
+        write(&bat.join("type"), "Battery");
+        write(&bat.join("status"), "Charging");
+        write(&bat.join("energy_now"), 10_000_000);
+        let (l, compute) = ledger(dir.path(), "auto");
+        let t0 = Instant::now();
+        l.tick(t0, false);
+        compute.add("a", 500_000);
+        l.tick(t0 + Duration::from_secs(2), false);
+        let s = l.snapshot("a", false);
+        assert_eq!(s.source, "battery-energy");
+        // The model: 0.5 W idle for 2 s and 4 W for 0.5 s of compute.
+        assert!((s.device_j - 3.0).abs() < 1e-9 && (s.apps[0].total_j - 2.0).abs() < 1e-9, "{s:?}");
+        assert!((l.price(Duration::from_millis(250)).0 - 1000.0).abs() < 1e-6);
+    }
+
+    #[test]
+    fn the_ledger_is_bounded() {
+        let dir = tempfile::tempdir().unwrap();
+        let (l, compute) = ledger(dir.path(), "model");
+        let t0 = Instant::now();
+        l.tick(t0, false);
+        for i in 0..MAX_APPS + 20 {
+            compute.add(&format!("app{i}"), 1000);
+            l.tick(t0 + Duration::from_millis(10 * (i as u64 + 1)), true);
+        }
+        assert_eq!(l.snapshot("", true).apps.len(), MAX_APPS);
+        assert!(l.snapshot("app0", false).apps.is_empty(), "the longest idle is forgotten");
+    }
+}

@@ -1,0 +1,221 @@
+//! The energy ledger against the real daemon on a simulated phone whose battery drains by
+//! the power its real compute draws (tests/src/soc.rs): the ledger's sum matches what the
+//! battery gave, and two apps' shares match their shares of the work.
+
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use hearth_tests::soc::{Soc, SocParams};
+use hearth_tests::{Bus, Daemon, Settings, chat_request, hearth, workspace_bin};
+
+/// A phone at rest at 40 °C (no heating, so the thermal governor never paces the run), whose
+/// battery powers 0.5 W at idle and 3 W per busy core.
+const PHONE: SocParams = SocParams {
+    ambient_c: 40.0,
+    start_c: 40.0,
+    c_per_core: 0.0,
+    tau_s: 2.0,
+    passive_trip_c: 65.0,
+    critical_trip_c: 90.0,
+    battery_pct: 80.0,
+    drain_pct_per_core_s: 0.0,
+    idle_w: 0.5,
+    w_per_core: 3.0,
+    energy_full_wh: 15.0,
+};
+
+/// Runs `rounds` generations of `max_tokens` one after another as the app `exe` is.
+fn load(bus: &Bus, exe: &std::path::Path, rounds: usize, max_tokens: u32) -> Vec<serde_json::Value> {
+    let out = Command::new(exe)
+        .args(["--bus-address", bus.address(), "--rounds", &rounds.to_string()])
+        .args(["--max-tokens", &max_tokens.to_string(), "--prompt", "Tell me about the sea."])
+        .stdout(Stdio::piped())
+        .output()
+        .expect("hearth-load");
+    assert!(out.status.success());
+    let lines: Vec<serde_json::Value> =
+        String::from_utf8(out.stdout).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert!(lines.iter().all(|l| l["tokens"] == max_tokens), "{lines:?}");
+    lines
+}
+
+/// hearthd on `soc` with `settings` (the phone's sysfs tree, the ledger every 100 ms), its
+/// model loaded, and the phone heating and draining with it.
+async fn on_the_phone(
+    soc: &mut Soc,
+    settings: Settings,
+    hour_s: u64,
+) -> (Bus, Daemon, zbus::Connection, hearth_dbus::Hearth1Proxy<'static>) {
+    let bus = Bus::start();
+    let settings = Settings {
+        governor: soc.governor_settings(100),
+        energy: format!("interval_ms = 100\nhour_s = {hour_s}\n"),
+        ..settings
+    };
+    let daemon = Daemon::start_configured(&bus, &settings).await;
+    let conn = bus.connect().await;
+    let proxy = hearth(&conn).await;
+    proxy.complete(chat_request("Hi", 1)).await.unwrap(); // load the model
+    soc.run(daemon.pid().as_raw() as u32);
+    (bus, daemon, conn, proxy)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_ledger_adds_up_to_the_battery_and_shares_it_by_work() {
+    let mut soc = Soc::new(PHONE);
+    let (bus, _daemon, _conn, proxy) = on_the_phone(&mut soc, Settings::default(), 60).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let before = proxy.energy().await.unwrap();
+    let drawn_before = soc.drawn_j();
+    assert_eq!(before.source, "battery-energy", "{before:?}");
+
+    // App A does twice B's work: as many requests, each of twice the tokens (a copy of the
+    // same program elsewhere is another app).
+    let other = tempfile::tempdir().unwrap();
+    let exe_b = other.path().join("hearth-load-b");
+    std::fs::copy(workspace_bin("hearth-load"), &exe_b).unwrap();
+    let a = load(&bus, &workspace_bin("hearth-load"), 4, 48);
+    let b = load(&bus, &exe_b, 4, 24);
+    // The ledger's last interval and the battery's last sample settle.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let after = proxy.energy().await.unwrap();
+    let drawn = soc.drawn_j() - drawn_before;
+    let device = after.device_j - before.device_j;
+    let row = |e: &hearth_dbus::Energy, exe: &str| {
+        e.apps.iter().filter(|r| r.app.ends_with(exe)).map(|r| r.total_j).sum::<f64>()
+    };
+    let (ja, jb) = (row(&after, "/hearth-load") - row(&before, "/hearth-load"), row(&after, "hearth-load-b"));
+    let report = format!(
+        "battery gave {drawn:.2} J, ledger {device:.2} J (apps {:.2} J, idle {:.2} W, {:.2} J per compute-s); A {ja:.2} J, B {jb:.2} J\n{after:?}",
+        after.apps_j - before.apps_j,
+        after.idle_w,
+        after.j_per_compute_s
+    );
+    eprintln!("{report}");
+    assert!(drawn > 1.0, "the run drew energy: {report}");
+    assert!((device - drawn).abs() <= 0.1 * drawn, "the ledger's sum is within 10% of what was drawn: {report}");
+    let share = ja / (ja + jb);
+    let work: f64 = 4.0 * 48.0 / (4.0 * 48.0 + 4.0 * 24.0);
+    assert!(
+        (share - work).abs() <= 0.1 * work,
+        "A's share {share:.3} is within 10% of its share of the work {work:.3}: {report}"
+    );
+
+    // Each result says what it cost, by the same source; together about what the ledger gave
+    // the apps.
+    let priced: f64 = a.iter().chain(&b).map(|l| l["energy_mj"].as_f64().expect("energy_mj") / 1000.0).sum();
+    assert!(a.iter().chain(&b).all(|l| l["energy_source"] == "battery-energy" && l["compute_us"].as_u64() > Some(0)));
+    assert!(
+        (priced - (ja + jb)).abs() <= 0.35 * (ja + jb),
+        "results priced {priced:.2} J of {:.2} J: {report}",
+        ja + jb
+    );
+
+    // Root (as the tests run) sees every app's row, in hearthctl too.
+    let out = Command::new(workspace_bin("hearthctl"))
+        .args(["--bus-address", bus.address(), "energy"])
+        .output()
+        .expect("hearthctl energy");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success() && text.contains("source battery-energy") && text.contains("hearth-load-b"), "{text}");
+}
+
+/// Time to the first token of an interactive request.
+async fn ttft(conn: &zbus::Connection, n: usize) -> Duration {
+    let request = hearth_tests::with_priority("Name a colour.", 2, "interactive");
+    let started = std::time::Instant::now();
+    let mut g = hearth_dbus::Generation::start(conn, request, &format!("fg{n}")).await.unwrap();
+    let first = loop {
+        match g.next().await.expect("an event").unwrap() {
+            hearth_dbus::StreamEvent::Token { .. } => break started.elapsed(),
+            hearth_dbus::StreamEvent::Finished(r) => panic!("no token: {r:?}"),
+            hearth_dbus::StreamEvent::Migrated { .. } => {}
+        }
+    };
+    while g.next().await.is_some() {}
+    first
+}
+
+fn median(mut v: Vec<Duration>) -> Duration {
+    v.sort();
+    v[v.len() / 2]
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_budget_slows_a_heavy_background_app_and_spares_the_interactive_one() {
+    const BUDGET_J: u32 = 10;
+    const HOUR: Duration = Duration::from_secs(20);
+    let mut soc = Soc::new(PHONE);
+    let other = tempfile::tempdir().unwrap();
+    let heavy = other.path().join("hearth-load-heavy");
+    std::fs::copy(workspace_bin("hearth-load"), &heavy).unwrap();
+    let uid = nix::unistd::geteuid().as_raw();
+    let policy = format!(
+        "app = {:?}\nenergy_per_hour_j = {BUDGET_J}\n",
+        hearth_tests::process_app(uid, &std::fs::canonicalize(&heavy).unwrap())
+    );
+    let apps = hearth_tests::apps_dir(&[("heavy.toml", policy)]);
+    let settings = Settings {
+        apps: hearth_tests::apps_setting(apps.path()),
+        // Every TTFT prefills its whole prompt: a cached prefix would make the unloaded figure
+        // that of a prompt the heavy app's requests may evict.
+        engine: "prefix_cache = false".into(),
+        ..Settings::default()
+    };
+    let (bus, _daemon, conn, proxy) = on_the_phone(&mut soc, settings, HOUR.as_secs()).await;
+    let mut unloaded = Vec::new();
+    for n in 0..7 {
+        unloaded.push(ttft(&conn, n).await);
+    }
+    let unloaded = median(unloaded);
+
+    // The heavy app streams background work without pause for a simulated hour and a half.
+    let mut child = Command::new(&heavy)
+        .args(["--bus-address", bus.address(), "--priority", "background", "--rounds", "1000"])
+        .args(["--max-tokens", "16", "--prompt", "Write a long story about the sea."])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let start = std::time::Instant::now();
+    let (mut series, mut loaded, mut saw_over) = (Vec::new(), Vec::new(), false);
+    let mut n = 100;
+    while start.elapsed() < HOUR * 3 / 2 {
+        let e = proxy.energy().await.unwrap();
+        let row = e.apps.iter().find(|r| r.app.ends_with("hearth-load-heavy"));
+        series.push((start.elapsed(), row.map_or(0.0, |r| r.total_j)));
+        saw_over |= row.and_then(|r| r.over_budget) == Some(true);
+        if series.len() % 8 == 0 {
+            loaded.push(ttft(&conn, n).await);
+            n += 1;
+        } else {
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+    }
+    child.kill().unwrap();
+    let out = child.wait_with_output().unwrap();
+    let lines: Vec<serde_json::Value> =
+        String::from_utf8_lossy(&out.stdout).lines().filter_map(|l| serde_json::from_str(l).ok()).collect();
+    // The most the heavy app drew in any window of one (simulated) hour.
+    let most = series
+        .iter()
+        .map(|&(t, j)| {
+            let before = series.iter().filter(|(u, _)| *u + HOUR <= t).map(|(_, j)| *j).fold(0.0, f64::max);
+            j - before
+        })
+        .fold(0.0, f64::max);
+    let total = series.last().map_or(0.0, |s| s.1);
+    let loaded_n = loaded.len();
+    let loaded = median(loaded);
+    let report = format!(
+        "heavy app: {total:.1} J in {:?}, at most {most:.1} J in an hour window (budget {BUDGET_J} J), {} requests done; \
+         interactive TTFT {unloaded:?} unloaded, {loaded:?} loaded (median of {loaded_n})",
+        start.elapsed(),
+        lines.len()
+    );
+    eprintln!("{report}");
+    assert!(saw_over, "the heavy app went past its budget: {report}");
+    assert!(lines.iter().any(|l| l["energy_budget"] == "over"), "its results said so: {report}");
+    assert!(lines.iter().all(|l| l.get("error").is_none()), "slowed, never failed: {lines:?}");
+    assert!(most <= f64::from(BUDGET_J) * 1.35, "it took at most its budget (and one request) in any hour: {report}");
+    assert!(loaded <= unloaded * 3 / 2, "the interactive app's TTFT stayed within 1.5x: {report}");
+}
