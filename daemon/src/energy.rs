@@ -389,11 +389,18 @@ impl Ledger {
                 let now: Option<Vec<u64>> = zones.iter().map(|(p, _)| read_u64(p)).collect();
                 let last = std::mem::replace(&mut st.last_counter, now.clone());
                 let (now, last) = (now?, last?);
-                let uj: u64 = zones
-                    .iter()
-                    .zip(now.iter().zip(&last))
-                    .map(|((_, range), (n, l))| if n >= l { n - l } else { range - l + n })
-                    .sum();
+                // A counter below its last reading wrapped, if its range is known and the last
+                // reading was within it; otherwise (a reset, a suspend) the interval is not
+                // measured rather than booked as a counter's whole range.
+                let mut uj = 0u64;
+                for ((_, range), (n, l)) in zones.iter().zip(now.iter().zip(&last)) {
+                    let drawn = match n.checked_sub(*l) {
+                        Some(d) => d,
+                        None if *range != u64::MAX => range.checked_sub(*l)?.checked_add(*n)?,
+                        None => return None,
+                    };
+                    uj = uj.saturating_add(drawn);
+                }
                 Some(uj as f64 / 1e6)
             }
             Source::BatteryEnergy(dir) => {
@@ -519,6 +526,11 @@ mod tests {
         write(&root.join("class/powercap/intel-rapl:0:0/energy_uj"), 1000);
         let (l, _) = ledger(root, "auto");
         assert_eq!(l.snapshot("", true).source, "rapl");
+        // Without a known range, a counter that went down (a reset) measures nothing.
+        l.tick(Instant::now(), false);
+        write(&root.join("class/powercap/intel-rapl:0/energy_uj"), 10);
+        l.tick(Instant::now() + Duration::from_secs(1), false);
+        assert!(l.snapshot("", true).device_j < 1.0, "{:?}", l.snapshot("", true));
         assert_eq!(l.lock().source, Source::Rapl(vec![(root.join("class/powercap/intel-rapl:0/energy_uj"), u64::MAX)]));
         assert_eq!(ledger(root, "battery").0.snapshot("", true).source, "battery-energy");
         assert_eq!(ledger(root, "model").0.snapshot("", true).source, "model");

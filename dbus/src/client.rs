@@ -35,8 +35,14 @@ pub enum StreamEvent {
 pub struct Generation {
     conn: Connection,
     path: OwnedObjectPath,
-    /// The request object's signals, and the bus's word that the service's unique name left.
-    stream: futures_util::stream::Select<MessageStream, MessageStream>,
+    /// The request object's signals, and the bus's word that the service's unique name left
+    /// (read only when no signal is waiting, so a Finished sent before leaving comes first).
+    stream: futures_util::stream::SelectWithStrategy<
+        MessageStream,
+        MessageStream,
+        fn(&mut ()) -> futures_util::stream::PollNext,
+        (),
+    >,
     owner: String,
     done: bool,
 }
@@ -114,7 +120,8 @@ impl Generation {
                 "hearthd restarted while the request was being made; try again".into(),
             )));
         }
-        let stream = futures_util::stream::select(signals, gone);
+        let signals_first: fn(&mut ()) -> futures_util::stream::PollNext = |_| futures_util::stream::PollNext::Left;
+        let stream = futures_util::stream::select_with_strategy(signals, gone, signals_first);
         Ok(Self { conn: conn.clone(), path, stream, owner: owner.to_string(), done: false })
     }
 

@@ -18,8 +18,9 @@ use serde_json::{Value as Json, json};
 use super::Message;
 use crate::structured::{ToolCall, ToolFormat};
 
-/// Instructions one render may run (minijinja's fuel). Rendering the largest conversation
-/// hearthd admits (256 messages) with a typical template takes a few thousand per message.
+/// Instructions one render may run (minijinja's fuel). A typical template takes a few
+/// thousand per message, so the largest conversation hearthd admits (1024 messages) fits;
+/// a template that loops on its own runs out and fails the request.
 const FUEL: u64 = 5_000_000;
 /// What the probe conversation names, to find in the rendered text.
 const PROBE_TOOL: &str = "hearth_probe_tool";
