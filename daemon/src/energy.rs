@@ -255,7 +255,6 @@ struct State {
 #[derive(Debug)]
 pub struct Ledger {
     config: EnergyConfig,
-    root: PathBuf,
     compute: Arc<Compute>,
     epoch: Instant,
     state: Mutex<State>,
@@ -282,7 +281,7 @@ impl Ledger {
             apps: HashMap::new(),
             budgets: HashMap::new(),
         };
-        Self { config, root: root.to_owned(), compute, epoch: Instant::now(), state: Mutex::new(state) }
+        Self { config, compute, epoch: Instant::now(), state: Mutex::new(state) }
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
@@ -452,13 +451,6 @@ impl Ledger {
         }
     }
 
-    /// An app's energy over the last hour window, J.
-    pub fn hour_j(&self, app: &str) -> f64 {
-        let st = self.lock();
-        let t_s = self.epoch.elapsed().as_secs_f64();
-        st.apps.get(app).map_or(0.0, |e| e.hour.sum(t_s))
-    }
-
     /// An app's energy over the last day window, J.
     pub fn day_j(&self, app: &str) -> f64 {
         let st = self.lock();
@@ -489,10 +481,6 @@ impl Ledger {
 
     pub fn config(&self) -> &EnergyConfig {
         &self.config
-    }
-
-    pub fn sysfs_root(&self) -> &Path {
-        &self.root
     }
 }
 
