@@ -104,6 +104,25 @@ impl Source {
             Self::Model => "model",
         }
     }
+
+    /// What the source says now (sysfs reads).
+    fn read(&self) -> Reading {
+        match self {
+            Self::Rapl(zones) => Reading::Counters(zones.iter().map(|(p, _)| read_u64(p)).collect()),
+            Self::BatteryEnergy(dir) => Reading::Stored(battery_energy_j(dir).filter(|_| discharging(dir))),
+            Self::BatteryPower(dir) => Reading::Power(battery_power_w(dir).filter(|_| discharging(dir))),
+            Self::Model => Reading::None,
+        }
+    }
+}
+
+/// One reading of a [`Source`] (None inside: unreadable, or a battery not discharging).
+#[derive(Debug)]
+enum Reading {
+    Counters(Option<Vec<u64>>),
+    Stored(Option<f64>),
+    Power(Option<f64>),
+    None,
 }
 
 fn read_u64(p: &Path) -> Option<u64> {
@@ -231,11 +250,9 @@ struct AppEnergy {
 
 #[derive(Debug)]
 struct State {
-    source: Source,
     /// The last counter reading (J), for counter sources.
     last_counter: Option<Vec<u64>>,
     last_stored_j: Option<f64>,
-    last_compute: HashMap<String, u64>,
     last_tick: Option<Instant>,
     /// Active energy not yet shared out (waiting for the compute report), J.
     pool_j: f64,
@@ -255,6 +272,7 @@ struct State {
 #[derive(Debug)]
 pub struct Ledger {
     config: EnergyConfig,
+    source: Source,
     compute: Arc<Compute>,
     epoch: Instant,
     state: Mutex<State>,
@@ -266,10 +284,8 @@ impl Ledger {
         let source = detect(root, &config.source);
         tracing::info!(source = source.name(), "energy ledger");
         let state = State {
-            source,
             last_counter: None,
             last_stored_j: None,
-            last_compute: HashMap::new(),
             last_tick: None,
             pool_j: 0.0,
             idle_ticks: 0,
@@ -281,7 +297,7 @@ impl Ledger {
             apps: HashMap::new(),
             budgets: HashMap::new(),
         };
-        Self { config, compute, epoch: Instant::now(), state: Mutex::new(state) }
+        Self { config, source, compute, epoch: Instant::now(), state: Mutex::new(state) }
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
@@ -312,21 +328,16 @@ impl Ledger {
     /// by each app's compute in it; the idle power is learned only from intervals with
     /// neither a request running nor compute reported, after one such interval.
     pub fn tick(&self, now: Instant, active: bool) {
-        let compute = self.compute.snapshot();
+        // Compute the engines reported since the last tick, per app, and the source's
+        // reading (sysfs, read before the lock: Energy readers do not wait on it).
+        let busy: Vec<(String, f64)> =
+            self.compute.take().into_iter().map(|(app, us)| (app, us as f64 / 1e6)).collect();
+        let reading = self.source.read();
         let mut st = self.lock();
         let dt = st.last_tick.map(|t| now.saturating_duration_since(t).as_secs_f64());
         st.last_tick = Some(now);
-        // Compute since the last tick, per app (totals only grow).
-        let mut busy: Vec<(String, f64)> = Vec::new();
-        for (app, total) in compute {
-            let seen = st.last_compute.entry(app.clone()).or_default();
-            if total > *seen {
-                busy.push((app, (total - *seen) as f64 / 1e6));
-                *seen = total;
-            }
-        }
         let busy_s: f64 = busy.iter().map(|(_, s)| s).sum();
-        let measured = self.measure(&mut st, dt);
+        let measured = self.measure(&mut st, reading, dt);
         let Some(dt) = dt.filter(|dt| *dt > 0.0) else { return };
         let model_j = self.config.idle_w * dt + self.config.busy_w * busy_s;
         let (energy_j, is_measured) = match measured {
@@ -361,7 +372,14 @@ impl Ledger {
         for (app, s) in busy {
             let j = pool * s / busy_s;
             if !st.apps.contains_key(&app) && st.apps.len() >= MAX_APPS {
-                let idle = st.apps.iter().min_by(|a, b| a.1.last_s.total_cmp(&b.1.last_s)).map(|(k, _)| k.clone());
+                // The row that drew longest ago goes; an app with a budget only when every
+                // row has one (its day's joules are what its budget and cap are judged on).
+                let budgeted = |k: &String| st.budgets.contains_key(k);
+                let idle = st
+                    .apps
+                    .iter()
+                    .min_by(|a, b| budgeted(a.0).cmp(&budgeted(b.0)).then(a.1.last_s.total_cmp(&b.1.last_s)))
+                    .map(|(k, _)| k.clone());
                 if let Some(k) = idle {
                     st.apps.remove(&k);
                 }
@@ -382,10 +400,9 @@ impl Ledger {
     }
 
     /// The energy drawn since the last reading, J, if the source measures it now.
-    fn measure(&self, st: &mut State, dt: Option<f64>) -> Option<f64> {
-        match st.source.clone() {
-            Source::Rapl(zones) => {
-                let now: Option<Vec<u64>> = zones.iter().map(|(p, _)| read_u64(p)).collect();
+    fn measure(&self, st: &mut State, reading: Reading, dt: Option<f64>) -> Option<f64> {
+        match (&self.source, reading) {
+            (Source::Rapl(zones), Reading::Counters(now)) => {
                 let last = std::mem::replace(&mut st.last_counter, now.clone());
                 let (now, last) = (now?, last?);
                 // A counter below its last reading wrapped, if its range is known and the last
@@ -402,23 +419,19 @@ impl Ledger {
                 }
                 Some(uj as f64 / 1e6)
             }
-            Source::BatteryEnergy(dir) => {
-                let now = battery_energy_j(&dir).filter(|_| discharging(&dir));
+            (_, Reading::Stored(now)) => {
                 let last = std::mem::replace(&mut st.last_stored_j, now);
                 Some((last? - now?).max(0.0))
             }
-            Source::BatteryPower(dir) => {
-                let w = battery_power_w(&dir).filter(|_| discharging(&dir))?;
-                Some(w * dt?)
-            }
-            Source::Model => None,
+            (_, Reading::Power(w)) => Some(w? * dt?),
+            _ => None,
         }
     }
 
     /// What `compute` of one request costs, mJ, and the source.
     pub fn price(&self, compute: Duration) -> (f64, &'static str) {
         let st = self.lock();
-        (compute.as_secs_f64() * st.j_per_compute_s * 1000.0, st.source.name())
+        (compute.as_secs_f64() * st.j_per_compute_s * 1000.0, self.source.name())
     }
 
     /// The ledger now (the Energy property): every app's row if `all`, else only `app`'s.
@@ -440,7 +453,7 @@ impl Ledger {
             .collect();
         apps.sort_by(|a, b| b.hour_j.total_cmp(&a.hour_j).then(a.app.cmp(&b.app)));
         hearth_dbus::Energy {
-            source: st.source.name().to_owned(),
+            source: self.source.name().to_owned(),
             device_j: st.device_j,
             apps_j: st.apps_j,
             device_w: st.device_w,
@@ -460,14 +473,19 @@ impl Ledger {
 
     /// Which apps with a budget are past it (`over(app, hour_j, day_j)` says, None: no
     /// budget); the ledger keeps the answer for results and the Energy rows, and returns the
-    /// apps that are over.
+    /// apps that are over. Each app's windows count the compute the engines reported that
+    /// the next tick books, at the learned price: a request that just ended counts at once.
     pub fn judge_budgets(&self, over: impl Fn(&str, f64, f64) -> Option<bool>) -> Vec<String> {
         let mut st = self.lock();
         let t_s = self.epoch.elapsed().as_secs_f64();
+        let price = st.j_per_compute_s;
         let judged: HashMap<String, bool> = st
             .apps
             .iter()
-            .filter_map(|(app, e)| over(app, e.hour.sum(t_s), e.day.sum(t_s)).map(|o| (app.clone(), o)))
+            .filter_map(|(app, e)| {
+                let coming = self.compute.get(app) as f64 / 1e6 * price;
+                over(app, e.hour.sum(t_s) + coming, e.day.sum(t_s) + coming).map(|o| (app.clone(), o))
+            })
             .collect();
         let out = judged.iter().filter(|(_, o)| **o).map(|(a, _)| a.clone()).collect();
         st.budgets = judged;
@@ -519,7 +537,7 @@ mod tests {
         write(&root.join("class/powercap/intel-rapl:0/energy_uj"), 10);
         l.tick(Instant::now() + Duration::from_secs(1), false);
         assert!(l.snapshot("", true).device_j < 1.0, "{:?}", l.snapshot("", true));
-        assert_eq!(l.lock().source, Source::Rapl(vec![(root.join("class/powercap/intel-rapl:0/energy_uj"), u64::MAX)]));
+        assert_eq!(l.source, Source::Rapl(vec![(root.join("class/powercap/intel-rapl:0/energy_uj"), u64::MAX)]));
         assert_eq!(ledger(root, "battery").0.snapshot("", true).source, "battery-energy");
         assert_eq!(ledger(root, "model").0.snapshot("", true).source, "model");
     }
@@ -588,11 +606,15 @@ mod tests {
         let (l, compute) = ledger(dir.path(), "model");
         let t0 = Instant::now();
         l.tick(t0, false);
+        compute.add("capped", 1000);
+        l.tick(t0 + Duration::from_millis(5), true);
+        l.judge_budgets(|app, _, _| (app == "capped").then_some(false));
         for i in 0..MAX_APPS + 20 {
             compute.add(&format!("app{i}"), 1000);
             l.tick(t0 + Duration::from_millis(10 * (i as u64 + 1)), true);
         }
         assert_eq!(l.snapshot("", true).apps.len(), MAX_APPS);
         assert!(l.snapshot("app0", false).apps.is_empty(), "the longest idle is forgotten");
+        assert_eq!(l.snapshot("capped", false).apps.len(), 1, "but never an app with a budget");
     }
 }

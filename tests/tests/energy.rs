@@ -163,11 +163,18 @@ async fn a_budget_slows_a_heavy_background_app_and_spares_the_interactive_one() 
         ..Settings::default()
     };
     let (bus, _daemon, conn, proxy) = on_the_phone(&mut soc, settings, HOUR.as_secs()).await;
+    // Interactive requests come one every SPACING, loaded or not: one that follows another
+    // within milliseconds finds the cores and caches warm and starts ~15 ms sooner here, so
+    // a burst of unloaded samples would not be the figure the loaded ones are held to.
+    const SPACING: Duration = Duration::from_millis(1750);
+    let spaced = async |n: usize| {
+        tokio::time::sleep(SPACING).await;
+        ttft(&conn, n).await
+    };
     let mut unloaded = Vec::new();
-    for n in 0..7 {
-        unloaded.push(ttft(&conn, n).await);
+    for n in 0..5 {
+        unloaded.push(spaced(n).await);
     }
-    let unloaded = median(unloaded);
 
     // The heavy app streams background work without pause for a simulated hour and a half.
     let mut child = Command::new(&heavy)
@@ -178,21 +185,28 @@ async fn a_budget_slows_a_heavy_background_app_and_spares_the_interactive_one() 
         .unwrap();
     let start = std::time::Instant::now();
     let (mut series, mut loaded, mut saw_over) = (Vec::new(), Vec::new(), false);
-    let mut n = 100;
+    let (mut n, mut last) = (100, start);
     while start.elapsed() < HOUR * 3 / 2 {
         let e = proxy.energy().await.unwrap();
         let row = e.apps.iter().find(|r| r.app.ends_with("hearth-load-heavy"));
         series.push((start.elapsed(), row.map_or(0.0, |r| r.total_j)));
         saw_over |= row.and_then(|r| r.over_budget) == Some(true);
-        if series.len() % 8 == 0 {
+        if last.elapsed() >= SPACING {
             loaded.push(ttft(&conn, n).await);
-            n += 1;
+            (n, last) = (n + 1, std::time::Instant::now());
         } else {
             tokio::time::sleep(Duration::from_millis(250)).await;
         }
     }
+    let ran = start.elapsed();
     child.kill().unwrap();
     let out = child.wait_with_output().unwrap();
+    // The unloaded figure from before and after the load, so a machine whose speed drifts
+    // over the run (a shared CI host) does not pass for the load's doing.
+    for n in 200..205 {
+        unloaded.push(spaced(n).await);
+    }
+    let unloaded = median(unloaded);
     let lines: Vec<serde_json::Value> =
         String::from_utf8_lossy(&out.stdout).lines().filter_map(|l| serde_json::from_str(l).ok()).collect();
     // The most the heavy app drew in any window of one (simulated) hour.
@@ -204,18 +218,24 @@ async fn a_budget_slows_a_heavy_background_app_and_spares_the_interactive_one() 
         })
         .fold(0.0, f64::max);
     let total = series.last().map_or(0.0, |s| s.1);
+    let largest = lines.iter().filter_map(|l| l["energy_mj"].as_f64()).fold(0.0, f64::max) / 1000.0;
     let loaded_n = loaded.len();
     let loaded = median(loaded);
     let report = format!(
-        "heavy app: {total:.1} J in {:?}, at most {most:.1} J in an hour window (budget {BUDGET_J} J), {} requests done; \
+        "heavy app: {total:.1} J in {ran:?}, at most {most:.1} J in an hour window (budget {BUDGET_J} J), {} requests \
+         done, the largest {largest:.2} J; \
          interactive TTFT {unloaded:?} unloaded, {loaded:?} loaded (median of {loaded_n})",
-        start.elapsed(),
         lines.len()
     );
     eprintln!("{report}");
     assert!(saw_over, "the heavy app went past its budget: {report}");
     assert!(lines.iter().any(|l| l["energy_budget"] == "over"), "its results said so: {report}");
     assert!(lines.iter().all(|l| l.get("error").is_none()), "slowed, never failed: {lines:?}");
-    assert!(most <= f64::from(BUDGET_J) * 1.35, "it took at most its budget (and one request) in any hour: {report}");
+    // Past its budget by at most the request that took it over (with half of one more for
+    // the fuel gauge's reading lag and the 250 ms the series is sampled at).
+    assert!(
+        most <= f64::from(BUDGET_J) + 1.5 * largest,
+        "it took at most its budget and one request in any hour: {report}"
+    );
     assert!(loaded <= unloaded * 3 / 2, "the interactive app's TTFT stayed within 1.5x: {report}");
 }

@@ -356,6 +356,7 @@ impl Serving {
             cancels: Cancels::default(),
             status: status_rx.clone(),
             kv: Arc::clone(&gauges),
+            compute: Arc::clone(&compute),
         };
         let status =
             Status { rx: status_rx, kv: Arc::clone(&gauges), liveness, throttle: Arc::clone(&io.throttle), compute };
@@ -388,6 +389,16 @@ struct Io {
     /// The queue as the worker published it, sent ahead of each acceptance.
     status: watch::Receiver<EngineStatus>,
     kv: Arc<KvGauges>,
+    /// Reported ahead of each answer that ends work.
+    compute: Arc<super::Compute>,
+}
+
+/// Sends the compute gathered since the last report, if any.
+fn report_compute(out: &mpsc::UnboundedSender<FromEngine>, compute: &super::Compute) {
+    let taken = compute.take();
+    if !taken.is_empty() {
+        let _ = out.send(FromEngine::Compute(taken));
+    }
 }
 
 /// What the status forwarder reads.
@@ -483,7 +494,7 @@ impl Io {
                 }
                 let (out, cancels) = (self.out.clone(), Arc::clone(&self.cancels));
                 let (status, kv) = (self.status.clone(), Arc::clone(&self.kv));
-                let sessions = Arc::clone(&self.sessions);
+                let (sessions, compute) = (Arc::clone(&self.sessions), Arc::clone(&self.compute));
                 tokio::spawn(async move {
                     let result =
                         verdict.await.unwrap_or(Err(super::EngineError::Cancelled(super::CancelReason::Shutdown)));
@@ -502,7 +513,9 @@ impl Io {
                     if accepted {
                         while let Some(event) = events_rx.recv().await {
                             if matches!(event, super::Event::Finished(_)) {
-                                // As for acceptance: the queue without it reaches hearthd first.
+                                // As for acceptance: the queue without it reaches hearthd
+                                // first, and so does the compute it took.
+                                report_compute(&out, &compute);
                                 let status = status.borrow().clone();
                                 let _ = out.send(FromEngine::Status { status, kv: kv.snapshot() });
                             }
@@ -526,9 +539,11 @@ impl Io {
                     return;
                 }
                 let (out, cancels) = (self.out.clone(), Arc::clone(&self.cancels));
+                let compute = Arc::clone(&self.compute);
                 tokio::spawn(async move {
                     let result =
                         answer.await.unwrap_or(Err(super::EngineError::Cancelled(super::CancelReason::Shutdown)));
+                    report_compute(&out, &compute);
                     let _ = out.send(FromEngine::Embedded { key, result });
                     lock(&cancels).remove(&key);
                 });
@@ -546,10 +561,12 @@ impl Io {
                     self.wake.prepared();
                     return;
                 }
-                let out = self.out.clone();
+                let (out, compute) = (self.out.clone(), Arc::clone(&self.compute));
                 tokio::spawn(async move {
                     let result =
                         answer.await.unwrap_or(Err(super::EngineError::Cancelled(super::CancelReason::Shutdown)));
+                    // An image counted was encoded: its compute goes ahead of the answer.
+                    report_compute(&out, &compute);
                     let _ = out.send(FromEngine::Counted { key, result });
                 });
             }
@@ -597,7 +614,9 @@ async fn forward_status(mut s: Status, out: mpsc::UnboundedSender<FromEngine>) {
             _ = beat.tick() => {
                 let idle = s.liveness.idle();
                 // An idle loop that has not beaten since the last heartbeat has nothing new
-                // to say; any work in between (even a refusal) beats, and is reported.
+                // to say; any work in between (even a refusal) beats, and is reported, as is
+                // compute done beside it (an image encoded for a request later refused).
+                report_compute(&out, &s.compute);
                 let last = s.liveness.last_beat();
                 if idle && sent_beat == Some(last) {
                     continue;
@@ -611,7 +630,6 @@ async fn forward_status(mut s: Status, out: mpsc::UnboundedSender<FromEngine>) {
                     idle,
                     kv: s.kv.snapshot(),
                     potential_mtps: s.throttle.potential_mtps.load(std::sync::atomic::Ordering::Relaxed),
-                    compute_us: s.compute.snapshot(),
                 });
             }
         }

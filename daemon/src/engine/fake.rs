@@ -214,7 +214,6 @@ impl FakeEngine {
                             idle: false,
                             kv: Default::default(),
                             potential_mtps: 0,
-                            compute_us: Vec::new(),
                         };
                         let _ = sink.send(send(&heartbeat)).await;
                     }

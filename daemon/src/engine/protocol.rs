@@ -22,7 +22,7 @@ use super::{
 
 /// Bumped on every incompatible change; hearthd and hearth-engine of different versions
 /// refuse each other (they are installed together, so this catches a stale binary).
-pub const VERSION: u32 = 7;
+pub const VERSION: u32 = 8;
 
 /// The largest frame either side accepts: a parked session's KV (a whole context of one
 /// sequence) travels in one frame.
@@ -173,9 +173,12 @@ pub enum FromEngine {
     /// The queue changed; with the KV gauges of the moment.
     Status { status: EngineStatus, kv: KvSnapshot },
     /// Sent every [`HEARTBEAT`] while the loop works (and once when it goes idle): when it
-    /// last beat, whether it idles, the KV gauges, the uncapped decode rate, and each app's
-    /// compute time since the engine started ([`super::Compute`]).
-    Heartbeat { beat_ago_ms: u64, idle: bool, kv: KvSnapshot, potential_mtps: u64, compute_us: Vec<(String, u64)> },
+    /// last beat, whether it idles, the KV gauges, the uncapped decode rate.
+    Heartbeat { beat_ago_ms: u64, idle: bool, kv: KvSnapshot, potential_mtps: u64 },
+    /// Each app's compute time since the last report, µs ([`super::Compute`]): with every
+    /// heartbeat that has some, and ahead of each request's end, so the energy ledger
+    /// books (and judges budgets on) work within one of its intervals of its end.
+    Compute(Vec<(String, u64)>),
 }
 
 /// How often a busy engine reports its heartbeat.

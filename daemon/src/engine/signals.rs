@@ -53,18 +53,20 @@ impl KvGauges {
     }
 }
 
-/// Compute time per app, cumulative, in microseconds: each decode step's time shared among
-/// the sequences in it by the rows each put in its batch (a decode token and its draft, a
-/// prompt chunk), an image's decoding and encoding and an embedded text's time wholly its
-/// app's. The energy ledger turns it into joules. In the engine it counts since the engine
-/// started (the heartbeat carries it); hearthd's adds up every engine's.
+/// Compute time per app not yet reported, in microseconds: each decode step's time shared
+/// among the sequences in it by the rows each put in its batch (a decode token and its
+/// draft, a prompt chunk), an image's decoding and encoding and an embedded text's time
+/// wholly its app's. The engine reports what it gathered ([`Compute::take`]) with every
+/// heartbeat and as each request ends; hearthd gathers every engine's reports, and the
+/// energy ledger takes them at each of its ticks. Only the apps of one interval are held.
 #[derive(Debug, Default)]
 pub struct Compute {
     by_app: std::sync::Mutex<std::collections::HashMap<String, u64>>,
 }
 
 impl Compute {
-    /// Apps counted apart at most; the rest count together as [`Compute::OTHERS`].
+    /// Apps counted apart between two takes at most; the rest count together as
+    /// [`Compute::OTHERS`] (an interval of 100 ms never sees as many).
     pub const MAX_APPS: usize = 1024;
     pub const OTHERS: &str = "(other apps)";
 
@@ -82,10 +84,20 @@ impl Compute {
         }
     }
 
-    /// Every app's total so far.
-    pub fn snapshot(&self) -> Vec<(String, u64)> {
-        let m = self.by_app.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        m.iter().map(|(k, v)| (k.clone(), *v)).collect()
+    /// Every app's compute since the last take; counting starts over.
+    pub fn take(&self) -> Vec<(String, u64)> {
+        let mut m = self.by_app.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        std::mem::take(&mut *m).into_iter().collect()
+    }
+
+    /// `app`'s compute not yet taken, µs.
+    pub fn get(&self, app: &str) -> u64 {
+        self.by_app.lock().unwrap_or_else(std::sync::PoisonError::into_inner).get(app).copied().unwrap_or(0)
+    }
+
+    /// Whether compute waits to be taken.
+    pub fn pending(&self) -> bool {
+        !self.by_app.lock().unwrap_or_else(std::sync::PoisonError::into_inner).is_empty()
     }
 }
 

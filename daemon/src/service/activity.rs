@@ -26,11 +26,13 @@ pub struct Activity {
     epoch: std::time::Instant,
     /// Prices each finished request's compute.
     energy: Option<Arc<crate::energy::Ledger>>,
+    /// Judged as each request ends.
+    budgets: Option<Arc<super::budgets::Budgets>>,
 }
 
 impl Default for Activity {
     fn default() -> Self {
-        Self::new(None)
+        Self::new(None, None)
     }
 }
 
@@ -46,8 +48,8 @@ impl Drop for Running {
 }
 
 impl Activity {
-    pub fn new(energy: Option<Arc<crate::energy::Ledger>>) -> Self {
-        Self { apps: Mutex::default(), epoch: std::time::Instant::now(), energy }
+    pub fn new(energy: Option<Arc<crate::energy::Ledger>>, budgets: Option<Arc<super::budgets::Budgets>>) -> Self {
+        Self { apps: Mutex::default(), epoch: std::time::Instant::now(), energy, budgets }
     }
 
     fn start(&self, app: &str) -> Running {
@@ -75,7 +77,7 @@ impl Activity {
     pub fn watch(&self, app: &str, mut events: Events) -> Events {
         let running = self.start(app);
         let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
-        let (energy, app) = (self.energy.clone(), app.to_owned());
+        let (energy, budgets, app) = (self.energy.clone(), self.budgets.clone(), app.to_owned());
         tokio::spawn(async move {
             while let Some(mut event) = events.recv().await {
                 match &mut event {
@@ -84,6 +86,11 @@ impl Activity {
                     }
                     StreamEvent::Finished(finish) => {
                         let o = &finish.outcome;
+                        if let Some(b) = &budgets {
+                            // Before the app hears of the end, so its next request finds
+                            // the verdict in force.
+                            b.judge();
+                        }
                         finish.energy = energy.as_ref().map(|l| l.price(o.compute));
                         finish.over_budget = energy.as_ref().and_then(|l| l.over_budget(&app));
                         tracing::info!(

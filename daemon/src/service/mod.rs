@@ -2,6 +2,7 @@
 //! its handle, and turn results into replies and signals. No inference state lives here.
 
 mod activity;
+mod budgets;
 mod callers;
 mod driver;
 mod in_flight;
@@ -61,36 +62,6 @@ pub struct HearthService {
     energy: Option<Arc<crate::energy::Ledger>>,
 }
 
-/// Every ledger interval, judges the apps' energy budgets: the background requests of an app
-/// past one stay queued in the engines until it is back under (the hour window slides).
-async fn budget_watch(
-    ledger: std::sync::Weak<crate::energy::Ledger>,
-    gate: Arc<Gate>,
-    throttle: Arc<crate::engine::Throttle>,
-) {
-    let every = ledger.upgrade().map_or(1000, |l| l.config().interval_ms);
-    let mut tick = tokio::time::interval(std::time::Duration::from_millis(every));
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tick.tick().await;
-        let Some(ledger) = ledger.upgrade() else { return };
-        let over = ledger.judge_budgets(|app, hour_j, day_j| {
-            let policy = gate.policy(app);
-            policy.has_energy_budget().then(|| policy.over_energy_budget(hour_j, day_j))
-        });
-        let before = throttle.deferred_apps();
-        if throttle.set_deferred_apps(over.clone()) {
-            for app in over.iter().filter(|a| !before.contains(a)) {
-                tracing::info!(target: "hearth::audit", app = %app, "past its energy budget: its background work waits");
-            }
-            for app in before.iter().filter(|a| !over.contains(a)) {
-                tracing::info!(target: "hearth::audit", app = %app, "back under its energy budget");
-            }
-            throttle.changed();
-        }
-    }
-}
-
 impl HearthService {
     pub fn new(
         models: ModelManager,
@@ -111,10 +82,14 @@ impl HearthService {
             ));
             let engines = models.clone();
             tokio::spawn(Arc::clone(&ledger).run(move || engines.queue().running > 0));
-            tokio::spawn(budget_watch(Arc::downgrade(&ledger), Arc::clone(&gate), models.throttle()));
             ledger
         });
-        let activity = Arc::new(activity::Activity::new(energy.clone()));
+        let budgets = energy.as_ref().map(|ledger| {
+            let budgets = Arc::new(budgets::Budgets::new(ledger, Arc::clone(&gate), models.throttle()));
+            tokio::spawn(Arc::clone(&budgets).watch());
+            budgets
+        });
+        let activity = Arc::new(activity::Activity::new(energy.clone(), budgets));
         Self { models, gate, governor, cloud, config_paths, next_request, in_flight, callers, activity, energy }
     }
 

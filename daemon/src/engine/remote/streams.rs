@@ -61,8 +61,6 @@ pub(super) async fn read_frames(
     // apps' tokens, heartbeats) does not wait for the disk.
     let (parks, parks_rx) = mpsc::unbounded_channel();
     let parker = tokio::spawn(store_parked(Arc::clone(&remote.sessions), remote.model.name.clone(), parks_rx));
-    // Each app's compute this engine reported so far: hearthd's totals grow by the difference.
-    let mut computed: std::collections::HashMap<String, u64> = std::collections::HashMap::new();
     while let Some(frame) = frames.next().await {
         let payload = match frame {
             Ok(p) => p,
@@ -139,19 +137,14 @@ pub(super) async fn read_frames(
                     changed
                 });
             }
-            FromEngine::Heartbeat { beat_ago_ms, idle, kv, potential_mtps, compute_us } => {
-                remote.liveness.observe(Duration::from_millis(beat_ago_ms), idle);
-                // At most as many apps as the engine counts apart; totals only grow.
-                for (app, total) in compute_us.into_iter().take(super::super::Compute::MAX_APPS + 1) {
-                    if computed.len() > super::super::Compute::MAX_APPS && !computed.contains_key(&app) {
-                        continue;
-                    }
-                    let seen = computed.entry(app.clone()).or_default();
-                    if total > *seen {
-                        compute.add(&app, total - *seen);
-                        *seen = total;
-                    }
+            FromEngine::Compute(by_app) => {
+                // At most as many apps as the engine counts apart in one report.
+                for (app, us) in by_app.into_iter().take(super::super::Compute::MAX_APPS + 1) {
+                    compute.add(&app, us);
                 }
+            }
+            FromEngine::Heartbeat { beat_ago_ms, idle, kv, potential_mtps } => {
+                remote.liveness.observe(Duration::from_millis(beat_ago_ms), idle);
                 remote.kv.store(kv);
                 if potential_mtps > 0 {
                     throttle.potential_mtps.store(potential_mtps, Ordering::Relaxed);

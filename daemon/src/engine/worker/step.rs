@@ -143,6 +143,8 @@ impl Worker {
             .map(|&(i, _)| (i, 1 + self.running[i].draft.len() as u64))
             .chain(prefill_taken.iter().map(|&(i, n)| (i, n as u64)))
             .collect();
+        let threads = if prefill_taken.is_empty() { self.tuner.threads() } else { self.tuner.prefill_threads() };
+        self.set_threads(threads);
         let started = std::time::Instant::now();
         let decoded = self.ctx.decode(&self.batch);
         self.preempt.hold(false);

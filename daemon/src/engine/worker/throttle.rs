@@ -40,7 +40,7 @@ impl Worker {
         self.set_threads(self.tuner.threads());
     }
 
-    fn set_threads(&mut self, wanted: i32) {
+    pub(super) fn set_threads(&mut self, wanted: i32) {
         if wanted != self.threads.1 {
             // Never more than the pool was made with (threads.0), so never a new pool; were
             // one refused, the old threads go on and the count is recorded as in force, so

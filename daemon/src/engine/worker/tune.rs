@@ -89,6 +89,14 @@ impl ThreadTuner {
         }
     }
 
+    /// The threads a step carrying a prompt chunk runs on: the governors' limit. Prefill is
+    /// compute-bound, so every thread the governors allow shortens it even beside other
+    /// work, and an interactive request's first token waits on it; the tuned count is for
+    /// the short, barrier-bound decode steps it was measured on.
+    pub(super) fn prefill_threads(&self) -> i32 {
+        self.limit
+    }
+
     /// The governors' limit (the configured count, or fewer to save power). A new limit
     /// starts over from it.
     pub(super) fn set_limit(&mut self, limit: i32) {
@@ -227,6 +235,7 @@ mod tests {
         // Beside two busy processes: two threads step at 40 ms, one at 28 ms.
         drive(&mut tuner, 200, 0.5, |t| if t == 2 { ms(40.0) } else { ms(28.0) });
         assert_eq!(tuner.chosen, 1);
+        assert_eq!(tuner.prefill_threads(), 2, "a prompt chunk still gets every thread allowed");
     }
 
     #[test]
