@@ -89,13 +89,15 @@ pub async fn energy(proxy: &Hearth1Proxy<'_>, json_out: bool) -> Result<(), Erro
             .iter()
             .map(|a| {
                 json!({"app": a.app, "total_j": a.total_j, "hour_j": a.hour_j, "day_j": a.day_j,
-                       "compute_s": a.compute_s})
+                       "compute_s": a.compute_s, "over_budget": a.over_budget})
             })
             .collect();
         println!(
             "{}",
             json!({"source": e.source, "device_j": e.device_j, "apps_j": e.apps_j, "device_w": e.device_w,
-                   "idle_w": e.idle_w, "j_per_compute_s": e.j_per_compute_s, "hour_s": e.hour_s, "apps": apps})
+                   "idle_w": e.idle_w, "j_per_compute_s": e.j_per_compute_s, "hour_s": e.hour_s,
+                   "background_hour_j": e.background_hour_j, "background_share_j": e.background_share_j,
+                   "background_deferred": e.background_deferred, "apps": apps})
         );
         return Ok(());
     }
@@ -103,10 +105,19 @@ pub async fn energy(proxy: &Hearth1Proxy<'_>, json_out: bool) -> Result<(), Erro
         "source {} | device {:.1} J since start, {:.2} W now, {:.2} W idle | apps {:.1} J | {:.2} J per compute-second",
         e.source, e.device_j, e.device_w, e.idle_w, e.apps_j, e.j_per_compute_s
     );
-    let hour = if e.hour_s == 3600 { "HOUR".to_owned() } else { format!("{}S", e.hour_s) };
-    println!("{:>10} {:>10} {:>10} {:>10}  APP", format!("J/{hour}"), "J/DAY", "J TOTAL", "COMPUTE S");
+    let hour = if e.hour_s == 3600 { "hour".to_owned() } else { format!("{} s", e.hour_s) };
+    match (e.background_share_j, e.background_deferred) {
+        (Some(share), deferred) => println!(
+            "background work {:.1} J in the last {hour}, share {share:.1} J{}",
+            e.background_hour_j,
+            if deferred == Some(true) { ": past it, background requests wait" } else { "" }
+        ),
+        (None, _) => println!("background work {:.1} J in the last {hour} (no share set)", e.background_hour_j),
+    }
+    println!("{:>10} {:>10} {:>10} {:>10}  APP", format!("J/{}", hour.to_uppercase()), "J/DAY", "J TOTAL", "COMPUTE S");
     for a in &e.apps {
-        println!("{:>10.1} {:>10.1} {:>10.1} {:>10.1}  {}", a.hour_j, a.day_j, a.total_j, a.compute_s, a.app);
+        let over = if a.over_budget == Some(true) { " (over budget)" } else { "" };
+        println!("{:>10.1} {:>10.1} {:>10.1} {:>10.1}  {}{over}", a.hour_j, a.day_j, a.total_j, a.compute_s, a.app);
     }
     Ok(())
 }

@@ -21,6 +21,12 @@
 //! priced at the latest joules per compute-second. Apps are kept per app (at most
 //! [`MAX_APPS`]), since hearthd started and over the last hour and day (the `hour_s` window,
 //! which tests shorten).
+//!
+//! Background requests' energy is also kept device-wide over the hour, for the background
+//! share (`background_per_hour_j`): the joules all apps' background work may draw in an
+//! hour, which the power governor shrinks as the battery runs down
+//! ([`crate::governor::background_share`]) before a low battery defers background work
+//! altogether. Past it, every app's background requests wait.
 
 use std::collections::{HashMap, VecDeque};
 use std::path::{Path, PathBuf};
@@ -52,6 +58,9 @@ pub struct EnergyConfig {
     pub hour_s: u64,
     /// Where sysfs is for the sources (default: the governors' `sysfs_root`).
     pub sysfs_root: Option<PathBuf>,
+    /// Joules all apps' background requests may draw in an hour, on a full enough battery
+    /// or on external power (0: no share).
+    pub background_per_hour_j: f64,
 }
 
 impl Default for EnergyConfig {
@@ -64,6 +73,7 @@ impl Default for EnergyConfig {
             idle_w: 0.5,
             hour_s: 3600,
             sysfs_root: None,
+            background_per_hour_j: 0.0,
         }
     }
 }
@@ -75,6 +85,9 @@ impl EnergyConfig {
         }
         if !(self.busy_w.is_finite() && self.busy_w > 0.0 && self.idle_w.is_finite() && self.idle_w >= 0.0) {
             return Err("energy.busy_w must be > 0 and energy.idle_w >= 0".into());
+        }
+        if !(self.background_per_hour_j.is_finite() && self.background_per_hour_j >= 0.0) {
+            return Err("energy.background_per_hour_j must be >= 0".into());
         }
         if self.interval_ms == 0 || self.hour_s == 0 {
             return Err("energy.interval_ms and energy.hour_s must be > 0".into());
@@ -266,6 +279,11 @@ struct State {
     apps: HashMap<String, AppEnergy>,
     /// The apps with a budget, and whether each is past it (the last judgement).
     budgets: HashMap<String, bool>,
+    /// Background requests' energy, all apps together, over the hour.
+    background: Window,
+    /// The background share's joules now, and whether background work is past it (the
+    /// last judgement; None: no share).
+    background_share: Option<(f64, bool)>,
 }
 
 /// The ledger; ticked by [`Ledger::run`].
@@ -296,6 +314,8 @@ impl Ledger {
             device_w: 0.0,
             apps: HashMap::new(),
             budgets: HashMap::new(),
+            background: Window::new(config.hour_s as f64 / 60.0, 60),
+            background_share: None,
         };
         Self { config, source, compute, epoch: Instant::now(), state: Mutex::new(state) }
     }
@@ -328,12 +348,14 @@ impl Ledger {
     /// by each app's compute in it; the idle power is learned only from intervals with
     /// neither a request running nor compute reported, after one such interval.
     pub fn tick(&self, now: Instant, active: bool) {
-        // Compute the engines reported since the last tick, per app, and the source's
-        // reading (sysfs, read before the lock: Energy readers do not wait on it).
-        let busy: Vec<(String, f64)> =
-            self.compute.take().into_iter().map(|(app, us)| (app, us as f64 / 1e6)).collect();
+        // The source's reading (sysfs, read before the lock: Energy readers do not wait on
+        // it), then the compute the engines reported since the last tick, per app, taken
+        // under the lock: a budget judgement (which holds it) sees that compute either as
+        // pending or as booked, never as neither.
         let reading = self.source.read();
         let mut st = self.lock();
+        let gathered = self.compute.take();
+        let busy: Vec<(String, f64)> = gathered.apps.into_iter().map(|(app, us)| (app, us as f64 / 1e6)).collect();
         let dt = st.last_tick.map(|t| now.saturating_duration_since(t).as_secs_f64());
         st.last_tick = Some(now);
         let busy_s: f64 = busy.iter().map(|(_, s)| s).sum();
@@ -369,6 +391,10 @@ impl Ledger {
         st.apps_j += pool;
         let t_s = now.saturating_duration_since(self.epoch).as_secs_f64();
         let hour_s = self.config.hour_s as f64;
+        let background_s = (gathered.background_us as f64 / 1e6).min(busy_s);
+        if background_s > 0.0 {
+            st.background.add(t_s, pool * background_s / busy_s);
+        }
         for (app, s) in busy {
             let j = pool * s / busy_s;
             if !st.apps.contains_key(&app) && st.apps.len() >= MAX_APPS {
@@ -460,6 +486,9 @@ impl Ledger {
             idle_w: st.idle_w,
             j_per_compute_s: st.j_per_compute_s,
             hour_s: self.config.hour_s,
+            background_hour_j: st.background.sum(t_s),
+            background_share_j: st.background_share.map(|s| s.0),
+            background_deferred: st.background_share.map(|s| s.1),
             apps,
         }
     }
@@ -479,17 +508,34 @@ impl Ledger {
         let mut st = self.lock();
         let t_s = self.epoch.elapsed().as_secs_f64();
         let price = st.j_per_compute_s;
-        let judged: HashMap<String, bool> = st
+        // Compute reported and not yet booked counts at the learned price, for apps with a
+        // row and for apps whose first compute is not booked yet.
+        let mut coming: HashMap<String, f64> =
+            self.compute.snapshot().apps.into_iter().map(|(app, us)| (app, us as f64 / 1e6 * price)).collect();
+        let mut judged: HashMap<String, bool> = st
             .apps
             .iter()
             .filter_map(|(app, e)| {
-                let coming = self.compute.get(app) as f64 / 1e6 * price;
+                let coming = coming.remove(app).unwrap_or(0.0);
                 over(app, e.hour.sum(t_s) + coming, e.day.sum(t_s) + coming).map(|o| (app.clone(), o))
             })
             .collect();
+        judged.extend(coming.into_iter().filter_map(|(app, j)| over(&app, j, j).map(|o| (app, o))));
         let out = judged.iter().filter(|(_, o)| **o).map(|(a, _)| a.clone()).collect();
         st.budgets = judged;
         out
+    }
+
+    /// Whether background work, all apps' together, is past the background share of
+    /// `share_j` joules an hour now (None: no share): its hour window and, as for the apps'
+    /// budgets, the background compute reported and not yet booked, at the learned price.
+    pub fn judge_background(&self, share_j: Option<f64>) -> bool {
+        let mut st = self.lock();
+        let t_s = self.epoch.elapsed().as_secs_f64();
+        let coming = self.compute.snapshot().background_us as f64 / 1e6 * st.j_per_compute_s;
+        let spent = share_j.is_some_and(|share| st.background.sum(t_s) + coming >= share);
+        st.background_share = share_j.map(|share| (share, spent));
+        spent
     }
 
     /// Whether `app` is past its energy budget (None: it has none, or has not drawn yet).
@@ -564,8 +610,8 @@ mod tests {
         l.tick(t0 + Duration::from_millis(1500), true);
         assert_eq!(l.snapshot("", true).apps_j, 0.0);
         // Then 0.75 s of a's compute and 0.25 s of b's come; 3 J drawn (the counter wraps).
-        compute.add("a", 750_000);
-        compute.add("b", 250_000);
+        compute.add("a", 750_000, false);
+        compute.add("b", 250_000, false);
         write(&counter, 2_900_000);
         l.tick(t0 + Duration::from_secs(2), false);
         let s = l.snapshot("", true);
@@ -591,7 +637,7 @@ mod tests {
         let (l, compute) = ledger(dir.path(), "auto");
         let t0 = Instant::now();
         l.tick(t0, false);
-        compute.add("a", 500_000);
+        compute.add("a", 500_000, false);
         l.tick(t0 + Duration::from_secs(2), false);
         let s = l.snapshot("a", false);
         assert_eq!(s.source, "battery-energy");
@@ -606,15 +652,71 @@ mod tests {
         let (l, compute) = ledger(dir.path(), "model");
         let t0 = Instant::now();
         l.tick(t0, false);
-        compute.add("capped", 1000);
+        compute.add("capped", 1000, false);
         l.tick(t0 + Duration::from_millis(5), true);
         l.judge_budgets(|app, _, _| (app == "capped").then_some(false));
         for i in 0..MAX_APPS + 20 {
-            compute.add(&format!("app{i}"), 1000);
+            compute.add(&format!("app{i}"), 1000, false);
             l.tick(t0 + Duration::from_millis(10 * (i as u64 + 1)), true);
         }
         assert_eq!(l.snapshot("", true).apps.len(), MAX_APPS);
         assert!(l.snapshot("app0", false).apps.is_empty(), "the longest idle is forgotten");
         assert_eq!(l.snapshot("capped", false).apps.len(), 1, "but never an app with a budget");
+    }
+
+    #[test]
+    fn budgets_count_compute_reported_and_not_yet_booked() {
+        let dir = tempfile::tempdir().unwrap();
+        let (l, compute) = ledger(dir.path(), "model");
+        let t0 = Instant::now();
+        l.tick(t0, false);
+        compute.add("old", 1_000_000, false);
+        l.tick(t0 + Duration::from_secs(1), true);
+        let judge = |l: &Ledger| {
+            let seen = std::sync::Mutex::new(HashMap::new());
+            let over = l.judge_budgets(|app, hour_j, _| {
+                seen.lock().unwrap().insert(app.to_owned(), hour_j);
+                Some(hour_j >= 5.0)
+            });
+            (over, seen.into_inner().unwrap())
+        };
+        // The model's price: 4 J per compute-second. "old" has 4 J booked, "new" no row.
+        let (over, seen) = judge(&l);
+        assert!(over.is_empty() && (seen["old"] - 4.0).abs() < 1e-9 && !seen.contains_key("new"), "{seen:?}");
+        compute.add("old", 500_000, false);
+        compute.add("new", 2_000_000, false);
+        let (mut over, seen) = judge(&l);
+        over.sort();
+        assert_eq!(over, ["new", "old"], "{seen:?}");
+        assert!((seen["old"] - 6.0).abs() < 1e-9 && (seen["new"] - 8.0).abs() < 1e-9, "{seen:?}");
+        assert_eq!(l.over_budget("new"), Some(true));
+        // Booked at the next tick, the same verdicts stand.
+        l.tick(t0 + Duration::from_secs(2), true);
+        let (over, seen) = judge(&l);
+        assert_eq!(over.len(), 2, "{seen:?}");
+        assert!((seen["old"] - 6.0).abs() < 1e-9 && (seen["new"] - 8.0).abs() < 1e-9, "{seen:?}");
+    }
+
+    #[test]
+    fn the_background_share_counts_background_compute_of_every_app() {
+        let dir = tempfile::tempdir().unwrap();
+        let (l, compute) = ledger(dir.path(), "model");
+        let t0 = Instant::now();
+        l.tick(t0, false);
+        assert!(!l.judge_background(None) && l.snapshot("", true).background_share_j.is_none());
+        // 1 s of a's background work and 1 s of b's normal work: 4 J of background booked.
+        compute.add("a", 1_000_000, true);
+        compute.add("b", 1_000_000, false);
+        l.tick(t0 + Duration::from_secs(1), true);
+        assert!((l.snapshot("", true).background_hour_j - 4.0).abs() < 1e-9);
+        assert!(!l.judge_background(Some(5.0)));
+        // 0.5 s more of b's background work, reported and not booked: 6 J against 5.
+        compute.add("b", 500_000, true);
+        assert!(l.judge_background(Some(5.0)));
+        let e = l.snapshot("a", false);
+        assert_eq!((e.background_share_j, e.background_deferred), (Some(5.0), Some(true)));
+        assert!(!l.judge_background(Some(7.0)), "a larger share (more battery) lets it run again");
+        // The hour slides past it (this ledger's hour is 60 s).
+        assert_eq!(l.lock().background.sum(200.0), 0.0);
     }
 }

@@ -11,6 +11,9 @@
 //! - background requests stay queued when it is hot or the battery is low (until charging or
 //!   cool), never failed;
 //! - power-saver and a low battery halve the compute threads;
+//! - the energy ledger's background share (`energy.background_per_hour_j`) shrinks first:
+//!   whole down to `background_share_full_pct` of battery, then in proportion to nothing at
+//!   the low state ([`background_share`]);
 //! - `prefer_cloud` tells the router that eligible requests should leave the device.
 //!
 //! Missing or odd files never stop the daemon: the governor says what it cannot read, once,
@@ -54,6 +57,9 @@ pub struct GovernorConfig {
     /// Battery percentages of the `low` and `critical` power states.
     pub low_battery_pct: u32,
     pub critical_battery_pct: u32,
+    /// On battery, the background energy share is whole at or above this percentage and
+    /// shrinks in proportion below it, to nothing at `low_battery_pct`.
+    pub background_share_full_pct: u32,
     /// Follow power-profiles-daemon's ActiveProfile when it is on the bus.
     pub power_profiles: bool,
 }
@@ -76,6 +82,7 @@ impl Default for GovernorConfig {
             static_rate_tps: 0.0,
             low_battery_pct: 20,
             critical_battery_pct: 5,
+            background_share_full_pct: 50,
             power_profiles: true,
         }
     }
@@ -217,6 +224,21 @@ pub fn power_state(p: &PowerReading, config: &GovernorConfig) -> PowerState {
     }
 }
 
+/// What fraction of the configured background energy share the power state allows, 0..1:
+/// all of it on external power (or with no battery), and on battery all of it down to
+/// `background_share_full_pct`, then less in proportion to the charge left above the low
+/// state, where background work waits anyway.
+pub fn background_share(p: &PowerReading, state: PowerState, config: &GovernorConfig) -> f64 {
+    match (state, &p.battery) {
+        (PowerState::Charging, _) | (_, None) => 1.0,
+        (PowerState::Low | PowerState::Critical, _) => 0.0,
+        (PowerState::Battery, Some((pct, _))) => {
+            let (low, full) = (f64::from(config.low_battery_pct), f64::from(config.background_share_full_pct));
+            if full <= low { 1.0 } else { ((f64::from(*pct) - low) / (full - low)).clamp(0.0, 1.0) }
+        }
+    }
+}
+
 /// The thermal state for `temp` under `trip`, coming from `prev`: up at once, down only
 /// once the temperature is `hysteresis_c` below the threshold of the state it leaves.
 pub fn thermal_state(prev: ThermalState, temp: f64, trip: f64, c: &GovernorConfig) -> ThermalState {
@@ -291,6 +313,8 @@ pub struct GovernorStatus {
     pub threads: u32,
     pub defer_background: bool,
     pub prefer_cloud: bool,
+    /// The fraction of the background energy share the battery allows now, 0..1.
+    pub background_share: f64,
 }
 
 impl Default for GovernorStatus {
@@ -308,6 +332,7 @@ impl Default for GovernorStatus {
             threads: 0,
             defer_background: false,
             prefer_cloud: false,
+            background_share: 1.0,
         }
     }
 }
@@ -420,6 +445,7 @@ impl Governor {
             threads,
             defer_background,
             prefer_cloud: hot || low || power_saver,
+            background_share: background_share(&power, power_state, &c),
         };
         let before = self.status.borrow().clone();
         if before.thermal != status.thermal || before.power != status.power {

@@ -152,6 +152,12 @@ pub struct Energy {
     pub j_per_compute_s: f64,
     /// The length of the ledger's hour, seconds (3600 unless configured otherwise).
     pub hour_s: u64,
+    /// Background requests' joules over the last hour, all apps together.
+    pub background_hour_j: f64,
+    /// With a background share configured: its joules an hour now (shrunk as the battery
+    /// runs down), and whether background work is past it and waits.
+    pub background_share_j: Option<f64>,
+    pub background_deferred: Option<bool>,
     pub apps: Vec<AppEnergy>,
 }
 

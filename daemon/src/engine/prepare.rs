@@ -209,7 +209,7 @@ impl Preparer {
             return Ok(Rendered { prompt, images: Vec::new(), image_encode: Duration::ZERO, grammar, tool_format });
         }
         let (prompt, images, image_encode) = self.with_images(app, request, &text, add_special)?;
-        self.compute.add(app, image_encode.as_micros() as u64);
+        self.compute.add(app, image_encode.as_micros() as u64, request.priority == Priority::Background);
         // Encoding images is compute like a decode step: under the thermal governor's duty
         // cycle, the preparer rests after it as the decode loop does after a step.
         if let Some(pause) = self.throttle.duty().map(|d| encode_pause(image_encode, d)).filter(|p| !p.is_zero()) {

@@ -22,7 +22,7 @@ use super::{
 
 /// Bumped on every incompatible change; hearthd and hearth-engine of different versions
 /// refuse each other (they are installed together, so this catches a stale binary).
-pub const VERSION: u32 = 8;
+pub const VERSION: u32 = 9;
 
 /// The largest frame either side accepts: a parked session's KV (a whole context of one
 /// sequence) travels in one frame.
@@ -175,10 +175,11 @@ pub enum FromEngine {
     /// Sent every [`HEARTBEAT`] while the loop works (and once when it goes idle): when it
     /// last beat, whether it idles, the KV gauges, the uncapped decode rate.
     Heartbeat { beat_ago_ms: u64, idle: bool, kv: KvSnapshot, potential_mtps: u64 },
-    /// Each app's compute time since the last report, µs ([`super::Compute`]): with every
-    /// heartbeat that has some, and ahead of each request's end, so the energy ledger
-    /// books (and judges budgets on) work within one of its intervals of its end.
-    Compute(Vec<(String, u64)>),
+    /// Each app's compute time since the last report, µs, and background requests' of it
+    /// ([`super::Compute`]): with every heartbeat that has some, and ahead of each
+    /// request's end, so the energy ledger books (and judges budgets on) work within one
+    /// of its intervals of its end.
+    Compute(super::signals::Gathered),
 }
 
 /// How often a busy engine reports its heartbeat.

@@ -168,6 +168,11 @@ impl Scheduler {
         w.priority == Priority::Background && (self.defer_background || self.deferred_apps.contains(&w.caller.app))
     }
 
+    /// Whether `app` is past its energy budget (its background work waits).
+    pub fn app_deferred(&self, app: &str) -> bool {
+        self.deferred_apps.contains(app)
+    }
+
     /// Holds background requests in the queue (true) or lets them start again.
     pub fn set_defer_background(&mut self, defer: bool) {
         self.defer_background = defer;

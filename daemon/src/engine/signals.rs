@@ -61,7 +61,21 @@ impl KvGauges {
 /// energy ledger takes them at each of its ticks. Only the apps of one interval are held.
 #[derive(Debug, Default)]
 pub struct Compute {
-    by_app: std::sync::Mutex<std::collections::HashMap<String, u64>>,
+    gathered: std::sync::Mutex<(std::collections::HashMap<String, u64>, u64)>,
+}
+
+/// Compute gathered between two takes: each app's, µs, and of all of it, background
+/// requests' (the device-wide background share is judged on it).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Gathered {
+    pub apps: Vec<(String, u64)>,
+    pub background_us: u64,
+}
+
+impl Gathered {
+    pub fn is_empty(&self) -> bool {
+        self.apps.is_empty() && self.background_us == 0
+    }
 }
 
 impl Compute {
@@ -70,11 +84,20 @@ impl Compute {
     pub const MAX_APPS: usize = 1024;
     pub const OTHERS: &str = "(other apps)";
 
-    pub fn add(&self, app: &str, us: u64) {
+    fn lock(&self) -> std::sync::MutexGuard<'_, (std::collections::HashMap<String, u64>, u64)> {
+        self.gathered.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// `us` of `app`'s compute, for a background request or not.
+    pub fn add(&self, app: &str, us: u64, background: bool) {
         if us == 0 {
             return;
         }
-        let mut m = self.by_app.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut g = self.lock();
+        let (m, bg) = &mut *g;
+        if background {
+            *bg = bg.saturating_add(us);
+        }
         let app = if m.len() >= Self::MAX_APPS && !m.contains_key(app) { Self::OTHERS } else { app };
         match m.get_mut(app) {
             Some(v) => *v = v.saturating_add(us),
@@ -84,20 +107,26 @@ impl Compute {
         }
     }
 
-    /// Every app's compute since the last take; counting starts over.
-    pub fn take(&self) -> Vec<(String, u64)> {
-        let mut m = self.by_app.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        std::mem::take(&mut *m).into_iter().collect()
+    /// Adds what another counter gathered (an engine process's report), as bounded as
+    /// [`Compute::add`] keeps it.
+    pub fn merge(&self, gathered: Gathered) {
+        for (app, us) in gathered.apps.into_iter().take(Self::MAX_APPS + 1) {
+            self.add(&app, us, false);
+        }
+        let mut g = self.lock();
+        g.1 = g.1.saturating_add(gathered.background_us);
     }
 
-    /// `app`'s compute not yet taken, µs.
-    pub fn get(&self, app: &str) -> u64 {
-        self.by_app.lock().unwrap_or_else(std::sync::PoisonError::into_inner).get(app).copied().unwrap_or(0)
+    /// Everything gathered since the last take; counting starts over.
+    pub fn take(&self) -> Gathered {
+        let (m, bg) = std::mem::take(&mut *self.lock());
+        Gathered { apps: m.into_iter().collect(), background_us: bg }
     }
 
-    /// Whether compute waits to be taken.
-    pub fn pending(&self) -> bool {
-        !self.by_app.lock().unwrap_or_else(std::sync::PoisonError::into_inner).is_empty()
+    /// Everything gathered and not yet taken; it stays to be taken.
+    pub fn snapshot(&self) -> Gathered {
+        let g = self.lock();
+        Gathered { apps: g.0.iter().map(|(app, us)| (app.clone(), *us)).collect(), background_us: g.1 }
     }
 }
 
@@ -246,8 +275,11 @@ pub struct Throttle {
     pub duty_milli: AtomicU32,
     /// Compute threads (0: as configured).
     pub threads: AtomicU32,
-    /// Keep background requests queued.
+    /// Keep background requests queued (the governors: hot, or a low battery).
     pub defer_background: AtomicBool,
+    /// Keep background requests queued: all apps' background work is past the energy
+    /// ledger's background share (set by the budget watch; the engines see the two as one).
+    pub background_spent: AtomicBool,
     /// Keep these apps' background requests queued (past their energy budgets), sorted.
     deferred_apps: std::sync::Mutex<Vec<String>>,
     /// hearthd's anonymous memory is over its ceiling (set by the ceiling watch): every
@@ -291,11 +323,17 @@ impl Throttle {
             rate_cap_mtps: self.rate_cap_mtps.load(Ordering::Relaxed),
             duty_milli: self.duty_milli.load(Ordering::Relaxed),
             threads: self.threads.load(Ordering::Relaxed),
-            defer_background: self.defer_background.load(Ordering::Relaxed),
+            defer_background: self.defers_background(),
             over_ceiling: self.over_ceiling.load(Ordering::Acquire),
             ceiling_mib: self.ceiling_mib.load(Ordering::Relaxed),
             deferred_apps: self.deferred_apps(),
         }
+    }
+
+    /// Whether every app's background requests stay queued (the governors' demand, or the
+    /// background share spent).
+    pub fn defers_background(&self) -> bool {
+        self.defer_background.load(Ordering::Relaxed) || self.background_spent.load(Ordering::Relaxed)
     }
 
     /// The apps whose background requests stay queued.

@@ -59,6 +59,28 @@ fn power_states_from_real_format_supplies() {
 }
 
 #[test]
+fn the_background_share_shrinks_first_as_the_battery_runs_down() {
+    let c = GovernorConfig::default();
+    let root = tempfile::tempdir().unwrap();
+    let share = |pct: &str| {
+        supply(root.path(), "battery", &[("type", "Battery"), ("capacity", pct), ("status", "Discharging")]);
+        let p = read_power(root.path());
+        background_share(&p, power_state(&p, &c), &c)
+    };
+    assert_eq!(share("100"), 1.0);
+    assert_eq!(share("50"), 1.0, "whole down to background_share_full_pct");
+    assert_eq!(share("35"), 0.5, "then in proportion to the charge above the low state");
+    assert_eq!(share("21"), 1.0 / 30.0);
+    assert_eq!(share("20"), 0.0, "nothing at the low state");
+    assert_eq!(share("3"), 0.0);
+    supply(root.path(), "battery", &[("status", "Charging")]);
+    let p = read_power(root.path());
+    assert_eq!(background_share(&p, power_state(&p, &c), &c), 1.0, "charging: all of it");
+    let odd = GovernorConfig { background_share_full_pct: 10, ..GovernorConfig::default() };
+    assert_eq!(background_share(&read_power(root.path()), PowerState::Battery, &odd), 1.0, "full at or under low");
+}
+
+#[test]
 fn thermal_states_have_hysteresis() {
     let c = GovernorConfig::default(); // fair at trip-15, serious at trip-5, hysteresis 2
     let trip = 70.0;

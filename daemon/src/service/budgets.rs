@@ -5,32 +5,61 @@
 //! the deferral reaches the engines before the app hears its request ended, so the request
 //! it sends next already waits; an app goes past its budget by the request that took it
 //! over, not by what it could start in the ledger's interval.
+//!
+//! The device-wide background share is judged with them: `energy.background_per_hour_j`
+//! scaled by the power governor's [`GovernorStatus::background_share`] (it shrinks as the
+//! battery runs down). Past it, every app's background requests wait.
 
 use std::sync::{Arc, Weak};
 
 use crate::energy::Ledger;
 use crate::engine::Throttle;
 use crate::gate::Gate;
+use crate::governor::GovernorStatus;
 
 #[derive(Debug)]
 pub struct Budgets {
     ledger: Weak<Ledger>,
     gate: Arc<Gate>,
     throttle: Arc<Throttle>,
+    governor: tokio::sync::watch::Receiver<GovernorStatus>,
+    /// Held across a judgement and the deferral it sets: judgements run from the ledger's
+    /// tick and from every request's end, and an older verdict must not overwrite a newer
+    /// one (nor an audit line be written twice for one crossing).
+    judging: std::sync::Mutex<()>,
 }
 
 impl Budgets {
-    pub fn new(ledger: &Arc<Ledger>, gate: Arc<Gate>, throttle: Arc<Throttle>) -> Self {
-        Self { ledger: Arc::downgrade(ledger), gate, throttle }
+    pub fn new(
+        ledger: &Arc<Ledger>,
+        gate: Arc<Gate>,
+        throttle: Arc<Throttle>,
+        governor: tokio::sync::watch::Receiver<GovernorStatus>,
+    ) -> Self {
+        Self { ledger: Arc::downgrade(ledger), gate, throttle, governor, judging: std::sync::Mutex::new(()) }
     }
 
     /// Judges every app's budget now, and tells the engines whose background work waits.
     pub fn judge(&self) {
         let Some(ledger) = self.ledger.upgrade() else { return };
+        let _one_at_a_time = self.judging.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         let over = ledger.judge_budgets(|app, hour_j, day_j| {
             let policy = self.gate.policy(app);
             policy.has_energy_budget().then(|| policy.over_energy_budget(hour_j, day_j))
         });
+        let per_hour = ledger.config().background_per_hour_j;
+        let share = (per_hour > 0.0).then(|| per_hour * self.governor.borrow().background_share);
+        let spent = ledger.judge_background(share);
+        let mut changed = false;
+        if self.throttle.background_spent.swap(spent, std::sync::atomic::Ordering::Relaxed) != spent {
+            let share = share.unwrap_or(0.0);
+            if spent {
+                tracing::info!(target: "hearth::audit", share_j = share, "background work past the device's background energy share: it waits");
+            } else {
+                tracing::info!(target: "hearth::audit", share_j = share, "background work back under the device's background energy share");
+            }
+            changed = true;
+        }
         let before = self.throttle.deferred_apps();
         if self.throttle.set_deferred_apps(over.clone()) {
             for app in over.iter().filter(|a| !before.contains(a)) {
@@ -39,6 +68,9 @@ impl Budgets {
             for app in before.iter().filter(|a| !over.contains(a)) {
                 tracing::info!(target: "hearth::audit", app = %app, "back under its energy budget");
             }
+            changed = true;
+        }
+        if changed {
             self.throttle.changed();
         }
     }

@@ -85,7 +85,8 @@ impl HearthService {
             ledger
         });
         let budgets = energy.as_ref().map(|ledger| {
-            let budgets = Arc::new(budgets::Budgets::new(ledger, Arc::clone(&gate), models.throttle()));
+            let budgets =
+                Arc::new(budgets::Budgets::new(ledger, Arc::clone(&gate), models.throttle(), governor.clone()));
             tokio::spawn(Arc::clone(&budgets).watch());
             budgets
         });
@@ -688,7 +689,8 @@ impl HearthService {
             duty: g.duty.unwrap_or(1.0),
             potential_tps: g.potential_tps,
             threads: g.threads,
-            defer_background: g.defer_background,
+            defer_background: g.defer_background
+                || self.models.throttle().background_spent.load(std::sync::atomic::Ordering::Relaxed),
             prefer_cloud: g.prefer_cloud,
             power_saver: g.power_saver,
             temperature_c: g.temperature_c,

@@ -137,12 +137,7 @@ pub(super) async fn read_frames(
                     changed
                 });
             }
-            FromEngine::Compute(by_app) => {
-                // At most as many apps as the engine counts apart in one report.
-                for (app, us) in by_app.into_iter().take(super::super::Compute::MAX_APPS + 1) {
-                    compute.add(&app, us);
-                }
-            }
+            FromEngine::Compute(gathered) => compute.merge(gathered),
             FromEngine::Heartbeat { beat_ago_ms, idle, kv, potential_mtps } => {
                 remote.liveness.observe(Duration::from_millis(beat_ago_ms), idle);
                 remote.kv.store(kv);

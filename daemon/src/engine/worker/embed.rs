@@ -4,7 +4,8 @@
 //! fair share, and a job ends at once when its caller cancels or leaves. Embedding never
 //! delays interactive work: it waits while an interactive request runs, and an interactive
 //! arrival aborts a text in progress (the generation context's preemption flag is shared),
-//! which is embedded again later.
+//! which is embedded again later. The jobs of an app past its energy budget come last: they
+//! run only when no other app's job waits and no request above background priority runs.
 
 use std::collections::VecDeque;
 use std::sync::Arc;
@@ -83,18 +84,31 @@ impl Worker {
         !self.interactive_present()
     }
 
-    /// Embeds the next text of the front job; a job with texts left goes to the back, so the
+    /// The job to embed a text of next: the front one of an app within its energy budget, or
+    /// with none, the front one when nothing above background priority runs.
+    fn next_embed(&self) -> Option<usize> {
+        let within = self.embeds.iter().position(|j| !self.scheduler.app_deferred(&j.caller.app));
+        within.or_else(|| {
+            let above_background =
+                self.running.iter().any(|s| s.finished.is_none() && s.priority > super::super::Priority::Background);
+            (!self.embeds.is_empty() && !above_background).then_some(0)
+        })
+    }
+
+    /// Embeds the next text of the next job; a job with texts left goes to the back, so the
     /// jobs (and apps) take turns.
     pub(super) fn embed_step(&mut self) {
         if self.embeds.is_empty() || !self.embed_may_run() {
             return;
         }
-        let mut job = self.embeds.pop_front().expect("checked non-empty");
+        let Some(next) = self.next_embed() else { return };
+        let mut job = self.embeds.remove(next).expect("an index of the queue");
         let i = job.out.len();
         let started = std::time::Instant::now();
         let embedded = self.embed_text(&job.texts[i]);
         // The text's time is its app's, aborted or not (an aborted one is done again).
-        self.compute.add(&job.caller.app, started.elapsed().as_micros() as u64);
+        // (Embed has no priority: it is never background work.)
+        self.compute.add(&job.caller.app, started.elapsed().as_micros() as u64, false);
         match embedded {
             Ok(Some((vector, tokens))) => {
                 job.out.push(vector);

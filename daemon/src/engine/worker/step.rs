@@ -74,14 +74,23 @@ impl Worker {
             })
             .collect();
         prefilling.sort_by_key(|&i| self.running[i].id);
+        // A step carrying prompt work (image rows, decoded here, and prompt chunks) is
+        // compute-bound and a first token waits on it: it runs on every thread the governors
+        // allow, set before the first image row. Decode-only steps run on the tuned count,
+        // which is what it was measured on.
+        let mut prompt_work = false;
         // Image rows and prompt tokens share the step's room, so a step's time stays bounded.
         let mut budget = self.batch.remaining();
         for i in prefilling {
             if budget == 0 {
                 break;
             }
+            self.set_threads(self.tuner.prefill_threads());
             match self.prefill_image(i, budget) {
-                Ok(rows) => budget -= rows,
+                Ok(rows) => {
+                    budget -= rows;
+                    prompt_work |= rows > 0;
+                }
                 Err(hearth_ffi::Error::Aborted) => {
                     self.preempt.clear();
                     self.preempted = true;
@@ -111,6 +120,10 @@ impl Worker {
             }
             s.prefilled += n;
             prefill_taken.push((i, n));
+        }
+        prompt_work |= !prefill_taken.is_empty();
+        if !prompt_work {
+            self.set_threads(self.tuner.threads());
         }
         // The sequences this step feeds: only they may be failed by what goes wrong in it
         // (a paused or waiting prefill did nothing).
@@ -143,11 +156,14 @@ impl Worker {
             .map(|&(i, _)| (i, 1 + self.running[i].draft.len() as u64))
             .chain(prefill_taken.iter().map(|&(i, n)| (i, n as u64)))
             .collect();
-        let threads = if prefill_taken.is_empty() { self.tuner.threads() } else { self.tuner.prefill_threads() };
-        self.set_threads(threads);
         let started = std::time::Instant::now();
         let decoded = self.ctx.decode(&self.batch);
         self.preempt.hold(false);
+        // The step's time was spent whatever came of it: a preempted or failed step's members
+        // are charged for it too (their work is done again, and draws the energy twice).
+        if decoded.is_err() {
+            self.account(&rows, started.elapsed());
+        }
         match decoded {
             Ok(()) => {}
             Err(hearth_ffi::Error::Aborted) => {
@@ -179,7 +195,8 @@ impl Worker {
         }
         let generated = self.sample_step();
         self.account(&rows, started.elapsed());
-        (generated, !prefill_taken.is_empty())
+        // A step with image rows only is no decode-only step either (the tuner's windows).
+        (generated, prompt_work)
     }
 
     /// Shares a step's compute time `took` among its members by their rows.
@@ -193,7 +210,7 @@ impl Worker {
             let share = took * n / total;
             let s = &mut self.running[i];
             s.compute_us += share;
-            self.compute.add(&s.caller.app, share);
+            self.compute.add(&s.caller.app, share, s.priority == Priority::Background);
         }
     }
 
@@ -320,8 +337,12 @@ impl Worker {
             }
             let interactive = self.running[i].priority == Priority::Interactive;
             self.hold_preemption(interactive);
+            let started = std::time::Instant::now();
             let decoded = self.ctx.decode(&self.batch);
             self.preempt.hold(false);
+            if decoded.is_err() {
+                self.account(&[(i, 1)], started.elapsed());
+            }
             match decoded {
                 Ok(()) => {
                     if let Some((i, n)) = chunk {
@@ -330,6 +351,7 @@ impl Worker {
                         prefilled = true;
                     }
                     generated += self.sample_step();
+                    self.account(&[(i, 1)], started.elapsed());
                 }
                 Err(hearth_ffi::Error::Aborted) => {
                     self.preempt.clear();
@@ -377,7 +399,7 @@ impl Worker {
         let took = started.elapsed().as_micros() as u64;
         let s = &mut self.running[i];
         s.compute_us += took;
-        self.compute.add(&s.caller.app, took);
+        self.compute.add(&s.caller.app, took, s.priority == Priority::Background);
         match decoded {
             Ok(()) => {
                 s.prefilled += rows;

@@ -25,7 +25,7 @@ impl Worker {
         };
         self.tuner.set_limit(limit);
         self.set_threads(self.tuner.threads());
-        self.scheduler.set_defer_background(self.throttle.defer_background.load(Ordering::Relaxed));
+        self.scheduler.set_defer_background(self.throttle.defers_background());
         self.scheduler.set_deferred_apps(self.throttle.deferred_apps());
     }
 
