@@ -88,13 +88,14 @@ pub async fn energy(proxy: &Hearth1Proxy<'_>, json_out: bool) -> Result<(), Erro
             .apps
             .iter()
             .map(|a| {
-                json!({"app": a.app, "total_j": a.total_j, "hour_j": a.hour_j, "day_j": a.day_j,
+                json!({"app": a.app, "total_j": a.total_j, "hour_j": a.hour_j, "day_j": a.day_j, "today_j": a.today_j,
                        "compute_s": a.compute_s, "over_budget": a.over_budget})
             })
             .collect();
         println!(
             "{}",
-            json!({"source": e.source, "device_j": e.device_j, "apps_j": e.apps_j, "device_w": e.device_w,
+            json!({"source": e.source, "device_j": e.device_j, "device_hour_j": e.device_hour_j,
+                   "device_today_j": e.device_today_j, "apps_j": e.apps_j, "device_w": e.device_w,
                    "idle_w": e.idle_w, "j_per_compute_s": e.j_per_compute_s, "hour_s": e.hour_s,
                    "background_hour_j": e.background_hour_j, "background_share_j": e.background_share_j,
                    "background_deferred": e.background_deferred, "apps": apps})
@@ -102,8 +103,8 @@ pub async fn energy(proxy: &Hearth1Proxy<'_>, json_out: bool) -> Result<(), Erro
         return Ok(());
     }
     println!(
-        "source {} | device {:.1} J since start, {:.2} W now, {:.2} W idle | apps {:.1} J | {:.2} J per compute-second",
-        e.source, e.device_j, e.device_w, e.idle_w, e.apps_j, e.j_per_compute_s
+        "source {} | device {:.1} J since start, {:.1} J today, {:.2} W now, {:.2} W idle | apps {:.1} J | {:.2} J per compute-second",
+        e.source, e.device_j, e.device_today_j, e.device_w, e.idle_w, e.apps_j, e.j_per_compute_s
     );
     let hour = if e.hour_s == 3600 { "hour".to_owned() } else { format!("{} s", e.hour_s) };
     match (e.background_share_j, e.background_deferred) {
@@ -114,10 +115,20 @@ pub async fn energy(proxy: &Hearth1Proxy<'_>, json_out: bool) -> Result<(), Erro
         ),
         (None, _) => println!("background work {:.1} J in the last {hour} (no share set)", e.background_hour_j),
     }
-    println!("{:>10} {:>10} {:>10} {:>10}  APP", format!("J/{}", hour.to_uppercase()), "J/DAY", "J TOTAL", "COMPUTE S");
+    println!(
+        "{:>10} {:>10} {:>10} {:>10} {:>10}  APP",
+        format!("J/{}", hour.to_uppercase()),
+        "J/24H",
+        "J TODAY",
+        "J TOTAL",
+        "COMPUTE S"
+    );
     for a in &e.apps {
         let over = if a.over_budget == Some(true) { " (over budget)" } else { "" };
-        println!("{:>10.1} {:>10.1} {:>10.1} {:>10.1}  {}{over}", a.hour_j, a.day_j, a.total_j, a.compute_s, a.app);
+        println!(
+            "{:>10.1} {:>10.1} {:>10.1} {:>10.1} {:>10.1}  {}{over}",
+            a.hour_j, a.day_j, a.today_j, a.total_j, a.compute_s, a.app
+        );
     }
     Ok(())
 }

@@ -19,8 +19,10 @@
 //! A measured source's idle power is learned from intervals without compute, and the energy
 //! above it in a busy interval is the apps'. A request's `energy_mj` is its own compute time
 //! priced at the latest joules per compute-second. Apps are kept per app (at most
-//! [`MAX_APPS`]), since hearthd started and over the last hour and day (the `hour_s` window,
-//! which tests shorten).
+//! [`MAX_APPS`]), and the device as a whole, since hearthd started, over the last hour and
+//! the last 24 (the `hour_s` windows, which tests shorten; budgets are judged on these
+//! sliding windows, so no budget resets for everyone at once at midnight), and today (since
+//! the local midnight, in the system's time zone).
 //!
 //! Background requests' energy is also kept device-wide over the hour, for the background
 //! share (`background_per_hour_j`): the joules all apps' background work may draw in an
@@ -251,12 +253,33 @@ impl Window {
     }
 }
 
+/// Joules since the local midnight: (the day, as [`local_day`] numbers it; joules).
+#[derive(Debug, Clone, Copy, Default)]
+struct Today(i32, f64);
+
+impl Today {
+    fn add(&mut self, day: i32, j: f64) {
+        *self = if self.0 == day { Self(day, self.1 + j) } else { Self(day, j) };
+    }
+
+    fn get(self, day: i32) -> f64 {
+        if self.0 == day { self.1 } else { 0.0 }
+    }
+}
+
+/// Today's date in the system's time zone (UTC where none can be read), as yyyymmdd.
+pub fn local_day() -> i32 {
+    let date = jiff::ZonedDateTime::now().date();
+    i32::from(date.year()) * 10_000 + i32::from(date.month()) * 100 + i32::from(date.day())
+}
+
 #[derive(Debug, Clone)]
 struct AppEnergy {
     total_j: f64,
     compute_s: f64,
     hour: Window,
     day: Window,
+    today: Today,
     /// When it last drew (seconds since the ledger started), for eviction.
     last_s: f64,
 }
@@ -274,11 +297,16 @@ struct State {
     idle_w: f64,
     j_per_compute_s: f64,
     device_j: f64,
+    device_hour: Window,
+    device_today: Today,
     apps_j: f64,
     device_w: f64,
     apps: HashMap<String, AppEnergy>,
     /// The apps with a budget, and whether each is past it (the last judgement).
     budgets: HashMap<String, bool>,
+    /// What an app's requests cost lately, J (an EWMA of their priced energy): a budget
+    /// holds an app whose next request would take it past.
+    request_j: HashMap<String, f64>,
     /// Background requests' energy, all apps together, over the hour.
     background: Window,
     /// The background share's joules now, and whether background work is past it (the
@@ -293,6 +321,8 @@ pub struct Ledger {
     source: Source,
     compute: Arc<Compute>,
     epoch: Instant,
+    /// Today's date (tests set another clock).
+    today: fn() -> i32,
     state: Mutex<State>,
 }
 
@@ -310,14 +340,17 @@ impl Ledger {
             idle_w: config.idle_w,
             j_per_compute_s: config.busy_w,
             device_j: 0.0,
+            device_hour: Window::new(config.hour_s as f64 / 60.0, 60),
+            device_today: Today::default(),
             apps_j: 0.0,
             device_w: 0.0,
             apps: HashMap::new(),
             budgets: HashMap::new(),
+            request_j: HashMap::new(),
             background: Window::new(config.hour_s as f64 / 60.0, 60),
             background_share: None,
         };
-        Self { config, source, compute, epoch: Instant::now(), state: Mutex::new(state) }
+        Self { config, source, compute, epoch: Instant::now(), today: local_day, state: Mutex::new(state) }
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
@@ -366,7 +399,10 @@ impl Ledger {
             Some(j) => (j, true),
             None => (model_j, false),
         };
+        let (t_s, today) = (now.saturating_duration_since(self.epoch).as_secs_f64(), (self.today)());
         st.device_j += energy_j;
+        st.device_hour.add(t_s, energy_j);
+        st.device_today.add(today, energy_j);
         st.device_w = energy_j / dt;
         if !active && busy_s <= 0.0 {
             st.idle_ticks += 1;
@@ -389,7 +425,6 @@ impl Ledger {
             st.j_per_compute_s += EWMA * (pool / busy_s - st.j_per_compute_s);
         }
         st.apps_j += pool;
-        let t_s = now.saturating_duration_since(self.epoch).as_secs_f64();
         let hour_s = self.config.hour_s as f64;
         let background_s = (gathered.background_us as f64 / 1e6).min(busy_s);
         if background_s > 0.0 {
@@ -408,6 +443,7 @@ impl Ledger {
                     .map(|(k, _)| k.clone());
                 if let Some(k) = idle {
                     st.apps.remove(&k);
+                    st.request_j.remove(&k);
                 }
             }
             let e = st.apps.entry(app).or_insert_with(|| AppEnergy {
@@ -415,12 +451,14 @@ impl Ledger {
                 compute_s: 0.0,
                 hour: Window::new(hour_s / 60.0, 60),
                 day: Window::new(hour_s, 24),
+                today: Today::default(),
                 last_s: t_s,
             });
             e.total_j += j;
             e.compute_s += s;
             e.hour.add(t_s, j);
             e.day.add(t_s, j);
+            e.today.add(today, j);
             e.last_s = t_s;
         }
     }
@@ -462,6 +500,7 @@ impl Ledger {
 
     /// The ledger now (the Energy property): every app's row if `all`, else only `app`'s.
     pub fn snapshot(&self, app: &str, all: bool) -> hearth_dbus::Energy {
+        let today = (self.today)();
         let st = self.lock();
         let t_s = self.epoch.elapsed().as_secs_f64();
         let mut apps: Vec<hearth_dbus::AppEnergy> = st
@@ -473,6 +512,7 @@ impl Ledger {
                 total_j: e.total_j,
                 hour_j: e.hour.sum(t_s),
                 day_j: e.day.sum(t_s),
+                today_j: e.today.get(today),
                 compute_s: e.compute_s,
                 over_budget: st.budgets.get(k).copied(),
             })
@@ -481,6 +521,8 @@ impl Ledger {
         hearth_dbus::Energy {
             source: self.source.name().to_owned(),
             device_j: st.device_j,
+            device_hour_j: st.device_hour.sum(t_s),
+            device_today_j: st.device_today.get(today),
             apps_j: st.apps_j,
             device_w: st.device_w,
             idle_w: st.idle_w,
@@ -510,17 +552,35 @@ impl Ledger {
         let price = st.j_per_compute_s;
         // Compute reported and not yet booked counts at the learned price, for apps with a
         // row and for apps whose first compute is not booked yet.
-        let mut coming: HashMap<String, f64> =
-            self.compute.snapshot().apps.into_iter().map(|(app, us)| (app, us as f64 / 1e6 * price)).collect();
+        // ("(other apps)" is no app: it has no policy to judge.)
+        let mut coming: HashMap<String, f64> = self
+            .compute
+            .snapshot()
+            .apps
+            .into_iter()
+            .filter(|(app, _)| app != Compute::OTHERS)
+            .map(|(app, us)| (app, us as f64 / 1e6 * price))
+            .collect();
+        // An app that drew in the window is judged with its next request too, at what its
+        // requests cost lately, so it stops at its budget rather than one request past it
+        // (one whose window is empty may always run one: a budget smaller than any request
+        // slows the app to one an hour, it does not stop it).
+        let next =
+            |app: &str, drawn: f64| if drawn > 0.0 { st.request_j.get(app).copied().unwrap_or(0.0) } else { 0.0 };
         let mut judged: HashMap<String, bool> = st
             .apps
             .iter()
+            .filter(|(app, _)| app.as_str() != Compute::OTHERS)
             .filter_map(|(app, e)| {
                 let coming = coming.remove(app).unwrap_or(0.0);
-                over(app, e.hour.sum(t_s) + coming, e.day.sum(t_s) + coming).map(|o| (app.clone(), o))
+                let (hour, day) = (e.hour.sum(t_s) + coming, e.day.sum(t_s) + coming);
+                over(app, hour + next(app, hour), day + next(app, day)).map(|o| (app.clone(), o))
             })
             .collect();
-        judged.extend(coming.into_iter().filter_map(|(app, j)| over(&app, j, j).map(|o| (app, o))));
+        judged.extend(coming.into_iter().filter_map(|(app, j)| {
+            let j = j + next(&app, j);
+            over(&app, j, j).map(|o| (app, o))
+        }));
         let out = judged.iter().filter(|(_, o)| **o).map(|(a, _)| a.clone()).collect();
         st.budgets = judged;
         out
@@ -533,9 +593,26 @@ impl Ledger {
         let mut st = self.lock();
         let t_s = self.epoch.elapsed().as_secs_f64();
         let coming = self.compute.snapshot().background_us as f64 / 1e6 * st.j_per_compute_s;
-        let spent = share_j.is_some_and(|share| st.background.sum(t_s) + coming >= share);
+        // (A share of nothing is the low battery state's, where the governors defer every
+        // background request themselves.)
+        let spent = share_j.is_some_and(|share| share > 0.0 && st.background.sum(t_s) + coming >= share);
         st.background_share = share_j.map(|share| (share, spent));
         spent
+    }
+
+    /// Notes what one of `app`'s requests cost, J (its priced energy), for the judgement of
+    /// its budget: an EWMA, weighing the newest request half.
+    pub fn note_request(&self, app: &str, j: f64) {
+        // (A request that ran in the cloud, or was refused, cost the device nothing.)
+        if !(j.is_finite() && j > 0.0) {
+            return;
+        }
+        let mut st = self.lock();
+        if st.request_j.len() >= MAX_APPS && !st.request_j.contains_key(app) && !st.apps.contains_key(app) {
+            return;
+        }
+        let e = st.request_j.entry(app.to_owned()).or_insert(j);
+        *e += 0.5 * (j - *e);
     }
 
     /// Whether `app` is past its energy budget (None: it has none, or has not drawn yet).
@@ -718,5 +795,58 @@ mod tests {
         assert!(!l.judge_background(Some(7.0)), "a larger share (more battery) lets it run again");
         // The hour slides past it (this ledger's hour is 60 s).
         assert_eq!(l.lock().background.sum(200.0), 0.0);
+    }
+
+    #[test]
+    fn today_starts_at_the_local_midnight_for_apps_and_the_device() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut l, compute) = ledger(dir.path(), "model");
+        l.today = || 20261207;
+        let t0 = Instant::now();
+        l.tick(t0, false);
+        compute.add("a", 1_000_000, false);
+        l.tick(t0 + Duration::from_secs(1), true);
+        let e = l.snapshot("a", false);
+        // The model: 0.5 W idle for 1 s and 4 W for 1 s of compute.
+        assert!((e.device_today_j - 4.5).abs() < 1e-9 && (e.device_hour_j - 4.5).abs() < 1e-9, "{e:?}");
+        assert!((e.apps[0].today_j - 4.0).abs() < 1e-9, "{e:?}");
+        // Past midnight, today starts from nothing; the sliding windows keep yesterday's.
+        l.today = || 20261208;
+        let e = l.snapshot("a", false);
+        assert_eq!((e.device_today_j, e.apps[0].today_j), (0.0, 0.0));
+        assert!((e.apps[0].day_j - 4.0).abs() < 1e-9 && (e.apps[0].hour_j - 4.0).abs() < 1e-9, "{e:?}");
+        compute.add("a", 500_000, false);
+        l.tick(t0 + Duration::from_secs(2), true);
+        let e = l.snapshot("a", false);
+        assert!((e.apps[0].today_j - 2.0).abs() < 1e-9 && (e.apps[0].total_j - 6.0).abs() < 1e-9, "{e:?}");
+        assert!((e.device_today_j - 2.5).abs() < 1e-9, "{e:?}");
+        let day = local_day();
+        assert!((19_700_101..=99_991_231).contains(&day) && (1..=12).contains(&(day / 100 % 100)), "{day}");
+    }
+
+    #[test]
+    fn a_budget_holds_an_app_whose_next_request_would_take_it_past() {
+        let dir = tempfile::tempdir().unwrap();
+        let (l, compute) = ledger(dir.path(), "model");
+        let t0 = Instant::now();
+        l.tick(t0, false);
+        let judge = |l: &Ledger| !l.judge_budgets(|_, hour_j, _| Some(hour_j >= 10.0)).is_empty();
+        // A first request, of 1 s of compute (4 J at the model's price): 4 J drawn.
+        compute.add("a", 1_000_000, true);
+        l.tick(t0 + Duration::from_secs(1), true);
+        assert!(!judge(&l), "nothing known of its requests yet");
+        l.note_request("a", 4.0);
+        assert!(!judge(&l), "4 J drawn and 4 J to come is under 10 J");
+        compute.add("a", 1_000_000, true);
+        l.tick(t0 + Duration::from_secs(2), true);
+        l.note_request("a", 4.0);
+        assert!(judge(&l), "8 J drawn: the next request would take it to 12 J");
+        assert!((l.lock().request_j["a"] - 4.0).abs() < 1e-9);
+        l.note_request("a", 0.0);
+        l.note_request("a", f64::NAN);
+        assert!((l.lock().request_j["a"] - 4.0).abs() < 1e-9, "cloud and refused requests cost nothing");
+        l.note_request("a", 1.0);
+        l.note_request("a", 1.0);
+        assert!(!judge(&l), "smaller requests lately: 8 J and 1.75 J to come");
     }
 }

@@ -193,7 +193,7 @@ async fn serve(
         }),
         tokio::spawn(ping_watchdog(models.clone())),
         tokio::spawn(run_governor(governor, conn.clone(), config.governor.enabled)),
-        tokio::spawn(service::publish_governor_changes(conn.clone(), governor_status)),
+        tokio::spawn(service::publish_governor_changes(conn.clone(), governor_status, models.throttle())),
         tokio::spawn(service::publish_cloud_changes(conn.clone(), cloud.clone())),
     ];
     notify(&[sd_notify::NotifyState::Ready, sd_notify::NotifyState::Status("serving")]);

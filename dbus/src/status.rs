@@ -142,9 +142,13 @@ pub struct AppActivity {
 pub struct Energy {
     /// "rapl", "battery-energy", "battery-power" or "model".
     pub source: String,
-    /// Joules the device drew, and of them what the apps' work drew above idle.
+    /// Joules the device drew since hearthd started, and of them what the apps' work drew
+    /// above idle.
     pub device_j: f64,
     pub apps_j: f64,
+    /// Joules the device drew over the last hour, and today (since the local midnight).
+    pub device_hour_j: f64,
+    pub device_today_j: f64,
     /// The device's power over the last interval, its idle power, and the joules above
     /// idle one second of engine compute costs.
     pub device_w: f64,
@@ -166,10 +170,12 @@ pub struct Energy {
 #[zbus(signature = "a{sv}")]
 pub struct AppEnergy {
     pub app: String,
-    /// Joules since hearthd started, over the last hour and the last day (24 hours).
+    /// Joules since hearthd started, over the last hour and the last day (24 hours), and
+    /// today (since the local midnight).
     pub total_j: f64,
     pub hour_j: f64,
     pub day_j: f64,
+    pub today_j: f64,
     /// Seconds of engine compute its work took.
     pub compute_s: f64,
     /// With an energy budget in its policy: whether it is past it.

@@ -534,7 +534,7 @@ impl Io {
                 let cancel = CancelToken::default();
                 lock(&self.cancels).insert(key, cancel.clone());
                 let (reply, answer) = oneshot::channel();
-                let job = worker::EmbedJob { caller, texts, cancel, reply, out: Vec::new() };
+                let job = worker::EmbedJob::new(caller, texts, cancel, reply);
                 if self.cmd.send(Command::Embed(Box::new(job))).await.is_err() {
                     return;
                 }

@@ -90,13 +90,16 @@ impl Compute {
 
     /// `us` of `app`'s compute, for a background request or not.
     pub fn add(&self, app: &str, us: u64, background: bool) {
+        let mut g = self.lock();
+        Self::count(&mut g.0, app, us);
+        if background {
+            g.1 = g.1.saturating_add(us);
+        }
+    }
+
+    fn count(m: &mut std::collections::HashMap<String, u64>, app: &str, us: u64) {
         if us == 0 {
             return;
-        }
-        let mut g = self.lock();
-        let (m, bg) = &mut *g;
-        if background {
-            *bg = bg.saturating_add(us);
         }
         let app = if m.len() >= Self::MAX_APPS && !m.contains_key(app) { Self::OTHERS } else { app };
         match m.get_mut(app) {
@@ -108,13 +111,15 @@ impl Compute {
     }
 
     /// Adds what another counter gathered (an engine process's report), as bounded as
-    /// [`Compute::add`] keeps it.
+    /// [`Compute::add`] keeps it, in one go: a take sees all of a report or none of it.
     pub fn merge(&self, gathered: Gathered) {
-        for (app, us) in gathered.apps.into_iter().take(Self::MAX_APPS + 1) {
-            self.add(&app, us, false);
-        }
         let mut g = self.lock();
-        g.1 = g.1.saturating_add(gathered.background_us);
+        for (app, us) in gathered.apps.into_iter().take(Self::MAX_APPS + 1) {
+            Self::count(&mut g.0, &app, us);
+        }
+        // Never more background time than time (a report is the engine's own counter's).
+        let all: u64 = g.0.values().fold(0, |a, b| a.saturating_add(*b));
+        g.1 = g.1.saturating_add(gathered.background_us).min(all);
     }
 
     /// Everything gathered since the last take; counting starts over.

@@ -86,12 +86,15 @@ impl Activity {
                     }
                     StreamEvent::Finished(finish) => {
                         let o = &finish.outcome;
+                        finish.energy = energy.as_ref().map(|l| l.price(o.compute));
+                        if let (Some(l), Some((mj, _))) = (&energy, finish.energy) {
+                            l.note_request(&app, mj / 1000.0);
+                        }
                         if let Some(b) = &budgets {
                             // Before the app hears of the end, so its next request finds
                             // the verdict in force.
                             b.judge();
                         }
-                        finish.energy = energy.as_ref().map(|l| l.price(o.compute));
                         finish.over_budget = energy.as_ref().and_then(|l| l.over_budget(&app));
                         tracing::info!(
                             target: "hearth::audit", app = %app, model = %o.model, reason = ?o.reason,

@@ -16,12 +16,15 @@ use crate::energy::Ledger;
 use crate::engine::Throttle;
 use crate::gate::Gate;
 use crate::governor::GovernorStatus;
+use crate::manager::ModelManager;
 
 #[derive(Debug)]
 pub struct Budgets {
     ledger: Weak<Ledger>,
     gate: Arc<Gate>,
     throttle: Arc<Throttle>,
+    /// For the configuration in force (the background share follows a reload).
+    models: ModelManager,
     governor: tokio::sync::watch::Receiver<GovernorStatus>,
     /// Held across a judgement and the deferral it sets: judgements run from the ledger's
     /// tick and from every request's end, and an older verdict must not overwrite a newer
@@ -33,10 +36,11 @@ impl Budgets {
     pub fn new(
         ledger: &Arc<Ledger>,
         gate: Arc<Gate>,
-        throttle: Arc<Throttle>,
+        models: ModelManager,
         governor: tokio::sync::watch::Receiver<GovernorStatus>,
     ) -> Self {
-        Self { ledger: Arc::downgrade(ledger), gate, throttle, governor, judging: std::sync::Mutex::new(()) }
+        let throttle = models.throttle();
+        Self { ledger: Arc::downgrade(ledger), gate, throttle, models, governor, judging: std::sync::Mutex::new(()) }
     }
 
     /// Judges every app's budget now, and tells the engines whose background work waits.
@@ -47,7 +51,9 @@ impl Budgets {
             let policy = self.gate.policy(app);
             policy.has_energy_budget().then(|| policy.over_energy_budget(hour_j, day_j))
         });
-        let per_hour = ledger.config().background_per_hour_j;
+        let per_hour = self.models.config().energy.background_per_hour_j;
+        // (At the low battery state the share is nothing, and the governors defer every
+        // background request themselves.)
         let share = (per_hour > 0.0).then(|| per_hour * self.governor.borrow().background_share);
         let spent = ledger.judge_background(share);
         let mut changed = false;

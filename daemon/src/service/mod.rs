@@ -85,8 +85,7 @@ impl HearthService {
             ledger
         });
         let budgets = energy.as_ref().map(|ledger| {
-            let budgets =
-                Arc::new(budgets::Budgets::new(ledger, Arc::clone(&gate), models.throttle(), governor.clone()));
+            let budgets = Arc::new(budgets::Budgets::new(ledger, Arc::clone(&gate), models.clone(), governor.clone()));
             tokio::spawn(Arc::clone(&budgets).watch());
             budgets
         });

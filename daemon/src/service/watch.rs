@@ -54,7 +54,13 @@ pub async fn publish_status_changes(conn: Connection, mut status: tokio::sync::w
 
 /// Emits PropertiesChanged for ThermalState, PowerState and Throttle when they move (the cap
 /// only when it moves by 5% or more, the temperature alone never: read it on demand).
-pub async fn publish_governor_changes(conn: Connection, mut status: tokio::sync::watch::Receiver<GovernorStatus>) {
+/// Throttle's `defer_background` also follows the energy ledger's background share, which
+/// the budget watch sets on `throttle`.
+pub async fn publish_governor_changes(
+    conn: Connection,
+    mut status: tokio::sync::watch::Receiver<GovernorStatus>,
+    throttle: std::sync::Arc<crate::engine::Throttle>,
+) {
     let Ok(iface) = conn.object_server().interface::<_, HearthService>(hearth_dbus::OBJECT_PATH).await else {
         return;
     };
@@ -63,8 +69,16 @@ pub async fn publish_governor_changes(conn: Connection, mut status: tokio::sync:
         (Some(a), Some(b)) => (a - b).abs() > 0.05 * a.max(b),
         (a, b) => a.is_some() != b.is_some(),
     };
-    while status.changed().await.is_ok() {
+    let spent = || throttle.background_spent.load(std::sync::atomic::Ordering::Relaxed);
+    let (mut demands, mut last_spent) = (throttle.subscribe(), spent());
+    loop {
+        tokio::select! {
+            changed = status.changed() => if changed.is_err() { return },
+            changed = demands.changed() => if changed.is_err() { return },
+        }
         let now = status.borrow_and_update().clone();
+        demands.borrow_and_update();
+        let now_spent = spent();
         let emitter: &SignalEmitter<'_> = iface.signal_emitter();
         let service = iface.get().await;
         let mut results = Vec::new();
@@ -75,9 +89,10 @@ pub async fn publish_governor_changes(conn: Connection, mut status: tokio::sync:
             results.push(("PowerState", service.power_state_changed(emitter).await));
         }
         let flags = |g: &GovernorStatus| (g.threads, g.defer_background, g.prefer_cloud, g.power_saver);
-        if flags(&now) != flags(&last) || moved(now.rate_cap_tps, last.rate_cap_tps) {
+        if flags(&now) != flags(&last) || moved(now.rate_cap_tps, last.rate_cap_tps) || now_spent != last_spent {
             results.push(("Throttle", service.throttle_changed(emitter).await));
         }
+        last_spent = now_spent;
         for (property, result) in results {
             if let Err(e) = result {
                 tracing::warn!(error = %e, property, "cannot emit a property change");

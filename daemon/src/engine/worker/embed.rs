@@ -5,7 +5,9 @@
 //! delays interactive work: it waits while an interactive request runs, and an interactive
 //! arrival aborts a text in progress (the generation context's preemption flag is shared),
 //! which is embedded again later. The jobs of an app past its energy budget come last: they
-//! run only when no other app's job waits and no request above background priority runs.
+//! run when no other app's job waits and no request above background priority runs, or once
+//! they have waited [`OVER_BUDGET_WAIT`] (slowed, not starved: a caller's D-Bus timeout does
+//! not reach the engine, and a job left waiting would hold its app's slots).
 
 use std::collections::VecDeque;
 use std::sync::Arc;
@@ -22,6 +24,8 @@ use crate::engine::EngineError;
 pub(super) const EMBED_TOKENS: u32 = 512;
 /// Embed jobs one app may have queued or running at once.
 const JOBS_PER_APP: usize = 2;
+/// The longest an over-budget app's Embed job waits for other work before it has its turn.
+pub(super) const OVER_BUDGET_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// One Embed call in progress.
 pub(in super::super) struct EmbedJob {
@@ -31,6 +35,18 @@ pub(in super::super) struct EmbedJob {
     pub reply: oneshot::Sender<Result<Vec<Vec<f32>>, EngineError>>,
     /// The vectors of the texts done so far, in order.
     pub out: Vec<Vec<f32>>,
+    queued: std::time::Instant,
+}
+
+impl EmbedJob {
+    pub fn new(
+        caller: Caller,
+        texts: Vec<String>,
+        cancel: CancelToken,
+        reply: oneshot::Sender<Result<Vec<Vec<f32>>, EngineError>>,
+    ) -> Self {
+        Self { caller, texts, cancel, reply, out: Vec::new(), queued: std::time::Instant::now() }
+    }
 }
 
 impl std::fmt::Debug for EmbedJob {
@@ -84,11 +100,15 @@ impl Worker {
         !self.interactive_present()
     }
 
-    /// The job to embed a text of next: the front one of an app within its energy budget, or
-    /// with none, the front one when nothing above background priority runs.
+    /// The job to embed a text of next: the front one of an app within its energy budget or
+    /// that waited [`OVER_BUDGET_WAIT`], or with none, the front one when nothing above
+    /// background priority runs.
     fn next_embed(&self) -> Option<usize> {
-        let within = self.embeds.iter().position(|j| !self.scheduler.app_deferred(&j.caller.app));
-        within.or_else(|| {
+        let turn = self
+            .embeds
+            .iter()
+            .position(|j| !self.scheduler.app_deferred(&j.caller.app) || j.queued.elapsed() >= OVER_BUDGET_WAIT);
+        turn.or_else(|| {
             let above_background =
                 self.running.iter().any(|s| s.finished.is_none() && s.priority > super::super::Priority::Background);
             (!self.embeds.is_empty() && !above_background).then_some(0)

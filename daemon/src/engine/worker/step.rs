@@ -21,7 +21,8 @@ const MAX_SAMPLE_TIME: std::time::Duration = std::time::Duration::from_millis(25
 
 impl Worker {
     /// Builds one batch from the running sequences, decodes it and samples. Returns the
-    /// number of tokens generated and whether the batch carried a prompt chunk.
+    /// number of tokens generated and whether the step carried prompt work (a prompt chunk or
+    /// an image's rows).
     pub(super) fn step(&mut self) -> (usize, bool) {
         if self.stall {
             tracing::warn!("HEARTH_DEBUG_STALL_ENGINE: the engine hangs here on purpose");

@@ -6,6 +6,7 @@
 //! (tok/s × bytes of weights ÷ bandwidth). Random weights accept no speculative drafts, so
 //! it reports instead what verifying k tokens of one sequence in one step costs against a
 //! one-token step: in the bandwidth-bound regime that is the speed-up drafts can reach.
+//! Each model's energy per generated token comes from the ledger, with its source.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -17,7 +18,7 @@ use hearth_ffi::{Backend, Batch, Context, ContextParams, Model, ModelParams};
 use hearth_tests::{BATCH, Bus, CONTEXT, Daemon, ModelDir, Settings, chat_request, threads, workspace_root};
 use zbus::Variant;
 
-use super::{contention::llama_tool, median, over_dbus_request};
+use super::{contention::llama_tool, median, over_dbus_request, over_dbus_result};
 
 /// (size, quantization) of the phone models; the largest is left out of `--quick`.
 const FULL: [(&str, &str); 5] =
@@ -37,6 +38,9 @@ pub struct PhoneResult {
     pub roofline: f64,
     /// Time of a k-token step of one sequence over a 1-token step, for k in [`VERIFY`].
     pub verify_cost: Vec<(usize, f64)>,
+    /// The energy ledger's mJ per generated token (median of the runs), and its source.
+    pub energy_mj_per_token: Option<f64>,
+    pub energy_source: String,
 }
 
 /// The model file for (size, quantization), generated on first use.
@@ -151,7 +155,12 @@ pub async fn measure(quick: bool, tokens: u32, bandwidth: f64) -> Vec<PhoneResul
         dir.manifest(&name, &file, None, "");
         names.push((name, src));
     }
-    let settings = Settings { models_dirs: Some(vec![dir.path().to_owned()]), ..Settings::default() };
+    let settings = Settings {
+        models_dirs: Some(vec![dir.path().to_owned()]),
+        // The ledger reads the machine's own counters (RAPL, a battery) where it has them.
+        energy: "sysfs_root = \"/sys\"\n".into(),
+        ..Settings::default()
+    };
     let bus = Bus::start();
     let _daemon = Daemon::start_configured(&bus, &settings).await;
     let conn = bus.connect().await;
@@ -166,14 +175,17 @@ pub async fn measure(quick: bool, tokens: u32, bandwidth: f64) -> Vec<PhoneResul
         };
         // Load and warm, then measure.
         over_dbus_request(&conn, request(4), &format!("phone{i}warm")).await;
-        let mut rates = Vec::new();
+        let (mut rates, mut energy, mut energy_source) = (Vec::new(), Vec::new(), "off".to_owned());
         for rep in 0..3 {
-            let s = over_dbus_request(&conn, request(tokens), &format!("phone{i}x{rep}")).await;
+            let (s, result) = over_dbus_result(&conn, request(tokens), &format!("phone{i}x{rep}")).await;
             // A random model that chose an end token would make a rate of a few tokens.
             assert_eq!(s.tokens, tokens as usize, "{name} stopped early: its rate would mean nothing");
             rates.push(s.decode_tps);
+            energy.extend(result.energy_mj.map(|mj| mj / s.tokens.max(1) as f64));
+            energy_source = result.energy_source.clone().unwrap_or(energy_source);
         }
         let dbus_tok_s = median(rates);
+        let energy_mj_per_token = (!energy.is_empty()).then(|| median(energy));
         let model = Arc::new(Model::load(Backend::init(), &path, &ModelParams::default()).expect("load phone model"));
         let weight_bytes = model.size_bytes();
         let verify = verify_cost(&model);
@@ -185,6 +197,8 @@ pub async fn measure(quick: bool, tokens: u32, bandwidth: f64) -> Vec<PhoneResul
             dbus_tok_s,
             roofline: dbus_tok_s * weight_bytes as f64 / bandwidth,
             verify_cost: verify,
+            energy_mj_per_token,
+            energy_source,
         });
     }
     out
@@ -199,6 +213,7 @@ pub fn json(phones: &[PhoneResult]) -> serde_json::Value {
                 "llama_bench_tg_tok_s": p.llama_bench_tok_s,
                 "dbus_over_llama_bench": p.llama_bench_tok_s.map(|l| p.dbus_tok_s / l),
                 "roofline_fraction": p.roofline,
+                "energy": { "mj_per_generated_token": p.energy_mj_per_token, "source": p.energy_source },
                 "verify_step_cost": p.verify_cost.iter().map(|(k, c)| serde_json::json!({"k": k, "cost_over_one": c})).collect::<Vec<_>>(),
             })
         })
@@ -212,8 +227,11 @@ pub fn print(bandwidth: f64, phones: &[PhoneResult]) {
             format!("llama-bench tg {l:.1}, D-Bus/llama-bench {:.3}", p.dbus_tok_s / l)
         });
         let verify: Vec<_> = p.verify_cost.iter().map(|(k, c)| format!("k={k} {c:.2}")).collect();
+        let energy = p.energy_mj_per_token.map_or("no energy figure".to_owned(), |mj| {
+            format!("{mj:.1} mJ per generated token ({})", p.energy_source)
+        });
         println!(
-            "{} ({:.2} GB): decode D-Bus {:.1} tok/s, {peer}, roofline {:.0}%; a k-token step costs {} one-token steps",
+            "{} ({:.2} GB): decode D-Bus {:.1} tok/s, {peer}, roofline {:.0}%, {energy}; a k-token step costs {} one-token steps",
             p.name,
             p.weight_bytes as f64 / 1e9,
             p.dbus_tok_s,
