@@ -294,13 +294,9 @@ impl Config {
             return Err(ConfigError::Invalid("models.dirs is empty".into()));
         }
         self.energy.check().map_err(ConfigError::Invalid)?;
-        let g = &self.governor;
-        if g.critical_battery_pct > g.low_battery_pct || g.low_battery_pct > 100 || g.background_share_full_pct > 100 {
-            return Err(ConfigError::Invalid(
-                "governor battery percentages must be critical_battery_pct <= low_battery_pct <= 100 and \
-                 background_share_full_pct <= 100"
-                    .into(),
-            ));
+        // (Only the new key is checked: configs that loaded before still load.)
+        if self.governor.background_share_full_pct > 100 {
+            return Err(ConfigError::Invalid("governor.background_share_full_pct must be at most 100".into()));
         }
         let m = &self.memory;
         if m.pressure_interval_ms < 10 || m.pressure_readings == 0 {

@@ -304,8 +304,8 @@ struct State {
     apps: HashMap<String, AppEnergy>,
     /// The apps with a budget, and whether each is past it (the last judgement).
     budgets: HashMap<String, bool>,
-    /// What an app's requests cost lately, J (an EWMA of their priced energy): a budget
-    /// holds an app whose next request would take it past.
+    /// What an app's requests cost lately, J (a decaying maximum of their priced energy): a
+    /// budget holds an app whose next request would take it past.
     request_j: HashMap<String, f64>,
     /// Background requests' energy, all apps together, over the hour.
     background: Window,
@@ -386,6 +386,7 @@ impl Ledger {
         // under the lock: a budget judgement (which holds it) sees that compute either as
         // pending or as booked, never as neither.
         let reading = self.source.read();
+        let today = (self.today)();
         let mut st = self.lock();
         let gathered = self.compute.take();
         let busy: Vec<(String, f64)> = gathered.apps.into_iter().map(|(app, us)| (app, us as f64 / 1e6)).collect();
@@ -399,7 +400,7 @@ impl Ledger {
             Some(j) => (j, true),
             None => (model_j, false),
         };
-        let (t_s, today) = (now.saturating_duration_since(self.epoch).as_secs_f64(), (self.today)());
+        let t_s = now.saturating_duration_since(self.epoch).as_secs_f64();
         st.device_j += energy_j;
         st.device_hour.add(t_s, energy_j);
         st.device_today.add(today, energy_j);
@@ -601,7 +602,8 @@ impl Ledger {
     }
 
     /// Notes what one of `app`'s requests cost, J (its priced energy), for the judgement of
-    /// its budget: an EWMA, weighing the newest request half.
+    /// its budget: the dearest of its recent requests, each older one weighed 0.8 less (so
+    /// a run of cheap requests does not make room for one dear one at once).
     pub fn note_request(&self, app: &str, j: f64) {
         // (A request that ran in the cloud, or was refused, cost the device nothing.)
         if !(j.is_finite() && j > 0.0) {
@@ -612,7 +614,7 @@ impl Ledger {
             return;
         }
         let e = st.request_j.entry(app.to_owned()).or_insert(j);
-        *e += 0.5 * (j - *e);
+        *e = j.max(*e * 0.8);
     }
 
     /// Whether `app` is past its energy budget (None: it has none, or has not drawn yet).
@@ -846,7 +848,12 @@ mod tests {
         l.note_request("a", f64::NAN);
         assert!((l.lock().request_j["a"] - 4.0).abs() < 1e-9, "cloud and refused requests cost nothing");
         l.note_request("a", 1.0);
-        l.note_request("a", 1.0);
-        assert!(!judge(&l), "smaller requests lately: 8 J and 1.75 J to come");
+        assert!(judge(&l), "one cheap request does not make room: 8 J and 3.2 J to come");
+        for _ in 0..3 {
+            l.note_request("a", 1.0);
+        }
+        assert!(!judge(&l), "smaller requests lately: 8 J and 4 x 0.8^4 = 1.64 J to come");
+        l.note_request("a", 4.0);
+        assert!(judge(&l), "a dear one again: 8 J and 4 J to come");
     }
 }

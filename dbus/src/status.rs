@@ -178,7 +178,8 @@ pub struct AppEnergy {
     pub today_j: f64,
     /// Seconds of engine compute its work took.
     pub compute_s: f64,
-    /// With an energy budget in its policy: whether it is past it.
+    /// With an energy budget in its policy: whether it is held, past its budget or with its
+    /// next request (at what its requests cost lately) to take it past.
     pub over_budget: Option<bool>,
 }
 

@@ -212,18 +212,32 @@ impl Worker {
                 self.tune_threads(tokens, prefilled, started);
                 self.pace(tokens, prefilled, started);
             }
+            let mut embedded = false;
             if !self.embeds.is_empty() && !self.preempted {
                 // (Not right after a preempted step: the interactive request comes first.)
                 // One text between decode steps, paced like a prompt chunk.
                 let started = Instant::now();
-                self.embed_step();
-                self.pace(0, true, started);
-            } else if self.running.is_empty() && self.scheduler.only_deferred_waiting() {
-                // Only deferred background work: sleep until something changes (or a waiting
-                // request's deadline is due).
+                embedded = self.embed_step();
+                if embedded {
+                    self.pace(0, true, started);
+                }
+            }
+            // Only deferred work (background requests, an over-budget app's Embed jobs that
+            // wait their turn): sleep until something changes, a waiting request's deadline
+            // or the next such job's turn is due.
+            let held_embeds = self.next_embed_turn();
+            if !embedded
+                && self.running.is_empty()
+                && (self.embeds.is_empty() || held_embeds.is_some())
+                && (self.scheduler.waiting().is_empty() || self.scheduler.only_deferred_waiting())
+                && (!self.scheduler.waiting().is_empty() || held_embeds.is_some())
+            {
                 let mut until = Instant::now() + DEFERRED_RECHECK;
                 if let Some(d) = self.scheduler.waiting().iter().filter_map(|w| w.deadline).min() {
                     until = until.min(d);
+                }
+                if let Some(t) = held_embeds {
+                    until = until.min(t);
                 }
                 self.liveness.beat_until(until);
                 self.wake.wait(seen, until);

@@ -3,8 +3,10 @@
 //!
 //! Judged every ledger interval, and at once when one of a budgeted app's requests ends:
 //! the deferral reaches the engines before the app hears its request ended, so the request
-//! it sends next already waits; an app goes past its budget by the request that took it
-//! over, not by what it could start in the ledger's interval.
+//! it sends next already waits. An app is judged with its next request too, at what its
+//! requests cost lately ([`Ledger::note_request`]): it is held ("over") when that request
+//! would take it past its budget, so it stops at the budget, give or take a request dearer
+//! than its recent ones and those it has running at once.
 //!
 //! The device-wide background share is judged with them: `energy.background_per_hour_j`
 //! scaled by the power governor's [`GovernorStatus::background_share`] (it shrinks as the

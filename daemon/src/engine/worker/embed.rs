@@ -4,10 +4,10 @@
 //! fair share, and a job ends at once when its caller cancels or leaves. Embedding never
 //! delays interactive work: it waits while an interactive request runs, and an interactive
 //! arrival aborts a text in progress (the generation context's preemption flag is shared),
-//! which is embedded again later. The jobs of an app past its energy budget come last: they
-//! run when no other app's job waits and no request above background priority runs, or once
-//! they have waited [`OVER_BUDGET_WAIT`] (slowed, not starved: a caller's D-Bus timeout does
-//! not reach the engine, and a job left waiting would hold its app's slots).
+//! which is embedded again later. An app past its energy budget is slowed to one text every
+//! [`OVER_BUDGET_WAIT`], behind everyone else's: slowed, not stopped, since a caller's D-Bus
+//! timeout does not reach the engine and a job left waiting would hold its app's slots, and
+//! not let run freely on an idle engine either, which would leave its budget unbounded.
 
 use std::collections::VecDeque;
 use std::sync::Arc;
@@ -24,7 +24,7 @@ use crate::engine::EngineError;
 pub(super) const EMBED_TOKENS: u32 = 512;
 /// Embed jobs one app may have queued or running at once.
 const JOBS_PER_APP: usize = 2;
-/// The longest an over-budget app's Embed job waits for other work before it has its turn.
+/// An over-budget app's Embed job embeds one text at most this often.
 pub(super) const OVER_BUDGET_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// One Embed call in progress.
@@ -35,7 +35,8 @@ pub(in super::super) struct EmbedJob {
     pub reply: oneshot::Sender<Result<Vec<Vec<f32>>, EngineError>>,
     /// The vectors of the texts done so far, in order.
     pub out: Vec<Vec<f32>>,
-    queued: std::time::Instant,
+    /// When it was queued or last embedded a text (an over-budget app's pace).
+    last_turn: std::time::Instant,
 }
 
 impl EmbedJob {
@@ -45,7 +46,7 @@ impl EmbedJob {
         cancel: CancelToken,
         reply: oneshot::Sender<Result<Vec<Vec<f32>>, EngineError>>,
     ) -> Self {
-        Self { caller, texts, cancel, reply, out: Vec::new(), queued: std::time::Instant::now() }
+        Self { caller, texts, cancel, reply, out: Vec::new(), last_turn: std::time::Instant::now() }
     }
 }
 
@@ -100,29 +101,30 @@ impl Worker {
         !self.interactive_present()
     }
 
-    /// The job to embed a text of next: the front one of an app within its energy budget or
-    /// that waited [`OVER_BUDGET_WAIT`], or with none, the front one when nothing above
-    /// background priority runs.
+    /// The job to embed a text of next: the front one of an app within its energy budget, or
+    /// with none, the front one of an over-budget app whose turn has come.
     fn next_embed(&self) -> Option<usize> {
-        let turn = self
-            .embeds
-            .iter()
-            .position(|j| !self.scheduler.app_deferred(&j.caller.app) || j.queued.elapsed() >= OVER_BUDGET_WAIT);
-        turn.or_else(|| {
-            let above_background =
-                self.running.iter().any(|s| s.finished.is_none() && s.priority > super::super::Priority::Background);
-            (!self.embeds.is_empty() && !above_background).then_some(0)
-        })
+        let within = self.embeds.iter().position(|j| !self.scheduler.app_deferred(&j.caller.app));
+        within.or_else(|| self.embeds.iter().position(|j| j.last_turn.elapsed() >= OVER_BUDGET_WAIT))
+    }
+
+    /// When the next over-budget job's turn comes, if only such jobs wait.
+    pub(super) fn next_embed_turn(&self) -> Option<std::time::Instant> {
+        if self.embeds.iter().any(|j| !self.scheduler.app_deferred(&j.caller.app)) {
+            return None;
+        }
+        self.embeds.iter().map(|j| j.last_turn + OVER_BUDGET_WAIT).min()
     }
 
     /// Embeds the next text of the next job; a job with texts left goes to the back, so the
-    /// jobs (and apps) take turns.
-    pub(super) fn embed_step(&mut self) {
+    /// jobs (and apps) take turns. Returns whether a text was embedded.
+    pub(super) fn embed_step(&mut self) -> bool {
         if self.embeds.is_empty() || !self.embed_may_run() {
-            return;
+            return false;
         }
-        let Some(next) = self.next_embed() else { return };
+        let Some(next) = self.next_embed() else { return false };
         let mut job = self.embeds.remove(next).expect("an index of the queue");
+        job.last_turn = std::time::Instant::now();
         let i = job.out.len();
         let started = std::time::Instant::now();
         let embedded = self.embed_text(&job.texts[i]);
@@ -155,6 +157,7 @@ impl Worker {
                 let _ = job.reply.send(Err(e));
             }
         }
+        true
     }
 
     /// The embedding of one text and its token count; None when an interactive request
